@@ -1,0 +1,98 @@
+"""Typed failures the engine raises; the server maps each to one gRPC status (server/status.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FeatherError(Exception):
+    """Base of every error the engine reports to a caller. `message` is safe to show: no secrets."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str  # path in the request, e.g. "messages[2].content"
+    description: str
+
+
+class InvalidRequest(FeatherError):
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+
+class ModelNotFound(FeatherError):
+    reason = "MODEL_NOT_FOUND"
+
+    def __init__(self, model: str, provider: str = "") -> None:
+        where = f" in provider {provider!r}" if provider else ""
+        super().__init__(f"no model or alias named {model!r}{where}")
+        self.model = model
+        self.provider = provider
+
+
+class UpstreamUnavailable(FeatherError):
+    """Every candidate failed with a retryable error (or had an open circuit)."""
+
+    reason = "UPSTREAM_UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamInvalidRequest(FeatherError):
+    """The provider rejected the request itself (400, 404, 413, 422...): retrying cannot help."""
+
+    reason = "UPSTREAM_INVALID_REQUEST"
+
+    def __init__(self, message: str, provider: str, http_status: int) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.http_status = http_status
+
+
+class UpstreamAuthFailed(FeatherError):
+    """The gateway's own credentials were rejected: the caller did nothing wrong."""
+
+    reason = "UPSTREAM_AUTH_FAILED"
+
+    def __init__(self, provider: str) -> None:
+        super().__init__(f"provider {provider!r} rejected the gateway's credentials")
+        self.provider = provider
+
+
+class DeadlineExceeded(FeatherError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ProviderError(Exception):
+    """One failed upstream attempt, classified by the adapter.
+
+    `message` must be safe to surface: adapters put the provider's error type/message in it, never keys
+    or request bodies.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        http_status: int = 0,
+        retryable: bool,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason  # UPPER_SNAKE, e.g. UPSTREAM_RATE_LIMITED, UPSTREAM_SERVER_ERROR
+        self.message = message
+        self.http_status = http_status
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,137 @@
+"""Plain data types of a chat call as the engine sees it: no gRPC, no provider wire formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class FinishReason(StrEnum):
+    UNSPECIFIED = "unspecified"
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, exactly as the model produced it
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    role: Role
+    content: str = ""
+    name: str = ""
+    tool_call_id: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class ToolSpec:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None  # JSON schema
+
+
+@dataclass(slots=True, frozen=True)
+class ToolChoice:
+    mode: str = ""  # "", "auto", "none", "required"
+    function_name: str = ""  # when set, the model must call this function
+
+
+@dataclass(slots=True, frozen=True)
+class ResponseFormat:
+    type: str = ""  # "", "text", "json_object", "json_schema"
+    schema_name: str = ""
+    json_schema: dict[str, Any] | None = None
+    strict: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class RetryOverride:
+    max_attempts: int | None = None
+    base_ms: int | None = None
+    max_ms: int | None = None
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated chat call. `model` is what the caller asked for (name, alias or provider/model)."""
+
+    model: str
+    messages: list[Message]
+    provider: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_choice: ToolChoice | None = None
+    policy: str = ""  # "" means configured policy
+    retry: RetryOverride | None = None
+    cache_bypass: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts normalised across providers.
+
+    `input_tokens` counts every prompt token, including cache reads and cache writes (OpenAI's
+    `prompt_tokens` semantics); Anthropic's adapter adds its separately reported cache counts in.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ProviderResponse:
+    """A complete reply from one upstream call."""
+
+    content: str
+    tool_calls: list[ToolCall]
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass(slots=True, frozen=True)
+class TextDelta:
+    content: str
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallDelta:
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class StreamFinish:
+    """Last event of a provider stream. `usage` is None when the provider never reported it."""
+
+    finish_reason: FinishReason
+    usage: Usage | None
+
+
+StreamEvent = TextDelta | ToolCallDelta | StreamFinish

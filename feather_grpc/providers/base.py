@@ -1,0 +1,45 @@
+"""The contract every provider adapter fulfils, and the settings it is built from."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    """What an adapter needs from configuration. `api_key` comes from the environment or a secret file."""
+
+    name: str  # the provider's name in the config, e.g. "openai"
+    type: str  # "openai" | "anthropic" | "openai-compatible" | "mock"
+    base_url: str
+    api_key: str = field(default="", repr=False)  # never printed
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+
+class Provider(Protocol):
+    """One upstream. Calls raise `feather_grpc.engine.errors.ProviderError` on failure.
+
+    Timeouts and deadlines are the caller's job (the engine wraps calls in `asyncio.timeout`); an adapter
+    must let `CancelledError` through untouched and release the HTTP connection when cancelled.
+    """
+
+    settings: ProviderSettings
+
+    async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
+        """One non-streaming call. `model` is the upstream model id."""
+        ...
+
+    def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """One streaming call: deltas, then exactly one `StreamFinish` (unless it raises).
+
+        Closing the iterator early (`aclose()`, or cancellation) closes the upstream connection at once.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release anything the adapter owns (the shared HTTP session is closed by its owner)."""
+        ...
