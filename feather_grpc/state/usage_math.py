@@ -1,0 +1,161 @@
+"""Usage arithmetic shared by every ledger: record checks, filters, grouping keys, time buckets, sums.
+
+SqliteLedger aggregates in SQL and MemoryLedger in Python; both take their definitions from here
+(what a bucket is, which outcome counts where, how rows are ordered and summed) so they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from feather_grpc.state.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageTotals
+
+HOUR_NS = 3_600 * 1_000_000_000
+DAY_NS = 24 * HOUR_NS
+BUCKET_NS = {GroupBy.HOUR: HOUR_NS, GroupBy.DAY: DAY_NS}
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+STR_FIELDS = ("request_id", "tenant", "provider", "model", "requested_model", "error_code", "error_reason")
+INT_FIELDS = (
+    "time_ns",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_nanos_usd",
+    "attempt_count",
+    "latency_ms",
+)
+BOOL_FIELDS = ("estimated", "unpriced", "streamed")
+
+GroupKey = tuple[str | int, ...]
+
+
+def bucket_start(time_ns: int, size_ns: int) -> int:
+    """Start of the UTC bucket holding time_ns (floor, also before 1970)."""
+    return time_ns - time_ns % size_ns
+
+
+def check_record(record: UsageRecord) -> None:
+    """Reject, in the caller's hands, anything a store could not write.
+
+    A durable ledger writes records in batches; a record that fails there would fail its whole
+    batch, so every value is checked before it is queued.
+    """
+    for name in STR_FIELDS:
+        _check_text(name, getattr(record, name))
+    for name in INT_FIELDS:
+        value = getattr(record, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"UsageRecord.{name} must be an int, got {type(value).__name__}")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"UsageRecord.{name} does not fit in 64 bits: {value}")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(record, name), bool):
+            raise TypeError(f"UsageRecord.{name} must be a bool")
+    Outcome(record.outcome)  # ValueError for anything else
+    if not isinstance(record.tags, dict):
+        raise TypeError("UsageRecord.tags must be a dict[str, str]")
+    for key, value in record.tags.items():
+        _check_text("tags key", key)
+        _check_text(f"tags[{key!r}]", value)
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"UsageRecord.{name} must be a str, got {type(value).__name__}")
+    if not value.isascii():
+        value.encode()  # UnicodeEncodeError (a ValueError) on lone surrogates
+
+
+def check_query(query: UsageQuery) -> None:
+    """Refuse the groupings a UsageTotals row cannot represent."""
+    if GroupBy.TAG in query.group_by and not query.tag_key:
+        raise ValueError("grouping by tag needs a tag_key")
+    if len(set(query.group_by)) != len(query.group_by):
+        raise ValueError(f"group_by repeats a dimension: {[str(g) for g in query.group_by]}")
+    if GroupBy.HOUR in query.group_by and GroupBy.DAY in query.group_by:
+        raise ValueError("group by hour or by day, not both: a row has one bucket_start_ns")
+
+
+def matches(record: UsageRecord, query: UsageQuery) -> bool:
+    if query.start_ns is not None and record.time_ns < query.start_ns:
+        return False
+    if query.end_ns is not None and record.time_ns >= query.end_ns:
+        return False
+    if query.tenant and record.tenant != query.tenant:
+        return False
+    if query.provider and record.provider != query.provider:
+        return False
+    if query.model and record.model != query.model:
+        return False
+    return all(record.tags.get(key) == value for key, value in query.tags.items())
+
+
+def group_key(record: UsageRecord, query: UsageQuery) -> GroupKey:
+    """The record's value for each grouping dimension, in group_by order."""
+    key: list[str | int] = []
+    for dimension in query.group_by:
+        if dimension is GroupBy.TENANT:
+            key.append(record.tenant)
+        elif dimension is GroupBy.PROVIDER:
+            key.append(record.provider)
+        elif dimension is GroupBy.MODEL:
+            key.append(record.model)
+        elif dimension is GroupBy.TAG:
+            key.append(record.tags.get(query.tag_key, ""))
+        else:
+            key.append(bucket_start(record.time_ns, BUCKET_NS[dimension]))
+    return tuple(key)
+
+
+def keyed_totals(group_by: Iterable[GroupBy], key: Iterable[object]) -> UsageTotals:
+    """An empty row carrying the grouping key values (as produced by group_key or the SQL)."""
+    row = UsageTotals()
+    for dimension, value in zip(group_by, key, strict=True):
+        if dimension is GroupBy.TENANT:
+            row.tenant = str(value)
+        elif dimension is GroupBy.PROVIDER:
+            row.provider = str(value)
+        elif dimension is GroupBy.MODEL:
+            row.model = str(value)
+        elif dimension is GroupBy.TAG:
+            row.tag_value = str(value)
+        else:
+            assert isinstance(value, int)
+            row.bucket_start_ns = value
+    return row
+
+
+def add_record(totals: UsageTotals, record: UsageRecord) -> None:
+    outcome = Outcome(record.outcome)
+    totals.request_count += 1
+    totals.ok_count += outcome in (Outcome.OK, Outcome.CACHE_HIT)
+    totals.error_count += outcome is Outcome.ERROR
+    totals.cancelled_count += outcome is Outcome.CANCELLED
+    totals.cached_count += outcome is Outcome.CACHE_HIT
+    totals.estimated_count += record.estimated
+    totals.input_tokens += record.input_tokens
+    totals.output_tokens += record.output_tokens
+    totals.cached_input_tokens += record.cached_input_tokens
+    totals.cost_nanos_usd += record.cost_nanos_usd
+
+
+def sum_totals(rows: Iterable[UsageTotals]) -> UsageTotals:
+    """The report total: the exact sum of the rows, with no grouping keys."""
+    total = UsageTotals()
+    for row in rows:
+        total.request_count += row.request_count
+        total.ok_count += row.ok_count
+        total.error_count += row.error_count
+        total.cancelled_count += row.cancelled_count
+        total.cached_count += row.cached_count
+        total.estimated_count += row.estimated_count
+        total.input_tokens += row.input_tokens
+        total.output_tokens += row.output_tokens
+        total.cached_input_tokens += row.cached_input_tokens
+        total.cost_nanos_usd += row.cost_nanos_usd
+    return total
