@@ -1,0 +1,721 @@
+"""Usage ledgers: SqliteLedger (file and :memory:) and MemoryLedger give the same answers;
+SqliteLedger commits in groups, durably, and shares its file with other writers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import signal
+import sqlite3
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feather_grpc.state.ledger import (
+    GroupBy,
+    Outcome,
+    UsageLedger,
+    UsageQuery,
+    UsageRecord,
+    UsageReport,
+    UsageTotals,
+)
+from feather_grpc.state.memory_ledger import MemoryLedger
+from feather_grpc.state.sqlite_ledger import COLUMNS, SCHEMA_VERSION, SqliteLedger
+from feather_grpc.state.usage_math import DAY_NS, HOUR_NS, sum_totals
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = int(datetime(2025, 1, 2, tzinfo=UTC).timestamp()) * 10**9  # a UTC midnight
+
+
+def rec(request_id: str, time_ns: int = T0, **fields: Any) -> UsageRecord:
+    return UsageRecord(request_id=request_id, time_ns=time_ns, **fields)
+
+
+def count_rows(path: Path) -> int:
+    """Read the file through a brand-new connection, as another process would."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        count = conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0]
+    assert isinstance(count, int)
+    return count
+
+
+@pytest.fixture(params=["memory", "sqlite", "sqlite-memory"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[UsageLedger]:
+    store: MemoryLedger | SqliteLedger
+    if request.param == "memory":
+        store = MemoryLedger()
+    elif request.param == "sqlite":
+        store = await SqliteLedger.open(tmp_path / "usage.db")
+    else:
+        store = await SqliteLedger.open(":memory:")
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+    store = await SqliteLedger.open(tmp_path / "usage.db")
+    yield store
+    await store.aclose()
+
+
+class GateLock:
+    """A lock that tells when someone is waiting for it: the writer, with a batch in hand."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entered = threading.Event()
+
+    def __enter__(self) -> None:
+        self.entered.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+@contextlib.asynccontextmanager
+async def writer_parked(ledger: SqliteLedger) -> AsyncIterator[asyncio.Task[None]]:
+    """Hold the writer inside a commit so that what is recorded meanwhile waits for one batch.
+
+    The writer takes a blocker record and then waits at the write lock, held here, until the
+    block exits. Yields the blocker's task.
+    """
+    gate = GateLock()
+    gate.lock.acquire()
+    ledger._write_lock = gate  # type: ignore[assignment]
+    try:
+        (blocker,) = await enqueue(ledger, [rec("blocker", T0 - DAY_NS)])
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        yield blocker
+    finally:
+        gate.lock.release()
+
+
+async def enqueue(ledger: UsageLedger, records: list[UsageRecord]) -> list[asyncio.Task[None]]:
+    """Start a record() per record and return once every one of them is waiting on the ledger."""
+    tasks = [asyncio.create_task(ledger.record(r)) for r in records]
+    await asyncio.sleep(0)  # each task runs up to its first await, i.e. enqueues, before we resume
+    return tasks
+
+
+# -- a small data set with hand-computed answers ---------------------------------------------
+
+BASIC = [
+    rec(
+        "r1",
+        T0 + 1,
+        tenant="a",
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=100,
+        output_tokens=10,
+        cost_nanos_usd=1000,
+        tags={"team": "x"},
+    ),
+    rec(
+        "r2",
+        T0 + 2,
+        tenant="a",
+        provider="openai",
+        model="gpt-4o-mini",
+        outcome=Outcome.ERROR,
+        error_code="UNAVAILABLE",
+        tags={"team": "y"},
+    ),
+    rec(
+        "r3",
+        T0 + 3,
+        tenant="b",
+        provider="anthropic",
+        model="claude",
+        outcome=Outcome.CACHE_HIT,
+        input_tokens=50,
+        cached_input_tokens=50,
+    ),
+    rec(
+        "r4",
+        T0 + HOUR_NS + 4,
+        tenant="b",
+        provider="anthropic",
+        model="claude",
+        outcome=Outcome.CANCELLED,
+        estimated=True,
+        input_tokens=30,
+        output_tokens=5,
+        cost_nanos_usd=300,
+        tags={"team": "x", "env": "prod"},
+    ),
+    rec(
+        "r5",
+        T0 + DAY_NS + 5,
+        tenant="a",
+        provider="anthropic",
+        model="claude",
+        input_tokens=7,
+        output_tokens=3,
+        cost_nanos_usd=70,
+        tags={"env": "prod"},
+    ),
+]
+
+
+async def record_all(ledger: UsageLedger, records: list[UsageRecord]) -> None:
+    await asyncio.gather(*(ledger.record(r) for r in records))
+
+
+def keys(report: UsageReport, *names: str) -> list[tuple[Any, ...]]:
+    return [(*(getattr(row, n) for n in names), row.request_count) for row in report.rows]
+
+
+async def test_totals_count_outcomes_tokens_and_cost(ledger: UsageLedger) -> None:
+    await record_all(ledger, BASIC)
+    report = await ledger.query(UsageQuery())
+    assert report.rows == []
+    assert report.total == UsageTotals(
+        request_count=5,
+        ok_count=3,  # ok and cache hit
+        error_count=1,
+        cancelled_count=1,
+        cached_count=1,
+        estimated_count=1,
+        input_tokens=187,
+        output_tokens=18,
+        cached_input_tokens=50,
+        cost_nanos_usd=1370,
+    )
+
+
+async def test_empty_ledger_reports_zero(ledger: UsageLedger) -> None:
+    assert await ledger.query(UsageQuery()) == UsageReport(rows=[], total=UsageTotals())
+    assert await ledger.query(UsageQuery(group_by=[GroupBy.TENANT])) == UsageReport([], UsageTotals())
+
+
+@pytest.mark.parametrize(
+    ("group_by", "field", "expected"),
+    [
+        (GroupBy.TENANT, "tenant", [("a", 3), ("b", 2)]),
+        (GroupBy.PROVIDER, "provider", [("anthropic", 3), ("openai", 2)]),
+        (GroupBy.MODEL, "model", [("claude", 3), ("gpt-4o", 1), ("gpt-4o-mini", 1)]),
+        (GroupBy.TAG, "tag_value", [("", 2), ("x", 2), ("y", 1)]),  # r3 and r5 have no team
+        (GroupBy.HOUR, "bucket_start_ns", [(T0, 3), (T0 + HOUR_NS, 1), (T0 + DAY_NS, 1)]),
+        (GroupBy.DAY, "bucket_start_ns", [(T0, 4), (T0 + DAY_NS, 1)]),
+    ],
+)
+async def test_group_by_each_dimension(
+    ledger: UsageLedger, group_by: GroupBy, field: str, expected: list[tuple[Any, int]]
+) -> None:
+    await record_all(ledger, BASIC)
+    report = await ledger.query(UsageQuery(group_by=[group_by], tag_key="team"))
+    assert keys(report, field) == expected
+    assert report.total == sum_totals(report.rows)
+    assert report.total.request_count == 5
+    # Only the grouped dimension is set on a row.
+    unset = UsageTotals()
+    for other in ("tenant", "provider", "model", "tag_value", "bucket_start_ns"):
+        if other != field:
+            assert {getattr(row, other) for row in report.rows} == {getattr(unset, other)}
+
+
+async def test_group_by_combination_is_ordered_by_keys_in_group_by_order(ledger: UsageLedger) -> None:
+    await record_all(ledger, BASIC)
+    by_provider = await ledger.query(UsageQuery(group_by=[GroupBy.PROVIDER, GroupBy.TENANT]))
+    assert keys(by_provider, "provider", "tenant") == [("anthropic", "a", 1), ("anthropic", "b", 2), ("openai", "a", 2)]
+    by_tenant = await ledger.query(UsageQuery(group_by=[GroupBy.TENANT, GroupBy.PROVIDER]))
+    assert keys(by_tenant, "tenant", "provider") == [("a", "anthropic", 1), ("a", "openai", 2), ("b", "anthropic", 2)]
+
+    by_day_tag_model = await ledger.query(UsageQuery(group_by=[GroupBy.DAY, GroupBy.TAG, GroupBy.MODEL], tag_key="env"))
+    assert keys(by_day_tag_model, "bucket_start_ns", "tag_value", "model") == [
+        (T0, "", "claude", 1),
+        (T0, "", "gpt-4o", 1),
+        (T0, "", "gpt-4o-mini", 1),
+        (T0, "prod", "claude", 1),
+        (T0 + DAY_NS, "prod", "claude", 1),
+    ]
+    for report in (by_provider, by_tenant, by_day_tag_model):
+        assert report.total == sum_totals(report.rows)
+    assert by_provider.rows[1] == UsageTotals(
+        provider="anthropic",
+        tenant="b",
+        request_count=2,
+        ok_count=1,
+        cancelled_count=1,
+        cached_count=1,
+        estimated_count=1,
+        input_tokens=80,
+        output_tokens=5,
+        cached_input_tokens=50,
+        cost_nanos_usd=300,
+    )
+
+
+async def test_hour_and_day_buckets_at_utc_boundaries(ledger: UsageLedger) -> None:
+    times = [T0 - 1, T0, T0 + HOUR_NS - 1, T0 + HOUR_NS, T0 + DAY_NS - 1, T0 + DAY_NS, -1, 0]
+    await record_all(ledger, [rec(f"t{i}", t) for i, t in enumerate(times)])
+    hours = await ledger.query(UsageQuery(group_by=[GroupBy.HOUR]))
+    assert keys(hours, "bucket_start_ns") == [
+        (-HOUR_NS, 1),  # before 1970 still floors to the bucket start
+        (0, 1),
+        (T0 - HOUR_NS, 1),
+        (T0, 2),
+        (T0 + HOUR_NS, 1),
+        (T0 + DAY_NS - HOUR_NS, 1),
+        (T0 + DAY_NS, 1),
+    ]
+    days = await ledger.query(UsageQuery(group_by=[GroupBy.DAY]))
+    assert keys(days, "bucket_start_ns") == [(-DAY_NS, 1), (0, 1), (T0 - DAY_NS, 1), (T0, 4), (T0 + DAY_NS, 1)]
+
+
+async def test_time_range_is_start_inclusive_end_exclusive(ledger: UsageLedger) -> None:
+    await record_all(ledger, [rec(f"t{t}", T0 + t) for t in range(5)])
+    report = await ledger.query(UsageQuery(start_ns=T0 + 1, end_ns=T0 + 3))
+    assert report.total.request_count == 2
+    assert (await ledger.query(UsageQuery(start_ns=T0 + 3))).total.request_count == 2
+    assert (await ledger.query(UsageQuery(end_ns=T0 + 3))).total.request_count == 3
+    assert (await ledger.query(UsageQuery(start_ns=T0 + 3, end_ns=T0 + 3))).total.request_count == 0
+
+
+async def test_filters_by_tenant_provider_and_model(ledger: UsageLedger) -> None:
+    await record_all(ledger, BASIC)
+    assert (await ledger.query(UsageQuery(tenant="a"))).total.request_count == 3
+    assert (await ledger.query(UsageQuery(provider="anthropic"))).total.request_count == 3
+    assert (await ledger.query(UsageQuery(model="claude", tenant="b"))).total.cost_nanos_usd == 300
+    assert (await ledger.query(UsageQuery(tenant="nobody"))).total == UsageTotals()
+
+
+async def test_tag_filters_must_all_match(ledger: UsageLedger) -> None:
+    await record_all(ledger, BASIC)
+    assert (await ledger.query(UsageQuery(tags={"team": "x"}))).total.request_count == 2
+    assert (await ledger.query(UsageQuery(tags={"team": "x", "env": "prod"}))).total.request_count == 1
+    assert (await ledger.query(UsageQuery(tags={"team": "x", "env": "dev"}))).total.request_count == 0
+    # "" is a value to match, not a wildcard: records without the tag do not carry it.
+    assert (await ledger.query(UsageQuery(tags={"team": ""}))).total.request_count == 0
+    grouped = await ledger.query(UsageQuery(group_by=[GroupBy.TAG], tag_key="team", tags={"env": "prod"}))
+    assert keys(grouped, "tag_value") == [("", 1), ("x", 1)]
+
+
+@pytest.mark.parametrize("key", ["team", 'odd"key', "back\\slash", "dotted.key", "é", "[0]", " "])
+async def test_any_tag_key_filters_and_groups(ledger: UsageLedger, key: str) -> None:
+    await record_all(
+        ledger,
+        [
+            rec("1", tags={key: "v1", "other": "o"}),
+            rec("2", tags={key: "v2"}),
+            rec("3", tags={key: "v1"}),
+            rec("4", tags={"other": "v1"}),
+            rec("5", tags={key: 'ü "q" \\'}),
+        ],
+    )
+    assert (await ledger.query(UsageQuery(tags={key: "v1"}))).total.request_count == 2
+    assert (await ledger.query(UsageQuery(tags={key: 'ü "q" \\'}))).total.request_count == 1
+    grouped = await ledger.query(UsageQuery(group_by=[GroupBy.TAG], tag_key=key))
+    assert keys(grouped, "tag_value") == [("", 1), ("v1", 2), ("v2", 1), ('ü "q" \\', 1)]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        UsageQuery(group_by=[GroupBy.TAG]),
+        UsageQuery(group_by=[GroupBy.TENANT, GroupBy.TENANT]),
+        UsageQuery(group_by=[GroupBy.HOUR, GroupBy.DAY]),
+    ],
+)
+async def test_unrepresentable_groupings_raise(ledger: UsageLedger, query: UsageQuery) -> None:
+    with pytest.raises(ValueError):
+        await ledger.query(query)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"input_tokens": 1.5}, TypeError),
+        ({"cost_nanos_usd": 2**63}, ValueError),
+        ({"provider": None}, TypeError),
+        ({"tags": {"k": 1}}, TypeError),
+        ({"tenant": "\ud800"}, ValueError),  # a lone surrogate cannot be stored as UTF-8
+        ({"outcome": "exploded"}, ValueError),
+    ],
+)
+async def test_unstorable_records_are_rejected_before_queueing(
+    ledger: UsageLedger, change: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await ledger.record(rec("bad", **change))
+    await ledger.record(rec("good"))
+    assert (await ledger.query(UsageQuery())).total.request_count == 1
+
+
+async def test_record_and_query_after_close_raise(ledger: UsageLedger) -> None:
+    await ledger.record(rec("before"))
+    await ledger.aclose()
+    with pytest.raises(RuntimeError):
+        await ledger.record(rec("after"))
+    with pytest.raises(RuntimeError):
+        await ledger.query(UsageQuery())
+    await ledger.aclose()  # idempotent
+
+
+# -- the same scenario through every ledger ---------------------------------------------------
+
+
+def scenario(seed: int, count: int) -> list[UsageRecord]:
+    rng = random.Random(seed)
+    tag_choices = {"team": ["x", "y", "z"], "env": ["prod", "dev"], 'odd"key': ["1", "2"], "é": ["ä", "b"]}
+    records = []
+    for i in range(count):
+        tags = {k: rng.choice(v) for k, v in tag_choices.items() if rng.random() < 0.6}
+        records.append(
+            rec(
+                f"s{i}",
+                T0 + rng.randrange(-DAY_NS, 2 * DAY_NS),
+                tenant=rng.choice(["a", "b", "c", "default"]),
+                provider=rng.choice(["openai", "anthropic", ""]),
+                model=rng.choice(["gpt-4o", "gpt-4o-mini", "claude", "Claude", ""]),
+                outcome=rng.choice(list(Outcome)),
+                estimated=rng.random() < 0.1,
+                input_tokens=rng.randrange(0, 10**6),
+                output_tokens=rng.randrange(0, 10**5),
+                cached_input_tokens=rng.randrange(0, 10**5),
+                cost_nanos_usd=rng.randrange(0, 10**12),
+                tags=tags,
+            )
+        )
+    return records
+
+
+def scenario_queries() -> Iterator[UsageQuery]:
+    dims = list(GroupBy)
+    groupings = [list(p) for n in range(3) for p in itertools.permutations(dims, n)]
+    groupings.append([GroupBy.DAY, GroupBy.TAG, GroupBy.MODEL])
+    filters: list[dict[str, Any]] = [
+        {},
+        {"tenant": "a"},
+        {"start_ns": T0, "end_ns": T0 + DAY_NS // 2},
+        {"tags": {"env": "prod"}, "provider": "openai"},
+        {"tags": {'odd"key': "1", "é": "ä"}},
+    ]
+    for group_by, flt in itertools.product(groupings, filters):
+        if not (GroupBy.HOUR in group_by and GroupBy.DAY in group_by):
+            for tag_key in ("team", 'odd"key'):
+                yield UsageQuery(group_by=group_by, tag_key=tag_key, **flt)
+
+
+async def test_sqlite_and_memory_ledgers_agree_on_a_scenario(tmp_path: Path) -> None:
+    records = scenario(seed=7, count=1500)
+    memory = MemoryLedger()
+    file_ledger = await SqliteLedger.open(tmp_path / "usage.db")
+    mem_sqlite = await SqliteLedger.open(":memory:")
+    ledgers: list[UsageLedger] = [memory, file_ledger, mem_sqlite]
+    for ledger in ledgers:
+        await record_all(ledger, records)
+    everything = await memory.query(UsageQuery())
+    assert everything.total.request_count == 1500
+    assert everything.total.cost_nanos_usd == sum(r.cost_nanos_usd for r in records)
+    checked = 0
+    for query in scenario_queries():
+        expected = await memory.query(query)
+        if query.group_by:
+            assert expected.total == sum_totals(expected.rows)
+            ungrouped = UsageQuery(**{**_fields(query), "group_by": []})
+            assert expected.total == (await memory.query(ungrouped)).total
+        else:
+            assert expected.rows == []
+        for ledger in ledgers[1:]:
+            assert await ledger.query(query) == expected, query
+        checked += 1
+    assert checked > 300
+    for ledger in ledgers:
+        await ledger.aclose()
+
+
+def _fields(query: UsageQuery) -> dict[str, Any]:
+    return {name: getattr(query, name) for name in UsageQuery.__slots__}
+
+
+# -- SqliteLedger: storage ------------------------------------------------------------------
+
+
+async def test_every_field_round_trips_through_the_file(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    original = UsageRecord(
+        request_id="req-ü-1",
+        time_ns=T0 + 123_456_789,
+        tenant="acme",
+        provider="anthropic",
+        model="claude-sonnet",
+        requested_model="smart",
+        outcome=Outcome.CANCELLED,
+        error_code="CANCELLED",
+        error_reason="CLIENT_CANCELLED",
+        input_tokens=1_000_001,
+        output_tokens=2_002,
+        cached_input_tokens=303,
+        cache_write_tokens=44,
+        reasoning_tokens=5,
+        cost_nanos_usd=2**62 + 1,  # beyond float precision: must stay an exact integer
+        estimated=True,
+        unpriced=True,
+        streamed=True,
+        attempt_count=3,
+        latency_ms=1234,
+        tags={"team": "search", "é": 'quote " \\ ünï'},
+    )
+    await sqlite_ledger.record(original)
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as conn:
+        conn.row_factory = sqlite3.Row
+        (row,) = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM usage_records").fetchall()
+        types = conn.execute(
+            "SELECT typeof(cost_nanos_usd), typeof(input_tokens), typeof(time_ns) FROM usage_records"
+        ).fetchone()
+    assert tuple(types) == ("integer", "integer", "integer")
+    values = dict(row)
+    values["tags"] = json.loads(values["tags"])
+    values["outcome"] = Outcome(values["outcome"])
+    for flag in ("estimated", "unpriced", "streamed"):
+        values[flag] = bool(values[flag])
+    assert UsageRecord(**values) == original
+
+
+async def test_memory_ledger_keeps_a_snapshot_of_each_record() -> None:
+    ledger = MemoryLedger()
+    original = rec("1", tags={"team": "x"})
+    await ledger.record(original)
+    original.tags["team"] = "changed"
+    assert ledger.records == [rec("1", tags={"team": "x"})]
+
+
+async def test_file_has_wal_journal_schema_version_and_time_index(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        indexes = conn.execute("PRAGMA index_list(usage_records)").fetchall()
+        (time_index,) = [name for _, name, *_ in indexes if name == "usage_records_time"]
+        assert [c[2] for c in conn.execute(f"PRAGMA index_info({time_index})")] == ["time_ns"]
+
+
+async def test_reopening_keeps_records_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    first = await SqliteLedger.open(path)
+    await record_all(first, BASIC)
+    await first.aclose()
+    again = await SqliteLedger.open(path, synchronous="FULL")
+    assert (await again.query(UsageQuery())).total.request_count == 5
+    await again.aclose()
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version=99")
+    with pytest.raises(RuntimeError, match="newer"):
+        await SqliteLedger.open(path)
+
+
+async def test_open_failure_reaches_open_record_and_query(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "usage.db"
+    with pytest.raises(sqlite3.OperationalError):
+        await SqliteLedger.open(missing)
+    lazy = SqliteLedger(missing)  # construction does no I/O; the first call reports the failure
+    with pytest.raises(sqlite3.OperationalError):
+        await lazy.record(rec("1"))
+    with pytest.raises(sqlite3.OperationalError):
+        await lazy.query(UsageQuery())
+    await lazy.aclose()
+
+
+def test_bad_options_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        SqliteLedger(":memory:", synchronous="OFF")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SqliteLedger(":memory:", max_batch=0)
+    with pytest.raises(ValueError):
+        SqliteLedger("")
+
+
+# -- SqliteLedger: group commit --------------------------------------------------------------
+
+
+async def test_a_lone_record_commits_at_once(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    await sqlite_ledger.record(rec("alone"))
+    assert sqlite_ledger.commit_count == 1
+    assert count_rows(tmp_path / "usage.db") == 1
+
+
+async def test_concurrent_records_share_commits(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    await asyncio.gather(*(sqlite_ledger.record(rec(f"c{i}")) for i in range(200)))
+    assert sqlite_ledger.commit_count < 50  # one per call without group commit
+    assert count_rows(tmp_path / "usage.db") == 200
+
+
+async def test_records_waiting_during_a_commit_form_one_batch(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    async with writer_parked(sqlite_ledger) as blocker:
+        tasks = await enqueue(sqlite_ledger, [rec(f"w{i}") for i in range(200)])
+        assert not any(t.done() for t in [blocker, *tasks])
+    await asyncio.gather(blocker, *tasks)
+    assert sqlite_ledger.commit_count == 2  # the blocker's, then all 200 together
+    assert count_rows(tmp_path / "usage.db") == 201
+
+
+async def test_batches_are_capped(tmp_path: Path) -> None:
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", max_batch=64)
+    async with writer_parked(ledger) as blocker:
+        tasks = await enqueue(ledger, [rec(f"w{i}") for i in range(200)])
+    await asyncio.gather(blocker, *tasks)
+    assert ledger.commit_count == 1 + 4  # 64 + 64 + 64 + 8
+    await ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 201
+
+
+async def test_sqlite_memory_ledger_groups_too() -> None:
+    ledger = await SqliteLedger.open(":memory:")
+    async with writer_parked(ledger) as blocker:
+        tasks = await enqueue(ledger, [rec(f"w{i}") for i in range(100)])
+    await asyncio.gather(blocker, *tasks)
+    assert ledger.commit_count == 2
+    assert (await ledger.query(UsageQuery())).total.request_count == 101
+    await ledger.aclose()
+
+
+async def test_a_failed_commit_fails_every_caller_in_the_batch(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "CREATE TRIGGER fail BEFORE INSERT ON usage_records WHEN NEW.request_id = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+    async with writer_parked(sqlite_ledger) as blocker:
+        tasks = await enqueue(sqlite_ledger, [rec("a"), rec("boom"), rec("b")])
+    await blocker
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [type(r) for r in results] == [sqlite3.IntegrityError] * 3
+    assert all("disk on fire" in str(r) for r in results)
+    assert count_rows(path) == 1  # only the blocker: the failed batch was rolled back
+    await sqlite_ledger.record(rec("later"))  # the writer carries on
+    assert count_rows(path) == 2
+
+
+async def test_a_cancelled_caller_is_still_recorded(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    async with writer_parked(sqlite_ledger) as blocker:
+        (task,) = await enqueue(sqlite_ledger, [rec("cancelled-caller")])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await blocker
+    await sqlite_ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 2
+
+
+async def test_aclose_commits_what_is_pending(tmp_path: Path) -> None:
+    ledger = await SqliteLedger.open(tmp_path / "usage.db")
+    async with writer_parked(ledger) as blocker:
+        tasks = await enqueue(ledger, [rec(f"p{i}") for i in range(100)])
+        closing = asyncio.create_task(ledger.aclose())
+        await asyncio.sleep(0)
+        assert not closing.done() and not any(t.done() for t in tasks)
+        with pytest.raises(RuntimeError):
+            await ledger.record(rec("too late"))
+    await closing
+    assert all(t.done() and t.exception() is None for t in [blocker, *tasks])
+    assert count_rows(tmp_path / "usage.db") == 101
+
+
+async def test_queries_read_beside_writers(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    await record_all(sqlite_ledger, BASIC)
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db", isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock, uncommitted
+        cols = ", ".join(COLUMNS)
+        other.execute(f"INSERT INTO usage_records ({cols}) SELECT {cols} FROM usage_records LIMIT 1")
+        async with writer_parked(sqlite_ledger) as blocker:  # and our writer is mid-commit
+            async with asyncio.timeout(10):
+                report = await sqlite_ledger.query(UsageQuery())
+            assert not blocker.done()
+        other.execute("ROLLBACK")
+    assert report.total.request_count == 5
+    await blocker
+
+
+# -- SqliteLedger: durability and sharing -----------------------------------------------------
+
+CHILD_CRASH = """
+import asyncio, os, signal, sys
+from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.state.sqlite_ledger import SqliteLedger
+
+async def main():
+    ledger = await SqliteLedger.open(sys.argv[1])
+    await asyncio.gather(*(ledger.record(UsageRecord(request_id=f"c{i}", time_ns=i)) for i in range(50)))
+    await ledger.record(UsageRecord(request_id="last", time_ns=50))
+    os.kill(os.getpid(), signal.SIGKILL)  # no aclose, no flush: what record() returned for must be there
+
+asyncio.run(main())
+"""
+
+CHILD_WRITER = """
+import asyncio, sys
+from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.state.sqlite_ledger import SqliteLedger
+
+async def main():
+    ledger = await SqliteLedger.open(sys.argv[1], busy_timeout_ms=10_000)
+    for wave in range(int(sys.argv[2])):
+        await asyncio.gather(*(ledger.record(UsageRecord(request_id=f"child-{wave}-{i}", time_ns=i))
+                               for i in range(64)))
+    await ledger.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def run_child(code: str, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, *args, cwd=REPO, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+async def test_records_survive_a_process_kill(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    returncode, stderr = await run_child(CHILD_CRASH, str(path))
+    assert returncode == -signal.SIGKILL, stderr
+    assert count_rows(path) == 51
+
+
+async def test_records_are_visible_to_a_new_connection_as_soon_as_record_returns(
+    sqlite_ledger: SqliteLedger, tmp_path: Path
+) -> None:
+    for i in range(5):
+        await sqlite_ledger.record(rec(f"v{i}"))
+        assert count_rows(tmp_path / "usage.db") == i + 1
+
+
+async def test_two_ledgers_and_another_process_write_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    first = await SqliteLedger.open(path, busy_timeout_ms=10_000)
+    second = await SqliteLedger.open(path, busy_timeout_ms=10_000)
+
+    async def waves(ledger: SqliteLedger, name: str) -> None:
+        for wave in range(30):
+            await asyncio.gather(*(ledger.record(rec(f"{name}-{wave}-{i}")) for i in range(64)))
+
+    child = asyncio.create_task(run_child(CHILD_WRITER, str(path), "30"))
+    await asyncio.gather(waves(first, "first"), waves(second, "second"))
+    returncode, stderr = await child
+    assert returncode == 0, stderr
+    await first.aclose()
+    await second.aclose()
+    assert count_rows(path) == 3 * 30 * 64
+
+
+async def test_total_is_the_exact_sum_of_rows_for_large_integers(ledger: UsageLedger) -> None:
+    big = 2**60 + 7  # a float would round this
+    await record_all(ledger, [rec(f"b{i}", tenant=f"t{i}", cost_nanos_usd=big + i) for i in range(4)])
+    report = await ledger.query(UsageQuery(group_by=[GroupBy.TENANT]))
+    assert [row.cost_nanos_usd for row in report.rows] == [big, big + 1, big + 2, big + 3]
+    assert report.total.cost_nanos_usd == 4 * big + 6 == sum_totals(report.rows).cost_nanos_usd
