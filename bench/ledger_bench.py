@@ -1,0 +1,77 @@
+"""Micro-benchmark of SqliteLedger.record(): records/s for 1 and 64 concurrent writers.
+
+Each writer awaits record() in a loop, as gateway calls settling usage do. `max_batch=1` is a
+commit per call, i.e. the ledger without group commit, for comparison.
+
+    .venv/bin/python bench/ledger_bench.py [--seconds 3] [--synchronous NORMAL|FULL] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from feather_grpc.state.ledger import Outcome, UsageRecord
+from feather_grpc.state.sqlite_ledger import SqliteLedger, Synchronous
+
+
+async def run(path: Path, writers: int, seconds: float, synchronous: Synchronous, max_batch: int) -> None:
+    ledger = await SqliteLedger.open(path, synchronous=synchronous, max_batch=max_batch)
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def writer(n: int) -> None:
+        i = 0
+        while time.perf_counter() < deadline:
+            record = UsageRecord(
+                request_id=f"w{n}-{i}",
+                time_ns=time.time_ns(),
+                tenant="bench",
+                provider="openai",
+                model="gpt-4o-mini",
+                outcome=Outcome.OK,
+                input_tokens=812,
+                output_tokens=95,
+                cost_nanos_usd=178_800,
+                attempt_count=1,
+                latency_ms=420,
+                tags={"team": "search", "env": "prod"},
+            )
+            started = time.perf_counter()
+            await ledger.record(record)
+            latencies.append(time.perf_counter() - started)
+            i += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(writer(n) for n in range(writers)))
+    elapsed = time.perf_counter() - started
+    await ledger.aclose()
+
+    count = len(latencies)
+    latencies.sort()
+    p50 = statistics.median(latencies) * 1e3
+    p99 = latencies[int(0.99 * (count - 1))] * 1e3
+    print(
+        f"writers={writers:<3} synchronous={synchronous:<6} max_batch={max_batch:<4} "
+        f"{count / elapsed:>9,.0f} records/s  {count / ledger.commit_count:>6.1f} records/commit  "
+        f"p50 {p50:.2f} ms  p99 {p99:.2f} ms"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL")
+    parser.add_argument("--dir", help="where to put the database (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for n, (writers, max_batch) in enumerate([(1, 512), (64, 512), (64, 1)]):
+            await run(Path(tmp) / f"bench-{n}.db", writers, args.seconds, args.synchronous, max_batch)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
