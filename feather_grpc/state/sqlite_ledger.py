@@ -403,9 +403,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"usage ledger schema version {version} is newer than this build ({SCHEMA_VERSION})"
-            )
+            raise RuntimeError(f"usage ledger schema version {version} is newer than this build ({SCHEMA_VERSION})")
         if version < 1:
             for statement in _SCHEMA_V1.split(";"):
                 if statement.strip():
