@@ -9,6 +9,7 @@ class FeatherError(Exception):
     """Base of every error the engine reports to a caller. `message` is safe to show: no secrets."""
 
     reason = "INTERNAL"
+    code = "INTERNAL"  # the gRPC status code name this error maps to (DESIGN.md section 3)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -23,6 +24,7 @@ class FieldViolation:
 
 class InvalidRequest(FeatherError):
     reason = "INVALID_REQUEST"
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         super().__init__("invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations))
@@ -31,6 +33,7 @@ class InvalidRequest(FeatherError):
 
 class ModelNotFound(FeatherError):
     reason = "MODEL_NOT_FOUND"
+    code = "NOT_FOUND"
 
     def __init__(self, model: str, provider: str = "") -> None:
         where = f" in provider {provider!r}" if provider else ""
@@ -43,6 +46,7 @@ class UpstreamUnavailable(FeatherError):
     """Every candidate failed with a retryable error (or had an open circuit)."""
 
     reason = "UPSTREAM_UNAVAILABLE"
+    code = "UNAVAILABLE"
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -53,6 +57,7 @@ class UpstreamInvalidRequest(FeatherError):
     """The provider rejected the request itself (400, 404, 413, 422...): retrying cannot help."""
 
     reason = "UPSTREAM_INVALID_REQUEST"
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, provider: str, http_status: int) -> None:
         super().__init__(message)
@@ -64,6 +69,7 @@ class UpstreamAuthFailed(FeatherError):
     """The gateway's own credentials were rejected: the caller did nothing wrong."""
 
     reason = "UPSTREAM_AUTH_FAILED"
+    code = "INTERNAL"
 
     def __init__(self, provider: str) -> None:
         super().__init__(f"provider {provider!r} rejected the gateway's credentials")
@@ -72,6 +78,7 @@ class UpstreamAuthFailed(FeatherError):
 
 class DeadlineExceeded(FeatherError):
     reason = "DEADLINE_EXCEEDED"
+    code = "DEADLINE_EXCEEDED"
 
 
 class ProviderError(Exception):

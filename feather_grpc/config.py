@@ -1,0 +1,414 @@
+"""Gateway configuration: `feather.config.json` (the original schema, extended), env overrides, defaults.
+
+Everything is parsed and validated once at start; the engine then reads plain resolved objects and
+never touches JSON or the environment on the request path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from feather_grpc.engine.pricing import Price, usd_to_nanos_per_million
+
+log = logging.getLogger(__name__)
+
+ProviderType = Literal["openai", "anthropic", "openai-compatible", "mock"]
+Policy = Literal["first", "roundrobin", "cheapest", "fastest", "weighted"]
+
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "mock": "mock://local",
+}
+_KNOWN_TYPES = ("openai", "anthropic", "mock")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    input_per_1k: Decimal | None = Field(default=None, alias="inputPer1K")
+    output_per_1k: Decimal | None = Field(default=None, alias="outputPer1K")
+    cached_input_per_1k: Decimal | None = Field(default=None, alias="cachedInputPer1K")
+    cache_write_per_1k: Decimal | None = Field(default=None, alias="cacheWritePer1K")
+    input_per_1m: Decimal | None = Field(default=None, alias="inputPer1M")
+    output_per_1m: Decimal | None = Field(default=None, alias="outputPer1M")
+    cached_input_per_1m: Decimal | None = Field(default=None, alias="cachedInputPer1M")
+    cache_write_per_1m: Decimal | None = Field(default=None, alias="cacheWritePer1M")
+    capabilities: list[str] = Field(default_factory=list)
+    allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
+
+    @model_validator(mode="after")
+    def _one_unit_per_price(self) -> ModelSpec:
+        for kind in ("input", "output", "cached_input", "cache_write"):
+            if getattr(self, f"{kind}_per_1k") is not None and getattr(self, f"{kind}_per_1m") is not None:
+                raise ValueError(f"give {kind} price per 1K or per 1M tokens, not both")
+        return self
+
+    def price(self) -> Price | None:
+        def one(kind: str) -> int | None:
+            per_1k: Decimal | None = getattr(self, f"{kind}_per_1k")
+            per_1m: Decimal | None = getattr(self, f"{kind}_per_1m")
+            if per_1k is not None:
+                return usd_to_nanos_per_million(per_1k, 1_000)
+            if per_1m is not None:
+                return usd_to_nanos_per_million(per_1m, 1_000_000)
+            return None
+
+        input_price, output_price = one("input"), one("output")
+        if input_price is None or output_price is None:
+            return None
+        cached, write = one("cached_input"), one("cache_write")
+        return Price(
+            input=input_price,
+            output=output_price,
+            cached_input=input_price if cached is None else cached,
+            cache_write=input_price if write is None else write,
+        )
+
+
+class ProviderSpec(_Strict):
+    type: ProviderType | None = None
+    api_key_env: str | None = Field(default=None, alias="apiKeyEnv")
+    api_key_file: str | None = Field(default=None, alias="apiKeyFile")
+    base_url: str | None = Field(default=None, alias="baseUrl")
+    timeout_ms: int | None = Field(default=None, alias="timeoutMs", gt=0)
+    required: bool = False
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+
+class RetrySpec(_Strict):
+    max_attempts: int = Field(default=3, alias="maxAttempts", ge=1, le=10)
+    base_ms: int = Field(default=250, alias="baseMs", ge=0)
+    max_ms: int = Field(default=3000, alias="maxMs", ge=0)
+
+
+class LedgerSpec(_Strict):
+    type: Literal["sqlite", "memory"] = "sqlite"
+    path: str = "feather-usage.db"
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+class ServerSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
+
+
+class FileConfig(_Strict):
+    """The JSON document. camelCase keys as in the original `feather.config.json`."""
+
+    schema_: str | None = Field(default=None, alias="$schema")
+    policy: Policy = "first"
+    providers: dict[str, ProviderSpec] = Field(min_length=1)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    timeout_ms: int = Field(default=60_000, alias="timeoutMs", gt=0)
+    ledger: LedgerSpec = Field(default_factory=LedgerSpec)
+    server: ServerSpec = Field(default_factory=ServerSpec)
+    allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
+
+
+# ---- resolved configuration: what the engine and server use ----
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    provider: str
+    name: str
+    aliases: tuple[str, ...]
+    price: Price | None  # None only when unpriced models are explicitly allowed
+    capabilities: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str
+    api_key: str = field(repr=False)
+    timeout_ms: int
+    models: tuple[ModelConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_attempts: int = 3
+    base_ms: int = 250
+    max_ms: int = 3000
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    providers: tuple[ProviderConfig, ...]
+    policy: str = "first"
+    retry: RetryConfig = RetryConfig()
+    ledger_type: str = "memory"
+    ledger_path: str = ":memory:"
+    ledger_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    grace_period_s: float = 20.0
+    source: str = "<in-process>"
+    skipped_providers: tuple[str, ...] = ()
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the field path and a one-line fix."""
+
+    def __init__(self, source: str, path: str, problem: str, fix: str) -> None:
+        super().__init__(f"{source}: {path}: {problem}. Fix: {fix}")
+        self.path = path
+
+
+def _path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+def _fix_for(err_type: str, path: str) -> str:
+    fixes = {
+        "missing": "add this field",
+        "extra_forbidden": "remove it or check its spelling against the documented schema",
+        "literal_error": "use one of the allowed values",
+        "too_short": "add at least one entry",
+        "decimal_parsing": "use a plain number, e.g. 0.0015",
+        "decimal_type": "use a plain number, e.g. 0.0015",
+        "greater_than": "use a positive number",
+    }
+    return fixes.get(err_type, "correct the value as described")
+
+
+def parse_file_config(text: str, source: str) -> FileConfig:
+    try:
+        raw = json.loads(text, parse_float=Decimal)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            source, f"line {e.lineno} column {e.colno}", f"invalid JSON ({e.msg})", "fix the JSON syntax"
+        ) from None
+    try:
+        return FileConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        path = _path(tuple(p for p in first["loc"]))
+        raise ConfigError(source, path, first["msg"], _fix_for(first["type"], path)) from None
+
+
+def _infer_type(name: str, spec: ProviderSpec, source: str) -> str:
+    if spec.type:
+        return spec.type
+    if name in _KNOWN_TYPES:
+        return name
+    if spec.base_url:
+        return "openai-compatible"
+    raise ConfigError(
+        source,
+        f"providers.{name}.type",
+        "cannot tell the wire format of this provider",
+        'add "type": "openai", "anthropic", "openai-compatible" or "mock"',
+    )
+
+
+def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: str) -> str | None:
+    """The provider's key, or None when its configured source is absent (the provider is then skipped)."""
+    if spec.api_key_file:
+        try:
+            return Path(spec.api_key_file).read_text().strip()
+        except OSError:
+            return None
+    if spec.api_key_env:
+        return env.get(spec.api_key_env) or None
+    return ""
+
+
+def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: str = "<config>") -> GatewayConfig:
+    """Turns a validated document plus environment overrides into the engine's resolved config."""
+    env = dict(os.environ) if env is None else env
+    providers: list[ProviderConfig] = []
+    skipped: list[str] = []
+    seen_models: set[tuple[str, str]] = set()
+    for name, spec in file_config.providers.items():
+        if "/" in name or not name:
+            raise ConfigError(source, f"providers.{name}", "provider names may not contain '/'", "rename the provider")
+        ptype = _infer_type(name, spec, source)
+        if ptype == "openai-compatible" and not spec.base_url:
+            raise ConfigError(
+                source,
+                f"providers.{name}.baseUrl",
+                "an openai-compatible provider needs a URL",
+                'add "baseUrl": "http://host:port/v1"',
+            )
+        key = _read_api_key(name, spec, env, source)
+        if key is None:
+            if spec.required:
+                where = spec.api_key_file or spec.api_key_env
+                raise ConfigError(
+                    source,
+                    f"providers.{name}",
+                    f"its API key ({where}) is not set",
+                    'set the key, or drop "required" to skip this provider when it is missing',
+                )
+            skipped.append(name)
+            continue
+        models: list[ModelConfig] = []
+        for i, m in enumerate(spec.models):
+            where = f"providers.{name}.models[{i}]"
+            if (name, m.name) in seen_models:
+                raise ConfigError(
+                    source, f"{where}.name", f"model {m.name!r} is listed twice", "remove the duplicate entry"
+                )
+            seen_models.add((name, m.name))
+            try:
+                price = m.price()
+            except ValueError as e:
+                raise ConfigError(source, where, f"price {e}", "use a plain USD amount such as 0.0015") from None
+            if price is None and not (m.allow_unpriced or file_config.allow_unpriced):
+                raise ConfigError(
+                    source,
+                    f"{where}.inputPer1K",
+                    f"model {m.name!r} has no price",
+                    'add "inputPer1K" and "outputPer1K" (or per-1M prices), '
+                    'or set "allowUnpriced": true to serve it as unpriced',
+                )
+            models.append(ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities)))
+        providers.append(
+            ProviderConfig(
+                name=name,
+                type=ptype,
+                base_url=spec.base_url or DEFAULT_BASE_URLS.get(ptype, ""),
+                api_key=key,
+                timeout_ms=spec.timeout_ms or file_config.timeout_ms,
+                models=tuple(models),
+            )
+        )
+    if not providers:
+        raise ConfigError(
+            source,
+            "providers",
+            f"no provider is usable (skipped for missing keys: {skipped})",
+            "set the API key environment variables the config names",
+        )
+    r = file_config.retry
+    port = file_config.server.port
+    if env.get("PORT"):
+        try:
+            port = int(env["PORT"])
+        except ValueError:
+            raise ConfigError(
+                "environment", "PORT", f"{env['PORT']!r} is not a port number", "set PORT to an integer such as 50051"
+            ) from None
+    ledger_path = env.get("FEATHER_LEDGER_PATH") or file_config.ledger.path
+    return GatewayConfig(
+        providers=tuple(providers),
+        policy=file_config.policy,
+        retry=RetryConfig(r.max_attempts, r.base_ms, r.max_ms),
+        ledger_type=file_config.ledger.type,
+        ledger_path=ledger_path if file_config.ledger.type == "sqlite" else ":memory:",
+        ledger_synchronous=file_config.ledger.synchronous,
+        host=file_config.server.host,
+        port=port,
+        grace_period_s=file_config.server.grace_period_s,
+        source=source,
+        skipped_providers=tuple(skipped),
+    )
+
+
+def embedded_default() -> dict[str, Any]:
+    """The config used when no file is given: the mock provider, plus OpenAI and Anthropic when their
+    keys are in the environment (providers with a missing key are skipped)."""
+    return {
+        "policy": "first",
+        "providers": {
+            "mock": {
+                "type": "mock",
+                "models": [
+                    {"name": "mock-fast", "aliases": ["fast", "cheap"], "inputPer1M": "0.10", "outputPer1M": "0.40"},
+                    {"name": "mock-smart", "aliases": ["smart"], "inputPer1M": "2.50", "outputPer1M": "10.00"},
+                ],
+            },
+            "openai": {
+                "type": "openai",
+                "apiKeyEnv": "OPENAI_API_KEY",
+                "models": [
+                    {
+                        "name": "gpt-4o-mini",
+                        "aliases": ["fast", "cheap"],
+                        "inputPer1M": "0.15",
+                        "outputPer1M": "0.60",
+                        "cachedInputPer1M": "0.075",
+                        "capabilities": ["tools", "json"],
+                    },
+                    {
+                        "name": "gpt-4o",
+                        "aliases": ["smart"],
+                        "inputPer1M": "2.50",
+                        "outputPer1M": "10.00",
+                        "cachedInputPer1M": "1.25",
+                        "capabilities": ["tools", "json", "vision"],
+                    },
+                ],
+            },
+            "anthropic": {
+                "type": "anthropic",
+                "apiKeyEnv": "ANTHROPIC_API_KEY",
+                "models": [
+                    {
+                        "name": "claude-3-5-haiku-latest",
+                        "aliases": ["fast"],
+                        "inputPer1M": "0.80",
+                        "outputPer1M": "4.00",
+                        "cachedInputPer1M": "0.08",
+                        "cacheWritePer1M": "1.00",
+                        "capabilities": ["tools"],
+                    },
+                    {
+                        "name": "claude-sonnet-4-0",
+                        "aliases": ["smart"],
+                        "inputPer1M": "3.00",
+                        "outputPer1M": "15.00",
+                        "cachedInputPer1M": "0.30",
+                        "cacheWritePer1M": "3.75",
+                        "capabilities": ["tools", "vision"],
+                    },
+                ],
+            },
+        },
+    }
+
+
+def load(path: str | None, env: dict[str, str] | None = None) -> GatewayConfig:
+    """Loads `path`, else `$FEATHER_CONFIG`, else ./feather.config.json if present, else the embedded default."""
+    env = dict(os.environ) if env is None else env
+    chosen = path or env.get("FEATHER_CONFIG")
+    if not chosen and Path("feather.config.json").is_file():
+        chosen = "feather.config.json"
+    if chosen:
+        try:
+            text = Path(chosen).read_text()
+        except OSError as e:
+            raise ConfigError(chosen, "(file)", f"cannot read it ({e.strerror})", "check the path") from None
+        return resolve(parse_file_config(text, chosen), env, chosen)
+    document = json.dumps(embedded_default())
+    return resolve(parse_file_config(document, "<embedded default>"), env, "<embedded default>")

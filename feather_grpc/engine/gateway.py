@@ -1,0 +1,422 @@
+"""The Feather orchestrator: the story of a call — resolve, attempt (retry, fail over, deadline), settle.
+
+Usable in-process as a library (`async with Feather(config) as f: await f.chat(...)`); the gRPC
+server is one adapter of it. No grpc imports here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import aiohttp
+
+from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig
+from feather_grpc.engine.errors import (
+    DeadlineExceeded,
+    FeatherError,
+    ProviderError,
+    UpstreamAuthFailed,
+    UpstreamInvalidRequest,
+    UpstreamUnavailable,
+)
+from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
+from feather_grpc.engine.retry import RetryPolicy
+from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
+from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
+from feather_grpc.engine.types import (
+    ChatRequest,
+    StreamEvent,
+    StreamFinish,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from feather_grpc.engine.validation import validate_chat
+from feather_grpc.providers import build_provider
+from feather_grpc.providers.base import Provider, ProviderSettings
+from feather_grpc.providers.http import new_session
+from feather_grpc.state.ledger import Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Upstream errors that say the request itself is wrong: no other provider or retry can fix them.
+_REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG"})
+
+StreamItem = StreamStarted | TextDelta | ToolCallDelta | StreamCompleted
+
+
+@dataclass(slots=True)
+class CallContext:
+    """Per-call facts the transport knows: who is calling and until when."""
+
+    tenant: str = "default"
+    deadline: float | None = None  # event-loop time (loop.time()) by which the call must end
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    provider: str
+    provider_type: str
+    model: ModelConfig
+    circuit_state: str  # "closed" | "open" | "half_open"
+    latency_ms: int  # decaying average; 0 before the first call
+
+
+@dataclass(slots=True)
+class _Call:
+    """A call in flight: what settle() needs whichever way the call ends."""
+
+    request: ChatRequest
+    ctx: CallContext
+    request_id: str
+    started: float  # monotonic
+    started_ns: int  # wall clock
+    streamed: bool
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    candidate: RouteCandidate | None = None
+
+
+class Feather:
+    """The gateway engine. Build once; share across all calls."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        ledger: UsageLedger,
+        *,
+        providers: dict[str, Provider] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.latency = LatencyTracker()
+        self._rng = rng or random.Random()
+        self.router = Router([m for p in config.providers for m in p.models], config.policy, self.latency, self._rng)
+        self._provider_configs = {p.name: p for p in config.providers}
+        self._providers: dict[str, Provider] = dict(providers or {})
+        self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        if any(p.name not in self._providers for p in self.config.providers):
+            self._session = new_session()
+        for p in self.config.providers:
+            if p.name not in self._providers:
+                assert self._session is not None
+                self._providers[p.name] = build_provider(_settings(p), self._session)
+
+    async def aclose(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for provider in self._providers.values():
+            await provider.aclose()
+        if self._session is not None:
+            await self._session.close()
+        await self.ledger.aclose()
+
+    async def __aenter__(self) -> Feather:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ---- calls ----
+
+    async def chat(self, request: ChatRequest, ctx: CallContext | None = None) -> ChatResult:
+        call = self._begin(request, ctx or CallContext(), streamed=False)
+        try:
+            candidates = self._candidates(call)
+            candidate, reply = await self._attempt_loop(call, candidates, lambda p, c: p.chat(c.model.name, request))
+        except FeatherError as e:
+            await self.ledger.record(self._record(call, Outcome.ERROR, Usage(), error=e))
+            raise
+        except asyncio.CancelledError:
+            self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, ""))
+            raise
+        cost, unpriced = _price(candidate, reply.usage)
+        record = self._record(call, Outcome.OK, reply.usage, cost=cost)
+        await self.ledger.record(record)
+        return ChatResult(
+            content=reply.content,
+            tool_calls=reply.tool_calls,
+            finish_reason=reply.finish_reason,
+            provider=candidate.provider,
+            model=candidate.model.name,
+            usage=reply.usage,
+            cost_nanos_usd=cost,
+            attempts=call.attempts,
+            latency_ms=record.latency_ms,
+            request_id=call.request_id,
+            unpriced=unpriced,
+        )
+
+    async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
+        """Streams one call. Retries and fail-over happen before the first event reaches the caller;
+        after that an upstream failure ends the stream with an error, billed for what was consumed."""
+        call = self._begin(request, ctx or CallContext(), streamed=True)
+        upstream: AsyncIterator[StreamEvent] | None = None
+        output_chars: list[str] = []
+        try:
+            candidates = self._candidates(call)
+
+            async def open_stream(p: Provider, c: RouteCandidate) -> tuple[AsyncIterator[StreamEvent], StreamEvent]:
+                it = p.stream(c.model.name, request)
+                try:
+                    return it, await anext(it)
+                except BaseException:
+                    await _close(it)
+                    raise
+
+            candidate, (upstream, event) = await self._attempt_loop(call, candidates, open_stream)
+            yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
+            ttft_ms = _ms_since(call.started)
+            while not isinstance(event, StreamFinish):
+                if isinstance(event, TextDelta):
+                    output_chars.append(event.content)
+                elif isinstance(event, ToolCallDelta):
+                    output_chars.append(event.arguments)
+                yield event
+                event = await self._next_event(call, upstream)
+            usage, estimated = event.usage, False
+            if usage is None:
+                usage, estimated = self._cancelled_usage(call, "".join(output_chars)), True
+            cost, unpriced = _price(candidate, usage)
+            record = self._record(call, Outcome.OK, usage, cost=cost, estimated=estimated)
+            await self.ledger.record(record)
+            yield StreamCompleted(
+                finish_reason=event.finish_reason,
+                usage=usage,
+                cost_nanos_usd=cost,
+                attempts=call.attempts,
+                latency_ms=record.latency_ms,
+                time_to_first_token_ms=ttft_ms,
+                usage_estimated=estimated,
+                unpriced=unpriced,
+            )
+        except FeatherError as e:
+            usage = self._cancelled_usage(call, "".join(output_chars)) if upstream else Usage()
+            await self.ledger.record(self._record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None))
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, "".join(output_chars)))
+            raise
+        finally:
+            if upstream is not None:
+                await _close(upstream)
+
+    async def usage(self, query: UsageQuery) -> UsageReport:
+        return await self.ledger.query(query)
+
+    def models(self, provider: str = "") -> list[ModelView]:
+        """Routable models in configuration order, with live state."""
+        return [
+            ModelView(p.name, p.type, m, "closed", int(self.latency.get(f"{p.name}:{m.name}") or 0))
+            for p in self.config.providers
+            if not provider or p.name == provider
+            for m in p.models
+        ]
+
+    # ---- steps ----
+
+    def _begin(self, request: ChatRequest, ctx: CallContext, *, streamed: bool) -> _Call:
+        return _Call(
+            request=request,
+            ctx=ctx,
+            request_id=request.request_id or uuid.uuid4().hex,
+            started=time.monotonic(),
+            started_ns=time.time_ns(),
+            streamed=streamed,
+        )
+
+    def _candidates(self, call: _Call) -> list[RouteCandidate]:
+        validate_chat(call.request)
+        found = self.router.resolve(call.request.model, call.request.provider)
+        return self.router.order(call.request.model, found, call.request.policy)
+
+    async def _attempt_loop(
+        self,
+        call: _Call,
+        candidates: list[RouteCandidate],
+        attempt: Callable[[Provider, RouteCandidate], Awaitable[T]],
+    ) -> tuple[RouteCandidate, T]:
+        """Tries candidates in order, retrying retryable failures with backoff, within the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = call.ctx.deadline
+        policy = RetryPolicy.of(self.config.retry, call.request.retry)
+        last: ProviderError | None = None
+        for candidate in candidates:
+            call.candidate = candidate
+            provider = self._providers[candidate.provider]
+            per_attempt_s = self._provider_configs[candidate.provider].timeout_ms / 1000.0
+            for n in range(1, policy.max_attempts + 1):
+                begun = time.monotonic()
+                attempt_deadline = loop.time() + per_attempt_s
+                if deadline is not None:
+                    attempt_deadline = min(attempt_deadline, deadline)
+                try:
+                    async with asyncio.timeout_at(attempt_deadline):
+                        result = await attempt(provider, candidate)
+                except ProviderError as e:
+                    last = e
+                except TimeoutError:
+                    if deadline is not None and loop.time() >= deadline:
+                        call.attempts.append(_attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
+                        raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
+                    last = ProviderError(
+                        "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
+                    )
+                except asyncio.CancelledError:
+                    call.attempts.append(_attempt(candidate, "cancelled", begun))
+                    raise
+                else:
+                    elapsed = _ms_since(begun)
+                    call.attempts.append(_attempt(candidate, "ok", begun))
+                    self.latency.observe(candidate.key, elapsed)
+                    return candidate, result
+                call.attempts.append(
+                    _attempt(
+                        candidate,
+                        "retryable_error" if last.retryable else "fatal_error",
+                        begun,
+                        last.reason,
+                        last.http_status,
+                    )
+                )
+                if not last.retryable:
+                    if last.reason in _REQUEST_FAULTS:
+                        raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status)
+                    break  # this provider cannot serve (auth, quota, unknown model): fail over
+                if n == policy.max_attempts:
+                    break
+                delay = policy.delay_s(n, last.retry_after_s, self._rng)
+                if deadline is not None and loop.time() + delay >= deadline:
+                    break  # the wait cannot fit in the deadline: fail over instead of sleeping
+                await asyncio.sleep(delay)
+        assert last is not None
+        if last.reason == "UPSTREAM_AUTH_FAILED":
+            raise UpstreamAuthFailed(call.candidate.provider if call.candidate else "")
+        if deadline is not None and loop.time() >= deadline:
+            raise DeadlineExceeded("the call's deadline ran out")
+        raise UpstreamUnavailable(f"all candidates failed; last error: {last.message}", last.retry_after_s)
+
+    async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent]) -> StreamEvent:
+        try:
+            if call.ctx.deadline is None:
+                return await anext(upstream)
+            async with asyncio.timeout_at(call.ctx.deadline):
+                return await anext(upstream)
+        except StopAsyncIteration:
+            raise self._midstream_failure(
+                call, ProviderError("UPSTREAM_STREAM_CUT", "upstream stream ended without a finish", retryable=True)
+            ) from None
+        except ProviderError as e:
+            raise self._midstream_failure(call, e) from None
+        except TimeoutError:
+            raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
+
+    def _midstream_failure(self, call: _Call, e: ProviderError) -> FeatherError:
+        if call.attempts:
+            call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
+            call.attempts[-1].error_reason = e.reason
+        return UpstreamUnavailable(f"the upstream stream failed after the first token: {e.message}", e.retry_after_s)
+
+    def _cancelled_usage(self, call: _Call, output_text: str) -> Usage:
+        """What a call consumed when the provider never said: an estimate, billed and marked as such."""
+        if call.candidate is None:
+            return Usage()
+        return Usage(
+            input_tokens=estimate_prompt_tokens(call.request.messages), output_tokens=estimate_tokens(output_text)
+        )
+
+    def _record(
+        self,
+        call: _Call,
+        outcome: Outcome,
+        usage: Usage,
+        *,
+        cost: int | None = None,
+        error: FeatherError | None = None,
+        estimated: bool = False,
+    ) -> UsageRecord:
+        c = call.candidate
+        if cost is None:
+            cost = _price(c, usage)[0] if c is not None else 0
+        return UsageRecord(
+            request_id=call.request_id,
+            time_ns=call.started_ns,
+            tenant=call.ctx.tenant,
+            provider=c.provider if c else "",
+            model=c.model.name if c else "",
+            requested_model=call.request.model,
+            outcome=outcome,
+            error_code=error.code if error else "",
+            error_reason=error.reason if error else "",
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost_nanos_usd=cost,
+            estimated=estimated,
+            unpriced=c is not None and c.model.price is None,
+            streamed=call.streamed,
+            attempt_count=len(call.attempts),
+            latency_ms=_ms_since(call.started),
+            tags=call.request.tags,
+        )
+
+    def _settle_in_background(self, call: _Call, outcome: Outcome, usage: Usage) -> None:
+        """Records a call that is being cancelled: the caller's task cannot await anymore, so the
+        write runs on its own task, which aclose() waits for."""
+        record = self._record(call, outcome, usage, estimated=call.candidate is not None)
+        task = asyncio.get_running_loop().create_task(self.ledger.record(record))
+        self._background.add(task)
+        task.add_done_callback(_log_failure_and_forget(self._background))
+
+
+def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("could not record a cancelled call in the ledger", exc_info=task.exception())
+
+    return done
+
+
+def _settings(p: ProviderConfig) -> ProviderSettings:
+    return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key)
+
+
+def _price(candidate: RouteCandidate | None, usage: Usage) -> tuple[int, bool]:
+    price = candidate.model.price if candidate else None
+    if price is None:
+        return 0, candidate is not None
+    return price.cost_nanos(usage), False
+
+
+def _attempt(c: RouteCandidate, outcome: str, begun: float, reason: str = "", http_status: int = 0) -> AttemptRecord:
+    return AttemptRecord(c.provider, c.model.name, outcome, reason, _ms_since(begun), http_status)
+
+
+def _ms_since(begun: float) -> int:
+    return int((time.monotonic() - begun) * 1000)
+
+
+async def _close(it: AsyncIterator[StreamEvent]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()

@@ -1,0 +1,53 @@
+"""What the engine hands back to its callers: results, stream events and the attempt trail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from feather_grpc.engine.types import FinishReason, ToolCall, Usage
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    provider: str
+    model: str
+    outcome: str  # "ok" | "retryable_error" | "fatal_error" | "cancelled" | "circuit_open"
+    error_reason: str = ""
+    duration_ms: int = 0
+    http_status: int = 0
+
+
+@dataclass(slots=True)
+class ChatResult:
+    content: str
+    tool_calls: list[ToolCall]
+    finish_reason: FinishReason
+    provider: str
+    model: str
+    usage: Usage
+    cost_nanos_usd: int
+    attempts: list[AttemptRecord]
+    latency_ms: int
+    request_id: str
+    unpriced: bool = False
+    cached: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class StreamStarted:
+    provider: str
+    model: str
+    request_id: str
+
+
+@dataclass(slots=True)
+class StreamCompleted:
+    finish_reason: FinishReason
+    usage: Usage
+    cost_nanos_usd: int
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    latency_ms: int = 0
+    time_to_first_token_ms: int = 0
+    usage_estimated: bool = False
+    unpriced: bool = False
+    cached: bool = False

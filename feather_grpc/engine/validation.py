@@ -1,0 +1,81 @@
+"""Request validation: every problem reported at once, each with its field path."""
+
+from __future__ import annotations
+
+import math
+
+from feather_grpc.engine.errors import FieldViolation, InvalidRequest
+from feather_grpc.engine.routing import POLICIES
+from feather_grpc.engine.types import ChatRequest, Role
+
+MAX_STOP_SEQUENCES = 4
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def validate_chat(req: ChatRequest) -> None:
+    v: list[FieldViolation] = []
+
+    def bad(field: str, why: str) -> None:
+        v.append(FieldViolation(field, why))
+
+    if not req.model.strip():
+        bad("model", "must name a model, an alias or provider/model")
+    if not req.messages:
+        bad("messages", "must contain at least one message")
+    tool_call_ids: set[str] = set()
+    for i, m in enumerate(req.messages):
+        if m.role is Role.TOOL:
+            if not m.tool_call_id:
+                bad(f"messages[{i}].tool_call_id", "is required for a tool message")
+        elif m.tool_call_id:
+            bad(f"messages[{i}].tool_call_id", "is only allowed on tool messages")
+        if m.tool_calls and m.role is not Role.ASSISTANT:
+            bad(f"messages[{i}].tool_calls", "are only allowed on assistant messages")
+        if not m.content and not m.tool_calls and m.role is not Role.TOOL:
+            bad(f"messages[{i}].content", "must not be empty")
+        for j, call in enumerate(m.tool_calls):
+            if not call.id:
+                bad(f"messages[{i}].tool_calls[{j}].id", "must not be empty")
+            if not call.name:
+                bad(f"messages[{i}].tool_calls[{j}].name", "must not be empty")
+            tool_call_ids.add(call.id)
+    if req.messages and all(m.role is Role.SYSTEM for m in req.messages):
+        bad("messages", "must contain at least one non-system message")
+    if req.max_tokens is not None and req.max_tokens < 1:
+        bad("max_tokens", "must be at least 1")
+    if req.temperature is not None and not (math.isfinite(req.temperature) and 0 <= req.temperature <= 2):
+        bad("temperature", "must be between 0 and 2")
+    if req.top_p is not None and not (math.isfinite(req.top_p) and 0 <= req.top_p <= 1):
+        bad("top_p", "must be between 0 and 1")
+    if len(req.stop) > MAX_STOP_SEQUENCES:
+        bad("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    for i, s in enumerate(req.stop):
+        if not s:
+            bad(f"stop[{i}]", "must not be empty")
+    names: set[str] = set()
+    for i, t in enumerate(req.tools):
+        if not t.name:
+            bad(f"tools[{i}].name", "must not be empty")
+        elif t.name in names:
+            bad(f"tools[{i}].name", f"duplicates tool {t.name!r}")
+        names.add(t.name)
+    if req.tool_choice and req.tool_choice.function_name and req.tool_choice.function_name not in names:
+        bad("tool_choice.function_name", "must name one of the request's tools")
+    if req.response_format and req.response_format.type == "json_schema":
+        if not req.response_format.json_schema:
+            bad("response_format.json_schema", "is required for RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+        if not req.response_format.schema_name:
+            bad("response_format.schema_name", "is required for RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+    if req.policy and req.policy not in POLICIES:
+        bad("policy", f"must be one of {', '.join(POLICIES)}")
+    if req.retry:
+        if req.retry.max_attempts is not None and not 1 <= req.retry.max_attempts <= 10:
+            bad("retry.max_attempts", "must be between 1 and 10")
+        if req.retry.base_ms is not None and req.retry.base_ms < 0:
+            bad("retry.base_ms", "must not be negative")
+        if req.retry.max_ms is not None and req.retry.max_ms < 0:
+            bad("retry.max_ms", "must not be negative")
+    if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
+        bad("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+    if v:
+        raise InvalidRequest(v)

@@ -1,0 +1,296 @@
+"""Proto <-> engine types, and nothing else. Values the engine cannot represent are rejected here."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from feather_grpc.engine.errors import FieldViolation, InvalidRequest
+from feather_grpc.engine.gateway import ModelView
+from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted
+from feather_grpc.engine.types import (
+    ChatRequest,
+    FinishReason,
+    Message,
+    ResponseFormat,
+    RetryOverride,
+    Role,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageReport, UsageTotals
+
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
+_TOOL_CHOICE = {
+    pb.TOOL_CHOICE_MODE_UNSPECIFIED: "",
+    pb.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.TOOL_CHOICE_MODE_NONE: "none",
+    pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
+_FORMATS = {
+    pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED: "",
+    pb.RESPONSE_FORMAT_TYPE_TEXT: "text",
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
+}
+_POLICIES = {
+    pb.ROUTING_POLICY_UNSPECIFIED: "",
+    pb.ROUTING_POLICY_FIRST: "first",
+    pb.ROUTING_POLICY_ROUND_ROBIN: "roundrobin",
+    pb.ROUTING_POLICY_CHEAPEST: "cheapest",
+    pb.ROUTING_POLICY_FASTEST: "fastest",
+    pb.ROUTING_POLICY_WEIGHTED: "weighted",
+}
+_FINISH = {
+    FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
+}
+_OUTCOMES = {
+    "ok": pb.ATTEMPT_OUTCOME_OK,
+    "retryable_error": pb.ATTEMPT_OUTCOME_RETRYABLE_ERROR,
+    "fatal_error": pb.ATTEMPT_OUTCOME_FATAL_ERROR,
+    "cancelled": pb.ATTEMPT_OUTCOME_CANCELLED,
+    "circuit_open": pb.ATTEMPT_OUTCOME_CIRCUIT_OPEN,
+}
+_GROUP_BY = {
+    pb.USAGE_GROUP_BY_TENANT: GroupBy.TENANT,
+    pb.USAGE_GROUP_BY_PROVIDER: GroupBy.PROVIDER,
+    pb.USAGE_GROUP_BY_MODEL: GroupBy.MODEL,
+    pb.USAGE_GROUP_BY_TAG: GroupBy.TAG,
+    pb.USAGE_GROUP_BY_HOUR: GroupBy.HOUR,
+    pb.USAGE_GROUP_BY_DAY: GroupBy.DAY,
+}
+
+
+def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
+    """Both request messages carry the same fields, so one conversion serves Chat and StreamChat."""
+    bad: list[FieldViolation] = []
+    messages: list[Message] = []
+    for i, m in enumerate(msg.messages):
+        role = _ROLES.get(m.role)
+        if role is None:
+            bad.append(
+                FieldViolation(f"messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
+            )
+            continue
+        messages.append(
+            Message(
+                role=role,
+                content=m.content,
+                name=m.name,
+                tool_call_id=m.tool_call_id,
+                tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+            )
+        )
+    tool_choice = None
+    if msg.HasField("tool_choice"):
+        mode = _TOOL_CHOICE.get(msg.tool_choice.mode)
+        if mode is None:
+            bad.append(FieldViolation("tool_choice.mode", "unknown value"))
+        tool_choice = ToolChoice(mode or "", msg.tool_choice.function_name)
+    response_format = None
+    if msg.HasField("response_format"):
+        rf = msg.response_format
+        fmt = _FORMATS.get(rf.type)
+        if fmt is None:
+            bad.append(FieldViolation("response_format.type", "unknown value"))
+        response_format = ResponseFormat(
+            type=fmt or "",
+            schema_name=rf.schema_name,
+            strict=rf.strict,
+            json_schema=json_format.MessageToDict(rf.json_schema) if rf.HasField("json_schema") else None,
+        )
+    policy = _POLICIES.get(msg.policy)
+    if policy is None:
+        bad.append(FieldViolation("policy", "unknown value"))
+    if msg.cache not in (pb.CACHE_MODE_UNSPECIFIED, pb.CACHE_MODE_BYPASS):
+        bad.append(FieldViolation("cache", "unknown value"))
+    if bad:
+        raise InvalidRequest(bad)
+    retry = None
+    if msg.HasField("retry"):
+        r = msg.retry
+        retry = RetryOverride(
+            max_attempts=r.max_attempts if r.HasField("max_attempts") else None,
+            base_ms=r.base_ms if r.HasField("base_ms") else None,
+            max_ms=r.max_ms if r.HasField("max_ms") else None,
+        )
+    return ChatRequest(
+        model=msg.model,
+        messages=messages,
+        provider=msg.provider,
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
+        temperature=msg.temperature if msg.HasField("temperature") else None,
+        top_p=msg.top_p if msg.HasField("top_p") else None,
+        stop=list(msg.stop),
+        seed=msg.seed if msg.HasField("seed") else None,
+        response_format=response_format,
+        tools=[
+            ToolSpec(
+                t.name, t.description, json_format.MessageToDict(t.parameters) if t.HasField("parameters") else None
+            )
+            for t in msg.tools
+        ],
+        tool_choice=tool_choice,
+        policy=policy or "",
+        retry=retry,
+        cache_bypass=msg.cache == pb.CACHE_MODE_BYPASS,
+        tags=dict(msg.tags),
+        request_id=msg.request_id,
+    )
+
+
+def usage_pb(u: Usage) -> pb.TokenUsage:
+    return pb.TokenUsage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cached_input_tokens=u.cached_input_tokens,
+        cache_write_tokens=u.cache_write_tokens,
+        reasoning_tokens=u.reasoning_tokens,
+    )
+
+
+def attempts_pb(attempts: list[AttemptRecord]) -> list[pb.Attempt]:
+    return [
+        pb.Attempt(
+            provider=a.provider,
+            model=a.model,
+            outcome=_OUTCOMES[a.outcome],
+            error_reason=a.error_reason,
+            duration_ms=a.duration_ms,
+            http_status=a.http_status,
+        )
+        for a in attempts
+    ]
+
+
+def chat_response(r: ChatResult) -> pb.ChatResponse:
+    return pb.ChatResponse(
+        message=pb.Message(
+            role=pb.ROLE_ASSISTANT,
+            content=r.content,
+            tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls],
+        ),
+        finish_reason=_FINISH[r.finish_reason],
+        provider=r.provider,
+        model=r.model,
+        usage=usage_pb(r.usage),
+        cost_nanos_usd=r.cost_nanos_usd,
+        attempts=attempts_pb(r.attempts),
+        cached=r.cached,
+        latency_ms=r.latency_ms,
+        request_id=r.request_id,
+        unpriced=r.unpriced,
+    )
+
+
+def stream_end(r: StreamCompleted) -> pb.StreamEnd:
+    return pb.StreamEnd(
+        finish_reason=_FINISH[r.finish_reason],
+        usage=usage_pb(r.usage),
+        cost_nanos_usd=r.cost_nanos_usd,
+        attempts=attempts_pb(r.attempts),
+        latency_ms=r.latency_ms,
+        time_to_first_token_ms=r.time_to_first_token_ms,
+        usage_estimated=r.usage_estimated,
+        unpriced=r.unpriced,
+        cached=r.cached,
+    )
+
+
+def _ns(ts: Timestamp) -> int:
+    return ts.seconds * 1_000_000_000 + ts.nanos
+
+
+def usage_query(msg: pb.UsageRequest, tenant: str) -> UsageQuery:
+    bad: list[FieldViolation] = []
+    group_by: list[GroupBy] = []
+    for i, g in enumerate(msg.group_by):
+        dim = _GROUP_BY.get(g)
+        if dim is None:
+            bad.append(FieldViolation(f"group_by[{i}]", "must be a USAGE_GROUP_BY_* value other than UNSPECIFIED"))
+        elif dim in group_by:
+            bad.append(FieldViolation(f"group_by[{i}]", "is repeated"))
+        else:
+            group_by.append(dim)
+    if GroupBy.HOUR in group_by and GroupBy.DAY in group_by:
+        bad.append(FieldViolation("group_by", "group by USAGE_GROUP_BY_HOUR or USAGE_GROUP_BY_DAY, not both"))
+    if GroupBy.TAG in group_by and not msg.tag_key:
+        bad.append(FieldViolation("tag_key", "is required when grouping by USAGE_GROUP_BY_TAG"))
+    if msg.HasField("start_time") and msg.HasField("end_time") and _ns(msg.end_time) <= _ns(msg.start_time):
+        bad.append(FieldViolation("end_time", "must be after start_time"))
+    if bad:
+        raise InvalidRequest(bad)
+    return UsageQuery(
+        start_ns=_ns(msg.start_time) if msg.HasField("start_time") else None,
+        end_ns=_ns(msg.end_time) if msg.HasField("end_time") else None,
+        group_by=group_by,
+        tenant=tenant,
+        provider=msg.provider,
+        model=msg.model,
+        tag_key=msg.tag_key,
+        tags=dict(msg.tags),
+    )
+
+
+def _row(t: UsageTotals) -> pb.UsageRow:
+    row = pb.UsageRow(
+        tenant=t.tenant,
+        provider=t.provider,
+        model=t.model,
+        tag_value=t.tag_value,
+        request_count=t.request_count,
+        ok_count=t.ok_count,
+        error_count=t.error_count,
+        cancelled_count=t.cancelled_count,
+        cached_count=t.cached_count,
+        input_tokens=t.input_tokens,
+        output_tokens=t.output_tokens,
+        cached_input_tokens=t.cached_input_tokens,
+        cost_nanos_usd=t.cost_nanos_usd,
+        estimated_count=t.estimated_count,
+    )
+    if t.bucket_start_ns is not None:
+        row.bucket_start_time.FromNanoseconds(t.bucket_start_ns)
+    return row
+
+
+def usage_response(report: UsageReport) -> pb.UsageResponse:
+    return pb.UsageResponse(rows=[_row(r) for r in report.rows], total=_row(report.total))
+
+
+_CIRCUIT = {"closed": pb.CIRCUIT_STATE_CLOSED, "open": pb.CIRCUIT_STATE_OPEN, "half_open": pb.CIRCUIT_STATE_HALF_OPEN}
+
+
+def model_info(v: ModelView) -> pb.ModelInfo:
+    info = pb.ModelInfo(
+        provider=v.provider,
+        name=v.model.name,
+        aliases=v.model.aliases,
+        provider_type=v.provider_type,
+        capabilities=v.model.capabilities,
+        circuit_state=_CIRCUIT[v.circuit_state],
+        latency_ms=v.latency_ms,
+    )
+    price = v.model.price
+    if price is not None:
+        info.price.CopyFrom(
+            pb.ModelPrice(
+                input_nanos_usd_per_million=price.input,
+                output_nanos_usd_per_million=price.output,
+                cached_input_nanos_usd_per_million=price.cached_input,
+                cache_write_nanos_usd_per_million=price.cache_write,
+            )
+        )
+    return info

@@ -1,0 +1,99 @@
+"""The FeatherService servicer: converts proto <-> engine types and delegates to the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+
+from feather_grpc.engine.errors import FeatherError
+from feather_grpc.engine.gateway import CallContext, Feather
+from feather_grpc.engine.results import StreamCompleted, StreamStarted
+from feather_grpc.engine.types import TextDelta
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
+from feather_grpc.server import convert
+from feather_grpc.server.status import internal_status, status_for
+
+log = logging.getLogger(__name__)
+
+# grpc.aio reports "no deadline" as None on some versions and as a huge number on others.
+_NO_DEADLINE_S = 1e8
+
+
+def _call_context(context: grpc.aio.ServicerContext) -> CallContext:
+    remaining = context.time_remaining()
+    deadline = None
+    if remaining is not None and remaining < _NO_DEADLINE_S:
+        deadline = asyncio.get_running_loop().time() + remaining
+    return CallContext(tenant="default", deadline=deadline)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> NoReturn:
+    """Ends the call with the status for `error`: rich for engine errors, a bare INTERNAL otherwise.
+    Aborts pass through untouched; cancellations never reach here (they are not Exceptions)."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    if isinstance(error, FeatherError):
+        await context.abort_with_status(status_for(error, request_id))
+    log.error("unexpected error handling request %s", request_id or "(no id)", exc_info=error)
+    await context.abort_with_status(internal_status(request_id))
+    raise AssertionError("abort_with_status always raises")
+
+
+class FeatherServicer(pb_grpc.FeatherServiceServicer):
+    def __init__(self, engine: Feather) -> None:
+        self._engine = engine
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+        try:
+            result = await self._engine.chat(convert.chat_request(request), _call_context(context))
+            return convert.chat_response(result)
+        except Exception as e:
+            await _abort(context, e, request.request_id)
+
+    async def StreamChat(
+        self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamChatResponse]:
+        try:
+            events = self._engine.stream(convert.chat_request(request), _call_context(context))
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        yield pb.StreamChatResponse(delta=pb.ChatDelta(content=event.content))
+                    elif isinstance(event, StreamStarted):
+                        yield pb.StreamChatResponse(
+                            start=pb.StreamStart(
+                                provider=event.provider, model=event.model, request_id=event.request_id
+                            )
+                        )
+                    elif isinstance(event, StreamCompleted):
+                        yield pb.StreamChatResponse(end=convert.stream_end(event))
+                    else:
+                        yield pb.StreamChatResponse(
+                            delta=pb.ChatDelta(
+                                tool_calls=[
+                                    pb.ToolCallDelta(
+                                        index=event.index, id=event.id, name=event.name, arguments=event.arguments
+                                    )
+                                ]
+                            )
+                        )
+        except Exception as e:
+            await _abort(context, e, request.request_id)
+
+    async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
+        try:
+            report = await self._engine.usage(convert.usage_query(request, tenant=request.tenant))
+            return convert.usage_response(report)
+        except Exception as e:
+            await _abort(context, e, "")
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_info(m) for m in self._engine.models(request.provider)])

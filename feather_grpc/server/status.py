@@ -1,0 +1,88 @@
+"""The one place gRPC error statuses are built (google.rpc.Status with ErrorInfo and friends)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from feather_grpc.engine.errors import (
+    FeatherError,
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamAuthFailed,
+    UpstreamInvalidRequest,
+    UpstreamUnavailable,
+)
+
+DOMAIN = "feather.v1"
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _retry_info(seconds: float) -> any_pb2.Any:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+    return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
+
+
+def build_status(
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    metadata: dict[str, str] | None = None,
+    details: list[any_pb2.Any] | None = None,
+) -> grpc.Status:
+    """A status whose message matches the call's, carrying exactly one ErrorInfo first."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name),
+        message=message,
+        details=[_pack(info), *(details or [])],
+    )
+    return rpc_status.to_status(status)
+
+
+def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
+    """Maps an engine error to its status (DESIGN.md section 3)."""
+    metadata: dict[str, str] = {"requestId": request_id} if request_id else {}
+    details: list[any_pb2.Any] = []
+    if isinstance(error, InvalidRequest):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, ModelNotFound):
+        metadata["model"] = error.model
+        if error.provider:
+            metadata["provider"] = error.provider
+    elif isinstance(error, UpstreamUnavailable):
+        if error.retry_after_s is not None:
+            details.append(_retry_info(error.retry_after_s))
+    elif isinstance(error, UpstreamInvalidRequest):
+        metadata["provider"] = error.provider
+        metadata["httpStatus"] = str(error.http_status)
+    elif isinstance(error, UpstreamAuthFailed):
+        metadata["provider"] = error.provider
+    return build_status(grpc.StatusCode[error.code], error.reason, error.message, metadata, details)
+
+
+def internal_status(request_id: str = "") -> grpc.Status:
+    """For anything unexpected: no traceback, no upstream text, no secrets."""
+    return build_status(
+        grpc.StatusCode.INTERNAL,
+        "INTERNAL",
+        "internal gateway error; the request id identifies it in the gateway's logs",
+        {"requestId": request_id} if request_id else {},
+    )

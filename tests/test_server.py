@@ -1,0 +1,167 @@
+"""The gateway as a gRPC citizen: a real grpc.aio server on a loopback port, driven over a real channel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
+
+
+async def test_health_serves_both_names_and_watch_sees_shutdown() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        health = health_pb2_grpc.HealthStub(gw.channel)
+        for service in ("", "feather.v1.FeatherService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="feather.v1.FeatherService"))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        await gw.server.health.enter_graceful_shutdown()
+        second = await asyncio.wait_for(watch.read(), timeout=5)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+
+
+async def test_reflection_lists_the_services() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        stub = reflection_pb2_grpc.ServerReflectionStub(gw.channel)
+        call = stub.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"feather.v1.FeatherService", "grpc.health.v1.Health"} <= names
+
+
+async def test_chat_resolves_alias_and_prices_exactly() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hello there")], request_id="r-1"))
+        assert reply.provider == "mock"
+        assert reply.model == "mock-fast"
+        assert reply.finish_reason == pb.FINISH_REASON_STOP
+        assert reply.message.role == pb.ROLE_ASSISTANT
+        assert "hello there" in reply.message.content
+        assert reply.usage.input_tokens > 0 and reply.usage.output_tokens > 0
+        # 0.001 USD per 1K input = 1,000 nano-USD per token; 0.002 per 1K output = 2,000.
+        assert reply.cost_nanos_usd == reply.usage.input_tokens * 1_000 + reply.usage.output_tokens * 2_000
+        assert reply.request_id == "r-1"
+        assert [(a.provider, a.model, a.outcome) for a in reply.attempts] == [
+            ("mock", "mock-fast", pb.ATTEMPT_OUTCOME_OK)
+        ]
+
+
+async def test_stream_chat_starts_deltas_and_ends_with_usage() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        events = [e async for e in gw.stub.StreamChat(pb.StreamChatRequest(model="smart", messages=[user("hi")]))]
+        kinds = [e.WhichOneof("event") for e in events]
+        assert kinds[0] == "start" and kinds[-1] == "end"
+        assert set(kinds[1:-1]) == {"delta"}
+        assert events[0].start.provider == "mock" and events[0].start.model == "mock-smart"
+        text = "".join(e.delta.content for e in events[1:-1])
+        end = events[-1].end
+        assert "hi" in text
+        assert end.finish_reason == pb.FINISH_REASON_STOP
+        # 2.5 USD per 1M input = 2.5 nano-USD per token; 10 per 1M output = 10: exact, rounded half up once.
+        scaled = end.usage.input_tokens * 2_500_000_000 + end.usage.output_tokens * 10_000_000_000
+        assert end.cost_nanos_usd == (scaled + 500_000) // 1_000_000
+
+
+async def test_invalid_request_lists_every_field_violation() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        bad = pb.ChatRequest(
+            model="fast",
+            messages=[user("ok"), pb.Message(role=pb.ROLE_USER, content=""), pb.Message(content="no role")],
+            temperature=3.5,
+            max_tokens=0,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(bad)
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.reason == "INVALID_REQUEST" and err.domain == "feather.v1" and err.error_info_count == 1
+        assert [f for f, _ in err.violations] == ["messages[2].role"]  # conversion rejects what it cannot map
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(
+                pb.ChatRequest(
+                    model="fast",
+                    messages=[user("ok"), pb.Message(role=pb.ROLE_USER)],
+                    temperature=3.5,
+                    max_tokens=0,
+                    top_p=-1,
+                )
+            )
+        fields = [f for f, _ in rich_error(caught.value).violations]
+        assert fields == ["messages[1].content", "max_tokens", "temperature", "top_p"]
+
+
+async def test_unknown_model_is_not_found_with_error_info() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="gpt-17", messages=[user("hi")]))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.NOT_FOUND
+        assert err.reason == "MODEL_NOT_FOUND"
+        assert err.metadata["model"] == "gpt-17"
+
+
+async def test_pinned_provider_still_resolves_aliases_and_provider_slash_model_works() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        pinned = await gw.stub.Chat(pb.ChatRequest(model="smart", provider="mock", messages=[user("a")]))
+        assert pinned.model == "mock-smart"
+        slashed = await gw.stub.Chat(pb.ChatRequest(model="mock/mock-fast", messages=[user("a")]))
+        assert slashed.model == "mock-fast"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="smart", provider="openai", messages=[user("a")]))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_list_models_shows_aliases_prices_and_state() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        reply = await gw.stub.ListModels(pb.ListModelsRequest())
+        by_name = {m.name: m for m in reply.models}
+        assert list(by_name) == ["mock-fast", "mock-smart"]
+        fast = by_name["mock-fast"]
+        assert list(fast.aliases) == ["fast"] and fast.provider == "mock" and fast.provider_type == "mock"
+        assert fast.price.input_nanos_usd_per_million == 1_000_000_000
+        assert fast.price.output_nanos_usd_per_million == 2_000_000_000
+        assert fast.circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+async def test_usage_totals_match_calls_and_group_by_model() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+        costs = 0
+        for model in ("fast", "fast", "smart"):
+            costs += (await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user("count me")]))).cost_nanos_usd
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.stub.Chat(pb.ChatRequest(model="nope", messages=[user("fails")]))
+
+        total_only = await gw.stub.Usage(pb.UsageRequest())
+        assert list(total_only.rows) == []
+        assert total_only.total.request_count == 4
+        assert total_only.total.ok_count == 3 and total_only.total.error_count == 1
+        assert total_only.total.cost_nanos_usd == costs
+
+        grouped = await gw.stub.Usage(pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_MODEL]))
+        counts = {r.model: r.request_count for r in grouped.rows}
+        assert counts == {"": 1, "mock-fast": 2, "mock-smart": 1}
+        assert sum(r.cost_nanos_usd for r in grouped.rows) == grouped.total.cost_nanos_usd
+
+        future = timestamp_pb2.Timestamp(seconds=4_000_000_000)
+        empty = await gw.stub.Usage(pb.UsageRequest(start_time=future))
+        assert empty.total.request_count == 0
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Usage(pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_TAG]))
+        assert [f for f, _ in rich_error(caught.value).violations] == ["tag_key"]
