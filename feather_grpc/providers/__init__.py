@@ -1,0 +1,35 @@
+"""Provider adapters, one per wire format, built from configuration by `build_provider`."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from feather_grpc.providers.anthropic import AnthropicProvider
+from feather_grpc.providers.base import Provider, ProviderSettings
+from feather_grpc.providers.http import new_session
+from feather_grpc.providers.mock import MockProvider
+from feather_grpc.providers.openai import OpenAIProvider
+
+__all__ = [
+    "PROVIDER_TYPES",
+    "AnthropicProvider",
+    "MockProvider",
+    "OpenAIProvider",
+    "Provider",
+    "ProviderSettings",
+    "build_provider",
+    "new_session",
+]
+
+PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "mock")
+
+
+def build_provider(settings: ProviderSettings, session: aiohttp.ClientSession) -> Provider:
+    """The adapter for `settings.type`. Every HTTP adapter shares `session` (see `new_session`)."""
+    if settings.type in ("openai", "openai-compatible"):
+        return OpenAIProvider(settings, session)
+    if settings.type == "anthropic":
+        return AnthropicProvider(settings, session)
+    if settings.type == "mock":
+        return MockProvider(settings)
+    raise ValueError(f"unknown provider type {settings.type!r}; expected one of {', '.join(PROVIDER_TYPES)}")

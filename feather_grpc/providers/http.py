@@ -1,0 +1,275 @@
+"""The shared HTTP pool and the translation of upstream HTTP failures into typed `ProviderError`s."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from feather_grpc.engine.errors import ProviderError
+
+__all__ = [
+    "MAX_ERROR_BODY_BYTES",
+    "UpstreamErrorBody",
+    "bad_response",
+    "classify_status",
+    "classify_transport_error",
+    "error_from_response",
+    "new_session",
+    "parse_error_body",
+    "parse_retry_after",
+    "post_json",
+    "safe_text",
+    "stream_cut",
+]
+
+MAX_ERROR_BODY_BYTES = 64 * 1024
+_MESSAGE_LIMIT = 300
+
+
+def new_session(
+    *,
+    limit: int = 1000,
+    limit_per_host: int = 0,
+    keepalive_timeout_s: float = 30.0,
+    connect_timeout_s: float | None = None,
+    user_agent: str = "feather-grpc",
+    trust_env: bool = False,
+) -> aiohttp.ClientSession:
+    """The one pooled session every provider shares. Call inside the running loop; the owner closes it.
+
+    No total or read timeout: the engine bounds every call with `asyncio.timeout` from the caller's
+    deadline. `limit` caps open connections across all upstreams (0 = unlimited).
+    """
+    connector = aiohttp.TCPConnector(
+        limit=limit,
+        limit_per_host=limit_per_host,
+        keepalive_timeout=keepalive_timeout_s,
+        ttl_dns_cache=60,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+        headers={"User-Agent": user_agent},
+        trust_env=trust_env,
+        raise_for_status=False,
+    )
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms` (preferred, it is more precise) or `retry-after`.
+
+    `retry-after` may be delta-seconds (floats tolerated) or an HTTP date, which becomes seconds from
+    `now` (default: the wall clock), never below 0. Unparseable or negative values count as absent.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        value = _non_negative_float(ms)
+        if value is not None:
+            return value / 1000.0
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    value = _non_negative_float(raw)
+    if value is not None:
+        return value
+    try:
+        when = email.utils.parsedate_to_datetime(raw.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive parse means "-0000"
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def _non_negative_float(text: str) -> float | None:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamErrorBody:
+    """What an upstream error body says, in either provider's shape. Strings are raw, not yet safe."""
+
+    type: str = ""
+    code: str = ""
+    message: str = ""
+
+
+def parse_error_body(body: bytes) -> UpstreamErrorBody:
+    """Read `{"error": {...}}` (OpenAI), `{"type": "error", "error": {...}}` (Anthropic) and the looser
+    shapes compatible servers use (`{"error": "text"}`, `{"detail": ...}`, `{"message": ...}`)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        text = body[:4096].decode("utf-8", errors="replace").strip()
+        # Plain-text bodies are usually a useful sentence; HTML pages from proxies are noise.
+        return UpstreamErrorBody(message="" if text.startswith("<") else text)
+    if not isinstance(doc, dict):
+        return UpstreamErrorBody()
+    err = doc.get("error")
+    if isinstance(err, dict):
+        return UpstreamErrorBody(_text(err.get("type")), _text(err.get("code")), _text(err.get("message")))
+    if isinstance(err, str):
+        return UpstreamErrorBody(message=err)
+    for key in ("detail", "message"):
+        value = doc.get(key)
+        if isinstance(value, str):
+            return UpstreamErrorBody(message=value)
+    return UpstreamErrorBody()
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+_SECRET_PATTERNS = re.compile(
+    r"(?i)(bearer\s+)[^\s\"',]+|\b(sk-[A-Za-z0-9_\-*.]{4,})|(x-api-key[\"']?\s*[:=]\s*[\"']?)[^\s\"',]+"
+)
+
+
+def safe_text(text: str, api_key: str = "", limit: int = _MESSAGE_LIMIT) -> str:
+    """One line, at most `limit` characters, with the key and anything key-shaped redacted."""
+    if api_key and api_key in text:
+        text = text.replace(api_key, "[redacted]")
+    text = _SECRET_PATTERNS.sub(_redact, text)
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+def _redact(match: re.Match[str]) -> str:
+    prefix = match.group(1) or match.group(3) or ""
+    return prefix + "[redacted]"
+
+
+_CONTEXT_TOO_LONG = re.compile(
+    r"prompt is too long|maximum context length|context length|context window|too many (input )?tokens",
+    re.IGNORECASE,
+)
+
+
+def classify_status(
+    provider: str,
+    status: int,
+    error: UpstreamErrorBody,
+    *,
+    retry_after_s: float | None = None,
+    api_key: str = "",
+) -> ProviderError:
+    """Map an upstream HTTP status plus its error body to one `ProviderError` (reason, retryable).
+
+    Also used for errors reported inside a stream, with the status the error type corresponds to.
+    """
+    kind = error.type or error.code or "http_error"
+    if error.code and error.code != kind:
+        kind = f"{kind} ({error.code})"
+    message = f"{provider}: {status} {safe_text(kind, api_key, 80)}: {safe_text(error.message, api_key)}"
+    reason, retryable = _reason_for(status, error)
+
+    return ProviderError(reason, message, http_status=status, retryable=retryable, retry_after_s=retry_after_s)
+
+
+def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
+    if status == 429:
+        if error.code == "insufficient_quota" or error.type == "insufficient_quota":
+            return "UPSTREAM_QUOTA_EXHAUSTED", False
+        return "UPSTREAM_RATE_LIMITED", True
+    if status == 529 or error.type == "overloaded_error":
+        return "UPSTREAM_OVERLOADED", True
+    if status >= 500:
+        return "UPSTREAM_SERVER_ERROR", True
+    if status == 408:
+        return "UPSTREAM_TIMEOUT", True
+    if status == 409:
+        return "UPSTREAM_CONFLICT", True
+    if status in (401, 403):
+        return "UPSTREAM_AUTH_FAILED", False
+    if status == 413:
+        return "UPSTREAM_CONTEXT_TOO_LONG", False
+    if status == 404:
+        return "UPSTREAM_NOT_FOUND", False
+    if status == 400 and (
+        error.code == "context_length_exceeded" or _CONTEXT_TOO_LONG.search(error.message) is not None
+    ):
+        return "UPSTREAM_CONTEXT_TOO_LONG", False
+    return "UPSTREAM_BAD_REQUEST", False
+
+
+async def error_from_response(provider: str, resp: aiohttp.ClientResponse, api_key: str = "") -> ProviderError:
+    """Read (a bounded amount of) a non-2xx response and classify it."""
+    try:
+        body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+    except aiohttp.ClientError:
+        body = b""
+    parsed = parse_error_body(body)
+    if not parsed.message and not parsed.type:
+        parsed = UpstreamErrorBody(message=resp.reason or "")
+    return classify_status(
+        provider, resp.status, parsed, retry_after_s=parse_retry_after(resp.headers), api_key=api_key
+    )
+
+
+def classify_transport_error(
+    provider: str, exc: aiohttp.ClientError, *, streaming: bool = False, api_key: str = ""
+) -> ProviderError:
+    """Connection-level failures. `streaming` means the stream had started: a failure is then a cut."""
+    detail = safe_text(f"{type(exc).__name__}: {exc}", api_key)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return ProviderError("UPSTREAM_CONNECT_ERROR", f"{provider}: invalid URL", retryable=False)
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return ProviderError("UPSTREAM_TIMEOUT", f"{provider}: timeout: {detail}", retryable=True)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ProviderError("UPSTREAM_CONNECT_ERROR", f"{provider}: connect error: {detail}", retryable=True)
+    if streaming:
+        return ProviderError("UPSTREAM_STREAM_CUT", f"{provider}: stream cut: {detail}", retryable=True)
+    return ProviderError("UPSTREAM_READ_ERROR", f"{provider}: read error: {detail}", retryable=True)
+
+
+async def post_json(
+    session: aiohttp.ClientSession,
+    provider: str,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    api_key: str = "",
+) -> object:
+    """One non-streaming POST: the parsed JSON of a 2xx reply, or a classified `ProviderError`."""
+    try:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+            if resp.status >= 300:
+                raise await error_from_response(provider, resp, api_key)
+            raw = await resp.read()
+            status = resp.status
+    except aiohttp.ClientError as exc:
+        raise classify_transport_error(provider, exc, api_key=api_key) from exc
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise bad_response(provider, "body is not JSON", status) from None
+
+
+def bad_response(provider: str, what: str, status: int = 200) -> ProviderError:
+    """A 2xx whose body is not what the wire format promises."""
+    return ProviderError(
+        "UPSTREAM_BAD_RESPONSE", f"{provider}: {status} bad response: {what}", http_status=status, retryable=True
+    )
+
+
+def stream_cut(provider: str, what: str) -> ProviderError:
+    return ProviderError("UPSTREAM_STREAM_CUT", f"{provider}: stream cut: {what}", http_status=200, retryable=True)
