@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.pricing import Price, usd_to_nanos_per_million
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,13 @@ class RetrySpec(_Strict):
     max_ms: int = Field(default=3000, alias="maxMs", ge=0)
 
 
+class BreakerSpec(_Strict):
+    enabled: bool = True
+    failure_threshold: int = Field(default=5, alias="failureThreshold", ge=1)
+    window_ms: int = Field(default=10_000, alias="windowMs", gt=0)
+    reset_timeout_ms: int = Field(default=5_000, alias="resetTimeoutMs", gt=0)
+
+
 class LedgerSpec(_Strict):
     type: Literal["sqlite", "memory"] = "sqlite"
     path: str = "feather-usage.db"
@@ -121,6 +129,7 @@ class FileConfig(_Strict):
     providers: dict[str, ProviderSpec] = Field(min_length=1)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_ms: int = Field(default=60_000, alias="timeoutMs", gt=0)
+    circuit_breaker: BreakerSpec = Field(default_factory=BreakerSpec, alias="circuitBreaker")
     ledger: LedgerSpec = Field(default_factory=LedgerSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
@@ -159,7 +168,8 @@ class RetryConfig:
 class GatewayConfig:
     providers: tuple[ProviderConfig, ...]
     policy: str = "first"
-    retry: RetryConfig = RetryConfig()
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
     ledger_type: str = "memory"
     ledger_path: str = ":memory:"
     ledger_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
@@ -311,19 +321,20 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
             "set the API key environment variables the config names",
         )
     r = file_config.retry
-    port = file_config.server.port
-    if env.get("PORT"):
-        try:
-            port = int(env["PORT"])
-        except ValueError:
-            raise ConfigError(
-                "environment", "PORT", f"{env['PORT']!r} is not a port number", "set PORT to an integer such as 50051"
-            ) from None
+    b = file_config.circuit_breaker
+    breaker = BreakerSettings(
+        enabled=_env_bool(env, "CIRCUIT_BREAKER_ENABLED", b.enabled),
+        failure_threshold=_env_int(env, "CIRCUIT_BREAKER_FAILURE_THRESHOLD", b.failure_threshold, minimum=1),
+        window_s=b.window_ms / 1000,
+        cooldown_s=_env_int(env, "CIRCUIT_BREAKER_RESET_TIMEOUT_MS", b.reset_timeout_ms, minimum=1) / 1000,
+    )
+    port = _env_int(env, "PORT", file_config.server.port, minimum=0)
     ledger_path = env.get("FEATHER_LEDGER_PATH") or file_config.ledger.path
     return GatewayConfig(
         providers=tuple(providers),
         policy=file_config.policy,
         retry=RetryConfig(r.max_attempts, r.base_ms, r.max_ms),
+        breaker=breaker,
         ledger_type=file_config.ledger.type,
         ledger_path=ledger_path if file_config.ledger.type == "sqlite" else ":memory:",
         ledger_synchronous=file_config.ledger.synchronous,
@@ -333,6 +344,35 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         source=source,
         skipped_providers=tuple(skipped),
     )
+
+
+def _env_int(env: dict[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigError(
+            "environment",
+            name,
+            f"{raw!r} is not an integer >= {minimum}",
+            f"set {name} to a whole number of at least {minimum}",
+        )
+    return value
+
+
+def _env_bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError("environment", name, f"{raw!r} is not a boolean", f"set {name} to true or false")
 
 
 def embedded_default() -> dict[str, Any]:

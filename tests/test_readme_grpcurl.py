@@ -85,7 +85,7 @@ def test_readme_grpcurl_session(live_server: int) -> None:
     assert json.loads(health)["status"] == "SERVING"
     reply = json.loads(chat)
     assert reply["provider"] == "mock" and reply["model"] == "mock-fast"
-    assert int(reply["costNanosUsd"]) > 0 and reply["finishReason"] == "FINISH_REASON_STOP"
+    assert int(reply["cost_nanos_usd"]) > 0 and reply["finish_reason"] == "FINISH_REASON_STOP"
     events = [json.loads(chunk) for chunk in re.split(r"(?<=})\n(?={)", stream.strip())]
     assert "start" in events[0] and "end" in events[-1] and all("delta" in e for e in events[1:-1])
     rows = json.loads(usage)["rows"]
@@ -94,6 +94,6 @@ def test_readme_grpcurl_session(live_server: int) -> None:
 
     bad = _run(commands[-1], live_server)
     assert bad.returncode != 0
-    assert "InvalidArgument" in bad.stderr
-    assert '"reason": "INVALID_REQUEST"' in bad.stderr and '"domain": "feather.v1"' in bad.stderr
-    assert "messages[0].content" in bad.stderr and '"field": "temperature"' in bad.stderr
+    assert "Code: InvalidArgument" in bad.stderr
+    assert '"reason":"INVALID_REQUEST"' in bad.stderr and '"domain":"feather.v1"' in bad.stderr
+    assert '"field":"messages[0].content"' in bad.stderr and '"field":"temperature"' in bad.stderr

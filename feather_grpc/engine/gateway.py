@@ -19,6 +19,7 @@ from typing import TypeVar
 import aiohttp
 
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig
+from feather_grpc.engine.breaker import CircuitBreakers, Permit
 from feather_grpc.engine.errors import (
     DeadlineExceeded,
     FeatherError,
@@ -96,10 +97,12 @@ class Feather:
         *,
         providers: dict[str, Provider] | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.latency = LatencyTracker()
+        self.breakers = CircuitBreakers(config.breaker, clock)
         self._rng = rng or random.Random()
         self.router = Router([m for p in config.providers for m in p.models], config.policy, self.latency, self._rng)
         self._provider_configs = {p.name: p for p in config.providers}
@@ -223,7 +226,13 @@ class Feather:
     def models(self, provider: str = "") -> list[ModelView]:
         """Routable models in configuration order, with live state."""
         return [
-            ModelView(p.name, p.type, m, "closed", int(self.latency.get(f"{p.name}:{m.name}") or 0))
+            ModelView(
+                p.name,
+                p.type,
+                m,
+                self.breakers.state(f"{p.name}:{m.name}").value,
+                int(self.latency.get(f"{p.name}:{m.name}") or 0),
+            )
             for p in self.config.providers
             if not provider or p.name == provider
             for m in p.models
@@ -252,7 +261,11 @@ class Feather:
         candidates: list[RouteCandidate],
         attempt: Callable[[Provider, RouteCandidate], Awaitable[T]],
     ) -> tuple[RouteCandidate, T]:
-        """Tries candidates in order, retrying retryable failures with backoff, within the deadline."""
+        """Tries candidates in order, retrying retryable failures with backoff, within the deadline.
+
+        A candidate whose circuit is open is skipped; a non-retryable failure that is the request's own
+        fault ends the call at once; one that is the provider's (auth, quota) moves on to the next.
+        """
         loop = asyncio.get_running_loop()
         deadline = call.ctx.deadline
         policy = RetryPolicy.of(self.config.retry, call.request.retry)
@@ -262,6 +275,16 @@ class Feather:
             provider = self._providers[candidate.provider]
             per_attempt_s = self._provider_configs[candidate.provider].timeout_ms / 1000.0
             for n in range(1, policy.max_attempts + 1):
+                permit = self.breakers.acquire(candidate.key)
+                if permit is None:
+                    last = ProviderError(
+                        "CIRCUIT_OPEN",
+                        f"{candidate.key}: circuit open",
+                        retryable=True,
+                        retry_after_s=self.breakers.reopens_in(candidate.key),
+                    )
+                    call.attempts.append(_attempt(candidate, "circuit_open", time.monotonic(), last.reason))
+                    break
                 begun = time.monotonic()
                 attempt_deadline = loop.time() + per_attempt_s
                 if deadline is not None:
@@ -273,34 +296,29 @@ class Feather:
                     last = e
                 except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
+                        self.breakers.released(candidate.key, permit)
                         call.attempts.append(_attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
                         raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
                     last = ProviderError(
                         "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
                     )
                 except asyncio.CancelledError:
+                    self.breakers.released(candidate.key, permit)
                     call.attempts.append(_attempt(candidate, "cancelled", begun))
                     raise
                 else:
-                    elapsed = _ms_since(begun)
+                    self.breakers.succeeded(candidate.key, permit)
                     call.attempts.append(_attempt(candidate, "ok", begun))
-                    self.latency.observe(candidate.key, elapsed)
+                    self.latency.observe(candidate.key, _ms_since(begun))
                     return candidate, result
-                call.attempts.append(
-                    _attempt(
-                        candidate,
-                        "retryable_error" if last.retryable else "fatal_error",
-                        begun,
-                        last.reason,
-                        last.http_status,
-                    )
-                )
-                if not last.retryable:
-                    if last.reason in _REQUEST_FAULTS:
-                        raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status)
-                    break  # this provider cannot serve (auth, quota, unknown model): fail over
-                if n == policy.max_attempts:
-                    break
+                outcome = "retryable_error" if last.retryable else "fatal_error"
+                call.attempts.append(_attempt(candidate, outcome, begun, last.reason, last.http_status))
+                if last.reason in _REQUEST_FAULTS:
+                    self.breakers.released(candidate.key, permit)
+                    raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status)
+                self.breakers.failed(candidate.key, permit)
+                if not last.retryable or n == policy.max_attempts:
+                    break  # this provider cannot serve (auth, quota) or is out of attempts: fail over
                 delay = policy.delay_s(n, last.retry_after_s, self._rng)
                 if deadline is not None and loop.time() + delay >= deadline:
                     break  # the wait cannot fit in the deadline: fail over instead of sleeping
@@ -310,7 +328,12 @@ class Feather:
             raise UpstreamAuthFailed(call.candidate.provider if call.candidate else "")
         if deadline is not None and loop.time() >= deadline:
             raise DeadlineExceeded("the call's deadline ran out")
-        raise UpstreamUnavailable(f"all candidates failed; last error: {last.message}", last.retry_after_s)
+        retry_after = [a for a in (self.breakers.reopens_in(c.key) for c in candidates) if a is not None]
+        if last.retry_after_s is not None:
+            retry_after.append(last.retry_after_s)
+        raise UpstreamUnavailable(
+            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None
+        )
 
     async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent]) -> StreamEvent:
         try:
@@ -328,6 +351,8 @@ class Feather:
             raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
 
     def _midstream_failure(self, call: _Call, e: ProviderError) -> FeatherError:
+        if call.candidate is not None:
+            self.breakers.failed(call.candidate.key, Permit.CALL)
         if call.attempts:
             call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
             call.attempts[-1].error_reason = e.reason
