@@ -1,0 +1,54 @@
+"""Name/alias resolution and policy ordering."""
+
+from __future__ import annotations
+
+import pytest
+
+from feather_grpc.config import ModelConfig
+from feather_grpc.engine.errors import ModelNotFound
+from feather_grpc.engine.pricing import Price
+from feather_grpc.engine.routing import LatencyTracker, Router
+
+
+def _m(provider: str, name: str, aliases: tuple[str, ...], price: int | None) -> ModelConfig:
+    p = None if price is None else Price(price, price, price, price)
+    return ModelConfig(provider, name, aliases, p, ())
+
+
+MODELS = [
+    _m("openai", "gpt-4o", ("smart",), 100),
+    _m("anthropic", "claude", ("smart", "fast"), 50),
+    _m("local", "llama", ("smart",), None),
+    _m("openai", "gpt-4o-mini", ("fast",), 10),
+]
+
+
+def test_resolution_by_name_alias_provider_slash_model_and_pin() -> None:
+    r = Router(MODELS, "first", LatencyTracker())
+    assert [c.key for c in r.resolve("gpt-4o")] == ["openai:gpt-4o"]
+    assert [c.key for c in r.resolve("smart")] == ["openai:gpt-4o", "anthropic:claude", "local:llama"]
+    assert [c.key for c in r.resolve("fast", provider="openai")] == ["openai:gpt-4o-mini"]
+    assert [c.key for c in r.resolve("anthropic/fast")] == ["anthropic:claude"]
+    with pytest.raises(ModelNotFound):
+        r.resolve("fast", provider="local")
+    with pytest.raises(ModelNotFound):
+        r.resolve("nope")
+
+
+def test_cheapest_never_prefers_unpriced_and_roundrobin_rotates_per_alias() -> None:
+    r = Router(MODELS, "first", LatencyTracker())
+    smart = r.resolve("smart")
+    assert [c.key for c in r.order("smart", smart, "cheapest")] == ["anthropic:claude", "openai:gpt-4o", "local:llama"]
+    firsts = [r.order("smart", smart, "roundrobin")[0].key for _ in range(4)]
+    assert firsts == ["openai:gpt-4o", "anthropic:claude", "local:llama", "openai:gpt-4o"]
+    fast = r.resolve("fast")
+    assert r.order("fast", fast, "roundrobin")[0].key == "anthropic:claude"  # its own counter
+
+
+def test_fastest_measures_unmeasured_first_then_lowest_average() -> None:
+    latency = LatencyTracker()
+    r = Router(MODELS, "fastest", latency)
+    smart = r.resolve("smart")
+    latency.observe("openai:gpt-4o", 300)
+    latency.observe("anthropic:claude", 100)
+    assert [c.key for c in r.order("smart", smart)] == ["local:llama", "anthropic:claude", "openai:gpt-4o"]
