@@ -49,6 +49,7 @@ class ModelSpec(_Strict):
     cache_write_per_1m: Decimal | None = Field(default=None, alias="cacheWritePer1M")
     capabilities: list[str] = Field(default_factory=list)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
+    weight: int = Field(default=1, ge=0)  # for the `weighted` policy
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> ModelSpec:
@@ -85,6 +86,8 @@ class ProviderSpec(_Strict):
     api_key_file: str | None = Field(default=None, alias="apiKeyFile")
     base_url: str | None = Field(default=None, alias="baseUrl")
     timeout_ms: int | None = Field(default=None, alias="timeoutMs", gt=0)
+    first_token_timeout_ms: int | None = Field(default=None, alias="firstTokenTimeoutMs", gt=0)
+    idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
     required: bool = False
     models: list[ModelSpec] = Field(min_length=1)
 
@@ -121,6 +124,13 @@ class ServerSpec(_Strict):
     grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
 
 
+class RouteSpec(_Strict):
+    """Per model name or alias: its own policy and optional hedging."""
+
+    policy: Policy | None = None
+    hedge_after_ms: int | None = Field(default=None, alias="hedgeAfterMs", ge=0)
+
+
 class FileConfig(_Strict):
     """The JSON document. camelCase keys as in the original `feather.config.json`."""
 
@@ -133,6 +143,9 @@ class FileConfig(_Strict):
     ledger: LedgerSpec = Field(default_factory=LedgerSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
+    routes: dict[str, RouteSpec] = Field(default_factory=dict)
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    context_window_fallbacks: dict[str, list[str]] = Field(default_factory=dict, alias="contextWindowFallbacks")
 
 
 # ---- resolved configuration: what the engine and server use ----
@@ -145,6 +158,7 @@ class ModelConfig:
     aliases: tuple[str, ...]
     price: Price | None  # None only when unpriced models are explicitly allowed
     capabilities: tuple[str, ...]
+    weight: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +169,8 @@ class ProviderConfig:
     api_key: str = field(repr=False)
     timeout_ms: int
     models: tuple[ModelConfig, ...]
+    first_token_timeout_ms: int | None = None
+    idle_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +181,20 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Routing rules for one requested name (model or alias)."""
+
+    policy: str = ""  # "" = the global policy
+    hedge_after_ms: int | None = None
+    fallbacks: tuple[str, ...] = ()  # names tried after all of this name's candidates failed
+    context_window_fallbacks: tuple[str, ...] = ()  # names tried when the prompt is too long
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     providers: tuple[ProviderConfig, ...]
     policy: str = "first"
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     ledger_type: str = "memory"
@@ -302,7 +329,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                     'add "inputPer1K" and "outputPer1K" (or per-1M prices), '
                     'or set "allowUnpriced": true to serve it as unpriced',
                 )
-            models.append(ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities)))
+            models.append(ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight))
         providers.append(
             ProviderConfig(
                 name=name,
@@ -311,6 +338,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 api_key=key,
                 timeout_ms=spec.timeout_ms or file_config.timeout_ms,
                 models=tuple(models),
+                first_token_timeout_ms=spec.first_token_timeout_ms,
+                idle_timeout_ms=spec.idle_timeout_ms,
             )
         )
     if not providers:
@@ -320,6 +349,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
             f"no provider is usable (skipped for missing keys: {skipped})",
             "set the API key environment variables the config names",
         )
+    routes = _routes(file_config, providers, source)
     r = file_config.retry
     b = file_config.circuit_breaker
     breaker = BreakerSettings(
@@ -333,6 +363,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
     return GatewayConfig(
         providers=tuple(providers),
         policy=file_config.policy,
+        routes=routes,
         retry=RetryConfig(r.max_attempts, r.base_ms, r.max_ms),
         breaker=breaker,
         ledger_type=file_config.ledger.type,
@@ -344,6 +375,32 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         source=source,
         skipped_providers=tuple(skipped),
     )
+
+
+def _routes(fc: FileConfig, providers: list[ProviderConfig], source: str) -> dict[str, RouteConfig]:
+    """Per-name routing rules; every name they mention must be a served model or alias."""
+    known = {name for p in providers for m in p.models for name in (m.name, *m.aliases)}
+    names = set(fc.routes) | set(fc.fallbacks) | set(fc.context_window_fallbacks)
+    for section, table in (("fallbacks", fc.fallbacks), ("contextWindowFallbacks", fc.context_window_fallbacks)):
+        for name, targets in table.items():
+            for i, target in enumerate(targets):
+                if target not in known:
+                    raise ConfigError(
+                        source,
+                        f"{section}.{name}[{i}]",
+                        f"{target!r} is not a served model or alias",
+                        "name a model or alias of a configured provider",
+                    )
+    out: dict[str, RouteConfig] = {}
+    for name in names:
+        spec = fc.routes.get(name, RouteSpec())
+        out[name] = RouteConfig(
+            policy=spec.policy or "",
+            hedge_after_ms=spec.hedge_after_ms,
+            fallbacks=tuple(fc.fallbacks.get(name, ())),
+            context_window_fallbacks=tuple(fc.context_window_fallbacks.get(name, ())),
+        )
+    return out
 
 
 def _env_int(env: dict[str, str], name: str, default: int, *, minimum: int) -> int:

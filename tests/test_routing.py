@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from feather_grpc.config import ModelConfig
+from feather_grpc.config import ModelConfig, RouteConfig
 from feather_grpc.engine.errors import ModelNotFound
 from feather_grpc.engine.pricing import Price
 from feather_grpc.engine.routing import LatencyTracker, Router
@@ -45,10 +47,47 @@ def test_cheapest_never_prefers_unpriced_and_roundrobin_rotates_per_alias() -> N
     assert r.order("fast", fast, "roundrobin")[0].key == "anthropic:claude"  # its own counter
 
 
+class _Dice(random.Random):
+    """random() always returns `roll`, so exploration is decided by the test."""
+
+    def __init__(self, roll: float) -> None:
+        super().__init__(0)
+        self.roll = roll
+
+    def random(self) -> float:
+        return self.roll
+
+
 def test_fastest_measures_unmeasured_first_then_lowest_average() -> None:
     latency = LatencyTracker()
-    r = Router(MODELS, "fastest", latency)
+    r = Router(MODELS, "fastest", latency, _Dice(0.99))
     smart = r.resolve("smart")
     latency.observe("openai:gpt-4o", 300)
     latency.observe("anthropic:claude", 100)
     assert [c.key for c in r.order("smart", smart)] == ["local:llama", "anthropic:claude", "openai:gpt-4o"]
+
+
+def test_fastest_sometimes_explores_a_slower_candidate() -> None:
+    latency = LatencyTracker()
+    r = Router(MODELS, "fastest", latency, _Dice(0.0))  # below the exploration share: explore
+    smart = r.resolve("smart")
+    for c in smart:
+        latency.observe(c.key, {"openai:gpt-4o": 300, "anthropic:claude": 100, "local:llama": 200}[c.key])
+    assert r.order("smart", smart)[0].key != "anthropic:claude"
+
+
+def test_weighted_follows_weights_and_route_policy_overrides_global() -> None:
+    models = [_m("a", "x", ("w",), 1), _m("b", "y", ("w",), 1)]
+    models = [
+        ModelConfig(m.provider, m.name, m.aliases, m.price, (), weight)
+        for m, weight in zip(models, (3, 1), strict=True)
+    ]
+    r = Router(models, "first", LatencyTracker(), random.Random(7), {"w": RouteConfig(policy="weighted")})
+    firsts = [r.order("w", r.resolve("w"))[0].provider for _ in range(4000)]
+    share = firsts.count("a") / len(firsts)
+    assert 0.70 < share < 0.80  # 3:1 weights -> 75%
+
+
+def test_plan_appends_configured_fallbacks_once() -> None:
+    r = Router(MODELS, "first", LatencyTracker(), routes={"fast": RouteConfig(fallbacks=("smart",))})
+    assert [c.key for c in r.plan("fast")] == ["anthropic:claude", "openai:gpt-4o-mini", "openai:gpt-4o", "local:llama"]

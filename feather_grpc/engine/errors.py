@@ -59,10 +59,11 @@ class UpstreamInvalidRequest(FeatherError):
     reason = "UPSTREAM_INVALID_REQUEST"
     code = "INVALID_ARGUMENT"
 
-    def __init__(self, message: str, provider: str, http_status: int) -> None:
+    def __init__(self, message: str, provider: str, http_status: int, upstream_reason: str = "") -> None:
         super().__init__(message)
         self.provider = provider
         self.http_status = http_status
+        self.upstream_reason = upstream_reason  # e.g. UPSTREAM_CONTEXT_TOO_LONG
 
 
 class UpstreamAuthFailed(FeatherError):

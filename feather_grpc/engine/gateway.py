@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import aiohttp
@@ -34,6 +34,7 @@ from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import (
     ChatRequest,
+    ProviderResponse,
     StreamEvent,
     StreamFinish,
     TextDelta,
@@ -104,7 +105,8 @@ class Feather:
         self.latency = LatencyTracker()
         self.breakers = CircuitBreakers(config.breaker, clock)
         self._rng = rng or random.Random()
-        self.router = Router([m for p in config.providers for m in p.models], config.policy, self.latency, self._rng)
+        models = [m for p in config.providers for m in p.models]
+        self.router = Router(models, config.policy, self.latency, self._rng, config.routes)
         self._provider_configs = {p.name: p for p in config.providers}
         self._providers: dict[str, Provider] = dict(providers or {})
         self._session: aiohttp.ClientSession | None = None
@@ -141,8 +143,9 @@ class Feather:
     async def chat(self, request: ChatRequest, ctx: CallContext | None = None) -> ChatResult:
         call = self._begin(request, ctx or CallContext(), streamed=False)
         try:
-            candidates = self._candidates(call)
-            candidate, reply = await self._attempt_loop(call, candidates, lambda p, c: p.chat(c.model.name, request))
+            candidate, reply = await self._route(
+                call, lambda p, c: p.chat(c.model.name, request), lambda c, r: self._settle_hedge_loser(call, c, r)
+            )
         except FeatherError as e:
             await self.ledger.record(self._record(call, Outcome.ERROR, Usage(), error=e))
             raise
@@ -173,7 +176,6 @@ class Feather:
         upstream: AsyncIterator[StreamEvent] | None = None
         output_chars: list[str] = []
         try:
-            candidates = self._candidates(call)
 
             async def open_stream(p: Provider, c: RouteCandidate) -> tuple[AsyncIterator[StreamEvent], StreamEvent]:
                 it = p.stream(c.model.name, request)
@@ -183,7 +185,14 @@ class Feather:
                     await _close(it)
                     raise
 
-            candidate, (upstream, event) = await self._attempt_loop(call, candidates, open_stream)
+            async def settle_loser(
+                c: RouteCandidate, opened: tuple[AsyncIterator[StreamEvent], StreamEvent] | None
+            ) -> None:
+                if opened is not None:
+                    await _close(opened[0])
+                await self._settle_hedge_loser(call, c, None)
+
+            candidate, (upstream, event) = await self._route(call, open_stream, settle_loser)
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = _ms_since(call.started)
             while not isinstance(event, StreamFinish):
@@ -250,10 +259,80 @@ class Feather:
             streamed=streamed,
         )
 
-    def _candidates(self, call: _Call) -> list[RouteCandidate]:
+    async def _route(
+        self,
+        call: _Call,
+        attempt: Callable[[Provider, RouteCandidate], Awaitable[T]],
+        settle_loser: Callable[[RouteCandidate, T | None], Awaitable[None]],
+    ) -> tuple[RouteCandidate, T]:
+        """Validate, resolve, then attempt: hedged when the route asks for it; on a too-long prompt, once
+        more on the route's larger-context models."""
         validate_chat(call.request)
-        found = self.router.resolve(call.request.model, call.request.provider)
-        return self.router.order(call.request.model, found, call.request.policy)
+        req = call.request
+        candidates = self.router.plan(req.model, req.provider, req.policy)
+        route = self.router.routes.get(req.model)
+        try:
+            if route is not None and route.hedge_after_ms is not None and len(candidates) > 1:
+                return await self._hedged(call, candidates, attempt, settle_loser, route.hedge_after_ms / 1000)
+            return await self._attempt_loop(call, candidates, attempt)
+        except UpstreamInvalidRequest as e:
+            if e.upstream_reason != "UPSTREAM_CONTEXT_TOO_LONG" or route is None or not route.context_window_fallbacks:
+                raise
+            larger = [c for name in route.context_window_fallbacks for c in self.router.plan(name, policy=req.policy)]
+            return await self._attempt_loop(call, larger, attempt)
+
+    async def _hedged(
+        self,
+        call: _Call,
+        candidates: list[RouteCandidate],
+        attempt: Callable[[Provider, RouteCandidate], Awaitable[T]],
+        settle_loser: Callable[[RouteCandidate, T | None], Awaitable[None]],
+        delay_s: float,
+    ) -> tuple[RouteCandidate, T]:
+        """The original's `race`, done carefully: after `delay_s` without an answer a second leg starts on
+        the next candidate; the first success wins; the other leg is cancelled (which never counts against
+        its circuit) and billed only for what it consumed."""
+        legs = [replace(call, attempts=[])]
+        tasks = [asyncio.ensure_future(self._attempt_loop(legs[0], candidates, attempt))]
+        done, _ = await asyncio.wait(tasks, timeout=delay_s)
+        if not done:
+            legs.append(replace(call, attempts=[]))
+            tasks.append(asyncio.ensure_future(self._attempt_loop(legs[1], candidates[1:] + candidates[:1], attempt)))
+        winner: int | None = None
+        try:
+            pending = set(tasks)
+            while pending and winner is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                winner = next((tasks.index(t) for t in done if t.exception() is None), None)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for leg in legs:
+                call.attempts.extend(leg.attempts)
+        for i, (leg, task) in enumerate(zip(legs, tasks, strict=True)):
+            if i == winner or leg.candidate is None:
+                continue
+            finished = not task.cancelled() and task.exception() is None
+            consumed = task.result()[1] if finished else None
+            if consumed is not None or (leg.attempts and leg.attempts[-1].outcome == "cancelled"):
+                await settle_loser(leg.candidate, consumed)
+        if winner is None:
+            error = tasks[-1].exception()
+            assert error is not None
+            raise error
+        call.candidate = legs[winner].candidate
+        return tasks[winner].result()
+
+    async def _settle_hedge_loser(self, call: _Call, candidate: RouteCandidate, reply: object) -> None:
+        """Bills a cancelled hedge leg as its own ledger record (`<request id>:hedge`): its real usage when
+        it finished, else an estimate of the prompt it sent."""
+        leg = replace(call, request_id=f"{call.request_id}:hedge", candidate=candidate, attempts=[])
+        if isinstance(reply, ProviderResponse):
+            usage, estimated = reply.usage, False
+        else:
+            usage, estimated = self._cancelled_usage(leg, ""), True
+        await self.ledger.record(self._record(leg, Outcome.CANCELLED, usage, estimated=estimated))
 
     async def _attempt_loop(
         self,
@@ -273,7 +352,8 @@ class Feather:
         for candidate in candidates:
             call.candidate = candidate
             provider = self._providers[candidate.provider]
-            per_attempt_s = self._provider_configs[candidate.provider].timeout_ms / 1000.0
+            pconf = self._provider_configs[candidate.provider]
+            per_attempt_s = ((call.streamed and pconf.first_token_timeout_ms) or pconf.timeout_ms) / 1000.0
             for n in range(1, policy.max_attempts + 1):
                 permit = self.breakers.acquire(candidate.key)
                 if permit is None:
@@ -315,7 +395,7 @@ class Feather:
                 call.attempts.append(_attempt(candidate, outcome, begun, last.reason, last.http_status))
                 if last.reason in _REQUEST_FAULTS:
                     self.breakers.released(candidate.key, permit)
-                    raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status)
+                    raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status, last.reason)
                 self.breakers.failed(candidate.key, permit)
                 if not last.retryable or n == policy.max_attempts:
                     break  # this provider cannot serve (auth, quota) or is out of attempts: fail over
@@ -336,10 +416,16 @@ class Feather:
         )
 
     async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent]) -> StreamEvent:
+        """The next upstream event, within the caller's deadline and the provider's idle timeout."""
+        deadline = call.ctx.deadline
+        idle_ms = self._provider_configs[call.candidate.provider].idle_timeout_ms if call.candidate else None
+        if idle_ms is not None:
+            idle_deadline = asyncio.get_running_loop().time() + idle_ms / 1000
+            deadline = idle_deadline if deadline is None else min(deadline, idle_deadline)
         try:
-            if call.ctx.deadline is None:
+            if deadline is None:
                 return await anext(upstream)
-            async with asyncio.timeout_at(call.ctx.deadline):
+            async with asyncio.timeout_at(deadline):
                 return await anext(upstream)
         except StopAsyncIteration:
             raise self._midstream_failure(
@@ -348,7 +434,10 @@ class Feather:
         except ProviderError as e:
             raise self._midstream_failure(call, e) from None
         except TimeoutError:
-            raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
+            if call.ctx.deadline is not None and asyncio.get_running_loop().time() >= call.ctx.deadline:
+                raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
+            stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream data for {idle_ms} ms", retryable=True)
+            raise self._midstream_failure(call, stalled) from None
 
     def _midstream_failure(self, call: _Call, e: ProviderError) -> FeatherError:
         if call.candidate is not None:

@@ -7,10 +7,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from feather_grpc.config import ModelConfig
+from feather_grpc.config import ModelConfig, RouteConfig
 from feather_grpc.engine.errors import ModelNotFound
 
 POLICIES = ("first", "roundrobin", "cheapest", "fastest", "weighted")
+# Share of `fastest` calls sent to a random other candidate, so a recovered or slowed provider gets
+# measured again instead of being judged forever on old numbers.
+FASTEST_EXPLORATION = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +52,16 @@ class Router:
         default_policy: str,
         latency: LatencyTracker,
         rng: random.Random | None = None,
+        routes: dict[str, RouteConfig] | None = None,
     ) -> None:
         self._default_policy = default_policy
         self._latency = latency
         self._rng = rng or random.Random()
+        self.routes = routes or {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._by_name: dict[str, list[RouteCandidate]] = {}
-        self._by_provider_model: dict[tuple[str, str], RouteCandidate] = {}
         for m in models:
             c = RouteCandidate(m.provider, m)
-            self._by_provider_model[(m.provider, m.name)] = c
             for key in (m.name, *m.aliases):
                 bucket = self._by_name.setdefault(key, [])
                 if c not in bucket:
@@ -78,11 +81,28 @@ class Router:
             raise ModelNotFound(model, provider)
         return found
 
+    def plan(self, requested: str, provider: str = "", policy: str = "") -> list[RouteCandidate]:
+        """Every candidate to try, in order: the name's own (by policy), then its configured fallbacks."""
+        name = requested.partition("/")[2] if "/" in requested and not provider else requested
+        route = self.routes.get(requested) or self.routes.get(name)
+        ordered = self.order(requested, self.resolve(requested, provider), policy)
+        if route is None or not route.fallbacks:
+            return ordered
+        seen = {c.key for c in ordered}
+        for fallback in route.fallbacks:
+            for c in self.order(fallback, self.resolve(fallback), policy):
+                if c.key not in seen:
+                    seen.add(c.key)
+                    ordered.append(c)
+        return ordered
+
     def order(self, requested: str, candidates: list[RouteCandidate], policy: str = "") -> list[RouteCandidate]:
-        """Candidates in the order they should be tried. Ties keep configuration order."""
-        policy = policy or self._default_policy
+        """Candidates in the order they should be tried: request policy, else the name's, else the global one.
+        Ties keep configuration order."""
+        route = self.routes.get(requested)
+        policy = policy or (route.policy if route else "") or self._default_policy
         if len(candidates) < 2 or policy == "first":
-            return candidates
+            return list(candidates)
         if policy == "roundrobin":
             counter = self._counters.setdefault(requested, itertools.count())
             start = next(counter) % len(candidates)
@@ -94,9 +114,15 @@ class Router:
             )
         if policy == "fastest":
             # Unmeasured candidates first so each gets measured; then lowest decaying average.
-            return sorted(candidates, key=lambda c: self._latency.get(c.key) or -1.0)
+            ordered = sorted(candidates, key=lambda c: self._latency.get(c.key) or -1.0)
+            if self._rng.random() < FASTEST_EXPLORATION:
+                explored = ordered.pop(self._rng.randrange(1, len(ordered)))
+                ordered.insert(0, explored)
+            return ordered
         if policy == "weighted":
-            shuffled = list(candidates)
-            self._rng.shuffle(shuffled)
-            return shuffled
-        return candidates
+            # Weighted sampling without replacement (Efraimidis-Spirakis); weight 0 only as a last resort.
+            def draw(c: RouteCandidate) -> float:
+                return self._rng.random() ** (1.0 / c.model.weight) if c.model.weight > 0 else -1.0
+
+            return sorted(candidates, key=draw, reverse=True)
+        return list(candidates)
