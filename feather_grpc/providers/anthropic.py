@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 
 from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
@@ -83,7 +83,7 @@ def _tool_input(provider: str, call_id: str, arguments: str) -> dict[str, Any]:
     if not arguments.strip():
         return {}
     try:
-        value = json.loads(arguments)
+        value = orjson.loads(arguments)
     except ValueError:
         value = None
     if not isinstance(value, dict):
@@ -191,7 +191,7 @@ class AnthropicProvider:
         return body
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
-        payload = json.dumps(self.build_body(model, request, stream=False)).encode()
+        payload = orjson.dumps(self.build_body(model, request, stream=False))
         doc = await post_json(self._session, self._name, self._url, payload, self._headers, self._api_key)
         try:
             assert isinstance(doc, dict)
@@ -202,7 +202,7 @@ class AnthropicProvider:
                 if kind == "text":
                     texts.append(block.get("text") or "")
                 elif kind == "tool_use":
-                    calls.append(ToolCall(block["id"], block["name"], json.dumps(block.get("input") or {})))
+                    calls.append(ToolCall(block["id"], block["name"], orjson.dumps(block.get("input") or {}).decode()))
             usage = normalise_usage(doc["usage"])
         except (AssertionError, KeyError, TypeError, AttributeError):
             raise bad_response(self._name, "not a message") from None
@@ -214,7 +214,7 @@ class AnthropicProvider:
         )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        payload = json.dumps(self.build_body(model, request, stream=True)).encode()
+        payload = orjson.dumps(self.build_body(model, request, stream=True))
         name = self._name
         started = False
         try:
@@ -268,7 +268,7 @@ class _EventReader:
         if event == "ping":
             return []
         try:
-            obj = json.loads(data)
+            obj = orjson.loads(data)
         except ValueError:
             obj = None
         if not isinstance(obj, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email.utils
-import json
 import math
 import re
 import time
@@ -11,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
 from feather_grpc.engine.errors import ProviderError
 
@@ -112,7 +112,7 @@ def parse_error_body(body: bytes) -> UpstreamErrorBody:
     """Read `{"error": {...}}` (OpenAI), `{"type": "error", "error": {...}}` (Anthropic) and the looser
     shapes compatible servers use (`{"error": "text"}`, `{"detail": ...}`, `{"message": ...}`)."""
     try:
-        doc = json.loads(body)
+        doc = orjson.loads(body)
     except ValueError:
         text = body[:4096].decode("utf-8", errors="replace").strip()
         # Plain-text bodies are usually a useful sentence; HTML pages from proxies are noise.
@@ -259,7 +259,7 @@ async def post_json(
     except aiohttp.ClientError as exc:
         raise classify_transport_error(provider, exc, api_key=api_key) from exc
     try:
-        return json.loads(raw)
+        return orjson.loads(raw)
     except ValueError:
         raise bad_response(provider, "body is not JSON", status) from None
 

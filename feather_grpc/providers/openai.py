@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 
 from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
@@ -165,7 +165,7 @@ class OpenAIProvider:
         return body
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
-        payload = json.dumps(self.build_body(model, request, stream=False)).encode()
+        payload = orjson.dumps(self.build_body(model, request, stream=False))
         doc = await post_json(self._session, self._name, self._url, payload, self._headers, self._api_key)
         return self._parse_completion(doc, request)
 
@@ -201,7 +201,7 @@ class OpenAIProvider:
         return ProviderResponse(content=content, tool_calls=calls, finish_reason=finish, usage=usage)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        payload = json.dumps(self.build_body(model, request, stream=True)).encode()
+        payload = orjson.dumps(self.build_body(model, request, stream=True))
         name = self._name
         started = False
         try:
@@ -216,7 +216,7 @@ class OpenAIProvider:
                         # A compatible server that ignored `stream: true`: replay its whole answer.
                         raw = await resp.read()
                         try:
-                            doc = json.loads(raw)
+                            doc = orjson.loads(raw)
                         except ValueError:
                             raise bad_response(name, "body is not JSON") from None
                         full = self._parse_completion(doc, request)
@@ -284,7 +284,7 @@ class _ChunkReader:
             self.done = True
             return []
         try:
-            obj = json.loads(data)
+            obj = orjson.loads(data)
         except ValueError:
             obj = None
         if not isinstance(obj, dict):
