@@ -122,9 +122,13 @@ class Feather:
                 assert self._session is not None
                 self._providers[p.name] = build_provider(_settings(p), self._session)
 
-    async def aclose(self) -> None:
-        if self._background:
+    async def settled(self) -> None:
+        """Waits until the ledger writes of cancelled calls (which run on their own tasks) are done."""
+        while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.settled()
         for provider in self._providers.values():
             await provider.aclose()
         if self._session is not None:

@@ -1,0 +1,324 @@
+"""The gateway end to end over real HTTP: a grpc.aio server in front of the OpenAI/Anthropic simulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from sim.upstream import OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
+from tests.gateway_harness import Gateway, rich_error, running_gateway, user
+
+ENV = {"SIM_OPENAI_KEY": "sk-test", "SIM_ANTHROPIC_KEY": "ak-test"}
+
+
+def sim_config(sim: UpstreamSimulator, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "ledger": {"type": "memory"},
+        "retry": {"maxAttempts": 3, "baseMs": 1, "maxMs": 5},
+        "providers": {
+            "openai": {
+                "type": "openai",
+                "apiKeyEnv": "SIM_OPENAI_KEY",
+                "baseUrl": sim.url + "/v1",
+                "models": [
+                    {
+                        "name": "gpt-sim",
+                        "aliases": ["fast", "smart"],
+                        "inputPer1K": 0.03,
+                        "outputPer1K": 0.06,
+                        "cachedInputPer1K": 0.015,
+                    }
+                ],
+            },
+            "anthropic": {
+                "type": "anthropic",
+                "apiKeyEnv": "SIM_ANTHROPIC_KEY",
+                "baseUrl": sim.url,
+                "models": [
+                    {
+                        "name": "claude-sim",
+                        "aliases": ["smart", "big"],
+                        "inputPer1M": 3,
+                        "outputPer1M": 15,
+                        "cachedInputPer1M": 0.3,
+                        "cacheWritePer1M": 3.75,
+                    }
+                ],
+            },
+        },
+    }
+    for key, value in extra.items():
+        doc[key] = value
+    return doc
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[UpstreamSimulator]:
+    async with UpstreamSimulator() as s:
+        yield s
+
+
+async def _usage_total(gw: Gateway) -> pb.UsageRow:
+    await gw.server.engine.settled()
+    return (await gw.stub.Usage(pb.UsageRequest())).total
+
+
+async def test_openai_chat_cost_is_tokens_times_price_to_the_nano(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(content="hi there", usage=SimUsage(input=12, output=7, cached=3)))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hello")]))
+        assert (reply.provider, reply.model, reply.message.content) == ("openai", "gpt-sim", "hi there")
+        u = reply.usage
+        assert (u.input_tokens, u.output_tokens, u.cached_input_tokens) == (12, 7, 3)
+        # $0.03/1K = 30,000 nano/token uncached; cached $0.015/1K = 15,000; output $0.06/1K = 60,000
+        assert reply.cost_nanos_usd == 9 * 30_000 + 3 * 15_000 + 7 * 60_000
+        assert (await _usage_total(gw)).cost_nanos_usd == reply.cost_nanos_usd
+    assert sim.requests[0].headers["authorization"] == "Bearer sk-test"
+
+
+async def test_anthropic_chat_normalises_cache_counts_and_prices_them(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(content="bonjour", usage=SimUsage(input=10, output=5, cached=4, cache_write=2)))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(
+            pb.ChatRequest(
+                model="smart",
+                provider="anthropic",
+                messages=[pb.Message(role=pb.ROLE_SYSTEM, content="be terse"), user("hello")],
+            )
+        )
+        u = reply.usage
+        assert (u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens) == (16, 4, 2, 5)
+        # $3/1M = 3,000 nano/token; cache read 300; cache write 3,750; output 15,000
+        assert reply.cost_nanos_usd == 10 * 3_000 + 4 * 300 + 2 * 3_750 + 5 * 15_000
+        assert reply.finish_reason == pb.FINISH_REASON_STOP
+    body = sim.requests[0].body
+    assert body["system"] == "be terse" and all(m["role"] != "system" for m in body["messages"])
+    assert sim.requests[0].headers["x-api-key"] == "ak-test"
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_stream_split_at_awkward_places_reassembles_exactly(sim: UpstreamSimulator, provider: str) -> None:
+    text = "Grüße — ünïcödé text, split anywhere ✓"
+    sim.enqueue(
+        Reply(
+            content=text,
+            usage=SimUsage(input=20, output=9),
+            split="awkward",
+            line_ending="\r\n",
+            pings=True,
+            comments=True,
+        )
+    )
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        events = [
+            e
+            async for e in gw.stub.StreamChat(
+                pb.StreamChatRequest(model="smart", provider=provider, messages=[user("go")], temperature=0.2)
+            )
+        ]
+        assert events[0].start.provider == provider
+        assert "".join(e.delta.content for e in events[1:-1]) == text
+        end = events[-1].end
+        assert (end.usage.input_tokens, end.usage.output_tokens) == (20, 9)
+        assert not end.usage_estimated
+        price_in, price_out = (30_000, 60_000) if provider == "openai" else (3_000, 15_000)
+        assert end.cost_nanos_usd == 20 * price_in + 9 * price_out
+    body = sim.requests[0].body
+    if provider == "openai":
+        assert body["stream_options"] == {"include_usage": True}
+    assert body["temperature"] == 0.2
+
+
+async def test_tool_calls_round_trip_through_the_gateway(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(tool_calls=(SimToolCall("get_weather", '{"city": "Paris"}', id="call_1"),)))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        tool = pb.Tool(name="get_weather", description="weather by city")
+        tool.parameters.update({"type": "object", "properties": {"city": {"type": "string"}}})
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("weather?")], tools=[tool]))
+        assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        call = reply.message.tool_calls[0]
+        assert (call.id, call.name, call.arguments) == ("call_1", "get_weather", '{"city": "Paris"}')
+    sent = sim.requests[0].body["tools"][0]
+    assert sent["type"] == "function" and sent["function"]["name"] == "get_weather"
+    assert sent["function"]["parameters"]["properties"]["city"]["type"] == "string"
+
+
+async def test_deadline_shorter_than_upstream_latency_is_deadline_exceeded(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(latency_s=5.0))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("slow")]), timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        total = await _usage_total(gw)
+        assert total.request_count == 1 and total.ok_count == 0
+
+
+async def test_cancelled_stream_closes_upstream_and_is_billed(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(content="one two three four five six", hang_after=4))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        call = gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("talk to me")]))
+        first = await call.read()
+        assert first.WhichOneof("event") == "start"
+        delta = await call.read()
+        assert delta.delta.content
+        call.cancel()
+        await sim.wait_stream_disconnect(timeout_s=5)
+        total = await _usage_total(gw)
+        assert total.cancelled_count == 1 and total.estimated_count == 1
+        assert total.input_tokens > 0 and total.output_tokens > 0
+        assert total.cost_nanos_usd == (total.input_tokens * 30_000 + total.output_tokens * 60_000)
+
+
+async def test_retryable_failures_retry_then_fail_over_with_attempt_trail(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=500), Reply(status=502), Reply(status=503), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("hi")]))
+        assert reply.provider == "anthropic"
+        trail = [(a.provider, a.outcome, a.error_reason, a.http_status) for a in reply.attempts]
+        assert trail == [
+            ("openai", pb.ATTEMPT_OUTCOME_RETRYABLE_ERROR, "UPSTREAM_SERVER_ERROR", 500),
+            ("openai", pb.ATTEMPT_OUTCOME_RETRYABLE_ERROR, "UPSTREAM_SERVER_ERROR", 502),
+            ("openai", pb.ATTEMPT_OUTCOME_RETRYABLE_ERROR, "UPSTREAM_SERVER_ERROR", 503),
+            ("anthropic", pb.ATTEMPT_OUTCOME_OK, "", 0),
+        ]
+
+
+async def test_retry_after_beyond_the_deadline_fails_over_instead_of_sleeping(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=429, retry_after="30"), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("hi")]), timeout=10)
+        assert [(a.provider, a.error_reason) for a in reply.attempts] == [
+            ("openai", "UPSTREAM_RATE_LIMITED"),
+            ("anthropic", ""),
+        ]
+
+
+async def test_all_candidates_unavailable_carries_retry_info(sim: UpstreamSimulator) -> None:
+    sim.default = Reply(status=503, retry_after="7")
+    async with running_gateway(sim_config(sim, retry={"maxAttempts": 1}), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("hi")]))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UPSTREAM_UNAVAILABLE"
+        assert err.retry_delay_s == 7
+        assert "ak-test" not in err.message and "sk-test" not in err.message
+
+
+async def test_upstream_bad_request_stops_at_once_as_invalid_argument(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=400, error_message="bad stop sequence"), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("hi")]))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "UPSTREAM_INVALID_REQUEST"
+        assert err.metadata["provider"] == "openai"
+    assert len(sim.requests) == 1  # neither retried nor failed over
+
+
+async def test_upstream_auth_failure_is_internal_not_unauthenticated(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=401), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.INTERNAL and err.reason == "UPSTREAM_AUTH_FAILED"
+        assert "sk-test" not in err.message
+
+
+async def test_context_too_long_falls_back_to_a_larger_model(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=400, error_code="context_length_exceeded", error_message="too long"), path=OPENAI_PATH)
+    doc = sim_config(sim, contextWindowFallbacks={"fast": ["big"]})
+    async with running_gateway(doc, ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("a very long prompt")]))
+        assert (reply.provider, reply.model) == ("anthropic", "claude-sim")
+        assert reply.attempts[0].error_reason == "UPSTREAM_CONTEXT_TOO_LONG"
+
+
+async def test_configured_fallback_chain(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=503), path=OPENAI_PATH)
+    doc = sim_config(sim, retry={"maxAttempts": 1}, fallbacks={"fast": ["big"]})
+    async with running_gateway(doc, ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]))
+        assert reply.provider == "anthropic"
+
+
+async def test_circuit_opens_and_routing_skips_the_failing_provider(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=500), Reply(status=500), path=OPENAI_PATH)
+    doc = sim_config(
+        sim,
+        retry={"maxAttempts": 1},
+        circuitBreaker={"failureThreshold": 2, "windowMs": 60_000, "resetTimeoutMs": 60_000},
+    )
+    async with running_gateway(doc, ENV) as gw:
+        for _ in range(2):
+            assert (await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("x")]))).provider == "anthropic"
+        models = {m.provider: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+        assert models["openai"].circuit_state == pb.CIRCUIT_STATE_OPEN
+        assert models["anthropic"].circuit_state == pb.CIRCUIT_STATE_CLOSED
+        sent_before = len(sim.requests)
+        reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("x")]))
+        assert [a.outcome for a in reply.attempts] == [pb.ATTEMPT_OUTCOME_CIRCUIT_OPEN, pb.ATTEMPT_OUTCOME_OK]
+        assert len(sim.requests) == sent_before + 1  # nothing sent to the open circuit
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("x")]))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.UNAVAILABLE and err.retry_delay_s is not None and err.retry_delay_s > 50
+
+
+async def test_stream_retries_before_first_token_are_invisible(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(status=503), Reply(reset_after=0), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        events = [e async for e in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")]))]
+        assert events[0].WhichOneof("event") == "start" and events[-1].WhichOneof("event") == "end"
+        assert [a.outcome for a in events[-1].end.attempts] == [
+            pb.ATTEMPT_OUTCOME_RETRYABLE_ERROR,
+            pb.ATTEMPT_OUTCOME_RETRYABLE_ERROR,
+            pb.ATTEMPT_OUTCOME_OK,
+        ]
+
+
+async def test_stream_failing_after_first_token_ends_with_unavailable_and_is_billed(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(content="alpha beta gamma delta", reset_after=3), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        call = gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")]))
+        seen = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for event in call:
+                seen.append(event.WhichOneof("event"))
+        assert seen[0] == "start" and "end" not in seen and "delta" in seen
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "UPSTREAM_UNAVAILABLE"
+        total = await _usage_total(gw)
+        assert total.error_count == 1 and total.estimated_count == 1 and total.cost_nanos_usd > 0
+
+
+async def test_hedged_route_takes_the_first_answer_and_bills_the_loser(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(latency_s=30), path=OPENAI_PATH)
+    doc = sim_config(sim, routes={"smart": {"hedgeAfterMs": 50}})
+    async with running_gateway(doc, ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("race")]))
+        assert reply.provider == "anthropic"
+        outcomes = {(a.provider, a.outcome) for a in reply.attempts}
+        assert outcomes == {("openai", pb.ATTEMPT_OUTCOME_CANCELLED), ("anthropic", pb.ATTEMPT_OUTCOME_OK)}
+        total = await _usage_total(gw)
+        assert total.request_count == 2 and total.cancelled_count == 1  # the loser has its own record
+        models = {m.provider: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+        assert models["openai"].circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+async def test_per_request_retry_override(sim: UpstreamSimulator) -> None:
+    sim.enqueue(*[Reply(status=500)] * 4, path=OPENAI_PATH)  # one short of the default breaker threshold
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(
+            pb.ChatRequest(
+                model="fast",
+                provider="openai",
+                messages=[user("x")],
+                retry=pb.RetryOptions(max_attempts=5, base_ms=1, max_ms=2),
+            )
+        )
+        assert len(reply.attempts) == 5 and reply.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_OK
