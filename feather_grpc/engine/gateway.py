@@ -12,7 +12,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -28,6 +28,7 @@ from feather_grpc.engine.errors import (
     UpstreamInvalidRequest,
     UpstreamUnavailable,
 )
+from feather_grpc.engine.observe import CallObserver
 from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
 from feather_grpc.engine.retry import RetryPolicy
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
@@ -86,6 +87,7 @@ class _Call:
     streamed: bool
     attempts: list[AttemptRecord] = field(default_factory=list)
     candidate: RouteCandidate | None = None
+    ttft_ms: int | None = None  # streams: time to the first event sent to the caller
 
 
 class Feather:
@@ -99,11 +101,13 @@ class Feather:
         providers: dict[str, Provider] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observers: Sequence[CallObserver] = (),
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.latency = LatencyTracker()
         self.breakers = CircuitBreakers(config.breaker, clock)
+        self.observers = list(observers)
         self._rng = rng or random.Random()
         models = [m for p in config.providers for m in p.models]
         self.router = Router(models, config.policy, self.latency, self._rng, config.routes)
@@ -151,14 +155,14 @@ class Feather:
                 call, lambda p, c: p.chat(c.model.name, request), lambda c, r: self._settle_hedge_loser(call, c, r)
             )
         except FeatherError as e:
-            await self.ledger.record(self._record(call, Outcome.ERROR, Usage(), error=e))
+            await self._settle(call, self._record(call, Outcome.ERROR, Usage(), error=e))
             raise
         except asyncio.CancelledError:
             self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, ""))
             raise
         cost, unpriced = _price(candidate, reply.usage)
         record = self._record(call, Outcome.OK, reply.usage, cost=cost)
-        await self.ledger.record(record)
+        await self._settle(call, record)
         return ChatResult(
             content=reply.content,
             tool_calls=reply.tool_calls,
@@ -198,7 +202,7 @@ class Feather:
 
             candidate, (upstream, event) = await self._route(call, open_stream, settle_loser)
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
-            ttft_ms = _ms_since(call.started)
+            ttft_ms = call.ttft_ms = _ms_since(call.started)
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
                     output_chars.append(event.content)
@@ -211,7 +215,7 @@ class Feather:
                 usage, estimated = self._cancelled_usage(call, "".join(output_chars)), True
             cost, unpriced = _price(candidate, usage)
             record = self._record(call, Outcome.OK, usage, cost=cost, estimated=estimated)
-            await self.ledger.record(record)
+            await self._settle(call, record)
             yield StreamCompleted(
                 finish_reason=event.finish_reason,
                 usage=usage,
@@ -224,7 +228,7 @@ class Feather:
             )
         except FeatherError as e:
             usage = self._cancelled_usage(call, "".join(output_chars)) if upstream else Usage()
-            await self.ledger.record(self._record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None))
+            await self._settle(call, self._record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, "".join(output_chars)))
@@ -336,7 +340,7 @@ class Feather:
             usage, estimated = reply.usage, False
         else:
             usage, estimated = self._cancelled_usage(leg, ""), True
-        await self.ledger.record(self._record(leg, Outcome.CANCELLED, usage, estimated=estimated))
+        await self._settle(leg, self._record(leg, Outcome.CANCELLED, usage, estimated=estimated))
 
     async def _attempt_loop(
         self,
@@ -367,9 +371,10 @@ class Feather:
                         retryable=True,
                         retry_after_s=self.breakers.reopens_in(candidate.key),
                     )
-                    call.attempts.append(_attempt(candidate, "circuit_open", time.monotonic(), last.reason))
+                    self._attempt_done(call, (), _attempt(candidate, "circuit_open", time.monotonic(), last.reason))
                     break
                 begun = time.monotonic()
+                tokens = self._attempt_started(call, candidate) if self.observers else ()
                 attempt_deadline = loop.time() + per_attempt_s
                 if deadline is not None:
                     attempt_deadline = min(attempt_deadline, deadline)
@@ -381,22 +386,22 @@ class Feather:
                 except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
                         self.breakers.released(candidate.key, permit)
-                        call.attempts.append(_attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
+                        self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
                         raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
                     last = ProviderError(
                         "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
                     )
                 except asyncio.CancelledError:
                     self.breakers.released(candidate.key, permit)
-                    call.attempts.append(_attempt(candidate, "cancelled", begun))
+                    self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun))
                     raise
                 else:
                     self.breakers.succeeded(candidate.key, permit)
-                    call.attempts.append(_attempt(candidate, "ok", begun))
+                    self._attempt_done(call, tokens, _attempt(candidate, "ok", begun))
                     self.latency.observe(candidate.key, _ms_since(begun))
                     return candidate, result
                 outcome = "retryable_error" if last.retryable else "fatal_error"
-                call.attempts.append(_attempt(candidate, outcome, begun, last.reason, last.http_status))
+                self._attempt_done(call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status))
                 if last.reason in _REQUEST_FAULTS:
                     self.breakers.released(candidate.key, permit)
                     raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status, last.reason)
@@ -496,11 +501,28 @@ class Feather:
             tags=call.request.tags,
         )
 
+    async def _settle(self, call: _Call, record: UsageRecord) -> None:
+        """Writes the call's ledger record (durable before the caller hears back), then tells observers."""
+        await self.ledger.record(record)
+        for observer in self.observers:
+            observer.call_settled(record, call.attempts, call.ttft_ms)
+
+    def _attempt_started(self, call: _Call, candidate: RouteCandidate) -> tuple[object, ...]:
+        return tuple(
+            o.attempt_started(call.request_id, candidate.provider, candidate.model.name, call.streamed)
+            for o in self.observers
+        )
+
+    def _attempt_done(self, call: _Call, tokens: tuple[object, ...], attempt: AttemptRecord) -> None:
+        call.attempts.append(attempt)
+        for observer, token in zip(self.observers, tokens, strict=False):
+            observer.attempt_finished(token, attempt)
+
     def _settle_in_background(self, call: _Call, outcome: Outcome, usage: Usage) -> None:
         """Records a call that is being cancelled: the caller's task cannot await anymore, so the
         write runs on its own task, which aclose() waits for."""
         record = self._record(call, outcome, usage, estimated=call.candidate is not None)
-        task = asyncio.get_running_loop().create_task(self.ledger.record(record))
+        task = asyncio.get_running_loop().create_task(self._settle(call, record))
         self._background.add(task)
         task.add_done_callback(_log_failure_and_forget(self._background))
 
