@@ -32,7 +32,7 @@ import json
 import re
 import sys
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,7 +82,7 @@ class Reply:
     """One scripted behaviour, consumed by one request. Every field has a harmless default."""
 
     # What a successful reply says.
-    content: str | None = None  # None: the default reply text
+    content: str | None = None  # None: the default reply text, or no text when there are tool calls
     tool_calls: tuple[SimToolCall, ...] = ()
     usage: SimUsage | None = None  # None: default_usage(...)
     finish_reason: str | None = None  # wire value; None: stop/end_turn, or tool_calls/tool_use with calls
@@ -109,8 +109,11 @@ class Reply:
     hang_after: int | None = None  # after N events, send nothing more and never finish
     error_after: int | None = None  # after N events send an error event, then end the body
     stream_error_type: str = "overloaded_error"  # the mid-stream error's type
-    split: int | Literal["awkward"] | None = None  # write bytes in pieces of N, or at awkward places
-    piece_delay_s: float = 0.0  # pause between pieces (a zero pause still yields to the loop)
+    # Write the bytes in pieces of N, or cut 3 bytes into every line, between CR and LF and inside every
+    # multi-byte character ("awkward"), flushing each. A client in the same event loop only sees separate
+    # reads with a pause between pieces: use piece_delay_s >= 0.001 there.
+    split: int | Literal["awkward"] | None = None
+    piece_delay_s: float = 0.0
     line_ending: Literal["\n", "\r\n", "\r"] = "\n"
     pings: bool = False  # Anthropic: a ping event between every two events
     comments: bool = False  # an SSE comment line (": keep-alive") before every event
@@ -253,10 +256,11 @@ class UpstreamSimulator:
         self.requests: deque[RecordedRequest] = deque(maxlen=None if record else 0)
         self.stream_disconnects = 0  # streams whose client went away before the stream ended
         self.disconnects = 0  # any request whose client went away before the reply was complete
+        self.received = 0  # requests received, whether recorded or not
         self._default = default or Reply()
         self._script: list[tuple[str | None, str | None, Reply]] = []
         self._cache: dict[tuple[Any, ...], bytes | list[bytes]] = {}
-        self._disconnected = asyncio.Event()
+        self._changed = asyncio.Event()  # set on every recorded request and disconnect
         self._handlers: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -324,10 +328,21 @@ class UpstreamSimulator:
 
     async def wait_stream_disconnect(self, timeout_s: float = 2.0, count: int = 1) -> None:
         """Wait until at least `count` streams saw their client disconnect (TimeoutError otherwise)."""
+        await self._wait_for(lambda: self.stream_disconnects >= count, timeout_s)
+
+    async def wait_disconnect(self, timeout_s: float = 2.0, count: int = 1) -> None:
+        """Like `wait_stream_disconnect`, counting any request whose client left before the reply ended."""
+        await self._wait_for(lambda: self.disconnects >= count, timeout_s)
+
+    async def wait_requests(self, count: int = 1, timeout_s: float = 2.0) -> None:
+        """Wait until at least `count` requests have arrived (recorded or not)."""
+        await self._wait_for(lambda: self.received >= count, timeout_s)
+
+    async def _wait_for(self, done: Callable[[], bool], timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
-            while self.stream_disconnects < count:
-                self._disconnected.clear()
-                await self._disconnected.wait()
+            while not done():
+                self._changed.clear()
+                await self._changed.wait()
 
     def _note_disconnect(self, streaming: bool) -> None:
         if self._closing:
@@ -335,7 +350,7 @@ class UpstreamSimulator:
         self.disconnects += 1
         if streaming:
             self.stream_disconnects += 1
-        self._disconnected.set()
+        self._changed.set()
 
     # -- request handling --------------------------------------------------------------------------
 
@@ -361,6 +376,8 @@ class UpstreamSimulator:
         except ValueError:
             body = None
         self.requests.append(RecordedRequest(request.path, request.headers, body, raw))
+        self.received += 1
+        self._changed.set()
         if not isinstance(body, dict):
             return self._error(openai, 400, "", None, "Request body is not a JSON object.")
         if self.api_key is not None:
@@ -429,7 +446,10 @@ class UpstreamSimulator:
         last_user: str,
         include_usage: bool,
     ) -> bytes | list[bytes]:
-        content = reply.content if reply.content is not None else f"Hello from {model}: {last_user}"
+        if reply.content is not None:
+            content = reply.content
+        else:
+            content = "" if reply.tool_calls else f"Hello from {model}: {last_user}"
         if reply.usage is not None:
             usage = reply.usage
         else:

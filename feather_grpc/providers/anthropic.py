@@ -194,7 +194,8 @@ class AnthropicProvider:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
         doc = await post_json(self._session, self._name, self._url, payload, self._headers, self._api_key)
         try:
-            assert isinstance(doc, dict)
+            if not isinstance(doc, dict):
+                raise TypeError
             texts: list[str] = []
             calls: list[ToolCall] = []
             for block in doc["content"]:
@@ -204,7 +205,7 @@ class AnthropicProvider:
                 elif kind == "tool_use":
                     calls.append(ToolCall(block["id"], block["name"], orjson.dumps(block.get("input") or {}).decode()))
             usage = normalise_usage(doc["usage"])
-        except (AssertionError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise bad_response(self._name, "not a message") from None
         return ProviderResponse(
             content="".join(texts),

@@ -171,7 +171,8 @@ class OpenAIProvider:
 
     def _parse_completion(self, doc: object, request: ChatRequest) -> ProviderResponse:
         try:
-            assert isinstance(doc, dict)
+            if not isinstance(doc, dict):
+                raise TypeError
             choice = doc["choices"][0]
             message = choice["message"]
             content = _text_of(message.get("content"))
@@ -185,7 +186,7 @@ class OpenAIProvider:
                 for c in message.get("tool_calls") or ()
             ]
             raw_usage = doc.get("usage")
-        except (AssertionError, KeyError, IndexError, TypeError, AttributeError):
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise bad_response(self._name, "not a chat completion") from None
         finish = finish_reason(choice.get("finish_reason"), bool(calls))
         if refusal and not content:
