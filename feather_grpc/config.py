@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -122,6 +123,7 @@ class ServerSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
     grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
+    max_in_flight: int = Field(default=0, alias="maxInFlight", ge=0)  # 0: no cap (load shedding off)
 
 
 class RouteSpec(_Strict):
@@ -129,6 +131,39 @@ class RouteSpec(_Strict):
 
     policy: Policy | None = None
     hedge_after_ms: int | None = Field(default=None, alias="hedgeAfterMs", ge=0)
+
+
+class TenantLimitsSpec(_Strict):
+    rpm: int | None = Field(default=None, ge=1)  # requests per minute
+    tpm: int | None = Field(default=None, ge=1)  # tokens per minute (prompt estimate + max_tokens, settled)
+    concurrency: int | None = Field(default=None, ge=1)  # calls in flight at once (per replica)
+
+
+class BudgetSpec(_Strict):
+    daily_usd: Decimal | None = Field(default=None, alias="dailyUsd", ge=0)
+    monthly_usd: Decimal | None = Field(default=None, alias="monthlyUsd", ge=0)
+
+
+class TenantSpec(_Strict):
+    keys: list[str] = Field(default_factory=list)  # "sha256:<64 hex>" digests of API keys, never keys
+    role: Literal["member", "admin"] = "member"
+    allowed_models: list[str] | None = Field(default=None, alias="allowedModels")  # names or aliases
+    limits: TenantLimitsSpec = Field(default_factory=TenantLimitsSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+    @field_validator("keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            digest = k.removeprefix("sha256:")
+            if not k.startswith("sha256:") or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError('keys are stored hashed: "sha256:<64 lowercase hex>" (see `feather-grpc keys new`)')
+        return keys
+
+
+class BucketLimitSpec(_Strict):
+    rps: float = Field(gt=0)
+    burst: int | None = Field(default=None, ge=1)
 
 
 class FileConfig(_Strict):
@@ -146,6 +181,11 @@ class FileConfig(_Strict):
     routes: dict[str, RouteSpec] = Field(default_factory=dict)
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
     context_window_fallbacks: dict[str, list[str]] = Field(default_factory=dict, alias="contextWindowFallbacks")
+    tenants: dict[str, TenantSpec] = Field(default_factory=dict)
+    limits: dict[str, BucketLimitSpec] = Field(default_factory=dict)  # "provider:model" token buckets
+    rate_limit_mode: Literal["queue", "reject"] = Field(default="queue", alias="rateLimitMode")
+    state_failure_mode: Literal["closed", "open"] = Field(default="closed", alias="stateFailureMode")
+    jwt_tenant_claim: str = Field(default="tenant", alias="jwtTenantClaim")
 
 
 # ---- resolved configuration: what the engine and server use ----
@@ -191,6 +231,30 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantConfig:
+    name: str
+    role: str = "member"  # "member" | "admin" (admins may read every tenant's usage)
+    allowed_models: frozenset[str] | None = None  # None: every model
+    requests: tuple[float, int] | None = None  # token bucket (per second, burst) on calls
+    tpm: int | None = None
+    concurrency: int | None = None
+    daily_budget_nanos: int | None = None
+    monthly_budget_nanos: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    key_hashes: dict[str, str] = field(default_factory=dict)  # sha256 hex digest -> tenant name
+    jwt_secret: str = field(default="", repr=False)
+    jwt_tenant_claim: str = "tenant"
+
+    @property
+    def open(self) -> bool:
+        """No keys and no JWT secret: every caller is tenant `default`."""
+        return not self.key_hashes and not self.jwt_secret
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     providers: tuple[ProviderConfig, ...]
     policy: str = "first"
@@ -203,8 +267,17 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     grace_period_s: float = 20.0
+    max_in_flight: int = 0
     source: str = "<in-process>"
     skipped_providers: tuple[str, ...] = ()
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
+    default_tenant: TenantConfig = field(default_factory=lambda: TenantConfig("default"))
+    provider_limits: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (rps, burst)
+    rate_limit_mode: str = "queue"
+    state_failure_mode: str = "closed"
+    redis_url: str = field(default="", repr=False)
+    database_url: str = field(default="", repr=False)
 
 
 class ConfigError(Exception):
@@ -350,6 +423,16 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
             "set the API key environment variables the config names",
         )
     routes = _routes(file_config, providers, source)
+    auth, tenants, default_tenant = _tenants(file_config, env, source)
+    served = {f"{p.name}:{m.name}" for p in providers for m in p.models}
+    for key in file_config.limits:
+        if key not in served and not any(key.startswith(f"{s}:") for s in file_config.providers):
+            raise ConfigError(
+                source,
+                f"limits.{key}",
+                "is not a served provider:model",
+                'use "provider:model" as configured, e.g. "openai:gpt-4o"',
+            )
     r = file_config.retry
     b = file_config.circuit_breaker
     breaker = BreakerSettings(
@@ -372,8 +455,17 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         host=file_config.server.host,
         port=port,
         grace_period_s=file_config.server.grace_period_s,
+        max_in_flight=file_config.server.max_in_flight,
         source=source,
         skipped_providers=tuple(skipped),
+        auth=auth,
+        tenants=tenants,
+        default_tenant=default_tenant,
+        provider_limits={k: (v.rps, v.burst or max(1, math.ceil(v.rps))) for k, v in file_config.limits.items()},
+        rate_limit_mode=file_config.rate_limit_mode,
+        state_failure_mode=file_config.state_failure_mode,
+        redis_url=env.get("REDIS_URL", ""),
+        database_url=env.get("DATABASE_URL", ""),
     )
 
 
@@ -401,6 +493,48 @@ def _routes(fc: FileConfig, providers: list[ProviderConfig], source: str) -> dic
             context_window_fallbacks=tuple(fc.context_window_fallbacks.get(name, ())),
         )
     return out
+
+
+def _usd_nanos(usd: Decimal | None) -> int | None:
+    if usd is None:
+        return None
+    return int(usd * 1_000_000_000)
+
+
+def _tenants(
+    fc: FileConfig, env: dict[str, str], source: str
+) -> tuple[AuthConfig, dict[str, TenantConfig], TenantConfig]:
+    # RATE_LIMIT_*: the request limit of every tenant that sets no `rpm` of its own.
+    default_requests: tuple[float, int] | None = None
+    if _env_bool(env, "RATE_LIMIT_ENABLED", False):
+        rps = _env_int(env, "RATE_LIMIT_RPS", 100, minimum=1)
+        default_requests = (float(rps), _env_int(env, "RATE_LIMIT_BURST", 2 * rps, minimum=1))
+    tenants: dict[str, TenantConfig] = {}
+    hashes: dict[str, str] = {}
+    for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+        for i, k in enumerate(t.keys):
+            digest = k.removeprefix("sha256:")
+            if digest in hashes:
+                raise ConfigError(
+                    source,
+                    f"tenants.{name}.keys[{i}]",
+                    f"this key also belongs to {hashes[digest]!r}",
+                    "give every key to exactly one tenant",
+                )
+            hashes[digest] = name
+        rpm = t.limits.rpm
+        tenants[name] = TenantConfig(
+            name=name,
+            role=t.role,
+            allowed_models=frozenset(t.allowed_models) if t.allowed_models is not None else None,
+            requests=(rpm / 60, rpm) if rpm else default_requests,
+            tpm=t.limits.tpm,
+            concurrency=t.limits.concurrency,
+            daily_budget_nanos=_usd_nanos(t.budget.daily_usd),
+            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd),
+        )
+    auth = AuthConfig(key_hashes=hashes, jwt_secret=env.get("JWT_SECRET", ""), jwt_tenant_claim=fc.jwt_tenant_claim)
+    return auth, tenants, tenants["default"]
 
 
 def _env_int(env: dict[str, str], name: str, default: int, *, minimum: int) -> int:

@@ -104,3 +104,64 @@ class ProviderError(Exception):
         self.http_status = http_status
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(FeatherError):
+    reason = "API_KEY_INVALID"
+    code = "UNAUTHENTICATED"
+
+
+class ModelNotAllowed(FeatherError):
+    reason = "MODEL_NOT_ALLOWED"
+    code = "PERMISSION_DENIED"
+
+    def __init__(self, tenant: str, model: str) -> None:
+        super().__init__(f"tenant {tenant!r} may not use model {model!r}")
+        self.tenant = tenant
+        self.model = model
+
+
+class PermissionDenied(FeatherError):
+    reason = "PERMISSION_DENIED"
+    code = "PERMISSION_DENIED"
+
+
+class RateLimitExceeded(FeatherError):
+    """A gateway limit (tenant requests/tokens per minute, concurrency, provider:model rate) is exhausted."""
+
+    reason = "RATE_LIMITED"
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, subject: str, description: str, retry_after_s: float | None) -> None:
+        super().__init__(f"rate limit exceeded: {description}")
+        self.subject = subject  # e.g. "tenant:acme:rpm" or "provider:openai:gpt-4o"
+        self.description = description
+        self.retry_after_s = retry_after_s
+
+
+class BudgetExhausted(FeatherError):
+    reason = "BUDGET_EXCEEDED"
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, tenant: str, window: str, budget_nanos: int, spent_nanos: int) -> None:
+        super().__init__(f"tenant {tenant!r} has used its {window} budget")
+        self.tenant = tenant
+        self.window = window
+        self.budget_nanos = budget_nanos
+        self.spent_nanos = spent_nanos
+
+
+class Overloaded(FeatherError):
+    reason = "OVERLOADED"
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StateStoreUnavailable(FeatherError):
+    """The shared state store (Redis) is unreachable and the gateway is configured to fail closed."""
+
+    reason = "STATE_UNAVAILABLE"
+    code = "UNAVAILABLE"

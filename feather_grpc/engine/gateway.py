@@ -18,12 +18,14 @@ from typing import TypeVar
 
 import aiohttp
 
-from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig
+from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
+from feather_grpc.engine.admission import Admission, Ticket
 from feather_grpc.engine.breaker import CircuitBreakers, Permit
 from feather_grpc.engine.errors import (
     DeadlineExceeded,
     FeatherError,
     ProviderError,
+    RateLimitExceeded,
     UpstreamAuthFailed,
     UpstreamInvalidRequest,
     UpstreamUnavailable,
@@ -47,6 +49,7 @@ from feather_grpc.providers import build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.state.ledger import Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
+from feather_grpc.state.limits import BudgetStore, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class CallContext:
 
     tenant: str = "default"
     deadline: float | None = None  # event-loop time (loop.time()) by which the call must end
+    tenant_config: TenantConfig | None = None  # the caller's limits; None: the configured tenant `tenant`
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ class _Call:
     attempts: list[AttemptRecord] = field(default_factory=list)
     candidate: RouteCandidate | None = None
     ttft_ms: int | None = None  # streams: time to the first event sent to the caller
+    ticket: Ticket | None = None  # what admission reserved; settled with the ledger record
 
 
 class Feather:
@@ -102,12 +107,21 @@ class Feather:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[CallObserver] = (),
+        limiter: RateLimiter | None = None,
+        budgets: BudgetStore | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.latency = LatencyTracker()
         self.breakers = CircuitBreakers(config.breaker, clock)
         self.observers = list(observers)
+        if limiter is None or budgets is None:
+            from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
+
+            limiter = limiter or MemoryRateLimiter()
+            budgets = budgets or MemoryBudgetStore()
+        self.limiter, self.budgets = limiter, budgets
+        self.admission = Admission(config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time())
         self._rng = rng or random.Random()
         models = [m for p in config.providers for m in p.models]
         self.router = Router(models, config.policy, self.latency, self._rng, config.routes)
@@ -138,6 +152,8 @@ class Feather:
         if self._session is not None:
             await self._session.close()
         await self.ledger.aclose()
+        await self.limiter.aclose()
+        await self.budgets.aclose()
 
     async def __aenter__(self) -> Feather:
         await self.start()
@@ -277,7 +293,9 @@ class Feather:
         more on the route's larger-context models."""
         validate_chat(call.request)
         req = call.request
-        candidates = self.router.plan(req.model, req.provider, req.policy)
+        tenant = call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
+        candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
+        call.ticket = await self.admission.admit(tenant, req, candidates, call.ctx.deadline)
         route = self.router.routes.get(req.model)
         try:
             if route is not None and route.hedge_after_ms is not None and len(candidates) > 1:
@@ -287,6 +305,7 @@ class Feather:
             if e.upstream_reason != "UPSTREAM_CONTEXT_TOO_LONG" or route is None or not route.context_window_fallbacks:
                 raise
             larger = [c for name in route.context_window_fallbacks for c in self.router.plan(name, policy=req.policy)]
+            larger = Admission.allowed(tenant, req.model, larger)
             return await self._attempt_loop(call, larger, attempt)
 
     async def _hedged(
@@ -300,11 +319,11 @@ class Feather:
         """The original's `race`, done carefully: after `delay_s` without an answer a second leg starts on
         the next candidate; the first success wins; the other leg is cancelled (which never counts against
         its circuit) and billed only for what it consumed."""
-        legs = [replace(call, attempts=[])]
+        legs = [replace(call, attempts=[], ticket=None)]
         tasks = [asyncio.ensure_future(self._attempt_loop(legs[0], candidates, attempt))]
         done, _ = await asyncio.wait(tasks, timeout=delay_s)
         if not done:
-            legs.append(replace(call, attempts=[]))
+            legs.append(replace(call, attempts=[], ticket=None))
             tasks.append(asyncio.ensure_future(self._attempt_loop(legs[1], candidates[1:] + candidates[:1], attempt)))
         winner: int | None = None
         try:
@@ -335,7 +354,7 @@ class Feather:
     async def _settle_hedge_loser(self, call: _Call, candidate: RouteCandidate, reply: object) -> None:
         """Bills a cancelled hedge leg as its own ledger record (`<request id>:hedge`): its real usage when
         it finished, else an estimate of the prompt it sent."""
-        leg = replace(call, request_id=f"{call.request_id}:hedge", candidate=candidate, attempts=[])
+        leg = replace(call, request_id=f"{call.request_id}:hedge", candidate=candidate, attempts=[], ticket=None)
         if isinstance(reply, ProviderResponse):
             usage, estimated = reply.usage, False
         else:
@@ -357,12 +376,19 @@ class Feather:
         deadline = call.ctx.deadline
         policy = RetryPolicy.of(self.config.retry, call.request.retry)
         last: ProviderError | None = None
+        limited: RateLimitExceeded | None = None
         for candidate in candidates:
             call.candidate = candidate
             provider = self._providers[candidate.provider]
             pconf = self._provider_configs[candidate.provider]
             per_attempt_s = ((call.streamed and pconf.first_token_timeout_ms) or pconf.timeout_ms) / 1000.0
             for n in range(1, policy.max_attempts + 1):
+                try:
+                    await self.admission.provider_slot(candidate.key, deadline)
+                except RateLimitExceeded as e:
+                    limited, last = e, ProviderError("GATEWAY_RATE_LIMITED", e.message, retryable=True)
+                    self._attempt_done(call, (), _attempt(candidate, "retryable_error", time.monotonic(), last.reason))
+                    break
                 permit = self.breakers.acquire(candidate.key)
                 if permit is None:
                     last = ProviderError(
@@ -413,6 +439,8 @@ class Feather:
                     break  # the wait cannot fit in the deadline: fail over instead of sleeping
                 await asyncio.sleep(delay)
         assert last is not None
+        if last.reason == "GATEWAY_RATE_LIMITED" and limited is not None:
+            raise limited
         if last.reason == "UPSTREAM_AUTH_FAILED":
             raise UpstreamAuthFailed(call.candidate.provider if call.candidate else "")
         if deadline is not None and loop.time() >= deadline:
@@ -504,6 +532,12 @@ class Feather:
     async def _settle(self, call: _Call, record: UsageRecord) -> None:
         """Writes the call's ledger record (durable before the caller hears back), then tells observers."""
         await self.ledger.record(record)
+        if call.ticket is not None:
+            ticket, call.ticket = call.ticket, None
+            try:
+                await self.admission.settle(ticket, record.input_tokens + record.output_tokens, record.cost_nanos_usd)
+            except FeatherError:
+                log.warning("could not settle limits and budget for %s: state store unreachable", call.request_id)
         for observer in self.observers:
             observer.call_settled(record, call.attempts, call.ttft_ms)
 

@@ -16,6 +16,7 @@ from feather_grpc.engine.gateway import Feather
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.servicer import FeatherServicer
+from feather_grpc.server.tenancy import TenantGate, TenantInterceptor
 from feather_grpc.state.ledger import UsageLedger
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class GatewayServer:
         self.config = config
         self.engine = engine or Feather(config, open_ledger(config))
         self.health = HealthServicer()
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
+        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[TenantInterceptor(self.gate)])
         self.port = 0
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:

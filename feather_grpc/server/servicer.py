@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import grpc
 
-from feather_grpc.engine.errors import FeatherError
+from feather_grpc.engine.errors import FeatherError, PermissionDenied
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
 from feather_grpc.engine.types import TextDelta
@@ -18,19 +18,28 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import convert
 from feather_grpc.server.status import internal_status, status_for
+from feather_grpc.server.tenancy import current_tenant, remaining_s
 
 log = logging.getLogger(__name__)
 
-# grpc.aio reports "no deadline" as None on some versions and as a huge number on others.
-_NO_DEADLINE_S = 1e8
-
 
 def _call_context(context: grpc.aio.ServicerContext) -> CallContext:
-    remaining = context.time_remaining()
-    deadline = None
-    if remaining is not None and remaining < _NO_DEADLINE_S:
-        deadline = asyncio.get_running_loop().time() + remaining
-    return CallContext(tenant="default", deadline=deadline)
+    remaining = remaining_s(context)
+    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+    tenant = current_tenant.get(None)
+    if tenant is None:  # served without the tenancy interceptor (in-process embedding)
+        return CallContext(deadline=deadline)
+    return CallContext(tenant=tenant.name, deadline=deadline, tenant_config=tenant)
+
+
+def _usage_tenant(requested: str) -> str:
+    """Members see only their own usage; admins see everyone's, or one tenant's when they ask."""
+    tenant = current_tenant.get(None)
+    if tenant is None or tenant.role == "admin":
+        return requested
+    if requested and requested != tenant.name:
+        raise PermissionDenied(f"tenant {tenant.name!r} may not read the usage of {requested!r}")
+    return tenant.name
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> NoReturn:
@@ -88,7 +97,7 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
 
     async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
         try:
-            report = await self._engine.usage(convert.usage_query(request, tenant=request.tenant))
+            report = await self._engine.usage(convert.usage_query(request, tenant=_usage_tenant(request.tenant)))
             return convert.usage_response(report)
         except Exception as e:
             await _abort(context, e, "")

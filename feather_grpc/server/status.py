@@ -8,9 +8,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from feather_grpc.engine.errors import (
+    BudgetExhausted,
     FeatherError,
     InvalidRequest,
+    ModelNotAllowed,
     ModelNotFound,
+    Overloaded,
+    RateLimitExceeded,
     UpstreamAuthFailed,
     UpstreamInvalidRequest,
     UpstreamUnavailable,
@@ -75,6 +79,30 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
         metadata["httpStatus"] = str(error.http_status)
     elif isinstance(error, UpstreamAuthFailed):
         metadata["provider"] = error.provider
+    elif isinstance(error, RateLimitExceeded):
+        metadata["subject"] = error.subject
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.description)
+                    ]
+                )
+            )
+        )
+        if error.retry_after_s is not None:
+            details.append(_retry_info(error.retry_after_s))
+    elif isinstance(error, BudgetExhausted):
+        metadata.update(
+            tenant=error.tenant,
+            window=error.window,
+            budgetNanosUsd=str(error.budget_nanos),
+            spentNanosUsd=str(error.spent_nanos),
+        )
+    elif isinstance(error, Overloaded):
+        details.append(_retry_info(error.retry_after_s))
+    elif isinstance(error, ModelNotAllowed):
+        metadata.update(tenant=error.tenant, model=error.model)
     return build_status(grpc.StatusCode[error.code], error.reason, error.message, metadata, details)
 
 

@@ -1,0 +1,167 @@
+"""Tenants: API keys and JWTs, allow-lists, usage isolation, request/token limits, concurrency, budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import time
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from sim.upstream import Reply, SimUsage, UpstreamSimulator
+from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
+from tests.test_gateway_upstream import ENV, sim_config
+
+ACME_KEY, GLOBEX_KEY, ADMIN_KEY = "fk_acme_secret", "fk_globex_secret", "fk_admin_secret"
+
+
+def _h(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def tenant_config(**acme: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["rateLimitMode"] = "reject"
+    doc["tenants"] = {
+        "acme": {"keys": [_h(ACME_KEY)], **acme},
+        "globex": {"keys": [_h(GLOBEX_KEY)]},
+        "ops": {"keys": [_h(ADMIN_KEY)], "role": "admin"},
+    }
+    return doc
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def chat(text: str = "hi", model: str = "fast", **kw: Any) -> pb.ChatRequest:
+    return pb.ChatRequest(model=model, messages=[user(text)], **kw)
+
+
+async def test_keys_authenticate_and_unknown_or_missing_keys_are_rejected() -> None:
+    async with running_gateway(tenant_config()) as gw:
+        assert (await gw.stub.Chat(chat(), metadata=bearer(ACME_KEY))).provider == "mock"
+        for metadata in ((), bearer("fk_wrong"), (("authorization", ACME_KEY),)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(chat(), metadata=metadata)
+            err = rich_error(caught.value)
+            assert err.code == grpc.StatusCode.UNAUTHENTICATED and err.reason == "API_KEY_INVALID"
+            assert ACME_KEY not in err.message
+        rows = (
+            await gw.stub.Usage(pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_TENANT]), metadata=bearer(ADMIN_KEY))
+        ).rows
+        assert [(r.tenant, r.request_count) for r in rows] == [("acme", 1)]
+
+
+async def test_jwt_with_tenant_claim_and_expiry() -> None:
+
+    doc = tenant_config()
+    secret = "s3cret-for-tests-only-32-bytes-long!!"
+    good = jwt.encode({"tenant": "globex", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    expired = jwt.encode({"tenant": "globex", "exp": int(time.time()) - 60}, secret, algorithm="HS256")
+    forged = jwt.encode(
+        {"tenant": "globex", "exp": int(time.time()) + 60}, "another-secret-that-is-32-bytes-long!", algorithm="HS256"
+    )
+    async with running_gateway(doc, {"JWT_SECRET": secret}) as gw:
+        await gw.stub.Chat(chat(), metadata=bearer(good))
+        for token in (expired, forged):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(chat(), metadata=bearer(token))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        own = await gw.stub.Usage(pb.UsageRequest(), metadata=bearer(good))
+        assert own.total.request_count == 1
+
+
+async def test_allowed_models_give_permission_denied_for_the_rest() -> None:
+    async with running_gateway(tenant_config(allowedModels=["fast"])) as gw:
+        await gw.stub.Chat(chat(model="fast"), metadata=bearer(ACME_KEY))
+        await gw.stub.Chat(chat(model="mock-fast"), metadata=bearer(ACME_KEY))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(model="smart"), metadata=bearer(ACME_KEY))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED and err.reason == "MODEL_NOT_ALLOWED"
+        assert err.metadata == {"tenant": "acme", "model": "smart"}
+
+
+async def test_a_tenant_sees_only_its_own_usage_and_an_admin_sees_all() -> None:
+    async with running_gateway(tenant_config()) as gw:
+        await gw.stub.Chat(chat(), metadata=bearer(ACME_KEY))
+        await gw.stub.Chat(chat(), metadata=bearer(GLOBEX_KEY))
+        await gw.stub.Chat(chat(), metadata=bearer(GLOBEX_KEY))
+        assert (await gw.stub.Usage(pb.UsageRequest(), metadata=bearer(ACME_KEY))).total.request_count == 1
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Usage(pb.UsageRequest(tenant="globex"), metadata=bearer(ACME_KEY))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        everyone = await gw.stub.Usage(pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_TENANT]), metadata=bearer(ADMIN_KEY))
+        assert {r.tenant: r.request_count for r in everyone.rows} == {"acme": 1, "globex": 2}
+        assert everyone.total.request_count == 3
+        one = await gw.stub.Usage(pb.UsageRequest(tenant="globex"), metadata=bearer(ADMIN_KEY))
+        assert one.total.request_count == 2
+
+
+async def test_requests_per_minute_reject_with_quota_failure_and_retry_info() -> None:
+    async with running_gateway(tenant_config(limits={"rpm": 2})) as gw:
+        for _ in range(2):
+            await gw.stub.Chat(chat(), metadata=bearer(ACME_KEY))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(), metadata=bearer(ACME_KEY))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.reason == "RATE_LIMITED"
+        assert err.metadata["subject"] == "tenant:acme:requests"
+        assert err.retry_delay_s is not None and 25 < err.retry_delay_s <= 30  # one token per 30 s
+        await gw.stub.Chat(chat(), metadata=bearer(GLOBEX_KEY))  # other tenants are unaffected
+
+
+async def test_provider_model_bucket_limits_in_the_engine() -> None:
+    doc = tenant_config()
+    doc["limits"] = {"mock:mock-fast": {"rps": 0.5, "burst": 1}}
+    async with running_gateway(doc) as gw:
+        await gw.stub.Chat(chat(), metadata=bearer(ACME_KEY))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(), metadata=bearer(GLOBEX_KEY))
+        err = rich_error(caught.value)
+        assert err.reason == "RATE_LIMITED" and err.metadata["subject"] == "provider:mock:mock-fast"
+        assert err.retry_delay_s is not None and 1.5 < err.retry_delay_s <= 2.0
+        await gw.stub.Chat(chat(model="smart"), metadata=bearer(GLOBEX_KEY))  # other models unaffected
+
+
+async def test_queued_caller_waits_for_its_token_within_its_deadline() -> None:
+    doc = tenant_config(limits={"rpm": 600})  # 10/s, burst 600: drain the burst first
+    doc["rateLimitMode"] = "queue"
+    doc["limits"] = {"mock:mock-fast": {"rps": 20, "burst": 1}}
+    async with running_gateway(doc) as gw:
+        calls = [gw.stub.Chat(chat(), metadata=bearer(ACME_KEY), timeout=5) for _ in range(5)]
+        replies = await asyncio.gather(*calls)
+        assert len(replies) == 5  # 4 of them waited ~50 ms each, in order, instead of failing
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.gather(*[gw.stub.Chat(chat(), metadata=bearer(ACME_KEY), timeout=0.12) for _ in range(8)])
+        assert rich_error(caught.value).reason == "RATE_LIMITED"
+
+
+async def test_budget_is_never_overspent_by_concurrent_calls() -> None:
+    async with UpstreamSimulator() as sim:
+        sim.default = Reply(latency_s=0.3, usage=SimUsage(input=10, output=20))
+        doc = sim_config(sim)
+        doc["tenants"] = {"acme": {"keys": [_h(ACME_KEY)], "budget": {"dailyUsd": 0.02}}}
+        async with running_gateway(doc, ENV) as gw:
+            # gpt-sim: 30,000 nano-USD per input token, 60,000 per output token. Worst case of one call with
+            # max_tokens 100: ~ (5 + 100) tokens -> a bit over 6,000,000 nanos, so 3 fit in 20,000,000.
+            results = await asyncio.gather(
+                *[gw.stub.Chat(chat(model="fast", max_tokens=100), metadata=bearer(ACME_KEY)) for _ in range(12)],
+                return_exceptions=True,
+            )
+            ok = [r for r in results if isinstance(r, pb.ChatResponse)]
+            refused = [rich_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
+            assert len(ok) == 3 and len(refused) == 9
+            assert {e.reason for e in refused} == {"BUDGET_EXCEEDED"}
+            meta = refused[0].metadata
+            assert meta["window"] == "day" and meta["budgetNanosUsd"] == "20000000" and meta["tenant"] == "acme"
+            spent = (await gw.stub.Usage(pb.UsageRequest(), metadata=bearer(ACME_KEY))).total.cost_nanos_usd
+            assert spent == sum(r.cost_nanos_usd for r in ok) == 3 * (10 * 30_000 + 20 * 60_000)
+            # settled to the real cost: the freed worst-case headroom admits more calls now
+            assert (await gw.stub.Chat(chat(max_tokens=100), metadata=bearer(ACME_KEY))).cost_nanos_usd > 0
