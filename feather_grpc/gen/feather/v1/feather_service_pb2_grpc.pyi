@@ -37,9 +37,9 @@ class FeatherServiceStub:
       INVALID_ARGUMENT   INVALID_REQUEST (+ BadRequest field violations), UPSTREAM_INVALID_REQUEST
       NOT_FOUND          MODEL_NOT_FOUND
       UNAUTHENTICATED    API_KEY_INVALID
-      PERMISSION_DENIED  MODEL_NOT_ALLOWED
+      PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
       RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when the upstream said when)
+      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
       DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
       INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
@@ -70,9 +70,9 @@ class FeatherServiceAsyncStub(FeatherServiceStub):
       INVALID_ARGUMENT   INVALID_REQUEST (+ BadRequest field violations), UPSTREAM_INVALID_REQUEST
       NOT_FOUND          MODEL_NOT_FOUND
       UNAUTHENTICATED    API_KEY_INVALID
-      PERMISSION_DENIED  MODEL_NOT_ALLOWED
+      PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
       RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when the upstream said when)
+      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
       DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
       INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
@@ -99,9 +99,9 @@ class FeatherServiceServicer(metaclass=_abc_1.ABCMeta):
       INVALID_ARGUMENT   INVALID_REQUEST (+ BadRequest field violations), UPSTREAM_INVALID_REQUEST
       NOT_FOUND          MODEL_NOT_FOUND
       UNAUTHENTICATED    API_KEY_INVALID
-      PERMISSION_DENIED  MODEL_NOT_ALLOWED
+      PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
       RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when the upstream said when)
+      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
       DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
       INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
