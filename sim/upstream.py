@@ -103,15 +103,15 @@ class Reply:
     truncate_body: bool = False  # non-streaming: send the head and half the body, then reset
 
     # Stream shaping. Event counts include every SSE event written (pings too, not comments).
-    stream_chunks: int | None = None  # split the content into this many pieces instead of words
+    stream_chunks: int | None = None  # split the content into this many pieces (fewer if shorter) instead of words
     cut_after: int | None = None  # end the body cleanly after N events, without [DONE]/message_stop
     reset_after: int | None = None  # abort the TCP connection after N events
     hang_after: int | None = None  # after N events, send nothing more and never finish
     error_after: int | None = None  # after N events send an error event, then end the body
     stream_error_type: str = "overloaded_error"  # the mid-stream error's type
-    # Write the bytes in pieces of N, or cut 3 bytes into every line, between CR and LF and inside every
-    # multi-byte character ("awkward"), flushing each. A client in the same event loop only sees separate
-    # reads with a pause between pieces: use piece_delay_s >= 0.001 there.
+    # Write a stream's bytes in pieces of N, or cut 3 bytes into every line, between CR and LF and inside
+    # every multi-byte character ("awkward"), flushing each; an int also splits an error body. A client in
+    # the same event loop only sees separate reads with a pause between pieces: piece_delay_s >= 0.001.
     split: int | Literal["awkward"] | None = None
     piece_delay_s: float = 0.0
     line_ending: Literal["\n", "\r\n", "\r"] = "\n"
@@ -199,8 +199,15 @@ def _pieces(text: str, chunks: int | None) -> list[str]:
         return []
     if chunks is None:
         return [p for p in _WORD_PIECES.findall(text) if p]
-    size = max(1, -(-len(text) // max(1, chunks)))
-    return [text[i : i + size] for i in range(0, len(text), size)]
+    # Exactly `chunks` pieces (fewer only when the text is shorter), sizes differing by at most one.
+    count = max(1, min(chunks, len(text)))
+    base, extra = divmod(len(text), count)
+    pieces, start = [], 0
+    for i in range(count):
+        end = start + base + (1 if i < extra else 0)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 def _arg_pieces(arguments: str) -> list[str]:
@@ -482,7 +489,10 @@ class UpstreamSimulator:
             headers = {"Content-Type": reply.content_type, **reply.headers}
             return web.Response(status=reply.status, body=reply.body, headers=headers)
         if reply.status >= 400:
-            return self._error(openai, reply.status, reply.error_type, reply.error_code, reply.error_message, reply)
+            error = self._error(openai, reply.status, reply.error_type, reply.error_code, reply.error_message, reply)
+            if reply.split is not None and isinstance(reply.split, int) and error.body is not None:
+                return await self._in_pieces(request, error, reply)
+            return error
 
         include_usage = openai and stream and bool((body.get("stream_options") or {}).get("include_usage"))
         encoded = self._encode(body, model, stream, openai, reply, _last_user_text(body, openai), include_usage)
@@ -491,6 +501,20 @@ class UpstreamSimulator:
                 return await self._truncated(request, encoded, reply)
             return web.Response(status=reply.status, body=encoded, headers={**_JSON, **reply.headers})
         return await self._stream(request, encoded, openai, reply)
+
+    async def _in_pieces(self, request: web.Request, whole: web.Response, reply: Reply) -> web.StreamResponse:
+        """An error body written `reply.split` bytes at a time, so a client must read until the end."""
+        data = whole.body
+        assert isinstance(data, bytes)
+        resp = web.StreamResponse(status=whole.status, headers=whole.headers)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        step = int(reply.split or len(data))
+        for start in range(0, len(data), step):
+            await resp.write(data[start : start + step])
+            await asyncio.sleep(reply.piece_delay_s)
+        await resp.write_eof()
+        return resp
 
     async def _truncated(self, request: web.Request, data: bytes, reply: Reply) -> web.StreamResponse:
         resp = web.StreamResponse(status=reply.status, headers={**_JSON, **reply.headers})

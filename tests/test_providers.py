@@ -513,6 +513,16 @@ async def test_error_message_format_and_no_secrets(
     assert "Bearer" not in err.message
 
 
+async def test_error_body_arriving_in_many_reads_is_read_whole(
+    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+) -> None:
+    long_message = "Rate limit reached. " * 20
+    upstream.enqueue(Reply(status=429, error_message=long_message, split=40, piece_delay_s=0.001))
+    err = await failure(openai(upstream, http_session).chat("m", ask()))
+    assert err.reason == "UPSTREAM_RATE_LIMITED"
+    assert err.message.startswith("openai: 429 requests (rate_limit_exceeded): Rate limit reached. Rate limit")
+
+
 async def test_rate_limit_message_names_provider_status_and_type(
     upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
 ) -> None:

@@ -213,10 +213,18 @@ def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
 
 async def error_from_response(provider: str, resp: aiohttp.ClientResponse, api_key: str = "") -> ProviderError:
     """Read (a bounded amount of) a non-2xx response and classify it."""
+    parts: list[bytes] = []
+    size = 0
     try:
-        body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+        while size < MAX_ERROR_BODY_BYTES:  # read() returns what has arrived; a body can span reads
+            part = await resp.content.read(MAX_ERROR_BODY_BYTES - size)
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
     except aiohttp.ClientError:
-        body = b""
+        pass  # classify on what arrived
+    body = b"".join(parts)
     parsed = parse_error_body(body)
     if not parsed.message and not parsed.type:
         parsed = UpstreamErrorBody(message=resp.reason or "")
