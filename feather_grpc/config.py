@@ -18,12 +18,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from feather_grpc.engine.breaker import BreakerSettings
+from feather_grpc.engine.cache import CacheSettings
 from feather_grpc.engine.pricing import Price, usd_to_nanos_per_million
 
 log = logging.getLogger(__name__)
 
 ProviderType = Literal["openai", "anthropic", "openai-compatible", "mock"]
 Policy = Literal["first", "roundrobin", "cheapest", "fastest", "weighted"]
+PiiKind = Literal["card", "ssn", "email", "phone"]
+_PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
 
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
@@ -124,6 +127,8 @@ class ServerSpec(_Strict):
     port: int = Field(default=50051, ge=0, le=65535)
     grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
     max_in_flight: int = Field(default=0, alias="maxInFlight", ge=0)  # 0: no cap (load shedding off)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, alias="maxMessageBytes", ge=1024)
+    tls: TlsSpec | None = None
 
 
 class RouteSpec(_Strict):
@@ -166,6 +171,28 @@ class BucketLimitSpec(_Strict):
     burst: int | None = Field(default=None, ge=1)
 
 
+class CacheSpec(_Strict):
+    enabled: bool = True
+    ttl_ms: int = Field(default=300_000, alias="ttlMs", gt=0)
+    max_size: int = Field(default=1000, alias="maxSize", ge=1)
+    max_temperature: float = Field(default=0.3, alias="maxTemperature", ge=0, le=2)
+    single_turn_only: bool = Field(default=True, alias="singleTurnOnly")
+
+
+class SafetySpec(_Strict):
+    redact_pii: bool = Field(default=False, alias="redactPii")
+    pii_kinds: list[PiiKind] = Field(default_factory=lambda: list(_PII_KINDS), alias="piiKinds")
+    max_messages: int = Field(default=256, alias="maxMessages", ge=1)
+    max_content_chars: int = Field(default=200_000, alias="maxContentChars", ge=1)
+    max_output_tokens: int = Field(default=65_536, alias="maxOutputTokens", ge=1)
+
+
+class TlsSpec(_Strict):
+    cert_file: str = Field(alias="certFile")
+    key_file: str = Field(alias="keyFile")
+    client_ca_file: str | None = Field(default=None, alias="clientCaFile")  # set: mutual TLS required
+
+
 class FileConfig(_Strict):
     """The JSON document. camelCase keys as in the original `feather.config.json`."""
 
@@ -186,6 +213,8 @@ class FileConfig(_Strict):
     rate_limit_mode: Literal["queue", "reject"] = Field(default="queue", alias="rateLimitMode")
     state_failure_mode: Literal["closed", "open"] = Field(default="closed", alias="stateFailureMode")
     jwt_tenant_claim: str = Field(default="tenant", alias="jwtTenantClaim")
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    safety: SafetySpec = Field(default_factory=SafetySpec)
 
 
 # ---- resolved configuration: what the engine and server use ----
@@ -255,6 +284,20 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InputLimits:
+    max_messages: int = 256
+    max_content_chars: int = 200_000
+    max_output_tokens: int = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     providers: tuple[ProviderConfig, ...]
     policy: str = "first"
@@ -268,6 +311,11 @@ class GatewayConfig:
     port: int = 50051
     grace_period_s: float = 20.0
     max_in_flight: int = 0
+    max_message_bytes: int = 8 * 1024 * 1024
+    tls: TlsConfig | None = None
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    redact_pii: frozenset[str] = frozenset()  # PII kinds redacted before a request leaves; empty: off
+    input_limits: InputLimits = field(default_factory=InputLimits)
     source: str = "<in-process>"
     skipped_providers: tuple[str, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -456,6 +504,19 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         port=port,
         grace_period_s=file_config.server.grace_period_s,
         max_in_flight=file_config.server.max_in_flight,
+        max_message_bytes=file_config.server.max_message_bytes,
+        tls=TlsConfig(tls.cert_file, tls.key_file, tls.client_ca_file) if (tls := file_config.server.tls) else None,
+        cache=CacheSettings(
+            enabled=file_config.cache.enabled,
+            ttl_s=_env_int(env, "CACHE_TTL_MS", file_config.cache.ttl_ms, minimum=1) / 1000,
+            max_size=_env_int(env, "CACHE_MAX_SIZE", file_config.cache.max_size, minimum=1),
+            max_temperature=file_config.cache.max_temperature,
+            single_turn_only=file_config.cache.single_turn_only,
+        ),
+        redact_pii=frozenset(file_config.safety.pii_kinds) if file_config.safety.redact_pii else frozenset(),
+        input_limits=InputLimits(
+            file_config.safety.max_messages, file_config.safety.max_content_chars, file_config.safety.max_output_tokens
+        ),
         source=source,
         skipped_providers=tuple(skipped),
         auth=auth,

@@ -21,6 +21,7 @@ import aiohttp
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
 from feather_grpc.engine.admission import Admission, Ticket
 from feather_grpc.engine.breaker import CircuitBreakers, Permit
+from feather_grpc.engine.cache import CachedReply, MemoryResponseCache, ResponseCache, cache_key
 from feather_grpc.engine.errors import (
     DeadlineExceeded,
     FeatherError,
@@ -31,16 +32,19 @@ from feather_grpc.engine.errors import (
     UpstreamUnavailable,
 )
 from feather_grpc.engine.observe import CallObserver
+from feather_grpc.engine.redaction import Redactor
 from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
 from feather_grpc.engine.retry import RetryPolicy
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import (
     ChatRequest,
+    FinishReason,
     ProviderResponse,
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ToolCall,
     ToolCallDelta,
     Usage,
 )
@@ -93,6 +97,7 @@ class _Call:
     candidate: RouteCandidate | None = None
     ttft_ms: int | None = None  # streams: time to the first event sent to the caller
     ticket: Ticket | None = None  # what admission reserved; settled with the ledger record
+    cache_key: str | None = None  # set when the call may be answered from / stored in the cache
 
 
 class Feather:
@@ -109,6 +114,7 @@ class Feather:
         observers: Sequence[CallObserver] = (),
         limiter: RateLimiter | None = None,
         budgets: BudgetStore | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -121,6 +127,8 @@ class Feather:
             limiter = limiter or MemoryRateLimiter()
             budgets = budgets or MemoryBudgetStore()
         self.limiter, self.budgets = limiter, budgets
+        self.cache: ResponseCache = cache or MemoryResponseCache(config.cache)
+        self._redactor = Redactor(config.redact_pii) if config.redact_pii else None
         self.admission = Admission(config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time())
         self._rng = rng or random.Random()
         models = [m for p in config.providers for m in p.models]
@@ -154,6 +162,7 @@ class Feather:
         await self.ledger.aclose()
         await self.limiter.aclose()
         await self.budgets.aclose()
+        await self.cache.aclose()
 
     async def __aenter__(self) -> Feather:
         await self.start()
@@ -167,8 +176,31 @@ class Feather:
     async def chat(self, request: ChatRequest, ctx: CallContext | None = None) -> ChatResult:
         call = self._begin(request, ctx or CallContext(), streamed=False)
         try:
+            tenant, candidates = self._plan(call)
+            hit = await self._cache_lookup(call, candidates)
+            if hit is not None:
+                record = self._record(call, Outcome.CACHE_HIT, Usage())
+                await self._settle(call, record)
+                return ChatResult(
+                    hit.content,
+                    list(hit.tool_calls),
+                    hit.finish_reason,
+                    hit.provider,
+                    hit.model,
+                    Usage(),
+                    0,
+                    [],
+                    record.latency_ms,
+                    call.request_id,
+                    cached=True,
+                )
+            req = call.request
             candidate, reply = await self._route(
-                call, lambda p, c: p.chat(c.model.name, request), lambda c, r: self._settle_hedge_loser(call, c, r)
+                call,
+                tenant,
+                candidates,
+                lambda p, c: p.chat(c.model.name, req),
+                lambda c, r: self._settle_hedge_loser(call, c, r),
             )
         except FeatherError as e:
             await self._settle(call, self._record(call, Outcome.ERROR, Usage(), error=e))
@@ -179,6 +211,7 @@ class Feather:
         cost, unpriced = _price(candidate, reply.usage)
         record = self._record(call, Outcome.OK, reply.usage, cost=cost)
         await self._settle(call, record)
+        await self._cache_store(call, candidate, reply.content, reply.tool_calls, reply.finish_reason)
         return ChatResult(
             content=reply.content,
             tool_calls=reply.tool_calls,
@@ -198,11 +231,19 @@ class Feather:
         after that an upstream failure ends the stream with an error, billed for what was consumed."""
         call = self._begin(request, ctx or CallContext(), streamed=True)
         upstream: AsyncIterator[StreamEvent] | None = None
-        output_chars: list[str] = []
+        text: list[str] = []
+        calls: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments...]
         try:
+            tenant, candidates = self._plan(call)
+            hit = await self._cache_lookup(call, candidates)
+            if hit is not None:
+                async for item in self._replay(call, hit):
+                    yield item
+                return
+            req = call.request
 
             async def open_stream(p: Provider, c: RouteCandidate) -> tuple[AsyncIterator[StreamEvent], StreamEvent]:
-                it = p.stream(c.model.name, request)
+                it = p.stream(c.model.name, req)
                 try:
                     return it, await anext(it)
                 except BaseException:
@@ -216,22 +257,26 @@ class Feather:
                     await _close(opened[0])
                 await self._settle_hedge_loser(call, c, None)
 
-            candidate, (upstream, event) = await self._route(call, open_stream, settle_loser)
+            candidate, (upstream, event) = await self._route(call, tenant, candidates, open_stream, settle_loser)
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = _ms_since(call.started)
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
-                    output_chars.append(event.content)
+                    text.append(event.content)
                 elif isinstance(event, ToolCallDelta):
-                    output_chars.append(event.arguments)
+                    parts = calls.setdefault(event.index, [event.id, event.name])
+                    parts[0], parts[1] = parts[0] or event.id, parts[1] or event.name
+                    parts.append(event.arguments)
                 yield event
                 event = await self._next_event(call, upstream)
             usage, estimated = event.usage, False
             if usage is None:
-                usage, estimated = self._cancelled_usage(call, "".join(output_chars)), True
+                usage, estimated = self._cancelled_usage(call, _output_text(text, calls)), True
             cost, unpriced = _price(candidate, usage)
             record = self._record(call, Outcome.OK, usage, cost=cost, estimated=estimated)
             await self._settle(call, record)
+            tool_calls = [ToolCall(p[0], p[1], "".join(p[2:])) for _, p in sorted(calls.items())]
+            await self._cache_store(call, candidate, "".join(text), tool_calls, event.finish_reason)
             yield StreamCompleted(
                 finish_reason=event.finish_reason,
                 usage=usage,
@@ -243,11 +288,11 @@ class Feather:
                 unpriced=unpriced,
             )
         except FeatherError as e:
-            usage = self._cancelled_usage(call, "".join(output_chars)) if upstream else Usage()
+            usage = self._cancelled_usage(call, _output_text(text, calls)) if upstream else Usage()
             await self._settle(call, self._record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None))
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, "".join(output_chars)))
+            self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, _output_text(text, calls)))
             raise
         finally:
             if upstream is not None:
@@ -283,18 +328,57 @@ class Feather:
             streamed=streamed,
         )
 
+    def _plan(self, call: _Call) -> tuple[TenantConfig, list[RouteCandidate]]:
+        """Validates and redacts the request, and lists the candidates this tenant may use, in order."""
+        validate_chat(call.request, self.config.input_limits)
+        if self._redactor is not None:
+            call.request = self._redactor.request(call.request)
+        req = call.request
+        tenant = call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
+        return tenant, Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
+
+    async def _cache_lookup(self, call: _Call, candidates: list[RouteCandidate]) -> CachedReply | None:
+        call.cache_key = cache_key(self.config.cache, call.ctx.tenant, call.request)
+        if call.cache_key is None:
+            return None
+        hit = await self.cache.get(call.cache_key)
+        if hit is not None:
+            call.candidate = next(
+                (c for c in candidates if (c.provider, c.model.name) == (hit.provider, hit.model)), None
+            )
+        return hit
+
+    async def _cache_store(
+        self, call: _Call, c: RouteCandidate, content: str, tool_calls: Sequence[ToolCall], finish: FinishReason
+    ) -> None:
+        if call.cache_key is not None:
+            await self.cache.put(
+                call.cache_key, CachedReply(c.provider, c.model.name, content, tuple(tool_calls), finish)
+            )
+
+    async def _replay(self, call: _Call, hit: CachedReply) -> AsyncIterator[StreamItem]:
+        """A cache hit as a stream: start, the whole reply as one delta, end (no cost, marked cached)."""
+        yield StreamStarted(hit.provider, hit.model, call.request_id)
+        call.ttft_ms = _ms_since(call.started)
+        if hit.content:
+            yield TextDelta(hit.content)
+        for i, tc in enumerate(hit.tool_calls):
+            yield ToolCallDelta(i, tc.id, tc.name, tc.arguments)
+        record = self._record(call, Outcome.CACHE_HIT, Usage())
+        await self._settle(call, record)
+        yield StreamCompleted(hit.finish_reason, Usage(), 0, [], record.latency_ms, call.ttft_ms, cached=True)
+
     async def _route(
         self,
         call: _Call,
+        tenant: TenantConfig,
+        candidates: list[RouteCandidate],
         attempt: Callable[[Provider, RouteCandidate], Awaitable[T]],
         settle_loser: Callable[[RouteCandidate, T | None], Awaitable[None]],
     ) -> tuple[RouteCandidate, T]:
-        """Validate, resolve, then attempt: hedged when the route asks for it; on a too-long prompt, once
-        more on the route's larger-context models."""
-        validate_chat(call.request)
+        """Admit, then attempt: hedged when the route asks for it; on a too-long prompt, once more on the
+        route's larger-context models."""
         req = call.request
-        tenant = call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
-        candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
         call.ticket = await self.admission.admit(tenant, req, candidates, call.ctx.deadline)
         route = self.router.routes.get(req.model)
         try:
@@ -572,6 +656,10 @@ def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio
 
 def _settings(p: ProviderConfig) -> ProviderSettings:
     return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key)
+
+
+def _output_text(text: list[str], calls: dict[int, list[str]]) -> str:
+    return "".join(text) + "".join(part for parts in calls.values() for part in parts[2:])
 
 
 def _price(candidate: RouteCandidate | None, usage: Usage) -> tuple[int, bool]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 
+from feather_grpc.config import InputLimits
 from feather_grpc.engine.errors import FieldViolation, InvalidRequest
 from feather_grpc.engine.routing import POLICIES
 from feather_grpc.engine.types import ChatRequest, Role
 
 MAX_STOP_SEQUENCES = 4
 MAX_REQUEST_ID_LENGTH = 128
+_DEFAULT_LIMITS = InputLimits()
 
 
-def validate_chat(req: ChatRequest) -> None:
+def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> None:
     v: list[FieldViolation] = []
 
     def bad(field: str, why: str) -> None:
@@ -22,6 +24,8 @@ def validate_chat(req: ChatRequest) -> None:
         bad("model", "must name a model, an alias or provider/model")
     if not req.messages:
         bad("messages", "must contain at least one message")
+    elif len(req.messages) > limits.max_messages:
+        bad("messages", f"at most {limits.max_messages} messages")
     tool_call_ids: set[str] = set()
     for i, m in enumerate(req.messages):
         if m.role is Role.TOOL:
@@ -33,6 +37,8 @@ def validate_chat(req: ChatRequest) -> None:
             bad(f"messages[{i}].tool_calls", "are only allowed on assistant messages")
         if not m.content and not m.tool_calls and m.role is not Role.TOOL:
             bad(f"messages[{i}].content", "must not be empty")
+        elif len(m.content) > limits.max_content_chars:
+            bad(f"messages[{i}].content", f"at most {limits.max_content_chars} characters")
         for j, call in enumerate(m.tool_calls):
             if not call.id:
                 bad(f"messages[{i}].tool_calls[{j}].id", "must not be empty")
@@ -41,8 +47,8 @@ def validate_chat(req: ChatRequest) -> None:
             tool_call_ids.add(call.id)
     if req.messages and all(m.role is Role.SYSTEM for m in req.messages):
         bad("messages", "must contain at least one non-system message")
-    if req.max_tokens is not None and req.max_tokens < 1:
-        bad("max_tokens", "must be at least 1")
+    if req.max_tokens is not None and not 1 <= req.max_tokens <= limits.max_output_tokens:
+        bad("max_tokens", f"must be between 1 and {limits.max_output_tokens}")
     if req.temperature is not None and not (math.isfinite(req.temperature) and 0 <= req.temperature <= 2):
         bad("temperature", "must be between 0 and 2")
     if req.top_p is not None and not (math.isfinite(req.top_p) and 0 <= req.top_p <= 1):

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from feather_grpc.config import GatewayConfig
+from feather_grpc.config import GatewayConfig, TlsConfig
 from feather_grpc.engine.gateway import Feather
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
@@ -23,10 +23,19 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
 _SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS, or mutual TLS when a client CA is configured (clients must then present a certificate)."""
+    with open(tls.key_file, "rb") as key, open(tls.cert_file, "rb") as cert:
+        pair = [(key.read(), cert.read())]
+    if tls.client_ca_file is None:
+        return grpc.ssl_server_credentials(pair)
+    with open(tls.client_ca_file, "rb") as ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=ca.read(), require_client_auth=True)
 
 
 def open_ledger(config: GatewayConfig) -> UsageLedger:
@@ -47,7 +56,8 @@ class GatewayServer:
         self.engine = engine or Feather(config, open_ledger(config))
         self.health = HealthServicer()
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
-        self._server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=[TenantInterceptor(self.gate)])
+        options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+        self._server = grpc.aio.server(options=options, interceptors=[TenantInterceptor(self.gate)])
         self.port = 0
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
@@ -60,7 +70,10 @@ class GatewayServer:
             self._server,
         )
         address = f"{host or self.config.host}:{self.config.port if port is None else port}"
-        self.port = self._server.add_insecure_port(address)
+        if self.config.tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

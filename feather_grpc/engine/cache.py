@@ -1,0 +1,129 @@
+"""Exact-match response cache: a repeated deterministic request is answered without calling a provider.
+
+Only calls that would give the same answer again are cached: temperature at or below a threshold and, by
+default, a single user turn (plus system prompts). The key is a SHA-256 of the tenant, the requested
+model and provider pin, the whitespace-collapsed messages and every sampling parameter, so tenants never
+share entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+from feather_grpc.engine.types import ChatRequest, FinishReason, Role, ToolCall
+
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = True
+    ttl_s: float = 300.0
+    max_size: int = 1000
+    max_temperature: float = 0.3
+    single_turn_only: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CachedReply:
+    provider: str
+    model: str
+    content: str
+    tool_calls: tuple[ToolCall, ...]
+    finish_reason: FinishReason
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "p": self.provider,
+                "m": self.model,
+                "c": self.content,
+                "f": self.finish_reason.value,
+                "t": [[c.id, c.name, c.arguments] for c in self.tool_calls],
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> CachedReply:
+        d = orjson.loads(raw)
+        calls = tuple(ToolCall(i, n, a) for i, n, a in d["t"])
+        return cls(d["p"], d["m"], d["c"], calls, FinishReason(d["f"]))
+
+
+class ResponseCache(Protocol):
+    async def get(self, key: str) -> CachedReply | None: ...
+
+    async def put(self, key: str, reply: CachedReply) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def cache_key(settings: CacheSettings, tenant: str, request: ChatRequest) -> str | None:
+    """The request's cache key, or None when the request must not be cached."""
+    if not settings.enabled or request.cache_bypass:
+        return None
+    if request.temperature is None or request.temperature > settings.max_temperature:
+        return None
+    if settings.single_turn_only and sum(m.role is not Role.SYSTEM for m in request.messages) != 1:
+        return None
+    material = orjson.dumps(
+        [
+            tenant,
+            request.model,
+            request.provider,
+            [
+                [
+                    m.role.value,
+                    _SPACES.sub(" ", m.content).strip(),
+                    m.name,
+                    m.tool_call_id,
+                    [[c.id, c.name, c.arguments] for c in m.tool_calls],
+                ]
+                for m in request.messages
+            ],
+            [request.max_tokens, request.temperature, request.top_p, request.stop, request.seed],
+            repr(request.response_format),
+            [[t.name, t.description, t.parameters] for t in request.tools],
+            repr(request.tool_choice),
+        ],
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+class MemoryResponseCache:
+    """LRU with a TTL per entry, for one process."""
+
+    def __init__(self, settings: CacheSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = settings.ttl_s
+        self._max = settings.max_size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, CachedReply]] = OrderedDict()
+
+    async def get(self, key: str) -> CachedReply | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, reply = entry
+        if self._clock() >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return reply
+
+    async def put(self, key: str, reply: CachedReply) -> None:
+        self._entries[key] = (self._clock() + self._ttl, reply)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    async def aclose(self) -> None:
+        self._entries.clear()
