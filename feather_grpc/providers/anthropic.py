@@ -243,9 +243,9 @@ class AnthropicProvider:
                 except BaseException:
                     resp.close()  # never return a half-read connection to the pool
                     raise
-                yield reader.finish()
         except aiohttp.ClientError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
+        yield reader.finish()  # after the response is released
 
     async def aclose(self) -> None:
         return None

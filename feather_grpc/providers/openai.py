@@ -225,30 +225,31 @@ class OpenAIProvider:
                             yield TextDelta(full.content)
                         for i, call in enumerate(full.tool_calls):
                             yield ToolCallDelta(i, call.id, call.name, call.arguments)
-                        yield StreamFinish(full.finish_reason, full.usage)
-                        return
-
-                    parser = SSEParser()
-                    reader = _ChunkReader(name, self._api_key)
-                    async for chunk in resp.content.iter_any():
-                        for event in parser.feed(chunk):
-                            for out in reader.handle(event.data):
-                                yield out
+                        reader = _ChunkReader.finished(name, full.finish_reason, full.usage)
+                    else:
+                        parser = SSEParser()
+                        reader = _ChunkReader(name, self._api_key)
+                        async for chunk in resp.content.iter_any():
+                            for event in parser.feed(chunk):
+                                for out in reader.handle(event.data):
+                                    yield out
+                                if reader.done:
+                                    break
                             if reader.done:
                                 break
-                        if reader.done:
-                            break
-                    if not reader.done:
-                        raise stream_cut(name, "ended without [DONE]")
-                    if not resp.content.at_eof():
-                        resp.close()  # bytes after [DONE]: not reusable
+                        if not reader.done:
+                            raise stream_cut(name, "ended without [DONE]")
+                        if not resp.content.at_eof():
+                            resp.close()  # bytes after [DONE]: not reusable
                 except BaseException:
                     resp.close()  # never return a half-read connection to the pool
                     raise
-                for out in reader.finish():
-                    yield out
         except aiohttp.ClientError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
+        # The response is released before the last events: a consumer that stops at StreamFinish without
+        # closing the iterator holds no connection.
+        for out in reader.finish():
+            yield out
 
     async def aclose(self) -> None:
         return None
@@ -259,6 +260,7 @@ class _ChunkReader:
 
     __slots__ = (
         "_api_key",
+        "_final",
         "_finish",
         "_last_key",
         "_name",
@@ -279,6 +281,15 @@ class _ChunkReader:
         self._text_seen = False
         self._ordinals: dict[object, int] = {}  # upstream tool-call key -> ordinal
         self._last_key: object = 0
+        self._final: StreamFinish | None = None
+
+    @classmethod
+    def finished(cls, name: str, finish: FinishReason, usage: Usage) -> _ChunkReader:
+        """A reader whose `finish()` reports an already complete (non-streamed) answer."""
+        reader = cls(name, "")
+        reader.done = True
+        reader._final = StreamFinish(finish, usage)
+        return reader
 
     def handle(self, data: str) -> list[StreamEvent]:
         if data == "[DONE]":
@@ -341,6 +352,8 @@ class _ChunkReader:
         return classify_status(self._name, _stream_error_status(body), body, api_key=self._api_key)
 
     def finish(self) -> list[StreamEvent]:
+        if self._final is not None:
+            return [self._final]
         out: list[StreamEvent] = []
         finish = finish_reason(self._finish, bool(self._ordinals))
         if self._refusal and not self._text_seen:
