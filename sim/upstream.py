@@ -266,7 +266,7 @@ class UpstreamSimulator:
         self.received = 0  # requests received, whether recorded or not
         self._default = default or Reply()
         self._script: list[tuple[str | None, str | None, Reply]] = []
-        self._cache: dict[tuple[Any, ...], bytes | list[bytes]] = {}
+        self._cache: dict[tuple[Any, ...], bytes] = {}
         self._changed = asyncio.Event()  # set on every recorded request and disconnect
         self._handlers: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
@@ -424,19 +424,22 @@ class UpstreamSimulator:
     ) -> web.StreamResponse:
         text = _last_user_text(body, openai)
         include_usage = openai and stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        key = (openai, stream, include_usage, model, text)
-        encoded = self._cache.get(key)
-        if encoded is None:
+        # The default usage depends on every prompt word, so the key must too.
+        words = 0 if self._default.usage is not None else _prompt_words(body, openai)
+        key = (openai, stream, include_usage, model, text, words)
+        data = self._cache.get(key)
+        if data is None:
             if len(self._cache) > 4096:
                 self._cache.clear()
             encoded = self._encode(body, model, stream, openai, self._default, text, include_usage)
-            self._cache[key] = encoded
-        if isinstance(encoded, bytes):
-            return web.Response(body=encoded, headers=_JSON)
+            data = encoded if isinstance(encoded, bytes) else b"".join(encoded)
+            self._cache[key] = data
+        if not stream:
+            return web.Response(body=data, headers=_JSON)
         resp = _sse_response()
         await resp.prepare(request)
         try:
-            await resp.write(b"".join(encoded))
+            await resp.write(data)
             await resp.write_eof()
         except (asyncio.CancelledError, ConnectionError):
             self._note_disconnect(streaming=True)
@@ -653,6 +656,11 @@ def _prompt_texts(body: dict[str, Any], openai: bool) -> tuple[list[str], int]:
     if not openai:
         texts.append(_text_of(body.get("system")))
     return texts, len(messages)
+
+
+def _prompt_words(body: dict[str, Any], openai: bool) -> int:
+    texts, count = _prompt_texts(body, openai)
+    return default_usage(texts, count, "").input
 
 
 # -- validation: what the real APIs reject, so adapter mistakes show up in tests ----------------------

@@ -204,6 +204,16 @@ async def test_openai_chat_default_reply_and_usage_formula(
     assert reply.usage == Usage(input_tokens=12, output_tokens=7)
 
 
+async def test_default_usage_follows_the_whole_prompt(
+    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+) -> None:
+    provider = openai(upstream, http_session)
+    short = await provider.chat("m", ask("same question"))
+    messages = [Message(Role.SYSTEM, "four words of system"), Message(Role.USER, "same question")]
+    longer = ChatRequest(model="m", messages=messages)
+    assert (await provider.chat("m", longer)).usage.input_tokens == short.usage.input_tokens + 4 + 3
+
+
 async def test_openai_sends_the_documented_request(
     upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
 ) -> None:
