@@ -15,7 +15,7 @@ Default reply (no script queued): content `"Hello from <model>: <last user text>
 `end_turn`, usage from `default_usage`: input = whitespace-separated words of every text in the request
 (messages, and Anthropic's `system`) + 3 per message; output = words of the reply + 1 per tool call; no
 cache counts. Streams send the content in word-sized pieces (each piece a word plus its trailing space).
-("Text" means string contents and `text` blocks; tool results and tool calls count nothing.) Default
+("Text" is every string `content` and `text` block; Anthropic tool_use/tool_result blocks count 0.) Default
 replies are encoded once per (model, last user text, prompt word count, stream, include_usage) and
 then served from a cache, so the benchmark path does no per-request encoding.
 
