@@ -56,6 +56,20 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_new(args: argparse.Namespace) -> int:
+    """Prints a fresh API key once, with the digest that goes into the config (the key itself never does)."""
+    import hashlib
+    import json
+    import secrets
+
+    key = "fk_" + secrets.token_urlsafe(32)
+    digest = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    print(f"api key (give it to the caller; it is not stored anywhere): {key}")
+    print(f"digest (put it in the config):                              {digest}")
+    print(json.dumps({"tenants": {args.tenant: {"keys": [digest]}}}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feather-grpc", description="Feather gRPC LLM gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config and print what it serves")
     check.add_argument("--config")
     check.set_defaults(run=_check_config)
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    new_key = keys.add_parser("new", help="make an API key and print its SHA-256 digest for the config")
+    new_key.add_argument("--tenant", default="my-team", help="tenant name for the printed config snippet")
+    new_key.set_defaults(run=_keys_new)
     args = parser.parse_args(argv)
     _setup_logging()
     return int(args.run(args))
