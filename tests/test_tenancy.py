@@ -165,3 +165,25 @@ async def test_budget_is_never_overspent_by_concurrent_calls() -> None:
             assert spent == sum(r.cost_nanos_usd for r in ok) == 3 * (10 * 30_000 + 20 * 60_000)
             # settled to the real cost: the freed worst-case headroom admits more calls now
             assert (await gw.stub.Chat(chat(max_tokens=100), metadata=bearer(ACME_KEY))).cost_nanos_usd > 0
+
+
+async def test_keys_new_prints_a_key_whose_digest_authenticates() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "feather_grpc.cli", "keys", "new", "--tenant", "initech"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    key = out.split("not stored anywhere): ")[1].split()[0]
+    snippet = json.loads(out[out.index("{") :])
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["tenants"] = snippet["tenants"]
+    assert snippet["tenants"]["initech"]["keys"] == [_h(key)]
+    async with running_gateway(doc) as gw:
+        await gw.stub.Chat(chat(), metadata=bearer(key))
+        assert (await gw.stub.Usage(pb.UsageRequest(), metadata=bearer(key))).total.request_count == 1
