@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -167,18 +170,13 @@ async def test_budget_is_never_overspent_by_concurrent_calls() -> None:
             assert (await gw.stub.Chat(chat(max_tokens=100), metadata=bearer(ACME_KEY))).cost_nanos_usd > 0
 
 
-async def test_keys_new_prints_a_key_whose_digest_authenticates() -> None:
-    import json
-    import subprocess
-    import sys
+def _keys_new(tenant: str) -> str:
+    run = [sys.executable, "-m", "feather_grpc.cli", "keys", "new", "--tenant", tenant]
+    return subprocess.run(run, capture_output=True, text=True, check=True, timeout=60).stdout
 
-    out = subprocess.run(
-        [sys.executable, "-m", "feather_grpc.cli", "keys", "new", "--tenant", "initech"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+
+async def test_keys_new_prints_a_key_whose_digest_authenticates() -> None:
+    out = _keys_new("initech")
     key = out.split("not stored anywhere): ")[1].split()[0]
     snippet = json.loads(out[out.index("{") :])
     doc = copy.deepcopy(MOCK_CONFIG)
