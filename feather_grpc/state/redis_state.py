@@ -1,0 +1,456 @@
+"""The hot shared state in Redis, so replicas hold limits, budgets and circuits together.
+
+Every decision is ONE round trip: a Lua script, loaded once and then called by EVALSHA (redis-py's
+`register_script` falls back to EVAL on NOSCRIPT, e.g. after a Redis restart). Scripts read the clock
+with `redis.call('TIME')`, so replicas with skewed clocks agree. Needs Redis >= 5 (script effects
+replication) — tested against 6.2.
+
+Keys are namespaced and hash-tagged so that every key one script touches lives in one Redis Cluster slot:
+
+    feather:{rl:<bucket>}                              GCRA theoretical arrival time (µs, server clock)
+    feather:{tenant:<t>}:budget:<window>:<instance>    hash {spent, reserved} in nano-dollars
+    feather:{cb:<provider:model>}                      hash {opened_at} (µs)
+    feather:{cb:<provider:model>}:fails                sorted set of failure times in the rolling window
+    feather:{cb:<provider:model>}:probe                the half-open probe flag (a token, with a TTL)
+
+Failure handling: connect and read timeouts are short (0.25 s by default), redis-py's own retries are
+off (a retried reservation whose reply was lost would reserve twice), and any Redis error or timeout
+surfaces as `StateUnavailable`. Dead pooled connections are replaced on checkout, so after Redis comes
+back the same objects work again. Note that a call that timed out may still have been applied.
+
+Wiring — one pool for all three:
+
+    state = RedisState.from_url(os.environ["REDIS_URL"], breaker=config.breaker)
+    feather = Feather(config, limiter=state.limiter, budgets=state.budgets)  # + state.circuits
+    ...
+    await state.aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from feather_grpc.engine.breaker import BreakerSettings, CircuitState, Permit
+from feather_grpc.state.limits import (
+    BucketSpec,
+    BudgetExceeded,
+    BudgetWindow,
+    RateLimited,
+    Reservation,
+    StateUnavailable,
+)
+from feather_grpc.state.memory_limits import BurstExceeded, check_request
+
+__all__ = [
+    "BurstExceeded",
+    "RedisBudgetStore",
+    "RedisCircuitStore",
+    "RedisRateLimiter",
+    "RedisState",
+]
+
+# Longest wait a caller may ask for (keeps the Lua arithmetic finite): a day.
+_MAX_WAIT_CAP_S = 86_400.0
+
+# Shared Lua prelude: the server clock in microseconds (an exact integer in a double until year 2255),
+# and number formatting that keeps full precision (Lua's default tostring keeps only 14 digits).
+_PRELUDE = """
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function fmt(x) return string.format('%.17g', x) end
+"""
+
+# GCRA reserve. KEYS[1] bucket. ARGV: rate/s, burst, amount, max_wait_s.
+# Returns {1, wait_us} when reserved, {0, wait_us} when the wait exceeds max_wait (nothing reserved).
+_RL_RESERVE = (
+    _PRELUDE
+    + """
+local now = now_us()
+local interval = 1000000 / tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tat < now then tat = now end
+local new_tat = tat + tonumber(ARGV[3]) * interval
+local wait = new_tat - tonumber(ARGV[2]) * interval - now
+if wait < 0.001 then wait = 0 end
+if wait > tonumber(ARGV[4]) * 1000000 then return {0, fmt(wait)} end
+if new_tat > now then
+  redis.call('SET', KEYS[1], fmt(new_tat), 'PX', string.format('%d', math.ceil((new_tat - now) / 1000) + 1000))
+end
+return {1, fmt(wait)}
+"""
+)
+
+# GCRA charge/refund. KEYS[1] bucket. ARGV: rate/s, delta tokens. A refund never fills beyond burst.
+_RL_ADJUST = (
+    _PRELUDE
+    + """
+local now = now_us()
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tat < now then tat = now end
+local new_tat = tat + tonumber(ARGV[2]) * 1000000 / tonumber(ARGV[1])
+if new_tat <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], fmt(new_tat), 'PX', string.format('%d', math.ceil((new_tat - now) / 1000) + 1000))
+end
+return 1
+"""
+)
+
+# Budget reserve. KEYS: one hash per window. ARGV[1] amount; ARGV[1+i] cap of window i; ARGV[1+n+i] ttl_s.
+# All or nothing: {1} when reserved in every window, else {0, i, spent, reserved} of the first overflow.
+# Money stays in strings on the way in and out: Lua numbers are doubles (exact below 2^53 nano-dollars,
+# about 9 million dollars, which bounds the comparison only).
+_BUDGET_RESERVE = """
+local n = #KEYS
+local amount = tonumber(ARGV[1])
+for i = 1, n do
+  local v = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
+  local spent, reserved = v[1] or '0', v[2] or '0'
+  if tonumber(spent) + tonumber(reserved) + amount > tonumber(ARGV[1 + i]) then
+    return {0, i, spent, reserved}
+  end
+end
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[1 + n + i])
+end
+return {1}
+"""
+
+# Budget settle. KEYS: the reservation's window hashes. ARGV[1] -reserved, ARGV[2] actual, ARGV[2+i] ttl_s.
+_BUDGET_SETTLE = """
+for i = 1, #KEYS do
+  if redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[1]) < 0 then
+    redis.call('HSET', KEYS[i], 'reserved', '0')
+  end
+  redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[2 + i])
+end
+return 1
+"""
+
+# Circuit keys in every script: KEYS[1] state hash, KEYS[2] probe flag, KEYS[3] failures zset.
+
+# ARGV: cooldown_us, probe_ttl_ms, probe token. Returns 'call', 'probe', or 'open'.
+_CB_ACQUIRE = (
+    _PRELUDE
+    + """
+local opened = redis.call('HGET', KEYS[1], 'opened_at')
+if not opened then return 'call' end
+if now_us() - tonumber(opened) < tonumber(ARGV[1]) then return 'open' end
+if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return 'probe' end
+return 'open'
+"""
+)
+
+# ARGV: permit. A probe's success (or any success while closed) closes the circuit and clears failures.
+_CB_SUCCEEDED = """
+if ARGV[1] == 'probe' or redis.call('HEXISTS', KEYS[1], 'opened_at') == 0 then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+end
+return 1
+"""
+
+# ARGV: permit, probe token, window_us, threshold. Returns 'open' or 'closed'.
+_CB_FAILED = (
+    _PRELUDE
+    + """
+local now = now_us()
+if ARGV[1] == 'probe' then
+  redis.call('HSET', KEYS[1], 'opened_at', fmt(now))
+  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  return 'open'
+end
+if redis.call('HEXISTS', KEYS[1], 'opened_at') == 1 then return 'open' end
+local window = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[3], fmt(now), fmt(now) .. ':' .. redis.call('ZCARD', KEYS[3]))
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. fmt(now - window))
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'opened_at', fmt(now))
+  redis.call('DEL', KEYS[3])
+  return 'open'
+end
+redis.call('PEXPIRE', KEYS[3], string.format('%d', math.ceil(window / 1000) + 1000))
+return 'closed'
+"""
+)
+
+# ARGV: probe token. Drops the probe flag if it is still ours.
+_CB_RELEASED = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# Returns {opened_at or '', now_us}.
+_CB_PEEK = (
+    _PRELUDE
+    + """
+return {redis.call('HGET', KEYS[1], 'opened_at') or '', fmt(now_us())}
+"""
+)
+
+
+class _RedisStore:
+    def __init__(self, client: Redis, *, namespace: str, op_timeout_s: float, owns_client: bool) -> None:
+        self._client = client
+        self._ns = namespace
+        self._op_timeout = op_timeout_s
+        self._owns = owns_client
+
+    def _script(self, lua: str) -> AsyncScript:
+        return self._client.register_script(lua)
+
+    async def _run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                return await script(keys=list(keys), args=list(args))
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
+
+    async def aclose(self) -> None:
+        """Closes the client only when this store created it (RedisState owns the shared pool)."""
+        if self._owns:
+            await self._client.aclose()
+
+
+def _f(x: float) -> str:
+    return repr(float(x))
+
+
+class RedisRateLimiter(_RedisStore):
+    """GCRA token buckets in Redis (same semantics as MemoryRateLimiter, on the server's clock)."""
+
+    def __init__(
+        self, client: Redis, *, namespace: str = "feather", op_timeout_s: float = 1.0, owns_client: bool = False
+    ) -> None:
+        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client)
+        self._reserve = self._script(_RL_RESERVE)
+        self._adjust = self._script(_RL_ADJUST)
+
+    def key(self, bucket: str) -> str:
+        return f"{self._ns}:{{rl:{bucket}}}"
+
+    async def reserve(self, key: str, spec: BucketSpec, amount: float, max_wait_s: float) -> float:
+        check_request(key, spec, amount)
+        max_wait = min(max(max_wait_s, 0.0), _MAX_WAIT_CAP_S)
+        ok, wait_us = await self._run(
+            self._reserve, [self.key(key)], [_f(spec.rate), _f(spec.burst), _f(amount), _f(max_wait)]
+        )
+        wait = float(wait_us) / 1e6
+        if not ok:
+            raise RateLimited(key, wait)
+        return wait
+
+    async def adjust(self, key: str, spec: BucketSpec, delta: float) -> None:
+        if not spec.rate > 0 or not math.isfinite(delta):
+            raise ValueError(f"bucket {key!r}: bad adjust (rate={spec.rate!r}, delta={delta!r})")
+        if delta:
+            await self._run(self._adjust, [self.key(key)], [_f(spec.rate), _f(delta)])
+
+
+class RedisBudgetStore(_RedisStore):
+    """Per-tenant spend windows in Redis hashes; reserve and settle are atomic across all windows."""
+
+    def __init__(
+        self, client: Redis, *, namespace: str = "feather", op_timeout_s: float = 1.0, owns_client: bool = False
+    ) -> None:
+        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client)
+        self._reserve = self._script(_BUDGET_RESERVE)
+        self._settle = self._script(_BUDGET_SETTLE)
+
+    def key(self, tenant: str, window: BudgetWindow) -> str:
+        return f"{self._ns}:{{tenant:{tenant}}}:budget:{window.name}:{window.key}"
+
+    async def reserve(self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int) -> Reservation:
+        if amount_nanos < 0:
+            raise ValueError(f"budget reservation must be >= 0 nano-dollars, got {amount_nanos}")
+        if windows:
+            keys = [self.key(tenant, w) for w in windows]
+            args: list[str | int | float] = [str(int(amount_nanos))]
+            args += [str(int(w.cap_nanos)) for w in windows]
+            args += [str(max(int(w.ttl_s), 1)) for w in windows]
+            reply = await self._run(self._reserve, keys, args)
+            if not reply[0]:
+                w = windows[int(reply[1]) - 1]
+                raise BudgetExceeded(tenant, w.name, w.cap_nanos, int(reply[2]) + int(reply[3]))
+        return Reservation(tenant, windows, amount_nanos)
+
+    async def settle(self, reservation: Reservation, actual_nanos: int) -> None:
+        if actual_nanos < 0:
+            raise ValueError(f"actual cost must be >= 0 nano-dollars, got {actual_nanos}")
+        if reservation.windows:
+            keys = [self.key(reservation.tenant, w) for w in reservation.windows]
+            args: list[str | int | float] = [str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
+            args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
+            await self._run(self._settle, keys, args)
+
+    async def spent(self, tenant: str, window: BudgetWindow) -> int:
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                value = await self._client.hget(self.key(tenant, window), "spent")
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
+        return 0 if value is None else int(value)
+
+
+class RedisCircuitStore(_RedisStore):
+    """`CircuitBreakers` semantics shared between replicas (see breaker_store.CircuitStore).
+
+    The half-open probe is an atomic SET NX flag with a TTL (`probe_ttl_s`), so a prober that crashed
+    only holds the circuit until the flag expires. The flag's value is a per-acquire token, so a probe
+    that outlived its flag never drops another replica's."""
+
+    def __init__(
+        self,
+        client: Redis,
+        settings: BreakerSettings,
+        *,
+        probe_ttl_s: float = 30.0,
+        namespace: str = "feather",
+        op_timeout_s: float = 1.0,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client)
+        self.settings = settings
+        self._probe_ttl_ms = max(int(probe_ttl_s * 1000), 1)
+        self._probe_tokens: dict[str, str] = {}
+        self._acquire = self._script(_CB_ACQUIRE)
+        self._succeeded = self._script(_CB_SUCCEEDED)
+        self._failed = self._script(_CB_FAILED)
+        self._released = self._script(_CB_RELEASED)
+        self._peek = self._script(_CB_PEEK)
+
+    def keys(self, key: str) -> list[str]:
+        base = f"{self._ns}:{{cb:{key}}}"
+        return [base, f"{base}:probe", f"{base}:fails"]
+
+    async def acquire(self, key: str) -> Permit | None:
+        if not self.settings.enabled:
+            return Permit.CALL
+        token = uuid.uuid4().hex
+        cooldown_us = _f(self.settings.cooldown_s * 1e6)
+        got = await self._run(self._acquire, self.keys(key), [cooldown_us, str(self._probe_ttl_ms), token])
+        if got == b"call":
+            return Permit.CALL
+        if got == b"probe":
+            self._probe_tokens[key] = token
+            return Permit.PROBE
+        return None
+
+    async def succeeded(self, key: str, permit: Permit) -> None:
+        if permit is Permit.PROBE:
+            self._probe_tokens.pop(key, None)
+        await self._run(self._succeeded, self.keys(key), [permit.value])
+
+    async def failed(self, key: str, permit: Permit) -> None:
+        if not self.settings.enabled:
+            return
+        token = self._probe_tokens.pop(key, "") if permit is Permit.PROBE else ""
+        s = self.settings
+        await self._run(
+            self._failed, self.keys(key), [permit.value, token, _f(s.window_s * 1e6), str(s.failure_threshold)]
+        )
+
+    async def released(self, key: str, permit: Permit) -> None:
+        if permit is Permit.PROBE:
+            token = self._probe_tokens.pop(key, "")
+            await self._run(self._released, self.keys(key), [token])
+
+    async def _opened_for(self, key: str) -> float | None:
+        """Seconds since the circuit opened (server clock), or None when it is closed."""
+        opened, now = await self._run(self._peek, self.keys(key), [])
+        if not opened:
+            return None
+        return (float(now) - float(opened)) / 1e6
+
+    async def state(self, key: str) -> CircuitState:
+        if not self.settings.enabled:
+            return CircuitState.CLOSED
+        elapsed = await self._opened_for(key)
+        if elapsed is None:
+            return CircuitState.CLOSED
+        return CircuitState.OPEN if elapsed < self.settings.cooldown_s else CircuitState.HALF_OPEN
+
+    async def reopens_in(self, key: str) -> float | None:
+        elapsed = await self._opened_for(key)
+        return None if elapsed is None else max(self.settings.cooldown_s - elapsed, 0.0)
+
+
+class RedisState:
+    """The three Redis-backed stores on ONE shared connection pool.
+
+    `from_url` is the usual constructor; `__init__` takes a ready `redis.asyncio.Redis` client (for a
+    cluster client, or custom TLS/auth settings), which `aclose()` then closes."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        breaker: BreakerSettings | None = None,
+        probe_ttl_s: float = 30.0,
+        namespace: str = "feather",
+        op_timeout_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self._op_timeout = op_timeout_s
+        opts: dict[str, Any] = {"namespace": namespace, "op_timeout_s": op_timeout_s}
+        self.limiter = RedisRateLimiter(client, **opts)
+        self.budgets = RedisBudgetStore(client, **opts)
+        self.circuits = RedisCircuitStore(client, breaker or BreakerSettings(), probe_ttl_s=probe_ttl_s, **opts)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 0.25,
+        connect_timeout_s: float | None = None,
+        max_connections: int = 64,
+        breaker: BreakerSettings | None = None,
+        probe_ttl_s: float = 30.0,
+        namespace: str = "feather",
+        **redis_kwargs: Any,
+    ) -> RedisState:
+        """`redis://[user:pass@]host:port/db` or `rediss://...` (TLS) or `unix://...`.
+
+        `timeout_s` bounds each socket read and (unless `connect_timeout_s` is given) each connect;
+        a call waits at most `timeout_s` for a free pooled connection too. Extra keyword arguments go
+        to redis-py's connection pool (e.g. `ssl_ca_certs`, `client_name`)."""
+        connect = timeout_s if connect_timeout_s is None else connect_timeout_s
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=connect,
+            retry=Retry(NoBackoff(), 0),
+            **redis_kwargs,
+        )
+        client = Redis.from_pool(pool)  # closes the pool with the client
+        # Worst case of one decision: pool wait + connect + EVALSHA, NOSCRIPT, EVAL (after a restart).
+        op_timeout = timeout_s + connect + 2 * timeout_s + 0.05
+        return cls(client, breaker=breaker, probe_ttl_s=probe_ttl_s, namespace=namespace, op_timeout_s=op_timeout)
+
+    async def ping(self) -> None:
+        """Raises StateUnavailable unless Redis answers (for health checks)."""
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,644 @@
+"""Rate limiter, budget store and circuit store: the in-memory and the Redis implementations run the SAME
+cases (parametrized rigs), the Redis ones against a real redis-server (tests/redis_server.py).
+
+The memory rigs run on a controllable clock; the Redis rigs on the Redis server's own clock, where
+`advance` really sleeps and assertions allow for the real time that passes between calls (waits can only
+come out *shorter* than on a frozen clock, never longer, so the upper bounds stay exact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from redis.crc import key_slot
+
+from feather_grpc.engine.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
+from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
+from feather_grpc.state.limits import (
+    BucketSpec,
+    BudgetExceeded,
+    BudgetStore,
+    BudgetWindow,
+    RateLimited,
+    RateLimiter,
+    StateUnavailable,
+)
+from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
+from feather_grpc.state.redis_state import RedisBudgetStore, RedisState
+from tests.redis_server import RedisServer
+
+# How much real time may pass between two calls of one Redis test (scheduling on a busy 2-core box).
+REDIS_SLACK_S = 0.15
+
+
+class Clock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@dataclass
+class Rig:
+    """One implementation under test, with a way to let time pass and the tolerance of its clock."""
+
+    kind: str
+    advance: Callable[[float], Awaitable[None]]
+    slack: float
+
+    def assert_wait(self, actual: float, expected: float) -> None:
+        # Real time passing between calls only shortens a wait: the upper bound is exact.
+        assert expected - self.slack - 1e-9 <= actual <= expected + 1e-6, (actual, expected)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Rig, RateLimiter, BudgetStore]]:
+    if request.param == "memory":
+        clock, wall = Clock(), Clock(1_700_000_000.0)
+
+        async def advance(dt: float) -> None:
+            clock.now += dt
+            wall.now += dt
+
+        yield Rig("memory", advance, 0.0), MemoryRateLimiter(clock), MemoryBudgetStore(wall)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        state = RedisState.from_url(server.url, namespace=f"t{uuid.uuid4().hex[:8]}")
+
+        async def sleep(dt: float) -> None:
+            await asyncio.sleep(dt)
+
+        yield Rig("redis", sleep, REDIS_SLACK_S), state.limiter, state.budgets
+        await state.aclose()
+
+
+# ---------------------------------------------------------------- rate limiter
+
+
+async def test_bucket_starts_full_then_refills_at_rate(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=1, burst=5)
+    for _ in range(5):
+        assert await limiter.reserve("k", spec, 1, 0) == 0
+    with pytest.raises(RateLimited) as e:
+        await limiter.reserve("k", spec, 1, 0)
+    assert e.value.key == "k"
+    r.assert_wait(e.value.retry_after_s, 1.0)
+
+
+async def test_refill_is_exact_second_token_at_1000ms_not_850(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=1, burst=1)
+    assert await limiter.reserve("k", spec, 1, 0) == 0
+    await r.advance(0.85)
+    with pytest.raises(RateLimited) as e:  # the original library granted it here
+        await limiter.reserve("k", spec, 1, 0)
+    r.assert_wait(e.value.retry_after_s, 0.15)
+    await r.advance(0.15)
+    assert await limiter.reserve("k", spec, 1, 0) == 0
+    with pytest.raises(RateLimited):  # and it is the only one
+        await limiter.reserve("k", spec, 1, 0)
+
+
+async def test_sequential_waiters_are_scheduled_first_in_first_out(
+    rig: tuple[Rig, RateLimiter, BudgetStore],
+) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=2, burst=2)
+    waits = [await limiter.reserve("k", spec, 1, 60) for _ in range(10)]
+    assert waits[:2] == [0, 0]
+    for i, w in enumerate(waits[2:], start=1):
+        r.assert_wait(w, i * 0.5)
+    assert all(a < b for a, b in itertools.pairwise(waits[1:]))
+
+
+async def test_concurrent_reservers_each_get_their_own_slot_in_arrival_order(
+    rig: tuple[Rig, RateLimiter, BudgetStore],
+) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=10, burst=1)
+    n = 40
+    waits = await asyncio.gather(*(limiter.reserve("k", spec, 1, 60) for _ in range(n)))
+    if r.kind == "memory":
+        # Arrival order is task order here: strictly increasing, one interval apart.
+        assert waits == sorted(waits) and len(set(waits)) == n
+        for i, w in enumerate(waits):
+            r.assert_wait(w, i * 0.1)
+    # In any arrival order: no two callers share a slot, and slots are one interval apart
+    # (minus the real time between their arrivals).
+    ordered = sorted(waits)
+    assert ordered[0] == 0
+    for a, b in itertools.pairwise(ordered):
+        assert 0.1 - r.slack - 1e-9 <= b - a <= 0.1 + 1e-6
+    # A newcomer can never jump ahead of a reserved waiter.
+    last = await limiter.reserve("k", spec, 1, 60)
+    assert last > ordered[-1]
+    r.assert_wait(last, n * 0.1)
+
+
+async def test_max_wait_rejects_with_exact_retry_after_and_reserves_nothing(
+    rig: tuple[Rig, RateLimiter, BudgetStore],
+) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=1, burst=1)
+    assert await limiter.reserve("k", spec, 1, 0) == 0
+    r.assert_wait(await limiter.reserve("k", spec, 1, 5), 1.0)  # a waiter takes the next slot
+    for _ in range(3):
+        with pytest.raises(RateLimited) as e:
+            await limiter.reserve("k", spec, 1, 1.5)  # its slot would be at 2 s
+        r.assert_wait(e.value.retry_after_s, 2.0)
+    r.assert_wait(await limiter.reserve("k", spec, 1, 2.5), 2.0)  # the rejections took nothing
+
+
+async def test_multi_token_amounts_like_tokens_per_minute(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=600 / 60, burst=600)  # 600 tokens per minute
+    assert await limiter.reserve("tpm", spec, 500, 0) == 0
+    with pytest.raises(RateLimited) as e:
+        await limiter.reserve("tpm", spec, 200, 0)
+    r.assert_wait(e.value.retry_after_s, 10.0)  # 100 missing tokens at 10/s
+    assert await limiter.reserve("tpm", spec, 100, 0) == 0  # what is there can still be had
+    r.assert_wait(await limiter.reserve("tpm", spec, 0.5, 1), 0.05)
+
+
+async def test_amount_larger_than_burst_can_never_be_satisfied(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, limiter, _ = rig
+    spec = BucketSpec(rate=100, burst=10)
+    with pytest.raises(RateLimited) as e:
+        await limiter.reserve("k", spec, 11, 3600)
+    assert isinstance(e.value, BurstExceeded)
+    assert math.isinf(e.value.retry_after_s)
+    assert "at most 10" in str(e.value) and "11 tokens" in str(e.value)
+    assert await limiter.reserve("k", spec, 10, 0) == 0  # nothing was taken
+
+
+async def test_adjust_charges_and_refunds_but_never_past_burst(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=1, burst=10)
+    # A refund on a full bucket does not grow it beyond burst.
+    await limiter.adjust("k", spec, -100)
+    assert await limiter.reserve("k", spec, 10, 0) == 0
+    with pytest.raises(RateLimited) as e:
+        await limiter.reserve("k", spec, 1, 0)
+    r.assert_wait(e.value.retry_after_s, 1.0)
+    # Refund 4 (the estimate was too high): 4 tokens are back at once.
+    await limiter.adjust("k", spec, -4)
+    assert await limiter.reserve("k", spec, 4, 0) == 0
+    # Charge 3 more than reserved (real usage was higher): the debt pushes the next grant out.
+    await limiter.adjust("k", spec, 3)
+    with pytest.raises(RateLimited) as e:
+        await limiter.reserve("k", spec, 1, 0)
+    r.assert_wait(e.value.retry_after_s, 4.0)
+
+
+async def test_cancelled_waiter_refund_frees_its_slot(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    r, limiter, _ = rig
+    spec = BucketSpec(rate=1, burst=1)
+    assert await limiter.reserve("k", spec, 1, 0) == 0
+    r.assert_wait(await limiter.reserve("k", spec, 1, 10), 1.0)  # a waiter, who then gives up
+    await limiter.adjust("k", spec, -1)
+    r.assert_wait(await limiter.reserve("k", spec, 1, 10), 1.0)  # the next caller gets that slot
+
+
+async def test_buckets_are_independent(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, limiter, _ = rig
+    spec = BucketSpec(rate=1, burst=1)
+    assert await limiter.reserve("provider:a:m", spec, 1, 0) == 0
+    assert await limiter.reserve("provider:b:m", spec, 1, 0) == 0
+    with pytest.raises(RateLimited):
+        await limiter.reserve("provider:a:m", spec, 1, 0)
+
+
+async def test_invalid_specs_are_refused(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, limiter, _ = rig
+    for spec, amount in [(BucketSpec(0, 1), 1.0), (BucketSpec(1, 0), 0.0), (BucketSpec(1, 1), -1.0)]:
+        with pytest.raises(ValueError):
+            await limiter.reserve("k", spec, amount, 0)
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def day(cap: int, key: str = "2026-11-26", ttl: int = 2 * 86_400) -> BudgetWindow:
+    return BudgetWindow("day", key, cap, ttl)
+
+
+def month(cap: int, key: str = "2026-11", ttl: int = 32 * 86_400) -> BudgetWindow:
+    return BudgetWindow("month", key, cap, ttl)
+
+
+async def test_budget_reserve_settle_and_refuse(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, _, budgets = rig
+    windows = (day(1_000),)
+    r1 = await budgets.reserve("acme", windows, 600)
+    assert r1.amount_nanos == 600 and r1.tenant == "acme"
+    with pytest.raises(BudgetExceeded) as e:
+        await budgets.reserve("acme", windows, 500)
+    assert (e.value.tenant, e.value.window, e.value.budget_nanos, e.value.spent_nanos) == ("acme", "day", 1_000, 600)
+    assert await budgets.spent("acme", windows[0]) == 0  # reserved is not spent
+    await budgets.settle(r1, 100)
+    assert await budgets.spent("acme", windows[0]) == 100
+    r2 = await budgets.reserve("acme", windows, 900)  # exactly the cap
+    with pytest.raises(BudgetExceeded):
+        await budgets.reserve("acme", windows, 1)
+    await budgets.settle(r2, 0)
+    assert await budgets.spent("acme", windows[0]) == 100
+    assert await budgets.spent("other", windows[0]) == 0
+
+
+async def test_budget_windows_are_all_or_nothing(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, _, budgets = rig
+    windows = (day(1_000), month(500))
+    with pytest.raises(BudgetExceeded) as e:
+        await budgets.reserve("acme", windows, 600)
+    assert (e.value.window, e.value.budget_nanos, e.value.spent_nanos) == ("month", 500, 0)
+    # The day window was not touched by the refused reservation: 1000 fits it alone.
+    r = await budgets.reserve("acme", (day(1_000),), 1_000)
+    await budgets.settle(r, 1_000)
+    with pytest.raises(BudgetExceeded) as e:
+        await budgets.reserve("acme", windows, 1)
+    assert (e.value.window, e.value.spent_nanos) == ("day", 1_000)
+    assert await budgets.spent("acme", windows[1]) == 0
+
+
+async def test_settle_records_the_real_cost_even_past_the_cap(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, _, budgets = rig
+    windows = (day(1_000), month(10_000))
+    r = await budgets.reserve("acme", windows, 800)
+    await budgets.settle(r, 1_250)  # the call cost more than its worst-case estimate
+    assert await budgets.spent("acme", windows[0]) == 1_250
+    assert await budgets.spent("acme", windows[1]) == 1_250
+    with pytest.raises(BudgetExceeded) as e:
+        await budgets.reserve("acme", windows, 1)
+    assert (e.value.window, e.value.spent_nanos) == ("day", 1_250)
+
+
+async def test_budget_money_is_exact_at_large_values(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, _, budgets = rig
+    cap = 8_000_000 * 10**9  # 8 million dollars in nano-dollars, beyond 14 significant digits
+    windows = (month(cap),)
+    r = await budgets.reserve("big", windows, 1_234_567_890_123_457)
+    await budgets.settle(r, 1_234_567_890_123_457)
+    r = await budgets.reserve("big", windows, 3)
+    await budgets.settle(r, 3)
+    assert await budgets.spent("big", windows[0]) == 1_234_567_890_123_460
+
+
+async def test_budget_counters_expire_after_their_ttl(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    r_, _, budgets = rig
+    window = day(1_000, ttl=1)
+    r = await budgets.reserve("acme", (window,), 10)
+    await budgets.settle(r, 10)
+    assert await budgets.spent("acme", window) == 10
+    if isinstance(budgets, RedisBudgetStore):
+        ttl = await budgets._client.ttl(budgets.key("acme", window))
+        assert 0 < ttl <= 1
+    else:
+        await r_.advance(1.0)
+        assert await budgets.spent("acme", window) == 0
+
+
+async def test_200_concurrent_reserves_exactly_50_fit(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, _, budgets = rig
+    x = 7_919
+    windows = (day(50 * x), month(10**15))
+
+    async def attempt() -> bool:
+        try:
+            await budgets.reserve("acme", windows, x)
+            return True
+        except BudgetExceeded:
+            return False
+
+    results = await asyncio.gather(*(attempt() for _ in range(200)))
+    assert sum(results) == 50
+
+
+async def test_budget_with_no_windows_is_a_no_op(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+    _, _, budgets = rig
+    r = await budgets.reserve("acme", (), 10**18)
+    await budgets.settle(r, 10**18)
+
+
+# ---------------------------------------------------------------- two replicas on one Redis
+
+
+def two_replicas(server: RedisServer) -> tuple[RedisState, RedisState]:
+    """Two clients with their own pools on one namespace, as two gateway replicas would be."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    settings = BreakerSettings(failure_threshold=3, window_s=10, cooldown_s=0.5)
+    a = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=0.5)
+    b = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=0.5)
+    return a, b
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisState, RedisState]]:
+    a, b = two_replicas(redis_server)
+    yield a, b
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_two_clients_share_one_budget_exactly(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas
+    x = 1_000_003
+    windows = (day(50 * x), month(60 * x))
+
+    async def attempt(state: RedisState) -> bool:
+        try:
+            await state.budgets.reserve("acme", windows, x)
+            return True
+        except BudgetExceeded:
+            return False
+
+    results = await asyncio.gather(*(attempt(a if i % 2 else b) for i in range(200)))
+    assert sum(results) == 50
+    assert await a.budgets.spent("acme", windows[0]) == 0
+
+
+async def test_two_clients_share_one_bucket_in_order(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas
+    spec = BucketSpec(rate=5, burst=2)
+    waits = await asyncio.gather(*(s.limiter.reserve("p:m", spec, 1, 60) for s in [a, b] * 20))
+    ordered = sorted(waits)
+    assert ordered[:2] == [0, 0] and ordered[2] > 0
+    for x, y in itertools.pairwise(ordered[1:]):
+        assert 0.2 - REDIS_SLACK_S <= y - x <= 0.2 + 1e-6
+
+
+async def test_keys_are_namespaced_and_one_script_stays_in_one_cluster_slot(
+    replicas: tuple[RedisState, RedisState],
+) -> None:
+    a, _ = replicas
+    budget_keys = [a.budgets.key("acme", w) for w in (day(1), month(1))]
+    assert budget_keys[0].endswith("}:budget:day:2026-11-26")
+    assert len({key_slot(k.encode()) for k in budget_keys}) == 1
+    assert len({key_slot(k.encode()) for k in a.circuits.keys("openai:gpt-4o")}) == 1
+    assert a.limiter.key("provider:openai:gpt-4o").endswith(":{rl:provider:openai:gpt-4o}")
+    for k in [*budget_keys, *a.circuits.keys("x"), a.limiter.key("x")]:
+        assert k.startswith(budget_keys[0].split(":")[0] + ":{")
+
+
+async def test_script_cache_flush_is_survived(replicas: tuple[RedisState, RedisState]) -> None:
+    a, _ = replicas
+    await a.client.script_flush()
+    assert await a.limiter.reserve("k", BucketSpec(1, 1), 1, 0) == 0  # EVALSHA -> NOSCRIPT -> EVAL
+
+
+# ---------------------------------------------------------------- circuit breakers (memory and Redis)
+
+
+@dataclass
+class CircuitRig:
+    kind: str
+    a: CircuitStore  # two replicas (the same store for memory)
+    b: CircuitStore
+    advance: Callable[[float], Awaitable[None]]
+    slack: float
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def circuits(request: pytest.FixtureRequest) -> AsyncIterator[CircuitRig]:
+    if request.param == "memory":
+        clock = Clock(1024.0)  # binary-exact sums with the 0.5 s cooldown
+
+        async def advance(dt: float) -> None:
+            clock.now += dt
+
+        settings = BreakerSettings(failure_threshold=3, window_s=10, cooldown_s=0.5)
+        store = MemoryCircuitStore(CircuitBreakers(settings, clock))
+        yield CircuitRig("memory", store, store, advance, 0.0)
+    else:
+        a, b = two_replicas(request.getfixturevalue("redis_server"))
+
+        async def sleep(dt: float) -> None:
+            await asyncio.sleep(dt)
+
+        yield CircuitRig("redis", a.circuits, b.circuits, sleep, REDIS_SLACK_S)
+        await a.aclose()
+        await b.aclose()
+
+
+async def _open(c: CircuitRig, key: str = "p:m") -> None:
+    await c.a.failed(key, Permit.CALL)
+    await c.b.failed(key, Permit.CALL)
+    await c.a.failed(key, Permit.CALL)
+
+
+async def test_circuit_opens_after_threshold_for_every_replica(circuits: CircuitRig) -> None:
+    c = circuits
+    assert await c.a.acquire("p:m") is Permit.CALL
+    await c.a.failed("p:m", Permit.CALL)
+    await c.b.failed("p:m", Permit.CALL)
+    assert await c.b.state("p:m") is CircuitState.CLOSED
+    assert await c.a.reopens_in("p:m") is None
+    await c.a.failed("p:m", Permit.CALL)
+    for s in (c.a, c.b):
+        assert await s.state("p:m") is CircuitState.OPEN
+        assert await s.acquire("p:m") is None
+        reopens = await s.reopens_in("p:m")
+        assert reopens is not None and 0.5 - c.slack <= reopens <= 0.5
+    assert await c.b.acquire("other:m") is Permit.CALL
+
+
+async def test_success_while_closed_clears_failures(circuits: CircuitRig) -> None:
+    c = circuits
+    await c.a.failed("p:m", Permit.CALL)
+    await c.b.failed("p:m", Permit.CALL)
+    await c.a.succeeded("p:m", Permit.CALL)
+    await c.b.failed("p:m", Permit.CALL)
+    await c.a.failed("p:m", Permit.CALL)
+    assert await c.b.state("p:m") is CircuitState.CLOSED
+
+
+async def test_failures_outside_the_window_do_not_count(redis_server: RedisServer) -> None:
+    settings = BreakerSettings(failure_threshold=2, window_s=0.3, cooldown_s=5)
+    state = RedisState.from_url(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}", breaker=settings)
+    try:
+        await state.circuits.failed("p:m", Permit.CALL)
+        await asyncio.sleep(0.35)
+        await state.circuits.failed("p:m", Permit.CALL)
+        assert await state.circuits.state("p:m") is CircuitState.CLOSED
+        await state.circuits.failed("p:m", Permit.CALL)
+        assert await state.circuits.state("p:m") is CircuitState.OPEN
+    finally:
+        await state.aclose()
+
+
+async def test_exactly_one_probe_across_replicas_and_its_success_closes(circuits: CircuitRig) -> None:
+    c = circuits
+    await _open(c)
+    await c.advance(0.5)
+    assert await c.b.state("p:m") is CircuitState.HALF_OPEN
+    permits = await asyncio.gather(*(s.acquire("p:m") for s in [c.a, c.b] * 10))
+    assert permits.count(Permit.PROBE) == 1 and permits.count(None) == 19
+    prober = c.a if permits.index(Permit.PROBE) % 2 == 0 else c.b
+    await prober.succeeded("p:m", Permit.PROBE)
+    for s in (c.a, c.b):
+        assert await s.state("p:m") is CircuitState.CLOSED
+        assert await s.acquire("p:m") is Permit.CALL
+    # Old failures were cleared: it takes a full threshold again.
+    await c.a.failed("p:m", Permit.CALL)
+    await c.b.failed("p:m", Permit.CALL)
+    assert await c.a.state("p:m") is CircuitState.CLOSED
+
+
+async def test_failed_probe_reopens_for_a_full_cooldown(circuits: CircuitRig) -> None:
+    c = circuits
+    await _open(c)
+    await c.advance(0.5)
+    assert await c.a.acquire("p:m") is Permit.PROBE
+    await c.a.failed("p:m", Permit.PROBE)
+    assert await c.b.state("p:m") is CircuitState.OPEN
+    reopens = await c.b.reopens_in("p:m")
+    assert reopens is not None and 0.5 - c.slack <= reopens <= 0.5
+    assert await c.b.acquire("p:m") is None
+    await c.advance(0.5)
+    assert await c.b.acquire("p:m") is Permit.PROBE
+
+
+async def test_released_probe_lets_another_replica_probe(circuits: CircuitRig) -> None:
+    c = circuits
+    await _open(c)
+    await c.advance(0.5)
+    assert await c.a.acquire("p:m") is Permit.PROBE
+    assert await c.b.acquire("p:m") is None
+    await c.a.released("p:m", Permit.PROBE)
+    assert await c.b.state("p:m") is CircuitState.HALF_OPEN
+    assert await c.b.acquire("p:m") is Permit.PROBE
+
+
+async def test_late_success_of_an_old_call_does_not_close_an_open_circuit(circuits: CircuitRig) -> None:
+    c = circuits
+    await _open(c)
+    await c.b.succeeded("p:m", Permit.CALL)
+    await c.b.failed("p:m", Permit.CALL)
+    assert await c.a.state("p:m") is CircuitState.OPEN
+
+
+async def test_crashed_prober_does_not_wedge_the_circuit(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas  # probe_ttl_s=0.5
+    c = CircuitRig("redis", a.circuits, b.circuits, asyncio.sleep, REDIS_SLACK_S)
+    await _open(c)
+    await asyncio.sleep(0.5)
+    assert await a.circuits.acquire("p:m") is Permit.PROBE  # ... and replica a dies with it
+    assert await b.circuits.acquire("p:m") is None
+    await asyncio.sleep(0.55)
+    assert await b.circuits.acquire("p:m") is Permit.PROBE
+    # The dead prober's late verdict cannot drop b's probe flag.
+    await a.circuits.released("p:m", Permit.PROBE)
+    assert await a.circuits.acquire("p:m") is None
+
+
+async def test_disabled_breaker_never_touches_redis(redis_server: RedisServer) -> None:
+    state = RedisState.from_url(redis_server.url, namespace="off", breaker=BreakerSettings(enabled=False))
+    try:
+        redis_server.pause()
+        try:
+            assert await state.circuits.acquire("p:m") is Permit.CALL
+            await state.circuits.failed("p:m", Permit.CALL)
+            assert await state.circuits.state("p:m") is CircuitState.CLOSED
+        finally:
+            redis_server.resume()
+    finally:
+        await state.aclose()
+
+
+# ---------------------------------------------------------------- outages
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+async def _every_method(state: RedisState) -> list[Callable[[], Awaitable[object]]]:
+    spec, windows = BucketSpec(1, 5), (day(10**12),)
+    reservation = await state.budgets.reserve("acme", windows, 1)  # taken while Redis is up
+    return [
+        lambda: state.limiter.reserve("k", spec, 1, 0),
+        lambda: state.limiter.adjust("k", spec, -1),
+        lambda: state.budgets.reserve("acme", windows, 1),
+        lambda: state.budgets.settle(reservation, 1),
+        lambda: state.budgets.spent("acme", windows[0]),
+        lambda: state.circuits.acquire("p:m"),
+        lambda: state.circuits.succeeded("p:m", Permit.CALL),
+        lambda: state.circuits.failed("p:m", Permit.CALL),
+        lambda: state.circuits.released("p:m", Permit.PROBE),
+        lambda: state.circuits.state("p:m"),
+        lambda: state.circuits.reopens_in("p:m"),
+        state.ping,
+    ]
+
+
+async def _all_unavailable(calls: list[Callable[[], Awaitable[object]]], within_s: float) -> None:
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await call()
+        assert time.monotonic() - started < within_s
+
+
+async def _all_work(calls: list[Callable[[], Awaitable[object]]]) -> None:
+    for call in calls:
+        await call()
+
+
+async def test_redis_killed_then_restarted(own_server: RedisServer) -> None:
+    state = RedisState.from_url(own_server.url, timeout_s=0.25)
+    try:
+        calls = await _every_method(state)
+        await _all_work(calls)  # warm pooled connections, which will all be dead
+        own_server.stop()
+        await _all_unavailable(calls, within_s=2.0)
+        own_server.start()  # empty, script cache gone: the same objects must cope
+        await _all_work(calls)
+        assert await state.limiter.reserve("fresh", BucketSpec(1, 1), 1, 0) == 0
+    finally:
+        await state.aclose()
+
+
+async def test_redis_hung_times_out_quickly_then_recovers(own_server: RedisServer) -> None:
+    state = RedisState.from_url(own_server.url, timeout_s=0.25)
+    try:
+        calls = await _every_method(state)
+        own_server.pause()
+        try:
+            started = time.monotonic()
+            await _all_unavailable(calls[:3], within_s=1.5)
+            assert time.monotonic() - started < 3.0
+        finally:
+            own_server.resume()
+        await _all_work(calls)
+    finally:
+        await state.aclose()
+
+
+async def test_unreachable_from_the_start(own_server: RedisServer) -> None:
+    own_server.stop()
+    state = RedisState.from_url(own_server.url, timeout_s=0.25)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await state.limiter.reserve("k", BucketSpec(1, 1), 1, 0)
+        assert time.monotonic() - started < 2.0
+        own_server.start()
+        assert await state.limiter.reserve("k", BucketSpec(1, 1), 1, 0) == 0
+    finally:
+        await state.aclose()
