@@ -1,0 +1,39 @@
+"""Feather gRPC client: typed async and sync facades over the generated feather.v1 stubs.
+
+```python
+from feather_client import FeatherClient
+
+async with FeatherClient("localhost:50051") as client:
+    reply = await client.chat("Say hello", model="fast")
+    print(reply.text, reply.usage.output_tokens, reply.cost_usd)
+```
+"""
+
+from .channel import TLS, RetryPolicy
+from .client import DEFAULT_TIMEOUT, ChatStream, FeatherClient
+from .errors import FeatherError, FieldViolation, QuotaViolation
+from .gen.feather.v1 import feather_service_pb2 as pb
+from .results import ChatResult, TokenUsage, assistant, format_usd, system, tool_result, usd, user
+from .sync_client import SyncChatStream, SyncFeatherClient
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "TLS",
+    "ChatResult",
+    "ChatStream",
+    "FeatherClient",
+    "FeatherError",
+    "FieldViolation",
+    "QuotaViolation",
+    "RetryPolicy",
+    "SyncChatStream",
+    "SyncFeatherClient",
+    "TokenUsage",
+    "assistant",
+    "format_usd",
+    "pb",
+    "system",
+    "tool_result",
+    "usd",
+    "user",
+]

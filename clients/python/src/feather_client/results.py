@@ -1,0 +1,270 @@
+"""What the facade hands back (ChatResult, TokenUsage) and how it builds requests from keyword options."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from .gen.feather.v1 import feather_service_pb2 as pb
+
+__all__ = [
+    "ChatResult",
+    "TokenUsage",
+    "assistant",
+    "format_usd",
+    "system",
+    "tool_result",
+    "usd",
+    "user",
+]
+
+_NANOS_PER_USD = 1_000_000_000
+GROUP_BY = {"tenant", "provider", "model", "tag", "hour", "day"}
+POLICIES = {"first", "round_robin", "cheapest", "fastest", "weighted"}
+
+
+def system(text: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_SYSTEM, content=text)
+
+
+def user(text: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, content=text)
+
+
+def assistant(text: str, tool_calls: Sequence[pb.ToolCall] = ()) -> pb.Message:
+    return pb.Message(role=pb.ROLE_ASSISTANT, content=text, tool_calls=tool_calls)
+
+
+def tool_result(tool_call_id: str, text: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_TOOL, content=text, tool_call_id=tool_call_id)
+
+
+def usd(nanos: int) -> Decimal:
+    """Nano-dollars as an exact Decimal of US dollars."""
+    return Decimal(nanos).scaleb(-9)
+
+
+def format_usd(nanos: int) -> str:
+    """Exact, without float: `$0.000001234`, `$1.50`, `$0.00`."""
+    sign = "-" if nanos < 0 else ""
+    dollars, fraction = divmod(abs(nanos), _NANOS_PER_USD)
+    digits = f"{fraction:09d}".rstrip("0").ljust(2, "0")
+    return f"{sign}${dollars}.{digits}"
+
+
+def short_name(enum_name: str, prefix: str) -> str:
+    """`FINISH_REASON_TOOL_CALLS` -> `tool_calls`."""
+    return enum_name.removeprefix(prefix).lower()
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Tokens of one call, normalised across providers (cached and cache-write tokens are part of input)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @classmethod
+    def from_proto(cls, usage: pb.TokenUsage) -> TokenUsage:
+        return cls(
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A complete reply, from `chat()` or from a finished `stream_chat()`."""
+
+    text: str
+    finish_reason: str
+    """`stop`, `length`, `tool_calls`, `content_filter` or `unspecified`."""
+    provider: str
+    model: str
+    """The configured model that answered (what an alias resolved to)."""
+    usage: TokenUsage
+    cost_nanos_usd: int
+    latency: timedelta
+    request_id: str
+    tool_calls: tuple[pb.ToolCall, ...] = ()
+    cached: bool = False
+    unpriced: bool = False
+    usage_estimated: bool = False
+    time_to_first_token: timedelta | None = None
+    attempts: tuple[pb.Attempt, ...] = field(default=(), repr=False)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return usd(self.cost_nanos_usd)
+
+    @classmethod
+    def from_proto(cls, reply: pb.ChatResponse) -> ChatResult:
+        return cls(
+            text=reply.message.content,
+            finish_reason=short_name(pb.FinishReason.Name(reply.finish_reason), "FINISH_REASON_"),
+            provider=reply.provider,
+            model=reply.model,
+            usage=TokenUsage.from_proto(reply.usage),
+            cost_nanos_usd=reply.cost_nanos_usd,
+            latency=timedelta(milliseconds=reply.latency_ms),
+            request_id=reply.request_id,
+            tool_calls=tuple(reply.message.tool_calls),
+            cached=reply.cached,
+            unpriced=reply.unpriced,
+            attempts=tuple(reply.attempts),
+        )
+
+
+class StreamAssembler:
+    """Folds StreamChatResponse events into text deltas and, at `end`, a ChatResult (shared by both streams)."""
+
+    def __init__(self) -> None:
+        self.start: pb.StreamStart | None = None
+        self.end: pb.StreamEnd | None = None
+        self.text: list[str] = []
+        self.tool_calls: dict[int, pb.ToolCall] = {}
+        self._result: ChatResult | None = None
+
+    def feed(self, event: pb.StreamChatResponse) -> str | None:
+        """The text to hand to the caller, if the event carries any."""
+        kind = event.WhichOneof("event")
+        if kind == "start":
+            self.start = event.start
+        elif kind == "end":
+            self.end = event.end
+        elif kind == "delta":
+            for fragment in event.delta.tool_calls:
+                call = self.tool_calls.setdefault(fragment.index, pb.ToolCall())
+                call.id = call.id or fragment.id
+                call.name = call.name or fragment.name
+                call.arguments += fragment.arguments
+            if event.delta.content:
+                self.text.append(event.delta.content)
+                return event.delta.content
+        return None
+
+    def result(self) -> ChatResult:
+        if self.end is None:
+            raise RuntimeError("the stream has not ended: iterate it to the end first")
+        if self._result is None:
+            self._result = self._build(self.end)
+        return self._result
+
+    def _build(self, end: pb.StreamEnd) -> ChatResult:
+        start = self.start or pb.StreamStart()
+        return ChatResult(
+            text="".join(self.text),
+            finish_reason=short_name(pb.FinishReason.Name(end.finish_reason), "FINISH_REASON_"),
+            provider=start.provider,
+            model=start.model,
+            usage=TokenUsage.from_proto(end.usage),
+            cost_nanos_usd=end.cost_nanos_usd,
+            latency=timedelta(milliseconds=end.latency_ms),
+            request_id=start.request_id,
+            tool_calls=tuple(self.tool_calls[i] for i in sorted(self.tool_calls)),
+            cached=end.cached,
+            unpriced=end.unpriced,
+            usage_estimated=end.usage_estimated,
+            time_to_first_token=timedelta(milliseconds=end.time_to_first_token_ms),
+            attempts=tuple(end.attempts),
+        )
+
+
+def chat_fields(
+    messages: str | Sequence[pb.Message],
+    *,
+    model: str,
+    provider: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    stop: Sequence[str],
+    seed: int | None,
+    tools: Sequence[pb.Tool],
+    tool_choice: pb.ToolChoice | None,
+    response_format: pb.ResponseFormat | None,
+    policy: str,
+    bypass_cache: bool,
+    tags: Mapping[str, str] | None,
+    request_id: str | None,
+) -> dict[str, Any]:
+    """Keyword arguments for ChatRequest or StreamChatRequest (they carry the same fields).
+
+    A request id is generated here when none is given, so that a call retried on UNAVAILABLE is billed once.
+    """
+    if policy and policy not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    fields: dict[str, Any] = {
+        "model": model,
+        "provider": provider,
+        "messages": [user(messages)] if isinstance(messages, str) else list(messages),
+        "stop": list(stop),
+        "tools": list(tools),
+        "tags": dict(tags or {}),
+        "request_id": request_id or uuid.uuid4().hex,
+        "policy": pb.RoutingPolicy.Value(f"ROUTING_POLICY_{policy.upper()}") if policy else 0,
+        "cache": pb.CACHE_MODE_BYPASS if bypass_cache else pb.CACHE_MODE_UNSPECIFIED,
+    }
+    optional = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "tool_choice": tool_choice,
+        "response_format": response_format,
+    }
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    return fields
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return ts
+
+
+def usage_request(
+    *,
+    start: datetime | None,
+    end: datetime | None,
+    group_by: Sequence[str],
+    tenant: str,
+    provider: str,
+    model: str,
+    tag_key: str,
+    tags: Mapping[str, str] | None,
+) -> pb.UsageRequest:
+    unknown = [g for g in group_by if g not in GROUP_BY]
+    if unknown:
+        raise ValueError(f"group_by must be among {sorted(GROUP_BY)}, got {unknown}")
+    if "tag" in group_by and not tag_key:
+        raise ValueError("group_by 'tag' needs tag_key (the tag whose values form the groups)")
+    request = pb.UsageRequest(
+        group_by=[pb.UsageGroupBy.Value(f"USAGE_GROUP_BY_{g.upper()}") for g in group_by],
+        tenant=tenant,
+        provider=provider,
+        model=model,
+        tag_key=tag_key,
+        tags=dict(tags or {}),
+    )
+    if start is not None:
+        request.start_time.CopyFrom(_timestamp(start))
+    if end is not None:
+        request.end_time.CopyFrom(_timestamp(end))
+    return request

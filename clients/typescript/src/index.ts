@@ -1,0 +1,11 @@
+// Feather gRPC client for TypeScript: a typed facade over the generated feather.v1 grpc-js stubs.
+export { DEFAULT_RETRY, serviceConfig, target } from "./channel";
+export type { RetryPolicy, TlsOptions } from "./channel";
+export { ChatStream, DEFAULT_TIMEOUT_MS, FeatherClient } from "./client";
+export type { CallOpts, ChatOptions, ClientOptions, GroupBy, Policy, UsageOptions } from "./client";
+export { FeatherError } from "./errors";
+export type { FieldViolation, QuotaViolation } from "./errors";
+export { assistant, formatUsd, system, toolResult, user } from "./results";
+export type { ChatResult, FinishReason, TokenUsage } from "./results";
+export * as pb from "./gen/feather/v1/feather_service";
+export { status } from "@grpc/grpc-js";

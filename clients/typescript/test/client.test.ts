@@ -1,0 +1,299 @@
+// The TypeScript client against a live gateway ($FEATHER_ADDR or one started here) and scripted servers.
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { Metadata, Server, ServerCredentials, status } from "@grpc/grpc-js";
+import type { sendUnaryData, ServerUnaryCall, ServerWritableStream } from "@grpc/grpc-js";
+import { FeatherClient, FeatherError, formatUsd, pb, system, target, user } from "../src";
+import type { TokenUsage } from "../src";
+import { Any } from "../src/gen/google/protobuf/any";
+import { ErrorInfo, QuotaFailure, RetryInfo } from "../src/gen/google/rpc/error_details";
+import { Status } from "../src/gen/google/rpc/status";
+import { startGateway } from "./gateway";
+import type { Gateway } from "./gateway";
+
+async function price(client: FeatherClient, model: string): Promise<pb.ModelPrice> {
+  const info = (await client.listModels()).find((m) => m.name === model);
+  assert.ok(info?.price, `${model} is priced`);
+  return info.price;
+}
+
+/** The cost is tokens x price per million, rounded once to a whole nano-dollar. */
+function assertPriced(cost: bigint, usage: TokenUsage, p: pb.ModelPrice): void {
+  const exact = BigInt(usage.inputTokens) * p.inputNanosUsdPerMillion + BigInt(usage.outputTokens) * p.outputNanosUsdPerMillion;
+  const diff = cost * 1_000_000n - exact;
+  assert.ok(cost > 0n && diff < 1_000_000n && diff > -1_000_000n, `cost ${cost} for ${exact} / 1e6`);
+}
+
+describe("against a live gateway", () => {
+  let gateway: Gateway;
+  let client: FeatherClient;
+  before(async () => {
+    gateway = await startGateway();
+    client = new FeatherClient(gateway.address);
+  });
+  after(async () => {
+    client?.close();
+    await gateway?.stop();
+  });
+
+  test("chat returns the text, the route, usage and an exact cost", async () => {
+    const reply = await client.chat([system("Be brief."), user("Say hello")], {
+      model: "fast",
+      tags: { team: "docs" },
+      requestId: "ts-req-1",
+    });
+    assert.equal(reply.text, "Feather mock reply to: Say hello");
+    assert.equal(reply.provider, "mock");
+    assert.equal(reply.model, "mock-fast");
+    assert.equal(reply.finishReason, "stop");
+    assert.equal(reply.requestId, "ts-req-1");
+    assert.ok(reply.usage.inputTokens > 0 && reply.usage.outputTokens > 0);
+    assertPriced(reply.costNanosUsd, reply.usage, await price(client, "mock-fast"));
+  });
+
+  test("streamChat yields deltas, then exposes usage and cost", async () => {
+    const stream = client.streamChat("Stream a short answer", { model: "smart" });
+    assert.throws(() => stream.usage, /not ended/);
+    const pieces: string[] = [];
+    for await (const piece of stream) pieces.push(piece);
+    assert.ok(pieces.length > 1);
+    assert.equal(pieces.join(""), "Feather mock reply to: Stream a short answer");
+    assert.equal(stream.text, stream.result.text);
+    assert.equal(stream.model, "mock-smart");
+    assert.equal(stream.finishReason, "stop");
+    assert.ok(stream.done && stream.usage.outputTokens > 0);
+    assertPriced(stream.costNanosUsd, stream.usage, await price(client, "mock-smart"));
+    assert.equal(stream.requestId.length, 32);
+  });
+
+  test("usage groups the ledger; listModels describes the routes", async () => {
+    const reply = await client.chat("count me", { model: "fast" });
+    const report = await client.usage({ groupBy: ["model"] });
+    const fast = report.rows.find((r) => r.model === "mock-fast");
+    assert.ok(fast && fast.costNanosUsd >= reply.costNanosUsd);
+    assert.equal(report.total?.costNanosUsd, report.rows.reduce((sum, r) => sum + r.costNanosUsd, 0n));
+    const models = await client.listModels();
+    const mockFast = models.find((m) => m.name === "mock-fast");
+    assert.ok(mockFast?.aliases.includes("fast"));
+    assert.ok(mockFast?.price && mockFast.price.inputNanosUsdPerMillion > 0n);
+    assert.equal(mockFast?.circuitState, pb.CircuitState.CIRCUIT_STATE_CLOSED);
+  });
+
+  test("INVALID_ARGUMENT carries the reason and the field violations", async () => {
+    const bad = pb.Message.fromPartial({ role: pb.Role.ROLE_USER });
+    const error = await client.chat([bad], { model: "fast", temperature: 7, requestId: "ts-bad" }).then(
+      () => assert.fail("expected an error"),
+      (e: unknown) => e,
+    );
+    assert.ok(error instanceof FeatherError);
+    assert.equal(error.code, status.INVALID_ARGUMENT);
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.equal(error.reason, "INVALID_REQUEST");
+    assert.equal(error.domain, "feather.v1");
+    assert.equal(error.requestId, "ts-bad");
+    assert.deepEqual(
+      error.fieldViolations.map((v) => v.field),
+      ["messages[0].content", "temperature"],
+    );
+    assert.match(error.message, /^INVALID_ARGUMENT INVALID_REQUEST: /);
+  });
+
+  test("NOT_FOUND carries MODEL_NOT_FOUND, from chat and from a stream", async () => {
+    await assert.rejects(client.chat("hi", { model: "no-such-model" }), (e: FeatherError) => {
+      assert.equal(e.code, status.NOT_FOUND);
+      assert.equal(e.reason, "MODEL_NOT_FOUND");
+      assert.equal(e.metadata.model, "no-such-model");
+      return true;
+    });
+    const stream = client.streamChat("hi", { model: "no-such-model" });
+    await assert.rejects(
+      (async () => {
+        for await (const _ of stream) void _;
+      })(),
+      (e: FeatherError) => e instanceof FeatherError && e.reason === "MODEL_NOT_FOUND",
+    );
+  });
+});
+
+// --- A scripted FeatherService: each Chat pops the next outcome; records what it saw. ---
+
+type Outcome = { code: status; reason: string; details?: Any[] };
+
+class Scripted {
+  readonly server = new Server();
+  calls: { request: pb.ChatRequest; metadata: Metadata; deadline: number }[] = [];
+  streamEvents: pb.StreamChatResponse[] = [];
+  address = "";
+
+  constructor(public script: Outcome[] = []) {
+    this.server.addService(pb.FeatherServiceService, {
+      chat: (call: ServerUnaryCall<pb.ChatRequest, pb.ChatResponse>, callback: sendUnaryData<pb.ChatResponse>) => {
+        const deadline = call.getDeadline();
+        this.calls.push({ request: call.request, metadata: call.metadata, deadline: Number(deadline) - Date.now() });
+        const outcome = this.script.shift();
+        if (outcome) return callback(statusError(outcome));
+        callback(
+          null,
+          pb.ChatResponse.fromPartial({
+            message: { role: pb.Role.ROLE_ASSISTANT, content: "scripted" },
+            finishReason: pb.FinishReason.FINISH_REASON_STOP,
+            provider: "script",
+            requestId: call.request.requestId,
+          }),
+        );
+      },
+      streamChat: (call: ServerWritableStream<pb.StreamChatRequest, pb.StreamChatResponse>) => {
+        for (const event of this.streamEvents) call.write(event);
+        call.end();
+      },
+      usage: () => {},
+      listModels: () => {},
+    });
+  }
+
+  async start(): Promise<this> {
+    const port = await new Promise<number>((ok, fail) =>
+      this.server.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (e, p) => (e ? fail(e) : ok(p))),
+    );
+    this.address = `127.0.0.1:${port}`;
+    return this;
+  }
+
+  stop(): void {
+    this.server.forceShutdown();
+  }
+}
+
+function pack(typeName: string, value: Uint8Array): Any {
+  return { typeUrl: `type.googleapis.com/${typeName}`, value: Buffer.from(value) };
+}
+
+function statusError({ code, reason, details = [] }: Outcome) {
+  const info = pack("google.rpc.ErrorInfo", ErrorInfo.encode({ reason, domain: "feather.v1", metadata: {} }).finish());
+  const rich = Status.encode({ code, message: reason.toLowerCase(), details: [info, ...details] }).finish();
+  const metadata = new Metadata();
+  metadata.set("grpc-status-details-bin", Buffer.from(rich));
+  return { code, details: reason.toLowerCase(), metadata };
+}
+
+describe("against scripted servers", () => {
+  test("UNAVAILABLE is retried by the service config, with the same request id", async () => {
+    const server = await new Scripted([{ code: status.UNAVAILABLE, reason: "UPSTREAM_UNAVAILABLE" }]).start();
+    const client = new FeatherClient(server.address);
+    try {
+      const reply = await client.chat("hi", { model: "m" });
+      assert.equal(reply.text, "scripted");
+      assert.equal(server.calls.length, 2);
+      assert.equal(server.calls[0].request.requestId, server.calls[1].request.requestId);
+    } finally {
+      client.close();
+      server.stop();
+    }
+  });
+
+  test("with retry: null, UNAVAILABLE is the caller's", async () => {
+    const server = await new Scripted([{ code: status.UNAVAILABLE, reason: "UPSTREAM_UNAVAILABLE" }]).start();
+    const client = new FeatherClient(server.address, { retry: null });
+    try {
+      await assert.rejects(client.chat("hi", { model: "m" }), (e: FeatherError) => e.code === status.UNAVAILABLE);
+      assert.equal(server.calls.length, 1);
+    } finally {
+      client.close();
+      server.stop();
+    }
+  });
+
+  test("RESOURCE_EXHAUSTED is not retried and carries RetryInfo and QuotaFailure", async () => {
+    const retry = pack("google.rpc.RetryInfo", RetryInfo.encode({ retryDelay: { seconds: 1n, nanos: 500_000_000 } }).finish());
+    const quota = pack(
+      "google.rpc.QuotaFailure",
+      QuotaFailure.encode(
+        QuotaFailure.fromPartial({ violations: [{ subject: "tenant:default", description: "10 rps" }] }),
+      ).finish(),
+    );
+    const server = await new Scripted([
+      { code: status.RESOURCE_EXHAUSTED, reason: "RATE_LIMITED", details: [retry, quota] },
+    ]).start();
+    const client = new FeatherClient(server.address);
+    try {
+      const error = await client.chat("hi", { model: "m" }).catch((e: FeatherError) => e);
+      assert.ok(error instanceof FeatherError);
+      assert.equal(error.reason, "RATE_LIMITED");
+      assert.equal(error.retryDelayMs, 1500);
+      assert.deepEqual(error.quotaViolations, [{ subject: "tenant:default", description: "10 rps" }]);
+      assert.equal(server.calls.length, 1);
+    } finally {
+      client.close();
+      server.stop();
+    }
+  });
+
+  test("the API key and the deadline reach the server", async () => {
+    const server = await new Scripted().start();
+    const client = new FeatherClient(server.address, { apiKey: "fk_secret", timeoutMs: 30_000 });
+    try {
+      await client.chat("hi", { model: "m", metadata: { "x-trace": "t1" } });
+      await client.chat("hi", { model: "m", timeoutMs: 5000 });
+      const [first, second] = server.calls;
+      assert.deepEqual(first.metadata.get("authorization"), ["Bearer fk_secret"]);
+      assert.deepEqual(first.metadata.get("x-trace"), ["t1"]);
+      assert.ok(first.deadline > 25_000 && first.deadline <= 30_000, `deadline ${first.deadline}`);
+      assert.ok(second.deadline <= 5000);
+    } finally {
+      client.close();
+      server.stop();
+    }
+  });
+
+  test("calls are balanced round robin across several gateways", async () => {
+    const one = await new Scripted().start();
+    const two = await new Scripted().start();
+    const client = new FeatherClient([one.address, two.address]);
+    try {
+      for (let i = 0; i < 20; i++) await client.chat(`call ${i}`, { model: "m" });
+      assert.equal(one.calls.length + two.calls.length, 20);
+      assert.ok(Math.min(one.calls.length, two.calls.length) >= 5, `${one.calls.length}/${two.calls.length}`);
+    } finally {
+      client.close();
+      one.stop();
+      two.stop();
+    }
+  });
+
+  test("a stream that closes without its end event throws", async () => {
+    const server = await new Scripted().start();
+    server.streamEvents = [
+      pb.StreamChatResponse.fromPartial({ event: { $case: "start", value: { provider: "p", model: "m" } } }),
+      pb.StreamChatResponse.fromPartial({ event: { $case: "delta", value: { content: "half" } } }),
+    ];
+    const client = new FeatherClient(server.address);
+    try {
+      const stream = client.streamChat("hi", { model: "m" });
+      await assert.rejects(
+        (async () => {
+          for await (const _ of stream) void _;
+        })(),
+        /without its end event/,
+      );
+      assert.equal(stream.text, "half");
+      assert.equal(stream.provider, "p");
+    } finally {
+      client.close();
+      server.stop();
+    }
+  });
+});
+
+test("targets for one or several gateways", () => {
+  assert.equal(target("localhost:50051"), "localhost:50051");
+  assert.equal(target(["127.0.0.1:1", "localhost:2"]), "ipv4:127.0.0.1:1,127.0.0.1:2");
+  assert.equal(target("[::1]:1,[::1]:2"), "ipv6:[::1]:1,[::1]:2");
+  assert.throws(() => target(["gw-a:1", "gw-b:2"]), /IP literals/);
+});
+
+test("costs format exactly", () => {
+  assert.equal(formatUsd(0n), "$0.00");
+  assert.equal(formatUsd(1_234n), "$0.000001234");
+  assert.equal(formatUsd(1_500_000_000n), "$1.50");
+  assert.equal(formatUsd(12_345_678_901_234_567n), "$12345678.901234567");
+});

@@ -1,0 +1,388 @@
+"""The Python client (clients/python) against real in-process gateways and a scripted FeatherService."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import grpc
+import pytest
+from feather_client import (
+    TLS,
+    FeatherClient,
+    FeatherError,
+    FieldViolation,
+    RetryPolicy,
+    SyncFeatherClient,
+    format_usd,
+    pb,
+    system,
+    user,
+)
+from feather_client.channel import service_config, target
+from feather_client.gen.feather.v1 import feather_service_pb2_grpc as client_pb_grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as server_pb
+from tests.gateway_harness import MOCK_CONFIG, running_gateway
+
+
+async def test_chat_returns_text_route_usage_and_cost() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        reply = await client.chat(
+            [system("Be brief."), user("Say hello")], model="fast", tags={"team": "docs"}, request_id="req-1"
+        )
+    assert reply.text == "Feather mock reply to: Say hello"
+    assert (reply.provider, reply.model, reply.finish_reason) == ("mock", "mock-fast", "stop")
+    assert reply.request_id == "req-1"
+    assert reply.usage.input_tokens > 0 and reply.usage.output_tokens > 0
+    # mock-fast: $0.001 / $0.002 per 1K tokens = 1000 / 2000 nano-USD per token
+    assert reply.cost_nanos_usd == reply.usage.input_tokens * 1000 + reply.usage.output_tokens * 2000
+    assert reply.cost_usd == Decimal(reply.cost_nanos_usd) / 10**9
+    assert [a.provider for a in reply.attempts] == ["mock"]
+
+
+async def test_chat_generates_one_request_id_per_call() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        first = await client.chat("a", model="fast")
+        second = await client.chat("b", model="fast")
+    assert len(first.request_id) == 32 and first.request_id != second.request_id
+
+
+async def test_stream_chat_yields_deltas_then_exposes_the_summary() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        stream = client.stream_chat("Stream a short answer", model="smart")
+        with pytest.raises(RuntimeError, match="not ended"):
+            _ = stream.usage
+        pieces = [piece async for piece in stream]
+    assert len(pieces) > 1
+    assert "".join(pieces) == stream.text == stream.result.text == "Feather mock reply to: Stream a short answer"
+    assert (stream.provider, stream.model, stream.finish_reason) == ("mock", "mock-smart", "stop")
+    assert stream.done and stream.usage.output_tokens > 0
+    # mock-smart: $2.50 / $10 per 1M tokens = 2500 / 10000 nano-USD per token
+    assert stream.cost_nanos_usd == stream.usage.input_tokens * 2500 + stream.usage.output_tokens * 10_000
+    assert stream.latency >= timedelta(0) and len(stream.request_id) == 32
+
+
+async def test_stream_can_be_stopped_early() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        async with client.stream_chat("one two three four five", model="fast") as stream:
+            async for _ in stream:
+                break
+        assert not stream.done
+        assert (await client.chat("still fine", model="fast")).finish_reason == "stop"
+
+
+async def test_usage_groups_the_ledger_and_list_models_describes_the_routes() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        fast = await client.chat("one", model="fast")
+        smart = await client.chat("two", model="smart")
+        report = await client.usage(group_by=["model"])
+        models = await client.list_models()
+        only_fast = await client.usage(model="mock-fast")
+    rows = {r.model: r for r in report.rows}
+    assert set(rows) == {"mock-fast", "mock-smart"}
+    assert rows["mock-fast"].cost_nanos_usd == fast.cost_nanos_usd
+    assert report.total.cost_nanos_usd == fast.cost_nanos_usd + smart.cost_nanos_usd
+    assert report.total.request_count == 2 and only_fast.total.request_count == 1
+    assert [(m.name, list(m.aliases)) for m in models] == [("mock-fast", ["fast"]), ("mock-smart", ["smart"])]
+    assert models[0].price.input_nanos_usd_per_million == 1_000_000_000
+    assert models[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+async def test_usage_rejects_unknown_groupings_before_calling() -> None:
+    client = FeatherClient("127.0.0.1:1")
+    with pytest.raises(ValueError, match="group_by"):
+        await client.usage(group_by=["color"])
+    with pytest.raises(ValueError, match="tag_key"):
+        await client.usage(group_by=["tag"])
+
+
+async def test_invalid_argument_carries_reason_and_field_violations() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        with pytest.raises(FeatherError) as caught:
+            await client.chat([pb.Message(role=pb.ROLE_USER)], model="fast", temperature=7, request_id="bad-1")
+    err = caught.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.reason, err.domain, err.request_id) == ("INVALID_REQUEST", "feather.v1", "bad-1")
+    assert [v.field for v in err.field_violations] == ["messages[0].content", "temperature"]
+    assert isinstance(err.field_violations[0], FieldViolation) and err.field_violations[0].description
+    assert err.retry_delay is None and err.status is not None
+    assert str(err).startswith("INVALID_ARGUMENT INVALID_REQUEST: ")
+
+
+async def test_not_found_carries_reason_and_metadata_in_chat_and_stream() -> None:
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        with pytest.raises(FeatherError) as unary:
+            await client.chat("hi", model="no-such-model")
+        with pytest.raises(FeatherError) as streamed:
+            async for _ in client.stream_chat("hi", model="no-such-model"):
+                pass
+    for err in (unary.value, streamed.value):
+        assert err.code == grpc.StatusCode.NOT_FOUND
+        assert err.reason == "MODEL_NOT_FOUND" and err.metadata["model"] == "no-such-model"
+
+
+# --- A scripted FeatherService: answers each Chat with the next scripted outcome and records what it saw. ---
+
+
+class ScriptedService(client_pb_grpc.FeatherServiceServicer):
+    def __init__(self, script: list[Callable[[grpc.aio.ServicerContext], Any]] | None = None) -> None:
+        self.script = list(script or [])
+        self.calls: list[tuple[pb.ChatRequest, dict[str, str], float | None]] = []
+        self.stream_events: list[pb.StreamChatResponse] = []
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        self.calls.append((request, metadata, context.time_remaining()))
+        if self.script:
+            await self.script.pop(0)(context)
+        return pb.ChatResponse(
+            message=pb.Message(role=pb.ROLE_ASSISTANT, content="scripted"),
+            finish_reason=pb.FINISH_REASON_STOP,
+            provider="script",
+            model="m",
+            request_id=request.request_id,
+        )
+
+    async def StreamChat(self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        for event in self.stream_events:
+            yield event
+
+
+def fail(code: grpc.StatusCode, reason: str, *details: Any) -> Callable[[grpc.aio.ServicerContext], Any]:
+    async def abort(context: grpc.aio.ServicerContext) -> None:
+        packed = []
+        for detail in (error_details_pb2.ErrorInfo(reason=reason, domain="feather.v1"), *details):
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        status = status_pb2.Status(code=getattr(code_pb2, code.name), message=reason.lower(), details=packed)
+        await context.abort_with_status(rpc_status.to_status(status))
+
+    return abort
+
+
+@asynccontextmanager
+async def scripted_server(service: ScriptedService) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    client_pb_grpc.add_FeatherServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_unavailable_is_retried_by_the_service_config_with_the_same_request_id() -> None:
+    service = ScriptedService([fail(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")])
+    async with scripted_server(service) as address, FeatherClient(address) as client:
+        reply = await client.chat("hi", model="m")
+    assert reply.text == "scripted"
+    assert len(service.calls) == 2
+    assert service.calls[0][0].request_id == service.calls[1][0].request_id == reply.request_id
+
+
+async def test_retries_give_up_after_max_attempts_and_can_be_disabled() -> None:
+    unavailable = fail(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
+    service = ScriptedService([unavailable] * 5)
+    fast_retry = RetryPolicy(max_attempts=2, initial_backoff=timedelta(milliseconds=10))
+    async with scripted_server(service) as address:
+        async with FeatherClient(address, retry=fast_retry) as client:
+            with pytest.raises(FeatherError) as caught:
+                await client.chat("hi", model="m")
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE and len(service.calls) == 2
+        async with FeatherClient(address, retry=None) as client:
+            with pytest.raises(FeatherError):
+                await client.chat("hi", model="m")
+        assert len(service.calls) == 3
+
+
+async def test_other_codes_are_not_retried_and_carry_retry_info_and_quota_failures() -> None:
+    retry_info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1, nanos=500_000_000))
+    quota = error_details_pb2.QuotaFailure(
+        violations=[error_details_pb2.QuotaFailure.Violation(subject="tenant:default", description="10 rps")]
+    )
+    service = ScriptedService([fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", retry_info, quota)])
+    async with scripted_server(service) as address, FeatherClient(address) as client:
+        with pytest.raises(FeatherError) as caught:
+            await client.chat("hi", model="m")
+    err = caught.value
+    assert len(service.calls) == 1
+    assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert err.retry_delay == timedelta(seconds=1.5)
+    assert [(q.subject, q.description) for q in err.quota_violations] == [("tenant:default", "10 rps")]
+
+
+async def test_api_key_metadata_and_deadline_reach_the_server() -> None:
+    service = ScriptedService()
+    async with (
+        scripted_server(service) as address,
+        FeatherClient(address, api_key="fk_secret", timeout=timedelta(seconds=30)) as client,
+    ):
+        await client.chat("hi", model="m", metadata=[("x-trace", "t1")])
+        await client.chat("hi", model="m", timeout=5)
+    (_, metadata, remaining), (_, _, shorter) = service.calls
+    assert metadata["authorization"] == "Bearer fk_secret" and metadata["x-trace"] == "t1"
+    assert remaining is not None and 25 < remaining < 31
+    assert shorter is not None and shorter < 6
+
+
+async def test_a_stream_that_closes_without_end_is_an_error() -> None:
+    service = ScriptedService()
+    service.stream_events = [
+        pb.StreamChatResponse(start=pb.StreamStart(provider="p", model="m")),
+        pb.StreamChatResponse(delta=pb.ChatDelta(content="half")),
+    ]
+    async with scripted_server(service) as address, FeatherClient(address) as client:
+        stream = client.stream_chat("hi", model="m")
+        with pytest.raises(FeatherError, match="without its end"):
+            async for _ in stream:
+                pass
+    assert stream.text == "half" and stream.provider == "p" and not stream.done
+
+
+async def test_stream_assembles_tool_call_fragments() -> None:
+    service = ScriptedService()
+    service.stream_events = [
+        pb.StreamChatResponse(start=pb.StreamStart(provider="p", model="m")),
+        pb.StreamChatResponse(delta=pb.ChatDelta(tool_calls=[pb.ToolCallDelta(index=0, id="c1", name="get")])),
+        pb.StreamChatResponse(delta=pb.ChatDelta(tool_calls=[pb.ToolCallDelta(index=0, arguments='{"a"')])),
+        pb.StreamChatResponse(delta=pb.ChatDelta(tool_calls=[pb.ToolCallDelta(index=0, arguments=": 1}")])),
+        pb.StreamChatResponse(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_TOOL_CALLS, cost_nanos_usd=7)),
+    ]
+    async with scripted_server(service) as address, FeatherClient(address) as client:
+        stream = client.stream_chat("hi", model="m")
+        assert [t async for t in stream] == []
+    assert stream.finish_reason == "tool_calls" and stream.cost_nanos_usd == 7
+    assert [(c.id, c.name, c.arguments) for c in stream.result.tool_calls] == [("c1", "get", '{"a": 1}')]
+
+
+# --- Several gateways, balanced round robin. ---
+
+
+async def test_calls_are_balanced_round_robin_across_gateways() -> None:
+    async with running_gateway(MOCK_CONFIG) as one, running_gateway(MOCK_CONFIG) as two:
+        async with FeatherClient([one.address, two.address]) as client:
+            for i in range(20):
+                await client.chat(f"call {i}", model="fast")
+        counts = [(await gw.stub.Usage(server_pb.UsageRequest())).total.request_count for gw in (one, two)]
+    assert sum(counts) == 20
+    assert min(counts) >= 5, f"round robin should spread calls, got {counts}"
+
+
+async def test_a_dead_gateway_in_the_list_is_skipped() -> None:
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    async with (
+        running_gateway(MOCK_CONFIG) as live,
+        FeatherClient(f"127.0.0.1:{dead_port},{live.address}") as client,
+    ):
+        for i in range(6):
+            assert (await client.chat(f"call {i}", model="fast")).provider == "mock"
+
+
+def test_targets_for_one_or_several_gateways() -> None:
+    assert target("localhost:50051") == "localhost:50051"
+    assert target("dns:///feather.internal:50051") == "dns:///feather.internal:50051"
+    assert target(["127.0.0.1:1", "localhost:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert target("127.0.0.1:1, 127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert target(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
+    with pytest.raises(ValueError, match="IP literals"):
+        target(["gw-a:50051", "gw-b:50051"])
+    with pytest.raises(ValueError, match="all IPv4 or all IPv6"):
+        target(["127.0.0.1:1", "[::1]:2"])
+    config = service_config(RetryPolicy())
+    assert '"round_robin"' in config and '"retryableStatusCodes": ["UNAVAILABLE"]' in config
+    assert "retryPolicy" not in service_config(None)
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=9)
+
+
+def test_tls_settings_build_secure_credentials() -> None:
+    client = SyncFeatherClient("127.0.0.1:1", tls=TLS(server_name="feather.internal"))
+    assert client.settings.credentials is not None
+    assert ("grpc.ssl_target_name_override", "feather.internal") in client.settings.options
+    client.close()
+
+
+def test_cost_formatting_is_exact() -> None:
+    assert format_usd(0) == "$0.00"
+    assert format_usd(1_234) == "$0.000001234"
+    assert format_usd(1_500_000_000) == "$1.50"
+    assert format_usd(12_345_678_901_234_567) == "$12345678.901234567"
+
+
+# --- The sync client (run in a worker thread: the in-process gateway lives on this event loop). ---
+
+
+async def test_sync_client_does_everything_the_async_one_does() -> None:
+    def session(address: str) -> tuple[Any, ...]:
+        with SyncFeatherClient(address) as client:
+            reply = client.chat("Say hello", model="fast")
+            stream = client.stream_chat("Stream it", model="smart")
+            pieces = list(stream)
+            report = client.usage(group_by=["model", "provider"])
+            models = client.list_models(provider="mock")
+            try:
+                client.chat("hi", model="missing")
+            except FeatherError as e:
+                error = e
+            return reply, stream, pieces, report, models, error
+
+    async with running_gateway(MOCK_CONFIG) as gw:
+        reply, stream, pieces, report, models, error = await asyncio.to_thread(session, gw.address)
+    assert reply.text == "Feather mock reply to: Say hello" and reply.cost_nanos_usd > 0
+    assert "".join(pieces) == stream.result.text and stream.usage.output_tokens > 0
+    assert stream.model == "mock-smart" and stream.cost_nanos_usd > 0
+    assert report.total.request_count == 2 and {r.provider for r in report.rows} == {"mock"}
+    assert [m.name for m in models] == ["mock-fast", "mock-smart"]
+    assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+
+
+async def test_sync_client_retries_unavailable() -> None:
+    service = ScriptedService([fail(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")])
+
+    def call(address: str) -> str:
+        with SyncFeatherClient(address) as client:
+            return client.chat("hi", model="m").text
+
+    async with scripted_server(service) as address:
+        assert await asyncio.to_thread(call, address) == "scripted"
+    assert len(service.calls) == 2
+
+
+# --- Packaging. ---
+
+
+def test_client_and_server_stubs_share_one_descriptor() -> None:
+    """Both register feather/v1/feather_service.proto in the default pool; that works because the bytes are
+    identical (both generated from proto/ with the same pinned protoc, both checked fresh in CI)."""
+    assert pb.DESCRIPTOR.serialized_pb == server_pb.DESCRIPTOR.serialized_pb
+    assert pb.ChatRequest.DESCRIPTOR.full_name == server_pb.ChatRequest.DESCRIPTOR.full_name
+
+
+def test_client_installs_and_imports_without_the_server_dependencies() -> None:
+    requires = importlib.metadata.requires("feather-grpc-client") or []
+    names = {r.split(">")[0].split("=")[0].split("<")[0].strip() for r in requires}
+    assert names == {"grpcio", "protobuf", "googleapis-common-protos"}
+    # (grpc itself imports grpc_health / grpc_reflection when they happen to be installed, so those are not checked)
+    probe = (
+        "import sys, feather_client; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('feather_grpc', 'aiohttp', 'pydantic', 'grpc_status')); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
