@@ -1,12 +1,19 @@
-"""Command line: `feather-grpc serve | check-config`."""
+"""Command line: `feather-grpc serve | check-config | keys | chat | usage | models`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import re
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from feather_grpc import config as config_module
 
@@ -70,6 +77,289 @@ def _keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- Client commands (chat, usage, models): talk to a running gateway through the feather_client facade. ---
+
+_STATE_NAMES = {"CIRCUIT_STATE_CLOSED": "ok", "CIRCUIT_STATE_OPEN": "open", "CIRCUIT_STATE_HALF_OPEN": "half-open"}
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    from feather_client import TLS
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    tls: TLS | bool = bool(args.tls)
+    if args.ca_cert or args.cert:
+        tls = TLS(root_certificates=read(args.ca_cert), certificate_chain=read(args.cert), private_key=read(args.key))
+    return {"api_key": args.api_key or None, "timeout": args.timeout, "tls": tls}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _run_client_command(args: argparse.Namespace, command: Callable[[Any], Awaitable[int]]) -> int:
+    """Runs one client call; any failure becomes one line on stderr and a non-zero exit."""
+    from feather_client import FeatherClient, FeatherError
+
+    async def run() -> int:
+        async with FeatherClient(args.addr, **_client_options(args)) as client:
+            return await command(client)
+
+    try:
+        return asyncio.run(run())
+    except FeatherError as e:
+        reason = f" {e.reason}" if e.reason else ""
+        hint = f" (is a gateway listening on {args.addr}?)" if e.code.name == "UNAVAILABLE" and not e.reason else ""
+        print(f"feather-grpc: {e.code.name}{reason}: {_one_line(e.message)}{hint}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `feather-grpc usage --json | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"feather-grpc: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from feather_client import format_usd, system, user
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages = [system(args.system), user(prompt)] if args.system else [user(prompt)]
+    tags = dict(args.tag)
+
+    async def chat(client: Any) -> int:
+        started = time.monotonic()
+        first_token: float | None = None
+        stream = client.stream_chat(
+            messages,
+            model=args.model,
+            provider=args.provider or "",
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            tags=tags,
+        )
+        async for text in stream:
+            first_token = first_token or time.monotonic()
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        latency_ms = (time.monotonic() - started) * 1000
+        ttft = f", first token {((first_token or started) - started) * 1000:.0f} ms" if first_token else ""
+        usage = stream.usage
+        cost = "unpriced" if stream.result.unpriced else format_usd(stream.cost_nanos_usd)
+        estimated = " (estimated)" if stream.result.usage_estimated else ""
+        sys.stdout.write("\n")
+        print(
+            f"-- {stream.provider}/{stream.model} · {usage.input_tokens} in + {usage.output_tokens} out tokens"
+            f"{estimated} · {cost} · {latency_ms:.0f} ms{ttft} · {stream.finish_reason}",
+            file=sys.stderr,
+        )
+        return 0
+
+    return _run_client_command(args, chat)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: use KEY=VALUE")
+    return key, value
+
+
+def _parse_time(value: str) -> datetime:
+    """`30m`, `24h`, `7d` ago, or an ISO 8601 date or time (UTC unless it names an offset)."""
+    units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    match = re.fullmatch(r"(\d+)([mhdw])", value.strip())
+    if match:
+        return datetime.now(UTC) - timedelta(**{units[match.group(2)]: int(match.group(1))})
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use 30m, 24h, 7d, or an ISO date/time like 2026-11-01") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _table(header: list[str], rows: list[list[str]], numeric_from: int) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            c.rjust(w) if i >= numeric_from else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from feather_client import format_usd
+
+    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else []
+    time_dims = {"hour", "day"}
+
+    def dims(row: Any) -> dict[str, str]:
+        values = {
+            "tenant": row.tenant,
+            "provider": row.provider,
+            "model": row.model,
+            "tag": row.tag_value,
+        }
+        out = {}
+        for g in group_by:
+            if g in time_dims:
+                out[g] = row.bucket_start_time.ToDatetime(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+            else:
+                out[g if g != "tag" else args.tag_key] = values[g]
+        return out
+
+    def counts(row: Any) -> dict[str, Any]:
+        return {
+            "requests": row.request_count,
+            "ok": row.ok_count,
+            "errors": row.error_count,
+            "cancelled": row.cancelled_count,
+            "cached": row.cached_count,
+            "estimated": row.estimated_count,
+            "input_tokens": row.input_tokens,
+            "output_tokens": row.output_tokens,
+            "cached_input_tokens": row.cached_input_tokens,
+            "cost_nanos_usd": row.cost_nanos_usd,
+            "cost_usd": format_usd(row.cost_nanos_usd).lstrip("$"),
+        }
+
+    async def usage(client: Any) -> int:
+        report = await client.usage(
+            start=args.since,
+            end=args.until,
+            group_by=group_by,
+            tenant=args.tenant or "",
+            provider=args.provider or "",
+            model=args.model or "",
+            tag_key=args.tag_key or "",
+        )
+        if args.json:
+            document = {
+                "group_by": group_by,
+                "rows": [{**dims(r), **counts(r)} for r in report.rows],
+                "total": counts(report.total),
+            }
+            print(json.dumps(document, indent=2))
+            return 0
+        names = [args.tag_key if g == "tag" else g for g in group_by]
+        header = [n.upper() for n in names] + ["REQUESTS", "OK", "ERRORS", "INPUT TOK", "OUTPUT TOK", "COST (USD)"]
+
+        def line(first: list[str], row: Any) -> list[str]:
+            c = counts(row)
+            numbers = [c["requests"], c["ok"], c["errors"], c["input_tokens"], c["output_tokens"]]
+            return first + [f"{n:,}" for n in numbers] + [format_usd(row.cost_nanos_usd)]
+
+        rows = [line([v or "-" for v in dims(r).values()], r) for r in report.rows]
+        total_label = ["TOTAL"] + [""] * (len(names) - 1) if names else []
+        rows.append(line(total_label, report.total))
+        print(_table(header, rows, numeric_from=len(names)))
+        return 0
+
+    return _run_client_command(args, usage)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from feather_client import format_usd, pb
+
+    def price(nanos_per_million: int) -> str:
+        return format_usd(nanos_per_million)
+
+    async def models(client: Any) -> int:
+        found = await client.list_models(provider=args.provider or "")
+        if args.json:
+            document = [
+                {
+                    "provider": m.provider,
+                    "model": m.name,
+                    "aliases": list(m.aliases),
+                    "provider_type": m.provider_type,
+                    "price_usd_per_million_tokens": (
+                        {
+                            "input": format_usd(m.price.input_nanos_usd_per_million).lstrip("$"),
+                            "output": format_usd(m.price.output_nanos_usd_per_million).lstrip("$"),
+                            "cached_input": format_usd(m.price.cached_input_nanos_usd_per_million).lstrip("$"),
+                            "cache_write": format_usd(m.price.cache_write_nanos_usd_per_million).lstrip("$"),
+                        }
+                        if m.HasField("price")
+                        else None
+                    ),
+                    "state": _STATE_NAMES.get(pb.CircuitState.Name(m.circuit_state), "unknown"),
+                    "latency_ms": m.latency_ms,
+                }
+                for m in found
+            ]
+            print(json.dumps(document, indent=2))
+            return 0
+        header = ["PROVIDER", "MODEL", "ALIASES", "STATE", "INPUT $/1M", "OUTPUT $/1M", "LATENCY"]
+        rows = [
+            [
+                m.provider,
+                m.name,
+                ",".join(m.aliases) or "-",
+                _STATE_NAMES.get(pb.CircuitState.Name(m.circuit_state), "unknown"),
+                price(m.price.input_nanos_usd_per_million) if m.HasField("price") else "unpriced",
+                price(m.price.output_nanos_usd_per_million) if m.HasField("price") else "unpriced",
+                f"{m.latency_ms} ms" if m.latency_ms else "-",
+            ]
+            for m in found
+        ]
+        print(_table(header, rows, numeric_from=4))
+        return 0
+
+    return _run_client_command(args, models)
+
+
+def _add_client_commands(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--addr",
+        default=os.environ.get("FEATHER_ADDR") or "localhost:50051",
+        help="gateway host:port, or several comma-separated IPs (default: $FEATHER_ADDR or localhost:50051)",
+    )
+    common.add_argument(
+        "--api-key", default=os.environ.get("FEATHER_API_KEY"), help="API key (default: $FEATHER_API_KEY)"
+    )
+    common.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: 120)")
+    common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    common.add_argument("--ca-cert", help="PEM root certificates to trust (implies TLS)")
+    common.add_argument("--cert", help="PEM client certificate chain for mutual TLS (with --key)")
+    common.add_argument("--key", help="PEM private key of --cert")
+
+    chat = sub.add_parser("chat", parents=[common], help="stream a reply from a running gateway")
+    chat.add_argument("prompt", help='the user message ("-" reads it from stdin)')
+    chat.add_argument("--model", "-m", default="fast", help="model, alias or provider/model (default: fast)")
+    chat.add_argument("--system", help="a system message sent before the prompt")
+    chat.add_argument("--provider", help="only route to this provider")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument(
+        "--tag", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="attribution tag (repeatable)"
+    )
+    chat.set_defaults(run=_chat)
+
+    usage = sub.add_parser("usage", parents=[common], help="usage and cost from a running gateway's ledger")
+    usage.add_argument("--group-by", help="comma-separated: tenant, provider, model, tag (with --tag-key), hour, day")
+    usage.add_argument("--since", type=_parse_time, help="start: 30m, 24h, 7d ago, or an ISO date/time (UTC)")
+    usage.add_argument("--until", type=_parse_time, help="end (exclusive), same forms (default: now)")
+    usage.add_argument("--tenant")
+    usage.add_argument("--provider")
+    usage.add_argument("--model")
+    usage.add_argument("--tag-key", help="the tag whose values --group-by tag groups by")
+    usage.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    usage.set_defaults(run=_usage)
+
+    models = sub.add_parser("models", parents=[common], help="models, aliases, prices and state")
+    models.add_argument("--provider", help="only this provider's models")
+    models.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    models.set_defaults(run=_models)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="feather-grpc", description="Feather gRPC LLM gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config and print what it serves")
     check.add_argument("--config")
     check.set_defaults(run=_check_config)
+    _add_client_commands(sub)
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     new_key = keys.add_parser("new", help="make an API key and print its SHA-256 digest for the config")
     new_key.add_argument("--tenant", default="my-team", help="tenant name for the printed config snippet")

@@ -1,0 +1,176 @@
+"""`feather-grpc chat | usage | models` run as real subprocesses against live `feather-grpc serve` processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+API_KEY = "fk_cli_test_key"
+MOCK = {
+    "mock": {
+        "type": "mock",
+        "models": [
+            {"name": "mock-fast", "aliases": ["fast"], "inputPer1M": 0.15, "outputPer1M": 0.6},
+            {"name": "mock-smart", "aliases": ["smart"], "inputPer1M": 2.5, "outputPer1M": 10},
+        ],
+    }
+}
+SUMMARY = re.compile(
+    r"^-- (?P<provider>\S+)/(?P<model>\S+) · (?P<input>\d+) in \+ (?P<output>\d+) out tokens · "
+    r"\$(?P<cost>\d+\.\d+) · \d+ ms, first token \d+ ms · (?P<finish>\w+)$"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _clean_env() -> dict[str, str]:
+    drop = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "FEATHER_CONFIG", "FEATHER_ADDR", "FEATHER_API_KEY", "PORT")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def _serve(workdir: Path, config: dict[str, object]) -> Iterator[str]:
+    port = _free_port()
+    (workdir / "feather.config.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "feather_grpc.cli", "serve", "--port", str(port)],
+        cwd=workdir,
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "serving on" in line:
+                break
+        else:
+            pytest.fail(f"server exited with {proc.wait()} before serving")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(tmp_path_factory.mktemp("cli"), {"providers": MOCK, "ledger": {"type": "memory"}})
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    digest = "sha256:" + hashlib.sha256(API_KEY.encode()).hexdigest()
+    config = {"providers": MOCK, "ledger": {"type": "memory"}, "tenants": {"cli": {"keys": [digest]}}}
+    yield from _serve(tmp_path_factory.mktemp("cli-keyed"), config)
+
+
+def cli(*args: str, addr: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "feather_grpc.cli", *args]
+    if addr:
+        command += ["--addr", addr]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env={**_clean_env(), **(env or {})})
+
+
+def test_chat_streams_the_answer_then_one_summary_line(gateway: str) -> None:
+    run = cli("chat", "Say hello", "--model", "fast", "--tag", "team=cli", addr=gateway)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "Feather mock reply to: Say hello\n"
+    summary = SUMMARY.match(run.stderr.strip().splitlines()[-1])
+    assert summary, run.stderr
+    assert (summary["provider"], summary["model"], summary["finish"]) == ("mock", "mock-fast", "stop")
+    # $0.15 / $0.60 per 1M tokens: 150 / 600 nano-USD per token, printed exactly
+    nanos = int(summary["input"]) * 150 + int(summary["output"]) * 600
+    assert Decimal(summary["cost"]) == Decimal(nanos) / 10**9
+
+
+def test_chat_reads_the_prompt_from_stdin_and_takes_the_address_from_the_environment(gateway: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "feather_grpc.cli", "chat", "-", "-m", "smart", "--system", "Be brief."],
+        input="from stdin",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_clean_env(), "FEATHER_ADDR": gateway},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "Feather mock reply to: from stdin\n"
+    assert "mock/mock-smart" in run.stderr
+
+
+def test_usage_prints_a_table_and_one_json_document(gateway: str) -> None:
+    assert cli("chat", "one", "-m", "fast", addr=gateway).returncode == 0
+    assert cli("chat", "two", "-m", "smart", addr=gateway).returncode == 0
+    table = cli("usage", "--group-by", "provider,model", "--since", "1h", addr=gateway)
+    assert table.returncode == 0, table.stderr
+    header, *rows, total = table.stdout.strip().splitlines()
+    assert header.split()[:3] == ["PROVIDER", "MODEL", "REQUESTS"] and "COST (USD)" in header
+    assert any(r.split()[:2] == ["mock", "mock-fast"] for r in rows)
+    assert total.startswith("TOTAL")
+
+    document = cli("usage", "--group-by", "model", "--json", addr=gateway)
+    assert document.returncode == 0, document.stderr
+    report = json.loads(document.stdout)
+    assert report["group_by"] == ["model"]
+    by_model = {r["model"]: r for r in report["rows"]}
+    assert {"mock-fast", "mock-smart"} <= set(by_model)
+    assert report["total"]["cost_nanos_usd"] == sum(r["cost_nanos_usd"] for r in report["rows"])
+    assert Decimal(report["total"]["cost_usd"]) == Decimal(report["total"]["cost_nanos_usd"]) / 10**9
+    assert report["total"]["requests"] == sum(r["requests"] for r in report["rows"])
+
+
+def test_models_lists_aliases_prices_and_state(gateway: str) -> None:
+    table = cli("models", addr=gateway)
+    assert table.returncode == 0, table.stderr
+    header, fast, smart = table.stdout.strip().splitlines()
+    assert header.split()[:4] == ["PROVIDER", "MODEL", "ALIASES", "STATE"]
+    assert fast.split()[:6] == ["mock", "mock-fast", "fast", "ok", "$0.15", "$0.60"]
+    assert smart.split()[:6] == ["mock", "mock-smart", "smart", "ok", "$2.50", "$10.00"]
+    listed = json.loads(cli("models", "--json", addr=gateway).stdout)
+    assert listed[0]["price_usd_per_million_tokens"]["input"] == "0.15"
+    assert listed[1]["aliases"] == ["smart"] and listed[1]["state"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["chat", "hi", "-m", "no-such-model"], "feather-grpc: NOT_FOUND MODEL_NOT_FOUND: no model or alias named"),
+        (["chat", "hi", "--temperature", "9"], "feather-grpc: INVALID_ARGUMENT INVALID_REQUEST: "),
+        (["usage", "--group-by", "color"], "feather-grpc: group_by must be among"),
+    ],
+)
+def test_errors_print_one_line_and_exit_non_zero(gateway: str, args: list[str], expected: str) -> None:
+    run = cli(*args, addr=gateway)
+    assert run.returncode != 0
+    assert run.stdout == ""
+    assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith(expected), run.stderr
+
+
+def test_an_unreachable_gateway_is_one_line_too() -> None:
+    run = cli("models", "--timeout", "5", addr=f"127.0.0.1:{_free_port()}")
+    assert run.returncode == 1
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("feather-grpc: UNAVAILABLE: ") and "is a gateway listening on" in line
+
+
+def test_the_api_key_comes_from_the_flag_or_the_environment(keyed_gateway: str) -> None:
+    refused = cli("models", addr=keyed_gateway)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("feather-grpc: UNAUTHENTICATED API_KEY_INVALID: "), refused.stderr
+    assert cli("models", "--api-key", API_KEY, addr=keyed_gateway).returncode == 0
+    run = cli("chat", "keyed", addr=keyed_gateway, env={"FEATHER_API_KEY": API_KEY})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "Feather mock reply to: keyed\n"
