@@ -1,4 +1,4 @@
-"""Command line: `feather-grpc serve | check-config | keys | chat | usage | models`."""
+"""Command line: `feather-grpc serve | health | check-config | keys | chat | usage | models`."""
 
 from __future__ import annotations
 
@@ -19,12 +19,10 @@ from feather_grpc import config as config_module
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("LOG_LEVEL", "info").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """LOG_LEVEL and LOG_FORMAT (json, text, or auto: text on a terminal, JSON otherwise)."""
+    from feather_grpc.server.logs import configure_logging
+
+    configure_logging(os.environ)
 
 
 def _load(path: str | None) -> config_module.GatewayConfig:
@@ -37,15 +35,53 @@ def _load(path: str | None) -> config_module.GatewayConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    from feather_grpc.server.app import serve
+    from feather_grpc.server import workers
 
     log = logging.getLogger("feather_grpc")
+    worker = workers.worker_index(os.environ)
+    if args.workers > 1 and worker is None:
+        port = cfg.port if args.port is None else args.port
+        if port == 0:
+            print("feather-grpc: --workers needs a fixed port (not 0): the workers share it", file=sys.stderr)
+            return 2
+        serve_args = ["--port", str(port)]
+        serve_args += ["--config", args.config] if args.config else []
+        serve_args += ["--host", args.host] if args.host else []
+        log.info("supervisor: starting %d workers on port %d", args.workers, port)
+        return workers.run_workers(args.workers, serve_args)
+    if worker is not None:
+        workers.die_with_parent(os.environ)
+    from feather_grpc.server.app import ServerOptions, serve
+
     providers = ", ".join(f"{p.name} ({p.type}, {len(p.models)} models)" for p in cfg.providers)
     log.info("providers: %s", providers)
     if cfg.skipped_providers:
         log.info("skipped providers with no API key set: %s", ", ".join(cfg.skipped_providers))
-    asyncio.run(serve(cfg, args.host, args.port))
+    try:
+        asyncio.run(serve(cfg, args.host, args.port, ServerOptions.from_env(os.environ, worker=worker)))
+    except config_module.ConfigError as e:
+        print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server answers SERVING over grpc.health.v1 (the container HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = args.address or f"127.0.0.1:{os.environ.get('PORT') or 50051}"
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"{address}: {e.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -370,7 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: $PORT or 50051)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("FEATHER_WORKERS") or 1),
+        help="server processes sharing the port via SO_REUSEPORT (default: $FEATHER_WORKERS or 1)",
+    )
     serve.set_defaults(run=_serve)
+    health = sub.add_parser("health", help="ask a running server's grpc.health.v1 service; exit 0 if SERVING")
+    health.add_argument("--address", help="host:port (default: 127.0.0.1:$PORT, or 127.0.0.1:50051)")
+    health.add_argument("--service", default="", help='service name (default: "", the whole server)')
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default: 2)")
+    health.set_defaults(run=_health)
     check = sub.add_parser("check-config", help="validate a config and print what it serves")
     check.add_argument("--config")
     check.set_defaults(run=_check_config)

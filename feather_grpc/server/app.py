@@ -1,23 +1,39 @@
-"""Builds and runs the grpc.aio server: FeatherService, health, reflection, graceful shutdown."""
+"""Builds and runs the grpc.aio server: FeatherService, health, reflection, observability, graceful shutdown.
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, the server stops taking calls and drains the
+ones in flight (streams included) for up to the grace period, then the engine settles cancelled calls,
+closes its upstream pools and flushes the ledger; traces are flushed and the metrics endpoint closed last.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from feather_grpc.config import GatewayConfig, TlsConfig
+from feather_grpc.config import ConfigError, GatewayConfig, TlsConfig
 from feather_grpc.engine.gateway import Feather
+from feather_grpc.engine.observe import CallObserver
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
+from feather_grpc.server import logs
+from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.tenancy import TenantGate, TenantInterceptor
 from feather_grpc.state.ledger import UsageLedger
+
+if TYPE_CHECKING:
+    from feather_grpc.server.metrics import GatewayMetrics
+    from feather_grpc.server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +64,91 @@ def open_ledger(config: GatewayConfig) -> UsageLedger:
     return SqliteLedger(config.ledger_path, synchronous=config.ledger_synchronous)
 
 
-class GatewayServer:
-    """One gateway process: the engine behind a grpc.aio server."""
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """Process-level operations settings; `from_env` reads them from the environment."""
 
-    def __init__(self, config: GatewayConfig, *, engine: Feather | None = None) -> None:
+    metrics_port: int | None = None  # METRICS_PORT (0: any free port); None: no metrics at all
+    metrics_host: str | None = None  # METRICS_HOST; default: the gRPC bind address
+    tracing: bool = False  # the OTEL_* variables ask for traces (see server.tracing)
+    call_log: bool = True  # one log line per call (server.logs.CallLog)
+    log_content: bool = False  # FEATHER_LOG_CONTENT: prompts and completions at DEBUG
+    reuse_port: bool = False  # several processes share the port (serve --workers)
+    worker: int | None = None  # this process's index under serve --workers
+    env: Mapping[str, str] = field(default_factory=dict)  # what tracing reads its OTEL_* settings from
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, worker: int | None = None) -> ServerOptions:
+        from feather_grpc.server.tracing import tracing_requested
+
+        metrics_port = None
+        raw = env.get("METRICS_PORT", "").strip()
+        if raw:
+            if not raw.isdigit() or int(raw) > 65535:
+                raise ConfigError(
+                    "environment", "METRICS_PORT", f"{raw!r} is not a port", "set a port number, or unset it"
+                )
+            metrics_port = int(raw)
+            if metrics_port and worker:
+                metrics_port += worker  # one endpoint per worker: METRICS_PORT + index
+        return cls(
+            metrics_port=metrics_port,
+            metrics_host=env.get("METRICS_HOST") or None,
+            tracing=tracing_requested(env),
+            log_content=logs.env_flag(env, "FEATHER_LOG_CONTENT"),
+            reuse_port=worker is not None,
+            worker=worker,
+            env=dict(env),
+        )
+
+
+class GatewayServer:
+    """One gateway process: the engine behind a grpc.aio server, with its metrics, traces and call logs."""
+
+    def __init__(
+        self, config: GatewayConfig, *, engine: Feather | None = None, options: ServerOptions | None = None
+    ) -> None:
         self.config = config
-        self.engine = engine or Feather(config, open_ledger(config))
+        self.options = options = options or ServerOptions()
+        observers: list[CallObserver] = []
+        interceptors: list[Any] = []
+        self.tracing: Tracing | None = None
+        if options.tracing:  # imports opentelemetry only when asked for
+            from feather_grpc.server.tracing import Tracing
+
+            self.tracing = Tracing(options.env, {p.name: p.type for p in config.providers})
+            interceptors.append(self.tracing.server_interceptor())
+            observers.append(self.tracing.observer)
+        self.metrics: GatewayMetrics | None = None
+        if options.metrics_port is not None:
+            from feather_grpc.server.metrics import GatewayMetrics
+
+            self.metrics = GatewayMetrics()
+            observers.append(self.metrics)
+        if options.call_log:
+            observers.append(logs.CallLog(worker=options.worker))
+        if engine is None:
+            engine = Feather(config, open_ledger(config), observers=observers)
+        else:
+            engine.observers.extend(observers)
+        self.engine = engine
+        self.tracker = CallTracker(
+            log_content=options.log_content, on_refused=self.metrics.refused if self.metrics else None
+        )
+        if self.metrics is not None:
+            self.metrics.watch(self.engine, self.tracker)
         self.health = HealthServicer()
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
-        options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self._server = grpc.aio.server(options=options, interceptors=[TenantInterceptor(self.gate)])
+        interceptors += [self.tracker, TenantInterceptor(self.gate)]
+        server_options = [
+            *_SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Off unless several workers share the port: a second server on a busy port must fail loudly.
+            ("grpc.so_reuseport", int(options.reuse_port)),
+        ]
+        self._server = grpc.aio.server(options=server_options, interceptors=interceptors)
         self.port = 0
+        self.metrics_port: int | None = None
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         """Starts serving and returns the bound port (pass port 0 to pick a free one)."""
@@ -75,30 +165,53 @@ class GatewayServer:
         else:
             self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
         await self._server.start()
+        if self.metrics is not None and self.options.metrics_port is not None:
+            metrics_host = self.options.metrics_host or host or self.config.host
+            self.metrics_port = self.metrics.serve(metrics_host, self.options.metrics_port)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING first so probes and balancers move away, then drain calls, then close pools."""
+        """NOT_SERVING first so probes and balancers move away, then drain calls (streams included) for up
+        to the grace period, then settle, close pools and flush the ledger; traces and metrics last."""
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
-        await self.engine.aclose()
+        try:
+            await self.engine.aclose()
+        finally:
+            if self.tracing is not None:
+                await asyncio.to_thread(self.tracing.shutdown)
+            if self.metrics is not None:
+                await asyncio.to_thread(self.metrics.close)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
 
-async def serve(config: GatewayConfig, host: str | None = None, port: int | None = None) -> None:
+async def serve(
+    config: GatewayConfig, host: str | None = None, port: int | None = None, options: ServerOptions | None = None
+) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    server = GatewayServer(config)
+    logs.redactor.add(p.api_key for p in config.providers if p.api_key)
+    server = GatewayServer(config, options=options or ServerOptions.from_env(os.environ))
     bound = await server.start(host, port)
-    log.info("feather-grpc serving on %s:%d (config: %s)", host or config.host, bound, config.source)
+    log.info(
+        "feather-grpc serving on %s:%d (config: %s)",
+        host or config.host,
+        bound,
+        config.source,
+        extra={"port": bound, "metrics_port": server.metrics_port, "tracing": server.tracing is not None},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: draining in-flight calls for up to %gs", config.grace_period_s)
+    log.info(
+        "shutting down: draining %d in-flight calls for up to %gs",
+        server.tracker.total_inflight,
+        config.grace_period_s,
+    )
     await server.stop()
     log.info("stopped")

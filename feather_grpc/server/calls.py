@@ -1,0 +1,142 @@
+"""Per-call bookkeeping at the transport: in-flight counts, the call scope observers read, opt-in content logs.
+
+`CallTracker` is a grpc.aio server interceptor around the FeatherService methods. For each call it puts a
+`CallScope` in a context variable (the engine's observer hooks run in the call's task, or in tasks copied
+from it, so they see it), counts the call as in flight until the handler returns or the stream ends, and,
+only when content logging is on, writes the request's messages and the reply's text at DEBUG. Calls
+refused with RESOURCE_EXHAUSTED (by the tenant gate or the engine) are reported to `on_refused` with the
+ErrorInfo reason and subject, read back from the status the call was aborted with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.logs import CONTENT_LOGGER
+
+SERVICE_PREFIX = "/feather.v1.FeatherService/"
+
+
+@dataclass(slots=True)
+class CallScope:
+    """What observers learn about one RPC as it runs (perf_counter seconds)."""
+
+    method: str
+    started: float
+    upstream_s: float = 0.0  # time inside upstream attempts (overlapping hedge legs add up)
+    first_ok_at: float | None = None  # when an attempt succeeded: for a stream, its first event
+    pending: dict[str, Any] = field(default_factory=dict)  # observer state kept until the call settles
+
+
+current_call: ContextVar[CallScope | None] = ContextVar("feather_current_call", default=None)
+
+# (reason, subject): e.g. ("RATE_LIMITED", "tenant:acme:requests"), ("OVERLOADED", "")
+RefusalHook = Callable[[str, str], None]
+
+
+class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts in-flight FeatherService calls per method and opens a CallScope for each."""
+
+    def __init__(self, *, log_content: bool = False, on_refused: RefusalHook | None = None) -> None:
+        self.inflight: dict[str, int] = {}
+        self.on_refused = on_refused
+        self._content = logging.getLogger(CONTENT_LOGGER) if log_content else None
+
+    @property
+    def total_inflight(self) -> int:
+        return sum(self.inflight.values())
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        method = details.method[len(SERVICE_PREFIX) :]
+        self.inflight.setdefault(method, 0)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # FeatherService has no client-streaming methods
+
+    def _unary(self, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
+        async def unary(request: Any, context: Any) -> Any:
+            # Each RPC runs in its own task, so the variable needs no reset: it dies with the task.
+            current_call.set(CallScope(method, time.perf_counter()))
+            self.inflight[method] += 1
+            try:
+                response = await behavior(request, context)
+            except grpc.aio.AbortError:
+                self._aborted(context)
+                raise
+            finally:
+                self.inflight[method] -= 1
+            if self._content is not None and self._content.isEnabledFor(logging.DEBUG):
+                _log_content(self._content, method, response.request_id, request, response.message.content)
+            return response
+
+        return unary
+
+    def _stream(self, method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            current_call.set(CallScope(method, time.perf_counter()))
+            self.inflight[method] += 1
+            text: list[str] | None = [] if self._content is not None else None
+            request_id = request.request_id
+            try:
+                async for response in behavior(request, context):
+                    if text is not None:
+                        if response.HasField("delta"):
+                            text.append(response.delta.content)
+                        elif response.HasField("start"):
+                            request_id = response.start.request_id
+                    yield response
+            except grpc.aio.AbortError:
+                self._aborted(context)
+                raise
+            finally:
+                self.inflight[method] -= 1
+            if self._content is not None and text is not None and self._content.isEnabledFor(logging.DEBUG):
+                _log_content(self._content, method, request_id, request, "".join(text))
+
+        return stream
+
+    def _aborted(self, context: Any) -> None:
+        if self.on_refused is None or context.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return
+        for key, value in context.trailing_metadata() or ():
+            if key == "grpc-status-details-bin":
+                for detail in status_pb2.Status.FromString(value).details:
+                    if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                        info = error_details_pb2.ErrorInfo()
+                        detail.Unpack(info)
+                        self.on_refused(info.reason, info.metadata.get("subject", ""))
+                        return
+
+
+def _log_content(log: logging.Logger, method: str, request_id: str, request: Any, completion: str) -> None:
+    messages = [{"role": pb.Role.Name(m.role), "content": m.content} for m in request.messages]
+    log.debug(
+        "content",
+        extra={"method": method, "request_id": request_id, "messages": messages, "completion": completion},
+    )

@@ -1,0 +1,212 @@
+"""Logging: JSON or text lines off the event loop, secret redaction, and one log line per call.
+
+`configure_logging()` sends every record through a queue to a writer thread, so a slow stderr (a full
+container log pipe) never blocks the event loop. Formats: `LOG_FORMAT=json` (one JSON object per line),
+`text`, or `auto` (the default: text on a terminal, JSON otherwise, as in containers). `LOG_LEVEL`
+sets the level (debug, info, warning, error; default info).
+
+`CallLog` is an engine observer that writes one INFO line per settled call on the `feather_grpc.calls`
+logger: ids, route, outcome, tokens, cost and timing. Prompts and completions are never in it; they are
+logged only with `FEATHER_LOG_CONTENT=true` and `LOG_LEVEL=debug` (see `server.interceptors`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import logging
+import logging.handlers
+import os
+import queue
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+import orjson
+
+from feather_grpc.engine.results import AttemptRecord
+from feather_grpc.state.ledger import UsageRecord
+
+CALLS_LOGGER = "feather_grpc.calls"
+CONTENT_LOGGER = "feather_grpc.content"
+_REDACTED = "[REDACTED]"
+# LogRecord attributes that are not caller data (everything else passed via `extra` is).
+_STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ms), level, logger, message, pid, then the record's `extra`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        out.update(_fields(record))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        return orjson.dumps(out, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger: message key=value ...` for people at a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = _fields(record)
+        if not extra:
+            return line
+        head, sep, tail = line.partition("\n")  # keep a traceback below the key=value pairs
+        pairs = " ".join(f"{k}={v}" for k, v in extra.items())
+        return f"{head} {pairs}{sep}{tail}"
+
+
+class SecretRedactor(logging.Filter):
+    """Replaces known secret values (provider API keys) wherever they appear in a formatted record.
+    A last line of defence: the code never logs keys, but an upstream error text might echo one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: tuple[str, ...] = ()
+
+    def add(self, secrets: Iterable[str]) -> None:
+        # Short values would redact ordinary words; real keys are long.
+        self._secrets = tuple(sorted({*self._secrets, *(s for s in secrets if len(s) >= 8)}, key=len, reverse=True))
+
+    def _clean(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._secrets:
+            return True
+        record.msg = self._clean(record.getMessage())
+        record.args = None
+        if record.exc_info:  # render the traceback now, so it can be cleaned
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = self._clean(record.exc_text)
+        for key, value in _fields(record).items():
+            if isinstance(value, str):
+                setattr(record, key, self._clean(value))
+        return True
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands records to the writer thread with the message rendered and the traceback as text, so
+    formatting (JSON or text) and the write itself happen off the event loop."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+redactor = SecretRedactor()
+_listener: logging.handlers.QueueListener | None = None
+
+
+def wants_json(env: Mapping[str, str], stream: TextIO) -> bool:
+    fmt = env.get("LOG_FORMAT", "auto").strip().lower()
+    if fmt == "auto":
+        return not (hasattr(stream, "isatty") and stream.isatty())
+    return fmt == "json"
+
+
+def configure_logging(env: Mapping[str, str] | None = None, stream: TextIO | None = None) -> None:
+    """Installs the process's logging from LOG_LEVEL and LOG_FORMAT. Idempotent; flushed at exit."""
+    global _listener
+    env = os.environ if env is None else env
+    stream = stream or sys.stderr
+    level_name = env.get("LOG_LEVEL", "info").strip().upper()
+    level = logging.getLevelNamesMapping().get("WARNING" if level_name == "WARN" else level_name, logging.INFO)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if wants_json(env, stream) else TextFormatter())
+    handler.addFilter(redactor)
+    stop_logging()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(_Enqueue(records))
+    root.setLevel(level)
+    # Chatty third-party loggers stay at warning unless debugging.
+    for name in ("aiohttp.access", "grpc._cython.cygrpc", "asyncio"):
+        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.WARNING)
+
+
+def stop_logging() -> None:
+    """Writes out every queued record and stops the writer thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+atexit.register(stop_logging)
+
+
+class CallLog:
+    """Engine observer: exactly one INFO line per call, without prompts, completions or keys."""
+
+    def __init__(self, worker: int | None = None, logger: logging.Logger | None = None) -> None:
+        self._log = logger or logging.getLogger(CALLS_LOGGER)
+        self._worker = worker
+
+    def attempt_started(self, request_id: str, provider: str, model: str, streamed: bool) -> object:
+        return None
+
+    def attempt_finished(self, token: object, attempt: AttemptRecord) -> None:
+        return None
+
+    def call_settled(self, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None) -> None:
+        if not self._log.isEnabledFor(logging.INFO):
+            return
+        fields: dict[str, Any] = {
+            "request_id": record.request_id,
+            "tenant": record.tenant,
+            "provider": record.provider,
+            "model": record.model,
+            "requested_model": record.requested_model,
+            "streamed": record.streamed,
+            "outcome": str(record.outcome),
+            "error_code": record.error_code,
+            "error_reason": record.error_reason,
+            "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens,
+            "cached_input_tokens": record.cached_input_tokens,
+            "cost_nanos_usd": record.cost_nanos_usd,
+            "usage_estimated": record.estimated,
+            "duration_ms": record.latency_ms,
+            "ttft_ms": ttft_ms,
+            "attempts": len(attempts),
+        }
+        if self._worker is not None:
+            fields["worker"] = self._worker
+        self._log.info("call", extra=fields)

@@ -1,0 +1,266 @@
+"""Prometheus metrics: an engine observer for calls and attempts, scrape-time collectors, the HTTP endpoint.
+
+Series (all names prefixed `feather_`):
+  requests_total{provider,model,status}          calls by outcome: ok, error, cancelled, cache_hit
+  request_errors_total{provider,model,reason}    failed calls by ErrorInfo reason
+  request_duration_seconds{provider,model}       whole-call latency (a stream: until its end)
+  time_to_first_token_seconds{provider,model}    streams: call start to the first event sent
+  gateway_overhead_seconds{call}                 time not spent inside upstream attempts (call: unary|stream;
+                                                 a stream counts until its first event). Includes retry
+                                                 back-off, admission waits and the ledger write.
+  upstream_attempts_total{provider,model,outcome}
+  tokens_total{provider,model,kind}              kind: input, output, cached_input, cache_write, reasoning
+  cost_nanos_usd_total{provider,model}           exact integer nano-dollars (1e-9 USD): divide by 1e9 for USD
+  rate_limited_total{scope}                      gateway rate-limit refusals; scope: tenant_requests,
+                                                 tenant_concurrency, tenant_tpm, provider_model
+  load_shed_total                                calls refused because the gateway was at its in-flight cap
+  inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
+  circuit_state{provider,model}                  0 closed, 1 half-open, 2 open (read at scrape time)
+Provider and model are the configured names that served (empty when no route was found), so request
+data never creates label values. The observer keeps each label set's children, so a call costs a few
+dictionary lookups and histogram observations.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from feather_grpc.engine.gateway import Feather
+from feather_grpc.engine.results import AttemptRecord
+from feather_grpc.server.calls import CallTracker, current_call
+from feather_grpc.state.ledger import Outcome, UsageRecord
+
+# No `_created` twin for every series: it doubles the scrape for nothing we use.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# LLM calls take from tens of milliseconds to minutes.
+_LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
+# The gateway's own share should be well under a millisecond; a cache hit is all overhead.
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, float("inf"))
+_CIRCUIT_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+_TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
+
+
+@dataclass(slots=True)
+class _ModelSeries:
+    """The children of one (provider, model), created once."""
+
+    duration: Histogram
+    ttft: Histogram
+    cost: Counter
+    tokens: tuple[Counter, ...]  # in _TOKEN_KINDS order
+    requests: dict[str, Counter] = field(default_factory=dict)
+    errors: dict[str, Counter] = field(default_factory=dict)
+    attempts: dict[str, Counter] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _AttemptToken:
+    provider: str
+    model: str
+    started: float
+
+
+class GatewayMetrics:
+    """Owns a registry with the gateway's series; `observer` methods are the engine's CallObserver."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        pm = ["provider", "model"]
+        self._requests = Counter("feather_requests", "Calls by outcome.", [*pm, "status"], registry=r)
+        self._errors = Counter("feather_request_errors", "Failed calls by error reason.", [*pm, "reason"], registry=r)
+        self._duration = Histogram(
+            "feather_request_duration_seconds", "Call latency.", pm, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self._ttft = Histogram(
+            "feather_time_to_first_token_seconds",
+            "Streams: time from the call's start to its first event.",
+            pm,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._overhead = Histogram(
+            "feather_gateway_overhead_seconds",
+            "Call time not spent in upstream attempts (streams: until the first event).",
+            ["call"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self._overhead_unary = self._overhead.labels("unary")
+        self._overhead_stream = self._overhead.labels("stream")
+        self._attempts = Counter(
+            "feather_upstream_attempts", "Upstream attempts by outcome.", [*pm, "outcome"], registry=r
+        )
+        self._tokens = Counter("feather_tokens", "Tokens consumed.", [*pm, "kind"], registry=r)
+        self._cost = Counter(
+            "feather_cost_nanos_usd", "Cost in nano-dollars (1e-9 USD), exact integers.", pm, registry=r
+        )
+        self._rate_limited = Counter("feather_rate_limited", "Gateway rate-limit refusals.", ["scope"], registry=r)
+        self._shed = Counter("feather_load_shed", "Calls refused at the in-flight cap (OVERLOADED).", registry=r)
+        self._series: dict[tuple[str, str], _ModelSeries] = {}
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def watch(self, engine: Feather, tracker: CallTracker | None) -> None:
+        """Adds the scrape-time series (circuit state, in-flight calls) and process metrics."""
+        self.registry.register(_LiveState(engine, tracker))
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    # ---- hooks ----
+
+    def rate_limited(self, scope: str) -> None:
+        """A call was refused by a gateway rate limit of this scope (see rate_limit_scope)."""
+        self._rate_limited.labels(scope).inc()
+
+    def refused(self, reason: str, subject: str) -> None:
+        """CallTracker hook: a call ended RESOURCE_EXHAUSTED with this ErrorInfo reason and subject."""
+        if reason == "RATE_LIMITED":
+            self.rate_limited(rate_limit_scope(subject))
+        elif reason == "OVERLOADED":
+            self._shed.inc()
+
+    def _model(self, provider: str, model: str) -> _ModelSeries:
+        s = self._series.get((provider, model))
+        if s is None:
+            s = self._series[(provider, model)] = _ModelSeries(
+                duration=self._duration.labels(provider, model),
+                ttft=self._ttft.labels(provider, model),
+                cost=self._cost.labels(provider, model),
+                tokens=tuple(self._tokens.labels(provider, model, kind) for kind in _TOKEN_KINDS),
+            )
+        return s
+
+    # ---- CallObserver ----
+
+    def attempt_started(self, request_id: str, provider: str, model: str, streamed: bool) -> object:
+        return _AttemptToken(provider, model, time.perf_counter())
+
+    def attempt_finished(self, token: object, attempt: AttemptRecord) -> None:
+        assert isinstance(token, _AttemptToken)
+        now = time.perf_counter()
+        s = self._model(token.provider, token.model)
+        counter = s.attempts.get(attempt.outcome)
+        if counter is None:
+            counter = s.attempts[attempt.outcome] = self._attempts.labels(token.provider, token.model, attempt.outcome)
+        counter.inc()
+        scope = current_call.get()
+        if scope is not None:
+            scope.upstream_s += now - token.started
+            if attempt.outcome == "ok" and scope.first_ok_at is None:
+                scope.first_ok_at = now
+
+    def call_settled(self, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None) -> None:
+        if record.request_id.endswith(":hedge"):
+            # A cancelled hedge leg: billed in the ledger, but not a call of its own.
+            self._count_usage(self._model(record.provider, record.model), record)
+            return
+        s = self._model(record.provider, record.model)
+        status = str(record.outcome)
+        counter = s.requests.get(status)
+        if counter is None:
+            counter = s.requests[status] = self._requests.labels(record.provider, record.model, status)
+        counter.inc()
+        if record.outcome is Outcome.ERROR:
+            reason = record.error_reason or "INTERNAL"
+            err = s.errors.get(reason)
+            if err is None:
+                err = s.errors[reason] = self._errors.labels(record.provider, record.model, reason)
+            err.inc()
+        self._count_usage(s, record)
+        scope = current_call.get()
+        now = time.perf_counter()
+        if scope is None:  # the engine used in-process: millisecond figures from the record
+            s.duration.observe(record.latency_ms / 1000)
+            if ttft_ms is not None:
+                s.ttft.observe(ttft_ms / 1000)
+            return
+        s.duration.observe(now - scope.started)
+        if record.streamed and scope.first_ok_at is not None:
+            s.ttft.observe(scope.first_ok_at - scope.started)
+        if record.outcome is Outcome.OK or record.outcome is Outcome.CACHE_HIT:
+            if record.streamed:
+                end = scope.first_ok_at if scope.first_ok_at is not None else now
+                self._overhead_stream.observe(max(0.0, end - scope.started - scope.upstream_s))
+            else:
+                self._overhead_unary.observe(max(0.0, now - scope.started - scope.upstream_s))
+
+    def _count_usage(self, s: _ModelSeries, record: UsageRecord) -> None:
+        for counter, n in zip(
+            s.tokens,
+            (
+                record.input_tokens,
+                record.output_tokens,
+                record.cached_input_tokens,
+                record.cache_write_tokens,
+                record.reasoning_tokens,
+            ),
+            strict=True,
+        ):
+            if n:
+                counter.inc(n)
+        if record.cost_nanos_usd:
+            s.cost.inc(record.cost_nanos_usd)
+
+    # ---- endpoint ----
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics over HTTP on a daemon thread; returns the bound port (0 picks a free one)."""
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._server.server_port)
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def rate_limit_scope(subject: str) -> str:
+    """A bounded label for a limit's subject: "tenant:acme:requests" -> "tenant_requests",
+    "provider:openai:gpt-4o" -> "provider_model"."""
+    kind, _, rest = subject.partition(":")
+    if kind == "tenant":
+        return "tenant_" + rest.rpartition(":")[2]
+    if kind == "provider":
+        return "provider_model"
+    return kind or "unknown"
+
+
+class _LiveState(Collector):
+    """Series read from live state when scraped: circuit state per model, in-flight calls per method."""
+
+    def __init__(self, engine: Feather, tracker: CallTracker | None) -> None:
+        self._engine = engine
+        self._tracker = tracker
+
+    def collect(self) -> Iterable[Metric]:
+        circuit = GaugeMetricFamily(
+            "feather_circuit_state",
+            "Circuit breaker state per provider:model: 0 closed, 1 half-open, 2 open.",
+            labels=["provider", "model"],
+        )
+        for m in self._engine.models():
+            circuit.add_metric([m.provider, m.model.name], _CIRCUIT_VALUE.get(m.circuit_state, 2.0))
+        yield circuit
+        inflight = GaugeMetricFamily("feather_inflight_calls", "FeatherService calls in progress.", labels=["method"])
+        if self._tracker is not None:
+            for method, n in list(self._tracker.inflight.items()):
+                inflight.add_metric([method], float(n))
+        yield inflight

@@ -1,0 +1,146 @@
+"""Prometheus metrics: the guide's names, exact counts, tokens and cost, overhead, in-flight, circuit state,
+rate-limit and load-shedding refusals, scraped over HTTP from a live gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import grpc
+import pytest
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.app import ServerOptions
+from feather_grpc.server.metrics import rate_limit_scope
+from sim.upstream import Reply, SimUsage, UpstreamSimulator
+from tests.gateway_harness import MOCK_CONFIG, user
+from tests.ops_harness import eventually, running_server, sample, scrape
+
+ENV = {"SIM_OPENAI_KEY": "sk-sim-metrics-key"}
+METRICS = ServerOptions(metrics_port=0, metrics_host="127.0.0.1")
+
+
+def sim_doc(sim: UpstreamSimulator, **extra: Any) -> dict[str, Any]:
+    return {
+        "ledger": {"type": "memory"},
+        "retry": {"maxAttempts": 1},
+        "circuitBreaker": {"failureThreshold": 1, "resetTimeoutMs": 60_000},
+        "providers": {
+            "openai": {
+                "type": "openai",
+                "apiKeyEnv": "SIM_OPENAI_KEY",
+                "baseUrl": sim.url + "/v1",
+                "models": [{"name": "gpt-sim", "aliases": ["fast"], "inputPer1K": 0.03, "outputPer1K": 0.06}],
+            }
+        },
+        **extra,
+    }
+
+
+def chat(text: str = "hello there", model: str = "fast") -> pb.ChatRequest:
+    return pb.ChatRequest(model=model, messages=[user(text)])
+
+
+async def test_calls_tokens_cost_latency_and_circuit_state() -> None:
+    async with UpstreamSimulator() as sim, running_server(sim_doc(sim), ENV, METRICS) as gw:
+        port = gw.server.metrics_port
+        assert port
+        idle = scrape(port)
+        assert sample(idle, "feather_circuit_state", provider="openai", model="gpt-sim") == 0
+        assert sample(idle, "feather_inflight_calls", method="Chat") == 0
+
+        sim.enqueue(Reply(usage=SimUsage(12, 7, cached=3)), Reply(latency_s=0.3))
+        first = await gw.stub.Chat(chat())
+        second = await gw.stub.Chat(chat())
+        ends = [r.end async for r in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("go")]))]
+        end = ends[-1]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(model="no-such-model"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+        m = scrape(port)
+        pm = {"provider": "openai", "model": "gpt-sim"}
+        assert sample(m, "feather_requests_total", **pm, status="ok") == 3
+        assert sample(m, "feather_requests_total", provider="", model="", status="error") == 1
+        assert sample(m, "feather_request_errors_total", provider="", model="", reason="MODEL_NOT_FOUND") == 1
+        assert sample(m, "feather_upstream_attempts_total", **pm, outcome="ok") == 3
+        replies = [first.usage, second.usage, end.usage]
+        assert sample(m, "feather_tokens_total", **pm, kind="input") == sum(u.input_tokens for u in replies)
+        assert sample(m, "feather_tokens_total", **pm, kind="output") == sum(u.output_tokens for u in replies)
+        assert sample(m, "feather_tokens_total", **pm, kind="cached_input") == 3
+        cost = first.cost_nanos_usd + second.cost_nanos_usd + end.cost_nanos_usd
+        assert cost > 0 and sample(m, "feather_cost_nanos_usd_total", **pm) == cost
+        assert sample(m, "feather_request_duration_seconds_count", **pm) == 3
+        assert sample(m, "feather_time_to_first_token_seconds_count", **pm) == 1
+        assert sample(m, "feather_gateway_overhead_seconds_count", call="unary") == 2
+        assert sample(m, "feather_gateway_overhead_seconds_count", call="stream") == 1
+        # The slow call spent 0.3 s upstream: that is in its duration, not in the gateway's overhead.
+        assert sample(m, "feather_request_duration_seconds_bucket", **pm, le="0.25") == 2
+        assert sample(m, "feather_gateway_overhead_seconds_bucket", call="unary", le="0.1") == 2
+
+        sim.enqueue(Reply(status=500))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        m = scrape(port)
+        assert sample(m, "feather_circuit_state", **pm) == 2  # open after one failure (threshold 1)
+        assert sample(m, "feather_upstream_attempts_total", **pm, outcome="retryable_error") == 1
+        assert sample(m, "feather_request_errors_total", **pm, reason="UPSTREAM_UNAVAILABLE") == 1
+
+
+async def test_inflight_calls_and_load_shedding() -> None:
+    async with UpstreamSimulator() as sim:
+        sim.default = Reply(latency_s=0.5)
+        doc = sim_doc(sim, server={"maxInFlight": 1})
+        async with running_server(doc, ENV, METRICS) as gw:
+            port = gw.server.metrics_port
+            assert port
+            slow = asyncio.ensure_future(gw.stub.Chat(chat()))
+            await eventually(
+                lambda: sample(scrape(port), "feather_inflight_calls", method="Chat") == 1, what="one call in flight"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(chat())
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await slow
+            m = scrape(port)
+            assert sample(m, "feather_inflight_calls", method="Chat") == 0
+            assert sample(m, "feather_load_shed_total") == 1
+
+
+async def test_rate_limit_refusals_by_scope() -> None:
+    key = "fk_metrics_tenant_key"
+    doc = {
+        **MOCK_CONFIG,
+        "rateLimitMode": "reject",
+        "tenants": {"acme": {"keys": ["sha256:" + hashlib.sha256(key.encode()).hexdigest()], "limits": {"rpm": 1}}},
+    }
+    async with running_server(doc, {}, METRICS) as gw:
+        port = gw.server.metrics_port
+        assert port
+        auth = (("authorization", f"Bearer {key}"),)
+        await gw.stub.Chat(chat(), metadata=auth)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(chat(), metadata=auth)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        m = scrape(port)
+        assert sample(m, "feather_rate_limited_total", scope="tenant_requests") == 2
+        assert sample(m, "feather_requests_total", provider="mock", model="mock-fast", status="ok") == 1
+
+
+def test_rate_limit_scope_labels_stay_bounded() -> None:
+    assert rate_limit_scope("tenant:acme:requests") == "tenant_requests"
+    assert rate_limit_scope("tenant:a:b:c:tpm") == "tenant_tpm"
+    assert rate_limit_scope("tenant:acme:concurrency") == "tenant_concurrency"
+    assert rate_limit_scope("provider:openai:gpt-4o") == "provider_model"
+
+
+async def test_metrics_are_off_unless_a_port_is_set() -> None:
+    assert ServerOptions.from_env({}).metrics_port is None
+    assert ServerOptions.from_env({"METRICS_PORT": "9464"}).metrics_port == 9464
+    assert ServerOptions.from_env({"METRICS_PORT": "9464"}, worker=2).metrics_port == 9466
+    async with running_server(MOCK_CONFIG) as gw:
+        assert gw.server.metrics is None and gw.server.metrics_port is None
+        assert not any(type(o).__name__ == "GatewayMetrics" for o in gw.server.engine.observers)

@@ -1,0 +1,170 @@
+"""Tracing: with OTEL_* pointing at a local OTLP collector, each RPC and each upstream attempt becomes a span
+with the GenAI attributes; with no OTEL_* set, opentelemetry is not even imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from feather_grpc.config import ConfigError
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.app import ServerOptions
+from feather_grpc.server.tracing import Tracing, tracing_requested
+from sim.upstream import Reply, SimUsage, UpstreamSimulator
+from tests.gateway_harness import user
+from tests.ops_harness import REPO, running_server
+
+ENV = {"SIM_OPENAI_KEY": "sk-sim-tracing-key"}
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+    """A minimal OTLP/gRPC trace receiver."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request: Any, context: Any) -> Any:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[tuple[dict[str, Any], Any]]:
+        """(resource attributes, span) for every span received."""
+        out = []
+        for req in self.requests:
+            for rs in req.resource_spans:
+                resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    out += [(resource, span) for span in ss.spans]
+        return out
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return {a.key: _value(a.value) for a in span.attributes}
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[Collector, int]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    receiver = Collector()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield receiver, port
+    finally:
+        server.stop(0)
+
+
+async def test_rpc_and_attempt_spans_reach_an_otlp_collector(
+    collector: tuple[Collector, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver, port = collector
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "feather-under-test")
+    options = ServerOptions.from_env(os.environ)
+    assert options.tracing
+    async with UpstreamSimulator() as sim:
+        doc = {
+            "ledger": {"type": "memory"},
+            "retry": {"maxAttempts": 2, "baseMs": 1, "maxMs": 2},
+            "providers": {
+                "openai": {
+                    "type": "openai",
+                    "apiKeyEnv": "SIM_OPENAI_KEY",
+                    "baseUrl": sim.url + "/v1",
+                    "models": [{"name": "gpt-sim", "aliases": ["fast"], "inputPer1K": 0.03, "outputPer1K": 0.06}],
+                }
+            },
+        }
+        sim.enqueue(Reply(status=503), Reply(usage=SimUsage(21, 9)))
+        async with running_server(doc, ENV, options) as gw:
+            reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")], request_id="trace-me-1"))
+            events = [e async for e in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("go")]))]
+            assert reply.usage.input_tokens == 21
+        # Leaving the block stopped the server, which flushed every span to the collector.
+    spans = receiver.spans()
+    assert spans, "no spans exported"
+    assert {r["service.name"] for r, _ in spans} == {"feather-under-test"}
+    by_name: dict[str, list[Any]] = {}
+    for _, s in spans:
+        by_name.setdefault(s.name, []).append(s)
+    (chat_rpc,) = by_name["/feather.v1.FeatherService/Chat"]
+    (stream_rpc,) = by_name["/feather.v1.FeatherService/StreamChat"]
+    assert not any("Health" in name for name in by_name)
+    assert attrs(chat_rpc)["feather.request_id"] == "trace-me-1"
+    attempts = sorted(by_name["chat gpt-sim"], key=lambda s: s.start_time_unix_nano)
+    assert len(attempts) == 3  # a 503, the retry that answered, the stream
+    failed, answered, streamed = attempts
+    for span in (failed, answered):
+        assert span.trace_id == chat_rpc.trace_id and span.parent_span_id == chat_rpc.span_id
+    assert streamed.trace_id == stream_rpc.trace_id and streamed.parent_span_id == stream_rpc.span_id
+    for span in attempts:
+        a = attrs(span)
+        assert a["gen_ai.system"] == "openai" and a["gen_ai.request.model"] == "gpt-sim"
+        assert a["gen_ai.operation.name"] == "chat"
+        assert span.kind == span.SPAN_KIND_CLIENT
+    assert attrs(failed)["error.type"] == "UPSTREAM_SERVER_ERROR"
+    assert failed.status.code == failed.status.STATUS_CODE_ERROR
+    ok = attrs(answered)
+    assert "error.type" not in ok
+    assert (ok["gen_ai.usage.input_tokens"], ok["gen_ai.usage.output_tokens"]) == (21, 9)
+    end = events[-1].end
+    assert attrs(streamed)["gen_ai.usage.output_tokens"] == end.usage.output_tokens
+    assert attrs(streamed)["feather.streamed"] is True
+
+
+def test_tracing_is_off_without_otel_variables_and_imports_nothing() -> None:
+    assert not tracing_requested({})
+    assert not tracing_requested({"OTEL_SERVICE_NAME": "x"})
+    assert not tracing_requested({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317"})
+    assert not tracing_requested({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317"})
+    assert tracing_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://h:4317"})
+    assert tracing_requested({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://h:4318/v1/traces"})
+    assert tracing_requested({"OTEL_TRACES_EXPORTER": "console"})
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from feather_grpc import config
+        from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb, feather_service_pb2_grpc as pb_grpc
+        from feather_grpc.server.app import GatewayServer, ServerOptions
+        import grpc
+
+        async def main():
+            cfg = config.resolve(config.parse_file_config(
+                '{"ledger": {"type": "memory"}, "providers": {"mock": {"type": "mock", "models": '
+                '[{"name": "m", "aliases": ["fast"], "inputPer1M": 1, "outputPer1M": 1}]}}}', "t"), {}, "t")
+            server = GatewayServer(cfg, options=ServerOptions.from_env({}))
+            port = await server.start("127.0.0.1", 0)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = pb_grpc.FeatherServiceStub(ch)
+                await stub.Chat(pb.ChatRequest(model="fast", messages=[pb.Message(role=pb.ROLE_USER, content="x")]))
+            await server.stop(0)
+            print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+
+        asyncio.run(main())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_unknown_exporter_or_protocol_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER"):
+        Tracing({"OTEL_TRACES_EXPORTER": "zipkin"}, {})
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        Tracing({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"}, {})
