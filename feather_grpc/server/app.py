@@ -54,6 +54,43 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(pair, root_certificates=ca.read(), require_client_auth=True)
 
 
+class _WatchEnded(Exception):
+    pass
+
+
+class _EndAfterNotServing:
+    """A servicer context whose write() ends the Watch once shutdown has begun and NOT_SERVING is sent."""
+
+    def __init__(self, context: Any, health: DrainingHealthServicer) -> None:
+        self._context = context
+        self._health = health
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(message)
+        if self._health.draining and message.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            raise _WatchEnded
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class DrainingHealthServicer(HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 whose Watch streams end (OK) right after they report NOT_SERVING at shutdown. Without
+    this, every open Watch (a balancer's, a sidecar's) would hold the drain open for the whole grace period."""
+
+    draining = False
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.draining = True
+        await super().enter_graceful_shutdown()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        try:
+            await super().Watch(request, _EndAfterNotServing(context, self))
+        except _WatchEnded:
+            return
+
+
 def open_ledger(config: GatewayConfig) -> UsageLedger:
     if config.ledger_type == "memory":
         from feather_grpc.state.memory_ledger import MemoryLedger
@@ -137,7 +174,7 @@ class GatewayServer:
         )
         if self.metrics is not None:
             self.metrics.watch(self.engine, self.tracker)
-        self.health = HealthServicer()
+        self.health = DrainingHealthServicer()
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
         interceptors += [self.tracker, TenantInterceptor(self.gate)]
         server_options = [
