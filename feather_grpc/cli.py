@@ -39,6 +39,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("feather_grpc")
     worker = workers.worker_index(os.environ)
+    if args.workers < 1:
+        print("feather-grpc: --workers must be at least 1", file=sys.stderr)
+        return 2
     if args.workers > 1 and worker is None:
         port = cfg.port if args.port is None else args.port
         if port == 0:

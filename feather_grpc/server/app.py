@@ -238,7 +238,12 @@ async def serve(
         host or config.host,
         bound,
         config.source,
-        extra={"port": bound, "metrics_port": server.metrics_port, "tracing": server.tracing is not None},
+        extra={
+            "port": bound,
+            "metrics_port": server.metrics_port,
+            "tracing": server.tracing is not None,
+            "worker": server.options.worker,
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,136 @@
+"""`feather-grpc serve --workers N`: fresh processes on one port, calls spread across them, one shared SQLite
+ledger, SIGTERM stops all cleanly, a crashed worker stops the rest with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
+from tests.gateway_harness import user
+from tests.ops_harness import REPO, GatewayProcess, eventually, free_port
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def start_workers(tmp_path: Path, count: int = 2) -> tuple[GatewayProcess, int]:
+    cfg = tmp_path / "feather.config.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "ledger": {"type": "sqlite", "path": str(tmp_path / "usage.db")},
+                "server": {"gracePeriodS": 5},
+                "providers": {
+                    "mock": {
+                        "type": "mock",
+                        "models": [{"name": "mock-fast", "aliases": ["fast"], "inputPer1M": 1, "outputPer1M": 2}],
+                    }
+                },
+            }
+        )
+    )
+    port = free_port()
+    args = ["feather-grpc", "serve", "--workers", str(count), "--config", str(cfg), "--port", str(port)]
+    return GatewayProcess.start(args, {"LOG_LEVEL": "info"}, tmp_path), port
+
+
+def call_lines(gw: GatewayProcess) -> list[dict[str, object]]:
+    return [e for e in list(gw.lines) if e.get("logger") == "feather_grpc.calls"]
+
+
+async def worker_pids(gw: GatewayProcess, count: int = 2) -> set[int]:
+    serving = await gw.wait_logged("serving on", count=count)
+    started = {e["worker_pid"] for e in gw.logged("supervisor: worker")}
+    pids = {e["pid"] for e in serving}
+    assert pids == started and len(pids) == count and gw.proc.pid not in pids
+    assert sorted(e["worker"] for e in serving) == list(range(count))
+    return pids
+
+
+async def test_two_workers_share_the_port_and_the_ledger_and_stop_cleanly(tmp_path: Path) -> None:
+    gw, port = start_workers(tmp_path)
+    try:
+        pids = await worker_pids(gw)
+        # Each channel is its own TCP connection; the kernel spreads connections across the workers.
+        sent: list[str] = []
+        deadline = time.monotonic() + 15
+        while {e["pid"] for e in call_lines(gw)} != pids:
+            assert time.monotonic() < deadline and len(sent) < 200, "calls never reached both workers"
+            opts = [("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as channel:
+                rid = f"call-{len(sent)}"
+                reply = await pb_grpc.FeatherServiceStub(channel).Chat(
+                    pb.ChatRequest(model="fast", messages=[user("hi")], request_id=rid), timeout=5
+                )
+                assert reply.request_id == rid
+                sent.append(rid)
+            await eventually(lambda: len(call_lines(gw)) >= len(sent), what="the call's log line")
+        by_pid: dict[object, int] = {}
+        for entry in call_lines(gw):
+            by_pid[entry["pid"]] = by_pid.get(entry["pid"], 0) + 1
+        assert set(by_pid) == pids and sum(by_pid.values()) == len(sent)
+
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await gw.wait_exit() == 0, gw.output()
+        assert not any(alive(pid) for pid in pids)
+        assert len(gw.logged("stopped")) == 2
+    finally:
+        gw.kill()
+    with sqlite3.connect(tmp_path / "usage.db") as db:
+        rows = db.execute("SELECT request_id, outcome FROM usage_records ORDER BY request_id").fetchall()
+    assert sorted(rows) == sorted((rid, "ok") for rid in sent)
+
+
+async def test_a_crashed_worker_stops_the_others_and_the_supervisor_fails(tmp_path: Path) -> None:
+    gw, _ = start_workers(tmp_path)
+    try:
+        victim, survivor = sorted(await worker_pids(gw))
+        os.kill(victim, signal.SIGKILL)
+        code = await gw.wait_exit()
+        assert code != 0
+        assert not alive(survivor)
+        (crash,) = [e for e in gw.logged("exited with") if e["worker_pid"] == victim]
+        assert crash["level"] == "error"
+    finally:
+        gw.kill()
+
+
+async def test_workers_stop_when_their_supervisor_dies(tmp_path: Path) -> None:
+    gw, _ = start_workers(tmp_path)
+    pids: set[int] = set()
+    try:
+        pids = await worker_pids(gw)
+        gw.proc.kill()
+        await eventually(lambda: not any(alive(pid) for pid in pids), timeout_s=10, what="orphaned workers to exit")
+    finally:
+        gw.kill()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_need_a_fixed_port() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "feather_grpc.cli", "serve", "--workers", "2", "--port", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 2 and "fixed port" in run.stderr
