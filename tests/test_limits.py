@@ -2,8 +2,9 @@
 cases (parametrized rigs), the Redis ones against a real redis-server (tests/redis_server.py).
 
 The memory rigs run on a controllable clock; the Redis rigs on the Redis server's own clock, where
-`advance` really sleeps and assertions allow for the real time that passes between calls (waits can only
-come out *shorter* than on a frozen clock, never longer, so the upper bounds stay exact).
+`advance` really sleeps and assertions allow for the real time that passed beyond what was advanced,
+measured (`Timeline.slack`): waits can only come out *shorter* than on a frozen clock, never longer,
+so the upper bounds stay exact.
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, M
 from feather_grpc.state.redis_state import RedisBudgetStore, RedisState
 from tests.redis_server import RedisServer
 
-# How much real time may pass between two calls of one Redis test (scheduling on a busy 2-core box).
-REDIS_SLACK_S = 0.15
-
 
 class Clock:
     def __init__(self, now: float = 1_000.0) -> None:
@@ -52,13 +50,29 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-@dataclass
-class Rig:
-    """One implementation under test, with a way to let time pass and the tolerance of its clock."""
+class Timeline:
+    """How a test lets time pass: fake clocks for memory, real sleeps for Redis (server clock)."""
 
-    kind: str
-    advance: Callable[[float], Awaitable[None]]
-    slack: float
+    def __init__(self, kind: str, *clocks: Clock) -> None:
+        self.kind = kind
+        self._clocks = clocks
+        self._t0 = time.monotonic()
+        self._advanced = 0.0
+
+    async def advance(self, dt: float) -> None:
+        if self.kind == "memory":
+            for c in self._clocks:
+                c.now += dt
+        else:
+            await asyncio.sleep(dt)
+        self._advanced += dt
+
+    @property
+    def slack(self) -> float:
+        """Upper bound of the time that went by beyond what was advanced (0 on a fake clock)."""
+        if self.kind == "memory":
+            return 0.0
+        return time.monotonic() - self._t0 - self._advanced + 1e-3
 
     def assert_wait(self, actual: float, expected: float) -> None:
         # Real time passing between calls only shortens a wait: the upper bound is exact.
@@ -66,30 +80,21 @@ class Rig:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def rig(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Rig, RateLimiter, BudgetStore]]:
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Timeline, RateLimiter, BudgetStore]]:
     if request.param == "memory":
         clock, wall = Clock(), Clock(1_700_000_000.0)
-
-        async def advance(dt: float) -> None:
-            clock.now += dt
-            wall.now += dt
-
-        yield Rig("memory", advance, 0.0), MemoryRateLimiter(clock), MemoryBudgetStore(wall)
+        yield Timeline("memory", clock, wall), MemoryRateLimiter(clock), MemoryBudgetStore(wall)
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         state = RedisState.from_url(server.url, namespace=f"t{uuid.uuid4().hex[:8]}")
-
-        async def sleep(dt: float) -> None:
-            await asyncio.sleep(dt)
-
-        yield Rig("redis", sleep, REDIS_SLACK_S), state.limiter, state.budgets
+        yield Timeline("redis"), state.limiter, state.budgets
         await state.aclose()
 
 
 # ---------------------------------------------------------------- rate limiter
 
 
-async def test_bucket_starts_full_then_refills_at_rate(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_bucket_starts_full_then_refills_at_rate(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=1, burst=5)
     for _ in range(5):
@@ -100,7 +105,7 @@ async def test_bucket_starts_full_then_refills_at_rate(rig: tuple[Rig, RateLimit
     r.assert_wait(e.value.retry_after_s, 1.0)
 
 
-async def test_refill_is_exact_second_token_at_1000ms_not_850(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_refill_is_exact_second_token_at_1000ms_not_850(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=1, burst=1)
     assert await limiter.reserve("k", spec, 1, 0) == 0
@@ -115,7 +120,7 @@ async def test_refill_is_exact_second_token_at_1000ms_not_850(rig: tuple[Rig, Ra
 
 
 async def test_sequential_waiters_are_scheduled_first_in_first_out(
-    rig: tuple[Rig, RateLimiter, BudgetStore],
+    rig: tuple[Timeline, RateLimiter, BudgetStore],
 ) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=2, burst=2)
@@ -127,7 +132,7 @@ async def test_sequential_waiters_are_scheduled_first_in_first_out(
 
 
 async def test_concurrent_reservers_each_get_their_own_slot_in_arrival_order(
-    rig: tuple[Rig, RateLimiter, BudgetStore],
+    rig: tuple[Timeline, RateLimiter, BudgetStore],
 ) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=10, burst=1)
@@ -151,7 +156,7 @@ async def test_concurrent_reservers_each_get_their_own_slot_in_arrival_order(
 
 
 async def test_max_wait_rejects_with_exact_retry_after_and_reserves_nothing(
-    rig: tuple[Rig, RateLimiter, BudgetStore],
+    rig: tuple[Timeline, RateLimiter, BudgetStore],
 ) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=1, burst=1)
@@ -164,7 +169,7 @@ async def test_max_wait_rejects_with_exact_retry_after_and_reserves_nothing(
     r.assert_wait(await limiter.reserve("k", spec, 1, 2.5), 2.0)  # the rejections took nothing
 
 
-async def test_multi_token_amounts_like_tokens_per_minute(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_multi_token_amounts_like_tokens_per_minute(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=600 / 60, burst=600)  # 600 tokens per minute
     assert await limiter.reserve("tpm", spec, 500, 0) == 0
@@ -175,7 +180,7 @@ async def test_multi_token_amounts_like_tokens_per_minute(rig: tuple[Rig, RateLi
     r.assert_wait(await limiter.reserve("tpm", spec, 0.5, 1), 0.05)
 
 
-async def test_amount_larger_than_burst_can_never_be_satisfied(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_amount_larger_than_burst_can_never_be_satisfied(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, limiter, _ = rig
     spec = BucketSpec(rate=100, burst=10)
     with pytest.raises(RateLimited) as e:
@@ -186,7 +191,7 @@ async def test_amount_larger_than_burst_can_never_be_satisfied(rig: tuple[Rig, R
     assert await limiter.reserve("k", spec, 10, 0) == 0  # nothing was taken
 
 
-async def test_adjust_charges_and_refunds_but_never_past_burst(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_adjust_charges_and_refunds_but_never_past_burst(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=1, burst=10)
     # A refund on a full bucket does not grow it beyond burst.
@@ -205,7 +210,7 @@ async def test_adjust_charges_and_refunds_but_never_past_burst(rig: tuple[Rig, R
     r.assert_wait(e.value.retry_after_s, 4.0)
 
 
-async def test_cancelled_waiter_refund_frees_its_slot(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_cancelled_waiter_refund_frees_its_slot(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     r, limiter, _ = rig
     spec = BucketSpec(rate=1, burst=1)
     assert await limiter.reserve("k", spec, 1, 0) == 0
@@ -214,7 +219,7 @@ async def test_cancelled_waiter_refund_frees_its_slot(rig: tuple[Rig, RateLimite
     r.assert_wait(await limiter.reserve("k", spec, 1, 10), 1.0)  # the next caller gets that slot
 
 
-async def test_buckets_are_independent(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_buckets_are_independent(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, limiter, _ = rig
     spec = BucketSpec(rate=1, burst=1)
     assert await limiter.reserve("provider:a:m", spec, 1, 0) == 0
@@ -223,7 +228,7 @@ async def test_buckets_are_independent(rig: tuple[Rig, RateLimiter, BudgetStore]
         await limiter.reserve("provider:a:m", spec, 1, 0)
 
 
-async def test_invalid_specs_are_refused(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_invalid_specs_are_refused(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, limiter, _ = rig
     for spec, amount in [(BucketSpec(0, 1), 1.0), (BucketSpec(1, 0), 0.0), (BucketSpec(1, 1), -1.0)]:
         with pytest.raises(ValueError):
@@ -241,7 +246,7 @@ def month(cap: int, key: str = "2026-11", ttl: int = 32 * 86_400) -> BudgetWindo
     return BudgetWindow("month", key, cap, ttl)
 
 
-async def test_budget_reserve_settle_and_refuse(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_budget_reserve_settle_and_refuse(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, _, budgets = rig
     windows = (day(1_000),)
     r1 = await budgets.reserve("acme", windows, 600)
@@ -260,7 +265,7 @@ async def test_budget_reserve_settle_and_refuse(rig: tuple[Rig, RateLimiter, Bud
     assert await budgets.spent("other", windows[0]) == 0
 
 
-async def test_budget_windows_are_all_or_nothing(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_budget_windows_are_all_or_nothing(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, _, budgets = rig
     windows = (day(1_000), month(500))
     with pytest.raises(BudgetExceeded) as e:
@@ -275,7 +280,7 @@ async def test_budget_windows_are_all_or_nothing(rig: tuple[Rig, RateLimiter, Bu
     assert await budgets.spent("acme", windows[1]) == 0
 
 
-async def test_settle_records_the_real_cost_even_past_the_cap(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_settle_records_the_real_cost_even_past_the_cap(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, _, budgets = rig
     windows = (day(1_000), month(10_000))
     r = await budgets.reserve("acme", windows, 800)
@@ -287,7 +292,7 @@ async def test_settle_records_the_real_cost_even_past_the_cap(rig: tuple[Rig, Ra
     assert (e.value.window, e.value.spent_nanos) == ("day", 1_250)
 
 
-async def test_budget_money_is_exact_at_large_values(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_budget_money_is_exact_at_large_values(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, _, budgets = rig
     cap = 8_000_000 * 10**9  # 8 million dollars in nano-dollars, beyond 14 significant digits
     windows = (month(cap),)
@@ -298,7 +303,7 @@ async def test_budget_money_is_exact_at_large_values(rig: tuple[Rig, RateLimiter
     assert await budgets.spent("big", windows[0]) == 1_234_567_890_123_460
 
 
-async def test_budget_counters_expire_after_their_ttl(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_budget_counters_expire_after_their_ttl(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     r_, _, budgets = rig
     window = day(1_000, ttl=1)
     r = await budgets.reserve("acme", (window,), 10)
@@ -312,7 +317,7 @@ async def test_budget_counters_expire_after_their_ttl(rig: tuple[Rig, RateLimite
         assert await budgets.spent("acme", window) == 0
 
 
-async def test_200_concurrent_reserves_exactly_50_fit(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_200_concurrent_reserves_exactly_50_fit(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, _, budgets = rig
     x = 7_919
     windows = (day(50 * x), month(10**15))
@@ -328,7 +333,7 @@ async def test_200_concurrent_reserves_exactly_50_fit(rig: tuple[Rig, RateLimite
     assert sum(results) == 50
 
 
-async def test_budget_with_no_windows_is_a_no_op(rig: tuple[Rig, RateLimiter, BudgetStore]) -> None:
+async def test_budget_with_no_windows_is_a_no_op(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, _, budgets = rig
     r = await budgets.reserve("acme", (), 10**18)
     await budgets.settle(r, 10**18)
@@ -337,12 +342,12 @@ async def test_budget_with_no_windows_is_a_no_op(rig: tuple[Rig, RateLimiter, Bu
 # ---------------------------------------------------------------- two replicas on one Redis
 
 
-def two_replicas(server: RedisServer) -> tuple[RedisState, RedisState]:
+def two_replicas(server: RedisServer, probe_ttl_s: float = 10.0) -> tuple[RedisState, RedisState]:
     """Two clients with their own pools on one namespace, as two gateway replicas would be."""
     ns = f"t{uuid.uuid4().hex[:8]}"
     settings = BreakerSettings(failure_threshold=3, window_s=10, cooldown_s=0.5)
-    a = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=0.5)
-    b = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=0.5)
+    a = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=probe_ttl_s)
+    b = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=probe_ttl_s)
     return a, b
 
 
@@ -373,12 +378,13 @@ async def test_two_clients_share_one_budget_exactly(replicas: tuple[RedisState, 
 
 async def test_two_clients_share_one_bucket_in_order(replicas: tuple[RedisState, RedisState]) -> None:
     a, b = replicas
+    t = Timeline("redis")
     spec = BucketSpec(rate=5, burst=2)
     waits = await asyncio.gather(*(s.limiter.reserve("p:m", spec, 1, 60) for s in [a, b] * 20))
     ordered = sorted(waits)
     assert ordered[:2] == [0, 0] and ordered[2] > 0
     for x, y in itertools.pairwise(ordered[1:]):
-        assert 0.2 - REDIS_SLACK_S <= y - x <= 0.2 + 1e-6
+        assert 0.2 - t.slack <= y - x <= 0.2 + 1e-6
 
 
 async def test_keys_are_namespaced_and_one_script_stays_in_one_cluster_slot(
@@ -400,36 +406,52 @@ async def test_script_cache_flush_is_survived(replicas: tuple[RedisState, RedisS
     assert await a.limiter.reserve("k", BucketSpec(1, 1), 1, 0) == 0  # EVALSHA -> NOSCRIPT -> EVAL
 
 
+async def test_concurrent_decisions_share_round_trips_even_after_a_script_flush(
+    replicas: tuple[RedisState, RedisState],
+) -> None:
+    a, _ = replicas
+    await a.client.script_flush()
+    trips, decisions = a.runner.round_trips, a.runner.decisions
+    waits = await asyncio.gather(*(a.limiter.reserve(f"k{i}", BucketSpec(1, 1), 1, 0) for i in range(50)))
+    assert waits == [0.0] * 50
+    assert a.runner.decisions - decisions == 50
+    # One pipeline, refused with NOSCRIPT, the script loaded, the pipeline run again.
+    assert a.runner.round_trips - trips == 3
+    trips = a.runner.round_trips
+    results = await asyncio.gather(
+        *(a.limiter.reserve(f"k{i}", BucketSpec(1, 1), 1, 0) for i in range(50)), return_exceptions=True
+    )
+    assert all(isinstance(r, RateLimited) for r in results)
+    assert a.runner.round_trips - trips == 1
+
+
 # ---------------------------------------------------------------- circuit breakers (memory and Redis)
 
 
 @dataclass
 class CircuitRig:
-    kind: str
     a: CircuitStore  # two replicas (the same store for memory)
     b: CircuitStore
-    advance: Callable[[float], Awaitable[None]]
-    slack: float
+    time: Timeline
+
+    async def advance(self, dt: float) -> None:
+        await self.time.advance(dt)
+
+    @property
+    def slack(self) -> float:
+        return self.time.slack
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def circuits(request: pytest.FixtureRequest) -> AsyncIterator[CircuitRig]:
     if request.param == "memory":
         clock = Clock(1024.0)  # binary-exact sums with the 0.5 s cooldown
-
-        async def advance(dt: float) -> None:
-            clock.now += dt
-
         settings = BreakerSettings(failure_threshold=3, window_s=10, cooldown_s=0.5)
         store = MemoryCircuitStore(CircuitBreakers(settings, clock))
-        yield CircuitRig("memory", store, store, advance, 0.0)
+        yield CircuitRig(store, store, Timeline("memory", clock))
     else:
         a, b = two_replicas(request.getfixturevalue("redis_server"))
-
-        async def sleep(dt: float) -> None:
-            await asyncio.sleep(dt)
-
-        yield CircuitRig("redis", a.circuits, b.circuits, sleep, REDIS_SLACK_S)
+        yield CircuitRig(a.circuits, b.circuits, Timeline("redis"))
         await a.aclose()
         await b.aclose()
 
@@ -531,18 +553,22 @@ async def test_late_success_of_an_old_call_does_not_close_an_open_circuit(circui
     assert await c.a.state("p:m") is CircuitState.OPEN
 
 
-async def test_crashed_prober_does_not_wedge_the_circuit(replicas: tuple[RedisState, RedisState]) -> None:
-    a, b = replicas  # probe_ttl_s=0.5
-    c = CircuitRig("redis", a.circuits, b.circuits, asyncio.sleep, REDIS_SLACK_S)
-    await _open(c)
-    await asyncio.sleep(0.5)
-    assert await a.circuits.acquire("p:m") is Permit.PROBE  # ... and replica a dies with it
-    assert await b.circuits.acquire("p:m") is None
-    await asyncio.sleep(0.55)
-    assert await b.circuits.acquire("p:m") is Permit.PROBE
-    # The dead prober's late verdict cannot drop b's probe flag.
-    await a.circuits.released("p:m", Permit.PROBE)
-    assert await a.circuits.acquire("p:m") is None
+async def test_crashed_prober_does_not_wedge_the_circuit(redis_server: RedisServer) -> None:
+    a, b = two_replicas(redis_server, probe_ttl_s=0.8)
+    try:
+        c = CircuitRig(a.circuits, b.circuits, Timeline("redis"))
+        await _open(c)
+        await asyncio.sleep(0.5)
+        assert await a.circuits.acquire("p:m") is Permit.PROBE  # ... and replica a dies with it
+        assert await b.circuits.acquire("p:m") is None
+        await asyncio.sleep(0.85)
+        assert await b.circuits.acquire("p:m") is Permit.PROBE
+        # The dead prober's late verdict cannot drop b's probe flag.
+        await a.circuits.released("p:m", Permit.PROBE)
+        assert await a.circuits.acquire("p:m") is None
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 async def test_disabled_breaker_never_touches_redis(redis_server: RedisServer) -> None:

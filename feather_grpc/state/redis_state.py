@@ -1,9 +1,10 @@
 """The hot shared state in Redis, so replicas hold limits, budgets and circuits together.
 
-Every decision is ONE round trip: a Lua script, loaded once and then called by EVALSHA (redis-py's
-`register_script` falls back to EVAL on NOSCRIPT, e.g. after a Redis restart). Scripts read the clock
-with `redis.call('TIME')`, so replicas with skewed clocks agree. Needs Redis >= 5 (script effects
-replication) — tested against 6.2.
+Every decision is ONE Lua script, so ONE round trip: called by EVALSHA, and loaded (EVAL / SCRIPT
+LOAD) only when Redis answers NOSCRIPT, e.g. after a restart. Decisions issued concurrently (in the
+same event-loop tick) leave together in one pipeline, so under load many decisions share a round trip
+(`ScriptRunner`). Scripts read the clock with `redis.call('TIME')`, so replicas with skewed clocks
+agree. Needs Redis >= 5 (script effects replication); tested against 6.2.
 
 Keys are namespaced and hash-tagged so that every key one script touches lives in one Redis Cluster slot:
 
@@ -29,16 +30,17 @@ Wiring — one pool for all three:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from feather_grpc.engine.breaker import BreakerSettings, CircuitState, Permit
 from feather_grpc.state.limits import (
@@ -203,22 +205,137 @@ return {redis.call('HGET', KEYS[1], 'opened_at') or '', fmt(now_us())}
 )
 
 
+_STORE_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    lua: str
+    sha: str
+
+    @staticmethod
+    def of(lua: str) -> _Script:
+        return _Script(lua, hashlib.sha1(lua.encode()).hexdigest())
+
+
+@dataclass(slots=True)
+class _Call:
+    script: _Script
+    args: tuple[str, ...]  # numkeys, *keys, *argv
+    future: asyncio.Future[Any]
+
+
+class ScriptRunner:
+    """Runs Lua decisions by EVALSHA, loading a script on NOSCRIPT, and pipelines concurrent decisions.
+
+    Calls issued in the same event-loop tick leave together as one pipeline (non-transactional: each
+    script stays atomic on its own) on one connection, so at high concurrency many decisions share
+    a network round trip and its syscalls; a lone call is a plain EVALSHA. Order within a pipeline is
+    the order of arrival, so a replica's waiters stay first-in-first-out."""
+
+    def __init__(self, client: Redis, *, timeout_s: float = 1.0, max_batch: int = 256) -> None:
+        self.client = client
+        self.decisions = 0  # scripts run
+        self.round_trips = 0  # network round trips they took (pipelines count once)
+        self._timeout = timeout_s
+        self._max_batch = max_batch
+        self._queue: list[_Call] = []
+        self._flushing = False
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        loop = asyncio.get_running_loop()
+        call = _Call(script, (str(len(keys)), *keys, *args), loop.create_future())
+        self._queue.append(call)
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush)
+        return await call.future
+
+    def _flush(self) -> None:
+        self._flushing = False
+        queue, self._queue = self._queue, []
+        for i in range(0, len(queue), self._max_batch):
+            task = asyncio.get_running_loop().create_task(self._send(queue[i : i + self._max_batch]))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        batch = [c for c in batch if not c.future.done()]  # callers that gave up already
+        if not batch:
+            return
+        self.decisions += len(batch)
+        try:
+            async with asyncio.timeout(self._timeout):  # one deadline for the whole batch
+                if len(batch) == 1:
+                    results: list[Any] = [await self._one(batch[0])]
+                else:
+                    results = await self._pipeline(batch)
+                    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                    if missing:  # not executed: load the scripts (e.g. Redis restarted) and run those again
+                        for script in {batch[i].script for i in missing}:
+                            self.round_trips += 1
+                            await self.client.script_load(script.lua)
+                        retried = await self._pipeline([batch[i] for i in missing])
+                        for i, r in zip(missing, retried, strict=True):
+                            results[i] = r
+        except BaseException as e:
+            for c in batch:
+                if c.future.done():
+                    continue
+                if isinstance(e, _STORE_ERRORS):
+                    c.future.set_exception(_unavailable(e))
+                elif isinstance(e, Exception):
+                    c.future.set_exception(e)  # a bug: let it show as itself
+                else:
+                    c.future.cancel()
+            if not isinstance(e, Exception):
+                raise  # this task itself was cancelled (loop shutting down)
+            return
+        for c, r in zip(batch, results, strict=True):
+            if not c.future.done():
+                if isinstance(r, Exception):  # a ResponseError from Redis (e.g. OOM): not a verdict
+                    c.future.set_exception(_unavailable(r))
+                else:
+                    c.future.set_result(r)
+
+    async def _one(self, call: _Call) -> Any:
+        self.round_trips += 1
+        try:
+            return await self.client.execute_command("EVALSHA", call.script.sha, *call.args)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            self.round_trips += 1
+            return await self.client.execute_command("EVAL", call.script.lua, *call.args)  # type: ignore[no-untyped-call]
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        self.round_trips += 1
+        pipe = self.client.pipeline(transaction=False)
+        for c in batch:
+            pipe.execute_command("EVALSHA", c.script.sha, *c.args)
+        return await pipe.execute(raise_on_error=False)
+
+
+def _unavailable(e: BaseException) -> StateUnavailable:
+    if isinstance(e, StateUnavailable):
+        return e
+    err = StateUnavailable(f"redis: {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
 class _RedisStore:
-    def __init__(self, client: Redis, *, namespace: str, op_timeout_s: float, owns_client: bool) -> None:
+    def __init__(
+        self, client: Redis, *, namespace: str, op_timeout_s: float, owns_client: bool, runner: ScriptRunner | None
+    ) -> None:
         self._client = client
         self._ns = namespace
         self._op_timeout = op_timeout_s
         self._owns = owns_client
+        self._runner = runner or ScriptRunner(client, timeout_s=op_timeout_s)
 
-    def _script(self, lua: str) -> AsyncScript:
-        return self._client.register_script(lua)
-
-    async def _run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                return await script(keys=list(keys), args=list(args))
-        except (RedisError, OSError, TimeoutError) as e:
-            raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
+    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """One decision; the runner bounds it by the operation timeout and maps errors to StateUnavailable."""
+        return await self._runner.run(script, keys, args)
 
     async def aclose(self) -> None:
         """Closes the client only when this store created it (RedisState owns the shared pool)."""
@@ -234,11 +351,17 @@ class RedisRateLimiter(_RedisStore):
     """GCRA token buckets in Redis (same semantics as MemoryRateLimiter, on the server's clock)."""
 
     def __init__(
-        self, client: Redis, *, namespace: str = "feather", op_timeout_s: float = 1.0, owns_client: bool = False
+        self,
+        client: Redis,
+        *,
+        namespace: str = "feather",
+        op_timeout_s: float = 1.0,
+        owns_client: bool = False,
+        runner: ScriptRunner | None = None,
     ) -> None:
-        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client)
-        self._reserve = self._script(_RL_RESERVE)
-        self._adjust = self._script(_RL_ADJUST)
+        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client, runner=runner)
+        self._reserve = _Script.of(_RL_RESERVE)
+        self._adjust = _Script.of(_RL_ADJUST)
 
     def key(self, bucket: str) -> str:
         return f"{self._ns}:{{rl:{bucket}}}"
@@ -265,11 +388,17 @@ class RedisBudgetStore(_RedisStore):
     """Per-tenant spend windows in Redis hashes; reserve and settle are atomic across all windows."""
 
     def __init__(
-        self, client: Redis, *, namespace: str = "feather", op_timeout_s: float = 1.0, owns_client: bool = False
+        self,
+        client: Redis,
+        *,
+        namespace: str = "feather",
+        op_timeout_s: float = 1.0,
+        owns_client: bool = False,
+        runner: ScriptRunner | None = None,
     ) -> None:
-        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client)
-        self._reserve = self._script(_BUDGET_RESERVE)
-        self._settle = self._script(_BUDGET_SETTLE)
+        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client, runner=runner)
+        self._reserve = _Script.of(_BUDGET_RESERVE)
+        self._settle = _Script.of(_BUDGET_SETTLE)
 
     def key(self, tenant: str, window: BudgetWindow) -> str:
         return f"{self._ns}:{{tenant:{tenant}}}:budget:{window.name}:{window.key}"
@@ -279,7 +408,7 @@ class RedisBudgetStore(_RedisStore):
             raise ValueError(f"budget reservation must be >= 0 nano-dollars, got {amount_nanos}")
         if windows:
             keys = [self.key(tenant, w) for w in windows]
-            args: list[str | int | float] = [str(int(amount_nanos))]
+            args: list[str] = [str(int(amount_nanos))]
             args += [str(int(w.cap_nanos)) for w in windows]
             args += [str(max(int(w.ttl_s), 1)) for w in windows]
             reply = await self._run(self._reserve, keys, args)
@@ -293,7 +422,7 @@ class RedisBudgetStore(_RedisStore):
             raise ValueError(f"actual cost must be >= 0 nano-dollars, got {actual_nanos}")
         if reservation.windows:
             keys = [self.key(reservation.tenant, w) for w in reservation.windows]
-            args: list[str | int | float] = [str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
+            args: list[str] = [str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
             args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
             await self._run(self._settle, keys, args)
 
@@ -301,7 +430,7 @@ class RedisBudgetStore(_RedisStore):
         try:
             async with asyncio.timeout(self._op_timeout):
                 value = await self._client.hget(self.key(tenant, window), "spent")
-        except (RedisError, OSError, TimeoutError) as e:
+        except _STORE_ERRORS as e:
             raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
         return 0 if value is None else int(value)
 
@@ -322,16 +451,17 @@ class RedisCircuitStore(_RedisStore):
         namespace: str = "feather",
         op_timeout_s: float = 1.0,
         owns_client: bool = False,
+        runner: ScriptRunner | None = None,
     ) -> None:
-        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client)
+        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client, runner=runner)
         self.settings = settings
         self._probe_ttl_ms = max(int(probe_ttl_s * 1000), 1)
         self._probe_tokens: dict[str, str] = {}
-        self._acquire = self._script(_CB_ACQUIRE)
-        self._succeeded = self._script(_CB_SUCCEEDED)
-        self._failed = self._script(_CB_FAILED)
-        self._released = self._script(_CB_RELEASED)
-        self._peek = self._script(_CB_PEEK)
+        self._acquire = _Script.of(_CB_ACQUIRE)
+        self._succeeded = _Script.of(_CB_SUCCEEDED)
+        self._failed = _Script.of(_CB_FAILED)
+        self._released = _Script.of(_CB_RELEASED)
+        self._peek = _Script.of(_CB_PEEK)
 
     def keys(self, key: str) -> list[str]:
         base = f"{self._ns}:{{cb:{key}}}"
@@ -406,7 +536,8 @@ class RedisState:
     ) -> None:
         self.client = client
         self._op_timeout = op_timeout_s
-        opts: dict[str, Any] = {"namespace": namespace, "op_timeout_s": op_timeout_s}
+        self.runner = ScriptRunner(client, timeout_s=op_timeout_s)
+        opts: dict[str, Any] = {"namespace": namespace, "op_timeout_s": op_timeout_s, "runner": self.runner}
         self.limiter = RedisRateLimiter(client, **opts)
         self.budgets = RedisBudgetStore(client, **opts)
         self.circuits = RedisCircuitStore(client, breaker or BreakerSettings(), probe_ttl_s=probe_ttl_s, **opts)
@@ -449,7 +580,7 @@ class RedisState:
         try:
             async with asyncio.timeout(self._op_timeout):
                 await self.client.ping()
-        except (RedisError, OSError, TimeoutError) as e:
+        except _STORE_ERRORS as e:
             raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
 
     async def aclose(self) -> None:
