@@ -229,6 +229,7 @@ async def test_agrees_with_memory_ledger_on_a_scenario(ledger: PostgresLedger) -
     # UTC bucket edges, before 1970 too, and tag keys JSON paths cannot spell.
     edges = [T0 - 1, T0, T0 + HOUR_NS - 1, T0 + HOUR_NS, T0 + DAY_NS - 1, T0 + DAY_NS, -1, 0, -DAY_NS - 1]
     records += [rec(f"edge{i}", t, tags={'odd"key': "1", "back\\slash": "x"}) for i, t in enumerate(edges)]
+    # Sums past 2^63 stay exact (Postgres sums BIGINT as numeric; SqliteLedger raises "integer overflow").
     records += [rec("big", tenant="z", cost_nanos_usd=2**62, input_tokens=2**62), rec("big2", cost_nanos_usd=2**62)]
     memory = MemoryLedger()
     await record_all(memory, records)

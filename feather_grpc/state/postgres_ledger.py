@@ -234,7 +234,7 @@ class PostgresLedger:
 
         self._acked = 0  # records whose record() returned
         self._drained_through = -1  # the spool was seen empty after this many acks
-        self.shipped_count = 0  # records this instance shipped (first delivery or not)
+        self.shipped_count = 0  # records this instance shipped and removed from the spool
         self.batch_count = 0  # Postgres transactions committed by the shipper
         self.failure_count = 0  # failed shipping attempts
         self.last_error: BaseException | None = None
@@ -394,7 +394,9 @@ class PostgresLedger:
             return 0
         await self._ensure_schema()
         assert self._pool is not None
-        async with self._pool.acquire() as conn, conn.transaction():
+        # READ COMMITTED whatever the server default: each statement must see what the replica that
+        # held a request's advisory lock before us committed.
+        async with self._pool.acquire() as conn, conn.transaction(isolation="read_committed"):
             await _insert_batch(conn, batch)
         # Committed in Postgres: only now may the spool forget the batch. A crash before this line
         # re-ships the batch after restart, and ON CONFLICT makes that a no-op.
