@@ -20,13 +20,14 @@ import aiohttp
 
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
 from feather_grpc.engine.admission import Admission, Ticket
-from feather_grpc.engine.breaker import CircuitBreakers, Permit
+from feather_grpc.engine.breaker import CircuitBreakers, CircuitState, Permit
 from feather_grpc.engine.cache import CachedReply, MemoryResponseCache, ResponseCache, cache_key
 from feather_grpc.engine.errors import (
     DeadlineExceeded,
     FeatherError,
     ProviderError,
     RateLimitExceeded,
+    StateStoreUnavailable,
     UpstreamAuthFailed,
     UpstreamInvalidRequest,
     UpstreamUnavailable,
@@ -52,8 +53,9 @@ from feather_grpc.engine.validation import validate_chat
 from feather_grpc.providers import build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
+from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.ledger import Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
-from feather_grpc.state.limits import BudgetStore, RateLimiter
+from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +117,13 @@ class Feather:
         limiter: RateLimiter | None = None,
         budgets: BudgetStore | None = None,
         cache: ResponseCache | None = None,
+        circuits: CircuitStore | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.latency = LatencyTracker()
-        self.breakers = CircuitBreakers(config.breaker, clock)
+        self.circuits: CircuitStore = circuits or MemoryCircuitStore(CircuitBreakers(config.breaker, clock))
+        self._circuit_view: dict[str, CircuitState] = {}  # shared circuits: the state last seen
         self.observers = list(observers)
         if limiter is None or budgets is None:
             from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
@@ -163,6 +167,7 @@ class Feather:
         await self.limiter.aclose()
         await self.budgets.aclose()
         await self.cache.aclose()
+        await self.circuits.aclose()
 
     async def __aenter__(self) -> Feather:
         await self.start()
@@ -301,6 +306,22 @@ class Feather:
     async def usage(self, query: UsageQuery) -> UsageReport:
         return await self.ledger.query(query)
 
+    def circuit_state(self, key: str) -> CircuitState:
+        """Exact for in-process circuits; with shared circuits, the state this replica saw last."""
+        if isinstance(self.circuits, MemoryCircuitStore):
+            return self.circuits.breakers.state(key)
+        return self._circuit_view.get(key, CircuitState.CLOSED)
+
+    async def refresh_circuits(self) -> None:
+        """Reads every shared circuit's current state (ListModels calls this before answering)."""
+        if isinstance(self.circuits, MemoryCircuitStore):
+            return
+        for p in self.config.providers:
+            for m in p.models:
+                key = f"{p.name}:{m.name}"
+                with contextlib.suppress(StateUnavailable):
+                    self._circuit_view[key] = await self.circuits.state(key)
+
     def models(self, provider: str = "") -> list[ModelView]:
         """Routable models in configuration order, with live state."""
         return [
@@ -308,7 +329,7 @@ class Feather:
                 p.name,
                 p.type,
                 m,
-                self.breakers.state(f"{p.name}:{m.name}").value,
+                self.circuit_state(f"{p.name}:{m.name}").value,
                 int(self.latency.get(f"{p.name}:{m.name}") or 0),
             )
             for p in self.config.providers
@@ -473,13 +494,13 @@ class Feather:
                     limited, last = e, ProviderError("GATEWAY_RATE_LIMITED", e.message, retryable=True)
                     self._attempt_done(call, (), _attempt(candidate, "retryable_error", time.monotonic(), last.reason))
                     break
-                permit = self.breakers.acquire(candidate.key)
+                permit = await self._acquire_circuit(candidate.key)
                 if permit is None:
                     last = ProviderError(
                         "CIRCUIT_OPEN",
                         f"{candidate.key}: circuit open",
                         retryable=True,
-                        retry_after_s=self.breakers.reopens_in(candidate.key),
+                        retry_after_s=await self._reopens_in(candidate.key),
                     )
                     self._attempt_done(call, (), _attempt(candidate, "circuit_open", time.monotonic(), last.reason))
                     break
@@ -495,27 +516,27 @@ class Feather:
                     last = e
                 except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
-                        self.breakers.released(candidate.key, permit)
+                        await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                         self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
                         raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
                     last = ProviderError(
                         "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
                     )
                 except asyncio.CancelledError:
-                    self.breakers.released(candidate.key, permit)
+                    await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                     self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun))
                     raise
                 else:
-                    self.breakers.succeeded(candidate.key, permit)
+                    await self._circuit_verdict(self.circuits.succeeded, candidate.key, permit)
                     self._attempt_done(call, tokens, _attempt(candidate, "ok", begun))
                     self.latency.observe(candidate.key, _ms_since(begun))
                     return candidate, result
                 outcome = "retryable_error" if last.retryable else "fatal_error"
                 self._attempt_done(call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status))
                 if last.reason in _REQUEST_FAULTS:
-                    self.breakers.released(candidate.key, permit)
+                    await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                     raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status, last.reason)
-                self.breakers.failed(candidate.key, permit)
+                await self._circuit_verdict(self.circuits.failed, candidate.key, permit)
                 if not last.retryable or n == policy.max_attempts:
                     break  # this provider cannot serve (auth, quota) or is out of attempts: fail over
                 delay = policy.delay_s(n, last.retry_after_s, self._rng)
@@ -529,7 +550,7 @@ class Feather:
             raise UpstreamAuthFailed(call.candidate.provider if call.candidate else "")
         if deadline is not None and loop.time() >= deadline:
             raise DeadlineExceeded("the call's deadline ran out")
-        retry_after = [a for a in (self.breakers.reopens_in(c.key) for c in candidates) if a is not None]
+        retry_after = [a for a in [await self._reopens_in(c.key) for c in candidates] if a is not None]
         if last.retry_after_s is not None:
             retry_after.append(last.retry_after_s)
         raise UpstreamUnavailable(
@@ -549,20 +570,49 @@ class Feather:
             async with asyncio.timeout_at(deadline):
                 return await anext(upstream)
         except StopAsyncIteration:
-            raise self._midstream_failure(
+            raise await self._midstream_failure(
                 call, ProviderError("UPSTREAM_STREAM_CUT", "upstream stream ended without a finish", retryable=True)
             ) from None
         except ProviderError as e:
-            raise self._midstream_failure(call, e) from None
+            raise await self._midstream_failure(call, e) from None
         except TimeoutError:
             if call.ctx.deadline is not None and asyncio.get_running_loop().time() >= call.ctx.deadline:
                 raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
             stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream data for {idle_ms} ms", retryable=True)
-            raise self._midstream_failure(call, stalled) from None
+            raise await self._midstream_failure(call, stalled) from None
 
-    def _midstream_failure(self, call: _Call, e: ProviderError) -> FeatherError:
+    async def _acquire_circuit(self, key: str) -> Permit | None:
+        try:
+            permit = await self.circuits.acquire(key)
+        except StateUnavailable as e:
+            raise StateStoreUnavailable("the shared state store is unreachable") from e
+        self._circuit_view[key] = (
+            CircuitState.OPEN
+            if permit is None
+            else CircuitState.HALF_OPEN
+            if permit is Permit.PROBE
+            else CircuitState.CLOSED
+        )
+        return permit
+
+    async def _circuit_verdict(
+        self, report: Callable[[str, Permit], Awaitable[None]], key: str, permit: Permit
+    ) -> None:
+        """Reports an attempt's outcome to its circuit. A store outage must not fail a call that is done."""
+        try:
+            await report(key, permit)
+        except StateUnavailable:
+            log.warning("could not report to circuit %s: state store unreachable", key)
+
+    async def _reopens_in(self, key: str) -> float | None:
+        try:
+            return await self.circuits.reopens_in(key)
+        except StateUnavailable:
+            return None
+
+    async def _midstream_failure(self, call: _Call, e: ProviderError) -> FeatherError:
         if call.candidate is not None:
-            self.breakers.failed(call.candidate.key, Permit.CALL)
+            await self._circuit_verdict(self.circuits.failed, call.candidate.key, Permit.CALL)
         if call.attempts:
             call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
             call.attempts[-1].error_reason = e.reason

@@ -105,4 +105,5 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        await self._engine.refresh_circuits()
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in self._engine.models(request.provider)])
