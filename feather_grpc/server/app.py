@@ -28,8 +28,8 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.servicer import FeatherServicer
+from feather_grpc.server.stores import Stores, build_stores, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate, TenantInterceptor
-from feather_grpc.state.ledger import UsageLedger
 
 if TYPE_CHECKING:
     from feather_grpc.server.metrics import GatewayMetrics
@@ -89,16 +89,6 @@ class DrainingHealthServicer(HealthServicer):  # type: ignore[misc]
             await super().Watch(request, _EndAfterNotServing(context, self))
         except _WatchEnded:
             return
-
-
-def open_ledger(config: GatewayConfig) -> UsageLedger:
-    if config.ledger_type == "memory":
-        from feather_grpc.state.memory_ledger import MemoryLedger
-
-        return MemoryLedger()
-    from feather_grpc.state.sqlite_ledger import SqliteLedger
-
-    return SqliteLedger(config.ledger_path, synchronous=config.ledger_synchronous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,10 +154,21 @@ class GatewayServer:
             observers.append(self.metrics)
         if options.call_log:
             observers.append(logs.CallLog(worker=options.worker))
+        self.stores: Stores | None = None
         if engine is None:
-            engine = Feather(config, open_ledger(config), observers=observers)
+            self.stores = stores = build_stores(config, options.worker)
+            engine = Feather(
+                config,
+                stores.ledger,
+                observers=observers,
+                limiter=stores.limiter,
+                budgets=stores.budgets,
+                cache=stores.cache,
+                circuits=stores.circuits,
+            )
         else:
             engine.observers.extend(observers)
+        self._state_watch: asyncio.Task[None] | None = None
         self.engine = engine
         self.tracker = CallTracker(
             log_content=options.log_content, on_refused=self.metrics.refused if self.metrics else None
@@ -205,17 +206,30 @@ class GatewayServer:
         if self.metrics is not None and self.options.metrics_port is not None:
             metrics_host = self.options.metrics_host or host or self.config.host
             self.metrics_port = self.metrics.serve(metrics_host, self.options.metrics_port)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_serving(True)
+        if self.stores is not None and self.stores.ping is not None and self.config.state_failure_mode == "closed":
+            # Failing closed: while the shared state is unreachable, calls are refused, so say NOT_SERVING.
+            self._state_watch = asyncio.create_task(watch_shared_state(self.stores.ping, self._set_serving))
         return self.port
+
+    async def _set_serving(self, serving: bool) -> None:
+        if self.health.draining:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING first so probes and balancers move away, then drain calls (streams included) for up
         to the grace period, then settle, close pools and flush the ledger; traces and metrics last."""
         await self.health.enter_graceful_shutdown()
+        if self._state_watch is not None:
+            self._state_watch.cancel()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         try:
             await self.engine.aclose()
+            if self.stores is not None:
+                await self.stores.aclose()
         finally:
             if self.tracing is not None:
                 await asyncio.to_thread(self.tracing.shutdown)

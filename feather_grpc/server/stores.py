@@ -1,0 +1,107 @@
+"""Builds the gateway's state from its configuration: embedded (memory limits, SQLite ledger) by default,
+Redis for the hot shared state when `REDIS_URL` is set, Postgres as the ledger of record with
+`DATABASE_URL`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from feather_grpc.config import GatewayConfig
+from feather_grpc.engine.breaker import CircuitBreakers
+from feather_grpc.engine.cache import MemoryResponseCache, ResponseCache
+from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
+from feather_grpc.state.ledger import UsageLedger
+from feather_grpc.state.limits import BudgetStore, RateLimiter
+from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stores:
+    ledger: UsageLedger
+    limiter: RateLimiter
+    budgets: BudgetStore
+    circuits: CircuitStore
+    cache: ResponseCache
+    ping: Callable[[], Awaitable[None]] | None = None  # raises StateUnavailable while the shared store is down
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        for close in self.closers:
+            await close()
+
+
+def spool_path(config: GatewayConfig, worker: int | None) -> str:
+    """The local durable spool in front of Postgres: one file per process (workers get their own)."""
+    base = os.environ.get("FEATHER_SPOOL_PATH") or str(Path(config.ledger_path).with_suffix(".spool.db"))
+    return base if worker is None else str(Path(base).with_suffix(f".w{worker}.db"))
+
+
+def open_ledger(config: GatewayConfig, worker: int | None = None) -> UsageLedger:
+    if config.database_url:
+        from feather_grpc.state.postgres_ledger import PostgresLedger
+
+        return PostgresLedger(config.database_url, spool_path(config, worker), synchronous=config.ledger_synchronous)
+    if config.ledger_type == "memory":
+        from feather_grpc.state.memory_ledger import MemoryLedger
+
+        return MemoryLedger()
+    from feather_grpc.state.sqlite_ledger import SqliteLedger
+
+    return SqliteLedger(config.ledger_path, synchronous=config.ledger_synchronous)
+
+
+def build_stores(config: GatewayConfig, worker: int | None = None) -> Stores:
+    local_circuits = MemoryCircuitStore(CircuitBreakers(config.breaker))
+    local = Stores(
+        ledger=open_ledger(config, worker),
+        limiter=MemoryRateLimiter(),
+        budgets=MemoryBudgetStore(),
+        circuits=local_circuits,
+        cache=MemoryResponseCache(config.cache),
+    )
+    if not config.redis_url:
+        return local
+    from feather_grpc.state.fail_open import FailOpenBudgetStore, FailOpenCircuitStore, FailOpenRateLimiter
+    from feather_grpc.state.redis_cache import RedisResponseCache
+    from feather_grpc.state.redis_state import RedisState
+
+    shared = RedisState.from_url(config.redis_url, breaker=config.breaker)
+    stores = Stores(
+        ledger=local.ledger,
+        limiter=shared.limiter,
+        budgets=shared.budgets,
+        circuits=shared.circuits,
+        cache=RedisResponseCache(shared.client, config.cache),
+        ping=shared.ping,
+        closers=[shared.aclose],
+    )
+    if config.state_failure_mode == "open":
+        stores.limiter = FailOpenRateLimiter(shared.limiter, local.limiter)
+        stores.budgets = FailOpenBudgetStore(shared.budgets, local.budgets)
+        stores.circuits = FailOpenCircuitStore(shared.circuits, local_circuits)
+    return stores
+
+
+async def watch_shared_state(
+    ping: Callable[[], Awaitable[None]], on_change: Callable[[bool], Awaitable[None]], interval_s: float = 1.0
+) -> None:
+    """Pings the shared store forever, reporting each change between reachable and unreachable."""
+    healthy = True
+    while True:
+        try:
+            await ping()
+            ok = True
+        except Exception:  # StateUnavailable, or anything else the client raises: unreachable either way
+            ok = False
+        if ok != healthy:
+            healthy = ok
+            log.warning("shared state store %s", "reachable again" if ok else "UNREACHABLE")
+            await on_change(ok)
+        await asyncio.sleep(interval_s)

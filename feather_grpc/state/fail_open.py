@@ -1,0 +1,131 @@
+"""`stateFailureMode: open`: while the shared store (Redis) is unreachable, decide with local state.
+
+Each wrapper tries the shared store and, on `StateUnavailable`, answers from an in-process fallback, so
+the gateway keeps serving with per-replica limits. Spend recorded only locally during the outage is in
+the ledger of record; counters in Redis are not back-filled (see README: operations notes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from feather_grpc.engine.breaker import CircuitState, Permit
+from feather_grpc.state.breaker_store import CircuitStore
+from feather_grpc.state.limits import BucketSpec, BudgetStore, BudgetWindow, RateLimiter, Reservation, StateUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class _Outage:
+    """Logs the switch to local state at most once every 30 s."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._last = 0.0
+
+    def note(self, error: StateUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._last > 30:
+            self._last = now
+            log.warning("%s: shared state unreachable (%s); deciding with local state", self._what, error)
+
+
+class FailOpenRateLimiter:
+    def __init__(self, shared: RateLimiter, local: RateLimiter) -> None:
+        self._shared, self._local, self._outage = shared, local, _Outage("rate limits")
+
+    async def reserve(self, key: str, spec: BucketSpec, amount: float, max_wait_s: float) -> float:
+        try:
+            return await self._shared.reserve(key, spec, amount, max_wait_s)
+        except StateUnavailable as e:
+            self._outage.note(e)
+            return await self._local.reserve(key, spec, amount, max_wait_s)
+
+    async def adjust(self, key: str, spec: BucketSpec, delta: float) -> None:
+        try:
+            await self._shared.adjust(key, spec, delta)
+        except StateUnavailable as e:
+            self._outage.note(e)
+            await self._local.adjust(key, spec, delta)
+
+    async def aclose(self) -> None:
+        await self._local.aclose()
+
+
+class FailOpenBudgetStore:
+    def __init__(self, shared: BudgetStore, local: BudgetStore) -> None:
+        self._shared, self._local, self._outage = shared, local, _Outage("budgets")
+        self._local_reservations: set[int] = set()  # id() of reservations made locally
+
+    async def reserve(self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int) -> Reservation:
+        try:
+            return await self._shared.reserve(tenant, windows, amount_nanos)
+        except StateUnavailable as e:
+            self._outage.note(e)
+            reservation = await self._local.reserve(tenant, windows, amount_nanos)
+            self._local_reservations.add(id(reservation))
+            return reservation
+
+    async def settle(self, reservation: Reservation, actual_nanos: int) -> None:
+        if id(reservation) in self._local_reservations:
+            self._local_reservations.discard(id(reservation))
+            await self._local.settle(reservation, actual_nanos)
+            return
+        try:
+            await self._shared.settle(reservation, actual_nanos)
+        except StateUnavailable as e:
+            self._outage.note(e)
+
+    async def spent(self, tenant: str, window: BudgetWindow) -> int:
+        try:
+            return await self._shared.spent(tenant, window)
+        except StateUnavailable:
+            return await self._local.spent(tenant, window)
+
+    async def aclose(self) -> None:
+        await self._local.aclose()
+
+
+class FailOpenCircuitStore:
+    def __init__(self, shared: CircuitStore, local: CircuitStore) -> None:
+        self._shared, self._local, self._outage = shared, local, _Outage("circuit breakers")
+        self.settings = shared.settings
+
+    async def acquire(self, key: str) -> Permit | None:
+        try:
+            return await self._shared.acquire(key)
+        except StateUnavailable as e:
+            self._outage.note(e)
+            return await self._local.acquire(key)
+
+    async def succeeded(self, key: str, permit: Permit) -> None:
+        await self._both("succeeded", key, permit)
+
+    async def failed(self, key: str, permit: Permit) -> None:
+        await self._both("failed", key, permit)
+
+    async def released(self, key: str, permit: Permit) -> None:
+        await self._both("released", key, permit)
+
+    async def _both(self, method: str, key: str, permit: Permit) -> None:
+        await getattr(self._local, method)(key, permit)
+        try:
+            await getattr(self._shared, method)(key, permit)
+        except StateUnavailable as e:
+            self._outage.note(e)
+
+    async def state(self, key: str) -> CircuitState:
+        try:
+            return await self._shared.state(key)
+        except StateUnavailable:
+            return await self._local.state(key)
+
+    async def reopens_in(self, key: str) -> float | None:
+        try:
+            return await self._shared.reopens_in(key)
+        except StateUnavailable:
+            return await self._local.reopens_in(key)
+
+    async def aclose(self) -> None:
+        await self._local.aclose()
