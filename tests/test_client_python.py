@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.metadata
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -309,6 +311,45 @@ def test_targets_for_one_or_several_gateways() -> None:
     assert "retryPolicy" not in service_config(None)
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=9)
+
+
+def _make_pki(d: Path) -> None:
+    """A throwaway CA, a server certificate for localhost / 127.0.0.1 and a client certificate."""
+
+    def openssl(command: str) -> None:
+        subprocess.run(["openssl", *command.split()], cwd=d, check=True, capture_output=True, timeout=60)
+
+    openssl("req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=ca -keyout ca.key -out ca.pem")
+    for name, san in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "subjectAltName=DNS:client")):
+        openssl(f"req -newkey rsa:2048 -nodes -subj /CN={name} -keyout {name}.key -out {name}.csr")
+        (d / f"{name}.ext").write_text(san + "\n")
+        sign = "-CA ca.pem -CAkey ca.key -CAcreateserial -days 2"
+        openssl(f"x509 -req -in {name}.csr {sign} -extfile {name}.ext -out {name}.pem")
+
+
+async def test_mutual_tls_with_a_private_ca(tmp_path: Path) -> None:
+    _make_pki(tmp_path)
+    document = copy.deepcopy(MOCK_CONFIG)
+    document["server"] = {
+        "tls": {
+            "certFile": str(tmp_path / "server.pem"),
+            "keyFile": str(tmp_path / "server.key"),
+            "clientCaFile": str(tmp_path / "ca.pem"),
+        }
+    }
+
+    def read(name: str) -> bytes:
+        return (tmp_path / name).read_bytes()
+
+    mtls = TLS(root_certificates=read("ca.pem"), certificate_chain=read("client.pem"), private_key=read("client.key"))
+    async with running_gateway(document) as gw:
+        async with FeatherClient(f"localhost:{gw.port}", tls=mtls) as client:
+            assert (await client.chat("over mTLS", model="fast")).text == "Feather mock reply to: over mTLS"
+        no_client_cert = TLS(root_certificates=read("ca.pem"))
+        async with FeatherClient(f"localhost:{gw.port}", tls=no_client_cert, retry=None, timeout=5) as client:
+            with pytest.raises(FeatherError) as caught:
+                await client.chat("refused", model="fast")
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 
 
 def test_tls_settings_build_secure_credentials() -> None:
