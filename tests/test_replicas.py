@@ -1,0 +1,193 @@
+"""Across replicas: a real redis-server, a real Postgres and two `feather-grpc serve` processes.
+
+The admitted rate for a provider:model stays within burst + rps x elapsed over the pair, a tenant's
+budget is never overspent, and Usage on either replica returns the same totals once the ledger has
+caught up. Also: with `stateFailureMode: closed`, a Redis outage turns health NOT_SERVING and calls
+UNAVAILABLE, and both recover when Redis is back; with `open`, calls keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
+from sim.upstream import Reply, SimUsage, UpstreamSimulator
+from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
+from tests.ops_harness import GatewayProcess, free_port
+from tests.pg_server import PgServer
+from tests.redis_server import RedisServer
+
+ACME, GLOBEX, ADMIN = "fk_replica_acme", "fk_replica_globex", "fk_replica_admin"
+RPS, BURST = 4, 4
+
+
+def _h(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PgServer]:
+    with PgServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[UpstreamSimulator]:
+    async with UpstreamSimulator() as s:
+        yield s
+
+
+def replica_config(sim: UpstreamSimulator) -> dict[str, Any]:
+    return {
+        "rateLimitMode": "reject",
+        "retry": {"maxAttempts": 1},
+        "limits": {"openai:gpt-limited": {"rps": RPS, "burst": BURST}},
+        "tenants": {
+            "acme": {"keys": [_h(ACME)], "budget": {"dailyUsd": 0.02}},
+            "globex": {"keys": [_h(GLOBEX)]},
+            "ops": {"keys": [_h(ADMIN)], "role": "admin"},
+        },
+        "providers": {
+            "openai": {
+                "type": "openai",
+                "apiKeyEnv": "SIM_OPENAI_KEY",
+                "baseUrl": sim.url + "/v1",
+                "models": [
+                    {"name": "gpt-limited", "inputPer1K": 0.03, "outputPer1K": 0.06},
+                    {"name": "gpt-sim", "inputPer1K": 0.03, "outputPer1K": 0.06},
+                ],
+            }
+        },
+    }
+
+
+async def _start_replica(tmp: Path, name: str, config_path: Path, env: dict[str, str]) -> tuple[GatewayProcess, str]:
+    cwd = tmp / name
+    cwd.mkdir()
+    port = free_port()
+    proc = GatewayProcess.start(["feather-grpc", "serve", "--config", str(config_path), "--port", str(port)], env, cwd)
+    await proc.wait_logged("serving on", timeout_s=30)
+    return proc, f"127.0.0.1:{port}"
+
+
+async def test_two_replicas_share_limits_budgets_and_the_ledger(
+    tmp_path: Path, redis_server: RedisServer, postgres: PgServer, sim: UpstreamSimulator
+) -> None:
+    sim.default = Reply(latency_s=0.2, usage=SimUsage(input=10, output=20))
+    config_path = tmp_path / "feather.config.json"
+    config_path.write_text(json.dumps(replica_config(sim)))
+    dsn = postgres.create_database("replicas")
+    env = {"SIM_OPENAI_KEY": "sk-replicas", "REDIS_URL": redis_server.url, "DATABASE_URL": dsn}
+    replicas = [await _start_replica(tmp_path, n, config_path, env) for n in ("a", "b")]
+    channels = [grpc.aio.insecure_channel(address) for _, address in replicas]
+    stubs = [pb_grpc.FeatherServiceStub(c) for c in channels]
+    try:
+        # 1. provider:model bucket shared through Redis: fire at both replicas for ~1.5 s.
+        started = time.monotonic()
+        admitted = refused = 0
+        while time.monotonic() - started < 1.5:
+            batch = [
+                stubs[i % 2].Chat(pb.ChatRequest(model="gpt-limited", messages=[user("go")]), metadata=_auth(GLOBEX))
+                for i in range(6)
+            ]
+            for outcome in await asyncio.gather(*batch, return_exceptions=True):
+                if isinstance(outcome, pb.ChatResponse):
+                    admitted += 1
+                else:
+                    assert isinstance(outcome, grpc.aio.AioRpcError)
+                    assert rich_error(outcome).reason == "RATE_LIMITED"
+                    refused += 1
+        elapsed = time.monotonic() - started
+        assert refused > 0
+        assert BURST <= admitted <= BURST + RPS * elapsed + 1  # +1: a token refilled at the boundary
+
+        # 2. acme's budget: 12 concurrent calls over both replicas; worst case ~6.2M nanos, cap 20M -> 3 fit.
+        calls = [
+            stubs[i % 2].Chat(
+                pb.ChatRequest(model="gpt-sim", messages=[user("spend")], max_tokens=100), metadata=_auth(ACME)
+            )
+            for i in range(12)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        ok = [r for r in results if isinstance(r, pb.ChatResponse)]
+        assert len(ok) == 3
+        assert {rich_error(r).reason for r in results if isinstance(r, grpc.aio.AioRpcError)} == {"BUDGET_EXCEEDED"}
+
+        # 3. both replicas answer Usage from Postgres with the same totals once the spools have shipped.
+        expected = admitted + refused + 12
+        deadline = time.monotonic() + 15
+        while True:
+            totals = [(await s.Usage(pb.UsageRequest(), metadata=_auth(ADMIN))).total for s in stubs]
+            if all(t.request_count == expected for t in totals) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert [t.request_count for t in totals] == [expected, expected]
+        assert totals[0] == totals[1]
+        acme = (await stubs[1].Usage(pb.UsageRequest(), metadata=_auth(ACME))).total
+        assert acme.cost_nanos_usd == sum(r.cost_nanos_usd for r in ok) <= 20_000_000
+    finally:
+        for c in channels:
+            await c.close()
+        for proc, _ in replicas:
+            proc.proc.terminate()
+        for proc, _ in replicas:
+            assert await proc.wait_exit(30) == 0
+
+
+def _redis_config(mode: str) -> dict[str, Any]:
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["stateFailureMode"] = mode
+    doc["tenants"] = {"default": {"limits": {"rpm": 6000}}}  # every call touches Redis
+    return doc
+
+
+async def test_fail_closed_turns_not_serving_while_redis_is_down_and_recovers() -> None:
+    with RedisServer() as redis:
+        async with running_gateway(_redis_config("closed"), {"REDIS_URL": redis.url}) as gw:
+            health = health_pb2_grpc.HealthStub(gw.channel)
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("a")]))
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="feather.v1.FeatherService"))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            redis.stop()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("b")]), timeout=10)
+            err = rich_error(caught.value)
+            assert err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "STATE_UNAVAILABLE"
+            assert (await asyncio.wait_for(watch.read(), 10)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            redis.start()
+            assert (await asyncio.wait_for(watch.read(), 10)).status == health_pb2.HealthCheckResponse.SERVING
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("c")]))
+            watch.cancel()
+
+
+async def test_fail_open_keeps_serving_with_local_limits() -> None:
+    with RedisServer() as redis:
+        async with running_gateway(_redis_config("open"), {"REDIS_URL": redis.url}) as gw:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("a")]))
+            redis.stop()
+            reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("b")]), timeout=10)
+            assert reply.provider == "mock"
+            health = health_pb2_grpc.HealthStub(gw.channel)
+            status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
