@@ -73,9 +73,11 @@ def ops(
     return {"limiter.reserve": rl, "budgets.reserve": br, "budgets.settle": bs, "circuits.acquire": cb}
 
 
-async def script_calls(state: RedisState) -> int:
+async def script_stats(state: RedisState) -> tuple[int, int]:
+    """Scripts Redis ran, and the microseconds it spent running them."""
     stats = await state.client.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    mine = [v for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")]
+    return sum(int(v["calls"]) for v in mine), sum(int(v["usec"]) for v in mine)
 
 
 async def run(url: str, seconds: float) -> None:
@@ -91,20 +93,25 @@ async def run(url: str, seconds: float) -> None:
         parser = "pure-Python parser"
     print(f"redis-py with {parser}; {seconds:g}s per row; latency in microseconds\n")
     print("scripts/decision: Lua scripts Redis ran per decision (its INFO commandstats)")
-    print("RTT/decision: network round trips per decision (concurrent decisions share pipelines)\n")
+    print("RTT/decision: network round trips per decision (concurrent decisions share pipelines)")
+    print("server µs: Redis CPU time per script\n")
     head = f"{'decision':<18}{'store':<8}{'conc':>5}{'decisions/s':>14}{'p50 µs':>10}{'p99 µs':>10}"
-    print(f"{head}{'scripts/decision':>18}{'RTT/decision':>14}")
+    print(f"{head}{'scripts/decision':>18}{'RTT/decision':>14}{'server µs':>11}")
     runner = state.runner
     for op in memory:
         for workers in (1, 64):
             for store, table in (("memory", memory), ("redis", redis)):
                 await measure(op, table[op], workers, min(seconds / 5, 0.3))  # warm up
-                scripts, trips = (await script_calls(state), runner.round_trips) if store == "redis" else (0, 0)
+                (scripts, usec), trips = (
+                    (await script_stats(state), runner.round_trips) if store == "redis" else ((0, 0), 0)
+                )
                 rate, p50, p99, count = await measure(op, table[op], workers, seconds)
                 per = ""
                 if store == "redis":
-                    ran = (await script_calls(state) - scripts) / count
-                    per = f"{ran:>18.2f}{(runner.round_trips - trips) / count:>14.3f}"
+                    scripts_after, usec_after = await script_stats(state)
+                    ran = scripts_after - scripts
+                    per = f"{ran / count:>18.2f}{(runner.round_trips - trips) / count:>14.3f}"
+                    per += f"{(usec_after - usec) / max(ran, 1):>11.1f}"
                 results[(op, store, workers)] = (rate, p50, p99)
                 print(f"{op:<18}{store:<8}{workers:>5}{rate:>14,.0f}{p50:>10.1f}{p99:>10.1f}{per}")
     print()

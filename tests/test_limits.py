@@ -333,6 +333,29 @@ async def test_200_concurrent_reserves_exactly_50_fit(rig: tuple[Timeline, RateL
     assert sum(results) == 50
 
 
+async def test_a_crashed_holders_reservation_is_given_back_after_its_lease(redis_server: RedisServer) -> None:
+    state = RedisState.from_url(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}", budget_lease_s=0.3)
+    try:
+        budgets, windows = state.budgets, (day(1_000), month(10_000))
+        lost = await budgets.reserve("acme", windows, 1_000)  # its replica dies before settling
+        with pytest.raises(BudgetExceeded):
+            await budgets.reserve("acme", windows, 1)
+        await asyncio.sleep(0.35)
+        held = await budgets.reserve("acme", windows, 1_000)  # the lease ran out: given back
+        # The dead holder's late settle records its real cost, and releases nothing a second time.
+        await budgets.settle(lost, 100)
+        with pytest.raises(BudgetExceeded) as e:
+            await budgets.reserve("acme", windows, 1)
+        assert (e.value.window, e.value.spent_nanos) == ("day", 1_100)
+        await budgets.settle(held, 200)
+        assert [await budgets.spent("acme", w) for w in windows] == [300, 300]
+        await budgets.reserve("acme", windows, 700)  # nothing else is held
+        leases = budgets._keys("acme", windows)[:2]
+        assert await state.client.zcard(leases[0]) == 1 and await state.client.hlen(leases[1]) == 1
+    finally:
+        await state.aclose()
+
+
 async def test_budget_with_no_windows_is_a_no_op(rig: tuple[Timeline, RateLimiter, BudgetStore]) -> None:
     _, _, budgets = rig
     r = await budgets.reserve("acme", (), 10**18)
@@ -391,13 +414,14 @@ async def test_keys_are_namespaced_and_one_script_stays_in_one_cluster_slot(
     replicas: tuple[RedisState, RedisState],
 ) -> None:
     a, _ = replicas
-    budget_keys = [a.budgets.key("acme", w) for w in (day(1), month(1))]
-    assert budget_keys[0].endswith("}:budget:day:2026-11-26")
+    budget_keys = a.budgets._keys("acme", (day(1), month(1)))
+    assert budget_keys[2].endswith("}:budget:day:2026-11-26")
     assert len({key_slot(k.encode()) for k in budget_keys}) == 1
     assert len({key_slot(k.encode()) for k in a.circuits.keys("openai:gpt-4o")}) == 1
     assert a.limiter.key("provider:openai:gpt-4o").endswith(":{rl:provider:openai:gpt-4o}")
     for k in [*budget_keys, *a.circuits.keys("x"), a.limiter.key("x")]:
         assert k.startswith(budget_keys[0].split(":")[0] + ":{")
+    assert budget_keys[0].startswith(budget_keys[0].split(":")[0] + ":{tenant:acme}:")
 
 
 async def test_script_cache_flush_is_survived(replicas: tuple[RedisState, RedisState]) -> None:

@@ -10,6 +10,7 @@ Keys are namespaced and hash-tagged so that every key one script touches lives i
 
     feather:{rl:<bucket>}                              GCRA theoretical arrival time (µs, server clock)
     feather:{tenant:<t>}:budget:<window>:<instance>    hash {spent, reserved} in nano-dollars
+    feather:{tenant:<t>}:budget:leases / :lease-data   open reservations: expiry, and amount + windows
     feather:{cb:<provider:model>}                      hash {opened_at} (µs)
     feather:{cb:<provider:model>}:fails                sorted set of failure times in the rolling window
     feather:{cb:<provider:model>}:probe                the half-open probe flag (a token, with a TTL)
@@ -55,6 +56,7 @@ from feather_grpc.state.memory_limits import BurstExceeded, check_request
 
 __all__ = [
     "BurstExceeded",
+    "LeasedReservation",
     "RedisBudgetStore",
     "RedisCircuitStore",
     "RedisRateLimiter",
@@ -111,35 +113,68 @@ return 1
 """
 )
 
-# Budget reserve. KEYS: one hash per window. ARGV[1] amount; ARGV[1+i] cap of window i; ARGV[1+n+i] ttl_s.
-# All or nothing: {1} when reserved in every window, else {0, i, spent, reserved} of the first overflow.
+# Budget reserve. KEYS[1] leases zset (lease id -> expiry, µs), KEYS[2] leases hash (lease id -> JSON
+# [amount, window keys...]), KEYS[3..] one hash per window.
+# ARGV[1] amount, ARGV[2] lease id, ARGV[3] lease µs, ARGV[4] lease keys' ttl ms, ARGV[4+i] cap of window i,
+# ARGV[4+n+i] ttl_s of window i.
+# First gives back the reservations of holders that never settled (a crashed replica) once their lease
+# is over, then reserves in all windows or none: {1}, or {0, i, spent, reserved} of the first overflow.
 # Money stays in strings on the way in and out: Lua numbers are doubles (exact below 2^53 nano-dollars,
 # about 9 million dollars, which bounds the comparison only).
-_BUDGET_RESERVE = """
-local n = #KEYS
+_BUDGET_RESERVE = (
+    _PRELUDE
+    + """
+local now = now_us()
+local n = #KEYS - 2
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now), 'LIMIT', 0, 64)) do
+  local data = redis.call('HGET', KEYS[2], id)
+  if data then
+    local lease = cjson.decode(data)
+    for j = 2, #lease do
+      if redis.call('EXISTS', lease[j]) == 1 and redis.call('HINCRBY', lease[j], 'reserved', '-' .. lease[1]) < 0 then
+        redis.call('HSET', lease[j], 'reserved', '0')
+      end
+    end
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
 local amount = tonumber(ARGV[1])
 for i = 1, n do
-  local v = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
+  local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
   local spent, reserved = v[1] or '0', v[2] or '0'
-  if tonumber(spent) + tonumber(reserved) + amount > tonumber(ARGV[1 + i]) then
+  if tonumber(spent) + tonumber(reserved) + amount > tonumber(ARGV[4 + i]) then
     return {0, i, spent, reserved}
   end
 end
+if amount == 0 then return {1} end
+local lease = {ARGV[1]}
 for i = 1, n do
-  redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[1])
-  redis.call('EXPIRE', KEYS[i], ARGV[1 + n + i])
+  redis.call('HINCRBY', KEYS[2 + i], 'reserved', ARGV[1])
+  redis.call('EXPIRE', KEYS[2 + i], ARGV[4 + n + i])
+  lease[i + 1] = KEYS[2 + i]
 end
+redis.call('ZADD', KEYS[1], fmt(now + tonumber(ARGV[3])), ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], cjson.encode(lease))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1}
 """
+)
 
-# Budget settle. KEYS: the reservation's window hashes. ARGV[1] -reserved, ARGV[2] actual, ARGV[2+i] ttl_s.
+# Budget settle. KEYS as for reserve. ARGV[1] lease id ('' for none), ARGV[2] -reserved, ARGV[3] actual,
+# ARGV[3+i] ttl_s of window i. A lease already given back (expired) releases nothing: only the cost is added.
 _BUDGET_SETTLE = """
-for i = 1, #KEYS do
-  if redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[1]) < 0 then
+local held = ARGV[1] == '' or redis.call('ZREM', KEYS[1], ARGV[1]) == 1
+if ARGV[1] ~= '' then redis.call('HDEL', KEYS[2], ARGV[1]) end
+for i = 3, #KEYS do
+  if held and ARGV[2] ~= '0' and redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[2]) < 0 then
     redis.call('HSET', KEYS[i], 'reserved', '0')
   end
-  redis.call('HINCRBY', KEYS[i], 'spent', ARGV[2])
-  redis.call('EXPIRE', KEYS[i], ARGV[2 + i])
+  if ARGV[3] ~= '0' then
+    redis.call('HINCRBY', KEYS[i], 'spent', ARGV[3])
+    redis.call('EXPIRE', KEYS[i], ARGV[1 + i])
+  end
 end
 return 1
 """
@@ -384,47 +419,69 @@ class RedisRateLimiter(_RedisStore):
             await self._run(self._adjust, [self.key(key)], [_f(spec.rate), _f(delta)])
 
 
+@dataclass(frozen=True, slots=True)
+class LeasedReservation(Reservation):
+    """A Redis budget reservation: its lease id lets a crashed holder's reservation be given back."""
+
+    lease_id: str
+
+
 class RedisBudgetStore(_RedisStore):
-    """Per-tenant spend windows in Redis hashes; reserve and settle are atomic across all windows."""
+    """Per-tenant spend windows in Redis hashes; reserve and settle are atomic across all windows.
+
+    Each reservation is a lease of `lease_s` seconds (longer than any call should take): if its holder
+    never settles (the replica crashed), the next reserve of that tenant gives the amount back, so a
+    crash cannot shrink a budget for the rest of its window. A settle after the lease ran out still
+    records the real cost. Settle each reservation once."""
 
     def __init__(
         self,
         client: Redis,
         *,
+        lease_s: float = 900.0,
         namespace: str = "feather",
         op_timeout_s: float = 1.0,
         owns_client: bool = False,
         runner: ScriptRunner | None = None,
     ) -> None:
         super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client, runner=runner)
+        self._lease_us = str(max(int(lease_s * 1e6), 1))
+        self._lease_ms = int(lease_s * 1000)
         self._reserve = _Script.of(_BUDGET_RESERVE)
         self._settle = _Script.of(_BUDGET_SETTLE)
 
     def key(self, tenant: str, window: BudgetWindow) -> str:
         return f"{self._ns}:{{tenant:{tenant}}}:budget:{window.name}:{window.key}"
 
+    def _keys(self, tenant: str, windows: tuple[BudgetWindow, ...]) -> list[str]:
+        base = f"{self._ns}:{{tenant:{tenant}}}:budget"
+        return [f"{base}:leases", f"{base}:lease-data", *(self.key(tenant, w) for w in windows)]
+
     async def reserve(self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int) -> Reservation:
         if amount_nanos < 0:
             raise ValueError(f"budget reservation must be >= 0 nano-dollars, got {amount_nanos}")
-        if windows:
-            keys = [self.key(tenant, w) for w in windows]
-            args: list[str] = [str(int(amount_nanos))]
-            args += [str(int(w.cap_nanos)) for w in windows]
-            args += [str(max(int(w.ttl_s), 1)) for w in windows]
-            reply = await self._run(self._reserve, keys, args)
-            if not reply[0]:
-                w = windows[int(reply[1]) - 1]
-                raise BudgetExceeded(tenant, w.name, w.cap_nanos, int(reply[2]) + int(reply[3]))
-        return Reservation(tenant, windows, amount_nanos)
+        if not windows:
+            return Reservation(tenant, windows, amount_nanos)
+        lease_id = uuid.uuid4().hex
+        keep_ms = max(max(w.ttl_s for w in windows) * 1000, self._lease_ms + 60_000)
+        args = [str(int(amount_nanos)), lease_id, self._lease_us, str(int(keep_ms))]
+        args += [str(int(w.cap_nanos)) for w in windows]
+        args += [str(max(int(w.ttl_s), 1)) for w in windows]
+        reply = await self._run(self._reserve, self._keys(tenant, windows), args)
+        if not reply[0]:
+            w = windows[int(reply[1]) - 1]
+            raise BudgetExceeded(tenant, w.name, w.cap_nanos, int(reply[2]) + int(reply[3]))
+        return LeasedReservation(tenant, windows, amount_nanos, lease_id)
 
     async def settle(self, reservation: Reservation, actual_nanos: int) -> None:
         if actual_nanos < 0:
             raise ValueError(f"actual cost must be >= 0 nano-dollars, got {actual_nanos}")
-        if reservation.windows:
-            keys = [self.key(reservation.tenant, w) for w in reservation.windows]
-            args: list[str] = [str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
-            args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
-            await self._run(self._settle, keys, args)
+        if not reservation.windows:
+            return
+        lease_id = reservation.lease_id if isinstance(reservation, LeasedReservation) else ""
+        args = [lease_id, str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
+        args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
+        await self._run(self._settle, self._keys(reservation.tenant, reservation.windows), args)
 
     async def spent(self, tenant: str, window: BudgetWindow) -> int:
         try:
@@ -531,6 +588,7 @@ class RedisState:
         *,
         breaker: BreakerSettings | None = None,
         probe_ttl_s: float = 30.0,
+        budget_lease_s: float = 900.0,
         namespace: str = "feather",
         op_timeout_s: float = 1.0,
     ) -> None:
@@ -539,7 +597,7 @@ class RedisState:
         self.runner = ScriptRunner(client, timeout_s=op_timeout_s)
         opts: dict[str, Any] = {"namespace": namespace, "op_timeout_s": op_timeout_s, "runner": self.runner}
         self.limiter = RedisRateLimiter(client, **opts)
-        self.budgets = RedisBudgetStore(client, **opts)
+        self.budgets = RedisBudgetStore(client, lease_s=budget_lease_s, **opts)
         self.circuits = RedisCircuitStore(client, breaker or BreakerSettings(), probe_ttl_s=probe_ttl_s, **opts)
 
     @classmethod
@@ -552,14 +610,17 @@ class RedisState:
         max_connections: int = 64,
         breaker: BreakerSettings | None = None,
         probe_ttl_s: float = 30.0,
+        budget_lease_s: float = 900.0,
         namespace: str = "feather",
         **redis_kwargs: Any,
     ) -> RedisState:
         """`redis://[user:pass@]host:port/db` or `rediss://...` (TLS) or `unix://...`.
 
         `timeout_s` bounds each socket read and (unless `connect_timeout_s` is given) each connect;
-        a call waits at most `timeout_s` for a free pooled connection too. Extra keyword arguments go
-        to redis-py's connection pool (e.g. `ssl_ca_certs`, `client_name`)."""
+        a call waits at most `timeout_s` for a free pooled connection too. `probe_ttl_s`: how long a
+        half-open probe holds its circuit if its replica dies; `budget_lease_s`: how long a budget
+        reservation holds its amount if its replica dies. Extra keyword arguments go to redis-py's
+        connection pool (e.g. `ssl_ca_certs`, `client_name`)."""
         connect = timeout_s if connect_timeout_s is None else connect_timeout_s
         pool = BlockingConnectionPool.from_url(
             url,
@@ -571,9 +632,16 @@ class RedisState:
             **redis_kwargs,
         )
         client = Redis.from_pool(pool)  # closes the pool with the client
-        # Worst case of one decision: pool wait + connect + EVALSHA, NOSCRIPT, EVAL (after a restart).
-        op_timeout = timeout_s + connect + 2 * timeout_s + 0.05
-        return cls(client, breaker=breaker, probe_ttl_s=probe_ttl_s, namespace=namespace, op_timeout_s=op_timeout)
+        # Worst case of one decision: pool wait + connect + pipeline, NOSCRIPT, SCRIPT LOAD, pipeline.
+        op_timeout = connect + 4 * timeout_s
+        return cls(
+            client,
+            breaker=breaker,
+            probe_ttl_s=probe_ttl_s,
+            budget_lease_s=budget_lease_s,
+            namespace=namespace,
+            op_timeout_s=op_timeout,
+        )
 
     async def ping(self) -> None:
         """Raises StateUnavailable unless Redis answers (for health checks)."""
