@@ -13,7 +13,6 @@ logged only with `FEATHER_LOG_CONTENT=true` and `LOG_LEVEL=debug` (see `server.i
 from __future__ import annotations
 
 import atexit
-import copy
 import logging
 import logging.handlers
 import os
@@ -46,9 +45,18 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ms), level, logger, message, pid, then the record's `extra`."""
 
+    _second = -1
+    _second_text = ""
+
+    def _time(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": self._time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -117,7 +125,8 @@ class _Enqueue(logging.handlers.QueueHandler):
     formatting (JSON or text) and the write itself happen off the event loop."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = copy.copy(record)
+        original, record = record, object.__new__(logging.LogRecord)  # a shallow copy, without copy.copy's cost
+        record.__dict__.update(original.__dict__)
         record.msg = record.getMessage()
         record.args = None
         if record.exc_info:
@@ -209,4 +218,6 @@ class CallLog:
         }
         if self._worker is not None:
             fields["worker"] = self._worker
-        self._log.info("call", extra=fields)
+        # makeRecord + handle: what info() does, minus the stack walk for the caller's file and line.
+        line = self._log.makeRecord(self._log.name, logging.INFO, "", 0, "call", (), None, extra=fields)
+        self._log.handle(line)
