@@ -235,6 +235,15 @@ async def test_invalid_specs_are_refused(rig: tuple[Timeline, RateLimiter, Budge
             await limiter.reserve("k", spec, amount, 0)
 
 
+async def test_memory_limiter_forgets_idle_full_buckets() -> None:
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock)
+    for i in range(10_000):
+        await limiter.reserve(f"tenant:t{i}:rpm", BucketSpec(1, 1), 1, 0)
+        clock.now += 0.01  # each bucket is full again one second after its reservation
+    assert len(limiter._tat) < 5_000
+
+
 # ---------------------------------------------------------------- budgets
 
 
