@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,39 @@ async def test_a_retried_request_is_billed_once(ledger: PostgresLedger, dsn: str
     expected = MemoryLedger()
     await record_all(expected, billed(first + retries))
     assert report == await expected.query(UsageQuery(group_by=[GroupBy.TENANT]))
+
+
+async def test_a_request_billed_meanwhile_by_another_replica_is_settled_by_a_retry(
+    ledger: PostgresLedger, dsn: str
+) -> None:
+    await shipped(ledger, [rec("warm-up")])
+    other = await asyncpg.connect(dsn)  # another replica, mid-transaction: bills "dup" first
+    tx = other.transaction()
+    await tx.start()
+    values = {"request_id": "'dup'", "time_ns": "$2::bigint"}
+    await other.execute(
+        f"INSERT INTO feather_usage (spool_id, spool_seq, {', '.join(COLUMNS)}, billed) "
+        f"SELECT $1::uuid, 1, {', '.join(values.get(c, c) for c in COLUMNS)}, true "
+        "FROM feather_usage WHERE request_id = 'warm-up'",
+        uuid.uuid4(),
+        T0 + 9,
+    )
+
+    async def blocked() -> bool:
+        sql = "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = $1"
+        return bool((await db_rows(dsn, sql, dsn.rsplit("/", 1)[1]))[0]["n"])
+
+    try:
+        await ledger.record(rec("dup", T0, cost_nanos_usd=7))  # earlier: it must win the bill
+        await wait_until(blocked, FLUSH_S, "our insert to wait on the other replica's billed row")
+    finally:
+        await tx.commit()
+        await other.close()
+    assert await ledger.flushed(FLUSH_S)
+    assert ledger.conflict_count == 1
+    rows = await db_rows(dsn, "SELECT time_ns, billed FROM feather_usage WHERE request_id = 'dup' ORDER BY time_ns")
+    assert [(r["time_ns"], r["billed"]) for r in rows] == [(T0, True), (T0 + 9, False)]
+    assert (await ledger.query(UsageQuery())).total.cost_nanos_usd == 7
 
 
 def retry_scenario(seed: int, count: int) -> list[UsageRecord]:

@@ -20,10 +20,15 @@ A retried request is billed once. Within a tenant, all records with the same non
 (counted by `query()`): the first successful one (outcome ok or cache_hit), or the first of
 them if none succeeded, "first" by `time_ns` and then the record identity. That choice depends
 only on the set of records, not on which replica shipped first, so every replica reports the
-same totals. The shipper keeps the `billed` flags right in the insert's transaction, under a
-transaction-level advisory lock per (tenant, request_id); a partial unique index on
-`(tenant, request_id) WHERE billed` makes double billing impossible. Records with an empty
-`request_id` are all billed.
+same totals. The shipper keeps the `billed` flags right in the insert's transaction: it reads
+each key's billed record, compares it with the batch's records for that key, unbills the loser
+and inserts the winner billed. A partial unique index on `(tenant, request_id) WHERE billed`
+makes double billing impossible and arbitrates between replicas shipping the same request at
+the same moment: the later transaction fails with a unique violation (or a deadlock) and the
+shipper retries it at once, re-reading what the other committed. (Per-request advisory locks
+would avoid that retry, but a 1,000-record batch would hold 1,000 entries of Postgres's shared
+lock table, which a few replicas together would exhaust.) Records with an empty `request_id` are
+all billed.
 
 Schema: created or migrated at start (and by the shipper, if Postgres was down at start) under an
 advisory lock, so replicas starting together are safe; the version is in `feather_schema_version`.
@@ -40,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -125,8 +129,6 @@ FROM unnest($2::bigint[], {", ".join(f"${i}::{_pg_type(c)}[]" for i, c in enumer
     AS s(spool_seq, {", ".join(COLUMNS)}, billed)
 ON CONFLICT (spool_id, spool_seq) DO NOTHING"""
 
-_LOCK_REQUESTS = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"
-
 # The billed record of each of the given (tenant, request_id) keys, if there is one yet.
 _BILLED = f"""SELECT u.tenant, u.request_id, u.spool_id, u.spool_seq, u.outcome, u.time_ns
 FROM {TABLE} u JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id)
@@ -168,6 +170,14 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
+
+
+# Another transaction billed the same request first (or the two deadlocked): retry at once.
+_CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.UniqueViolationError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+_CONFLICT_RETRIES = 5
 
 
 class LedgerUnavailable(StateUnavailable):
@@ -237,6 +247,7 @@ class PostgresLedger:
         self.shipped_count = 0  # records this instance shipped and removed from the spool
         self.batch_count = 0  # Postgres transactions committed by the shipper
         self.failure_count = 0  # failed shipping attempts
+        self.conflict_count = 0  # transactions retried because another replica billed the same request
         self.last_error: BaseException | None = None
 
         # Constructed inside a running loop (the server's case): start now, so that what a previous
@@ -394,10 +405,16 @@ class PostgresLedger:
             return 0
         await self._ensure_schema()
         assert self._pool is not None
-        # READ COMMITTED whatever the server default: each statement must see what the replica that
-        # held a request's advisory lock before us committed.
-        async with self._pool.acquire() as conn, conn.transaction(isolation="read_committed"):
-            await _insert_batch(conn, batch)
+        for attempt in range(1, _CONFLICT_RETRIES + 1):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction(isolation="read_committed"):
+                    await _insert_batch(conn, batch)
+                break
+            except _CONFLICT_ERRORS:
+                # Another replica billed one of these requests since we looked: look again.
+                self.conflict_count += 1
+                if attempt == _CONFLICT_RETRIES:
+                    raise
         # Committed in Postgres: only now may the spool forget the batch. A crash before this line
         # re-ships the batch after restart, and ON CONFLICT makes that a no-op.
         await self.spool.ack(batch)
@@ -484,11 +501,15 @@ class PostgresLedger:
 async def _insert_batch(conn: Connection, batch: SpoolBatch) -> None:
     """Insert a spooled batch (skipping identities already there) and settle who is billed.
 
-    Runs inside the caller's transaction. Each (tenant, request_id) key in the batch is locked,
-    its billed record so far (if any) read, and the best of that record and the batch's records
-    for the key billed: the displaced one is unbilled first, so the unique index always holds.
-    A record shipped again is already in the table and already accounted for in its key's
-    billed record, so it changes nothing, and is skipped by ON CONFLICT.
+    Runs inside the caller's READ COMMITTED transaction. For each (tenant, request_id) key in the
+    batch, its billed record so far (if any) is read and the best of that record and the batch's
+    records for the key is billed: the displaced one is unbilled first, so the unique index holds
+    after every statement. A record shipped again is already in the table and already accounted
+    for in its key's billed record, so it changes nothing, and is skipped by ON CONFLICT.
+
+    Decisions made on a stale read are safe: a billed record is only ever displaced by a better
+    one, so "ours is worse than the billed one" stays true; and "ours is better, bill it" collides
+    on the unique index with any record billed meanwhile, which fails the transaction for a retry.
     """
     columns: list[list[Any]] = [list(values) for values in zip(*batch.rows, strict=True)]
     for i, name in enumerate(COLUMNS):
@@ -506,9 +527,6 @@ async def _insert_batch(conn: Connection, batch: SpoolBatch) -> None:
                 best[(tenant, request_id)] = (rank, i)
     if best:
         keys = sorted(best)
-        # Serialise with every other transaction touching the same requests (another replica's
-        # retry of the same request_id), in one global order so two batches cannot deadlock.
-        await conn.execute(_LOCK_REQUESTS, sorted({request_lock_key(t, r) for t, r in keys}))
         displaced: list[tuple[uuid.UUID, int]] = []
         for row in await conn.fetch(_BILLED, [t for t, _ in keys], [r for _, r in keys]):
             key = (row["tenant"], row["request_id"])
@@ -546,12 +564,6 @@ def _log_start_failure(task: asyncio.Task[None]) -> None:
 def _log_shipper_death(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("usage ledger: the shipper stopped; records stay spooled until restart", exc_info=task.exception())
-
-
-def request_lock_key(tenant: str, request_id: str) -> int:
-    """A stable signed 64-bit advisory lock key for one (tenant, request_id)."""
-    digest = hashlib.blake2b(f"{tenant}\x00{request_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 async def migrate(conn: Connection) -> int:
