@@ -105,6 +105,7 @@ class PgServer:
             **(settings or {}),
         }
         self._initialised = False
+        self._started_once = False
 
     @property
     def running(self) -> bool:
@@ -130,7 +131,16 @@ class PgServer:
             )
             self._initialised = True
         options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
-        self._ctl("start", "-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}")
+        for attempt in range(3):
+            try:
+                self._ctl("start", "-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}")
+                break
+            except RuntimeError:
+                # The free port may have been taken since it was picked: before the first start, take another.
+                if self._started_once or attempt == 2 or "could not bind" not in self.log_tail():
+                    raise
+                self.port = free_port()
+        self._started_once = True
 
     def stop(self, mode: str = "fast") -> None:
         """Shut the server down: "fast" (clean), or "immediate" (a crash: no checkpoint)."""
