@@ -26,10 +26,10 @@ from feather_grpc.state.ledger import GroupBy, Outcome, UsageQuery, UsageRecord,
 from feather_grpc.state.ledger_spool import SpoolLocked
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.postgres_ledger import SCHEMA_VERSION, LedgerUnavailable, PostgresLedger
-from feather_grpc.state.sqlite_ledger import COLUMNS
+from feather_grpc.state.sqlite_ledger import COLUMNS, SqliteLedger
 from feather_grpc.state.usage_math import DAY_NS, HOUR_NS, sum_totals
 from tests.pg_server import PgServer, free_port
-from tests.test_ledger import BASIC, T0, rec, scenario, scenario_queries
+from tests.test_ledger import BASIC, T0, count_rows, rec, scenario, scenario_queries
 
 REPO = Path(__file__).resolve().parent.parent
 FLUSH_S = 20.0  # generous deadlines: they bound a failure, a passing run never waits for them
@@ -173,6 +173,15 @@ async def test_a_spool_belongs_to_one_ledger(dsn: str, tmp_path: Path) -> None:
     await first.aclose()
     again = await PostgresLedger.open(dsn, tmp_path / "spool.db")  # released by aclose
     await again.aclose()
+
+
+async def test_a_sqlite_ledger_file_is_not_taken_for_a_spool(dsn: str, tmp_path: Path) -> None:
+    usage = await SqliteLedger.open(tmp_path / "usage.db")
+    await usage.record(rec("local"))
+    await usage.aclose()
+    with pytest.raises(RuntimeError, match="not a ledger spool"):
+        await PostgresLedger.open(dsn, tmp_path / "usage.db")
+    assert count_rows(tmp_path / "usage.db") == 1
 
 
 async def test_unstorable_records_are_rejected_before_spooling(ledger: PostgresLedger) -> None:

@@ -164,6 +164,10 @@ class LedgerSpool:
             conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
             conn.execute("BEGIN IMMEDIATE")
             try:
+                is_spool = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'spool_meta'").fetchone()
+                if not is_spool and conn.execute("SELECT EXISTS (SELECT 1 FROM usage_records)").fetchone()[0]:
+                    # Shipping would move (and delete) a whole local ledger: refuse, loudly.
+                    raise RuntimeError(f"{self.path!r} is a SqliteLedger file with records, not a ledger spool")
                 conn.execute(_META)
                 conn.execute("INSERT OR IGNORE INTO spool_meta (singleton, epoch) VALUES (1, ?)", (str(uuid.uuid4()),))
                 conn.execute("COMMIT")
