@@ -185,3 +185,13 @@ async def test_keys_new_prints_a_key_whose_digest_authenticates() -> None:
     async with running_gateway(doc) as gw:
         await gw.stub.Chat(chat(), metadata=bearer(key))
         assert (await gw.stub.Usage(pb.UsageRequest(), metadata=bearer(key))).total.request_count == 1
+
+
+async def test_a_request_larger_than_the_token_bucket_is_refused_without_retry_info() -> None:
+    async with running_gateway(tenant_config(limits={"tpm": 50})) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(max_tokens=1000), metadata=bearer(ACME_KEY))
+        err = rich_error(caught.value)
+        assert err.reason == "RATE_LIMITED" and err.metadata["subject"] == "tenant:acme:tpm"
+        assert err.retry_delay_s is None  # waiting would not help
+        await gw.stub.Chat(chat(max_tokens=10), metadata=bearer(ACME_KEY))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -139,7 +140,9 @@ class Admission:
         try:
             wait = await self._limiter.reserve(key, spec, amount, max_wait)
         except RateLimited as e:
-            raise RateLimitExceeded(key, what, e.retry_after_s) from None
+            # More than the whole bucket can never be granted: no point telling the caller when to retry.
+            retry = None if math.isinf(e.retry_after_s) else e.retry_after_s
+            raise RateLimitExceeded(key, what, retry) from None
         except StateUnavailable as e:
             raise StateStoreUnavailable("the shared state store is unreachable") from e
         if wait > 0:
