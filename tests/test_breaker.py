@@ -81,3 +81,12 @@ def test_disabled_never_opens() -> None:
     b = CircuitBreakers(BreakerSettings(enabled=False, failure_threshold=1), Clock())
     b.failed("p:m", Permit.CALL)
     assert b.acquire("p:m") is Permit.CALL and b.state("p:m") is CircuitState.CLOSED
+
+
+def test_successes_between_failures_do_not_reset_the_rolling_window() -> None:
+    clock = Clock()
+    b = _breakers(clock)
+    for _ in range(3):
+        b.failed("p:m", Permit.CALL)
+        b.succeeded("p:m", Permit.CALL)
+    assert b.state("p:m") is CircuitState.OPEN

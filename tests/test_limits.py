@@ -511,14 +511,14 @@ async def test_circuit_opens_after_threshold_for_every_replica(circuits: Circuit
     assert await c.b.acquire("other:m") is Permit.CALL
 
 
-async def test_success_while_closed_clears_failures(circuits: CircuitRig) -> None:
+async def test_successes_while_closed_do_not_reset_the_rolling_window(circuits: CircuitRig) -> None:
     c = circuits
     await c.a.failed("p:m", Permit.CALL)
     await c.b.failed("p:m", Permit.CALL)
     await c.a.succeeded("p:m", Permit.CALL)
-    await c.b.failed("p:m", Permit.CALL)
-    await c.a.failed("p:m", Permit.CALL)
     assert await c.b.state("p:m") is CircuitState.CLOSED
+    await c.b.failed("p:m", Permit.CALL)
+    assert await c.a.state("p:m") is CircuitState.OPEN
 
 
 async def test_failures_outside_the_window_do_not_count(redis_server: RedisServer) -> None:

@@ -62,13 +62,14 @@ class CircuitBreakers:
         return Permit.PROBE
 
     def succeeded(self, key: str, permit: Permit) -> None:
+        """A successful probe closes the circuit and forgets old failures. Successes while closed change
+        nothing: the circuit counts failures in a rolling window, however many calls succeed between them."""
         c = self._circuits.get(key)
-        if c is None:
+        if c is None or permit is not Permit.PROBE:
             return
-        if permit is Permit.PROBE or c.opened_at is None:
-            c.opened_at = None
-            c.probe_in_flight = False
-            c.failures.clear()
+        c.opened_at = None
+        c.probe_in_flight = False
+        c.failures.clear()
 
     def failed(self, key: str, permit: Permit) -> None:
         if not self.settings.enabled:

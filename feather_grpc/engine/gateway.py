@@ -304,7 +304,10 @@ class Feather:
                 await _close(upstream)
 
     async def usage(self, query: UsageQuery) -> UsageReport:
-        return await self.ledger.query(query)
+        try:
+            return await self.ledger.query(query)
+        except StateUnavailable as e:
+            raise StateStoreUnavailable("the ledger of record is unreachable; retry shortly") from e
 
     def circuit_state(self, key: str) -> CircuitState:
         """Exact for in-process circuits; with shared circuits, the state this replica saw last."""
@@ -527,7 +530,8 @@ class Feather:
                     self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun))
                     raise
                 else:
-                    await self._circuit_verdict(self.circuits.succeeded, candidate.key, permit)
+                    if permit is Permit.PROBE:  # a success while closed changes nothing: no round trip
+                        await self._circuit_verdict(self.circuits.succeeded, candidate.key, permit)
                     self._attempt_done(call, tokens, _attempt(candidate, "ok", begun))
                     self.latency.observe(candidate.key, _ms_since(begun))
                     return candidate, result

@@ -193,9 +193,10 @@ return 'open'
 """
 )
 
-# ARGV: permit. A probe's success (or any success while closed) closes the circuit and clears failures.
+# ARGV: permit. A probe's success closes the circuit and clears failures; successes while closed change
+# nothing (failures are counted in a rolling window), so the engine does not even send them.
 _CB_SUCCEEDED = """
-if ARGV[1] == 'probe' or redis.call('HEXISTS', KEYS[1], 'opened_at') == 0 then
+if ARGV[1] == 'probe' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 end
 return 1
