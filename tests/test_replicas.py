@@ -191,3 +191,37 @@ async def test_fail_open_keeps_serving_with_local_limits() -> None:
             health = health_pb2_grpc.HealthStub(gw.channel)
             status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_fail_open_reconciles_budget_spend_from_the_ledger_when_redis_returns() -> None:
+    import datetime as dt
+
+    from feather_grpc.state.limits import BudgetWindow
+    from feather_grpc.state.redis_state import RedisState
+
+    doc = _redis_config("open")
+    doc["tenants"] = {"default": {"budget": {"dailyUsd": 5}}}
+    with RedisServer() as redis:
+        async with running_gateway(doc, {"REDIS_URL": redis.url}) as gw:
+            costs = [(await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("before")]))).cost_nanos_usd]
+            redis.stop()
+            for text in ("during", "the outage"):
+                costs.append((await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user(text)]))).cost_nanos_usd)
+            redis.start()  # back, and empty: it forgot even the spend it had seen
+            probe = RedisState.from_url(redis.url)
+            today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+            window = BudgetWindow("day", today, 5_000_000_000, 2 * 86_400)
+            deadline = time.monotonic() + 10
+            spent = None
+            while spent != sum(costs) and time.monotonic() < deadline:  # the watcher pings once a second
+                spent = await _spent_or_none(probe, window)
+                await asyncio.sleep(0.05)
+            await probe.aclose()
+            assert spent == sum(costs)
+
+
+async def _spent_or_none(state: Any, window: Any) -> int | None:
+    try:
+        return int(await state.budgets.spent("default", window))
+    except Exception:
+        return None

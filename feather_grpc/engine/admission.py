@@ -95,7 +95,7 @@ class Admission:
                 amount = float(prompt + output)
                 await self._reserve(f"tenant:{tenant.name}:tpm", spec, amount, deadline, "tokens per minute")
                 ticket.tpm_reserved = amount
-            windows = self._windows(tenant)
+            windows = self.windows(tenant)
             if windows:
                 worst = max((_cost(c, prompt, output) for c in candidates), default=0)
                 try:
@@ -153,7 +153,8 @@ class Admission:
                 await self._limiter.adjust(key, spec, -amount)
                 raise
 
-    def _windows(self, tenant: TenantConfig) -> tuple[BudgetWindow, ...]:
+    def windows(self, tenant: TenantConfig) -> tuple[BudgetWindow, ...]:
+        """The tenant's budget windows as of now (UTC day and month)."""
         now = dt.datetime.fromtimestamp(self._wall_clock(), dt.UTC)
         windows = []
         if tenant.daily_budget_nanos is not None:

@@ -28,7 +28,7 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.servicer import FeatherServicer
-from feather_grpc.server.stores import Stores, build_stores, watch_shared_state
+from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate, TenantInterceptor
 
 if TYPE_CHECKING:
@@ -207,10 +207,24 @@ class GatewayServer:
             metrics_host = self.options.metrics_host or host or self.config.host
             self.metrics_port = self.metrics.serve(metrics_host, self.options.metrics_port)
         await self._set_serving(True)
-        if self.stores is not None and self.stores.ping is not None and self.config.state_failure_mode == "closed":
-            # Failing closed: while the shared state is unreachable, calls are refused, so say NOT_SERVING.
-            self._state_watch = asyncio.create_task(watch_shared_state(self.stores.ping, self._set_serving))
+        if self.stores is not None and self.stores.ping is not None:
+            self._state_watch = asyncio.create_task(
+                watch_shared_state(self.stores.ping, self._shared_state_changed, self.stores.outage)
+            )
         return self.port
+
+    async def _shared_state_changed(self, reachable: bool) -> None:
+        if self.config.state_failure_mode == "closed":
+            # Failing closed: while the shared state is unreachable calls are refused, so say NOT_SERVING.
+            await self._set_serving(reachable)
+        elif reachable and self.stores is not None and self.stores.raise_spent_to is not None:
+            # Failing open: replicas decided budgets locally meanwhile; the ledger knows what was spent.
+            try:
+                await reconcile_budgets(
+                    self.config, self.engine.ledger, self.engine.admission.windows, self.stores.raise_spent_to
+                )
+            except Exception:
+                log.exception("could not reconcile budgets with the ledger")
 
     async def _set_serving(self, serving: bool) -> None:
         if self.health.draining:

@@ -5,18 +5,20 @@ Redis for the hot shared state when `REDIS_URL` is set, Postgres as the ledger o
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from feather_grpc.config import GatewayConfig
+from feather_grpc.config import GatewayConfig, TenantConfig
 from feather_grpc.engine.breaker import CircuitBreakers
 from feather_grpc.engine.cache import MemoryResponseCache, ResponseCache
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
-from feather_grpc.state.ledger import UsageLedger
-from feather_grpc.state.limits import BudgetStore, RateLimiter
+from feather_grpc.state.fail_open import Outage
+from feather_grpc.state.ledger import UsageLedger, UsageQuery
+from feather_grpc.state.limits import BudgetStore, BudgetWindow, RateLimiter
 from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
 
 log = logging.getLogger(__name__)
@@ -24,12 +26,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Stores:
+    """Everything stateful the engine is built on. `reconcile` runs when the shared store comes back."""
+
     ledger: UsageLedger
     limiter: RateLimiter
     budgets: BudgetStore
     circuits: CircuitStore
     cache: ResponseCache
     ping: Callable[[], Awaitable[None]] | None = None  # raises StateUnavailable while the shared store is down
+    raise_spent_to: Callable[[str, BudgetWindow, int], Awaitable[None]] | None = None
+    outage: Outage | None = None  # fail-open: set while local state stood in for the shared store
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def aclose(self) -> None:
@@ -80,19 +86,25 @@ def build_stores(config: GatewayConfig, worker: int | None = None) -> Stores:
         circuits=shared.circuits,
         cache=RedisResponseCache(shared.client, config.cache),
         ping=shared.ping,
+        raise_spent_to=shared.budgets.raise_spent_to,
         closers=[shared.aclose],
     )
     if config.state_failure_mode == "open":
-        stores.limiter = FailOpenRateLimiter(shared.limiter, local.limiter)
-        stores.budgets = FailOpenBudgetStore(shared.budgets, local.budgets)
-        stores.circuits = FailOpenCircuitStore(shared.circuits, local_circuits)
+        stores.outage = outage = Outage()
+        stores.limiter = FailOpenRateLimiter(shared.limiter, local.limiter, outage)
+        stores.budgets = FailOpenBudgetStore(shared.budgets, local.budgets, outage)
+        stores.circuits = FailOpenCircuitStore(shared.circuits, local_circuits, outage)
     return stores
 
 
 async def watch_shared_state(
-    ping: Callable[[], Awaitable[None]], on_change: Callable[[bool], Awaitable[None]], interval_s: float = 1.0
+    ping: Callable[[], Awaitable[None]],
+    on_change: Callable[[bool], Awaitable[None]],
+    outage: Outage | None = None,
+    interval_s: float = 1.0,
 ) -> None:
-    """Pings the shared store forever, reporting each change between reachable and unreachable."""
+    """Pings the shared store forever, reporting each change between reachable and unreachable; with
+    fail-open, an outage the wrappers saw between two pings counts as a change too."""
     healthy = True
     while True:
         try:
@@ -100,8 +112,33 @@ async def watch_shared_state(
             ok = True
         except Exception:  # StateUnavailable, or anything else the client raises: unreachable either way
             ok = False
+        if ok and outage is not None and outage.seen:
+            outage.seen = False
+            healthy = False
         if ok != healthy:
             healthy = ok
             log.warning("shared state store %s", "reachable again" if ok else "UNREACHABLE")
             await on_change(ok)
         await asyncio.sleep(interval_s)
+
+
+async def reconcile_budgets(
+    config: GatewayConfig,
+    ledger: UsageLedger,
+    windows_of: Callable[[TenantConfig], tuple[BudgetWindow, ...]],
+    raise_spent_to: Callable[[str, BudgetWindow, int], Awaitable[None]],
+) -> None:
+    """After an outage served with local budgets (`stateFailureMode: open`), lifts each tenant's shared
+    spend counters to what the ledger recorded, so spend decided locally is not forgotten."""
+    for tenant in config.tenants.values():
+        for window in windows_of(tenant):
+            start = _window_start(window)
+            report = await ledger.query(UsageQuery(start_ns=start, tenant=tenant.name))
+            await raise_spent_to(tenant.name, window, report.total.cost_nanos_usd)
+    log.info("budgets reconciled with the ledger")
+
+
+def _window_start(window: BudgetWindow) -> int:
+    fmt = "%Y-%m-%d" if window.name == "day" else "%Y-%m"
+    start = dt.datetime.strptime(window.key, fmt).replace(tzinfo=dt.UTC)
+    return int(start.timestamp()) * 1_000_000_000

@@ -17,36 +17,38 @@ from feather_grpc.state.limits import BucketSpec, BudgetStore, BudgetWindow, Rat
 log = logging.getLogger(__name__)
 
 
-class _Outage:
-    """Logs the switch to local state at most once every 30 s."""
+class Outage:
+    """Shared by the wrappers: whether local state was used since the last reconciliation, and a log
+    line at most every 30 s."""
 
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._last = 0.0
+    def __init__(self) -> None:
+        self.seen = False
+        self._last_log = 0.0
 
-    def note(self, error: StateUnavailable) -> None:
+    def note(self, what: str, error: StateUnavailable) -> None:
+        self.seen = True
         now = time.monotonic()
-        if now - self._last > 30:
-            self._last = now
-            log.warning("%s: shared state unreachable (%s); deciding with local state", self._what, error)
+        if now - self._last_log > 30:
+            self._last_log = now
+            log.warning("%s: shared state unreachable (%s); deciding with local state", what, error)
 
 
 class FailOpenRateLimiter:
-    def __init__(self, shared: RateLimiter, local: RateLimiter) -> None:
-        self._shared, self._local, self._outage = shared, local, _Outage("rate limits")
+    def __init__(self, shared: RateLimiter, local: RateLimiter, outage: Outage) -> None:
+        self._shared, self._local, self._outage = shared, local, outage
 
     async def reserve(self, key: str, spec: BucketSpec, amount: float, max_wait_s: float) -> float:
         try:
             return await self._shared.reserve(key, spec, amount, max_wait_s)
         except StateUnavailable as e:
-            self._outage.note(e)
+            self._outage.note("rate limits", e)
             return await self._local.reserve(key, spec, amount, max_wait_s)
 
     async def adjust(self, key: str, spec: BucketSpec, delta: float) -> None:
         try:
             await self._shared.adjust(key, spec, delta)
         except StateUnavailable as e:
-            self._outage.note(e)
+            self._outage.note("rate limits", e)
             await self._local.adjust(key, spec, delta)
 
     async def aclose(self) -> None:
@@ -54,15 +56,15 @@ class FailOpenRateLimiter:
 
 
 class FailOpenBudgetStore:
-    def __init__(self, shared: BudgetStore, local: BudgetStore) -> None:
-        self._shared, self._local, self._outage = shared, local, _Outage("budgets")
+    def __init__(self, shared: BudgetStore, local: BudgetStore, outage: Outage) -> None:
+        self._shared, self._local, self._outage = shared, local, outage
         self._local_reservations: set[int] = set()  # id() of reservations made locally
 
     async def reserve(self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int) -> Reservation:
         try:
             return await self._shared.reserve(tenant, windows, amount_nanos)
         except StateUnavailable as e:
-            self._outage.note(e)
+            self._outage.note("budgets", e)
             reservation = await self._local.reserve(tenant, windows, amount_nanos)
             self._local_reservations.add(id(reservation))
             return reservation
@@ -75,7 +77,7 @@ class FailOpenBudgetStore:
         try:
             await self._shared.settle(reservation, actual_nanos)
         except StateUnavailable as e:
-            self._outage.note(e)
+            self._outage.note("budgets", e)
 
     async def spent(self, tenant: str, window: BudgetWindow) -> int:
         try:
@@ -88,15 +90,15 @@ class FailOpenBudgetStore:
 
 
 class FailOpenCircuitStore:
-    def __init__(self, shared: CircuitStore, local: CircuitStore) -> None:
-        self._shared, self._local, self._outage = shared, local, _Outage("circuit breakers")
+    def __init__(self, shared: CircuitStore, local: CircuitStore, outage: Outage) -> None:
+        self._shared, self._local, self._outage = shared, local, outage
         self.settings = shared.settings
 
     async def acquire(self, key: str) -> Permit | None:
         try:
             return await self._shared.acquire(key)
         except StateUnavailable as e:
-            self._outage.note(e)
+            self._outage.note("circuit breakers", e)
             return await self._local.acquire(key)
 
     async def succeeded(self, key: str, permit: Permit) -> None:
@@ -113,7 +115,7 @@ class FailOpenCircuitStore:
         try:
             await getattr(self._shared, method)(key, permit)
         except StateUnavailable as e:
-            self._outage.note(e)
+            self._outage.note("circuit breakers", e)
 
     async def state(self, key: str) -> CircuitState:
         try:

@@ -164,6 +164,18 @@ return {1}
 
 # Budget settle. KEYS as for reserve. ARGV[1] lease id ('' for none), ARGV[2] -reserved, ARGV[3] actual,
 # ARGV[3+i] ttl_s of window i. A lease already given back (expired) releases nothing: only the cost is added.
+# ARGV: spent (decimal string), ttl_s. Raises `spent` to ARGV[1] if that is more. Compared as digit strings,
+# so amounts past 2^53 stay exact.
+_BUDGET_RAISE_SPENT = """
+local cur = redis.call('HGET', KEYS[1], 'spent') or '0'
+local new = ARGV[1]
+if #new > #cur or (#new == #cur and new > cur) then
+  redis.call('HSET', KEYS[1], 'spent', new)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
 _BUDGET_SETTLE = """
 local held = ARGV[1] == '' or redis.call('ZREM', KEYS[1], ARGV[1]) == 1
 if ARGV[1] ~= '' then redis.call('HDEL', KEYS[2], ARGV[1]) end
@@ -450,6 +462,7 @@ class RedisBudgetStore(_RedisStore):
         self._lease_ms = int(lease_s * 1000)
         self._reserve = _Script.of(_BUDGET_RESERVE)
         self._settle = _Script.of(_BUDGET_SETTLE)
+        self._raise_spent = _Script.of(_BUDGET_RAISE_SPENT)
 
     def key(self, tenant: str, window: BudgetWindow) -> str:
         return f"{self._ns}:{{tenant:{tenant}}}:budget:{window.name}:{window.key}"
@@ -483,6 +496,12 @@ class RedisBudgetStore(_RedisStore):
         args = [lease_id, str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
         args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
         await self._run(self._settle, self._keys(reservation.tenant, reservation.windows), args)
+
+    async def raise_spent_to(self, tenant: str, window: BudgetWindow, spent_nanos: int) -> None:
+        """Sets the window's spend to `spent_nanos` unless Redis already counts more (reconciling with the
+        ledger after an outage during which replicas decided locally)."""
+        args = [str(int(spent_nanos)), str(max(int(window.ttl_s), 1))]
+        await self._run(self._raise_spent, [self.key(tenant, window)], args)
 
     async def spent(self, tenant: str, window: BudgetWindow) -> int:
         try:
