@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import resource
 import shutil
 import subprocess
 import time
@@ -62,6 +63,18 @@ def openai_body(model: str, *, stream: bool) -> bytes:
 # ---- CPU accounting ----
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds all CPUs together spent not idle so far (to see what else ran during a measurement)."""
+    parts = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU of these processes (all their threads) so far."""
     total = 0
@@ -99,6 +112,8 @@ class RunResult:
     max_us: float
     cpu: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds during the run
     cpu_us_per_request: dict[str, float] = field(default_factory=dict)
+    h2load_cores: float = 0.0  # CPU h2load used, in cores (CPU seconds / elapsed)
+    other_load_cores: float = 0.0  # CPU everything else on the machine used meanwhile, in cores
     command: str = ""
 
     @property
@@ -162,6 +177,7 @@ def run_h2load(
     cmd += ["--log-file", str(log_file), url]
     watch = watch or {}
     cpu_before = {name: cpu_seconds(pids) for name, pids in watch.items()}
+    children_before, busy_before = _children_cpu(), system_busy_seconds()
     started = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -169,6 +185,8 @@ def run_h2load(
         raise LoadgenError(f"{label}: h2load did not finish within {timeout_s}s") from e
     wall = time.monotonic() - started
     cpu = {name: cpu_seconds(pids) - cpu_before[name] for name, pids in watch.items()}
+    h2load_cpu = _children_cpu() - children_before
+    other_cpu = max(0.0, system_busy_seconds() - busy_before - h2load_cpu - sum(cpu.values()))
     out = proc.stdout
     if proc.returncode != 0:
         raise LoadgenError(f"{label}: h2load exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -210,6 +228,8 @@ def run_h2load(
         max_us=float(latencies[-1]) if latencies else math.nan,
         cpu={k: round(v, 3) for k, v in cpu.items()},
         cpu_us_per_request={k: round(v / succeeded * 1e6, 1) if succeeded else math.nan for k, v in cpu.items()},
+        h2load_cores=round(h2load_cpu / wall, 2),
+        other_load_cores=round(other_cpu / wall, 2),
         command=" ".join(cmd) + f"  # wall {wall:.2f}s",
     )
 

@@ -102,6 +102,7 @@ class GatewayClient:
 @dataclass
 class TtftResult:
     samples: int
+    warmup: int
     hold_ms: float
     direct_p50_ms: float
     direct_p99_ms: float
@@ -137,6 +138,7 @@ def measure(upstream_port: int, gateway_port: int, samples: int = 300, warmup: i
     gp50, gp99 = loadgen.percentile(g, 50) / 1000, loadgen.percentile(g, 99) / 1000
     return TtftResult(
         samples=samples,
+        warmup=warmup,
         hold_ms=upstream.TTFT_HOLD_S * 1000,
         direct_p50_ms=dp50,
         direct_p99_ms=dp99,
