@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from typing import Any
 
 import grpc
 import pytest
 
+from feather_grpc.config import ConfigError
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.app import ServerOptions
 from feather_grpc.server.metrics import rate_limit_scope
@@ -144,3 +146,15 @@ async def test_metrics_are_off_unless_a_port_is_set() -> None:
     async with running_server(MOCK_CONFIG) as gw:
         assert gw.server.metrics is None and gw.server.metrics_port is None
         assert not any(type(o).__name__ == "GatewayMetrics" for o in gw.server.engine.observers)
+
+
+async def test_a_busy_metrics_port_is_a_configuration_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        options = ServerOptions(metrics_port=busy.getsockname()[1], metrics_host="127.0.0.1")
+        with pytest.raises(ConfigError, match="METRICS_PORT"):
+            async with running_server(MOCK_CONFIG, {}, options):
+                pass
+    with pytest.raises(ConfigError, match="METRICS_PORT"):
+        ServerOptions.from_env({"METRICS_PORT": "ninety"})

@@ -28,7 +28,7 @@ from setuptools import find_packages
 from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from feather_grpc.server.app import SERVICE_NAME
+from feather_grpc.server.app import LIVENESS_SERVICE, SERVICE_NAME
 from tests.gateway_harness import user
 from tests.ops_harness import BIN, REPO, GatewayProcess, free_port, sample, scrape
 
@@ -168,8 +168,8 @@ async def test_the_images_start_command_serves_and_its_healthcheck_passes(tmp_pa
     full_env = {**clean, **env}
     health = healthcheck_command()
 
-    def healthcheck() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(health, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=20)
+    def healthcheck(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*health, *extra], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=20)
 
     assert healthcheck().returncode != 0, "nothing is serving yet"
     gw = GatewayProcess.start(exec_form(runtime().one("CMD")), full_env, tmp_path)
@@ -179,6 +179,9 @@ async def test_the_images_start_command_serves_and_its_healthcheck_passes(tmp_pa
             assert gw.proc.poll() is None, gw.output()
             assert time.monotonic() < deadline, check.stdout + check.stderr + gw.output()
         assert "SERVING" in check.stdout
+        for service in (SERVICE_NAME, LIVENESS_SERVICE):  # what the readiness and liveness probes ask
+            probe = healthcheck("--service", service)
+            assert probe.returncode == 0 and probe.stdout.strip().endswith(": SERVING"), probe.stdout + probe.stderr
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = await pb_grpc.FeatherServiceStub(channel).Chat(
                 pb.ChatRequest(model="fast", messages=[user("hello from the container test")]), timeout=10
@@ -234,6 +237,8 @@ def test_manifests_agree_with_the_image_and_the_gateway() -> None:
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port, probe
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+    assert container["startupProbe"]["grpc"]["service"] == LIVENESS_SERVICE
 
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert str(pod["securityContext"]["runAsUser"]) == runtime().one("USER").split(":")[0]

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
+# Health name for liveness probes: SERVING from start until shutdown, whatever the shared stores do
+# ("" and SERVICE_NAME go NOT_SERVING while a required store is down; restarting would not help).
+LIVENESS_SERVICE = "liveness"
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -202,10 +205,20 @@ class GatewayServer:
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
-        await self._server.start()
         if self.metrics is not None and self.options.metrics_port is not None:
             metrics_host = self.options.metrics_host or host or self.config.host
-            self.metrics_port = self.metrics.serve(metrics_host, self.options.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(metrics_host, self.options.metrics_port)
+            except OSError as e:
+                where = f"{metrics_host}:{self.options.metrics_port}"
+                await self.engine.aclose()
+                if self.stores is not None:
+                    await self.stores.aclose()
+                raise ConfigError(
+                    "environment", "METRICS_PORT", f"cannot listen on {where} ({e.strerror})", "use a free port"
+                ) from None
+        await self._server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(True)
         if self.stores is not None and self.stores.ping is not None:
             self._state_watch = asyncio.create_task(
