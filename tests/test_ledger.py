@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import random
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.state.ledger import (
     GroupBy,
     Outcome,
@@ -31,6 +33,7 @@ from feather_grpc.state.ledger import (
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.sqlite_ledger import COLUMNS, SCHEMA_VERSION, SqliteLedger
 from feather_grpc.state.usage_math import DAY_NS, HOUR_NS, sum_totals
+from tests.gateway_harness import MOCK_CONFIG, running_gateway, user
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = int(datetime(2025, 1, 2, tzinfo=UTC).timestamp()) * 10**9  # a UTC midnight
@@ -441,6 +444,326 @@ def _fields(query: UsageQuery) -> dict[str, Any]:
     return {name: getattr(query, name) for name in UsageQuery.__slots__}
 
 
+# -- a retried request_id is billed once ------------------------------------------------------
+
+
+def _rule_rank(record: UsageRecord) -> tuple[bool, int]:
+    return (record.outcome not in (Outcome.OK, Outcome.CACHE_HIT), record.time_ns)
+
+
+def billed_by_rule(records: list[UsageRecord]) -> list[UsageRecord]:
+    """The billing rule, written out again in plain Python, for records in recording order: per
+    (tenant, non-empty request_id) the earliest success, else the earliest record, by time and then
+    recording order; every record without a request id. Returned in recording order."""
+    winners: dict[tuple[str, str], int] = {}
+    for i, record in enumerate(records):
+        if record.request_id:
+            key = (record.tenant, record.request_id)
+            best = winners.get(key)
+            if best is None or _rule_rank(record) < _rule_rank(records[best]):
+                winners[key] = i
+    chosen = set(winners.values())
+    return [r for i, r in enumerate(records) if not r.request_id or i in chosen]
+
+
+def scenario_with_retries(seed: int, count: int) -> list[UsageRecord]:
+    """`scenario` plus retries, shuffled: ~40% of its requests are recorded again 1-3 times (other
+    outcomes, costs and tokens; the same, a neighbouring or another hour's time, so there are exact
+    ties; sometimes another provider, or the same id in another tenant), and some records carry no
+    request id at all."""
+    rng = random.Random(seed)
+    base = scenario(seed, count)
+    records = list(base)
+    for original in base:
+        if rng.random() >= 0.4:
+            continue
+        for _ in range(rng.randint(1, 3)):
+            records.append(
+                dataclasses.replace(
+                    original,
+                    tags=dict(original.tags),
+                    time_ns=original.time_ns + rng.choice([0, 0, 1, -1, rng.randrange(-DAY_NS, DAY_NS)]),
+                    outcome=rng.choice(list(Outcome)),
+                    provider=rng.choice([original.provider, original.provider, "anthropic"]),
+                    tenant=rng.choice([original.tenant] * 5 + ["a"]),
+                    input_tokens=rng.randrange(0, 10**6),
+                    output_tokens=rng.randrange(0, 10**5),
+                    cost_nanos_usd=rng.randrange(0, 10**12),
+                )
+            )
+    for original in rng.sample(base, count // 10):
+        records.append(dataclasses.replace(original, request_id="", tags=dict(original.tags)))
+        records.append(dataclasses.replace(original, request_id="", tags=dict(original.tags)))
+    rng.shuffle(records)
+    return records
+
+
+def identity(record: UsageRecord) -> tuple[Any, ...]:
+    return (record.tenant, record.request_id, record.time_ns, str(record.outcome), record.cost_nanos_usd)
+
+
+async def record_in_chunks(ledger: UsageLedger, records: list[UsageRecord], seed: int) -> None:
+    """Concurrent chunks of random sizes: duplicates meet in one SQLite batch and across batches."""
+    rng = random.Random(seed)
+    start = 0
+    while start < len(records):
+        size = rng.choice([1, 2, 7, 64, 300])
+        await record_all(ledger, records[start : start + size])
+        start += size
+
+
+async def test_a_retried_request_is_billed_once(ledger: UsageLedger) -> None:
+    first = [
+        rec("r1", T0, tenant="a", outcome=Outcome.ERROR, error_code="UNAVAILABLE", cost_nanos_usd=5),
+        rec("r2", T0, tenant="a", cost_nanos_usd=100),
+        rec("r3", T0 + 1, tenant="a", outcome=Outcome.CANCELLED, cost_nanos_usd=7),
+        rec("r4", T0, tenant="a", cost_nanos_usd=1),
+        rec("r4", T0, tenant="b", cost_nanos_usd=2),  # another tenant's r4 is another request
+        rec("", T0, tenant="a", cost_nanos_usd=1000),  # no request id: every record is billed
+        rec("", T0, tenant="a", cost_nanos_usd=1000),
+    ]
+    for record in first:
+        await ledger.record(record)
+    assert (await ledger.query(UsageQuery())).total.cost_nanos_usd == 5 + 100 + 7 + 1 + 2 + 2000
+
+    retries = [
+        rec("r1", T0 + 10, tenant="a", cost_nanos_usd=50),  # a later success beats an earlier failure
+        rec("r2", T0 + 10, tenant="a", cost_nanos_usd=100),  # a later duplicate success changes nothing
+        rec("r3", T0, tenant="a", outcome=Outcome.ERROR, cost_nanos_usd=3),  # an earlier failure, recorded late
+        rec("r4", T0, tenant="a", cost_nanos_usd=9),  # an exact tie: the first recorded stays billed
+        rec("r5", T0, tenant="a", outcome=Outcome.ERROR, cost_nanos_usd=4),  # a tie within one batch
+        rec("r5", T0, tenant="a", outcome=Outcome.CANCELLED, cost_nanos_usd=6),
+        rec("r6", T0 + 5, tenant="a", outcome=Outcome.CACHE_HIT, cost_nanos_usd=0),
+        rec("r6", T0 + 1, tenant="a", input_tokens=11, cost_nanos_usd=8),  # the earlier success wins
+    ]
+    await record_all(ledger, retries)
+    report = await ledger.query(UsageQuery(group_by=[GroupBy.TENANT]))
+    assert keys(report, "tenant") == [("a", 8), ("b", 1)]
+    assert report.total == UsageTotals(
+        request_count=9,  # billed records: r1..r6 of a, r4 of b, two without an id
+        ok_count=7,
+        error_count=2,  # r3 (the earlier failure), r5
+        input_tokens=11,
+        cost_nanos_usd=50 + 100 + 3 + 1 + 2 + 2000 + 4 + 8,
+    )
+    if isinstance(ledger, MemoryLedger):
+        assert len(ledger.records) == len(first) + len(retries)  # every record is kept
+        assert ledger.billed_records == billed_by_rule(first + retries)
+
+
+async def test_ledgers_agree_with_the_rule_on_a_scenario_with_retries(tmp_path: Path) -> None:
+    records = scenario_with_retries(seed=23, count=1200)
+    duplicated = len(records) - len({(r.tenant, r.request_id) for r in records if r.request_id})
+    assert duplicated > 800
+    billed = billed_by_rule(records)
+    expected_ledger = MemoryLedger()  # the plain aggregate of the billed records
+    await record_all(expected_ledger, billed)
+    memory = MemoryLedger()
+    file_ledger = await SqliteLedger.open(tmp_path / "usage.db")
+    mem_sqlite = await SqliteLedger.open(":memory:")
+    ledgers: list[UsageLedger] = [memory, file_ledger, mem_sqlite]
+    for ledger in ledgers:
+        await record_in_chunks(ledger, records, seed=5)
+    assert memory.billed_records == billed
+    assert (await file_ledger.query(UsageQuery())).total.request_count == len(billed)
+    checked = 0
+    for query in scenario_queries():
+        expected = await expected_ledger.query(query)
+        for ledger in ledgers:
+            assert await ledger.query(query) == expected, query
+        checked += 1
+    assert checked > 300
+    for ledger in ledgers:
+        await ledger.aclose()
+    # Every record is in the file; exactly the rule's choice is billed, one per request.
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as conn:
+        rows = conn.execute(f"SELECT {', '.join(COLUMNS)}, billed FROM usage_records ORDER BY id").fetchall()
+    assert len(rows) == len(records)
+    stored = [(r[COLUMNS.index("tenant")], r[0], r[1], r[COLUMNS.index("outcome")], r[14], r[-1]) for r in rows]
+    assert [s[:-1] for s in stored] == [identity(r) for r in records]  # recording order is row order
+    assert [s[:-1] for s in stored if s[-1]] == [identity(r) for r in billed]
+
+
+async def test_a_batch_is_ranked_against_the_stored_billed_row(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    await sqlite_ledger.record(rec("x", T0 + 5, outcome=Outcome.ERROR, cost_nanos_usd=1))
+    await sqlite_ledger.record(rec("y", T0, cost_nanos_usd=10))
+    async with writer_parked(sqlite_ledger) as blocker:  # what follows is committed as one batch
+        tasks = await enqueue(
+            sqlite_ledger,
+            [
+                rec("x", T0 + 9, cost_nanos_usd=2),  # beats the stored failure...
+                rec("x", T0 + 7, cost_nanos_usd=3),  # ...and is beaten within the batch by an earlier success
+                rec("y", T0, cost_nanos_usd=20),  # ties with the stored row, which stays billed
+                rec("z", T0, outcome=Outcome.CANCELLED, cost_nanos_usd=30),
+                rec("z", T0, outcome=Outcome.ERROR, cost_nanos_usd=40),
+            ],
+        )
+    await asyncio.gather(blocker, *tasks)
+    assert sqlite_ledger.commit_count == 4  # x, y, the blocker, then the five in one batch
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as conn:
+        rows = conn.execute("SELECT request_id, cost_nanos_usd, billed FROM usage_records ORDER BY id").fetchall()
+    assert [(rid, cost) for rid, cost, billed in rows if billed] == [("y", 10), ("blocker", 0), ("x", 3), ("z", 30)]
+    assert len(rows) == 8
+    assert (await sqlite_ledger.query(UsageQuery())).total.cost_nanos_usd == 43
+
+
+async def test_the_unique_index_refuses_a_second_billed_row(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    await record_all(sqlite_ledger, [rec("once", tenant="a"), rec("", tenant="a"), rec("", tenant="a")])
+    cols = ", ".join(COLUMNS)
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db", isolation_level=None)) as conn:
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            conn.execute(f"INSERT INTO usage_records ({cols}, billed) SELECT {cols}, 1 FROM usage_records LIMIT 1")
+        # Records without a request id are outside the index: any number of them is billed.
+        conn.execute(f"INSERT INTO usage_records ({cols}, billed) SELECT {cols}, 1 FROM usage_records WHERE id = 2")
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM usage_records WHERE tenant = 'a' AND request_id = 'once' "
+            "AND billed AND request_id <> ''"
+        ).fetchall()
+    assert "usage_records_billed_request" in str(plan)
+    assert (await sqlite_ledger.query(UsageQuery())).total.request_count == 4
+
+
+# What a v1 build (before the billed column) created, verbatim.
+_V1_SCHEMA = """
+CREATE TABLE usage_records (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    time_ns INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requested_model TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    error_code TEXT NOT NULL,
+    error_reason TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cost_nanos_usd INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    unpriced INTEGER NOT NULL,
+    streamed INTEGER NOT NULL,
+    attempt_count INTEGER NOT NULL,
+    latency_ms INTEGER NOT NULL,
+    tags TEXT NOT NULL
+) STRICT;
+CREATE INDEX usage_records_time ON usage_records (time_ns);
+PRAGMA user_version=1;
+"""
+
+
+def _v1_row(record: UsageRecord) -> tuple[Any, ...]:
+    values = [getattr(record, c) for c in COLUMNS]
+    values[COLUMNS.index("outcome")] = str(record.outcome)
+    values[COLUMNS.index("tags")] = json.dumps(record.tags)
+    return tuple(int(v) if isinstance(v, bool) else v for v in values)
+
+
+async def test_a_v1_file_is_migrated_in_place_and_billed_by_the_rule(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    old = scenario_with_retries(seed=3, count=300)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_V1_SCHEMA)
+        placeholders = ", ".join("?" * len(COLUMNS))
+        conn.executemany(
+            f"INSERT INTO usage_records ({', '.join(COLUMNS)}) VALUES ({placeholders})", [_v1_row(r) for r in old]
+        )
+    ledger = await SqliteLedger.open(path)
+    try:
+        expected = MemoryLedger()
+        await record_all(expected, billed_by_rule(old))
+        for query in [UsageQuery(), UsageQuery(group_by=[GroupBy.TENANT, GroupBy.DAY])]:
+            assert await ledger.query(query) == await expected.query(query)
+        # New records are ranked against the migrated ones.
+        later = [dataclasses.replace(r, time_ns=r.time_ns - 1, outcome=Outcome.OK) for r in old[:50] if r.request_id]
+        await record_all(ledger, later)
+        reference = MemoryLedger()
+        await record_all(reference, billed_by_rule(old + later))
+        assert await ledger.query(UsageQuery()) == await reference.query(UsageQuery())
+    finally:
+        await ledger.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0] == len(old) + len(later)
+        indexes = {row[1]: row[2] for row in conn.execute("PRAGMA index_list(usage_records)")}
+    assert indexes["usage_records_billed_request"] == 1  # unique
+
+
+CHILD_RETRIER = """
+import asyncio, sys
+from feather_grpc.state.ledger import Outcome, UsageRecord
+from feather_grpc.state.sqlite_ledger import SqliteLedger
+
+async def main():
+    ledger = await SqliteLedger.open(sys.argv[1], busy_timeout_ms=10_000)
+    for wave in range(int(sys.argv[2])):
+        await asyncio.gather(*(ledger.record(UsageRecord(request_id=f"dup-{wave}-{i}", time_ns=i + 1,
+                                                         cost_nanos_usd=3)) for i in range(64)))
+    await ledger.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def test_processes_sharing_a_file_bill_each_request_once(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    first = await SqliteLedger.open(path, busy_timeout_ms=10_000)
+    second = await SqliteLedger.open(path, busy_timeout_ms=10_000)
+
+    async def waves(ledger: SqliteLedger, outcome: Outcome, time_ns: int, cost: int) -> None:
+        for wave in range(30):
+            await asyncio.gather(
+                *(
+                    ledger.record(rec(f"dup-{wave}-{i}", i + time_ns, outcome=outcome, cost_nanos_usd=cost))
+                    for i in range(64)
+                )
+            )
+
+    child = asyncio.create_task(run_child(CHILD_RETRIER, str(path), "30"))
+    # The same 1,920 requests from three writers: a failure at i+2, successes at i+1 (a tie).
+    await asyncio.gather(waves(first, Outcome.ERROR, 2, 1), waves(second, Outcome.OK, 1, 2))
+    returncode, stderr = await child
+    assert returncode == 0, stderr
+    report = await first.query(UsageQuery())
+    await first.aclose()
+    await second.aclose()
+    assert count_rows(path) == 3 * 30 * 64
+    assert report.total.request_count == report.total.ok_count == 30 * 64
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        billed = conn.execute(
+            "SELECT request_id, COUNT(*), MIN(outcome), MIN(time_ns - CAST(substr(request_id, instr(substr("
+            "request_id, 5), '-') + 5) AS INTEGER)) FROM usage_records WHERE billed GROUP BY request_id"
+        ).fetchall()
+    assert len(billed) == 30 * 64
+    assert {(n, outcome, offset) for _, n, outcome, offset in billed} == {(1, "ok", 1)}
+    assert report.total.cost_nanos_usd in range(2 * 30 * 64, 3 * 30 * 64 + 1)
+
+
+# -- exact sums ------------------------------------------------------------------------------
+
+
+async def test_sums_past_2_to_the_63_are_exact(ledger: UsageLedger) -> None:
+    top, bottom = 2**63 - 1, -(2**63)
+    records = [rec(f"hi{i}", tenant="hi", cost_nanos_usd=top, input_tokens=top, output_tokens=2**62) for i in range(5)]
+    records += [rec(f"lo{i}", tenant="lo", cost_nanos_usd=bottom, cached_input_tokens=bottom) for i in range(3)]
+    records += [rec("mixed", tenant="mixed", cost_nanos_usd=-1), rec("", tenant="mixed", cost_nanos_usd=2**32 + 7)]
+    await record_all(ledger, records)
+    report = await ledger.query(UsageQuery(group_by=[GroupBy.TENANT]))
+    by_tenant = {row.tenant: row for row in report.rows}
+    assert by_tenant["hi"].cost_nanos_usd == by_tenant["hi"].input_tokens == 5 * top
+    assert by_tenant["hi"].output_tokens == 5 * 2**62
+    assert by_tenant["lo"].cost_nanos_usd == by_tenant["lo"].cached_input_tokens == 3 * bottom
+    assert by_tenant["mixed"].cost_nanos_usd == 2**32 + 6
+    assert report.total == sum_totals(report.rows)
+    assert report.total.cost_nanos_usd == 5 * top + 3 * bottom + 2**32 + 6
+    assert (await ledger.query(UsageQuery())).total == report.total
+    daily = await ledger.query(UsageQuery(group_by=[GroupBy.DAY], tenant="hi"))
+    assert daily.total.input_tokens == 5 * top
+
+
 # -- SqliteLedger: storage ------------------------------------------------------------------
 
 
@@ -629,7 +952,7 @@ async def test_queries_read_beside_writers(sqlite_ledger: SqliteLedger, tmp_path
     with contextlib.closing(sqlite3.connect(tmp_path / "usage.db", isolation_level=None)) as other:
         other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock, uncommitted
         cols = ", ".join(COLUMNS)
-        other.execute(f"INSERT INTO usage_records ({cols}) SELECT {cols} FROM usage_records LIMIT 1")
+        other.execute(f"INSERT INTO usage_records ({cols}, billed) SELECT {cols}, 0 FROM usage_records LIMIT 1")
         async with writer_parked(sqlite_ledger) as blocker:  # and our writer is mid-commit
             async with asyncio.timeout(10):
                 report = await sqlite_ledger.query(UsageQuery())
@@ -719,3 +1042,41 @@ async def test_total_is_the_exact_sum_of_rows_for_large_integers(ledger: UsageLe
     report = await ledger.query(UsageQuery(group_by=[GroupBy.TENANT]))
     assert [row.cost_nanos_usd for row in report.rows] == [big, big + 1, big + 2, big + 3]
     assert report.total.cost_nanos_usd == 4 * big + 6 == sum_totals(report.rows).cost_nanos_usd
+
+
+# -- through the gateway ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("ledger_type", ["memory", "sqlite"])
+async def test_a_chat_sent_twice_with_one_request_id_is_billed_once(
+    tmp_path: Path, ledger_type: str, cache: bool
+) -> None:
+    path = tmp_path / "usage.db"
+    document = {**MOCK_CONFIG, "ledger": {"type": ledger_type, "path": str(path)}, "cache": {"enabled": cache}}
+    async with running_gateway(document) as gw:
+        # temperature 0: cacheable when the cache is on
+        request = pb.ChatRequest(model="fast", messages=[user("bill me once")], request_id="r-42", temperature=0)
+        first = await gw.stub.Chat(request)
+        second = await gw.stub.Chat(request)  # a client retry (served again, or from the cache)
+        other = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("another")], request_id="r-43"))
+        assert first.cost_nanos_usd > 0 and first.usage.input_tokens > 0
+        assert second.cached == cache
+        if not cache:
+            assert second.cost_nanos_usd == first.cost_nanos_usd  # both calls consumed; one is billed
+        usage = await gw.stub.Usage(pb.UsageRequest())
+        ledger = gw.server.stores.ledger if gw.server.stores is not None else None
+        if isinstance(ledger, MemoryLedger):
+            assert [r.request_id for r in ledger.records] == ["r-42", "r-42", "r-43"]  # every call is recorded
+    if ledger_type == "sqlite":
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT request_id, outcome, billed FROM usage_records ORDER BY id").fetchall()
+        first_outcome = "ok"
+        second_outcome = "cache_hit" if second.cached else "ok"
+        assert rows == [("r-42", first_outcome, 1), ("r-42", second_outcome, 0), ("r-43", "ok", 1)]
+    # request_count counts billed records: one per request id.
+    assert usage.total.request_count == 2
+    assert usage.total.ok_count == 2
+    assert usage.total.cost_nanos_usd == first.cost_nanos_usd + other.cost_nanos_usd
+    assert usage.total.input_tokens == first.usage.input_tokens + other.usage.input_tokens
+    assert usage.total.output_tokens == first.usage.output_tokens + other.usage.output_tokens

@@ -11,29 +11,58 @@ from feather_grpc.state.ledger import UsageQuery, UsageRecord, UsageReport, Usag
 class MemoryLedger:
     """Same semantics and results as SqliteLedger, without durability: a process exit loses it all.
 
-    Queries scan every record on the event loop, which is fine at test sizes only.
+    A retried request is billed once, by the rule of SqliteLedger and PostgresLedger (see
+    `usage_math.billing_rank`): every record is kept, and queries count only the one billed record
+    of each (tenant, non-empty request_id). `record()` settles that in O(1) against the key's
+    billed record so far. Queries scan every billed record on the event loop, which is fine at
+    test sizes only.
     """
 
     def __init__(self) -> None:
         self._records: list[UsageRecord] = []
+        self._billed: list[bool] = []  # parallel to _records
+        self._billed_at: dict[tuple[str, str], int] = {}  # (tenant, request_id) -> index of its billed record
         self._closed = False
 
     @property
     def records(self) -> list[UsageRecord]:
-        """Copies of everything recorded, in recording order."""
+        """Copies of everything recorded, in recording order (billed or not)."""
         return [_copy(record) for record in self._records]
+
+    @property
+    def billed_records(self) -> list[UsageRecord]:
+        """Copies of the records queries count, in recording order."""
+        return [_copy(record) for record, billed in zip(self._records, self._billed, strict=True) if billed]
 
     async def record(self, record: UsageRecord) -> None:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         usage_math.check_record(record)
+        index = len(self._records)
         self._records.append(_copy(record))  # a snapshot, as a durable store would keep
+        if not record.request_id:
+            self._billed.append(True)
+            return
+        key = (record.tenant, record.request_id)
+        current = self._billed_at.get(key)
+        # On a tie the earlier record (inserted first) stays billed: only a strictly better one wins.
+        if current is not None and usage_math.billing_rank(self._records[current]) <= usage_math.billing_rank(record):
+            self._billed.append(False)
+            return
+        if current is not None:
+            self._billed[current] = False
+        self._billed.append(True)
+        self._billed_at[key] = index
 
     async def query(self, query: UsageQuery) -> UsageReport:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         usage_math.check_query(query)
-        selected = [record for record in self._records if usage_math.matches(record, query)]
+        selected = [
+            record
+            for record, billed in zip(self._records, self._billed, strict=True)
+            if billed and usage_math.matches(record, query)
+        ]
         if not query.group_by:
             total = UsageTotals()
             for record in selected:

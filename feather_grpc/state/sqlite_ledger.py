@@ -16,6 +16,23 @@ while the writer commits. The event loop never touches SQLite.
 
 Several processes may share one file (`--workers N`): each opens its own connections, and
 `busy_timeout_ms` makes a writer wait for the lock instead of failing with "database is locked".
+
+A retried request is billed once, by the rule PostgresLedger applies (`usage_math.billing_rank`).
+Within a tenant, all records with the same non-empty `request_id` are one logical request: every
+record is kept, but exactly one of them is *billed* (counted by `query()`): the first successful
+one (outcome ok or cache_hit), or the first of them if none succeeded, "first" by `time_ns` and
+then by insertion order (the row id). Records with an empty `request_id` are all billed. The
+writer keeps the `billed` column right inside each batch's transaction (BEGIN IMMEDIATE, so
+writers in other processes are serialised): it reads the billed rows of the batch's keys through
+the partial unique index on `(tenant, request_id) WHERE billed AND request_id <> ''`, ranks each
+against the batch's records for its key, unbills the loser and inserts the winner billed. The
+index makes double billing a constraint violation. `request_count` and every other total count
+billed records only. A v1 file is migrated in place: its rows are ranked by the same rule in one
+UPDATE.
+
+Sums are exact Python integers however large: SQLite's SUM raises "integer overflow" past 2^63,
+so each 64-bit column is summed as two halves, `x >> 32` and `x & 0xFFFFFFFF`, whose sums cannot
+overflow below 2^31 rows per group, and recombined in Python.
 """
 
 from __future__ import annotations
@@ -36,7 +53,7 @@ from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageRecord, UsageRep
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; bump with a migration step in _migrate
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump with a migration step in _MIGRATIONS
 MIN_SQLITE_VERSION = (3, 37, 0)  # STRICT tables
 
 _SCHEMA_V1 = """
@@ -67,6 +84,27 @@ CREATE TABLE usage_records (
 CREATE INDEX usage_records_time ON usage_records (time_ns);
 """
 
+_SUCCESS = usage_math.SUCCESS_OUTCOMES
+
+# v2: the `billed` flag. Every v1 row becomes billed unless it loses to another record of its
+# request under the billing rule (in one statement: rank each request's records, unbill all but
+# the first).
+_SCHEMA_V2 = f"""
+ALTER TABLE usage_records ADD COLUMN billed INTEGER NOT NULL DEFAULT 1;
+UPDATE usage_records SET billed = 0 WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (
+            PARTITION BY tenant, request_id
+            ORDER BY outcome NOT IN ('{_SUCCESS[0]}', '{_SUCCESS[1]}'), time_ns, id
+        ) AS place
+        FROM usage_records WHERE request_id <> ''
+    ) WHERE place > 1
+);
+CREATE UNIQUE INDEX usage_records_billed_request ON usage_records (tenant, request_id)
+    WHERE billed AND request_id <> '';
+"""
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
 COLUMNS = (
     "request_id",
     "time_ns",
@@ -90,31 +128,47 @@ COLUMNS = (
     "latency_ms",
     "tags",
 )
-_INSERT = f"INSERT INTO usage_records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_INSERT = f"INSERT INTO usage_records ({', '.join(COLUMNS)}, billed) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
+# The billed rows of the given (tenant, request_id) keys: one statement per batch, each key found
+# through the partial unique index (the query repeats the index's WHERE terms, so it is usable).
+_KEYS_PER_LOOKUP = 400  # 800 parameters: under SQLite's smallest SQLITE_MAX_VARIABLE_NUMBER (999)
 
-# Counts and sums in the order of _TOTAL_FIELDS; SUM over integer columns stays an integer.
-_AGGREGATES = """COUNT(*),
-    COALESCE(SUM(outcome IN ('ok', 'cache_hit')), 0),
+
+def _billed_rows_sql(key_count: int) -> str:
+    return (
+        "SELECT u.id, u.tenant, u.request_id, u.outcome, u.time_ns "
+        f"FROM (VALUES {', '.join(['(?, ?)'] * key_count)}) AS k "
+        "JOIN usage_records AS u ON u.tenant = k.column1 AND u.request_id = k.column2 "
+        "WHERE u.billed AND u.request_id <> ''"
+    )
+
+
+_UNBILL = "UPDATE usage_records SET billed = 0 WHERE id = ?"
+
+_TENANT = COLUMNS.index("tenant")
+_REQUEST_ID = COLUMNS.index("request_id")
+_OUTCOME = COLUMNS.index("outcome")
+_TIME_NS = COLUMNS.index("time_ns")
+
+_HALF_BITS = 32
+_LOW_MASK = (1 << _HALF_BITS) - 1
+# The 64-bit columns summed exactly: each as the sums of its high and low 32-bit halves.
+_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "cost_nanos_usd")
+
+
+def _exact_sum(column: str) -> str:
+    return f"COALESCE(SUM({column} >> {_HALF_BITS}), 0), COALESCE(SUM({column} & {_LOW_MASK}), 0)"
+
+
+# _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED (recombined by _totals).
+_AGGREGATES = f"""COUNT(*),
+    COALESCE(SUM(outcome IN ('{_SUCCESS[0]}', '{_SUCCESS[1]}')), 0),
     COALESCE(SUM(outcome = 'error'), 0),
     COALESCE(SUM(outcome = 'cancelled'), 0),
     COALESCE(SUM(outcome = 'cache_hit'), 0),
     COALESCE(SUM(estimated), 0),
-    COALESCE(SUM(input_tokens), 0),
-    COALESCE(SUM(output_tokens), 0),
-    COALESCE(SUM(cached_input_tokens), 0),
-    COALESCE(SUM(cost_nanos_usd), 0)"""
-_TOTAL_FIELDS = (
-    "request_count",
-    "ok_count",
-    "error_count",
-    "cancelled_count",
-    "cached_count",
-    "estimated_count",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cost_nanos_usd",
-)
+    {", ".join(_exact_sum(c) for c in _SUMMED)}"""
+_COUNT_FIELDS = ("request_count", "ok_count", "error_count", "cancelled_count", "cached_count", "estimated_count")
 
 Row = tuple[object, ...]
 _Pending = tuple[Row, asyncio.Future[None]]
@@ -256,7 +310,7 @@ class SqliteLedger:
             with self._write_lock:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(_INSERT, [row for row, _ in batch])
+                    _insert_billed(conn, [row for row, _ in batch])
                     conn.execute("COMMIT")
                 except BaseException:
                     _rollback_quietly(conn)
@@ -344,7 +398,8 @@ class SqliteLedger:
 
 
 def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
-    """One aggregate SELECT: the grouping keys (in group_by order), then the _TOTAL_FIELDS."""
+    """One aggregate SELECT over billed records: the grouping keys (in group_by order), then the
+    _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED."""
     keys: list[str] = []
     key_params: list[object] = []
     for dimension in query.group_by:
@@ -359,7 +414,7 @@ def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
         else:
             keys.append(str(dimension))  # tenant, provider, model: column names
 
-    where: list[str] = []
+    where: list[str] = ["billed"]
     where_params: list[object] = []
     if query.start_ns is not None:
         where.append("time_ns >= ?")
@@ -376,9 +431,7 @@ def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
         where.append(f"{expr} = ?")  # a missing tag is NULL, which equals nothing
         where_params.extend([*expr_params, value])
 
-    sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM usage_records"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM usage_records WHERE {' AND '.join(where)}"
     if keys:
         positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
         sql += f" GROUP BY {positions} ORDER BY {positions}"
@@ -404,10 +457,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"usage ledger schema version {version} is newer than this build ({SCHEMA_VERSION})")
-        if version < 1:
-            for statement in _SCHEMA_V1.split(";"):
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step].split(";"):
                 if statement.strip():
                     conn.execute(statement)
+        if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -442,10 +496,61 @@ def _to_row(record: UsageRecord) -> Row:
     )
 
 
+def _insert_billed(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """Insert a batch (inside the caller's transaction), keeping each request's one billed row.
+
+    For every (tenant, request_id) key in the batch, the best of the key's billed row so far and
+    the batch's records for the key is billed: a displaced row is unbilled before the insert, so
+    the unique index holds after every statement. Rows already stored were inserted earlier, so
+    they win ties against the batch; within the batch, queue order is insertion order.
+    """
+    billed = [not row[_REQUEST_ID] for row in rows]  # a record without a request id is always billed
+    best: dict[tuple[object, object], tuple[_Rank, int]] = {}  # key -> (rank, index in batch)
+    for i, row in enumerate(rows):
+        if row[_REQUEST_ID]:
+            key = (row[_TENANT], row[_REQUEST_ID])
+            rank = _rank(row[_OUTCOME], row[_TIME_NS], 1, i)
+            current = best.get(key)
+            if current is None or rank < current[0]:
+                best[key] = (rank, i)
+    keys = list(best)
+    displaced: list[tuple[object]] = []
+    for start in range(0, len(keys), _KEYS_PER_LOOKUP):
+        chunk = keys[start : start + _KEYS_PER_LOOKUP]
+        params = [part for key in chunk for part in key]
+        for row_id, tenant, request_id, outcome, time_ns in conn.execute(_billed_rows_sql(len(chunk)), params):
+            key = (tenant, request_id)
+            if _rank(outcome, time_ns, 0, row_id) < best[key][0]:
+                del best[key]  # the billed row stays billed
+            else:
+                displaced.append((row_id,))
+    for _, index in best.values():
+        billed[index] = True
+    if displaced:
+        conn.executemany(_UNBILL, displaced)
+    conn.executemany(_INSERT, [(*row, int(flag)) for row, flag in zip(rows, billed, strict=True)])
+
+
+_Rank = tuple[bool, int, int, int]
+
+
+def _rank(outcome: object, time_ns: object, batch: int, order: int) -> _Rank:
+    """Lower is billed first: successes, then earlier, then stored rows (0) before the batch's (1),
+    then in insertion order (row id, or place in the batch)."""
+    assert isinstance(time_ns, int)
+    return (outcome not in _SUCCESS, time_ns, batch, order)
+
+
 def _totals(row: UsageTotals, values: Sequence[object]) -> UsageTotals:
-    for name, value in zip(_TOTAL_FIELDS, values, strict=True):
+    counts, halves = values[: len(_COUNT_FIELDS)], values[len(_COUNT_FIELDS) :]
+    assert len(halves) == 2 * len(_SUMMED)
+    for name, value in zip(_COUNT_FIELDS, counts, strict=True):
         assert isinstance(value, int)
         setattr(row, name, value)
+    for i, name in enumerate(_SUMMED):
+        high, low = halves[2 * i], halves[2 * i + 1]
+        assert isinstance(high, int) and isinstance(low, int)
+        setattr(row, name, (high << _HALF_BITS) + low)
     return row
 
 

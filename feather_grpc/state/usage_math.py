@@ -33,6 +33,21 @@ BOOL_FIELDS = ("estimated", "unpriced", "streamed")
 
 GroupKey = tuple[str | int, ...]
 
+# The outcomes that count as a success, as stored (Outcome values).
+SUCCESS_OUTCOMES = (Outcome.OK.value, Outcome.CACHE_HIT.value)
+
+
+def billing_rank(record: UsageRecord) -> tuple[bool, int]:
+    """Which record of a retried request is billed: the lowest rank, ties to the first inserted.
+
+    The billing rule every ledger applies: within a tenant, all records with the same non-empty
+    `request_id` are one request; every record is kept, but exactly one is billed (counted by
+    queries): the earliest successful record (outcome ok or cache_hit), or the earliest record if
+    none succeeded, "earliest" by `time_ns`, then insertion order (PostgresLedger: the shipped
+    record's identity). Records with an empty `request_id` are all billed.
+    """
+    return (record.outcome not in SUCCESS_OUTCOMES, record.time_ns)
+
 
 def bucket_start(time_ns: int, size_ns: int) -> int:
     """Start of the UTC bucket holding time_ns (floor, also before 1970)."""
