@@ -101,7 +101,7 @@ class Proxy(Counting):
     async def StreamChat(
         self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamChatResponse]:
-        url = self._base + upstream.PATHS[upstream.MODEL_STREAM]
+        url = self._base + upstream.PATHS.get(request.model, upstream.PATHS[upstream.MODEL_STREAM])
         headers = {"Content-Type": "application/json"}
         yield pb.StreamChatResponse(start=pb.StreamStart(provider="floor", model=request.model))
         async with self.session().post(url, data=self._body(request, True), headers=headers) as resp:

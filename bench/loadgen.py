@@ -8,12 +8,14 @@ are computed here from all requests of the run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import resource
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +77,39 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds so far of each thread of `pid`."""
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by OS thread id, from `py-spy dump` when py-spy is there (else /proc comm)."""
+    names: dict[int, str] = {}
+    for tid in thread_cpu(pid):
+        with contextlib.suppress(OSError):
+            names[tid] = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    if py_spy:
+        try:
+            dump = subprocess.run([py_spy, "dump", "-p", str(pid)], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            dump = ""
+        for m in re.finditer(r'^Thread (\d+) \([^)]*\): "([^"]+)"', dump, re.MULTILINE):
+            names[int(m.group(1))] = m.group(2)
+    return names
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU of these processes (all their threads) so far."""
     total = 0
@@ -112,6 +147,7 @@ class RunResult:
     max_us: float
     cpu: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds during the run
     cpu_us_per_request: dict[str, float] = field(default_factory=dict)
+    threads_cpu_s: dict[int, float] = field(default_factory=dict)  # per thread of `threads_of`, CPU seconds
     h2load_cores: float = 0.0  # CPU h2load used, in cores (CPU seconds / elapsed)
     other_load_cores: float = 0.0  # CPU everything else on the machine used meanwhile, in cores
     command: str = ""
@@ -160,6 +196,7 @@ def run_h2load(
     h1: bool = False,
     log_dir: Path,
     watch: dict[str, list[int]] | None = None,
+    threads_of: int | None = None,
     timeout_s: float = 300.0,
 ) -> RunResult:
     """One h2load run: `requests` in total, or for `duration_s` seconds. `watch` maps a name to the pids
@@ -178,6 +215,7 @@ def run_h2load(
     watch = watch or {}
     cpu_before = {name: cpu_seconds(pids) for name, pids in watch.items()}
     children_before, busy_before = _children_cpu(), system_busy_seconds()
+    threads_before = thread_cpu(threads_of) if threads_of else {}
     started = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -186,6 +224,8 @@ def run_h2load(
     wall = time.monotonic() - started
     cpu = {name: cpu_seconds(pids) - cpu_before[name] for name, pids in watch.items()}
     h2load_cpu = _children_cpu() - children_before
+    threads_after = thread_cpu(threads_of) if threads_of else {}
+    threads = {tid: round(t - threads_before.get(tid, 0.0), 3) for tid, t in threads_after.items()}
     other_cpu = max(0.0, system_busy_seconds() - busy_before - h2load_cpu - sum(cpu.values()))
     out = proc.stdout
     if proc.returncode != 0:
@@ -228,6 +268,7 @@ def run_h2load(
         max_us=float(latencies[-1]) if latencies else math.nan,
         cpu={k: round(v, 3) for k, v in cpu.items()},
         cpu_us_per_request={k: round(v / succeeded * 1e6, 1) if succeeded else math.nan for k, v in cpu.items()},
+        threads_cpu_s=threads,
         h2load_cores=round(h2load_cpu / wall, 2),
         other_load_cores=round(other_cpu / wall, 2),
         command=" ".join(cmd) + f"  # wall {wall:.2f}s",

@@ -7,12 +7,14 @@ gateway that buffered the stream would show at least the hold time.
 - direct: a blocking-socket HTTP/1.1 keep-alive client POSTs the gateway's own JSON body and stops the
   clock when the first SSE chunk carrying non-empty `delta.content` has arrived (the bytes are scanned as
   they come in; the rest of the response is then read to its end so the connection stays reusable).
-- gateway: the grpc (C-core, synchronous) Python client calls StreamChat and stops the clock when the
-  first message with `delta.content` arrives (after `start`), then drains the stream.
+- gateway: an equally thin client speaking HTTP/2 over a blocking socket (`RawGrpcClient`: preface,
+  HEADERS + DATA with the framed StreamChatRequest, no HPACK decoding needed) stops the clock when the
+  DATA frame carrying the first message with `delta.content` has arrived, then reads to the trailers.
+- also reported: the same through the grpcio Python client (`GrpcioClient`, C-core, synchronous), i.e.
+  what a Python caller sees; that client adds its own per-call and per-message costs.
 
-Samples alternate (direct, gateway, direct, ...) so drift hits both alike. Both clients are about the
-cheapest Python can do; the gRPC client's own per-message cost (tens of microseconds) is counted as
-gateway overhead, so the overhead reported is, if anything, pessimistic.
+Samples alternate (direct, raw gRPC, grpcio, direct, ...) so drift hits all alike. Every gateway call
+is also checked in the ledger by bench/run.py.
 """
 
 from __future__ import annotations
@@ -63,7 +65,128 @@ class DirectClient:
         self._sock.close()
 
 
-class GatewayClient:
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    """Literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
+    n, v = name.encode(), value.encode()
+    return b"\x00" + _hpack_int(len(n), 7) + n + _hpack_int(len(v), 7) + v
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+_DATA, _HEADERS, _RST, _SETTINGS, _PING, _GOAWAY, _WINDOW = 0, 1, 3, 4, 6, 7, 8
+_END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
+
+
+class RawGrpcClient:
+    """HTTP/2 + gRPC framing by hand on one blocking socket: the thinnest client Python allows."""
+
+    def __init__(self, port: int, model: str) -> None:
+        from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+
+        self._pb = pb
+        self._sock = socket.create_connection(("127.0.0.1", port))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = b""
+        self._stream = -1
+        big = (1 << 31) - 1
+        settings = (4).to_bytes(2, "big") + big.to_bytes(4, "big")  # SETTINGS_INITIAL_WINDOW_SIZE
+        self._sock.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + _frame(_SETTINGS, 0, 0, settings)
+            + _frame(_WINDOW, 0, 0, (big - 65535).to_bytes(4, "big"))  # no flow control worries
+        )
+        headers = b"".join(
+            _hpack_literal(k, v)
+            for k, v in (
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/feather.v1.FeatherService/StreamChat"),
+                (":authority", f"127.0.0.1:{port}"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            )
+        )
+        request = pb.StreamChatRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, content=upstream.PROMPT)])
+        self._headers = headers
+        self._body = loadgen.grpc_frame(request.SerializeToString())
+
+    def _read_frame(self) -> tuple[int, int, int, bytes]:
+        while True:
+            if len(self._buf) >= 9:
+                length = int.from_bytes(self._buf[:3], "big")
+                if len(self._buf) >= 9 + length:
+                    head, payload = self._buf[:9], self._buf[9 : 9 + length]
+                    self._buf = self._buf[9 + length :]
+                    stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                    return head[3], head[4], stream, payload
+            data = self._sock.recv(65536)
+            if not data:
+                raise RuntimeError("the gateway closed the connection")
+            self._buf += data
+
+    def once(self) -> float:
+        pb = self._pb
+        self._stream += 2
+        sid = self._stream
+        t0 = time.perf_counter()
+        self._sock.sendall(
+            _frame(_HEADERS, _END_HEADERS, sid, self._headers) + _frame(_DATA, _END_STREAM, sid, self._body)
+        )
+        first: float | None = None
+        grpc_buf = b""
+        text: list[str] = []
+        ended = False
+        while True:
+            kind, flags, stream, payload = self._read_frame()
+            if kind == _SETTINGS and not flags & _ACK:
+                self._sock.sendall(_frame(_SETTINGS, _ACK, 0))
+            elif kind == _PING and not flags & _ACK:
+                self._sock.sendall(_frame(_PING, _ACK, 0, payload))
+            elif kind in (_GOAWAY, _RST) and stream in (0, sid):
+                raise RuntimeError(f"the gateway sent {'GOAWAY' if kind == _GOAWAY else 'RST_STREAM'}")
+            elif stream == sid and kind == _DATA:
+                if flags & _PADDED:
+                    payload = payload[1 : len(payload) - payload[0]]
+                grpc_buf += payload
+                while len(grpc_buf) >= 5 and len(grpc_buf) >= 5 + int.from_bytes(grpc_buf[1:5], "big"):
+                    n = int.from_bytes(grpc_buf[1:5], "big")
+                    msg = pb.StreamChatResponse.FromString(grpc_buf[5 : 5 + n])
+                    grpc_buf = grpc_buf[5 + n :]
+                    kind_of = msg.WhichOneof("event")
+                    if kind_of == "delta" and msg.delta.content:
+                        if first is None:
+                            first = time.perf_counter() - t0
+                        text.append(msg.delta.content)
+                    elif kind_of == "end":
+                        ended = True
+            if stream == sid and kind in (_DATA, _HEADERS) and flags & _END_STREAM:
+                break
+        if first is None or not ended:
+            raise RuntimeError("the gateway stream had no content or no end (see the gateway log / ledger)")
+        if "".join(text) != upstream.REPLY:
+            raise RuntimeError(f"the gateway stream said {''.join(text)!r}")
+        return first
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class GrpcioClient:
     def __init__(self, port: int, model: str) -> None:
         import grpc
 
@@ -106,45 +229,55 @@ class TtftResult:
     hold_ms: float
     direct_p50_ms: float
     direct_p99_ms: float
-    gateway_p50_ms: float
+    gateway_p50_ms: float  # raw HTTP/2 client
     gateway_p99_ms: float
     overhead_p50_ms: float
     overhead_p99_ms: float
     ratio_p50: float
+    grpcio_p50_ms: float  # the grpcio client, for reference
+    grpcio_p99_ms: float
 
     def to_json(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 def measure(upstream_port: int, gateway_port: int, samples: int = 300, warmup: int = 30) -> TtftResult:
+    """`samples` (+ `warmup`) StreamChat calls through the gateway with each gRPC client, and as many
+    direct requests."""
     body = loadgen.openai_body(upstream.MODEL_TTFT, stream=True)
     direct = DirectClient(upstream_port, upstream.PATHS[upstream.MODEL_TTFT], body)
-    gateway = GatewayClient(gateway_port, upstream.MODEL_TTFT)
+    raw = RawGrpcClient(gateway_port, upstream.MODEL_TTFT)
+    grpcio = GrpcioClient(gateway_port, upstream.MODEL_TTFT)
+    d: list[int] = []
+    g: list[int] = []
+    c: list[int] = []
     try:
-        for _ in range(warmup):
-            direct.once()
-            gateway.once()
-        d: list[int] = []
-        g: list[int] = []
-        for _ in range(samples):
-            d.append(int(direct.once() * 1e6))
-            g.append(int(gateway.once() * 1e6))
+        for i in range(warmup + samples):
+            times = (direct.once(), raw.once(), grpcio.once())
+            if i >= warmup:
+                for acc, t in zip((d, g, c), times, strict=True):
+                    acc.append(int(t * 1e6))
     finally:
         direct.close()
-        gateway.close()
-    d.sort()
-    g.sort()
-    dp50, dp99 = loadgen.percentile(d, 50) / 1000, loadgen.percentile(d, 99) / 1000
-    gp50, gp99 = loadgen.percentile(g, 50) / 1000, loadgen.percentile(g, 99) / 1000
+        raw.close()
+        grpcio.close()
+    for acc in (d, g, c):
+        acc.sort()
+
+    def p(acc: list[int], q: float) -> float:
+        return loadgen.percentile(acc, q) / 1000
+
     return TtftResult(
         samples=samples,
         warmup=warmup,
         hold_ms=upstream.TTFT_HOLD_S * 1000,
-        direct_p50_ms=dp50,
-        direct_p99_ms=dp99,
-        gateway_p50_ms=gp50,
-        gateway_p99_ms=gp99,
-        overhead_p50_ms=gp50 - dp50,
-        overhead_p99_ms=gp99 - dp99,
-        ratio_p50=gp50 / dp50 if dp50 else float("nan"),
+        direct_p50_ms=p(d, 50),
+        direct_p99_ms=p(d, 99),
+        gateway_p50_ms=p(g, 50),
+        gateway_p99_ms=p(g, 99),
+        overhead_p50_ms=p(g, 50) - p(d, 50),
+        overhead_p99_ms=p(g, 99) - p(d, 99),
+        ratio_p50=p(g, 50) / p(d, 50) if p(d, 50) else float("nan"),
+        grpcio_p50_ms=p(c, 50),
+        grpcio_p99_ms=p(c, 99),
     )
