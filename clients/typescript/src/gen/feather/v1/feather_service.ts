@@ -882,7 +882,7 @@ export interface UsageRow {
   bucketStartTime:
     | Date
     | undefined;
-  /** All calls. */
+  /** Requests. Calls retried with the same `request_id` (per tenant) count, and are billed, once. */
   requestCount: bigint;
   /** Calls that succeeded (cache hits included). */
   okCount: bigint;

@@ -1213,7 +1213,7 @@ class UsageRow(_message.Message):
     tag_value: _builtins.str
     """Tag value, when grouped by tag (empty for records without the tag)."""
     request_count: _builtins.int
-    """All calls."""
+    """Requests. Calls retried with the same `request_id` (per tenant) count, and are billed, once."""
     ok_count: _builtins.int
     """Calls that succeeded (cache hits included)."""
     error_count: _builtins.int
