@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -801,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="results file")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so nginx, the gateway and the reference servers are always stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     missing = ([] if loadgen.have_h2load() else ["h2load (package nghttp2-client)"]) + upstream.missing_tools()
     if missing:
