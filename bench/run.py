@@ -1,6 +1,6 @@
 """The gateway benchmark: throughput, added latency and TTFT overhead, gateway vs. straight to the upstream.
 
-    make bench                         # or: .venv/bin/python bench/run.py   (about 1.5 minutes)
+    make bench                         # or: .venv/bin/python bench/run.py   (about 2.5 minutes)
     .venv/bin/python bench/run.py --help
 
 One run: nginx serves fixed OpenAI replies (bench/upstream.py); one `feather-grpc serve` process sits in
