@@ -13,11 +13,13 @@ logged only with `FEATHER_LOG_CONTENT=true` and `LOG_LEVEL=debug` (see `server.i
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import logging.handlers
 import os
 import queue
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
@@ -98,7 +100,7 @@ class SecretRedactor(logging.Filter):
         # Short values would redact ordinary words; real keys are long.
         self._secrets = tuple(sorted({*self._secrets, *(s for s in secrets if len(s) >= 8)}, key=len, reverse=True))
 
-    def _clean(self, text: str) -> str:
+    def clean(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, _REDACTED)
@@ -107,16 +109,16 @@ class SecretRedactor(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secrets:
             return True
-        record.msg = self._clean(record.getMessage())
+        record.msg = self.clean(record.getMessage())
         record.args = None
         if record.exc_info:  # render the traceback now, so it can be cleaned
             record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
         if record.exc_text:
-            record.exc_text = self._clean(record.exc_text)
+            record.exc_text = self.clean(record.exc_text)
         for key, value in _fields(record).items():
             if isinstance(value, str):
-                setattr(record, key, self._clean(value))
+                setattr(record, key, self.clean(value))
         return True
 
 
@@ -135,8 +137,55 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
+class _Writer:
+    """The writer thread: drains the queue and writes everything pending in one write, so a busy gateway
+    pays one syscall per batch, not per line. Items are LogRecords (formatted here) or lines the call
+    log rendered itself (see CallLog)."""
+
+    _STOP = object()
+
+    def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.handler = handler
+        self.json = isinstance(handler.formatter, JsonFormatter)
+        self._thread = threading.Thread(target=self._run, name="feather-log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        q, handler = self.queue, self.handler
+        while True:
+            batch = [q.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 1024:
+                    batch.append(q.get_nowait())
+            lines: list[str] = []
+            stop = False
+            for item in batch:
+                if item is self._STOP:
+                    stop = True
+                elif isinstance(item, str):
+                    lines.append(item)
+                elif handler.filter(item):
+                    try:
+                        lines.append(handler.format(item))
+                    except Exception:
+                        handler.handleError(item)
+            if lines:
+                try:
+                    handler.stream.write("\n".join(lines) + "\n")
+                    handler.stream.flush()
+                except Exception:  # a closed or broken stream must not kill the writer
+                    pass
+            if stop:
+                return
+
+    def stop(self) -> None:
+        self.queue.put(self._STOP)
+        self._thread.join(timeout=5)
+
+
 redactor = SecretRedactor()
-_listener: logging.handlers.QueueListener | None = None
+_listener: _Writer | None = None
 
 
 def wants_json(env: Mapping[str, str], stream: TextIO) -> bool:
@@ -157,13 +206,11 @@ def configure_logging(env: Mapping[str, str] | None = None, stream: TextIO | Non
     handler.setFormatter(JsonFormatter() if wants_json(env, stream) else TextFormatter())
     handler.addFilter(redactor)
     stop_logging()
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, handler)
-    _listener.start()
+    _listener = _Writer(handler)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(_Enqueue(records))
+    root.addHandler(_Enqueue(_listener.queue))
     root.setLevel(level)
     # Chatty third-party loggers stay at warning unless debugging.
     for name in ("aiohttp.access", "grpc._cython.cygrpc", "asyncio"):
@@ -179,6 +226,9 @@ def stop_logging() -> None:
 
 
 atexit.register(stop_logging)
+
+
+_JSON_TIME = JsonFormatter()
 
 
 class CallLog:
@@ -197,6 +247,7 @@ class CallLog:
     def call_settled(self, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None) -> None:
         if not self._log.isEnabledFor(logging.INFO):
             return
+        writer = _listener
         fields: dict[str, Any] = {
             "request_id": record.request_id,
             "tenant": record.tenant,
@@ -218,6 +269,21 @@ class CallLog:
         }
         if self._worker is not None:
             fields["worker"] = self._worker
+        if writer is not None and writer.json and self._log.handlers == [] and self._log.propagate:
+            # The hot path: render the JSON line here (one orjson call) instead of building a LogRecord,
+            # copying, filtering and formatting it; same shape as JsonFormatter's lines.
+            now = time.time()
+            head = {
+                "time": _JSON_TIME._time(now),
+                "level": "info",
+                "logger": self._log.name,
+                "message": "call",
+                "pid": os.getpid(),
+            }
+            for key in ("request_id", "requested_model"):  # caller-chosen text: redact like any field
+                fields[key] = redactor.clean(fields[key])
+            writer.queue.put(orjson.dumps({**head, **fields}).decode())
+            return
         # makeRecord + handle: what info() does, minus the stack walk for the caller's file and line.
         line = self._log.makeRecord(self._log.name, logging.INFO, "", 0, "call", (), None, extra=fields)
         self._log.handle(line)
