@@ -206,7 +206,10 @@ class SqliteLedger:
         self._max_batch = max_batch
         self._commit_count = 0
 
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # parcels (lists of _Pending) and _STOP
+        self._parcels: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}  # this turn's records, per loop
+        self._carry: list[_Pending] = []  # the writer's leftover beyond max_batch
+        self._stopping = False  # the writer has taken _STOP
         self._submit_lock = threading.Lock()  # makes "not closed, then enqueue" atomic vs aclose
         self._closed = False
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -255,13 +258,30 @@ class SqliteLedger:
     async def record(self, record: UsageRecord) -> None:
         usage_math.check_record(record)
         row = _to_row(record)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        with self._submit_lock:
-            if self._closed:
-                raise RuntimeError("the usage ledger is closed")
-            self._queue.put((row, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if self._closed:
+            raise RuntimeError("the usage ledger is closed")
+        # Records made in the same turn of the event loop travel to the writer as one parcel: one queue
+        # item and one thread wake-up per turn rather than per record, which is most of the ledger's cost
+        # under load. A lone record still leaves at the end of the current turn.
+        parcel = self._parcels.get(loop)
+        if parcel is None:
+            parcel = self._parcels[loop] = []
+            loop.call_soon(self._send, loop)
+        parcel.append((row, future))
         # If the caller is cancelled now, the record is still committed: usage is settled anyway.
         await future
+
+    def _send(self, loop: asyncio.AbstractEventLoop) -> None:
+        parcel = self._parcels.pop(loop, None)
+        if not parcel:
+            return
+        with self._submit_lock:
+            if not self._closed:
+                self._queue.put(parcel)
+                return
+        _settle(parcel_futures(parcel), RuntimeError("the usage ledger is closed"))
 
     def _writer_main(self) -> None:
         try:
@@ -289,20 +309,26 @@ class SqliteLedger:
             self._stopped.set_result(None)
 
     def _take_batch(self) -> tuple[list[_Pending], bool]:
-        """Block for one item, then take whatever else is already waiting, up to max_batch."""
-        item = self._queue.get()
-        if item is _STOP:
-            return [], True
-        batch = [_as_pending(item)]
-        while len(batch) < self._max_batch:
+        """Block for one parcel, then take whatever else is already waiting, up to max_batch records
+        (a parcel's remainder waits for the next batch). Returns the batch and whether to stop after it."""
+        batch, self._carry = self._carry, []
+        if not batch and not self._stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                return [], True
+            batch = list(_as_parcel(item))
+        while len(batch) < self._max_batch and not self._stopping:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
-                return batch, True
-            batch.append(_as_pending(item))
-        return batch, False
+                self._stopping = True
+                break
+            batch.extend(_as_parcel(item))
+        if len(batch) > self._max_batch:
+            batch, self._carry = batch[: self._max_batch], batch[self._max_batch :]
+        return batch, self._stopping and not self._carry
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         error: BaseException | None = None
@@ -321,11 +347,14 @@ class SqliteLedger:
         _settle_from_thread([future for _, future in batch], error)
 
     def _fail_until_stop(self, error: BaseException) -> None:
-        while True:
+        if self._carry:
+            _settle_from_thread(parcel_futures(self._carry), error)
+            self._carry = []
+        while not self._stopping:
             item = self._queue.get()
             if item is _STOP:
                 return
-            _settle_from_thread([_as_pending(item)[1]], error)
+            _settle_from_thread(parcel_futures(_as_parcel(item)), error)
 
     def _open_writer(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
@@ -382,6 +411,7 @@ class SqliteLedger:
 
     async def aclose(self) -> None:
         """Commit everything already recorded, then close both connections. Idempotent."""
+        self._send(asyncio.get_running_loop())  # this turn's parcel goes before the stop
         with self._submit_lock:
             if not self._closed:
                 self._closed = True
@@ -554,8 +584,12 @@ def _totals(row: UsageTotals, values: Sequence[object]) -> UsageTotals:
     return row
 
 
-def _as_pending(item: object) -> _Pending:
-    return cast(_Pending, item)  # the queue holds only _Pending items and _STOP
+def _as_parcel(item: object) -> list[_Pending]:
+    return cast(list[_Pending], item)  # the queue holds only parcels and _STOP
+
+
+def parcel_futures(parcel: list[_Pending]) -> list[asyncio.Future[None]]:
+    return [future for _, future in parcel]
 
 
 def _rollback_quietly(conn: sqlite3.Connection) -> None:
