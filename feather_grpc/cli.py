@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -61,11 +61,24 @@ def _serve(args: argparse.Namespace) -> int:
     if cfg.skipped_providers:
         log.info("skipped providers with no API key set: %s", ", ".join(cfg.skipped_providers))
     try:
-        asyncio.run(serve(cfg, args.host, args.port, ServerOptions.from_env(os.environ, worker=worker)))
+        with asyncio.Runner(loop_factory=_loop_factory(os.environ)) as runner:
+            runner.run(serve(cfg, args.host, args.port, ServerOptions.from_env(os.environ, worker=worker)))
     except config_module.ConfigError as e:
         print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _loop_factory(env: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (about 10% less CPU per call, measured in bench/), unless
+    FEATHER_EVENT_LOOP=asyncio asks for the standard loop."""
+    if env.get("FEATHER_EVENT_LOOP", "uvloop").strip().lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _health(args: argparse.Namespace) -> int:
