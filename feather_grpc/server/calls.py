@@ -48,6 +48,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, *, log_content: bool = False, on_refused: RefusalHook | None = None) -> None:
         self.inflight: dict[str, int] = {}
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
         self.on_refused = on_refused
         self._content = logging.getLogger(CONTENT_LOGGER) if log_content else None
 
@@ -63,7 +64,12 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
-        method = details.method[len(SERVICE_PREFIX) :]
+        wrapped = self._wrapped.get(handler)  # wrap each method once, not per call
+        if wrapped is None:
+            wrapped = self._wrapped[handler] = self._wrap(details.method[len(SERVICE_PREFIX) :], handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         self.inflight.setdefault(method, 0)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

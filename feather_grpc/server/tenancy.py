@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -89,14 +88,13 @@ class TenantGate:
         tenant = claims.get(self._auth.jwt_tenant_claim)
         return tenant if isinstance(tenant, str) and tenant else None
 
-    @asynccontextmanager
-    async def admitted(self, tenant: TenantConfig, time_remaining: float | None) -> AsyncIterator[None]:
-        """Holds one in-flight slot (gateway and tenant) for the call, after its request-rate token."""
+    async def enter(self, tenant: TenantConfig, time_remaining: float | None) -> None:
+        """Takes one in-flight slot (gateway and tenant) for a call, after its request-rate token;
+        `leave` gives it back."""
         if self._max_in_flight and self.in_flight >= self._max_in_flight:
             raise Overloaded("the gateway is at its in-flight call limit; retry shortly", _BUSY_RETRY_S)
         cap = tenant.concurrency
-        running = self._tenant_in_flight.get(tenant.name, 0)
-        if cap is not None and running >= cap:
+        if cap is not None and self._tenant_in_flight.get(tenant.name, 0) >= cap:
             raise RateLimitExceeded(
                 f"tenant:{tenant.name}:concurrency", f"at most {cap} concurrent calls", _BUSY_RETRY_S
             )
@@ -104,11 +102,10 @@ class TenantGate:
             await self._take_request_token(tenant, time_remaining)
         self.in_flight += 1
         self._tenant_in_flight[tenant.name] = self._tenant_in_flight.get(tenant.name, 0) + 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self._tenant_in_flight[tenant.name] -= 1
+
+    def leave(self, tenant: TenantConfig) -> None:
+        self.in_flight -= 1
+        self._tenant_in_flight[tenant.name] -= 1
 
     async def _take_request_token(self, tenant: TenantConfig, time_remaining: float | None) -> None:
         assert tenant.requests is not None
@@ -132,8 +129,12 @@ class TenantGate:
 
 
 class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps each FeatherService method once (the wrapped handler is cached): every call is
+    authenticated from its own metadata, and Chat/StreamChat hold a tenant slot while they run."""
+
     def __init__(self, gate: TenantGate) -> None:
         self._gate = gate
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -141,24 +142,30 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        method: str = details.method
-        if handler is None or not method.startswith(_SERVICE_PREFIX):
+        if handler is None or not details.method.startswith(_SERVICE_PREFIX):
             return handler
-        authorization = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-        gate, limited = self._gate, method in _LIMITED_METHODS
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrapped[handler] = self._wrap(handler, details.method in _LIMITED_METHODS)
+        return wrapped
 
+    def _wrap(self, handler: grpc.RpcMethodHandler, limited: bool) -> grpc.RpcMethodHandler:
+        gate = self._gate
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    tenant = gate.authenticate(authorization)
+                    tenant = gate.authenticate(_authorization(context))
                     token = current_tenant.set(tenant)
                     try:
                         if not limited:
                             return await inner_unary(request, context)
-                        async with gate.admitted(tenant, remaining_s(context)):
+                        await gate.enter(tenant, remaining_s(context))
+                        try:
                             return await inner_unary(request, context)
+                        finally:
+                            gate.leave(tenant)
                     finally:
                         current_tenant.reset(token)
                 except FeatherError as e:
@@ -174,12 +181,15 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                tenant = gate.authenticate(authorization)
+                tenant = gate.authenticate(_authorization(context))
                 token = current_tenant.set(tenant)
                 try:
-                    async with gate.admitted(tenant, remaining_s(context)):
+                    await gate.enter(tenant, remaining_s(context))
+                    try:
                         async for response in inner_stream(request, context):
                             yield response
+                    finally:
+                        gate.leave(tenant)
                 finally:
                     current_tenant.reset(token)
             except FeatherError as e:
@@ -188,3 +198,10 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return grpc.unary_stream_rpc_method_handler(
             stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
