@@ -87,6 +87,8 @@ class Admission:
         self, tenant: TenantConfig, request: ChatRequest, candidates: Sequence[RouteCandidate], deadline: float | None
     ) -> Ticket:
         ticket = Ticket(tenant)
+        if tenant.tpm is None and tenant.daily_budget_nanos is None and tenant.monthly_budget_nanos is None:
+            return ticket  # nothing to reserve: the common case costs nothing
         output = request.max_tokens or DEFAULT_OUTPUT_RESERVATION
         prompt = estimate_prompt_tokens(request.messages)
         try:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -346,7 +346,7 @@ class Feather:
         return _Call(
             request=request,
             ctx=ctx,
-            request_id=request.request_id or uuid.uuid4().hex,
+            request_id=request.request_id or os.urandom(16).hex(),  # 128 random bits, as uuid4 but cheaper
             started=time.monotonic(),
             started_ns=time.time_ns(),
             streamed=streamed,

@@ -60,10 +60,16 @@ def check_record(record: UsageRecord) -> None:
     A durable ledger writes records in batches; a record that fails there would fail its whole
     batch, so every value is checked before it is queued.
     """
+    # Every record passes through here on the hot path: the common case is tested inline, and only a
+    # value that fails it goes through the function that explains why.
     for name in STR_FIELDS:
-        _check_text(name, getattr(record, name))
+        text = getattr(record, name)
+        if type(text) is not str or not text.isascii():
+            _check_text(name, text)
     for name in INT_FIELDS:
         value = getattr(record, name)
+        if type(value) is int and INT64_MIN <= value <= INT64_MAX:
+            continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"UsageRecord.{name} must be an int, got {type(value).__name__}")
         if not INT64_MIN <= value <= INT64_MAX:
