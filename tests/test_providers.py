@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
+import orjson
 import pytest
 
 from feather_grpc.engine.errors import ProviderError
@@ -32,6 +32,7 @@ from feather_grpc.engine.types import (
 )
 from feather_grpc.providers import (
     AnthropicProvider,
+    HttpClient,
     MockProvider,
     OpenAIProvider,
     Provider,
@@ -62,7 +63,7 @@ WEATHER = ToolSpec(
 )
 
 
-def openai(sim: UpstreamSimulator, session: aiohttp.ClientSession, **kw: Any) -> Provider:
+def openai(sim: UpstreamSimulator, session: HttpClient, **kw: Any) -> Provider:
     settings = ProviderSettings(
         name=kw.pop("name", "openai"),
         type=kw.pop("type", "openai"),
@@ -73,7 +74,7 @@ def openai(sim: UpstreamSimulator, session: aiohttp.ClientSession, **kw: Any) ->
     return build_provider(settings, session)
 
 
-def anthropic(sim: UpstreamSimulator, session: aiohttp.ClientSession, **kw: Any) -> Provider:
+def anthropic(sim: UpstreamSimulator, session: HttpClient, **kw: Any) -> Provider:
     settings = ProviderSettings(
         name="anthropic", type="anthropic", base_url=sim.url, api_key=kw.pop("api_key", ANTHROPIC_KEY), **kw
     )
@@ -138,13 +139,16 @@ def awkward(**kw: Any) -> Reply:
 
 
 async def test_sim_awkward_split_reaches_the_client_as_separate_reads(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     upstream.enqueue(awkward(content=UNICODE_TEXT, line_ending="\r\n"))
     body = {"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    headers = {"anthropic-version": "2023-06-01"}
-    async with http_session.post(upstream.url + ANTHROPIC_PATH, json=body, headers=headers) as resp:
-        reads = [chunk async for chunk in resp.content.iter_any()]
+    headers = [("Content-Type", "application/json"), ("anthropic-version", "2023-06-01")]
+    resp = await http_session.endpoint(upstream.url + ANTHROPIC_PATH, headers).request(orjson.dumps(body))
+    try:
+        reads = [chunk async for chunk in resp]
+    finally:
+        resp.close()
     assert len(reads) > 20
     assert any(r.endswith(b"\r") for r in reads), "some read ends between CR and LF"
     assert any(r[-1] >= 0xC0 for r in reads), "some read ends inside a multi-byte character"
@@ -152,24 +156,23 @@ async def test_sim_awkward_split_reaches_the_client_as_separate_reads(
     assert b"".join(reads).decode().count("\r\n\r\n") == b"".join(reads).decode().count("event: ")
 
 
-async def test_sim_validates_like_the_real_apis(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_sim_validates_like_the_real_apis(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
+    json_type = ("Content-Type", "application/json")
     bad = {"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}
-    async with http_session.post(
-        upstream.url + ANTHROPIC_PATH, json=bad, headers={"anthropic-version": "2023-06-01"}
-    ) as resp:
-        assert resp.status == 400
-        assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    anthropic_api = http_session.endpoint(
+        upstream.url + ANTHROPIC_PATH, [json_type, ("anthropic-version", "2023-06-01")]
+    )
+    resp = await anthropic_api.request(orjson.dumps(bad))
+    assert resp.status == 400
+    assert orjson.loads(await resp.read())["error"]["type"] == "invalid_request_error"
     orphan = {"model": "m", "messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}
-    async with http_session.post(upstream.url + OPENAI_PATH, json=orphan) as resp:
-        assert resp.status == 400
+    resp = await http_session.endpoint(upstream.url + OPENAI_PATH, [json_type]).request(orjson.dumps(orphan))
+    assert resp.status == 400
+    await resp.read()
     assert len(upstream.requests) == 2
 
 
-async def test_sim_script_matches_path_and_model(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_sim_script_matches_path_and_model(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(content="for b"), model="model-b")
     upstream.enqueue(Reply(content="for anthropic"), path=ANTHROPIC_PATH)
     oa = openai(upstream, http_session)
@@ -179,7 +182,7 @@ async def test_sim_script_matches_path_and_model(
     assert upstream.pending == 0
 
 
-async def test_sim_rejects_wrong_key_when_it_has_one(http_session: aiohttp.ClientSession) -> None:
+async def test_sim_rejects_wrong_key_when_it_has_one(http_session: HttpClient) -> None:
     async with UpstreamSimulator(api_key="right") as sim:
         err = await failure(openai(sim, http_session, api_key="wrong").chat("m", ask()))
         assert err.reason == "UPSTREAM_AUTH_FAILED"
@@ -190,7 +193,7 @@ async def test_sim_rejects_wrong_key_when_it_has_one(http_session: aiohttp.Clien
 
 
 async def test_openai_chat_default_reply_and_usage_formula(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     request = ChatRequest(
         model="fast", messages=[Message(Role.SYSTEM, "Be brief."), Message(Role.USER, "Say hi to Ada")]
@@ -204,9 +207,7 @@ async def test_openai_chat_default_reply_and_usage_formula(
     assert reply.usage == Usage(input_tokens=12, output_tokens=7)
 
 
-async def test_default_usage_follows_the_whole_prompt(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_default_usage_follows_the_whole_prompt(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     provider = openai(upstream, http_session)
     short = await provider.chat("m", ask("same question"))
     messages = [Message(Role.SYSTEM, "four words of system"), Message(Role.USER, "same question")]
@@ -214,9 +215,7 @@ async def test_default_usage_follows_the_whole_prompt(
     assert (await provider.chat("m", longer)).usage.input_tokens == short.usage.input_tokens + 4 + 3
 
 
-async def test_openai_sends_the_documented_request(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_openai_sends_the_documented_request(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     request = ChatRequest(
         model="fast",
         messages=[
@@ -286,14 +285,14 @@ async def test_openai_sends_the_documented_request(
     [(ToolChoice("auto"), "auto"), (ToolChoice("none"), "none"), (ToolChoice("required"), "required"), (None, None)],
 )
 async def test_openai_tool_choice_modes(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, choice: ToolChoice | None, wire: str | None
+    upstream: UpstreamSimulator, http_session: HttpClient, choice: ToolChoice | None, wire: str | None
 ) -> None:
     await openai(upstream, http_session).chat("m", ask(tools=[WEATHER], tool_choice=choice))
     assert upstream.requests[-1].body.get("tool_choice") == wire
 
 
 async def test_openai_compatible_uses_max_tokens_and_sends_no_auth_without_key(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     provider = openai(upstream, http_session, type="openai-compatible", name="local", api_key="")
     assert isinstance(provider, OpenAIProvider)
@@ -306,7 +305,7 @@ async def test_openai_compatible_uses_max_tokens_and_sends_no_auth_without_key(
 
 
 async def test_openai_usage_normalisation_with_cached_and_reasoning_tokens(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     upstream.enqueue(Reply(content="ok", usage=SimUsage(12, 7, cached=3, reasoning=2)))
     reply = await openai(upstream, http_session).chat("m", ask())
@@ -314,7 +313,7 @@ async def test_openai_usage_normalisation_with_cached_and_reasoning_tokens(
 
 
 async def test_openai_without_usage_estimates_instead_of_billing_zero(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     upstream.enqueue(Reply(content="twelve chars", omit_usage=True))
     request = ask("how many tokens is this?")
@@ -322,7 +321,7 @@ async def test_openai_without_usage_estimates_instead_of_billing_zero(
     assert reply.usage == Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=3)
 
 
-async def test_openai_tool_calls_read_back(upstream: UpstreamSimulator, http_session: aiohttp.ClientSession) -> None:
+async def test_openai_tool_calls_read_back(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     calls = (SimToolCall("get_weather", '{"city":"Paris"}', "call_a"), SimToolCall("get_time", "{}", "call_b"))
     upstream.enqueue(Reply(tool_calls=calls))
     reply = await openai(upstream, http_session).chat("m", ask(tools=[WEATHER]))
@@ -345,7 +344,7 @@ async def test_openai_tool_calls_read_back(upstream: UpstreamSimulator, http_ses
     ],
 )
 async def test_openai_finish_reasons(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, wire: str, expected: FinishReason
+    upstream: UpstreamSimulator, http_session: HttpClient, wire: str, expected: FinishReason
 ) -> None:
     upstream.enqueue(Reply(content="x", finish_reason=wire), Reply(content="x", finish_reason=wire))
     provider = openai(upstream, http_session)
@@ -355,7 +354,7 @@ async def test_openai_finish_reasons(
 
 @pytest.mark.parametrize("line_ending", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
 async def test_openai_stream_with_awkward_framing(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, line_ending: str
+    upstream: UpstreamSimulator, http_session: HttpClient, line_ending: str
 ) -> None:
     upstream.enqueue(
         awkward(content=UNICODE_TEXT, usage=SimUsage(12, 7, cached=3), line_ending=line_ending, comments=True)
@@ -369,7 +368,7 @@ async def test_openai_stream_with_awkward_framing(
     assert sent["stream_options"] == {"include_usage": True}
 
 
-async def test_openai_stream_tool_calls(upstream: UpstreamSimulator, http_session: aiohttp.ClientSession) -> None:
+async def test_openai_stream_tool_calls(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     calls = (
         SimToolCall("get_weather", '{"city": "Zürich", "unit": "c"}', "call_a"),
         SimToolCall("get_time", '{"tz": "Europe/Paris"}', "call_b"),
@@ -385,16 +384,14 @@ async def test_openai_stream_tool_calls(upstream: UpstreamSimulator, http_sessio
 
 
 async def test_openai_stream_takes_the_last_usage_when_every_chunk_has_one(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     upstream.enqueue(Reply(content="one two three four", usage=SimUsage(20, 9), usage_every_chunk=True))
     events = await collect(openai(upstream, http_session).stream("m", ask()))
     assert finish_of(events).usage == Usage(20, 9)
 
 
-async def test_openai_stream_without_usage_reports_none(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_openai_stream_without_usage_reports_none(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(content="a b", omit_usage=True))
     events = await collect(openai(upstream, http_session).stream("m", ask()))
     assert text_of(events) == "a b"
@@ -402,7 +399,7 @@ async def test_openai_stream_without_usage_reports_none(
 
 
 async def test_openai_stream_that_got_json_instead_of_sse(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     doc = {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "whole"}, "finish_reason": "length"}],
@@ -416,9 +413,7 @@ async def test_openai_stream_that_got_json_instead_of_sse(
 @pytest.mark.parametrize(
     "reply", [Reply(content="a b c d", cut_after=3), Reply(content="a b c d", reset_after=3)], ids=["eof", "reset"]
 )
-async def test_openai_stream_cut(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, reply: Reply
-) -> None:
+async def test_openai_stream_cut(upstream: UpstreamSimulator, http_session: HttpClient, reply: Reply) -> None:
     upstream.enqueue(reply)
     seen: list[StreamEvent] = []
     with pytest.raises(ProviderError) as info:
@@ -431,7 +426,7 @@ async def test_openai_stream_cut(
         assert seen == [TextDelta("a "), TextDelta("b ")]  # role chunk + two pieces before the cut
 
 
-async def test_openai_mid_stream_error_chunk(upstream: UpstreamSimulator, http_session: aiohttp.ClientSession) -> None:
+async def test_openai_mid_stream_error_chunk(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(content="a b c", error_after=2, stream_error_type="server_error", error_message="boom"))
     err = await failure(openai(upstream, http_session).stream("m", ask()))
     assert (err.reason, err.retryable) == ("UPSTREAM_SERVER_ERROR", True)
@@ -473,7 +468,7 @@ async def test_openai_mid_stream_error_chunk(upstream: UpstreamSimulator, http_s
     ],
 )
 async def test_openai_http_errors(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, reply: Reply, reason: str, retryable: bool
+    upstream: UpstreamSimulator, http_session: HttpClient, reply: Reply, reason: str, retryable: bool
 ) -> None:
     upstream.enqueue(reply, reply)
     provider = openai(upstream, http_session)
@@ -502,7 +497,7 @@ async def test_openai_http_errors(
     ],
 )
 async def test_anthropic_http_errors(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, reply: Reply, reason: str, retryable: bool
+    upstream: UpstreamSimulator, http_session: HttpClient, reply: Reply, reason: str, retryable: bool
 ) -> None:
     upstream.enqueue(reply, reply)
     provider = anthropic(upstream, http_session)
@@ -510,9 +505,7 @@ async def test_anthropic_http_errors(
         assert (err.reason, err.retryable, err.http_status) == (reason, retryable, reply.status)
 
 
-async def test_error_message_format_and_no_secrets(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_error_message_format_and_no_secrets(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(status=401, error_message=f"Incorrect API key provided: {OPENAI_KEY}. " + "x" * 500))
     err = await failure(openai(upstream, http_session).chat("m", ask("my secret prompt")))
     prefix = "openai: 401 invalid_request_error (invalid_api_key): Incorrect API key provided: [redacted]. xxx"
@@ -524,7 +517,7 @@ async def test_error_message_format_and_no_secrets(
 
 
 async def test_error_body_arriving_in_many_reads_is_read_whole(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     long_message = "Rate limit reached. " * 20
     upstream.enqueue(Reply(status=429, error_message=long_message, split=40, piece_delay_s=0.001))
@@ -534,7 +527,7 @@ async def test_error_body_arriving_in_many_reads_is_read_whole(
 
 
 async def test_rate_limit_message_names_provider_status_and_type(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     upstream.enqueue(Reply(status=429, retry_after="2"))
     err = await failure(anthropic(upstream, http_session).chat("m", ask()))
@@ -558,7 +551,7 @@ async def test_rate_limit_message_names_provider_status_and_type(
 )
 async def test_retry_after_header_forms(
     upstream: UpstreamSimulator,
-    http_session: aiohttp.ClientSession,
+    http_session: HttpClient,
     headers: dict[str, str],
     low: float | None,
     high: float | None,
@@ -572,7 +565,7 @@ async def test_retry_after_header_forms(
         assert low <= err.retry_after_s <= (high or low)
 
 
-async def test_retry_after_http_date(upstream: UpstreamSimulator, http_session: aiohttp.ClientSession) -> None:
+async def test_retry_after_http_date(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(status=429, retry_after=email.utils.formatdate(time.time() + 30, usegmt=True)))
     err = await failure(anthropic(upstream, http_session).chat("m", ask()))
     assert err.retry_after_s is not None
@@ -598,9 +591,7 @@ def test_safe_text_redacts_key_shaped_strings() -> None:
     assert safe_text("short\n\nmulti  line") == "short multi line"
 
 
-async def test_non_json_error_body_uses_the_status_text(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_non_json_error_body_uses_the_status_text(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(status=502, body=b"<html><body>nginx says no</body></html>", content_type="text/html"))
     err = await failure(openai(upstream, http_session).chat("m", ask()))
     assert (err.reason, err.retryable) == ("UPSTREAM_SERVER_ERROR", True)
@@ -608,25 +599,21 @@ async def test_non_json_error_body_uses_the_status_text(
 
 
 @pytest.mark.parametrize("body", [b"not json", b'{"unexpected": true}', b"[1, 2]"])
-async def test_unparseable_success_body(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, body: bytes
-) -> None:
+async def test_unparseable_success_body(upstream: UpstreamSimulator, http_session: HttpClient, body: bytes) -> None:
     upstream.enqueue(Reply(body=body), Reply(body=body))
     for provider in (openai(upstream, http_session), anthropic(upstream, http_session)):
         err = await failure(provider.chat("m", ask()))
         assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
 
 
-async def test_garbage_stream_chunk_is_a_bad_response(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_garbage_stream_chunk_is_a_bad_response(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(body=b"data: {not json}\n\n", content_type="text/event-stream"))
     err = await failure(openai(upstream, http_session).stream("m", ask()))
     assert err.reason == "UPSTREAM_BAD_RESPONSE"
 
 
 @pytest.mark.parametrize("reply", [Reply(drop=True), Reply(truncate_body=True)])
-async def test_read_errors(upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, reply: Reply) -> None:
+async def test_read_errors(upstream: UpstreamSimulator, http_session: HttpClient, reply: Reply) -> None:
     upstream.enqueue(reply, reply)
     for provider in (openai(upstream, http_session), anthropic(upstream, http_session)):
         err = await failure(provider.chat("m", ask()))
@@ -635,7 +622,7 @@ async def test_read_errors(upstream: UpstreamSimulator, http_session: aiohttp.Cl
     assert (await openai(upstream, http_session).chat("m", ask("x"))).content == "Hello from m: x"
 
 
-async def test_connect_error_on_a_closed_port(http_session: aiohttp.ClientSession) -> None:
+async def test_connect_error_on_a_closed_port(http_session: HttpClient) -> None:
     settings = ProviderSettings("openai", "openai", f"http://127.0.0.1:{closed_port()}/v1", api_key=OPENAI_KEY)
     provider = build_provider(settings, http_session)
     for err in (await failure(provider.chat("m", ask())), await failure(provider.stream("m", ask()))):
@@ -649,7 +636,7 @@ async def test_connect_error_on_a_closed_port(http_session: aiohttp.ClientSessio
 
 @pytest.mark.parametrize("make", [openai, anthropic], ids=["openai", "anthropic"])
 async def test_closing_a_stream_early_closes_the_upstream_connection(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, make: Any
+    upstream: UpstreamSimulator, http_session: HttpClient, make: Any
 ) -> None:
     upstream.enqueue(Reply(content="first second third", hang_after=4))
     stream = make(upstream, http_session).stream("m", ask())
@@ -663,7 +650,7 @@ async def test_closing_a_stream_early_closes_the_upstream_connection(
 
 @pytest.mark.parametrize("make", [openai, anthropic], ids=["openai", "anthropic"])
 async def test_cancelling_a_stream_propagates_and_closes_the_upstream_connection(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, make: Any
+    upstream: UpstreamSimulator, http_session: HttpClient, make: Any
 ) -> None:
     upstream.enqueue(Reply(content="first second third", hang_after=4))
     got_first = asyncio.Event()
@@ -686,7 +673,7 @@ async def test_cancelling_a_stream_propagates_and_closes_the_upstream_connection
 
 
 async def test_cancelling_a_chat_propagates_and_closes_the_connection(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     upstream.enqueue(Reply(latency_s=30))
     task = asyncio.create_task(openai(upstream, http_session).chat("m", ask()))
@@ -701,9 +688,7 @@ async def test_cancelling_a_chat_propagates_and_closes_the_connection(
 # -- Anthropic ----------------------------------------------------------------------------------------
 
 
-async def test_anthropic_chat_request_shape_and_defaults(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_anthropic_chat_request_shape_and_defaults(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     request = ChatRequest(
         model="smart",
         messages=[
@@ -735,9 +720,7 @@ async def test_anthropic_chat_request_shape_and_defaults(
     assert reply.usage == Usage(input_tokens=default_usage(texts, 1, reply.content).input, output_tokens=4)
 
 
-async def test_anthropic_base_url_may_already_end_in_v1(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
-) -> None:
+async def test_anthropic_base_url_may_already_end_in_v1(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     settings = ProviderSettings("anthropic", "anthropic", upstream.url + "/v1/", api_key=ANTHROPIC_KEY)
     reply = await AnthropicProvider(settings, http_session).chat("m", ask("x", max_tokens=5))
     assert reply.content == "Hello from m: x"
@@ -745,7 +728,7 @@ async def test_anthropic_base_url_may_already_end_in_v1(
 
 
 async def test_anthropic_tools_and_tool_results_in_its_format(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     request = ChatRequest(
         model="smart",
@@ -812,14 +795,14 @@ async def test_anthropic_tools_and_tool_results_in_its_format(
     ],
 )
 async def test_anthropic_tool_choice(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, choice: ToolChoice, wire: dict[str, str]
+    upstream: UpstreamSimulator, http_session: HttpClient, choice: ToolChoice, wire: dict[str, str]
 ) -> None:
     await anthropic(upstream, http_session).chat("m", ask(tools=[WEATHER], tool_choice=choice))
     assert upstream.requests[-1].body["tool_choice"] == wire
 
 
 async def test_anthropic_rejects_tool_arguments_that_are_not_an_object(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     request = ChatRequest(
         model="m",
@@ -835,7 +818,7 @@ async def test_anthropic_rejects_tool_arguments_that_are_not_an_object(
 
 
 async def test_anthropic_reads_all_text_blocks_tool_use_and_cache_usage(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     message = {
         "id": "msg_1",
@@ -868,7 +851,7 @@ async def test_anthropic_reads_all_text_blocks_tool_use_and_cache_usage(
 
 
 async def test_anthropic_usage_normalisation_from_the_simulator(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     usage = SimUsage(10, 7, cached=3, cache_write=5)
     upstream.enqueue(Reply(content="ok", usage=usage), Reply(content="ok", usage=usage))
@@ -890,7 +873,7 @@ async def test_anthropic_usage_normalisation_from_the_simulator(
     ],
 )
 async def test_anthropic_finish_reasons(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, wire: str, expected: FinishReason
+    upstream: UpstreamSimulator, http_session: HttpClient, wire: str, expected: FinishReason
 ) -> None:
     upstream.enqueue(Reply(content="x", finish_reason=wire), Reply(content="x", finish_reason=wire))
     provider = anthropic(upstream, http_session)
@@ -900,7 +883,7 @@ async def test_anthropic_finish_reasons(
 
 @pytest.mark.parametrize("line_ending", ["\n", "\r\n"], ids=["lf", "crlf"])
 async def test_anthropic_stream_with_awkward_framing_pings_and_cumulative_usage(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession, line_ending: str
+    upstream: UpstreamSimulator, http_session: HttpClient, line_ending: str
 ) -> None:
     # message_start says output 5 so far; message_delta says 7 in total. Adding would give 12.
     usage = SimUsage(10, 7, cached=3, cache_write=5, start_output=5)
@@ -914,7 +897,7 @@ async def test_anthropic_stream_with_awkward_framing_pings_and_cumulative_usage(
 
 
 async def test_anthropic_stream_tool_calls_use_call_ordinals(
-    upstream: UpstreamSimulator, http_session: aiohttp.ClientSession
+    upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
     calls = (SimToolCall("get_weather", '{"city": "Zürich"}', "toolu_a"), SimToolCall("get_time", "{}", "toolu_b"))
     upstream.enqueue(Reply(content="Let me check.", tool_calls=calls))
@@ -939,7 +922,7 @@ async def test_anthropic_stream_tool_calls_use_call_ordinals(
 )
 async def test_anthropic_mid_stream_error_event(
     upstream: UpstreamSimulator,
-    http_session: aiohttp.ClientSession,
+    http_session: HttpClient,
     error_type: str,
     reason: str,
     retryable: bool,
@@ -956,7 +939,7 @@ async def test_anthropic_mid_stream_error_event(
     assert seen == [TextDelta("a ")]  # message_start, block start, ping, first delta, then the error
 
 
-async def test_anthropic_stream_cut(upstream: UpstreamSimulator, http_session: aiohttp.ClientSession) -> None:
+async def test_anthropic_stream_cut(upstream: UpstreamSimulator, http_session: HttpClient) -> None:
     upstream.enqueue(Reply(content="a b c", cut_after=5))
     err = await failure(anthropic(upstream, http_session).stream("m", ask()))
     assert (err.reason, err.retryable) == ("UPSTREAM_STREAM_CUT", True)
@@ -1021,6 +1004,6 @@ async def test_mock_stream_word_deltas_match_chat() -> None:
     assert finish_of(events) == StreamFinish(reply.finish_reason, reply.usage)
 
 
-async def test_build_provider_rejects_unknown_types(http_session: aiohttp.ClientSession) -> None:
+async def test_build_provider_rejects_unknown_types(http_session: HttpClient) -> None:
     with pytest.raises(ValueError, match="unknown provider type 'gemini'"):
         build_provider(ProviderSettings("g", "gemini", "http://x"), http_session)

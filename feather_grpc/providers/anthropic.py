@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from feather_grpc.engine.errors import ProviderError
@@ -32,6 +31,7 @@ from feather_grpc.providers.http import (
     stream_cut,
 )
 from feather_grpc.providers.sse import SSEParser
+from feather_grpc.providers.transport import HttpClient, HttpError
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
 
@@ -141,9 +141,8 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
 class AnthropicProvider:
     """POST `{base_url}/v1/messages`; `base_url` is the API root, e.g. `https://api.anthropic.com`."""
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
         self.settings = settings
-        self._session = session
         self._name = settings.name
         self._api_key = settings.api_key
         root = settings.base_url.rstrip("/")
@@ -152,7 +151,8 @@ class AnthropicProvider:
         if settings.api_key:
             headers["x-api-key"] = settings.api_key
         headers.update(settings.extra_headers)
-        self._headers = headers
+        # The request head (Host, these headers) is encoded once, here; a request adds its length.
+        self._endpoint = session.endpoint(self._url, list(headers.items()))
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         system, messages = build_messages(self._name, request)
@@ -192,7 +192,7 @@ class AnthropicProvider:
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._session, self._name, self._url, payload, self._headers, self._api_key)
+        doc = await post_json(self._endpoint, self._name, payload, self._api_key)
         try:
             if not isinstance(doc, dict):
                 raise TypeError
@@ -219,31 +219,28 @@ class AnthropicProvider:
         name = self._name
         started = False
         try:
-            async with self._session.post(
-                self._url, data=payload, headers=self._headers, allow_redirects=False
-            ) as resp:
+            resp = await self._endpoint.request(payload)
+            try:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                try:
-                    parser = SSEParser()
-                    reader = _EventReader(name, self._api_key)
-                    async for chunk in resp.content.iter_any():
-                        for event in parser.feed(chunk):
-                            for out in reader.handle(event.event, event.data):
-                                yield out
-                            if reader.done:
-                                break
+                parser = SSEParser()
+                reader = _EventReader(name, self._api_key)
+                async for chunk in resp:
+                    for event in parser.feed(chunk):
+                        for out in reader.handle(event.event, event.data):
+                            yield out
                         if reader.done:
                             break
-                    if not reader.done:
-                        raise stream_cut(name, "ended without message_stop")
-                    if not resp.content.at_eof():
-                        resp.close()  # bytes after message_stop: not reusable
-                except BaseException:
-                    resp.close()  # never return a half-read connection to the pool
-                    raise
-        except aiohttp.ClientError as exc:
+                    if reader.done:
+                        break
+                if not reader.done:
+                    raise stream_cut(name, "ended without message_stop")
+            finally:
+                # Read to the end, the connection is already back in the pool and this is a no-op;
+                # otherwise (bytes after message_stop, an error, aclose() or cancellation) it is closed.
+                resp.close()
+        except HttpError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
         yield reader.finish()  # after the response is released
 

@@ -1,18 +1,20 @@
-"""The shared HTTP pool and the translation of upstream HTTP failures into typed `ProviderError`s."""
+"""The shared HTTP client and the translation of upstream HTTP failures into typed `ProviderError`s."""
 
 from __future__ import annotations
 
 import email.utils
 import math
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import aiohttp
 import orjson
 
 from feather_grpc.engine.errors import ProviderError
+from feather_grpc.providers.transport import ConnectError, Endpoint, HttpClient, HttpError, InvalidURL, Response
 
 __all__ = [
     "MAX_ERROR_BODY_BYTES",
@@ -35,30 +37,25 @@ _MESSAGE_LIMIT = 300
 
 def new_session(
     *,
-    limit: int = 1000,
-    limit_per_host: int = 0,
+    limit_per_host: int = 1000,
     keepalive_timeout_s: float = 30.0,
-    connect_timeout_s: float | None = None,
     user_agent: str = "feather-grpc",
-    trust_env: bool = False,
-) -> aiohttp.ClientSession:
-    """The one pooled session every provider shares. Call inside the running loop; the owner closes it.
+    ssl_context: ssl.SSLContext | None = None,
+) -> Any:
+    """The one pooled `HttpClient` every provider shares. Create it in the running loop; the owner
+    `await`s its `close()`. (Typed `Any` only while engine/gateway.py still annotates its session as an
+    aiohttp `ClientSession`; the return type becomes `HttpClient` once it does not.)
 
-    No total or read timeout: the engine bounds every call with `asyncio.timeout` from the caller's
-    deadline. `limit` caps open connections across all upstreams (0 = unlimited).
+    No timeouts of its own: the engine bounds every call (connect included) with `asyncio.timeout` from
+    the caller's deadline. `limit_per_host` caps the connections to one upstream (callers beyond it wait
+    in FIFO order); idle ones close after `keepalive_timeout_s`. `ssl_context` defaults to
+    `ssl.create_default_context()` (system CAs, `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured).
     """
-    connector = aiohttp.TCPConnector(
-        limit=limit,
-        limit_per_host=limit_per_host,
-        keepalive_timeout=keepalive_timeout_s,
-        ttl_dns_cache=60,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
-        headers={"User-Agent": user_agent},
-        trust_env=trust_env,
-        raise_for_status=False,
+    return HttpClient(
+        max_per_host=limit_per_host,
+        keepalive_timeout_s=keepalive_timeout_s,
+        user_agent=user_agent,
+        ssl_context=ssl_context,
     )
 
 
@@ -211,20 +208,19 @@ def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
     return "UPSTREAM_BAD_REQUEST", False
 
 
-async def error_from_response(provider: str, resp: aiohttp.ClientResponse, api_key: str = "") -> ProviderError:
-    """Read (a bounded amount of) a non-2xx response and classify it."""
+async def error_from_response(provider: str, resp: Response, api_key: str = "") -> ProviderError:
+    """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`."""
     parts: list[bytes] = []
     size = 0
     try:
-        while size < MAX_ERROR_BODY_BYTES:  # read() returns what has arrived; a body can span reads
-            part = await resp.content.read(MAX_ERROR_BODY_BYTES - size)
-            if not part:
-                break
+        async for part in resp:  # each read returns what has arrived; a body can span reads
             parts.append(part)
             size += len(part)
-    except aiohttp.ClientError:
+            if size >= MAX_ERROR_BODY_BYTES:
+                break
+    except HttpError:
         pass  # classify on what arrived
-    body = b"".join(parts)
+    body = b"".join(parts)[:MAX_ERROR_BODY_BYTES]
     parsed = parse_error_body(body)
     if not parsed.message and not parsed.type:
         parsed = UpstreamErrorBody(message=resp.reason or "")
@@ -234,42 +230,35 @@ async def error_from_response(provider: str, resp: aiohttp.ClientResponse, api_k
 
 
 def classify_transport_error(
-    provider: str, exc: aiohttp.ClientError, *, streaming: bool = False, api_key: str = ""
+    provider: str, exc: HttpError, *, streaming: bool = False, api_key: str = ""
 ) -> ProviderError:
     """Connection-level failures. `streaming` means the stream had started: a failure is then a cut."""
     detail = safe_text(f"{type(exc).__name__}: {exc}", api_key)
-    if isinstance(exc, aiohttp.InvalidURL):
+    if isinstance(exc, InvalidURL):
         return ProviderError("UPSTREAM_CONNECT_ERROR", f"{provider}: invalid URL", retryable=False)
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return ProviderError("UPSTREAM_TIMEOUT", f"{provider}: timeout: {detail}", retryable=True)
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectError):
         return ProviderError("UPSTREAM_CONNECT_ERROR", f"{provider}: connect error: {detail}", retryable=True)
     if streaming:
         return ProviderError("UPSTREAM_STREAM_CUT", f"{provider}: stream cut: {detail}", retryable=True)
     return ProviderError("UPSTREAM_READ_ERROR", f"{provider}: read error: {detail}", retryable=True)
 
 
-async def post_json(
-    session: aiohttp.ClientSession,
-    provider: str,
-    url: str,
-    body: bytes,
-    headers: Mapping[str, str],
-    api_key: str = "",
-) -> object:
+async def post_json(endpoint: Endpoint, provider: str, body: bytes, api_key: str = "") -> object:
     """One non-streaming POST: the parsed JSON of a 2xx reply, or a classified `ProviderError`."""
     try:
-        async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+        resp = await endpoint.request(body)
+        try:
             if resp.status >= 300:
                 raise await error_from_response(provider, resp, api_key)
             raw = await resp.read()
-            status = resp.status
-    except aiohttp.ClientError as exc:
+        finally:
+            resp.close()  # a no-op once the body was read whole: the connection is back in the pool
+    except HttpError as exc:
         raise classify_transport_error(provider, exc, api_key=api_key) from exc
     try:
         return orjson.loads(raw)
     except ValueError:
-        raise bad_response(provider, "body is not JSON", status) from None
+        raise bad_response(provider, "body is not JSON", resp.status) from None
 
 
 def bad_response(provider: str, what: str, status: int = 200) -> ProviderError:

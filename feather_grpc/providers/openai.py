@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from feather_grpc.engine.errors import ProviderError
@@ -34,6 +33,7 @@ from feather_grpc.providers.http import (
     stream_cut,
 )
 from feather_grpc.providers.sse import SSEParser
+from feather_grpc.providers.transport import HttpClient, HttpError
 
 __all__ = ["OpenAIProvider", "finish_reason", "normalise_usage"]
 
@@ -108,9 +108,8 @@ def _stream_error_status(err: UpstreamErrorBody) -> int:
 class OpenAIProvider:
     """POST `{base_url}/chat/completions`; `base_url` normally ends in `/v1`."""
 
-    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
         self.settings = settings
-        self._session = session
         self._name = settings.name
         self._api_key = settings.api_key
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
@@ -118,7 +117,8 @@ class OpenAIProvider:
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         headers.update(settings.extra_headers)
-        self._headers = headers
+        # The request head (Host, these headers) is encoded once, here; a request adds its length.
+        self._endpoint = session.endpoint(self._url, list(headers.items()))
         # OpenAI's reasoning models reject `max_tokens`; `max_completion_tokens` works for every OpenAI
         # chat model. Compatible servers (vLLM, Ollama, Groq...) know `max_tokens`.
         self._max_tokens_field = "max_completion_tokens" if settings.type == "openai" else "max_tokens"
@@ -166,7 +166,7 @@ class OpenAIProvider:
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._session, self._name, self._url, payload, self._headers, self._api_key)
+        doc = await post_json(self._endpoint, self._name, payload, self._api_key)
         return self._parse_completion(doc, request)
 
     def _parse_completion(self, doc: object, request: ChatRequest) -> ProviderResponse:
@@ -206,45 +206,42 @@ class OpenAIProvider:
         name = self._name
         started = False
         try:
-            async with self._session.post(
-                self._url, data=payload, headers=self._headers, allow_redirects=False
-            ) as resp:
+            resp = await self._endpoint.request(payload)
+            try:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                try:
-                    if resp.content_type == "application/json":
-                        # A compatible server that ignored `stream: true`: replay its whole answer.
-                        raw = await resp.read()
-                        try:
-                            doc = orjson.loads(raw)
-                        except ValueError:
-                            raise bad_response(name, "body is not JSON") from None
-                        full = self._parse_completion(doc, request)
-                        if full.content:
-                            yield TextDelta(full.content)
-                        for i, call in enumerate(full.tool_calls):
-                            yield ToolCallDelta(i, call.id, call.name, call.arguments)
-                        reader = _ChunkReader.finished(name, full.finish_reason, full.usage)
-                    else:
-                        parser = SSEParser()
-                        reader = _ChunkReader(name, self._api_key)
-                        async for chunk in resp.content.iter_any():
-                            for event in parser.feed(chunk):
-                                for out in reader.handle(event.data):
-                                    yield out
-                                if reader.done:
-                                    break
+                if resp.content_type == "application/json":
+                    # A compatible server that ignored `stream: true`: replay its whole answer.
+                    raw = await resp.read()
+                    try:
+                        doc = orjson.loads(raw)
+                    except ValueError:
+                        raise bad_response(name, "body is not JSON") from None
+                    full = self._parse_completion(doc, request)
+                    if full.content:
+                        yield TextDelta(full.content)
+                    for i, call in enumerate(full.tool_calls):
+                        yield ToolCallDelta(i, call.id, call.name, call.arguments)
+                    reader = _ChunkReader.finished(name, full.finish_reason, full.usage)
+                else:
+                    parser = SSEParser()
+                    reader = _ChunkReader(name, self._api_key)
+                    async for chunk in resp:
+                        for event in parser.feed(chunk):
+                            for out in reader.handle(event.data):
+                                yield out
                             if reader.done:
                                 break
-                        if not reader.done:
-                            raise stream_cut(name, "ended without [DONE]")
-                        if not resp.content.at_eof():
-                            resp.close()  # bytes after [DONE]: not reusable
-                except BaseException:
-                    resp.close()  # never return a half-read connection to the pool
-                    raise
-        except aiohttp.ClientError as exc:
+                        if reader.done:
+                            break
+                    if not reader.done:
+                        raise stream_cut(name, "ended without [DONE]")
+            finally:
+                # Read to the end, the connection is already back in the pool and this is a no-op;
+                # otherwise (bytes after [DONE], an error, aclose() or cancellation) it is closed, never pooled.
+                resp.close()
+        except HttpError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
         # The response is released before the last events: a consumer that stops at StreamFinish without
         # closing the iterator holds no connection.

@@ -1,0 +1,789 @@
+"""The providers' HTTP/1.1 client (feather_grpc/providers/transport.py) against real sockets.
+
+Most tests talk to `RawServer`, a scripted asyncio server whose handler writes whatever bytes it likes,
+and which counts connections, requests and disconnects server-side. A few feed the parser directly to
+try every split position of a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feather_grpc.engine.errors import ProviderError
+from feather_grpc.providers import ProviderSettings, build_provider
+from feather_grpc.providers.http import new_session
+from feather_grpc.providers.transport import (
+    HIGH_WATER,
+    ConnectError,
+    Endpoint,
+    HttpClient,
+    InvalidURL,
+    ReadError,
+    Response,
+    _Connection,
+)
+
+OK_BODY = b'{"ok":true}'
+
+
+def ok(body: bytes = OK_BODY, *extra: str) -> bytes:
+    head = ["HTTP/1.1 200 OK", "Content-Type: application/json", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def chunked(pieces: list[bytes], trailers: str = "") -> bytes:
+    out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+    for i, piece in enumerate(pieces):
+        ext = ";name=value" if i % 2 else ""
+        out += f"{len(piece):X}{ext}\r\n".encode() + piece + b"\r\n"
+    return out + b"0\r\n" + trailers.encode() + b"\r\n"
+
+
+@dataclass
+class Req:
+    conn: int  # index of the server-side connection, in accept order
+    head: bytes
+    body: bytes
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+Handler = Callable[[Req], Awaitable[bool | None]]  # return False to close the connection after it
+
+
+@dataclass
+class RawServer:
+    handler: Handler
+    ssl_context: ssl.SSLContext | None = None
+    connections: int = 0
+    disconnects: int = 0
+    requests: list[Req] = field(default_factory=list)
+    port: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context else "http"
+        host = "localhost" if self.ssl_context else "127.0.0.1"
+        return f"{scheme}://{host}:{self.port}/v1/chat"
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self._server.wait_closed()
+
+    async def wait_for(self, done: Callable[[], bool], timeout_s: float = 2.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not done():
+                self.changed.clear()
+                await self.changed.wait()
+
+    def _note(self) -> None:
+        self.changed.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = self.connections
+        self.connections += 1
+        self._note()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                req = Req(index, head, body, reader, writer)
+                self.requests.append(req)
+                self._note()
+                if await self.handler(req) is False:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+            self.disconnects += 1
+            self._note()
+
+
+async def until_client_gone(req: Req) -> None:
+    """Hold the response, reading, so the server notices when the client closes the connection."""
+    with contextlib.suppress(ConnectionError):
+        while await req.reader.read(65536):
+            pass
+
+
+async def settle() -> None:
+    """Let closed transports run `connection_lost` (scheduled with `call_soon`)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def reply(req: Req, data: bytes, *, pieces: int = 1, delay_s: float = 0.0, seed: int = 0) -> None:
+    """Write `data`, cut into `pieces` random pieces sent `delay_s` apart (so each is its own read)."""
+    if pieces <= 1:
+        req.writer.write(data)
+        await req.writer.drain()
+        return
+    cuts = sorted(random.Random(seed).sample(range(1, len(data)), min(pieces - 1, len(data) - 1)))
+    start = 0
+    for cut in [*cuts, len(data)]:
+        req.writer.write(data[start:cut])
+        await req.writer.drain()
+        start = cut
+        await asyncio.sleep(delay_s)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpClient]:
+    c = HttpClient()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def endpoint(client: HttpClient, server: RawServer) -> Endpoint:
+    return client.endpoint(server.url, [("Content-Type", "application/json"), ("Authorization", "Bearer k")])
+
+
+async def post(ep: Endpoint, body: bytes = b"{}") -> tuple[Response, bytes]:
+    resp = await ep.request(body)
+    try:
+        return resp, await resp.read()
+    finally:
+        resp.close()
+
+
+# -- requests and keep-alive ----------------------------------------------------------------------
+
+
+async def test_one_write_with_the_prebuilt_head_and_keep_alive_reuse(client: HttpClient) -> None:
+    async def handler(req: Req) -> None:
+        await reply(req, ok(req.body))
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        for i in range(5):
+            resp, body = await post(ep, b'{"n":%d}' % i)
+            assert (resp.status, resp.reason, body) == (200, "OK", b'{"n":%d}' % i)
+            assert resp.headers["content-type"] == "application/json"
+            assert resp.content_type == "application/json"
+        assert server.connections == 1, "one keep-alive connection for sequential requests"
+        assert client.connections() == client.idle_connections() == 1
+        head = server.requests[0].head.decode()
+        assert head.startswith("POST /v1/chat HTTP/1.1\r\n")
+        lines = head.split("\r\n")
+        assert f"Host: 127.0.0.1:{server.port}" in lines
+        assert "User-Agent: feather-grpc" in lines
+        assert "Content-Type: application/json" in lines
+        assert "Authorization: Bearer k" in lines
+        assert "Content-Length: 7" in lines
+        assert not any(line.lower().startswith("accept-encoding") for line in lines), "identity bodies only"
+
+
+async def test_concurrent_requests_open_connections_up_to_the_limit_then_wait_fifo() -> None:
+    release: dict[bytes, asyncio.Event] = {}
+
+    async def handler(req: Req) -> None:
+        await release.setdefault(req.body, asyncio.Event()).wait()
+        await reply(req, ok(req.body))
+
+    client = HttpClient(max_per_host=2)
+    try:
+        async with RawServer(handler) as server:
+            ep = endpoint(client, server)
+            tasks = []
+            for i in range(5):
+                tasks.append(asyncio.create_task(post(ep, b"%d" % i)))
+                await asyncio.sleep(0.01)  # acquire in this order
+            await server.wait_for(lambda: len(server.requests) == 2)
+            await asyncio.sleep(0.05)
+            assert [r.body for r in server.requests] == [b"0", b"1"], "the others wait for a connection"
+            release.setdefault(b"1", asyncio.Event()).set()
+            await server.wait_for(lambda: len(server.requests) == 3)
+            assert server.requests[2].body == b"2" and server.requests[2].conn == server.requests[1].conn
+            release.setdefault(b"0", asyncio.Event()).set()
+            await server.wait_for(lambda: len(server.requests) == 4)
+            assert server.requests[3].body == b"3", "first come, first served"
+            for key in (b"2", b"3", b"4"):
+                release.setdefault(key, asyncio.Event()).set()
+            results = await asyncio.gather(*tasks)
+            assert [body for _, body in results] == [b"0", b"1", b"2", b"3", b"4"]
+            assert server.connections == 2
+            assert client.idle_connections() == 2
+    finally:
+        await client.close()
+
+
+async def test_a_waiter_that_gives_up_keeps_neither_its_place_nor_a_slot() -> None:
+    gate = asyncio.Event()
+
+    async def handler(req: Req) -> None:
+        if req.body == b"0":
+            await gate.wait()
+        await reply(req, ok(req.body))
+
+    client = HttpClient(max_per_host=1)
+    try:
+        async with RawServer(handler) as server:
+            ep = endpoint(client, server)
+            first = asyncio.create_task(post(ep, b"0"))
+            await server.wait_for(lambda: len(server.requests) == 1)
+            quitter = asyncio.create_task(post(ep, b"1"))
+            patient = asyncio.create_task(post(ep, b"2"))
+            await asyncio.sleep(0.02)
+            quitter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await quitter
+            gate.set()
+            assert (await first)[1] == b"0"
+            assert (await patient)[1] == b"2"
+            assert [r.body for r in server.requests] == [b"0", b"2"]
+            assert server.connections == 1
+            pool = next(iter(client._pools.values()))
+            assert (pool._open, len(pool._waiters), client.idle_connections()) == (1, 0, 1)
+    finally:
+        await client.close()
+
+
+async def test_idle_connections_expire_after_the_keep_alive_timeout() -> None:
+    async def handler(req: Req) -> None:
+        await reply(req, ok())
+
+    client = HttpClient(keepalive_timeout_s=0.15)
+    try:
+        async with RawServer(handler) as server:
+            ep = endpoint(client, server)
+            await post(ep)
+            assert client.idle_connections() == 1
+            await server.wait_for(lambda: server.disconnects == 1, timeout_s=2.0)  # closed by the client
+            assert client.connections() == 0
+            await post(ep)
+            assert server.connections == 2
+    finally:
+        await client.close()
+
+
+# -- response framing ---------------------------------------------------------------------------------
+
+
+async def test_content_length_body_split_across_many_reads(client: HttpClient) -> None:
+    body = ("é" * 3000).encode()
+
+    async def handler(req: Req) -> None:
+        await reply(req, ok(body), pieces=40, delay_s=0.001, seed=len(server.requests))
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        for _ in range(3):
+            assert (await post(ep))[1] == body
+        assert server.connections == 1
+
+
+async def test_chunked_with_extensions_odd_boundaries_and_trailers(client: HttpClient) -> None:
+    pieces = [b"data: one\n\n", b"x" * 300, b"\r\n", b"data: \xc3\xa9\n\n", b"z"]
+    raw = chunked(pieces, trailers="X-Checksum: abc\r\nX-Other: 1\r\n")
+
+    async def handler(req: Req) -> None:
+        await reply(req, raw, pieces=60, delay_s=0.001, seed=len(server.requests))
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        for _ in range(3):
+            resp = await ep.request(b"{}")
+            reads = [chunk async for chunk in resp]
+            resp.close()
+            assert b"".join(reads) == b"".join(pieces)
+            assert len(reads) > 5, "delivered as it arrives, not at the end"
+        assert server.connections == 1, "the connection is reused after the trailers"
+
+
+def feed_all(data_splits: list[bytes]) -> tuple[Response, list[str]]:
+    """Feed a response to a connection protocol in the given pieces, without sockets."""
+    events: list[str] = []
+
+    class Pool:
+        closed = False
+
+        def release(self, conn: Any) -> None:
+            events.append("released")
+
+        def lost(self, conn: Any) -> None:
+            events.append("lost")
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            events.append("closed")
+
+        def abort(self) -> None:
+            events.append("aborted")
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    conn = _Connection(Pool())  # type: ignore[arg-type]
+    conn.connection_made(Transport())  # type: ignore[arg-type]
+    ex = Response(conn)
+    conn.send(b"", ex)
+    for data in data_splits:
+        conn.data_received(data)
+    return ex, events
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        ok(b'{"a": "\xc3\xa9"}' * 20),
+        chunked([b"data: a\n\n", b"b" * 40, b"\r\n\r\n", b"c"], trailers="T: 1\r\nU: 2\r\n"),
+        b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"after continue"),
+        b"HTTP/1.1 200 OK\nContent-Length: 3\nX-Folded: a\n b\n\nabc",  # bare LF and a folded header
+    ],
+    ids=["content-length", "chunked", "100-continue", "bare-lf"],
+)
+def test_every_split_position_parses_the_same(raw: bytes) -> None:
+    whole, events = feed_all([raw])
+    assert whole._done and whole._exc is None and events == ["released"]
+    body = b"".join(whole._parts)
+    for cut in range(1, len(raw)):
+        ex, events = feed_all([raw[:cut], raw[cut:]])
+        assert (ex._done, ex._exc, b"".join(ex._parts), events) == (True, None, body, ["released"]), cut
+    ex, events = feed_all([raw[i : i + 1] for i in range(len(raw))])
+    assert (ex._done, b"".join(ex._parts), events) == (True, body, ["released"])
+    assert ex.status == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "what"),
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n", "not followed by CRLF"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\nabcd", "conflicting content-length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "content-length"),
+        (b"SMTP ready\r\n\r\n", "status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "header line"),
+    ],
+)
+def test_malformed_responses_fail_and_close(raw: bytes, what: str) -> None:
+    ex, events = feed_all([raw])
+    assert isinstance(ex._exc, ReadError) and what in str(ex._exc)
+    assert events == ["aborted"]
+
+
+async def test_connection_close_is_honoured(client: HttpClient) -> None:
+    async def handler(req: Req) -> bool:
+        await reply(req, ok(OK_BODY, "Connection: close"))
+        await asyncio.sleep(0.05)  # the client must not wait for the server to close first
+        return False
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        assert (await post(ep))[1] == OK_BODY
+        assert client.idle_connections() == 0
+        assert (await post(ep))[1] == OK_BODY
+        assert server.connections == 2
+
+
+async def test_http_1_0_responses(client: HttpClient) -> None:
+    async def handler(req: Req) -> bool | None:
+        if req.body == b"close":  # no length: the body ends with the connection
+            await reply(req, b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + OK_BODY, pieces=3)
+            return False
+        await reply(req, b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi")
+        return None
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        resp, body = await post(ep, b"close")
+        assert (resp.status, body) == (200, OK_BODY)
+        assert (await post(ep, b"keep"))[1] == b"hi"
+        assert (await post(ep, b"keep"))[1] == b"hi"
+        assert server.connections == 2, "1.0 without keep-alive closes; with it, the connection is reused"
+
+
+async def test_no_body_statuses_and_interim_responses(client: HttpClient) -> None:
+    async def handler(req: Req) -> None:
+        if req.body == b"204":
+            await reply(req, b"HTTP/1.1 204 No Content\r\n\r\n")
+        else:
+            await reply(req, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n" + ok())
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        resp, body = await post(ep, b"204")
+        assert (resp.status, body) == (204, b"")
+        resp, body = await post(ep, b"x")
+        assert (resp.status, body, "link" in resp.headers) == (200, OK_BODY, False)
+        assert server.connections == 1
+
+
+# -- connections closed by the server ---------------------------------------------------------------
+
+
+async def test_an_idle_connection_closed_by_the_server_is_discarded(client: HttpClient) -> None:
+    async def handler(req: Req) -> bool:
+        await reply(req, ok())
+        await asyncio.sleep(0.02)
+        return False  # close after replying, without saying so
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        await post(ep)
+        await server.wait_for(lambda: server.disconnects == 1)
+        await asyncio.sleep(0.01)
+        assert client.connections() == 0, "EOF while idle: dropped from the pool at once"
+        assert (await post(ep))[1] == OK_BODY
+        assert (server.connections, len(server.requests)) == (2, 2)
+
+
+async def test_a_request_on_a_reused_connection_the_server_closed_is_resent_once(client: HttpClient) -> None:
+    async def handler(req: Req) -> bool | None:
+        if req.conn == 0 and len(server.requests) == 2:
+            return False  # the keep-alive race: closed without a byte of response
+        await reply(req, ok(req.body))
+        return None
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        assert (await post(ep, b"1"))[1] == b"1"
+        assert (await post(ep, b"2"))[1] == b"2"
+        assert [(r.conn, r.body) for r in server.requests] == [(0, b"1"), (0, b"2"), (1, b"2")]
+
+
+async def test_no_resend_once_a_response_byte_arrived(client: HttpClient) -> None:
+    async def handler(req: Req) -> bool | None:
+        if len(server.requests) == 2:
+            await reply(req, b"HTTP/1.1 200")
+            return False
+        await reply(req, ok())
+        return None
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        await post(ep)
+        with pytest.raises(ReadError, match="before the response was complete"):
+            await post(ep)
+        assert len(server.requests) == 2, "not resent"
+
+
+async def test_no_resend_on_a_fresh_connection(client: HttpClient) -> None:
+    async def handler(req: Req) -> bool:
+        return False
+
+    async with RawServer(handler) as server:
+        with pytest.raises(ReadError, match="before responding"):
+            await post(endpoint(client, server))
+        assert len(server.requests) == 1
+
+
+async def test_a_body_cut_short_is_a_read_error(client: HttpClient) -> None:
+    async def handler(req: Req) -> bool:
+        await reply(req, ok(b"0123456789")[:-4])
+        return False
+
+    async with RawServer(handler) as server:
+        resp = await endpoint(client, server).request(b"{}")
+        with pytest.raises(ReadError, match="before the response was complete"):
+            await resp.read()
+        resp.close()
+        await settle()
+        assert client.connections() == 0
+
+
+# -- early close, cancellation, back-pressure ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+async def test_giving_up_mid_body_closes_the_connection(client: HttpClient, how: str) -> None:
+    async def handler(req: Req) -> None:
+        req.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await req.writer.drain()
+        await until_client_gone(req)
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        got_first = asyncio.Event()
+
+        async def consume() -> None:
+            resp = await ep.request(b"{}")
+            try:
+                async for _ in resp:
+                    got_first.set()
+                    if how == "close":
+                        break
+            finally:
+                resp.close()
+
+        task = asyncio.create_task(consume())
+        async with asyncio.timeout(2):
+            await got_first.wait()
+        if how == "cancel":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await task
+        await server.wait_for(lambda: server.disconnects == 1, timeout_s=1.0)
+        assert client.connections() == 0, "never pooled half-read"
+
+
+async def test_cancelling_while_waiting_for_the_head_closes_the_connection(client: HttpClient) -> None:
+    async def handler(req: Req) -> None:
+        await until_client_gone(req)
+
+    async with RawServer(handler) as server:
+        task = asyncio.create_task(post(endpoint(client, server)))
+        await server.wait_for(lambda: len(server.requests) == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await server.wait_for(lambda: server.disconnects == 1, timeout_s=1.0)
+        assert client.connections() == 0
+
+
+async def test_a_slow_consumer_stops_the_socket_being_read(client: HttpClient) -> None:
+    total = 64 * 1024 * 1024
+    block = b"x" * (64 * 1024)
+    sent = 0
+
+    async def handler(req: Req) -> None:
+        nonlocal sent
+        req.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        while sent < total:
+            req.writer.write(block)
+            await req.writer.drain()
+            sent += len(block)
+
+    async with RawServer(handler) as server:
+        resp = await endpoint(client, server).request(b"{}")
+        try:
+            received = len(await anext(resp))
+            await asyncio.sleep(0.3)  # the consumer lags; the server keeps writing until the socket is full
+            assert resp._buffered <= HIGH_WATER + 256 * 1024, "buffered bytes stay bounded"
+            assert resp._conn is not None and resp._conn.paused
+            assert sent < 24 * 1024 * 1024, "the server is held back by TCP, not absorbed by the client"
+            async for chunk in resp:
+                received += len(chunk)
+            assert received == total == sent
+            assert resp.complete
+        finally:
+            resp.close()
+        assert client.idle_connections() == 1, "read to the end: back in the pool, reading again"
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", "key.pem", "-out", "cert.pem",
+        ],
+        cwd=d, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return d / "cert.pem", d / "key.pem"
+
+
+def server_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls_files)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
+
+
+async def test_https_with_sni_alpn_keep_alive_and_a_stream(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))  # the default context trusts our CA
+    alpn: list[str | None] = []
+
+    async def handler(req: Req) -> None:
+        alpn.append(req.writer.get_extra_info("ssl_object").selected_alpn_protocol())
+        if req.body == b"stream":
+            await reply(req, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
+            await until_client_gone(req)
+        else:
+            await reply(req, ok(req.body), pieces=5, delay_s=0.001)
+
+    client = new_session()
+    try:
+        async with RawServer(handler, ssl_context=server_tls(tls_files)) as server:
+            ep = endpoint(client, server)
+            assert ep.url.startswith("https://localhost:")
+            for i in range(3):
+                assert (await post(ep, b"%d" % i))[1] == b"%d" % i
+            assert server.connections == 1
+            assert alpn == ["http/1.1"] * 3
+            resp = await ep.request(b"stream")
+            assert await anext(resp) == b"one"
+            resp.close()
+            await server.wait_for(lambda: server.disconnects == 1, timeout_s=1.0)
+    finally:
+        await client.close()
+
+
+async def test_https_with_an_untrusted_certificate_is_a_connect_error(tls_files: tuple[Path, Path]) -> None:
+    async def handler(req: Req) -> None:
+        await reply(req, ok())
+
+    client = new_session(ssl_context=ssl.create_default_context())  # system CAs only
+    try:
+        async with RawServer(handler, ssl_context=server_tls(tls_files)) as server:
+            with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await post(endpoint(client, server))
+            provider = build_provider(ProviderSettings("tls", "openai-compatible", server.url), client)
+            with pytest.raises(ProviderError) as info:
+                await provider.chat("m", _ask())
+            assert (info.value.reason, info.value.retryable) == ("UPSTREAM_CONNECT_ERROR", True)
+            assert client.connections() == 0
+    finally:
+        await client.close()
+
+
+async def test_cancelled_during_the_tls_handshake_leaks_nothing(client: HttpClient) -> None:
+    accepted: list[asyncio.StreamReader] = []
+    gone = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(reader)
+        await reader.read()  # until the client goes away
+        gone.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        ep = client.endpoint(f"https://localhost:{port}/v1", [])
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await ep.request(b"{}")
+        assert len(accepted) == 1
+        async with asyncio.timeout(1):
+            await gone.wait()
+        pool = next(iter(client._pools.values()))
+        assert (pool._open, client.connections()) == (0, 0)
+    finally:
+        server.close()
+
+
+# -- errors and configuration ---------------------------------------------------------------------
+
+
+def _ask() -> Any:
+    from feather_grpc.engine.types import ChatRequest, Message, Role
+
+    return ChatRequest(model="m", messages=[Message(Role.USER, "hi")])
+
+
+async def test_connect_errors_and_invalid_urls(client: HttpClient) -> None:
+    with contextlib.closing(__import__("socket").socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectError, match=r"cannot connect to 127\.0\.0\.1"):
+        await client.endpoint(f"http://127.0.0.1:{port}/v1").request(b"{}")
+    for url in ("ftp://example.com/", "http:///nohost", "http://example.com:99999/"):
+        with pytest.raises(InvalidURL):
+            await client.endpoint(url).request(b"{}")
+    provider = build_provider(ProviderSettings("bad", "openai-compatible", "ftp://example.com"), client)
+    with pytest.raises(ProviderError) as info:
+        await provider.chat("m", _ask())
+    assert (info.value.reason, info.value.retryable, info.value.message) == (
+        "UPSTREAM_CONNECT_ERROR",
+        False,
+        "bad: invalid URL",
+    )
+
+
+def test_header_injection_is_refused() -> None:
+    client = HttpClient()
+    with pytest.raises(ValueError, match="invalid HTTP header"):
+        client.endpoint("http://127.0.0.1/", [("X-Evil", "a\r\nHost: elsewhere")])
+    with pytest.raises(ValueError, match="invalid HTTP header"):
+        client.endpoint("http://127.0.0.1/", [("Bad Name", "x")])
+    with pytest.raises(ValueError, match="set by the HTTP client"):
+        client.endpoint("http://127.0.0.1/", [("Content-Length", "3")])
+
+
+async def test_closing_the_client_fails_requests_in_flight_and_waiters() -> None:
+    async def handler(req: Req) -> None:
+        await until_client_gone(req)
+
+    client = HttpClient(max_per_host=1)
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        busy = asyncio.create_task(post(ep))
+        await server.wait_for(lambda: len(server.requests) == 1)
+        waiting = asyncio.create_task(post(ep))
+        await asyncio.sleep(0.01)
+        await client.close()
+        with pytest.raises(ReadError, match="client closed"):
+            await busy
+        with pytest.raises(ConnectError, match="client closed"):
+            await waiting
+        with pytest.raises(ConnectError, match="client closed"):
+            await post(ep)
+        await server.wait_for(lambda: server.disconnects == 1, timeout_s=1.0)
+
+
+def test_the_same_under_uvloop() -> None:
+    """The gateway serves on uvloop when it is installed: its transports are not asyncio's."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async def handler(req: Req) -> bool | None:
+            if req.body == b"hold":
+                await reply(req, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                await until_client_gone(req)
+                return False
+            if req.body == b"stale" and req.conn == 0:
+                return False
+            await reply(req, chunked([req.body, b"!"], trailers="T: 1\r\n"), pieces=4, delay_s=0.001)
+            return None
+
+        client = HttpClient()
+        try:
+            async with RawServer(handler) as server:
+                ep = endpoint(client, server)
+                assert (await post(ep, b"a"))[1] == b"a!"
+                assert (await post(ep, b"b"))[1] == b"b!"
+                assert server.connections == 1
+                assert (await post(ep, b"stale"))[1] == b"stale!"  # resent on a fresh connection
+                assert server.connections == 2
+                resp = await ep.request(b"hold")
+                assert await anext(resp) == b"first"
+                resp.close()
+                await server.wait_for(lambda: server.disconnects == 2, timeout_s=1.0)
+        finally:
+            await client.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
