@@ -16,8 +16,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-import aiohttp
-
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
 from feather_grpc.engine.admission import Admission, Ticket
 from feather_grpc.engine.breaker import CircuitBreakers, CircuitState, Permit
@@ -53,6 +51,7 @@ from feather_grpc.engine.validation import validate_chat
 from feather_grpc.providers import build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
+from feather_grpc.providers.transport import HttpClient
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.ledger import Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
@@ -139,7 +138,7 @@ class Feather:
         self.router = Router(models, config.policy, self.latency, self._rng, config.routes)
         self._provider_configs = {p.name: p for p in config.providers}
         self._providers: dict[str, Provider] = dict(providers or {})
-        self._session: aiohttp.ClientSession | None = None
+        self._session: HttpClient | None = None  # the pooled HTTP client every provider shares
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----
