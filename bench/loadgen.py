@@ -151,6 +151,7 @@ class RunResult:
     h2load_cores: float = 0.0  # CPU h2load used, in cores (CPU seconds / elapsed)
     other_load_cores: float = 0.0  # CPU everything else on the machine used meanwhile, in cores
     command: str = ""
+    started: int = 0  # requests h2load sent; more than `requests` done when a timed run (-D) stops mid-call
 
     @property
     def concurrency(self) -> int:
@@ -206,7 +207,7 @@ def run_h2load(
     if requests is not None:
         cmd += ["-n", str(max(requests, clients))]
     elif duration_s is not None:
-        cmd += ["-D", str(duration_s)]
+        cmd += ["-D", f"{round(duration_s * 1000)}ms"]  # h2load takes whole units
     for h in headers:
         cmd += ["-H", h]
     if h1:
@@ -235,7 +236,7 @@ def run_h2load(
         raise LoadgenError(f"{label}: cannot parse h2load output:\n{out}\n{proc.stderr}")
     value, unit = float(m_fin.group(1)), m_fin.group(2)
     elapsed = value / {"us": 1e6, "ms": 1e3, "s": 1.0}[unit]
-    total, _started, _done, succeeded, failed, errored, timeouts = (int(g) for g in m_req.groups())
+    total, started_n, _done, succeeded, failed, errored, timeouts = (int(g) for g in m_req.groups())
     latencies: list[int] = []
     statuses: dict[str, int] = {}
     for line in log_file.read_text().splitlines():
@@ -272,6 +273,7 @@ def run_h2load(
         h2load_cores=round(h2load_cpu / wall, 2),
         other_load_cores=round(other_cpu / wall, 2),
         command=" ".join(cmd) + f"  # wall {wall:.2f}s",
+        started=started_n,
     )
 
 

@@ -360,6 +360,30 @@ class Ledger:
                 raise BenchFailure(f"after {what}: " + "; ".join(problems))
             time.sleep(0.2)
 
+    def verify_timed(
+        self, what: str, model: str, before: dict[str, dict[str, int]], done: int, started: int, settle_s: float = 5.0
+    ) -> None:
+        """After a timed run (h2load -D), which stops with calls in flight: every call h2load saw done is
+        an `ok` row, and the calls cut off at the end (started - done) may have become `ok` or `cancelled`
+        rows (a cancelled call may be billed estimated); no errors, no cache hits, nothing else."""
+        zero = {"requests": 0, "ok": 0, "error": 0, "cancelled": 0, "cached": 0, "estimated": 0}
+        deadline = time.monotonic() + settle_s
+        while True:
+            now = self.counts().get(model, zero)
+            d = {k: now[k] - before.get(model, zero)[k] for k in zero}
+            problems = []
+            if not done <= d["requests"] <= started or d["ok"] < done:
+                problems.append(
+                    f"{model}: {d['ok']} ok of {d['requests']} new rows, expected {done}-{started} with >= {done} ok"
+                )
+            if d["error"] or d["cached"] or d["cancelled"] > started - done or d["estimated"] > d["cancelled"]:
+                problems.append(f"{model}: new rows {d}")
+            if not problems:
+                return
+            if time.monotonic() >= deadline:
+                raise BenchFailure(f"after {what}: " + "; ".join(problems))
+            time.sleep(0.2)
+
     def verify_no_failures(self, what: str) -> dict[str, dict[str, int]]:
         """Only that no call failed (for time-based runs, whose completed-call count h2load cannot give)."""
         counts = self.counts()
@@ -867,17 +891,30 @@ class Arm:
     redis: RedisProc | None = None  # the Redis this arm's gateway uses (counted per run)
 
 
-def _arm_run(case: Case, arm: Arm, nginx: upstream.Nginx, tmp: Path, label: str, requests: int) -> dict[str, Any]:
-    """One count-based h2load run at one arm, every call verified in its ledger; Redis counters
-    around the load (before the ledger check, whose Usage call is not part of the load)."""
+def _arm_run(
+    case: Case,
+    arm: Arm,
+    nginx: upstream.Nginx,
+    tmp: Path,
+    label: str,
+    requests: int | None = None,
+    duration_s: float | None = None,
+) -> dict[str, Any]:
+    """One h2load run at one arm, `requests` calls or (timed) `duration_s` seconds, every call verified in
+    its ledger; Redis counters around the load (before the ledger check, whose Usage call is not part
+    of the load)."""
     server = arm.server
+    assert server.ledger is not None
+    counts_before = server.ledger.counts() if duration_s is not None else {}
     watch: dict[str, list[int]] = {}
     if arm.redis is not None:
         watch["redis"] = [arm.redis.proc.pid]
     workers = server.worker_pids()  # already in "server": their split is measured here, not watched twice
     workers_before = [loadgen.cpu_seconds([pid]) for pid in workers]
     before = arm.redis.snapshot() if arm.redis is not None else None
-    r = grpc_run(case, server, nginx, tmp, label, requests=requests, verify=False, extra_watch=watch)
+    r = grpc_run(
+        case, server, nginx, tmp, label, requests=requests, duration_s=duration_s, verify=False, extra_watch=watch
+    )
     workers_cpu = [loadgen.cpu_seconds([pid]) - b for pid, b in zip(workers, workers_before, strict=True)]
     redis_stats = None
     if arm.redis is not None and before is not None:
@@ -886,9 +923,11 @@ def _arm_run(case: Case, arm: Arm, nginx: upstream.Nginx, tmp: Path, label: str,
     problems = loadgen.check_all_ok(r)
     if problems:
         raise BenchFailure("; ".join(problems))
-    assert server.ledger is not None
     try:
-        server.ledger.verify(label)
+        if duration_s is not None:
+            server.ledger.verify_timed(label, case.model, counts_before, r.succeeded, r.started)
+        else:
+            server.ledger.verify(label)
     except BenchFailure as e:
         raise BenchFailure(f"{e}\ndiagnosis: {diagnose(case, server)}") from None
     out: dict[str, Any] = {
@@ -896,6 +935,7 @@ def _arm_run(case: Case, arm: Arm, nginx: upstream.Nginx, tmp: Path, label: str,
         "p50_ms": r.p50_us / 1000,
         "p99_ms": r.p99_us / 1000,
         "calls": r.succeeded,
+        "timed": duration_s is not None,
         "server_cpu_us_per_call": r.cpu_us_per_request.get("server", math.nan),
         "server_cpu_cores_busy": round(r.cpu.get("server", 0.0) / r.elapsed_s, 2) if r.elapsed_s else math.nan,
         "upstream_cpu_us_per_call": r.cpu_us_per_request.get("upstream", math.nan),
@@ -941,25 +981,38 @@ def compare_arms(
     tmp: Path,
     seconds: float,
     repeats: int,
+    *,
+    timed: bool = False,
 ) -> dict[str, Any]:
     """Interleaved A/B: per case a warm-up per arm (discarded; it sizes each arm's runs to ~`seconds`),
     then `repeats` rounds with the arms in alternating order (A B, B A, A B, ...). Ratios are B/A of
-    the two runs of the same round (adjacent in time); reported as median and range over the rounds."""
+    the two runs of the same round (adjacent in time); reported as median and range over the rounds.
+    `timed`: runs last `seconds` (h2load -D) instead of a call count sized to it. Under --workers the
+    kernel spreads the 64 connections unevenly; with a fixed count per connection the less loaded
+    worker's connections finish early and it idles for the rest of the run, so a count-based run
+    understates what the workers can do together."""
     a, b = arms
     cases_out: list[dict[str, Any]] = []
-    out: dict[str, Any] = {"title": title, "arms": {x.key: x.label for x in arms}, "repeats": repeats}
+    out: dict[str, Any] = {"title": title, "arms": {x.key: x.label for x in arms}, "repeats": repeats, "timed": timed}
     out["cases"] = cases_out
     for case in cases:
         c = case.concurrency
         tag = f"{name}-{case.rpc}-c{c}"
         sizes = {}
         for arm in arms:
-            warm = _arm_run(case, arm, nginx, tmp, f"{tag}-{arm.key}-warmup", 300 if c == 1 else 1500)
-            sizes[arm.key] = _count_for(warm["rps"], seconds, 300, 300_000)
+            if timed:
+                _arm_run(case, arm, nginx, tmp, f"{tag}-{arm.key}-warmup", duration_s=1.5)
+            else:
+                warm = _arm_run(case, arm, nginx, tmp, f"{tag}-{arm.key}-warmup", 300 if c == 1 else 1500)
+                sizes[arm.key] = _count_for(warm["rps"], seconds, 300, 300_000)
         runs: dict[str, list[dict[str, Any]]] = {x.key: [] for x in arms}
         for i in range(repeats):
             for arm in arms if i % 2 == 0 else arms[::-1]:
-                runs[arm.key].append(_arm_run(case, arm, nginx, tmp, f"{tag}-{arm.key}-{i}", sizes[arm.key]))
+                label = f"{tag}-{arm.key}-{i}"
+                if timed:
+                    runs[arm.key].append(_arm_run(case, arm, nginx, tmp, label, duration_s=seconds))
+                else:
+                    runs[arm.key].append(_arm_run(case, arm, nginx, tmp, label, sizes[arm.key]))
         rps = {k: [r["rps"] for r in v] for k, v in runs.items()}
         p50 = {k: [r["p50_ms"] for r in v] for k, v in runs.items()}
         cpu = {k: [r["server_cpu_us_per_call"] for r in v] for k, v in runs.items()}
@@ -1072,7 +1125,7 @@ def run_comparisons(
             ]
             title = (
                 f"serve --workers 2 vs 1 process on {os.cpu_count()} CPUs (h2load and nginx run on the same"
-                " CPUs; workers share one SQLite ledger file)"
+                " CPUs; workers share one SQLite ledger file; timed runs, h2load -D)"
             )
         elif name == "resilience":
             arms = [
@@ -1087,7 +1140,9 @@ def run_comparisons(
         else:
             raise ValueError(name)
         log(f"compare {name}: {title}")
-        out[name] = compare_arms(name, title, arms, cases, nginx, tmp, args.compare_seconds, args.compare_repeats)
+        out[name] = compare_arms(
+            name, title, arms, cases, nginx, tmp, args.compare_seconds, args.compare_repeats, timed=name == "workers"
+        )
         for arm in arms:
             arm.server.stop()
             servers.remove(arm.server)
@@ -1206,6 +1261,12 @@ def render_comparisons(comparisons: dict[str, Any], setup: dict[str, Any]) -> st
                     f"{s['p99_ms']['median']:>9.3f} | {cpu:>11} |"
                     f" {s['server_cpu_cores_busy']['median']:>5.2f} | {s['other_load_cores']['min']:.2f}-"
                     f"{s['other_load_cores']['max']:.2f} cores"
+                )
+            shares = [r["worker_cpu_share"] for r in c["arms"][b]["runs"] if "worker_cpu_share" in r]
+            if shares:
+                lines.append(
+                    "        CPU split between the workers per run: "
+                    + ", ".join("/".join(f"{x:.2f}" for x in sh) for sh in shares)
                 )
             r, q = c["rps_ratio"], c["p50_ratio"]
             lines.append(f"        {b}/{a} req/s {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]: {c['rps_verdict']}")
