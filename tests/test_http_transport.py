@@ -787,3 +787,54 @@ def test_the_same_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+# -- the end of a stream ----------------------------------------------------------------------------
+
+
+SSE_EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+async def test_a_stream_whose_last_chunk_comes_late_keeps_its_connection(client: HttpClient) -> None:
+    async def handler(req: Req) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        req.writer.write(head + b"".join(b"%X\r\n%s\r\n" % (len(e), e) for e in SSE_EVENTS))
+        await req.writer.drain()
+        await asyncio.sleep(0.03)  # [DONE] is out; the terminating chunk follows in its own packet
+        req.writer.write(b"0\r\n\r\n")
+        await req.writer.drain()
+
+    async with RawServer(handler) as server:
+        provider = build_provider(ProviderSettings("oa", "openai-compatible", server.url, api_key="k"), client)
+        for _ in range(3):
+            events = [e async for e in provider.stream("m", _ask())]
+            assert events[0].content == "Hi" and events[-1].usage.output_tokens == 1  # type: ignore[union-attr]
+            assert client.idle_connections() == 0, "still waiting for the end of the body"
+            await asyncio.sleep(0.06)
+            assert client.idle_connections() == 1
+        assert server.connections == 1, "each stream's connection was pooled once its body ended"
+
+
+async def test_release_after_end_closes_when_the_end_does_not_come(client: HttpClient) -> None:
+    async def handler(req: Req) -> None:
+        req.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await req.writer.drain()
+        await asyncio.sleep(0.01)
+        req.writer.write(b"4\r\nmore\r\n")  # discarded: nobody reads any more
+        await until_client_gone(req)
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        resp = await ep.request(b"{}")
+        assert await anext(resp) == b"first"
+        resp.release_after_end(0.1)
+        resp.close()  # changes nothing now
+        assert server.disconnects == 0
+        await server.wait_for(lambda: server.disconnects == 1, timeout_s=1.0)
+        await settle()
+        assert client.connections() == 0

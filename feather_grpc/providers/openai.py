@@ -237,9 +237,11 @@ class OpenAIProvider:
                             break
                     if not reader.done:
                         raise stream_cut(name, "ended without [DONE]")
+                    # The terminating chunk may still be on its way: keep the connection if it comes soon.
+                    resp.release_after_end()
             finally:
                 # Read to the end, the connection is already back in the pool and this is a no-op;
-                # otherwise (bytes after [DONE], an error, aclose() or cancellation) it is closed, never pooled.
+                # otherwise (an error, aclose() or cancellation) it is closed, never pooled.
                 resp.close()
         except HttpError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc

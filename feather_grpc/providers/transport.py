@@ -20,6 +20,8 @@ Scope, deliberately small:
 - A response whose body was not read to the end is never pooled: `Response.close()` (and any failure or
   cancellation) aborts its connection, so the upstream sees the disconnect at once. A response read to
   the end returns its connection to the pool by itself, before the consumer has even looked at the data.
+  A caller done with a body that has not quite ended (an SSE stream's last event came, the chunked
+  terminator has not) can `release_after_end()`: the end is awaited briefly, then the connection pooled.
 - TLS for https (`ssl.create_default_context()`, SNI, ALPN `http/1.1`). No proxies, no redirects, no
   cookies, no timers of its own: callers bound calls with `asyncio.timeout`, and cancellation at any
   point (connect, TLS handshake, waiting for a connection, reading) closes what was opened.
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 HIGH_WATER: Final = 256 * 1024  # undelivered body bytes above which the socket is no longer read
+END_GRACE_S: Final = 0.5  # how long `release_after_end` waits for the rest of a body before closing
 MAX_HEAD: Final = 64 * 1024  # status line + headers (also bounds the trailer section)
 MAX_LINE: Final = 8 * 1024  # one chunk-size line, extensions included
 DNS_TTL_S: Final = 60.0
@@ -101,6 +104,7 @@ class Response:
         "_buffered",
         "_conn",
         "_done",
+        "_drain",
         "_exc",
         "_got_bytes",
         "_parts",
@@ -115,6 +119,7 @@ class Response:
         self._parts: list[bytes] = []
         self._buffered = 0
         self._done = False  # the whole body has arrived
+        self._drain: asyncio.TimerHandle | None = None  # set by release_after_end while the end is awaited
         self._exc: HttpError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._got_bytes = False
@@ -171,13 +176,39 @@ class Response:
             await self._wait()
 
     def close(self) -> None:
-        """Give the connection back if the body was read to the end, otherwise close it."""
+        """Give the connection back if the body was read to the end, otherwise close it.
+
+        After `release_after_end` this changes nothing: the connection is already on its way out.
+        """
+        if self._drain is not None:
+            return
         conn = self._conn
         if conn is not None:
             self._conn = None
             if self._exc is None:
                 self._exc = ReadError("response closed before its body was read")
             conn.abandon(self)
+
+    def release_after_end(self, grace_s: float = END_GRACE_S) -> None:
+        """The caller has everything it wants from the body (an SSE stream's last event, say), but the
+        body may not have ended yet (the final chunk of a chunked body often comes in a later read).
+
+        The rest of the body is discarded as it arrives; if it ends within `grace_s` the connection goes
+        back to the pool (fully read, as always), otherwise it is closed then. Saves a new connection
+        (a TLS handshake, for a real upstream) per stream.
+        """
+        conn = self._conn
+        if conn is None or self._drain is not None:
+            return
+        self._parts = []
+        self._buffered = 0
+        self._drain = asyncio.get_running_loop().call_later(grace_s, self._drain_expired)
+        if conn.paused:
+            conn.resume()
+
+    def _drain_expired(self) -> None:
+        self._drain = None
+        self.close()
 
     def _take(self) -> None:
         self._parts = []
@@ -462,7 +493,7 @@ class _Connection(asyncio.Protocol):
             self._buf = buf[pos:]
 
     def _deliver(self, ex: Response, data: bytes) -> None:
-        if not data:
+        if not data or ex._drain is not None:  # nothing, or nobody reads it any more
             return
         ex._parts.append(data)
         ex._buffered += len(data)
@@ -477,6 +508,9 @@ class _Connection(asyncio.Protocol):
         self._state = _IDLE
         ex._done = True
         ex._conn = None
+        if ex._drain is not None:
+            ex._drain.cancel()
+            ex._drain = None
         ex._wake()
         self.served += 1
         if self.paused:
@@ -491,6 +525,9 @@ class _Connection(asyncio.Protocol):
         if ex._exc is None:
             ex._exc = exc
         ex._conn = None
+        if ex._drain is not None:
+            ex._drain.cancel()
+            ex._drain = None
         ex._wake()
         self.abort()
 
