@@ -24,20 +24,11 @@ __all__ = [
 PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "mock")
 
 
-def build_provider(settings: ProviderSettings, session: object) -> Provider:
-    """The adapter for `settings.type`. Every HTTP adapter shares `session`, the `HttpClient` from
-    `new_session()`.
-
-    `session` is typed `object` only while engine/gateway.py still annotates its session as an aiohttp
-    `ClientSession`; it is checked here at run time. Once the engine says `HttpClient`, type it so.
-    """
-    if settings.type in ("openai", "openai-compatible", "anthropic") and not isinstance(session, HttpClient):
-        raise TypeError(f"build_provider needs the HttpClient from new_session(), not {type(session).__name__}")
+def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
+    """The adapter for `settings.type`. Every HTTP adapter shares `session` (see `new_session`)."""
     if settings.type in ("openai", "openai-compatible"):
-        assert isinstance(session, HttpClient)
         return OpenAIProvider(settings, session)
     if settings.type == "anthropic":
-        assert isinstance(session, HttpClient)
         return AnthropicProvider(settings, session)
     if settings.type == "mock":
         return MockProvider(settings)

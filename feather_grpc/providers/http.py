@@ -9,7 +9,6 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -41,10 +40,9 @@ def new_session(
     keepalive_timeout_s: float = 30.0,
     user_agent: str = "feather-grpc",
     ssl_context: ssl.SSLContext | None = None,
-) -> Any:
+) -> HttpClient:
     """The one pooled `HttpClient` every provider shares. Create it in the running loop; the owner
-    `await`s its `close()`. (Typed `Any` only while engine/gateway.py still annotates its session as an
-    aiohttp `ClientSession`; the return type becomes `HttpClient` once it does not.)
+    `await`s its `close()`.
 
     No timeouts of its own: the engine bounds every call (connect included) with `asyncio.timeout` from
     the caller's deadline. `limit_per_host` caps the connections to one upstream (callers beyond it wait
