@@ -213,7 +213,7 @@ def configure_logging(env: Mapping[str, str] | None = None, stream: TextIO | Non
     root.addHandler(_Enqueue(_listener.queue))
     root.setLevel(level)
     # Chatty third-party loggers stay at warning unless debugging.
-    for name in ("aiohttp.access", "grpc._cython.cygrpc", "asyncio"):
+    for name in ("grpc._cython.cygrpc", "asyncio"):
         logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
