@@ -15,13 +15,25 @@ gateway that buffered the stream would show at least the hold time.
 
 Samples alternate (direct, raw gRPC, grpcio, direct, ...) so drift hits all alike. Every gateway call
 is also checked in the ledger by bench/run.py.
+
+Run alone (`.venv/bin/python bench/ttft.py --help`), it starts nginx and a gateway itself and repeats the
+measurement in rounds, with the gateway's CPU per StreamChat call (exact, from /proc schedstat) in each;
+`--baseline DIR` also runs a gateway from another checkout (e.g. `git archive <commit> | tar -x -C DIR`)
+and interleaves the two sample by sample, so that both see the same machine.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import socket
+import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import loadgen
@@ -241,43 +253,164 @@ class TtftResult:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
-def measure(upstream_port: int, gateway_port: int, samples: int = 300, warmup: int = 30) -> TtftResult:
+def measure(
+    upstream_port: int, gateway_port: int, samples: int = 300, warmup: int = 30, *, grpcio: bool = True
+) -> TtftResult:
     """`samples` (+ `warmup`) StreamChat calls through the gateway with each gRPC client, and as many
-    direct requests."""
+    direct requests. Without `grpcio` only the raw client calls the gateway (grpcio figures are then 0)."""
+    return measure_side_by_side(upstream_port, [gateway_port], samples, warmup, grpcio=grpcio)[0]
+
+
+def measure_side_by_side(
+    upstream_port: int, gateway_ports: list[int], samples: int = 300, warmup: int = 30, *, grpcio: bool = True
+) -> list[TtftResult]:
+    """`measure` for several gateways at once, their calls interleaved sample by sample (direct, gateway 1,
+    gateway 2, ..., direct, ...), so that slow drift of the machine hits all of them alike."""
     body = loadgen.openai_body(upstream.MODEL_TTFT, stream=True)
     direct = DirectClient(upstream_port, upstream.PATHS[upstream.MODEL_TTFT], body)
-    raw = RawGrpcClient(gateway_port, upstream.MODEL_TTFT)
-    grpcio = GrpcioClient(gateway_port, upstream.MODEL_TTFT)
+    raws = [RawGrpcClient(port, upstream.MODEL_TTFT) for port in gateway_ports]
+    slows = [GrpcioClient(port, upstream.MODEL_TTFT) for port in gateway_ports] if grpcio else []
     d: list[int] = []
-    g: list[int] = []
-    c: list[int] = []
+    g: list[list[int]] = [[] for _ in gateway_ports]
+    c: list[list[int]] = [[] for _ in gateway_ports]
     try:
         for i in range(warmup + samples):
-            times = (direct.once(), raw.once(), grpcio.once())
+            t_direct = direct.once()
+            # Each gateway goes first as often as the others: whoever follows the direct call may be luckier.
+            order = range(len(raws)) if i % 2 == 0 else range(len(raws) - 1, -1, -1)
+            t_raw = [0.0] * len(raws)
+            for k in order:
+                t_raw[k] = raws[k].once()
+            t_slow = [slow.once() for slow in slows] or [0.0] * len(raws)
             if i >= warmup:
-                for acc, t in zip((d, g, c), times, strict=True):
-                    acc.append(int(t * 1e6))
+                d.append(int(t_direct * 1e6))
+                for k in range(len(raws)):
+                    g[k].append(int(t_raw[k] * 1e6))
+                    c[k].append(int(t_slow[k] * 1e6))
     finally:
         direct.close()
-        raw.close()
-        grpcio.close()
-    for acc in (d, g, c):
-        acc.sort()
+        for client in (*raws, *slows):
+            client.close()
+    d.sort()
 
     def p(acc: list[int], q: float) -> float:
         return loadgen.percentile(acc, q) / 1000
 
-    return TtftResult(
-        samples=samples,
-        warmup=warmup,
-        hold_ms=upstream.TTFT_HOLD_S * 1000,
-        direct_p50_ms=p(d, 50),
-        direct_p99_ms=p(d, 99),
-        gateway_p50_ms=p(g, 50),
-        gateway_p99_ms=p(g, 99),
-        overhead_p50_ms=p(g, 50) - p(d, 50),
-        overhead_p99_ms=p(g, 99) - p(d, 99),
-        ratio_p50=p(g, 50) / p(d, 50) if p(d, 50) else float("nan"),
-        grpcio_p50_ms=p(c, 50),
-        grpcio_p99_ms=p(c, 99),
-    )
+    out = []
+    for gk, ck in zip(g, c, strict=True):
+        gk.sort()
+        ck.sort()
+        out.append(
+            TtftResult(
+                samples=samples,
+                warmup=warmup,
+                hold_ms=upstream.TTFT_HOLD_S * 1000,
+                direct_p50_ms=p(d, 50),
+                direct_p99_ms=p(d, 99),
+                gateway_p50_ms=p(gk, 50),
+                gateway_p99_ms=p(gk, 99),
+                overhead_p50_ms=p(gk, 50) - p(d, 50),
+                overhead_p99_ms=p(gk, 99) - p(d, 99),
+                ratio_p50=p(gk, 50) / p(d, 50) if p(d, 50) else float("nan"),
+                grpcio_p50_ms=p(ck, 50),
+                grpcio_p99_ms=p(ck, 99),
+            )
+        )
+    return out
+
+
+# ---- standalone: rounds of TTFT and CPU per call, optionally A/B against another checkout ----
+
+
+def schedstat_cpu_s(pid: int) -> float:
+    """CPU seconds of every thread of `pid` so far, in nanoseconds resolution (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def _gateway(root: Path | None, name: str, cfg_path: Path, tmp: Path, loop: str) -> Any:
+    """A `feather-grpc serve` process (as bench/run.py starts it) from this checkout, or from `root`."""
+    import run
+
+    port = upstream.free_port()
+    if root is None:
+        server = run.Server.gateway(cfg_path, port, tmp / f"{name}.log", loop, {}, name=name)
+    else:  # the same, but importing feather_grpc from `root`
+        code = f"import sys; sys.path.insert(0, {str(root)!r}); from feather_grpc.cli import main; sys.exit(main())"
+        serve = ["serve", "--config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(run._GATEWAY_ENV_PREFIXES)}
+        env["FEATHER_EVENT_LOOP"] = loop
+        server = run.Server(name, [sys.executable, "-c", code, *serve], port, tmp / f"{name}.log", env, is_gateway=True)
+    server.wait_ready()
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    import run
+
+    parser = argparse.ArgumentParser(prog="bench/ttft.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="measurement rounds (default 5)")
+    parser.add_argument("--samples", type=int, default=300, help="calls per round and client (default 300)")
+    parser.add_argument("--warmup", type=int, default=30, help="unmeasured calls before each round (default 30)")
+    parser.add_argument("--grpcio", action="store_true", help="also time the grpcio client (slower rounds)")
+    parser.add_argument("--baseline", type=Path, help="checkout to compare with, calls interleaved A/B")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop" if run._have_uvloop() else "asyncio")
+    parser.add_argument("--json", type=Path, help="write every round's figures here")
+    args = parser.parse_args(argv)
+    missing = upstream.missing_tools()
+    if missing:
+        print(f"ttft: missing {', '.join(missing)}; run: sudo bench/setup.sh", file=sys.stderr)
+        return 2
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="feather-ttft-") as t:
+        tmp = Path(t)
+        nginx = upstream.Nginx(upstream.free_port(), tmp / "nginx").start()
+        gateways: list[tuple[str, Any]] = []
+        try:
+            cfg_path = tmp / "feather.config.json"
+            cfg_path.write_text(json.dumps(run.gateway_config(nginx.url, "sqlite", tmp / "bench.db")))
+            if args.baseline is not None:
+                base_cfg = tmp / "baseline.config.json"
+                base_cfg.write_text(json.dumps(run.gateway_config(nginx.url, "sqlite", tmp / "baseline.db")))
+                gateways.append(("baseline", _gateway(args.baseline.resolve(), "baseline", base_cfg, tmp, args.loop)))
+            gateways.append(("this tree", _gateway(None, "gateway", cfg_path, tmp, args.loop)))
+            for n in range(args.rounds):
+                cpu0 = [schedstat_cpu_s(gw.proc.pid) for _, gw in gateways]
+                results = measure_side_by_side(
+                    nginx.port, [gw.port for _, gw in gateways], args.samples, args.warmup, grpcio=args.grpcio
+                )
+                for (label, gw), r, c0 in zip(gateways, results, cpu0, strict=True):
+                    calls = (r.samples + r.warmup) * (2 if args.grpcio else 1)
+                    cpu_us = (schedstat_cpu_s(gw.proc.pid) - c0) / calls * 1e6
+                    rounds.setdefault(label, []).append({**r.to_json(), "cpu_us_per_call": round(cpu_us, 1)})
+                    print(
+                        f"round {n + 1} {label:>9}: TTFT overhead p50 {r.overhead_p50_ms:.3f} ms"
+                        f" (gateway {r.gateway_p50_ms:.3f}, direct {r.direct_p50_ms:.3f}),"
+                        f" p99 {r.overhead_p99_ms:.3f} ms, CPU {cpu_us:.0f} us/call",
+                        flush=True,
+                    )
+        finally:
+            for _, gw in gateways:
+                gw.stop()
+            nginx.stop()
+    for label, rows in rounds.items():
+        over = [row["overhead_p50_ms"] for row in rows]
+        cpu = [row["cpu_us_per_call"] for row in rows]
+        print(
+            f"{label:>9}: TTFT overhead p50 median {statistics.median(over):.3f} ms"
+            f" (range {min(over):.3f}-{max(over):.3f}), CPU median {statistics.median(cpu):.0f} us/call"
+            f" (range {min(cpu):.0f}-{max(cpu):.0f}), {len(rows)} rounds of {args.samples}"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(rounds, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())

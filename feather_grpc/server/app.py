@@ -29,7 +29,7 @@ from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, watch_shared_state
-from feather_grpc.server.tenancy import TenantGate, TenantInterceptor
+from feather_grpc.server.tenancy import TenantGate
 
 if TYPE_CHECKING:
     from feather_grpc.server.metrics import GatewayMetrics
@@ -173,14 +173,14 @@ class GatewayServer:
             engine.observers.extend(observers)
         self._state_watch: asyncio.Task[None] | None = None
         self.engine = engine
+        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
         self.tracker = CallTracker(
-            log_content=options.log_content, on_refused=self.metrics.refused if self.metrics else None
+            self.gate, log_content=options.log_content, on_refused=self.metrics.refused if self.metrics else None
         )
         if self.metrics is not None:
             self.metrics.watch(self.engine, self.tracker)
         self.health = DrainingHealthServicer()
-        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
-        interceptors += [self.tracker, TenantInterceptor(self.gate)]
+        interceptors.append(self.tracker)
         server_options = [
             *_SERVER_OPTIONS,
             ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -1,11 +1,17 @@
-"""Per-call bookkeeping at the transport: in-flight counts, the call scope observers read, opt-in content logs.
+"""The one interceptor around FeatherService calls: bookkeeping and tenancy in a single wrapper layer.
 
-`CallTracker` is a grpc.aio server interceptor around the FeatherService methods. For each call it puts a
-`CallScope` in a context variable (the engine's observer hooks run in the call's task, or in tasks copied
-from it, so they see it), counts the call as in flight until the handler returns or the stream ends, and,
-only when content logging is on, writes the request's messages and the reply's text at DEBUG. Calls
-refused with RESOURCE_EXHAUSTED (by the tenant gate or the engine) are reported to `on_refused` with the
-ErrorInfo reason and subject, read back from the status the call was aborted with.
+`CallTracker` wraps each FeatherService method once (the wrapped handler is cached). For each call it
+puts a `CallScope` in a context variable (the engine's observer hooks run in the call's task, or in tasks
+copied from it, so they see it) and counts the call as in flight until the handler returns or the stream
+ends. With a `TenantGate` it then authenticates the caller from the call's own metadata, puts the tenant
+in `tenancy.current_tenant`, and makes Chat/StreamChat hold a tenant slot (request rate, concurrency,
+load shedding) while they run. Only when content logging is on does it write the request's messages and
+the reply's text at DEBUG. Calls refused with RESOURCE_EXHAUSTED (by the gate or the engine) are
+reported to `on_refused` with the ErrorInfo reason and subject, read back from the status the call was
+aborted with.
+
+One layer, not two interceptors: on a stream every layer is an async generator that each message passes
+through, and each interceptor costs a coroutine per call before the handler even starts.
 """
 
 from __future__ import annotations
@@ -20,10 +26,16 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from feather_grpc.config import TenantConfig
+from feather_grpc.engine.errors import FeatherError
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.logs import CONTENT_LOGGER
+from feather_grpc.server.status import status_for
+from feather_grpc.server.tenancy import TenantGate, authorization, current_tenant, remaining_s
 
 SERVICE_PREFIX = "/feather.v1.FeatherService/"
+# The methods that call upstreams: they hold a tenant slot (rate, concurrency, load shedding).
+LIMITED_METHODS = frozenset({"Chat", "StreamChat"})
 
 
 @dataclass(slots=True)
@@ -44,9 +56,17 @@ RefusalHook = Callable[[str, str], None]
 
 
 class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Counts in-flight FeatherService calls per method and opens a CallScope for each."""
+    """Counts in-flight FeatherService calls per method, opens a CallScope for each, and applies the
+    tenant gate when given one."""
 
-    def __init__(self, *, log_content: bool = False, on_refused: RefusalHook | None = None) -> None:
+    def __init__(
+        self,
+        gate: TenantGate | None = None,
+        *,
+        log_content: bool = False,
+        on_refused: RefusalHook | None = None,
+    ) -> None:
+        self.gate = gate
         self.inflight: dict[str, int] = {}
         self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
         self.on_refused = on_refused
@@ -85,18 +105,42 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler  # FeatherService has no client-streaming methods
 
-    def _unary(self, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
-        async def unary(request: Any, context: Any) -> Any:
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> TenantConfig | None:
+        """Authenticates the caller and, for Chat/StreamChat, takes a tenant slot. Returns the tenant when
+        it holds a slot (to give back with `gate.leave`). A refusal aborts the call."""
+        gate = self.gate
+        if gate is None:  # no tenancy (an embedding without the gate)
+            return None
+        try:
+            tenant = gate.default_tenant if gate.open else gate.authenticate(authorization(context))
             # Each RPC runs in its own task, so the variable needs no reset: it dies with the task.
+            current_tenant.set(tenant)
+            if method not in LIMITED_METHODS:
+                return None
+            await gate.enter(tenant, remaining_s(context))
+        except FeatherError as e:
+            await context.abort_with_status(status_for(e))
+        return tenant
+
+    def _unary(self, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
+        gate = self.gate
+        inflight = self.inflight
+
+        async def unary(request: Any, context: Any) -> Any:
             current_call.set(CallScope(method, time.perf_counter()))
-            self.inflight[method] += 1
+            inflight[method] += 1
             try:
-                response = await behavior(request, context)
+                tenant = await self._admit(method, context)
+                try:
+                    response = await behavior(request, context)
+                finally:
+                    if tenant is not None and gate is not None:
+                        gate.leave(tenant)
             except grpc.aio.AbortError:
                 self._aborted(context)
                 raise
             finally:
-                self.inflight[method] -= 1
+                inflight[method] -= 1
             if self._content is not None and self._content.isEnabledFor(logging.DEBUG):
                 _log_content(self._content, method, response.request_id, request, response.message.content)
             return response
@@ -104,24 +148,35 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return unary
 
     def _stream(self, method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
+        gate = self.gate
+        inflight = self.inflight
+
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             current_call.set(CallScope(method, time.perf_counter()))
-            self.inflight[method] += 1
+            inflight[method] += 1
             text: list[str] | None = [] if self._content is not None else None
             request_id = request.request_id
             try:
-                async for response in behavior(request, context):
-                    if text is not None:
-                        if response.HasField("delta"):
-                            text.append(response.delta.content)
-                        elif response.HasField("start"):
-                            request_id = response.start.request_id
-                    yield response
+                tenant = await self._admit(method, context)
+                try:
+                    if text is None:
+                        async for response in behavior(request, context):
+                            yield response
+                    else:
+                        async for response in behavior(request, context):
+                            if response.HasField("delta"):
+                                text.append(response.delta.content)
+                            elif response.HasField("start"):
+                                request_id = response.start.request_id
+                            yield response
+                finally:
+                    if tenant is not None and gate is not None:
+                        gate.leave(tenant)
             except grpc.aio.AbortError:
                 self._aborted(context)
                 raise
             finally:
-                self.inflight[method] -= 1
+                inflight[method] -= 1
             if self._content is not None and text is not None and self._content.isEnabledFor(logging.DEBUG):
                 _log_content(self._content, method, request_id, request, "".join(text))
 

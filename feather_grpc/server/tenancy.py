@@ -1,8 +1,9 @@
-"""Per-call tenancy as a grpc.aio interceptor: who is calling (API key or JWT), and may they call now
-(tenant request rate, tenant concurrency, gateway-wide load shedding).
+"""Per-call tenancy: who is calling (API key or JWT), and may they call now (tenant request rate, tenant
+concurrency, gateway-wide load shedding).
 
-The tenant reaches the servicer through a context variable set inside the wrapped handler, so it is
-scoped to exactly one call. Health and reflection are never gated.
+`TenantGate` holds the rules and the counts; the call interceptor (`server.calls.CallTracker`) applies it
+to every FeatherService call and puts the tenant in `current_tenant`, a context variable set inside the
+wrapped handler, so it is scoped to exactly one call. Health and reflection are never gated.
 """
 
 from __future__ import annotations
@@ -10,30 +11,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
 
 import grpc
 import jwt
 
 from feather_grpc.config import GatewayConfig, TenantConfig
-from feather_grpc.engine.errors import (
-    FeatherError,
-    Overloaded,
-    RateLimitExceeded,
-    StateStoreUnavailable,
-    Unauthenticated,
-)
-from feather_grpc.server.status import status_for
+from feather_grpc.engine.errors import Overloaded, RateLimitExceeded, StateStoreUnavailable, Unauthenticated
 from feather_grpc.state.limits import BucketSpec, RateLimited, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
 
 current_tenant: ContextVar[TenantConfig] = ContextVar("feather_tenant")
 
-_SERVICE_PREFIX = "/feather.v1.FeatherService/"
-_LIMITED_METHODS = frozenset({_SERVICE_PREFIX + "Chat", _SERVICE_PREFIX + "StreamChat"})
 # A tenant at its concurrency cap, or a gateway at its in-flight cap, is told to come back this soon.
 _BUSY_RETRY_S = 0.25
 _MAX_QUEUE_WAIT_S = 30.0
@@ -59,6 +49,8 @@ class TenantGate:
         self._limiter = limiter
         self._queue = config.rate_limit_mode == "queue"
         self._max_in_flight = max_in_flight
+        self.open = self._auth.open  # no keys: every caller is `default_tenant`, the metadata is not read
+        self.default_tenant = config.default_tenant
         self.in_flight = 0
         self._tenant_in_flight: dict[str, int] = {}
         if self._auth.open:
@@ -68,8 +60,8 @@ class TenantGate:
             )
 
     def authenticate(self, authorization: str | None) -> TenantConfig:
-        if self._auth.open:
-            return self._config.default_tenant
+        if self.open:
+            return self.default_tenant
         scheme, _, credential = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not credential:
             raise Unauthenticated("missing API key: send `authorization: Bearer <key>`")
@@ -128,79 +120,8 @@ class TenantGate:
                 raise
 
 
-class TenantInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps each FeatherService method once (the wrapped handler is cached): every call is
-    authenticated from its own metadata, and Chat/StreamChat hold a tenant slot while they run."""
-
-    def __init__(self, gate: TenantGate) -> None:
-        self._gate = gate
-        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(_SERVICE_PREFIX):
-            return handler
-        wrapped = self._wrapped.get(handler)
-        if wrapped is None:
-            wrapped = self._wrapped[handler] = self._wrap(handler, details.method in _LIMITED_METHODS)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, limited: bool) -> grpc.RpcMethodHandler:
-        gate = self._gate
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    tenant = gate.authenticate(_authorization(context))
-                    token = current_tenant.set(tenant)
-                    try:
-                        if not limited:
-                            return await inner_unary(request, context)
-                        await gate.enter(tenant, remaining_s(context))
-                        try:
-                            return await inner_unary(request, context)
-                        finally:
-                            gate.leave(tenant)
-                    finally:
-                        current_tenant.reset(token)
-                except FeatherError as e:
-                    await context.abort_with_status(status_for(e))
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-
-        inner_stream = handler.unary_stream
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                tenant = gate.authenticate(_authorization(context))
-                token = current_tenant.set(tenant)
-                try:
-                    await gate.enter(tenant, remaining_s(context))
-                    try:
-                        async for response in inner_stream(request, context):
-                            yield response
-                    finally:
-                        gate.leave(tenant)
-                finally:
-                    current_tenant.reset(token)
-            except FeatherError as e:
-                await context.abort_with_status(status_for(e))
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-
-
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+def authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's `authorization` metadata value, if any."""
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             return str(value)
