@@ -264,6 +264,9 @@ class Feather:
             candidate, (upstream, event) = await self._route(call, tenant, candidates, open_stream, settle_loser)
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = _ms_since(call.started)
+            idle_ms = self._provider_configs[candidate.provider].idle_timeout_ms
+            # Without an idle timeout or a deadline the next event is awaited bare: no timer per event.
+            timed = idle_ms is not None or call.ctx.deadline is not None
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
                     text.append(event.content)
@@ -272,7 +275,13 @@ class Feather:
                     parts[0], parts[1] = parts[0] or event.id, parts[1] or event.name
                     parts.append(event.arguments)
                 yield event
-                event = await self._next_event(call, upstream)
+                if timed:
+                    event = await self._next_event(call, upstream, idle_ms)
+                else:
+                    try:
+                        event = await anext(upstream)
+                    except (StopAsyncIteration, ProviderError) as e:
+                        raise await self._midstream_failure(call, _stream_failure(e)) from None
             usage, estimated = event.usage, False
             if usage is None:
                 usage, estimated = self._cancelled_usage(call, _output_text(text, calls)), True
@@ -560,26 +569,20 @@ class Feather:
             f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None
         )
 
-    async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent]) -> StreamEvent:
+    async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent], idle_ms: int | None) -> StreamEvent:
         """The next upstream event, within the caller's deadline and the provider's idle timeout."""
+        loop = asyncio.get_running_loop()
         deadline = call.ctx.deadline
-        idle_ms = self._provider_configs[call.candidate.provider].idle_timeout_ms if call.candidate else None
         if idle_ms is not None:
-            idle_deadline = asyncio.get_running_loop().time() + idle_ms / 1000
+            idle_deadline = loop.time() + idle_ms / 1000
             deadline = idle_deadline if deadline is None else min(deadline, idle_deadline)
         try:
-            if deadline is None:
-                return await anext(upstream)
             async with asyncio.timeout_at(deadline):
                 return await anext(upstream)
-        except StopAsyncIteration:
-            raise await self._midstream_failure(
-                call, ProviderError("UPSTREAM_STREAM_CUT", "upstream stream ended without a finish", retryable=True)
-            ) from None
-        except ProviderError as e:
-            raise await self._midstream_failure(call, e) from None
+        except (StopAsyncIteration, ProviderError) as e:
+            raise await self._midstream_failure(call, _stream_failure(e)) from None
         except TimeoutError:
-            if call.ctx.deadline is not None and asyncio.get_running_loop().time() >= call.ctx.deadline:
+            if call.ctx.deadline is not None and loop.time() >= call.ctx.deadline:
                 raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
             stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream data for {idle_ms} ms", retryable=True)
             raise await self._midstream_failure(call, stalled) from None
@@ -709,6 +712,12 @@ def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio
 
 def _settings(p: ProviderConfig) -> ProviderSettings:
     return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key)
+
+
+def _stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:
+    if isinstance(e, ProviderError):
+        return e
+    return ProviderError("UPSTREAM_STREAM_CUT", "upstream stream ended without a finish", retryable=True)
 
 
 def _output_text(text: list[str], calls: dict[int, list[str]]) -> str:

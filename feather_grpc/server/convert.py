@@ -84,13 +84,14 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
                 FieldViolation(f"messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
             )
             continue
+        calls = m.tool_calls
         messages.append(
             Message(
                 role=role,
                 content=m.content,
                 name=m.name,
                 tool_call_id=m.tool_call_id,
-                tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+                tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in calls) if calls else (),
             )
         )
     tool_choice = None
@@ -133,7 +134,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
         temperature=msg.temperature if msg.HasField("temperature") else None,
         top_p=msg.top_p if msg.HasField("top_p") else None,
-        stop=list(msg.stop),
+        stop=list(msg.stop) if msg.stop else [],
         seed=msg.seed if msg.HasField("seed") else None,
         response_format=response_format,
         tools=[
@@ -141,12 +142,14 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
                 t.name, t.description, json_format.MessageToDict(t.parameters) if t.HasField("parameters") else None
             )
             for t in msg.tools
-        ],
+        ]
+        if msg.tools
+        else [],
         tool_choice=tool_choice,
         policy=policy or "",
         retry=retry,
         cache_bypass=msg.cache == pb.CACHE_MODE_BYPASS,
-        tags=dict(msg.tags),
+        tags=dict(msg.tags) if msg.tags else {},
         request_id=msg.request_id,
     )
 
@@ -240,7 +243,7 @@ def usage_query(msg: pb.UsageRequest, tenant: str) -> UsageQuery:
         provider=msg.provider,
         model=msg.model,
         tag_key=msg.tag_key,
-        tags=dict(msg.tags),
+        tags=dict(msg.tags) if msg.tags else {},
     )
 
 

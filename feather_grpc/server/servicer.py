@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import NoReturn
@@ -70,10 +69,12 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
     ) -> AsyncIterator[pb.StreamChatResponse]:
         try:
             events = self._engine.stream(convert.chat_request(request), _call_context(context))
-            async with contextlib.aclosing(events):
+            try:
                 async for event in events:
-                    if isinstance(event, TextDelta):
-                        yield pb.StreamChatResponse(delta=pb.ChatDelta(content=event.content))
+                    if isinstance(event, TextDelta):  # all but two events of a stream, as a rule
+                        out = pb.StreamChatResponse()
+                        out.delta.content = event.content  # filled in place: cheaper than nesting constructors
+                        yield out
                     elif isinstance(event, StreamStarted):
                         yield pb.StreamChatResponse(
                             start=pb.StreamStart(
@@ -92,6 +93,8 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
                                 ]
                             )
                         )
+            finally:
+                await events.aclose()  # closes the upstream stream at once when the caller went away
         except Exception as e:
             await _abort(context, e, request.request_id)
 
