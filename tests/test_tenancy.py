@@ -58,7 +58,8 @@ async def test_keys_authenticate_and_unknown_or_missing_keys_are_rejected() -> N
         rows = (
             await gw.stub.Usage(pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_TENANT]), metadata=bearer(ADMIN_KEY))
         ).rows
-        assert [(r.tenant, r.request_count) for r in rows] == [("acme", 1)]
+        # The refused calls are in the ledger too, under no tenant ("": nobody authenticated).
+        assert [(r.tenant, r.request_count, r.error_count) for r in rows] == [("", 3, 3), ("acme", 1, 0)]
 
 
 async def test_jwt_with_tenant_claim_and_expiry() -> None:

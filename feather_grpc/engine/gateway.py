@@ -311,6 +311,14 @@ class Feather:
             if upstream is not None:
                 await _close(upstream)
 
+    async def record_refused(self, request: ChatRequest, ctx: CallContext, error: FeatherError, streamed: bool) -> None:
+        """Records a call refused before it reached `chat`/`stream` (authentication, the tenant's request
+        rate or concurrency, load shedding, the state store down, a request that did not convert): one
+        ledger record like any failed call's (outcome error, the status code and reason, no tokens, no cost,
+        no route), then the observers (call log, metrics, tracing). Durable before the refusal is sent."""
+        call = self._begin(request, ctx, streamed=streamed)
+        await self._settle(call, self._record(call, Outcome.ERROR, Usage(), error=error))
+
     async def usage(self, query: UsageQuery) -> UsageReport:
         try:
             return await self.ledger.query(query)

@@ -175,7 +175,10 @@ class GatewayServer:
         self.engine = engine
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
         self.tracker = CallTracker(
-            self.gate, log_content=options.log_content, on_refused=self.metrics.refused if self.metrics else None
+            self.gate,
+            log_content=options.log_content,
+            on_refused=self.metrics.refused if self.metrics else None,
+            record_refusal=self.engine.record_refused,
         )
         if self.metrics is not None:
             self.metrics.watch(self.engine, self.tracker)

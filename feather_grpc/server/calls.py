@@ -10,6 +10,12 @@ the reply's text at DEBUG. Calls refused with RESOURCE_EXHAUSTED (by the gate or
 reported to `on_refused` with the ErrorInfo reason and subject, read back from the status the call was
 aborted with.
 
+A Chat/StreamChat call the gate refuses is still a call: `record_refusal` (the engine's
+`Feather.record_refused`) writes its ledger record and call-log line before the status goes out, as the
+engine does for the calls it fails. Its tenant is the authenticated one, or `UNAUTHENTICATED` ("") when
+authentication failed: that caller is nobody's tenant, and "" is no tenant's name (a key or JWT always
+names one). Refused Usage/ListModels calls are not LLM calls and are not in the ledger.
+
 One layer, not two interceptors: on a stream every layer is an async generator that each message passes
 through, and each interceptor costs a coroutine per call before the handler even starts.
 """
@@ -28,7 +34,10 @@ from google.rpc import error_details_pb2, status_pb2
 
 from feather_grpc.config import TenantConfig
 from feather_grpc.engine.errors import FeatherError
+from feather_grpc.engine.gateway import CallContext
+from feather_grpc.engine.types import ChatRequest
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server import convert
 from feather_grpc.server.logs import CONTENT_LOGGER
 from feather_grpc.server.status import status_for
 from feather_grpc.server.tenancy import TenantGate, authorization, current_tenant, remaining_s
@@ -53,6 +62,12 @@ current_call: ContextVar[CallScope | None] = ContextVar("feather_current_call", 
 
 # (reason, subject): e.g. ("RATE_LIMITED", "tenant:acme:requests"), ("OVERLOADED", "")
 RefusalHook = Callable[[str, str], None]
+# Writes the ledger record (and the observers' lines) of a call refused here; see Feather.record_refused.
+RefusalRecorder = Callable[[ChatRequest, CallContext, FeatherError, bool], Awaitable[None]]
+# The ledger tenant of a call whose caller could not be authenticated.
+UNAUTHENTICATED = ""
+
+log = logging.getLogger(__name__)
 
 
 class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -65,8 +80,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         *,
         log_content: bool = False,
         on_refused: RefusalHook | None = None,
+        record_refusal: RefusalRecorder | None = None,
     ) -> None:
         self.gate = gate
+        self.record_refusal = record_refusal
         self.inflight: dict[str, int] = {}
         self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
         self.on_refused = on_refused
@@ -105,12 +122,13 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler  # FeatherService has no client-streaming methods
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> TenantConfig | None:
+    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> TenantConfig | None:
         """Authenticates the caller and, for Chat/StreamChat, takes a tenant slot. Returns the tenant when
-        it holds a slot (to give back with `gate.leave`). A refusal aborts the call."""
+        it holds a slot (to give back with `gate.leave`). A refusal is recorded, then aborts the call."""
         gate = self.gate
         if gate is None:  # no tenancy (an embedding without the gate)
             return None
+        tenant: TenantConfig | None = None
         try:
             tenant = gate.default_tenant if gate.open else gate.authenticate(authorization(context))
             # Each RPC runs in its own task, so the variable needs no reset: it dies with the task.
@@ -119,8 +137,25 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return None
             await gate.enter(tenant, remaining_s(context))
         except FeatherError as e:
+            if method in LIMITED_METHODS:
+                await self._record_refusal(method, request, tenant, e)
             await context.abort_with_status(status_for(e))
         return tenant
+
+    async def _record_refusal(
+        self, method: str, request: Any, tenant: TenantConfig | None, error: FeatherError
+    ) -> None:
+        if self.record_refusal is None:
+            return
+        if tenant is None:
+            ctx = CallContext(tenant=UNAUTHENTICATED)
+        else:
+            ctx = CallContext(tenant=tenant.name, tenant_config=tenant)
+        try:
+            refused = convert.refused_request(request, authenticated=tenant is not None)
+            await self.record_refusal(refused, ctx, error, method == "StreamChat")
+        except Exception:  # the refusal goes out whatever happened to its record
+            log.exception("could not record a refused %s call", method)
 
     def _unary(self, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
         gate = self.gate
@@ -130,7 +165,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             current_call.set(CallScope(method, time.perf_counter()))
             inflight[method] += 1
             try:
-                tenant = await self._admit(method, context)
+                tenant = await self._admit(method, request, context)
                 try:
                     response = await behavior(request, context)
                 finally:
@@ -157,7 +192,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             text: list[str] | None = [] if self._content is not None else None
             request_id = request.request_id
             try:
-                tenant = await self._admit(method, context)
+                tenant = await self._admit(method, request, context)
                 try:
                     if text is None:
                         async for response in behavior(request, context):

@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import grpc
 
-from feather_grpc.engine.errors import FeatherError, PermissionDenied
+from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionDenied
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
 from feather_grpc.engine.types import TextDelta
@@ -57,10 +57,25 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
     def __init__(self, engine: Feather) -> None:
         self._engine = engine
 
+    async def _refused(
+        self, request: pb.ChatRequest | pb.StreamChatRequest, ctx: CallContext, error: FeatherError, streamed: bool
+    ) -> None:
+        """A request that does not convert never reaches the engine: record it like any failed call."""
+        try:
+            refused = convert.refused_request(request, authenticated=True)
+            await self._engine.record_refused(refused, ctx, error, streamed)
+        except Exception:  # the caller hears about its request whatever happened to the record
+            log.exception("could not record a refused call")
+
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         try:
-            result = await self._engine.chat(convert.chat_request(request), _call_context(context))
-            return convert.chat_response(result)
+            ctx = _call_context(context)
+            try:
+                req = convert.chat_request(request)
+            except InvalidRequest as e:
+                await self._refused(request, ctx, e, False)
+                raise
+            return convert.chat_response(await self._engine.chat(req, ctx))
         except Exception as e:
             await _abort(context, e, request.request_id)
 
@@ -68,7 +83,13 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
         self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamChatResponse]:
         try:
-            events = self._engine.stream(convert.chat_request(request), _call_context(context))
+            ctx = _call_context(context)
+            try:
+                req = convert.chat_request(request)
+            except InvalidRequest as e:
+                await self._refused(request, ctx, e, True)
+                raise
+            events = self._engine.stream(req, ctx)
             try:
                 async for event in events:
                     if isinstance(event, TextDelta):  # all but two events of a stream, as a rule
