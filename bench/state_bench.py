@@ -75,9 +75,14 @@ def ops(
 
 async def script_stats(state: RedisState) -> tuple[int, int]:
     """Scripts Redis ran, and the microseconds it spent running them."""
-    stats = await state.client.info("commandstats")
-    mine = [v for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")]
-    return sum(int(v["calls"]) for v in mine), sum(int(v["usec"]) for v in mine)
+    raw = await state.client.call("INFO", "commandstats")
+    calls = usec = 0
+    for line in raw.decode().splitlines():  # cmdstat_evalsha:calls=12,usec=345,...
+        name, _, fields = line.partition(":")
+        if name in ("cmdstat_evalsha", "cmdstat_eval"):
+            values = dict(f.split("=", 1) for f in fields.split(","))
+            calls, usec = calls + int(values["calls"]), usec + int(values["usec"])
+    return calls, usec
 
 
 async def run(url: str, seconds: float) -> None:
@@ -85,13 +90,7 @@ async def run(url: str, seconds: float) -> None:
     memory = ops(MemoryRateLimiter(), MemoryBudgetStore(), MemoryCircuitStore(CircuitBreakers(BreakerSettings())))
     state = RedisState.from_url(url, namespace="bench")
     redis = ops(state.limiter, state.budgets, state.circuits)
-    try:
-        import hiredis  # noqa: F401
-
-        parser = "hiredis"
-    except ImportError:
-        parser = "pure-Python parser"
-    print(f"redis-py with {parser}; {seconds:g}s per row; latency in microseconds\n")
+    print(f"feather_grpc.state.resp client; {seconds:g}s per row; latency in microseconds\n")
     print("scripts/decision: Lua scripts Redis ran per decision (its INFO commandstats)")
     print("RTT/decision: network round trips per decision (concurrent decisions share pipelines)")
     print("server µs: Redis CPU time per script\n")

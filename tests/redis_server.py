@@ -52,14 +52,17 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            reply = s.recv(64)
+            return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")  # up, password set
     except OSError:
         return False
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """`extra_args` go to redis-server, e.g. ("--requirepass", "s3cret")."""
         self.port = port or _free_port()
+        self.extra_args = extra_args
         self.binary = redis_server_binary()
         self._dir = tempfile.TemporaryDirectory(prefix="feather-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
@@ -69,11 +72,16 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def directory(self) -> Path:
+        """The server's own temporary directory (e.g. for a unix socket)."""
+        return Path(self._dir.name)
+
     def start(self, timeout: float = 10.0) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", self._dir.name, "--logfile", str(self._log), "--daemonize", "no"]
+        args += ["--dir", self._dir.name, "--logfile", str(self._log), "--daemonize", "no", *self.extra_args]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while not _ping(self.port):

@@ -67,6 +67,7 @@ class Admission:
         self._loop_time = loop_time
         self._wall_clock = wall_clock
         self._provider_buckets = {k: BucketSpec(rate, burst) for k, (rate, burst) in config.provider_limits.items()}
+        self._windows: dict[str, tuple[int, TenantConfig, tuple[BudgetWindow, ...]]] = {}
 
     @staticmethod
     def allowed(tenant: TenantConfig, requested: str, candidates: Sequence[RouteCandidate]) -> list[RouteCandidate]:
@@ -156,13 +157,18 @@ class Admission:
                 raise
 
     def windows(self, tenant: TenantConfig) -> tuple[BudgetWindow, ...]:
-        """The tenant's budget windows as of now (UTC day and month)."""
-        now = dt.datetime.fromtimestamp(self._wall_clock(), dt.UTC)
+        """The tenant's budget windows as of now (UTC day and month), built once per tenant and day."""
+        day = int(self._wall_clock() // 86_400)
+        cached = self._windows.get(tenant.name)
+        if cached is not None and cached[0] == day and cached[1] is tenant:
+            return cached[2]
+        now = dt.datetime.fromtimestamp(day * 86_400, dt.UTC)
         windows = []
         if tenant.daily_budget_nanos is not None:
             windows.append(BudgetWindow("day", now.strftime("%Y-%m-%d"), tenant.daily_budget_nanos, 2 * 86_400))
         if tenant.monthly_budget_nanos is not None:
             windows.append(BudgetWindow("month", now.strftime("%Y-%m"), tenant.monthly_budget_nanos, 32 * 86_400))
+        self._windows[tenant.name] = (day, tenant, tuple(windows))
         return tuple(windows)
 
 

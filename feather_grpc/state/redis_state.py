@@ -1,10 +1,10 @@
 """The hot shared state in Redis, so replicas hold limits, budgets and circuits together.
 
-Every decision is ONE Lua script, so ONE round trip: called by EVALSHA, and loaded (EVAL / SCRIPT
-LOAD) only when Redis answers NOSCRIPT, e.g. after a restart. Decisions issued concurrently (in the
-same event-loop tick) leave together in one pipeline, so under load many decisions share a round trip
-(`ScriptRunner`). Scripts read the clock with `redis.call('TIME')`, so replicas with skewed clocks
-agree. Needs Redis >= 5 (script effects replication); tested against 6.2.
+Every decision is ONE Lua script, so ONE round trip: called by EVALSHA, and by EVAL (which loads it)
+only when Redis answers NOSCRIPT, e.g. after a restart. All decisions of one event-loop turn leave in
+one write on one connection (`resp.RedisClient`), so under load many decisions share a round trip.
+Scripts read the clock with `redis.call('TIME')`, so replicas with skewed clocks agree. Needs Redis
+>= 5 (script effects replication); tested against 6.2.
 
 Keys are namespaced and hash-tagged so that every key one script touches lives in one Redis Cluster slot:
 
@@ -15,12 +15,12 @@ Keys are namespaced and hash-tagged so that every key one script touches lives i
     feather:{cb:<provider:model>}:fails                sorted set of failure times in the rolling window
     feather:{cb:<provider:model>}:probe                the half-open probe flag (a token, with a TTL)
 
-Failure handling: connect and read timeouts are short (0.25 s by default), redis-py's own retries are
-off (a retried reservation whose reply was lost would reserve twice), and any Redis error or timeout
-surfaces as `StateUnavailable`. Dead pooled connections are replaced on checkout, so after Redis comes
-back the same objects work again. Note that a call that timed out may still have been applied.
+Failure handling: connects and replies are bounded by a short timeout (0.25 s by default); nothing is
+retried (a retried reservation whose reply was lost would reserve twice); any Redis error or timeout
+surfaces as `StateUnavailable`, and the next call reconnects, so after Redis comes back the same
+objects work again. Note that a call that timed out may still have been applied.
 
-Wiring — one pool for all three:
+Wiring — one connection for all three:
 
     state = RedisState.from_url(os.environ["REDIS_URL"], breaker=config.breaker)
     feather = Feather(config, limiter=state.limiter, budgets=state.budgets)  # + state.circuits
@@ -30,18 +30,13 @@ Wiring — one pool for all three:
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
+import itertools
 import math
-import uuid
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
 
 from feather_grpc.engine.breaker import BreakerSettings, CircuitState, Permit
 from feather_grpc.state.limits import (
@@ -53,6 +48,7 @@ from feather_grpc.state.limits import (
     StateUnavailable,
 )
 from feather_grpc.state.memory_limits import BurstExceeded, check_request
+from feather_grpc.state.resp import RedisClient, RedisUnavailable, ReplyError
 
 __all__ = [
     "BurstExceeded",
@@ -253,9 +249,6 @@ return {redis.call('HGET', KEYS[1], 'opened_at') or '', fmt(now_us())}
 )
 
 
-_STORE_ERRORS = (RedisError, OSError, TimeoutError)
-
-
 @dataclass(frozen=True, slots=True)
 class _Script:
     lua: str
@@ -266,129 +259,46 @@ class _Script:
         return _Script(lua, hashlib.sha1(lua.encode()).hexdigest())
 
 
-@dataclass(slots=True)
-class _Call:
-    script: _Script
-    args: tuple[str, ...]  # numkeys, *keys, *argv
-    future: asyncio.Future[Any]
-
-
 class ScriptRunner:
-    """Runs Lua decisions by EVALSHA, loading a script on NOSCRIPT, and pipelines concurrent decisions.
+    """Runs Lua decisions by EVALSHA, and by EVAL (which loads the script) when Redis answers NOSCRIPT,
+    e.g. after a restart. Decisions issued in one event-loop turn leave in one write (RedisClient), so
+    at high concurrency many share a network round trip; each script stays atomic on its own, and
+    Redis runs them in arrival order, so a replica's waiters stay first-in-first-out."""
 
-    Calls issued in the same event-loop tick leave together as one pipeline (non-transactional: each
-    script stays atomic on its own) on one connection, so at high concurrency many decisions share
-    a network round trip and its syscalls; a lone call is a plain EVALSHA. Order within a pipeline is
-    the order of arrival, so a replica's waiters stay first-in-first-out."""
-
-    def __init__(self, client: Redis, *, timeout_s: float = 1.0, max_batch: int = 256) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self.decisions = 0  # scripts run
-        self.round_trips = 0  # network round trips they took (pipelines count once)
-        self._timeout = timeout_s
-        self._max_batch = max_batch
-        self._queue: list[_Call] = []
-        self._flushing = False
-        self._inflight: set[asyncio.Task[None]] = set()
+
+    @property
+    def round_trips(self) -> int:
+        """Writes to Redis so far (a batch of decisions counts once)."""
+        return self.client.round_trips
 
     async def run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-        loop = asyncio.get_running_loop()
-        call = _Call(script, (str(len(keys)), *keys, *args), loop.create_future())
-        self._queue.append(call)
-        if not self._flushing:
-            self._flushing = True
-            loop.call_soon(self._flush)
-        return await call.future
-
-    def _flush(self) -> None:
-        self._flushing = False
-        queue, self._queue = self._queue, []
-        for i in range(0, len(queue), self._max_batch):
-            task = asyncio.get_running_loop().create_task(self._send(queue[i : i + self._max_batch]))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-
-    async def _send(self, batch: list[_Call]) -> None:
-        batch = [c for c in batch if not c.future.done()]  # callers that gave up already
-        if not batch:
-            return
-        self.decisions += len(batch)
+        self.decisions += 1
         try:
-            async with asyncio.timeout(self._timeout):  # one deadline for the whole batch
-                if len(batch) == 1:
-                    results: list[Any] = [await self._one(batch[0])]
-                else:
-                    results = await self._pipeline(batch)
-                    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-                    if missing:  # not executed: load the scripts (e.g. Redis restarted) and run those again
-                        for script in {batch[i].script for i in missing}:
-                            self.round_trips += 1
-                            await self.client.script_load(script.lua)
-                        retried = await self._pipeline([batch[i] for i in missing])
-                        for i, r in zip(missing, retried, strict=True):
-                            results[i] = r
-        except BaseException as e:
-            for c in batch:
-                if c.future.done():
-                    continue
-                if isinstance(e, _STORE_ERRORS):
-                    c.future.set_exception(_unavailable(e))
-                elif isinstance(e, Exception):
-                    c.future.set_exception(e)  # a bug: let it show as itself
-                else:
-                    c.future.cancel()
-            if not isinstance(e, Exception):
-                raise  # this task itself was cancelled (loop shutting down)
-            return
-        for c, r in zip(batch, results, strict=True):
-            if not c.future.done():
-                if isinstance(r, Exception):  # a ResponseError from Redis (e.g. OOM): not a verdict
-                    c.future.set_exception(_unavailable(r))
-                else:
-                    c.future.set_result(r)
-
-    async def _one(self, call: _Call) -> Any:
-        self.round_trips += 1
-        try:
-            return await self.client.execute_command("EVALSHA", call.script.sha, *call.args)  # type: ignore[no-untyped-call]
-        except NoScriptError:
-            self.round_trips += 1
-            return await self.client.execute_command("EVAL", call.script.lua, *call.args)  # type: ignore[no-untyped-call]
-
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        self.round_trips += 1
-        pipe = self.client.pipeline(transaction=False)
-        for c in batch:
-            pipe.execute_command("EVALSHA", c.script.sha, *c.args)
-        return await pipe.execute(raise_on_error=False)
-
-
-def _unavailable(e: BaseException) -> StateUnavailable:
-    if isinstance(e, StateUnavailable):
-        return e
-    err = StateUnavailable(f"redis: {type(e).__name__}: {e}")
-    err.__cause__ = e
-    return err
+            reply = await self.client.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                reply = await self.client.call("EVAL", script.lua, len(keys), *keys, *args)
+        except RedisUnavailable as e:
+            raise StateUnavailable(str(e)) from e
+        if isinstance(reply, ReplyError):  # e.g. OOM, or a script error: no verdict
+            raise StateUnavailable(f"redis: {reply}")
+        return reply
 
 
 class _RedisStore:
-    def __init__(
-        self, client: Redis, *, namespace: str, op_timeout_s: float, owns_client: bool, runner: ScriptRunner | None
-    ) -> None:
-        self._client = client
+    def __init__(self, runner: ScriptRunner, *, namespace: str) -> None:
+        self._runner = runner
+        self._client = runner.client
         self._ns = namespace
-        self._op_timeout = op_timeout_s
-        self._owns = owns_client
-        self._runner = runner or ScriptRunner(client, timeout_s=op_timeout_s)
 
     async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-        """One decision; the runner bounds it by the operation timeout and maps errors to StateUnavailable."""
+        """One decision: one round trip, shared with the other decisions of this loop turn."""
         return await self._runner.run(script, keys, args)
 
     async def aclose(self) -> None:
-        """Closes the client only when this store created it (RedisState owns the shared pool)."""
-        if self._owns:
-            await self._client.aclose()
+        return None  # the client belongs to RedisState
 
 
 def _f(x: float) -> str:
@@ -398,16 +308,8 @@ def _f(x: float) -> str:
 class RedisRateLimiter(_RedisStore):
     """GCRA token buckets in Redis (same semantics as MemoryRateLimiter, on the server's clock)."""
 
-    def __init__(
-        self,
-        client: Redis,
-        *,
-        namespace: str = "feather",
-        op_timeout_s: float = 1.0,
-        owns_client: bool = False,
-        runner: ScriptRunner | None = None,
-    ) -> None:
-        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client, runner=runner)
+    def __init__(self, runner: ScriptRunner, *, namespace: str = "feather") -> None:
+        super().__init__(runner, namespace=namespace)
         self._reserve = _Script.of(_RL_RESERVE)
         self._adjust = _Script.of(_RL_ADJUST)
 
@@ -447,17 +349,8 @@ class RedisBudgetStore(_RedisStore):
     crash cannot shrink a budget for the rest of its window. A settle after the lease ran out still
     records the real cost. Settle each reservation once."""
 
-    def __init__(
-        self,
-        client: Redis,
-        *,
-        lease_s: float = 900.0,
-        namespace: str = "feather",
-        op_timeout_s: float = 1.0,
-        owns_client: bool = False,
-        runner: ScriptRunner | None = None,
-    ) -> None:
-        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client, runner=runner)
+    def __init__(self, runner: ScriptRunner, *, lease_s: float = 900.0, namespace: str = "feather") -> None:
+        super().__init__(runner, namespace=namespace)
         self._lease_us = str(max(int(lease_s * 1e6), 1))
         self._lease_ms = int(lease_s * 1000)
         self._reserve = _Script.of(_BUDGET_RESERVE)
@@ -476,7 +369,7 @@ class RedisBudgetStore(_RedisStore):
             raise ValueError(f"budget reservation must be >= 0 nano-dollars, got {amount_nanos}")
         if not windows:
             return Reservation(tenant, windows, amount_nanos)
-        lease_id = uuid.uuid4().hex
+        lease_id = os.urandom(16).hex()
         keep_ms = max(max(w.ttl_s for w in windows) * 1000, self._lease_ms + 60_000)
         args = [str(int(amount_nanos)), lease_id, self._lease_us, str(int(keep_ms))]
         args += [str(int(w.cap_nanos)) for w in windows]
@@ -504,11 +397,7 @@ class RedisBudgetStore(_RedisStore):
         await self._run(self._raise_spent, [self.key(tenant, window)], args)
 
     async def spent(self, tenant: str, window: BudgetWindow) -> int:
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                value = await self._client.hget(self.key(tenant, window), "spent")
-        except _STORE_ERRORS as e:
-            raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
+        value = await _command(self._client, "HGET", self.key(tenant, window), "spent")
         return 0 if value is None else int(value)
 
 
@@ -520,20 +409,15 @@ class RedisCircuitStore(_RedisStore):
     that outlived its flag never drops another replica's."""
 
     def __init__(
-        self,
-        client: Redis,
-        settings: BreakerSettings,
-        *,
-        probe_ttl_s: float = 30.0,
-        namespace: str = "feather",
-        op_timeout_s: float = 1.0,
-        owns_client: bool = False,
-        runner: ScriptRunner | None = None,
+        self, runner: ScriptRunner, settings: BreakerSettings, *, probe_ttl_s: float = 30.0, namespace: str = "feather"
     ) -> None:
-        super().__init__(client, namespace=namespace, op_timeout_s=op_timeout_s, owns_client=owns_client, runner=runner)
+        super().__init__(runner, namespace=namespace)
         self.settings = settings
         self._probe_ttl_ms = max(int(probe_ttl_s * 1000), 1)
         self._probe_tokens: dict[str, str] = {}
+        # A probe token names this acquire uniquely across replicas: a random prefix and a counter.
+        self._replica = os.urandom(8).hex() + ":"
+        self._acquires = itertools.count()
         self._acquire = _Script.of(_CB_ACQUIRE)
         self._succeeded = _Script.of(_CB_SUCCEEDED)
         self._failed = _Script.of(_CB_FAILED)
@@ -547,7 +431,7 @@ class RedisCircuitStore(_RedisStore):
     async def acquire(self, key: str) -> Permit | None:
         if not self.settings.enabled:
             return Permit.CALL
-        token = uuid.uuid4().hex
+        token = f"{self._replica}{next(self._acquires)}"
         cooldown_us = _f(self.settings.cooldown_s * 1e6)
         got = await self._run(self._acquire, self.keys(key), [cooldown_us, str(self._probe_ttl_ms), token])
         if got == b"call":
@@ -596,29 +480,37 @@ class RedisCircuitStore(_RedisStore):
         return None if elapsed is None else max(self.settings.cooldown_s - elapsed, 0.0)
 
 
-class RedisState:
-    """The three Redis-backed stores on ONE shared connection pool.
+async def _command(client: RedisClient, *args: str) -> Any:
+    """A plain command (not a decision), with Redis trouble as StateUnavailable."""
+    try:
+        reply = await client.call(*args)
+    except RedisUnavailable as e:
+        raise StateUnavailable(str(e)) from e
+    if isinstance(reply, ReplyError):
+        raise StateUnavailable(f"redis: {reply}")
+    return reply
 
-    `from_url` is the usual constructor; `__init__` takes a ready `redis.asyncio.Redis` client (for a
-    cluster client, or custom TLS/auth settings), which `aclose()` then closes."""
+
+class RedisState:
+    """The three Redis-backed stores on ONE shared connection (`RedisClient`): all their decisions of
+    one loop turn leave in one write."""
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         breaker: BreakerSettings | None = None,
         probe_ttl_s: float = 30.0,
         budget_lease_s: float = 900.0,
         namespace: str = "feather",
-        op_timeout_s: float = 1.0,
     ) -> None:
         self.client = client
-        self._op_timeout = op_timeout_s
-        self.runner = ScriptRunner(client, timeout_s=op_timeout_s)
-        opts: dict[str, Any] = {"namespace": namespace, "op_timeout_s": op_timeout_s, "runner": self.runner}
-        self.limiter = RedisRateLimiter(client, **opts)
-        self.budgets = RedisBudgetStore(client, lease_s=budget_lease_s, **opts)
-        self.circuits = RedisCircuitStore(client, breaker or BreakerSettings(), probe_ttl_s=probe_ttl_s, **opts)
+        self.runner = ScriptRunner(client)
+        self.limiter = RedisRateLimiter(self.runner, namespace=namespace)
+        self.budgets = RedisBudgetStore(self.runner, lease_s=budget_lease_s, namespace=namespace)
+        self.circuits = RedisCircuitStore(
+            self.runner, breaker or BreakerSettings(), probe_ttl_s=probe_ttl_s, namespace=namespace
+        )
 
     @classmethod
     def from_url(
@@ -627,49 +519,22 @@ class RedisState:
         *,
         timeout_s: float = 0.25,
         connect_timeout_s: float | None = None,
-        max_connections: int = 64,
         breaker: BreakerSettings | None = None,
         probe_ttl_s: float = 30.0,
         budget_lease_s: float = 900.0,
         namespace: str = "feather",
-        **redis_kwargs: Any,
     ) -> RedisState:
-        """`redis://[user:pass@]host:port/db` or `rediss://...` (TLS) or `unix://...`.
+        """`redis://[user:pass@]host:port/db`, `rediss://...` (TLS) or `unix://...` (see resp.RedisAddress).
 
-        `timeout_s` bounds each socket read and (unless `connect_timeout_s` is given) each connect;
-        a call waits at most `timeout_s` for a free pooled connection too. `probe_ttl_s`: how long a
-        half-open probe holds its circuit if its replica dies; `budget_lease_s`: how long a budget
-        reservation holds its amount if its replica dies. Extra keyword arguments go to redis-py's
-        connection pool (e.g. `ssl_ca_certs`, `client_name`)."""
-        connect = timeout_s if connect_timeout_s is None else connect_timeout_s
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=connect,
-            retry=Retry(NoBackoff(), 0),
-            **redis_kwargs,
-        )
-        client = Redis.from_pool(pool)  # closes the pool with the client
-        # Worst case of one decision: pool wait + connect + pipeline, NOSCRIPT, SCRIPT LOAD, pipeline.
-        op_timeout = connect + 4 * timeout_s
-        return cls(
-            client,
-            breaker=breaker,
-            probe_ttl_s=probe_ttl_s,
-            budget_lease_s=budget_lease_s,
-            namespace=namespace,
-            op_timeout_s=op_timeout,
-        )
+        `timeout_s` bounds each batch of replies and (unless `connect_timeout_s` is given) each connect.
+        `probe_ttl_s`: how long a half-open probe holds its circuit if its replica dies; `budget_lease_s`:
+        how long a budget reservation holds its amount if its replica dies."""
+        client = RedisClient.from_url(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        return cls(client, breaker=breaker, probe_ttl_s=probe_ttl_s, budget_lease_s=budget_lease_s, namespace=namespace)
 
     async def ping(self) -> None:
         """Raises StateUnavailable unless Redis answers (for health checks)."""
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                await self.client.ping()
-        except _STORE_ERRORS as e:
-            raise StateUnavailable(f"redis: {type(e).__name__}: {e}") from e
+        await _command(self.client, "PING")
 
     async def aclose(self) -> None:
         await self.client.aclose()
