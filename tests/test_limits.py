@@ -32,7 +32,7 @@ from feather_grpc.state.limits import (
     StateUnavailable,
 )
 from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
-from feather_grpc.state.redis_state import RedisBudgetStore, RedisState
+from feather_grpc.state.redis_state import RedisBudgetStore, RedisCircuitStore, RedisState
 from tests.redis_server import RedisServer
 
 
@@ -602,6 +602,35 @@ async def test_crashed_prober_does_not_wedge_the_circuit(redis_server: RedisServ
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_a_closed_verdict_is_reused_briefly_and_a_local_failure_forgets_it(redis_server: RedisServer) -> None:
+    a_state, b_state = two_replicas(redis_server)
+    now = [1000.0]
+    ns = a_state.circuits.keys("x")[0].split(":")[0]
+    a = RedisCircuitStore(a_state.runner, a_state.circuits.settings, namespace=ns, clock=lambda: now[0])
+    b = b_state.circuits
+    try:
+        assert await a.acquire("p:m") is Permit.CALL
+        decisions = a_state.runner.decisions
+        assert [await a.acquire("p:m") for _ in range(10)] == [Permit.CALL] * 10
+        assert a_state.runner.decisions == decisions  # no Redis round trip while the verdict is fresh
+        for _ in range(3):
+            await b.failed("p:m", Permit.CALL)
+        assert await b.acquire("p:m") is None
+        now[0] += 0.2
+        assert await a.acquire("p:m") is Permit.CALL  # stale by design, for at most closed_cache_s
+        now[0] += 0.06
+        assert await a.acquire("p:m") is None  # re-read: open
+
+        assert await a.acquire("q:m") is Permit.CALL
+        await b.failed("q:m", Permit.CALL)
+        await b.failed("q:m", Permit.CALL)
+        await a.failed("q:m", Permit.CALL)  # this replica's own failure trips it and forgets the verdict
+        assert await a.acquire("q:m") is None
+    finally:
+        await a_state.aclose()
+        await b_state.aclose()
 
 
 async def test_disabled_breaker_never_touches_redis(redis_server: RedisServer) -> None:

@@ -34,7 +34,8 @@ import hashlib
 import itertools
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -406,13 +407,29 @@ class RedisCircuitStore(_RedisStore):
 
     The half-open probe is an atomic SET NX flag with a TTL (`probe_ttl_s`), so a prober that crashed
     only holds the circuit until the flag expires. The flag's value is a per-acquire token, so a probe
-    that outlived its flag never drops another replica's."""
+    that outlived its flag never drops another replica's.
+
+    A CLOSED verdict is reused for `closed_cache_s` (0.25 s): a healthy provider costs one Redis read
+    per key every quarter second, not one per call. The price is bounded staleness: a circuit another
+    replica just opened may still let this replica's calls through for that long, and only until this
+    replica reports a failure there itself (a failure forgets the cached verdict). Open and half-open
+    circuits are read from Redis on every acquire, so exactly one probe goes out."""
 
     def __init__(
-        self, runner: ScriptRunner, settings: BreakerSettings, *, probe_ttl_s: float = 30.0, namespace: str = "feather"
+        self,
+        runner: ScriptRunner,
+        settings: BreakerSettings,
+        *,
+        probe_ttl_s: float = 30.0,
+        closed_cache_s: float = 0.25,
+        namespace: str = "feather",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(runner, namespace=namespace)
         self.settings = settings
+        self._closed_cache_s = closed_cache_s
+        self._closed_until: dict[str, float] = {}  # key -> until when CLOSED is taken as read (clock)
+        self._clock = clock
         self._probe_ttl_ms = max(int(probe_ttl_s * 1000), 1)
         self._probe_tokens: dict[str, str] = {}
         # A probe token names this acquire uniquely across replicas: a random prefix and a counter.
@@ -431,10 +448,14 @@ class RedisCircuitStore(_RedisStore):
     async def acquire(self, key: str) -> Permit | None:
         if not self.settings.enabled:
             return Permit.CALL
+        now = self._clock()
+        if self._closed_until.get(key, -math.inf) > now:
+            return Permit.CALL
         token = f"{self._replica}{next(self._acquires)}"
         cooldown_us = _f(self.settings.cooldown_s * 1e6)
         got = await self._run(self._acquire, self.keys(key), [cooldown_us, str(self._probe_ttl_ms), token])
         if got == b"call":
+            self._closed_until[key] = now + self._closed_cache_s
             return Permit.CALL
         if got == b"probe":
             self._probe_tokens[key] = token
@@ -449,6 +470,7 @@ class RedisCircuitStore(_RedisStore):
     async def failed(self, key: str, permit: Permit) -> None:
         if not self.settings.enabled:
             return
+        self._closed_until.pop(key, None)
         token = self._probe_tokens.pop(key, "") if permit is Permit.PROBE else ""
         s = self.settings
         await self._run(
