@@ -20,7 +20,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings
+from feather_grpc.providers.base import ProviderSettings, coalesce
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -227,11 +227,18 @@ class AnthropicProvider:
                 parser = SSEParser()
                 reader = _EventReader(name, self._api_key)
                 async for chunk in resp:
-                    for event in parser.feed(chunk):
-                        for out in reader.handle(event.event, event.data):
+                    batch: list[StreamEvent] = []  # this read's events, yielded with text runs joined
+                    try:
+                        for event in parser.feed(chunk):
+                            batch += reader.handle(event.event, event.data)
+                            if reader.done:
+                                break
+                    except ProviderError:
+                        for out in coalesce(batch):  # what came before the error event, first
                             yield out
-                        if reader.done:
-                            break
+                        raise
+                    for out in coalesce(batch):
+                        yield out
                     if reader.done:
                         break
                 if not reader.done:

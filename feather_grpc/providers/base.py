@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent
+from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +43,27 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release anything the adapter owns (the shared HTTP session is closed by its owner)."""
         ...
+
+
+def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
+    """The events of one network read, with each run of text deltas joined into one delta.
+
+    Every delta becomes a gRPC message, which costs the gateway ~60-80 us of CPU whatever its size; an
+    upstream that sends several events at once (a burst after a pause, a fast server) would pay that per
+    event. Only what has already arrived is joined: nothing waits for more text.
+    """
+    if len(events) < 2:
+        return events
+    out: list[StreamEvent] = []
+    run: list[str] = []
+    for event in events:
+        if isinstance(event, TextDelta):
+            run.append(event.content)
+            continue
+        if run:
+            out.append(TextDelta("".join(run)))
+            run = []
+        out.append(event)
+    if run:
+        out.append(TextDelta("".join(run)))
+    return out
