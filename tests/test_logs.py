@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
+from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from feather_grpc.server.logs import JsonFormatter, SecretRedactor, TextFormatter
+from feather_grpc.server.app import GatewayServer, ServerOptions
+from feather_grpc.server.logs import CONTENT_LOGGER, JsonFormatter, SecretRedactor, TextFormatter
 from sim.upstream import Reply, SimUsage, UpstreamSimulator
-from tests.gateway_harness import user
+from tests.gateway_harness import MOCK_CONFIG, user
 from tests.ops_harness import GatewayProcess, free_port
 
 API_KEY = "sk-live-ThisIsTheUpstreamKey-0123456789"
@@ -110,6 +113,23 @@ async def test_content_is_logged_only_when_enabled_and_at_debug(tmp_path: Path) 
     assert content["completion"] == f"echo: {PROMPT}"
     assert API_KEY not in "".join(enabled.raw)
     assert len([e for e in enabled.lines if e["logger"] == "feather_grpc.calls"]) == 1
+
+
+async def test_content_logging_leaves_usage_and_list_models_alone(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=CONTENT_LOGGER)
+    cfg = config.resolve(config.parse_file_config(json.dumps(MOCK_CONFIG), "<test>"), {}, "<test>")
+    server = GatewayServer(cfg, options=ServerOptions(log_content=True))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.FeatherServiceStub(channel)
+            reply = await stub.Chat(pb.ChatRequest(model="fast", messages=[user(PROMPT)]))
+            assert (await stub.Usage(pb.UsageRequest())).total.request_count == 1
+            assert (await stub.ListModels(pb.ListModelsRequest())).models
+    finally:
+        await server.stop(0)
+    (content,) = [r for r in caplog.records if r.name == CONTENT_LOGGER]
+    assert (content.__dict__["request_id"], content.__dict__["method"]) == (reply.request_id, "Chat")
 
 
 def _render(formatter: logging.Formatter, redactor: SecretRedactor, emit: Any) -> str:

@@ -176,7 +176,8 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             finally:
                 inflight[method] -= 1
-            if self._content is not None and self._content.isEnabledFor(logging.DEBUG):
+            # Chat only: Usage and ListModels carry no conversation.
+            if self._content is not None and method == "Chat" and self._content.isEnabledFor(logging.DEBUG):
                 _log_content(self._content, method, response.request_id, request, response.message.content)
             return response
 
