@@ -12,8 +12,9 @@ import asyncio
 import datetime as dt
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from feather_grpc.config import GatewayConfig, TenantConfig
 from feather_grpc.engine.errors import (
@@ -110,21 +111,22 @@ class Admission:
             raise
         return ticket
 
-    async def settle(self, ticket: Ticket, tokens: int, cost_nanos: int) -> None:
-        """Charges the real usage: tokens against the TPM bucket, cost against the budgets."""
-        try:
-            if ticket.tpm_reserved:
-                t = ticket.tenant
-                assert t.tpm is not None
-                delta = tokens - ticket.tpm_reserved
-                if delta:
-                    await self._limiter.adjust(f"tenant:{t.name}:tpm", BucketSpec(t.tpm / 60, t.tpm), delta)
-                ticket.tpm_reserved = 0.0
-            if ticket.budget is not None:
-                reservation, ticket.budget = ticket.budget, None
-                await self._budgets.settle(reservation, cost_nanos)
-        except StateUnavailable as e:
-            raise StateStoreUnavailable("the shared state store is unreachable") from e
+    def settle(self, ticket: Ticket, tokens: int, cost_nanos: int) -> Coroutine[Any, Any, None]:
+        """Charges the real usage: tokens against the TPM bucket, cost against the budgets. A shared store
+        gets the updates at once (in one round trip); the returned coroutine waits until they landed,
+        so a caller can do other work meanwhile. Always await it."""
+        pending: list[Awaitable[None]] = []
+        if ticket.tpm_reserved:
+            t = ticket.tenant
+            assert t.tpm is not None
+            delta = tokens - ticket.tpm_reserved
+            if delta:
+                pending.append(self._limiter.adjust(f"tenant:{t.name}:tpm", BucketSpec(t.tpm / 60, t.tpm), delta))
+            ticket.tpm_reserved = 0.0
+        if ticket.budget is not None:
+            reservation, ticket.budget = ticket.budget, None
+            pending.append(self._budgets.settle(reservation, cost_nanos))
+        return _landed(pending)
 
     async def release(self, ticket: Ticket) -> None:
         """Gives back everything reserved for a call that never reached an upstream."""
@@ -170,6 +172,18 @@ class Admission:
             windows.append(BudgetWindow("month", now.strftime("%Y-%m"), tenant.monthly_budget_nanos, 32 * 86_400))
         self._windows[tenant.name] = (day, tenant, tuple(windows))
         return tuple(windows)
+
+
+async def _landed(pending: list[Awaitable[None]]) -> None:
+    """Awaits every update (none is left un-awaited), then reports the first store failure."""
+    failure: StateUnavailable | None = None
+    for update in pending:
+        try:
+            await update
+        except StateUnavailable as e:
+            failure = failure or e
+    if failure is not None:
+        raise StateStoreUnavailable("the shared state store is unreachable") from failure
 
 
 def _cost(candidate: RouteCandidate, prompt: int, output: int) -> int:

@@ -678,14 +678,20 @@ class Feather:
         )
 
     async def _settle(self, call: _Call, record: UsageRecord) -> None:
-        """Writes the call's ledger record (durable before the caller hears back), then tells observers."""
-        await self.ledger.record(record)
-        if call.ticket is not None:
+        """Writes the call's ledger record (durable before the caller hears back) and settles its limits and
+        budget, then tells observers."""
+        settling = None
+        if call.ticket is not None:  # sent to a shared store now: it lands while the ledger commits
             ticket, call.ticket = call.ticket, None
-            try:
-                await self.admission.settle(ticket, record.input_tokens + record.output_tokens, record.cost_nanos_usd)
-            except FeatherError:
-                log.warning("could not settle limits and budget for %s: state store unreachable", call.request_id)
+            settling = self.admission.settle(ticket, record.input_tokens + record.output_tokens, record.cost_nanos_usd)
+        try:
+            await self.ledger.record(record)
+        finally:
+            if settling is not None:
+                try:
+                    await settling
+                except FeatherError:
+                    log.warning("could not settle limits and budget for %s: state store unreachable", call.request_id)
         for observer in self.observers:
             observer.call_settled(record, call.attempts, call.ttft_ms)
 

@@ -35,7 +35,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,17 +275,31 @@ class ScriptRunner:
         """Writes to Redis so far (a batch of decisions counts once)."""
         return self.client.round_trips
 
-    async def run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    def start(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Coroutine[Any, Any, Any]:
+        """Sends the decision now (with the others of this loop turn) and returns a coroutine for its
+        reply: a caller that starts several decisions before awaiting any pays one round trip. Always
+        await the coroutine."""
         self.decisions += 1
+        argv: tuple[str | int, ...] = (len(keys), *keys, *args)
+        return self._reply(self.client.call("EVALSHA", script.sha, *argv), script, argv)
+
+    async def run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        return await self.start(script, keys, args)
+
+    async def _reply(self, sent: Awaitable[Any], script: _Script, argv: tuple[str | int, ...]) -> Any:
         try:
-            reply = await self.client.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            reply = await sent
             if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                reply = await self.client.call("EVAL", script.lua, len(keys), *keys, *args)
+                reply = await self.client.call("EVAL", script.lua, *argv)
         except RedisUnavailable as e:
             raise StateUnavailable(str(e)) from e
         if isinstance(reply, ReplyError):  # e.g. OOM, or a script error: no verdict
             raise StateUnavailable(f"redis: {reply}")
         return reply
+
+
+async def _nothing() -> None:
+    return None
 
 
 class _RedisStore:
@@ -317,22 +331,29 @@ class RedisRateLimiter(_RedisStore):
     def key(self, bucket: str) -> str:
         return f"{self._ns}:{{rl:{bucket}}}"
 
-    async def reserve(self, key: str, spec: BucketSpec, amount: float, max_wait_s: float) -> float:
+    # reserve, adjust (and the budget store's reserve, settle) send their decision when called and
+    # return a coroutine for the verdict (ScriptRunner.start), so callers can overlap them.
+
+    def reserve(self, key: str, spec: BucketSpec, amount: float, max_wait_s: float) -> Coroutine[Any, Any, float]:
         check_request(key, spec, amount)
         max_wait = min(max(max_wait_s, 0.0), _MAX_WAIT_CAP_S)
-        ok, wait_us = await self._run(
-            self._reserve, [self.key(key)], [_f(spec.rate), _f(spec.burst), _f(amount), _f(max_wait)]
-        )
+        args = [_f(spec.rate), _f(spec.burst), _f(amount), _f(max_wait)]
+        return self._verdict(key, self._runner.start(self._reserve, [self.key(key)], args))
+
+    @staticmethod
+    async def _verdict(key: str, reply: Awaitable[Any]) -> float:
+        ok, wait_us = await reply
         wait = float(wait_us) / 1e6
         if not ok:
             raise RateLimited(key, wait)
         return wait
 
-    async def adjust(self, key: str, spec: BucketSpec, delta: float) -> None:
+    def adjust(self, key: str, spec: BucketSpec, delta: float) -> Coroutine[Any, Any, None]:
         if not spec.rate > 0 or not math.isfinite(delta):
             raise ValueError(f"bucket {key!r}: bad adjust (rate={spec.rate!r}, delta={delta!r})")
-        if delta:
-            await self._run(self._adjust, [self.key(key)], [_f(spec.rate), _f(delta)])
+        if not delta:
+            return _nothing()
+        return self._runner.start(self._adjust, [self.key(key)], [_f(spec.rate), _f(delta)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,31 +386,47 @@ class RedisBudgetStore(_RedisStore):
         base = f"{self._ns}:{{tenant:{tenant}}}:budget"
         return [f"{base}:leases", f"{base}:lease-data", *(self.key(tenant, w) for w in windows)]
 
-    async def reserve(self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int) -> Reservation:
+    def reserve(
+        self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int
+    ) -> Coroutine[Any, Any, Reservation]:
         if amount_nanos < 0:
             raise ValueError(f"budget reservation must be >= 0 nano-dollars, got {amount_nanos}")
+        return self._reserved(tenant, windows, amount_nanos, self._start_reserve(tenant, windows, amount_nanos))
+
+    def _start_reserve(
+        self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int
+    ) -> tuple[str, Awaitable[Any]] | None:
         if not windows:
-            return Reservation(tenant, windows, amount_nanos)
+            return None
         lease_id = os.urandom(16).hex()
         keep_ms = max(max(w.ttl_s for w in windows) * 1000, self._lease_ms + 60_000)
         args = [str(int(amount_nanos)), lease_id, self._lease_us, str(int(keep_ms))]
         args += [str(int(w.cap_nanos)) for w in windows]
         args += [str(max(int(w.ttl_s), 1)) for w in windows]
-        reply = await self._run(self._reserve, self._keys(tenant, windows), args)
+        return lease_id, self._runner.start(self._reserve, self._keys(tenant, windows), args)
+
+    @staticmethod
+    async def _reserved(
+        tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int, sent: tuple[str, Awaitable[Any]] | None
+    ) -> Reservation:
+        if sent is None:
+            return Reservation(tenant, windows, amount_nanos)
+        lease_id, pending = sent
+        reply = await pending
         if not reply[0]:
             w = windows[int(reply[1]) - 1]
             raise BudgetExceeded(tenant, w.name, w.cap_nanos, int(reply[2]) + int(reply[3]))
         return LeasedReservation(tenant, windows, amount_nanos, lease_id)
 
-    async def settle(self, reservation: Reservation, actual_nanos: int) -> None:
+    def settle(self, reservation: Reservation, actual_nanos: int) -> Coroutine[Any, Any, None]:
         if actual_nanos < 0:
             raise ValueError(f"actual cost must be >= 0 nano-dollars, got {actual_nanos}")
         if not reservation.windows:
-            return
+            return _nothing()
         lease_id = reservation.lease_id if isinstance(reservation, LeasedReservation) else ""
         args = [lease_id, str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
         args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
-        await self._run(self._settle, self._keys(reservation.tenant, reservation.windows), args)
+        return self._runner.start(self._settle, self._keys(reservation.tenant, reservation.windows), args)
 
     async def raise_spent_to(self, tenant: str, window: BudgetWindow, spent_nanos: int) -> None:
         """Sets the window's spend to `spent_nanos` unless Redis already counts more (reconciling with the

@@ -189,6 +189,7 @@ class RedisClient:
         self._pending_futures: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @classmethod
@@ -198,7 +199,9 @@ class RedisClient:
     def call(self, *args: str | bytes | int) -> asyncio.Future[Any]:
         """Sends one command (with the others of this loop turn) and returns the future of its reply:
         the value, a ReplyError value, or RedisUnavailable raised."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # bound once: get_running_loop() costs a getpid() system call every time
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(RedisUnavailable("redis: client closed"))
@@ -227,7 +230,7 @@ class RedisClient:
             conn.abort(RedisUnavailable(f"redis: cannot send: {type(e).__name__}: {e}"))
 
     def _send(self, conn: _Connection, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         if not conn.waiting:
             conn.progress_at = loop.time()
         conn.waiting.extend(futures)  # first: whatever fails below, abort() fails these too
@@ -245,7 +248,7 @@ class RedisClient:
         conn = self._conn
         if conn is None or conn.lost is not None or not conn.waiting:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         if loop.time() - conn.progress_at >= self.timeout_s:
             conn.abort(RedisUnavailable(f"redis: no reply within {self.timeout_s:g}s"))
             return
