@@ -19,7 +19,8 @@ is also checked in the ledger by bench/run.py.
 Run alone (`.venv/bin/python bench/ttft.py --help`), it starts nginx and a gateway itself and repeats the
 measurement in rounds, with the gateway's CPU per StreamChat call (exact, from /proc schedstat) in each;
 `--baseline DIR` also runs a gateway from another checkout (e.g. `git archive <commit> | tar -x -C DIR`)
-and interleaves the two sample by sample, so that both see the same machine.
+and interleaves the two sample by sample, so that both see the same machine; `--floor` interleaves
+bench/floor.py's bare grpc.aio echo and grpc.aio + aiohttp proxy servers too (what grpc.aio alone costs).
 """
 
 from __future__ import annotations
@@ -359,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured calls before each round (default 30)")
     parser.add_argument("--grpcio", action="store_true", help="also time the grpcio client (slower rounds)")
     parser.add_argument("--baseline", type=Path, help="checkout to compare with, calls interleaved A/B")
+    parser.add_argument(
+        "--floor", action="store_true", help="also interleave bench/floor.py's grpc.aio echo and proxy servers"
+    )
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop" if run._have_uvloop() else "asyncio")
     parser.add_argument("--json", type=Path, help="write every round's figures here")
     args = parser.parse_args(argv)
@@ -379,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                 base_cfg.write_text(json.dumps(run.gateway_config(nginx.url, "sqlite", tmp / "baseline.db")))
                 gateways.append(("baseline", _gateway(args.baseline.resolve(), "baseline", base_cfg, tmp, args.loop)))
             gateways.append(("this tree", _gateway(None, "gateway", cfg_path, tmp, args.loop)))
+            if args.floor:
+                for mode in ("echo", "proxy"):
+                    floor = run.Server.floor(mode, upstream.free_port(), nginx.url, tmp / f"{mode}.log", args.loop)
+                    gateways.append((f"floor {mode}", floor))
+                    floor.wait_ready()
             for n in range(args.rounds):
                 cpu0 = [schedstat_cpu_s(gw.proc.pid) for _, gw in gateways]
                 results = measure_side_by_side(
@@ -389,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_us = (schedstat_cpu_s(gw.proc.pid) - c0) / calls * 1e6
                     rounds.setdefault(label, []).append({**r.to_json(), "cpu_us_per_call": round(cpu_us, 1)})
                     print(
-                        f"round {n + 1} {label:>9}: TTFT overhead p50 {r.overhead_p50_ms:.3f} ms"
+                        f"round {n + 1} {label:>11}: TTFT overhead p50 {r.overhead_p50_ms:.3f} ms"
                         f" (gateway {r.gateway_p50_ms:.3f}, direct {r.direct_p50_ms:.3f}),"
                         f" p99 {r.overhead_p99_ms:.3f} ms, CPU {cpu_us:.0f} us/call",
                         flush=True,
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         over = [row["overhead_p50_ms"] for row in rows]
         cpu = [row["cpu_us_per_call"] for row in rows]
         print(
-            f"{label:>9}: TTFT overhead p50 median {statistics.median(over):.3f} ms"
+            f"{label:>11}: TTFT overhead p50 median {statistics.median(over):.3f} ms"
             f" (range {min(over):.3f}-{max(over):.3f}), CPU median {statistics.median(cpu):.0f} us/call"
             f" (range {min(cpu):.0f}-{max(cpu):.0f}), {len(rows)} rounds of {args.samples}"
         )
