@@ -10,17 +10,24 @@ so the upper bounds stay exact.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
+import json
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
 
+from feather_grpc.config import GatewayConfig, parse_file_config, resolve
 from feather_grpc.engine.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
+from feather_grpc.engine.errors import RateLimitExceeded
+from feather_grpc.engine.gateway import CallContext, Feather
+from feather_grpc.engine.types import ChatRequest, Message, Role
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.limits import (
     BucketSpec,
@@ -31,8 +38,10 @@ from feather_grpc.state.limits import (
     RateLimiter,
     StateUnavailable,
 )
+from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
 from feather_grpc.state.redis_state import RedisBudgetStore, RedisCircuitStore, RedisState
+from tests.gateway_harness import MOCK_CONFIG
 from tests.redis_server import RedisServer
 
 
@@ -728,5 +737,63 @@ async def test_unreachable_from_the_start(own_server: RedisServer) -> None:
         assert time.monotonic() - started < 2.0
         own_server.start()
         assert await state.limiter.reserve("k", BucketSpec(1, 1), 1, 0) == 0
+    finally:
+        await state.aclose()
+
+
+# ---------------------------------------------------------------- admission through the engine, with Redis
+
+
+def _engine_config(**overrides: Any) -> GatewayConfig:
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["rateLimitMode"] = "reject"
+    doc["tenants"] = {"acme": {"limits": {"tpm": 100_000}, "budget": {"dailyUsd": 10, "monthlyUsd": 100}}}
+    doc["limits"] = {"mock:mock-fast": {"rps": 0.01, "burst": 3}}
+    doc.update(overrides)
+    return resolve(parse_file_config(json.dumps(doc), "test"), env={})
+
+
+async def test_admission_is_one_round_trip_and_the_first_attempt_uses_its_provider_token(
+    redis_server: RedisServer,
+) -> None:
+    """Tokens per minute, the day + month budget and the first attempt's provider:model token: three
+    decisions started together, so Redis sees them in ONE write; the attempt then takes no other token."""
+    config = _engine_config()
+    state = RedisState.from_url(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}", breaker=config.breaker)
+    stores = {"limiter": state.limiter, "budgets": state.budgets, "circuits": state.circuits}
+    tenant = config.tenants["acme"]
+    request = ChatRequest(model="fast", messages=[Message(Role.USER, "hi")], max_tokens=20)
+    bucket = "mock:mock-fast"  # rps 0.01, burst 3: no token comes back during the test
+    try:
+        async with Feather(config, MemoryLedger(), **stores) as engine:
+            admission, candidates = engine.admission, engine.router.plan("fast")
+            warm = await admission.admit(tenant, request, candidates, None, first_slot=bucket)
+            await admission.settle(warm, 0, 0)  # loads the scripts (NOSCRIPT, EVAL); the unused token comes back
+            assert await state.circuits.acquire("warm:up") is Permit.CALL  # loads the circuit's script
+
+            trips, decisions = state.runner.round_trips, state.runner.decisions
+            ticket = await admission.admit(tenant, request, candidates, None, first_slot=bucket)
+            assert (state.runner.decisions - decisions, state.runner.round_trips - trips) == (3, 1)
+            assert ticket.slot == bucket and ticket.slot_refused is None and ticket.budget is not None
+            await admission.provider_slot(bucket, None, ticket)  # the token admission took: no decision
+            assert state.runner.decisions - decisions == 3 and ticket.slot is None
+            await admission.settle(ticket, 25, 1_000)  # 2 tokens left
+
+            # The whole engine: admission in one write, the circuit's first read, the settlement.
+            trips = state.runner.round_trips
+            result = await engine.chat(request, CallContext(tenant="acme", tenant_config=tenant))
+            assert result.usage.output_tokens > 0 and result.attempts[0].outcome == "ok"
+            assert state.runner.round_trips - trips == 3  # 1 token left
+
+            unused = await admission.admit(tenant, request, candidates, None, first_slot=bucket)  # the last one
+            refused = await admission.admit(tenant, request, candidates, None, first_slot=bucket)
+            assert unused.slot_refused is None and refused.slot_refused is not None
+            # Refused for that candidate only (the attempt loop moves on); the tenant's reservations stand.
+            assert refused.slot_refused.subject == "provider:mock:mock-fast" and refused.budget is not None
+            with pytest.raises(RateLimitExceeded):
+                await admission.provider_slot(bucket, None, refused)
+            await admission.settle(refused, 0, 0)
+            await admission.settle(unused, 0, 0)  # taken by admission, never used: given back
+            assert await state.limiter.reserve(f"provider:{bucket}", BucketSpec(0.01, 3), 1, 0) == 0
     finally:
         await state.aclose()

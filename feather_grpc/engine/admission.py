@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from feather_grpc.config import GatewayConfig, TenantConfig
 from feather_grpc.engine.errors import (
@@ -37,6 +37,8 @@ from feather_grpc.state.limits import (
     StateUnavailable,
 )
 
+T = TypeVar("T")
+
 # Without max_tokens the worst case is unbounded; reserve this much output and settle to the truth.
 DEFAULT_OUTPUT_RESERVATION = 4096
 # How long a queued caller without a deadline may wait for a rate-limit token.
@@ -50,6 +52,8 @@ class Ticket:
     tenant: TenantConfig
     tpm_reserved: float = 0.0
     budget: Reservation | None = None
+    slot: str | None = None  # the first attempt's provider:model, whose token admission already asked for
+    slot_refused: RateLimitExceeded | None = None  # ... and was refused
 
 
 class Admission:
@@ -86,26 +90,73 @@ class Admission:
         return kept
 
     async def admit(
-        self, tenant: TenantConfig, request: ChatRequest, candidates: Sequence[RouteCandidate], deadline: float | None
+        self,
+        tenant: TenantConfig,
+        request: ChatRequest,
+        candidates: Sequence[RouteCandidate],
+        deadline: float | None,
+        *,
+        first_slot: str | None = None,
     ) -> Ticket:
+        """Reserves the tenant's tokens per minute and worst-case cost, and with `first_slot` the token of
+        the first attempt's provider:model bucket too (`provider_slot` then finds it in the ticket). Every
+        decision is started before any is awaited, so a shared store answers them in ONE round trip."""
         ticket = Ticket(tenant)
-        if tenant.tpm is None and tenant.daily_budget_nanos is None and tenant.monthly_budget_nanos is None:
+        slot_spec = self._provider_buckets.get(first_slot) if first_slot is not None else None
+        budgeted = tenant.daily_budget_nanos is not None or tenant.monthly_budget_nanos is not None
+        if tenant.tpm is None and not budgeted and slot_spec is None:
             return ticket  # nothing to reserve: the common case costs nothing
+        max_wait = self._max_wait(deadline)
         output = request.max_tokens or DEFAULT_OUTPUT_RESERVATION
         prompt = estimate_prompt_tokens(request.messages)
-        try:
-            if tenant.tpm is not None:
-                spec = BucketSpec(tenant.tpm / 60, tenant.tpm)
-                amount = float(prompt + output)
-                await self._reserve(f"tenant:{tenant.name}:tpm", spec, amount, deadline, "tokens per minute")
-                ticket.tpm_reserved = amount
+        started: list[tuple[str, Awaitable[Any]]] = []
+        tpm_amount = float(prompt + output)
+        if slot_spec is not None:
+            slot_key = f"provider:{first_slot}"
+            started.append(("slot", _start(lambda: self._limiter.reserve(slot_key, slot_spec, 1.0, max_wait))))
+        if tenant.tpm is not None:
+            tpm_key, tpm_spec = f"tenant:{tenant.name}:tpm", BucketSpec(tenant.tpm / 60, tenant.tpm)
+            started.append(("tpm", _start(lambda: self._limiter.reserve(tpm_key, tpm_spec, tpm_amount, max_wait))))
+        if budgeted:
+            worst = max((_cost(c, prompt, output) for c in candidates), default=0)
             windows = self.windows(tenant)
-            if windows:
-                worst = max((_cost(c, prompt, output) for c in candidates), default=0)
-                try:
-                    ticket.budget = await self._budgets.reserve(tenant.name, windows, worst)
-                except BudgetExceeded as e:
-                    raise BudgetExhausted(e.tenant, e.window, e.budget_nanos, e.spent_nanos) from None
+            started.append(("budget", _start(lambda: self._budgets.reserve(tenant.name, windows, worst))))
+        failure: BaseException | None = None
+        wait = 0.0
+        for what, pending in started:  # await every one, so whatever was granted can be given back
+            try:
+                result = await pending
+            except RateLimited as e:
+                if what == "slot":
+                    assert first_slot is not None
+                    ticket.slot = first_slot
+                    ticket.slot_refused = _rate_limited(
+                        e, f"provider:{first_slot}", f"{first_slot} requests per second"
+                    )
+                else:
+                    failure = failure or _rate_limited(e, f"tenant:{tenant.name}:tpm", "tokens per minute")
+                continue
+            except BudgetExceeded as e:
+                failure = failure or BudgetExhausted(e.tenant, e.window, e.budget_nanos, e.spent_nanos)
+                continue
+            except StateUnavailable as e:
+                failure = failure or StateStoreUnavailable("the shared state store is unreachable")
+                failure.__cause__ = e
+                continue
+            except BaseException as e:  # cancelled: still collect the others' results
+                failure = failure or e
+                continue
+            if what == "slot":
+                ticket.slot, wait = first_slot, max(wait, result)
+            elif what == "tpm":
+                ticket.tpm_reserved, wait = tpm_amount, max(wait, result)
+            else:
+                ticket.budget = result
+        try:
+            if failure is not None:
+                raise failure
+            if wait > 0:
+                await asyncio.sleep(wait)  # the queue: tokens reserved for a moment from now
         except BaseException:
             await self.release(ticket)
             raise
@@ -126,37 +177,47 @@ class Admission:
         if ticket.budget is not None:
             reservation, ticket.budget = ticket.budget, None
             pending.append(self._budgets.settle(reservation, cost_nanos))
+        if ticket.slot is not None:  # taken by admission, never used: give it back
+            key, refused = ticket.slot, ticket.slot_refused
+            ticket.slot = ticket.slot_refused = None
+            if refused is None:
+                pending.append(self._limiter.adjust(f"provider:{key}", self._provider_buckets[key], -1.0))
         return _landed(pending)
 
     async def release(self, ticket: Ticket) -> None:
         """Gives back everything reserved for a call that never reached an upstream."""
         await self.settle(ticket, 0, 0)
 
-    async def provider_slot(self, key: str, deadline: float | None) -> None:
-        """Waits for (or refuses) a token of the provider:model bucket, if one is configured."""
+    async def provider_slot(self, key: str, deadline: float | None, ticket: Ticket | None = None) -> None:
+        """Waits for (or refuses) a token of the provider:model bucket, if one is configured; the first
+        attempt's token was asked for by admission and is in the ticket."""
+        if ticket is not None and ticket.slot == key:
+            refused, ticket.slot, ticket.slot_refused = ticket.slot_refused, None, None
+            if refused is not None:
+                raise refused
+            return
         spec = self._provider_buckets.get(key)
-        if spec is not None:
-            await self._reserve(f"provider:{key}", spec, 1.0, deadline, f"{key} requests per second")
-
-    async def _reserve(self, key: str, spec: BucketSpec, amount: float, deadline: float | None, what: str) -> None:
-        max_wait = 0.0
-        if self._queue:
-            max_wait = MAX_QUEUE_WAIT_S if deadline is None else max(deadline - self._loop_time(), 0.0)
+        if spec is None:
+            return
+        bucket = f"provider:{key}"
         try:
-            wait = await self._limiter.reserve(key, spec, amount, max_wait)
+            wait = await self._limiter.reserve(bucket, spec, 1.0, self._max_wait(deadline))
         except RateLimited as e:
-            # More than the whole bucket can never be granted: no point telling the caller when to retry.
-            retry = None if math.isinf(e.retry_after_s) else e.retry_after_s
-            raise RateLimitExceeded(key, what, retry) from None
+            raise _rate_limited(e, bucket, f"{key} requests per second") from None
         except StateUnavailable as e:
             raise StateStoreUnavailable("the shared state store is unreachable") from e
         if wait > 0:
             try:
                 await asyncio.sleep(wait)
             except BaseException:
-                # A waiter that gives up returns its place's tokens.
-                await self._limiter.adjust(key, spec, -amount)
+                await self._limiter.adjust(bucket, spec, -1.0)  # a waiter that gives up returns its place
                 raise
+
+    def _max_wait(self, deadline: float | None) -> float:
+        """How long a caller may queue for a token: not at all in reject mode, else until its deadline."""
+        if not self._queue:
+            return 0.0
+        return MAX_QUEUE_WAIT_S if deadline is None else max(deadline - self._loop_time(), 0.0)
 
     def windows(self, tenant: TenantConfig) -> tuple[BudgetWindow, ...]:
         """The tenant's budget windows as of now (UTC day and month), built once per tenant and day."""
@@ -172,6 +233,23 @@ class Admission:
             windows.append(BudgetWindow("month", now.strftime("%Y-%m"), tenant.monthly_budget_nanos, 32 * 86_400))
         self._windows[tenant.name] = (day, tenant, tuple(windows))
         return tuple(windows)
+
+
+def _start(decision: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+    """Starts a decision; one that fails at once (bad arguments) fails when awaited, like the others."""
+    try:
+        return decision()
+    except Exception as e:
+        return _raise(e)
+
+
+async def _raise(e: Exception) -> NoReturn:
+    raise e
+
+
+def _rate_limited(e: RateLimited, key: str, what: str) -> RateLimitExceeded:
+    # More than the whole bucket can never be granted: no point telling the caller when to retry.
+    return RateLimitExceeded(key, what, None if math.isinf(e.retry_after_s) else e.retry_after_s)
 
 
 async def _landed(pending: list[Awaitable[None]]) -> None:

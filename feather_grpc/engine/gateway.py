@@ -419,10 +419,14 @@ class Feather:
         """Admit, then attempt: hedged when the route asks for it; on a too-long prompt, once more on the
         route's larger-context models."""
         req = call.request
-        call.ticket = await self.admission.admit(tenant, req, candidates, call.ctx.deadline)
         route = self.router.routes.get(req.model)
+        hedged = route is not None and route.hedge_after_ms is not None and len(candidates) > 1
+        # Unhedged, the first attempt's provider:model token is asked for with admission (one round trip).
+        first_slot = None if hedged or not candidates else candidates[0].key
+        call.ticket = await self.admission.admit(tenant, req, candidates, call.ctx.deadline, first_slot=first_slot)
         try:
-            if route is not None and route.hedge_after_ms is not None and len(candidates) > 1:
+            if hedged:
+                assert route is not None and route.hedge_after_ms is not None
                 return await self._hedged(call, candidates, attempt, settle_loser, route.hedge_after_ms / 1000)
             return await self._attempt_loop(call, candidates, attempt)
         except UpstreamInvalidRequest as e:
@@ -508,7 +512,7 @@ class Feather:
             per_attempt_s = ((call.streamed and pconf.first_token_timeout_ms) or pconf.timeout_ms) / 1000.0
             for n in range(1, policy.max_attempts + 1):
                 try:
-                    await self.admission.provider_slot(candidate.key, deadline)
+                    await self.admission.provider_slot(candidate.key, deadline, call.ticket)
                 except RateLimitExceeded as e:
                     limited, last = e, ProviderError("GATEWAY_RATE_LIMITED", e.message, retryable=True)
                     self._attempt_done(call, (), _attempt(candidate, "retryable_error", time.monotonic(), last.reason))
