@@ -137,6 +137,9 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
+_LINGER_S = 0.02
+
+
 class _Writer:
     """The writer thread: drains the queue and writes everything pending in one write, so a busy gateway
     pays one syscall per batch, not per line. Items are LogRecords (formatted here) or lines the call
@@ -178,6 +181,10 @@ class _Writer:
                     pass
             if stop:
                 return
+            # Linger before taking the next batch: lines wait a few milliseconds more, and a quiet gateway
+            # (one call at a time) wakes this thread a few dozen times a second instead of after every call,
+            # which would compete with the next call for the GIL and a core.
+            time.sleep(_LINGER_S)
 
     def stop(self) -> None:
         self.queue.put(self._STOP)
