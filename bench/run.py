@@ -1329,8 +1329,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         r = by.get((rpc, 1))
         if r:
             added = r["added_p50_ms"]
+            # The issue holds Chat to this; for streams its latency target is TTFT. The whole stream is held
+            # to it too (a stricter reading), so that what a stream adds per message stays in view.
+            strict = " (whole stream: stricter than the issue, whose stream target is TTFT)" if rpc != "Chat" else ""
             add(
-                f"{rpc} added p50 latency at concurrency 1",
+                f"{rpc} added p50 latency at concurrency 1{strict}",
                 f"{added:.3f} ms",
                 f"<= {TARGET_ADDED_P50_MS:g} ms",
                 added <= TARGET_ADDED_P50_MS,
