@@ -87,7 +87,16 @@ def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     address = args.address or f"127.0.0.1:{os.environ.get('PORT') or 50051}"
-    with grpc.insecure_channel(address) as channel:
+    if args.tls or args.ca_cert or args.cert:
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        creds = grpc.ssl_channel_credentials(read(args.ca_cert), read(args.key), read(args.cert))
+        channel = grpc.secure_channel(address, creds)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -433,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument("--address", help="host:port (default: 127.0.0.1:$PORT, or 127.0.0.1:50051)")
     health.add_argument("--service", default="", help='service name (default: "", the whole server)')
     health.add_argument("--timeout", type=float, default=2.0, help="seconds (default: 2)")
+    health.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    health.add_argument("--ca-cert", help="PEM root certificates to trust (implies TLS)")
+    health.add_argument("--cert", help="PEM client certificate chain for mutual TLS (with --key)")
+    health.add_argument("--key", help="PEM private key of --cert")
     health.set_defaults(run=_health)
     check = sub.add_parser("check-config", help="validate a config and print what it serves")
     check.add_argument("--config")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
+from subprocess import PIPE, STDOUT
 from typing import Any
 
 import grpc
@@ -225,5 +228,25 @@ async def test_tls_and_mutual_tls(tmp_path: Path, mutual: bool) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await pb_grpc.FeatherServiceStub(anon).Chat(ask(), timeout=5)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The command line speaks TLS too: the health check (the container's HEALTHCHECK) and chat.
+        pki = ["--ca-cert", str(tmp_path / "ca.pem")]
+        if mutual:
+            pki += ["--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key")]
+        code, out = await _cli("health", "--address", f"localhost:{port}", *pki)
+        assert code == 0 and "SERVING" in out
+        code, out = await _cli("health", "--address", f"localhost:{port}")  # plaintext to a TLS server
+        assert code == 1 and "UNAVAILABLE" in out
+        code, out = await _cli("chat", "--addr", f"localhost:{port}", *pki, "--model", "fast", "hello over tls")
+        assert code == 0 and "hello over tls" in out and "mock/mock-fast" in out
     finally:
         await server.stop(0)
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    """Runs `feather-grpc ARGS` without blocking this event loop (the server under test runs on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feather_grpc.cli", *args, stdout=PIPE, stderr=STDOUT, env={**os.environ, "PORT": ""}
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
