@@ -100,6 +100,30 @@ async def test_anthropic_chat_normalises_cache_counts_and_prices_them(sim: Upstr
     assert sim.requests[0].headers["x-api-key"] == "ak-test"
 
 
+async def test_usage_sums_cache_writes_and_reasoning_tokens_per_provider(sim: UpstreamSimulator) -> None:
+    # Anthropic reports cache writes (in a reply and in a stream's message_start); OpenAI reports reasoning tokens.
+    sim.enqueue(Reply(content="one", usage=SimUsage(input=10, output=5, cached=4, cache_write=2)))
+    sim.enqueue(Reply(content="two", usage=SimUsage(input=8, output=3, cache_write=6)))
+    sim.enqueue(Reply(content="three", usage=SimUsage(input=12, output=7, reasoning=5)))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        chat = await gw.stub.Chat(pb.ChatRequest(model="smart", provider="anthropic", messages=[user("a")]))
+        events = [
+            e
+            async for e in gw.stub.StreamChat(
+                pb.StreamChatRequest(model="smart", provider="anthropic", messages=[user("b")])
+            )
+        ]
+        reasoned = await gw.stub.Chat(pb.ChatRequest(model="smart", provider="openai", messages=[user("c")]))
+        assert (chat.usage.cache_write_tokens, events[-1].end.usage.cache_write_tokens) == (2, 6)
+        assert (reasoned.usage.reasoning_tokens, reasoned.usage.output_tokens) == (5, 7)
+        await gw.server.engine.settled()
+        usage = await gw.stub.Usage(pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_PROVIDER]))
+    rows = [(r.provider, r.cache_write_tokens, r.reasoning_tokens) for r in usage.rows]
+    assert rows == [("anthropic", 8, 0), ("openai", 0, 5)]
+    assert (usage.total.cache_write_tokens, usage.total.reasoning_tokens) == (8, 5)
+    assert usage.total.input_tokens == 16 + 14 + 12  # cache reads and writes are part of input_tokens
+
+
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_stream_split_at_awkward_places_reassembles_exactly(sim: UpstreamSimulator, provider: str) -> None:
     text = "Grüße — ünïcödé text, split anywhere ✓"

@@ -122,6 +122,7 @@ BASIC = [
         model="gpt-4o",
         input_tokens=100,
         output_tokens=10,
+        reasoning_tokens=4,  # of output_tokens, as OpenAI reports them
         cost_nanos_usd=1000,
         tags={"team": "x"},
     ),
@@ -166,6 +167,7 @@ BASIC = [
         model="claude",
         input_tokens=7,
         output_tokens=3,
+        cache_write_tokens=3,  # of input_tokens, as Anthropic's cache_creation_input_tokens
         cost_nanos_usd=70,
         tags={"env": "prod"},
     ),
@@ -194,6 +196,8 @@ async def test_totals_count_outcomes_tokens_and_cost(ledger: UsageLedger) -> Non
         input_tokens=187,
         output_tokens=18,
         cached_input_tokens=50,
+        cache_write_tokens=3,
+        reasoning_tokens=4,
         cost_nanos_usd=1370,
     )
 
@@ -246,6 +250,11 @@ async def test_group_by_combination_is_ordered_by_keys_in_group_by_order(ledger:
     ]
     for report in (by_provider, by_tenant, by_day_tag_model):
         assert report.total == sum_totals(report.rows)
+    assert [(r.provider, r.tenant, r.cache_write_tokens, r.reasoning_tokens) for r in by_provider.rows] == [
+        ("anthropic", "a", 3, 0),
+        ("anthropic", "b", 0, 0),
+        ("openai", "a", 0, 4),
+    ]
     assert by_provider.rows[1] == UsageTotals(
         provider="anthropic",
         tenant="b",
@@ -388,6 +397,8 @@ def scenario(seed: int, count: int) -> list[UsageRecord]:
                 input_tokens=rng.randrange(0, 10**6),
                 output_tokens=rng.randrange(0, 10**5),
                 cached_input_tokens=rng.randrange(0, 10**5),
+                cache_write_tokens=rng.randrange(0, 10**5),
+                reasoning_tokens=rng.randrange(0, 10**5),
                 cost_nanos_usd=rng.randrange(0, 10**12),
                 tags=tags,
             )
@@ -423,6 +434,8 @@ async def test_sqlite_and_memory_ledgers_agree_on_a_scenario(tmp_path: Path) -> 
     everything = await memory.query(UsageQuery())
     assert everything.total.request_count == 1500
     assert everything.total.cost_nanos_usd == sum(r.cost_nanos_usd for r in records)
+    assert everything.total.cache_write_tokens == sum(r.cache_write_tokens for r in records)
+    assert everything.total.reasoning_tokens == sum(r.reasoning_tokens for r in records)
     checked = 0
     for query in scenario_queries():
         expected = await memory.query(query)
@@ -747,15 +760,23 @@ async def test_processes_sharing_a_file_bill_each_request_once(tmp_path: Path) -
 
 async def test_sums_past_2_to_the_63_are_exact(ledger: UsageLedger) -> None:
     top, bottom = 2**63 - 1, -(2**63)
-    records = [rec(f"hi{i}", tenant="hi", cost_nanos_usd=top, input_tokens=top, output_tokens=2**62) for i in range(5)]
-    records += [rec(f"lo{i}", tenant="lo", cost_nanos_usd=bottom, cached_input_tokens=bottom) for i in range(3)]
+    records = [
+        rec(f"hi{i}", tenant="hi", cost_nanos_usd=top, input_tokens=top, output_tokens=2**62, cache_write_tokens=top)
+        for i in range(5)
+    ]
+    records += [
+        rec(f"lo{i}", tenant="lo", cost_nanos_usd=bottom, cached_input_tokens=bottom, reasoning_tokens=bottom)
+        for i in range(3)
+    ]
     records += [rec("mixed", tenant="mixed", cost_nanos_usd=-1), rec("", tenant="mixed", cost_nanos_usd=2**32 + 7)]
     await record_all(ledger, records)
     report = await ledger.query(UsageQuery(group_by=[GroupBy.TENANT]))
     by_tenant = {row.tenant: row for row in report.rows}
     assert by_tenant["hi"].cost_nanos_usd == by_tenant["hi"].input_tokens == 5 * top
     assert by_tenant["hi"].output_tokens == 5 * 2**62
+    assert by_tenant["hi"].cache_write_tokens == 5 * top
     assert by_tenant["lo"].cost_nanos_usd == by_tenant["lo"].cached_input_tokens == 3 * bottom
+    assert by_tenant["lo"].reasoning_tokens == 3 * bottom
     assert by_tenant["mixed"].cost_nanos_usd == 2**32 + 6
     assert report.total == sum_totals(report.rows)
     assert report.total.cost_nanos_usd == 5 * top + 3 * bottom + 2**32 + 6

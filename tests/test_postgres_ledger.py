@@ -218,6 +218,8 @@ async def test_basic_totals_and_groupings(ledger: PostgresLedger) -> None:
         input_tokens=187,
         output_tokens=18,
         cached_input_tokens=50,
+        cache_write_tokens=3,
+        reasoning_tokens=4,
         cost_nanos_usd=1370,
     )
     by_provider = await ledger.query(UsageQuery(group_by=[GroupBy.PROVIDER, GroupBy.TENANT]))
@@ -227,6 +229,7 @@ async def test_basic_totals_and_groupings(ledger: PostgresLedger) -> None:
         ("openai", "a", 2),
     ]
     assert by_provider.total == sum_totals(by_provider.rows) == report.total
+    assert [(r.cache_write_tokens, r.reasoning_tokens) for r in by_provider.rows] == [(3, 0), (0, 0), (0, 4)]
 
 
 async def test_empty_ledger_reports_zero(ledger: PostgresLedger) -> None:
@@ -240,10 +243,16 @@ async def test_agrees_with_memory_ledger_on_a_scenario(ledger: PostgresLedger) -
     edges = [T0 - 1, T0, T0 + HOUR_NS - 1, T0 + HOUR_NS, T0 + DAY_NS - 1, T0 + DAY_NS, -1, 0, -DAY_NS - 1]
     records += [rec(f"edge{i}", t, tags={'odd"key': "1", "back\\slash": "x"}) for i, t in enumerate(edges)]
     # Sums past 2^63 stay exact (Postgres sums BIGINT as numeric; SqliteLedger raises "integer overflow").
-    records += [rec("big", tenant="z", cost_nanos_usd=2**62, input_tokens=2**62), rec("big2", cost_nanos_usd=2**62)]
+    records += [
+        rec("big", tenant="z", cost_nanos_usd=2**62, input_tokens=2**62, cache_write_tokens=2**62),
+        rec("big2", cost_nanos_usd=2**62, reasoning_tokens=2**62),
+    ]
     memory = MemoryLedger()
     await record_all(memory, records)
     await shipped(ledger, records)
+    everything = (await ledger.query(UsageQuery())).total
+    assert everything.cache_write_tokens == sum(r.cache_write_tokens for r in records)
+    assert everything.reasoning_tokens == sum(r.reasoning_tokens for r in records)
     checked = 0
     queries = [*scenario_queries(), UsageQuery(group_by=[GroupBy.TAG], tag_key="back\\slash")]
     for query in queries:

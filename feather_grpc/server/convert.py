@@ -276,6 +276,8 @@ def _row(t: UsageTotals) -> pb.UsageRow:
         cached_input_tokens=t.cached_input_tokens,
         cost_nanos_usd=t.cost_nanos_usd,
         estimated_count=t.estimated_count,
+        cache_write_tokens=t.cache_write_tokens,
+        reasoning_tokens=t.reasoning_tokens,
     )
     if t.bucket_start_ns is not None:
         row.bucket_start_time.FromNanoseconds(t.bucket_start_ns)

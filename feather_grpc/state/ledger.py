@@ -80,6 +80,8 @@ class UsageTotals:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     cost_nanos_usd: int = 0
 
 

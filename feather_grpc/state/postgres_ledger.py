@@ -147,6 +147,8 @@ _AGGREGATES = f"""COUNT(*),
     COALESCE(SUM(input_tokens), 0),
     COALESCE(SUM(output_tokens), 0),
     COALESCE(SUM(cached_input_tokens), 0),
+    COALESCE(SUM(cache_write_tokens), 0),
+    COALESCE(SUM(reasoning_tokens), 0),
     COALESCE(SUM(cost_nanos_usd), 0)"""
 _TOTAL_FIELDS = (
     "request_count",
@@ -158,6 +160,8 @@ _TOTAL_FIELDS = (
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
     "cost_nanos_usd",
 )
 

@@ -153,7 +153,14 @@ _TIME_NS = COLUMNS.index("time_ns")
 _HALF_BITS = 32
 _LOW_MASK = (1 << _HALF_BITS) - 1
 # The 64-bit columns summed exactly: each as the sums of its high and low 32-bit halves.
-_SUMMED = ("input_tokens", "output_tokens", "cached_input_tokens", "cost_nanos_usd")
+_SUMMED = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_nanos_usd",
+)
 
 
 def _exact_sum(column: str) -> str:

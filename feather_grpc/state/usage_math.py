@@ -162,6 +162,8 @@ def add_record(totals: UsageTotals, record: UsageRecord) -> None:
     totals.input_tokens += record.input_tokens
     totals.output_tokens += record.output_tokens
     totals.cached_input_tokens += record.cached_input_tokens
+    totals.cache_write_tokens += record.cache_write_tokens
+    totals.reasoning_tokens += record.reasoning_tokens
     totals.cost_nanos_usd += record.cost_nanos_usd
 
 
@@ -178,5 +180,7 @@ def sum_totals(rows: Iterable[UsageTotals]) -> UsageTotals:
         total.input_tokens += row.input_tokens
         total.output_tokens += row.output_tokens
         total.cached_input_tokens += row.cached_input_tokens
+        total.cache_write_tokens += row.cache_write_tokens
+        total.reasoning_tokens += row.reasoning_tokens
         total.cost_nanos_usd += row.cost_nanos_usd
     return total

@@ -902,6 +902,16 @@ export interface UsageRow {
   costNanosUsd: bigint;
   /** Calls whose usage was estimated (streams cut before the provider reported usage). */
   estimatedCount: bigint;
+  /**
+   * Prompt tokens written to provider caches (part of `input_tokens`): Anthropic's
+   * `cache_creation_input_tokens`; 0 where the provider does not report them, and in estimates.
+   */
+  cacheWriteTokens: bigint;
+  /**
+   * Reasoning tokens (part of `output_tokens`): `completion_tokens_details.reasoning_tokens` of the
+   * `openai` and `openai-compatible` types; 0 where the provider does not report them, and in estimates.
+   */
+  reasoningTokens: bigint;
 }
 
 /** UsageResponse holds the grouped rows and their total. */
@@ -4208,6 +4218,8 @@ function createBaseUsageRow(): UsageRow {
     cachedInputTokens: 0n,
     costNanosUsd: 0n,
     estimatedCount: 0n,
+    cacheWriteTokens: 0n,
+    reasoningTokens: 0n,
   };
 }
 
@@ -4287,6 +4299,18 @@ export const UsageRow: MessageFns<UsageRow> = {
         throw new globalThis.Error("value provided for field message.estimatedCount of type int64 too large");
       }
       writer.uint32(120).int64(message.estimatedCount);
+    }
+    if (message.cacheWriteTokens !== 0n) {
+      if (BigInt.asIntN(64, message.cacheWriteTokens) !== message.cacheWriteTokens) {
+        throw new globalThis.Error("value provided for field message.cacheWriteTokens of type int64 too large");
+      }
+      writer.uint32(128).int64(message.cacheWriteTokens);
+    }
+    if (message.reasoningTokens !== 0n) {
+      if (BigInt.asIntN(64, message.reasoningTokens) !== message.reasoningTokens) {
+        throw new globalThis.Error("value provided for field message.reasoningTokens of type int64 too large");
+      }
+      writer.uint32(136).int64(message.reasoningTokens);
     }
     return writer;
   },
@@ -4424,6 +4448,22 @@ export const UsageRow: MessageFns<UsageRow> = {
             message.estimatedCount = reader.int64() as bigint;
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.cacheWriteTokens = reader.int64() as bigint;
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.reasoningTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4497,6 +4537,16 @@ export const UsageRow: MessageFns<UsageRow> = {
         : isSet(object.estimated_count)
         ? BigInt(object.estimated_count)
         : 0n,
+      cacheWriteTokens: isSet(object.cacheWriteTokens)
+        ? BigInt(object.cacheWriteTokens)
+        : isSet(object.cache_write_tokens)
+        ? BigInt(object.cache_write_tokens)
+        : 0n,
+      reasoningTokens: isSet(object.reasoningTokens)
+        ? BigInt(object.reasoningTokens)
+        : isSet(object.reasoning_tokens)
+        ? BigInt(object.reasoning_tokens)
+        : 0n,
     };
   },
 
@@ -4547,6 +4597,12 @@ export const UsageRow: MessageFns<UsageRow> = {
     if (message.estimatedCount !== 0n) {
       obj.estimatedCount = message.estimatedCount.toString();
     }
+    if (message.cacheWriteTokens !== 0n) {
+      obj.cacheWriteTokens = message.cacheWriteTokens.toString();
+    }
+    if (message.reasoningTokens !== 0n) {
+      obj.reasoningTokens = message.reasoningTokens.toString();
+    }
     return obj;
   },
 
@@ -4587,6 +4643,12 @@ export const UsageRow: MessageFns<UsageRow> = {
       : 0n;
     message.estimatedCount = (object.estimatedCount !== undefined && object.estimatedCount !== null)
       ? BigInt(object.estimatedCount)
+      : 0n;
+    message.cacheWriteTokens = (object.cacheWriteTokens !== undefined && object.cacheWriteTokens !== null)
+      ? BigInt(object.cacheWriteTokens)
+      : 0n;
+    message.reasoningTokens = (object.reasoningTokens !== undefined && object.reasoningTokens !== null)
+      ? BigInt(object.reasoningTokens)
       : 0n;
     return message;
   },

@@ -1204,6 +1204,8 @@ class UsageRow(_message.Message):
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     COST_NANOS_USD_FIELD_NUMBER: _builtins.int
     ESTIMATED_COUNT_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant, when grouped by tenant."""
     provider: _builtins.str
@@ -1232,6 +1234,14 @@ class UsageRow(_message.Message):
     """Cost in nano-dollars."""
     estimated_count: _builtins.int
     """Calls whose usage was estimated (streams cut before the provider reported usage)."""
+    cache_write_tokens: _builtins.int
+    """Prompt tokens written to provider caches (part of `input_tokens`): Anthropic's
+    `cache_creation_input_tokens`; 0 where the provider does not report them, and in estimates.
+    """
+    reasoning_tokens: _builtins.int
+    """Reasoning tokens (part of `output_tokens`): `completion_tokens_details.reasoning_tokens` of the
+    `openai` and `openai-compatible` types; 0 where the provider does not report them, and in estimates.
+    """
     @_builtins.property
     def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the hour or day, when grouped by time."""
@@ -1254,10 +1264,12 @@ class UsageRow(_message.Message):
         cached_input_tokens: _builtins.int = ...,
         cost_nanos_usd: _builtins.int = ...,
         estimated_count: _builtins.int = ...,
+        cache_write_tokens: _builtins.int = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "cache_write_tokens", b"cache_write_tokens", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
