@@ -286,6 +286,8 @@ def _usage(args: argparse.Namespace) -> int:
             "input_tokens": row.input_tokens,
             "output_tokens": row.output_tokens,
             "cached_input_tokens": row.cached_input_tokens,
+            "cache_write_tokens": row.cache_write_tokens,
+            "reasoning_tokens": row.reasoning_tokens,
             "cost_nanos_usd": row.cost_nanos_usd,
             "cost_usd": format_usd(row.cost_nanos_usd).lstrip("$"),
         }

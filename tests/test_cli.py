@@ -130,6 +130,8 @@ def test_usage_prints_a_table_and_one_json_document(gateway: str) -> None:
     assert report["total"]["cost_nanos_usd"] == sum(r["cost_nanos_usd"] for r in report["rows"])
     assert Decimal(report["total"]["cost_usd"]) == Decimal(report["total"]["cost_nanos_usd"]) / 10**9
     assert report["total"]["requests"] == sum(r["requests"] for r in report["rows"])
+    # every token sum the Usage reply carries (the mock provider reports no cache writes or reasoning)
+    assert report["total"]["cache_write_tokens"] == report["total"]["reasoning_tokens"] == 0
 
 
 def test_models_lists_aliases_prices_and_state(gateway: str) -> None:
