@@ -28,6 +28,7 @@ from feather_grpc.engine.breaker import BreakerSettings, CircuitBreakers, Circui
 from feather_grpc.engine.errors import RateLimitExceeded
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.types import ChatRequest, Message, Role
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.limits import (
     BucketSpec,
@@ -41,7 +42,8 @@ from feather_grpc.state.limits import (
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
 from feather_grpc.state.redis_state import RedisBudgetStore, RedisCircuitStore, RedisState
-from tests.gateway_harness import MOCK_CONFIG
+from feather_grpc.state.resp import RedisClient
+from tests.gateway_harness import MOCK_CONFIG, running_gateway
 from tests.redis_server import RedisServer
 
 
@@ -797,3 +799,38 @@ async def test_admission_is_one_round_trip_and_the_first_attempt_uses_its_provid
             assert await state.limiter.reserve(f"provider:{bucket}", BucketSpec(0.01, 3), 1, 0) == 0
     finally:
         await state.aclose()
+
+
+async def _redis_counters(client: RedisClient) -> tuple[int, dict[str, int]]:
+    """Server read events, and calls per command, asked in one write (so one read event of its own)."""
+    stats, commands = await asyncio.gather(client.call("INFO", "stats"), client.call("INFO", "commandstats"))
+    reads = int(stats.decode().split("total_reads_processed:")[1].split()[0])
+    calls = {}
+    for line in commands.decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line[len("cmdstat_") :].partition(":")
+            calls[name] = int(fields.split("calls=")[1].split(",")[0])
+    return reads, calls
+
+
+async def test_a_gateway_call_costs_two_redis_round_trips(redis_server: RedisServer) -> None:
+    """Through the real server and interceptor: the tenant's request token (asked for by the interceptor)
+    joins admission's write (budget + provider token); the settlement is the other write."""
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["tenants"] = {"default": {"limits": {"rpm": 10**6}, "budget": {"dailyUsd": 100}}}
+    doc["limits"] = {"mock:mock-fast": {"rps": 1000, "burst": 1000}}
+    probe = RedisClient.from_url(redis_server.url)
+    try:
+        async with running_gateway(doc, {"REDIS_URL": redis_server.url}) as gw:
+            ask = pb.ChatRequest(model="fast", messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+            await gw.stub.Chat(ask)  # loads the scripts, reads the circuit
+            reads, calls = await _redis_counters(probe)
+            reply = await gw.stub.Chat(ask)
+            reads_after, calls_after = await _redis_counters(probe)
+        assert reply.usage.output_tokens > 0
+        scripts = calls_after.get("evalsha", 0) - calls.get("evalsha", 0)
+        pings = calls_after.get("ping", 0) - calls.get("ping", 0)  # the health watcher's, once a second
+        assert scripts == 4  # request token, budget reservation, provider token, budget settlement
+        assert reads_after - reads - 1 - pings == 2  # (minus the counters' own read)
+    finally:
+        await probe.aclose()

@@ -196,3 +196,29 @@ async def test_a_request_larger_than_the_token_bucket_is_refused_without_retry_i
         assert err.reason == "RATE_LIMITED" and err.metadata["subject"] == "tenant:acme:tpm"
         assert err.retry_delay_s is None  # waiting would not help
         await gw.stub.Chat(chat(max_tokens=10), metadata=bearer(ACME_KEY))
+
+
+async def test_cache_hits_count_against_the_request_rate_and_refused_requests_take_a_token() -> None:
+    """The interceptor asks for the request token and the engine judges it with its own admission; a
+    cache hit (which never reaches admission) and a request refused before admission are held to it too."""
+    async with running_gateway(tenant_config(limits={"rpm": 3})) as gw:
+        repeat = chat("What is 2+2?", temperature=0.0)
+        assert not (await gw.stub.Chat(repeat, metadata=bearer(ACME_KEY))).cached  # token 1
+        assert (await gw.stub.Chat(repeat, metadata=bearer(ACME_KEY))).cached  # token 2: a hit
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:  # token 3, although refused before admission
+            await gw.stub.Chat(chat("", temperature=0.0), metadata=bearer(ACME_KEY))
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for request in (repeat, chat("a new question")):  # a hit and a miss alike: no token left
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(request, metadata=bearer(ACME_KEY))
+            err = rich_error(caught.value)
+            assert err.reason == "RATE_LIMITED" and err.metadata["subject"] == "tenant:acme:requests"
+        events = gw.stub.StreamChat(
+            pb.StreamChatRequest(model="fast", messages=[user("hi")]), metadata=bearer(ACME_KEY)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in events:
+                pass
+        assert rich_error(caught.value).reason == "RATE_LIMITED"
+        usage = (await gw.stub.Usage(pb.UsageRequest(), metadata=bearer(ACME_KEY))).total
+        assert (usage.ok_count, usage.cached_count, usage.error_count) == (2, 1, 4)

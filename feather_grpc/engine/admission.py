@@ -97,6 +97,7 @@ class Admission:
         deadline: float | None,
         *,
         first_slot: str | None = None,
+        request_token: Callable[[], Awaitable[None]] | None = None,
     ) -> Ticket:
         """Reserves the tenant's tokens per minute and worst-case cost, and with `first_slot` the token of
         the first attempt's provider:model bucket too (`provider_slot` then finds it in the ticket). Every
@@ -105,6 +106,8 @@ class Admission:
         slot_spec = self._provider_buckets.get(first_slot) if first_slot is not None else None
         budgeted = tenant.daily_budget_nanos is not None or tenant.monthly_budget_nanos is not None
         if tenant.tpm is None and not budgeted and slot_spec is None:
+            if request_token is not None:
+                await request_token()
             return ticket  # nothing to reserve: the common case costs nothing
         max_wait = self._max_wait(deadline)
         output = request.max_tokens or DEFAULT_OUTPUT_RESERVATION
@@ -121,6 +124,8 @@ class Admission:
             worst = max((_cost(c, prompt, output) for c in candidates), default=0)
             windows = self.windows(tenant)
             started.append(("budget", _start(lambda: self._budgets.reserve(tenant.name, windows, worst))))
+        if request_token is not None:  # the transport's request-rate verdict, judged with the rest
+            started.insert(0, ("request", _start(request_token)))
         failure: BaseException | None = None
         wait = 0.0
         for what, pending in started:  # await every one, so whatever was granted can be given back
@@ -150,7 +155,7 @@ class Admission:
                 ticket.slot, wait = first_slot, max(wait, result)
             elif what == "tpm":
                 ticket.tpm_reserved, wait = tpm_amount, max(wait, result)
-            else:
+            elif what == "budget":
                 ticket.budget = result
         try:
             if failure is not None:

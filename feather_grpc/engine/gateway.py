@@ -73,6 +73,9 @@ class CallContext:
     tenant: str = "default"
     deadline: float | None = None  # event-loop time (loop.time()) by which the call must end
     tenant_config: TenantConfig | None = None  # the caller's limits; None: the configured tenant `tenant`
+    # The tenant's request-rate token, asked for by the transport: awaiting it gives the verdict (raises
+    # when refused). Judged before anything is served, with admission's own decisions (one round trip).
+    request_token: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +386,8 @@ class Feather:
             return None
         hit = await self.cache.get(call.cache_key)
         if hit is not None:
+            if call.ctx.request_token is not None:
+                await call.ctx.request_token()  # a cache hit is served too: within the request rate
             call.candidate = next(
                 (c for c in candidates if (c.provider, c.model.name) == (hit.provider, hit.model)), None
             )
@@ -423,7 +428,9 @@ class Feather:
         hedged = route is not None and route.hedge_after_ms is not None and len(candidates) > 1
         # Unhedged, the first attempt's provider:model token is asked for with admission (one round trip).
         first_slot = None if hedged or not candidates else candidates[0].key
-        call.ticket = await self.admission.admit(tenant, req, candidates, call.ctx.deadline, first_slot=first_slot)
+        call.ticket = await self.admission.admit(
+            tenant, req, candidates, call.ctx.deadline, first_slot=first_slot, request_token=call.ctx.request_token
+        )
         try:
             if hedged:
                 assert route is not None and route.hedge_after_ms is not None

@@ -40,7 +40,13 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server import convert
 from feather_grpc.server.logs import CONTENT_LOGGER
 from feather_grpc.server.status import status_for
-from feather_grpc.server.tenancy import TenantGate, authorization, current_tenant, remaining_s
+from feather_grpc.server.tenancy import (
+    TenantGate,
+    authorization,
+    current_request_token,
+    current_tenant,
+    remaining_s,
+)
 
 SERVICE_PREFIX = "/feather.v1.FeatherService/"
 # The methods that call upstreams: they hold a tenant slot (rate, concurrency, load shedding).
@@ -135,7 +141,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             current_tenant.set(tenant)
             if method not in LIMITED_METHODS:
                 return None
-            await gate.enter(tenant, remaining_s(context))
+            current_request_token.set(gate.enter(tenant, remaining_s(context)))
         except FeatherError as e:
             if method in LIMITED_METHODS:
                 await self._record_refusal(method, request, tenant, e)
@@ -170,6 +176,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     response = await behavior(request, context)
                 finally:
                     if tenant is not None and gate is not None:
+                        await _discard_request_token()
                         gate.leave(tenant)
             except grpc.aio.AbortError:
                 self._aborted(context)
@@ -207,6 +214,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             yield response
                 finally:
                     if tenant is not None and gate is not None:
+                        await _discard_request_token()
                         gate.leave(tenant)
             except grpc.aio.AbortError:
                 self._aborted(context)
@@ -229,6 +237,12 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         detail.Unpack(info)
                         self.on_refused(info.reason, info.metadata.get("subject", ""))
                         return
+
+
+async def _discard_request_token() -> None:
+    token = current_request_token.get()
+    if token is not None:
+        await token.discard()
 
 
 def _log_content(log: logging.Logger, method: str, request_id: str, request: Any, completion: str) -> None:

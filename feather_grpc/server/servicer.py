@@ -17,7 +17,7 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import convert
 from feather_grpc.server.status import internal_status, status_for
-from feather_grpc.server.tenancy import current_tenant, remaining_s
+from feather_grpc.server.tenancy import current_request_token, current_tenant, remaining_s
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ def _call_context(context: grpc.aio.ServicerContext) -> CallContext:
     tenant = current_tenant.get(None)
     if tenant is None:  # served without the tenancy interceptor (in-process embedding)
         return CallContext(deadline=deadline)
-    return CallContext(tenant=tenant.name, deadline=deadline, tenant_config=tenant)
+    return CallContext(
+        tenant=tenant.name, deadline=deadline, tenant_config=tenant, request_token=current_request_token.get()
+    )
 
 
 def _usage_tenant(requested: str) -> str:

@@ -9,8 +9,10 @@ wrapped handler, so it is scoped to exactly one call. Health and reflection are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+from collections.abc import Awaitable
 from contextvars import ContextVar
 
 import grpc
@@ -23,6 +25,8 @@ from feather_grpc.state.limits import BucketSpec, RateLimited, RateLimiter, Stat
 log = logging.getLogger(__name__)
 
 current_tenant: ContextVar[TenantConfig] = ContextVar("feather_tenant")
+# The call's request token, for the servicer to hand to the engine (see RequestToken).
+current_request_token: ContextVar[RequestToken | None] = ContextVar("feather_request_token", default=None)
 
 # A tenant at its concurrency cap, or a gateway at its in-flight cap, is told to come back this soon.
 _BUSY_RETRY_S = 0.25
@@ -80,9 +84,10 @@ class TenantGate:
         tenant = claims.get(self._auth.jwt_tenant_claim)
         return tenant if isinstance(tenant, str) and tenant else None
 
-    async def enter(self, tenant: TenantConfig, time_remaining: float | None) -> None:
-        """Takes one in-flight slot (gateway and tenant) for a call, after its request-rate token;
-        `leave` gives it back."""
+    def enter(self, tenant: TenantConfig, time_remaining: float | None) -> RequestToken | None:
+        """Takes one in-flight slot (gateway and tenant) for a call, and asks for its request-rate token:
+        the token's verdict comes later (`RequestToken`), so the engine can await it together with its own
+        admission decisions. `leave` gives the slot back."""
         if self._max_in_flight and self.in_flight >= self._max_in_flight:
             raise Overloaded("the gateway is at its in-flight call limit; retry shortly", _BUSY_RETRY_S)
         cap = tenant.concurrency
@@ -90,34 +95,69 @@ class TenantGate:
             raise RateLimitExceeded(
                 f"tenant:{tenant.name}:concurrency", f"at most {cap} concurrent calls", _BUSY_RETRY_S
             )
-        if tenant.requests is not None:
-            await self._take_request_token(tenant, time_remaining)
+        token = self._request_token(tenant, time_remaining) if tenant.requests is not None else None
         self.in_flight += 1
         self._tenant_in_flight[tenant.name] = self._tenant_in_flight.get(tenant.name, 0) + 1
+        return token
 
     def leave(self, tenant: TenantConfig) -> None:
         self.in_flight -= 1
         self._tenant_in_flight[tenant.name] -= 1
 
-    async def _take_request_token(self, tenant: TenantConfig, time_remaining: float | None) -> None:
+    def _request_token(self, tenant: TenantConfig, time_remaining: float | None) -> RequestToken:
         assert tenant.requests is not None
         rate, burst = tenant.requests
         key, spec = f"tenant:{tenant.name}:requests", BucketSpec(rate, burst)
         max_wait = 0.0
         if self._queue:
             max_wait = _MAX_QUEUE_WAIT_S if time_remaining is None else max(time_remaining, 0.0)
+        what = f"{rate * 60:g} requests per minute"
         try:
-            wait = await self._limiter.reserve(key, spec, 1.0, max_wait)
+            pending: Awaitable[float] = self._limiter.reserve(key, spec, 1.0, max_wait)
+        except Exception as e:  # refused at once (a bad spec): the verdict says so
+            pending = _failed(e)
+        return RequestToken(self._limiter, key, spec, what, pending)
+
+
+class RequestToken:
+    """A call's tenant request-rate token, asked for by the interceptor (with Redis: already on its way)
+    and judged by the engine before it serves anything, alongside its own admission decisions, so that
+    they share one round trip. Calling it awaits the verdict once: it raises RateLimitExceeded or
+    StateStoreUnavailable, or waits the token's queue time. The interceptor `discard`s a token the call
+    never judged (a request refused before admission), so the token is still taken."""
+
+    def __init__(self, limiter: RateLimiter, key: str, spec: BucketSpec, what: str, pending: Awaitable[float]) -> None:
+        self._limiter = limiter
+        self.key, self._spec, self._what = key, spec, what
+        self._pending: Awaitable[float] | None = pending
+
+    async def __call__(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return  # judged already
+        try:
+            wait = await pending
         except RateLimited as e:
-            raise RateLimitExceeded(key, f"{rate * 60:g} requests per minute", e.retry_after_s) from None
+            raise RateLimitExceeded(self.key, self._what, e.retry_after_s) from None
         except StateUnavailable:
             raise StateStoreUnavailable("the shared state store is unreachable") from None
         if wait > 0:
             try:
                 await asyncio.sleep(wait)
             except BaseException:
-                await self._limiter.adjust(key, spec, -1.0)
+                await self._limiter.adjust(self.key, self._spec, -1.0)  # a waiter that gives up returns it
                 raise
+
+    async def discard(self) -> None:
+        """Awaits a verdict nobody judged (the token stays taken, as it would have been)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(RateLimited, StateUnavailable):
+                await pending
+
+
+async def _failed(e: Exception) -> float:
+    raise e
 
 
 def authorization(context: grpc.aio.ServicerContext) -> str | None:
