@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta
+from feather_grpc.providers.sse import SSEEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +69,20 @@ def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
     if run:
         out.append(TextDelta("".join(run)))
     return out
+
+
+def read_events(
+    sse: list[SSEEvent], handle: Callable[[SSEEvent], list[StreamEvent]], done: Callable[[], bool]
+) -> tuple[list[StreamEvent], ProviderError | None]:
+    """The stream events of one network read's SSE events (text runs joined, see `coalesce`), up to the
+    end of the stream, and the error event that cut them short, if any: the caller yields the events
+    first, then raises the error."""
+    batch: list[StreamEvent] = []
+    try:
+        for event in sse:
+            batch += handle(event)
+            if done():
+                break
+    except ProviderError as e:
+        return coalesce(batch), e
+    return coalesce(batch), None

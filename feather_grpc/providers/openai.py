@@ -22,7 +22,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, coalesce
+from feather_grpc.providers.base import ProviderSettings, read_events
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -32,7 +32,7 @@ from feather_grpc.providers.http import (
     post_json,
     stream_cut,
 )
-from feather_grpc.providers.sse import SSEParser
+from feather_grpc.providers.sse import SSEEvent, SSEParser
 from feather_grpc.providers.transport import HttpClient, HttpError
 
 __all__ = ["OpenAIProvider", "finish_reason", "normalise_usage"]
@@ -227,19 +227,19 @@ class OpenAIProvider:
                 else:
                     parser = SSEParser()
                     reader = _ChunkReader(name, self._api_key)
+
+                    def handle(event: SSEEvent) -> list[StreamEvent]:
+                        return reader.handle(event.data)
+
+                    def done() -> bool:
+                        return reader.done
+
                     async for chunk in resp:
-                        batch: list[StreamEvent] = []  # this read's events, yielded with text runs joined
-                        try:
-                            for event in parser.feed(chunk):
-                                batch += reader.handle(event.data)
-                                if reader.done:
-                                    break
-                        except ProviderError:
-                            for out in coalesce(batch):  # what came before the error event, first
-                                yield out
-                            raise
-                        for out in coalesce(batch):
+                        events, error = read_events(parser.feed(chunk), handle, done)
+                        for out in events:
                             yield out
+                        if error is not None:
+                            raise error
                         if reader.done:
                             break
                     if not reader.done:
