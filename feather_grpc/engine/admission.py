@@ -135,11 +135,11 @@ class Admission:
                 if what == "slot":
                     assert first_slot is not None
                     ticket.slot = first_slot
-                    ticket.slot_refused = _rate_limited(
+                    ticket.slot_refused = rate_limit_exceeded(
                         e, f"provider:{first_slot}", f"{first_slot} requests per second"
                     )
                 else:
-                    failure = failure or _rate_limited(e, f"tenant:{tenant.name}:tpm", "tokens per minute")
+                    failure = failure or rate_limit_exceeded(e, f"tenant:{tenant.name}:tpm", "tokens per minute")
                 continue
             except BudgetExceeded as e:
                 failure = failure or BudgetExhausted(e.tenant, e.window, e.budget_nanos, e.spent_nanos)
@@ -208,15 +208,10 @@ class Admission:
         try:
             wait = await self._limiter.reserve(bucket, spec, 1.0, self._max_wait(deadline))
         except RateLimited as e:
-            raise _rate_limited(e, bucket, f"{key} requests per second") from None
+            raise rate_limit_exceeded(e, bucket, f"{key} requests per second") from None
         except StateUnavailable as e:
             raise StateStoreUnavailable("the shared state store is unreachable") from e
-        if wait > 0:
-            try:
-                await asyncio.sleep(wait)
-            except BaseException:
-                await self._limiter.adjust(bucket, spec, -1.0)  # a waiter that gives up returns its place
-                raise
+        await queue_wait(self._limiter, bucket, spec, 1.0, wait)
 
     def _max_wait(self, deadline: float | None) -> float:
         """How long a caller may queue for a token: not at all in reject mode, else until its deadline."""
@@ -252,9 +247,19 @@ async def _raise(e: Exception) -> NoReturn:
     raise e
 
 
-def _rate_limited(e: RateLimited, key: str, what: str) -> RateLimitExceeded:
+def rate_limit_exceeded(e: RateLimited, key: str, what: str) -> RateLimitExceeded:
     # More than the whole bucket can never be granted: no point telling the caller when to retry.
     return RateLimitExceeded(key, what, None if math.isinf(e.retry_after_s) else e.retry_after_s)
+
+
+async def queue_wait(limiter: RateLimiter, key: str, spec: BucketSpec, amount: float, wait: float) -> None:
+    """Waits out a reserved token's place in the queue; a waiter that gives up returns its tokens."""
+    if wait > 0:
+        try:
+            await asyncio.sleep(wait)
+        except BaseException:
+            await limiter.adjust(key, spec, -amount)
+            raise
 
 
 async def _landed(pending: list[Awaitable[None]]) -> None:

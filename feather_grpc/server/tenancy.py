@@ -8,7 +8,6 @@ wrapped handler, so it is scoped to exactly one call. Health and reflection are 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -19,6 +18,7 @@ import grpc
 import jwt
 
 from feather_grpc.config import GatewayConfig, TenantConfig
+from feather_grpc.engine.admission import queue_wait, rate_limit_exceeded
 from feather_grpc.engine.errors import Overloaded, RateLimitExceeded, StateStoreUnavailable, Unauthenticated
 from feather_grpc.state.limits import BucketSpec, RateLimited, RateLimiter, StateUnavailable
 
@@ -138,15 +138,10 @@ class RequestToken:
         try:
             wait = await pending
         except RateLimited as e:
-            raise RateLimitExceeded(self.key, self._what, e.retry_after_s) from None
+            raise rate_limit_exceeded(e, self.key, self._what) from None
         except StateUnavailable:
             raise StateStoreUnavailable("the shared state store is unreachable") from None
-        if wait > 0:
-            try:
-                await asyncio.sleep(wait)
-            except BaseException:
-                await self._limiter.adjust(self.key, self._spec, -1.0)  # a waiter that gives up returns it
-                raise
+        await queue_wait(self._limiter, self.key, self._spec, 1.0, wait)
 
     async def discard(self) -> None:
         """Awaits a verdict nobody judged (the token stays taken, as it would have been)."""

@@ -283,9 +283,6 @@ class ScriptRunner:
         argv: tuple[str | int, ...] = (len(keys), *keys, *args)
         return self._reply(self.client.call("EVALSHA", script.sha, *argv), script, argv)
 
-    async def run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-        return await self.start(script, keys, args)
-
     async def _reply(self, sent: Awaitable[Any], script: _Script, argv: tuple[str | int, ...]) -> Any:
         try:
             reply = await sent
@@ -308,9 +305,9 @@ class _RedisStore:
         self._client = runner.client
         self._ns = namespace
 
-    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    def _run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Coroutine[Any, Any, Any]:
         """One decision: one round trip, shared with the other decisions of this loop turn."""
-        return await self._runner.run(script, keys, args)
+        return self._runner.start(script, keys, args)
 
     async def aclose(self) -> None:
         return None  # the client belongs to RedisState
