@@ -210,6 +210,15 @@ class Response:
         if conn.paused:
             conn.resume()
 
+    def _detach(self) -> None:
+        """The exchange is over on the connection's side (body complete, or failed): no more connection,
+        no drain timer; a reader waiting for data wakes to what is there."""
+        self._conn = None
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+        self._wake()
+
     def _drain_expired(self) -> None:
         self._drain = None
         self.close()
@@ -511,11 +520,7 @@ class _Connection(asyncio.Protocol):
         self.ex = None
         self._state = _IDLE
         ex._done = True
-        ex._conn = None
-        if ex._drain is not None:
-            ex._drain.cancel()
-            ex._drain = None
-        ex._wake()
+        ex._detach()
         self.served += 1
         if self.paused:
             self.resume()
@@ -528,11 +533,7 @@ class _Connection(asyncio.Protocol):
         self.ex = None
         if ex._exc is None:
             ex._exc = exc
-        ex._conn = None
-        if ex._drain is not None:
-            ex._drain.cancel()
-            ex._drain = None
-        ex._wake()
+        ex._detach()
         self.abort()
 
     def _end_of_stream(self, exc: Exception | None) -> None:
