@@ -115,3 +115,19 @@ def test_cli_refuses_a_bad_config_with_path_and_exit_code(tmp_path: Path) -> Non
     assert run.returncode == 2
     assert "providers.mock.models[0].inputPer1K" in run.stderr
     assert "Fix:" in run.stderr
+
+
+def test_cli_refuses_to_serve_when_the_ledger_cannot_open(tmp_path: Path) -> None:
+    cfg = tmp_path / "feather.config.json"
+    missing = tmp_path / "no-such-dir" / "usage.db"
+    mock = {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]}
+    cfg.write_text(json.dumps({"ledger": {"type": "sqlite", "path": str(missing)}, "providers": {"mock": mock}}))
+    run = subprocess.run(
+        [sys.executable, "-m", "feather_grpc.cli", "serve", "--config", str(cfg), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"ledger: {missing}: cannot open the usage ledger" in run.stderr
+    assert "serving on" not in run.stderr

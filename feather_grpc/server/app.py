@@ -28,7 +28,7 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.servicer import FeatherServicer
-from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, watch_shared_state
+from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, spool_path, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate
 
 if TYPE_CHECKING:
@@ -194,8 +194,20 @@ class GatewayServer:
         self.port = 0
         self.metrics_port: int | None = None
 
+    async def _close_engine(self) -> None:
+        await self.engine.aclose()
+        if self.stores is not None:
+            await self.stores.aclose()
+
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         """Starts serving and returns the bound port (pass port 0 to pick a free one)."""
+        try:
+            await self.engine.ledger.ready()  # a ledger that cannot open stops the start, not every call
+        except Exception as e:
+            await self._close_engine()
+            cfg = self.config
+            where = spool_path(cfg, self.options.worker) if cfg.database_url else cfg.ledger_path
+            raise ConfigError("ledger", where, f"cannot open the usage ledger ({e})", "check the path and disk") from e
         await self.engine.start()
         pb_grpc.add_FeatherServiceServicer_to_server(FeatherServicer(self.engine), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -214,9 +226,7 @@ class GatewayServer:
                 self.metrics_port = self.metrics.serve(metrics_host, self.options.metrics_port)
             except OSError as e:
                 where = f"{metrics_host}:{self.options.metrics_port}"
-                await self.engine.aclose()
-                if self.stores is not None:
-                    await self.stores.aclose()
+                await self._close_engine()
                 raise ConfigError(
                     "environment", "METRICS_PORT", f"cannot listen on {where} ({e.strerror})", "use a free port"
                 ) from None

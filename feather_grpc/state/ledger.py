@@ -92,6 +92,10 @@ class UsageReport:
 
 
 class UsageLedger(Protocol):
+    async def ready(self) -> None:
+        """Return once the store is open; raise what opening it raised (a server checks before serving)."""
+        ...
+
     async def record(self, record: UsageRecord) -> None:
         """Store one record; returns only once it is durable (for durable backends)."""
         ...

@@ -34,6 +34,9 @@ class MemoryLedger:
         """Copies of the records queries count, in recording order."""
         return [_copy(record) for record, billed in zip(self._records, self._billed, strict=True) if billed]
 
+    async def ready(self) -> None:
+        return None
+
     async def record(self, record: UsageRecord) -> None:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")

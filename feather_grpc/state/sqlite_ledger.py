@@ -45,6 +45,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from typing import Literal, cast
 
@@ -366,14 +367,27 @@ class SqliteLedger:
     def _open_writer(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
             raise RuntimeError(f"SqliteLedger needs SQLite >= 3.37 (STRICT), not {sqlite3.sqlite_version}")
-        conn = self._connect()
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            _migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
+        # Processes opening one new file together (`--workers N`) can get "database is locked" here without
+        # SQLite calling the busy handler: switching to WAL and recovering the WAL index take their locks
+        # once and fail at once. So the opening itself waits for the lock, up to the busy timeout.
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        pause_s = 0.005
+        while True:
+            conn = self._connect()
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self._synchronous}")
+                _migrate(conn)
+                break
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if not _is_busy(exc) or time.monotonic() + pause_s > deadline:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+            time.sleep(pause_s)  # the writer thread's own start: nothing else waits on this thread yet
+            pause_s = min(pause_s * 2, 0.1)
         if self._in_memory:
             with self._read_lock:
                 self._read_conn = conn
@@ -485,6 +499,11 @@ def _tag_value_sql(key: str) -> tuple[str, list[object]]:
     if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
         return "json_extract(tags, ?)", [f'$."{key}"']
     return "(SELECT j.value FROM json_each(usage_records.tags) AS j WHERE j.key = ?)", [key]
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code: int = getattr(exc, "sqlite_errorcode", 0)  # set on errors SQLite itself raised
+    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary code of extended ones too
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
