@@ -525,9 +525,22 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         provider_limits={k: (v.rps, v.burst or max(1, math.ceil(v.rps))) for k, v in file_config.limits.items()},
         rate_limit_mode=file_config.rate_limit_mode,
         state_failure_mode=file_config.state_failure_mode,
-        redis_url=env.get("REDIS_URL", ""),
+        redis_url=_redis_url(env),
         database_url=env.get("DATABASE_URL", ""),
     )
+
+
+def _redis_url(env: dict[str, str]) -> str:
+    url = env.get("REDIS_URL", "")
+    if url:
+        from feather_grpc.state.resp import parse_url
+
+        try:
+            parse_url(url)
+        except (ValueError, OSError) as e:  # OSError: a rediss:// CA file that cannot be read
+            fix = "use redis://[user:password@]host:port/db, rediss://... or unix:///path[?db=N]; ?cluster=true"
+            raise ConfigError("environment", "REDIS_URL", str(e), fix) from None
+    return url
 
 
 def _routes(fc: FileConfig, providers: list[ProviderConfig], source: str) -> dict[str, RouteConfig]:

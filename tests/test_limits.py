@@ -44,6 +44,7 @@ from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, M
 from feather_grpc.state.redis_state import RedisBudgetStore, RedisCircuitStore, RedisState
 from feather_grpc.state.resp import RedisClient
 from tests.gateway_harness import MOCK_CONFIG, running_gateway
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
 
 
@@ -59,6 +60,17 @@ class Clock:
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisCluster]:
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+def _shared_url(request: pytest.FixtureRequest, kind: str) -> str:
+    """The REDIS_URL of the module's single server, or of its three-master cluster."""
+    return str(request.getfixturevalue("redis_cluster" if kind == "redis-cluster" else "redis_server").url)
 
 
 class Timeline:
@@ -90,14 +102,13 @@ class Timeline:
         assert expected - self.slack - 1e-9 <= actual <= expected + 1e-6, (actual, expected)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Timeline, RateLimiter, BudgetStore]]:
     if request.param == "memory":
         clock, wall = Clock(), Clock(1_700_000_000.0)
         yield Timeline("memory", clock, wall), MemoryRateLimiter(clock), MemoryBudgetStore(wall)
     else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        state = RedisState.from_url(server.url, namespace=f"t{uuid.uuid4().hex[:8]}")
+        state = RedisState.from_url(_shared_url(request, request.param), namespace=f"t{uuid.uuid4().hex[:8]}")
         yield Timeline("redis"), state.limiter, state.budgets
         await state.aclose()
 
@@ -385,25 +396,33 @@ async def test_budget_with_no_windows_is_a_no_op(rig: tuple[Timeline, RateLimite
 # ---------------------------------------------------------------- two replicas on one Redis
 
 
-def two_replicas(server: RedisServer, probe_ttl_s: float = 10.0) -> tuple[RedisState, RedisState]:
-    """Two clients with their own pools on one namespace, as two gateway replicas would be."""
+def two_replicas(url: str, probe_ttl_s: float = 10.0) -> tuple[RedisState, RedisState]:
+    """Two clients with their own connections on one namespace, as two gateway replicas would be."""
     ns = f"t{uuid.uuid4().hex[:8]}"
     settings = BreakerSettings(failure_threshold=3, window_s=10, cooldown_s=0.5)
-    a = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=probe_ttl_s)
-    b = RedisState.from_url(server.url, namespace=ns, breaker=settings, probe_ttl_s=probe_ttl_s)
+    a = RedisState.from_url(url, namespace=ns, breaker=settings, probe_ttl_s=probe_ttl_s)
+    b = RedisState.from_url(url, namespace=ns, breaker=settings, probe_ttl_s=probe_ttl_s)
     return a, b
 
 
 @pytest.fixture
 async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisState, RedisState]]:
-    a, b = two_replicas(redis_server)
+    a, b = two_replicas(redis_server.url)
     yield a, b
     await a.aclose()
     await b.aclose()
 
 
-async def test_two_clients_share_one_budget_exactly(replicas: tuple[RedisState, RedisState]) -> None:
-    a, b = replicas
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def shared_replicas(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisState, RedisState]]:
+    a, b = two_replicas(_shared_url(request, request.param))
+    yield a, b
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_two_clients_share_one_budget_exactly(shared_replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = shared_replicas
     x = 1_000_003
     windows = (day(50 * x), month(60 * x))
 
@@ -419,8 +438,8 @@ async def test_two_clients_share_one_budget_exactly(replicas: tuple[RedisState, 
     assert await a.budgets.spent("acme", windows[0]) == 0
 
 
-async def test_two_clients_share_one_bucket_in_order(replicas: tuple[RedisState, RedisState]) -> None:
-    a, b = replicas
+async def test_two_clients_share_one_bucket_in_order(shared_replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = shared_replicas
     t = Timeline("redis")
     spec = BucketSpec(rate=5, burst=2)
     waits = await asyncio.gather(*(s.limiter.reserve("p:m", spec, 1, 60) for s in [a, b] * 20))
@@ -486,7 +505,7 @@ class CircuitRig:
         return self.time.slack
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def circuits(request: pytest.FixtureRequest) -> AsyncIterator[CircuitRig]:
     if request.param == "memory":
         clock = Clock(1024.0)  # binary-exact sums with the 0.5 s cooldown
@@ -494,7 +513,7 @@ async def circuits(request: pytest.FixtureRequest) -> AsyncIterator[CircuitRig]:
         store = MemoryCircuitStore(CircuitBreakers(settings, clock))
         yield CircuitRig(store, store, Timeline("memory", clock))
     else:
-        a, b = two_replicas(request.getfixturevalue("redis_server"))
+        a, b = two_replicas(_shared_url(request, request.param))
         yield CircuitRig(a.circuits, b.circuits, Timeline("redis"))
         await a.aclose()
         await b.aclose()
@@ -598,7 +617,7 @@ async def test_late_success_of_an_old_call_does_not_close_an_open_circuit(circui
 
 
 async def test_crashed_prober_does_not_wedge_the_circuit(redis_server: RedisServer) -> None:
-    a, b = two_replicas(redis_server, probe_ttl_s=0.8)
+    a, b = two_replicas(redis_server.url, probe_ttl_s=0.8)
     try:
         c = CircuitRig(a.circuits, b.circuits, Timeline("redis"))
         await _open(c)
@@ -616,7 +635,7 @@ async def test_crashed_prober_does_not_wedge_the_circuit(redis_server: RedisServ
 
 
 async def test_a_closed_verdict_is_reused_briefly_and_a_local_failure_forgets_it(redis_server: RedisServer) -> None:
-    a_state, b_state = two_replicas(redis_server)
+    a_state, b_state = two_replicas(redis_server.url)
     now = [1000.0]
     ns = a_state.circuits.keys("x")[0].split(":")[0]
     a = RedisCircuitStore(a_state.runner, a_state.circuits.settings, namespace=ns, clock=lambda: now[0])

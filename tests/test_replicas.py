@@ -1,4 +1,5 @@
-"""Across replicas: a real redis-server, a real Postgres and two `feather-grpc serve` processes.
+"""Across replicas: a real redis-server (or a three-master Redis Cluster), a real Postgres and two
+`feather-grpc serve` processes.
 
 The admitted rate for a provider:model stays within burst + rps x elapsed over the pair, a tenant's
 budget is never overspent, and Usage on either replica returns the same totals once the ledger has
@@ -26,6 +27,7 @@ from sim.upstream import Reply, SimUsage, UpstreamSimulator
 from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
 from tests.ops_harness import GatewayProcess, free_port
 from tests.pg_server import PgServer
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
 
 ACME, GLOBEX, ADMIN = "fk_replica_acme", "fk_replica_globex", "fk_replica_admin"
@@ -44,6 +46,12 @@ def _auth(key: str) -> tuple[tuple[str, str], ...]:
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisCluster]:
+    with RedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +99,17 @@ async def _start_replica(tmp: Path, name: str, config_path: Path, env: dict[str,
     return proc, f"127.0.0.1:{port}"
 
 
+@pytest.mark.parametrize("shared", ["redis", "redis-cluster"])
 async def test_two_replicas_share_limits_budgets_and_the_ledger(
-    tmp_path: Path, redis_server: RedisServer, postgres: PgServer, sim: UpstreamSimulator
+    tmp_path: Path, shared: str, request: pytest.FixtureRequest, postgres: PgServer, sim: UpstreamSimulator
 ) -> None:
     sim.default = Reply(latency_s=0.2, usage=SimUsage(input=10, output=20))
     config_path = tmp_path / "feather.config.json"
     config_path.write_text(json.dumps(replica_config(sim)))
-    dsn = postgres.create_database("replicas")
-    env = {"SIM_OPENAI_KEY": "sk-replicas", "REDIS_URL": redis_server.url, "DATABASE_URL": dsn}
+    dsn = postgres.create_database(f"replicas_{shared.replace('-', '_')}")
+    fixture = "redis_cluster" if shared == "redis-cluster" else "redis_server"
+    redis: RedisServer | RedisCluster = request.getfixturevalue(fixture)
+    env = {"SIM_OPENAI_KEY": "sk-replicas", "REDIS_URL": redis.url, "DATABASE_URL": dsn}
     replicas = [await _start_replica(tmp_path, n, config_path, env) for n in ("a", "b")]
     channels = [grpc.aio.insecure_channel(address) for _, address in replicas]
     stubs = [pb_grpc.FeatherServiceStub(c) for c in channels]
@@ -146,6 +157,8 @@ async def test_two_replicas_share_limits_budgets_and_the_ledger(
         assert totals[0] == totals[1]
         acme = (await stubs[1].Usage(pb.UsageRequest(), metadata=_auth(ACME))).total
         assert acme.cost_nanos_usd == sum(r.cost_nanos_usd for r in ok) <= 20_000_000
+        if isinstance(redis, RedisCluster):  # the shared state really is spread over the masters
+            assert sum(1 for i in range(3) if redis.node(i).dbsize() > 0) >= 2
     finally:
         for c in channels:
             await c.close()

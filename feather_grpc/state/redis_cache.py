@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 from feather_grpc.engine.cache import CachedReply, CacheSettings
-from feather_grpc.state.resp import RedisClient, RedisUnavailable
+from feather_grpc.state.resp import RedisCommands, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class RedisResponseCache:
-    def __init__(self, client: RedisClient, settings: CacheSettings, namespace: str = "feather") -> None:
+    def __init__(self, client: RedisCommands, settings: CacheSettings, namespace: str = "feather") -> None:
         self._client = client
         self._ttl_ms = int(settings.ttl_s * 1000)
         self._prefix = f"{namespace}:cache:"

@@ -2,7 +2,8 @@
 
 Every decision is ONE Lua script, so ONE round trip: called by EVALSHA, and by EVAL (which loads it)
 only when Redis answers NOSCRIPT, e.g. after a restart. All decisions of one event-loop turn leave in
-one write on one connection (`resp.RedisClient`), so under load many decisions share a round trip.
+one write on one connection (`resp.RedisClient`; one per master on Redis Cluster, `resp_cluster`), so
+under load many decisions share a round trip.
 Scripts read the clock with `redis.call('TIME')`, so replicas with skewed clocks agree. Needs Redis
 >= 5 (script effects replication); tested against 6.2.
 
@@ -49,7 +50,7 @@ from feather_grpc.state.limits import (
     StateUnavailable,
 )
 from feather_grpc.state.memory_limits import BurstExceeded, check_request
-from feather_grpc.state.resp import RedisClient, RedisUnavailable, ReplyError
+from feather_grpc.state.resp import RedisCommands, RedisUnavailable, ReplyError, connect
 
 __all__ = [
     "BurstExceeded",
@@ -266,7 +267,7 @@ class ScriptRunner:
     at high concurrency many share a network round trip; each script stays atomic on its own, and
     Redis runs them in arrival order, so a replica's waiters stay first-in-first-out."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisCommands) -> None:
         self.client = client
         self.decisions = 0  # scripts run
 
@@ -536,7 +537,7 @@ class RedisCircuitStore(_RedisStore):
         return None if elapsed is None else max(self.settings.cooldown_s - elapsed, 0.0)
 
 
-async def _command(client: RedisClient, *args: str) -> Any:
+async def _command(client: RedisCommands, *args: str) -> Any:
     """A plain command (not a decision), with Redis trouble as StateUnavailable."""
     try:
         reply = await client.call(*args)
@@ -548,12 +549,12 @@ async def _command(client: RedisClient, *args: str) -> Any:
 
 
 class RedisState:
-    """The three Redis-backed stores on ONE shared connection (`RedisClient`): all their decisions of
-    one loop turn leave in one write."""
+    """The three Redis-backed stores on ONE shared client: all their decisions of one loop turn leave in
+    one write (one per master on Redis Cluster)."""
 
     def __init__(
         self,
-        client: RedisClient,
+        client: RedisCommands,
         *,
         breaker: BreakerSettings | None = None,
         probe_ttl_s: float = 30.0,
@@ -580,17 +581,21 @@ class RedisState:
         budget_lease_s: float = 900.0,
         namespace: str = "feather",
     ) -> RedisState:
-        """`redis://[user:pass@]host:port/db`, `rediss://...` (TLS) or `unix://...` (see resp.RedisAddress).
+        """`redis://[user:pass@]host:port/db`, `rediss://...` (TLS) or `unix://...` (see resp.RedisAddress);
+        `?cluster=true` for Redis Cluster, with any one node as the address (see resp_cluster).
 
         `timeout_s` bounds each batch of replies and (unless `connect_timeout_s` is given) each connect.
         `probe_ttl_s`: how long a half-open probe holds its circuit if its replica dies; `budget_lease_s`:
         how long a budget reservation holds its amount if its replica dies."""
-        client = RedisClient.from_url(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        client = connect(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         return cls(client, breaker=breaker, probe_ttl_s=probe_ttl_s, budget_lease_s=budget_lease_s, namespace=namespace)
 
     async def ping(self) -> None:
         """Raises StateUnavailable unless Redis answers (for health checks)."""
-        await _command(self.client, "PING")
+        try:
+            await self.client.ping()
+        except RedisUnavailable as e:
+            raise StateUnavailable(str(e)) from e
 
     async def aclose(self) -> None:
         await self.client.aclose()

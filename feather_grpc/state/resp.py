@@ -25,10 +25,45 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["RedisAddress", "RedisClient", "RedisUnavailable", "ReplyError"]
+__all__ = ["RedisAddress", "RedisClient", "RedisCommands", "RedisUnavailable", "ReplyError", "connect", "parse_url"]
+
+
+class RedisCommands(Protocol):
+    """What the stores need of a client: `RedisClient` (one server) or `RedisClusterClient`."""
+
+    @property
+    def round_trips(self) -> int: ...
+
+    def call(self, *args: str | bytes | int) -> asyncio.Future[Any]: ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def parse_url(url: str) -> tuple[RedisAddress, bool]:
+    """REDIS_URL as (address, is a cluster): `?cluster=true` names any one node of a Redis Cluster.
+    Raises ValueError for a URL that cannot work."""
+    address = RedisAddress.from_url(url)
+    cluster = parse_qs(urlsplit(url).query).get("cluster", ["false"])[-1].lower()
+    if cluster not in ("true", "false"):
+        raise ValueError(f"cluster must be true or false, not {cluster!r}")
+    if cluster == "true" and (address.unix_path is not None or address.db):
+        raise ValueError("Redis Cluster needs a host:port address and database 0")
+    return address, cluster == "true"
+
+
+def connect(url: str, *, timeout_s: float = 0.25, connect_timeout_s: float | None = None) -> RedisCommands:
+    """A client for REDIS_URL: `RedisClient`, or `RedisClusterClient` for `?cluster=true`."""
+    address, cluster = parse_url(url)
+    if cluster:
+        from feather_grpc.state.resp_cluster import RedisClusterClient
+
+        return RedisClusterClient(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+    return RedisClient(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
 
 
 class RedisUnavailable(ConnectionError):
@@ -304,6 +339,12 @@ class RedisClient:
                 raise
             raise RedisUnavailable(f"redis: cannot connect: {e}") from None
         return conn
+
+    async def ping(self) -> None:
+        """Raises RedisUnavailable unless Redis answers."""
+        reply = await self.call("PING")
+        if isinstance(reply, ReplyError):
+            raise RedisUnavailable(f"redis: {reply}")
 
     async def aclose(self) -> None:
         self._closed = True
