@@ -5,8 +5,9 @@ The gateway's keys are hash-tagged so that every key one script touches shares a
 redis_state), so a decision is still one command to one node. Commands of one loop turn leave in one
 write per node, so a batch that spans three masters costs three writes, sent together.
 
-The slot map comes from `CLUSTER SLOTS` (asked of the seed address first, then of any node known),
-loaded before the first command and again after a redirect or a lost connection:
+The slot map comes from `CLUSTER SLOTS` (asked of the node that answered last, the seed address, then
+any node known; nodes that just failed last). Commands wait for the first map; later maps are loaded in
+the background, after a redirect or a failed command, while commands go on with the map they have:
 
 - `MOVED <slot> <host>:<port>`: the slot lives elsewhere now (resharding, failover). The command is
   sent again there, and the whole map is reloaded in the background.
@@ -14,9 +15,10 @@ loaded before the first command and again after a redirect or a lost connection:
   sent once more, to the target, preceded by `ASKING`; the map does not change.
 
 At most `max_redirects` redirects per command; then the last error reply is the answer. A node that
-cannot be reached fails its commands with `RedisUnavailable`, as the single-node client does, and the
-next command after that reloads the map first, so once the cluster has promoted a replica the
-gateway finds it. Cluster mode has one database, so a URL naming another is refused.
+cannot be reached fails its commands with `RedisUnavailable`, as the single-node client does, and
+triggers a map load, so once the cluster has promoted a replica the gateway finds it; commands for the
+other masters' slots are not held up meanwhile. Cluster mode has one database, so a URL naming another
+is refused.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class RedisClusterClient:
         self._nodes: dict[_Node, RedisClient] = {}
         self._loading: asyncio.Task[None] | None = None
         self._answering: _Node | None = None  # asked first for the next map: it answered the last time
-        self._stale = True  # load the map before the next command
+        self._mapped = False  # a map was loaded: commands no longer wait for one
+        self._suspects: set[_Node] = set()  # nodes whose last command failed: asked for the map last
         self._waiting: list[tuple[asyncio.Future[Any], _Args]] = []  # commands held while the map loads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -111,7 +114,7 @@ class RedisClusterClient:
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(RedisUnavailable("redis: client closed"))
-        elif self._stale:
+        elif not self._mapped:
             self._waiting.append((future, args))
             self._load_map()
         else:
@@ -120,7 +123,7 @@ class RedisClusterClient:
 
     async def ping(self) -> None:
         """Raises RedisUnavailable unless every master answers."""
-        if self._stale:
+        if not self._mapped:
             await self.call("PING")
         masters = set(self._slots)
         if None in masters:
@@ -171,9 +174,11 @@ class RedisClusterClient:
             return
         error = reply.exception()
         if error is not None:
-            self._stale = True  # the node may be gone for good: a replica may have taken its slots
+            self._suspects.add(node)
+            self._load_map()  # the node may be gone for good: a replica may have taken its slots
             future.set_exception(error)
             return
+        self._suspects.discard(node)
         value = reply.result()
         target = _redirect(value, node) if isinstance(value, ReplyError) else None
         if target is None or redirects >= self.max_redirects:
@@ -203,7 +208,7 @@ class RedisClusterClient:
             self._loading = None
             self._fail_waiting(RedisUnavailable(f"redis: cannot load the cluster slot map: {e!r}"))
             raise
-        self._slots, self._stale, self._loading = slots, False, None
+        self._slots, self._mapped, self._loading = slots, True, None
         self.map_loads += 1
         waiting, self._waiting = self._waiting, []
         for future, args in waiting:
@@ -211,18 +216,18 @@ class RedisClusterClient:
                 self._send(future, args, self._owner(args), 0, asking=False)
 
     async def _fetch_slots(self) -> list[_Node | None]:
-        """CLUSTER SLOTS from the seed, else from the nodes known: the first answer wins."""
+        """CLUSTER SLOTS from the node that answered last, the seed, then the others, nodes that just failed
+        last: the first answer wins."""
         seed = (self.seed.host, self.seed.port)
         first = [self._answering] if self._answering is not None else []
-        candidates = list(dict.fromkeys([*first, seed, *self._nodes]))
+        candidates = sorted(dict.fromkeys([*first, seed, *self._nodes]), key=self._suspects.__contains__)
         problem = RedisUnavailable("redis: no cluster node to ask")
         for node in candidates:
             try:
                 reply = await self._client(node).call("CLUSTER", "SLOTS")
             except RedisUnavailable as e:
                 problem = e
-                if self._answering == node:
-                    self._answering = None
+                self._suspects.add(node)
                 continue
             if isinstance(reply, ReplyError):  # e.g. "ERR This instance has cluster support disabled"
                 problem = RedisUnavailable(f"redis: CLUSTER SLOTS refused by {node[0]}:{node[1]}: {reply}")
@@ -233,6 +238,7 @@ class RedisClusterClient:
                 owner = (host, int(master[1]))
                 slots[int(start) : int(end) + 1] = [owner] * (int(end) - int(start) + 1)
             self._answering = node
+            self._suspects.discard(node)
             return slots
         raise problem
 
