@@ -703,7 +703,7 @@ def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
         if not (thread.endswith(": MainThread") or any("_run_once" in f for f in frames)):
             continue  # not the event-loop thread (the main thread; under uvloop no `_run_once` frame shows)
         short = [_short(f) for f in frames[1:]]
-        if short and _idle(short[-1]):
+        if not short or _idle(short[-1]):  # no Python frame at all: the thread is in C, e.g. waiting
             continue
         total += n
         self_t[short[-1]] = self_t.get(short[-1], 0) + n

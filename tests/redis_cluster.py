@@ -65,10 +65,11 @@ class RedisCluster:
         self._until(lambda: all(self._agrees(c) for c in self.clients), timeout_s, "the cluster to form")
 
     def owner_of(self, slot: int) -> int:
-        for start, end, master, *_ in self.clients[0].execute_command("CLUSTER", "SLOTS"):
-            if int(start) <= slot <= int(end):
-                return [s.port for s in self.servers].index(int(master[1]))
-        raise LookupError(slot)
+        """The index of the master serving `slot`, as the first node sees it."""
+        owner = self._owner_seen(self.clients[0], slot)
+        if owner is None:
+            raise LookupError(slot)
+        return owner
 
     def keyslot(self, key: str) -> int:
         return int(self.clients[0].execute_command("CLUSTER", "KEYSLOT", key))
