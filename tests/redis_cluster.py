@@ -1,5 +1,5 @@
-"""A real Redis Cluster for the tests: three `redis-server --cluster-enabled yes` masters (no replicas) on
-loopback ports, the 16384 slots split evenly, joined with CLUSTER MEET.
+"""A real Redis Cluster for the tests: three `redis-server --cluster-enabled yes` masters on loopback ports,
+the 16384 slots split evenly, joined with CLUSTER MEET; replicas on request (CLUSTER REPLICATE).
 
     with RedisCluster() as cluster:
         url = cluster.url                  # redis://127.0.0.1:PORT?cluster=true (the first node)
@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import time
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -37,9 +38,14 @@ def _cluster_port() -> int:
 
 
 class RedisCluster:
-    def __init__(self, masters: int = 3) -> None:
-        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
-        self.servers = [RedisServer(port=_cluster_port(), extra_args=args) for _ in range(masters)]
+    def __init__(self, masters: int = 3, replicas_of: tuple[int, ...] = (), node_timeout_ms: int = 5000) -> None:
+        """`replicas_of`: one replica per entry, of that master (servers[masters:] are the replicas)."""
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        args += ("--cluster-node-timeout", str(node_timeout_ms))
+        count = masters + len(replicas_of)
+        self.servers = [RedisServer(port=_cluster_port(), extra_args=args) for _ in range(count)]
+        self.masters = masters
+        self.replicas_of = replicas_of
         self.clients: list[redis.Redis] = []
         self.ids: list[str] = []
 
@@ -48,7 +54,7 @@ class RedisCluster:
         return f"redis://127.0.0.1:{self.servers[0].port}?cluster=true"
 
     def node(self, index: int) -> redis.Redis:
-        """A plain (not cluster-aware) connection to one master, for looking behind the client's back."""
+        """A plain (not cluster-aware) connection to one node, for looking behind the client's back."""
         return self.clients[index]
 
     def start(self, timeout_s: float = 20.0) -> None:
@@ -56,13 +62,19 @@ class RedisCluster:
             server.start()
         self.clients = [redis.Redis(port=s.port, decode_responses=True) for s in self.servers]
         self.ids = [c.execute_command("CLUSTER", "MYID") for c in self.clients]
-        share = SLOTS // len(self.servers)
-        for i, client in enumerate(self.clients):
-            end = SLOTS if i == len(self.clients) - 1 else (i + 1) * share
+        share = SLOTS // self.masters
+        for i, client in enumerate(self.clients[: self.masters]):
+            end = SLOTS if i == self.masters - 1 else (i + 1) * share
             client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, end))
         for server in self.servers[1:]:
             self.clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
         self._until(lambda: all(self._agrees(c) for c in self.clients), timeout_s, "the cluster to form")
+        for i, master in enumerate(self.replicas_of, start=self.masters):
+            self.clients[i].execute_command("CLUSTER", "REPLICATE", self.ids[master])
+            self._until(partial(self._synced, i), timeout_s, "a replica to sync")
+
+    def _synced(self, replica: int) -> bool:
+        return bool(self.clients[replica].info("replication").get("master_link_status") == "up")
 
     def owner_of(self, slot: int) -> int:
         """The index of the master serving `slot`, as the first node sees it."""

@@ -1,5 +1,6 @@
 """The gateway's Redis Cluster client against a real three-master cluster: slots as Redis computes them,
-commands at the master owning their key, MOVED and ASK followed, a dead master failing only its slots.
+commands at the master owning their key, MOVED and ASK followed, a dead master failing only its slots, a
+promoted replica found.
 The stores' semantics on a cluster are in test_limits (the `redis-cluster` parameter) and two gateway
 replicas sharing a cluster in test_replicas."""
 
@@ -134,6 +135,24 @@ async def test_a_dead_master_fails_only_its_slots_and_ping_says_so(cluster: Redi
     finally:
         await client.aclose()
         cluster.servers[victim].start()
+
+
+async def test_a_promoted_replica_takes_over_and_the_client_finds_it() -> None:
+    with RedisCluster(replicas_of=(2,), node_timeout_ms=1000) as cluster:
+        client = connect(cluster.url, timeout_s=0.5)
+        assert isinstance(client, RedisClusterClient)
+        key = next(k for k in (f"failover:{i}" for i in range(1000)) if cluster.owner_of(key_slot(k)) == 2)
+        try:
+            assert await client.call("SET", key, "before") == "OK"
+            cluster.servers[2].stop()
+            with pytest.raises(RedisUnavailable):
+                await client.call("SET", key, "during")
+            await _until(lambda: cluster.owner_of(key_slot(key)) == 3, "the replica to be promoted")
+            await _until_ok(client, key)  # the client reloads its map and sends the slot to the new master
+            assert cluster.node(3).get(key) == "back"
+            await client.ping()  # every master in the new map answers
+        finally:
+            await client.aclose()
 
 
 def test_cluster_urls_are_checked_at_start() -> None:
