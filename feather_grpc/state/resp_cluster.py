@@ -122,16 +122,21 @@ class RedisClusterClient:
         return future
 
     async def ping(self) -> None:
-        """Raises RedisUnavailable unless every master answers."""
+        """Raises RedisUnavailable unless every master answers. A failed ping reloads the map: health
+        checks alone (no traffic while health says NOT_SERVING) must find a promoted replica."""
         if not self._mapped:
             await self.call("PING")
-        masters = set(self._slots)
-        if None in masters:
-            raise RedisUnavailable("redis: cluster slot map has unassigned slots")
-        replies = await asyncio.gather(*(self._client(node).call("PING") for node in masters if node is not None))
-        for reply in replies:
-            if isinstance(reply, ReplyError):
-                raise RedisUnavailable(f"redis: {reply}")
+        try:
+            masters = set(self._slots)
+            if None in masters:
+                raise RedisUnavailable("redis: cluster slot map has unassigned slots")
+            pings = [self._client(node).call("PING") for node in masters if node is not None]
+            for reply in await asyncio.gather(*pings):
+                if isinstance(reply, ReplyError):
+                    raise RedisUnavailable(f"redis: {reply}")
+        except RedisUnavailable:
+            self._load_map()
+            raise
 
     async def aclose(self) -> None:
         self._closed = True
