@@ -832,10 +832,13 @@ async def _redis_counters(client: RedisClient) -> tuple[int, dict[str, int]]:
     return reads, calls
 
 
-async def test_a_gateway_call_costs_two_redis_round_trips(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("failure_mode", ["closed", "open"])
+async def test_a_gateway_call_costs_two_redis_round_trips(redis_server: RedisServer, failure_mode: str) -> None:
     """Through the real server and interceptor: the tenant's request token (asked for by the interceptor)
-    joins admission's write (budget + provider token); the settlement is the other write."""
+    joins admission's write (budget + provider token); the settlement is the other write. The same with
+    `stateFailureMode: open`, whose wrappers send their decisions when called too."""
     doc = copy.deepcopy(MOCK_CONFIG)
+    doc["stateFailureMode"] = failure_mode
     doc["tenants"] = {"default": {"limits": {"rpm": 10**6}, "budget": {"dailyUsd": 100}}}
     doc["limits"] = {"mock:mock-fast": {"rps": 1000, "burst": 1000}}
     probe = RedisClient.from_url(redis_server.url)

@@ -3,12 +3,18 @@
 Each wrapper tries the shared store and, on `StateUnavailable`, answers from an in-process fallback, so
 the gateway keeps serving with per-replica limits. Spend recorded only locally during the outage is in
 the ledger of record; counters in Redis are not back-filled (see README: operations notes).
+
+`reserve`, `adjust` and `settle` send the shared store's decision when called, as the Redis stores do,
+and return a coroutine for the verdict: admission starts several before awaiting any, so with this mode
+too they share one round trip.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any
 
 from feather_grpc.engine.breaker import CircuitState, Permit
 from feather_grpc.state.breaker_store import CircuitStore
@@ -37,16 +43,24 @@ class FailOpenRateLimiter:
     def __init__(self, shared: RateLimiter, local: RateLimiter, outage: Outage) -> None:
         self._shared, self._local, self._outage = shared, local, outage
 
-    async def reserve(self, key: str, spec: BucketSpec, amount: float, max_wait_s: float) -> float:
+    def reserve(self, key: str, spec: BucketSpec, amount: float, max_wait_s: float) -> Coroutine[Any, Any, float]:
+        return self._reserved(self._shared.reserve(key, spec, amount, max_wait_s), key, spec, amount, max_wait_s)
+
+    async def _reserved(
+        self, sent: Awaitable[float], key: str, spec: BucketSpec, amount: float, max_wait_s: float
+    ) -> float:
         try:
-            return await self._shared.reserve(key, spec, amount, max_wait_s)
+            return await sent
         except StateUnavailable as e:
             self._outage.note("rate limits", e)
             return await self._local.reserve(key, spec, amount, max_wait_s)
 
-    async def adjust(self, key: str, spec: BucketSpec, delta: float) -> None:
+    def adjust(self, key: str, spec: BucketSpec, delta: float) -> Coroutine[Any, Any, None]:
+        return self._adjusted(self._shared.adjust(key, spec, delta), key, spec, delta)
+
+    async def _adjusted(self, sent: Awaitable[None], key: str, spec: BucketSpec, delta: float) -> None:
         try:
-            await self._shared.adjust(key, spec, delta)
+            await sent
         except StateUnavailable as e:
             self._outage.note("rate limits", e)
             await self._local.adjust(key, spec, delta)
@@ -60,22 +74,31 @@ class FailOpenBudgetStore:
         self._shared, self._local, self._outage = shared, local, outage
         self._local_reservations: set[int] = set()  # id() of reservations made locally
 
-    async def reserve(self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int) -> Reservation:
+    def reserve(
+        self, tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int
+    ) -> Coroutine[Any, Any, Reservation]:
+        return self._reserved(self._shared.reserve(tenant, windows, amount_nanos), tenant, windows, amount_nanos)
+
+    async def _reserved(
+        self, sent: Awaitable[Reservation], tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int
+    ) -> Reservation:
         try:
-            return await self._shared.reserve(tenant, windows, amount_nanos)
+            return await sent
         except StateUnavailable as e:
             self._outage.note("budgets", e)
             reservation = await self._local.reserve(tenant, windows, amount_nanos)
             self._local_reservations.add(id(reservation))
             return reservation
 
-    async def settle(self, reservation: Reservation, actual_nanos: int) -> None:
+    def settle(self, reservation: Reservation, actual_nanos: int) -> Coroutine[Any, Any, None]:
         if id(reservation) in self._local_reservations:
             self._local_reservations.discard(id(reservation))
-            await self._local.settle(reservation, actual_nanos)
-            return
+            return self._local.settle(reservation, actual_nanos)
+        return self._settled(self._shared.settle(reservation, actual_nanos))
+
+    async def _settled(self, sent: Awaitable[None]) -> None:
         try:
-            await self._shared.settle(reservation, actual_nanos)
+            await sent
         except StateUnavailable as e:
             self._outage.note("budgets", e)
 
