@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.state.memory_ledger import MemoryLedger
 from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
 
 
@@ -104,6 +105,49 @@ async def test_invalid_request_lists_every_field_violation() -> None:
             )
         fields = [f for f, _ in rich_error(caught.value).violations]
         assert fields == ["messages[1].content", "max_tokens", "temperature", "top_p"]
+
+
+async def test_names_and_tags_are_bounded() -> None:
+    """Tags and names go into every ledger record and log line, and into error details: a request cannot
+    make them arbitrarily large."""
+    async with running_gateway(MOCK_CONFIG) as gw:
+        at_limit = {f"k{i:03d}".ljust(128, "k"): "v" * 512 for i in range(64)}
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")], tags=at_limit))
+        assert reply.usage.output_tokens > 0
+
+        too_many = {f"t{i}": "v" for i in range(65)}
+        oversized = {"": "empty key", "k" * 129: "long key", "ok": "v" * 513}
+        cases = [
+            (pb.ChatRequest(model="m" * 257, provider="p" * 257, messages=[user("hi")]), ["model", "provider"]),
+            (pb.ChatRequest(model="fast", messages=[user("hi")], tags=too_many), ["tags"]),
+            (pb.ChatRequest(model="fast", messages=[user("hi")], tags=oversized), ["tags", "tags"]),
+        ]
+        for request, fields in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(request)
+            err = rich_error(caught.value)
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert [f for f, _ in err.violations] == fields
+            assert len(caught.value.details() or "") < 1000  # nothing echoed back at length
+        descriptions = [d for _, d in err.violations]
+        assert descriptions == [
+            "keys must be 1 to 128 characters (2 are not)",
+            "values must be at most 512 characters (1 is longer)",
+        ]
+
+        # An over-long request id is refused, not echoed back, and the record gets an id of its own.
+        huge = pb.ChatRequest(model="x" * 100_000, messages=[user("hi")], request_id="r" * 100_000, tags=too_many)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(huge)
+        err = rich_error(caught.value)
+        assert [f for f, _ in err.violations] == ["model", "request_id", "tags"]
+        assert "requestId" not in err.metadata
+
+        ledger = gw.server.engine.ledger
+        assert isinstance(ledger, MemoryLedger)
+        refused = [r for r in ledger.records if r.error_code == "INVALID_ARGUMENT"]
+        assert len(refused) == len(cases) + 1
+        assert all(len(r.requested_model) <= 256 and len(r.request_id) <= 128 and not r.tags for r in refused)
 
 
 async def test_unknown_model_is_not_found_with_error_info() -> None:

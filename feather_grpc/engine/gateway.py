@@ -47,7 +47,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.engine.validation import validate_chat
+from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable_request_id, validate_chat
 from feather_grpc.providers import build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
@@ -365,7 +365,8 @@ class Feather:
         return _Call(
             request=request,
             ctx=ctx,
-            request_id=request.request_id or os.urandom(16).hex(),  # 128 random bits, as uuid4 but cheaper
+            # 128 random bits (as uuid4, but cheaper) unless the caller gave a usable id
+            request_id=usable_request_id(request.request_id) or os.urandom(16).hex(),
             started=time.monotonic(),
             started_ns=time.time_ns(),
             streamed=streamed,
@@ -670,7 +671,7 @@ class Feather:
             tenant=call.ctx.tenant,
             provider=c.provider if c else "",
             model=c.model.name if c else "",
-            requested_model=call.request.model,
+            requested_model=call.request.model[:MAX_NAME_LENGTH],  # bounded: the request may be invalid
             outcome=outcome,
             error_code=error.code if error else "",
             error_reason=error.reason if error else "",
@@ -685,7 +686,7 @@ class Feather:
             streamed=call.streamed,
             attempt_count=len(call.attempts),
             latency_ms=_ms_since(call.started),
-            tags=call.request.tags,
+            tags=bounded_tags(call.request.tags),
         )
 
     async def _settle(self, call: _Call, record: UsageRecord) -> None:

@@ -11,6 +11,10 @@ from feather_grpc.engine.types import ChatRequest, Role
 
 MAX_STOP_SEQUENCES = 4
 MAX_REQUEST_ID_LENGTH = 128
+MAX_NAME_LENGTH = 256  # model and provider: a name longer than any configured one cannot resolve
+MAX_TAGS = 64  # tags go into every ledger record and call-log line: bounded, like the rest of a record
+MAX_TAG_KEY_LENGTH = 128
+MAX_TAG_VALUE_LENGTH = 512
 _DEFAULT_LIMITS = InputLimits()
 
 
@@ -22,6 +26,10 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
 
     if not req.model.strip():
         bad("model", "must name a model, an alias or provider/model")
+    elif len(req.model) > MAX_NAME_LENGTH:
+        bad("model", f"at most {MAX_NAME_LENGTH} characters")
+    if len(req.provider) > MAX_NAME_LENGTH:
+        bad("provider", f"at most {MAX_NAME_LENGTH} characters")
     if not req.messages:
         bad("messages", "must contain at least one message")
     elif len(req.messages) > limits.max_messages:
@@ -83,5 +91,36 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad("retry.max_ms", "must not be negative")
     if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
         bad("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+    if len(req.tags) > MAX_TAGS:
+        bad("tags", f"at most {MAX_TAGS} tags")
+    bad_keys = sum(1 for k in req.tags if not 1 <= len(k) <= MAX_TAG_KEY_LENGTH)
+    if bad_keys:  # counted, not quoted: the error must not echo what was too long
+        bad("tags", f"keys must be 1 to {MAX_TAG_KEY_LENGTH} characters ({_how_many(bad_keys)} not)")
+    long_values = sum(1 for value in req.tags.values() if len(value) > MAX_TAG_VALUE_LENGTH)
+    if long_values:
+        bad("tags", f"values must be at most {MAX_TAG_VALUE_LENGTH} characters ({_how_many(long_values)} longer)")
     if v:
         raise InvalidRequest(v)
+
+
+def _how_many(n: int) -> str:
+    return "1 is" if n == 1 else f"{n} are"
+
+
+# What a record and an error keep of a request that may be invalid: never more than the limits above.
+
+
+def usable_request_id(request_id: str) -> str:
+    """The caller's request id when it is within the limit, else "" (the engine then makes one up)."""
+    return request_id if len(request_id) <= MAX_REQUEST_ID_LENGTH else ""
+
+
+def bounded_tags(tags: dict[str, str]) -> dict[str, str]:
+    """All the tags when they are within the limits, none when they are not (an invalid request's)."""
+    if not tags:
+        return tags
+    if len(tags) <= MAX_TAGS and all(
+        1 <= len(k) <= MAX_TAG_KEY_LENGTH and len(v) <= MAX_TAG_VALUE_LENGTH for k, v in tags.items()
+    ):
+        return tags
+    return {}

@@ -20,7 +20,7 @@ from feather_grpc.engine.types import (
     ToolSpec,
     Usage,
 )
-from feather_grpc.engine.validation import MAX_REQUEST_ID_LENGTH
+from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageReport, UsageTotals
 
@@ -155,16 +155,12 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
     )
 
 
-# A refused caller may be anyone (an unauthenticated one too): the ledger keeps this much of its model name.
-REFUSED_MODEL_CHARS = 256
-
-
 def refused_request(msg: pb.ChatRequest | pb.StreamChatRequest, *, authenticated: bool) -> ChatRequest:
     """What the ledger keeps of a call refused before the engine took it: the requested model, the request
-    id when it is a valid one (else the engine makes one up) and, for an authenticated caller, its tags."""
-    request_id = msg.request_id if len(msg.request_id) <= MAX_REQUEST_ID_LENGTH else ""
+    id when it is a valid one (else the engine makes one up) and, for an authenticated caller, its tags
+    (the engine's record bounds the model and the tags as for any call)."""
     tags = dict(msg.tags) if authenticated and msg.tags else {}
-    return ChatRequest(model=msg.model[:REFUSED_MODEL_CHARS], messages=[], tags=tags, request_id=request_id)
+    return ChatRequest(model=msg.model, messages=[], tags=tags, request_id=usable_request_id(msg.request_id))
 
 
 def usage_pb(u: Usage) -> pb.TokenUsage:

@@ -19,6 +19,7 @@ from feather_grpc.engine.errors import (
     UpstreamInvalidRequest,
     UpstreamUnavailable,
 )
+from feather_grpc.engine.validation import usable_request_id
 
 DOMAIN = "feather.v1"
 
@@ -54,6 +55,7 @@ def build_status(
 
 def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
     """Maps an engine error to its status (DESIGN.md section 3)."""
+    request_id = usable_request_id(request_id)  # an over-long one is not echoed back
     metadata: dict[str, str] = {"requestId": request_id} if request_id else {}
     details: list[any_pb2.Any] = []
     if isinstance(error, InvalidRequest):
@@ -112,5 +114,5 @@ def internal_status(request_id: str = "") -> grpc.Status:
         grpc.StatusCode.INTERNAL,
         "INTERNAL",
         "internal gateway error; the request id identifies it in the gateway's logs",
-        {"requestId": request_id} if request_id else {},
+        {"requestId": request_id} if usable_request_id(request_id) else {},
     )

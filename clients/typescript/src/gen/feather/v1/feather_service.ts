@@ -601,9 +601,9 @@ export interface RetryOptions {
 
 /** ChatRequest is one conversation to complete. */
 export interface ChatRequest {
-  /** A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`. */
+  /** A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`. At most 256 characters. */
   model: string;
-  /** Optional: only route to this configured provider (aliases still resolve within it). */
+  /** Optional: only route to this configured provider (aliases still resolve within it). At most 256 characters. */
   provider: string;
   /** The conversation, oldest first. At least one message. */
   messages: Message[];
@@ -643,9 +643,12 @@ export interface ChatRequest {
     | undefined;
   /** Response cache control. */
   cache: CacheMode;
-  /** Attribution labels recorded in the usage ledger (for example `team`, `feature`). */
+  /**
+   * Attribution labels recorded in the usage ledger (for example `team`, `feature`). At most 64; keys 1 to
+   * 128 characters, values at most 512.
+   */
   tags: { [key: string]: string };
-  /** Caller-chosen id for correlation and idempotent billing; generated when empty. */
+  /** Caller-chosen id for correlation and idempotent billing; generated when empty. At most 128 characters. */
   requestId: string;
 }
 

@@ -550,9 +550,9 @@ class ChatRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`."""
+    """A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`. At most 256 characters."""
     provider: _builtins.str
-    """Optional: only route to this configured provider (aliases still resolve within it)."""
+    """Optional: only route to this configured provider (aliases still resolve within it). At most 256 characters."""
     max_tokens: _builtins.int
     """Maximum tokens to generate; provider default when unset. Must be at least 1."""
     temperature: _builtins.float
@@ -566,7 +566,7 @@ class ChatRequest(_message.Message):
     cache: Global___CacheMode.ValueType
     """Response cache control."""
     request_id: _builtins.str
-    """Caller-chosen id for correlation and idempotent billing; generated when empty."""
+    """Caller-chosen id for correlation and idempotent billing; generated when empty. At most 128 characters."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation, oldest first. At least one message."""
@@ -593,7 +593,9 @@ class ChatRequest(_message.Message):
 
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Attribution labels recorded in the usage ledger (for example `team`, `feature`)."""
+        """Attribution labels recorded in the usage ledger (for example `team`, `feature`). At most 64; keys 1 to
+        128 characters, values at most 512.
+        """
 
     def __init__(
         self,
