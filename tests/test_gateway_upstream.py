@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+import uvloop
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from sim.upstream import OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
@@ -179,6 +182,29 @@ async def test_deadline_shorter_than_upstream_latency_is_deadline_exceeded(sim: 
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         total = await _usage_total(gw)
         assert total.request_count == 1 and total.ok_count == 0
+
+
+def test_a_short_caller_deadline_never_counts_against_the_provider() -> None:
+    """The caller's deadline running out is DEADLINE_EXCEEDED and no failure of the provider's. On uvloop
+    (as `serve` runs) timers fire up to a millisecond early; reading the clock then took some of these
+    for the upstream's own timeout (UNAVAILABLE), which opened the circuit for every caller."""
+
+    async def scenario() -> None:
+        async with UpstreamSimulator() as sim:
+            sim.default = Reply(latency_s=0.2)
+            breaker = {"failureThreshold": 3, "windowMs": 60_000, "resetTimeoutMs": 60_000}
+            async with running_gateway(sim_config(sim, retry={"maxAttempts": 1}, circuitBreaker=breaker), ENV) as gw:
+                codes: Counter[grpc.StatusCode] = Counter()
+                for i in range(30):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user(f"hi {i}")]), timeout=0.05)
+                    codes[caught.value.code()] += 1
+                assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED: 30}
+                models = (await gw.stub.ListModels(pb.ListModelsRequest(provider="openai"))).models
+                assert [m.circuit_state for m in models] == [pb.CIRCUIT_STATE_CLOSED]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
 
 
 async def test_cancelled_stream_closes_upstream_and_is_billed(sim: UpstreamSimulator) -> None:

@@ -538,6 +538,10 @@ class Feather:
                 begun = time.monotonic()
                 tokens = self._attempt_started(call, candidate) if self.observers else ()
                 attempt_deadline = loop.time() + per_attempt_s
+                # Which limit a timeout means is decided here, not by reading the clock when it fires:
+                # timers may fire a hair early (uvloop's are milliseconds), and the caller's deadline
+                # must never count as the provider's failure (it would open the circuit for everyone).
+                caller_bound = deadline is not None and deadline <= attempt_deadline
                 if deadline is not None:
                     attempt_deadline = min(attempt_deadline, deadline)
                 try:
@@ -546,7 +550,7 @@ class Feather:
                 except ProviderError as e:
                     last = e
                 except TimeoutError:
-                    if deadline is not None and loop.time() >= deadline:
+                    if caller_bound:
                         await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                         self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
                         raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
@@ -593,8 +597,10 @@ class Feather:
         """The next upstream event, within the caller's deadline and the provider's idle timeout."""
         loop = asyncio.get_running_loop()
         deadline = call.ctx.deadline
+        caller_bound = deadline is not None  # which limit a timeout means: see _attempt_loop
         if idle_ms is not None:
             idle_deadline = loop.time() + idle_ms / 1000
+            caller_bound = deadline is not None and deadline <= idle_deadline
             deadline = idle_deadline if deadline is None else min(deadline, idle_deadline)
         try:
             async with asyncio.timeout_at(deadline):
@@ -602,7 +608,7 @@ class Feather:
         except (StopAsyncIteration, ProviderError) as e:
             raise await self._midstream_failure(call, _stream_failure(e)) from None
         except TimeoutError:
-            if call.ctx.deadline is not None and loop.time() >= call.ctx.deadline:
+            if caller_bound:
                 raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
             stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream data for {idle_ms} ms", retryable=True)
             raise await self._midstream_failure(call, stalled) from None
