@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+from pathlib import Path
 
 import grpc
 import pytest
@@ -181,6 +183,35 @@ async def test_list_models_shows_aliases_prices_and_state() -> None:
         assert fast.price.input_nanos_usd_per_million == 1_000_000_000
         assert fast.price.output_nanos_usd_per_million == 2_000_000_000
         assert fast.circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+@pytest.mark.parametrize("ledger", ["sqlite", "memory"])
+async def test_usage_takes_any_valid_timestamp_and_names_invalid_ones(ledger: str, tmp_path: Path) -> None:
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["ledger"] = {"type": ledger, "path": str(tmp_path / "usage.db")}
+    ts = timestamp_pb2.Timestamp
+    first, last = ts(seconds=-62_135_596_800), ts(seconds=253_402_300_799, nanos=999_999_999)
+    async with running_gateway(doc) as gw:
+        await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]))
+        # Valid Timestamps beyond what int64 nanoseconds hold (1677-2262) mean "from the start", "to the end".
+        for group_by in ([], [pb.USAGE_GROUP_BY_DAY], [pb.USAGE_GROUP_BY_HOUR, pb.USAGE_GROUP_BY_MODEL]):
+            report = await gw.stub.Usage(pb.UsageRequest(start_time=first, end_time=last, group_by=group_by))
+            assert report.total.request_count == 1
+        far = await gw.stub.Usage(pb.UsageRequest(start_time=ts(seconds=10_000_000_000), end_time=last))
+        assert far.total.request_count == 0
+        for request, fields in [
+            (pb.UsageRequest(start_time=ts(seconds=-62_135_596_801)), ["start_time"]),
+            (pb.UsageRequest(end_time=ts(seconds=253_402_300_800)), ["end_time"]),
+            (
+                pb.UsageRequest(start_time=ts(nanos=-1), end_time=ts(nanos=2_000_000_000)),
+                ["start_time.nanos", "end_time.nanos"],
+            ),
+            (pb.UsageRequest(start_time=ts(seconds=10_000_000_001), end_time=ts(seconds=10_000_000_000)), ["end_time"]),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Usage(request)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert [f for f, _ in rich_error(caught.value).violations] == fields
 
 
 async def test_usage_totals_match_calls_and_group_by_model() -> None:

@@ -221,8 +221,23 @@ def stream_end(r: StreamCompleted) -> pb.StreamEnd:
     )
 
 
+# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _ns(ts: Timestamp) -> int:
-    return ts.seconds * 1_000_000_000 + ts.nanos
+    """Nanoseconds since the epoch, held to int64 as the ledgers store them: a valid Timestamp before
+    1677 or after 2262 means "from the beginning" or "until the end"."""
+    return min(max(ts.seconds * 1_000_000_000 + ts.nanos, _INT64[0]), _INT64[1])
+
+
+def _timestamp_violation(name: str, ts: Timestamp) -> FieldViolation | None:
+    if not _TIMESTAMP_SECONDS[0] <= ts.seconds <= _TIMESTAMP_SECONDS[1]:
+        return FieldViolation(name, "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z")
+    if not 0 <= ts.nanos <= 999_999_999:
+        return FieldViolation(f"{name}.nanos", "must be between 0 and 999,999,999")
+    return None
 
 
 def usage_query(msg: pb.UsageRequest, tenant: str) -> UsageQuery:
@@ -240,7 +255,11 @@ def usage_query(msg: pb.UsageRequest, tenant: str) -> UsageQuery:
         bad.append(FieldViolation("group_by", "group by USAGE_GROUP_BY_HOUR or USAGE_GROUP_BY_DAY, not both"))
     if GroupBy.TAG in group_by and not msg.tag_key:
         bad.append(FieldViolation("tag_key", "is required when grouping by USAGE_GROUP_BY_TAG"))
-    if msg.HasField("start_time") and msg.HasField("end_time") and _ns(msg.end_time) <= _ns(msg.start_time):
+    times = [(n, getattr(msg, n)) for n in ("start_time", "end_time") if msg.HasField(n)]
+    wrong = [v for v in (_timestamp_violation(n, ts) for n, ts in times) if v is not None]
+    bad += wrong
+    start, end = msg.start_time, msg.end_time
+    if len(times) == 2 and not wrong and (end.seconds, end.nanos) <= (start.seconds, start.nanos):
         bad.append(FieldViolation("end_time", "must be after start_time"))
     if bad:
         raise InvalidRequest(bad)
