@@ -12,7 +12,7 @@ import pytest
 import uvloop
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
-from sim.upstream import OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
+from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
 from tests.gateway_harness import Gateway, rich_error, running_gateway, user
 
 ENV = {"SIM_OPENAI_KEY": "sk-test", "SIM_ANTHROPIC_KEY": "ak-test"}
@@ -81,6 +81,45 @@ async def test_openai_chat_cost_is_tokens_times_price_to_the_nano(sim: UpstreamS
         assert reply.cost_nanos_usd == 9 * 30_000 + 3 * 15_000 + 7 * 60_000
         assert (await _usage_total(gw)).cost_nanos_usd == reply.cost_nanos_usd
     assert sim.requests[0].headers["authorization"] == "Bearer sk-test"
+
+
+@pytest.mark.parametrize("model", ["fast", "big"])  # OpenAI, Anthropic
+async def test_impossible_upstream_counts_are_made_billable_not_fatal(sim: UpstreamSimulator, model: str) -> None:
+    """A buggy compatible server must not bill negative amounts, more cache reads than prompt, or overflow
+    int64 (the call was answered: it is recorded and returned like any other)."""
+    path = OPENAI_PATH if model == "fast" else ANTHROPIC_PATH
+    sim.enqueue(
+        Reply(content="a", usage=SimUsage(input=-5, output=-7)),
+        Reply(content="b", usage=SimUsage(input=5, output=2, cached=50)),
+        Reply(content="c", usage=SimUsage(input=2**62, output=2**62)),
+        path=path,
+    )
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        replies = [await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user(t)])) for t in "abc"]
+        usages = [(r.usage.input_tokens, r.usage.output_tokens, r.usage.cached_input_tokens) for r in replies]
+        if model == "fast":  # prompt_tokens includes cached_tokens, so the cache reads are capped at it
+            assert usages == [(0, 0, 0), (5, 2, 5), (10**9, 10**9, 0)]
+        else:  # Anthropic reports cache reads apart from input_tokens: both are in the prompt
+            assert usages == [(0, 0, 0), (55, 2, 50), (10**9, 10**9, 0)]
+        assert replies[0].cost_nanos_usd == 0 and all(r.cost_nanos_usd >= 0 for r in replies)
+        total = await _usage_total(gw)
+        assert total.ok_count == 3 and total.cost_nanos_usd == sum(r.cost_nanos_usd for r in replies)
+
+
+@pytest.mark.parametrize("model", ["fast", "big"])
+async def test_a_reply_without_usage_is_billed_as_an_estimate_once(sim: UpstreamSimulator, model: str) -> None:
+    path = OPENAI_PATH if model == "fast" else ANTHROPIC_PATH
+    sim.enqueue(Reply(content="unmetered answer", omit_usage=True), path=path)
+    sim.enqueue(Reply(content="unmetered stream", omit_usage=True), path=path)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user("hi")]))
+        assert reply.usage_estimated and reply.usage.output_tokens > 0 and len(reply.attempts) == 1
+        events = [e async for e in gw.stub.StreamChat(pb.StreamChatRequest(model=model, messages=[user("hi")]))]
+        end = events[-1].end
+        assert end.usage_estimated and end.usage.output_tokens > 1  # not Anthropic's placeholder of 1
+        total = await _usage_total(gw)
+        assert total.ok_count == 2 and total.estimated_count == 2
+    assert len(sim.requests) == 2  # nothing retried: the provider answered
 
 
 async def test_anthropic_chat_normalises_cache_counts_and_prices_them(sim: UpstreamSimulator) -> None:

@@ -216,7 +216,7 @@ class Feather:
             self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, ""))
             raise
         cost, unpriced = _price(candidate, reply.usage)
-        record = self._record(call, Outcome.OK, reply.usage, cost=cost)
+        record = self._record(call, Outcome.OK, reply.usage, cost=cost, estimated=reply.usage_estimated)
         await self._settle(call, record)
         await self._cache_store(call, candidate, reply.content, reply.tool_calls, reply.finish_reason)
         return ChatResult(
@@ -231,6 +231,7 @@ class Feather:
             latency_ms=record.latency_ms,
             request_id=call.request_id,
             unpriced=unpriced,
+            usage_estimated=reply.usage_estimated,
         )
 
     async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
@@ -492,7 +493,7 @@ class Feather:
         it finished, else an estimate of the prompt it sent."""
         leg = replace(call, request_id=f"{call.request_id}:hedge", candidate=candidate, attempts=[], ticket=None)
         if isinstance(reply, ProviderResponse):
-            usage, estimated = reply.usage, False
+            usage, estimated = reply.usage, reply.usage_estimated
         else:
             usage, estimated = self._cancelled_usage(leg, ""), True
         await self._settle(leg, self._record(leg, Outcome.CANCELLED, usage, estimated=estimated))

@@ -31,6 +31,7 @@ class ChatResult:
     request_id: str
     unpriced: bool = False
     cached: bool = False
+    usage_estimated: bool = False
 
 
 @dataclass(slots=True, frozen=True)

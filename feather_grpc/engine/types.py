@@ -111,6 +111,7 @@ class ProviderResponse:
     tool_calls: list[ToolCall]
     finish_reason: FinishReason
     usage: Usage
+    usage_estimated: bool = False  # the upstream sent no usage: the adapter estimated it
 
 
 @dataclass(slots=True, frozen=True)

@@ -20,7 +20,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, read_events
+from feather_grpc.providers.base import ProviderSettings, estimated_usage, read_events, token_count
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -69,11 +69,11 @@ def finish_reason(raw: object) -> FinishReason:
 
 def normalise_usage(raw: dict[str, Any]) -> Usage:
     """Anthropic's `input_tokens` excludes cache reads and writes; the engine's includes both."""
-    cache_read = int(raw.get("cache_read_input_tokens") or 0)
-    cache_write = int(raw.get("cache_creation_input_tokens") or 0)
+    cache_read = token_count(raw.get("cache_read_input_tokens"))
+    cache_write = token_count(raw.get("cache_creation_input_tokens"))
     return Usage(
-        input_tokens=int(raw.get("input_tokens") or 0) + cache_read + cache_write,
-        output_tokens=int(raw.get("output_tokens") or 0),
+        input_tokens=token_count(raw.get("input_tokens")) + cache_read + cache_write,
+        output_tokens=token_count(raw.get("output_tokens")),
         cached_input_tokens=cache_read,
         cache_write_tokens=cache_write,
     )
@@ -204,15 +204,13 @@ class AnthropicProvider:
                     texts.append(block.get("text") or "")
                 elif kind == "tool_use":
                     calls.append(ToolCall(block["id"], block["name"], orjson.dumps(block.get("input") or {}).decode()))
-            usage = normalise_usage(doc["usage"])
+            raw_usage = doc.get("usage")
         except (KeyError, TypeError, AttributeError):
             raise bad_response(self._name, "not a message") from None
-        return ProviderResponse(
-            content="".join(texts),
-            tool_calls=calls,
-            finish_reason=finish_reason(doc.get("stop_reason")),
-            usage=usage,
-        )
+        content, finish = "".join(texts), finish_reason(doc.get("stop_reason"))
+        if not isinstance(raw_usage, dict):  # answered but unmetered: bill an estimate (a retry pays twice)
+            return ProviderResponse(content, calls, finish, estimated_usage(request, content, calls), True)
+        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage))
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
@@ -260,13 +258,14 @@ class AnthropicProvider:
 class _EventReader:
     """Turns Messages stream events into engine stream events, keeping usage and the stop reason."""
 
-    __slots__ = ("_api_key", "_args_seen", "_name", "_stop_reason", "_tool_ordinals", "_usage", "done")
+    __slots__ = ("_api_key", "_args_seen", "_final_output", "_name", "_stop_reason", "_tool_ordinals", "_usage", "done")
 
     def __init__(self, name: str, api_key: str) -> None:
         self._name = name
         self._api_key = api_key
         self.done = False
         self._usage: dict[str, Any] | None = None
+        self._final_output = False  # a message_delta reported output_tokens
         self._stop_reason: object = None
         self._tool_ordinals: dict[int, int] = {}  # content block index -> tool call ordinal
         self._args_seen: set[int] = set()
@@ -328,6 +327,7 @@ class _EventReader:
                 merged = self._usage if self._usage is not None else {}
                 merged.update((k, v) for k, v in usage.items() if v is not None)
                 self._usage = merged
+                self._final_output = self._final_output or "output_tokens" in usage
             return []
         if kind == "message_stop":
             self.done = True
@@ -344,5 +344,6 @@ class _EventReader:
         return classify_status(self._name, status, body, api_key=self._api_key)
 
     def finish(self) -> StreamFinish:
-        usage = normalise_usage(self._usage) if self._usage is not None else None
+        # message_start's output count is a placeholder; without a final one the engine estimates (and says so).
+        usage = normalise_usage(self._usage) if self._usage is not None and self._final_output else None
         return StreamFinish(finish_reason(self._stop_reason), usage)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from feather_grpc.engine.errors import ProviderError
-from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta
+from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
+from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta, ToolCall, Usage
 from feather_grpc.providers.sse import SSEEvent
 
 
@@ -45,6 +46,35 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release anything the adapter owns (the shared HTTP session is closed by its owner)."""
         ...
+
+
+# Far beyond any model's context, and small enough that tokens x any price stays inside int64 nano-dollars.
+MAX_TOKENS_PER_CALL = 1_000_000_000
+
+
+def token_count(raw: object) -> int:
+    """A count from an upstream's usage, as a whole number from 0 to MAX_TOKENS_PER_CALL: a buggy
+    compatible server must not bill negative or overflowing amounts, nor fail a call it answered."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return 0
+    try:
+        return min(max(int(raw), 0), MAX_TOKENS_PER_CALL)
+    except (OverflowError, ValueError):  # inf, nan
+        return MAX_TOKENS_PER_CALL if raw == float("inf") else 0
+
+
+def estimated_usage(request: ChatRequest, content: str, calls: list[ToolCall]) -> Usage:
+    """For a reply that came without usage: the prompt and the answer, estimated (and billed as such)."""
+    output = estimate_tokens(content) + sum(estimate_tokens(c.name + c.arguments) for c in calls)
+    return Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=output)
+
+
+def consistent(usage: Usage) -> Usage:
+    """Cache reads and writes within the prompt, reasoning within the output (as every provider means)."""
+    usage.cached_input_tokens = min(usage.cached_input_tokens, usage.input_tokens)
+    usage.cache_write_tokens = min(usage.cache_write_tokens, usage.input_tokens - usage.cached_input_tokens)
+    usage.reasoning_tokens = min(usage.reasoning_tokens, usage.output_tokens)
+    return usage
 
 
 def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:

@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 
 from feather_grpc.engine.errors import ProviderError
-from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
@@ -22,7 +21,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, read_events
+from feather_grpc.providers.base import ProviderSettings, consistent, estimated_usage, read_events, token_count
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -63,11 +62,13 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
     """OpenAI's `prompt_tokens` already includes cached tokens, which is the engine's convention."""
     prompt_details = raw.get("prompt_tokens_details") or {}
     completion_details = raw.get("completion_tokens_details") or {}
-    return Usage(
-        input_tokens=int(raw.get("prompt_tokens") or 0),
-        output_tokens=int(raw.get("completion_tokens") or 0),
-        cached_input_tokens=int(prompt_details.get("cached_tokens") or 0),
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+    return consistent(
+        Usage(
+            input_tokens=token_count(raw.get("prompt_tokens")),
+            output_tokens=token_count(raw.get("completion_tokens")),
+            cached_input_tokens=token_count(prompt_details.get("cached_tokens")),
+            reasoning_tokens=token_count(completion_details.get("reasoning_tokens")),
+        )
     )
 
 
@@ -193,13 +194,9 @@ class OpenAIProvider:
             # Structured-output refusals arrive apart from content; surface the text, flag the filter.
             content = str(refusal)
             finish = FinishReason.CONTENT_FILTER
-        if isinstance(raw_usage, dict):
-            usage = normalise_usage(raw_usage)
-        else:
-            # Some compatible servers omit usage; an estimate bills better than zero.
-            out = estimate_tokens(content) + sum(estimate_tokens(c.name + c.arguments) for c in calls)
-            usage = Usage(input_tokens=estimate_prompt_tokens(request.messages), output_tokens=out)
-        return ProviderResponse(content=content, tool_calls=calls, finish_reason=finish, usage=usage)
+        if not isinstance(raw_usage, dict):  # some compatible servers omit it: an estimate bills better than 0
+            return ProviderResponse(content, calls, finish, estimated_usage(request, content, calls), True)
+        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage))
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))

@@ -204,6 +204,7 @@ def chat_response(r: ChatResult) -> pb.ChatResponse:
         latency_ms=r.latency_ms,
         request_id=r.request_id,
         unpriced=r.unpriced,
+        usage_estimated=r.usage_estimated,
     )
 
 

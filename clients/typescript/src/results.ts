@@ -86,7 +86,7 @@ export function chatResult(reply: ChatResponse): ChatResult {
     toolCalls: reply.message?.toolCalls ?? [],
     cached: reply.cached,
     unpriced: reply.unpriced,
-    usageEstimated: false,
+    usageEstimated: reply.usageEstimated,
     timeToFirstTokenMs: undefined,
     attempts: reply.attempts,
   };

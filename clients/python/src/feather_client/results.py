@@ -127,6 +127,7 @@ class ChatResult:
             tool_calls=tuple(reply.message.tool_calls),
             cached=reply.cached,
             unpriced=reply.unpriced,
+            usage_estimated=reply.usage_estimated,
             attempts=tuple(reply.attempts),
         )
 

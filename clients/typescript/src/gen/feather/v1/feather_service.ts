@@ -770,6 +770,8 @@ export interface ChatResponse {
   requestId: string;
   /** True when the answering model has no configured price (served only when allowed; cost is 0). */
   unpriced: boolean;
+  /** True when the provider sent no usage and the gateway estimated it (billed as estimated). */
+  usageEstimated: boolean;
 }
 
 /** StreamStart opens a stream once a route has answered. */
@@ -2938,6 +2940,7 @@ function createBaseChatResponse(): ChatResponse {
     latencyMs: 0n,
     requestId: "",
     unpriced: false,
+    usageEstimated: false,
   };
 }
 
@@ -2981,6 +2984,9 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     }
     if (message.unpriced !== false) {
       writer.uint32(88).bool(message.unpriced);
+    }
+    if (message.usageEstimated !== false) {
+      writer.uint32(96).bool(message.usageEstimated);
     }
     return writer;
   },
@@ -3086,6 +3092,14 @@ export const ChatResponse: MessageFns<ChatResponse> = {
             message.unpriced = reader.bool();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.usageEstimated = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3127,6 +3141,11 @@ export const ChatResponse: MessageFns<ChatResponse> = {
         ? globalThis.String(object.request_id)
         : "",
       unpriced: isSet(object.unpriced) ? globalThis.Boolean(object.unpriced) : false,
+      usageEstimated: isSet(object.usageEstimated)
+        ? globalThis.Boolean(object.usageEstimated)
+        : isSet(object.usage_estimated)
+        ? globalThis.Boolean(object.usage_estimated)
+        : false,
     };
   },
 
@@ -3165,6 +3184,9 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     if (message.unpriced !== false) {
       obj.unpriced = message.unpriced;
     }
+    if (message.usageEstimated !== false) {
+      obj.usageEstimated = message.usageEstimated;
+    }
     return obj;
   },
 
@@ -3190,6 +3212,7 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     message.latencyMs = (object.latencyMs !== undefined && object.latencyMs !== null) ? BigInt(object.latencyMs) : 0n;
     message.requestId = object.requestId ?? "";
     message.unpriced = object.unpriced ?? false;
+    message.usageEstimated = object.usageEstimated ?? false;
     return message;
   },
 };
