@@ -157,3 +157,56 @@ async def test_sigterm_drains_every_accepted_call_then_exits_zero(tmp_path: Path
     (draining,) = gw.logged("shutting down")
     assert "draining" in draining["message"]
     assert gw.logged("stopped")
+
+
+async def test_calls_cut_off_when_the_grace_period_ends_are_still_in_the_ledger(tmp_path: Path) -> None:
+    """Past `gracePeriodS` the server cancels what is left; those calls consumed tokens, so they are settled
+    (cancelled, usage estimated from what was streamed) before the ledger closes."""
+    async with UpstreamSimulator() as sim:
+        sim.enqueue(*[Reply(latency_s=30)] * 3, model="gpt-slow")
+        endless = Reply(content="word " * 400, stream_chunks=400, split=50, piece_delay_s=0.05)
+        sim.enqueue(*[endless] * 3, model="gpt-stream")
+        config = gateway_config(tmp_path, sim)
+        doc = json.loads(config.read_text())
+        doc["server"] = {"gracePeriodS": 1}
+        config.write_text(json.dumps(doc))
+        port = free_port()
+        gw = GatewayProcess.start(
+            ["feather-grpc", "serve", "--config", str(config), "--port", str(port)],
+            {"SIM_OPENAI_KEY": "sk-shutdown-test", "LOG_LEVEL": "info"},
+            tmp_path,
+        )
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            await gw.wait_logged("serving on")
+            stub = pb_grpc.FeatherServiceStub(channel)
+            streamed = [asyncio.Event() for _ in range(3)]
+
+            async def stream(i: int) -> None:
+                request = pb.StreamChatRequest(model="gpt-stream", messages=[user("go")], request_id=f"stream-{i}")
+                async for event in stub.StreamChat(request, timeout=30):  # clients set deadlines
+                    if event.HasField("delta"):
+                        streamed[i].set()
+
+            unary = [
+                stub.Chat(pb.ChatRequest(model="gpt-slow", messages=[user("hi")], request_id=f"unary-{i}"), timeout=30)
+                for i in range(3)
+            ]
+            calls = [asyncio.ensure_future(c) for c in [*unary, *(stream(i) for i in range(3))]]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in streamed)), 10)
+            await sim.wait_requests(6, timeout_s=5)
+            gw.proc.send_signal(signal.SIGTERM)
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes), outcomes
+            assert await gw.wait_exit() == 0, gw.output()
+        finally:
+            await channel.close()
+            gw.kill()
+
+    with sqlite3.connect(tmp_path / "usage.db") as db:
+        rows = db.execute("SELECT request_id, outcome, output_tokens, estimated FROM usage_records").fetchall()
+    recorded = {rid: (outcome, tokens, estimated) for rid, outcome, tokens, estimated in rows}
+    assert sorted(recorded) == [*(f"stream-{i}" for i in range(3)), *(f"unary-{i}" for i in range(3))]
+    assert all(outcome == "cancelled" for outcome, _, _ in recorded.values())
+    assert all(tokens > 0 and estimated for rid, (_, tokens, estimated) in recorded.items() if rid.startswith("s"))
+    assert not gw.logged("could not record")

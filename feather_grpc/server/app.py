@@ -41,6 +41,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
 # Health name for liveness probes: SERVING from start until shutdown, whatever the shared stores do
 # ("" and SERVICE_NAME go NOT_SERVING while a required store is down; restarting would not help).
 LIVENESS_SERVICE = "liveness"
+# How long calls cancelled at the end of the grace period get to write their records before the ledger closes.
+_SETTLE_AFTER_CANCEL_S = 10.0
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -267,6 +269,12 @@ class GatewayServer:
             self._state_watch.cancel()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         try:
+            # The calls cut off at the end of the grace period are cancelled, not finished: their handlers
+            # still write their records. Only then may the ledger close.
+            try:
+                await asyncio.wait_for(self.tracker.drained(), _SETTLE_AFTER_CANCEL_S)
+            except TimeoutError:
+                log.error("%d calls still in their handlers; closing the ledger anyway", self.tracker.total_inflight)
             await self.engine.aclose()
             if self.stores is not None:
                 await self.stores.aclose()

@@ -22,6 +22,7 @@ through, and each interceptor costs a coroutine per call before the handler even
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,13 +92,33 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.gate = gate
         self.record_refusal = record_refusal
         self.inflight: dict[str, int] = {}
+        self._active = 0  # all methods: the sum of `inflight`
+        self._idle: asyncio.Event | None = None  # set when _active drops to 0, while someone waits for it
         self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
         self.on_refused = on_refused
         self._content = logging.getLogger(CONTENT_LOGGER) if log_content else None
 
     @property
     def total_inflight(self) -> int:
-        return sum(self.inflight.values())
+        return self._active
+
+    async def drained(self) -> None:
+        """Returns once no call is in its handler: after the server cancelled the calls that outlived the
+        grace period, their handlers still settle them (ledger records included) before they end."""
+        while self._active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        self._idle = None
+
+    def _enter(self, method: str) -> None:
+        self.inflight[method] += 1
+        self._active += 1
+
+    def _exit(self, method: str) -> None:
+        self.inflight[method] -= 1
+        self._active -= 1
+        if not self._active and self._idle is not None:
+            self._idle.set()
 
     async def intercept_service(
         self,
@@ -165,11 +186,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _unary(self, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
         gate = self.gate
-        inflight = self.inflight
 
         async def unary(request: Any, context: Any) -> Any:
             current_call.set(CallScope(method, time.perf_counter()))
-            inflight[method] += 1
+            self._enter(method)
             try:
                 tenant = await self._admit(method, request, context)
                 try:
@@ -182,7 +202,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._aborted(context)
                 raise
             finally:
-                inflight[method] -= 1
+                self._exit(method)
             # Chat only: Usage and ListModels carry no conversation.
             if self._content is not None and method == "Chat" and self._content.isEnabledFor(logging.DEBUG):
                 _log_content(self._content, method, response.request_id, request, response.message.content)
@@ -192,11 +212,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _stream(self, method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
         gate = self.gate
-        inflight = self.inflight
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             current_call.set(CallScope(method, time.perf_counter()))
-            inflight[method] += 1
+            self._enter(method)
             text: list[str] | None = [] if self._content is not None else None
             request_id = request.request_id
             try:
@@ -220,7 +239,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._aborted(context)
                 raise
             finally:
-                inflight[method] -= 1
+                self._exit(method)
             if self._content is not None and text is not None and self._content.isEnabledFor(logging.DEBUG):
                 _log_content(self._content, method, request_id, request, "".join(text))
 
