@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -150,6 +151,36 @@ async def test_names_and_tags_are_bounded() -> None:
         refused = [r for r in ledger.records if r.error_code == "INVALID_ARGUMENT"]
         assert len(refused) == len(cases) + 1
         assert all(len(r.requested_model) <= 256 and len(r.request_id) <= 128 and not r.tags for r in refused)
+
+
+async def test_a_request_that_does_not_parse_is_invalid_argument_and_recorded() -> None:
+    """Bytes that are no valid message (bad UTF-8 in a string field, truncated or corrupt data) are the
+    caller's error: INVALID_ARGUMENT with details, and a refused Chat/StreamChat is in the ledger."""
+    bad_utf8 = b"\x0a\x04fast" + b"\x1a\x07\x08\x02\x12\x03h\xff\xfe"  # model "fast", content with 0xff 0xfe
+    truncated = b"\x0a\x09fast"
+    async with running_gateway(MOCK_CONFIG) as gw:
+
+        def raw_method(name: str, reply: Any, streaming: bool = False) -> Any:  # sends the bytes as they are
+            make = gw.channel.unary_stream if streaming else gw.channel.unary_unary
+            return make(f"/feather.v1.FeatherService/{name}", lambda raw: raw, reply.FromString)
+
+        chat = raw_method("Chat", pb.ChatResponse)
+        stream = raw_method("StreamChat", pb.StreamChatResponse, streaming=True)
+        usage = raw_method("Usage", pb.UsageResponse)
+        for raw in (bad_utf8, truncated):
+            for call in (chat(raw), _drain(stream(raw)), usage(raw)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                err = rich_error(caught.value)
+                assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+                assert err.error_info_count == 1 and [f for f, _ in err.violations] == ["request"]
+        total = (await gw.stub.Usage(pb.UsageRequest())).total
+        assert (total.request_count, total.error_count) == (4, 4)  # two Chat and two StreamChat, refused
+
+
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass
 
 
 async def test_unknown_model_is_not_found_with_error_info() -> None:

@@ -34,7 +34,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from feather_grpc.config import TenantConfig
-from feather_grpc.engine.errors import FeatherError
+from feather_grpc.engine.errors import FeatherError, FieldViolation, InvalidRequest
 from feather_grpc.engine.gateway import CallContext
 from feather_grpc.engine.types import ChatRequest
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
@@ -135,16 +135,17 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         self.inflight.setdefault(method, 0)
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # FeatherService has no client-streaming methods
@@ -153,14 +154,15 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """Authenticates the caller and, for Chat/StreamChat, takes a tenant slot. Returns the tenant when
         it holds a slot (to give back with `gate.leave`). A refusal is recorded, then aborts the call."""
         gate = self.gate
-        if gate is None:  # no tenancy (an embedding without the gate)
-            return None
         tenant: TenantConfig | None = None
         try:
-            tenant = gate.default_tenant if gate.open else gate.authenticate(authorization(context))
-            # Each RPC runs in its own task, so the variable needs no reset: it dies with the task.
-            current_tenant.set(tenant)
-            if method not in LIMITED_METHODS:
+            if gate is not None:  # else no tenancy (an embedding without the gate)
+                tenant = gate.default_tenant if gate.open else gate.authenticate(authorization(context))
+                # Each RPC runs in its own task, so the variable needs no reset: it dies with the task.
+                current_tenant.set(tenant)
+            if type(request) is Undecodable:
+                raise request.error
+            if gate is None or tenant is None or method not in LIMITED_METHODS:
                 return None
             current_request_token.set(gate.enter(tenant, remaining_s(context)))
         except FeatherError as e:
@@ -179,7 +181,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         else:
             ctx = CallContext(tenant=tenant.name, tenant_config=tenant)
         try:
-            refused = convert.refused_request(request, authenticated=tenant is not None)
+            if type(request) is Undecodable:
+                refused = ChatRequest(model="", messages=[])
+            else:
+                refused = convert.refused_request(request, authenticated=tenant is not None)
             await self.record_refusal(refused, ctx, error, method == "StreamChat")
         except Exception:  # the refusal goes out whatever happened to its record
             log.exception("could not record a refused %s call", method)
@@ -217,7 +222,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             current_call.set(CallScope(method, time.perf_counter()))
             self._enter(method)
             text: list[str] | None = [] if self._content is not None else None
-            request_id = request.request_id
+            request_id = "" if type(request) is Undecodable else request.request_id
             try:
                 tenant = await self._admit(method, request, context)
                 try:
@@ -270,3 +275,27 @@ def _log_content(log: logging.Logger, method: str, request_id: str, request: Any
         "content",
         extra={"method": method, "request_id": request_id, "messages": messages, "completion": completion},
     )
+
+
+class Undecodable:
+    """What a request that is not a valid message deserializes to (bad UTF-8, truncated or corrupt bytes):
+    the call is refused with INVALID_ARGUMENT, and Chat/StreamChat recorded, rather than gRPC answering
+    UNKNOWN with a Python exception's name."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, problem: str) -> None:
+        self.error = InvalidRequest([FieldViolation("request", f"is not a valid message: {problem[:200]}")])
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as e:  # protobuf's DecodeError (and whatever a parser of bytes may raise)
+            return Undecodable(str(e) or type(e).__name__)
+
+    return parse
