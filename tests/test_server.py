@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -176,6 +176,25 @@ async def test_a_request_that_does_not_parse_is_invalid_argument_and_recorded() 
                 assert err.error_info_count == 1 and [f for f, _ in err.violations] == ["request"]
         total = (await gw.stub.Usage(pb.UsageRequest())).total
         assert (total.request_count, total.error_count) == (4, 4)  # two Chat and two StreamChat, refused
+
+
+async def test_json_schemas_must_be_json() -> None:
+    nan = struct_pb2.Struct()
+    nan.update({"type": "object", "maximum": float("nan")})
+    async with running_gateway(MOCK_CONFIG) as gw:
+        request = pb.ChatRequest(
+            model="fast",
+            messages=[user("hi")],
+            tools=[pb.Tool(name="ok"), pb.Tool(name="f", parameters=nan)],
+            response_format=pb.ResponseFormat(
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, schema_name="s", json_schema=nan
+            ),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(request)
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in err.violations] == ["response_format.json_schema", "tools[1].parameters"]
 
 
 async def _drain(call: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from google.protobuf import json_format
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feather_grpc.engine.errors import FieldViolation, InvalidRequest
@@ -74,6 +76,15 @@ _GROUP_BY = {
 }
 
 
+def _json_object(value: struct_pb2.Struct, field: str, bad: list[FieldViolation]) -> dict[str, Any] | None:
+    """A Struct as JSON for the upstream; NaN and infinities have no JSON form, so they are the caller's error."""
+    try:
+        return json_format.MessageToDict(value)
+    except ValueError:
+        bad.append(FieldViolation(field, "must hold JSON values only (no NaN or Infinity)"))
+        return None
+
+
 def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
     """Both request messages carry the same fields, so one conversion serves Chat and StreamChat."""
     bad: list[FieldViolation] = []
@@ -111,13 +122,23 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
             type=fmt or "",
             schema_name=rf.schema_name,
             strict=rf.strict,
-            json_schema=json_format.MessageToDict(rf.json_schema) if rf.HasField("json_schema") else None,
+            json_schema=_json_object(rf.json_schema, "response_format.json_schema", bad)
+            if rf.HasField("json_schema")
+            else None,
         )
     policy = _POLICIES.get(msg.policy)
     if policy is None:
         bad.append(FieldViolation("policy", "unknown value"))
     if msg.cache not in (pb.CACHE_MODE_UNSPECIFIED, pb.CACHE_MODE_BYPASS):
         bad.append(FieldViolation("cache", "unknown value"))
+    tools = [
+        ToolSpec(
+            t.name,
+            t.description,
+            _json_object(t.parameters, f"tools[{i}].parameters", bad) if t.HasField("parameters") else None,
+        )
+        for i, t in enumerate(msg.tools)
+    ]
     if bad:
         raise InvalidRequest(bad)
     retry = None
@@ -138,14 +159,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         stop=list(msg.stop) if msg.stop else [],
         seed=msg.seed if msg.HasField("seed") else None,
         response_format=response_format,
-        tools=[
-            ToolSpec(
-                t.name, t.description, json_format.MessageToDict(t.parameters) if t.HasField("parameters") else None
-            )
-            for t in msg.tools
-        ]
-        if msg.tools
-        else [],
+        tools=tools,
         tool_choice=tool_choice,
         policy=policy or "",
         retry=retry,
