@@ -197,6 +197,23 @@ async def test_json_schemas_must_be_json() -> None:
         assert [f for f, _ in err.violations] == ["response_format.json_schema", "tools[1].parameters"]
 
 
+async def test_an_internal_error_gives_the_id_its_log_line_has(caplog: pytest.LogCaptureFixture) -> None:
+    async with running_gateway(MOCK_CONFIG) as gw:
+
+        async def broken(*_: Any) -> None:
+            raise RuntimeError("a bug")
+
+        gw.server.engine.chat = broken  # type: ignore[method-assign]
+        for sent in ("", "caller-id-1"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")], request_id=sent))
+            err = rich_error(caught.value)
+            assert (err.code, err.reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+            request_id = err.metadata["requestId"]
+            assert request_id == sent if sent else len(request_id) == 16  # made up when the caller sent none
+            assert any(r.getMessage() == f"unexpected error handling request {request_id}" for r in caplog.records)
+
+
 async def _drain(call: Any) -> None:
     async for _ in call:
         pass

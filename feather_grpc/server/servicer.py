@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -13,6 +14,7 @@ from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionD
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
 from feather_grpc.engine.types import TextDelta
+from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import convert
@@ -50,7 +52,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id
         raise error
     if isinstance(error, FeatherError):
         await context.abort_with_status(status_for(error, request_id))
-    log.error("unexpected error handling request %s", request_id or "(no id)", exc_info=error)
+    # The status says the request id finds the error in the logs: so there is always one to give.
+    request_id = usable_request_id(request_id) or os.urandom(8).hex()
+    log.error("unexpected error handling request %s", request_id, exc_info=error)
     await context.abort_with_status(internal_status(request_id))
     raise AssertionError("abort_with_status always raises")
 
