@@ -194,6 +194,20 @@ async def test_fail_closed_turns_not_serving_while_redis_is_down_and_recovers() 
             watch.cancel()
 
 
+async def test_a_misconfigured_redis_says_why_it_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    with RedisServer(extra_args=("--requirepass", "right-pw")) as redis:
+        url = f"redis://:wrong-pw-in-url@127.0.0.1:{redis.port}/0"
+        async with running_gateway(_redis_config("closed"), {"REDIS_URL": url}) as gw:
+            watch = health_pb2_grpc.HealthStub(gw.channel).Watch(
+                health_pb2.HealthCheckRequest(service="feather.v1.FeatherService")
+            )
+            while (await asyncio.wait_for(watch.read(), 10)).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                pass
+            watch.cancel()
+    (line,) = [r.getMessage() for r in caplog.records if "UNREACHABLE" in r.getMessage()]
+    assert "AUTH refused" in line and "WRONGPASS" in line and "wrong-pw-in-url" not in line
+
+
 async def test_fail_open_keeps_serving_with_local_limits() -> None:
     with RedisServer() as redis:
         async with running_gateway(_redis_config("open"), {"REDIS_URL": redis.url}) as gw:

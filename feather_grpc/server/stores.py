@@ -107,17 +107,21 @@ async def watch_shared_state(
     fail-open, an outage the wrappers saw between two pings counts as a change too."""
     healthy = True
     while True:
+        problem = ""
         try:
             await ping()
-            ok = True
-        except Exception:  # StateUnavailable, or anything else the client raises: unreachable either way
-            ok = False
+        except Exception as e:  # StateUnavailable, or anything else the client raises: unreachable either way
+            problem = str(e) or type(e).__name__  # e.g. a refused AUTH: the operator needs the reason
+        ok = not problem
         if ok and outage is not None and outage.seen:
             outage.seen = False
             healthy = False
         if ok != healthy:
             healthy = ok
-            log.warning("shared state store %s", "reachable again" if ok else "UNREACHABLE")
+            if ok:
+                log.warning("shared state store reachable again")
+            else:
+                log.warning("shared state store UNREACHABLE: %s", problem)
             await on_change(ok)
         await asyncio.sleep(interval_s)
 
