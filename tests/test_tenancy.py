@@ -90,6 +90,11 @@ async def test_allowed_models_give_permission_denied_for_the_rest() -> None:
         err = rich_error(caught.value)
         assert err.code == grpc.StatusCode.PERMISSION_DENIED and err.reason == "MODEL_NOT_ALLOWED"
         assert err.metadata == {"tenant": "acme", "model": "smart"}
+        # ListModels shows each tenant what it may call.
+        listed = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=bearer(ACME_KEY))
+        assert [m.name for m in listed.models] == ["mock-fast"]
+        listed = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=bearer(GLOBEX_KEY))
+        assert [m.name for m in listed.models] == ["mock-fast", "mock-smart"]
 
 
 async def test_a_tenant_sees_only_its_own_usage_and_an_admin_sees_all() -> None:

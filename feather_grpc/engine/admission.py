@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
-from feather_grpc.config import GatewayConfig, TenantConfig
+from feather_grpc.config import GatewayConfig, ModelConfig, TenantConfig
 from feather_grpc.engine.errors import (
     BudgetExhausted,
     ModelNotAllowed,
@@ -79,15 +79,17 @@ class Admission:
         """The candidates this tenant may use: a model is allowed by its name, an alias, or provider/name."""
         if tenant.allowed_models is None:
             return list(candidates)
-        allow = tenant.allowed_models
-        kept = [
-            c
-            for c in candidates
-            if c.model.name in allow or f"{c.provider}/{c.model.name}" in allow or not allow.isdisjoint(c.model.aliases)
-        ]
+        kept = [c for c in candidates if Admission.may_use(tenant, c.provider, c.model)]
         if not kept:
             raise ModelNotAllowed(tenant.name, requested)
         return kept
+
+    @staticmethod
+    def may_use(tenant: TenantConfig, provider: str, model: ModelConfig) -> bool:
+        allow = tenant.allowed_models
+        if allow is None:
+            return True
+        return model.name in allow or f"{provider}/{model.name}" in allow or not allow.isdisjoint(model.aliases)
 
     async def admit(
         self,

@@ -10,6 +10,7 @@ from typing import NoReturn
 
 import grpc
 
+from feather_grpc.engine.admission import Admission
 from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionDenied
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
@@ -136,4 +137,10 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         await self._engine.refresh_circuits()
-        return pb.ListModelsResponse(models=[convert.model_info(m) for m in self._engine.models(request.provider)])
+        tenant = current_tenant.get(None)  # a tenant sees the models it may call
+        models = [
+            m
+            for m in self._engine.models(request.provider)
+            if tenant is None or Admission.may_use(tenant, m.provider, m.model)
+        ]
+        return pb.ListModelsResponse(models=[convert.model_info(m) for m in models])
