@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 import uvloop
+from google.protobuf import struct_pb2
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
@@ -120,6 +121,24 @@ async def test_a_reply_without_usage_is_billed_as_an_estimate_once(sim: Upstream
         total = await _usage_total(gw)
         assert total.ok_count == 2 and total.estimated_count == 2
     assert len(sim.requests) == 2  # nothing retried: the provider answered
+
+
+async def test_a_json_reply_is_never_routed_to_an_api_without_json_mode(sim: UpstreamSimulator) -> None:
+    schema = struct_pb2.Struct()
+    schema.update({"type": "object", "properties": {"city": {"type": "string"}}})
+    json_schema = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, schema_name="place", json_schema=schema)
+    async with running_gateway(sim_config(sim, policy="roundrobin"), ENV) as gw:
+        for _ in range(2):  # "smart" is on OpenAI and Anthropic; round robin would alternate
+            request = pb.ChatRequest(model="smart", messages=[user("where?")], response_format=json_schema)
+            assert (await gw.stub.Chat(request)).provider == "openai"
+        assert all(r.body["response_format"]["type"] == "json_schema" for r in sim.requests)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # "big" is only on Anthropic
+            await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user("where?")], response_format=json_schema))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and [f for f, _ in err.violations] == ["response_format"]
+        text = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_TEXT)
+        reply = await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user("hi")], response_format=text))
+        assert reply.provider == "anthropic"
 
 
 async def test_anthropic_chat_normalises_cache_counts_and_prices_them(sim: UpstreamSimulator) -> None:

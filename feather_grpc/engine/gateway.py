@@ -23,6 +23,8 @@ from feather_grpc.engine.cache import CachedReply, MemoryResponseCache, Response
 from feather_grpc.engine.errors import (
     DeadlineExceeded,
     FeatherError,
+    FieldViolation,
+    InvalidRequest,
     ProviderError,
     RateLimitExceeded,
     StateStoreUnavailable,
@@ -57,6 +59,9 @@ from feather_grpc.state.ledger import Outcome, UsageLedger, UsageQuery, UsageRec
 from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
+
+STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
+NO_STRUCTURED_OUTPUT = frozenset({"anthropic"})  # provider types whose API cannot be asked for them
 
 T = TypeVar("T")
 
@@ -380,7 +385,18 @@ class Feather:
             call.request = self._redactor.request(call.request)
         req = call.request
         tenant = call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
-        return tenant, Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
+        candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
+        if req.response_format is not None and req.response_format.type in STRUCTURED_OUTPUT:
+            candidates = self._structured_output_capable(req.model, candidates)
+        return tenant, candidates
+
+    def _structured_output_capable(self, requested: str, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
+        """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
+        capable = [c for c in candidates if self._provider_configs[c.provider].type not in NO_STRUCTURED_OUTPUT]
+        if not capable:
+            why = f"no provider serving {requested!r} supports it (the Anthropic Messages API has no JSON mode)"
+            raise InvalidRequest([FieldViolation("response_format", why)])
+        return capable
 
     async def _cache_lookup(self, call: _Call, candidates: list[RouteCandidate]) -> CachedReply | None:
         call.cache_key = cache_key(self.config.cache, call.ctx.tenant, call.request)
