@@ -571,7 +571,10 @@ export interface ToolChoice {
   functionName: string;
 }
 
-/** ResponseFormat asks for structured output. */
+/**
+ * ResponseFormat asks for structured output. For JSON_OBJECT and JSON_SCHEMA, routes to providers whose API
+ * has no JSON mode (Anthropic) are skipped; with none left the call is INVALID_ARGUMENT on response_format.
+ */
 export interface ResponseFormat {
   /** The requested format. */
   type: ResponseFormatType;
@@ -611,7 +614,10 @@ export interface ChatRequest {
   maxTokens?:
     | number
     | undefined;
-  /** Sampling temperature, 0 to 2; provider default when unset. */
+  /**
+   * Sampling temperature, 0 to 2; provider default when unset. Anthropic takes 0 to 1 and refuses more
+   * (UPSTREAM_INVALID_REQUEST).
+   */
   temperature?:
     | number
     | undefined;

@@ -432,7 +432,9 @@ Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
 class ResponseFormat(_message.Message):
-    """ResponseFormat asks for structured output."""
+    """ResponseFormat asks for structured output. For JSON_OBJECT and JSON_SCHEMA, routes to providers whose API
+    has no JSON mode (Anthropic) are skipped; with none left the call is INVALID_ARGUMENT on response_format.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -556,7 +558,9 @@ class ChatRequest(_message.Message):
     max_tokens: _builtins.int
     """Maximum tokens to generate; provider default when unset. Must be at least 1."""
     temperature: _builtins.float
-    """Sampling temperature, 0 to 2; provider default when unset."""
+    """Sampling temperature, 0 to 2; provider default when unset. Anthropic takes 0 to 1 and refuses more
+    (UPSTREAM_INVALID_REQUEST).
+    """
     top_p: _builtins.float
     """Nucleus sampling, 0 to 1; provider default when unset."""
     seed: _builtins.int
