@@ -1115,3 +1115,25 @@ async def test_a_chat_sent_twice_with_one_request_id_is_billed_once(
     assert usage.total.cost_nanos_usd == first.cost_nanos_usd + other.cost_nanos_usd
     assert usage.total.input_tokens == first.usage.input_tokens + other.usage.input_tokens
     assert usage.total.output_tokens == first.usage.output_tokens + other.usage.output_tokens
+
+
+def test_the_postgres_spool_sits_next_to_the_ledger_file_or_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from feather_grpc import config as config_module
+    from feather_grpc.server.stores import spool_path
+
+    monkeypatch.delenv("FEATHER_SPOOL_PATH", raising=False)
+
+    def load(ledger: dict[str, str]) -> config_module.GatewayConfig:
+        providers = {"mock": {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]}}
+        return config_module.resolve(
+            config_module.parse_file_config(json.dumps({"ledger": ledger, "providers": providers}), "t")
+        )
+
+    on_disk, in_memory = load({"path": "/var/lib/f/u.db"}), load({"type": "memory"})
+    assert spool_path(on_disk, None) == "/var/lib/f/u.spool.db"
+    assert spool_path(on_disk, 1) == "/var/lib/f/u.spool.w1.db"
+    assert spool_path(in_memory, None) == "feather-usage.spool.db"  # was ":memory:.spool.db"
+    monkeypatch.setenv("FEATHER_SPOOL_PATH", "/data/spool.db")
+    assert spool_path(in_memory, 0) == "/data/spool.w0.db"

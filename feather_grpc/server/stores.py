@@ -44,8 +44,10 @@ class Stores:
 
 
 def spool_path(config: GatewayConfig, worker: int | None) -> str:
-    """The local durable spool in front of Postgres: one file per process (workers get their own)."""
-    base = os.environ.get("FEATHER_SPOOL_PATH") or str(Path(config.ledger_path).with_suffix(".spool.db"))
+    """The local durable spool in front of Postgres: one file per process (workers get their own), next to
+    the SQLite ledger's file, or in the working directory when the ledger is configured in memory."""
+    ledger = "feather-usage.db" if config.ledger_path == ":memory:" else config.ledger_path
+    base = os.environ.get("FEATHER_SPOOL_PATH") or str(Path(ledger).with_suffix(".spool.db"))
     return base if worker is None else str(Path(base).with_suffix(f".w{worker}.db"))
 
 
