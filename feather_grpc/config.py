@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.cache import CacheSettings
-from feather_grpc.engine.pricing import Price, usd_to_nanos_per_million
+from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ DEFAULT_BASE_URLS = {
     "mock": "mock://local",
 }
 _KNOWN_TYPES = ("openai", "anthropic", "mock")
+# Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
+# call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
+MAX_USD_PER_1M = Decimal(1_000_000)
 
 
 class _Strict(BaseModel):
@@ -64,12 +68,14 @@ class ModelSpec(_Strict):
 
     def price(self) -> Price | None:
         def one(kind: str) -> int | None:
-            per_1k: Decimal | None = getattr(self, f"{kind}_per_1k")
-            per_1m: Decimal | None = getattr(self, f"{kind}_per_1m")
-            if per_1k is not None:
-                return usd_to_nanos_per_million(per_1k, 1_000)
-            if per_1m is not None:
-                return usd_to_nanos_per_million(per_1m, 1_000_000)
+            for unit, per_tokens in (("1k", 1_000), ("1m", 1_000_000)):
+                usd: Decimal | None = getattr(self, f"{kind}_per_{unit}")
+                if usd is not None:
+                    nanos = usd_to_nanos_per_million(usd, per_tokens)
+                    if nanos > MAX_USD_PER_1M * NANOS_PER_USD:
+                        alias = ModelSpec.model_fields[f"{kind}_per_{unit}"].alias
+                        raise ValueError(f"{alias} is above the maximum of {MAX_USD_PER_1M:,} USD per 1M tokens")
+                    return nanos
             return None
 
         input_price, output_price = one("input"), one("output")
@@ -98,9 +104,25 @@ class ProviderSpec(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
-        return v.rstrip("/") if v else v
+        if any(c.isspace() for c in v):
+            raise ValueError("must not contain whitespace")
+        try:
+            parts = urlsplit(v)
+        except ValueError:
+            raise ValueError("is not a valid URL") from None
+        if not parts.hostname:
+            raise ValueError("names no host")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError("has a port that is not a number from 1 to 65535")
+        return v.rstrip("/")
 
 
 class RetrySpec(_Strict):
@@ -356,6 +378,8 @@ def _fix_for(err_type: str, path: str) -> str:
         "decimal_type": "use a plain number, e.g. 0.0015",
         "greater_than": "use a positive number",
     }
+    if path.endswith(".baseUrl"):
+        return 'use http(s)://host[:port][/path], e.g. "http://127.0.0.1:8000/v1"'
     return fixes.get(err_type, "correct the value as described")
 
 
@@ -390,15 +414,47 @@ def _infer_type(name: str, spec: ProviderSpec, source: str) -> str:
 
 
 def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: str) -> str | None:
-    """The provider's key, or None when its configured source is absent (the provider is then skipped)."""
+    """The provider's key, or None when its configured source is absent or blank (the provider is then skipped)."""
     if spec.api_key_file:
         try:
-            return Path(spec.api_key_file).read_text().strip()
+            return Path(spec.api_key_file).read_text(encoding="utf-8").strip() or None
         except OSError:
             return None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                source,
+                f"providers.{name}.apiKeyFile",
+                "the file is not UTF-8 text",
+                "write the key alone into the file",
+            ) from None
     if spec.api_key_env:
-        return env.get(spec.api_key_env) or None
+        key = env.get(spec.api_key_env, "")
+        return key if key.strip() else None
     return ""
+
+
+def _check_model_names(name: str, spec: ProviderSpec, source: str) -> None:
+    """Within one provider, every model name and alias must lead to exactly one model (the same alias on
+    several providers is fine: it makes several candidates for that name)."""
+    names = [m.name for m in spec.models]
+    for i, m in enumerate(spec.models):
+        where = f"providers.{name}.models[{i}]"
+        if m.name in names[:i]:
+            raise ConfigError(
+                source, f"{where}.name", f"model {m.name!r} is listed twice", "remove the duplicate entry"
+            )
+        for j, alias in enumerate(m.aliases):
+            problem = ""
+            if not alias.strip():
+                problem = "an alias may not be empty"
+            elif alias in m.aliases[:j]:
+                problem = f"alias {alias!r} is listed twice"
+            elif alias == m.name:
+                problem = f"alias {alias!r} is the model's own name"
+            elif alias in names:
+                problem = f"alias {alias!r} is the name of another model of {name!r}"
+            if problem:
+                raise ConfigError(source, f"{where}.aliases[{j}]", problem, "remove this alias or rename it")
 
 
 def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: str = "<config>") -> GatewayConfig:
@@ -406,10 +462,10 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
     env = dict(os.environ) if env is None else env
     providers: list[ProviderConfig] = []
     skipped: list[str] = []
-    seen_models: set[tuple[str, str]] = set()
     for name, spec in file_config.providers.items():
         if "/" in name or not name:
             raise ConfigError(source, f"providers.{name}", "provider names may not contain '/'", "rename the provider")
+        _check_model_names(name, spec, source)
         ptype = _infer_type(name, spec, source)
         if ptype == "openai-compatible" and not spec.base_url:
             raise ConfigError(
@@ -425,7 +481,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 raise ConfigError(
                     source,
                     f"providers.{name}",
-                    f"its API key ({where}) is not set",
+                    f"its API key ({where}) is not set or is empty",
                     'set the key, or drop "required" to skip this provider when it is missing',
                 )
             skipped.append(name)
@@ -433,15 +489,11 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         models: list[ModelConfig] = []
         for i, m in enumerate(spec.models):
             where = f"providers.{name}.models[{i}]"
-            if (name, m.name) in seen_models:
-                raise ConfigError(
-                    source, f"{where}.name", f"model {m.name!r} is listed twice", "remove the duplicate entry"
-                )
-            seen_models.add((name, m.name))
             try:
                 price = m.price()
             except ValueError as e:
-                raise ConfigError(source, where, f"price {e}", "use a plain USD amount such as 0.0015") from None
+                fix = f"use a plain USD amount such as 0.0015 (at most {MAX_USD_PER_1M:,} per 1M tokens)"
+                raise ConfigError(source, where, f"price {e}", fix) from None
             if price is None and not (m.allow_unpriced or file_config.allow_unpriced):
                 raise ConfigError(
                     source,
@@ -472,15 +524,6 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         )
     routes = _routes(file_config, providers, source)
     auth, tenants, default_tenant = _tenants(file_config, env, source)
-    served = {f"{p.name}:{m.name}" for p in providers for m in p.models}
-    for key in file_config.limits:
-        if key not in served and not any(key.startswith(f"{s}:") for s in file_config.providers):
-            raise ConfigError(
-                source,
-                f"limits.{key}",
-                "is not a served provider:model",
-                'use "provider:model" as configured, e.g. "openai:gpt-4o"',
-            )
     r = file_config.retry
     b = file_config.circuit_breaker
     breaker = BreakerSettings(
@@ -489,7 +532,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         window_s=b.window_ms / 1000,
         cooldown_s=_env_int(env, "CIRCUIT_BREAKER_RESET_TIMEOUT_MS", b.reset_timeout_ms, minimum=1) / 1000,
     )
-    port = _env_int(env, "PORT", file_config.server.port, minimum=0)
+    port = _env_int(env, "PORT", file_config.server.port, minimum=0, maximum=65535)
     ledger_path = env.get("FEATHER_LEDGER_PATH") or file_config.ledger.path
     return GatewayConfig(
         providers=tuple(providers),
@@ -505,7 +548,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         grace_period_s=file_config.server.grace_period_s,
         max_in_flight=file_config.server.max_in_flight,
         max_message_bytes=file_config.server.max_message_bytes,
-        tls=TlsConfig(tls.cert_file, tls.key_file, tls.client_ca_file) if (tls := file_config.server.tls) else None,
+        tls=_tls(file_config.server.tls, source),
         cache=CacheSettings(
             enabled=file_config.cache.enabled,
             ttl_s=_env_int(env, "CACHE_TTL_MS", file_config.cache.ttl_ms, minimum=1) / 1000,
@@ -522,11 +565,11 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         auth=auth,
         tenants=tenants,
         default_tenant=default_tenant,
-        provider_limits={k: (v.rps, v.burst or max(1, math.ceil(v.rps))) for k, v in file_config.limits.items()},
+        provider_limits=_provider_limits(file_config, source),
         rate_limit_mode=file_config.rate_limit_mode,
         state_failure_mode=file_config.state_failure_mode,
         redis_url=_redis_url(env),
-        database_url=env.get("DATABASE_URL", ""),
+        database_url=_database_url(env),
     )
 
 
@@ -543,14 +586,115 @@ def _redis_url(env: dict[str, str]) -> str:
     return url
 
 
+def _tls(spec: TlsSpec | None, source: str) -> TlsConfig | None:
+    """The TLS files must be readable now: the server reads them only when it binds."""
+    if spec is None:
+        return None
+    for field_name, path in (
+        ("certFile", spec.cert_file),
+        ("keyFile", spec.key_file),
+        ("clientCaFile", spec.client_ca_file),
+    ):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                source,
+                f"server.tls.{field_name}",
+                f"cannot read {path} ({e.strerror})",
+                "check the path and permissions",
+            ) from None
+    return TlsConfig(spec.cert_file, spec.key_file, spec.client_ca_file)
+
+
+def _database_url(env: dict[str, str]) -> str:
+    """A libpq URL for Postgres, checked here: a bad one would only show up later as an unreachable
+    database, with every record spooled. The URL is never echoed (it usually holds a password)."""
+    url = env.get("DATABASE_URL", "")
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = urlsplit("invalid:")
+    problem = ""
+    if parts.scheme not in ("postgres", "postgresql"):
+        problem = "the URL must start with postgres:// or postgresql://"
+    for hostport in parts.netloc.rpartition("@")[2].split(","):
+        if hostport.startswith("["):  # [IPv6]:port
+            host, _, port = hostport[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            host, _, port = hostport.partition(":")
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            problem = problem or "the port is not a number from 1 to 65535"
+        if not host and not parse_qs(parts.query).get("host") and not env.get("PGHOST"):
+            problem = problem or "the URL names no host"
+    if problem:
+        fix = "use postgresql://user:password@host[:port]/database (a socket directory goes in ?host=/path)"
+        raise ConfigError("environment", "DATABASE_URL", problem, fix)
+    return url
+
+
+def _provider_limits(fc: FileConfig, source: str) -> dict[str, tuple[float, int]]:
+    """`limits`: token buckets keyed "provider:model" by the model's name (an alias key means its model)."""
+    out: dict[str, tuple[float, int]] = {}
+    origin: dict[str, str] = {}
+    for key, spec in fc.limits.items():
+        buckets = [
+            f"{p}:{m.name}"
+            for p, provider in fc.providers.items()
+            if key.startswith(f"{p}:")
+            for m in provider.models
+            if key[len(p) + 1 :] in (m.name, *m.aliases)
+        ]
+        if not buckets:
+            fix = 'use "provider:model" with a model name or alias of that provider, e.g. "openai:gpt-4o"'
+            raise ConfigError(source, f"limits.{key}", "is not a configured provider:model", fix)
+        if len(buckets) > 1:
+            raise ConfigError(
+                source, f"limits.{key}", f"the alias names {len(buckets)} models", "use one model's name instead"
+            )
+        if buckets[0] in origin:
+            problem = f"is the same model as limits.{origin[buckets[0]]}"
+            raise ConfigError(source, f"limits.{key}", problem, "keep one of the two entries")
+        origin[buckets[0]] = key
+        out[buckets[0]] = (spec.rps, spec.burst or max(1, math.ceil(spec.rps)))
+    return out
+
+
+def _request_names(models: list[tuple[str, str, list[str]]]) -> set[str]:
+    """What a request may name for these (provider, model, aliases): each name and alias, bare or as provider/x."""
+    return {n for p, name, aliases in models for bare in (name, *aliases) for n in (bare, f"{p}/{bare}")}
+
+
 def _routes(fc: FileConfig, providers: list[ProviderConfig], source: str) -> dict[str, RouteConfig]:
-    """Per-name routing rules; every name they mention must be a served model or alias."""
-    known = {name for p in providers for m in p.models for name in (m.name, *m.aliases)}
+    """Per-name routing rules. Their keys must be configured names (a provider skipped for a missing key
+    keeps its names); the fallbacks they list must be served, since every call for the name tries them."""
+    configured = _request_names([(p, m.name, m.aliases) for p, spec in fc.providers.items() for m in spec.models])
+    served = _request_names([(p.name, m.name, list(m.aliases)) for p in providers for m in p.models])
     names = set(fc.routes) | set(fc.fallbacks) | set(fc.context_window_fallbacks)
-    for section, table in (("fallbacks", fc.fallbacks), ("contextWindowFallbacks", fc.context_window_fallbacks)):
+    tables = (
+        ("routes", fc.routes),
+        ("fallbacks", fc.fallbacks),
+        ("contextWindowFallbacks", fc.context_window_fallbacks),
+    )
+    for section, table in tables:
+        for name in table:
+            if name not in configured:
+                raise ConfigError(
+                    source,
+                    f"{section}.{name}",
+                    f"{name!r} is not a configured model or alias",
+                    "use a model name or alias of a configured provider, or provider/name",
+                )
+    for section, table in tables[1:]:
         for name, targets in table.items():
             for i, target in enumerate(targets):
-                if target not in known:
+                if target not in served:
                     raise ConfigError(
                         source,
                         f"{section}.{name}[{i}]",
@@ -569,10 +713,14 @@ def _routes(fc: FileConfig, providers: list[ProviderConfig], source: str) -> dic
     return out
 
 
-def _usd_nanos(usd: Decimal | None) -> int | None:
+def _usd_nanos(usd: Decimal | None, source: str, path: str) -> int | None:
     if usd is None:
         return None
-    return int(usd * 1_000_000_000)
+    nanos = int(usd * NANOS_PER_USD)
+    if usd > 0 and nanos == 0:
+        problem = "is below one nano-dollar, so it would refuse every call"
+        raise ConfigError(source, path, problem, "use at least 0.000000001 USD")
+    return nanos
 
 
 def _tenants(
@@ -585,7 +733,19 @@ def _tenants(
         default_requests = (float(rps), _env_int(env, "RATE_LIMIT_BURST", 2 * rps, minimum=1))
     tenants: dict[str, TenantConfig] = {}
     hashes: dict[str, str] = {}
+    # allowedModels matches a model by its name, an alias, or provider/name (engine.admission)
+    allowable = {
+        n for p, spec in fc.providers.items() for m in spec.models for n in (m.name, f"{p}/{m.name}", *m.aliases)
+    }
     for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+        for i, allowed in enumerate(t.allowed_models or []):
+            if allowed not in allowable:
+                raise ConfigError(
+                    source,
+                    f"tenants.{name}.allowedModels[{i}]",
+                    f"{allowed!r} is not a configured model or alias",
+                    "use a model name, an alias, or provider/model",
+                )
         for i, k in enumerate(t.keys):
             digest = k.removeprefix("sha256:")
             if digest in hashes:
@@ -604,14 +764,14 @@ def _tenants(
             requests=(rpm / 60, rpm) if rpm else default_requests,
             tpm=t.limits.tpm,
             concurrency=t.limits.concurrency,
-            daily_budget_nanos=_usd_nanos(t.budget.daily_usd),
-            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd),
+            daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"tenants.{name}.budget.dailyUsd"),
+            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"tenants.{name}.budget.monthlyUsd"),
         )
     auth = AuthConfig(key_hashes=hashes, jwt_secret=env.get("JWT_SECRET", ""), jwt_tenant_claim=fc.jwt_tenant_claim)
     return auth, tenants, tenants["default"]
 
 
-def _env_int(env: dict[str, str], name: str, default: int, *, minimum: int) -> int:
+def _env_int(env: dict[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
     raw = env.get(name)
     if not raw:
         return default
@@ -619,6 +779,13 @@ def _env_int(env: dict[str, str], name: str, default: int, *, minimum: int) -> i
         value = int(raw)
     except ValueError:
         value = minimum - 1
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ConfigError(
+            "environment",
+            name,
+            f"{raw!r} is not an integer from {minimum} to {maximum}",
+            f"set {name} to a whole number from {minimum} to {maximum}",
+        )
     if value < minimum:
         raise ConfigError(
             "environment",
@@ -711,9 +878,12 @@ def load(path: str | None, env: dict[str, str] | None = None) -> GatewayConfig:
         chosen = "feather.config.json"
     if chosen:
         try:
-            text = Path(chosen).read_text()
+            text = Path(chosen).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(chosen, "(file)", f"cannot read it ({e.strerror})", "check the path") from None
+        except UnicodeDecodeError as e:
+            problem = f"not UTF-8 text (byte {e.start})"
+            raise ConfigError(chosen, "(file)", problem, "save the file as UTF-8 JSON") from None
         return resolve(parse_file_config(text, chosen), env, chosen)
     document = json.dumps(embedded_default())
     return resolve(parse_file_config(document, "<embedded default>"), env, "<embedded default>")

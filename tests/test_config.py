@@ -131,3 +131,245 @@ def test_cli_refuses_to_serve_when_the_ledger_cannot_open(tmp_path: Path) -> Non
     assert run.returncode == 2, run.stderr
     assert f"ledger: {missing}: cannot open the usage ledger" in run.stderr
     assert "serving on" not in run.stderr
+
+
+def _mock(*models: dict[str, object], **extra: object) -> dict[str, object]:
+    return {"type": "mock", "models": list(models), **extra}
+
+
+def _model(name: str, *aliases: str, **prices: object) -> dict[str, object]:
+    return {"name": name, "aliases": list(aliases), "inputPer1M": 1, "outputPer1M": 2, **prices}
+
+
+@pytest.mark.parametrize(
+    ("models", "path"),
+    [
+        ([_model("m1", "")], "providers.p.models[0].aliases[0]"),
+        ([_model("m1", "fast", " ")], "providers.p.models[0].aliases[1]"),
+        ([_model("m1", "a", "b", "a")], "providers.p.models[0].aliases[2]"),
+        ([_model("m1", "m1")], "providers.p.models[0].aliases[0]"),
+        # `m2` and `p/m2` would reach m1 as well as m2
+        ([_model("m1", "x", "m2"), _model("m2")], "providers.p.models[0].aliases[1]"),
+        ([_model("m1"), _model("m2", "m1")], "providers.p.models[1].aliases[0]"),
+    ],
+)
+def test_an_alias_must_name_one_model_of_its_provider(models: list[dict[str, object]], path: str) -> None:
+    # checked even for a provider skipped for its missing key
+    doc = {"providers": {"p": _mock(*models, apiKeyEnv="NOT_SET"), "mock": _mock(_model("ok"))}}
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps(doc))
+    assert caught.value.path == path
+    assert "Fix:" in str(caught.value)
+
+
+def test_an_alias_may_repeat_across_providers_and_name_another_providers_model() -> None:
+    doc = {"providers": {"a": _mock(_model("m1", "smart", "m2")), "b": _mock(_model("m2", "smart"))}}
+    cfg = _load(json.dumps(doc))
+    assert [m.aliases for p in cfg.providers for m in p.models] == [("smart", "m2"), ("smart",)]
+
+
+@pytest.mark.parametrize(
+    ("prices", "accepted"),
+    [
+        ({"inputPer1M": 1e30}, False),
+        ({"outputPer1M": "1000000.000000001"}, False),
+        ({"cachedInputPer1M": 2_000_000}, False),
+        ({"inputPer1K": 0, "outputPer1K": "1000.01", "inputPer1M": None, "outputPer1M": None}, False),
+        ({"inputPer1M": 1_000_000, "cacheWritePer1M": 1_000_000}, True),
+        ({"inputPer1K": 1000, "outputPer1K": 1000, "inputPer1M": None, "outputPer1M": None}, True),
+    ],
+)
+def test_prices_are_at_most_a_million_usd_per_million_tokens(prices: dict[str, object], accepted: bool) -> None:
+    model = {k: v for k, v in _model("m", **prices).items() if v is not None}
+    doc = {"providers": {"mock": _mock(model)}}
+    if accepted:
+        price = _load(json.dumps(doc)).providers[0].models[0].price
+        assert price is not None and max(price.input, price.output) <= 10**15 < 2**63
+        return
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps(doc))
+    assert caught.value.path == "providers.mock.models[0]"
+    assert "above the maximum of 1,000,000 USD per 1M tokens" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("mysql://feather:s3cret-pw@db:3306/feather", "must start with postgres:// or postgresql://"),
+        ("garbage", "must start with postgres:// or postgresql://"),
+        ("s3cret-pw@db/feather", "must start with postgres:// or postgresql://"),
+        ("postgres://feather:s3cret-pw@/feather", "names no host"),
+        ("postgresql://feather:s3cret-pw@db:abc/feather", "port is not a number"),
+        ("postgresql://feather:s3cret-pw@db:70000/feather", "port is not a number"),
+        ("postgresql:///feather", "names no host"),
+    ],
+)
+def test_database_url_must_be_postgres_with_a_host_and_is_never_echoed(url: str, problem: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps({"providers": {"mock": _mock(_model("m"))}}), {"DATABASE_URL": url})
+    assert caught.value.path == "DATABASE_URL"
+    assert problem in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:5432/feather",
+        "postgres://u:p%40ss@db/feather?sslmode=require",
+        "postgresql://u@[::1]:5432/feather",
+        "postgresql://u@db1:5432,db2:5433/feather",
+        "postgresql:///feather?host=/var/run/postgresql",
+    ],
+)
+def test_database_url_accepts_libpq_urls(url: str) -> None:
+    cfg = _load(json.dumps({"providers": {"mock": _mock(_model("m"))}}), {"DATABASE_URL": url})
+    assert cfg.database_url == url
+    # no host in the URL: libpq's PGHOST names it
+    with_pghost = {"DATABASE_URL": "postgresql:///feather", "PGHOST": "/var/run/postgresql"}
+    assert _load(json.dumps({"providers": {"mock": _mock(_model("m"))}}), with_pghost).database_url
+
+
+@pytest.mark.parametrize(("port", "accepted"), [("65535", True), ("0", True), ("65536", False), ("99999", False)])
+def test_port_from_the_environment_is_a_port(port: str, accepted: bool) -> None:
+    doc = json.dumps({"providers": {"mock": _mock(_model("m"))}})
+    if accepted:
+        assert _load(doc, {"PORT": port}).port == int(port)
+        return
+    with pytest.raises(config.ConfigError) as caught:
+        _load(doc, {"PORT": port})
+    assert caught.value.path == "PORT" and "from 0 to 65535" in str(caught.value)
+
+
+def test_limits_name_a_model_or_alias_of_their_provider() -> None:
+    providers = {
+        "mock": _mock(_model("mock-fast", "fast"), _model("mock-smart", "smart")),
+        "openai": _mock(_model("gpt-4o"), apiKeyEnv="NOT_SET"),  # skipped, but its limits are not typos
+    }
+    limits = {"mock:fast": {"rps": 5}, "mock:mock-smart": {"rps": 1, "burst": 3}, "openai:gpt-4o": {"rps": 2}}
+    cfg = _load(json.dumps({"providers": providers, "limits": limits}))
+    # the engine's buckets are keyed by model name: an alias key lands on its model
+    assert cfg.provider_limits == {"mock:mock-fast": (5, 5), "mock:mock-smart": (1, 3), "openai:gpt-4o": (2, 2)}
+    for bad, problem in [
+        ({"mock:mock-fats": {"rps": 1}}, "is not a configured provider:model"),
+        ({"mock:gpt-4o": {"rps": 1}}, "is not a configured provider:model"),
+        ({"mock:fast": {"rps": 1}, "mock:mock-fast": {"rps": 2}}, "is the same model as limits.mock:fast"),
+    ]:
+        with pytest.raises(config.ConfigError) as caught:
+            _load(json.dumps({"providers": providers, "limits": bad}))
+        assert caught.value.path == f"limits.{list(bad)[-1]}" and problem in str(caught.value)
+
+
+def test_non_utf8_config_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "feather.config.json"
+    path.write_bytes(b'{"providers": {"mock": {"type": "mock", "models": [{"name": "\xff"}]}}}')
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path), {})
+    assert caught.value.path == "(file)" and "not UTF-8" in str(caught.value)
+
+
+def test_tls_files_must_be_readable_at_load(tmp_path: Path) -> None:
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_text("cert")
+    key.write_text("key")
+    tls = {"certFile": str(cert), "keyFile": str(key)}
+    base = {"providers": {"mock": _mock(_model("m"))}}
+    assert _load(json.dumps({**base, "server": {"tls": tls}})).tls == config.TlsConfig(str(cert), str(key))
+    for field_name, missing in [
+        ("keyFile", str(tmp_path / "missing.key")),
+        ("clientCaFile", str(tmp_path / "missing-ca.pem")),
+        ("certFile", str(tmp_path)),  # a directory
+    ]:
+        with pytest.raises(config.ConfigError) as caught:
+            _load(json.dumps({**base, "server": {"tls": {**tls, field_name: missing}}}))
+        assert caught.value.path == f"server.tls.{field_name}" and f"cannot read {missing}" in str(caught.value)
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"])
+def test_an_empty_api_key_file_counts_as_a_missing_key(tmp_path: Path, content: str) -> None:
+    key_file = tmp_path / "openai.key"
+    key_file.write_text(content)
+    doc = {"providers": {"mock": _mock(_model("m")), "openai": _mock(_model("gpt"), apiKeyFile=str(key_file))}}
+    cfg = _load(json.dumps(doc))
+    assert [p.name for p in cfg.providers] == ["mock"] and cfg.skipped_providers == ("openai",)
+    doc["providers"]["openai"]["required"] = True  # type: ignore[index]
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps(doc))
+    assert caught.value.path == "providers.openai" and "is not set or is empty" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://",
+        "https:///v1",
+        "http://h:abc/v1",
+        "http://h:99999/v1",
+        "http://h:0/v1",
+        "http://h h:8000/v1",
+        "http://h:8000/v1 ",
+        "http://[::1/v1",
+    ],
+)
+def test_base_url_needs_a_host_a_valid_port_and_no_whitespace(url: str) -> None:
+    doc = {"providers": {"local": {"type": "openai-compatible", "baseUrl": url, "models": [_model("l")]}}}
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps(doc))
+    assert caught.value.path == "providers.local.baseUrl"
+    assert "Fix: use http(s)://host[:port][/path]" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "doc", "path"),
+    [
+        ("routes", {"routes": {"smrat": {"policy": "cheapest"}}}, "routes.smrat"),
+        ("fallbacks", {"fallbacks": {"smrat": ["fast"]}}, "fallbacks.smrat"),
+        ("contextWindowFallbacks", {"contextWindowFallbacks": {"nope": ["smart"]}}, "contextWindowFallbacks.nope"),
+        ("allowedModels", {"tenants": {"t": {"allowedModels": ["fast", "gpt-4o-mni"]}}}, "tenants.t.allowedModels[1]"),
+        # admission matches provider/model by the model's name, never by an alias
+        ("allowedModels", {"tenants": {"t": {"allowedModels": ["mock/fast"]}}}, "tenants.t.allowedModels[0]"),
+    ],
+)
+def test_routes_fallbacks_and_allowed_models_name_configured_models(
+    section: str, doc: dict[str, object], path: str
+) -> None:
+    providers = {"mock": _mock(_model("mock-fast", "fast"), _model("mock-smart", "smart"))}
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps({"providers": providers, **doc}))
+    assert caught.value.path == path and "is not a configured model or alias" in str(caught.value)
+
+
+def test_routes_and_allowed_models_accept_every_form_a_request_may_use() -> None:
+    providers = {
+        "mock": _mock(_model("mock-fast", "fast"), _model("mock-smart", "smart")),
+        "openai": _mock(_model("gpt-4o", "smart"), apiKeyEnv="NOT_SET"),  # skipped: its names stay valid
+    }
+    doc = {
+        "providers": providers,
+        "routes": {"mock/fast": {"policy": "roundrobin"}, "gpt-4o": {"policy": "cheapest"}},
+        "fallbacks": {"smart": ["mock/mock-fast"], "openai/smart": ["fast"]},
+        "tenants": {"t": {"allowedModels": ["fast", "mock-smart", "mock/mock-fast", "openai/gpt-4o"]}},
+    }
+    cfg = _load(json.dumps(doc))
+    assert cfg.routes["smart"].fallbacks == ("mock/mock-fast",)
+    assert cfg.tenants["t"].allowed_models == frozenset(["fast", "mock-smart", "mock/mock-fast", "openai/gpt-4o"])
+
+
+@pytest.mark.parametrize(
+    ("window", "usd", "nanos"),
+    [
+        ("dailyUsd", "0.0000000001", None),
+        ("monthlyUsd", "1e-10", None),
+        ("dailyUsd", "0.000000001", 1),
+        ("monthlyUsd", 0, 0),
+    ],
+)
+def test_a_positive_budget_below_one_nano_dollar_is_refused(window: str, usd: object, nanos: int | None) -> None:
+    doc = {"providers": {"mock": _mock(_model("m"))}, "tenants": {"t": {"budget": {window: usd}}}}
+    if nanos is not None:
+        tenant = _load(json.dumps(doc)).tenants["t"]
+        assert (tenant.daily_budget_nanos if window == "dailyUsd" else tenant.monthly_budget_nanos) == nanos
+        return
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps(doc))
+    assert caught.value.path == f"tenants.t.budget.{window}" and "below one nano-dollar" in str(caught.value)
