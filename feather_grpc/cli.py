@@ -33,14 +33,36 @@ def _load(path: str | None) -> config_module.GatewayConfig:
         raise SystemExit(2) from None
 
 
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, else $FEATHER_WORKERS, else 1."""
+    if args.workers is not None:
+        return int(args.workers)
+    raw = os.environ.get("FEATHER_WORKERS") or "1"
+    try:
+        return int(raw)
+    except ValueError:
+        fix = "set FEATHER_WORKERS to the number of server processes, e.g. 4"
+        raise config_module.ConfigError(
+            "environment", "FEATHER_WORKERS", f"{raw!r} is not a whole number", fix
+        ) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     from feather_grpc.server import workers
 
     log = logging.getLogger("feather_grpc")
     worker = workers.worker_index(os.environ)
+    try:
+        args.workers = _workers(args)
+    except config_module.ConfigError as e:
+        print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
+        return 2
     if args.workers < 1:
         print("feather-grpc: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.port is not None and not 0 <= args.port <= 65535:
+        print("feather-grpc: --port must be from 0 to 65535", file=sys.stderr)
         return 2
     if args.workers > 1 and worker is None:
         port = cfg.port if args.port is None else args.port
@@ -92,7 +114,11 @@ def _health(args: argparse.Namespace) -> int:
         def read(path: str | None) -> bytes | None:
             return Path(path).read_bytes() if path else None
 
-        creds = grpc.ssl_channel_credentials(read(args.ca_cert), read(args.key), read(args.cert))
+        try:
+            creds = grpc.ssl_channel_credentials(read(args.ca_cert), read(args.key), read(args.cert))
+        except OSError as e:
+            print(f"feather-grpc: {_one_line(str(e))}", file=sys.stderr)
+            return 2
         channel = grpc.secure_channel(address, creds)
     else:
         channel = grpc.insecure_channel(address)
@@ -235,7 +261,10 @@ def _parse_time(value: str) -> datetime:
     units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
     match = re.fullmatch(r"(\d+)([mhdw])", value.strip())
     if match:
-        return datetime.now(UTC) - timedelta(**{units[match.group(2)]: int(match.group(1))})
+        try:
+            return datetime.now(UTC) - timedelta(**{units[match.group(2)]: int(match.group(1))})
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{value!r}: too far back (the earliest date is year 1)") from None
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
@@ -436,7 +465,6 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("FEATHER_WORKERS") or 1),
         help="server processes sharing the port via SO_REUSEPORT (default: $FEATHER_WORKERS or 1)",
     )
     serve.set_defaults(run=_serve)

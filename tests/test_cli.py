@@ -176,3 +176,61 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(keyed_gateway: str) 
     run = cli("chat", "keyed", addr=keyed_gateway, env={"FEATHER_API_KEY": API_KEY})
     assert run.returncode == 0, run.stderr
     assert run.stdout == "Feather mock reply to: keyed\n"
+
+
+def _write_config(path: Path, **extra: object) -> str:
+    path.write_text(json.dumps({"providers": MOCK, "ledger": {"type": "memory"}, **extra}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("non-utf8", ": (file): not UTF-8 text (byte 64). Fix: "),
+        ("workers", "environment: FEATHER_WORKERS: 'abc' is not a whole number. Fix: "),
+        ("tls-check", ": server.tls.keyFile: cannot read "),
+        ("tls-serve", ": server.tls.keyFile: cannot read "),
+        ("port-flag", "feather-grpc: --port must be from 0 to 65535"),
+        ("port-env", "environment: PORT: '99999' is not an integer from 0 to 65535. Fix: "),
+        ("database-url", "environment: DATABASE_URL: the URL must start with postgres:// or postgresql://. Fix: "),
+        ("health-ca", "feather-grpc: [Errno 2] No such file or directory: "),
+    ],
+)
+def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path, case: str, expected: str) -> None:
+    good = _write_config(tmp_path / "good.json")
+    tls = {"certFile": good, "keyFile": str(tmp_path / "missing.key")}
+    tls_config = _write_config(tmp_path / "tls.json", server={"tls": tls})
+    non_utf8 = tmp_path / "latin1.json"
+    non_utf8.write_bytes(b'{"providers": {"mock": {"type": "mock", "models": [{"name": "caf\xe9"}]}}}')
+    args, env = {
+        "non-utf8": (["check-config", "--config", str(non_utf8)], {}),
+        "workers": (["serve", "--config", good, "--port", "0"], {"FEATHER_WORKERS": "abc"}),
+        "tls-check": (["check-config", "--config", tls_config], {}),
+        "tls-serve": (["serve", "--config", tls_config, "--port", "0"], {}),
+        "port-flag": (["serve", "--config", good, "--port", "70000"], {}),
+        "port-env": (["serve", "--config", good], {"PORT": "99999"}),
+        "database-url": (["serve", "--config", good, "--port", "0"], {"DATABASE_URL": "mysql://u:s3cret@db/x"}),
+        "health-ca": (["health", "--ca-cert", str(tmp_path / "missing-ca.pem")], {}),
+    }[case]
+    run = cli(*args, env=env)
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert expected in line and line.startswith("feather-grpc: ")
+    assert "s3cret" not in line
+
+
+def test_a_bad_feather_workers_only_concerns_serve() -> None:
+    run = cli("keys", "new", env={"FEATHER_WORKERS": "abc"})
+    assert run.returncode == 0, run.stderr
+    assert "sha256:" in run.stdout
+
+
+def test_usage_since_too_far_back_is_a_usage_error_not_a_traceback() -> None:
+    run = cli("usage", "--since", "999999d", addr=f"127.0.0.1:{_free_port()}")
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert (
+        run.stderr.strip()
+        .splitlines()[-1]
+        .endswith("argument --since: '999999d': too far back (the earliest date is year 1)")
+    )
