@@ -234,3 +234,31 @@ def test_usage_since_too_far_back_is_a_usage_error_not_a_traceback() -> None:
         .splitlines()[-1]
         .endswith("argument --since: '999999d': too far back (the earliest date is year 1)")
     )
+
+
+def test_serve_on_a_port_in_use_names_the_address_and_exits_2(tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "feather.config.json")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = cli("serve", "--config", config, "--port", str(port))
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("feather-grpc: ")]
+    assert lines == [
+        f"feather-grpc: invalid configuration: server: 127.0.0.1:{port}: cannot listen on this address (the port "
+        "is in use, or the host is not an address of this machine). Fix: stop the process that holds the port, "
+        "or pick another with --port, PORT or server.port"
+    ]
+
+
+def test_serve_with_tls_files_that_are_not_pem_exits_2_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "server.pem").write_text("not a certificate")
+    (tmp_path / "server.key").write_text("not a key")
+    tls = {"certFile": str(tmp_path / "server.pem"), "keyFile": str(tmp_path / "server.key")}
+    run = cli("serve", "--config", _write_config(tmp_path / "tls.json", server={"tls": tls}), "--port", "0")
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("feather-grpc: ")]
+    assert "server.tls certFile/keyFile is not a valid PEM pair" in line

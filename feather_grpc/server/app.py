@@ -218,10 +218,19 @@ class GatewayServer:
             self._server,
         )
         address = f"{host or self.config.host}:{self.config.port if port is None else port}"
-        if self.config.tls is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
+        try:
+            if self.config.tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
+        except RuntimeError:  # grpc's "Failed to bind to address", whatever the cause
+            await self._close_engine()
+            causes = "the port is in use, or the host is not an address of this machine"
+            fix = "stop the process that holds the port, or pick another with --port, PORT or server.port"
+            if self.config.tls is not None:  # grpc says the same when the certificate or key is not valid PEM
+                causes += ", or server.tls certFile/keyFile is not a valid PEM pair"
+                fix += "; check that the TLS files are a PEM certificate and its key"
+            raise ConfigError("server", address, f"cannot listen on this address ({causes})", fix) from None
         if self.metrics is not None and self.options.metrics_port is not None:
             metrics_host = self.options.metrics_host or host or self.config.host
             try:
