@@ -578,3 +578,22 @@ async def test_postgres_outage_mid_load_then_recovery_reconciles_exactly_once(tm
         assert sorted(counts) == sorted(acked)
         assert set(counts.values()) == {1}
         assert report.total.request_count == len(acked)
+
+
+def test_serve_stops_with_database_url_named_when_postgres_refuses_the_ledger(pg: PgServer, tmp_path: Path) -> None:
+    """A reachable Postgres that refuses (no such database, bad credentials) will not change its mind: the
+    gateway stops at start and names DATABASE_URL, not the local spool."""
+    import subprocess
+
+    missing = f"postgresql://postgres:s3cret-pw@127.0.0.1:{pg.port}/no_such_database"
+    run = subprocess.run(
+        [sys.executable, "-m", "feather_grpc.cli", "serve", "--port", "0"],
+        cwd=tmp_path,
+        env={**os.environ, "DATABASE_URL": missing},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "DATABASE_URL: Postgres refused the usage ledger (InvalidCatalogNameError" in run.stderr
+    assert "s3cret-pw" not in run.stderr and "serving on" not in run.stderr

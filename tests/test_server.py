@@ -27,6 +27,10 @@ async def test_health_serves_both_names_and_watch_sees_shutdown() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await health.List(health_pb2.HealthListRequest())
+        assert {name: s.status for name, s in listed.statuses.items()} == dict.fromkeys(
+            ["", "feather.v1.FeatherService", "liveness"], health_pb2.HealthCheckResponse.SERVING
+        )
 
         watch = health.Watch(health_pb2.HealthCheckRequest(service="feather.v1.FeatherService"))
         first = await watch.read()

@@ -89,6 +89,12 @@ class DrainingHealthServicer(HealthServicer):  # type: ignore[misc]
         self.draining = True
         await super().enter_graceful_shutdown()
 
+    async def List(self, request: health_pb2.HealthListRequest, context: Any) -> health_pb2.HealthListResponse:
+        """Every service's status at once (grpc.health.v1 List; the library's servicer leaves it out)."""
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in self._server_status.items()}
+        )
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         try:
             await super().Watch(request, _EndAfterNotServing(context, self))
@@ -208,6 +214,9 @@ class GatewayServer:
         except Exception as e:
             await self._close_engine()
             cfg = self.config
+            if cfg.database_url and type(e).__module__.startswith("asyncpg"):  # refused, not unreachable
+                problem = f"Postgres refused the usage ledger ({type(e).__name__}: {e})"
+                raise ConfigError("environment", "DATABASE_URL", problem, "check its user, password, database") from e
             where = spool_path(cfg, self.options.worker) if cfg.database_url else cfg.ledger_path
             raise ConfigError("ledger", where, f"cannot open the usage ledger ({e})", "check the path and disk") from e
         await self.engine.start()
