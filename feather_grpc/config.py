@@ -512,7 +512,9 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 timeout_ms=spec.timeout_ms or file_config.timeout_ms,
                 models=tuple(models),
                 first_token_timeout_ms=spec.first_token_timeout_ms,
-                idle_timeout_ms=spec.idle_timeout_ms,
+                # A stream silent for as long as a whole call may take has stalled: without this a stalled
+                # upstream held its caller (when it set no deadline), a concurrency slot and a connection.
+                idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
             )
         )
     if not providers:

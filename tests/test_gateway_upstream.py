@@ -281,6 +281,22 @@ async def test_cancelled_stream_closes_upstream_and_is_billed(sim: UpstreamSimul
         assert total.cost_nanos_usd == (total.input_tokens * 30_000 + total.output_tokens * 60_000)
 
 
+async def test_a_stream_that_stalls_mid_way_ends_after_the_providers_timeout(sim: UpstreamSimulator) -> None:
+    """No caller deadline and no idleTimeoutMs: a silence as long as timeoutMs still ends the stream."""
+    sim.enqueue(Reply(content="one two three four", hang_after=2), path=OPENAI_PATH)
+    doc = sim_config(sim, timeoutMs=300)
+    async with running_gateway(doc, ENV) as gw:
+        events = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):  # a bound for the test itself, far above the 0.3 s
+                async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
+                    events.append(event.WhichOneof("event"))
+        assert events[0] == "start" and "delta" in events
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        total = await _usage_total(gw)
+        assert total.error_count == 1 and total.estimated_count == 1  # billed for what was streamed
+
+
 async def test_retryable_failures_retry_then_fail_over_with_attempt_trail(sim: UpstreamSimulator) -> None:
     sim.enqueue(Reply(status=500), Reply(status=502), Reply(status=503), path=OPENAI_PATH)
     async with running_gateway(sim_config(sim), ENV) as gw:
