@@ -715,6 +715,9 @@ def _routes(fc: FileConfig, providers: list[ProviderConfig], source: str) -> dic
     return out
 
 
+MAX_BUDGET_USD = 1_000_000_000  # a billion dollars a window: far below int64's 9.2e9 USD in nano-dollars
+
+
 def _usd_nanos(usd: Decimal | None, source: str, path: str) -> int | None:
     if usd is None:
         return None
@@ -722,6 +725,8 @@ def _usd_nanos(usd: Decimal | None, source: str, path: str) -> int | None:
     if usd > 0 and nanos == 0:
         problem = "is below one nano-dollar, so it would refuse every call"
         raise ConfigError(source, path, problem, "use at least 0.000000001 USD")
+    if nanos > MAX_BUDGET_USD * NANOS_PER_USD:  # spend counters are int64 nano-dollars (Redis, the ledgers)
+        raise ConfigError(source, path, "is too large to count in nano-dollars", f"use at most {MAX_BUDGET_USD} USD")
     return nanos
 
 

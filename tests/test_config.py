@@ -373,3 +373,14 @@ def test_a_positive_budget_below_one_nano_dollar_is_refused(window: str, usd: ob
     with pytest.raises(config.ConfigError) as caught:
         _load(json.dumps(doc))
     assert caught.value.path == f"tenants.t.budget.{window}" and "below one nano-dollar" in str(caught.value)
+
+
+@pytest.mark.parametrize(("usd", "ok"), [("1000000000", True), ("1000000000.000000001", False), ("1e30", False)])
+def test_a_budget_must_fit_the_nano_dollar_counters(usd: str, ok: bool) -> None:
+    doc = {"providers": {"mock": _mock(_model("m"))}, "tenants": {"t": {"budget": {"dailyUsd": usd}}}}
+    if ok:
+        assert _load(json.dumps(doc)).tenants["t"].daily_budget_nanos == 10**18
+        return
+    with pytest.raises(config.ConfigError) as caught:
+        _load(json.dumps(doc))
+    assert caught.value.path == "tenants.t.budget.dailyUsd" and "too large" in str(caught.value)
