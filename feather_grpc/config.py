@@ -298,6 +298,8 @@ class AuthConfig:
     key_hashes: dict[str, str] = field(default_factory=dict)  # sha256 hex digest -> tenant name
     jwt_secret: str = field(default="", repr=False)
     jwt_tenant_claim: str = "tenant"
+    # RATE_LIMIT_*: the request limit of a tenant a JWT names that the config does not list
+    unlisted_requests: tuple[float, int] | None = None
 
     @property
     def open(self) -> bool:
@@ -774,7 +776,12 @@ def _tenants(
             daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"tenants.{name}.budget.dailyUsd"),
             monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"tenants.{name}.budget.monthlyUsd"),
         )
-    auth = AuthConfig(key_hashes=hashes, jwt_secret=env.get("JWT_SECRET", ""), jwt_tenant_claim=fc.jwt_tenant_claim)
+    auth = AuthConfig(
+        key_hashes=hashes,
+        jwt_secret=env.get("JWT_SECRET", ""),
+        jwt_tenant_claim=fc.jwt_tenant_claim,
+        unlisted_requests=default_requests,
+    )
     return auth, tenants, tenants["default"]
 
 

@@ -81,6 +81,19 @@ async def test_jwt_with_tenant_claim_and_expiry() -> None:
         assert own.total.request_count == 1
 
 
+async def test_a_jwt_tenant_missing_from_the_config_gets_the_default_request_limit() -> None:
+    secret = "s3cret-for-tests-only-32-bytes-long!!"
+    ghost = jwt.encode({"tenant": "ghost", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    env = {"JWT_SECRET": secret, "RATE_LIMIT_ENABLED": "true", "RATE_LIMIT_RPS": "1", "RATE_LIMIT_BURST": "2"}
+    async with running_gateway(tenant_config(), env) as gw:
+        results = await asyncio.gather(
+            *(gw.stub.Chat(chat(), metadata=bearer(ghost)) for _ in range(5)), return_exceptions=True
+        )
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(results) - len(refused) == 2  # the burst
+        assert {rich_error(r).reason for r in refused} == {"RATE_LIMITED"}
+
+
 async def test_allowed_models_give_permission_denied_for_the_rest() -> None:
     async with running_gateway(tenant_config(allowedModels=["fast"])) as gw:
         await gw.stub.Chat(chat(model="fast"), metadata=bearer(ACME_KEY))

@@ -74,7 +74,8 @@ class TenantGate:
             tenant_name = self._jwt_tenant(credential)
         if tenant_name is None:
             raise Unauthenticated("unknown API key")
-        return self._config.tenants.get(tenant_name) or TenantConfig(tenant_name)
+        # A JWT may name a tenant the config does not list: it gets the default request limit (RATE_LIMIT_*).
+        return self._config.tenants.get(tenant_name) or TenantConfig(tenant_name, requests=self._auth.unlisted_requests)
 
     def _jwt_tenant(self, token: str) -> str | None:
         try:
