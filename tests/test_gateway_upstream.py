@@ -362,6 +362,37 @@ async def test_context_too_long_falls_back_to_a_larger_model(sim: UpstreamSimula
         assert reply.attempts[0].error_reason == "UPSTREAM_CONTEXT_TOO_LONG"
 
 
+async def test_the_budget_reservation_covers_the_context_window_fallbacks(sim: UpstreamSimulator) -> None:
+    """ "big" (Anthropic, $3/$15 per 1M) falls back to "fast" (OpenAI, $30/$60 per 1M) on a too-long prompt: the
+    worst case reserved at admission is the pricier one, so a budget that only fits "big" refuses the call
+    before any upstream is paid, rather than letting the fallback overspend."""
+    prompt = "word " * 800  # ~1,000 tokens: worst case ~$0.003 on "big", ~$0.03 on "fast"
+    doc = sim_config(sim, contextWindowFallbacks={"big": ["fast"]}, tenants={"default": {"budget": {"dailyUsd": 0.01}}})
+    async with running_gateway(doc, ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user(prompt)], max_tokens=10))
+        assert rich_error(caught.value).reason == "BUDGET_EXCEEDED"
+        assert len(sim.requests) == 0
+        doc.pop("contextWindowFallbacks")
+    async with running_gateway(doc, ENV) as gw:  # without the fallback the same call fits
+        reply = await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user(prompt)], max_tokens=10))
+        assert reply.provider == "anthropic"
+
+
+async def test_a_hedged_calls_losing_leg_counts_against_the_budget(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(latency_s=30), path=OPENAI_PATH)
+    doc = sim_config(sim, routes={"smart": {"hedgeAfterMs": 50}}, tenants={"default": {"budget": {"dailyUsd": 10}}})
+    async with running_gateway(doc, ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("race")]))
+        assert reply.provider == "anthropic"
+        await gw.server.engine.settled()  # the loser is settled on its own task
+        billed = (await _usage_total(gw)).cost_nanos_usd
+        assert billed > reply.cost_nanos_usd  # the cancelled leg's estimate is billed too
+        engine = gw.server.engine
+        (day,) = engine.admission.windows(engine.config.default_tenant)
+        assert await engine.budgets.spent("default", day) == billed
+
+
 async def test_configured_fallback_chain(sim: UpstreamSimulator) -> None:
     sim.enqueue(Reply(status=503), path=OPENAI_PATH)
     doc = sim_config(sim, retry={"maxAttempts": 1}, fallbacks={"fast": ["big"]})

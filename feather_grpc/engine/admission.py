@@ -100,6 +100,7 @@ class Admission:
         *,
         first_slot: str | None = None,
         request_token: Callable[[], Awaitable[None]] | None = None,
+        legs: int = 1,
     ) -> Ticket:
         """Reserves the tenant's tokens per minute and worst-case cost, and with `first_slot` the token of
         the first attempt's provider:model bucket too (`provider_slot` then finds it in the ticket). Every
@@ -123,7 +124,9 @@ class Admission:
             tpm_key, tpm_spec = f"tenant:{tenant.name}:tpm", BucketSpec(tenant.tpm / 60, tenant.tpm)
             started.append(("tpm", _start(lambda: self._limiter.reserve(tpm_key, tpm_spec, tpm_amount, max_wait))))
         if budgeted:
-            worst = max((_cost(c, prompt, output) for c in candidates), default=0)
+            # `candidates` includes every model the call may reach (context-window fallbacks too); a hedged
+            # call may pay for two legs.
+            worst = legs * max((_cost(c, prompt, output) for c in candidates), default=0)
             windows = self.windows(tenant)
             started.append(("budget", _start(lambda: self._budgets.reserve(tenant.name, windows, worst))))
         if request_token is not None:  # the transport's request-rate verdict, judged with the rest
@@ -190,6 +193,11 @@ class Admission:
             if refused is None:
                 pending.append(self._limiter.adjust(f"provider:{key}", self._provider_buckets[key], -1.0))
         return _landed(pending)
+
+    async def charge(self, tenant: TenantConfig, cost_nanos: int) -> None:
+        """Adds spend no reservation covered (a hedged call's losing leg) to the tenant's budgets."""
+        if cost_nanos and (tenant.daily_budget_nanos is not None or tenant.monthly_budget_nanos is not None):
+            await self._budgets.settle(Reservation(tenant.name, self.windows(tenant), 0), cost_nanos)
 
     async def release(self, ticket: Ticket) -> None:
         """Gives back everything reserved for a call that never reached an upstream."""

@@ -446,8 +446,17 @@ class Feather:
         hedged = route is not None and route.hedge_after_ms is not None and len(candidates) > 1
         # Unhedged, the first attempt's provider:model token is asked for with admission (one round trip).
         first_slot = None if hedged or not candidates else candidates[0].key
+        reachable = candidates  # what the budget reservation must cover: the larger models too
+        if route is not None and route.context_window_fallbacks:
+            reachable = candidates + [c for n in route.context_window_fallbacks for c in self.router.resolve(n)]
         call.ticket = await self.admission.admit(
-            tenant, req, candidates, call.ctx.deadline, first_slot=first_slot, request_token=call.ctx.request_token
+            tenant,
+            req,
+            reachable,
+            call.ctx.deadline,
+            first_slot=first_slot,
+            request_token=call.ctx.request_token,
+            legs=2 if hedged else 1,
         )
         try:
             if hedged:
@@ -512,7 +521,14 @@ class Feather:
             usage, estimated = reply.usage, reply.usage_estimated
         else:
             usage, estimated = self._cancelled_usage(leg, ""), True
-        await self._settle(leg, self._record(leg, Outcome.CANCELLED, usage, estimated=estimated))
+        record = self._record(leg, Outcome.CANCELLED, usage, estimated=estimated)
+        await self._settle(leg, record)
+        # The provider was paid for this leg too: it counts against the budget (admission reserved two legs).
+        tenant = call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
+        try:
+            await self.admission.charge(tenant, record.cost_nanos_usd)
+        except StateUnavailable:
+            log.warning("could not charge the losing hedge leg of %s: state store unreachable", call.request_id)
 
     async def _attempt_loop(
         self,
