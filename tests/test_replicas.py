@@ -208,6 +208,44 @@ async def test_a_misconfigured_redis_says_why_it_is_unreachable(caplog: pytest.L
     assert "AUTH refused" in line and "WRONGPASS" in line and "wrong-pw-in-url" not in line
 
 
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_a_redis_that_lost_its_data_does_not_hand_out_a_spent_budget_again(mode: str) -> None:
+    """Redis restarted without persistence (or failed over, or evicted the key) forgets the spend counters;
+    the first reservation that finds a window missing has the gateway restore it from the ledger."""
+    doc = _redis_config(mode)
+    doc["tenants"]["default"]["budget"] = {"dailyUsd": 0.0005}  # ~25 calls of 19,000 nano-dollars
+    ask = pb.ChatRequest(model="fast", messages=[user("spend")], max_tokens=10)
+
+    costs: set[int] = set()
+
+    async def spend_until_refused(gw: Any) -> int:
+        admitted = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                costs.add((await gw.stub.Chat(ask)).cost_nanos_usd)
+                admitted += 1
+            except grpc.aio.AioRpcError as e:
+                reason = rich_error(e).reason
+                if reason == "BUDGET_EXCEEDED":
+                    return admitted
+                assert reason == "STATE_UNAVAILABLE", reason  # Redis still coming back
+                await asyncio.sleep(0.05)
+        raise AssertionError("the budget never ran out")
+
+    with RedisServer() as redis:
+        async with running_gateway(doc, {"REDIS_URL": redis.url}) as gw:
+            before = await spend_until_refused(gw)
+            assert before > 10
+            redis.stop()
+            redis.start()  # empty: every counter is gone
+            after = await spend_until_refused(gw)
+            billed = (await gw.stub.Usage(pb.UsageRequest())).total.cost_nanos_usd
+    assert after <= 2, f"{after} calls admitted again after the restart"  # the one that found it missing
+    (per_call,) = costs
+    assert billed <= 500_000 + 2 * per_call
+
+
 async def test_fail_open_keeps_serving_with_local_limits() -> None:
     with RedisServer() as redis:
         async with running_gateway(_redis_config("open"), {"REDIS_URL": redis.url}) as gw:

@@ -81,6 +81,8 @@ def build_stores(config: GatewayConfig, worker: int | None = None) -> Stores:
     from feather_grpc.state.redis_state import RedisState
 
     shared = RedisState.from_url(config.redis_url, breaker=config.breaker)
+    restorer = WindowRestorer(local.ledger, shared.budgets.raise_spent_to)
+    shared.budgets.on_fresh_window = restorer.schedule
     stores = Stores(
         ledger=local.ledger,
         limiter=shared.limiter,
@@ -89,7 +91,7 @@ def build_stores(config: GatewayConfig, worker: int | None = None) -> Stores:
         cache=RedisResponseCache(shared.client, config.cache),
         ping=shared.ping,
         raise_spent_to=shared.budgets.raise_spent_to,
-        closers=[shared.aclose],
+        closers=[restorer.aclose, shared.aclose],
     )
     if config.state_failure_mode == "open":
         stores.outage = outage = Outage()
@@ -142,6 +144,39 @@ async def reconcile_budgets(
             report = await ledger.query(UsageQuery(start_ns=start, tenant=tenant.name))
             await raise_spent_to(tenant.name, window, report.total.cost_nanos_usd)
     log.info("budgets reconciled with the ledger")
+
+
+class WindowRestorer:
+    """When Redis reports a budget window's counters missing (a new window, or counters Redis lost in a
+    restart, failover or eviction), lifts that window's spend to what the ledger recorded, once per window
+    at a time, in the background."""
+
+    def __init__(self, ledger: UsageLedger, raise_spent_to: Callable[[str, BudgetWindow, int], Awaitable[None]]):
+        self._ledger = ledger
+        self._raise_spent_to = raise_spent_to
+        self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+
+    def schedule(self, tenant: str, window: BudgetWindow) -> None:
+        key = (tenant, window.name, window.key)
+        if key not in self._tasks:
+            task = asyncio.get_running_loop().create_task(self._restore(tenant, window))
+            self._tasks[key] = task
+            task.add_done_callback(lambda _: self._tasks.pop(key, None))
+
+    async def _restore(self, tenant: str, window: BudgetWindow) -> None:
+        try:
+            report = await self._ledger.query(UsageQuery(start_ns=_window_start(window), tenant=tenant))
+            spent = report.total.cost_nanos_usd
+            if spent:
+                await self._raise_spent_to(tenant, window, spent)
+                log.info("budget %s/%s %s: spend restored from the ledger", tenant, window.name, window.key)
+        except Exception as e:  # the ledger or Redis is down: the next fresh window will try again
+            log.warning("could not restore budget %s/%s from the ledger: %s", tenant, window.name, e)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
 
 def _window_start(window: BudgetWindow) -> int:

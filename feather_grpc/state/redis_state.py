@@ -116,7 +116,9 @@ return 1
 # ARGV[1] amount, ARGV[2] lease id, ARGV[3] lease µs, ARGV[4] lease keys' ttl ms, ARGV[4+i] cap of window i,
 # ARGV[4+n+i] ttl_s of window i.
 # First gives back the reservations of holders that never settled (a crashed replica) once their lease
-# is over, then reserves in all windows or none: {1}, or {0, i, spent, reserved} of the first overflow.
+# is over, then reserves in all windows or none: {1, fresh...}, or {0, i, spent, reserved} of the first
+# overflow. `fresh` lists the windows whose hash did not exist: a new window, or one Redis lost (a restart
+# without persistence, a failover, an eviction), whose spend the gateway then restores from the ledger.
 # Money stays in strings on the way in and out: Lua numbers are doubles (exact below 2^53 nano-dollars,
 # about 9 million dollars, which bounds the comparison only).
 _BUDGET_RESERVE = (
@@ -138,14 +140,16 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now), 'LIMI
   redis.call('ZREM', KEYS[1], id)
 end
 local amount = tonumber(ARGV[1])
+local ok = {1}
 for i = 1, n do
   local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
+  if not v[1] and not v[2] then ok[#ok + 1] = i end
   local spent, reserved = v[1] or '0', v[2] or '0'
   if tonumber(spent) + tonumber(reserved) + amount > tonumber(ARGV[4 + i]) then
     return {0, i, spent, reserved}
   end
 end
-if amount == 0 then return {1} end
+if amount == 0 then return ok end
 local lease = {ARGV[1]}
 for i = 1, n do
   redis.call('HINCRBY', KEYS[2 + i], 'reserved', ARGV[1])
@@ -156,7 +160,7 @@ redis.call('ZADD', KEYS[1], fmt(now + tonumber(ARGV[3])), ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], cjson.encode(lease))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {1}
+return ok
 """
 )
 
@@ -367,10 +371,16 @@ class RedisBudgetStore(_RedisStore):
     Each reservation is a lease of `lease_s` seconds (longer than any call should take): if its holder
     never settles (the replica crashed), the next reserve of that tenant gives the amount back, so a
     crash cannot shrink a budget for the rest of its window. A settle after the lease ran out still
-    records the real cost. Settle each reservation once."""
+    records the real cost. Settle each reservation once.
+
+    `on_fresh_window(tenant, window)` is called when a reservation finds a window's counters missing: a new
+    window, or one Redis lost (restarted without persistence, failed over, evicted). The gateway then lifts
+    the window's spend to what its ledger recorded (`raise_spent_to`), so a lost counter does not hand out
+    the whole budget again; until that lands, calls are judged against the counter as Redis has it."""
 
     def __init__(self, runner: ScriptRunner, *, lease_s: float = 900.0, namespace: str = "feather") -> None:
         super().__init__(runner, namespace=namespace)
+        self.on_fresh_window: Callable[[str, BudgetWindow], None] | None = None
         self._lease_us = str(max(int(lease_s * 1e6), 1))
         self._lease_ms = int(lease_s * 1000)
         self._reserve = _Script.of(_BUDGET_RESERVE)
@@ -403,9 +413,12 @@ class RedisBudgetStore(_RedisStore):
         args += [str(max(int(w.ttl_s), 1)) for w in windows]
         return lease_id, self._runner.start(self._reserve, self._keys(tenant, windows), args)
 
-    @staticmethod
     async def _reserved(
-        tenant: str, windows: tuple[BudgetWindow, ...], amount_nanos: int, sent: tuple[str, Awaitable[Any]] | None
+        self,
+        tenant: str,
+        windows: tuple[BudgetWindow, ...],
+        amount_nanos: int,
+        sent: tuple[str, Awaitable[Any]] | None,
     ) -> Reservation:
         if sent is None:
             return Reservation(tenant, windows, amount_nanos)
@@ -414,6 +427,9 @@ class RedisBudgetStore(_RedisStore):
         if not reply[0]:
             w = windows[int(reply[1]) - 1]
             raise BudgetExceeded(tenant, w.name, w.cap_nanos, int(reply[2]) + int(reply[3]))
+        if len(reply) > 1 and self.on_fresh_window is not None:
+            for i in reply[1:]:
+                self.on_fresh_window(tenant, windows[int(i) - 1])
         return LeasedReservation(tenant, windows, amount_nanos, lease_id)
 
     def settle(self, reservation: Reservation, actual_nanos: int) -> Coroutine[Any, Any, None]:
