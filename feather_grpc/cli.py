@@ -103,12 +103,35 @@ def _loop_factory(env: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventL
     return uvloop.new_event_loop
 
 
+def _positive_seconds(text: str) -> float:
+    """A --timeout: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds, e.g. 30") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be a number of seconds above 0")
+    return value
+
+
+def _client_cert_error(args: argparse.Namespace) -> str | None:
+    """--cert and --key name the two halves of one client certificate: one without the other is an error
+    (gRPC aborts the process on a chain without its key, and a key alone would be ignored)."""
+    if bool(args.cert) != bool(args.key):
+        given, missing = ("--cert", "--key") if args.cert else ("--key", "--cert")
+        return f"feather-grpc: {given} needs {missing} (a client certificate for mutual TLS is both)"
+    return None
+
+
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 when the server answers SERVING over grpc.health.v1 (the container HEALTHCHECK)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     address = args.address or f"127.0.0.1:{os.environ.get('PORT') or 50051}"
+    if error := _client_cert_error(args):
+        print(error, file=sys.stderr)
+        return 2
     if args.tls or args.ca_cert or args.cert:
 
         def read(path: str | None) -> bytes | None:
@@ -176,7 +199,7 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
         return Path(path).read_bytes() if path else None
 
     tls: TLS | bool = bool(args.tls)
-    if args.ca_cert or args.cert:
+    if args.ca_cert or args.cert or args.key:
         tls = TLS(root_certificates=read(args.ca_cert), certificate_chain=read(args.cert), private_key=read(args.key))
     return {"api_key": args.api_key or None, "timeout": args.timeout, "tls": tls}
 
@@ -185,9 +208,33 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _run_client_command(args: argparse.Namespace, command: Callable[[Any], Awaitable[int]]) -> int:
+class _Progress:
+    """What a streaming command has done so far, for how a failure is reported."""
+
+    def __init__(self) -> None:
+        self.received = False  # the gateway answered (so it is listening)
+        self.partial_line = False  # stdout holds text not yet ended by a newline
+
+
+def _run_client_command(
+    args: argparse.Namespace, command: Callable[[Any], Awaitable[int]], progress: _Progress | None = None
+) -> int:
     """Runs one client call; any failure becomes one line on stderr and a non-zero exit."""
     from feather_client import FeatherClient, FeatherError
+
+    progress = progress or _Progress()
+    if error := _client_cert_error(args):
+        print(error, file=sys.stderr)
+        return 2
+
+    def end_partial_line() -> None:
+        if progress.partial_line:  # the error goes on a line of its own, not after the half-written reply
+            progress.partial_line = False
+            try:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            except OSError:
+                pass
 
     async def run() -> int:
         async with FeatherClient(args.addr, **_client_options(args)) as client:
@@ -196,14 +243,17 @@ def _run_client_command(args: argparse.Namespace, command: Callable[[Any], Await
     try:
         return asyncio.run(run())
     except FeatherError as e:
+        end_partial_line()
         reason = f" {e.reason}" if e.reason else ""
-        hint = f" (is a gateway listening on {args.addr}?)" if e.code.name == "UNAVAILABLE" and not e.reason else ""
+        unanswered = e.code.name == "UNAVAILABLE" and not e.reason and not progress.received
+        hint = f" (is a gateway listening on {args.addr}?)" if unanswered else ""
         print(f"feather-grpc: {e.code.name}{reason}: {_one_line(e.message)}{hint}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `feather-grpc usage --json | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (ValueError, OSError) as e:
+        end_partial_line()
         print(f"feather-grpc: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -212,11 +262,12 @@ def _run_client_command(args: argparse.Namespace, command: Callable[[Any], Await
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from feather_client import format_usd, system, user
+    from feather_client import FeatherError, format_usd, system, user
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [system(args.system), user(prompt)] if args.system else [user(prompt)]
     tags = dict(args.tag)
+    progress = _Progress()
 
     async def chat(client: Any) -> int:
         started = time.monotonic()
@@ -229,10 +280,16 @@ def _chat(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             tags=tags,
         )
-        async for text in stream:
-            first_token = first_token or time.monotonic()
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        try:
+            async for text in stream:
+                progress.received = True
+                first_token = first_token or time.monotonic()
+                sys.stdout.write(text)
+                progress.partial_line = not text.endswith("\n")
+                sys.stdout.flush()
+        except FeatherError:
+            progress.received = progress.received or _stream_started(stream)
+            raise
         latency_ms = (time.monotonic() - started) * 1000
         ttft = f", first token {((first_token or started) - started) * 1000:.0f} ms" if first_token else ""
         usage = stream.usage
@@ -246,7 +303,16 @@ def _chat(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return _run_client_command(args, chat)
+    return _run_client_command(args, chat, progress)
+
+
+def _stream_started(stream: Any) -> bool:
+    """Whether the gateway's first event arrived (`provider` is known from it; before, it raises)."""
+    try:
+        _ = stream.provider
+    except RuntimeError:
+        return False
+    return True
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -417,7 +483,7 @@ def _add_client_commands(sub: Any) -> None:
     common.add_argument(
         "--api-key", default=os.environ.get("FEATHER_API_KEY"), help="API key (default: $FEATHER_API_KEY)"
     )
-    common.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: 120)")
+    common.add_argument("--timeout", type=_positive_seconds, default=120.0, help="deadline in seconds (default: 120)")
     common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     common.add_argument("--ca-cert", help="PEM root certificates to trust (implies TLS)")
     common.add_argument("--cert", help="PEM client certificate chain for mutual TLS (with --key)")
@@ -471,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     health = sub.add_parser("health", help="ask a running server's grpc.health.v1 service; exit 0 if SERVING")
     health.add_argument("--address", help="host:port (default: 127.0.0.1:$PORT, or 127.0.0.1:50051)")
     health.add_argument("--service", default="", help='service name (default: "", the whole server)')
-    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default: 2)")
+    health.add_argument("--timeout", type=_positive_seconds, default=2.0, help="seconds (default: 2)")
     health.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     health.add_argument("--ca-cert", help="PEM root certificates to trust (implies TLS)")
     health.add_argument("--cert", help="PEM client certificate chain for mutual TLS (with --key)")

@@ -262,3 +262,71 @@ def test_serve_with_tls_files_that_are_not_pem_exits_2_and_says_so(tmp_path: Pat
     assert "Traceback" not in run.stderr
     (line,) = [line for line in run.stderr.splitlines() if line.startswith("feather-grpc: ")]
     assert "server.tls certFile/keyFile is not a valid PEM pair" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["chat", "hi", "--cert", "{pem}"], "feather-grpc: --cert needs --key"),
+        (["models", "--key", "{pem}"], "feather-grpc: --key needs --cert"),
+        (["health", "--cert", "{pem}"], "feather-grpc: --cert needs --key"),
+        (["health", "--key", "{pem}", "--ca-cert", "{pem}"], "feather-grpc: --key needs --cert"),
+    ],
+)
+def test_a_client_certificate_without_its_key_or_a_key_alone_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    pem = tmp_path / "client.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    run = cli(*[a.format(pem=pem) for a in args], "--timeout", "3", addr=f"127.0.0.1:{_free_port()}")
+    assert run.returncode == 2, (run.returncode, run.stderr)  # not -6: gRPC aborts on a chain without its key
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(expected), line
+
+
+@pytest.mark.parametrize("command", ["chat", "models", "health"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_a_timeout_that_is_not_above_zero_is_a_bad_argument(command: str, timeout: str) -> None:
+    args = [command, "hi"] if command == "chat" else [command]
+    run = cli(*args, f"--timeout={timeout}", addr=f"127.0.0.1:{_free_port()}")
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert (
+        run.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"argument --timeout: '{timeout}': the timeout must be a number of seconds above 0")
+    )
+
+
+@pytest.fixture
+def breaking_gateway() -> Iterator[str]:
+    """A FeatherService whose StreamChat sends a start and one delta, then fails UNAVAILABLE without a reason
+    (as when the connection to the gateway drops mid-stream)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from feather_client import pb
+    from feather_client.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
+
+    class Breaking(pb_grpc.FeatherServiceServicer):
+        def StreamChat(self, request: object, context: grpc.ServicerContext) -> Iterator[object]:
+            yield pb.StreamChatResponse(start=pb.StreamStart(provider="p", model="m"))
+            yield pb.StreamChatResponse(delta=pb.ChatDelta(content="half an ans"))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_FeatherServiceServicer_to_server(Breaking(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def test_a_stream_failing_mid_way_ends_the_partial_line_and_gives_no_listening_hint(breaking_gateway: str) -> None:
+    run = cli("chat", "hi", addr=breaking_gateway)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == "half an ans\n"
+    (line,) = run.stderr.strip().splitlines()
+    assert line == "feather-grpc: UNAVAILABLE: connection lost"

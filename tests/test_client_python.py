@@ -143,6 +143,9 @@ class ScriptedService(client_pb_grpc.FeatherServiceServicer):
         self.script = list(script or [])
         self.calls: list[tuple[pb.ChatRequest, dict[str, str], float | None]] = []
         self.stream_events: list[pb.StreamChatResponse] = []
+        self.stream_delay = 0.0
+        self.stream_sent = 0
+        self.stream_cancelled = False
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
@@ -158,8 +161,14 @@ class ScriptedService(client_pb_grpc.FeatherServiceServicer):
         )
 
     async def StreamChat(self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        for event in self.stream_events:
-            yield event
+        try:
+            for event in self.stream_events:
+                yield event
+                self.stream_sent += 1
+                await asyncio.sleep(self.stream_delay)
+        except asyncio.CancelledError:
+            self.stream_cancelled = True
+            raise
 
 
 def fail(code: grpc.StatusCode, reason: str, *details: Any) -> Callable[[grpc.aio.ServicerContext], Any]:
@@ -227,6 +236,37 @@ async def test_other_codes_are_not_retried_and_carry_retry_info_and_quota_failur
     assert [(q.subject, q.description) for q in err.quota_violations] == [("tenant:default", "10 rps")]
 
 
+async def test_the_callers_channel_options_replace_the_clients_own() -> None:
+    service = ScriptedService([fail(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")])
+    async with scripted_server(service) as address:
+        async with FeatherClient(address, channel_options=[("grpc.enable_retries", 0)]) as client:
+            with pytest.raises(FeatherError) as unavailable:
+                await client.chat("hi", model="m")
+        assert unavailable.value.code == grpc.StatusCode.UNAVAILABLE and len(service.calls) == 1
+        async with FeatherClient(address, channel_options=[("grpc.max_receive_message_length", 10)]) as client:
+            with pytest.raises(FeatherError) as too_big:
+                await client.chat("hi", model="m")
+        assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    options = FeatherClient(
+        "127.0.0.1:1",
+        channel_options=[
+            ("grpc.max_receive_message_length", 10),
+            ("x.custom", 1),
+            ("grpc.max_receive_message_length", 20),
+        ],
+    ).settings.options
+    assert [v for k, v in options if k == "grpc.max_receive_message_length"] == [20]
+    assert ("x.custom", 1) in options and [k for k, _ in options].count("grpc.enable_retries") == 1
+
+
+def test_tls_client_certificate_and_key_go_together() -> None:
+    with pytest.raises(ValueError, match="certificate_chain and private_key"):
+        TLS(certificate_chain=b"-----BEGIN CERTIFICATE-----")
+    with pytest.raises(ValueError, match="certificate_chain and private_key"):
+        TLS(root_certificates=b"ca", private_key=b"-----BEGIN PRIVATE KEY-----")
+    assert TLS(certificate_chain=b"chain", private_key=b"key").private_key == b"key"
+
+
 async def test_api_key_metadata_and_deadline_reach_the_server() -> None:
     service = ScriptedService()
     async with (
@@ -253,6 +293,85 @@ async def test_a_stream_that_closes_without_end_is_an_error() -> None:
             async for _ in stream:
                 pass
     assert stream.text == "half" and stream.provider == "p" and not stream.done
+
+
+def _slow_stream(service: ScriptedService, deltas: int = 100) -> None:
+    service.stream_delay = 0.02
+    service.stream_sent = 0
+    service.stream_cancelled = False
+    service.stream_events = [
+        pb.StreamChatResponse(start=pb.StreamStart(provider="p", model="m")),
+        *(pb.StreamChatResponse(delta=pb.ChatDelta(content=f"w{i} ")) for i in range(deltas)),
+        pb.StreamChatResponse(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP)),
+    ]
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 1.5) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+async def test_breaking_out_of_an_async_stream_cancels_the_call_while_the_client_stays_open() -> None:
+    service = ScriptedService()
+    async with scripted_server(service) as address, FeatherClient(address) as client:
+        _slow_stream(service)
+        async for _ in client.stream_chat("hi", model="m"):
+            break
+        assert await _until(lambda: service.stream_cancelled), f"still streaming: {service.stream_sent} sent"
+        assert service.stream_sent < 50
+
+        _slow_stream(service)  # the caller keeps the stream to read what arrived
+        stream = client.stream_chat("hi", model="m")
+        async for _ in stream:
+            break
+        assert await _until(lambda: service.stream_cancelled), f"still streaming: {service.stream_sent} sent"
+        assert stream.text == "w0 " and not stream.done
+
+        _slow_stream(service, deltas=3)  # a stream read to its end is not cancelled
+        assert [t async for t in client.stream_chat("hi", model="m")] == ["w0 ", "w1 ", "w2 "]
+        assert service.stream_sent == 5 and not service.stream_cancelled
+
+
+async def test_a_closed_client_raises_feather_error_and_does_not_reopen() -> None:
+    service = ScriptedService()
+    async with scripted_server(service) as address:
+        client = FeatherClient(address)
+        await client.chat("hi", model="m")
+        await client.close()
+        for call in (
+            lambda: client.chat("hi", model="m"),
+            lambda: client.list_models(),
+            lambda: client.stream_chat("hi", model="m").__anext__(),
+        ):
+            with pytest.raises(FeatherError, match="client is closed") as caught:
+                await call()
+            assert caught.value.code == grpc.StatusCode.CANCELLED
+        with pytest.raises(FeatherError, match="client is closed"):
+            _ = client.stub
+        assert len(service.calls) == 1
+
+        never_used = FeatherClient(address)
+        await never_used.close()
+        with pytest.raises(FeatherError, match="client is closed"):
+            await never_used.chat("hi", model="m")
+
+        def sync_calls() -> list[FeatherError]:
+            sync = SyncFeatherClient(address)
+            sync.close()
+            errors = []
+            for call in (lambda: sync.chat("hi", model="m"), lambda: sync.stream_chat("hi", model="m")):
+                try:
+                    call()
+                except FeatherError as e:
+                    errors.append(e)
+            return errors
+
+        errors = await asyncio.to_thread(sync_calls)
+    assert [(e.code, e.message) for e in errors] == [(grpc.StatusCode.CANCELLED, "the client is closed")] * 2
+    assert len(service.calls) == 1
 
 
 async def test_stream_assembles_tool_call_fragments() -> None:

@@ -21,14 +21,20 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:
 class TLS:
     """TLS settings. All PEM bytes; leave `root_certificates` unset to trust the system roots.
 
-    Set `certificate_chain` and `private_key` for mutual TLS; `server_name` overrides the name the
-    server's certificate is checked against (for gateways reached by IP address).
+    Set `certificate_chain` and `private_key` together for mutual TLS (one without the other raises ValueError);
+    `server_name` overrides the name the server's certificate is checked against (for gateways reached by IP
+    address).
     """
 
     root_certificates: bytes | None = None
     certificate_chain: bytes | None = None
     private_key: bytes | None = None
     server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        # gRPC core aborts the whole process (not an exception) when it gets one of the pair without the other.
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("TLS: certificate_chain and private_key go together (mutual TLS needs both)")
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,9 @@ def credentials(tls: TLS | bool) -> Any:
 def channel_options(
     tls: TLS | bool, retry: RetryPolicy | None, extra: Sequence[tuple[str, Any]]
 ) -> list[tuple[str, Any]]:
-    """Our options first; the caller's `channel_options` come last, so they win."""
+    """Our options, with the caller's `channel_options` replacing any of ours of the same name (and a later
+    caller option replacing an earlier one): gRPC core keeps the first copy of a repeated option, so the list
+    it gets holds each name once."""
     options: list[tuple[str, Any]] = [
         ("grpc.service_config", service_config(retry)),
         ("grpc.enable_retries", 1 if retry is not None else 0),
@@ -141,4 +149,6 @@ def channel_options(
     ]
     if isinstance(tls, TLS) and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return options + list(extra)
+    merged = dict(options)
+    merged.update(extra)
+    return list(merged.items())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
@@ -19,6 +19,11 @@ from .results import ChatResult, StreamAssembler, TokenUsage, chat_fields, usage
 __all__ = ["DEFAULT_TIMEOUT", "ChatStream", "ClientSettings", "FeatherClient"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=2)
+
+
+def closed_error() -> FeatherError:
+    """What a call on a closed client raises (both clients)."""
+    return FeatherError(grpc.StatusCode.CANCELLED, "the client is closed")
 
 
 class ClientSettings:
@@ -63,6 +68,7 @@ class FeatherClient:
     system roots, or a `TLS` for custom roots, mTLS, a server-name override), `retry` (a `RetryPolicy` for
     UNAVAILABLE, or None to never retry), `channel_options` (raw gRPC channel arguments, applied last) and
     `metadata` (sent with every call). The channel is opened on first use, inside the running event loop.
+    After `close()`, calls raise FeatherError (CANCELLED, "the client is closed").
     """
 
     def __init__(
@@ -87,10 +93,13 @@ class FeatherClient:
         )
         self._channel: Any = None
         self._stub: Any = None
+        self._closed = False
 
     @property
     def stub(self) -> pb_grpc.FeatherServiceAsyncStub:
         """The generated stub on this client's channel, for anything the facade does not cover."""
+        if self._closed:
+            raise closed_error()
         if self._stub is None:
             s = self.settings
             if s.credentials is None:
@@ -101,6 +110,7 @@ class FeatherClient:
         return self._stub  # type: ignore[no-any-return]
 
     async def close(self) -> None:
+        self._closed = True
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
@@ -182,7 +192,8 @@ class FeatherClient:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> ChatStream:
         """The reply as it is generated: `async for text in stream`, then `stream.usage`, `stream.cost_nanos_usd`,
-        `stream.result`... Use `async with` (or `await stream.cancel()`) to stop early."""
+        `stream.result`... To stop early, leave the loop inside `async with stream:` (or call `await stream.cancel()`):
+        that cancels the call at once. See ChatStream for a bare `break`."""
         request = pb.StreamChatRequest(
             **chat_fields(
                 messages,
@@ -253,10 +264,18 @@ class FeatherClient:
 
 
 class ChatStream:
-    """An async iterator of text deltas. When it ends, the reply's summary is on the stream itself:
+    """An async iterable of text deltas. When it ends, the reply's summary is on the stream itself:
     `provider`, `model`, `finish_reason`, `usage`, `cost_nanos_usd`, `cost_usd`, `latency`, and the whole
     `result`. Those raise RuntimeError before the end; `provider` and `model` are known from the first event.
-    A stream that closes without its `end` event raises FeatherError, never ends quietly."""
+    A stream that closes without its `end` event raises FeatherError, never ends quietly.
+
+    Stopping early: the way that is guaranteed to cancel the call (so the gateway stops the upstream and bills
+    only what was generated) is to iterate inside `async with stream:` (or `contextlib.aclosing(stream)`, or
+    to call `await stream.cancel()`). Python itself calls nothing when a bare `async for ...: break` leaves the
+    loop; `async for` here runs an async generator whose `finally` cancels the call, which CPython runs as soon
+    as the abandoned iterator is released (at once when nothing else holds it), but that is finalization, not a
+    language guarantee.
+    """
 
     def __init__(self, client: FeatherClient, request: pb.StreamChatRequest, call_options: dict[str, Any]) -> None:
         self._client = client
@@ -265,8 +284,16 @@ class ChatStream:
         self._call: Any = None
         self._events = StreamAssembler()
 
-    def __aiter__(self) -> Self:
-        return self
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                try:
+                    text = await self.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield text
+        finally:
+            self._cancel()
 
     async def __anext__(self) -> str:
         if self._call is None:
@@ -284,10 +311,17 @@ class ChatStream:
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
 
-    async def cancel(self) -> None:
-        """Stops the stream (the gateway still bills what was generated)."""
+    def _cancel(self) -> None:
         if self._call is not None and not self._call.done():
             self._call.cancel()
+
+    async def cancel(self) -> None:
+        """Stops the stream (the gateway still bills what was generated). A no-op once the stream has ended."""
+        self._cancel()
+
+    async def aclose(self) -> None:
+        """The same as `cancel()`, for `contextlib.aclosing(stream)`."""
+        self._cancel()
 
     async def __aenter__(self) -> Self:
         return self

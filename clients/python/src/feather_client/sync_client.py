@@ -11,7 +11,7 @@ from typing import Any, Self
 import grpc
 
 from . import channel as ch
-from .client import DEFAULT_TIMEOUT, ClientSettings
+from .client import DEFAULT_TIMEOUT, ClientSettings, closed_error
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
@@ -21,7 +21,8 @@ __all__ = ["SyncChatStream", "SyncFeatherClient"]
 
 
 class SyncFeatherClient:
-    """Blocking client; see FeatherClient for the options. Use it in a `with` block or call `close()`."""
+    """Blocking client; see FeatherClient for the options. Use it in a `with` block or call `close()`; after
+    `close()`, calls raise FeatherError (CANCELLED, "the client is closed")."""
 
     def __init__(
         self,
@@ -47,10 +48,18 @@ class SyncFeatherClient:
             self._channel = grpc.insecure_channel(s.target, options=s.options)
         else:
             self._channel = grpc.secure_channel(s.target, s.credentials, options=s.options)
-        self.stub: pb_grpc.FeatherServiceStub = pb_grpc.FeatherServiceStub(self._channel)
+        self._stub = pb_grpc.FeatherServiceStub(self._channel)
+        self._closed = False
+
+    @property
+    def stub(self) -> pb_grpc.FeatherServiceStub:
         """The generated stub on this client's channel, for anything the facade does not cover."""
+        if self._closed:
+            raise closed_error()
+        return self._stub
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Self:
