@@ -127,6 +127,7 @@ export class FeatherClient {
   readonly stub: FeatherServiceClient;
   private readonly timeoutMs: number | null;
   private readonly metadata: Record<string, string>;
+  private closed = false;
 
   constructor(address: string | readonly string[] = "localhost:50051", options: ClientOptions = {}) {
     const tls = options.tls ?? false;
@@ -141,8 +142,15 @@ export class FeatherClient {
     if (options.apiKey) this.metadata.authorization = `Bearer ${options.apiKey}`;
   }
 
+  /** Closes the channel; calls made afterwards throw FeatherError (CANCELLED, "the client is closed"). */
   close(): void {
+    this.closed = true;
     this.stub.close();
+  }
+
+  /** @internal throws when the client is closed (grpc-js would throw a plain Error). */
+  checkOpen(): void {
+    if (this.closed) throw new FeatherError(status.CANCELLED, "the client is closed");
   }
 
   /** @internal metadata and deadline for one call. */
@@ -156,11 +164,16 @@ export class FeatherClient {
   private unary<Req, Res>(method: Unary<Req, Res>, request: Req, o: CallOpts): Promise<Res> {
     const [metadata, options] = this.callArgs(o);
     return new Promise((resolve, reject) => {
-      if (o.signal?.aborted) return reject(new FeatherError(status.CANCELLED, "aborted before the call started"));
-      const call = method.call(this.stub, request, metadata, options, (error, response) =>
-        error ? reject(FeatherError.fromServiceError(error)) : resolve(response),
-      );
-      o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+      this.checkOpen();
+      const signal = o.signal;
+      if (signal?.aborted) return reject(new FeatherError(status.CANCELLED, "aborted before the call started"));
+      const onAbort = () => call.cancel();
+      const call = method.call(this.stub, request, metadata, options, (error, response) => {
+        signal?.removeEventListener("abort", onAbort); // a long-lived signal must not collect one listener per call
+        if (error) reject(FeatherError.fromServiceError(error));
+        else resolve(response);
+      });
+      signal?.addEventListener("abort", onAbort, { once: true });
     });
   }
 
@@ -218,6 +231,8 @@ export class ChatStream implements AsyncIterable<string> {
 
   async *[Symbol.asyncIterator](): AsyncIterator<string> {
     if (this.call) throw new Error("a ChatStream can be iterated once");
+    this.client.checkOpen();
+    if (this.options.signal?.aborted) throw new FeatherError(status.CANCELLED, "aborted before the call started");
     const [metadata, callOptions] = this.client.callArgs(this.options);
     const call = (this.call = this.client.stub.streamChat(this.request, metadata, callOptions));
     const onAbort = () => call.cancel();

@@ -1,5 +1,6 @@
 // The TypeScript client against a live gateway ($FEATHER_ADDR or one started here) and scripted servers.
 import assert from "node:assert/strict";
+import { getEventListeners } from "node:events";
 import { after, before, describe, test } from "node:test";
 import { Metadata, Server, ServerCredentials, status } from "@grpc/grpc-js";
 import type { sendUnaryData, ServerUnaryCall, ServerWritableStream } from "@grpc/grpc-js";
@@ -123,6 +124,7 @@ class Scripted {
   readonly server = new Server();
   calls: { request: pb.ChatRequest; metadata: Metadata; deadline: number }[] = [];
   streamEvents: pb.StreamChatResponse[] = [];
+  streamCalls = 0;
   address = "";
 
   constructor(public script: Outcome[] = []) {
@@ -143,6 +145,7 @@ class Scripted {
         );
       },
       streamChat: (call: ServerWritableStream<pb.StreamChatRequest, pb.StreamChatResponse>) => {
+        this.streamCalls++;
         for (const event of this.streamEvents) call.write(event);
         call.end();
       },
@@ -279,6 +282,76 @@ describe("against scripted servers", () => {
       assert.equal(stream.provider, "p");
     } finally {
       client.close();
+      server.stop();
+    }
+  });
+});
+
+describe("signals and closing", () => {
+  test("streamChat with an already aborted signal throws CANCELLED without calling", async () => {
+    const server = await new Scripted().start();
+    const client = new FeatherClient(server.address);
+    try {
+      const controller = new AbortController();
+      controller.abort();
+      const stream = client.streamChat("hi", { model: "m", signal: controller.signal });
+      await assert.rejects(
+        (async () => {
+          for await (const _ of stream) void _;
+        })(),
+        (e: unknown) => e instanceof FeatherError && e.code === status.CANCELLED,
+      );
+      assert.equal(server.streamCalls, 0);
+    } finally {
+      client.close();
+      server.stop();
+    }
+  });
+
+  test("unary calls remove their abort listener when they settle", async () => {
+    const server = await new Scripted([{ code: status.NOT_FOUND, reason: "MODEL_NOT_FOUND" }]).start();
+    const client = new FeatherClient(server.address);
+    const warnings: Error[] = [];
+    const onWarning = (w: Error) => warnings.push(w);
+    process.on("warning", onWarning);
+    try {
+      const controller = new AbortController();
+      const signal = controller.signal;
+      await assert.rejects(client.chat("hi", { model: "m", signal }), (e: FeatherError) => e.code === status.NOT_FOUND);
+      for (let i = 0; i < 12; i++) await client.chat(`call ${i}`, { model: "m", signal });
+      await client.listModels({ signal, timeoutMs: 50 }).catch(() => undefined); // fails (unimplemented): settles
+      assert.equal(getEventListeners(signal, "abort").length, 0);
+      await new Promise((r) => setImmediate(r));
+      assert.deepEqual(
+        warnings.filter((w) => w.name === "MaxListenersExceededWarning"),
+        [],
+      );
+    } finally {
+      process.off("warning", onWarning);
+      client.close();
+      server.stop();
+    }
+  });
+
+  test("a closed client throws FeatherError, from unary calls and streams", async () => {
+    const server = await new Scripted().start();
+    const client = new FeatherClient(server.address);
+    await client.chat("hi", { model: "m" });
+    client.close();
+    try {
+      const closed = (e: unknown) =>
+        e instanceof FeatherError && e.code === status.CANCELLED && /client is closed/.test(e.message);
+      await assert.rejects(client.chat("hi", { model: "m" }), closed);
+      await assert.rejects(client.usage(), closed);
+      await assert.rejects(
+        (async () => {
+          for await (const _ of client.streamChat("hi", { model: "m" })) void _;
+        })(),
+        closed,
+      );
+      assert.equal(server.calls.length, 1);
+      assert.equal(server.streamCalls, 0);
+    } finally {
       server.stop();
     }
   });
