@@ -4,9 +4,11 @@ with the GenAI attributes; with no OTEL_* set, opentelemetry is not even importe
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -168,3 +170,21 @@ def test_unknown_exporter_or_protocol_is_a_configuration_error() -> None:
         Tracing({"OTEL_TRACES_EXPORTER": "zipkin"}, {})
     with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         Tracing({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"}, {})
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_shutdown_is_bounded_when_the_collector_is_unreachable(protocol: str) -> None:
+    """With spans buffered for a collector nobody listens to, the SDK's own shutdown waits 30 s (the exporter
+    retrying): past a container's stop timeout. The gateway gives the flush a few seconds, then stops."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}" + ("" if protocol == "grpc" else "/v1/traces")
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+    env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = endpoint
+    tracing = Tracing(env, {})
+    with tracing.provider.get_tracer("t").start_as_current_span("buffered"):
+        pass
+    started = time.monotonic()
+    tracing.shutdown(timeout_s=1.0)
+    assert time.monotonic() - started < 5  # the SDK alone: ~30 s

@@ -16,6 +16,8 @@ the standard variables. Needs the `otel` extra: `pip install 'feather-grpc[otel]
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from feather_grpc.config import ConfigError
 from feather_grpc.engine.results import AttemptRecord
 from feather_grpc.server.calls import current_call
 from feather_grpc.state.ledger import Outcome, UsageRecord
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -99,7 +103,8 @@ class Tracing:
             ) from None
         resource = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or "feather-grpc"})
         self.provider: TracerProvider = TracerProvider(resource=resource)
-        for exporter in _exporters(env) if exporters is None else exporters:
+        self._exporters = list(_exporters(env) if exporters is None else exporters)
+        for exporter in self._exporters:
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.observer = AttemptSpans(self.provider.get_tracer("feather_grpc"), provider_types)
 
@@ -109,9 +114,17 @@ class Tracing:
         quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
         return aio_server_interceptor(tracer_provider=self.provider, filter_=filters.negate(quiet))  # type: ignore[no-untyped-call]
 
-    def shutdown(self) -> None:
-        """Exports what is buffered, then stops. Blocking: call it from a thread, not the event loop."""
-        self.provider.shutdown()
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Exports what is buffered, then stops, for at most `timeout_s`. Blocking: call it from a thread, not
+        the event loop. Bounded: with an unreachable collector the SDK's shutdown takes 30 s (its exporter
+        retrying), past a container's stop timeout; then the spans still buffered are given up."""
+        stopping = threading.Thread(target=self.provider.shutdown, name="feather-tracing-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(timeout_s)
+        if stopping.is_alive():
+            for exporter in self._exporters:
+                exporter.shutdown()  # stop retrying; the daemon threads left behind do not hold the exit
+            log.warning("traces not exported within %g s of shutdown: the collector is unreachable", timeout_s)
 
 
 @dataclass(slots=True)
