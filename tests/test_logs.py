@@ -171,3 +171,13 @@ def test_known_secrets_are_redacted_from_messages_fields_and_tracebacks() -> Non
 def test_text_format_keeps_fields_as_key_value_pairs() -> None:
     text = _render(TextFormatter(), SecretRedactor(), lambda log: log.info("call", extra={"outcome": "ok"}))
     assert text.rstrip().endswith("tests.logs.redaction: call outcome=ok")
+
+
+def test_text_format_quotes_values_a_caller_could_use_to_forge_fields_or_lines() -> None:
+    forged = "mock-fast\n2026-11-26 12:00:00,000 INFO feather_grpc.calls: call tenant=admin outcome=ok"
+    extra = {"requested_model": forged, "tag": "x tenant=victim", "model": "mock-fast", "empty": ""}
+    text = _render(TextFormatter(), SecretRedactor(), lambda log: log.info("call", extra=extra))
+    assert text.count("\n") <= 1 and text.rstrip("\n").count("\n") == 0  # one line
+    assert "model=mock-fast" in text  # plain values stay plain
+    assert 'tag="x tenant=victim"' in text and 'empty=""' in text
+    assert 'requested_model="mock-fast\\n2026-11-26' in text

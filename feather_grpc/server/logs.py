@@ -84,8 +84,17 @@ class TextFormatter(logging.Formatter):
         if not extra:
             return line
         head, sep, tail = line.partition("\n")  # keep a traceback below the key=value pairs
-        pairs = " ".join(f"{k}={v}" for k, v in extra.items())
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in extra.items())
         return f"{head} {pairs}{sep}{tail}"
+
+
+def _text_value(value: object) -> str:
+    """A value a caller may have chosen (a model name, a tag) must not forge fields or lines: anything
+    with spaces, quotes, `=` or control characters is quoted with its escapes (logfmt style)."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return orjson.dumps(text).decode()  # JSON string quoting: \n, \", \u0000 ...
 
 
 class SecretRedactor(logging.Filter):
