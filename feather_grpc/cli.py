@@ -20,8 +20,12 @@ from feather_grpc import config as config_module
 
 def _setup_logging() -> None:
     """LOG_LEVEL and LOG_FORMAT (json, text, or auto: text on a terminal, JSON otherwise)."""
-    from feather_grpc.server.logs import configure_logging
+    from feather_grpc.server.logs import configure_logging, settings_problem
 
+    problem = settings_problem(os.environ)
+    if problem is not None:
+        print(f"feather-grpc: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     configure_logging(os.environ)
 
 

@@ -330,3 +330,14 @@ def test_a_stream_failing_mid_way_ends_the_partial_line_and_gives_no_listening_h
     assert run.stdout == "half an ans\n"
     (line,) = run.stderr.strip().splitlines()
     assert line == "feather-grpc: UNAVAILABLE: connection lost"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({"LOG_FORMAT": "jsno"}, "LOG_FORMAT='jsno'"), ({"LOG_LEVEL": "bogus"}, "LOG_LEVEL='bogus'")],
+)
+def test_a_mistyped_log_setting_is_one_line_and_exit_2(env: dict[str, str], expected: str) -> None:
+    run = cli("check-config", env=env)
+    assert run.returncode == 2 and run.stderr.startswith(f"feather-grpc: {expected}"), run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert cli("check-config", env={"LOG_FORMAT": "TEXT", "LOG_LEVEL": "Warn"}).returncode == 0

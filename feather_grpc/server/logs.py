@@ -204,8 +204,24 @@ redactor = SecretRedactor()
 _listener: _Writer | None = None
 
 
+LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
+
+
+def settings_problem(env: Mapping[str, str]) -> str | None:
+    """What is wrong with LOG_FORMAT / LOG_LEVEL, if anything: a typo must not quietly give text logs that a
+    log pipeline cannot parse, or a level nobody asked for."""
+    fmt = env.get("LOG_FORMAT", "auto").strip().lower() or "auto"
+    if fmt not in LOG_FORMATS:
+        return f"LOG_FORMAT={fmt!r}: use {', '.join(LOG_FORMATS)}"
+    level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
+    if level not in LOG_LEVELS:
+        return f"LOG_LEVEL={level!r}: use debug, info, warning, error or critical"
+    return None
+
+
 def wants_json(env: Mapping[str, str], stream: TextIO) -> bool:
-    fmt = env.get("LOG_FORMAT", "auto").strip().lower()
+    fmt = env.get("LOG_FORMAT", "auto").strip().lower() or "auto"
     if fmt == "auto":
         return not (hasattr(stream, "isatty") and stream.isatty())
     return fmt == "json"
