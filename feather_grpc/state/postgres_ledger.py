@@ -144,26 +144,8 @@ _AGGREGATES = f"""COUNT(*),
     COUNT(*) FILTER (WHERE outcome = 'cancelled'),
     COUNT(*) FILTER (WHERE outcome = 'cache_hit'),
     COUNT(*) FILTER (WHERE estimated),
-    COALESCE(SUM(input_tokens), 0),
-    COALESCE(SUM(output_tokens), 0),
-    COALESCE(SUM(cached_input_tokens), 0),
-    COALESCE(SUM(cache_write_tokens), 0),
-    COALESCE(SUM(reasoning_tokens), 0),
-    COALESCE(SUM(cost_nanos_usd), 0)"""
-_TOTAL_FIELDS = (
-    "request_count",
-    "ok_count",
-    "error_count",
-    "cancelled_count",
-    "cached_count",
-    "estimated_count",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_nanos_usd",
-)
+    {", ".join(f"COALESCE(SUM({c}), 0)" for c in usage_math.SUMMED_FIELDS)}"""
+_TOTAL_FIELDS = (*usage_math.COUNT_FIELDS, *usage_math.SUMMED_FIELDS)
 
 # Errors that mean "Postgres is unreachable or going away", not "this statement is wrong".
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (

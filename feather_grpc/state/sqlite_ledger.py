@@ -154,14 +154,7 @@ _TIME_NS = COLUMNS.index("time_ns")
 _HALF_BITS = 32
 _LOW_MASK = (1 << _HALF_BITS) - 1
 # The 64-bit columns summed exactly: each as the sums of its high and low 32-bit halves.
-_SUMMED = (
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_nanos_usd",
-)
+_SUMMED = usage_math.SUMMED_FIELDS
 
 
 def _exact_sum(column: str) -> str:
@@ -176,7 +169,7 @@ _AGGREGATES = f"""COUNT(*),
     COALESCE(SUM(outcome = 'cache_hit'), 0),
     COALESCE(SUM(estimated), 0),
     {", ".join(_exact_sum(c) for c in _SUMMED)}"""
-_COUNT_FIELDS = ("request_count", "ok_count", "error_count", "cancelled_count", "cached_count", "estimated_count")
+_COUNT_FIELDS = usage_math.COUNT_FIELDS
 
 Row = tuple[object, ...]
 _Pending = tuple[Row, asyncio.Future[None]]

@@ -17,18 +17,19 @@ BUCKET_NS = {GroupBy.HOUR: HOUR_NS, GroupBy.DAY: DAY_NS}
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-STR_FIELDS = ("request_id", "tenant", "provider", "model", "requested_model", "error_code", "error_reason")
-INT_FIELDS = (
-    "time_ns",
+# The counts a report row has, and the record fields it sums: one list for every ledger and every query.
+COUNT_FIELDS = ("request_count", "ok_count", "error_count", "cancelled_count", "cached_count", "estimated_count")
+SUMMED_FIELDS = (
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
     "cost_nanos_usd",
-    "attempt_count",
-    "latency_ms",
 )
+
+STR_FIELDS = ("request_id", "tenant", "provider", "model", "requested_model", "error_code", "error_reason")
+INT_FIELDS = ("time_ns", *SUMMED_FIELDS, "attempt_count", "latency_ms")
 BOOL_FIELDS = ("estimated", "unpriced", "streamed")
 
 GroupKey = tuple[str | int, ...]
@@ -159,28 +160,14 @@ def add_record(totals: UsageTotals, record: UsageRecord) -> None:
     totals.cancelled_count += outcome is Outcome.CANCELLED
     totals.cached_count += outcome is Outcome.CACHE_HIT
     totals.estimated_count += record.estimated
-    totals.input_tokens += record.input_tokens
-    totals.output_tokens += record.output_tokens
-    totals.cached_input_tokens += record.cached_input_tokens
-    totals.cache_write_tokens += record.cache_write_tokens
-    totals.reasoning_tokens += record.reasoning_tokens
-    totals.cost_nanos_usd += record.cost_nanos_usd
+    for name in SUMMED_FIELDS:
+        setattr(totals, name, getattr(totals, name) + getattr(record, name))
 
 
 def sum_totals(rows: Iterable[UsageTotals]) -> UsageTotals:
     """The report total: the exact sum of the rows, with no grouping keys."""
     total = UsageTotals()
     for row in rows:
-        total.request_count += row.request_count
-        total.ok_count += row.ok_count
-        total.error_count += row.error_count
-        total.cancelled_count += row.cancelled_count
-        total.cached_count += row.cached_count
-        total.estimated_count += row.estimated_count
-        total.input_tokens += row.input_tokens
-        total.output_tokens += row.output_tokens
-        total.cached_input_tokens += row.cached_input_tokens
-        total.cache_write_tokens += row.cache_write_tokens
-        total.reasoning_tokens += row.reasoning_tokens
-        total.cost_nanos_usd += row.cost_nanos_usd
+        for name in (*COUNT_FIELDS, *SUMMED_FIELDS):
+            setattr(total, name, getattr(total, name) + getattr(row, name))
     return total
