@@ -14,7 +14,7 @@ from feather_grpc.engine.admission import Admission
 from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionDenied
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
-from feather_grpc.engine.types import TextDelta
+from feather_grpc.engine.types import ChatRequest, TextDelta
 from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
@@ -74,14 +74,19 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
         except Exception:  # the caller hears about its request whatever happened to the record
             log.exception("could not record a refused call")
 
+    async def _chat_request(
+        self, request: pb.ChatRequest | pb.StreamChatRequest, ctx: CallContext, streamed: bool
+    ) -> ChatRequest:
+        try:
+            return convert.chat_request(request)
+        except InvalidRequest as e:
+            await self._refused(request, ctx, e, streamed)
+            raise
+
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         try:
             ctx = _call_context(context)
-            try:
-                req = convert.chat_request(request)
-            except InvalidRequest as e:
-                await self._refused(request, ctx, e, False)
-                raise
+            req = await self._chat_request(request, ctx, False)
             return convert.chat_response(await self._engine.chat(req, ctx))
         except Exception as e:
             await _abort(context, e, request.request_id)
@@ -91,11 +96,7 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
     ) -> AsyncIterator[pb.StreamChatResponse]:
         try:
             ctx = _call_context(context)
-            try:
-                req = convert.chat_request(request)
-            except InvalidRequest as e:
-                await self._refused(request, ctx, e, True)
-                raise
+            req = await self._chat_request(request, ctx, True)
             events = self._engine.stream(req, ctx)
             try:
                 async for event in events:
