@@ -384,11 +384,15 @@ class Feather:
         if self._redactor is not None:
             call.request = self._redactor.request(call.request)
         req = call.request
-        tenant = call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
+        tenant = self._tenant(call)
         candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
         if req.response_format is not None and req.response_format.type in STRUCTURED_OUTPUT:
             candidates = self._structured_output_capable(req.model, candidates)
         return tenant, candidates
+
+    def _tenant(self, call: _Call) -> TenantConfig:
+        """The call's tenant: as authenticated, else as configured by name (an in-process embedding)."""
+        return call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
 
     def _structured_output_capable(self, requested: str, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
@@ -524,7 +528,7 @@ class Feather:
         record = self._record(leg, Outcome.CANCELLED, usage, estimated=estimated)
         await self._settle(leg, record)
         # The provider was paid for this leg too: it counts against the budget (admission reserved two legs).
-        tenant = call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
+        tenant = self._tenant(call)
         try:
             await self.admission.charge(tenant, record.cost_nanos_usd)
         except StateUnavailable:
