@@ -66,8 +66,13 @@ class SimUsage:
     input: int
     output: int
     cached: int = 0
-    cache_write: int = 0  # Anthropic only
-    reasoning: int = 0  # OpenAI only
+    # Anthropic `cache_creation_input_tokens`; OpenAI `prompt_tokens_details.cache_write_tokens` (sent when
+    # not 0, and part of `input` there)
+    cache_write: int = 0
+    # OpenAI `completion_tokens_details.reasoning_tokens`; Anthropic `output_tokens_details.thinking_tokens`
+    # (sent when not 0); part of `output` on both
+    reasoning: int = 0
+    web_search: int = 0  # Anthropic `server_tool_use.web_search_requests` (sent when not 0)
     # Anthropic streams: `output_tokens` in message_start (None: 1, or 0 when `output` is 0)
     start_output: int | None = None
 
@@ -90,6 +95,7 @@ class Reply:
     finish_reason: str | None = None  # wire value; None: stop/end_turn, or tool_calls/tool_use with calls
     omit_usage: bool = False  # send no usage at all (some compatible servers)
     usage_every_chunk: bool = False  # OpenAI streams: usage on every chunk, growing (compatible servers)
+    ignore_stream: bool = False  # answer `stream: true` with the whole JSON reply (proxies and mocks do)
 
     # Failures.
     status: int = 200  # >= 400: a provider-formatted error body
@@ -499,6 +505,7 @@ class UpstreamSimulator:
                 return await self._in_pieces(request, error, reply)
             return error
 
+        stream = stream and not reply.ignore_stream
         include_usage = openai and stream and bool((body.get("stream_options") or {}).get("include_usage"))
         encoded = self._encode(body, model, stream, openai, reply, _last_user_text(body, openai), include_usage)
         if isinstance(encoded, bytes):
@@ -629,6 +636,7 @@ def _plain(reply: Reply) -> bool:
         and reply.line_ending == "\n"
         and not reply.pings
         and not reply.comments
+        and not reply.ignore_stream
     )
 
 
@@ -739,11 +747,14 @@ def _finish(reply: Reply, openai: bool) -> str:
 
 
 def _openai_usage(u: SimUsage) -> dict[str, Any]:
+    prompt_details: dict[str, int] = {"cached_tokens": u.cached, "audio_tokens": 0}
+    if u.cache_write:
+        prompt_details["cache_write_tokens"] = u.cache_write
     return {
         "prompt_tokens": u.input,
         "completion_tokens": u.output,
         "total_tokens": u.input + u.output,
-        "prompt_tokens_details": {"cached_tokens": u.cached, "audio_tokens": 0},
+        "prompt_tokens_details": prompt_details,
         "completion_tokens_details": {
             "reasoning_tokens": u.reasoning,
             "audio_tokens": 0,
@@ -801,7 +812,9 @@ def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, incl
         tail = "]"
         if every:
             # Growing counts, as servers that report usage on every chunk do; the last one is final.
-            grown = SimUsage(usage.input, usage.output * sent // total, usage.cached, reasoning=usage.reasoning)
+            grown = SimUsage(
+                usage.input, usage.output * sent // total, usage.cached, usage.cache_write, usage.reasoning
+            )
             tail += ',"usage":' + json.dumps(_openai_usage(grown), separators=(",", ":"))
         elif with_usage:
             tail += ',"usage":null'
@@ -823,13 +836,19 @@ def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, incl
     return events
 
 
-def _anthropic_usage(u: SimUsage, output: int) -> dict[str, Any]:
-    return {
+def _anthropic_usage(u: SimUsage, output: int, final: bool = True) -> dict[str, Any]:
+    """The usage object; `final` adds what only the end of a reply knows (thinking, server tool use)."""
+    usage: dict[str, Any] = {
         "input_tokens": u.input,
         "cache_creation_input_tokens": u.cache_write,
         "cache_read_input_tokens": u.cached,
         "output_tokens": output,
     }
+    if final and u.reasoning:
+        usage["output_tokens_details"] = {"thinking_tokens": u.reasoning}
+    if final and u.web_search:
+        usage["server_tool_use"] = {"web_search_requests": u.web_search, "web_fetch_requests": 0}
+    return usage
 
 
 def _anthropic_blocks(content: str, reply: Reply) -> list[dict[str, Any]]:
@@ -858,6 +877,7 @@ def _anthropic_message(model: str, content: str, reply: Reply, usage: SimUsage) 
     return _dumps(doc)
 
 
+_START_ONLY = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 _PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
@@ -875,7 +895,7 @@ def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": _anthropic_usage(usage, start_output),
+        "usage": _anthropic_usage(usage, start_output, final=False),
     }
     events = [_event("message_start", {"type": "message_start", "message": message})]
     index = 0
@@ -909,7 +929,9 @@ def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -
         "delta": {"stop_reason": _finish(reply, False), "stop_sequence": None},
     }
     if not reply.omit_usage:
-        message_delta["usage"] = {"output_tokens": usage.output}
+        final = _anthropic_usage(usage, usage.output)
+        # message_delta's usage carries the output count and what only the end knows, cumulative
+        message_delta["usage"] = {k: v for k, v in final.items() if k not in _START_ONLY}
     events.append(_event("message_delta", message_delta))
     events.append(_event("message_stop", {"type": "message_stop"}))
     return events

@@ -19,6 +19,7 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    PromptUsage,
     ResponseFormat,
     Role,
     StreamEvent,
@@ -661,6 +662,8 @@ async def test_closing_a_stream_early_closes_the_upstream_connection(
     upstream.enqueue(Reply(content="first second third", hang_after=4))
     stream = make(upstream, http_session).stream("m", ask())
     first = await anext(stream)
+    if isinstance(first, PromptUsage):  # Anthropic announces the prompt's usage before any text
+        first = await anext(stream)
     assert isinstance(first, TextDelta) and first.content.startswith("first ")  # later pieces may come with it
     assert upstream.stream_disconnects == 0
     await stream.aclose()
@@ -956,7 +959,8 @@ async def test_anthropic_mid_stream_error_event(
     err = info.value
     assert (err.reason, err.retryable, err.http_status) == (reason, retryable, status)
     assert err.message.startswith(f"anthropic: {status} {error_type}: ")
-    assert seen == [TextDelta("a ")]  # message_start, block start, ping, first delta, then the error
+    # message_start (the prompt's usage: 2 words + 3 per message), block start, ping, first delta, then the error
+    assert seen == [PromptUsage(Usage(input_tokens=5)), TextDelta("a ")]
 
 
 async def test_anthropic_stream_cut(upstream: UpstreamSimulator, http_session: HttpClient) -> None:

@@ -41,6 +41,7 @@ from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    PromptUsage,
     ProviderResponse,
     StreamEvent,
     StreamFinish,
@@ -69,6 +70,8 @@ T = TypeVar("T")
 _REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG"})
 
 StreamItem = StreamStarted | TextDelta | ToolCallDelta | StreamCompleted
+# An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
+_Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None]
 
 
 @dataclass(slots=True)
@@ -107,6 +110,7 @@ class _Call:
     ttft_ms: int | None = None  # streams: time to the first event sent to the caller
     ticket: Ticket | None = None  # what admission reserved; settled with the ledger record
     cache_key: str | None = None  # set when the call may be answered from / stored in the cache
+    prompt_usage: Usage | None = None  # streams: the prompt's exact counts, announced before the reply
 
 
 class Feather:
@@ -255,22 +259,30 @@ class Feather:
                 return
             req = call.request
 
-            async def open_stream(p: Provider, c: RouteCandidate) -> tuple[AsyncIterator[StreamEvent], StreamEvent]:
+            async def open_stream(p: Provider, c: RouteCandidate) -> _Opened:
                 it = p.stream(c.model.name, req)
+                prompt: Usage | None = None
+                call.prompt_usage = None  # an earlier attempt's counts were another candidate's
                 try:
-                    return it, await anext(it)
+                    event = await anext(it)
+                    while isinstance(event, PromptUsage):  # not a reply event: the stream has not started
+                        prompt = event.usage
+                        event = await anext(it)
+                    return it, event, prompt
                 except BaseException:
+                    if prompt is not None:  # the provider took the prompt: billed if the call ends here
+                        call.prompt_usage = prompt
                     await _close(it)
                     raise
 
-            async def settle_loser(
-                c: RouteCandidate, opened: tuple[AsyncIterator[StreamEvent], StreamEvent] | None
-            ) -> None:
+            async def settle_loser(c: RouteCandidate, opened: _Opened | None) -> None:
                 if opened is not None:
                     await _close(opened[0])
                 await self._settle_hedge_loser(call, c, None)
 
-            candidate, (upstream, event) = await self._route(call, tenant, candidates, open_stream, settle_loser)
+            candidate, (upstream, event, call.prompt_usage) = await self._route(
+                call, tenant, candidates, open_stream, settle_loser
+            )
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = _ms_since(call.started)
             idle_ms = self._provider_configs[candidate.provider].idle_timeout_ms
@@ -279,11 +291,14 @@ class Feather:
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
                     text.append(event.content)
+                    yield event
                 elif isinstance(event, ToolCallDelta):
                     parts = calls.setdefault(event.index, [event.id, event.name])
                     parts[0], parts[1] = parts[0] or event.id, parts[1] or event.name
                     parts.append(event.arguments)
-                yield event
+                    yield event
+                else:
+                    call.prompt_usage = event.usage
                 if timed:
                     event = await self._next_event(call, upstream, idle_ms)
                 else:
@@ -310,8 +325,9 @@ class Feather:
                 unpriced=unpriced,
             )
         except FeatherError as e:
-            usage = self._cancelled_usage(call, _output_text(text, calls)) if upstream else Usage()
-            await self._settle(call, self._record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None))
+            consumed = upstream is not None or call.prompt_usage is not None
+            usage = self._cancelled_usage(call, _output_text(text, calls)) if consumed else Usage()
+            await self._settle(call, self._record(call, Outcome.ERROR, usage, error=e, estimated=consumed))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, _output_text(text, calls)))
@@ -688,9 +704,13 @@ class Feather:
         return UpstreamUnavailable(f"the upstream stream failed after the first token: {e.message}", e.retry_after_s)
 
     def _cancelled_usage(self, call: _Call, output_text: str) -> Usage:
-        """What a call consumed when the provider never said: an estimate, billed and marked as such."""
+        """What a call consumed when the provider never said in full: the prompt's counts the provider
+        announced (Anthropic's message_start), else an estimate, plus the output estimated; billed and
+        marked as estimated."""
         if call.candidate is None:
             return Usage()
+        if call.prompt_usage is not None:
+            return replace(call.prompt_usage, output_tokens=estimate_tokens(output_text), reasoning_tokens=0)
         return Usage(
             input_tokens=estimate_prompt_tokens(call.request.messages), output_tokens=estimate_tokens(output_text)
         )

@@ -18,12 +18,14 @@ _PER_MILLION = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Nano-USD per million tokens. Cached reads and cache writes default to the input price."""
+    """Nano-USD per million tokens (per million requests for `web_search`). Cached reads and cache writes
+    default to the input price; web searches cost nothing unless configured."""
 
     input: int
     output: int
     cached_input: int
     cache_write: int
+    web_search: int = 0
 
     def cost_nanos(self, usage: Usage) -> int:
         uncached = max(usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens, 0)
@@ -32,6 +34,7 @@ class Price:
             + usage.cached_input_tokens * self.cached_input
             + usage.cache_write_tokens * self.cache_write
             + usage.output_tokens * self.output
+            + usage.web_search_requests * self.web_search
         )
         return (scaled + _PER_MILLION // 2) // _PER_MILLION
 

@@ -101,6 +101,7 @@ class Usage:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    web_search_requests: int = 0  # server-side tool use the provider bills per request (Anthropic web search)
 
 
 @dataclass(slots=True)
@@ -135,4 +136,12 @@ class StreamFinish:
     usage: Usage | None
 
 
-StreamEvent = TextDelta | ToolCallDelta | StreamFinish
+@dataclass(slots=True, frozen=True)
+class PromptUsage:
+    """What a provider announced about the prompt before the reply (Anthropic's `message_start`): exact
+    input-side counts the engine bills if the stream ends before the final usage. Never sent to callers."""
+
+    usage: Usage
+
+
+StreamEvent = TextDelta | ToolCallDelta | PromptUsage | StreamFinish

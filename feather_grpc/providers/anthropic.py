@@ -11,6 +11,7 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    PromptUsage,
     ProviderResponse,
     Role,
     StreamEvent,
@@ -20,7 +21,14 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, estimated_usage, read_events, token_count
+from feather_grpc.providers.base import (
+    ProviderSettings,
+    consistent,
+    estimated_usage,
+    read_events,
+    request_count,
+    token_count,
+)
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -68,14 +76,24 @@ def finish_reason(raw: object) -> FinishReason:
 
 
 def normalise_usage(raw: dict[str, Any]) -> Usage:
-    """Anthropic's `input_tokens` excludes cache reads and writes; the engine's includes both."""
+    """Anthropic's `input_tokens` excludes cache reads and writes; the engine's includes both. Thinking
+    tokens (`output_tokens_details.thinking_tokens`, within `output_tokens`) are the reasoning tokens;
+    `server_tool_use.web_search_requests` are billed per request."""
     cache_read = token_count(raw.get("cache_read_input_tokens"))
     cache_write = token_count(raw.get("cache_creation_input_tokens"))
-    return Usage(
-        input_tokens=token_count(raw.get("input_tokens")) + cache_read + cache_write,
-        output_tokens=token_count(raw.get("output_tokens")),
-        cached_input_tokens=cache_read,
-        cache_write_tokens=cache_write,
+    details = raw.get("output_tokens_details")
+    server_tools = raw.get("server_tool_use")
+    return consistent(
+        Usage(
+            input_tokens=token_count(raw.get("input_tokens")) + cache_read + cache_write,
+            output_tokens=token_count(raw.get("output_tokens")),
+            cached_input_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            reasoning_tokens=token_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
+            web_search_requests=request_count(server_tools.get("web_search_requests"))
+            if isinstance(server_tools, dict)
+            else 0,
+        )
     )
 
 
@@ -193,6 +211,9 @@ class AnthropicProvider:
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
         doc = await post_json(self._endpoint, self._name, payload, self._api_key)
+        return self._parse_message(doc, request)
+
+    def _parse_message(self, doc: object, request: ChatRequest) -> ProviderResponse:
         try:
             if not isinstance(doc, dict):
                 raise TypeError
@@ -222,34 +243,51 @@ class AnthropicProvider:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                parser = SSEParser()
-                reader = _EventReader(name, self._api_key)
+                if resp.content_type == "application/json":
+                    # A proxy or mock that ignored `stream: true` (as the OpenAI adapter allows): replay the
+                    # whole message.
+                    try:
+                        doc = orjson.loads(await resp.read())
+                    except ValueError:
+                        raise bad_response(name, "body is not JSON") from None
+                    full = self._parse_message(doc, request)
+                    if full.content:
+                        yield TextDelta(full.content)
+                    for i, call in enumerate(full.tool_calls):
+                        yield ToolCallDelta(i, call.id, call.name, call.arguments)
+                    final: StreamFinish | None = StreamFinish(full.finish_reason, full.usage)
+                    if full.usage_estimated:
+                        final = StreamFinish(full.finish_reason, None)  # the engine estimates, and says so
+                else:
+                    final = None
+                    parser = SSEParser()
+                    reader = _EventReader(name, self._api_key)
 
-                def handle(event: SSEEvent) -> list[StreamEvent]:
-                    return reader.handle(event.event, event.data)
+                    def handle(event: SSEEvent) -> list[StreamEvent]:
+                        return reader.handle(event.event, event.data)
 
-                def done() -> bool:
-                    return reader.done
+                    def done() -> bool:
+                        return reader.done
 
-                async for chunk in resp:
-                    events, error = read_events(parser.feed(chunk), handle, done)
-                    for out in events:
-                        yield out
-                    if error is not None:
-                        raise error
-                    if reader.done:
-                        break
-                if not reader.done:
-                    raise stream_cut(name, "ended without message_stop")
-                # The terminating chunk may still be on its way: keep the connection if it comes soon.
-                resp.release_after_end()
+                    async for chunk in resp:
+                        events, error = read_events(parser.feed(chunk), handle, done)
+                        for out in events:
+                            yield out
+                        if error is not None:
+                            raise error
+                        if reader.done:
+                            break
+                    if not reader.done:
+                        raise stream_cut(name, "ended without message_stop")
+                    # The terminating chunk may still be on its way: keep the connection if it comes soon.
+                    resp.release_after_end()
             finally:
                 # Read to the end, the connection is already back in the pool and this is a no-op;
                 # otherwise (an error, aclose() or cancellation) it is closed.
                 resp.close()
         except HttpError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
-        yield reader.finish()  # after the response is released
+        yield final if final is not None else reader.finish()  # after the response is released
 
     async def aclose(self) -> None:
         return None
@@ -316,6 +354,11 @@ class _EventReader:
             usage = (obj.get("message") or {}).get("usage")
             if isinstance(usage, dict):
                 self._usage = dict(usage)
+                # The prompt's exact counts, for the engine to bill if the stream ends before message_delta
+                # (its output count is a placeholder, so none is passed on).
+                prompt = normalise_usage(usage)
+                prompt.output_tokens = prompt.reasoning_tokens = 0
+                return [PromptUsage(prompt)]
             return []
         if kind == "message_delta":
             stop = (obj.get("delta") or {}).get("stop_reason")

@@ -63,6 +63,15 @@ def token_count(raw: object) -> int:
         return MAX_TOKENS_PER_CALL if raw == float("inf") else 0
 
 
+# Server-side tool requests a call may bill: far beyond any real call, small enough for any price.
+MAX_REQUESTS_PER_CALL = 1_000_000
+
+
+def request_count(raw: object) -> int:
+    """A count of server-side tool requests from an upstream's usage, bounded like `token_count`."""
+    return min(token_count(raw), MAX_REQUESTS_PER_CALL)
+
+
 def estimated_usage(request: ChatRequest, content: str, calls: list[ToolCall]) -> Usage:
     """For a reply that came without usage: the prompt and the answer, estimated (and billed as such)."""
     output = estimate_tokens(content) + sum(estimate_tokens(c.name + c.arguments) for c in calls)

@@ -67,6 +67,8 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
             input_tokens=token_count(raw.get("prompt_tokens")),
             output_tokens=token_count(raw.get("completion_tokens")),
             cached_input_tokens=token_count(prompt_details.get("cached_tokens")),
+            # Written to the cache on this call (part of `prompt_tokens`), billed at the cache-write price.
+            cache_write_tokens=token_count(prompt_details.get("cache_write_tokens")),
             reasoning_tokens=token_count(completion_details.get("reasoning_tokens")),
         )
     )

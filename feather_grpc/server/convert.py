@@ -184,6 +184,7 @@ def usage_pb(u: Usage) -> pb.TokenUsage:
         cached_input_tokens=u.cached_input_tokens,
         cache_write_tokens=u.cache_write_tokens,
         reasoning_tokens=u.reasoning_tokens,
+        web_search_requests=u.web_search_requests,
     )
 
 
@@ -339,6 +340,7 @@ def model_info(v: ModelView) -> pb.ModelInfo:
                 output_nanos_usd_per_million=price.output,
                 cached_input_nanos_usd_per_million=price.cached_input,
                 cache_write_nanos_usd_per_million=price.cache_write,
+                web_search_nanos_usd_per_million=price.web_search,
             )
         )
     return info

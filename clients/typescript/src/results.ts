@@ -21,6 +21,8 @@ export interface TokenUsage {
   cachedInputTokens: number;
   cacheWriteTokens: number;
   reasoningTokens: number;
+  /** Server-side web search requests the provider ran (billed per request when priced). */
+  webSearchRequests: number;
 }
 
 /** A complete reply, from `chat()` or from a finished `streamChat()`. */
@@ -70,6 +72,7 @@ export function tokenUsage(u: PbTokenUsage | undefined): TokenUsage {
     cachedInputTokens: Number(u?.cachedInputTokens ?? 0n),
     cacheWriteTokens: Number(u?.cacheWriteTokens ?? 0n),
     reasoningTokens: Number(u?.reasoningTokens ?? 0n),
+    webSearchRequests: Number(u?.webSearchRequests ?? 0n),
   };
 }
 

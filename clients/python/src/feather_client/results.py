@@ -72,6 +72,7 @@ class TokenUsage:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    web_search_requests: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -85,6 +86,7 @@ class TokenUsage:
             usage.cached_input_tokens,
             usage.cache_write_tokens,
             usage.reasoning_tokens,
+            usage.web_search_requests,
         )
 
 

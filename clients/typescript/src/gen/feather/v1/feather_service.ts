@@ -728,8 +728,16 @@ export interface TokenUsage {
   cachedInputTokens: bigint;
   /** Of `input_tokens`, those written to the provider's prompt cache. */
   cacheWriteTokens: bigint;
-  /** Of `output_tokens`, those spent on reasoning, where the provider reports it. */
+  /**
+   * Of `output_tokens`, those spent on reasoning, where the provider reports it (OpenAI
+   * `completion_tokens_details.reasoning_tokens`, Anthropic `output_tokens_details.thinking_tokens`).
+   */
   reasoningTokens: bigint;
+  /**
+   * Server-side web search requests the provider ran and bills per request (Anthropic
+   * `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
+   */
+  webSearchRequests: bigint;
 }
 
 /** Attempt is one try at one provider. */
@@ -919,8 +927,8 @@ export interface UsageRow {
    */
   cacheWriteTokens: bigint;
   /**
-   * Reasoning tokens (part of `output_tokens`): `completion_tokens_details.reasoning_tokens` of the
-   * `openai` and `openai-compatible` types; 0 where the provider does not report them, and in estimates.
+   * Reasoning tokens (part of `output_tokens`): OpenAI `completion_tokens_details.reasoning_tokens`,
+   * Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
    */
   reasoningTokens: bigint;
 }
@@ -949,6 +957,8 @@ export interface ModelPrice {
   cachedInputNanosUsdPerMillion: bigint;
   /** Per million input tokens written to the provider's cache. */
   cacheWriteNanosUsdPerMillion: bigint;
+  /** Per million server-side web search requests (0 when not configured: searches are not billed). */
+  webSearchNanosUsdPerMillion: bigint;
 }
 
 /** ModelInfo describes one routable model. */
@@ -2590,7 +2600,14 @@ export const StreamChatRequest_TagsEntry: MessageFns<StreamChatRequest_TagsEntry
 };
 
 function createBaseTokenUsage(): TokenUsage {
-  return { inputTokens: 0n, outputTokens: 0n, cachedInputTokens: 0n, cacheWriteTokens: 0n, reasoningTokens: 0n };
+  return {
+    inputTokens: 0n,
+    outputTokens: 0n,
+    cachedInputTokens: 0n,
+    cacheWriteTokens: 0n,
+    reasoningTokens: 0n,
+    webSearchRequests: 0n,
+  };
 }
 
 export const TokenUsage: MessageFns<TokenUsage> = {
@@ -2624,6 +2641,12 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         throw new globalThis.Error("value provided for field message.reasoningTokens of type int64 too large");
       }
       writer.uint32(40).int64(message.reasoningTokens);
+    }
+    if (message.webSearchRequests !== 0n) {
+      if (BigInt.asIntN(64, message.webSearchRequests) !== message.webSearchRequests) {
+        throw new globalThis.Error("value provided for field message.webSearchRequests of type int64 too large");
+      }
+      writer.uint32(48).int64(message.webSearchRequests);
     }
     return writer;
   },
@@ -2681,6 +2704,14 @@ export const TokenUsage: MessageFns<TokenUsage> = {
             message.reasoningTokens = reader.int64() as bigint;
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.webSearchRequests = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2720,6 +2751,11 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         : isSet(object.reasoning_tokens)
         ? BigInt(object.reasoning_tokens)
         : 0n,
+      webSearchRequests: isSet(object.webSearchRequests)
+        ? BigInt(object.webSearchRequests)
+        : isSet(object.web_search_requests)
+        ? BigInt(object.web_search_requests)
+        : 0n,
     };
   },
 
@@ -2739,6 +2775,9 @@ export const TokenUsage: MessageFns<TokenUsage> = {
     }
     if (message.reasoningTokens !== 0n) {
       obj.reasoningTokens = message.reasoningTokens.toString();
+    }
+    if (message.webSearchRequests !== 0n) {
+      obj.webSearchRequests = message.webSearchRequests.toString();
     }
     return obj;
   },
@@ -2762,6 +2801,9 @@ export const TokenUsage: MessageFns<TokenUsage> = {
       : 0n;
     message.reasoningTokens = (object.reasoningTokens !== undefined && object.reasoningTokens !== null)
       ? BigInt(object.reasoningTokens)
+      : 0n;
+    message.webSearchRequests = (object.webSearchRequests !== undefined && object.webSearchRequests !== null)
+      ? BigInt(object.webSearchRequests)
       : 0n;
     return message;
   },
@@ -4846,6 +4888,7 @@ function createBaseModelPrice(): ModelPrice {
     outputNanosUsdPerMillion: 0n,
     cachedInputNanosUsdPerMillion: 0n,
     cacheWriteNanosUsdPerMillion: 0n,
+    webSearchNanosUsdPerMillion: 0n,
   };
 }
 
@@ -4878,6 +4921,14 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         );
       }
       writer.uint32(32).int64(message.cacheWriteNanosUsdPerMillion);
+    }
+    if (message.webSearchNanosUsdPerMillion !== 0n) {
+      if (BigInt.asIntN(64, message.webSearchNanosUsdPerMillion) !== message.webSearchNanosUsdPerMillion) {
+        throw new globalThis.Error(
+          "value provided for field message.webSearchNanosUsdPerMillion of type int64 too large",
+        );
+      }
+      writer.uint32(40).int64(message.webSearchNanosUsdPerMillion);
     }
     return writer;
   },
@@ -4927,6 +4978,14 @@ export const ModelPrice: MessageFns<ModelPrice> = {
             message.cacheWriteNanosUsdPerMillion = reader.int64() as bigint;
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.webSearchNanosUsdPerMillion = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4961,6 +5020,11 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         : isSet(object.cache_write_nanos_usd_per_million)
         ? BigInt(object.cache_write_nanos_usd_per_million)
         : 0n,
+      webSearchNanosUsdPerMillion: isSet(object.webSearchNanosUsdPerMillion)
+        ? BigInt(object.webSearchNanosUsdPerMillion)
+        : isSet(object.web_search_nanos_usd_per_million)
+        ? BigInt(object.web_search_nanos_usd_per_million)
+        : 0n,
     };
   },
 
@@ -4977,6 +5041,9 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     }
     if (message.cacheWriteNanosUsdPerMillion !== 0n) {
       obj.cacheWriteNanosUsdPerMillion = message.cacheWriteNanosUsdPerMillion.toString();
+    }
+    if (message.webSearchNanosUsdPerMillion !== 0n) {
+      obj.webSearchNanosUsdPerMillion = message.webSearchNanosUsdPerMillion.toString();
     }
     return obj;
   },
@@ -5001,6 +5068,10 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     message.cacheWriteNanosUsdPerMillion =
       (object.cacheWriteNanosUsdPerMillion !== undefined && object.cacheWriteNanosUsdPerMillion !== null)
         ? BigInt(object.cacheWriteNanosUsdPerMillion)
+        : 0n;
+    message.webSearchNanosUsdPerMillion =
+      (object.webSearchNanosUsdPerMillion !== undefined && object.webSearchNanosUsdPerMillion !== null)
+        ? BigInt(object.webSearchNanosUsdPerMillion)
         : 0n;
     return message;
   },

@@ -786,6 +786,7 @@ class TokenUsage(_message.Message):
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """All prompt tokens, including those read from or written to the provider's prompt cache."""
     output_tokens: _builtins.int
@@ -795,7 +796,13 @@ class TokenUsage(_message.Message):
     cache_write_tokens: _builtins.int
     """Of `input_tokens`, those written to the provider's prompt cache."""
     reasoning_tokens: _builtins.int
-    """Of `output_tokens`, those spent on reasoning, where the provider reports it."""
+    """Of `output_tokens`, those spent on reasoning, where the provider reports it (OpenAI
+    `completion_tokens_details.reasoning_tokens`, Anthropic `output_tokens_details.thinking_tokens`).
+    """
+    web_search_requests: _builtins.int
+    """Server-side web search requests the provider ran and bills per request (Anthropic
+    `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
+    """
     def __init__(
         self,
         *,
@@ -804,10 +811,11 @@ class TokenUsage(_message.Message):
         cached_input_tokens: _builtins.int = ...,
         cache_write_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
+        web_search_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "web_search_requests", b"web_search_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1249,8 +1257,8 @@ class UsageRow(_message.Message):
     `cache_creation_input_tokens`; 0 where the provider does not report them, and in estimates.
     """
     reasoning_tokens: _builtins.int
-    """Reasoning tokens (part of `output_tokens`): `completion_tokens_details.reasoning_tokens` of the
-    `openai` and `openai-compatible` types; 0 where the provider does not report them, and in estimates.
+    """Reasoning tokens (part of `output_tokens`): OpenAI `completion_tokens_details.reasoning_tokens`,
+    Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
     """
     @_builtins.property
     def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
@@ -1347,6 +1355,7 @@ class ModelPrice(_message.Message):
     OUTPUT_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     input_nanos_usd_per_million: _builtins.int
     """Per million uncached input tokens."""
     output_nanos_usd_per_million: _builtins.int
@@ -1355,6 +1364,8 @@ class ModelPrice(_message.Message):
     """Per million input tokens read from the provider's cache."""
     cache_write_nanos_usd_per_million: _builtins.int
     """Per million input tokens written to the provider's cache."""
+    web_search_nanos_usd_per_million: _builtins.int
+    """Per million server-side web search requests (0 when not configured: searches are not billed)."""
     def __init__(
         self,
         *,
@@ -1362,10 +1373,11 @@ class ModelPrice(_message.Message):
         output_nanos_usd_per_million: _builtins.int = ...,
         cached_input_nanos_usd_per_million: _builtins.int = ...,
         cache_write_nanos_usd_per_million: _builtins.int = ...,
+        web_search_nanos_usd_per_million: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million", "web_search_nanos_usd_per_million", b"web_search_nanos_usd_per_million"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
