@@ -96,6 +96,8 @@ class Reply:
     omit_usage: bool = False  # send no usage at all (some compatible servers)
     usage_every_chunk: bool = False  # OpenAI streams: usage on every chunk, growing (compatible servers)
     ignore_stream: bool = False  # answer `stream: true` with the whole JSON reply (proxies and mocks do)
+    # OpenAI: send the first tool call as the deprecated `function_call` (finish `function_call`)
+    legacy_function_call: bool = False
 
     # Failures.
     status: int = 200  # >= 400: a provider-formatted error body
@@ -741,6 +743,8 @@ def _anthropic_problem(body: dict[str, Any], headers: Mapping[str, str]) -> str:
 def _finish(reply: Reply, openai: bool) -> str:
     if reply.finish_reason is not None:
         return reply.finish_reason
+    if openai and reply.legacy_function_call and reply.tool_calls:
+        return "function_call"
     if reply.tool_calls:
         return "tool_calls" if openai else "tool_use"
     return "stop" if openai else "end_turn"
@@ -781,7 +785,10 @@ def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) 
         "content": content if content or not reply.tool_calls else None,
         "refusal": None,
     }
-    if reply.tool_calls:
+    if reply.tool_calls and reply.legacy_function_call:
+        call = reply.tool_calls[0]
+        message["function_call"] = {"name": call.name, "arguments": call.arguments}
+    elif reply.tool_calls:
         message["tool_calls"] = _openai_calls(reply)
     doc: dict[str, Any] = {
         "id": "chatcmpl-sim",
@@ -822,7 +829,12 @@ def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, incl
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
     events += [chunk({"content": p}) for p in pieces]
-    for i, call in enumerate(_openai_calls(reply)):
+    if reply.legacy_function_call and reply.tool_calls:
+        legacy = reply.tool_calls[0]
+        events.append(chunk({"function_call": {"name": legacy.name, "arguments": ""}}))
+        for frag in _arg_pieces(legacy.arguments):
+            events.append(chunk({"function_call": {"arguments": frag}}))
+    for i, call in enumerate([] if reply.legacy_function_call else _openai_calls(reply)):
         first = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"]}}
         first["function"]["arguments"] = ""
         events.append(chunk({"tool_calls": [first]}))

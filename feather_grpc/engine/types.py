@@ -36,6 +36,7 @@ class Message:
     name: str = ""
     tool_call_id: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
+    is_error: bool = False  # a tool result that reports the tool's failure
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,6 +44,7 @@ class ToolSpec:
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None  # JSON schema
+    strict: bool = False  # the provider enforces `parameters` exactly
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +88,7 @@ class ChatRequest:
     cache_bypass: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
+    parallel_tool_calls: bool | None = None  # None: the provider's default
 
 
 @dataclass(slots=True)

@@ -41,6 +41,8 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
                 bad(f"messages[{i}].tool_call_id", "is required for a tool message")
         elif m.tool_call_id:
             bad(f"messages[{i}].tool_call_id", "is only allowed on tool messages")
+        if m.is_error and m.role is not Role.TOOL:
+            bad(f"messages[{i}].is_error", "is only allowed on tool messages")
         if m.tool_calls and m.role is not Role.ASSISTANT:
             bad(f"messages[{i}].tool_calls", "are only allowed on assistant messages")
         if not m.content and not m.tool_calls and m.role is not Role.TOOL:
@@ -73,6 +75,9 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
         elif t.name in names:
             bad(f"tools[{i}].name", f"duplicates tool {t.name!r}")
         names.add(t.name)
+    for i, t in enumerate(req.tools):
+        if t.strict and t.parameters is None:
+            bad(f"tools[{i}].parameters", "is required when strict is set")
     if req.tool_choice and req.tool_choice.function_name and req.tool_choice.function_name not in names:
         bad("tool_choice.function_name", "must name one of the request's tools")
     if req.response_format and req.response_format.type == "json_schema":

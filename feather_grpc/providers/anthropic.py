@@ -129,7 +129,10 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
         blocks: list[dict[str, Any]] = []
         if m.role is Role.TOOL:
             role = "user"
-            blocks.append({"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content})
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}
+            if m.is_error:
+                result["is_error"] = True
+            blocks.append(result)
         else:
             role = "assistant" if m.role is Role.ASSISTANT else "user"
             if m.content:  # the API rejects empty text blocks
@@ -194,16 +197,24 @@ class AnthropicProvider:
                 if t.description:
                     tool["description"] = t.description
                 tool["input_schema"] = t.parameters if t.parameters is not None else {"type": "object"}
+                if t.strict:
+                    tool["strict"] = True
                 tools.append(tool)
             body["tools"] = tools
         choice = request.tool_choice
+        tool_choice: dict[str, Any] | None = None
         if choice is not None:
             if choice.function_name:
-                body["tool_choice"] = {"type": "tool", "name": choice.function_name}
+                tool_choice = {"type": "tool", "name": choice.function_name}
             elif choice.mode == "required":
-                body["tool_choice"] = {"type": "any"}
+                tool_choice = {"type": "any"}
             elif choice.mode in ("auto", "none"):
-                body["tool_choice"] = {"type": choice.mode}
+                tool_choice = {"type": choice.mode}
+        if request.tools and request.parallel_tool_calls is False and (tool_choice or {}).get("type") != "none":
+            # Anthropic says it inside tool_choice (auto is its default), and only the "off" way.
+            tool_choice = {**(tool_choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        if tool_choice is not None:
+            body["tool_choice"] = tool_choice
         if stream:
             body["stream"] = True
         return body

@@ -34,7 +34,10 @@ from feather_grpc.providers.http import (
 from feather_grpc.providers.sse import SSEEvent, SSEParser
 from feather_grpc.providers.transport import HttpClient, HttpError
 
-__all__ = ["OpenAIProvider", "finish_reason", "normalise_usage"]
+__all__ = ["LEGACY_CALL_ID", "OpenAIProvider", "finish_reason", "normalise_usage"]
+
+# The id given to a legacy `function_call` reply (it has none): the caller echoes it in the tool result.
+LEGACY_CALL_ID = "call_function_call"
 
 _FINISH = {
     "stop": FinishReason.STOP,
@@ -154,8 +157,12 @@ class OpenAIProvider:
                     fn["description"] = t.description
                 if t.parameters is not None:
                     fn["parameters"] = t.parameters
+                if t.strict:
+                    fn["strict"] = True
                 tools.append({"type": "function", "function": fn})
             body["tools"] = tools
+            if request.parallel_tool_calls is not None:  # OpenAI refuses it without tools
+                body["parallel_tool_calls"] = request.parallel_tool_calls
         choice = request.tool_choice
         if choice is not None:
             if choice.function_name:
@@ -188,6 +195,10 @@ class OpenAIProvider:
                 )
                 for c in message.get("tool_calls") or ()
             ]
+            legacy = message.get("function_call")
+            if not calls and isinstance(legacy, dict) and legacy.get("name"):
+                # The deprecated `functions` API's one call: the same thing as a tool call, without an id.
+                calls.append(ToolCall(LEGACY_CALL_ID, str(legacy["name"]), str(legacy.get("arguments") or "")))
             raw_usage = doc.get("usage")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise bad_response(self._name, "not a chat completion") from None
@@ -260,6 +271,9 @@ class OpenAIProvider:
         return None
 
 
+_LEGACY_KEY = ("function_call",)  # the ordinal key of a streamed legacy function_call
+
+
 class _ChunkReader:
     """Turns `chat.completion.chunk` payloads into stream events, remembering what the end needs."""
 
@@ -328,6 +342,9 @@ class _ChunkReader:
         calls = delta.get("tool_calls")
         if calls:
             self._tool_calls(calls, out)
+        legacy = delta.get("function_call")
+        if isinstance(legacy, dict):
+            self._legacy_call(legacy, out)
         if choice.get("finish_reason"):
             self._finish = choice["finish_reason"]
         return out
@@ -349,6 +366,15 @@ class _ChunkReader:
                 )
             elif fn.get("arguments"):
                 out.append(ToolCallDelta(ordinal, arguments=fn["arguments"]))
+
+    def _legacy_call(self, fn: dict[str, Any], out: list[StreamEvent]) -> None:
+        """A streamed legacy `function_call`: one call, its name first, then argument fragments."""
+        ordinal = self._ordinals.get(_LEGACY_KEY)
+        if ordinal is None:
+            ordinal = self._ordinals[_LEGACY_KEY] = len(self._ordinals)
+            out.append(ToolCallDelta(ordinal, LEGACY_CALL_ID, fn.get("name") or "", fn.get("arguments") or ""))
+        elif fn.get("arguments"):
+            out.append(ToolCallDelta(ordinal, arguments=fn["arguments"]))
 
     def _stream_error(self, err: object) -> ProviderError:
         if not isinstance(err, dict):

@@ -104,6 +104,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
                 name=m.name,
                 tool_call_id=m.tool_call_id,
                 tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in calls) if calls else (),
+                is_error=m.is_error,
             )
         )
     tool_choice = None
@@ -136,6 +137,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
             t.name,
             t.description,
             _json_object(t.parameters, f"tools[{i}].parameters", bad) if t.HasField("parameters") else None,
+            t.strict,
         )
         for i, t in enumerate(msg.tools)
     ]
@@ -166,6 +168,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         cache_bypass=msg.cache == pb.CACHE_MODE_BYPASS,
         tags=dict(msg.tags) if msg.tags else {},
         request_id=msg.request_id,
+        parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else None,
     )
 
 

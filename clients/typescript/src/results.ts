@@ -49,8 +49,9 @@ export const system = (text: string): Message => Message.fromPartial({ role: Rol
 export const user = (text: string): Message => Message.fromPartial({ role: Role.ROLE_USER, content: text });
 export const assistant = (text: string, toolCalls: ToolCall[] = []): Message =>
   Message.fromPartial({ role: Role.ROLE_ASSISTANT, content: text, toolCalls });
-export const toolResult = (toolCallId: string, text: string): Message =>
-  Message.fromPartial({ role: Role.ROLE_TOOL, content: text, toolCallId });
+/** A tool's answer to the call `toolCallId`; `isError` when the tool failed and `text` says how. */
+export const toolResult = (toolCallId: string, text: string, isError = false): Message =>
+  Message.fromPartial({ role: Role.ROLE_TOOL, content: text, toolCallId, isError });
 
 /** Exact, without floating point: `$0.000001234`, `$1.50`, `$0.00`. */
 export function formatUsd(nanos: bigint): string {

@@ -41,8 +41,9 @@ def assistant(text: str, tool_calls: Sequence[pb.ToolCall] = ()) -> pb.Message:
     return pb.Message(role=pb.ROLE_ASSISTANT, content=text, tool_calls=tool_calls)
 
 
-def tool_result(tool_call_id: str, text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_TOOL, content=text, tool_call_id=tool_call_id)
+def tool_result(tool_call_id: str, text: str, *, is_error: bool = False) -> pb.Message:
+    """A tool's answer to the call `tool_call_id`; `is_error` when the tool failed and `text` says how."""
+    return pb.Message(role=pb.ROLE_TOOL, content=text, tool_call_id=tool_call_id, is_error=is_error)
 
 
 def usd(nanos: int) -> Decimal:

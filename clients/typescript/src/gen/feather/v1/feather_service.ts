@@ -541,6 +541,11 @@ export interface Message {
   toolCallId: string;
   /** For ROLE_ASSISTANT: the tool calls the model requested. */
   toolCalls: ToolCall[];
+  /**
+   * For ROLE_TOOL: the tool failed and `content` says how (Anthropic `is_error`). OpenAI has no such flag:
+   * there the content alone tells the model.
+   */
+  isError: boolean;
 }
 
 /** ToolCall is a function call requested by the model. */
@@ -560,7 +565,11 @@ export interface Tool {
   /** What the function does, for the model. */
   description: string;
   /** JSON schema of the function's arguments. */
-  parameters: { [key: string]: any } | undefined;
+  parameters:
+    | { [key: string]: any }
+    | undefined;
+  /** Ask the provider to enforce `parameters` exactly (OpenAI `function.strict`, Anthropic `strict`). */
+  strict: boolean;
 }
 
 /** ToolChoice constrains tool use. */
@@ -656,6 +665,12 @@ export interface ChatRequest {
   tags: { [key: string]: string };
   /** Caller-chosen id for correlation and idempotent billing; generated when empty. At most 128 characters. */
   requestId: string;
+  /**
+   * With tools: whether the model may call several tools in one turn (OpenAI `parallel_tool_calls`,
+   * Anthropic `tool_choice.disable_parallel_tool_use` when false); provider default when unset.
+   * Ignored without tools.
+   */
+  parallelToolCalls?: boolean | undefined;
 }
 
 export interface ChatRequest_TagsEntry {
@@ -711,6 +726,8 @@ export interface StreamChatRequest {
   tags: { [key: string]: string };
   /** Caller-chosen id for correlation and idempotent billing; generated when empty. */
   requestId: string;
+  /** With tools: whether the model may call several tools in one turn. */
+  parallelToolCalls?: boolean | undefined;
 }
 
 export interface StreamChatRequest_TagsEntry {
@@ -990,7 +1007,7 @@ export interface ListModelsResponse {
 }
 
 function createBaseMessage(): Message {
-  return { role: 0, content: "", name: "", toolCallId: "", toolCalls: [] };
+  return { role: 0, content: "", name: "", toolCallId: "", toolCalls: [], isError: false };
 }
 
 export const Message: MessageFns<Message> = {
@@ -1009,6 +1026,9 @@ export const Message: MessageFns<Message> = {
     }
     for (const v of message.toolCalls) {
       ToolCall.encode(v!, writer.uint32(42).fork()).join();
+    }
+    if (message.isError !== false) {
+      writer.uint32(48).bool(message.isError);
     }
     return writer;
   },
@@ -1066,6 +1086,14 @@ export const Message: MessageFns<Message> = {
             message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.isError = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1093,6 +1121,11 @@ export const Message: MessageFns<Message> = {
         : globalThis.Array.isArray(object?.tool_calls)
         ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
         : [],
+      isError: isSet(object.isError)
+        ? globalThis.Boolean(object.isError)
+        : isSet(object.is_error)
+        ? globalThis.Boolean(object.is_error)
+        : false,
     };
   },
 
@@ -1113,6 +1146,9 @@ export const Message: MessageFns<Message> = {
     if (message.toolCalls?.length) {
       obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
     }
+    if (message.isError !== false) {
+      obj.isError = message.isError;
+    }
     return obj;
   },
 
@@ -1126,6 +1162,7 @@ export const Message: MessageFns<Message> = {
     message.name = object.name ?? "";
     message.toolCallId = object.toolCallId ?? "";
     message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
+    message.isError = object.isError ?? false;
     return message;
   },
 };
@@ -1232,7 +1269,7 @@ export const ToolCall: MessageFns<ToolCall> = {
 };
 
 function createBaseTool(): Tool {
-  return { name: "", description: "", parameters: undefined };
+  return { name: "", description: "", parameters: undefined, strict: false };
 }
 
 export const Tool: MessageFns<Tool> = {
@@ -1245,6 +1282,9 @@ export const Tool: MessageFns<Tool> = {
     }
     if (message.parameters !== undefined) {
       Struct.encode(Struct.wrap(message.parameters), writer.uint32(26).fork()).join();
+    }
+    if (message.strict !== false) {
+      writer.uint32(32).bool(message.strict);
     }
     return writer;
   },
@@ -1286,6 +1326,14 @@ export const Tool: MessageFns<Tool> = {
             message.parameters = Struct.unwrap(Struct.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.strict = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1303,6 +1351,7 @@ export const Tool: MessageFns<Tool> = {
       name: isSet(object.name) ? globalThis.String(object.name) : "",
       description: isSet(object.description) ? globalThis.String(object.description) : "",
       parameters: isObject(object.parameters) ? object.parameters : undefined,
+      strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : false,
     };
   },
 
@@ -1317,6 +1366,9 @@ export const Tool: MessageFns<Tool> = {
     if (message.parameters !== undefined) {
       obj.parameters = message.parameters;
     }
+    if (message.strict !== false) {
+      obj.strict = message.strict;
+    }
     return obj;
   },
 
@@ -1328,6 +1380,7 @@ export const Tool: MessageFns<Tool> = {
     message.name = object.name ?? "";
     message.description = object.description ?? "";
     message.parameters = object.parameters ?? undefined;
+    message.strict = object.strict ?? false;
     return message;
   },
 };
@@ -1677,6 +1730,7 @@ function createBaseChatRequest(): ChatRequest {
     cache: 0,
     tags: {},
     requestId: "",
+    parallelToolCalls: undefined,
   };
 }
 
@@ -1732,6 +1786,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     });
     if (message.requestId !== "") {
       writer.uint32(130).string(message.requestId);
+    }
+    if (message.parallelToolCalls !== undefined) {
+      writer.uint32(136).bool(message.parallelToolCalls);
     }
     return writer;
   },
@@ -1880,6 +1937,14 @@ export const ChatRequest: MessageFns<ChatRequest> = {
             message.requestId = reader.string();
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.parallelToolCalls = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1943,6 +2008,11 @@ export const ChatRequest: MessageFns<ChatRequest> = {
         : isSet(object.request_id)
         ? globalThis.String(object.request_id)
         : "",
+      parallelToolCalls: isSet(object.parallelToolCalls)
+        ? globalThis.Boolean(object.parallelToolCalls)
+        : isSet(object.parallel_tool_calls)
+        ? globalThis.Boolean(object.parallel_tool_calls)
+        : undefined,
     };
   },
 
@@ -2002,6 +2072,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     if (message.requestId !== "") {
       obj.requestId = message.requestId;
     }
+    if (message.parallelToolCalls !== undefined) {
+      obj.parallelToolCalls = message.parallelToolCalls;
+    }
     return obj;
   },
 
@@ -2040,6 +2113,7 @@ export const ChatRequest: MessageFns<ChatRequest> = {
       {},
     );
     message.requestId = object.requestId ?? "";
+    message.parallelToolCalls = object.parallelToolCalls ?? undefined;
     return message;
   },
 };
@@ -2147,6 +2221,7 @@ function createBaseStreamChatRequest(): StreamChatRequest {
     cache: 0,
     tags: {},
     requestId: "",
+    parallelToolCalls: undefined,
   };
 }
 
@@ -2202,6 +2277,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     });
     if (message.requestId !== "") {
       writer.uint32(130).string(message.requestId);
+    }
+    if (message.parallelToolCalls !== undefined) {
+      writer.uint32(136).bool(message.parallelToolCalls);
     }
     return writer;
   },
@@ -2350,6 +2428,14 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
             message.requestId = reader.string();
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.parallelToolCalls = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2413,6 +2499,11 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
         : isSet(object.request_id)
         ? globalThis.String(object.request_id)
         : "",
+      parallelToolCalls: isSet(object.parallelToolCalls)
+        ? globalThis.Boolean(object.parallelToolCalls)
+        : isSet(object.parallel_tool_calls)
+        ? globalThis.Boolean(object.parallel_tool_calls)
+        : undefined,
     };
   },
 
@@ -2472,6 +2563,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     if (message.requestId !== "") {
       obj.requestId = message.requestId;
     }
+    if (message.parallelToolCalls !== undefined) {
+      obj.parallelToolCalls = message.parallelToolCalls;
+    }
     return obj;
   },
 
@@ -2510,6 +2604,7 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
       {},
     );
     message.requestId = object.requestId ?? "";
+    message.parallelToolCalls = object.parallelToolCalls ?? undefined;
     return message;
   },
 };
