@@ -193,3 +193,18 @@ async def test_misplaced_tool_options_are_invalid_argument_naming_the_field(sim:
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in err.violations] == ["messages[0].is_error", "tools[0].parameters"]
     assert not sim.requests
+
+
+async def test_the_response_cache_tells_requests_apart_by_their_new_fields(sim: UpstreamSimulator) -> None:
+    """The cache key covers every field that shapes the answer: `strict` and `parallel_tool_calls` included."""
+
+    def cacheable(**kw: Any) -> pb.ChatRequest:
+        return pb.ChatRequest(model="gpt-sim", messages=[user("hi")], temperature=0, **kw)
+
+    async with running_gateway(config(sim), ENV) as gw:
+        first = await gw.stub.Chat(cacheable(tools=[weather_tool(True)]))
+        again = await gw.stub.Chat(cacheable(tools=[weather_tool(True)]))
+        loose = await gw.stub.Chat(cacheable(tools=[weather_tool(False)]))
+        serial = await gw.stub.Chat(cacheable(tools=[weather_tool(True)], parallel_tool_calls=False))
+    assert (first.cached, again.cached, loose.cached, serial.cached) == (False, True, False, False)
+    assert len(sim.requests) == 3
