@@ -61,6 +61,8 @@ class ModelSpec(_Strict):
     capabilities: list[str] = Field(default_factory=list)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy
+    # The model's longest reply: Anthropic's required max_tokens when the caller sets none
+    max_output_tokens: int | None = Field(default=None, alias="maxOutputTokens", ge=1, le=10_000_000)
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> ModelSpec:
@@ -254,6 +256,7 @@ class ModelConfig:
     price: Price | None  # None only when unpriced models are explicitly allowed
     capabilities: tuple[str, ...]
     weight: int = 1
+    max_output_tokens: int | None = None  # the model's longest reply, when configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,7 +511,9 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                     'add "inputPer1K" and "outputPer1K" (or per-1M prices), '
                     'or set "allowUnpriced": true to serve it as unpriced',
                 )
-            models.append(ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight))
+            models.append(
+                ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight, m.max_output_tokens)
+            )
         providers.append(
             ProviderConfig(
                 name=name,

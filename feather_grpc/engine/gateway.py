@@ -800,7 +800,13 @@ def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio
 
 
 def _settings(p: ProviderConfig) -> ProviderSettings:
-    return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key)
+    return ProviderSettings(
+        name=p.name,
+        type=p.type,
+        base_url=p.base_url,
+        api_key=p.api_key,
+        max_output_tokens=tuple((m.name, m.max_output_tokens) for m in p.models if m.max_output_tokens),
+    )
 
 
 def _stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:

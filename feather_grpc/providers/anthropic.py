@@ -44,7 +44,9 @@ from feather_grpc.providers.transport import HttpClient, HttpError
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
 
 ANTHROPIC_VERSION = "2023-06-01"
-DEFAULT_MAX_TOKENS = 4096  # the Messages API requires max_tokens; this applies when the caller set none
+# The Messages API requires max_tokens: when the caller sets none, the model's configured maxOutputTokens,
+# else this.
+DEFAULT_MAX_TOKENS = 4096
 
 _FINISH = {
     "end_turn": FinishReason.STOP,
@@ -174,12 +176,15 @@ class AnthropicProvider:
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
         self._endpoint = session.endpoint(self._url, list(headers.items()))
+        self._max_output = dict(settings.max_output_tokens)
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         system, messages = build_messages(self._name, request)
         body: dict[str, Any] = {
             "model": model,
-            "max_tokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS,
+            "max_tokens": request.max_tokens
+            if request.max_tokens is not None
+            else self._max_output.get(model, DEFAULT_MAX_TOKENS),
             "messages": messages,
         }
         if system:

@@ -21,6 +21,7 @@ class ProviderSettings:
     base_url: str
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
+    max_output_tokens: tuple[tuple[str, int], ...] = ()  # (upstream model, its configured longest reply)
 
 
 class Provider(Protocol):
