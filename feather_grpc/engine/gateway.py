@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
+from feather_grpc.engine import inputs
 from feather_grpc.engine.admission import Admission, Ticket
 from feather_grpc.engine.breaker import CircuitBreakers, CircuitState, Permit
 from feather_grpc.engine.cache import CachedReply, MemoryResponseCache, ResponseCache, cache_key
@@ -51,7 +52,7 @@ from feather_grpc.engine.types import (
     Usage,
 )
 from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable_request_id, validate_chat
-from feather_grpc.providers import build_provider
+from feather_grpc.providers import ACCEPTED_INPUTS, build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import HttpClient
@@ -404,6 +405,9 @@ class Feather:
         candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
         if req.response_format is not None and req.response_format.type in STRUCTURED_OUTPUT:
             candidates = self._structured_output_capable(req.model, candidates)
+        needed = inputs.needs(req)
+        if needed:
+            candidates = self._input_capable(req.model, candidates, needed)
         return tenant, candidates
 
     def _tenant(self, call: _Call) -> TenantConfig:
@@ -417,6 +421,40 @@ class Feather:
             why = f"no provider serving {requested!r} supports it (the Anthropic Messages API has no JSON mode)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
+
+    def _input_capable(
+        self, requested: str, candidates: list[RouteCandidate], needed: dict[str, str]
+    ) -> list[RouteCandidate]:
+        """Images, documents and audio go only where the wire format carries them: never dropped silently."""
+
+        def takes(c: RouteCandidate) -> bool:
+            return ACCEPTED_INPUTS.get(self._provider_configs[c.provider].type, frozenset()).issuperset(needed)
+
+        capable = [c for c in candidates if takes(c)]
+        if capable:
+            return capable
+        violations = []
+        for kind, path in needed.items():
+            refusing = sorted(
+                {
+                    t
+                    for c in candidates
+                    if kind not in ACCEPTED_INPUTS.get(t := self._provider_configs[c.provider].type, frozenset())
+                }
+            )
+            if refusing:
+                apis = " or ".join(refusing)
+                violations.append(
+                    FieldViolation(
+                        path, f"{inputs.DESCRIPTIONS[kind]} cannot be sent to the {apis} API serving {requested!r}"
+                    )
+                )
+        if not violations:  # each kind has a taker, but no one provider takes them all
+            path = next(iter(needed.values()))
+            violations.append(
+                FieldViolation(path, f"no provider serving {requested!r} takes all of this request's parts")
+            )
+        raise InvalidRequest(violations)
 
     async def _cache_lookup(self, call: _Call, candidates: list[RouteCandidate]) -> CachedReply | None:
         call.cache_key = cache_key(self.config.cache, call.ctx.tenant, call.request)

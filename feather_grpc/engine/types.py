@@ -29,6 +29,26 @@ class ToolCall:
     arguments: str  # JSON text, exactly as the model produced it
 
 
+class PartKind(StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    DOCUMENT = "document"
+    AUDIO = "audio"
+
+
+@dataclass(slots=True, frozen=True)
+class Part:
+    """One piece of a message's content. Images and documents come by `url` or inline `data`."""
+
+    kind: PartKind
+    text: str = ""
+    url: str = ""
+    data: bytes = b""
+    media_type: str = ""  # images and documents; audio: its format ("wav", "mp3")
+    title: str = ""  # documents
+    detail: str = ""  # images: OpenAI's "auto" | "low" | "high"; "" for the default
+
+
 @dataclass(slots=True, frozen=True)
 class Message:
     role: Role
@@ -37,6 +57,14 @@ class Message:
     tool_call_id: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     is_error: bool = False  # a tool result that reports the tool's failure
+    parts: tuple[Part, ...] = ()  # the content as ordered parts; `content` is then empty
+
+    @property
+    def text(self) -> str:
+        """The message's text: `content`, or its text parts joined."""
+        if not self.parts:
+            return self.content
+        return "".join(p.text for p in self.parts if p.kind is PartKind.TEXT)
 
 
 @dataclass(slots=True, frozen=True)

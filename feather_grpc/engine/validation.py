@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from feather_grpc.config import InputLimits
 from feather_grpc.engine.errors import FieldViolation, InvalidRequest
 from feather_grpc.engine.routing import POLICIES
-from feather_grpc.engine.types import ChatRequest, Role
+from feather_grpc.engine.types import ChatRequest, Message, PartKind, Role
 
 MAX_STOP_SEQUENCES = 4
 MAX_REQUEST_ID_LENGTH = 128
@@ -16,6 +17,17 @@ MAX_TAGS = 64  # tags go into every ledger record and call-log line: bounded, li
 MAX_TAG_KEY_LENGTH = 128
 MAX_TAG_VALUE_LENGTH = 512
 _DEFAULT_LIMITS = InputLimits()
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")  # what both providers take
+DOCUMENT_MEDIA_TYPE = "application/pdf"
+AUDIO_FORMATS = ("wav", "mp3")
+MAX_URL_LENGTH = 8192
+# The part kinds each role may carry (which providers take them is routing's question).
+_ROLE_PARTS = {
+    Role.SYSTEM: frozenset({PartKind.TEXT}),
+    Role.USER: frozenset(PartKind),
+    Role.ASSISTANT: frozenset({PartKind.TEXT}),
+    Role.TOOL: frozenset({PartKind.TEXT, PartKind.IMAGE, PartKind.DOCUMENT}),
+}
 
 
 def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> None:
@@ -45,7 +57,13 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad(f"messages[{i}].is_error", "is only allowed on tool messages")
         if m.tool_calls and m.role is not Role.ASSISTANT:
             bad(f"messages[{i}].tool_calls", "are only allowed on assistant messages")
-        if not m.content and not m.tool_calls and m.role is not Role.TOOL:
+        if m.parts:
+            if m.content:
+                bad(f"messages[{i}].parts", "use content or parts, not both")
+            _check_parts(i, m, bad)
+            if len(m.text) > limits.max_content_chars:
+                bad(f"messages[{i}].parts", f"at most {limits.max_content_chars} characters of text")
+        elif not m.content and not m.tool_calls and m.role is not Role.TOOL:
             bad(f"messages[{i}].content", "must not be empty")
         elif len(m.content) > limits.max_content_chars:
             bad(f"messages[{i}].content", f"at most {limits.max_content_chars} characters")
@@ -106,6 +124,34 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
         bad("tags", f"values must be at most {MAX_TAG_VALUE_LENGTH} characters ({_how_many(long_values)} longer)")
     if v:
         raise InvalidRequest(v)
+
+
+def _check_parts(i: int, m: Message, bad: Callable[[str, str], None]) -> None:
+    allowed = _ROLE_PARTS[m.role]
+    for j, p in enumerate(m.parts):
+        where = f"messages[{i}].parts[{j}]"
+        if p.kind not in allowed:
+            kinds = " and ".join(sorted(allowed))
+            bad(where, f"a {m.role.value} message takes {kinds} parts, not {p.kind.value}")
+            continue
+        if p.kind is PartKind.TEXT:
+            if not p.text:
+                bad(f"{where}.text", "must not be empty")
+        elif p.kind is PartKind.AUDIO:
+            if not p.data:
+                bad(f"{where}.audio.data", "is required")
+            if p.media_type not in AUDIO_FORMATS:
+                bad(f"{where}.audio.format", f"must be one of {', '.join(AUDIO_FORMATS)}")
+        else:
+            name = p.kind.value
+            if not p.url and not p.data:
+                bad(f"{where}.{name}", "needs a url or inline data")
+            elif p.url and not (p.url.startswith(("https://", "http://")) and len(p.url) <= MAX_URL_LENGTH):
+                bad(f"{where}.{name}.url", f"must be an http(s) URL of at most {MAX_URL_LENGTH} characters")
+            if p.kind is PartKind.IMAGE and p.data and p.media_type not in IMAGE_MEDIA_TYPES:
+                bad(f"{where}.image.media_type", f"must be one of {', '.join(IMAGE_MEDIA_TYPES)} with data")
+            if p.kind is PartKind.DOCUMENT and p.media_type != DOCUMENT_MEDIA_TYPE:
+                bad(f"{where}.document.media_type", f"must be {DOCUMENT_MEDIA_TYPE} (or unset)")
 
 
 def _how_many(n: int) -> str:

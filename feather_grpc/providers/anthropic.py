@@ -11,6 +11,8 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    Part,
+    PartKind,
     PromptUsage,
     ProviderResponse,
     Role,
@@ -23,6 +25,7 @@ from feather_grpc.engine.types import (
 )
 from feather_grpc.providers.base import (
     ProviderSettings,
+    b64,
     consistent,
     estimated_usage,
     read_events,
@@ -116,6 +119,24 @@ def _tool_input(provider: str, call_id: str, arguments: str) -> dict[str, Any]:
     return value
 
 
+def _source(p: Part) -> dict[str, Any]:
+    if p.url:
+        return {"type": "url", "url": p.url}
+    return {"type": "base64", "media_type": p.media_type, "data": b64(p.data)}
+
+
+def _block(p: Part) -> dict[str, Any]:
+    """One content part as a Messages content block (routing has kept audio away from this API)."""
+    if p.kind is PartKind.IMAGE:
+        return {"type": "image", "source": _source(p)}
+    if p.kind is PartKind.DOCUMENT:
+        block = {"type": "document", "source": _source(p)}
+        if p.title:
+            block["title"] = p.title
+        return block
+    return {"type": "text", "text": p.text}
+
+
 def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[str, Any]]]:
     """System text, and turns that alternate user/assistant as the Messages API requires.
 
@@ -126,12 +147,13 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
     turns: list[dict[str, Any]] = []
     for m in request.messages:
         if m.role is Role.SYSTEM:
-            system.append(m.content)
+            system.append(m.text)
             continue
         blocks: list[dict[str, Any]] = []
         if m.role is Role.TOOL:
             role = "user"
-            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}
+            content: str | list[dict[str, Any]] = [_block(p) for p in m.parts] if m.parts else m.content
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": content}
             if m.is_error:
                 result["is_error"] = True
             blocks.append(result)
@@ -139,6 +161,7 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
             role = "assistant" if m.role is Role.ASSISTANT else "user"
             if m.content:  # the API rejects empty text blocks
                 blocks.append({"type": "text", "text": m.content})
+            blocks.extend(_block(p) for p in m.parts)
             for call in m.tool_calls:
                 blocks.append(
                     {
@@ -153,11 +176,11 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
         else:
             turns.append({"role": role, "content": blocks})
     for turn in turns:
-        content = turn["content"]
-        if not content:
+        turn_blocks = turn["content"]
+        if not turn_blocks:
             turn["content"] = ""  # an empty message: let the upstream say what it thinks of it
-        elif len(content) == 1 and content[0]["type"] == "text":
-            turn["content"] = content[0]["text"]
+        elif len(turn_blocks) == 1 and turn_blocks[0]["type"] == "text":
+            turn["content"] = turn_blocks[0]["text"]
     return "\n\n".join(system), turns
 
 

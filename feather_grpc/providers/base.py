@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -71,6 +72,15 @@ MAX_REQUESTS_PER_CALL = 1_000_000
 def request_count(raw: object) -> int:
     """A count of server-side tool requests from an upstream's usage, bounded like `token_count`."""
     return min(token_count(raw), MAX_REQUESTS_PER_CALL)
+
+
+def b64(data: bytes) -> str:
+    """Inline bytes as the providers take them: standard base64 text."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def data_url(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64,{b64(data)}"
 
 
 def estimated_usage(request: ChatRequest, content: str, calls: list[ToolCall]) -> Usage:

@@ -12,6 +12,8 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    Part,
+    PartKind,
     ProviderResponse,
     Role,
     StreamEvent,
@@ -21,7 +23,15 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, consistent, estimated_usage, read_events, token_count
+from feather_grpc.providers.base import (
+    ProviderSettings,
+    b64,
+    consistent,
+    data_url,
+    estimated_usage,
+    read_events,
+    token_count,
+)
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -77,14 +87,36 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
     )
 
 
+def _part(p: Part) -> dict[str, Any]:
+    """One content part in Chat Completions terms (routing has kept out what the API cannot take)."""
+    if p.kind is PartKind.TEXT:
+        return {"type": "text", "text": p.text}
+    if p.kind is PartKind.IMAGE:
+        image: dict[str, Any] = {"url": p.url or data_url(p.media_type, p.data)}
+        if p.detail:
+            image["detail"] = p.detail
+        return {"type": "image_url", "image_url": image}
+    if p.kind is PartKind.DOCUMENT:
+        # Chat Completions takes a PDF inline only, and wants a file name with it.
+        return {
+            "type": "file",
+            "file": {"filename": p.title or "document.pdf", "file_data": data_url(p.media_type, p.data)},
+        }
+    return {"type": "input_audio", "input_audio": {"data": b64(p.data), "format": p.media_type}}
+
+
+def _content(m: Message) -> str | list[dict[str, Any]]:
+    return [_part(p) for p in m.parts] if m.parts else m.content
+
+
 def _message(m: Message) -> dict[str, Any]:
     if m.role is Role.TOOL:
-        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content}
-    out: dict[str, Any] = {"role": m.role.value, "content": m.content}
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": _content(m)}
+    out: dict[str, Any] = {"role": m.role.value, "content": _content(m)}
     if m.name:
         out["name"] = m.name
     if m.tool_calls:
-        if not m.content:
+        if not m.content and not m.parts:
             out["content"] = None  # what OpenAI itself returns for a tool-calls-only turn
         out["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}

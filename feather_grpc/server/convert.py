@@ -14,6 +14,8 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    Part,
+    PartKind,
     ResponseFormat,
     RetryOverride,
     Role,
@@ -76,6 +78,36 @@ _GROUP_BY = {
 }
 
 
+_DETAIL = {
+    pb.IMAGE_DETAIL_UNSPECIFIED: "",
+    pb.IMAGE_DETAIL_AUTO: "auto",
+    pb.IMAGE_DETAIL_LOW: "low",
+    pb.IMAGE_DETAIL_HIGH: "high",
+}
+
+
+def _part(p: pb.Part, field: str, bad: list[FieldViolation]) -> Part | None:
+    kind = p.WhichOneof("kind")
+    if kind == "text":
+        return Part(PartKind.TEXT, text=p.text)
+    if kind == "image":
+        detail = _DETAIL.get(p.image.detail)
+        if detail is None:
+            bad.append(FieldViolation(f"{field}.image.detail", "unknown value"))
+        return Part(
+            PartKind.IMAGE, url=p.image.url, data=p.image.data, media_type=p.image.media_type, detail=detail or ""
+        )
+    if kind == "document":
+        d = p.document
+        return Part(
+            PartKind.DOCUMENT, url=d.url, data=d.data, media_type=d.media_type or "application/pdf", title=d.title
+        )
+    if kind == "audio":
+        return Part(PartKind.AUDIO, data=p.audio.data, media_type=p.audio.format)
+    bad.append(FieldViolation(field, "must be text, an image, a document or audio"))
+    return None
+
+
 def _json_object(value: struct_pb2.Struct, field: str, bad: list[FieldViolation]) -> dict[str, Any] | None:
     """A Struct as JSON for the upstream; NaN and infinities have no JSON form, so they are the caller's error."""
     try:
@@ -105,6 +137,13 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
                 tool_call_id=m.tool_call_id,
                 tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in calls) if calls else (),
                 is_error=m.is_error,
+                parts=tuple(
+                    part
+                    for j, p in enumerate(m.parts)
+                    if (part := _part(p, f"messages[{i}].parts[{j}]", bad)) is not None
+                )
+                if m.parts
+                else (),
             )
         )
     tool_choice = None

@@ -6,6 +6,8 @@ export type { CallOpts, ChatOptions, ClientOptions, GroupBy, Policy, UsageOption
 export { FeatherError } from "./errors";
 export type { FieldViolation, QuotaViolation } from "./errors";
 export { assistant, formatUsd, system, toolResult, user } from "./results";
-export type { ChatResult, FinishReason, TokenUsage } from "./results";
+export type { ChatResult, Content, FinishReason, TokenUsage } from "./results";
+export { audio, image, imageUrl, pdf, pdfUrl, text } from "./parts";
+export type { Detail, ImageMediaType } from "./parts";
 export * as pb from "./gen/feather/v1/feather_service";
 export { status } from "@grpc/grpc-js";

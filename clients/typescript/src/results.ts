@@ -4,6 +4,7 @@ import {
   ChatResponse,
   FinishReason as PbFinishReason,
   Message,
+  Part,
   Role,
   StreamChatResponse,
   StreamEnd,
@@ -45,13 +46,27 @@ export interface ChatResult {
   attempts: Attempt[];
 }
 
-export const system = (text: string): Message => Message.fromPartial({ role: Role.ROLE_SYSTEM, content: text });
-export const user = (text: string): Message => Message.fromPartial({ role: Role.ROLE_USER, content: text });
+/** One string is `content`; anything else is ordered parts (a string among them is a text part). */
+export type Content = string | Part;
+
+function withContent(role: Role, content: Content[], fields: Partial<Message> = {}): Message {
+  if (content.length === 1 && typeof content[0] === "string") {
+    return Message.fromPartial({ ...fields, role, content: content[0] });
+  }
+  const parts = content.map((c) => (typeof c === "string" ? Part.fromPartial({ kind: { $case: "text", value: c } }) : c));
+  return Message.fromPartial({ ...fields, role, parts });
+}
+
+/** A system message: one text, or text parts. */
+export const system = (...content: Content[]): Message => withContent(Role.ROLE_SYSTEM, content);
+/** A user message: one text, or parts (`user("Describe this", image(data, "image/png"))`). */
+export const user = (...content: Content[]): Message => withContent(Role.ROLE_USER, content);
 export const assistant = (text: string, toolCalls: ToolCall[] = []): Message =>
   Message.fromPartial({ role: Role.ROLE_ASSISTANT, content: text, toolCalls });
-/** A tool's answer to the call `toolCallId`; `isError` when the tool failed and `text` says how. */
-export const toolResult = (toolCallId: string, text: string, isError = false): Message =>
-  Message.fromPartial({ role: Role.ROLE_TOOL, content: text, toolCallId, isError });
+/** A tool's answer to the call `toolCallId`: text or parts (images and documents: Anthropic only); `isError` when
+ * the tool failed and the content says how. */
+export const toolResult = (toolCallId: string, content: Content | Content[], isError = false): Message =>
+  withContent(Role.ROLE_TOOL, Array.isArray(content) ? content : [content], { toolCallId, isError });
 
 /** Exact, without floating point: `$0.000001234`, `$1.50`, `$0.00`. */
 export function formatUsd(nanos: bigint): string {

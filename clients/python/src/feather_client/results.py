@@ -29,21 +29,35 @@ GROUP_BY = {"tenant", "provider", "model", "tag", "hour", "day"}
 POLICIES = {"first", "round_robin", "cheapest", "fastest", "weighted"}
 
 
-def system(text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_SYSTEM, content=text)
+Content = str | pb.Part
 
 
-def user(text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_USER, content=text)
+def _content(role: pb.Role.ValueType, content: tuple[Content, ...], **fields: Any) -> pb.Message:
+    """One string is `content`; anything else is ordered parts (a string among them is a text part)."""
+    if len(content) == 1 and isinstance(content[0], str):
+        return pb.Message(role=role, content=content[0], **fields)
+    parts = [pb.Part(text=c) if isinstance(c, str) else c for c in content]
+    return pb.Message(role=role, parts=parts, **fields)
+
+
+def system(*content: Content) -> pb.Message:
+    """A system message: one text, or text parts."""
+    return _content(pb.ROLE_SYSTEM, content)
+
+
+def user(*content: Content) -> pb.Message:
+    """A user message: one text, or parts (`user("Describe this", image(data, "image/png"))`)."""
+    return _content(pb.ROLE_USER, content)
 
 
 def assistant(text: str, tool_calls: Sequence[pb.ToolCall] = ()) -> pb.Message:
     return pb.Message(role=pb.ROLE_ASSISTANT, content=text, tool_calls=tool_calls)
 
 
-def tool_result(tool_call_id: str, text: str, *, is_error: bool = False) -> pb.Message:
-    """A tool's answer to the call `tool_call_id`; `is_error` when the tool failed and `text` says how."""
-    return pb.Message(role=pb.ROLE_TOOL, content=text, tool_call_id=tool_call_id, is_error=is_error)
+def tool_result(tool_call_id: str, *content: Content, is_error: bool = False) -> pb.Message:
+    """A tool's answer to the call `tool_call_id`: text, or parts (images and documents: Anthropic only);
+    `is_error` when the tool failed and the content says how."""
+    return _content(pb.ROLE_TOOL, content, tool_call_id=tool_call_id, is_error=is_error)
 
 
 def usd(nanos: int) -> Decimal:

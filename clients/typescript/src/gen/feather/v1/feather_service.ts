@@ -87,6 +87,56 @@ export function roleToJSON(object: Role): string {
   }
 }
 
+/** ImageDetail is OpenAI's image detail level; Anthropic ignores it. */
+export enum ImageDetail {
+  /** IMAGE_DETAIL_UNSPECIFIED - The provider's default. */
+  IMAGE_DETAIL_UNSPECIFIED = 0,
+  /** IMAGE_DETAIL_AUTO - The provider decides. */
+  IMAGE_DETAIL_AUTO = 1,
+  /** IMAGE_DETAIL_LOW - Low resolution, fewer tokens. */
+  IMAGE_DETAIL_LOW = 2,
+  /** IMAGE_DETAIL_HIGH - High resolution. */
+  IMAGE_DETAIL_HIGH = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function imageDetailFromJSON(object: any): ImageDetail {
+  switch (object) {
+    case 0:
+    case "IMAGE_DETAIL_UNSPECIFIED":
+      return ImageDetail.IMAGE_DETAIL_UNSPECIFIED;
+    case 1:
+    case "IMAGE_DETAIL_AUTO":
+      return ImageDetail.IMAGE_DETAIL_AUTO;
+    case 2:
+    case "IMAGE_DETAIL_LOW":
+      return ImageDetail.IMAGE_DETAIL_LOW;
+    case 3:
+    case "IMAGE_DETAIL_HIGH":
+      return ImageDetail.IMAGE_DETAIL_HIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImageDetail.UNRECOGNIZED;
+  }
+}
+
+export function imageDetailToJSON(object: ImageDetail): string {
+  switch (object) {
+    case ImageDetail.IMAGE_DETAIL_UNSPECIFIED:
+      return "IMAGE_DETAIL_UNSPECIFIED";
+    case ImageDetail.IMAGE_DETAIL_AUTO:
+      return "IMAGE_DETAIL_AUTO";
+    case ImageDetail.IMAGE_DETAIL_LOW:
+      return "IMAGE_DETAIL_LOW";
+    case ImageDetail.IMAGE_DETAIL_HIGH:
+      return "IMAGE_DETAIL_HIGH";
+    case ImageDetail.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ToolChoiceMode says whether and how the model must call tools. */
 export enum ToolChoiceMode {
   /** TOOL_CHOICE_MODE_UNSPECIFIED - Provider default (auto when tools are given). */
@@ -546,6 +596,75 @@ export interface Message {
    * there the content alone tells the model.
    */
   isError: boolean;
+  /**
+   * The content as ordered parts: text, images, documents, audio. Use `content` or `parts`, not both
+   * (`content` is one text part). User messages take every kind; system and assistant messages take text;
+   * tool results take text, images and documents (images and documents only on Anthropic). A part the
+   * route's providers cannot take skips them; with none left the call is INVALID_ARGUMENT naming the part.
+   * Inline bytes count against the server's maxMessageBytes like the rest of the request.
+   */
+  parts: Part[];
+}
+
+/** Part is one piece of a message's content. */
+export interface Part {
+  /** What the part is. */
+  kind:
+    | //
+    /** Text. Must not be empty. */
+    { $case: "text"; value: string }
+    | //
+    /** An image (OpenAI `image_url`, Anthropic `image`). */
+    { $case: "image"; value: ImagePart }
+    | //
+    /** A PDF document (OpenAI `file`, inline bytes only; Anthropic `document`). */
+    { $case: "document"; value: DocumentPart }
+    | //
+    /** Audio input (OpenAI `input_audio`; Anthropic takes none). */
+    { $case: "audio"; value: AudioPart }
+    | undefined;
+}
+
+/** ImagePart is an image, by URL or inline. */
+export interface ImagePart {
+  /** Where the image comes from. */
+  source:
+    | //
+    /** An http(s) URL the provider fetches. */
+    { $case: "url"; value: string }
+    | //
+    /** The image's bytes (sent base64-encoded); `media_type` is required with them. */
+    { $case: "data"; value: Buffer }
+    | undefined;
+  /** With `data`: `image/jpeg`, `image/png`, `image/gif` or `image/webp`. */
+  mediaType: string;
+  /** OpenAI's detail level. */
+  detail: ImageDetail;
+}
+
+/** DocumentPart is a PDF document, by URL (Anthropic only) or inline. */
+export interface DocumentPart {
+  /** Where the document comes from. */
+  source:
+    | //
+    /** An http(s) URL the provider fetches (Anthropic only). */
+    { $case: "url"; value: string }
+    | //
+    /** The PDF's bytes (sent base64-encoded). */
+    { $case: "data"; value: Buffer }
+    | undefined;
+  /** `application/pdf` (the default, and the only type taken). */
+  mediaType: string;
+  /** An optional title (Anthropic `title`, OpenAI `filename`). */
+  title: string;
+}
+
+/** AudioPart is audio input, inline. */
+export interface AudioPart {
+  /** The audio's bytes (sent base64-encoded). Required. */
+  data: Buffer;
+  /** `wav` or `mp3`. Required. */
+  format: string;
 }
 
 /** ToolCall is a function call requested by the model. */
@@ -1007,7 +1126,7 @@ export interface ListModelsResponse {
 }
 
 function createBaseMessage(): Message {
-  return { role: 0, content: "", name: "", toolCallId: "", toolCalls: [], isError: false };
+  return { role: 0, content: "", name: "", toolCallId: "", toolCalls: [], isError: false, parts: [] };
 }
 
 export const Message: MessageFns<Message> = {
@@ -1029,6 +1148,9 @@ export const Message: MessageFns<Message> = {
     }
     if (message.isError !== false) {
       writer.uint32(48).bool(message.isError);
+    }
+    for (const v of message.parts) {
+      Part.encode(v!, writer.uint32(58).fork()).join();
     }
     return writer;
   },
@@ -1094,6 +1216,14 @@ export const Message: MessageFns<Message> = {
             message.isError = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.parts.push(Part.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1126,6 +1256,9 @@ export const Message: MessageFns<Message> = {
         : isSet(object.is_error)
         ? globalThis.Boolean(object.is_error)
         : false,
+      parts: globalThis.Array.isArray(object?.parts)
+        ? object.parts.map((e: any) => Part.fromJSON(e))
+        : [],
     };
   },
 
@@ -1149,6 +1282,9 @@ export const Message: MessageFns<Message> = {
     if (message.isError !== false) {
       obj.isError = message.isError;
     }
+    if (message.parts?.length) {
+      obj.parts = message.parts.map((e) => Part.toJSON(e));
+    }
     return obj;
   },
 
@@ -1163,6 +1299,509 @@ export const Message: MessageFns<Message> = {
     message.toolCallId = object.toolCallId ?? "";
     message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
     message.isError = object.isError ?? false;
+    message.parts = object.parts?.map((e) => Part.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBasePart(): Part {
+  return { kind: undefined };
+}
+
+export const Part: MessageFns<Part> = {
+  encode(message: Part, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.kind?.$case) {
+      case "text":
+        writer.uint32(10).string(message.kind.value);
+        break;
+      case "image":
+        ImagePart.encode(message.kind.value, writer.uint32(18).fork()).join();
+        break;
+      case "document":
+        DocumentPart.encode(message.kind.value, writer.uint32(26).fork()).join();
+        break;
+      case "audio":
+        AudioPart.encode(message.kind.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Part {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.kind = { $case: "text", value: reader.string() };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.kind = { $case: "image", value: ImagePart.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.kind = { $case: "document", value: DocumentPart.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.kind = { $case: "audio", value: AudioPart.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Part {
+    return {
+      kind: isSet(object.text)
+        ? { $case: "text", value: globalThis.String(object.text) }
+        : isSet(object.image)
+        ? { $case: "image", value: ImagePart.fromJSON(object.image) }
+        : isSet(object.document)
+        ? { $case: "document", value: DocumentPart.fromJSON(object.document) }
+        : isSet(object.audio)
+        ? { $case: "audio", value: AudioPart.fromJSON(object.audio) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: Part): unknown {
+    const obj: any = {};
+    if (message.kind?.$case === "text") {
+      obj.text = message.kind.value;
+    } else if (message.kind?.$case === "image") {
+      obj.image = ImagePart.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "document") {
+      obj.document = DocumentPart.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "audio") {
+      obj.audio = AudioPart.toJSON(message.kind.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Part>): Part {
+    return Part.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Part>): Part {
+    const message = createBasePart();
+    switch (object.kind?.$case) {
+      case "text": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "text", value: object.kind.value };
+        }
+        break;
+      }
+      case "image": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "image", value: ImagePart.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "document": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "document", value: DocumentPart.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "audio": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "audio", value: AudioPart.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseImagePart(): ImagePart {
+  return { source: undefined, mediaType: "", detail: 0 };
+}
+
+export const ImagePart: MessageFns<ImagePart> = {
+  encode(message: ImagePart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.source?.$case) {
+      case "url":
+        writer.uint32(10).string(message.source.value);
+        break;
+      case "data":
+        writer.uint32(18).bytes(message.source.value);
+        break;
+    }
+    if (message.mediaType !== "") {
+      writer.uint32(26).string(message.mediaType);
+    }
+    if (message.detail !== 0) {
+      writer.uint32(32).int32(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImagePart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImagePart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = { $case: "url", value: reader.string() };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.source = { $case: "data", value: Buffer.from(reader.bytes()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mediaType = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.detail = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImagePart {
+    return {
+      source: isSet(object.url)
+        ? { $case: "url", value: globalThis.String(object.url) }
+        : isSet(object.data)
+        ? { $case: "data", value: Buffer.from(bytesFromBase64(object.data)) }
+        : undefined,
+      mediaType: isSet(object.mediaType)
+        ? globalThis.String(object.mediaType)
+        : isSet(object.media_type)
+        ? globalThis.String(object.media_type)
+        : "",
+      detail: isSet(object.detail) ? imageDetailFromJSON(object.detail) : 0,
+    };
+  },
+
+  toJSON(message: ImagePart): unknown {
+    const obj: any = {};
+    if (message.source?.$case === "url") {
+      obj.url = message.source.value;
+    } else if (message.source?.$case === "data") {
+      obj.data = base64FromBytes(message.source.value);
+    }
+    if (message.mediaType !== "") {
+      obj.mediaType = message.mediaType;
+    }
+    if (message.detail !== 0) {
+      obj.detail = imageDetailToJSON(message.detail);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImagePart>): ImagePart {
+    return ImagePart.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImagePart>): ImagePart {
+    const message = createBaseImagePart();
+    switch (object.source?.$case) {
+      case "url": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "url", value: object.source.value };
+        }
+        break;
+      }
+      case "data": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "data", value: object.source.value };
+        }
+        break;
+      }
+    }
+    message.mediaType = object.mediaType ?? "";
+    message.detail = object.detail ?? 0;
+    return message;
+  },
+};
+
+function createBaseDocumentPart(): DocumentPart {
+  return { source: undefined, mediaType: "", title: "" };
+}
+
+export const DocumentPart: MessageFns<DocumentPart> = {
+  encode(message: DocumentPart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.source?.$case) {
+      case "url":
+        writer.uint32(10).string(message.source.value);
+        break;
+      case "data":
+        writer.uint32(18).bytes(message.source.value);
+        break;
+    }
+    if (message.mediaType !== "") {
+      writer.uint32(26).string(message.mediaType);
+    }
+    if (message.title !== "") {
+      writer.uint32(34).string(message.title);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DocumentPart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDocumentPart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = { $case: "url", value: reader.string() };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.source = { $case: "data", value: Buffer.from(reader.bytes()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mediaType = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.title = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DocumentPart {
+    return {
+      source: isSet(object.url)
+        ? { $case: "url", value: globalThis.String(object.url) }
+        : isSet(object.data)
+        ? { $case: "data", value: Buffer.from(bytesFromBase64(object.data)) }
+        : undefined,
+      mediaType: isSet(object.mediaType)
+        ? globalThis.String(object.mediaType)
+        : isSet(object.media_type)
+        ? globalThis.String(object.media_type)
+        : "",
+      title: isSet(object.title) ? globalThis.String(object.title) : "",
+    };
+  },
+
+  toJSON(message: DocumentPart): unknown {
+    const obj: any = {};
+    if (message.source?.$case === "url") {
+      obj.url = message.source.value;
+    } else if (message.source?.$case === "data") {
+      obj.data = base64FromBytes(message.source.value);
+    }
+    if (message.mediaType !== "") {
+      obj.mediaType = message.mediaType;
+    }
+    if (message.title !== "") {
+      obj.title = message.title;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DocumentPart>): DocumentPart {
+    return DocumentPart.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DocumentPart>): DocumentPart {
+    const message = createBaseDocumentPart();
+    switch (object.source?.$case) {
+      case "url": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "url", value: object.source.value };
+        }
+        break;
+      }
+      case "data": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "data", value: object.source.value };
+        }
+        break;
+      }
+    }
+    message.mediaType = object.mediaType ?? "";
+    message.title = object.title ?? "";
+    return message;
+  },
+};
+
+function createBaseAudioPart(): AudioPart {
+  return { data: Buffer.alloc(0), format: "" };
+}
+
+export const AudioPart: MessageFns<AudioPart> = {
+  encode(message: AudioPart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.data.length !== 0) {
+      writer.uint32(10).bytes(message.data);
+    }
+    if (message.format !== "") {
+      writer.uint32(18).string(message.format);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AudioPart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAudioPart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.format = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AudioPart {
+    return {
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      format: isSet(object.format) ? globalThis.String(object.format) : "",
+    };
+  },
+
+  toJSON(message: AudioPart): unknown {
+    const obj: any = {};
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.format !== "") {
+      obj.format = message.format;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AudioPart>): AudioPart {
+    return AudioPart.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AudioPart>): AudioPart {
+    const message = createBaseAudioPart();
+    message.data = object.data ?? Buffer.alloc(0);
+    message.format = object.format ?? "";
     return message;
   },
 };
@@ -5593,6 +6232,14 @@ export const FeatherServiceClient = makeGenericClientConstructor(
   service: typeof FeatherServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
   return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;

@@ -1,0 +1,53 @@
+"""Typed helpers for content parts: text, images, PDF documents and audio in one message.
+
+```python
+from feather_client import image, pdf, user
+
+reply = await client.chat([user("What is in this picture?", image(png_bytes, "image/png"))], model="smart")
+```
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .gen.feather.v1 import feather_service_pb2 as pb
+
+__all__ = ["ImageMediaType", "audio", "image", "image_url", "pdf", "pdf_url", "text"]
+
+ImageMediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+_DETAIL = {
+    "": pb.IMAGE_DETAIL_UNSPECIFIED,
+    "auto": pb.IMAGE_DETAIL_AUTO,
+    "low": pb.IMAGE_DETAIL_LOW,
+    "high": pb.IMAGE_DETAIL_HIGH,
+}
+
+
+def text(value: str) -> pb.Part:
+    return pb.Part(text=value)
+
+
+def image(data: bytes, media_type: ImageMediaType, *, detail: Literal["", "auto", "low", "high"] = "") -> pb.Part:
+    """An inline image (sent base64-encoded); `detail` is OpenAI's detail level."""
+    return pb.Part(image=pb.ImagePart(data=data, media_type=media_type, detail=_DETAIL[detail]))
+
+
+def image_url(url: str, *, detail: Literal["", "auto", "low", "high"] = "") -> pb.Part:
+    """An image the provider fetches from an http(s) URL."""
+    return pb.Part(image=pb.ImagePart(url=url, detail=_DETAIL[detail]))
+
+
+def pdf(data: bytes, *, title: str = "") -> pb.Part:
+    """An inline PDF document."""
+    return pb.Part(document=pb.DocumentPart(data=data, media_type="application/pdf", title=title))
+
+
+def pdf_url(url: str, *, title: str = "") -> pb.Part:
+    """A PDF document by URL (Anthropic only: routing skips providers that cannot fetch one)."""
+    return pb.Part(document=pb.DocumentPart(url=url, media_type="application/pdf", title=title))
+
+
+def audio(data: bytes, audio_format: Literal["wav", "mp3"]) -> pb.Part:
+    """Audio input (OpenAI only: routing skips providers that take none)."""
+    return pb.Part(audio=pb.AudioPart(data=data, format=audio_format))
