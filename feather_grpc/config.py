@@ -55,6 +55,9 @@ class ModelSpec(_Strict):
     output_per_1m: Decimal | None = Field(default=None, alias="outputPer1M")
     cached_input_per_1m: Decimal | None = Field(default=None, alias="cachedInputPer1M")
     cache_write_per_1m: Decimal | None = Field(default=None, alias="cacheWritePer1M")
+    # Cache writes with a 1-hour TTL (Anthropic: 2x input); unset: the cache-write price
+    cache_write_1h_per_1k: Decimal | None = Field(default=None, alias="cacheWrite1hPer1K")
+    cache_write_1h_per_1m: Decimal | None = Field(default=None, alias="cacheWrite1hPer1M")
     # Per 1K (or 1M) server-side web search requests (Anthropic: 10.00 per 1K); unset: not billed.
     web_search_per_1k: Decimal | None = Field(default=None, alias="webSearchPer1K")
     web_search_per_1m: Decimal | None = Field(default=None, alias="webSearchPer1M")
@@ -66,7 +69,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> ModelSpec:
-        for kind in ("input", "output", "cached_input", "cache_write", "web_search"):
+        for kind in ("input", "output", "cached_input", "cache_write", "cache_write_1h", "web_search"):
             if getattr(self, f"{kind}_per_1k") is not None and getattr(self, f"{kind}_per_1m") is not None:
                 raise ValueError(f"give {kind} price per 1K or per 1M tokens, not both")
         return self
@@ -93,6 +96,7 @@ class ModelSpec(_Strict):
             cached_input=input_price if cached is None else cached,
             cache_write=input_price if write is None else write,
             web_search=one("web_search") or 0,
+            cache_write_1h=one("cache_write_1h"),
         )
 
 

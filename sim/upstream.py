@@ -73,6 +73,8 @@ class SimUsage:
     # (sent when not 0); part of `output` on both
     reasoning: int = 0
     web_search: int = 0  # Anthropic `server_tool_use.web_search_requests` (sent when not 0)
+    # Anthropic: of `cache_write`, those with a 1-hour TTL (`cache_creation` is sent when cache_write is not 0)
+    cache_write_1h: int = 0
     # Anthropic streams: `output_tokens` in message_start (None: 1, or 0 when `output` is 0)
     start_output: int | None = None
 
@@ -714,6 +716,9 @@ def _anthropic_problem(body: dict[str, Any], headers: Mapping[str, str]) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "messages: Field required"
+    marked = _count_cache_control(body)
+    if marked > 4:
+        return f"A maximum of 4 blocks with cache_control may be provided. Found {marked}."
     tool_ids: set[str] = set()
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
@@ -735,6 +740,14 @@ def _anthropic_problem(body: dict[str, Any], headers: Mapping[str, str]) -> str:
             if kind == "tool_result" and (role != "user" or block.get("tool_use_id") not in tool_ids):
                 return f"messages.{i}.content: tool_result block(s) provided without a matching tool_use"
     return ""
+
+
+def _count_cache_control(value: Any) -> int:
+    if isinstance(value, dict):
+        return ("cache_control" in value) + sum(_count_cache_control(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count_cache_control(v) for v in value)
+    return 0
 
 
 # -- wire encodings ---------------------------------------------------------------------------------
@@ -856,6 +869,11 @@ def _anthropic_usage(u: SimUsage, output: int, final: bool = True) -> dict[str, 
         "cache_read_input_tokens": u.cached,
         "output_tokens": output,
     }
+    if u.cache_write:
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": u.cache_write - u.cache_write_1h,
+            "ephemeral_1h_input_tokens": u.cache_write_1h,
+        }
     if final and u.reasoning:
         usage["output_tokens_details"] = {"thinking_tokens": u.reasoning}
     if final and u.web_search:
@@ -889,7 +907,7 @@ def _anthropic_message(model: str, content: str, reply: Reply, usage: SimUsage) 
     return _dumps(doc)
 
 
-_START_ONLY = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_START_ONLY = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cache_creation")
 _PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 

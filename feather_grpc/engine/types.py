@@ -47,6 +47,7 @@ class Part:
     media_type: str = ""  # images and documents; audio: its format ("wav", "mp3")
     title: str = ""  # documents
     detail: str = ""  # images: OpenAI's "auto" | "low" | "high"; "" for the default
+    cache_ttl: str | None = None  # a prompt-cache breakpoint after this part: "5m", "1h", "" (default TTL)
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,6 +59,7 @@ class Message:
     tool_calls: tuple[ToolCall, ...] = ()
     is_error: bool = False  # a tool result that reports the tool's failure
     parts: tuple[Part, ...] = ()  # the content as ordered parts; `content` is then empty
+    cache_ttl: str | None = None  # a prompt-cache breakpoint after this message (see Part.cache_ttl)
 
     @property
     def text(self) -> str:
@@ -73,6 +75,7 @@ class ToolSpec:
     description: str = ""
     parameters: dict[str, Any] | None = None  # JSON schema
     strict: bool = False  # the provider enforces `parameters` exactly
+    cache_ttl: str | None = None  # a prompt-cache breakpoint after this tool (see Part.cache_ttl)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,6 +120,7 @@ class ChatRequest:
     tags: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
     parallel_tool_calls: bool | None = None  # None: the provider's default
+    prompt_cache_key: str = ""  # OpenAI's prompt cache routing key
 
 
 @dataclass(slots=True)
@@ -133,6 +137,7 @@ class Usage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     web_search_requests: int = 0  # server-side tool use the provider bills per request (Anthropic web search)
+    cache_write_1h_tokens: int = 0  # of cache_write_tokens, those written with a 1-hour TTL
 
 
 @dataclass(slots=True)

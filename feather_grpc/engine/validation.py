@@ -21,6 +21,8 @@ IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")  # wh
 DOCUMENT_MEDIA_TYPE = "application/pdf"
 AUDIO_FORMATS = ("wav", "mp3")
 MAX_URL_LENGTH = 8192
+MAX_CACHE_BREAKPOINTS = 4  # Anthropic's limit per request
+MAX_PROMPT_CACHE_KEY_LENGTH = 256
 # The part kinds each role may carry (which providers take them is routing's question).
 _ROLE_PARTS = {
     Role.SYSTEM: frozenset({PartKind.TEXT}),
@@ -112,6 +114,13 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad("retry.base_ms", "must not be negative")
         if req.retry.max_ms is not None and req.retry.max_ms < 0:
             bad("retry.max_ms", "must not be negative")
+    breakpoints = sum(m.cache_ttl is not None for m in req.messages)
+    breakpoints += sum(p.cache_ttl is not None for m in req.messages for p in m.parts)
+    breakpoints += sum(t.cache_ttl is not None for t in req.tools)
+    if breakpoints > MAX_CACHE_BREAKPOINTS:
+        bad("cache_breakpoint", f"at most {MAX_CACHE_BREAKPOINTS} cache breakpoints in a request ({breakpoints} given)")
+    if len(req.prompt_cache_key) > MAX_PROMPT_CACHE_KEY_LENGTH:
+        bad("prompt_cache_key", f"at most {MAX_PROMPT_CACHE_KEY_LENGTH} characters")
     if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
         bad("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
     if len(req.tags) > MAX_TAGS:

@@ -11,6 +11,7 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    Message,
     Part,
     PartKind,
     PromptUsage,
@@ -88,6 +89,7 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
     cache_write = token_count(raw.get("cache_creation_input_tokens"))
     details = raw.get("output_tokens_details")
     server_tools = raw.get("server_tool_use")
+    by_ttl = raw.get("cache_creation")  # the writes split by TTL
     return consistent(
         Usage(
             input_tokens=token_count(raw.get("input_tokens")) + cache_read + cache_write,
@@ -97,6 +99,9 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
             reasoning_tokens=token_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
             web_search_requests=request_count(server_tools.get("web_search_requests"))
             if isinstance(server_tools, dict)
+            else 0,
+            cache_write_1h_tokens=token_count(by_ttl.get("ephemeral_1h_input_tokens"))
+            if isinstance(by_ttl, dict)
             else 0,
         )
     )
@@ -125,31 +130,57 @@ def _source(p: Part) -> dict[str, Any]:
     return {"type": "base64", "media_type": p.media_type, "data": b64(p.data)}
 
 
+def cache_control(ttl: str | None) -> dict[str, Any] | None:
+    """A breakpoint's `cache_control`: "" is the API's default TTL (5 minutes)."""
+    if ttl is None:
+        return None
+    return {"type": "ephemeral", "ttl": ttl} if ttl else {"type": "ephemeral"}
+
+
+def _mark(block: dict[str, Any], ttl: str | None) -> dict[str, Any]:
+    if ttl is not None:
+        block["cache_control"] = cache_control(ttl)
+    return block
+
+
 def _block(p: Part) -> dict[str, Any]:
     """One content part as a Messages content block (routing has kept audio away from this API)."""
+    block: dict[str, Any]
     if p.kind is PartKind.IMAGE:
-        return {"type": "image", "source": _source(p)}
-    if p.kind is PartKind.DOCUMENT:
+        block = {"type": "image", "source": _source(p)}
+    elif p.kind is PartKind.DOCUMENT:
         block = {"type": "document", "source": _source(p)}
         if p.title:
             block["title"] = p.title
-        return block
-    return {"type": "text", "text": p.text}
+    else:
+        block = {"type": "text", "text": p.text}
+    return _mark(block, p.cache_ttl)
 
 
-def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[str, Any]]]:
-    """System text, and turns that alternate user/assistant as the Messages API requires.
+def _text_blocks(m: Message) -> list[dict[str, Any]]:
+    """The message's content as blocks; the API rejects empty text blocks."""
+    if m.parts:
+        return [_block(p) for p in m.parts]
+    return [{"type": "text", "text": m.content}] if m.content else []
 
-    System messages join into the top-level `system`; tool results become `tool_result` blocks of a
-    user turn; consecutive same-role turns merge. A turn that is one text block is sent as a string.
+
+def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict[str, Any]], list[dict[str, Any]]]:
+    """The top-level `system`, and turns that alternate user/assistant as the Messages API requires.
+
+    System messages join into `system` (text, or text blocks when a cache breakpoint marks one); tool
+    results become `tool_result` blocks of a user turn; consecutive same-role turns merge. A turn that is
+    one unmarked text block is sent as a string. A message's cache breakpoint marks its last block.
     """
-    system: list[str] = []
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     for m in request.messages:
         if m.role is Role.SYSTEM:
-            system.append(m.text)
+            blocks = _text_blocks(m)
+            if blocks:
+                _mark(blocks[-1], m.cache_ttl)
+            system.extend(blocks)
             continue
-        blocks: list[dict[str, Any]] = []
+        blocks = []
         if m.role is Role.TOOL:
             role = "user"
             content: str | list[dict[str, Any]] = [_block(p) for p in m.parts] if m.parts else m.content
@@ -159,9 +190,7 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
             blocks.append(result)
         else:
             role = "assistant" if m.role is Role.ASSISTANT else "user"
-            if m.content:  # the API rejects empty text blocks
-                blocks.append({"type": "text", "text": m.content})
-            blocks.extend(_block(p) for p in m.parts)
+            blocks.extend(_text_blocks(m))
             for call in m.tool_calls:
                 blocks.append(
                     {
@@ -171,6 +200,8 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
                         "input": _tool_input(provider, call.id, call.arguments),
                     }
                 )
+        if blocks:
+            _mark(blocks[-1], m.cache_ttl)
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
@@ -179,9 +210,15 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
         turn_blocks = turn["content"]
         if not turn_blocks:
             turn["content"] = ""  # an empty message: let the upstream say what it thinks of it
-        elif len(turn_blocks) == 1 and turn_blocks[0]["type"] == "text":
+        elif len(turn_blocks) == 1 and _plain_text(turn_blocks[0]):
             turn["content"] = turn_blocks[0]["text"]
-    return "\n\n".join(system), turns
+    if any(not _plain_text(b) for b in system):
+        return system, turns
+    return "\n\n".join(b["text"] for b in system), turns
+
+
+def _plain_text(block: dict[str, Any]) -> bool:
+    return block["type"] == "text" and "cache_control" not in block
 
 
 class AnthropicProvider:
@@ -227,7 +264,7 @@ class AnthropicProvider:
                 tool["input_schema"] = t.parameters if t.parameters is not None else {"type": "object"}
                 if t.strict:
                     tool["strict"] = True
-                tools.append(tool)
+                tools.append(_mark(tool, t.cache_ttl))
             body["tools"] = tools
         choice = request.tool_choice
         tool_choice: dict[str, Any] | None = None

@@ -93,6 +93,7 @@ def consistent(usage: Usage) -> Usage:
     """Cache reads and writes within the prompt, reasoning within the output (as every provider means)."""
     usage.cached_input_tokens = min(usage.cached_input_tokens, usage.input_tokens)
     usage.cache_write_tokens = min(usage.cache_write_tokens, usage.input_tokens - usage.cached_input_tokens)
+    usage.cache_write_1h_tokens = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     usage.reasoning_tokens = min(usage.reasoning_tokens, usage.output_tokens)
     return usage
 

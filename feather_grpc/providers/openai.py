@@ -201,6 +201,8 @@ class OpenAIProvider:
                 body["tool_choice"] = {"type": "function", "function": {"name": choice.function_name}}
             elif choice.mode:
                 body["tool_choice"] = choice.mode
+        if request.prompt_cache_key:
+            body["prompt_cache_key"] = request.prompt_cache_key
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

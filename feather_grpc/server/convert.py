@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -86,7 +87,27 @@ _DETAIL = {
 }
 
 
+_TTL = {pb.CACHE_TTL_UNSPECIFIED: "", pb.CACHE_TTL_FIVE_MINUTES: "5m", pb.CACHE_TTL_ONE_HOUR: "1h"}
+
+
+def _cache_ttl(msg: pb.Part | pb.Message | pb.Tool, field: str, bad: list[FieldViolation]) -> str | None:
+    """A breakpoint's TTL ("" for the provider's default), or None without a breakpoint."""
+    if not msg.HasField("cache_breakpoint"):
+        return None
+    ttl = _TTL.get(msg.cache_breakpoint.ttl)
+    if ttl is None:
+        bad.append(FieldViolation(f"{field}.cache_breakpoint.ttl", "unknown value"))
+    return ttl or ""
+
+
 def _part(p: pb.Part, field: str, bad: list[FieldViolation]) -> Part | None:
+    part = _part_kind(p, field, bad)
+    if part is not None and p.HasField("cache_breakpoint"):
+        part = replace(part, cache_ttl=_cache_ttl(p, field, bad))
+    return part
+
+
+def _part_kind(p: pb.Part, field: str, bad: list[FieldViolation]) -> Part | None:
     kind = p.WhichOneof("kind")
     if kind == "text":
         return Part(PartKind.TEXT, text=p.text)
@@ -144,6 +165,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
                 )
                 if m.parts
                 else (),
+                cache_ttl=_cache_ttl(m, f"messages[{i}]", bad),
             )
         )
     tool_choice = None
@@ -177,6 +199,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
             t.description,
             _json_object(t.parameters, f"tools[{i}].parameters", bad) if t.HasField("parameters") else None,
             t.strict,
+            _cache_ttl(t, f"tools[{i}]", bad),
         )
         for i, t in enumerate(msg.tools)
     ]
@@ -208,6 +231,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         tags=dict(msg.tags) if msg.tags else {},
         request_id=msg.request_id,
         parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else None,
+        prompt_cache_key=msg.prompt_cache_key,
     )
 
 
@@ -227,6 +251,7 @@ def usage_pb(u: Usage) -> pb.TokenUsage:
         cache_write_tokens=u.cache_write_tokens,
         reasoning_tokens=u.reasoning_tokens,
         web_search_requests=u.web_search_requests,
+        cache_write_1h_tokens=u.cache_write_1h_tokens,
     )
 
 
@@ -383,6 +408,9 @@ def model_info(v: ModelView) -> pb.ModelInfo:
                 cached_input_nanos_usd_per_million=price.cached_input,
                 cache_write_nanos_usd_per_million=price.cache_write,
                 web_search_nanos_usd_per_million=price.web_search,
+                cache_write_1h_nanos_usd_per_million=price.cache_write
+                if price.cache_write_1h is None
+                else price.cache_write_1h,
             )
         )
     return info

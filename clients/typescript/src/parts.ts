@@ -1,6 +1,6 @@
 // Typed helpers for content parts: text, images, PDF documents and audio in one message.
 //   client.chat([user("What is in this picture?", image(pngBytes, "image/png"))], { model: "smart" })
-import { ImageDetail, Part } from "./gen/feather/v1/feather_service";
+import { CacheTtl, ImageDetail, Message, Part, Tool } from "./gen/feather/v1/feather_service";
 
 export type ImageMediaType = "image/jpeg" | "image/png" | "image/gif" | "image/webp";
 export type Detail = "" | "auto" | "low" | "high";
@@ -33,3 +33,16 @@ export const pdfUrl = (url: string, title = ""): Part =>
 /** Audio input (OpenAI only: routing skips providers that take none). */
 export const audio = (data: Buffer, format: "wav" | "mp3"): Part =>
   Part.fromPartial({ kind: { $case: "audio", value: { data, format } } });
+
+export type Ttl = "" | "5m" | "1h";
+const TTL: Record<Ttl, CacheTtl> = {
+  "": CacheTtl.CACHE_TTL_UNSPECIFIED,
+  "5m": CacheTtl.CACHE_TTL_FIVE_MINUTES,
+  "1h": CacheTtl.CACHE_TTL_ONE_HOUR,
+};
+
+/** Marks a prompt-cache breakpoint after a message (a system prompt), a part or a tool, and returns it:
+ * `cached(system(rules), "1h")`. Anthropic caches the prompt up to there; "" is its default TTL (5m). */
+export function cached<T extends Message | Part | Tool>(item: T, ttl: Ttl = ""): T {
+  return { ...item, cacheBreakpoint: { ttl: TTL[ttl] } };
+}

@@ -4,7 +4,7 @@ import { getEventListeners } from "node:events";
 import { after, before, describe, test } from "node:test";
 import { Metadata, Server, ServerCredentials, status } from "@grpc/grpc-js";
 import type { sendUnaryData, ServerUnaryCall, ServerWritableStream } from "@grpc/grpc-js";
-import { audio, FeatherClient, FeatherError, formatUsd, image, imageUrl, pb, pdf, pdfUrl, system, target, text, toolResult, user } from "../src";
+import { audio, cached, FeatherClient, FeatherError, formatUsd, image, imageUrl, pb, pdf, pdfUrl, system, target, text, toolResult, user } from "../src";
 import type { TokenUsage } from "../src";
 import { Any } from "../src/gen/google/protobuf/any";
 import { ErrorInfo, QuotaFailure, RetryInfo } from "../src/gen/google/rpc/error_details";
@@ -387,4 +387,11 @@ test("message helpers build content or ordered parts", () => {
   const failed = toolResult("t1", "boom", true);
   assert.deepEqual([failed.content, failed.toolCallId, failed.isError], ["boom", "t1", true]);
   assert.equal(toolResult("t1", [text("see"), pdfUrl("https://x/a.pdf")]).parts.length, 2);
+});
+
+test("cached marks a breakpoint on a message, a part or a tool", () => {
+  const rules = cached(system("rules"), "1h");
+  assert.deepEqual([rules.content, rules.cacheBreakpoint?.ttl], ["rules", pb.CacheTtl.CACHE_TTL_ONE_HOUR]);
+  assert.equal(cached(text("doc")).cacheBreakpoint?.ttl, pb.CacheTtl.CACHE_TTL_UNSPECIFIED);
+  assert.equal(cached(pb.Tool.fromPartial({ name: "t" }), "5m").cacheBreakpoint?.ttl, pb.CacheTtl.CACHE_TTL_FIVE_MINUTES);
 });

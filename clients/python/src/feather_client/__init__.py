@@ -13,7 +13,7 @@ from .channel import TLS, RetryPolicy
 from .client import DEFAULT_TIMEOUT, ChatStream, FeatherClient
 from .errors import FeatherError, FieldViolation, QuotaViolation
 from .gen.feather.v1 import feather_service_pb2 as pb
-from .parts import audio, image, image_url, pdf, pdf_url, text
+from .parts import audio, cached, image, image_url, pdf, pdf_url, text
 from .results import ChatResult, TokenUsage, assistant, format_usd, system, tool_result, usd, user
 from .sync_client import SyncChatStream, SyncFeatherClient
 
@@ -32,6 +32,7 @@ __all__ = [
     "TokenUsage",
     "assistant",
     "audio",
+    "cached",
     "format_usd",
     "image",
     "image_url",

@@ -9,11 +9,11 @@ reply = await client.chat([user("What is in this picture?", image(png_bytes, "im
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from .gen.feather.v1 import feather_service_pb2 as pb
 
-__all__ = ["ImageMediaType", "audio", "image", "image_url", "pdf", "pdf_url", "text"]
+__all__ = ["ImageMediaType", "audio", "cached", "image", "image_url", "pdf", "pdf_url", "text"]
 
 ImageMediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
 _DETAIL = {
@@ -51,3 +51,14 @@ def pdf_url(url: str, *, title: str = "") -> pb.Part:
 def audio(data: bytes, audio_format: Literal["wav", "mp3"]) -> pb.Part:
     """Audio input (OpenAI only: routing skips providers that take none)."""
     return pb.Part(audio=pb.AudioPart(data=data, format=audio_format))
+
+
+_TTL = {"": pb.CACHE_TTL_UNSPECIFIED, "5m": pb.CACHE_TTL_FIVE_MINUTES, "1h": pb.CACHE_TTL_ONE_HOUR}
+Cacheable = TypeVar("Cacheable", pb.Message, pb.Part, pb.Tool)
+
+
+def cached(item: Cacheable, *, ttl: Literal["", "5m", "1h"] = "") -> Cacheable:
+    """Marks a prompt-cache breakpoint after a message (a system prompt), a part or a tool, and returns it:
+    `cached(system(rules), ttl="1h")`. Anthropic caches the prompt up to there; "" is its default TTL (5m)."""
+    item.cache_breakpoint.CopyFrom(pb.CacheBreakpoint(ttl=_TTL[ttl]))
+    return item

@@ -54,6 +54,30 @@ ROLE_TOOL: Role.ValueType  # 4
 """A tool's result, answering the assistant tool call named by `tool_call_id`."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _CacheTtl:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheTtlEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheTtl.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_TTL_UNSPECIFIED: _CacheTtl.ValueType  # 0
+    """The provider's default (Anthropic: 5 minutes)."""
+    CACHE_TTL_FIVE_MINUTES: _CacheTtl.ValueType  # 1
+    """5 minutes."""
+    CACHE_TTL_ONE_HOUR: _CacheTtl.ValueType  # 2
+    """1 hour (Anthropic prices these writes higher: see ModelPrice.cache_write_1h_nanos_usd_per_million)."""
+
+class CacheTtl(_CacheTtl, metaclass=_CacheTtlEnumTypeWrapper):
+    """CacheTtl is how long a prompt-cache entry lives."""
+
+CACHE_TTL_UNSPECIFIED: CacheTtl.ValueType  # 0
+"""The provider's default (Anthropic: 5 minutes)."""
+CACHE_TTL_FIVE_MINUTES: CacheTtl.ValueType  # 1
+"""5 minutes."""
+CACHE_TTL_ONE_HOUR: CacheTtl.ValueType  # 2
+"""1 hour (Anthropic prices these writes higher: see ModelPrice.cache_write_1h_nanos_usd_per_million)."""
+Global___CacheTtl: _TypeAlias = CacheTtl  # noqa: Y015
+
 class _ImageDetail:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -343,6 +367,7 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     IS_ERROR_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote this message."""
     content: _builtins.str
@@ -368,6 +393,12 @@ class Message(_message.Message):
         Inline bytes count against the server's maxMessageBytes like the rest of the request.
         """
 
+    @_builtins.property
+    def cache_breakpoint(self) -> Global___CacheBreakpoint:
+        """A prompt-cache breakpoint at the end of this message (Anthropic `cache_control` on its last block; on a
+        system message, the system prompt up to here). OpenAI caches prefixes on its own and ignores it.
+        """
+
     def __init__(
         self,
         *,
@@ -378,14 +409,37 @@ class Message(_message.Message):
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         is_error: _builtins.bool = ...,
         parts: _abc.Iterable[Global___Part] | None = ...,
+        cache_breakpoint: Global___CacheBreakpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "is_error", b"is_error", "name", b"name", "parts", b"parts", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "content", b"content", "is_error", b"is_error", "name", b"name", "parts", b"parts", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class CacheBreakpoint(_message.Message):
+    """CacheBreakpoint marks the end of a prompt prefix the provider should cache. At most 4 in a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTL_FIELD_NUMBER: _builtins.int
+    ttl: Global___CacheTtl.ValueType
+    """How long the entry lives."""
+    def __init__(
+        self,
+        *,
+        ttl: Global___CacheTtl.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheBreakpoint: _TypeAlias = CacheBreakpoint  # noqa: Y015
 
 @_typing.final
 class Part(_message.Message):
@@ -397,6 +451,7 @@ class Part(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     DOCUMENT_FIELD_NUMBER: _builtins.int
     AUDIO_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text. Must not be empty."""
     @_builtins.property
@@ -411,6 +466,10 @@ class Part(_message.Message):
     def audio(self) -> Global___AudioPart:
         """Audio input (OpenAI `input_audio`; Anthropic takes none)."""
 
+    @_builtins.property
+    def cache_breakpoint(self) -> Global___CacheBreakpoint:
+        """A prompt-cache breakpoint at the end of this part (Anthropic `cache_control`)."""
+
     def __init__(
         self,
         *,
@@ -418,10 +477,11 @@ class Part(_message.Message):
         image: Global___ImagePart | None = ...,
         document: Global___DocumentPart | None = ...,
         audio: Global___AudioPart | None = ...,
+        cache_breakpoint: Global___CacheBreakpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "document", b"document", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "cache_breakpoint", b"cache_breakpoint", "document", b"document", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "document", b"document", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "cache_breakpoint", b"cache_breakpoint", "document", b"document", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "image", "document", "audio"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -567,6 +627,7 @@ class Tool(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The function's name."""
     description: _builtins.str
@@ -577,6 +638,10 @@ class Tool(_message.Message):
     def parameters(self) -> _struct_pb2.Struct:
         """JSON schema of the function's arguments."""
 
+    @_builtins.property
+    def cache_breakpoint(self) -> Global___CacheBreakpoint:
+        """A prompt-cache breakpoint after this tool: the tool definitions up to here are cached (Anthropic)."""
+
     def __init__(
         self,
         *,
@@ -584,10 +649,11 @@ class Tool(_message.Message):
         description: _builtins.str = ...,
         parameters: _struct_pb2.Struct | None = ...,
         strict: _builtins.bool = ...,
+        cache_breakpoint: Global___CacheBreakpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,6 +807,7 @@ class ChatRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`. At most 256 characters."""
     provider: _builtins.str
@@ -765,6 +832,10 @@ class ChatRequest(_message.Message):
     """With tools: whether the model may call several tools in one turn (OpenAI `parallel_tool_calls`,
     Anthropic `tool_choice.disable_parallel_tool_use` when false); provider default when unset.
     Ignored without tools.
+    """
+    prompt_cache_key: _builtins.str
+    """OpenAI `prompt_cache_key`: requests sharing a key and a prefix are routed to the same prompt cache.
+    Anthropic ignores it (it caches at `cache_breakpoint`s). At most 256 characters.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
@@ -816,10 +887,11 @@ class ChatRequest(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
+        prompt_cache_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -887,6 +959,7 @@ class StreamChatRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias, or `provider/model`."""
     provider: _builtins.str
@@ -907,6 +980,8 @@ class StreamChatRequest(_message.Message):
     """Caller-chosen id for correlation and idempotent billing; generated when empty."""
     parallel_tool_calls: _builtins.bool
     """With tools: whether the model may call several tools in one turn."""
+    prompt_cache_key: _builtins.str
+    """OpenAI `prompt_cache_key`."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation, oldest first. At least one message."""
@@ -955,10 +1030,11 @@ class StreamChatRequest(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
+        prompt_cache_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -995,6 +1071,7 @@ class TokenUsage(_message.Message):
     CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """All prompt tokens, including those read from or written to the provider's prompt cache."""
     output_tokens: _builtins.int
@@ -1002,7 +1079,7 @@ class TokenUsage(_message.Message):
     cached_input_tokens: _builtins.int
     """Of `input_tokens`, those read from the provider's prompt cache."""
     cache_write_tokens: _builtins.int
-    """Of `input_tokens`, those written to the provider's prompt cache."""
+    """Of `input_tokens`, those written to the provider's prompt cache (both TTLs)."""
     reasoning_tokens: _builtins.int
     """Of `output_tokens`, those spent on reasoning, where the provider reports it (OpenAI
     `completion_tokens_details.reasoning_tokens`, Anthropic `output_tokens_details.thinking_tokens`).
@@ -1010,6 +1087,10 @@ class TokenUsage(_message.Message):
     web_search_requests: _builtins.int
     """Server-side web search requests the provider ran and bills per request (Anthropic
     `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
+    """
+    cache_write_1h_tokens: _builtins.int
+    """Of `cache_write_tokens`, those written with a 1-hour TTL (Anthropic
+    `cache_creation.ephemeral_1h_input_tokens`), priced at the 1-hour write price.
     """
     def __init__(
         self,
@@ -1020,10 +1101,11 @@ class TokenUsage(_message.Message):
         cache_write_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
         web_search_requests: _builtins.int = ...,
+        cache_write_1h_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "web_search_requests", b"web_search_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "web_search_requests", b"web_search_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1564,6 +1646,7 @@ class ModelPrice(_message.Message):
     CACHED_INPUT_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     WEB_SEARCH_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     input_nanos_usd_per_million: _builtins.int
     """Per million uncached input tokens."""
     output_nanos_usd_per_million: _builtins.int
@@ -1574,6 +1657,8 @@ class ModelPrice(_message.Message):
     """Per million input tokens written to the provider's cache."""
     web_search_nanos_usd_per_million: _builtins.int
     """Per million server-side web search requests (0 when not configured: searches are not billed)."""
+    cache_write_1h_nanos_usd_per_million: _builtins.int
+    """Per million input tokens written to the provider's cache with a 1-hour TTL (default: the cache-write price)."""
     def __init__(
         self,
         *,
@@ -1582,10 +1667,11 @@ class ModelPrice(_message.Message):
         cached_input_nanos_usd_per_million: _builtins.int = ...,
         cache_write_nanos_usd_per_million: _builtins.int = ...,
         web_search_nanos_usd_per_million: _builtins.int = ...,
+        cache_write_1h_nanos_usd_per_million: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million", "web_search_nanos_usd_per_million", b"web_search_nanos_usd_per_million"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_nanos_usd_per_million", b"cache_write_1h_nanos_usd_per_million", "cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million", "web_search_nanos_usd_per_million", b"web_search_nanos_usd_per_million"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -87,6 +87,49 @@ export function roleToJSON(object: Role): string {
   }
 }
 
+/** CacheTtl is how long a prompt-cache entry lives. */
+export enum CacheTtl {
+  /** CACHE_TTL_UNSPECIFIED - The provider's default (Anthropic: 5 minutes). */
+  CACHE_TTL_UNSPECIFIED = 0,
+  /** CACHE_TTL_FIVE_MINUTES - 5 minutes. */
+  CACHE_TTL_FIVE_MINUTES = 1,
+  /** CACHE_TTL_ONE_HOUR - 1 hour (Anthropic prices these writes higher: see ModelPrice.cache_write_1h_nanos_usd_per_million). */
+  CACHE_TTL_ONE_HOUR = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function cacheTtlFromJSON(object: any): CacheTtl {
+  switch (object) {
+    case 0:
+    case "CACHE_TTL_UNSPECIFIED":
+      return CacheTtl.CACHE_TTL_UNSPECIFIED;
+    case 1:
+    case "CACHE_TTL_FIVE_MINUTES":
+      return CacheTtl.CACHE_TTL_FIVE_MINUTES;
+    case 2:
+    case "CACHE_TTL_ONE_HOUR":
+      return CacheTtl.CACHE_TTL_ONE_HOUR;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CacheTtl.UNRECOGNIZED;
+  }
+}
+
+export function cacheTtlToJSON(object: CacheTtl): string {
+  switch (object) {
+    case CacheTtl.CACHE_TTL_UNSPECIFIED:
+      return "CACHE_TTL_UNSPECIFIED";
+    case CacheTtl.CACHE_TTL_FIVE_MINUTES:
+      return "CACHE_TTL_FIVE_MINUTES";
+    case CacheTtl.CACHE_TTL_ONE_HOUR:
+      return "CACHE_TTL_ONE_HOUR";
+    case CacheTtl.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ImageDetail is OpenAI's image detail level; Anthropic ignores it. */
 export enum ImageDetail {
   /** IMAGE_DETAIL_UNSPECIFIED - The provider's default. */
@@ -604,6 +647,17 @@ export interface Message {
    * Inline bytes count against the server's maxMessageBytes like the rest of the request.
    */
   parts: Part[];
+  /**
+   * A prompt-cache breakpoint at the end of this message (Anthropic `cache_control` on its last block; on a
+   * system message, the system prompt up to here). OpenAI caches prefixes on its own and ignores it.
+   */
+  cacheBreakpoint: CacheBreakpoint | undefined;
+}
+
+/** CacheBreakpoint marks the end of a prompt prefix the provider should cache. At most 4 in a request. */
+export interface CacheBreakpoint {
+  /** How long the entry lives. */
+  ttl: CacheTtl;
 }
 
 /** Part is one piece of a message's content. */
@@ -623,6 +677,8 @@ export interface Part {
     /** Audio input (OpenAI `input_audio`; Anthropic takes none). */
     { $case: "audio"; value: AudioPart }
     | undefined;
+  /** A prompt-cache breakpoint at the end of this part (Anthropic `cache_control`). */
+  cacheBreakpoint: CacheBreakpoint | undefined;
 }
 
 /** ImagePart is an image, by URL or inline. */
@@ -689,6 +745,8 @@ export interface Tool {
     | undefined;
   /** Ask the provider to enforce `parameters` exactly (OpenAI `function.strict`, Anthropic `strict`). */
   strict: boolean;
+  /** A prompt-cache breakpoint after this tool: the tool definitions up to here are cached (Anthropic). */
+  cacheBreakpoint: CacheBreakpoint | undefined;
 }
 
 /** ToolChoice constrains tool use. */
@@ -789,7 +847,14 @@ export interface ChatRequest {
    * Anthropic `tool_choice.disable_parallel_tool_use` when false); provider default when unset.
    * Ignored without tools.
    */
-  parallelToolCalls?: boolean | undefined;
+  parallelToolCalls?:
+    | boolean
+    | undefined;
+  /**
+   * OpenAI `prompt_cache_key`: requests sharing a key and a prefix are routed to the same prompt cache.
+   * Anthropic ignores it (it caches at `cache_breakpoint`s). At most 256 characters.
+   */
+  promptCacheKey: string;
 }
 
 export interface ChatRequest_TagsEntry {
@@ -846,7 +911,11 @@ export interface StreamChatRequest {
   /** Caller-chosen id for correlation and idempotent billing; generated when empty. */
   requestId: string;
   /** With tools: whether the model may call several tools in one turn. */
-  parallelToolCalls?: boolean | undefined;
+  parallelToolCalls?:
+    | boolean
+    | undefined;
+  /** OpenAI `prompt_cache_key`. */
+  promptCacheKey: string;
 }
 
 export interface StreamChatRequest_TagsEntry {
@@ -862,7 +931,7 @@ export interface TokenUsage {
   outputTokens: bigint;
   /** Of `input_tokens`, those read from the provider's prompt cache. */
   cachedInputTokens: bigint;
-  /** Of `input_tokens`, those written to the provider's prompt cache. */
+  /** Of `input_tokens`, those written to the provider's prompt cache (both TTLs). */
   cacheWriteTokens: bigint;
   /**
    * Of `output_tokens`, those spent on reasoning, where the provider reports it (OpenAI
@@ -874,6 +943,11 @@ export interface TokenUsage {
    * `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
    */
   webSearchRequests: bigint;
+  /**
+   * Of `cache_write_tokens`, those written with a 1-hour TTL (Anthropic
+   * `cache_creation.ephemeral_1h_input_tokens`), priced at the 1-hour write price.
+   */
+  cacheWrite1hTokens: bigint;
 }
 
 /** Attempt is one try at one provider. */
@@ -1095,6 +1169,8 @@ export interface ModelPrice {
   cacheWriteNanosUsdPerMillion: bigint;
   /** Per million server-side web search requests (0 when not configured: searches are not billed). */
   webSearchNanosUsdPerMillion: bigint;
+  /** Per million input tokens written to the provider's cache with a 1-hour TTL (default: the cache-write price). */
+  cacheWrite1hNanosUsdPerMillion: bigint;
 }
 
 /** ModelInfo describes one routable model. */
@@ -1126,7 +1202,16 @@ export interface ListModelsResponse {
 }
 
 function createBaseMessage(): Message {
-  return { role: 0, content: "", name: "", toolCallId: "", toolCalls: [], isError: false, parts: [] };
+  return {
+    role: 0,
+    content: "",
+    name: "",
+    toolCallId: "",
+    toolCalls: [],
+    isError: false,
+    parts: [],
+    cacheBreakpoint: undefined,
+  };
 }
 
 export const Message: MessageFns<Message> = {
@@ -1151,6 +1236,9 @@ export const Message: MessageFns<Message> = {
     }
     for (const v of message.parts) {
       Part.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      CacheBreakpoint.encode(message.cacheBreakpoint, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -1224,6 +1312,14 @@ export const Message: MessageFns<Message> = {
             message.parts.push(Part.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.cacheBreakpoint = CacheBreakpoint.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1259,6 +1355,11 @@ export const Message: MessageFns<Message> = {
       parts: globalThis.Array.isArray(object?.parts)
         ? object.parts.map((e: any) => Part.fromJSON(e))
         : [],
+      cacheBreakpoint: isSet(object.cacheBreakpoint)
+        ? CacheBreakpoint.fromJSON(object.cacheBreakpoint)
+        : isSet(object.cache_breakpoint)
+        ? CacheBreakpoint.fromJSON(object.cache_breakpoint)
+        : undefined,
     };
   },
 
@@ -1285,6 +1386,9 @@ export const Message: MessageFns<Message> = {
     if (message.parts?.length) {
       obj.parts = message.parts.map((e) => Part.toJSON(e));
     }
+    if (message.cacheBreakpoint !== undefined) {
+      obj.cacheBreakpoint = CacheBreakpoint.toJSON(message.cacheBreakpoint);
+    }
     return obj;
   },
 
@@ -1300,12 +1404,82 @@ export const Message: MessageFns<Message> = {
     message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
     message.isError = object.isError ?? false;
     message.parts = object.parts?.map((e) => Part.fromPartial(e)) || [];
+    message.cacheBreakpoint = (object.cacheBreakpoint !== undefined && object.cacheBreakpoint !== null)
+      ? CacheBreakpoint.fromPartial(object.cacheBreakpoint)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseCacheBreakpoint(): CacheBreakpoint {
+  return { ttl: 0 };
+}
+
+export const CacheBreakpoint: MessageFns<CacheBreakpoint> = {
+  encode(message: CacheBreakpoint, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ttl !== 0) {
+      writer.uint32(8).int32(message.ttl);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CacheBreakpoint {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCacheBreakpoint();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.ttl = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CacheBreakpoint {
+    return { ttl: isSet(object.ttl) ? cacheTtlFromJSON(object.ttl) : 0 };
+  },
+
+  toJSON(message: CacheBreakpoint): unknown {
+    const obj: any = {};
+    if (message.ttl !== 0) {
+      obj.ttl = cacheTtlToJSON(message.ttl);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CacheBreakpoint>): CacheBreakpoint {
+    return CacheBreakpoint.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CacheBreakpoint>): CacheBreakpoint {
+    const message = createBaseCacheBreakpoint();
+    message.ttl = object.ttl ?? 0;
     return message;
   },
 };
 
 function createBasePart(): Part {
-  return { kind: undefined };
+  return { kind: undefined, cacheBreakpoint: undefined };
 }
 
 export const Part: MessageFns<Part> = {
@@ -1323,6 +1497,9 @@ export const Part: MessageFns<Part> = {
       case "audio":
         AudioPart.encode(message.kind.value, writer.uint32(34).fork()).join();
         break;
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      CacheBreakpoint.encode(message.cacheBreakpoint, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -1372,6 +1549,14 @@ export const Part: MessageFns<Part> = {
             message.kind = { $case: "audio", value: AudioPart.decode(reader, reader.uint32()) };
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.cacheBreakpoint = CacheBreakpoint.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1395,6 +1580,11 @@ export const Part: MessageFns<Part> = {
         : isSet(object.audio)
         ? { $case: "audio", value: AudioPart.fromJSON(object.audio) }
         : undefined,
+      cacheBreakpoint: isSet(object.cacheBreakpoint)
+        ? CacheBreakpoint.fromJSON(object.cacheBreakpoint)
+        : isSet(object.cache_breakpoint)
+        ? CacheBreakpoint.fromJSON(object.cache_breakpoint)
+        : undefined,
     };
   },
 
@@ -1408,6 +1598,9 @@ export const Part: MessageFns<Part> = {
       obj.document = DocumentPart.toJSON(message.kind.value);
     } else if (message.kind?.$case === "audio") {
       obj.audio = AudioPart.toJSON(message.kind.value);
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      obj.cacheBreakpoint = CacheBreakpoint.toJSON(message.cacheBreakpoint);
     }
     return obj;
   },
@@ -1443,6 +1636,9 @@ export const Part: MessageFns<Part> = {
         break;
       }
     }
+    message.cacheBreakpoint = (object.cacheBreakpoint !== undefined && object.cacheBreakpoint !== null)
+      ? CacheBreakpoint.fromPartial(object.cacheBreakpoint)
+      : undefined;
     return message;
   },
 };
@@ -1908,7 +2104,7 @@ export const ToolCall: MessageFns<ToolCall> = {
 };
 
 function createBaseTool(): Tool {
-  return { name: "", description: "", parameters: undefined, strict: false };
+  return { name: "", description: "", parameters: undefined, strict: false, cacheBreakpoint: undefined };
 }
 
 export const Tool: MessageFns<Tool> = {
@@ -1924,6 +2120,9 @@ export const Tool: MessageFns<Tool> = {
     }
     if (message.strict !== false) {
       writer.uint32(32).bool(message.strict);
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      CacheBreakpoint.encode(message.cacheBreakpoint, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -1973,6 +2172,14 @@ export const Tool: MessageFns<Tool> = {
             message.strict = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.cacheBreakpoint = CacheBreakpoint.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1991,6 +2198,11 @@ export const Tool: MessageFns<Tool> = {
       description: isSet(object.description) ? globalThis.String(object.description) : "",
       parameters: isObject(object.parameters) ? object.parameters : undefined,
       strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : false,
+      cacheBreakpoint: isSet(object.cacheBreakpoint)
+        ? CacheBreakpoint.fromJSON(object.cacheBreakpoint)
+        : isSet(object.cache_breakpoint)
+        ? CacheBreakpoint.fromJSON(object.cache_breakpoint)
+        : undefined,
     };
   },
 
@@ -2008,6 +2220,9 @@ export const Tool: MessageFns<Tool> = {
     if (message.strict !== false) {
       obj.strict = message.strict;
     }
+    if (message.cacheBreakpoint !== undefined) {
+      obj.cacheBreakpoint = CacheBreakpoint.toJSON(message.cacheBreakpoint);
+    }
     return obj;
   },
 
@@ -2020,6 +2235,9 @@ export const Tool: MessageFns<Tool> = {
     message.description = object.description ?? "";
     message.parameters = object.parameters ?? undefined;
     message.strict = object.strict ?? false;
+    message.cacheBreakpoint = (object.cacheBreakpoint !== undefined && object.cacheBreakpoint !== null)
+      ? CacheBreakpoint.fromPartial(object.cacheBreakpoint)
+      : undefined;
     return message;
   },
 };
@@ -2370,6 +2588,7 @@ function createBaseChatRequest(): ChatRequest {
     tags: {},
     requestId: "",
     parallelToolCalls: undefined,
+    promptCacheKey: "",
   };
 }
 
@@ -2428,6 +2647,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     }
     if (message.parallelToolCalls !== undefined) {
       writer.uint32(136).bool(message.parallelToolCalls);
+    }
+    if (message.promptCacheKey !== "") {
+      writer.uint32(146).string(message.promptCacheKey);
     }
     return writer;
   },
@@ -2584,6 +2806,14 @@ export const ChatRequest: MessageFns<ChatRequest> = {
             message.parallelToolCalls = reader.bool();
             continue;
           }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.promptCacheKey = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2652,6 +2882,11 @@ export const ChatRequest: MessageFns<ChatRequest> = {
         : isSet(object.parallel_tool_calls)
         ? globalThis.Boolean(object.parallel_tool_calls)
         : undefined,
+      promptCacheKey: isSet(object.promptCacheKey)
+        ? globalThis.String(object.promptCacheKey)
+        : isSet(object.prompt_cache_key)
+        ? globalThis.String(object.prompt_cache_key)
+        : "",
     };
   },
 
@@ -2714,6 +2949,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     if (message.parallelToolCalls !== undefined) {
       obj.parallelToolCalls = message.parallelToolCalls;
     }
+    if (message.promptCacheKey !== "") {
+      obj.promptCacheKey = message.promptCacheKey;
+    }
     return obj;
   },
 
@@ -2753,6 +2991,7 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     );
     message.requestId = object.requestId ?? "";
     message.parallelToolCalls = object.parallelToolCalls ?? undefined;
+    message.promptCacheKey = object.promptCacheKey ?? "";
     return message;
   },
 };
@@ -2861,6 +3100,7 @@ function createBaseStreamChatRequest(): StreamChatRequest {
     tags: {},
     requestId: "",
     parallelToolCalls: undefined,
+    promptCacheKey: "",
   };
 }
 
@@ -2919,6 +3159,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     }
     if (message.parallelToolCalls !== undefined) {
       writer.uint32(136).bool(message.parallelToolCalls);
+    }
+    if (message.promptCacheKey !== "") {
+      writer.uint32(146).string(message.promptCacheKey);
     }
     return writer;
   },
@@ -3075,6 +3318,14 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
             message.parallelToolCalls = reader.bool();
             continue;
           }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.promptCacheKey = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3143,6 +3394,11 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
         : isSet(object.parallel_tool_calls)
         ? globalThis.Boolean(object.parallel_tool_calls)
         : undefined,
+      promptCacheKey: isSet(object.promptCacheKey)
+        ? globalThis.String(object.promptCacheKey)
+        : isSet(object.prompt_cache_key)
+        ? globalThis.String(object.prompt_cache_key)
+        : "",
     };
   },
 
@@ -3205,6 +3461,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     if (message.parallelToolCalls !== undefined) {
       obj.parallelToolCalls = message.parallelToolCalls;
     }
+    if (message.promptCacheKey !== "") {
+      obj.promptCacheKey = message.promptCacheKey;
+    }
     return obj;
   },
 
@@ -3244,6 +3503,7 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     );
     message.requestId = object.requestId ?? "";
     message.parallelToolCalls = object.parallelToolCalls ?? undefined;
+    message.promptCacheKey = object.promptCacheKey ?? "";
     return message;
   },
 };
@@ -3341,6 +3601,7 @@ function createBaseTokenUsage(): TokenUsage {
     cacheWriteTokens: 0n,
     reasoningTokens: 0n,
     webSearchRequests: 0n,
+    cacheWrite1hTokens: 0n,
   };
 }
 
@@ -3381,6 +3642,12 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         throw new globalThis.Error("value provided for field message.webSearchRequests of type int64 too large");
       }
       writer.uint32(48).int64(message.webSearchRequests);
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      if (BigInt.asIntN(64, message.cacheWrite1hTokens) !== message.cacheWrite1hTokens) {
+        throw new globalThis.Error("value provided for field message.cacheWrite1hTokens of type int64 too large");
+      }
+      writer.uint32(56).int64(message.cacheWrite1hTokens);
     }
     return writer;
   },
@@ -3446,6 +3713,14 @@ export const TokenUsage: MessageFns<TokenUsage> = {
             message.webSearchRequests = reader.int64() as bigint;
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.cacheWrite1hTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3490,6 +3765,11 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         : isSet(object.web_search_requests)
         ? BigInt(object.web_search_requests)
         : 0n,
+      cacheWrite1hTokens: isSet(object.cacheWrite1hTokens)
+        ? BigInt(object.cacheWrite1hTokens)
+        : isSet(object.cache_write_1h_tokens)
+        ? BigInt(object.cache_write_1h_tokens)
+        : 0n,
     };
   },
 
@@ -3512,6 +3792,9 @@ export const TokenUsage: MessageFns<TokenUsage> = {
     }
     if (message.webSearchRequests !== 0n) {
       obj.webSearchRequests = message.webSearchRequests.toString();
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      obj.cacheWrite1hTokens = message.cacheWrite1hTokens.toString();
     }
     return obj;
   },
@@ -3538,6 +3821,9 @@ export const TokenUsage: MessageFns<TokenUsage> = {
       : 0n;
     message.webSearchRequests = (object.webSearchRequests !== undefined && object.webSearchRequests !== null)
       ? BigInt(object.webSearchRequests)
+      : 0n;
+    message.cacheWrite1hTokens = (object.cacheWrite1hTokens !== undefined && object.cacheWrite1hTokens !== null)
+      ? BigInt(object.cacheWrite1hTokens)
       : 0n;
     return message;
   },
@@ -5623,6 +5909,7 @@ function createBaseModelPrice(): ModelPrice {
     cachedInputNanosUsdPerMillion: 0n,
     cacheWriteNanosUsdPerMillion: 0n,
     webSearchNanosUsdPerMillion: 0n,
+    cacheWrite1hNanosUsdPerMillion: 0n,
   };
 }
 
@@ -5663,6 +5950,14 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         );
       }
       writer.uint32(40).int64(message.webSearchNanosUsdPerMillion);
+    }
+    if (message.cacheWrite1hNanosUsdPerMillion !== 0n) {
+      if (BigInt.asIntN(64, message.cacheWrite1hNanosUsdPerMillion) !== message.cacheWrite1hNanosUsdPerMillion) {
+        throw new globalThis.Error(
+          "value provided for field message.cacheWrite1hNanosUsdPerMillion of type int64 too large",
+        );
+      }
+      writer.uint32(48).int64(message.cacheWrite1hNanosUsdPerMillion);
     }
     return writer;
   },
@@ -5720,6 +6015,14 @@ export const ModelPrice: MessageFns<ModelPrice> = {
             message.webSearchNanosUsdPerMillion = reader.int64() as bigint;
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.cacheWrite1hNanosUsdPerMillion = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5759,6 +6062,11 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         : isSet(object.web_search_nanos_usd_per_million)
         ? BigInt(object.web_search_nanos_usd_per_million)
         : 0n,
+      cacheWrite1hNanosUsdPerMillion: isSet(object.cacheWrite1hNanosUsdPerMillion)
+        ? BigInt(object.cacheWrite1hNanosUsdPerMillion)
+        : isSet(object.cache_write_1h_nanos_usd_per_million)
+        ? BigInt(object.cache_write_1h_nanos_usd_per_million)
+        : 0n,
     };
   },
 
@@ -5778,6 +6086,9 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     }
     if (message.webSearchNanosUsdPerMillion !== 0n) {
       obj.webSearchNanosUsdPerMillion = message.webSearchNanosUsdPerMillion.toString();
+    }
+    if (message.cacheWrite1hNanosUsdPerMillion !== 0n) {
+      obj.cacheWrite1hNanosUsdPerMillion = message.cacheWrite1hNanosUsdPerMillion.toString();
     }
     return obj;
   },
@@ -5806,6 +6117,10 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     message.webSearchNanosUsdPerMillion =
       (object.webSearchNanosUsdPerMillion !== undefined && object.webSearchNanosUsdPerMillion !== null)
         ? BigInt(object.webSearchNanosUsdPerMillion)
+        : 0n;
+    message.cacheWrite1hNanosUsdPerMillion =
+      (object.cacheWrite1hNanosUsdPerMillion !== undefined && object.cacheWrite1hNanosUsdPerMillion !== null)
+        ? BigInt(object.cacheWrite1hNanosUsdPerMillion)
         : 0n;
     return message;
   },
