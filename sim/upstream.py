@@ -100,6 +100,9 @@ class Reply:
     ignore_stream: bool = False  # answer `stream: true` with the whole JSON reply (proxies and mocks do)
     # OpenAI: send the first tool call as the deprecated `function_call` (finish `function_call`)
     legacy_function_call: bool = False
+    # Thinking before the answer: Anthropic `thinking` blocks (signed `sig_sim_<n>`, or `redacted_thinking`
+    # when the text starts with "redacted:"), OpenAI-compatible `reasoning_content` (the texts joined)
+    thinking: tuple[str, ...] = ()
 
     # Failures.
     status: int = 200  # >= 400: a provider-formatted error body
@@ -641,6 +644,7 @@ def _plain(reply: Reply) -> bool:
         and not reply.pings
         and not reply.comments
         and not reply.ignore_stream
+        and not reply.thinking
     )
 
 
@@ -798,6 +802,8 @@ def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) 
         "content": content if content or not reply.tool_calls else None,
         "refusal": None,
     }
+    if reply.thinking:
+        message["reasoning_content"] = "".join(reply.thinking)
     if reply.tool_calls and reply.legacy_function_call:
         call = reply.tool_calls[0]
         message["function_call"] = {"name": call.name, "arguments": call.arguments}
@@ -841,6 +847,7 @@ def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, incl
         return (head + json.dumps(choice, separators=(",", ":"), ensure_ascii=False) + tail + "}\n\n").encode()
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({"reasoning_content": p}) for p in _pieces("".join(reply.thinking), reply.stream_chunks)]
     events += [chunk({"content": p}) for p in pieces]
     if reply.legacy_function_call and reply.tool_calls:
         legacy = reply.tool_calls[0]
@@ -881,8 +888,18 @@ def _anthropic_usage(u: SimUsage, output: int, final: bool = True) -> dict[str, 
     return usage
 
 
-def _anthropic_blocks(content: str, reply: Reply) -> list[dict[str, Any]]:
+def _thinking_blocks(reply: Reply) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
+    for i, text in enumerate(reply.thinking):
+        if text.startswith("redacted:"):
+            blocks.append({"type": "redacted_thinking", "data": text.removeprefix("redacted:")})
+        else:
+            blocks.append({"type": "thinking", "thinking": text, "signature": f"sig_sim_{i + 1}"})
+    return blocks
+
+
+def _anthropic_blocks(content: str, reply: Reply) -> list[dict[str, Any]]:
+    blocks = _thinking_blocks(reply)
     if content:
         blocks.append({"type": "text", "text": content})
     for i, c in enumerate(reply.tool_calls):
@@ -915,6 +932,24 @@ def _event(name: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
 
 
+def _thinking_events(index: int, block: dict[str, Any], chunks: int | None) -> list[bytes]:
+    """A thinking block as the API streams one: opened empty, thinking deltas, the signature, closed."""
+    if block["type"] == "redacted_thinking":
+        start = {"type": "content_block_start", "index": index, "content_block": block}
+        return [
+            _event("content_block_start", start),
+            _event("content_block_stop", {"type": "content_block_stop", "index": index}),
+        ]
+    opened = {"type": "thinking", "thinking": "", "signature": ""}
+    events = [_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": opened})]
+    deltas = [{"type": "thinking_delta", "thinking": piece} for piece in _pieces(block["thinking"], chunks)]
+    deltas.append({"type": "signature_delta", "signature": block["signature"]})
+    for delta in deltas:
+        events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+    events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
+
+
 def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -> list[bytes]:
     start_output = usage.start_output if usage.start_output is not None else min(1, usage.output)
     message: dict[str, Any] = {
@@ -929,19 +964,25 @@ def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -
     }
     events = [_event("message_start", {"type": "message_start", "message": message})]
     index = 0
+    for block in _thinking_blocks(reply):
+        events += _thinking_events(index, block, reply.stream_chunks)
+        index += 1
     if content or not reply.tool_calls:
         events.append(
             _event(
                 "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
             )
         )
-        events.append(_PING)  # the real API sends one here
+        if index == 0:
+            events.append(_PING)  # the real API sends one here
         for piece in _pieces(content, reply.stream_chunks):
             delta = {"type": "text_delta", "text": piece}
-            events.append(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
-        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
-        index = 1
+            events.append(
+                _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            )
+        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
     for i, call in enumerate(reply.tool_calls):
         block = {"type": "tool_use", "id": call.id or f"toolu_sim_{i + 1}", "name": call.name, "input": {}}
         events.append(

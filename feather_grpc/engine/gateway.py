@@ -47,6 +47,7 @@ from feather_grpc.engine.types import (
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -70,7 +71,7 @@ T = TypeVar("T")
 # Upstream errors that say the request itself is wrong: no other provider or retry can fix them.
 _REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG"})
 
-StreamItem = StreamStarted | TextDelta | ToolCallDelta | StreamCompleted
+StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
 # An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
 _Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None]
 
@@ -228,7 +229,8 @@ class Feather:
         cost, unpriced = _price(candidate, reply.usage)
         record = self._record(call, Outcome.OK, reply.usage, cost=cost, estimated=reply.usage_estimated)
         await self._settle(call, record)
-        await self._cache_store(call, candidate, reply.content, reply.tool_calls, reply.finish_reason)
+        if not reply.thinking:  # a replay without its thinking could not continue a tool-use turn
+            await self._cache_store(call, candidate, reply.content, reply.tool_calls, reply.finish_reason)
         return ChatResult(
             content=reply.content,
             tool_calls=reply.tool_calls,
@@ -242,6 +244,7 @@ class Feather:
             request_id=call.request_id,
             unpriced=unpriced,
             usage_estimated=reply.usage_estimated,
+            thinking=reply.thinking,
         )
 
     async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
@@ -251,6 +254,7 @@ class Feather:
         upstream: AsyncIterator[StreamEvent] | None = None
         text: list[str] = []
         calls: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments...]
+        thought: list[str] = []  # thinking text, for the estimate of a cut stream
         try:
             tenant, candidates = self._plan(call)
             hit = await self._cache_lookup(call, candidates)
@@ -298,6 +302,9 @@ class Feather:
                     parts[0], parts[1] = parts[0] or event.id, parts[1] or event.name
                     parts.append(event.arguments)
                     yield event
+                elif isinstance(event, ThinkingDelta):
+                    thought.append(event.text)
+                    yield event
                 else:
                     call.prompt_usage = event.usage
                 if timed:
@@ -309,12 +316,13 @@ class Feather:
                         raise await self._midstream_failure(call, _stream_failure(e)) from None
             usage, estimated = event.usage, False
             if usage is None:
-                usage, estimated = self._cancelled_usage(call, _output_text(text, calls)), True
+                usage, estimated = self._cancelled_usage(call, _output_text(text + thought, calls)), True
             cost, unpriced = _price(candidate, usage)
             record = self._record(call, Outcome.OK, usage, cost=cost, estimated=estimated)
             await self._settle(call, record)
             tool_calls = [ToolCall(p[0], p[1], "".join(p[2:])) for _, p in sorted(calls.items())]
-            await self._cache_store(call, candidate, "".join(text), tool_calls, event.finish_reason)
+            if not thought:  # a replay without its thinking could not continue a tool-use turn
+                await self._cache_store(call, candidate, "".join(text), tool_calls, event.finish_reason)
             yield StreamCompleted(
                 finish_reason=event.finish_reason,
                 usage=usage,
@@ -327,11 +335,13 @@ class Feather:
             )
         except FeatherError as e:
             consumed = upstream is not None or call.prompt_usage is not None
-            usage = self._cancelled_usage(call, _output_text(text, calls)) if consumed else Usage()
+            usage = self._cancelled_usage(call, _output_text(text + thought, calls)) if consumed else Usage()
             await self._settle(call, self._record(call, Outcome.ERROR, usage, error=e, estimated=consumed))
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, _output_text(text, calls)))
+            self._settle_in_background(
+                call, Outcome.CANCELLED, self._cancelled_usage(call, _output_text(text + thought, calls))
+            )
             raise
         finally:
             if upstream is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from feather_grpc.engine.types import FinishReason, ToolCall, Usage
+from feather_grpc.engine.types import FinishReason, ThinkingBlock, ToolCall, Usage
 
 
 @dataclass(slots=True)
@@ -32,6 +32,7 @@ class ChatResult:
     unpriced: bool = False
     cached: bool = False
     usage_estimated: bool = False
+    thinking: list[ThinkingBlock] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)

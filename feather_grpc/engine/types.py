@@ -51,6 +51,15 @@ class Part:
 
 
 @dataclass(slots=True, frozen=True)
+class ThinkingBlock:
+    """A block of the model's thinking. `signature` and `redacted_data` are opaque: sent back unchanged."""
+
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""  # an Anthropic redacted_thinking block (text is then empty)
+
+
+@dataclass(slots=True, frozen=True)
 class Message:
     role: Role
     content: str = ""
@@ -60,6 +69,7 @@ class Message:
     is_error: bool = False  # a tool result that reports the tool's failure
     parts: tuple[Part, ...] = ()  # the content as ordered parts; `content` is then empty
     cache_ttl: str | None = None  # a prompt-cache breakpoint after this message (see Part.cache_ttl)
+    thinking: tuple[ThinkingBlock, ...] = ()  # assistant messages: the thinking a reply carried
 
     @property
     def text(self) -> str:
@@ -121,6 +131,8 @@ class ChatRequest:
     request_id: str = ""
     parallel_tool_calls: bool | None = None  # None: the provider's default
     prompt_cache_key: str = ""  # OpenAI's prompt cache routing key
+    reasoning_effort: str = ""  # "", "none", "minimal", "low", "medium", "high", "xhigh"
+    thinking_budget: int | None = None  # Anthropic extended thinking's budget_tokens
 
 
 @dataclass(slots=True)
@@ -149,6 +161,7 @@ class ProviderResponse:
     finish_reason: FinishReason
     usage: Usage
     usage_estimated: bool = False  # the upstream sent no usage: the adapter estimated it
+    thinking: list[ThinkingBlock] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -162,6 +175,16 @@ class ToolCallDelta:
     id: str = ""
     name: str = ""
     arguments: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class ThinkingDelta:
+    """A fragment of thinking block `index`: text to append, or its signature or redacted data, whole."""
+
+    index: int
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -180,4 +203,4 @@ class PromptUsage:
     usage: Usage
 
 
-StreamEvent = TextDelta | ToolCallDelta | PromptUsage | StreamFinish
+StreamEvent = TextDelta | ToolCallDelta | ThinkingDelta | PromptUsage | StreamFinish

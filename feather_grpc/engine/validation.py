@@ -23,6 +23,7 @@ AUDIO_FORMATS = ("wav", "mp3")
 MAX_URL_LENGTH = 8192
 MAX_CACHE_BREAKPOINTS = 4  # Anthropic's limit per request
 MAX_PROMPT_CACHE_KEY_LENGTH = 256
+MIN_THINKING_BUDGET = 1024  # Anthropic's minimum budget_tokens
 # The part kinds each role may carry (which providers take them is routing's question).
 _ROLE_PARTS = {
     Role.SYSTEM: frozenset({PartKind.TEXT}),
@@ -55,6 +56,8 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
                 bad(f"messages[{i}].tool_call_id", "is required for a tool message")
         elif m.tool_call_id:
             bad(f"messages[{i}].tool_call_id", "is only allowed on tool messages")
+        if m.thinking and m.role is not Role.ASSISTANT:
+            bad(f"messages[{i}].thinking", "is only allowed on assistant messages")
         if m.is_error and m.role is not Role.TOOL:
             bad(f"messages[{i}].is_error", "is only allowed on tool messages")
         if m.tool_calls and m.role is not Role.ASSISTANT:
@@ -114,6 +117,11 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad("retry.base_ms", "must not be negative")
         if req.retry.max_ms is not None and req.retry.max_ms < 0:
             bad("retry.max_ms", "must not be negative")
+    if req.thinking_budget is not None:
+        if req.thinking_budget < MIN_THINKING_BUDGET:
+            bad("reasoning.thinking_budget_tokens", f"must be at least {MIN_THINKING_BUDGET}")
+        elif req.max_tokens is not None and req.max_tokens <= req.thinking_budget:
+            bad("reasoning.thinking_budget_tokens", "must be less than max_tokens (which includes the thinking)")
     breakpoints = sum(m.cache_ttl is not None for m in req.messages)
     breakpoints += sum(p.cache_ttl is not None for m in req.messages for p in m.parts)
     breakpoints += sum(t.cache_ttl is not None for t in req.tools)

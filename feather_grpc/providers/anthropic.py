@@ -20,6 +20,8 @@ from feather_grpc.engine.types import (
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -51,6 +53,10 @@ ANTHROPIC_VERSION = "2023-06-01"
 # The Messages API requires max_tokens: when the caller sets none, the model's configured maxOutputTokens,
 # else this.
 DEFAULT_MAX_TOKENS = 4096
+
+# Extended thinking for a request that names an effort but no budget (LiteLLM's mapping); none and minimal
+# mean no thinking.
+EFFORT_BUDGETS = {"low": 1024, "medium": 2048, "high": 4096, "xhigh": 8192}
 
 _FINISH = {
     "end_turn": FinishReason.STOP,
@@ -190,6 +196,8 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict
             blocks.append(result)
         else:
             role = "assistant" if m.role is Role.ASSISTANT else "user"
+            # Thinking comes first, exactly as the reply carried it (the API checks the signatures).
+            blocks.extend(_thinking_block(t) for t in m.thinking)
             blocks.extend(_text_blocks(m))
             for call in m.tool_calls:
                 blocks.append(
@@ -217,6 +225,19 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict
     return "\n\n".join(b["text"] for b in system), turns
 
 
+def _thinking_block(t: ThinkingBlock) -> dict[str, Any]:
+    if t.redacted_data:
+        return {"type": "redacted_thinking", "data": t.redacted_data}
+    return {"type": "thinking", "thinking": t.text, "signature": t.signature}
+
+
+def thinking_budget(request: ChatRequest) -> int | None:
+    """The extended-thinking budget a request asks for: its own, else its effort's."""
+    if request.thinking_budget is not None:
+        return request.thinking_budget
+    return EFFORT_BUDGETS.get(request.reasoning_effort)
+
+
 def _plain_text(block: dict[str, Any]) -> bool:
     return block["type"] == "text" and "cache_control" not in block
 
@@ -240,13 +261,14 @@ class AnthropicProvider:
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         system, messages = build_messages(self._name, request)
-        body: dict[str, Any] = {
-            "model": model,
-            "max_tokens": request.max_tokens
-            if request.max_tokens is not None
-            else self._max_output.get(model, DEFAULT_MAX_TOKENS),
-            "messages": messages,
-        }
+        budget = thinking_budget(request)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            # max_tokens includes the thinking: without a configured limit, leave the answer its usual room
+            max_tokens = self._max_output.get(model) or DEFAULT_MAX_TOKENS + (budget or 0)
+        body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": messages}
+        if budget is not None:
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
         if system:
             body["system"] = system
         if request.temperature is not None:
@@ -295,19 +317,26 @@ class AnthropicProvider:
                 raise TypeError
             texts: list[str] = []
             calls: list[ToolCall] = []
+            thinking: list[ThinkingBlock] = []
             for block in doc["content"]:
                 kind = block.get("type")
                 if kind == "text":
                     texts.append(block.get("text") or "")
                 elif kind == "tool_use":
                     calls.append(ToolCall(block["id"], block["name"], orjson.dumps(block.get("input") or {}).decode()))
+                elif kind == "thinking":
+                    thinking.append(ThinkingBlock(str(block.get("thinking") or ""), str(block.get("signature") or "")))
+                elif kind == "redacted_thinking":
+                    thinking.append(ThinkingBlock(redacted_data=str(block.get("data") or "")))
             raw_usage = doc.get("usage")
         except (KeyError, TypeError, AttributeError):
             raise bad_response(self._name, "not a message") from None
         content, finish = "".join(texts), finish_reason(doc.get("stop_reason"))
         if not isinstance(raw_usage, dict):  # answered but unmetered: bill an estimate (a retry pays twice)
-            return ProviderResponse(content, calls, finish, estimated_usage(request, content, calls), True)
-        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage))
+            thought = "".join(t.text for t in thinking)
+            usage = estimated_usage(request, content + thought, calls)
+            return ProviderResponse(content, calls, finish, usage, True, thinking)
+        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage), thinking=thinking)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
@@ -327,6 +356,8 @@ class AnthropicProvider:
                     except ValueError:
                         raise bad_response(name, "body is not JSON") from None
                     full = self._parse_message(doc, request)
+                    for i, t in enumerate(full.thinking):
+                        yield ThinkingDelta(i, t.text, t.signature, t.redacted_data)
                     if full.content:
                         yield TextDelta(full.content)
                     for i, call in enumerate(full.tool_calls):
@@ -372,7 +403,17 @@ class AnthropicProvider:
 class _EventReader:
     """Turns Messages stream events into engine stream events, keeping usage and the stop reason."""
 
-    __slots__ = ("_api_key", "_args_seen", "_final_output", "_name", "_stop_reason", "_tool_ordinals", "_usage", "done")
+    __slots__ = (
+        "_api_key",
+        "_args_seen",
+        "_final_output",
+        "_name",
+        "_stop_reason",
+        "_thinking_ordinals",
+        "_tool_ordinals",
+        "_usage",
+        "done",
+    )
 
     def __init__(self, name: str, api_key: str) -> None:
         self._name = name
@@ -382,6 +423,7 @@ class _EventReader:
         self._final_output = False  # a message_delta reported output_tokens
         self._stop_reason: object = None
         self._tool_ordinals: dict[int, int] = {}  # content block index -> tool call ordinal
+        self._thinking_ordinals: dict[int, int] = {}  # content block index -> thinking block ordinal
         self._args_seen: set[int] = set()
 
     def handle(self, event: str, data: str) -> list[StreamEvent]:
@@ -400,6 +442,15 @@ class _EventReader:
             if dtype == "text_delta":
                 text = delta.get("text")
                 return [TextDelta(text)] if text else []
+            if dtype in ("thinking_delta", "signature_delta"):
+                ordinal = self._thinking_ordinals.get(obj.get("index", -1))
+                if ordinal is None:
+                    return []
+                if dtype == "thinking_delta":
+                    text = delta.get("thinking")
+                    return [ThinkingDelta(ordinal, text=text)] if text else []
+                signature = delta.get("signature")
+                return [ThinkingDelta(ordinal, signature=signature)] if signature else []
             if dtype == "input_json_delta":
                 ordinal = self._tool_ordinals.get(obj.get("index", -1))
                 fragment = delta.get("partial_json")
@@ -407,7 +458,7 @@ class _EventReader:
                     return []
                 self._args_seen.add(ordinal)
                 return [ToolCallDelta(ordinal, arguments=fragment)]
-            return []  # thinking, signature and citation deltas carry nothing the engine relays
+            return []  # citation deltas carry nothing the engine relays
         if kind == "content_block_start":
             block = obj.get("content_block") or {}
             btype = block.get("type")
@@ -418,6 +469,14 @@ class _EventReader:
                 ordinal = len(self._tool_ordinals)
                 self._tool_ordinals[obj.get("index", ordinal)] = ordinal
                 return [ToolCallDelta(ordinal, block.get("id") or "", block.get("name") or "")]
+            if btype in ("thinking", "redacted_thinking"):
+                ordinal = len(self._thinking_ordinals)
+                self._thinking_ordinals[obj.get("index", -1 - ordinal)] = ordinal
+                if btype == "redacted_thinking":
+                    return [ThinkingDelta(ordinal, redacted_data=str(block.get("data") or ""))]
+                # The block opens empty as a rule; anything it already holds is passed on.
+                text, signature = block.get("thinking") or "", block.get("signature") or ""
+                return [ThinkingDelta(ordinal, text=text, signature=signature)] if text or signature else []
             return []
         if kind == "content_block_stop":
             ordinal = self._tool_ordinals.get(obj.get("index", -1))

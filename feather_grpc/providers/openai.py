@@ -19,6 +19,8 @@ from feather_grpc.engine.types import (
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -134,6 +136,16 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def _reasoning_of(message: dict[str, Any]) -> str:
+    """The reasoning text compatible servers send apart from the content (DeepSeek, vLLM and others:
+    `reasoning_content`; OpenRouter: `reasoning`). OpenAI's own chat models do not return theirs."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
 def _stream_error_status(err: UpstreamErrorBody) -> int:
     kind = f"{err.type} {err.code}"
     if "rate_limit" in kind or "insufficient_quota" in kind:
@@ -203,6 +215,8 @@ class OpenAIProvider:
                 body["tool_choice"] = choice.mode
         if request.prompt_cache_key:
             body["prompt_cache_key"] = request.prompt_cache_key
+        if request.reasoning_effort:
+            body["reasoning_effort"] = request.reasoning_effort
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -221,6 +235,7 @@ class OpenAIProvider:
             message = choice["message"]
             content = _text_of(message.get("content"))
             refusal = message.get("refusal")
+            thought = _reasoning_of(message)
             calls = [
                 ToolCall(
                     id=c.get("id") or "",
@@ -241,9 +256,11 @@ class OpenAIProvider:
             # Structured-output refusals arrive apart from content; surface the text, flag the filter.
             content = str(refusal)
             finish = FinishReason.CONTENT_FILTER
+        thinking = [ThinkingBlock(thought)] if thought else []
         if not isinstance(raw_usage, dict):  # some compatible servers omit it: an estimate bills better than 0
-            return ProviderResponse(content, calls, finish, estimated_usage(request, content, calls), True)
-        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage))
+            usage = estimated_usage(request, content + thought, calls)
+            return ProviderResponse(content, calls, finish, usage, True, thinking)
+        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage), thinking=thinking)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
@@ -263,6 +280,8 @@ class OpenAIProvider:
                     except ValueError:
                         raise bad_response(name, "body is not JSON") from None
                     full = self._parse_completion(doc, request)
+                    for t in full.thinking:
+                        yield ThinkingDelta(0, text=t.text)
                     if full.content:
                         yield TextDelta(full.content)
                     for i, call in enumerate(full.tool_calls):
@@ -366,6 +385,9 @@ class _ChunkReader:
         choice = choices[0]
         out: list[StreamEvent] = []
         delta = choice.get("delta") or {}
+        thought = _reasoning_of(delta)
+        if thought:
+            out.append(ThinkingDelta(0, text=thought))
         text = delta.get("content")
         if text:
             self._text_seen = True

@@ -20,6 +20,8 @@ from feather_grpc.engine.types import (
     ResponseFormat,
     RetryOverride,
     Role,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolChoice,
     ToolSpec,
@@ -87,6 +89,15 @@ _DETAIL = {
 }
 
 
+_EFFORT = {
+    pb.REASONING_EFFORT_UNSPECIFIED: "",
+    pb.REASONING_EFFORT_NONE: "none",
+    pb.REASONING_EFFORT_MINIMAL: "minimal",
+    pb.REASONING_EFFORT_LOW: "low",
+    pb.REASONING_EFFORT_MEDIUM: "medium",
+    pb.REASONING_EFFORT_HIGH: "high",
+    pb.REASONING_EFFORT_XHIGH: "xhigh",
+}
 _TTL = {pb.CACHE_TTL_UNSPECIFIED: "", pb.CACHE_TTL_FIVE_MINUTES: "5m", pb.CACHE_TTL_ONE_HOUR: "1h"}
 
 
@@ -166,6 +177,9 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
                 if m.parts
                 else (),
                 cache_ttl=_cache_ttl(m, f"messages[{i}]", bad),
+                thinking=tuple(ThinkingBlock(t.text, t.signature, t.redacted_data) for t in m.thinking)
+                if m.thinking
+                else (),
             )
         )
     tool_choice = None
@@ -203,6 +217,9 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         )
         for i, t in enumerate(msg.tools)
     ]
+    effort = _EFFORT.get(msg.reasoning.effort)
+    if effort is None:
+        bad.append(FieldViolation("reasoning.effort", "unknown value"))
     if bad:
         raise InvalidRequest(bad)
     retry = None
@@ -232,6 +249,10 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         request_id=msg.request_id,
         parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else None,
         prompt_cache_key=msg.prompt_cache_key,
+        reasoning_effort=effort or "",
+        thinking_budget=msg.reasoning.thinking_budget_tokens
+        if msg.reasoning.HasField("thinking_budget_tokens")
+        else None,
     )
 
 
@@ -269,12 +290,21 @@ def attempts_pb(attempts: list[AttemptRecord]) -> list[pb.Attempt]:
     ]
 
 
+def thinking_delta(d: ThinkingDelta) -> pb.ChatDelta:
+    return pb.ChatDelta(
+        thinking=[pb.ThinkingDelta(index=d.index, text=d.text, signature=d.signature, redacted_data=d.redacted_data)]
+    )
+
+
 def chat_response(r: ChatResult) -> pb.ChatResponse:
     return pb.ChatResponse(
         message=pb.Message(
             role=pb.ROLE_ASSISTANT,
             content=r.content,
             tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls],
+            thinking=[
+                pb.ThinkingBlock(text=t.text, signature=t.signature, redacted_data=t.redacted_data) for t in r.thinking
+            ],
         ),
         finish_reason=_FINISH[r.finish_reason],
         provider=r.provider,

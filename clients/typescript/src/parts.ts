@@ -1,6 +1,6 @@
 // Typed helpers for content parts: text, images, PDF documents and audio in one message.
 //   client.chat([user("What is in this picture?", image(pngBytes, "image/png"))], { model: "smart" })
-import { CacheTtl, ImageDetail, Message, Part, Tool } from "./gen/feather/v1/feather_service";
+import { CacheTtl, ImageDetail, Message, Part, ReasoningEffort, ReasoningOptions, Tool } from "./gen/feather/v1/feather_service";
 
 export type ImageMediaType = "image/jpeg" | "image/png" | "image/gif" | "image/webp";
 export type Detail = "" | "auto" | "low" | "high";
@@ -45,4 +45,13 @@ const TTL: Record<Ttl, CacheTtl> = {
  * `cached(system(rules), "1h")`. Anthropic caches the prompt up to there; "" is its default TTL (5m). */
 export function cached<T extends Message | Part | Tool>(item: T, ttl: Ttl = ""): T {
   return { ...item, cacheBreakpoint: { ttl: TTL[ttl] } };
+}
+
+export type Effort = "" | "none" | "minimal" | "low" | "medium" | "high" | "xhigh";
+
+/** Reasoning options: `effort` is OpenAI's reasoning_effort (on Anthropic without a budget, thinking with the
+ * effort's budget); `budgetTokens` is Anthropic's extended-thinking budget (at least 1,024). */
+export function reasoning(effort: Effort = "", budgetTokens?: number): ReasoningOptions {
+  const name = `REASONING_EFFORT_${(effort || "unspecified").toUpperCase()}` as keyof typeof ReasoningEffort;
+  return ReasoningOptions.fromPartial({ effort: ReasoningEffort[name], thinkingBudgetTokens: budgetTokens });
 }

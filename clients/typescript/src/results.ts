@@ -9,6 +9,7 @@ import {
   StreamChatResponse,
   StreamEnd,
   StreamStart,
+  ThinkingBlock,
   TokenUsage as PbTokenUsage,
   ToolCall,
 } from "./gen/feather/v1/feather_service";
@@ -44,7 +45,13 @@ export interface ChatResult {
   usageEstimated: boolean;
   timeToFirstTokenMs: number | undefined;
   attempts: Attempt[];
+  /** The model's thinking, apart from `text` (Anthropic blocks keep their signatures). */
+  thinking: ThinkingBlock[];
 }
+
+/** The reply as the assistant message of the next turn: text, tool calls and thinking, unchanged. */
+export const assistantTurn = (r: ChatResult): Message =>
+  Message.fromPartial({ role: Role.ROLE_ASSISTANT, content: r.text, toolCalls: r.toolCalls, thinking: r.thinking });
 
 /** One string is `content`; anything else is ordered parts (a string among them is a text part). */
 export type Content = string | Part;
@@ -108,6 +115,7 @@ export function chatResult(reply: ChatResponse): ChatResult {
     usageEstimated: reply.usageEstimated,
     timeToFirstTokenMs: undefined,
     attempts: reply.attempts,
+    thinking: reply.message?.thinking ?? [],
   };
 }
 
@@ -117,6 +125,7 @@ export class StreamAssembler {
   end: StreamEnd | undefined;
   readonly text: string[] = [];
   private readonly toolCalls = new Map<number, ToolCall>();
+  private readonly thinking = new Map<number, ThinkingBlock>();
 
   /** The text to hand to the caller, if the event carries any. */
   feed(event: StreamChatResponse): string | undefined {
@@ -130,6 +139,13 @@ export class StreamAssembler {
         call.name ||= f.name;
         call.arguments += f.arguments;
         this.toolCalls.set(f.index, call);
+      }
+      for (const t of e.value.thinking) {
+        const block = this.thinking.get(t.index) ?? { text: "", signature: "", redactedData: "" };
+        block.text += t.text;
+        block.signature += t.signature;
+        block.redactedData += t.redactedData;
+        this.thinking.set(t.index, block);
       }
       if (e.value.content) {
         this.text.push(e.value.content);
@@ -157,6 +173,7 @@ export class StreamAssembler {
       usageEstimated: end.usageEstimated,
       timeToFirstTokenMs: Number(end.timeToFirstTokenMs),
       attempts: end.attempts,
+      thinking: [...this.thinking.entries()].sort(([a], [b]) => a - b).map(([, t]) => t),
     };
   }
 }

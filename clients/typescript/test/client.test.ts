@@ -4,7 +4,7 @@ import { getEventListeners } from "node:events";
 import { after, before, describe, test } from "node:test";
 import { Metadata, Server, ServerCredentials, status } from "@grpc/grpc-js";
 import type { sendUnaryData, ServerUnaryCall, ServerWritableStream } from "@grpc/grpc-js";
-import { audio, cached, FeatherClient, FeatherError, formatUsd, image, imageUrl, pb, pdf, pdfUrl, system, target, text, toolResult, user } from "../src";
+import { assistantTurn, audio, cached, FeatherClient, reasoning, FeatherError, formatUsd, image, imageUrl, pb, pdf, pdfUrl, system, target, text, toolResult, user } from "../src";
 import type { TokenUsage } from "../src";
 import { Any } from "../src/gen/google/protobuf/any";
 import { ErrorInfo, QuotaFailure, RetryInfo } from "../src/gen/google/rpc/error_details";
@@ -394,4 +394,12 @@ test("cached marks a breakpoint on a message, a part or a tool", () => {
   assert.deepEqual([rules.content, rules.cacheBreakpoint?.ttl], ["rules", pb.CacheTtl.CACHE_TTL_ONE_HOUR]);
   assert.equal(cached(text("doc")).cacheBreakpoint?.ttl, pb.CacheTtl.CACHE_TTL_UNSPECIFIED);
   assert.equal(cached(pb.Tool.fromPartial({ name: "t" }), "5m").cacheBreakpoint?.ttl, pb.CacheTtl.CACHE_TTL_FIVE_MINUTES);
+});
+
+test("reasoning options and the assistant turn of a reply", () => {
+  assert.deepEqual(reasoning("high"), pb.ReasoningOptions.fromPartial({ effort: pb.ReasoningEffort.REASONING_EFFORT_HIGH }));
+  assert.equal(reasoning("", 2048).thinkingBudgetTokens, 2048);
+  const thinking = [pb.ThinkingBlock.fromPartial({ text: "hmm", signature: "sig" })];
+  const turn = assistantTurn({ text: "ok", toolCalls: [], thinking } as unknown as Parameters<typeof assistantTurn>[0]);
+  assert.deepEqual([turn.role, turn.content, turn.thinking], [pb.Role.ROLE_ASSISTANT, "ok", thinking]);
 });

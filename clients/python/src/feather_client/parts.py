@@ -13,7 +13,7 @@ from typing import Literal, TypeVar
 
 from .gen.feather.v1 import feather_service_pb2 as pb
 
-__all__ = ["ImageMediaType", "audio", "cached", "image", "image_url", "pdf", "pdf_url", "text"]
+__all__ = ["Effort", "ImageMediaType", "audio", "cached", "image", "image_url", "pdf", "pdf_url", "reasoning", "text"]
 
 ImageMediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
 _DETAIL = {
@@ -62,3 +62,17 @@ def cached(item: Cacheable, *, ttl: Literal["", "5m", "1h"] = "") -> Cacheable:
     `cached(system(rules), ttl="1h")`. Anthropic caches the prompt up to there; "" is its default TTL (5m)."""
     item.cache_breakpoint.CopyFrom(pb.CacheBreakpoint(ttl=_TTL[ttl]))
     return item
+
+
+Effort = Literal["", "none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+def reasoning(effort: Effort = "", *, budget_tokens: int | None = None) -> pb.ReasoningOptions:
+    """Reasoning options: `effort` is OpenAI's reasoning_effort (on Anthropic without a budget, thinking
+    with the effort's budget); `budget_tokens` is Anthropic's extended-thinking budget (at least 1,024)."""
+    options = pb.ReasoningOptions(
+        effort=pb.ReasoningEffort.Value(f"REASONING_EFFORT_{(effort or 'unspecified').upper()}")
+    )
+    if budget_tokens is not None:
+        options.thinking_budget_tokens = budget_tokens
+    return options

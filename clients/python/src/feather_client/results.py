@@ -106,6 +106,22 @@ class TokenUsage:
 
 
 @dataclass(frozen=True)
+class Thinking:
+    """A block of the model's thinking. Send a reply back with `assistant_turn(result)` to keep it."""
+
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""
+
+    @classmethod
+    def from_proto(cls, block: pb.ThinkingBlock) -> Thinking:
+        return cls(block.text, block.signature, block.redacted_data)
+
+    def to_proto(self) -> pb.ThinkingBlock:
+        return pb.ThinkingBlock(text=self.text, signature=self.signature, redacted_data=self.redacted_data)
+
+
+@dataclass(frozen=True)
 class ChatResult:
     """A complete reply, from `chat()` or from a finished `stream_chat()`."""
 
@@ -125,6 +141,17 @@ class ChatResult:
     usage_estimated: bool = False
     time_to_first_token: timedelta | None = None
     attempts: tuple[pb.Attempt, ...] = field(default=(), repr=False)
+    thinking: tuple[Thinking, ...] = ()
+    """The model's thinking, apart from `text` (Anthropic blocks keep their signatures)."""
+
+    def assistant_turn(self) -> pb.Message:
+        """The reply as the assistant message of the next turn: text, tool calls and thinking, unchanged."""
+        return pb.Message(
+            role=pb.ROLE_ASSISTANT,
+            content=self.text,
+            tool_calls=self.tool_calls,
+            thinking=[t.to_proto() for t in self.thinking],
+        )
 
     @property
     def cost_usd(self) -> Decimal:
@@ -146,6 +173,7 @@ class ChatResult:
             unpriced=reply.unpriced,
             usage_estimated=reply.usage_estimated,
             attempts=tuple(reply.attempts),
+            thinking=tuple(Thinking.from_proto(t) for t in reply.message.thinking),
         )
 
 
@@ -157,6 +185,7 @@ class StreamAssembler:
         self.end: pb.StreamEnd | None = None
         self.text: list[str] = []
         self.tool_calls: dict[int, pb.ToolCall] = {}
+        self.thinking: dict[int, pb.ThinkingBlock] = {}
         self._result: ChatResult | None = None
 
     def feed(self, event: pb.StreamChatResponse) -> str | None:
@@ -172,6 +201,11 @@ class StreamAssembler:
                 call.id = call.id or fragment.id
                 call.name = call.name or fragment.name
                 call.arguments += fragment.arguments
+            for piece in event.delta.thinking:
+                block = self.thinking.setdefault(piece.index, pb.ThinkingBlock())
+                block.text += piece.text
+                block.signature += piece.signature
+                block.redacted_data += piece.redacted_data
             if event.delta.content:
                 self.text.append(event.delta.content)
                 return event.delta.content
@@ -201,6 +235,7 @@ class StreamAssembler:
             usage_estimated=end.usage_estimated,
             time_to_first_token=timedelta(milliseconds=end.time_to_first_token_ms),
             attempts=tuple(end.attempts),
+            thinking=tuple(Thinking.from_proto(self.thinking[i]) for i in sorted(self.thinking)),
         )
 
 
@@ -218,6 +253,9 @@ def chat_fields(
     tool_choice: pb.ToolChoice | None,
     response_format: pb.ResponseFormat | None,
     policy: str,
+    reasoning: pb.ReasoningOptions | None = None,
+    parallel_tool_calls: bool | None = None,
+    prompt_cache_key: str = "",
     bypass_cache: bool,
     tags: Mapping[str, str] | None,
     request_id: str | None,
@@ -238,6 +276,7 @@ def chat_fields(
         "request_id": request_id or uuid.uuid4().hex,
         "policy": pb.RoutingPolicy.Value(f"ROUTING_POLICY_{policy.upper()}") if policy else 0,
         "cache": pb.CACHE_MODE_BYPASS if bypass_cache else pb.CACHE_MODE_UNSPECIFIED,
+        "prompt_cache_key": prompt_cache_key,
     }
     optional = {
         "max_tokens": max_tokens,
@@ -246,6 +285,8 @@ def chat_fields(
         "seed": seed,
         "tool_choice": tool_choice,
         "response_format": response_format,
+        "reasoning": reasoning,
+        "parallel_tool_calls": parallel_tool_calls,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
     return fields

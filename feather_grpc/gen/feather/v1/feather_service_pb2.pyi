@@ -54,6 +54,46 @@ ROLE_TOOL: Role.ValueType  # 4
 """A tool's result, answering the assistant tool call named by `tool_call_id`."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _ReasoningEffort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReasoningEffortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasoningEffort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REASONING_EFFORT_UNSPECIFIED: _ReasoningEffort.ValueType  # 0
+    """The provider's default."""
+    REASONING_EFFORT_NONE: _ReasoningEffort.ValueType  # 1
+    """No reasoning (OpenAI `none`; no thinking on Anthropic)."""
+    REASONING_EFFORT_MINIMAL: _ReasoningEffort.ValueType  # 2
+    """OpenAI `minimal` (no thinking on Anthropic)."""
+    REASONING_EFFORT_LOW: _ReasoningEffort.ValueType  # 3
+    """OpenAI `low`; Anthropic thinking with a 1,024-token budget."""
+    REASONING_EFFORT_MEDIUM: _ReasoningEffort.ValueType  # 4
+    """OpenAI `medium`; Anthropic thinking with a 2,048-token budget."""
+    REASONING_EFFORT_HIGH: _ReasoningEffort.ValueType  # 5
+    """OpenAI `high`; Anthropic thinking with a 4,096-token budget."""
+    REASONING_EFFORT_XHIGH: _ReasoningEffort.ValueType  # 6
+    """OpenAI `xhigh`; Anthropic thinking with an 8,192-token budget."""
+
+class ReasoningEffort(_ReasoningEffort, metaclass=_ReasoningEffortEnumTypeWrapper):
+    """ReasoningEffort is how much a model should reason before answering."""
+
+REASONING_EFFORT_UNSPECIFIED: ReasoningEffort.ValueType  # 0
+"""The provider's default."""
+REASONING_EFFORT_NONE: ReasoningEffort.ValueType  # 1
+"""No reasoning (OpenAI `none`; no thinking on Anthropic)."""
+REASONING_EFFORT_MINIMAL: ReasoningEffort.ValueType  # 2
+"""OpenAI `minimal` (no thinking on Anthropic)."""
+REASONING_EFFORT_LOW: ReasoningEffort.ValueType  # 3
+"""OpenAI `low`; Anthropic thinking with a 1,024-token budget."""
+REASONING_EFFORT_MEDIUM: ReasoningEffort.ValueType  # 4
+"""OpenAI `medium`; Anthropic thinking with a 2,048-token budget."""
+REASONING_EFFORT_HIGH: ReasoningEffort.ValueType  # 5
+"""OpenAI `high`; Anthropic thinking with a 4,096-token budget."""
+REASONING_EFFORT_XHIGH: ReasoningEffort.ValueType  # 6
+"""OpenAI `xhigh`; Anthropic thinking with an 8,192-token budget."""
+Global___ReasoningEffort: _TypeAlias = ReasoningEffort  # noqa: Y015
+
 class _CacheTtl:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -368,6 +408,7 @@ class Message(_message.Message):
     IS_ERROR_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
     CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote this message."""
     content: _builtins.str
@@ -399,6 +440,13 @@ class Message(_message.Message):
         system message, the system prompt up to here). OpenAI caches prefixes on its own and ignores it.
         """
 
+    @_builtins.property
+    def thinking(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThinkingBlock]:
+        """For ROLE_ASSISTANT: the model's thinking, in order, as a reply carried it. Send a reply's message back
+        unchanged on the next turn: Anthropic needs its thinking blocks (signatures, redacted blocks) to continue
+        a turn that used tools. Other providers do not take thinking back: it is dropped for them.
+        """
+
     def __init__(
         self,
         *,
@@ -410,14 +458,80 @@ class Message(_message.Message):
         is_error: _builtins.bool = ...,
         parts: _abc.Iterable[Global___Part] | None = ...,
         cache_breakpoint: Global___CacheBreakpoint | None = ...,
+        thinking: _abc.Iterable[Global___ThinkingBlock] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "content", b"content", "is_error", b"is_error", "name", b"name", "parts", b"parts", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "content", b"content", "is_error", b"is_error", "name", b"name", "parts", b"parts", "role", b"role", "thinking", b"thinking", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class ThinkingBlock(_message.Message):
+    """ThinkingBlock is one block of a model's thinking, kept apart from the reply's text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The thinking text (Anthropic `thinking`; `reasoning_content` of OpenAI-compatible servers). Empty for a
+    redacted block.
+    """
+    signature: _builtins.str
+    """Anthropic's signature of the block: opaque, send it back unchanged."""
+    redacted_data: _builtins.str
+    """An Anthropic `redacted_thinking` block's encrypted `data`: opaque, send it back unchanged."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThinkingBlock: _TypeAlias = ThinkingBlock  # noqa: Y015
+
+@_typing.final
+class ReasoningOptions(_message.Message):
+    """ReasoningOptions ask a model to reason (think) before it answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFORT_FIELD_NUMBER: _builtins.int
+    THINKING_BUDGET_TOKENS_FIELD_NUMBER: _builtins.int
+    effort: Global___ReasoningEffort.ValueType
+    """OpenAI `reasoning_effort`. On Anthropic, without `thinking_budget_tokens`, it turns extended thinking on
+    with the budget its value names.
+    """
+    thinking_budget_tokens: _builtins.int
+    """Anthropic extended thinking (`thinking: {type: enabled, budget_tokens}`): at least 1,024, and below
+    `max_tokens` when that is set (without it, Anthropic gets the model's maxOutputTokens, else the budget
+    plus 4,096). OpenAI does not take a budget: use `effort` there.
+    """
+    def __init__(
+        self,
+        *,
+        effort: Global___ReasoningEffort.ValueType = ...,
+        thinking_budget_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_thinking_budget_tokens", b"_thinking_budget_tokens", "thinking_budget_tokens", b"thinking_budget_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_thinking_budget_tokens", b"_thinking_budget_tokens", "effort", b"effort", "thinking_budget_tokens", b"thinking_budget_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__thinking_budget_tokens: _TypeAlias = _typing.Literal["thinking_budget_tokens"]  # noqa: Y015
+    _WhichOneofArgType__thinking_budget_tokens: _TypeAlias = _typing.Literal["_thinking_budget_tokens", b"_thinking_budget_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__thinking_budget_tokens) -> _WhichOneofReturnType__thinking_budget_tokens | None: ...
+
+Global___ReasoningOptions: _TypeAlias = ReasoningOptions  # noqa: Y015
 
 @_typing.final
 class CacheBreakpoint(_message.Message):
@@ -808,6 +922,7 @@ class ChatRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`. At most 256 characters."""
     provider: _builtins.str
@@ -867,6 +982,12 @@ class ChatRequest(_message.Message):
         128 characters, values at most 512.
         """
 
+    @_builtins.property
+    def reasoning(self) -> Global___ReasoningOptions:
+        """Reasoning effort and extended thinking. The reply's thinking comes in `message.thinking` (streams:
+        `delta.thinking`), never in the text; reasoning tokens are in `usage.reasoning_tokens`, priced as output.
+        """
+
     def __init__(
         self,
         *,
@@ -888,10 +1009,11 @@ class ChatRequest(_message.Message):
         request_id: _builtins.str = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
         prompt_cache_key: _builtins.str = ...,
+        reasoning: Global___ReasoningOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -960,6 +1082,7 @@ class StreamChatRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias, or `provider/model`."""
     provider: _builtins.str
@@ -1010,6 +1133,10 @@ class StreamChatRequest(_message.Message):
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Attribution labels recorded in the usage ledger."""
 
+    @_builtins.property
+    def reasoning(self) -> Global___ReasoningOptions:
+        """Reasoning effort and extended thinking."""
+
     def __init__(
         self,
         *,
@@ -1031,10 +1158,11 @@ class StreamChatRequest(_message.Message):
         request_id: _builtins.str = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
         prompt_cache_key: _builtins.str = ...,
+        reasoning: Global___ReasoningOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -1290,6 +1418,40 @@ class ToolCallDelta(_message.Message):
 Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 
 @_typing.final
+class ThinkingDelta(_message.Message):
+    """ThinkingDelta is a fragment of a thinking block in a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Which thinking block of this reply the fragment belongs to (0-based)."""
+    text: _builtins.str
+    """A piece of the block's thinking text; concatenate in order."""
+    signature: _builtins.str
+    """The block's signature (sent whole, once, usually after its text)."""
+    redacted_data: _builtins.str
+    """A redacted block's data (sent whole, once)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        text: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThinkingDelta: _TypeAlias = ThinkingDelta  # noqa: Y015
+
+@_typing.final
 class ChatDelta(_message.Message):
     """ChatDelta is a piece of the reply."""
 
@@ -1297,21 +1459,27 @@ class ChatDelta(_message.Message):
 
     CONTENT_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """Text to append to the reply."""
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
         """Tool call fragments."""
 
+    @_builtins.property
+    def thinking(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThinkingDelta]:
+        """Thinking fragments, never mixed into `content`."""
+
     def __init__(
         self,
         *,
         content: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
+        thinking: _abc.Iterable[Global___ThinkingDelta] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "thinking", b"thinking", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -87,6 +87,77 @@ export function roleToJSON(object: Role): string {
   }
 }
 
+/** ReasoningEffort is how much a model should reason before answering. */
+export enum ReasoningEffort {
+  /** REASONING_EFFORT_UNSPECIFIED - The provider's default. */
+  REASONING_EFFORT_UNSPECIFIED = 0,
+  /** REASONING_EFFORT_NONE - No reasoning (OpenAI `none`; no thinking on Anthropic). */
+  REASONING_EFFORT_NONE = 1,
+  /** REASONING_EFFORT_MINIMAL - OpenAI `minimal` (no thinking on Anthropic). */
+  REASONING_EFFORT_MINIMAL = 2,
+  /** REASONING_EFFORT_LOW - OpenAI `low`; Anthropic thinking with a 1,024-token budget. */
+  REASONING_EFFORT_LOW = 3,
+  /** REASONING_EFFORT_MEDIUM - OpenAI `medium`; Anthropic thinking with a 2,048-token budget. */
+  REASONING_EFFORT_MEDIUM = 4,
+  /** REASONING_EFFORT_HIGH - OpenAI `high`; Anthropic thinking with a 4,096-token budget. */
+  REASONING_EFFORT_HIGH = 5,
+  /** REASONING_EFFORT_XHIGH - OpenAI `xhigh`; Anthropic thinking with an 8,192-token budget. */
+  REASONING_EFFORT_XHIGH = 6,
+  UNRECOGNIZED = -1,
+}
+
+export function reasoningEffortFromJSON(object: any): ReasoningEffort {
+  switch (object) {
+    case 0:
+    case "REASONING_EFFORT_UNSPECIFIED":
+      return ReasoningEffort.REASONING_EFFORT_UNSPECIFIED;
+    case 1:
+    case "REASONING_EFFORT_NONE":
+      return ReasoningEffort.REASONING_EFFORT_NONE;
+    case 2:
+    case "REASONING_EFFORT_MINIMAL":
+      return ReasoningEffort.REASONING_EFFORT_MINIMAL;
+    case 3:
+    case "REASONING_EFFORT_LOW":
+      return ReasoningEffort.REASONING_EFFORT_LOW;
+    case 4:
+    case "REASONING_EFFORT_MEDIUM":
+      return ReasoningEffort.REASONING_EFFORT_MEDIUM;
+    case 5:
+    case "REASONING_EFFORT_HIGH":
+      return ReasoningEffort.REASONING_EFFORT_HIGH;
+    case 6:
+    case "REASONING_EFFORT_XHIGH":
+      return ReasoningEffort.REASONING_EFFORT_XHIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ReasoningEffort.UNRECOGNIZED;
+  }
+}
+
+export function reasoningEffortToJSON(object: ReasoningEffort): string {
+  switch (object) {
+    case ReasoningEffort.REASONING_EFFORT_UNSPECIFIED:
+      return "REASONING_EFFORT_UNSPECIFIED";
+    case ReasoningEffort.REASONING_EFFORT_NONE:
+      return "REASONING_EFFORT_NONE";
+    case ReasoningEffort.REASONING_EFFORT_MINIMAL:
+      return "REASONING_EFFORT_MINIMAL";
+    case ReasoningEffort.REASONING_EFFORT_LOW:
+      return "REASONING_EFFORT_LOW";
+    case ReasoningEffort.REASONING_EFFORT_MEDIUM:
+      return "REASONING_EFFORT_MEDIUM";
+    case ReasoningEffort.REASONING_EFFORT_HIGH:
+      return "REASONING_EFFORT_HIGH";
+    case ReasoningEffort.REASONING_EFFORT_XHIGH:
+      return "REASONING_EFFORT_XHIGH";
+    case ReasoningEffort.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** CacheTtl is how long a prompt-cache entry lives. */
 export enum CacheTtl {
   /** CACHE_TTL_UNSPECIFIED - The provider's default (Anthropic: 5 minutes). */
@@ -651,7 +722,43 @@ export interface Message {
    * A prompt-cache breakpoint at the end of this message (Anthropic `cache_control` on its last block; on a
    * system message, the system prompt up to here). OpenAI caches prefixes on its own and ignores it.
    */
-  cacheBreakpoint: CacheBreakpoint | undefined;
+  cacheBreakpoint:
+    | CacheBreakpoint
+    | undefined;
+  /**
+   * For ROLE_ASSISTANT: the model's thinking, in order, as a reply carried it. Send a reply's message back
+   * unchanged on the next turn: Anthropic needs its thinking blocks (signatures, redacted blocks) to continue
+   * a turn that used tools. Other providers do not take thinking back: it is dropped for them.
+   */
+  thinking: ThinkingBlock[];
+}
+
+/** ThinkingBlock is one block of a model's thinking, kept apart from the reply's text. */
+export interface ThinkingBlock {
+  /**
+   * The thinking text (Anthropic `thinking`; `reasoning_content` of OpenAI-compatible servers). Empty for a
+   * redacted block.
+   */
+  text: string;
+  /** Anthropic's signature of the block: opaque, send it back unchanged. */
+  signature: string;
+  /** An Anthropic `redacted_thinking` block's encrypted `data`: opaque, send it back unchanged. */
+  redactedData: string;
+}
+
+/** ReasoningOptions ask a model to reason (think) before it answers. */
+export interface ReasoningOptions {
+  /**
+   * OpenAI `reasoning_effort`. On Anthropic, without `thinking_budget_tokens`, it turns extended thinking on
+   * with the budget its value names.
+   */
+  effort: ReasoningEffort;
+  /**
+   * Anthropic extended thinking (`thinking: {type: enabled, budget_tokens}`): at least 1,024, and below
+   * `max_tokens` when that is set (without it, Anthropic gets the model's maxOutputTokens, else the budget
+   * plus 4,096). OpenAI does not take a budget: use `effort` there.
+   */
+  thinkingBudgetTokens?: number | undefined;
 }
 
 /** CacheBreakpoint marks the end of a prompt prefix the provider should cache. At most 4 in a request. */
@@ -855,6 +962,11 @@ export interface ChatRequest {
    * Anthropic ignores it (it caches at `cache_breakpoint`s). At most 256 characters.
    */
   promptCacheKey: string;
+  /**
+   * Reasoning effort and extended thinking. The reply's thinking comes in `message.thinking` (streams:
+   * `delta.thinking`), never in the text; reasoning tokens are in `usage.reasoning_tokens`, priced as output.
+   */
+  reasoning: ReasoningOptions | undefined;
 }
 
 export interface ChatRequest_TagsEntry {
@@ -916,6 +1028,8 @@ export interface StreamChatRequest {
     | undefined;
   /** OpenAI `prompt_cache_key`. */
   promptCacheKey: string;
+  /** Reasoning effort and extended thinking. */
+  reasoning: ReasoningOptions | undefined;
 }
 
 export interface StreamChatRequest_TagsEntry {
@@ -1020,12 +1134,26 @@ export interface ToolCallDelta {
   arguments: string;
 }
 
+/** ThinkingDelta is a fragment of a thinking block in a stream. */
+export interface ThinkingDelta {
+  /** Which thinking block of this reply the fragment belongs to (0-based). */
+  index: number;
+  /** A piece of the block's thinking text; concatenate in order. */
+  text: string;
+  /** The block's signature (sent whole, once, usually after its text). */
+  signature: string;
+  /** A redacted block's data (sent whole, once). */
+  redactedData: string;
+}
+
 /** ChatDelta is a piece of the reply. */
 export interface ChatDelta {
   /** Text to append to the reply. */
   content: string;
   /** Tool call fragments. */
   toolCalls: ToolCallDelta[];
+  /** Thinking fragments, never mixed into `content`. */
+  thinking: ThinkingDelta[];
 }
 
 /** StreamEnd closes a successful stream. */
@@ -1211,6 +1339,7 @@ function createBaseMessage(): Message {
     isError: false,
     parts: [],
     cacheBreakpoint: undefined,
+    thinking: [],
   };
 }
 
@@ -1239,6 +1368,9 @@ export const Message: MessageFns<Message> = {
     }
     if (message.cacheBreakpoint !== undefined) {
       CacheBreakpoint.encode(message.cacheBreakpoint, writer.uint32(66).fork()).join();
+    }
+    for (const v of message.thinking) {
+      ThinkingBlock.encode(v!, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -1320,6 +1452,14 @@ export const Message: MessageFns<Message> = {
             message.cacheBreakpoint = CacheBreakpoint.decode(reader, reader.uint32());
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.thinking.push(ThinkingBlock.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1360,6 +1500,9 @@ export const Message: MessageFns<Message> = {
         : isSet(object.cache_breakpoint)
         ? CacheBreakpoint.fromJSON(object.cache_breakpoint)
         : undefined,
+      thinking: globalThis.Array.isArray(object?.thinking)
+        ? object.thinking.map((e: any) => ThinkingBlock.fromJSON(e))
+        : [],
     };
   },
 
@@ -1389,6 +1532,9 @@ export const Message: MessageFns<Message> = {
     if (message.cacheBreakpoint !== undefined) {
       obj.cacheBreakpoint = CacheBreakpoint.toJSON(message.cacheBreakpoint);
     }
+    if (message.thinking?.length) {
+      obj.thinking = message.thinking.map((e) => ThinkingBlock.toJSON(e));
+    }
     return obj;
   },
 
@@ -1407,6 +1553,201 @@ export const Message: MessageFns<Message> = {
     message.cacheBreakpoint = (object.cacheBreakpoint !== undefined && object.cacheBreakpoint !== null)
       ? CacheBreakpoint.fromPartial(object.cacheBreakpoint)
       : undefined;
+    message.thinking = object.thinking?.map((e) => ThinkingBlock.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseThinkingBlock(): ThinkingBlock {
+  return { text: "", signature: "", redactedData: "" };
+}
+
+export const ThinkingBlock: MessageFns<ThinkingBlock> = {
+  encode(message: ThinkingBlock, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.text !== "") {
+      writer.uint32(10).string(message.text);
+    }
+    if (message.signature !== "") {
+      writer.uint32(18).string(message.signature);
+    }
+    if (message.redactedData !== "") {
+      writer.uint32(26).string(message.redactedData);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ThinkingBlock {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseThinkingBlock();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.redactedData = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ThinkingBlock {
+    return {
+      text: isSet(object.text) ? globalThis.String(object.text) : "",
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : "",
+      redactedData: isSet(object.redactedData)
+        ? globalThis.String(object.redactedData)
+        : isSet(object.redacted_data)
+        ? globalThis.String(object.redacted_data)
+        : "",
+    };
+  },
+
+  toJSON(message: ThinkingBlock): unknown {
+    const obj: any = {};
+    if (message.text !== "") {
+      obj.text = message.text;
+    }
+    if (message.signature !== "") {
+      obj.signature = message.signature;
+    }
+    if (message.redactedData !== "") {
+      obj.redactedData = message.redactedData;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ThinkingBlock>): ThinkingBlock {
+    return ThinkingBlock.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ThinkingBlock>): ThinkingBlock {
+    const message = createBaseThinkingBlock();
+    message.text = object.text ?? "";
+    message.signature = object.signature ?? "";
+    message.redactedData = object.redactedData ?? "";
+    return message;
+  },
+};
+
+function createBaseReasoningOptions(): ReasoningOptions {
+  return { effort: 0, thinkingBudgetTokens: undefined };
+}
+
+export const ReasoningOptions: MessageFns<ReasoningOptions> = {
+  encode(message: ReasoningOptions, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.effort !== 0) {
+      writer.uint32(8).int32(message.effort);
+    }
+    if (message.thinkingBudgetTokens !== undefined) {
+      writer.uint32(16).int32(message.thinkingBudgetTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReasoningOptions {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReasoningOptions();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.effort = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.thinkingBudgetTokens = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReasoningOptions {
+    return {
+      effort: isSet(object.effort) ? reasoningEffortFromJSON(object.effort) : 0,
+      thinkingBudgetTokens: isSet(object.thinkingBudgetTokens)
+        ? globalThis.Number(object.thinkingBudgetTokens)
+        : isSet(object.thinking_budget_tokens)
+        ? globalThis.Number(object.thinking_budget_tokens)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ReasoningOptions): unknown {
+    const obj: any = {};
+    if (message.effort !== 0) {
+      obj.effort = reasoningEffortToJSON(message.effort);
+    }
+    if (message.thinkingBudgetTokens !== undefined) {
+      obj.thinkingBudgetTokens = Math.round(message.thinkingBudgetTokens);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReasoningOptions>): ReasoningOptions {
+    return ReasoningOptions.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReasoningOptions>): ReasoningOptions {
+    const message = createBaseReasoningOptions();
+    message.effort = object.effort ?? 0;
+    message.thinkingBudgetTokens = object.thinkingBudgetTokens ?? undefined;
     return message;
   },
 };
@@ -2589,6 +2930,7 @@ function createBaseChatRequest(): ChatRequest {
     requestId: "",
     parallelToolCalls: undefined,
     promptCacheKey: "",
+    reasoning: undefined,
   };
 }
 
@@ -2650,6 +2992,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     }
     if (message.promptCacheKey !== "") {
       writer.uint32(146).string(message.promptCacheKey);
+    }
+    if (message.reasoning !== undefined) {
+      ReasoningOptions.encode(message.reasoning, writer.uint32(154).fork()).join();
     }
     return writer;
   },
@@ -2814,6 +3159,14 @@ export const ChatRequest: MessageFns<ChatRequest> = {
             message.promptCacheKey = reader.string();
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.reasoning = ReasoningOptions.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2887,6 +3240,7 @@ export const ChatRequest: MessageFns<ChatRequest> = {
         : isSet(object.prompt_cache_key)
         ? globalThis.String(object.prompt_cache_key)
         : "",
+      reasoning: isSet(object.reasoning) ? ReasoningOptions.fromJSON(object.reasoning) : undefined,
     };
   },
 
@@ -2952,6 +3306,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     if (message.promptCacheKey !== "") {
       obj.promptCacheKey = message.promptCacheKey;
     }
+    if (message.reasoning !== undefined) {
+      obj.reasoning = ReasoningOptions.toJSON(message.reasoning);
+    }
     return obj;
   },
 
@@ -2992,6 +3349,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     message.requestId = object.requestId ?? "";
     message.parallelToolCalls = object.parallelToolCalls ?? undefined;
     message.promptCacheKey = object.promptCacheKey ?? "";
+    message.reasoning = (object.reasoning !== undefined && object.reasoning !== null)
+      ? ReasoningOptions.fromPartial(object.reasoning)
+      : undefined;
     return message;
   },
 };
@@ -3101,6 +3461,7 @@ function createBaseStreamChatRequest(): StreamChatRequest {
     requestId: "",
     parallelToolCalls: undefined,
     promptCacheKey: "",
+    reasoning: undefined,
   };
 }
 
@@ -3162,6 +3523,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     }
     if (message.promptCacheKey !== "") {
       writer.uint32(146).string(message.promptCacheKey);
+    }
+    if (message.reasoning !== undefined) {
+      ReasoningOptions.encode(message.reasoning, writer.uint32(154).fork()).join();
     }
     return writer;
   },
@@ -3326,6 +3690,14 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
             message.promptCacheKey = reader.string();
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.reasoning = ReasoningOptions.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3399,6 +3771,7 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
         : isSet(object.prompt_cache_key)
         ? globalThis.String(object.prompt_cache_key)
         : "",
+      reasoning: isSet(object.reasoning) ? ReasoningOptions.fromJSON(object.reasoning) : undefined,
     };
   },
 
@@ -3464,6 +3837,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     if (message.promptCacheKey !== "") {
       obj.promptCacheKey = message.promptCacheKey;
     }
+    if (message.reasoning !== undefined) {
+      obj.reasoning = ReasoningOptions.toJSON(message.reasoning);
+    }
     return obj;
   },
 
@@ -3504,6 +3880,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     message.requestId = object.requestId ?? "";
     message.parallelToolCalls = object.parallelToolCalls ?? undefined;
     message.promptCacheKey = object.promptCacheKey ?? "";
+    message.reasoning = (object.reasoning !== undefined && object.reasoning !== null)
+      ? ReasoningOptions.fromPartial(object.reasoning)
+      : undefined;
     return message;
   },
 };
@@ -4507,8 +4886,129 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
   },
 };
 
+function createBaseThinkingDelta(): ThinkingDelta {
+  return { index: 0, text: "", signature: "", redactedData: "" };
+}
+
+export const ThinkingDelta: MessageFns<ThinkingDelta> = {
+  encode(message: ThinkingDelta, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.index !== 0) {
+      writer.uint32(8).int32(message.index);
+    }
+    if (message.text !== "") {
+      writer.uint32(18).string(message.text);
+    }
+    if (message.signature !== "") {
+      writer.uint32(26).string(message.signature);
+    }
+    if (message.redactedData !== "") {
+      writer.uint32(34).string(message.redactedData);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ThinkingDelta {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseThinkingDelta();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.index = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.redactedData = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ThinkingDelta {
+    return {
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      text: isSet(object.text) ? globalThis.String(object.text) : "",
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : "",
+      redactedData: isSet(object.redactedData)
+        ? globalThis.String(object.redactedData)
+        : isSet(object.redacted_data)
+        ? globalThis.String(object.redacted_data)
+        : "",
+    };
+  },
+
+  toJSON(message: ThinkingDelta): unknown {
+    const obj: any = {};
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
+    if (message.text !== "") {
+      obj.text = message.text;
+    }
+    if (message.signature !== "") {
+      obj.signature = message.signature;
+    }
+    if (message.redactedData !== "") {
+      obj.redactedData = message.redactedData;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ThinkingDelta>): ThinkingDelta {
+    return ThinkingDelta.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ThinkingDelta>): ThinkingDelta {
+    const message = createBaseThinkingDelta();
+    message.index = object.index ?? 0;
+    message.text = object.text ?? "";
+    message.signature = object.signature ?? "";
+    message.redactedData = object.redactedData ?? "";
+    return message;
+  },
+};
+
 function createBaseChatDelta(): ChatDelta {
-  return { content: "", toolCalls: [] };
+  return { content: "", toolCalls: [], thinking: [] };
 }
 
 export const ChatDelta: MessageFns<ChatDelta> = {
@@ -4518,6 +5018,9 @@ export const ChatDelta: MessageFns<ChatDelta> = {
     }
     for (const v of message.toolCalls) {
       ToolCallDelta.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.thinking) {
+      ThinkingDelta.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -4551,6 +5054,14 @@ export const ChatDelta: MessageFns<ChatDelta> = {
             message.toolCalls.push(ToolCallDelta.decode(reader, reader.uint32()));
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.thinking.push(ThinkingDelta.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4571,6 +5082,9 @@ export const ChatDelta: MessageFns<ChatDelta> = {
         : globalThis.Array.isArray(object?.tool_calls)
         ? object.tool_calls.map((e: any) => ToolCallDelta.fromJSON(e))
         : [],
+      thinking: globalThis.Array.isArray(object?.thinking)
+        ? object.thinking.map((e: any) => ThinkingDelta.fromJSON(e))
+        : [],
     };
   },
 
@@ -4582,6 +5096,9 @@ export const ChatDelta: MessageFns<ChatDelta> = {
     if (message.toolCalls?.length) {
       obj.toolCalls = message.toolCalls.map((e) => ToolCallDelta.toJSON(e));
     }
+    if (message.thinking?.length) {
+      obj.thinking = message.thinking.map((e) => ThinkingDelta.toJSON(e));
+    }
     return obj;
   },
 
@@ -4592,6 +5109,7 @@ export const ChatDelta: MessageFns<ChatDelta> = {
     const message = createBaseChatDelta();
     message.content = object.content ?? "";
     message.toolCalls = object.toolCalls?.map((e) => ToolCallDelta.fromPartial(e)) || [];
+    message.thinking = object.thinking?.map((e) => ThinkingDelta.fromPartial(e)) || [];
     return message;
   },
 };
