@@ -64,7 +64,14 @@ from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 log = logging.getLogger(__name__)
 
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
-NO_STRUCTURED_OUTPUT = frozenset({"anthropic"})  # provider types whose API cannot be asked for them
+# The structured-output types each wire format can be asked for. Anthropic's structured outputs
+# (`output_config.format`) take a JSON schema; it has no schema-less JSON mode.
+STRUCTURED_OUTPUT_SUPPORT = {
+    "openai": STRUCTURED_OUTPUT,
+    "openai-compatible": STRUCTURED_OUTPUT,
+    "anthropic": frozenset({"json_schema"}),
+    "mock": STRUCTURED_OUTPUT,
+}
 
 T = TypeVar("T")
 
@@ -414,7 +421,7 @@ class Feather:
         tenant = self._tenant(call)
         candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
         if req.response_format is not None and req.response_format.type in STRUCTURED_OUTPUT:
-            candidates = self._structured_output_capable(req.model, candidates)
+            candidates = self._structured_output_capable(req.model, req.response_format.type, candidates)
         needed = inputs.needs(req)
         if needed:
             candidates = self._input_capable(req.model, candidates, needed)
@@ -424,11 +431,19 @@ class Feather:
         """The call's tenant: as authenticated, else as configured by name (an in-process embedding)."""
         return call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
 
-    def _structured_output_capable(self, requested: str, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
+    def _structured_output_capable(
+        self, requested: str, kind: str, candidates: list[RouteCandidate]
+    ) -> list[RouteCandidate]:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
-        capable = [c for c in candidates if self._provider_configs[c.provider].type not in NO_STRUCTURED_OUTPUT]
+
+        def supports(c: RouteCandidate) -> bool:
+            return kind in STRUCTURED_OUTPUT_SUPPORT.get(self._provider_configs[c.provider].type, frozenset())
+
+        capable = [c for c in candidates if supports(c)]
         if not capable:
-            why = f"no provider serving {requested!r} supports it (the Anthropic Messages API has no JSON mode)"
+            why = f"no provider serving {requested!r} supports {kind}"
+            if kind == "json_object":
+                why += " (the Anthropic Messages API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
 

@@ -271,6 +271,11 @@ class AnthropicProvider:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
         if system:
             body["system"] = system
+        fmt = request.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            # Structured outputs: the reply's text is JSON valid against the schema (routing keeps JSON mode,
+            # which this API lacks, away from here).
+            body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.json_schema or {}}}
         if request.temperature is not None:
             body["temperature"] = request.temperature  # passed as given: the upstream judges the range
         if request.top_p is not None:

@@ -801,8 +801,10 @@ Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
 class ResponseFormat(_message.Message):
-    """ResponseFormat asks for structured output. For JSON_OBJECT and JSON_SCHEMA, routes to providers whose API
-    has no JSON mode (Anthropic) are skipped; with none left the call is INVALID_ARGUMENT on response_format.
+    """ResponseFormat asks for structured output. JSON_SCHEMA goes to OpenAI as `response_format` and to Anthropic
+    as structured outputs (`output_config.format`; `schema_name` and `strict` are OpenAI's). For JSON_OBJECT,
+    routes to providers whose API has no schema-less JSON mode (Anthropic) are skipped; with none left the
+    call is INVALID_ARGUMENT on response_format.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
