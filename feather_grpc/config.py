@@ -38,6 +38,12 @@ _KNOWN_TYPES = ("openai", "anthropic", "mock")
 # Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
 # call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
 MAX_USD_PER_1M = Decimal(1_000_000)
+# Headers the adapters set themselves: credentials, framing, and the wire format's version.
+RESERVED_HEADERS = frozenset(
+    {"authorization", "x-api-key", "content-type", "content-length", "host", "transfer-encoding", "connection"}
+    | {"anthropic-version"}
+)
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class _Strict(BaseModel):
@@ -110,6 +116,33 @@ class ProviderSpec(_Strict):
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
     required: bool = False
     models: list[ModelSpec] = Field(min_length=1)
+    # Sent with every request to this provider (`OpenAI-Organization`, `OpenAI-Project`, `anthropic-beta`...)
+    extra_headers: dict[str, str] = Field(default_factory=dict, alias="extraHeaders")
+    # Body fields every request to this provider gets unless the request sets them (`service_tier`...)
+    default_fields: dict[str, Any] = Field(default_factory=dict, alias="defaultFields")
+
+    @field_validator("extra_headers")
+    @classmethod
+    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not name or any(c not in _TOKEN_CHARS for c in name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the gateway (keys come from apiKeyEnv or apiKeyFile)")
+            if any(c in "\r\n\x00" for c in value):
+                raise ValueError(f"header {name!r} has a line break or NUL in its value")
+        return headers
+
+    @field_validator("default_fields")
+    @classmethod
+    def _fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        from feather_grpc.engine.validation import GATEWAY_OWNED_FIELDS
+
+        owned = sorted(GATEWAY_OWNED_FIELDS.intersection(fields))
+        if owned:
+            raise ValueError(f"{', '.join(owned)} are set by the gateway for each request")
+        plain: dict[str, Any] = json.loads(json.dumps(fields, default=float))  # the parse's Decimals as numbers
+        return plain
 
     @field_validator("base_url")
     @classmethod
@@ -273,6 +306,8 @@ class ProviderConfig:
     models: tuple[ModelConfig, ...]
     first_token_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()
+    default_fields: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +565,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 # A stream silent for as long as a whole call may take has stalled: without this a stalled
                 # upstream held its caller (when it set no deadline), a concurrency slot and a connection.
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
+                extra_headers=tuple(spec.extra_headers.items()),
+                default_fields=spec.default_fields,
             )
         )
     if not providers:

@@ -103,6 +103,14 @@ class Reply:
     # Thinking before the answer: Anthropic `thinking` blocks (signed `sig_sim_<n>`, or `redacted_thinking`
     # when the text starts with "redacted:"), OpenAI-compatible `reasoning_content` (the texts joined)
     thinking: tuple[str, ...] = ()
+    # What the reply says about itself: the model snapshot (None: the requested model), OpenAI's
+    # system_fingerprint and refusal, the service tier (OpenAI top level, Anthropic usage), and for Anthropic
+    # the stop sequence that matched (finish `stop_sequence` unless finish_reason says otherwise)
+    model: str | None = None
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
+    stop_sequence: str | None = None
+    refusal: str | None = None
 
     # Failures.
     status: int = 200  # >= 400: a provider-formatted error body
@@ -474,7 +482,8 @@ class UpstreamSimulator:
         if reply.content is not None:
             content = reply.content
         else:
-            content = "" if reply.tool_calls else f"Hello from {model}: {last_user}"
+            content = "" if reply.tool_calls or reply.refusal else f"Hello from {model}: {last_user}"
+        model = reply.model or model
         if reply.usage is not None:
             usage = reply.usage
         else:
@@ -760,6 +769,8 @@ def _count_cache_control(value: Any) -> int:
 def _finish(reply: Reply, openai: bool) -> str:
     if reply.finish_reason is not None:
         return reply.finish_reason
+    if not openai and reply.stop_sequence is not None:
+        return "stop_sequence"
     if openai and reply.legacy_function_call and reply.tool_calls:
         return "function_call"
     if reply.tool_calls:
@@ -799,8 +810,8 @@ def _openai_calls(reply: Reply) -> list[dict[str, Any]]:
 def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) -> bytes:
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": content if content or not reply.tool_calls else None,
-        "refusal": None,
+        "content": content if content or not (reply.tool_calls or reply.refusal) else None,
+        "refusal": reply.refusal,
     }
     if reply.thinking:
         message["reasoning_content"] = "".join(reply.thinking)
@@ -818,13 +829,18 @@ def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) 
     }
     if not reply.omit_usage:
         doc["usage"] = _openai_usage(usage)
-    doc["system_fingerprint"] = None
+    if reply.service_tier is not None:
+        doc["service_tier"] = reply.service_tier
+    doc["system_fingerprint"] = reply.system_fingerprint
     return _dumps(doc)
 
 
 def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, include_usage: bool) -> list[bytes]:
     head = f'data: {{"id":"chatcmpl-sim","object":"chat.completion.chunk","created":{_CREATED},"model":'
-    head += json.dumps(model) + ',"system_fingerprint":null,"choices":['
+    head += json.dumps(model)
+    if reply.service_tier is not None:
+        head += ',"service_tier":' + json.dumps(reply.service_tier)
+    head += ',"system_fingerprint":' + json.dumps(reply.system_fingerprint) + ',"choices":['
     with_usage = include_usage and not reply.omit_usage
     every = reply.usage_every_chunk and not reply.omit_usage
     pieces = _pieces(content, reply.stream_chunks)
@@ -849,6 +865,7 @@ def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, incl
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
     events += [chunk({"reasoning_content": p}) for p in _pieces("".join(reply.thinking), reply.stream_chunks)]
     events += [chunk({"content": p}) for p in pieces]
+    events += [chunk({"refusal": p}) for p in _pieces(reply.refusal or "", reply.stream_chunks)]
     if reply.legacy_function_call and reply.tool_calls:
         legacy = reply.tool_calls[0]
         events.append(chunk({"function_call": {"name": legacy.name, "arguments": ""}}))
@@ -917,10 +934,12 @@ def _anthropic_message(model: str, content: str, reply: Reply, usage: SimUsage) 
         "model": model,
         "content": _anthropic_blocks(content, reply),
         "stop_reason": _finish(reply, False),
-        "stop_sequence": None,
+        "stop_sequence": reply.stop_sequence,
     }
     if not reply.omit_usage:
         doc["usage"] = _anthropic_usage(usage, usage.output)
+        if reply.service_tier is not None:
+            doc["usage"]["service_tier"] = reply.service_tier
     return _dumps(doc)
 
 
@@ -962,6 +981,8 @@ def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -
         "stop_sequence": None,
         "usage": _anthropic_usage(usage, start_output, final=False),
     }
+    if reply.service_tier is not None:
+        message["usage"]["service_tier"] = reply.service_tier
     events = [_event("message_start", {"type": "message_start", "message": message})]
     index = 0
     for block in _thinking_blocks(reply):
@@ -997,7 +1018,7 @@ def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -
         index += 1
     message_delta: dict[str, Any] = {
         "type": "message_delta",
-        "delta": {"stop_reason": _finish(reply, False), "stop_sequence": None},
+        "delta": {"stop_reason": _finish(reply, False), "stop_sequence": reply.stop_sequence},
     }
     if not reply.omit_usage:
         final = _anthropic_usage(usage, usage.output)

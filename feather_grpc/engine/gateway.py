@@ -252,6 +252,7 @@ class Feather:
             unpriced=unpriced,
             usage_estimated=reply.usage_estimated,
             thinking=reply.thinking,
+            upstream=reply.upstream,
         )
 
     async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
@@ -339,6 +340,7 @@ class Feather:
                 time_to_first_token_ms=ttft_ms,
                 usage_estimated=estimated,
                 unpriced=unpriced,
+                upstream=event.upstream,
             )
         except FeatherError as e:
             consumed = upstream is not None or call.prompt_usage is not None
@@ -869,6 +871,8 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         base_url=p.base_url,
         api_key=p.api_key,
         max_output_tokens=tuple((m.name, m.max_output_tokens) for m in p.models if m.max_output_tokens),
+        extra_headers=p.extra_headers,
+        default_fields=p.default_fields,
     )
 
 

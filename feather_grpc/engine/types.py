@@ -133,6 +133,7 @@ class ChatRequest:
     prompt_cache_key: str = ""  # OpenAI's prompt cache routing key
     reasoning_effort: str = ""  # "", "none", "minimal", "low", "medium", "high", "xhigh"
     thinking_budget: int | None = None  # Anthropic extended thinking's budget_tokens
+    extra_fields: dict[str, Any] | None = None  # merged into the upstream body (never the gateway's own fields)
 
 
 @dataclass(slots=True)
@@ -153,6 +154,18 @@ class Usage:
 
 
 @dataclass(slots=True)
+class UpstreamReply:
+    """What the provider said about its reply, as it said it ("" where it said nothing)."""
+
+    id: str = ""
+    model: str = ""  # the exact snapshot that answered
+    system_fingerprint: str = ""
+    service_tier: str = ""
+    stop_sequence: str = ""  # the stop sequence that matched
+    refusal: str = ""  # the model's refusal, apart from the text
+
+
+@dataclass(slots=True)
 class ProviderResponse:
     """A complete reply from one upstream call."""
 
@@ -162,6 +175,7 @@ class ProviderResponse:
     usage: Usage
     usage_estimated: bool = False  # the upstream sent no usage: the adapter estimated it
     thinking: list[ThinkingBlock] = field(default_factory=list)
+    upstream: UpstreamReply = field(default_factory=UpstreamReply)
 
 
 @dataclass(slots=True, frozen=True)
@@ -193,6 +207,7 @@ class StreamFinish:
 
     finish_reason: FinishReason
     usage: Usage | None
+    upstream: UpstreamReply = field(default_factory=UpstreamReply)
 
 
 @dataclass(slots=True, frozen=True)

@@ -24,6 +24,11 @@ MAX_URL_LENGTH = 8192
 MAX_CACHE_BREAKPOINTS = 4  # Anthropic's limit per request
 MAX_PROMPT_CACHE_KEY_LENGTH = 256
 MIN_THINKING_BUDGET = 1024  # Anthropic's minimum budget_tokens
+# Upstream body fields the gateway owns: what it routes, streams and reserves budgets on (the output limit,
+# and `n`, which multiplies the output). Neither extra_fields nor a provider's defaultFields may set them.
+GATEWAY_OWNED_FIELDS = frozenset(
+    {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"}
+)
 # The part kinds each role may carry (which providers take them is routing's question).
 _ROLE_PARTS = {
     Role.SYSTEM: frozenset({PartKind.TEXT}),
@@ -122,6 +127,8 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad("reasoning.thinking_budget_tokens", f"must be at least {MIN_THINKING_BUDGET}")
         elif req.max_tokens is not None and req.max_tokens <= req.thinking_budget:
             bad("reasoning.thinking_budget_tokens", "must be less than max_tokens (which includes the thinking)")
+    for key in sorted(GATEWAY_OWNED_FIELDS.intersection(req.extra_fields or ())):
+        bad(f"extra_fields.{key}", "is set by the gateway and cannot be overridden")
     breakpoints = sum(m.cache_ttl is not None for m in req.messages)
     breakpoints += sum(p.cache_ttl is not None for m in req.messages for p in m.parts)
     breakpoints += sum(t.cache_ttl is not None for t in req.tools)

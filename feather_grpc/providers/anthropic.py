@@ -24,6 +24,7 @@ from feather_grpc.engine.types import (
     ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.providers.base import (
@@ -31,6 +32,7 @@ from feather_grpc.providers.base import (
     b64,
     consistent,
     estimated_usage,
+    merge_fields,
     read_events,
     request_count,
     token_count,
@@ -225,6 +227,10 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict
     return "\n\n".join(b["text"] for b in system), turns
 
 
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _thinking_block(t: ThinkingBlock) -> dict[str, Any]:
     if t.redacted_data:
         return {"type": "redacted_thinking", "data": t.redacted_data}
@@ -307,6 +313,7 @@ class AnthropicProvider:
             tool_choice = {**(tool_choice or {"type": "auto"}), "disable_parallel_tool_use": True}
         if tool_choice is not None:
             body["tool_choice"] = tool_choice
+        merge_fields(body, self.settings, request)
         if stream:
             body["stream"] = True
         return body
@@ -337,11 +344,16 @@ class AnthropicProvider:
         except (KeyError, TypeError, AttributeError):
             raise bad_response(self._name, "not a message") from None
         content, finish = "".join(texts), finish_reason(doc.get("stop_reason"))
+        upstream = UpstreamReply(id=_str(doc.get("id")), model=_str(doc.get("model")))
+        upstream.stop_sequence = _str(doc.get("stop_sequence"))
         if not isinstance(raw_usage, dict):  # answered but unmetered: bill an estimate (a retry pays twice)
             thought = "".join(t.text for t in thinking)
             usage = estimated_usage(request, content + thought, calls)
-            return ProviderResponse(content, calls, finish, usage, True, thinking)
-        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage), thinking=thinking)
+            return ProviderResponse(content, calls, finish, usage, True, thinking, upstream)
+        upstream.service_tier = _str(raw_usage.get("service_tier"))
+        return ProviderResponse(
+            content, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream
+        )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
@@ -367,9 +379,9 @@ class AnthropicProvider:
                         yield TextDelta(full.content)
                     for i, call in enumerate(full.tool_calls):
                         yield ToolCallDelta(i, call.id, call.name, call.arguments)
-                    final: StreamFinish | None = StreamFinish(full.finish_reason, full.usage)
-                    if full.usage_estimated:
-                        final = StreamFinish(full.finish_reason, None)  # the engine estimates, and says so
+                    # Without usage the engine estimates, and says so.
+                    usage = None if full.usage_estimated else full.usage
+                    final: StreamFinish | None = StreamFinish(full.finish_reason, usage, full.upstream)
                 else:
                     final = None
                     parser = SSEParser()
@@ -416,6 +428,7 @@ class _EventReader:
         "_stop_reason",
         "_thinking_ordinals",
         "_tool_ordinals",
+        "_upstream",
         "_usage",
         "done",
     )
@@ -429,6 +442,7 @@ class _EventReader:
         self._stop_reason: object = None
         self._tool_ordinals: dict[int, int] = {}  # content block index -> tool call ordinal
         self._thinking_ordinals: dict[int, int] = {}  # content block index -> thinking block ordinal
+        self._upstream = UpstreamReply()
         self._args_seen: set[int] = set()
 
     def handle(self, event: str, data: str) -> list[StreamEvent]:
@@ -491,7 +505,9 @@ class _EventReader:
                 return [ToolCallDelta(ordinal, arguments="{}")]
             return []
         if kind == "message_start":
-            usage = (obj.get("message") or {}).get("usage")
+            message = obj.get("message") or {}
+            self._upstream = UpstreamReply(id=_str(message.get("id")), model=_str(message.get("model")))
+            usage = message.get("usage")
             if isinstance(usage, dict):
                 self._usage = dict(usage)
                 # The prompt's exact counts, for the engine to bill if the stream ends before message_delta
@@ -501,9 +517,12 @@ class _EventReader:
                 return [PromptUsage(prompt)]
             return []
         if kind == "message_delta":
-            stop = (obj.get("delta") or {}).get("stop_reason")
+            delta = obj.get("delta") or {}
+            stop = delta.get("stop_reason")
             if stop:
                 self._stop_reason = stop
+            if delta.get("stop_sequence"):
+                self._upstream.stop_sequence = _str(delta["stop_sequence"])
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 # Counts here are cumulative: the latest value replaces, never adds.
@@ -529,4 +548,6 @@ class _EventReader:
     def finish(self) -> StreamFinish:
         # message_start's output count is a placeholder; without a final one the engine estimates (and says so).
         usage = normalise_usage(self._usage) if self._usage is not None and self._final_output else None
-        return StreamFinish(finish_reason(self._stop_reason), usage)
+        if self._usage is not None:
+            self._upstream.service_tier = _str(self._usage.get("service_tier"))
+        return StreamFinish(finish_reason(self._stop_reason), usage, self._upstream)

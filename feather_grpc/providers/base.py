@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
@@ -23,6 +23,7 @@ class ProviderSettings:
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
     max_output_tokens: tuple[tuple[str, int], ...] = ()  # (upstream model, its configured longest reply)
+    default_fields: dict[str, Any] = field(default_factory=dict, hash=False)  # body fields a request may override
 
 
 class Provider(Protocol):
@@ -72,6 +73,16 @@ MAX_REQUESTS_PER_CALL = 1_000_000
 def request_count(raw: object) -> int:
     """A count of server-side tool requests from an upstream's usage, bounded like `token_count`."""
     return min(token_count(raw), MAX_REQUESTS_PER_CALL)
+
+
+def merge_fields(body: dict[str, Any], settings: ProviderSettings, request: ChatRequest) -> dict[str, Any]:
+    """The body with the provider's configured defaults under it and the request's extra fields over it
+    (validation and config keep both off the fields the gateway owns)."""
+    for key, value in settings.default_fields.items():
+        body.setdefault(key, value)
+    if request.extra_fields:
+        body.update(request.extra_fields)
+    return body
 
 
 def b64(data: bytes) -> str:

@@ -23,6 +23,7 @@ from feather_grpc.engine.types import (
     ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.providers.base import (
@@ -31,6 +32,7 @@ from feather_grpc.providers.base import (
     consistent,
     data_url,
     estimated_usage,
+    merge_fields,
     read_events,
     token_count,
 )
@@ -136,6 +138,20 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def _upstream(doc: dict[str, Any]) -> UpstreamReply:
+    """The reply's own id, model snapshot, fingerprint and service tier (a completion or a chunk)."""
+    return UpstreamReply(
+        id=_str(doc.get("id")),
+        model=_str(doc.get("model")),
+        system_fingerprint=_str(doc.get("system_fingerprint")),
+        service_tier=_str(doc.get("service_tier")),
+    )
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _reasoning_of(message: dict[str, Any]) -> str:
     """The reasoning text compatible servers send apart from the content (DeepSeek, vLLM and others:
     `reasoning_content`; OpenRouter: `reasoning`). OpenAI's own chat models do not return theirs."""
@@ -217,6 +233,7 @@ class OpenAIProvider:
             body["prompt_cache_key"] = request.prompt_cache_key
         if request.reasoning_effort:
             body["reasoning_effort"] = request.reasoning_effort
+        merge_fields(body, self.settings, request)
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -252,15 +269,18 @@ class OpenAIProvider:
         except (KeyError, IndexError, TypeError, AttributeError):
             raise bad_response(self._name, "not a chat completion") from None
         finish = finish_reason(choice.get("finish_reason"), bool(calls))
-        if refusal and not content:
-            # Structured-output refusals arrive apart from content; surface the text, flag the filter.
-            content = str(refusal)
-            finish = FinishReason.CONTENT_FILTER
+        upstream = _upstream(doc)
+        if isinstance(refusal, str) and refusal:
+            upstream.refusal = refusal  # its own field, never the text
+            if not content:
+                finish = FinishReason.CONTENT_FILTER
         thinking = [ThinkingBlock(thought)] if thought else []
         if not isinstance(raw_usage, dict):  # some compatible servers omit it: an estimate bills better than 0
-            usage = estimated_usage(request, content + thought, calls)
-            return ProviderResponse(content, calls, finish, usage, True, thinking)
-        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage), thinking=thinking)
+            usage = estimated_usage(request, content + thought + upstream.refusal, calls)
+            return ProviderResponse(content, calls, finish, usage, True, thinking, upstream)
+        return ProviderResponse(
+            content, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream
+        )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
@@ -286,7 +306,7 @@ class OpenAIProvider:
                         yield TextDelta(full.content)
                     for i, call in enumerate(full.tool_calls):
                         yield ToolCallDelta(i, call.id, call.name, call.arguments)
-                    reader = _ChunkReader.finished(name, full.finish_reason, full.usage)
+                    reader = _ChunkReader.finished(name, full)
                 else:
                     parser = SSEParser()
                     reader = _ChunkReader(name, self._api_key)
@@ -339,6 +359,7 @@ class _ChunkReader:
         "_ordinals",
         "_refusal",
         "_text_seen",
+        "_upstream",
         "_usage",
         "done",
     )
@@ -354,13 +375,14 @@ class _ChunkReader:
         self._ordinals: dict[object, int] = {}  # upstream tool-call key -> ordinal
         self._last_key: object = 0
         self._final: StreamFinish | None = None
+        self._upstream = UpstreamReply()
 
     @classmethod
-    def finished(cls, name: str, finish: FinishReason, usage: Usage) -> _ChunkReader:
+    def finished(cls, name: str, full: ProviderResponse) -> _ChunkReader:
         """A reader whose `finish()` reports an already complete (non-streamed) answer."""
         reader = cls(name, "")
         reader.done = True
-        reader._final = StreamFinish(finish, usage)
+        reader._final = StreamFinish(full.finish_reason, None if full.usage_estimated else full.usage, full.upstream)
         return reader
 
     def handle(self, data: str) -> list[StreamEvent]:
@@ -379,6 +401,10 @@ class _ChunkReader:
         usage = obj.get("usage")
         if usage:
             self._usage = usage  # servers that repeat usage on every chunk: the last one wins
+        if not self._upstream.id:  # every chunk repeats them: the first says it
+            self._upstream = _upstream(obj)
+        elif obj.get("service_tier"):
+            self._upstream.service_tier = _str(obj["service_tier"])
         choices = obj.get("choices")
         if not choices:
             return []
@@ -443,8 +469,8 @@ class _ChunkReader:
             return [self._final]
         out: list[StreamEvent] = []
         finish = finish_reason(self._finish, bool(self._ordinals))
+        self._upstream.refusal = self._refusal  # its own field, never the text
         if self._refusal and not self._text_seen:
-            out.append(TextDelta(self._refusal))
             finish = FinishReason.CONTENT_FILTER
-        out.append(StreamFinish(finish, normalise_usage(self._usage) if self._usage else None))
+        out.append(StreamFinish(finish, normalise_usage(self._usage) if self._usage else None, self._upstream))
         return out

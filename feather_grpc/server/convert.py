@@ -25,6 +25,7 @@ from feather_grpc.engine.types import (
     ToolCall,
     ToolChoice,
     ToolSpec,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.engine.validation import usable_request_id
@@ -217,6 +218,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         )
         for i, t in enumerate(msg.tools)
     ]
+    extra_fields = _json_object(msg.extra_fields, "extra_fields", bad) if msg.HasField("extra_fields") else None
     effort = _EFFORT.get(msg.reasoning.effort)
     if effort is None:
         bad.append(FieldViolation("reasoning.effort", "unknown value"))
@@ -250,6 +252,7 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else None,
         prompt_cache_key=msg.prompt_cache_key,
         reasoning_effort=effort or "",
+        extra_fields=extra_fields,
         thinking_budget=msg.reasoning.thinking_budget_tokens
         if msg.reasoning.HasField("thinking_budget_tokens")
         else None,
@@ -296,6 +299,17 @@ def thinking_delta(d: ThinkingDelta) -> pb.ChatDelta:
     )
 
 
+def upstream_pb(u: UpstreamReply) -> pb.UpstreamReply:
+    return pb.UpstreamReply(
+        id=u.id,
+        model=u.model,
+        system_fingerprint=u.system_fingerprint,
+        service_tier=u.service_tier,
+        stop_sequence=u.stop_sequence,
+        refusal=u.refusal,
+    )
+
+
 def chat_response(r: ChatResult) -> pb.ChatResponse:
     return pb.ChatResponse(
         message=pb.Message(
@@ -317,6 +331,7 @@ def chat_response(r: ChatResult) -> pb.ChatResponse:
         request_id=r.request_id,
         unpriced=r.unpriced,
         usage_estimated=r.usage_estimated,
+        upstream=upstream_pb(r.upstream),
     )
 
 
@@ -331,6 +346,7 @@ def stream_end(r: StreamCompleted) -> pb.StreamEnd:
         usage_estimated=r.usage_estimated,
         unpriced=r.unpriced,
         cached=r.cached,
+        upstream=upstream_pb(r.upstream),
     )
 
 

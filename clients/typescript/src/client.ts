@@ -73,6 +73,8 @@ export interface ChatOptions extends CallOpts {
   parallelToolCalls?: boolean;
   /** OpenAI's prompt cache routing key. */
   promptCacheKey?: string;
+  /** Fields merged into the upstream request body (never the gateway's own: model, messages, max tokens...). */
+  extraFields?: Record<string, unknown>;
   policy?: Policy;
   bypassCache?: boolean;
   tags?: Record<string, string>;
@@ -116,6 +118,7 @@ function chatFields(messages: string | Message[], o: ChatOptions) {
     reasoning: o.reasoning,
     parallelToolCalls: o.parallelToolCalls,
     promptCacheKey: o.promptCacheKey ?? "",
+    extraFields: o.extraFields,
     policy: o.policy ? RoutingPolicy[`ROUTING_POLICY_${o.policy.toUpperCase()}` as keyof typeof RoutingPolicy] : 0,
     cache: o.bypassCache ? CacheMode.CACHE_MODE_BYPASS : CacheMode.CACHE_MODE_UNSPECIFIED,
     tags: o.tags ?? {},

@@ -12,6 +12,7 @@ import {
   ThinkingBlock,
   TokenUsage as PbTokenUsage,
   ToolCall,
+  UpstreamReply,
 } from "./gen/feather/v1/feather_service";
 
 export type FinishReason = "unspecified" | "stop" | "length" | "tool_calls" | "content_filter";
@@ -47,6 +48,9 @@ export interface ChatResult {
   attempts: Attempt[];
   /** The model's thinking, apart from `text` (Anthropic blocks keep their signatures). */
   thinking: ThinkingBlock[];
+  /** What the provider said about its reply: id, model snapshot, system fingerprint, service tier, stop
+   * sequence, refusal. */
+  upstream: UpstreamReply | undefined;
 }
 
 /** The reply as the assistant message of the next turn: text, tool calls and thinking, unchanged. */
@@ -116,6 +120,7 @@ export function chatResult(reply: ChatResponse): ChatResult {
     timeToFirstTokenMs: undefined,
     attempts: reply.attempts,
     thinking: reply.message?.thinking ?? [],
+    upstream: reply.upstream,
   };
 }
 
@@ -174,6 +179,7 @@ export class StreamAssembler {
       timeToFirstTokenMs: Number(end.timeToFirstTokenMs),
       attempts: end.attempts,
       thinking: [...this.thinking.entries()].sort(([a], [b]) => a - b).map(([, t]) => t),
+      upstream: end.upstream,
     };
   }
 }

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from .gen.feather.v1 import feather_service_pb2 as pb
 
@@ -143,6 +143,9 @@ class ChatResult:
     attempts: tuple[pb.Attempt, ...] = field(default=(), repr=False)
     thinking: tuple[Thinking, ...] = ()
     """The model's thinking, apart from `text` (Anthropic blocks keep their signatures)."""
+    upstream: pb.UpstreamReply = field(default_factory=pb.UpstreamReply, repr=False)
+    """What the provider said about its reply: id, model snapshot, system_fingerprint, service tier,
+    matched stop sequence, refusal."""
 
     def assistant_turn(self) -> pb.Message:
         """The reply as the assistant message of the next turn: text, tool calls and thinking, unchanged."""
@@ -174,6 +177,7 @@ class ChatResult:
             usage_estimated=reply.usage_estimated,
             attempts=tuple(reply.attempts),
             thinking=tuple(Thinking.from_proto(t) for t in reply.message.thinking),
+            upstream=reply.upstream,
         )
 
 
@@ -236,6 +240,7 @@ class StreamAssembler:
             time_to_first_token=timedelta(milliseconds=end.time_to_first_token_ms),
             attempts=tuple(end.attempts),
             thinking=tuple(Thinking.from_proto(self.thinking[i]) for i in sorted(self.thinking)),
+            upstream=end.upstream,
         )
 
 
@@ -253,12 +258,13 @@ def chat_fields(
     tool_choice: pb.ToolChoice | None,
     response_format: pb.ResponseFormat | None,
     policy: str,
-    reasoning: pb.ReasoningOptions | None = None,
-    parallel_tool_calls: bool | None = None,
-    prompt_cache_key: str = "",
     bypass_cache: bool,
     tags: Mapping[str, str] | None,
     request_id: str | None,
+    reasoning: pb.ReasoningOptions | None = None,
+    parallel_tool_calls: bool | None = None,
+    prompt_cache_key: str = "",
+    extra_fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ChatRequest or StreamChatRequest (they carry the same fields).
 
@@ -289,6 +295,10 @@ def chat_fields(
         "parallel_tool_calls": parallel_tool_calls,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
+    if extra_fields is not None:
+        body = struct_pb2.Struct()
+        body.update(dict(extra_fields))
+        fields["extra_fields"] = body
     return fields
 
 

@@ -968,7 +968,18 @@ export interface ChatRequest {
    * Reasoning effort and extended thinking. The reply's thinking comes in `message.thinking` (streams:
    * `delta.thinking`), never in the text; reasoning tokens are in `usage.reasoning_tokens`, priced as output.
    */
-  reasoning: ReasoningOptions | undefined;
+  reasoning:
+    | ReasoningOptions
+    | undefined;
+  /**
+   * Fields the contract does not model yet, merged into the upstream request body as given (for example
+   * `{"service_tier": "priority"}`, `{"metadata": {"user_id": "u1"}}`). They override the provider's
+   * configured `defaultFields` and fields the gateway maps from this request, but never what the gateway
+   * owns: `model`, `messages`, `stream`, `stream_options`, `max_tokens`, `max_completion_tokens` (the output
+   * limit budgets reserve on) and `n` are INVALID_ARGUMENT here. The same body goes to any provider the call
+   * is routed to: pin `provider` when a field is one provider's.
+   */
+  extraFields: { [key: string]: any } | undefined;
 }
 
 export interface ChatRequest_TagsEntry {
@@ -1031,7 +1042,11 @@ export interface StreamChatRequest {
   /** OpenAI `prompt_cache_key`. */
   promptCacheKey: string;
   /** Reasoning effort and extended thinking. */
-  reasoning: ReasoningOptions | undefined;
+  reasoning:
+    | ReasoningOptions
+    | undefined;
+  /** Fields merged into the upstream request body (see ChatRequest.extra_fields). */
+  extraFields: { [key: string]: any } | undefined;
 }
 
 export interface StreamChatRequest_TagsEntry {
@@ -1112,6 +1127,24 @@ export interface ChatResponse {
   unpriced: boolean;
   /** True when the provider sent no usage and the gateway estimated it (billed as estimated). */
   usageEstimated: boolean;
+  /** What the upstream said about its reply (empty where it said nothing; all empty for a cache hit). */
+  upstream: UpstreamReply | undefined;
+}
+
+/** UpstreamReply is what the provider said about its reply, as it said it. */
+export interface UpstreamReply {
+  /** The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`). */
+  id: string;
+  /** The exact model snapshot that answered (for example `gpt-4o-2024-08-06`). */
+  model: string;
+  /** OpenAI `system_fingerprint`. */
+  systemFingerprint: string;
+  /** The service tier that served the call (OpenAI `service_tier`, Anthropic `usage.service_tier`). */
+  serviceTier: string;
+  /** The stop sequence that ended the reply (Anthropic `stop_sequence`; OpenAI does not say which). */
+  stopSequence: string;
+  /** The model's refusal (OpenAI `refusal`), apart from the text; finish_reason is then CONTENT_FILTER. */
+  refusal: string;
 }
 
 /** StreamStart opens a stream once a route has answered. */
@@ -1180,6 +1213,8 @@ export interface StreamEnd {
   unpriced: boolean;
   /** True when served from the gateway's response cache. */
   cached: boolean;
+  /** What the upstream said about its reply. */
+  upstream: UpstreamReply | undefined;
 }
 
 /** StreamChatResponse is one event of a chat stream. */
@@ -2933,6 +2968,7 @@ function createBaseChatRequest(): ChatRequest {
     parallelToolCalls: undefined,
     promptCacheKey: "",
     reasoning: undefined,
+    extraFields: undefined,
   };
 }
 
@@ -2997,6 +3033,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     }
     if (message.reasoning !== undefined) {
       ReasoningOptions.encode(message.reasoning, writer.uint32(154).fork()).join();
+    }
+    if (message.extraFields !== undefined) {
+      Struct.encode(Struct.wrap(message.extraFields), writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -3169,6 +3208,14 @@ export const ChatRequest: MessageFns<ChatRequest> = {
             message.reasoning = ReasoningOptions.decode(reader, reader.uint32());
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.extraFields = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3243,6 +3290,11 @@ export const ChatRequest: MessageFns<ChatRequest> = {
         ? globalThis.String(object.prompt_cache_key)
         : "",
       reasoning: isSet(object.reasoning) ? ReasoningOptions.fromJSON(object.reasoning) : undefined,
+      extraFields: isObject(object.extraFields)
+        ? object.extraFields
+        : isObject(object.extra_fields)
+        ? object.extra_fields
+        : undefined,
     };
   },
 
@@ -3311,6 +3363,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     if (message.reasoning !== undefined) {
       obj.reasoning = ReasoningOptions.toJSON(message.reasoning);
     }
+    if (message.extraFields !== undefined) {
+      obj.extraFields = message.extraFields;
+    }
     return obj;
   },
 
@@ -3354,6 +3409,7 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     message.reasoning = (object.reasoning !== undefined && object.reasoning !== null)
       ? ReasoningOptions.fromPartial(object.reasoning)
       : undefined;
+    message.extraFields = object.extraFields ?? undefined;
     return message;
   },
 };
@@ -3464,6 +3520,7 @@ function createBaseStreamChatRequest(): StreamChatRequest {
     parallelToolCalls: undefined,
     promptCacheKey: "",
     reasoning: undefined,
+    extraFields: undefined,
   };
 }
 
@@ -3528,6 +3585,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     }
     if (message.reasoning !== undefined) {
       ReasoningOptions.encode(message.reasoning, writer.uint32(154).fork()).join();
+    }
+    if (message.extraFields !== undefined) {
+      Struct.encode(Struct.wrap(message.extraFields), writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -3700,6 +3760,14 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
             message.reasoning = ReasoningOptions.decode(reader, reader.uint32());
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.extraFields = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3774,6 +3842,11 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
         ? globalThis.String(object.prompt_cache_key)
         : "",
       reasoning: isSet(object.reasoning) ? ReasoningOptions.fromJSON(object.reasoning) : undefined,
+      extraFields: isObject(object.extraFields)
+        ? object.extraFields
+        : isObject(object.extra_fields)
+        ? object.extra_fields
+        : undefined,
     };
   },
 
@@ -3842,6 +3915,9 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     if (message.reasoning !== undefined) {
       obj.reasoning = ReasoningOptions.toJSON(message.reasoning);
     }
+    if (message.extraFields !== undefined) {
+      obj.extraFields = message.extraFields;
+    }
     return obj;
   },
 
@@ -3885,6 +3961,7 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     message.reasoning = (object.reasoning !== undefined && object.reasoning !== null)
       ? ReasoningOptions.fromPartial(object.reasoning)
       : undefined;
+    message.extraFields = object.extraFields ?? undefined;
     return message;
   },
 };
@@ -4390,6 +4467,7 @@ function createBaseChatResponse(): ChatResponse {
     requestId: "",
     unpriced: false,
     usageEstimated: false,
+    upstream: undefined,
   };
 }
 
@@ -4436,6 +4514,9 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     }
     if (message.usageEstimated !== false) {
       writer.uint32(96).bool(message.usageEstimated);
+    }
+    if (message.upstream !== undefined) {
+      UpstreamReply.encode(message.upstream, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -4549,6 +4630,14 @@ export const ChatResponse: MessageFns<ChatResponse> = {
             message.usageEstimated = reader.bool();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.upstream = UpstreamReply.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4595,6 +4684,7 @@ export const ChatResponse: MessageFns<ChatResponse> = {
         : isSet(object.usage_estimated)
         ? globalThis.Boolean(object.usage_estimated)
         : false,
+      upstream: isSet(object.upstream) ? UpstreamReply.fromJSON(object.upstream) : undefined,
     };
   },
 
@@ -4636,6 +4726,9 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     if (message.usageEstimated !== false) {
       obj.usageEstimated = message.usageEstimated;
     }
+    if (message.upstream !== undefined) {
+      obj.upstream = UpstreamReply.toJSON(message.upstream);
+    }
     return obj;
   },
 
@@ -4662,6 +4755,170 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     message.requestId = object.requestId ?? "";
     message.unpriced = object.unpriced ?? false;
     message.usageEstimated = object.usageEstimated ?? false;
+    message.upstream = (object.upstream !== undefined && object.upstream !== null)
+      ? UpstreamReply.fromPartial(object.upstream)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseUpstreamReply(): UpstreamReply {
+  return { id: "", model: "", systemFingerprint: "", serviceTier: "", stopSequence: "", refusal: "" };
+}
+
+export const UpstreamReply: MessageFns<UpstreamReply> = {
+  encode(message: UpstreamReply, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.model !== "") {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.systemFingerprint !== "") {
+      writer.uint32(26).string(message.systemFingerprint);
+    }
+    if (message.serviceTier !== "") {
+      writer.uint32(34).string(message.serviceTier);
+    }
+    if (message.stopSequence !== "") {
+      writer.uint32(42).string(message.stopSequence);
+    }
+    if (message.refusal !== "") {
+      writer.uint32(50).string(message.refusal);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpstreamReply {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpstreamReply();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.systemFingerprint = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.serviceTier = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.stopSequence = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.refusal = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpstreamReply {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      systemFingerprint: isSet(object.systemFingerprint)
+        ? globalThis.String(object.systemFingerprint)
+        : isSet(object.system_fingerprint)
+        ? globalThis.String(object.system_fingerprint)
+        : "",
+      serviceTier: isSet(object.serviceTier)
+        ? globalThis.String(object.serviceTier)
+        : isSet(object.service_tier)
+        ? globalThis.String(object.service_tier)
+        : "",
+      stopSequence: isSet(object.stopSequence)
+        ? globalThis.String(object.stopSequence)
+        : isSet(object.stop_sequence)
+        ? globalThis.String(object.stop_sequence)
+        : "",
+      refusal: isSet(object.refusal) ? globalThis.String(object.refusal) : "",
+    };
+  },
+
+  toJSON(message: UpstreamReply): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.systemFingerprint !== "") {
+      obj.systemFingerprint = message.systemFingerprint;
+    }
+    if (message.serviceTier !== "") {
+      obj.serviceTier = message.serviceTier;
+    }
+    if (message.stopSequence !== "") {
+      obj.stopSequence = message.stopSequence;
+    }
+    if (message.refusal !== "") {
+      obj.refusal = message.refusal;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpstreamReply>): UpstreamReply {
+    return UpstreamReply.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpstreamReply>): UpstreamReply {
+    const message = createBaseUpstreamReply();
+    message.id = object.id ?? "";
+    message.model = object.model ?? "";
+    message.systemFingerprint = object.systemFingerprint ?? "";
+    message.serviceTier = object.serviceTier ?? "";
+    message.stopSequence = object.stopSequence ?? "";
+    message.refusal = object.refusal ?? "";
     return message;
   },
 };
@@ -5127,6 +5384,7 @@ function createBaseStreamEnd(): StreamEnd {
     usageEstimated: false,
     unpriced: false,
     cached: false,
+    upstream: undefined,
   };
 }
 
@@ -5167,6 +5425,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     }
     if (message.cached !== false) {
       writer.uint32(72).bool(message.cached);
+    }
+    if (message.upstream !== undefined) {
+      UpstreamReply.encode(message.upstream, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -5256,6 +5517,14 @@ export const StreamEnd: MessageFns<StreamEnd> = {
             message.cached = reader.bool();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.upstream = UpstreamReply.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5299,6 +5568,7 @@ export const StreamEnd: MessageFns<StreamEnd> = {
         : false,
       unpriced: isSet(object.unpriced) ? globalThis.Boolean(object.unpriced) : false,
       cached: isSet(object.cached) ? globalThis.Boolean(object.cached) : false,
+      upstream: isSet(object.upstream) ? UpstreamReply.fromJSON(object.upstream) : undefined,
     };
   },
 
@@ -5331,6 +5601,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     if (message.cached !== false) {
       obj.cached = message.cached;
     }
+    if (message.upstream !== undefined) {
+      obj.upstream = UpstreamReply.toJSON(message.upstream);
+    }
     return obj;
   },
 
@@ -5354,6 +5627,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     message.usageEstimated = object.usageEstimated ?? false;
     message.unpriced = object.unpriced ?? false;
     message.cached = object.cached ?? false;
+    message.upstream = (object.upstream !== undefined && object.upstream !== null)
+      ? UpstreamReply.fromPartial(object.upstream)
+      : undefined;
     return message;
   },
 };

@@ -925,6 +925,7 @@ class ChatRequest(_message.Message):
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    EXTRA_FIELDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`. At most 256 characters."""
     provider: _builtins.str
@@ -990,6 +991,16 @@ class ChatRequest(_message.Message):
         `delta.thinking`), never in the text; reasoning tokens are in `usage.reasoning_tokens`, priced as output.
         """
 
+    @_builtins.property
+    def extra_fields(self) -> _struct_pb2.Struct:
+        """Fields the contract does not model yet, merged into the upstream request body as given (for example
+        `{"service_tier": "priority"}`, `{"metadata": {"user_id": "u1"}}`). They override the provider's
+        configured `defaultFields` and fields the gateway maps from this request, but never what the gateway
+        owns: `model`, `messages`, `stream`, `stream_options`, `max_tokens`, `max_completion_tokens` (the output
+        limit budgets reserve on) and `n` are INVALID_ARGUMENT here. The same body goes to any provider the call
+        is routed to: pin `provider` when a field is one provider's.
+        """
+
     def __init__(
         self,
         *,
@@ -1012,10 +1023,11 @@ class ChatRequest(_message.Message):
         parallel_tool_calls: _builtins.bool | None = ...,
         prompt_cache_key: _builtins.str = ...,
         reasoning: Global___ReasoningOptions | None = ...,
+        extra_fields: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -1085,6 +1097,7 @@ class StreamChatRequest(_message.Message):
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    EXTRA_FIELDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias, or `provider/model`."""
     provider: _builtins.str
@@ -1139,6 +1152,10 @@ class StreamChatRequest(_message.Message):
     def reasoning(self) -> Global___ReasoningOptions:
         """Reasoning effort and extended thinking."""
 
+    @_builtins.property
+    def extra_fields(self) -> _struct_pb2.Struct:
+        """Fields merged into the upstream request body (see ChatRequest.extra_fields)."""
+
     def __init__(
         self,
         *,
@@ -1161,10 +1178,11 @@ class StreamChatRequest(_message.Message):
         parallel_tool_calls: _builtins.bool | None = ...,
         prompt_cache_key: _builtins.str = ...,
         reasoning: Global___ReasoningOptions | None = ...,
+        extra_fields: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -1301,6 +1319,7 @@ class ChatResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     UNPRICED_FIELD_NUMBER: _builtins.int
     USAGE_ESTIMATED_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why generation stopped."""
     provider: _builtins.str
@@ -1331,6 +1350,10 @@ class ChatResponse(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Every upstream attempt made for this call, in order."""
 
+    @_builtins.property
+    def upstream(self) -> Global___UpstreamReply:
+        """What the upstream said about its reply (empty where it said nothing; all empty for a cache hit)."""
+
     def __init__(
         self,
         *,
@@ -1346,14 +1369,57 @@ class ChatResponse(_message.Message):
         request_id: _builtins.str = ...,
         unpriced: _builtins.bool = ...,
         usage_estimated: _builtins.bool = ...,
+        upstream: Global___UpstreamReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "message", b"message", "model", b"model", "provider", b"provider", "request_id", b"request_id", "unpriced", b"unpriced", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "message", b"message", "model", b"model", "provider", b"provider", "request_id", b"request_id", "unpriced", b"unpriced", "upstream", b"upstream", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatResponse: _TypeAlias = ChatResponse  # noqa: Y015
+
+@_typing.final
+class UpstreamReply(_message.Message):
+    """UpstreamReply is what the provider said about its reply, as it said it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`)."""
+    model: _builtins.str
+    """The exact model snapshot that answered (for example `gpt-4o-2024-08-06`)."""
+    system_fingerprint: _builtins.str
+    """OpenAI `system_fingerprint`."""
+    service_tier: _builtins.str
+    """The service tier that served the call (OpenAI `service_tier`, Anthropic `usage.service_tier`)."""
+    stop_sequence: _builtins.str
+    """The stop sequence that ended the reply (Anthropic `stop_sequence`; OpenAI does not say which)."""
+    refusal: _builtins.str
+    """The model's refusal (OpenAI `refusal`), apart from the text; finish_reason is then CONTENT_FILTER."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        system_fingerprint: _builtins.str = ...,
+        service_tier: _builtins.str = ...,
+        stop_sequence: _builtins.str = ...,
+        refusal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "model", b"model", "refusal", b"refusal", "service_tier", b"service_tier", "stop_sequence", b"stop_sequence", "system_fingerprint", b"system_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpstreamReply: _TypeAlias = UpstreamReply  # noqa: Y015
 
 @_typing.final
 class StreamStart(_message.Message):
@@ -1502,6 +1568,7 @@ class StreamEnd(_message.Message):
     USAGE_ESTIMATED_FIELD_NUMBER: _builtins.int
     UNPRICED_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why generation stopped."""
     cost_nanos_usd: _builtins.int
@@ -1524,6 +1591,10 @@ class StreamEnd(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Every upstream attempt made for this call."""
 
+    @_builtins.property
+    def upstream(self) -> Global___UpstreamReply:
+        """What the upstream said about its reply."""
+
     def __init__(
         self,
         *,
@@ -1536,10 +1607,11 @@ class StreamEnd(_message.Message):
         usage_estimated: _builtins.bool = ...,
         unpriced: _builtins.bool = ...,
         cached: _builtins.bool = ...,
+        upstream: Global___UpstreamReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "unpriced", b"unpriced", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "unpriced", b"unpriced", "upstream", b"upstream", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
