@@ -17,7 +17,7 @@ import pytest
 from feather_grpc.engine.tokens import estimate_prompt_tokens
 from feather_grpc.engine.types import Message, Part, PartKind, Role
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
-from sim.upstream import Reply, SimToolCall, UpstreamSimulator
+from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, UpstreamSimulator
 from tests.gateway_harness import rich_error, running_gateway, user
 from tests.test_contract_accounting import ENV, config
 
@@ -354,3 +354,19 @@ async def test_python_client_part_helpers(sim: UpstreamSimulator) -> None:
     sent = sim.requests[0].body["messages"]
     assert [b["type"] for b in sent[0]["content"]] == ["text", "image", "image", "document"]
     assert sent[2]["content"][0] == {"type": "tool_result", "tool_use_id": "t1", "content": "failed", "is_error": True}
+
+
+async def test_a_context_window_fallback_must_take_the_parts_too(sim: UpstreamSimulator) -> None:
+    too_long = Reply(status=400, error_code="context_length_exceeded", error_message="too long")
+    sim.enqueue(too_long, too_long, path=OPENAI_PATH)
+    doc = config(sim)
+    doc["contextWindowFallbacks"] = {"gpt-sim": ["claude-sim"]}
+    async with running_gateway(doc, ENV) as gw:
+        reply = await gw.stub.Chat(
+            pb.ChatRequest(model="gpt-sim", messages=[msg(pb.ROLE_USER, text("hi"), image_data())])
+        )
+        assert reply.provider == "anthropic"  # the larger model takes images
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # ... but not audio: the call ends as too long
+            await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[msg(pb.ROLE_USER, text("hi"), audio())]))
+    assert rich_error(info.value).reason == "UPSTREAM_INVALID_REQUEST"
+    assert [r.path for r in sim.requests] == [OPENAI_PATH, ANTHROPIC_PATH, OPENAI_PATH]

@@ -422,12 +422,17 @@ class Feather:
         req = call.request
         tenant = self._tenant(call)
         candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
+        return tenant, self._capable(req, candidates)
+
+    def _capable(self, req: ChatRequest, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
+        """The candidates whose API can honour the request's JSON reply and take its parts (INVALID_ARGUMENT
+        when none can)."""
         if req.response_format is not None and req.response_format.type in STRUCTURED_OUTPUT:
             candidates = self._structured_output_capable(req.model, req.response_format.type, candidates)
         needed = inputs.needs(req)
         if needed:
             candidates = self._input_capable(req.model, candidates, needed)
-        return tenant, candidates
+        return candidates
 
     def _tenant(self, call: _Call) -> TenantConfig:
         """The call's tenant: as authenticated, else as configured by name (an in-process embedding)."""
@@ -553,6 +558,10 @@ class Feather:
                 raise
             larger = [c for name in route.context_window_fallbacks for c in self.router.plan(name, policy=req.policy)]
             larger = Admission.allowed(tenant, req.model, larger)
+            try:  # the larger models must take the request as well (its JSON reply, its parts)
+                larger = self._capable(req, larger)
+            except InvalidRequest:
+                raise e from None
             return await self._attempt_loop(call, larger, attempt)
 
     async def _hedged(
