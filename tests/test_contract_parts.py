@@ -14,9 +14,12 @@ import feather_client as fc
 import grpc
 import pytest
 
+from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.tokens import estimate_prompt_tokens
-from feather_grpc.engine.types import Message, Part, PartKind, Role
+from feather_grpc.engine.types import ChatRequest, Message, Part, PartKind, Role
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.providers import ProviderSettings, build_provider
+from feather_grpc.providers.http import new_session
 from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, UpstreamSimulator
 from tests.gateway_harness import rich_error, running_gateway, user
 from tests.test_contract_accounting import ENV, config
@@ -370,3 +373,19 @@ async def test_a_context_window_fallback_must_take_the_parts_too(sim: UpstreamSi
             await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[msg(pb.ROLE_USER, text("hi"), audio())]))
     assert rich_error(info.value).reason == "UPSTREAM_INVALID_REQUEST"
     assert [r.path for r in sim.requests] == [OPENAI_PATH, ANTHROPIC_PATH, OPENAI_PATH]
+
+
+async def test_adapters_used_directly_refuse_parts_their_api_cannot_take(sim: UpstreamSimulator) -> None:
+    session = new_session()
+    try:
+        claude = build_provider(ProviderSettings("anthropic", "anthropic", sim.url, "k"), session)
+        gpt = build_provider(ProviderSettings("openai", "openai", sim.url + "/v1", "k"), session)
+        wav = Part(PartKind.AUDIO, data=b"RIFF", media_type="wav")
+        pdf_link = Part(PartKind.DOCUMENT, url="https://x/a.pdf", media_type="application/pdf")
+        for provider, part in ((claude, wav), (gpt, pdf_link)):
+            with pytest.raises(ProviderError) as info:
+                await provider.chat("m", ChatRequest(model="m", messages=[Message(Role.USER, parts=(part,))]))
+            assert (info.value.reason, info.value.retryable) == ("UPSTREAM_BAD_REQUEST", False)
+    finally:
+        await session.close()
+    assert not sim.requests

@@ -160,8 +160,10 @@ def _block(p: Part) -> dict[str, Any]:
         block = {"type": "document", "source": _source(p)}
         if p.title:
             block["title"] = p.title
-    else:
+    elif p.kind is PartKind.TEXT:
         block = {"type": "text", "text": p.text}
+    else:  # routing keeps audio away; an adapter used directly must not send it as something else
+        raise ProviderError("UPSTREAM_BAD_REQUEST", "the Anthropic Messages API takes no audio", retryable=False)
     return _mark(block, p.cache_ttl)
 
 

@@ -101,6 +101,8 @@ def _part(p: Part) -> dict[str, Any]:
             image["detail"] = p.detail
         return {"type": "image_url", "image_url": image}
     if p.kind is PartKind.DOCUMENT:
+        if p.url:  # routing keeps these away; an adapter used directly must not send something else
+            raise ProviderError("UPSTREAM_BAD_REQUEST", "Chat Completions takes a PDF inline only", retryable=False)
         # Chat Completions takes a PDF inline only, and wants a file name with it.
         return {
             "type": "file",
@@ -115,6 +117,8 @@ def _content(m: Message) -> str | list[dict[str, Any]]:
 
 def _message(m: Message) -> dict[str, Any]:
     if m.role is Role.TOOL:
+        if any(p.kind is not PartKind.TEXT for p in m.parts):
+            raise ProviderError("UPSTREAM_BAD_REQUEST", "Chat Completions takes tool results as text", retryable=False)
         return {"role": "tool", "tool_call_id": m.tool_call_id, "content": _content(m)}
     out: dict[str, Any] = {"role": m.role.value, "content": _content(m)}
     if m.name:
