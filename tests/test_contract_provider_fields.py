@@ -169,7 +169,12 @@ async def test_a_refusal_is_its_own_field(sim: UpstreamSimulator, streamed: bool
         else:
             reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[user("x")]))
             text, refusal, finish = reply.message.content, reply.upstream.refusal, reply.finish_reason
-    assert (text, refusal, finish) == ("", "I can't help with that.", pb.FINISH_REASON_CONTENT_FILTER)
+    # its own field; the text too (as before the field existed), flagged by the finish reason
+    assert (text, refusal, finish) == (
+        "I can't help with that.",
+        "I can't help with that.",
+        pb.FINISH_REASON_CONTENT_FILTER,
+    )
 
 
 async def test_python_client_extra_fields_and_upstream(sim: UpstreamSimulator) -> None:

@@ -275,12 +275,13 @@ class OpenAIProvider:
         finish = finish_reason(choice.get("finish_reason"), bool(calls))
         upstream = _upstream(doc)
         if isinstance(refusal, str) and refusal:
-            upstream.refusal = refusal  # its own field, never the text
+            upstream.refusal = refusal  # its own field; as before it had one, also the text of an empty reply
             if not content:
+                content = refusal
                 finish = FinishReason.CONTENT_FILTER
         thinking = [ThinkingBlock(thought)] if thought else []
         if not isinstance(raw_usage, dict):  # some compatible servers omit it: an estimate bills better than 0
-            usage = estimated_usage(request, content + thought + upstream.refusal, calls)
+            usage = estimated_usage(request, content + thought, calls)
             return ProviderResponse(content, calls, finish, usage, True, thinking, upstream)
         return ProviderResponse(
             content, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream
@@ -473,8 +474,9 @@ class _ChunkReader:
             return [self._final]
         out: list[StreamEvent] = []
         finish = finish_reason(self._finish, bool(self._ordinals))
-        self._upstream.refusal = self._refusal  # its own field, never the text
+        self._upstream.refusal = self._refusal  # its own field; as before, also the text of an empty reply
         if self._refusal and not self._text_seen:
+            out.append(TextDelta(self._refusal))
             finish = FinishReason.CONTENT_FILTER
         out.append(StreamFinish(finish, normalise_usage(self._usage) if self._usage else None, self._upstream))
         return out

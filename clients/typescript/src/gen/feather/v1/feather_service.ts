@@ -1143,7 +1143,10 @@ export interface UpstreamReply {
   serviceTier: string;
   /** The stop sequence that ended the reply (Anthropic `stop_sequence`; OpenAI does not say which). */
   stopSequence: string;
-  /** The model's refusal (OpenAI `refusal`), apart from the text; finish_reason is then CONTENT_FILTER. */
+  /**
+   * The model's refusal (OpenAI `refusal`). When the model gave no other text, finish_reason is
+   * CONTENT_FILTER and the message's text is the refusal too (as it was before this field existed).
+   */
   refusal: string;
 }
 

@@ -1402,7 +1402,9 @@ class UpstreamReply(_message.Message):
     stop_sequence: _builtins.str
     """The stop sequence that ended the reply (Anthropic `stop_sequence`; OpenAI does not say which)."""
     refusal: _builtins.str
-    """The model's refusal (OpenAI `refusal`), apart from the text; finish_reason is then CONTENT_FILTER."""
+    """The model's refusal (OpenAI `refusal`). When the model gave no other text, finish_reason is
+    CONTENT_FILTER and the message's text is the refusal too (as it was before this field existed).
+    """
     def __init__(
         self,
         *,
