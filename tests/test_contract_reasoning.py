@@ -10,7 +10,9 @@ import feather_client as fc
 import grpc
 import pytest
 
+from feather_grpc.engine.types import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.providers.base import coalesce
 from sim.upstream import Reply, SimToolCall, SimUsage, UpstreamSimulator
 from tests.gateway_harness import rich_error, running_gateway, user
 from tests.test_contract_accounting import ENV, config
@@ -232,3 +234,26 @@ async def test_python_client_reasoning_options(sim: UpstreamSimulator) -> None:
         "k1",
     )
     assert sim.requests[2].body["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+
+
+def test_one_reads_thinking_fragments_are_joined_per_block_like_text() -> None:
+    events: list[StreamEvent] = [
+        ThinkingDelta(0, "a"),
+        ThinkingDelta(0, "b"),
+        ThinkingDelta(0, signature="s"),
+        ThinkingDelta(1, redacted_data="r"),
+        TextDelta("x"),
+        TextDelta("y"),
+        ToolCallDelta(0, "id", "f"),
+        ThinkingDelta(1, "c"),
+        ThinkingDelta(2, "d"),
+    ]
+    assert coalesce(events) == [
+        ThinkingDelta(0, "ab"),
+        ThinkingDelta(0, signature="s"),
+        ThinkingDelta(1, redacted_data="r"),
+        TextDelta("xy"),
+        ToolCallDelta(0, "id", "f"),
+        ThinkingDelta(1, "c"),
+        ThinkingDelta(2, "d"),
+    ]
