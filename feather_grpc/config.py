@@ -99,6 +99,8 @@ class ProviderSpec(_Strict):
     first_token_timeout_ms: int | None = Field(default=None, alias="firstTokenTimeoutMs", gt=0)
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
     required: bool = False
+    # false: no W3C trace context (traceparent/tracestate) on this provider's requests when tracing is on
+    propagate_trace_context: bool = Field(default=True, alias="propagateTraceContext")
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -262,6 +264,7 @@ class ProviderConfig:
     models: tuple[ModelConfig, ...]
     first_token_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
+    propagate_trace_context: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,6 +520,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 # A stream silent for as long as a whole call may take has stalled: without this a stalled
                 # upstream held its caller (when it set no deadline), a concurrency slot and a connection.
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
+                propagate_trace_context=spec.propagate_trace_context,
             )
         )
     if not providers:

@@ -51,6 +51,7 @@ import re
 import socket
 import ssl
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Final, cast
 from urllib.parse import quote, unquote, urlsplit
 
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidURL",
     "ReadError",
     "Response",
+    "attempt_headers",
 ]
 
 HIGH_WATER: Final = 256 * 1024  # undelivered body bytes above which the socket is no longer read
@@ -70,6 +72,11 @@ END_GRACE_S: Final = 0.5  # how long `release_after_end` waits for the rest of a
 MAX_HEAD: Final = 64 * 1024  # status line + headers (also bounds the trailer section)
 MAX_LINE: Final = 8 * 1024  # one chunk-size line, extensions included
 DNS_TTL_S: Final = 60.0
+
+# Header lines ("Name: value\r\n" each, encoded) added to every request sent from the current context. The
+# tracing observer puts an upstream attempt's W3C trace context here for the attempt's duration (see
+# server/tracing.py); without tracing it stays empty and a request pays one context-variable read.
+attempt_headers: ContextVar[bytes] = ContextVar("feather_attempt_headers", default=b"")
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _IDLE = range(8)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -828,7 +835,7 @@ class Endpoint:
         if pool is None:
             assert self._error is not None
             raise self._error
-        data = b"".join((self._prefix, b"%d\r\n\r\n" % len(body), body))
+        data = b"".join((self._prefix, b"%d\r\n" % len(body), attempt_headers.get(), b"\r\n", body))
         conn = await pool.acquire()
         resent = False
         while True:

@@ -154,7 +154,11 @@ class GatewayServer:
         if options.tracing:  # imports opentelemetry only when asked for
             from feather_grpc.server.tracing import Tracing
 
-            self.tracing = Tracing(options.env, {p.name: p.type for p in config.providers})
+            self.tracing = Tracing(
+                options.env,
+                {p.name: p.type for p in config.providers},
+                untraced_providers=[p.name for p in config.providers if not p.propagate_trace_context],
+            )
             interceptors.append(self.tracing.server_interceptor())
             observers.append(self.tracing.observer)
         self.metrics: GatewayMetrics | None = None
@@ -187,6 +191,7 @@ class GatewayServer:
             log_content=options.log_content,
             on_refused=self.metrics.refused if self.metrics else None,
             record_refusal=self.engine.record_refused,
+            on_status=self.tracing.rpc_ended if self.tracing else None,
         )
         if self.metrics is not None:
             self.metrics.watch(self.engine, self.tracker)
