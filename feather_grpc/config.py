@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import ssl
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.cache import CacheSettings
 from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
+from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,11 @@ class ProviderSpec(_Strict):
     required: bool = False
     # false: no W3C trace context (traceparent/tracestate) on this provider's requests when tracing is on
     propagate_trace_context: bool = Field(default=True, alias="propagateTraceContext")
+    # Absent: HTTPS_PROXY/HTTP_PROXY/NO_PROXY decide; a URL: always that proxy; null or "": always direct.
+    proxy: str | None = None
+    ca_file: str | None = Field(default=None, alias="caFile")  # trust only these CAs for this upstream
+    client_cert_file: str | None = Field(default=None, alias="clientCertFile")  # mutual TLS
+    client_key_file: str | None = Field(default=None, alias="clientKeyFile")  # absent: the key is in the cert file
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -265,6 +272,7 @@ class ProviderConfig:
     first_token_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
     propagate_trace_context: bool = True
+    egress: Egress = DIRECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,6 +529,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 # upstream held its caller (when it set no deadline), a concurrency slot and a connection.
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
                 propagate_trace_context=spec.propagate_trace_context,
+                egress=_egress(name, spec, ptype, env, source),
             )
         )
     if not providers:
@@ -616,6 +625,66 @@ def _tls(spec: TlsSpec | None, source: str) -> TlsConfig | None:
                 "check the path and permissions",
             ) from None
     return TlsConfig(spec.cert_file, spec.key_file, spec.client_ca_file)
+
+
+def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], source: str) -> Egress:
+    """The provider's proxy (its own `proxy`, else the environment's) and TLS files, checked now: a proxy
+    setting that cannot be honoured, or a certificate that cannot be used, would otherwise show up only as
+    calls that never reach the provider."""
+    where = f"providers.{name}"
+    base_url = spec.base_url or DEFAULT_BASE_URLS.get(ptype, "")
+    if ptype == "mock" or not base_url:
+        return DIRECT
+    proxy = None
+    if "proxy" in spec.model_fields_set:
+        if spec.proxy:
+            try:
+                proxy = parse_proxy(spec.proxy)
+            except ValueError as e:
+                fix = 'use "http://[user:password@]host:port", or null to go direct'
+                raise ConfigError(source, f"{where}.proxy", str(e), fix) from None
+    else:
+        try:
+            proxy, _ = env_proxy(base_url, env)
+        except ValueError as e:
+            var = "https_proxy" if base_url.startswith("https:") else "http_proxy"
+            var = var if env.get(var, "").strip() else var.upper()
+            fix = f'set it to http://[user:password@]host:port, or give providers.{name} "proxy": null'
+            raise ConfigError("environment", var, str(e), fix) from None
+    files = {"caFile": spec.ca_file, "clientCertFile": spec.client_cert_file, "clientKeyFile": spec.client_key_file}
+    if not any(files.values()):
+        return Egress(proxy)
+    field_name = next(k for k, v in files.items() if v)
+    if not base_url.startswith("https:"):
+        fix = "use an https:// baseUrl, or remove the TLS settings"
+        raise ConfigError(source, f"{where}.{field_name}", "TLS settings need an https:// baseUrl", fix)
+    if spec.client_key_file and not spec.client_cert_file:
+        fix = 'add "clientCertFile" (the certificate that goes with this key)'
+        raise ConfigError(source, f"{where}.clientKeyFile", "a client key needs its certificate", fix)
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                source, f"{where}.{key}", f"cannot read {path} ({e.strerror})", "check the path and permissions"
+            ) from None
+    if spec.ca_file:
+        try:
+            tls_context(spec.ca_file, None, None)
+        except ssl.SSLError as e:
+            fix = "give a file of PEM certificates"
+            raise ConfigError(source, f"{where}.caFile", f"not a PEM CA bundle ({e.reason})", fix) from None
+    if spec.client_cert_file:
+        try:
+            tls_context(spec.ca_file, spec.client_cert_file, spec.client_key_file)
+        except ssl.SSLError as e:
+            fix = "give the PEM certificate and its unencrypted PEM key (the key may be in the certificate file)"
+            problem = f"unusable certificate or key ({e.reason})"
+            raise ConfigError(source, f"{where}.clientCertFile", problem, fix) from None
+    return Egress(proxy, spec.ca_file, spec.client_cert_file, spec.client_key_file)
 
 
 def _database_url(env: dict[str, str]) -> str:

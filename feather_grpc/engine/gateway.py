@@ -780,7 +780,7 @@ def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio
 
 
 def _settings(p: ProviderConfig) -> ProviderSettings:
-    return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key)
+    return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key, egress=p.egress)
 
 
 def _stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:

@@ -9,6 +9,7 @@ from typing import Protocol
 from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta, ToolCall, Usage
+from feather_grpc.providers.egress import DIRECT, Egress
 from feather_grpc.providers.sse import SSEEvent
 
 
@@ -21,6 +22,7 @@ class ProviderSettings:
     base_url: str
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
+    egress: Egress = DIRECT  # proxy, CA bundle, client certificate
 
 
 class Provider(Protocol):

@@ -25,8 +25,11 @@ Scope, deliberately small:
   the end returns its connection to the pool by itself, before the consumer has even looked at the data.
   A caller done with a body that has not quite ended (an SSE stream's last event came, the chunked
   terminator has not) can `release_after_end()`: the end is awaited briefly, then the connection pooled.
-- TLS for https (`ssl.create_default_context()`, SNI, ALPN `http/1.1`). No proxies, no redirects, no
-  cookies, no request timeouts: callers bound calls with `asyncio.timeout`, and cancellation at any
+- TLS for https (`ssl.create_default_context()`, SNI, ALPN `http/1.1`), or a provider's own CA bundle and
+  client certificate; an HTTP proxy per `Egress` (providers/egress.py): a CONNECT tunnel for https (TLS to
+  the origin inside it), absolute-form requests for plain http. The pool key includes the egress, so a
+  tunnelled connection only ever carries requests to its own origin. No redirects, no cookies, no request
+  timeouts: callers bound calls with `asyncio.timeout`, and cancellation at any
   point (connect, TLS handshake, waiting for a connection, reading) closes what was opened.
 
 Resending on a stale connection: a request sent on a *reused* connection that fails before a single
@@ -54,6 +57,8 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Final, cast
 from urllib.parse import quote, unquote, urlsplit
+
+from feather_grpc.providers.egress import DIRECT, Egress, Proxy, tls_context
 
 __all__ = [
     "HIGH_WATER",
@@ -567,13 +572,17 @@ def _describe(exc: BaseException | None) -> str:
 
 
 class _Pool:
-    """The connections to one (scheme, host, port)."""
+    """The connections to one (scheme, host, port), made one way (`Egress`: proxy, TLS trust and identity)."""
 
-    def __init__(self, client: HttpClient, scheme: str, host: str, port: int) -> None:
+    def __init__(self, client: HttpClient, scheme: str, host: str, port: int, egress: Egress = DIRECT) -> None:
         self.client = client
         self.host = host
         self.port = port
         self.tls = scheme == "https"
+        self.egress = egress
+        self.proxy = egress.proxy
+        # Where sockets go: the proxy when there is one (it alone resolves and reaches the origin).
+        self._dial = (self.proxy.host, self.proxy.port) if self.proxy is not None else (host, port)
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: collections.deque[_Connection] = collections.deque()  # oldest left, newest right
@@ -584,12 +593,12 @@ class _Pool:
         self._addrs: list[tuple[int, int, int, tuple[object, ...]]] = []
         self._addrs_until = 0.0
         try:
-            ip = ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(self._dial[0])
         except ValueError:
             self._literal = False
         else:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            self._addrs = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, (host, port))]
+            self._addrs = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, self._dial)]
             self._literal = True
 
     @property
@@ -680,7 +689,7 @@ class _Pool:
 
     async def _connect(self) -> _Connection:
         addrs = await self._resolve()
-        ctx = self.client.ssl_context() if self.tls else None
+        ctx = self.client.ssl_context(self.egress) if self.tls else None
         last: OSError | None = None
         for i, (family, type_, proto, sockaddr) in enumerate(addrs):
             try:
@@ -692,7 +701,9 @@ class _Pool:
                 self._addrs = [addrs[i], *addrs[:i], *addrs[i + 1 :]]  # try the address that worked first
             return conn
         self._addrs_until = 0.0  # resolve again next time
-        raise ConnectError(f"cannot connect to {self.host}:{self.port}{' (TLS)' if ctx else ''}: {_describe(last)}")
+        via = f" via proxy {self.proxy}" if self.proxy is not None else ""
+        tls = " (TLS)" if ctx else ""
+        raise ConnectError(f"cannot connect to {self.host}:{self.port}{via}{tls}: {_describe(last)}")
 
     async def _open_socket(
         self, family: int, type_: int, proto: int, sockaddr: tuple[object, ...], ctx: ssl.SSLContext | None
@@ -704,6 +715,8 @@ class _Pool:
             if family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_connect(sock, sockaddr)
+            if self.proxy is not None and ctx is not None:
+                await _tunnel(loop, sock, self.proxy, self.host, self.port, self.client.user_agent)
             conn = _Connection(self)
             transport, _ = await loop.create_connection(
                 lambda: conn, sock=sock, ssl=ctx, server_hostname=self.host if ctx is not None else None
@@ -721,12 +734,14 @@ class _Pool:
         now = self.loop.time()
         if self._addrs and now < self._addrs_until:
             return self._addrs
+        host, port = self._dial
+        what = f"proxy {self.proxy}" if self.proxy is not None else host
         try:
-            infos = await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise ConnectError(f"cannot resolve {self.host}: {_describe(exc)}") from exc
+            raise ConnectError(f"cannot resolve {what}: {_describe(exc)}") from exc
         if not infos:
-            raise ConnectError(f"cannot resolve {self.host}: no addresses")
+            raise ConnectError(f"cannot resolve {what}: no addresses")
         self._addrs = [(family, type_, proto, tuple(addr)) for family, type_, proto, _, addr in infos]
         self._addrs_until = now + DNS_TTL_S
         return self._addrs
@@ -792,14 +807,56 @@ class _Pool:
                 waiter.set_exception(ConnectError(f"{self.host}:{self.port}: HTTP client closed"))
 
 
+async def _tunnel(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, proxy: Proxy, host: str, port: int, user_agent: str
+) -> None:
+    """Asks the proxy on the connected `sock` for a tunnel to `host`:`port` (HTTP CONNECT, RFC 9110 §9.3.6).
+    On return the socket is a byte pipe to the origin, ready for the TLS handshake. A refusal (407, 403,
+    502...) is a `ConnectError` naming the proxy's status, never its credentials."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}", f"User-Agent: {user_agent}"]
+    if proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    head = b""
+    while True:
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        if len(head) > MAX_HEAD:
+            raise ConnectError(f"proxy {proxy}: CONNECT reply head too large")
+        data = await loop.sock_recv(sock, 4096)
+        if not data:
+            raise ConnectError(f"proxy {proxy} closed the connection instead of answering CONNECT {authority}")
+        head += data
+    status_line = head[: head.find(b"\r\n")].decode("latin-1")
+    version, _, rest = status_line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise ConnectError(f"proxy {proxy}: malformed CONNECT reply {status_line[:80]!r}")
+    if not 200 <= int(code) < 300:
+        raise ConnectError(f"proxy {proxy} refused CONNECT {authority}: {code} {reason.strip()[:100]}".rstrip())
+    if len(head) > end + 4:  # the origin cannot have spoken: TLS starts with our ClientHello
+        raise ConnectError(f"proxy {proxy}: unexpected data after the CONNECT reply")
+
+
+def _proxy_refused(proxy: Proxy, ex: Response) -> ConnectError:
+    """A plain-http request the proxy would not forward: the same failure as a refused CONNECT, not an upstream
+    reply (a 407 is about the gateway's proxy credentials, never the caller's request)."""
+    return ConnectError(f"proxy {proxy} refused the request: {ex.status} {ex.reason[:100]}".rstrip())
+
+
 class Endpoint:
     """POSTs to one URL with a fixed set of headers; the request head is encoded once, here."""
 
-    __slots__ = ("_error", "_pool", "_prefix", "url")
+    __slots__ = ("_error", "_plain_proxy", "_pool", "_prefix", "url")
 
-    def __init__(self, client: HttpClient, url: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self, client: HttpClient, url: str, headers: Sequence[tuple[str, str]] = (), egress: Egress = DIRECT
+    ) -> None:
         self.url = url
         self._error: InvalidURL | None = None
+        self._plain_proxy: Proxy | None = None  # the proxy plain-http requests go through (in absolute form)
         self._pool: _Pool | None = None
         self._prefix = b""
         try:
@@ -807,11 +864,14 @@ class Endpoint:
         except ValueError as exc:
             self._error = InvalidURL(f"invalid URL: {exc}")
             return
-        self._pool = client._pool(scheme, host, port)
+        self._pool = client._pool(scheme, host, port, egress)
         default_port = 443 if scheme == "https" else 80
         host_header = f"[{host}]" if ":" in host else host
         if port != default_port:
             host_header = f"{host_header}:{port}"
+        proxy = self._plain_proxy = egress.proxy if scheme == "http" else None  # https: tunnelled, origin-form
+        if proxy is not None:
+            target = f"http://{host_header}{target}"  # absolute form: the proxy forwards it
         fields: list[tuple[str, str]] = [("Host", host_header), ("User-Agent", client.user_agent)]
         names = {"host", "user-agent"}
         for name, value in headers:
@@ -826,6 +886,8 @@ class Endpoint:
             fields.append((name, value.strip()))
         if auth and "authorization" not in names:
             fields.append(("Authorization", f"Basic {base64.b64encode(auth.encode()).decode()}"))
+        if proxy is not None and proxy.authorization:
+            fields.append(("Proxy-Authorization", proxy.authorization))
         lines = [f"POST {target} HTTP/1.1", *(f"{n}: {v}" for n, v in fields), "Content-Length: "]
         self._prefix = "\r\n".join(lines).encode("utf-8")
 
@@ -848,6 +910,8 @@ class Endpoint:
                     await ex._wait()
                 if ex._exc is not None:
                     raise ex._exc
+                if ex.status == 407 and self._plain_proxy is not None:
+                    raise _proxy_refused(self._plain_proxy, ex)
                 return ex
             except _StaleConnection:
                 ex.close()
@@ -897,25 +961,35 @@ class HttpClient:
         self.keepalive_timeout_s = keepalive_timeout_s
         self.user_agent = user_agent
         self._ssl = ssl_context
-        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._tls: dict[tuple[str | None, str | None, str | None], ssl.SSLContext] = {}
+        self._pools: dict[tuple[str, str, int, Egress], _Pool] = {}
         self.closed = False
 
-    def endpoint(self, url: str, headers: Sequence[tuple[str, str]] = ()) -> Endpoint:
-        """A POST target. Bad headers raise `ValueError` here; a bad URL fails each request instead."""
-        return Endpoint(self, url, headers)
+    def endpoint(self, url: str, headers: Sequence[tuple[str, str]] = (), egress: Egress = DIRECT) -> Endpoint:
+        """A POST target, reached the way `egress` says. Bad headers raise `ValueError` here; a bad URL fails
+        each request instead."""
+        return Endpoint(self, url, headers, egress)
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self, egress: Egress = DIRECT) -> ssl.SSLContext:
+        """The client's default context, or the one made from `egress`'s CA bundle and client certificate
+        (built once per set of files; the config checked them at load)."""
+        if egress.custom_tls:
+            files = (egress.ca_file, egress.client_cert_file, egress.client_key_file)
+            ctx = self._tls.get(files)
+            if ctx is None:
+                ctx = self._tls[files] = tls_context(*files)
+            return ctx
         if self._ssl is None:
             ctx = ssl.create_default_context()
             ctx.set_alpn_protocols(["http/1.1"])
             self._ssl = ctx
         return self._ssl
 
-    def _pool(self, scheme: str, host: str, port: int) -> _Pool:
-        key = (scheme, host.lower(), port)
+    def _pool(self, scheme: str, host: str, port: int, egress: Egress = DIRECT) -> _Pool:
+        key = (scheme, host.lower(), port, egress)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(self, scheme, key[1], port)
+            pool = self._pools[key] = _Pool(self, scheme, key[1], port, egress)
             if self.closed:
                 pool.close()
         return pool
