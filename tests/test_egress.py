@@ -135,6 +135,8 @@ def test_the_environment_names_the_proxy_by_scheme_lowercase_first() -> None:
     exempt = {**env, "NO_PROXY": "openai.com"}
     assert env_proxy("https://api.openai.com/v1", exempt) == (None, "")
     assert env_proxy("http://vllm.internal:8000/v1", {**exempt, "no_proxy": "internal"}) == (None, "")
+    for loopback in ("http://localhost:8000/v1", "http://127.0.0.2:8000/v1", "https://[::1]:8443/v1"):
+        assert env_proxy(loopback, env) == (None, ""), loopback  # as Go's net/http: never an env proxy
 
 
 def test_proxy_urls_credentials_and_what_is_refused() -> None:
@@ -167,7 +169,7 @@ def egress_of(doc: dict[str, Any], env: dict[str, str] | None = None) -> dict[st
 
 
 def test_a_provider_proxy_overrides_the_environment_and_null_goes_direct() -> None:
-    env = {"HTTPS_PROXY": "http://corp:3128", "NO_PROXY": "internal"}
+    env = {"HTTPS_PROXY": "http://corp:3128", "HTTP_PROXY": "http://corp:3128", "NO_PROXY": "internal"}
     doc = document(
         {
             "from-env": provider("https://api.example.com/v1"),
@@ -176,6 +178,8 @@ def test_a_provider_proxy_overrides_the_environment_and_null_goes_direct() -> No
             "own-even-if-exempt": provider("https://llm.internal/v1", proxy="http://other:8080"),
             "direct-null": provider("https://api.example.com/v1", proxy=None),
             "direct-empty": provider("https://api.example.com/v1", proxy=""),
+            "loopback": provider("http://127.0.0.1:8000/v1"),
+            "loopback-own": provider("http://127.0.0.1:8000/v1", proxy="http://other:8080"),
             "mock": {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]},
         }
     )
@@ -185,6 +189,7 @@ def test_a_provider_proxy_overrides_the_environment_and_null_goes_direct() -> No
     assert proxies["own"] == parse_proxy("http://u:p@other:8080")
     assert proxies["own-even-if-exempt"] == Proxy("other", 8080)
     assert proxies["direct-null"] is None and proxies["direct-empty"] is None and proxies["mock"] is None
+    assert proxies["loopback"] is None and proxies["loopback-own"] == Proxy("other", 8080)
 
 
 def test_unusable_proxy_settings_name_the_field_or_the_variable() -> None:
@@ -253,7 +258,7 @@ async def test_https_through_a_connect_proxy_to_a_host_only_the_proxy_reaches(
     caplog.set_level(logging.DEBUG)
     base = f"https://{HOST}:{hidden_https.port}/v1"
     async with ConnectProxy(hosts={HOST: "127.0.0.2"}, credentials=("gw", "pr0xy-s3cret")) as proxy:
-        env = {**ENV, "HTTPS_PROXY": proxy.url_with("gw", "pr0xy-s3cret"), "NO_PROXY": "localhost,127.0.0.1"}
+        env = {**ENV, "HTTPS_PROXY": proxy.url_with("gw", "pr0xy-s3cret")}
         doc = document(
             {
                 "corp": provider(base, caFile=str(pki / "ca.pem")),
@@ -314,7 +319,7 @@ async def test_plain_http_goes_through_the_proxy_in_absolute_form_unless_no_prox
         UpstreamSimulator() as local,
         ConnectProxy(hosts={HOST: "127.0.0.2"}, credentials=("gw", "pw")) as proxy,
     ):
-        env = {**ENV, "http_proxy": proxy.url_with("gw", "pw"), "no_proxy": "127.0.0.1"}
+        env = {**ENV, "http_proxy": proxy.url_with("gw", "pw")}
         doc = document(
             {
                 "vllm": provider(f"http://{HOST}:{hidden.port}/v1"),
@@ -336,7 +341,7 @@ async def test_plain_http_goes_through_the_proxy_in_absolute_form_unless_no_prox
         assert forwarded.headers["host"] == f"{HOST}:{hidden.port}"
         (at_origin,) = hidden.requests
         assert at_origin.path == "/v1/chat/completions" and "proxy-authorization" not in at_origin.headers
-        assert len(local.requests) == 1  # NO_PROXY: straight to 127.0.0.1
+        assert len(local.requests) == 1  # loopback: straight to 127.0.0.1, never to an environment proxy
 
 
 async def test_mutual_tls_to_the_upstream_through_the_proxy(pki: Path) -> None:

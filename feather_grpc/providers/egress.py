@@ -12,6 +12,10 @@ Proxies follow the conventions curl and requests share:
   subdomains (a leading `.` or `*.` is ignored, as curl does); an IP address or CIDR block matches IP
   hosts; an entry with `:port` matches that port only. Names are compared case-insensitively and never
   resolved.
+- Loopback upstreams (`localhost`, 127.0.0.0/8, ::1) never go through an environment proxy, as in Go's
+  net/http (curl and requests would send them to the proxy, which cannot reach this host's loopback): a
+  sidecar or local model server keeps working when HTTP_PROXY is set for the whole machine. A provider's
+  own `proxy` setting applies whatever the host.
 """
 
 from __future__ import annotations
@@ -105,12 +109,22 @@ def env_proxy(url: str, env: Mapping[str, str]) -> tuple[Proxy | None, str]:
         return None, ""
     host = parts.hostname or ""
     port = parts.port or (443 if scheme == "https" else 80)
-    if bypasses_proxy(host, port, _env(env, "no_proxy")[1]):
+    if _loopback(host) or bypasses_proxy(host, port, _env(env, "no_proxy")[1]):
         return None, ""
     return parse_proxy(value), var
 
 
 _SEPARATORS = re.compile(r"[,\s]+")
+
+
+def _loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bypasses_proxy(host: str, port: int, no_proxy: str) -> bool:

@@ -689,7 +689,10 @@ class _Pool:
 
     async def _connect(self) -> _Connection:
         addrs = await self._resolve()
-        ctx = self.client.ssl_context(self.egress) if self.tls else None
+        try:
+            ctx = self.client.ssl_context(self.egress) if self.tls else None
+        except OSError as exc:  # the provider's CA bundle or certificate, gone or changed since the config loaded
+            raise ConnectError(f"cannot use the TLS files for {self.host}: {_describe(exc)}") from exc
         last: OSError | None = None
         for i, (family, type_, proto, sockaddr) in enumerate(addrs):
             try:
@@ -820,7 +823,9 @@ async def _tunnel(
     await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     head = b""
     while True:
-        end = head.find(b"\r\n\r\n")
+        end, sep = head.find(b"\r\n\r\n"), 4
+        if end < 0:
+            end, sep = head.find(b"\n\n"), 2  # tolerate bare LF line endings, as for responses
         if end >= 0:
             break
         if len(head) > MAX_HEAD:
@@ -829,14 +834,14 @@ async def _tunnel(
         if not data:
             raise ConnectError(f"proxy {proxy} closed the connection instead of answering CONNECT {authority}")
         head += data
-    status_line = head[: head.find(b"\r\n")].decode("latin-1")
+    status_line = head[: head.find(b"\n")].rstrip(b"\r").decode("latin-1")
     version, _, rest = status_line.partition(" ")
     code, _, reason = rest.partition(" ")
     if not version.startswith("HTTP/1.") or not code.isdigit():
         raise ConnectError(f"proxy {proxy}: malformed CONNECT reply {status_line[:80]!r}")
     if not 200 <= int(code) < 300:
         raise ConnectError(f"proxy {proxy} refused CONNECT {authority}: {code} {reason.strip()[:100]}".rstrip())
-    if len(head) > end + 4:  # the origin cannot have spoken: TLS starts with our ClientHello
+    if len(head) > end + sep:  # the origin cannot have spoken: TLS starts with our ClientHello
         raise ConnectError(f"proxy {proxy}: unexpected data after the CONNECT reply")
 
 
