@@ -333,3 +333,15 @@ async def test_every_upstream_attempt_carries_its_own_span_as_trace_context(
     assert len(seen) == len(received) == 7  # one span per attempt, none shared
     outcomes = sorted(attrs(attempts[s])["feather.attempt.outcome"] for s in seen)
     assert outcomes == ["cancelled", "ok", "ok", "ok", "retryable_error", "retryable_error", "retryable_error"]
+
+
+async def test_without_tracing_no_request_carries_trace_context() -> None:
+    """A caller's traceparent is not passed through by a gateway that does not trace."""
+    assert not ServerOptions.from_env({}).tracing
+    metadata = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
+    async with UpstreamSimulator() as sim:
+        doc = {"ledger": {"type": "memory"}, "providers": {"openai": _provider(sim.url, "gpt-sim")}}
+        async with running_server(doc, ENV, ServerOptions.from_env({})) as gw:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=metadata)
+        (request,) = sim.requests
+        assert "traceparent" not in request.headers and "tracestate" not in request.headers
