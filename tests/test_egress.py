@@ -8,6 +8,7 @@ certificate comes from a throwaway CA made here with openssl.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+import uvloop
 
 from feather_grpc import config
 from feather_grpc.config import ConfigError
@@ -375,6 +377,16 @@ async def test_mutual_tls_to_the_upstream_through_the_proxy(pki: Path) -> None:
 
 
 async def test_the_pool_keeps_tunnels_apart_by_origin_and_egress(pki: Path) -> None:
+    await _tunnels_apart(pki)
+
+
+def test_tunnels_on_uvloop(pki: Path) -> None:
+    """`serve` runs uvloop: the CONNECT exchange on the raw socket, then TLS over it, work there too."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_tunnels_apart(pki))
+
+
+async def _tunnels_apart(pki: Path) -> None:
     async with (
         UpstreamSimulator(host="127.0.0.2", ssl_context=server_context(pki, client_certs=False)) as a,
         UpstreamSimulator(host="127.0.0.2", ssl_context=server_context(pki, client_certs=False)) as b,
