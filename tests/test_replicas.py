@@ -246,6 +246,51 @@ async def test_a_redis_that_lost_its_data_does_not_hand_out_a_spent_budget_again
     assert billed <= 500_000 + 2 * per_call
 
 
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_no_call_racing_the_restore_of_a_lost_budget_is_admitted(mode: str) -> None:
+    """Right after Redis restarts empty, 50 concurrent calls of a tenant whose budget is spent all find its
+    window missing at once: none may be judged before the spend is restored from the ledger."""
+    doc = _redis_config(mode)
+    doc["tenants"]["default"]["budget"] = {"dailyUsd": 0.0005}
+    doc["tenants"]["other"] = {"keys": [_h("fk-other")], "limits": {"rpm": 6000}}  # no budget
+    doc["tenants"]["default"]["keys"] = [_h("fk-spender")]
+    spender, other = _auth("fk-spender"), _auth("fk-other")
+    ask = pb.ChatRequest(model="fast", messages=[user("spend")], max_tokens=10)
+    with RedisServer() as redis:
+        async with running_gateway(doc, {"REDIS_URL": redis.url}) as gw:
+            while True:  # spend the budget
+                try:
+                    await gw.stub.Chat(ask, metadata=spender)
+                except grpc.aio.AioRpcError as e:
+                    assert rich_error(e).reason == "BUDGET_EXCEEDED"
+                    break
+            redis.stop()
+            redis.start()  # SIGKILL, back empty
+            while True:  # a call that touches Redis but no budget, until the gateway has reconnected
+                try:
+                    await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=other)
+                    break
+                except grpc.aio.AioRpcError as e:
+                    assert rich_error(e).reason == "STATE_UNAVAILABLE"
+            assert await _redis_keys(redis, "*budget:day*") == []  # the spent window really is gone
+            results = await asyncio.gather(
+                *(gw.stub.Chat(ask, metadata=spender) for _ in range(50)), return_exceptions=True
+            )
+    admitted = [r for r in results if isinstance(r, pb.ChatResponse)]
+    assert not admitted, f"{len(admitted)} of 50 calls admitted before the restore"
+    assert {rich_error(r).reason for r in results if isinstance(r, grpc.aio.AioRpcError)} == {"BUDGET_EXCEEDED"}
+
+
+async def _redis_keys(redis: RedisServer, pattern: str) -> list[bytes]:
+    from feather_grpc.state.resp import RedisClient
+
+    client = RedisClient.from_url(redis.url)
+    try:
+        return list(await client.call("KEYS", pattern))
+    finally:
+        await client.aclose()
+
+
 async def test_fail_open_keeps_serving_with_local_limits() -> None:
     with RedisServer() as redis:
         async with running_gateway(_redis_config("open"), {"REDIS_URL": redis.url}) as gw:
