@@ -242,6 +242,9 @@ class FileConfig(_Strict):
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
     limits: dict[str, BucketLimitSpec] = Field(default_factory=dict)  # "provider:model" token buckets
     rate_limit_mode: Literal["queue", "reject"] = Field(default="queue", alias="rateLimitMode")
+    # Queue mode admits a waiter only if, after its wait, its deadline leaves at least this long for the
+    # call, or the route's observed latency when that is longer.
+    queue_min_call_ms: int = Field(default=50, alias="queueMinCallMs", ge=0)
     state_failure_mode: Literal["closed", "open"] = Field(default="closed", alias="stateFailureMode")
     jwt_tenant_claim: str = Field(default="tenant", alias="jwtTenantClaim")
     cache: CacheSpec = Field(default_factory=CacheSpec)
@@ -358,6 +361,7 @@ class GatewayConfig:
     default_tenant: TenantConfig = field(default_factory=lambda: TenantConfig("default"))
     provider_limits: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (rps, burst)
     rate_limit_mode: str = "queue"
+    queue_min_call_s: float = 0.05  # queue mode: the least deadline a waiter must have left after its wait
     state_failure_mode: str = "closed"
     redis_url: str = field(default="", repr=False)
     database_url: str = field(default="", repr=False)
@@ -584,6 +588,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         default_tenant=default_tenant,
         provider_limits=_provider_limits(file_config, source),
         rate_limit_mode=file_config.rate_limit_mode,
+        queue_min_call_s=file_config.queue_min_call_ms / 1000,
         state_failure_mode=file_config.state_failure_mode,
         redis_url=_redis_url(env),
         database_url=_database_url(env),

@@ -165,6 +165,32 @@ async def test_queued_caller_waits_for_its_token_within_its_deadline() -> None:
         assert rich_error(caught.value).reason == "RATE_LIMITED"
 
 
+async def test_queue_admits_only_waiters_whose_deadline_leaves_room_for_the_call() -> None:
+    """A waiter whose deadline would run out at the upstream (the route's observed latency after its wait)
+    is refused at once, RATE_LIMITED with RetryInfo: every admitted call finishes, and the upstream, which
+    bills whatever it starts, sees only those."""
+    async with UpstreamSimulator() as sim:
+        sim.default = Reply(latency_s=0.5, usage=SimUsage(input=10, output=20))
+        doc = sim_config(sim)
+        doc["retry"] = {"maxAttempts": 1}
+        doc["rateLimitMode"] = "queue"
+        doc["limits"] = {"openai:gpt-sim": {"rps": 5, "burst": 1}}  # one call every 200 ms
+        async with running_gateway(doc, ENV) as gw:
+            await gw.stub.Chat(chat(model="gpt-sim"))  # the route's latency is now known: ~0.5 s
+            seen = sim.received
+            # Waits of 0, 0.2, ... 2.2 s. Deadline 1.65 s: those that wait up to 1.0 s can finish; 1.2, 1.4
+            # and 1.6 s fit the deadline but leave less than the call needs.
+            results = await asyncio.gather(
+                *(gw.stub.Chat(chat(model="gpt-sim"), timeout=1.65) for _ in range(12)), return_exceptions=True
+            )
+            reached = sim.received - seen
+    ok = [r for r in results if isinstance(r, pb.ChatResponse)]
+    refused = [rich_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert [e.reason for e in refused] == ["RATE_LIMITED"] * len(refused)
+    assert all(e.retry_delay_s is not None and e.retry_delay_s > 0 for e in refused)
+    assert reached == len(ok) and 4 <= len(ok) <= 6
+
+
 async def test_budget_is_never_overspent_by_concurrent_calls() -> None:
     async with UpstreamSimulator() as sim:
         sim.default = Reply(latency_s=0.3, usage=SimUsage(input=10, output=20))

@@ -80,7 +80,8 @@ class CallContext:
     tenant_config: TenantConfig | None = None  # the caller's limits; None: the configured tenant `tenant`
     # The tenant's request-rate token, asked for by the transport: awaiting it gives the verdict (raises
     # when refused). Judged before anything is served, with admission's own decisions (one round trip).
-    request_token: Callable[[], Awaitable[None]] | None = None
+    # `max_wait_s`: how long the caller may still queue for it (None: as long as the token said).
+    request_token: Callable[[float | None], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,9 @@ class Feather:
         self.limiter, self.budgets = limiter, budgets
         self.cache: ResponseCache = cache or MemoryResponseCache(config.cache)
         self._redactor = Redactor(config.redact_pii) if config.redact_pii else None
-        self.admission = Admission(config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time())
+        self.admission = Admission(
+            config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time(), latency_ms=self.latency.get
+        )
         self._rng = rng or random.Random()
         models = [m for p in config.providers for m in p.models]
         self.router = Router(models, config.policy, self.latency, self._rng, config.routes)
@@ -409,7 +412,7 @@ class Feather:
         hit = await self.cache.get(call.cache_key)
         if hit is not None:
             if call.ctx.request_token is not None:
-                await call.ctx.request_token()  # a cache hit is served too: within the request rate
+                await call.ctx.request_token(None)  # a cache hit is served too: within the request rate
             call.candidate = next(
                 (c for c in candidates if (c.provider, c.model.name) == (hit.provider, hit.model)), None
             )
