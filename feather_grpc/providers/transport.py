@@ -62,6 +62,7 @@ from feather_grpc.providers.egress import DIRECT, Egress, Proxy, tls_context
 
 __all__ = [
     "HIGH_WATER",
+    "AttemptMarker",
     "ConnectError",
     "Endpoint",
     "HttpClient",
@@ -70,6 +71,8 @@ __all__ = [
     "ReadError",
     "Response",
     "attempt_headers",
+    "attempt_marker",
+    "mark_sent",
 ]
 
 HIGH_WATER: Final = 256 * 1024  # undelivered body bytes above which the socket is no longer read
@@ -851,6 +854,25 @@ def _proxy_refused(proxy: Proxy, ex: Response) -> ConnectError:
     return ConnectError(f"proxy {proxy} refused the request: {ex.status} {ex.reason[:100]}".rstrip())
 
 
+class AttemptMarker:
+    """Set (`attempt_marker`) around one upstream attempt by the engine; `sent` turns true once the request
+    is on its way to the upstream, so an attempt the gateway abandons is billed only if the upstream got it."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+attempt_marker: ContextVar[AttemptMarker | None] = ContextVar("feather_attempt_marker", default=None)
+
+
+def mark_sent() -> None:
+    marker = attempt_marker.get()
+    if marker is not None:
+        marker.sent = True
+
+
 class Endpoint:
     """POSTs to one URL with a fixed set of headers; the request head is encoded once, here."""
 
@@ -911,6 +933,7 @@ class Endpoint:
                 if conn.closed:  # closed between hand-over and now
                     raise _StaleConnection("server closed the connection before the request was sent")
                 conn.send(data, ex)
+                mark_sent()
                 if not ex.status and ex._exc is None:
                     await ex._wait()
                 if ex._exc is not None:
