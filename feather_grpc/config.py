@@ -180,12 +180,17 @@ class BudgetSpec(_Strict):
     monthly_usd: Decimal | None = Field(default=None, alias="monthlyUsd", ge=0)
 
 
-class TenantSpec(_Strict):
-    keys: list[str] = Field(default_factory=list)  # "sha256:<64 hex>" digests of API keys, never keys
-    role: Literal["member", "admin"] = "member"
+class TenantPolicySpec(_Strict):
+    """What a tenant may do; `jwtDefaultPolicy` gives it to the tenants a JWT names that the config does not list."""
+
     allowed_models: list[str] | None = Field(default=None, alias="allowedModels")  # names or aliases
     limits: TenantLimitsSpec = Field(default_factory=TenantLimitsSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+
+class TenantSpec(TenantPolicySpec):
+    keys: list[str] = Field(default_factory=list)  # "sha256:<64 hex>" digests of API keys, never keys
+    role: Literal["member", "admin"] = "member"
 
     @field_validator("keys")
     @classmethod
@@ -247,6 +252,8 @@ class FileConfig(_Strict):
     queue_min_call_ms: int = Field(default=50, alias="queueMinCallMs", ge=0)
     state_failure_mode: Literal["closed", "open"] = Field(default="closed", alias="stateFailureMode")
     jwt_tenant_claim: str = Field(default="tenant", alias="jwtTenantClaim")
+    # The policy of a tenant a JWT names that `tenants` does not list; unset: it may call no model.
+    jwt_default_policy: TenantPolicySpec | None = Field(default=None, alias="jwtDefaultPolicy")
     cache: CacheSpec = Field(default_factory=CacheSpec)
     safety: SafetySpec = Field(default_factory=SafetySpec)
 
@@ -312,8 +319,9 @@ class AuthConfig:
     key_hashes: dict[str, str] = field(default_factory=dict)  # sha256 hex digest -> tenant name
     jwt_secret: str = field(default="", repr=False)
     jwt_tenant_claim: str = "tenant"
-    # RATE_LIMIT_*: the request limit of a tenant a JWT names that the config does not list
-    unlisted_requests: tuple[float, int] | None = None
+    # jwtDefaultPolicy: what a tenant a JWT names that the config does not list may do (its name is filled
+    # in per caller); without one, it may call no model.
+    unlisted: TenantConfig = field(default_factory=lambda: TenantConfig("", allowed_models=frozenset()))
 
     @property
     def open(self) -> bool:
@@ -824,15 +832,30 @@ def _tenants(
     allowable = {
         n for p, spec in fc.providers.items() for m in spec.models for n in (m.name, f"{p}/{m.name}", *m.aliases)
     }
-    for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+
+    def policy(name: str, t: TenantPolicySpec, path: str, role: str = "member") -> TenantConfig:
         for i, allowed in enumerate(t.allowed_models or []):
             if allowed not in allowable:
                 raise ConfigError(
                     source,
-                    f"tenants.{name}.allowedModels[{i}]",
+                    f"{path}.allowedModels[{i}]",
                     f"{allowed!r} is not a configured model or alias",
                     "use a model name, an alias, or provider/model",
                 )
+        rpm = t.limits.rpm
+        return TenantConfig(
+            name=name,
+            role=role,
+            allowed_models=frozenset(t.allowed_models) if t.allowed_models is not None else None,
+            requests=(rpm / 60, rpm) if rpm else default_requests,
+            tpm=t.limits.tpm,
+            concurrency=t.limits.concurrency,
+            daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"{path}.budget.dailyUsd"),
+            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"{path}.budget.monthlyUsd"),
+        )
+
+    for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+        tenants[name] = policy(name, t, f"tenants.{name}", t.role)
         for i, k in enumerate(t.keys):
             digest = k.removeprefix("sha256:")
             if digest in hashes:
@@ -843,22 +866,12 @@ def _tenants(
                     "give every key to exactly one tenant",
                 )
             hashes[digest] = name
-        rpm = t.limits.rpm
-        tenants[name] = TenantConfig(
-            name=name,
-            role=t.role,
-            allowed_models=frozenset(t.allowed_models) if t.allowed_models is not None else None,
-            requests=(rpm / 60, rpm) if rpm else default_requests,
-            tpm=t.limits.tpm,
-            concurrency=t.limits.concurrency,
-            daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"tenants.{name}.budget.dailyUsd"),
-            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"tenants.{name}.budget.monthlyUsd"),
-        )
+    unlisted = TenantPolicySpec(allowedModels=[]) if fc.jwt_default_policy is None else fc.jwt_default_policy
     auth = AuthConfig(
         key_hashes=hashes,
         jwt_secret=env.get("JWT_SECRET", ""),
         jwt_tenant_claim=fc.jwt_tenant_claim,
-        unlisted_requests=default_requests,
+        unlisted=policy("", unlisted, "jwtDefaultPolicy"),
     )
     return auth, tenants, tenants["default"]
 

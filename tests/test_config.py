@@ -328,6 +328,7 @@ def test_base_url_needs_a_host_a_valid_port_and_no_whitespace(url: str) -> None:
         ("allowedModels", {"tenants": {"t": {"allowedModels": ["fast", "gpt-4o-mni"]}}}, "tenants.t.allowedModels[1]"),
         # admission matches provider/model by the model's name, never by an alias
         ("allowedModels", {"tenants": {"t": {"allowedModels": ["mock/fast"]}}}, "tenants.t.allowedModels[0]"),
+        ("jwtDefaultPolicy", {"jwtDefaultPolicy": {"allowedModels": ["fsat"]}}, "jwtDefaultPolicy.allowedModels[0]"),
     ],
 )
 def test_routes_fallbacks_and_allowed_models_name_configured_models(
@@ -384,3 +385,21 @@ def test_a_budget_must_fit_the_nano_dollar_counters(usd: str, ok: bool) -> None:
     with pytest.raises(config.ConfigError) as caught:
         _load(json.dumps(doc))
     assert caught.value.path == "tenants.t.budget.dailyUsd" and "too large" in str(caught.value)
+
+
+def test_jwt_default_policy_is_validated_like_a_tenant() -> None:
+    providers = {"mock": _mock(_model("mock-fast", "fast"))}
+    policy = {"allowedModels": ["fast"], "limits": {"rpm": 60, "tpm": 1000}, "budget": {"dailyUsd": 1}}
+    unlisted = _load(json.dumps({"providers": providers, "jwtDefaultPolicy": policy})).auth.unlisted
+    assert (unlisted.allowed_models, unlisted.requests, unlisted.tpm) == (frozenset(["fast"]), (1.0, 60), 1000)
+    assert unlisted.daily_budget_nanos == 1_000_000_000 and unlisted.role == "member"
+    # without one, a tenant the config does not list may call nothing
+    assert _load(json.dumps({"providers": providers})).auth.unlisted.allowed_models == frozenset()
+    for bad, path in [
+        ({"budget": {"dailyUsd": 2e9}}, "jwtDefaultPolicy.budget.dailyUsd"),
+        ({"keys": []}, "jwtDefaultPolicy.keys"),  # keys and roles belong to listed tenants only
+        ({"role": "admin"}, "jwtDefaultPolicy.role"),
+    ]:
+        with pytest.raises(config.ConfigError) as caught:
+            _load(json.dumps({"providers": providers, "jwtDefaultPolicy": bad}))
+        assert caught.value.path == path, caught.value

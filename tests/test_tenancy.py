@@ -81,11 +81,57 @@ async def test_jwt_with_tenant_claim_and_expiry() -> None:
         assert own.total.request_count == 1
 
 
+JWT_SECRET = "s3cret-for-tests-only-32-bytes-long!!"
+
+
+def _jwt(tenant: str) -> str:
+    return jwt.encode({"tenant": tenant, "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+
+
+async def test_a_jwt_tenant_missing_from_the_config_may_call_nothing_without_a_default_policy() -> None:
+    async with running_gateway(tenant_config(), {"JWT_SECRET": JWT_SECRET}) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(), metadata=bearer(_jwt("ghost")))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED and err.reason == "MODEL_NOT_ALLOWED"
+        assert err.metadata["tenant"] == "ghost"
+        assert not (await gw.stub.ListModels(pb.ListModelsRequest(), metadata=bearer(_jwt("ghost")))).models
+        await gw.stub.Chat(chat(), metadata=bearer(_jwt("globex")))  # a listed tenant is unaffected
+
+
+async def test_a_jwt_tenant_missing_from_the_config_gets_the_jwt_default_policy_under_its_own_name() -> None:
+    doc = tenant_config()
+    # mock-fast bills 1,000 nano-dollars per prompt token: the budget fits about one call.
+    doc["jwtDefaultPolicy"] = {"allowedModels": ["fast"], "budget": {"dailyUsd": 0.00003}, "limits": {"rpm": 600}}
+    async with running_gateway(doc, {"JWT_SECRET": JWT_SECRET}) as gw:
+        ghost = bearer(_jwt("ghost"))
+        listed = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=ghost)
+        assert [m.name for m in listed.models] == ["mock-fast"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(model="smart"), metadata=ghost)
+        assert rich_error(caught.value).reason == "MODEL_NOT_ALLOWED"
+        admitted = 0
+        while True:
+            try:
+                await gw.stub.Chat(chat(max_tokens=10), metadata=ghost)
+                admitted += 1
+            except grpc.aio.AioRpcError as e:
+                err = rich_error(e)
+                assert err.reason == "BUDGET_EXCEEDED" and err.metadata["tenant"] == "ghost"
+                assert err.metadata["budgetNanosUsd"] == "30000"
+                break
+            assert admitted < 100, "the default policy's budget never ran out"
+        assert admitted >= 1
+        await gw.stub.Chat(chat(max_tokens=10), metadata=bearer(_jwt("phantom")))  # its own budget
+
+
 async def test_a_jwt_tenant_missing_from_the_config_gets_the_default_request_limit() -> None:
-    secret = "s3cret-for-tests-only-32-bytes-long!!"
+    secret = JWT_SECRET
     ghost = jwt.encode({"tenant": "ghost", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
     env = {"JWT_SECRET": secret, "RATE_LIMIT_ENABLED": "true", "RATE_LIMIT_RPS": "1", "RATE_LIMIT_BURST": "2"}
-    async with running_gateway(tenant_config(), env) as gw:
+    doc = tenant_config()
+    doc["jwtDefaultPolicy"] = {}  # every model; the request limit of tenants without an rpm (RATE_LIMIT_*)
+    async with running_gateway(doc, env) as gw:
         results = await asyncio.gather(
             *(gw.stub.Chat(chat(), metadata=bearer(ghost)) for _ in range(5)), return_exceptions=True
         )

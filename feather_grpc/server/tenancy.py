@@ -9,6 +9,7 @@ wrapped handler, so it is scoped to exactly one call. Health and reflection are 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Awaitable
@@ -31,6 +32,7 @@ current_request_token: ContextVar[RequestToken | None] = ContextVar("feather_req
 # A tenant at its concurrency cap, or a gateway at its in-flight cap, is told to come back this soon.
 _BUSY_RETRY_S = 0.25
 _MAX_QUEUE_WAIT_S = 30.0
+_MAX_UNLISTED_TENANTS = 10_000  # JWT-named tenants whose policy object is kept
 
 
 def remaining_s(context: grpc.aio.ServicerContext) -> float | None:
@@ -58,6 +60,9 @@ class TenantGate:
         self.default_tenant = config.default_tenant
         self.in_flight = 0
         self._tenant_in_flight: dict[str, int] = {}
+        self._unlisted: dict[str, TenantConfig] = {}
+        if self._auth.jwt_secret and self._auth.unlisted.allowed_models == frozenset():
+            log.info("a JWT naming a tenant the config does not list may call no model (see jwtDefaultPolicy)")
         if self._auth.open:
             log.warning(
                 "NO API KEYS CONFIGURED: the gateway is open; every caller is tenant 'default'. "
@@ -75,8 +80,17 @@ class TenantGate:
             tenant_name = self._jwt_tenant(credential)
         if tenant_name is None:
             raise Unauthenticated("unknown API key")
-        # A JWT may name a tenant the config does not list: it gets the default request limit (RATE_LIMIT_*).
-        return self._config.tenants.get(tenant_name) or TenantConfig(tenant_name, requests=self._auth.unlisted_requests)
+        return self._config.tenants.get(tenant_name) or self._unlisted_tenant(tenant_name)
+
+    def _unlisted_tenant(self, name: str) -> TenantConfig:
+        """A tenant a JWT names that the config does not list: `jwtDefaultPolicy` under its own name (its own
+        budget and limits), one object per name so per-tenant caches keep working."""
+        tenant = self._unlisted.get(name)
+        if tenant is None:
+            if len(self._unlisted) >= _MAX_UNLISTED_TENANTS:
+                self._unlisted.clear()
+            tenant = self._unlisted[name] = dataclasses.replace(self._auth.unlisted, name=name)
+        return tenant
 
     def _jwt_tenant(self, token: str) -> str | None:
         try:
