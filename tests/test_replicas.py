@@ -336,6 +336,30 @@ async def test_settlements_lost_on_the_way_to_redis_neither_hold_reservations_no
     assert cap - 2 * per_call < final.cost_nanos_usd <= cap
 
 
+async def test_a_restarted_gateway_lifts_the_shared_spend_to_its_ledger(tmp_path: Path) -> None:
+    """A gateway that died with settlements Redis never got (their leases then expire and give the
+    reservations back) left the cost in its ledger: the next start reconciles the spend with it."""
+    doc = _redis_config("closed")
+    doc["ledger"] = {"type": "sqlite", "path": str(tmp_path / "usage.db")}
+    doc["tenants"]["default"]["budget"] = {"dailyUsd": 1}
+    window = f"feather:{{tenant:default}}:budget:day:{dt.datetime.now(dt.UTC):%Y-%m-%d}"
+    with RedisServer() as redis:
+        async with running_gateway(doc, {"REDIS_URL": redis.url}) as gw:
+            for _ in range(3):
+                await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("spend")]))
+            billed = (await gw.stub.Usage(pb.UsageRequest())).total.cost_nanos_usd
+        assert int(await _redis_call(redis, "HGET", window, "spent")) == billed
+        await _redis_call(redis, "HSET", window, "spent", "0")  # as if none of the settlements had landed
+        async with running_gateway(doc, {"REDIS_URL": redis.url}):
+            deadline = time.monotonic() + 10
+            while True:
+                spent = int(await _redis_call(redis, "HGET", window, "spent"))
+                if spent == billed or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        assert spent == billed
+
+
 async def _redis_call(redis: RedisServer, *args: str) -> Any:
     from feather_grpc.state.resp import RedisClient
 

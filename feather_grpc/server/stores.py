@@ -137,8 +137,9 @@ async def reconcile_budgets(
     windows_of: Callable[[TenantConfig], tuple[BudgetWindow, ...]],
     raise_spent_to: Callable[[str, BudgetWindow, int], Awaitable[None]],
 ) -> None:
-    """After an outage served with local budgets (`stateFailureMode: open`), lifts each tenant's shared
-    spend counters to what the ledger recorded, so spend decided locally is not forgotten."""
+    """Lifts each tenant's shared spend counters to what the ledger recorded: after an outage served with
+    local budgets (`stateFailureMode: open`), so spend decided locally is not forgotten, and at start, so
+    settlements a previous run died before delivering are not either."""
     for tenant in config.tenants.values():
         for window in windows_of(tenant):
             start = _window_start(window)
