@@ -86,7 +86,8 @@ class ProviderError(Exception):
     """One failed upstream attempt, classified by the adapter.
 
     `message` must be safe to surface: adapters put the provider's error type/message in it, never keys
-    or request bodies.
+    or request bodies. An `http_status` of 2xx says the upstream answered (and billed) but the reply could
+    not be used (not JSON, cut, over a size limit): the engine bills that attempt as an estimate.
     """
 
     def __init__(
