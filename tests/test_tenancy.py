@@ -237,6 +237,23 @@ async def test_queue_admits_only_waiters_whose_deadline_leaves_room_for_the_call
     assert reached == len(ok) and 4 <= len(ok) <= 6
 
 
+async def test_queue_leaves_at_least_queue_min_call_ms_for_the_call() -> None:
+    """Before a route's latency is known (the mock answers at once), `queueMinCallMs` is the room a
+    waiter's deadline must leave; the tenant's request token is judged by the same rule."""
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["rateLimitMode"] = "queue"
+    doc["queueMinCallMs"] = 600
+    env = {"RATE_LIMIT_ENABLED": "true", "RATE_LIMIT_RPS": "5", "RATE_LIMIT_BURST": "1"}  # one call per 200 ms
+    async with running_gateway(doc, env) as gw:
+        # Waits of 0, 0.2, ... 1.4 s, deadline 1.5 s: only waits up to 0.9 s leave 600 ms.
+        results = await asyncio.gather(*(gw.stub.Chat(chat(), timeout=1.5) for _ in range(8)), return_exceptions=True)
+    ok = [r for r in results if isinstance(r, pb.ChatResponse)]
+    refused = [rich_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert 4 <= len(ok) <= 5
+    assert {(e.reason, e.metadata["subject"]) for e in refused} == {("RATE_LIMITED", "tenant:default:requests")}
+    assert all(e.retry_delay_s is not None for e in refused)
+
+
 async def test_budget_is_never_overspent_by_concurrent_calls() -> None:
     async with UpstreamSimulator() as sim:
         sim.default = Reply(latency_s=0.3, usage=SimUsage(input=10, output=20))
