@@ -542,6 +542,9 @@ class RedisBudgetStore(_RedisStore):
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retrier
+        if self._unsettled:  # one last try: one left behind holds its reservation for the whole lease
+            batch, self._unsettled = self._unsettled, []
+            await asyncio.gather(*(self._start_settle(r, cost) for r, cost in batch), return_exceptions=True)
 
     async def raise_spent_to(self, tenant: str, window: BudgetWindow, spent_nanos: int) -> None:
         """Sets the window's spend to `spent_nanos` unless Redis already counts more, and marks the window
