@@ -260,12 +260,14 @@ async def test_no_call_racing_the_restore_of_a_lost_budget_is_admitted(mode: str
     ask = pb.ChatRequest(model="fast", messages=[user("spend")], max_tokens=10)
     with RedisServer() as redis:
         async with running_gateway(doc, {"REDIS_URL": redis.url}) as gw:
-            while True:  # spend the budget
+            for _ in range(500):  # spend the budget
                 try:
                     await gw.stub.Chat(ask, metadata=spender)
                 except grpc.aio.AioRpcError as e:
                     assert rich_error(e).reason == "BUDGET_EXCEEDED"
                     break
+            else:
+                raise AssertionError("the budget never ran out")
             redis.stop()
             redis.start()  # SIGKILL, back empty
             while True:  # a call that touches Redis but no budget, until the gateway has reconnected
@@ -296,7 +298,7 @@ async def test_settlements_lost_on_the_way_to_redis_neither_hold_reservations_no
     window = f"feather:{{tenant:default}}:budget:day:{dt.datetime.now(dt.UTC):%Y-%m-%d}"
 
     async def spend_until_refused(gw: Any) -> None:
-        while True:
+        for _ in range(500):
             try:
                 await gw.stub.Chat(ask)
             except grpc.aio.AioRpcError as e:
@@ -304,6 +306,7 @@ async def test_settlements_lost_on_the_way_to_redis_neither_hold_reservations_no
                 if reason == "BUDGET_EXCEEDED":
                     return
                 assert reason == "STATE_UNAVAILABLE", reason  # a reset also failed an admission in flight
+        raise AssertionError("the budget never ran out")
 
     async def reconciled(gw: Any, redis: RedisServer) -> tuple[int, int, int]:
         """(spent, reserved, billed) once Redis's counters match the ledger, or as they were after 10 s."""
