@@ -439,23 +439,38 @@ def _infer_type(name: str, spec: ProviderSpec, source: str) -> str:
 
 
 def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: str) -> str | None:
-    """The provider's key, or None when its configured source is absent or blank (the provider is then skipped)."""
+    """The provider's key, or None when its configured source is absent or blank (the provider is then skipped).
+
+    Surrounding whitespace is dropped from both sources (a Kubernetes Secret made from a file ends in a
+    newline); what remains must be usable in an HTTP header, checked here so `check-config` and `serve`
+    give the same one-line answer.
+    """
     if spec.api_key_file:
+        path, where = f"providers.{name}.apiKeyFile", f"the file {spec.api_key_file}"
         try:
-            return Path(spec.api_key_file).read_text(encoding="utf-8").strip() or None
+            key = Path(spec.api_key_file).read_text(encoding="utf-8").strip()
         except OSError:
             return None
         except UnicodeDecodeError:
-            raise ConfigError(
-                source,
-                f"providers.{name}.apiKeyFile",
-                "the file is not UTF-8 text",
-                "write the key alone into the file",
-            ) from None
-    if spec.api_key_env:
-        key = env.get(spec.api_key_env, "")
-        return key if key.strip() else None
-    return ""
+            raise ConfigError(source, path, "the file is not UTF-8 text", "write the key alone into the file") from None
+    elif spec.api_key_env:
+        path, where = f"providers.{name}.apiKeyEnv", f"${spec.api_key_env}"
+        key = env.get(spec.api_key_env, "").strip()
+    else:
+        return ""
+    if not key:
+        return None
+    bad = next((c for c in key if not "\x21" <= c <= "\x7e"), None)
+    if bad is not None:
+        # Never echo the key: name the kind of character and where it came from.
+        kind = "whitespace" if bad.isspace() else "a control character" if bad.isascii() else "a non-ASCII character"
+        raise ConfigError(
+            source,
+            path,
+            f"the key in {where} contains {kind}, which an HTTP header cannot carry",
+            "set it to the key alone, on one line (API keys are visible ASCII)",
+        )
+    return key
 
 
 def _check_model_names(name: str, spec: ProviderSpec, source: str) -> None:

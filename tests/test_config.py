@@ -403,3 +403,52 @@ def test_jwt_default_policy_is_validated_like_a_tenant() -> None:
         with pytest.raises(config.ConfigError) as caught:
             _load(json.dumps({"providers": providers, "jwtDefaultPolicy": bad}))
         assert caught.value.path == path, caught.value
+
+
+def test_an_api_key_from_the_environment_loses_surrounding_whitespace_like_one_from_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "anthropic.key"
+    key_file.write_text("ak-test\n")  # a Kubernetes Secret made from a file ends in a newline
+    doc = json.loads(GUIDE_CONFIG)
+    doc["providers"]["anthropic"]["apiKeyFile"] = str(key_file)
+    del doc["providers"]["anthropic"]["apiKeyEnv"]
+    cfg = _load(json.dumps(doc), {"OPENAI_API_KEY": " sk-test\r\n"})
+    assert [(p.name, p.api_key) for p in cfg.providers] == [("openai", "sk-test"), ("anthropic", "ak-test")]
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("sk-a\nsk-b", "whitespace"),
+        ("sk-a b", "whitespace"),
+        ("sk-\x00x", "a control character"),
+        ("sk-“x”", "a non-ASCII character"),
+    ],
+)
+def test_an_api_key_an_http_header_cannot_carry_names_the_provider_and_the_variable(key: str, kind: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        _load(GUIDE_CONFIG, {"OPENAI_API_KEY": key, "ANTHROPIC_API_KEY": "ak"})
+    message = str(caught.value)
+    assert caught.value.path == "providers.openai.apiKeyEnv"
+    assert f"the key in $OPENAI_API_KEY contains {kind}, which an HTTP header cannot carry" in message
+    assert key not in message and "sk-a" not in message  # never echoed
+
+
+def test_check_config_and_serve_refuse_an_unusable_key_with_the_same_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "feather.config.json"
+    cfg.write_text(GUIDE_CONFIG)
+    lines = []
+    for command in (["check-config"], ["serve", "--port", "0"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "feather_grpc.cli", *command, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-one\nsk-two", "LOG_FORMAT": "json"},
+        )
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr and "sk-one" not in run.stderr
+        (line,) = [ln for ln in run.stderr.splitlines() if ln.startswith("feather-grpc: ")]
+        lines.append(line)
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("feather-grpc: invalid configuration: ")
+    assert "providers.openai.apiKeyEnv: the key in $OPENAI_API_KEY contains whitespace" in lines[0]
