@@ -48,9 +48,10 @@ class UpstreamUnavailable(FeatherError):
     reason = "UPSTREAM_UNAVAILABLE"
     code = "UNAVAILABLE"
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None, upstream_reason: str = "") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.upstream_reason = upstream_reason  # the last attempt's, e.g. UPSTREAM_REDIRECT
 
 
 class UpstreamInvalidRequest(FeatherError):

@@ -647,7 +647,7 @@ class Feather:
         if last.retry_after_s is not None:
             retry_after.append(last.retry_after_s)
         raise UpstreamUnavailable(
-            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None
+            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None, last.reason
         )
 
     async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent], idle_ms: int | None) -> StreamEvent:
@@ -705,7 +705,9 @@ class Feather:
         if call.attempts:
             call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
             call.attempts[-1].error_reason = e.reason
-        return UpstreamUnavailable(f"the upstream stream failed after the first token: {e.message}", e.retry_after_s)
+        return UpstreamUnavailable(
+            f"the upstream stream failed after the first token: {e.message}", e.retry_after_s, e.reason
+        )
 
     def _abandoned(self, call: _Call, candidate: RouteCandidate) -> None:
         """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent."""

@@ -9,6 +9,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -26,6 +27,7 @@ __all__ = [
     "parse_error_body",
     "parse_retry_after",
     "post_json",
+    "redirect_error",
     "safe_text",
     "stream_cut",
 ]
@@ -206,8 +208,27 @@ def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
     return "UPSTREAM_BAD_REQUEST", False
 
 
+def redirect_error(provider: str, status: int, location: str | None) -> ProviderError:
+    """A 3xx is the provider's fault (a moved API, an http:// URL behind an https redirect): never
+    followed, so the key never goes to another host; the attempt fails over like any provider-side fault."""
+    target = ""
+    if location:
+        parts = urlsplit(location.strip())
+        if parts.scheme and parts.hostname:  # say where it points, without its path or query
+            host = parts.netloc.rpartition("@")[2]  # never echo credentials in the URL
+            target = f" to {safe_text(f'{parts.scheme}://{host}', limit=120)}"
+    return ProviderError(
+        "UPSTREAM_REDIRECT",
+        f"{provider}: {status} redirect{target} not followed; set baseUrl to the final URL",
+        http_status=status,
+        retryable=False,
+    )
+
+
 async def error_from_response(provider: str, resp: Response, api_key: str = "") -> ProviderError:
     """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`."""
+    if 300 <= resp.status < 400:
+        return redirect_error(provider, resp.status, resp.headers.get("location"))
     parts: list[bytes] = []
     size = 0
     try:
