@@ -40,6 +40,10 @@ _KNOWN_TYPES = ("openai", "anthropic", "mock")
 # Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
 # call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
 MAX_USD_PER_1M = Decimal(1_000_000)
+# Per provider, what one upstream reply may make the gateway hold: a JSON body (the default gRPC message
+# limit, so a larger reply could not be relayed anyway), and one SSE line or event of a stream.
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+MAX_STREAM_EVENT_BYTES = 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -100,6 +104,9 @@ class ProviderSpec(_Strict):
     timeout_ms: int | None = Field(default=None, alias="timeoutMs", gt=0)
     first_token_timeout_ms: int | None = Field(default=None, alias="firstTokenTimeoutMs", gt=0)
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
+    # A reply is held whole only as a JSON body; a stream only one event at a time (see README).
+    max_response_bytes: int = Field(default=MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
+    max_stream_event_bytes: int = Field(default=MAX_STREAM_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)
     required: bool = False
     # false: no W3C trace context (traceparent/tracestate) on this provider's requests when tracing is on
     propagate_trace_context: bool = Field(default=True, alias="propagateTraceContext")
@@ -283,6 +290,8 @@ class ProviderConfig:
     idle_timeout_ms: int | None = None
     propagate_trace_context: bool = True
     egress: Egress = DIRECT
+    max_response_bytes: int = MAX_RESPONSE_BYTES
+    max_stream_event_bytes: int = MAX_STREAM_EVENT_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +566,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
                 propagate_trace_context=spec.propagate_trace_context,
                 egress=_egress(name, spec, ptype, env, source),
+                max_response_bytes=spec.max_response_bytes,
+                max_stream_event_bytes=spec.max_stream_event_bytes,
             )
         )
     if not providers:

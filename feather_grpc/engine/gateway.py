@@ -667,7 +667,8 @@ class Feather:
         except TimeoutError:
             if caller_bound:
                 raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
-            stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream data for {idle_ms} ms", retryable=True)
+            # No *event*: bytes may have kept coming (a line that never ends), so "no data" would mislead.
+            stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream event for {idle_ms} ms", retryable=True)
             raise await self._midstream_failure(call, stalled) from None
 
     async def _acquire_circuit(self, key: str) -> Permit | None:
@@ -810,7 +811,15 @@ def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio
 
 
 def _settings(p: ProviderConfig) -> ProviderSettings:
-    return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key, egress=p.egress)
+    return ProviderSettings(
+        name=p.name,
+        type=p.type,
+        base_url=p.base_url,
+        api_key=p.api_key,
+        egress=p.egress,
+        max_response_bytes=p.max_response_bytes,
+        max_stream_event_bytes=p.max_stream_event_bytes,
+    )
 
 
 def _stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:

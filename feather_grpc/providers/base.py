@@ -10,7 +10,8 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta, ToolCall, Usage
 from feather_grpc.providers.egress import DIRECT, Egress
-from feather_grpc.providers.sse import SSEEvent
+from feather_grpc.providers.http import too_large
+from feather_grpc.providers.sse import SSEEvent, SSELimitExceeded, SSEParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,8 @@ class ProviderSettings:
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
     egress: Egress = DIRECT  # proxy, CA bundle, client certificate
+    max_response_bytes: int = 8 * 1024 * 1024  # a JSON reply body, decoded (config: maxResponseBytes)
+    max_stream_event_bytes: int = 1024 * 1024  # one SSE line or event (config: maxStreamEventBytes)
 
 
 class Provider(Protocol):
@@ -101,6 +104,14 @@ def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
     if run:
         out.append(TextDelta("".join(run)))
     return out
+
+
+def parse_sse(parser: SSEParser, chunk: bytes, provider: str) -> list[SSEEvent]:
+    """The SSE events `chunk` completes; a line or event past the provider's limit fails the attempt."""
+    try:
+        return parser.feed(chunk)
+    except SSELimitExceeded as e:
+        raise too_large(provider, e.what, e.limit, "maxStreamEventBytes") from None
 
 
 def read_events(
