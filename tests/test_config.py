@@ -66,6 +66,8 @@ def test_provider_without_its_key_is_skipped_unless_required() -> None:
         (lambda d: d.update(policy="cheapest-first"), "policy"),
         (lambda d: d["providers"]["openai"].update(baseUrl="api.openai.com"), "providers.openai.baseUrl"),
         (lambda d: d["providers"]["openai"]["models"][0].update(inputPer1K=-1), "providers.openai.models[0]"),
+        (lambda d: d["providers"]["openai"].update(maxResponseBytes=100), "providers.openai.maxResponseBytes"),
+        (lambda d: d["providers"]["openai"].update(maxStreamEventBytes=0), "providers.openai.maxStreamEventBytes"),
         (
             lambda d: d["providers"].update(local={"models": [{"name": "x", "inputPer1K": 0, "outputPer1K": 0}]}),
             "providers.local.type",
