@@ -266,7 +266,8 @@ def classify_transport_error(
     if isinstance(exc, BodyTooLarge):
         return too_large(provider, "reply body", exc.limit, "maxResponseBytes")
     if isinstance(exc, UnsupportedEncoding):  # the same server will answer the same way: fail over
-        return ProviderError("UPSTREAM_BAD_RESPONSE", f"{provider}: {exc}", http_status=200, retryable=False)
+        what = safe_text(str(exc), api_key)  # the coding's name is the upstream's text
+        return ProviderError("UPSTREAM_BAD_RESPONSE", f"{provider}: {what}", http_status=200, retryable=False)
     if isinstance(exc, InvalidURL):
         return ProviderError("UPSTREAM_CONNECT_ERROR", f"{provider}: invalid URL", retryable=False)
     if isinstance(exc, ConnectError):
