@@ -120,6 +120,7 @@ async def test_a_reply_body_over_the_cap_fails_over_and_its_connection_is_closed
     assert err.code == grpc.StatusCode.UNAVAILABLE and err.metadata["upstreamReason"] == "UPSTREAM_RESPONSE_TOO_LARGE"
     assert "hostile: reply body over the 1048576-byte limit (maxResponseBytes)" in err.message
     assert (total.ok_count, total.error_count) == (1, 1)  # the refused reply is an error, not `ok`
+    assert total.estimated_count == 2  # each call paid for the answered-but-refused attempt: an estimate, not 0
     # The gateway stopped reading near the cap: what was written is what the socket buffers took.
     assert hostile.connections == 2 and max(hostile.sent) < 64 << 20
 
