@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.cache import CacheSettings
 from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
+from feather_grpc.providers.base import DEFAULT_MAX_RESPONSE_BYTES
 from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
+from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,6 @@ _KNOWN_TYPES = ("openai", "anthropic", "mock")
 # Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
 # call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
 MAX_USD_PER_1M = Decimal(1_000_000)
-# Per provider, what one upstream reply may make the gateway hold: a JSON body (the default gRPC message
-# limit, so a larger reply could not be relayed anyway), and one SSE line or event of a stream.
-MAX_RESPONSE_BYTES = 8 * 1024 * 1024
-MAX_STREAM_EVENT_BYTES = 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -104,9 +102,9 @@ class ProviderSpec(_Strict):
     timeout_ms: int | None = Field(default=None, alias="timeoutMs", gt=0)
     first_token_timeout_ms: int | None = Field(default=None, alias="firstTokenTimeoutMs", gt=0)
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
-    # A reply is held whole only as a JSON body; a stream only one event at a time (see README).
-    max_response_bytes: int = Field(default=MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
-    max_stream_event_bytes: int = Field(default=MAX_STREAM_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)
+    # What one reply may make the gateway hold: a JSON body whole, a stream one line or event at a time.
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
+    max_stream_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)
     required: bool = False
     # false: no W3C trace context (traceparent/tracestate) on this provider's requests when tracing is on
     propagate_trace_context: bool = Field(default=True, alias="propagateTraceContext")
@@ -290,8 +288,8 @@ class ProviderConfig:
     idle_timeout_ms: int | None = None
     propagate_trace_context: bool = True
     egress: Egress = DIRECT
-    max_response_bytes: int = MAX_RESPONSE_BYTES
-    max_stream_event_bytes: int = MAX_STREAM_EVENT_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,11 @@ from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta, ToolCall, Usage
 from feather_grpc.providers.egress import DIRECT, Egress
 from feather_grpc.providers.http import too_large
-from feather_grpc.providers.sse import SSEEvent, SSELimitExceeded, SSEParser
+from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSELimitExceeded, SSEParser
+
+# The most of a JSON reply body an adapter reads (config: maxResponseBytes): the default gRPC message
+# limit, so a larger reply could not be relayed anyway.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +28,8 @@ class ProviderSettings:
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
     egress: Egress = DIRECT  # proxy, CA bundle, client certificate
-    max_response_bytes: int = 8 * 1024 * 1024  # a JSON reply body, decoded (config: maxResponseBytes)
-    max_stream_event_bytes: int = 1024 * 1024  # one SSE line or event (config: maxStreamEventBytes)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a JSON reply body, decoded
+    max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # one SSE line or event
 
 
 class Provider(Protocol):
