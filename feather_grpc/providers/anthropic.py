@@ -33,6 +33,7 @@ from feather_grpc.providers.base import (
     consistent,
     estimated_usage,
     merge_fields,
+    parse_sse,
     read_events,
     request_count,
     token_count,
@@ -264,7 +265,7 @@ class AnthropicProvider:
             headers["x-api-key"] = settings.api_key
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
-        self._endpoint = session.endpoint(self._url, list(headers.items()))
+        self._endpoint = session.endpoint(self._url, list(headers.items()), settings.egress)
         self._max_output = dict(settings.max_output_tokens)
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
@@ -322,7 +323,7 @@ class AnthropicProvider:
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._endpoint, self._name, payload, self._api_key)
+        doc = await post_json(self._endpoint, self._name, payload, self._api_key, self.settings.max_response_bytes)
         return self._parse_message(doc, request)
 
     def _parse_message(self, doc: object, request: ChatRequest) -> ProviderResponse:
@@ -371,7 +372,7 @@ class AnthropicProvider:
                     # A proxy or mock that ignored `stream: true` (as the OpenAI adapter allows): replay the
                     # whole message.
                     try:
-                        doc = orjson.loads(await resp.read())
+                        doc = orjson.loads(await resp.read(self.settings.max_response_bytes))
                     except ValueError:
                         raise bad_response(name, "body is not JSON") from None
                     full = self._parse_message(doc, request)
@@ -386,7 +387,7 @@ class AnthropicProvider:
                     final: StreamFinish | None = StreamFinish(full.finish_reason, usage, full.upstream)
                 else:
                     final = None
-                    parser = SSEParser()
+                    parser = SSEParser(self.settings.max_stream_event_bytes)
                     reader = _EventReader(name, self._api_key)
 
                     def handle(event: SSEEvent) -> list[StreamEvent]:
@@ -396,7 +397,7 @@ class AnthropicProvider:
                         return reader.done
 
                     async for chunk in resp:
-                        events, error = read_events(parser.feed(chunk), handle, done)
+                        events, error = read_events(parse_sse(parser, chunk, name), handle, done)
                         for out in events:
                             yield out
                         if error is not None:

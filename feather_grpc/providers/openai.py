@@ -33,6 +33,7 @@ from feather_grpc.providers.base import (
     data_url,
     estimated_usage,
     merge_fields,
+    parse_sse,
     read_events,
     token_count,
 )
@@ -188,7 +189,7 @@ class OpenAIProvider:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
-        self._endpoint = session.endpoint(self._url, list(headers.items()))
+        self._endpoint = session.endpoint(self._url, list(headers.items()), settings.egress)
         # OpenAI's reasoning models reject `max_tokens`; `max_completion_tokens` works for every OpenAI
         # chat model. Compatible servers (vLLM, Ollama, Groq...) know `max_tokens`.
         self._max_tokens_field = "max_completion_tokens" if settings.type == "openai" else "max_tokens"
@@ -245,7 +246,7 @@ class OpenAIProvider:
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._endpoint, self._name, payload, self._api_key)
+        doc = await post_json(self._endpoint, self._name, payload, self._api_key, self.settings.max_response_bytes)
         return self._parse_completion(doc, request)
 
     def _parse_completion(self, doc: object, request: ChatRequest) -> ProviderResponse:
@@ -299,7 +300,7 @@ class OpenAIProvider:
                 started = True
                 if resp.content_type == "application/json":
                     # A compatible server that ignored `stream: true`: replay its whole answer.
-                    raw = await resp.read()
+                    raw = await resp.read(self.settings.max_response_bytes)
                     try:
                         doc = orjson.loads(raw)
                     except ValueError:
@@ -313,7 +314,7 @@ class OpenAIProvider:
                         yield ToolCallDelta(i, call.id, call.name, call.arguments)
                     reader = _ChunkReader.finished(name, full)
                 else:
-                    parser = SSEParser()
+                    parser = SSEParser(self.settings.max_stream_event_bytes)
                     reader = _ChunkReader(name, self._api_key)
 
                     def handle(event: SSEEvent) -> list[StreamEvent]:
@@ -323,7 +324,7 @@ class OpenAIProvider:
                         return reader.done
 
                     async for chunk in resp:
-                        events, error = read_events(parser.feed(chunk), handle, done)
+                        events, error = read_events(parse_sse(parser, chunk, name), handle, done)
                         for out in events:
                             yield out
                         if error is not None:
