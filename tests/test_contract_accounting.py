@@ -197,3 +197,19 @@ async def test_anthropic_server_answering_a_stream_with_one_json_body(sim: Upstr
     assert end.finish_reason == pb.FINISH_REASON_TOOL_CALLS
     assert usage_of(end.usage) == (40, 12, 10, 0, 5, 0) and not end.usage_estimated
     assert end.cost_nanos_usd == 30 * 3000 + 10 * 300 + 12 * 15000
+
+
+async def test_a_retried_anthropic_stream_bills_the_cut_attempts_announced_prompt(sim: UpstreamSimulator) -> None:
+    # The first attempt is cut after message_start (the provider took and billed the prompt); the retry answers.
+    sim.enqueue(
+        Reply(content="lost", usage=SimUsage(input=800, output=9, cached=200), cut_after=1),
+        Reply(content="fine", usage=SimUsage(input=800, output=4, cached=1000)),
+    )
+    async with running_gateway(config(sim, max_attempts=2), ENV) as gw:
+        text, end = await stream_end(gw, "claude-sim")
+        row = await total(gw)
+    assert text == "fine"
+    # 1,000 + 1,800 prompt tokens, both exact; the cut attempt's output is unknown (so: estimated)
+    assert usage_of(end.usage) == (2800, 4, 1200, 0, 0, 0) and end.usage_estimated
+    cost = (800 * 3000 + 200 * 300) + (800 * 3000 + 1000 * 300 + 4 * 15000)
+    assert end.cost_nanos_usd == row.cost_nanos_usd == cost
