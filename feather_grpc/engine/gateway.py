@@ -579,11 +579,11 @@ class Feather:
         """The original's `race`, done carefully: after `delay_s` without an answer a second leg starts on
         the next candidate; the first success wins; the other leg is cancelled (which never counts against
         its circuit) and billed only for what it consumed."""
-        legs = [replace(call, attempts=[], ticket=None, abandoned=[])]
+        legs = [replace(call, attempts=[], ticket=None, abandoned=[], prompt_usage=None)]
         tasks = [asyncio.ensure_future(self._attempt_loop(legs[0], candidates, attempt))]
         done, _ = await asyncio.wait(tasks, timeout=delay_s)
         if not done:
-            legs.append(replace(call, attempts=[], ticket=None, abandoned=[]))
+            legs.append(replace(call, attempts=[], ticket=None, abandoned=[], prompt_usage=None))
             tasks.append(asyncio.ensure_future(self._attempt_loop(legs[1], candidates[1:] + candidates[:1], attempt)))
         winner: int | None = None
         try:
