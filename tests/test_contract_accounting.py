@@ -134,7 +134,8 @@ async def test_anthropic_web_search_requests_are_counted_and_priced(sim: Upstrea
             usage, billed = reply.usage, reply.cost_nanos_usd
         assert usage_of(usage) == (100, 50, 0, 0, 0, 3)
         assert billed == cost == 31_050_000
-        assert (await total(gw)).cost_nanos_usd == cost
+        row = await total(gw)
+        assert (row.web_search_requests, row.cost_nanos_usd) == (3, cost)  # recorded in the ledger
         models = {m.name: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
         assert models["claude-sim"].price.web_search_nanos_usd_per_million == 10_000_000_000_000
         assert models["gpt-sim"].price.web_search_nanos_usd_per_million == 0  # not configured: not billed

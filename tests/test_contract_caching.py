@@ -147,6 +147,7 @@ async def test_five_minute_and_one_hour_writes_are_priced_apart(
         2000,
     )
     assert billed == total.cost_nanos_usd == cost
+    assert (total.cache_write_tokens, total.cache_write_1h_tokens) == (3000, 2000)  # recorded in the ledger
     price = models["claude-sim"].price
     assert price.cache_write_nanos_usd_per_million == 3_750_000_000
     assert price.cache_write_1h_nanos_usd_per_million == (6_000_000_000 if one_hour_price else 3_750_000_000)

@@ -850,6 +850,8 @@ class Feather:
             cached_input_tokens=usage.cached_input_tokens,
             cache_write_tokens=usage.cache_write_tokens,
             reasoning_tokens=usage.reasoning_tokens,
+            web_search_requests=usage.web_search_requests,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
             cost_nanos_usd=cost,
             estimated=estimated,
             unpriced=c is not None and c.model.price is None,

@@ -422,6 +422,8 @@ def _row(t: UsageTotals) -> pb.UsageRow:
         estimated_count=t.estimated_count,
         cache_write_tokens=t.cache_write_tokens,
         reasoning_tokens=t.reasoning_tokens,
+        web_search_requests=t.web_search_requests,
+        cache_write_1h_tokens=t.cache_write_1h_tokens,
     )
     if t.bucket_start_ns is not None:
         row.bucket_start_time.FromNanoseconds(t.bucket_start_ns)

@@ -1309,6 +1309,10 @@ export interface UsageRow {
    * Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
    */
   reasoningTokens: bigint;
+  /** Server-side web search requests (Anthropic `server_tool_use.web_search_requests`). */
+  webSearchRequests: bigint;
+  /** Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`). */
+  cacheWrite1hTokens: bigint;
 }
 
 /** UsageResponse holds the grouped rows and their total. */
@@ -6113,6 +6117,8 @@ function createBaseUsageRow(): UsageRow {
     estimatedCount: 0n,
     cacheWriteTokens: 0n,
     reasoningTokens: 0n,
+    webSearchRequests: 0n,
+    cacheWrite1hTokens: 0n,
   };
 }
 
@@ -6204,6 +6210,18 @@ export const UsageRow: MessageFns<UsageRow> = {
         throw new globalThis.Error("value provided for field message.reasoningTokens of type int64 too large");
       }
       writer.uint32(136).int64(message.reasoningTokens);
+    }
+    if (message.webSearchRequests !== 0n) {
+      if (BigInt.asIntN(64, message.webSearchRequests) !== message.webSearchRequests) {
+        throw new globalThis.Error("value provided for field message.webSearchRequests of type int64 too large");
+      }
+      writer.uint32(144).int64(message.webSearchRequests);
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      if (BigInt.asIntN(64, message.cacheWrite1hTokens) !== message.cacheWrite1hTokens) {
+        throw new globalThis.Error("value provided for field message.cacheWrite1hTokens of type int64 too large");
+      }
+      writer.uint32(152).int64(message.cacheWrite1hTokens);
     }
     return writer;
   },
@@ -6357,6 +6375,22 @@ export const UsageRow: MessageFns<UsageRow> = {
             message.reasoningTokens = reader.int64() as bigint;
             continue;
           }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.webSearchRequests = reader.int64() as bigint;
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.cacheWrite1hTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6440,6 +6474,16 @@ export const UsageRow: MessageFns<UsageRow> = {
         : isSet(object.reasoning_tokens)
         ? BigInt(object.reasoning_tokens)
         : 0n,
+      webSearchRequests: isSet(object.webSearchRequests)
+        ? BigInt(object.webSearchRequests)
+        : isSet(object.web_search_requests)
+        ? BigInt(object.web_search_requests)
+        : 0n,
+      cacheWrite1hTokens: isSet(object.cacheWrite1hTokens)
+        ? BigInt(object.cacheWrite1hTokens)
+        : isSet(object.cache_write_1h_tokens)
+        ? BigInt(object.cache_write_1h_tokens)
+        : 0n,
     };
   },
 
@@ -6496,6 +6540,12 @@ export const UsageRow: MessageFns<UsageRow> = {
     if (message.reasoningTokens !== 0n) {
       obj.reasoningTokens = message.reasoningTokens.toString();
     }
+    if (message.webSearchRequests !== 0n) {
+      obj.webSearchRequests = message.webSearchRequests.toString();
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      obj.cacheWrite1hTokens = message.cacheWrite1hTokens.toString();
+    }
     return obj;
   },
 
@@ -6542,6 +6592,12 @@ export const UsageRow: MessageFns<UsageRow> = {
       : 0n;
     message.reasoningTokens = (object.reasoningTokens !== undefined && object.reasoningTokens !== null)
       ? BigInt(object.reasoningTokens)
+      : 0n;
+    message.webSearchRequests = (object.webSearchRequests !== undefined && object.webSearchRequests !== null)
+      ? BigInt(object.webSearchRequests)
+      : 0n;
+    message.cacheWrite1hTokens = (object.cacheWrite1hTokens !== undefined && object.cacheWrite1hTokens !== null)
+      ? BigInt(object.cacheWrite1hTokens)
       : 0n;
     return message;
   },

@@ -1758,6 +1758,8 @@ class UsageRow(_message.Message):
     ESTIMATED_COUNT_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant, when grouped by tenant."""
     provider: _builtins.str
@@ -1794,6 +1796,10 @@ class UsageRow(_message.Message):
     """Reasoning tokens (part of `output_tokens`): OpenAI `completion_tokens_details.reasoning_tokens`,
     Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
     """
+    web_search_requests: _builtins.int
+    """Server-side web search requests (Anthropic `server_tool_use.web_search_requests`)."""
+    cache_write_1h_tokens: _builtins.int
+    """Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`)."""
     @_builtins.property
     def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the hour or day, when grouped by time."""
@@ -1818,10 +1824,12 @@ class UsageRow(_message.Message):
         estimated_count: _builtins.int = ...,
         cache_write_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
+        web_search_requests: _builtins.int = ...,
+        cache_write_1h_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "cache_write_tokens", b"cache_write_tokens", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant", "web_search_requests", b"web_search_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
