@@ -41,6 +41,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
 # Health name for liveness probes: SERVING from start until shutdown, whatever the shared stores do
 # ("" and SERVICE_NAME go NOT_SERVING while a required store is down; restarting would not help).
 LIVENESS_SERVICE = "liveness"
+# How often the ledger is probed with a write (health turns NOT_SERVING within about this long of a failure).
+_LEDGER_PROBE_S = 1.0
 # How long calls cancelled at the end of the grace period get to write their records before the ledger closes.
 _SETTLE_AFTER_CANCEL_S = 10.0
 _SERVER_OPTIONS = [
@@ -185,6 +187,9 @@ class GatewayServer:
             engine.observers.extend(observers)
         self._state_watch: asyncio.Task[None] | None = None
         self._start_reconcile: asyncio.Task[None] | None = None
+        self._ledger_watch: asyncio.Task[None] | None = None
+        self._faults: set[str] = set()  # what keeps "" and SERVICE_NAME NOT_SERVING: "state", "ledger"
+        self._serving: bool | None = None  # the status last set for them
         self.engine = engine
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
         self.tracker = CallTracker(
@@ -258,7 +263,8 @@ class GatewayServer:
                 ) from None
         await self._server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        await self._set_serving(True)
+        await self._set_healthy("ledger", True)
+        self._ledger_watch = asyncio.create_task(self._watch_ledger())
         if self.stores is not None and self.stores.ping is not None:
             self._state_watch = asyncio.create_task(
                 watch_shared_state(self.stores.ping, self._shared_state_changed, self.stores.outage)
@@ -270,7 +276,7 @@ class GatewayServer:
     async def _shared_state_changed(self, reachable: bool) -> None:
         if self.config.state_failure_mode == "closed":
             # Failing closed: while the shared state is unreachable calls are refused, so say NOT_SERVING.
-            await self._set_serving(reachable)
+            await self._set_healthy("state", reachable)
         elif reachable:
             # Failing open: replicas decided budgets locally meanwhile; the ledger knows what was spent.
             await self._reconcile_budgets()
@@ -285,9 +291,25 @@ class GatewayServer:
         except Exception as e:  # Redis or the ledger down: the restore of missing windows still guards
             log.warning("could not reconcile budgets with the ledger: %s", e)
 
-    async def _set_serving(self, serving: bool) -> None:
-        if self.health.draining:
+    async def _watch_ledger(self) -> None:
+        """Probes the ledger with a write every _LEDGER_PROBE_S: while it cannot write, calls are refused
+        (engine.ledger_guard) and health says NOT_SERVING; both recover with the first write that commits."""
+        guard = self.engine.ledger_guard
+        while True:
+            await guard.probe()
+            await self._set_healthy("ledger", guard.writable)
+            await asyncio.sleep(_LEDGER_PROBE_S)
+
+    async def _set_healthy(self, part: str, healthy: bool) -> None:
+        """SERVING while every part ("state", "ledger") is healthy; NOT_SERVING otherwise, and once draining."""
+        if healthy:
+            self._faults.discard(part)
+        else:
+            self._faults.add(part)
+        serving = not self._faults
+        if self.health.draining or serving == self._serving:
             return
+        self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -296,7 +318,7 @@ class GatewayServer:
         """NOT_SERVING first so probes and balancers move away, then drain calls (streams included) for up
         to the grace period, then settle, close pools and flush the ledger; traces and metrics last."""
         await self.health.enter_graceful_shutdown()
-        for task in (self._state_watch, self._start_reconcile):
+        for task in (self._state_watch, self._start_reconcile, self._ledger_watch):
             if task is not None:
                 task.cancel()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)

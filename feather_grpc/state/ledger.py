@@ -7,6 +7,11 @@ from enum import StrEnum
 from typing import Protocol
 
 
+class LedgerWriteError(Exception):
+    """A record could not be made durable: the disk is full, the file system read-only, the database failing.
+    The message says why (the database's own words, never a record's content)."""
+
+
 class Outcome(StrEnum):
     OK = "ok"
     ERROR = "error"
@@ -101,6 +106,10 @@ class UsageLedger(Protocol):
         ...
 
     async def query(self, query: UsageQuery) -> UsageReport: ...
+
+    async def probe(self) -> None:
+        """Commit a tiny write where records are made durable; raise LedgerWriteError if that fails (health)."""
+        ...
 
     async def aclose(self) -> None:
         """Flush what is pending and release the store."""

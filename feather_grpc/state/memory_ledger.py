@@ -57,6 +57,9 @@ class MemoryLedger:
         self._billed.append(True)
         self._billed_at[key] = index
 
+    async def probe(self) -> None:
+        return None  # a list in memory is always writable
+
     async def query(self, query: UsageQuery) -> UsageReport:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")

@@ -303,6 +303,13 @@ class PostgresLedger:
             if self._wake is not None:
                 self._wake.set()
 
+    async def probe(self) -> None:
+        """Probes the local spool, which is what `record()` needs: Postgres being down only delays shipping."""
+        if self._closed:
+            raise RuntimeError("the usage ledger is closed")
+        await self.ready()
+        await self.spool.probe()
+
     async def flushed(self, timeout_s: float) -> bool:
         """Wait until every record acknowledged so far has left the spool (is in Postgres).
 

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from typing import Literal, cast
 
 from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageRecord, UsageReport, UsageTotals
+from feather_grpc.state.ledger import GroupBy, LedgerWriteError, UsageQuery, UsageRecord, UsageReport, UsageTotals
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
@@ -145,6 +145,9 @@ def _billed_rows_sql(key_count: int) -> str:
 
 
 _UNBILL = "UPDATE usage_records SET billed = 0 WHERE id = ?"
+# probe(): one row rewritten in its own transaction, so a health check writes where records are written.
+_PROBE_TABLE = "CREATE TABLE IF NOT EXISTS ledger_probe (singleton INTEGER PRIMARY KEY, probed_ns INTEGER NOT NULL)"
+_PROBE = "INSERT OR REPLACE INTO ledger_probe (singleton, probed_ns) VALUES (1, ?)"
 
 _TENANT = COLUMNS.index("tenant")
 _REQUEST_ID = COLUMNS.index("request_id")
@@ -223,6 +226,7 @@ class SqliteLedger:
         self._write_lock = self._read_lock if self._in_memory else threading.Lock()
         self._read_conn: sqlite3.Connection | None = None
         self._read_closed = False
+        self._write_conn: sqlite3.Connection | None = None  # the writer's, for probe() (under _write_lock)
 
         self._writer = threading.Thread(target=self._writer_main, name="feather-ledger-writer", daemon=True)
         self._writer.start()
@@ -292,6 +296,8 @@ class SqliteLedger:
             self._fail_until_stop(exc)
             self._stopped.set_result(None)
             return
+        with self._write_lock:
+            self._write_conn = conn
         self._ready.set_result(None)
         try:
             stop = False
@@ -304,6 +310,7 @@ class SqliteLedger:
         finally:
             with self._write_lock:
                 conn.close()
+                self._write_conn = None
                 if self._in_memory:
                     self._read_conn = None
                     self._read_closed = True
@@ -344,7 +351,7 @@ class SqliteLedger:
                     raise
             self._commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
-            error = exc
+            error = _write_error(exc)
         _settle_from_thread([future for _, future in batch], error)
 
     def _fail_until_stop(self, error: BaseException) -> None:
@@ -396,6 +403,31 @@ class SqliteLedger:
         )
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         return conn
+
+    async def probe(self) -> None:
+        """Commit one tiny row through the writer's own connection (so a file made read-only after it was
+        opened, or a full disk, fails here as a record would); raise LedgerWriteError if that fails."""
+        if self._closed:
+            raise RuntimeError("the usage ledger is closed")
+        await self.ready()
+        await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> None:
+        with self._write_lock:
+            conn = self._write_conn
+            if conn is None:
+                raise RuntimeError("the usage ledger is closed")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(_PROBE_TABLE)
+                    conn.execute(_PROBE, (time.time_ns(),))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback_quietly(conn)
+                    raise
+            except Exception as exc:
+                raise _write_error(exc) from exc
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -492,6 +524,16 @@ def _tag_value_sql(key: str) -> tuple[str, list[object]]:
     if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
         return "json_extract(tags, ?)", [f'$."{key}"']
     return "(SELECT j.value FROM json_each(usage_records.tags) AS j WHERE j.key = ?)", [key]
+
+
+def _write_error(exc: Exception) -> Exception:
+    """What the database or the OS said when a write failed, as a LedgerWriteError (anything else is a bug
+    and stays what it is)."""
+    if isinstance(exc, sqlite3.Error | OSError):
+        error = LedgerWriteError(f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
