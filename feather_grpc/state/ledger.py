@@ -65,6 +65,10 @@ class UsageQuery:
     model: str = ""
     tag_key: str = ""  # required when grouping by TAG
     tags: dict[str, str] = field(default_factory=dict)  # records must carry all of them
+    # Pages, with group_by: at most page_size rows (0: all), of the groups whose keys sort after `after`
+    # (the grouping key values of the previous page's last row, in group_by order).
+    page_size: int = 0
+    after: tuple[str | int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -93,7 +97,8 @@ class UsageTotals:
 @dataclass(slots=True)
 class UsageReport:
     rows: list[UsageTotals]  # empty when the query has no group_by; ordered by the grouping keys
-    total: UsageTotals
+    total: UsageTotals  # of every matching record, whatever the page
+    more: bool = False  # a page: groups follow its last row
 
 
 class UsageLedger(Protocol):

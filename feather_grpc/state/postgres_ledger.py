@@ -436,22 +436,30 @@ class PostgresLedger:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         await self.ready()
-        sql, params = build_query_sql(query)
+        paged = usage_math.paged(query)
+        statements = [build_query_sql(query)]
+        if paged:  # the total of every page, read in the same snapshot as the page
+            statements.append(build_query_sql(usage_math.total_query(query)))
         assert self._pool is not None
         for attempt in (1, 2):
             try:
                 await self._ensure_schema()
-                result = await self._pool.fetch(sql, *params)
+                async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                    results = [await conn.fetch(sql, *params) for sql, params in statements]
                 break
             except _UNAVAILABLE_ERRORS as exc:
                 # Once more: after a Postgres restart the pool's idle connections are dead ones.
                 if attempt == 2:
                     raise LedgerUnavailable(f"the Postgres usage ledger is unreachable: {exc}") from exc
         if not query.group_by:
-            return UsageReport(rows=[], total=_totals(UsageTotals(), tuple(result[0])))
+            return UsageReport(rows=[], total=_totals(UsageTotals(), tuple(results[0][0])))
         width = len(query.group_by)
-        rows = [_totals(usage_math.keyed_totals(query.group_by, tuple(r)[:width]), tuple(r)[width:]) for r in result]
-        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+        rows = [
+            _totals(usage_math.keyed_totals(query.group_by, tuple(r)[:width]), tuple(r)[width:]) for r in results[0]
+        ]
+        rows, more = usage_math.page(query, rows)
+        total = _totals(UsageTotals(), tuple(results[1][0])) if paged else usage_math.sum_totals(rows)
+        return UsageReport(rows=rows, total=total, more=more)
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -615,11 +623,19 @@ def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
     if query.tags:
         # Containment: the record carries every key with exactly that (string) value.
         where.append(f"tags @> {param(json.dumps(query.tags))}::jsonb")
+    if keys and query.after is not None:
+        # A page: the groups after the previous page's last (the keys are per-record values, so this
+        # filters records before they are grouped).
+        kinds = ["bigint" if g in usage_math.BUCKET_NS else "text" for g in query.group_by]
+        bounds = [f"{param(v)}::{kind}" for v, kind in zip(query.after, kinds, strict=True)]
+        where.append(f"({', '.join(keys)}) > ({', '.join(bounds)})")
 
     sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM {TABLE} WHERE {' AND '.join(where)}"
     if keys:
         positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
         sql += f" GROUP BY {positions} ORDER BY {positions}"
+        if query.page_size:
+            sql += f" LIMIT {int(query.page_size) + 1}"
     return sql, params
 
 

@@ -436,22 +436,40 @@ class SqliteLedger:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         await self.ready()
-        sql, params = build_query_sql(query)
-        result = await asyncio.to_thread(self._fetch, sql, params)
-        if not query.group_by:
-            return UsageReport(rows=[], total=_totals(UsageTotals(), result[0]))
-        width = len(query.group_by)
-        rows = [_totals(usage_math.keyed_totals(query.group_by, r[:width]), r[width:]) for r in result]
-        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+        # The SQL, and the rows made into totals, all in a worker thread: a big ledger never holds the loop.
+        return await asyncio.to_thread(self._report, query)
 
-    def _fetch(self, sql: str, params: Sequence[object]) -> list[Row]:
+    def _report(self, query: UsageQuery) -> UsageReport:
+        if not query.group_by:
+            (result,) = self._fetch([build_query_sql(query)])
+            return UsageReport(rows=[], total=_totals(UsageTotals(), result[0]))
+        paged = usage_math.paged(query)
+        statements = [build_query_sql(query)]
+        if paged:  # the total of every page, read in the same snapshot as the page
+            statements.append(build_query_sql(usage_math.total_query(query)))
+        results = self._fetch(statements)
+        width = len(query.group_by)
+        rows = [_totals(usage_math.keyed_totals(query.group_by, r[:width]), r[width:]) for r in results[0]]
+        rows, more = usage_math.page(query, rows)
+        total = _totals(UsageTotals(), results[1][0]) if paged else usage_math.sum_totals(rows)
+        return UsageReport(rows=rows, total=total, more=more)
+
+    def _fetch(self, statements: list[tuple[str, list[object]]]) -> list[list[Row]]:
         with self._read_lock:
             if self._read_closed:
                 raise RuntimeError("the usage ledger is closed")
             if self._read_conn is None:
                 self._read_conn = self._connect()
                 self._read_conn.execute("PRAGMA query_only=1")
-            return self._read_conn.execute(sql, params).fetchall()
+            conn = self._read_conn
+            if len(statements) == 1:
+                sql, params = statements[0]
+                return [conn.execute(sql, params).fetchall()]
+            conn.execute("BEGIN")  # one snapshot for all of them
+            try:
+                return [conn.execute(sql, params).fetchall() for sql, params in statements]
+            finally:
+                conn.execute("COMMIT")
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -475,7 +493,9 @@ class SqliteLedger:
 
 def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
     """One aggregate SELECT over billed records: the grouping keys (in group_by order), then the
-    _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED."""
+    _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED. A page takes the groups whose keys
+    sort after `query.after` (the keys are per-record values, so the condition filters records before
+    they are grouped) and one row more than `page_size`, to know whether more follow."""
     keys: list[str] = []
     key_params: list[object] = []
     for dimension in query.group_by:
@@ -507,10 +527,16 @@ def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
         where.append(f"{expr} = ?")  # a missing tag is NULL, which equals nothing
         where_params.extend([*expr_params, value])
 
+    if keys and query.after is not None:
+        where.append(f"({', '.join(keys)}) > ({', '.join('?' * len(keys))})")
+        where_params.extend([*key_params, *query.after])
+
     sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM usage_records WHERE {' AND '.join(where)}"
     if keys:
         positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
         sql += f" GROUP BY {positions} ORDER BY {positions}"
+        if query.page_size:
+            sql += f" LIMIT {int(query.page_size) + 1}"
     return sql, [*key_params, *where_params]
 
 
