@@ -773,12 +773,16 @@ class Feather:
             settling = self.admission.settle(ticket, record.input_tokens + record.output_tokens, record.cost_nanos_usd)
         guard = self.ledger_guard
         consumed = record.attempt_count > 0 or record.cost_nanos_usd > 0
+        # Not written: a refusal while the ledger cannot write, and a call that failed because it could not
+        # (refused before any upstream, or its record refused, its cost logged then).
+        write = (guard.writable or consumed) and record.error_reason != LedgerUnavailable.reason
         try:
-            if guard.writable or consumed:  # a refusal made while the ledger cannot write is not recorded
+            if write:
                 await self.ledger.record(record)
                 guard.succeeded()
         except LedgerWriteError as e:
             refusal = guard.failed(e)
+            # A call that consumed nothing (a refusal, a cache hit) keeps its own answer; only its record is lost.
             if consumed:  # what it cost is known only from this line now
                 log.error(
                     "usage NOT recorded for %s: tenant=%s provider=%s model=%s cost_nanos_usd=%d tokens=%d+%d",
@@ -790,7 +794,7 @@ class Feather:
                     record.input_tokens,
                     record.output_tokens,
                 )
-            raise refusal from None
+                raise refusal from None
         finally:
             if settling is not None:
                 try:
