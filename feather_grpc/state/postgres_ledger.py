@@ -436,30 +436,18 @@ class PostgresLedger:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         await self.ready()
-        paged = usage_math.paged(query)
-        statements = [build_query_sql(query)]
-        if paged:  # the total of every page, read in the same snapshot as the page
-            statements.append(build_query_sql(usage_math.total_query(query)))
         assert self._pool is not None
         for attempt in (1, 2):
             try:
                 await self._ensure_schema()
+                # One snapshot for a page and its total.
                 async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                    results = [await conn.fetch(sql, *params) for sql, params in statements]
-                break
+                    return await _report(conn, query)
             except _UNAVAILABLE_ERRORS as exc:
                 # Once more: after a Postgres restart the pool's idle connections are dead ones.
                 if attempt == 2:
                     raise LedgerUnavailable(f"the Postgres usage ledger is unreachable: {exc}") from exc
-        if not query.group_by:
-            return UsageReport(rows=[], total=_totals(UsageTotals(), tuple(results[0][0])))
-        width = len(query.group_by)
-        rows = [
-            _totals(usage_math.keyed_totals(query.group_by, tuple(r)[:width]), tuple(r)[width:]) for r in results[0]
-        ]
-        rows, more = usage_math.page(query, rows)
-        total = _totals(UsageTotals(), tuple(results[1][0])) if paged else usage_math.sum_totals(rows)
-        return UsageReport(rows=rows, total=total, more=more)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -497,6 +485,22 @@ class PostgresLedger:
                     await self._pool.close()
             except TimeoutError:
                 self._pool.terminate()
+
+
+async def _report(conn: Connection, query: UsageQuery) -> UsageReport:
+    sql, params = build_query_sql(query)
+    result = await conn.fetch(sql, *params)
+    if not query.group_by:
+        return UsageReport(rows=[], total=_totals(UsageTotals(), tuple(result[0])))
+    width = len(query.group_by)
+    rows = [_totals(usage_math.keyed_totals(query.group_by, tuple(r)[:width]), tuple(r)[width:]) for r in result]
+    rows, more = usage_math.page(query, rows)
+    if usage_math.whole(query, more):
+        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+    # Other pages hold groups too: the total is read on its own.
+    sql, params = build_query_sql(usage_math.total_query(query))
+    (total,) = await conn.fetch(sql, *params)
+    return UsageReport(rows=rows, total=_totals(UsageTotals(), tuple(total)), more=more)
 
 
 async def _insert_batch(conn: Connection, batch: SpoolBatch) -> None:

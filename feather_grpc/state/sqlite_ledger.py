@@ -440,21 +440,6 @@ class SqliteLedger:
         return await asyncio.to_thread(self._report, query)
 
     def _report(self, query: UsageQuery) -> UsageReport:
-        if not query.group_by:
-            (result,) = self._fetch([build_query_sql(query)])
-            return UsageReport(rows=[], total=_totals(UsageTotals(), result[0]))
-        paged = usage_math.paged(query)
-        statements = [build_query_sql(query)]
-        if paged:  # the total of every page, read in the same snapshot as the page
-            statements.append(build_query_sql(usage_math.total_query(query)))
-        results = self._fetch(statements)
-        width = len(query.group_by)
-        rows = [_totals(usage_math.keyed_totals(query.group_by, r[:width]), r[width:]) for r in results[0]]
-        rows, more = usage_math.page(query, rows)
-        total = _totals(UsageTotals(), results[1][0]) if paged else usage_math.sum_totals(rows)
-        return UsageReport(rows=rows, total=total, more=more)
-
-    def _fetch(self, statements: list[tuple[str, list[object]]]) -> list[list[Row]]:
         with self._read_lock:
             if self._read_closed:
                 raise RuntimeError("the usage ledger is closed")
@@ -462,14 +447,21 @@ class SqliteLedger:
                 self._read_conn = self._connect()
                 self._read_conn.execute("PRAGMA query_only=1")
             conn = self._read_conn
-            if len(statements) == 1:
-                sql, params = statements[0]
-                return [conn.execute(sql, params).fetchall()]
-            conn.execute("BEGIN")  # one snapshot for all of them
+            if not query.group_by:
+                result = conn.execute(*build_query_sql(query)).fetchall()
+                return UsageReport(rows=[], total=_totals(UsageTotals(), result[0]))
+            conn.execute("BEGIN")  # one snapshot for a page and its total
             try:
-                return [conn.execute(sql, params).fetchall() for sql, params in statements]
+                result = conn.execute(*build_query_sql(query)).fetchall()
+                width = len(query.group_by)
+                rows = [_totals(usage_math.keyed_totals(query.group_by, r[:width]), r[width:]) for r in result]
+                rows, more = usage_math.page(query, rows)
+                if not usage_math.whole(query, more):  # other pages hold groups too: the total is read on its own
+                    total_row = conn.execute(*build_query_sql(usage_math.total_query(query))).fetchone()
+                    return UsageReport(rows=rows, total=_totals(UsageTotals(), total_row), more=more)
             finally:
                 conn.execute("COMMIT")
+        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
 
     # -- closing ---------------------------------------------------------------------------
 

@@ -128,9 +128,10 @@ def row_key(group_by: Iterable[GroupBy], row: UsageTotals) -> GroupKey:
     return tuple(key)
 
 
-def paged(query: UsageQuery) -> bool:
-    """Whether the query asks for one page of its groups rather than all of them."""
-    return bool(query.group_by) and (query.page_size > 0 or query.after is not None)
+def whole(query: UsageQuery, more: bool) -> bool:
+    """Whether a report's rows are all of the query's groups (so their sum is the total): a first page with
+    no more after it."""
+    return query.after is None and not more
 
 
 def page(query: UsageQuery, rows: Sequence[UsageTotals]) -> tuple[list[UsageTotals], bool]:
