@@ -138,6 +138,12 @@ class BreakerSpec(_Strict):
     reset_timeout_ms: int = Field(default=5_000, alias="resetTimeoutMs", gt=0)
 
 
+# On out of the box: a process sheds new calls past 5,000 in flight (memory: ~40 KB per open stream) or
+# while its event loop runs 200 ms late (it cannot start a new call promptly).
+DEFAULT_MAX_IN_FLIGHT = 5000
+DEFAULT_MAX_LOOP_LAG_MS = 200
+
+
 class LedgerSpec(_Strict):
     type: Literal["sqlite", "memory"] = "sqlite"
     path: str = "feather-usage.db"
@@ -148,7 +154,9 @@ class ServerSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
     grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
-    max_in_flight: int = Field(default=0, alias="maxInFlight", ge=0)  # 0: no cap (load shedding off)
+    # Load shedding (OVERLOADED): calls in flight per process, and event-loop lag; 0 turns either off.
+    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, alias="maxInFlight", ge=0)
+    max_loop_lag_ms: int = Field(default=DEFAULT_MAX_LOOP_LAG_MS, alias="maxLoopLagMs", ge=0)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, alias="maxMessageBytes", ge=1024)
     tls: TlsSpec | None = None
 
@@ -334,7 +342,8 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     grace_period_s: float = 20.0
-    max_in_flight: int = 0
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_loop_lag_s: float = DEFAULT_MAX_LOOP_LAG_MS / 1000
     max_message_bytes: int = 8 * 1024 * 1024
     tls: TlsConfig | None = None
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -551,6 +560,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         port=port,
         grace_period_s=file_config.server.grace_period_s,
         max_in_flight=file_config.server.max_in_flight,
+        max_loop_lag_s=file_config.server.max_loop_lag_ms / 1000,
         max_message_bytes=file_config.server.max_message_bytes,
         tls=_tls(file_config.server.tls, source),
         cache=CacheSettings(

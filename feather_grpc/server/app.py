@@ -27,6 +27,7 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
+from feather_grpc.server.loop_lag import LoopLag
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, spool_path, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate
@@ -43,10 +44,28 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
 LIVENESS_SERVICE = "liveness"
 # How long calls cancelled at the end of the grace period get to write their records before the ledger closes.
 _SETTLE_AFTER_CANCEL_S = 10.0
+# The longest a call may wait in gRPC's queue before the gateway takes it (seconds; see queue_limits).
+_MAX_UNREQUESTED_S = 5
+_MAX_UNREQUESTED_CALLS = 20_000
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+def queue_limits() -> list[tuple[str, int]]:
+    """gRPC's own queue, in front of the gateway: calls that arrived but that the server has not taken yet
+    (grpc.aio takes one per event-loop turn, so a burst always waits there a little). gRPC cuts a call it
+    refuses there (the caller sees CANCELLED, the gateway never sees the call): past 1,000 waiting at
+    random, and after 30 s. So the count is raised far above any burst the gateway should judge itself
+    (it sheds with OVERLOADED, RetryInfo and a ledger row), and the time is cut to a few seconds: a call
+    never waits longer in a queue the gateway does not control. `maximum_concurrent_rpcs` stays unset for
+    the same reason: its refusal has no RetryInfo and no row; the in-flight cap is the gateway's own."""
+    return [
+        ("grpc.server.max_pending_requests", _MAX_UNREQUESTED_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", _MAX_UNREQUESTED_CALLS),
+        ("grpc.server_max_unrequested_time_in_server", _MAX_UNREQUESTED_S),
+    ]
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
@@ -181,7 +200,8 @@ class GatewayServer:
             engine.observers.extend(observers)
         self._state_watch: asyncio.Task[None] | None = None
         self.engine = engine
-        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
+        self.loop_lag = LoopLag(config.max_loop_lag_s)
+        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight, self.loop_lag)
         self.tracker = CallTracker(
             self.gate,
             log_content=options.log_content,
@@ -189,11 +209,12 @@ class GatewayServer:
             record_refusal=self.engine.record_refused,
         )
         if self.metrics is not None:
-            self.metrics.watch(self.engine, self.tracker)
+            self.metrics.watch(self.engine, self.tracker, self.loop_lag)
         self.health = DrainingHealthServicer()
         interceptors.append(self.tracker)
         server_options = [
             *_SERVER_OPTIONS,
+            *queue_limits(),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             # Off unless several workers share the port: a second server on a busy port must fail loudly.
             ("grpc.so_reuseport", int(options.reuse_port)),
@@ -251,6 +272,7 @@ class GatewayServer:
                     "environment", "METRICS_PORT", f"cannot listen on {where} ({e.strerror})", "use a free port"
                 ) from None
         await self._server.start()
+        self.loop_lag.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(True)
         if self.stores is not None and self.stores.ping is not None:
@@ -286,6 +308,7 @@ class GatewayServer:
         if self._state_watch is not None:
             self._state_watch.cancel()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await self.loop_lag.stop()
         try:
             # The calls cut off at the end of the grace period are cancelled, not finished: their handlers
             # still write their records. Only then may the ledger close.

@@ -13,7 +13,9 @@ Series (all names prefixed `feather_`):
   cost_nanos_usd_total{provider,model}           exact integer nano-dollars (1e-9 USD): divide by 1e9 for USD
   rate_limited_total{scope}                      gateway rate-limit refusals; scope: tenant_requests,
                                                  tenant_concurrency, tenant_tpm, provider_model
-  load_shed_total                                calls refused because the gateway was at its in-flight cap
+  load_shed_total                                calls refused OVERLOADED: at the in-flight cap, or while the
+                                                 event loop ran late (server.maxInFlight, server.maxLoopLagMs)
+  event_loop_lag_seconds                         how late the event loop last ran a timer (read at scrape time)
   inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
   circuit_state{provider,model}                  0 closed, 1 half-open, 2 open (read at scrape time)
 Provider and model are the configured names that served (empty when no route was found), so request
@@ -38,6 +40,7 @@ from prometheus_client.registry import Collector
 from feather_grpc.engine.gateway import Feather
 from feather_grpc.engine.results import AttemptRecord
 from feather_grpc.server.calls import CallTracker, current_call
+from feather_grpc.server.loop_lag import LoopLag
 from feather_grpc.state.ledger import Outcome, UsageRecord
 
 # No `_created` twin for every series: it doubles the scrape for nothing we use.
@@ -107,15 +110,17 @@ class GatewayMetrics:
             "feather_cost_nanos_usd", "Cost in nano-dollars (1e-9 USD), exact integers.", pm, registry=r
         )
         self._rate_limited = Counter("feather_rate_limited", "Gateway rate-limit refusals.", ["scope"], registry=r)
-        self._shed = Counter("feather_load_shed", "Calls refused at the in-flight cap (OVERLOADED).", registry=r)
+        self._shed = Counter(
+            "feather_load_shed", "Calls refused OVERLOADED (in-flight cap or event-loop lag).", registry=r
+        )
         self._series: dict[tuple[str, str], _ModelSeries] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
-    def watch(self, engine: Feather, tracker: CallTracker | None) -> None:
-        """Adds the scrape-time series (circuit state, in-flight calls) and process metrics."""
-        self.registry.register(_LiveState(engine, tracker))
+    def watch(self, engine: Feather, tracker: CallTracker | None, loop_lag: LoopLag | None = None) -> None:
+        """Adds the scrape-time series (circuit state, in-flight calls, loop lag) and process metrics."""
+        self.registry.register(_LiveState(engine, tracker, loop_lag))
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
@@ -246,9 +251,10 @@ def rate_limit_scope(subject: str) -> str:
 class _LiveState(Collector):
     """Series read from live state when scraped: circuit state per model, in-flight calls per method."""
 
-    def __init__(self, engine: Feather, tracker: CallTracker | None) -> None:
+    def __init__(self, engine: Feather, tracker: CallTracker | None, loop_lag: LoopLag | None = None) -> None:
         self._engine = engine
         self._tracker = tracker
+        self._loop_lag = loop_lag
 
     def collect(self) -> Iterable[Metric]:
         circuit = GaugeMetricFamily(
@@ -264,3 +270,9 @@ class _LiveState(Collector):
             for method, n in list(self._tracker.inflight.items()):
                 inflight.add_metric([method], float(n))
         yield inflight
+        if self._loop_lag is not None:
+            yield GaugeMetricFamily(
+                "feather_event_loop_lag_seconds",
+                "How late the event loop last ran a timer: new calls are shed past server.maxLoopLagMs.",
+                value=self._loop_lag.lag_s,
+            )
