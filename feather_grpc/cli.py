@@ -453,12 +453,13 @@ def _models(args: argparse.Namespace) -> int:
                     ),
                     "state": _STATE_NAMES.get(pb.CircuitState.Name(m.circuit_state), "unknown"),
                     "latency_ms": m.latency_ms,
+                    "max_connections": m.max_connections,
                 }
                 for m in found
             ]
             print(json.dumps(document, indent=2))
             return 0
-        header = ["PROVIDER", "MODEL", "ALIASES", "STATE", "INPUT $/1M", "OUTPUT $/1M", "LATENCY"]
+        header = ["PROVIDER", "MODEL", "ALIASES", "STATE", "INPUT $/1M", "OUTPUT $/1M", "LATENCY", "CONNS"]
         rows = [
             [
                 m.provider,
@@ -468,6 +469,7 @@ def _models(args: argparse.Namespace) -> int:
                 price(m.price.input_nanos_usd_per_million) if m.HasField("price") else "unpriced",
                 price(m.price.output_nanos_usd_per_million) if m.HasField("price") else "unpriced",
                 f"{m.latency_ms} ms" if m.latency_ms else "-",
+                str(m.max_connections) if m.max_connections else "-",
             ]
             for m in found
         ]

@@ -90,6 +90,9 @@ class ModelSpec(_Strict):
         )
 
 
+DEFAULT_MAX_CONNECTIONS = 1000
+
+
 class ProviderSpec(_Strict):
     type: ProviderType | None = None
     api_key_env: str | None = Field(default=None, alias="apiKeyEnv")
@@ -98,6 +101,8 @@ class ProviderSpec(_Strict):
     timeout_ms: int | None = Field(default=None, alias="timeoutMs", gt=0)
     first_token_timeout_ms: int | None = Field(default=None, alias="firstTokenTimeoutMs", gt=0)
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
+    # Open connections to each of its hosts, per process; calls beyond it wait for one (first come, first served).
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, alias="maxConnections", ge=1, le=100_000)
     required: bool = False
     models: list[ModelSpec] = Field(min_length=1)
 
@@ -270,6 +275,7 @@ class ProviderConfig:
     models: tuple[ModelConfig, ...]
     first_token_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +532,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 # A stream silent for as long as a whole call may take has stalled: without this a stalled
                 # upstream held its caller (when it set no deadline), a concurrency slot and a connection.
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
+                max_connections=spec.max_connections,
             )
         )
     if not providers:

@@ -90,6 +90,7 @@ class ModelView:
     model: ModelConfig
     circuit_state: str  # "closed" | "open" | "half_open"
     latency_ms: int  # decaying average; 0 before the first call
+    max_connections: int = 0  # the provider's connection limit per upstream host; 0: it has no upstream (mock)
 
 
 @dataclass(slots=True)
@@ -350,6 +351,10 @@ class Feather:
                 with contextlib.suppress(StateUnavailable):
                     self._circuit_view[key] = await self.circuits.state(key)
 
+    def upstream_connections(self, provider: str) -> int:
+        """Connections open (idle or busy) from this provider to its upstreams."""
+        return 0 if self._session is None else self._session.connections(provider)
+
     def models(self, provider: str = "") -> list[ModelView]:
         """Routable models in configuration order, with live state."""
         return [
@@ -359,6 +364,7 @@ class Feather:
                 m,
                 self.circuit_state(f"{p.name}:{m.name}").value,
                 int(self.latency.get(f"{p.name}:{m.name}") or 0),
+                0 if p.type == "mock" else p.max_connections,
             )
             for p in self.config.providers
             if not provider or p.name == provider
@@ -780,7 +786,9 @@ def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio
 
 
 def _settings(p: ProviderConfig) -> ProviderSettings:
-    return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key)
+    return ProviderSettings(
+        name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key, max_connections=p.max_connections
+    )
 
 
 def _stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:

@@ -152,7 +152,9 @@ class AnthropicProvider:
             headers["x-api-key"] = settings.api_key
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
-        self._endpoint = session.endpoint(self._url, list(headers.items()))
+        self._endpoint = session.endpoint(
+            self._url, list(headers.items()), owner=settings.name, max_connections=settings.max_connections
+        )
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         system, messages = build_messages(self._name, request)

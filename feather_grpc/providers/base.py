@@ -21,6 +21,7 @@ class ProviderSettings:
     base_url: str
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
+    max_connections: int = 1000  # open connections per upstream host (providers.<name>.maxConnections)
 
 
 class Provider(Protocol):

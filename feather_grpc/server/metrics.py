@@ -15,6 +15,8 @@ Series (all names prefixed `feather_`):
                                                  tenant_concurrency, tenant_tpm, provider_model
   load_shed_total                                calls refused OVERLOADED: at the in-flight cap, or while the
                                                  event loop ran late (server.maxInFlight, server.maxLoopLagMs)
+  upstream_connections{provider}                 connections open to the provider's upstreams (read at scrape time)
+  upstream_connections_limit{provider}           the provider's limit per upstream host (maxConnections)
   event_loop_lag_seconds                         how late the event loop last ran a timer (read at scrape time)
   inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
   circuit_state{provider,model}                  0 closed, 1 half-open, 2 open (read at scrape time)
@@ -265,6 +267,20 @@ class _LiveState(Collector):
         for m in self._engine.models():
             circuit.add_metric([m.provider, m.model.name], _CIRCUIT_VALUE.get(m.circuit_state, 2.0))
         yield circuit
+        conns = GaugeMetricFamily(
+            "feather_upstream_connections", "Connections open to the provider's upstreams.", labels=["provider"]
+        )
+        limit = GaugeMetricFamily(
+            "feather_upstream_connections_limit",
+            "The provider's limit of open connections per upstream host (providers.<name>.maxConnections).",
+            labels=["provider"],
+        )
+        for p in self._engine.config.providers:
+            if p.type != "mock":
+                conns.add_metric([p.name], float(self._engine.upstream_connections(p.name)))
+                limit.add_metric([p.name], float(p.max_connections))
+        yield conns
+        yield limit
         inflight = GaugeMetricFamily("feather_inflight_calls", "FeatherService calls in progress.", labels=["method"])
         if self._tracker is not None:
             for method, n in list(self._tracker.inflight.items()):
