@@ -258,7 +258,10 @@ class SqliteLedger:
 
     async def record(self, record: UsageRecord) -> None:
         usage_math.check_record(record)
-        row = _to_row(record)
+        await self.record_row(to_row(record))
+
+    async def record_row(self, row: Row) -> None:
+        """Commits a row made by `to_row` from a checked record (the ledger writer process receives rows)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if self._closed:
@@ -518,7 +521,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _to_row(record: UsageRecord) -> Row:
+def to_row(record: UsageRecord) -> Row:
     tags = json.dumps(record.tags, separators=(",", ":")) if record.tags else "{}"
     return (
         record.request_id,
