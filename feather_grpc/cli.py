@@ -85,7 +85,14 @@ def _serve(args: argparse.Namespace) -> int:
         ledger = None
         if cfg.ledger_type == "sqlite" and not cfg.database_url:
             ledger = (os.path.abspath(cfg.ledger_path), cfg.ledger_synchronous)
-        return workers.run_workers(args.workers, serve_args, ledger=ledger)
+        metrics = None
+        raw = os.environ.get("METRICS_PORT", "").strip()
+        if raw:
+            if not raw.isdigit() or int(raw) > 65535:
+                print(f"feather-grpc: METRICS_PORT: {raw!r} is not a port. Fix: set a port number", file=sys.stderr)
+                return 2
+            metrics = (os.environ.get("METRICS_HOST") or args.host or cfg.host, int(raw))
+        return workers.run_workers(args.workers, serve_args, ledger=ledger, metrics=metrics)
     if worker is not None:
         workers.die_with_parent(os.environ)
     from feather_grpc.server.app import ServerOptions, serve

@@ -145,9 +145,7 @@ class ServerOptions:
                 raise ConfigError(
                     "environment", "METRICS_PORT", f"{raw!r} is not a port", "set a port number, or unset it"
                 )
-            metrics_port = int(raw)
-            if metrics_port and worker:
-                metrics_port += worker  # one endpoint per worker: METRICS_PORT + index
+            metrics_port = int(raw)  # under --workers the supervisor gave each worker its own (see workers)
         return cls(
             metrics_port=metrics_port,
             metrics_host=env.get("METRICS_HOST") or None,

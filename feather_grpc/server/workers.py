@@ -5,7 +5,9 @@ feather_grpc.cli serve ...`), so no process is ever forked after gRPC is initial
 same host:port with `grpc.so_reuseport` and the kernel spreads incoming connections across them. With the
 SQLite ledger, the supervisor first starts one ledger writer process (state.ledger_writer explains why one
 writer): the workers send it their rows and read the file for Usage. With REDIS_URL they share the Redis
-state. Worker i serves metrics on METRICS_PORT + i and tags its log lines with `worker: i`.
+state. With METRICS_PORT the supervisor serves every worker's metrics on that one port, each sample
+labelled `worker` (server.metrics_merge); worker i serves its own on 127.0.0.1, METRICS_PORT + 1 + i.
+Worker i tags its log lines with `worker: i`.
 
 SIGTERM or SIGINT to the supervisor is forwarded to every worker, which drains and exits; the ledger writer
 stops after the last worker. The supervisor exits 0 when every process exited 0; if a worker or the
@@ -21,11 +23,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,21 @@ def die_with_parent(env: Mapping[str, str]) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def cpu_count() -> int:
-    """The CPUs this process may run on (`--workers auto`): its affinity set, not the machine's count."""
+def cpu_count(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPUs this process may use (`--workers auto`): its affinity set, capped by a container's CPU
+    quota (cgroup v2 `cpu.max`, rounded up), not the machine's count."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cpus = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota
+    return cpus
 
 
 _WRITER_START_S = 30.0
@@ -69,9 +81,11 @@ def run_workers(
     env: Mapping[str, str] | None = None,
     *,
     ledger: tuple[str, str] | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Runs `count` workers with `feather-grpc serve <serve_args>` until they all exit; returns the exit code.
-    `ledger`: (path, synchronous) of the SQLite ledger, whose one writer process starts first."""
+    `ledger`: (path, synchronous) of the SQLite ledger, whose one writer process starts first.
+    `metrics`: (host, port) of the merged metrics endpoint (port 0: a free one)."""
     env = dict(os.environ if env is None else env)
     env[SUPERVISOR_PID_ENV] = str(os.getpid())
     procs: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
@@ -79,6 +93,7 @@ def run_workers(
     failed: int | None = None
     writer: subprocess.Popen[bytes] | None = None
     socket_dir = ""
+    closers: list[Callable[[], None]] = []
 
     def stop_all(signum: int, frame: FrameType | None = None) -> None:
         nonlocal stopping
@@ -109,11 +124,26 @@ def run_workers(
                 time.sleep(0.01)  # the supervisor has nothing else to do yet
             log.info("supervisor: ledger writer started", extra={"worker_pid": writer.pid})
             env[SOCKET_ENV] = socket_path
+        worker_env = [{**env, WORKER_INDEX_ENV: str(i)} for i in range(count)]
+        if metrics is not None:
+            from feather_grpc.server.metrics_merge import serve_merged
+
+            host, port = metrics
+            ports = [port + 1 + i if port else _free_port() for i in range(count)]
+            try:
+                merged, bound = serve_merged(host, port, ports)
+            except OSError as e:
+                log.error("supervisor: cannot serve metrics on %s:%d (%s)", host, port, e.strerror)
+                return 2
+            closers.append(merged.shutdown)
+            log.info("supervisor: metrics of all workers on %s:%d", host, bound, extra={"metrics_port": bound})
+            for i, worker_port in enumerate(ports):
+                worker_env[i].update(METRICS_PORT=str(worker_port), METRICS_HOST="127.0.0.1")
         for i in range(count):
             if stopping:
                 break
             cmd = [sys.executable, "-m", "feather_grpc.cli", "serve", *serve_args]
-            p = subprocess.Popen(cmd, env={**env, WORKER_INDEX_ENV: str(i)}, stdin=subprocess.DEVNULL)
+            p = subprocess.Popen(cmd, env=worker_env[i], stdin=subprocess.DEVNULL)
             procs[p.pid] = (i, p)
             log.info("supervisor: worker %d started", i, extra={"worker": i, "worker_pid": p.pid})
         running = len(procs)
@@ -153,7 +183,15 @@ def run_workers(
                 p.wait()
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
+        for close in closers:
+            close()
     return failed or 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _writer_main(path: str, synchronous: str, socket_path: str) -> int:
