@@ -144,9 +144,9 @@ class BreakerSpec(_Strict):
 
 
 # On out of the box: a process sheds new calls past 5,000 in flight (memory: ~40 KB per open stream) or
-# while its event loop runs 200 ms late (it cannot start a new call promptly).
+# while a new call cannot start within 500 ms (event-loop lag, or gRPC's queue: see server.loop_lag).
 DEFAULT_MAX_IN_FLIGHT = 5000
-DEFAULT_MAX_LOOP_LAG_MS = 200
+DEFAULT_MAX_LOOP_LAG_MS = 500
 
 
 class LedgerSpec(_Strict):

@@ -16,6 +16,7 @@ import pytest
 from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.app import GatewayServer, queue_limits
+from feather_grpc.server.loop_lag import LoopLag
 from feather_grpc.state.ledger import Outcome
 from feather_grpc.state.memory_ledger import MemoryLedger
 from sim.upstream import Reply, UpstreamSimulator
@@ -77,7 +78,7 @@ async def test_a_late_event_loop_sheds_new_calls_with_retry_info_and_records_the
             await staller
         err = rich_error(caught.value)
         assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")
-        assert "event loop" in err.message
+        assert "a new call waits" in err.message
         assert err.retry_delay_s is not None and err.retry_delay_s >= 0.25
         assert sim.requests == [] or all(r.path != "/v1/chat/completions" for r in sim.requests)
 
@@ -90,12 +91,33 @@ async def test_a_late_event_loop_sheds_new_calls_with_retry_info_and_records_the
         assert seen["after"] == [(Outcome.OK, "")]
 
 
+async def test_a_new_call_stuck_in_grpcs_queue_is_saturation() -> None:
+    """The probe: a call to the process itself that has waited past the limit means saturation at once
+    (gRPC's queue can be long while each event-loop turn is short); one that answers clears it."""
+    answer = asyncio.Event()
+
+    async def probe() -> None:
+        await answer.wait()
+
+    lag = LoopLag(0.05, probe=probe, probe_every_s=0.01)
+    lag.start()
+    try:
+        await eventually(lambda: lag.saturated, what="the waiting probe to count")
+        assert lag.waiting_s > 0.1 and lag.retry_after_s >= 0.25
+        answer.set()  # the queue drained: probes come back at once
+        await eventually(lambda: not lag.saturated, what="fast probes to clear it")
+    finally:
+        await lag.stop()
+
+
 async def test_a_burst_past_the_in_flight_cap_loses_no_call(sim: UpstreamSimulator) -> None:
     holders_n, burst_n = 3, 40
     for _ in range(holders_n):
         sim.enqueue(Reply(content="one two three four", hang_after=2))
     sim.default = Reply(latency_s=0.05)
     async with running_gateway(doc(sim, maxInFlight=holders_n, maxLoopLagMs=0), ENV) as gw:
+        # The process probes itself (a health Check on its own loopback port) whatever the limit.
+        await eventually(lambda: gw.server.loop_lag.start_delay_s > 0, what="a probe round trip")
         holders = [
             gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hold")], request_id=f"hold-{i}"))
             for i in range(holders_n)
@@ -133,10 +155,10 @@ async def test_a_burst_past_the_in_flight_cap_loses_no_call(sim: UpstreamSimulat
 async def test_shedding_is_on_by_default_and_grpc_queue_is_bounded() -> None:
     base = {"providers": {"mock": {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]}}}
     cfg = config.resolve(config.parse_file_config(json.dumps(base), "<test>"), {}, "<test>")
-    assert cfg.max_in_flight == 5000 and cfg.max_loop_lag_s == 0.2
-    assert GatewayServer(cfg).gate._loop_lag is not None
+    assert cfg.max_in_flight == 5000 and cfg.max_loop_lag_s == 0.5
+    server = GatewayServer(cfg)
+    assert server.gate._loop_lag is server.loop_lag and server.loop_lag.limit_s == 0.5
     limits = dict(queue_limits())
-    # gRPC cuts no burst the gateway should judge itself (its default: at random past 1,000), and holds a
-    # call at most 5 s (its default: 30 s).
+    # gRPC cuts no burst the gateway should judge itself (its default: at random past 1,000).
     assert limits["grpc.server.max_pending_requests"] == limits["grpc.server.max_pending_requests_hard_limit"] == 20_000
-    assert limits["grpc.server_max_unrequested_time_in_server"] == 5
+    assert limits["grpc.server_max_unrequested_time_in_server"] == 30

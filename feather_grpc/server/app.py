@@ -45,8 +45,9 @@ LIVENESS_SERVICE = "liveness"
 # How long calls cancelled at the end of the grace period get to write their records before the ledger closes.
 _SETTLE_AFTER_CANCEL_S = 10.0
 # The longest a call may wait in gRPC's queue before the gateway takes it (seconds; see queue_limits).
-_MAX_UNREQUESTED_S = 5
+_MAX_UNREQUESTED_S = 30
 _MAX_UNREQUESTED_CALLS = 20_000
+_PROBE_TIMEOUT_S = 60.0  # a probe stuck this long is abandoned (saturation is judged while it waits)
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -56,11 +57,13 @@ _SERVER_OPTIONS = [
 def queue_limits() -> list[tuple[str, int]]:
     """gRPC's own queue, in front of the gateway: calls that arrived but that the server has not taken yet
     (grpc.aio takes one per event-loop turn, so a burst always waits there a little). gRPC cuts a call it
-    refuses there (the caller sees CANCELLED, the gateway never sees the call): past 1,000 waiting at
-    random, and after 30 s. So the count is raised far above any burst the gateway should judge itself
-    (it sheds with OVERLOADED, RetryInfo and a ledger row), and the time is cut to a few seconds: a call
-    never waits longer in a queue the gateway does not control. `maximum_concurrent_rpcs` stays unset for
-    the same reason: its refusal has no RetryInfo and no row; the in-flight cap is the gateway's own."""
+    refuses there (the caller sees CANCELLED, the gateway never sees the call, so it has no record): past
+    1,000 waiting at random, and after 30 s. The count is raised far above any burst, so that the gateway
+    judges the calls itself (OVERLOADED with RetryInfo and a record, see loop_lag: its probe measures this
+    very queue). The time stays 30 s: cutting it sooner only turns waiting calls into lost ones (measured
+    with bench/held_streams.py: 5 s lost 773 of 2,000 streams opened in 5 s on a loaded machine, 30 s none).
+    `maximum_concurrent_rpcs` stays unset for the same reason: its refusal has no RetryInfo and no record;
+    the in-flight cap is the gateway's own."""
     return [
         ("grpc.server.max_pending_requests", _MAX_UNREQUESTED_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", _MAX_UNREQUESTED_CALLS),
@@ -220,6 +223,7 @@ class GatewayServer:
         self._server = grpc.aio.server(options=server_options, interceptors=interceptors)
         self.port = 0
         self.metrics_port: int | None = None
+        self._probe_channel: grpc.aio.Channel | None = None
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()
@@ -269,7 +273,15 @@ class GatewayServer:
                 raise ConfigError(
                     "environment", "METRICS_PORT", f"cannot listen on {where} ({e.strerror})", "use a free port"
                 ) from None
+        probe_port = None
+        if self.config.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
+            probe_port = self._server.add_insecure_port("127.0.0.1:0")  # this process's own, even with workers
         await self._server.start()
+        if probe_port:
+            self._probe_channel = channel = grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}")
+            check = health_pb2_grpc.HealthStub(channel).Check
+            request = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
+            self.loop_lag.probe = lambda: check(request, timeout=_PROBE_TIMEOUT_S)
         self.loop_lag.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(True)
@@ -305,8 +317,10 @@ class GatewayServer:
         await self.health.enter_graceful_shutdown()
         if self._state_watch is not None:
             self._state_watch.cancel()
-        await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         await self.loop_lag.stop()
+        if self._probe_channel is not None:
+            await self._probe_channel.close()
+        await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         try:
             # The calls cut off at the end of the grace period are cancelled, not finished: their handlers
             # still write their records. Only then may the ledger close.

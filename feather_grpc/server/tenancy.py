@@ -98,7 +98,7 @@ class TenantGate:
         lag = self._loop_lag
         if lag is not None and lag.saturated:
             raise Overloaded(
-                f"the gateway is saturated (its event loop runs {lag.lag_s * 1000:.0f} ms late); retry elsewhere",
+                f"the gateway is saturated (a new call waits {lag.delay_s * 1000:.0f} ms to start); retry elsewhere",
                 lag.retry_after_s,
             )
         cap = tenant.concurrency
