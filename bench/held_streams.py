@@ -131,12 +131,14 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
     grpc, pb, pb_grpc = _client_imports()
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, -(-count // per_channel)))]
     outcomes: dict[str, str] = {}
+    ttft: list[float] = []
     opened = asyncio.Event()
     open_now = 0
 
     async def one(i: int) -> None:
         nonlocal open_now
         rid = f"{prefix}-{i}"
+        t0 = time.perf_counter()
         stub = pb_grpc.FeatherServiceStub(channels[i // per_channel])
         request = pb.StreamChatRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
         request.request_id = rid
@@ -146,6 +148,7 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
                 if not counted and event.HasField("delta"):
                     counted = True
                     open_now += 1
+                    ttft.append(time.perf_counter() - t0)
             outcomes[rid] = "OK"
         except grpc.aio.AioRpcError as e:
             outcomes[rid] = _reason(e)
@@ -161,7 +164,7 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
     await asyncio.gather(*tasks)
     for c in channels:
         await c.close()
-    print(json.dumps({"outcomes": outcomes}), flush=True)
+    print(json.dumps({"outcomes": outcomes, "held_ttft": ttft}), flush=True)
 
 
 async def direct_first_token(upstream_port: int) -> float:
@@ -366,6 +369,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         seen.update(r["outcomes"])
     ttft = next(r["ttft"] for r in results if "ttft" in r)
     direct = next(r["direct"] for r in results if "direct" in r)
+    held_ttft = [t for r in results for t in r.get("held_ttft", [])]
     with sqlite3.connect(db) as conn:
         rows = dict(conn.execute("SELECT request_id, outcome || '/' || error_reason FROM usage_records").fetchall())
     lost = sorted(rid for rid in seen if rid not in rows)
@@ -391,6 +395,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         "ttft_p50_ms": round(_pct(ttft, 0.5) * 1000, 2),
         "ttft_p99_ms": round(_pct(ttft, 0.99) * 1000, 2),
         "ttft_max_ms": round(max(ttft) * 1000, 2) if ttft else None,
+        "held_ttft_p50_ms": round(_pct(held_ttft, 0.5) * 1000, 2),
+        "held_ttft_p99_ms": round(_pct(held_ttft, 0.99) * 1000, 2),
         "direct_ttft_p50_ms": round(_pct(direct, 0.5) * 1000, 2),
         "direct_ttft_p99_ms": round(_pct(direct, 0.99) * 1000, 2),
         "shed": sum(1 for v in seen.values() if v.endswith("/OVERLOADED")),

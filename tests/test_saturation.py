@@ -16,7 +16,7 @@ import pytest
 from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.app import GatewayServer, queue_limits
-from feather_grpc.server.loop_lag import LoopLag
+from feather_grpc.server.loop_lag import PROBE_HEADER, LoopLag
 from feather_grpc.state.ledger import Outcome
 from feather_grpc.state.memory_ledger import MemoryLedger
 from sim.upstream import Reply, UpstreamSimulator
@@ -84,11 +84,15 @@ async def test_a_late_event_loop_sheds_new_calls_with_retry_info_and_records_the
 
         await eventually(lambda: not gw.server.loop_lag.saturated, timeout_s=30, what="the lag to clear")
         again = pb.ChatRequest(model="fast", messages=[user("hi")], request_id="after")
-        assert (await gw.stub.Chat(again, timeout=30)).request_id == "after"
+        # A probe header without this process's secret token is an ordinary call.
+        forged = ((PROBE_HEADER, "guessed"),)
+        assert (await gw.stub.Chat(again, timeout=30, metadata=forged)).request_id == "after"
         await gw.server.engine.settled()
         seen = records(gw)
         assert seen["while-late"] == [(Outcome.ERROR, "OVERLOADED")]
         assert seen["after"] == [(Outcome.OK, "")]
+        # The process's own probes (a StreamChat or a Chat every 100 ms) ran and are recorded nowhere.
+        assert gw.server.loop_lag.start_delay_s > 0 and set(seen) == {"while-late", "after"}
 
 
 async def test_a_new_call_stuck_in_grpcs_queue_is_saturation() -> None:

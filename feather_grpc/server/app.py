@@ -27,7 +27,7 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
-from feather_grpc.server.loop_lag import LoopLag
+from feather_grpc.server.loop_lag import LoopLag, StartProbes
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, spool_path, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate
@@ -169,7 +169,9 @@ class GatewayServer:
         self.config = config
         self.options = options = options or ServerOptions()
         observers: list[CallObserver] = []
-        interceptors: list[Any] = []
+        # First: the process's own start probes are answered before tracing or anything else sees them.
+        self.start_probes = StartProbes()
+        interceptors: list[Any] = [self.start_probes]
         self.tracing: Tracing | None = None
         if options.tracing:  # imports opentelemetry only when asked for
             from feather_grpc.server.tracing import Tracing
@@ -279,9 +281,7 @@ class GatewayServer:
         await self._server.start()
         if probe_port:
             self._probe_channel = channel = grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}")
-            check = health_pb2_grpc.HealthStub(channel).Check
-            request = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
-            self.loop_lag.probe = lambda: check(request, timeout=_PROBE_TIMEOUT_S)
+            self.loop_lag.probe = self.start_probes.probe(channel, _PROBE_TIMEOUT_S)
         self.loop_lag.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(True)

@@ -18,8 +18,8 @@ Series (all names prefixed `feather_`):
   upstream_connections{provider}                 connections open to the provider's upstreams (read at scrape time)
   upstream_connections_limit{provider}           the provider's limit per upstream host (maxConnections)
   event_loop_lag_seconds                         how late the event loop last ran a timer (read at scrape time)
-  new_call_delay_seconds                         how long a new call waits to start: the self-probe's round
-                                                 trip, or its wait so far (read at scrape time)
+  new_call_delay_seconds                         how long a new call waits to start: the round trip of a
+                                                 Chat/StreamChat probe to this process, or its wait so far
   inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
   circuit_state{provider,model}                  0 closed, 1 half-open, 2 open (read at scrape time)
 Provider and model are the configured names that served (empty when no route was found), so request
@@ -296,6 +296,6 @@ class _LiveState(Collector):
             )
             yield GaugeMetricFamily(
                 "feather_new_call_delay_seconds",
-                "How long a new call waits to start (a health Check to this process, made every 100 ms).",
+                "How long a new call waits to start (a Chat or StreamChat probe to this process, every 100 ms).",
                 value=max(self._loop_lag.start_delay_s, self._loop_lag.waiting_s),
             )
