@@ -17,6 +17,7 @@ from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.app import GatewayServer, queue_limits
 from feather_grpc.server.loop_lag import PROBE_HEADER, LoopLag
+from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.state.ledger import Outcome
 from feather_grpc.state.memory_ledger import MemoryLedger
 from sim.upstream import Reply, UpstreamSimulator
@@ -166,3 +167,24 @@ async def test_shedding_is_on_by_default_and_grpc_queue_is_bounded() -> None:
     # gRPC cuts no burst the gateway should judge itself (its default: at random past 1,000).
     assert limits["grpc.server.max_pending_requests"] == limits["grpc.server.max_pending_requests_hard_limit"] == 20_000
     assert limits["grpc.server_max_unrequested_time_in_server"] == 30
+
+
+async def test_memory_is_trimmed_once_a_burst_is_over() -> None:
+    calls = {"n": 1}
+    trims: list[int] = []
+
+    def trim(pad: int) -> int:
+        trims.append(calls["n"])
+        return 1
+
+    task = asyncio.create_task(return_memory_when_idle(lambda: calls["n"], interval_s=0.01, trim=trim))
+    try:
+        await eventually(lambda: calls["n"] == 1 and not trims, what="a busy check")
+        await asyncio.sleep(0.05)
+        assert trims == [], "never while a call is in flight"
+        calls["n"] = 0
+        await eventually(lambda: trims == [0], what="one trim after the burst")
+        await asyncio.sleep(0.05)
+        assert trims == [0], "once per burst, not on every idle check"
+    finally:
+        task.cancel()

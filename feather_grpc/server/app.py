@@ -28,6 +28,7 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.loop_lag import LoopLag, StartProbes
+from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, spool_path, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate
@@ -226,6 +227,7 @@ class GatewayServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._probe_channel: grpc.aio.Channel | None = None
+        self._trimmer: asyncio.Task[None] | None = None
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()
@@ -283,6 +285,7 @@ class GatewayServer:
             self._probe_channel = channel = grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}")
             self.loop_lag.probe = self.start_probes.probe(channel, _PROBE_TIMEOUT_S)
         self.loop_lag.start()
+        self._trimmer = asyncio.create_task(return_memory_when_idle(lambda: self.tracker.total_inflight))
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(True)
         if self.stores is not None and self.stores.ping is not None:
@@ -318,6 +321,8 @@ class GatewayServer:
         if self._state_watch is not None:
             self._state_watch.cancel()
         await self.loop_lag.stop()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self._probe_channel is not None:
             await self._probe_channel.close()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
