@@ -36,7 +36,7 @@ from typing import Literal
 
 from feather_grpc.state import usage_math
 from feather_grpc.state.ledger import UsageRecord
-from feather_grpc.state.sqlite_ledger import Row, SqliteLedger, to_row
+from feather_grpc.state.sqlite_ledger import SqliteLedger, to_row
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ class SocketLedger(SqliteLedger):
 
     async def record(self, record: UsageRecord) -> None:
         usage_math.check_record(record)
-        await self.record_row(to_row(record))
-
-    async def record_row(self, row: Row) -> None:
+        row = to_row(record)
         if self._stream is None:
             await self.ready()
         if self._broken:
@@ -131,6 +129,12 @@ class SocketLedger(SqliteLedger):
         await super().aclose()
 
 
+def _failed(error: Exception) -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
 async def serve_writer(path: str, socket_path: str, synchronous: Literal["NORMAL", "FULL"]) -> None:
     """The writer process: commits the rows its workers send until SIGTERM and their disconnection."""
     ledger = await SqliteLedger.open(path, synchronous=synchronous)
@@ -144,7 +148,11 @@ async def serve_writer(path: str, socket_path: str, synchronous: Literal["NORMAL
 
         async def commit(line: bytes) -> None:
             items = json.loads(line)
-            done = await asyncio.gather(*(ledger.record_row(tuple(row)) for _, row in items), return_exceptions=True)
+            try:
+                futures = [ledger.enqueue_row(tuple(row)) for _, row in items]
+            except RuntimeError as e:  # closed
+                futures = [_failed(e)] * len(items)
+            done = await asyncio.gather(*futures, return_exceptions=True)
             answer = [[rid, None if r is None else str(r)] for (rid, _), r in zip(items, done, strict=True)]
             writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
 

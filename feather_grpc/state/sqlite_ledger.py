@@ -258,10 +258,12 @@ class SqliteLedger:
 
     async def record(self, record: UsageRecord) -> None:
         usage_math.check_record(record)
-        await self.record_row(to_row(record))
+        # If the caller is cancelled now, the record is still committed: usage is settled anyway.
+        await self.enqueue_row(to_row(record))
 
-    async def record_row(self, row: Row) -> None:
-        """Commits a row made by `to_row` from a checked record (the ledger writer process receives rows)."""
+    def enqueue_row(self, row: Row) -> asyncio.Future[None]:
+        """Queues a row made by `to_row` from a checked record; the future is done once it is committed
+        (the ledger writer process enqueues the rows it receives, without a task per row)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if self._closed:
@@ -274,8 +276,7 @@ class SqliteLedger:
             parcel = self._parcels[loop] = []
             loop.call_soon(self._send, loop)
         parcel.append((row, future))
-        # If the caller is cancelled now, the record is still committed: usage is settled anyway.
-        await future
+        return future
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
         parcel = self._parcels.pop(loop, None)
