@@ -7,10 +7,10 @@ would split what is one ledger: a request retried on another worker could be bil
 billed-once rule is enforced by a unique index inside one file), every reader (Usage, budgets restored
 from the ledger, operators' sqlite3) would have to merge files, and SQLite attaches at most 10 of them.
 With one writer the file, its schema and its rules stay exactly as they are, no worker ever waits for
-another's lock, and a worker's CPU per record drops by about a third (bench/ledger_workers_bench.py:
-18-26 us vs 35-38 us). The cost: one process commits for all, about 9,000-11,000 records/s on the
-loaded 2-vCPU bench machine (sharing the file: 13,000-16,500 with 64 writers per worker), several times
-what two gateway workers produce there (~2,000-2,600 calls/s).
+another's lock, and a worker's CPU per record halves (bench/ledger_workers_bench.py: 17-20 us vs
+33-39 us). The cost: one process commits for all, 0.6-0.8x the records/s of two processes sharing the
+file at full ledger load (13,500-24,000 on the loaded 2-vCPU bench machine), still several times what
+two gateway workers produce there (~2,000-2,600 calls/s).
 
 The writer (`serve_writer`, a process the supervisor starts before the workers: see server.workers)
 owns a `SqliteLedger` and listens on a Unix socket in a private directory. A worker's `SocketLedger`
