@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import ssl
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.cache import CacheSettings
 from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
+from feather_grpc.providers.base import DEFAULT_MAX_RESPONSE_BYTES
+from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
+from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,17 @@ class ProviderSpec(_Strict):
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
     # Open connections to each of its hosts, per process; calls beyond it wait for one (first come, first served).
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, alias="maxConnections", ge=1, le=100_000)
+    # What one reply may make the gateway hold: a JSON body whole, a stream one line or event at a time.
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
+    max_stream_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)
     required: bool = False
+    # false: no W3C trace context (traceparent/tracestate) on this provider's requests when tracing is on
+    propagate_trace_context: bool = Field(default=True, alias="propagateTraceContext")
+    # Absent: HTTPS_PROXY/HTTP_PROXY/NO_PROXY decide; a URL: always that proxy; null or "": always direct.
+    proxy: str | None = None
+    ca_file: str | None = Field(default=None, alias="caFile")  # trust only these CAs for this upstream
+    client_cert_file: str | None = Field(default=None, alias="clientCertFile")  # mutual TLS
+    client_key_file: str | None = Field(default=None, alias="clientKeyFile")  # absent: the key is in the cert file
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -159,7 +173,9 @@ class ServerSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
     grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
-    # Load shedding (OVERLOADED): calls in flight per process, and event-loop lag; 0 turns either off.
+    # SIGTERM: health NOT_SERVING this long (calls still served) before new calls are refused.
+    drain_delay_ms: int = Field(default=0, alias="drainDelayMs", ge=0, le=300_000)
+    # Load shedding (OVERLOADED): calls in flight per process, and new-call delay; 0 turns either off.
     max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, alias="maxInFlight", ge=0)
     max_loop_lag_ms: int = Field(default=DEFAULT_MAX_LOOP_LAG_MS, alias="maxLoopLagMs", ge=0)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, alias="maxMessageBytes", ge=1024)
@@ -184,12 +200,17 @@ class BudgetSpec(_Strict):
     monthly_usd: Decimal | None = Field(default=None, alias="monthlyUsd", ge=0)
 
 
-class TenantSpec(_Strict):
-    keys: list[str] = Field(default_factory=list)  # "sha256:<64 hex>" digests of API keys, never keys
-    role: Literal["member", "admin"] = "member"
+class TenantPolicySpec(_Strict):
+    """What a tenant may do; `jwtDefaultPolicy` gives it to the tenants a JWT names that the config does not list."""
+
     allowed_models: list[str] | None = Field(default=None, alias="allowedModels")  # names or aliases
     limits: TenantLimitsSpec = Field(default_factory=TenantLimitsSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+
+class TenantSpec(TenantPolicySpec):
+    keys: list[str] = Field(default_factory=list)  # "sha256:<64 hex>" digests of API keys, never keys
+    role: Literal["member", "admin"] = "member"
 
     @field_validator("keys")
     @classmethod
@@ -246,8 +267,13 @@ class FileConfig(_Strict):
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
     limits: dict[str, BucketLimitSpec] = Field(default_factory=dict)  # "provider:model" token buckets
     rate_limit_mode: Literal["queue", "reject"] = Field(default="queue", alias="rateLimitMode")
+    # Queue mode admits a waiter only if, after its wait, its deadline leaves at least this long for the
+    # call, or the route's observed latency when that is longer.
+    queue_min_call_ms: int = Field(default=50, alias="queueMinCallMs", ge=0)
     state_failure_mode: Literal["closed", "open"] = Field(default="closed", alias="stateFailureMode")
     jwt_tenant_claim: str = Field(default="tenant", alias="jwtTenantClaim")
+    # The policy of a tenant a JWT names that `tenants` does not list; unset: it may call no model.
+    jwt_default_policy: TenantPolicySpec | None = Field(default=None, alias="jwtDefaultPolicy")
     cache: CacheSpec = Field(default_factory=CacheSpec)
     safety: SafetySpec = Field(default_factory=SafetySpec)
 
@@ -276,6 +302,10 @@ class ProviderConfig:
     first_token_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    propagate_trace_context: bool = True
+    egress: Egress = DIRECT
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +342,9 @@ class AuthConfig:
     key_hashes: dict[str, str] = field(default_factory=dict)  # sha256 hex digest -> tenant name
     jwt_secret: str = field(default="", repr=False)
     jwt_tenant_claim: str = "tenant"
-    # RATE_LIMIT_*: the request limit of a tenant a JWT names that the config does not list
-    unlisted_requests: tuple[float, int] | None = None
+    # jwtDefaultPolicy: what a tenant a JWT names that the config does not list may do (its name is filled
+    # in per caller); without one, it may call no model.
+    unlisted: TenantConfig = field(default_factory=lambda: TenantConfig("", allowed_models=frozenset()))
 
     @property
     def open(self) -> bool:
@@ -348,6 +379,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     grace_period_s: float = 20.0
+    drain_delay_s: float = 0.0
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_loop_lag_s: float = DEFAULT_MAX_LOOP_LAG_MS / 1000
     max_message_bytes: int = 8 * 1024 * 1024
@@ -362,6 +394,7 @@ class GatewayConfig:
     default_tenant: TenantConfig = field(default_factory=lambda: TenantConfig("default"))
     provider_limits: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (rps, burst)
     rate_limit_mode: str = "queue"
+    queue_min_call_s: float = 0.05  # queue mode: the least deadline a waiter must have left after its wait
     state_failure_mode: str = "closed"
     redis_url: str = field(default="", repr=False)
     database_url: str = field(default="", repr=False)
@@ -431,23 +464,38 @@ def _infer_type(name: str, spec: ProviderSpec, source: str) -> str:
 
 
 def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: str) -> str | None:
-    """The provider's key, or None when its configured source is absent or blank (the provider is then skipped)."""
+    """The provider's key, or None when its configured source is absent or blank (the provider is then skipped).
+
+    Surrounding whitespace is dropped from both sources (a Kubernetes Secret made from a file ends in a
+    newline); what remains must be usable in an HTTP header, checked here so `check-config` and `serve`
+    give the same one-line answer.
+    """
     if spec.api_key_file:
+        path, where = f"providers.{name}.apiKeyFile", f"the file {spec.api_key_file}"
         try:
-            return Path(spec.api_key_file).read_text(encoding="utf-8").strip() or None
+            key = Path(spec.api_key_file).read_text(encoding="utf-8").strip()
         except OSError:
             return None
         except UnicodeDecodeError:
-            raise ConfigError(
-                source,
-                f"providers.{name}.apiKeyFile",
-                "the file is not UTF-8 text",
-                "write the key alone into the file",
-            ) from None
-    if spec.api_key_env:
-        key = env.get(spec.api_key_env, "")
-        return key if key.strip() else None
-    return ""
+            raise ConfigError(source, path, "the file is not UTF-8 text", "write the key alone into the file") from None
+    elif spec.api_key_env:
+        path, where = f"providers.{name}.apiKeyEnv", f"${spec.api_key_env}"
+        key = env.get(spec.api_key_env, "").strip()
+    else:
+        return ""
+    if not key:
+        return None
+    bad = next((c for c in key if not "\x21" <= c <= "\x7e"), None)
+    if bad is not None:
+        # Never echo the key: name the kind of character and where it came from.
+        kind = "whitespace" if bad.isspace() else "a control character" if bad.isascii() else "a non-ASCII character"
+        raise ConfigError(
+            source,
+            path,
+            f"the key in {where} contains {kind}, which an HTTP header cannot carry",
+            "set it to the key alone, on one line (API keys are visible ASCII)",
+        )
+    return key
 
 
 def _check_model_names(name: str, spec: ProviderSpec, source: str) -> None:
@@ -533,6 +581,10 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 # upstream held its caller (when it set no deadline), a concurrency slot and a connection.
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
                 max_connections=spec.max_connections,
+                propagate_trace_context=spec.propagate_trace_context,
+                egress=_egress(name, spec, ptype, env, source),
+                max_response_bytes=spec.max_response_bytes,
+                max_stream_event_bytes=spec.max_stream_event_bytes,
             )
         )
     if not providers:
@@ -566,6 +618,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         host=file_config.server.host,
         port=port,
         grace_period_s=file_config.server.grace_period_s,
+        drain_delay_s=_env_int(env, "DRAIN_DELAY_MS", file_config.server.drain_delay_ms, minimum=0, maximum=300_000)
+        / 1000,
         max_in_flight=file_config.server.max_in_flight,
         max_loop_lag_s=file_config.server.max_loop_lag_ms / 1000,
         max_message_bytes=file_config.server.max_message_bytes,
@@ -588,6 +642,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         default_tenant=default_tenant,
         provider_limits=_provider_limits(file_config, source),
         rate_limit_mode=file_config.rate_limit_mode,
+        queue_min_call_s=file_config.queue_min_call_ms / 1000,
         state_failure_mode=file_config.state_failure_mode,
         redis_url=_redis_url(env),
         database_url=_database_url(env),
@@ -629,6 +684,66 @@ def _tls(spec: TlsSpec | None, source: str) -> TlsConfig | None:
                 "check the path and permissions",
             ) from None
     return TlsConfig(spec.cert_file, spec.key_file, spec.client_ca_file)
+
+
+def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], source: str) -> Egress:
+    """The provider's proxy (its own `proxy`, else the environment's) and TLS files, checked now: a proxy
+    setting that cannot be honoured, or a certificate that cannot be used, would otherwise show up only as
+    calls that never reach the provider."""
+    where = f"providers.{name}"
+    base_url = spec.base_url or DEFAULT_BASE_URLS.get(ptype, "")
+    if ptype == "mock" or not base_url:
+        return DIRECT
+    proxy = None
+    if "proxy" in spec.model_fields_set:
+        if spec.proxy:
+            try:
+                proxy = parse_proxy(spec.proxy)
+            except ValueError as e:
+                fix = 'use "http://[user:password@]host:port", or null to go direct'
+                raise ConfigError(source, f"{where}.proxy", str(e), fix) from None
+    else:
+        try:
+            proxy, _ = env_proxy(base_url, env)
+        except ValueError as e:
+            var = "https_proxy" if base_url.startswith("https:") else "http_proxy"
+            var = var if env.get(var, "").strip() else var.upper()
+            fix = f'set it to http://[user:password@]host:port, or give providers.{name} "proxy": null'
+            raise ConfigError("environment", var, str(e), fix) from None
+    files = {"caFile": spec.ca_file, "clientCertFile": spec.client_cert_file, "clientKeyFile": spec.client_key_file}
+    if not any(files.values()):
+        return Egress(proxy)
+    field_name = next(k for k, v in files.items() if v)
+    if not base_url.startswith("https:"):
+        fix = "use an https:// baseUrl, or remove the TLS settings"
+        raise ConfigError(source, f"{where}.{field_name}", "TLS settings need an https:// baseUrl", fix)
+    if spec.client_key_file and not spec.client_cert_file:
+        fix = 'add "clientCertFile" (the certificate that goes with this key)'
+        raise ConfigError(source, f"{where}.clientKeyFile", "a client key needs its certificate", fix)
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                source, f"{where}.{key}", f"cannot read {path} ({e.strerror})", "check the path and permissions"
+            ) from None
+    if spec.ca_file:
+        try:
+            tls_context(spec.ca_file, None, None)
+        except ssl.SSLError as e:
+            fix = "give a file of PEM certificates"
+            raise ConfigError(source, f"{where}.caFile", f"not a PEM CA bundle ({e.reason})", fix) from None
+    if spec.client_cert_file:
+        try:
+            tls_context(spec.ca_file, spec.client_cert_file, spec.client_key_file)
+        except ssl.SSLError as e:
+            fix = "give the PEM certificate and its unencrypted PEM key (the key may be in the certificate file)"
+            problem = f"unusable certificate or key ({e.reason})"
+            raise ConfigError(source, f"{where}.clientCertFile", problem, fix) from None
+    return Egress(proxy, spec.ca_file, spec.client_cert_file, spec.client_key_file)
 
 
 def _database_url(env: dict[str, str]) -> str:
@@ -763,15 +878,30 @@ def _tenants(
     allowable = {
         n for p, spec in fc.providers.items() for m in spec.models for n in (m.name, f"{p}/{m.name}", *m.aliases)
     }
-    for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+
+    def policy(name: str, t: TenantPolicySpec, path: str, role: str = "member") -> TenantConfig:
         for i, allowed in enumerate(t.allowed_models or []):
             if allowed not in allowable:
                 raise ConfigError(
                     source,
-                    f"tenants.{name}.allowedModels[{i}]",
+                    f"{path}.allowedModels[{i}]",
                     f"{allowed!r} is not a configured model or alias",
                     "use a model name, an alias, or provider/model",
                 )
+        rpm = t.limits.rpm
+        return TenantConfig(
+            name=name,
+            role=role,
+            allowed_models=frozenset(t.allowed_models) if t.allowed_models is not None else None,
+            requests=(rpm / 60, rpm) if rpm else default_requests,
+            tpm=t.limits.tpm,
+            concurrency=t.limits.concurrency,
+            daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"{path}.budget.dailyUsd"),
+            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"{path}.budget.monthlyUsd"),
+        )
+
+    for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+        tenants[name] = policy(name, t, f"tenants.{name}", t.role)
         for i, k in enumerate(t.keys):
             digest = k.removeprefix("sha256:")
             if digest in hashes:
@@ -782,22 +912,12 @@ def _tenants(
                     "give every key to exactly one tenant",
                 )
             hashes[digest] = name
-        rpm = t.limits.rpm
-        tenants[name] = TenantConfig(
-            name=name,
-            role=t.role,
-            allowed_models=frozenset(t.allowed_models) if t.allowed_models is not None else None,
-            requests=(rpm / 60, rpm) if rpm else default_requests,
-            tpm=t.limits.tpm,
-            concurrency=t.limits.concurrency,
-            daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"tenants.{name}.budget.dailyUsd"),
-            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"tenants.{name}.budget.monthlyUsd"),
-        )
+    unlisted = TenantPolicySpec(allowedModels=[]) if fc.jwt_default_policy is None else fc.jwt_default_policy
     auth = AuthConfig(
         key_hashes=hashes,
         jwt_secret=env.get("JWT_SECRET", ""),
         jwt_tenant_claim=fc.jwt_tenant_claim,
-        unlisted_requests=default_requests,
+        unlisted=policy("", unlisted, "jwtDefaultPolicy"),
     )
     return auth, tenants, tenants["default"]
 

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import re
+import ssl
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -257,8 +258,10 @@ class UpstreamSimulator:
         validate: bool = True,
         record: bool = True,
         default: Reply | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.ssl_context = ssl_context  # set: serve https (a test's own CA; CERT_REQUIRED for mutual TLS)
         self.port = port
         self.api_key = api_key  # when set, requests carrying another key get a 401
         self.validate = validate  # reject what the real API rejects (missing max_tokens, system roles...)
@@ -278,7 +281,7 @@ class UpstreamSimulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -288,7 +291,7 @@ class UpstreamSimulator:
         # stream notices the disconnect.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 

@@ -188,3 +188,160 @@ def test_shutdown_is_bounded_when_the_collector_is_unreachable(protocol: str) ->
     started = time.monotonic()
     tracing.shutdown(timeout_s=1.0)
     assert time.monotonic() - started < 5  # the SDK alone: ~30 s
+
+
+def _otel_env(monkeypatch: pytest.MonkeyPatch, port: int) -> ServerOptions:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    return ServerOptions.from_env(os.environ)
+
+
+def _provider(url: str, model: str, alias: str = "fast", **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "openai",
+        "apiKeyEnv": "SIM_OPENAI_KEY",
+        "baseUrl": url + "/v1",
+        "models": [{"name": model, "aliases": [alias], "inputPer1K": 0.03, "outputPer1K": 0.06}],
+        **extra,
+    }
+
+
+async def test_the_rpc_span_carries_the_status_code_the_caller_received(
+    collector: tuple[Collector, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway ends failed calls with abort_with_status, which the instrumentation does not see: the span
+    still carries the code, and is ERROR only for server-side failures (the gRPC semantic conventions)."""
+    receiver, port = collector
+    options = _otel_env(monkeypatch, port)
+    async with UpstreamSimulator() as sim:
+        doc = {
+            "ledger": {"type": "memory"},
+            "retry": {"maxAttempts": 2, "baseMs": 1, "maxMs": 2},
+            "rateLimitMode": "reject",
+            "limits": {"limited:gpt-limited": {"rps": 0.001, "burst": 1}},
+            "providers": {
+                "openai": _provider(sim.url, "gpt-sim"),
+                "limited": _provider(sim.url, "gpt-limited", "slow"),
+            },
+        }
+        calls: list[tuple[str, grpc.StatusCode]] = []
+        async with running_server(doc, ENV, options) as gw:
+
+            async def chat(request_id: str, model: str, text: str = "hi") -> None:
+                try:
+                    await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user(text)], request_id=request_id))
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    code = e.code()
+                calls.append((request_id, code))
+
+            await chat("ok-1", "fast")
+            sim.enqueue(Reply(status=503), Reply(status=503), model="gpt-sim")  # both attempts fail
+            await chat("unavailable-1", "fast")
+            await chat("invalid-1", "fast", text="")
+            await chat("limited-ok", "slow")
+            await chat("limited-1", "slow")
+            sim.enqueue(Reply(status=503), Reply(status=503), model="gpt-sim")
+            with pytest.raises(grpc.aio.AioRpcError) as streamed:
+                async for _ in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("go")])):
+                    pass
+            assert streamed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert calls == [
+            ("ok-1", grpc.StatusCode.OK),
+            ("unavailable-1", grpc.StatusCode.UNAVAILABLE),
+            ("invalid-1", grpc.StatusCode.INVALID_ARGUMENT),
+            ("limited-ok", grpc.StatusCode.OK),
+            ("limited-1", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ]
+    rpcs = [s for _, s in receiver.spans() if s.kind == s.SPAN_KIND_SERVER]
+    by_id = {attrs(s).get("feather.request_id"): s for s in rpcs if s.name.endswith("/Chat")}
+    unset, error = rpcs[0].status.STATUS_CODE_UNSET, rpcs[0].status.STATUS_CODE_ERROR
+    expected = {
+        "ok-1": (0, unset),
+        "unavailable-1": (14, error),
+        "invalid-1": (3, unset),
+        "limited-ok": (0, unset),
+        "limited-1": (8, unset),
+    }
+    for request_id, (code, status) in expected.items():
+        span = by_id[request_id]
+        assert (request_id, attrs(span)["rpc.grpc.status_code"], span.status.code) == (request_id, code, status)
+        assert ("error.type" in attrs(span)) == (status == error), request_id
+    assert attrs(by_id["unavailable-1"])["error.type"] == "UNAVAILABLE"
+    assert attrs(by_id["unavailable-1"])["feather.error_reason"] == "UPSTREAM_UNAVAILABLE"
+    assert attrs(by_id["invalid-1"])["feather.error_reason"] == "INVALID_REQUEST"
+    (stream,) = [s for s in rpcs if s.name.endswith("/StreamChat")]
+    assert (attrs(stream)["rpc.grpc.status_code"], stream.status.code) == (14, error)
+
+
+def _traceparent(header: str) -> tuple[str, str, str]:
+    version, trace_id, span_id, flags = header.split("-")
+    assert (version, len(trace_id), len(span_id)) == ("00", 32, 16)
+    return trace_id, span_id, flags
+
+
+async def test_every_upstream_attempt_carries_its_own_span_as_trace_context(
+    collector: tuple[Collector, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries and both legs of a hedged call: each request the upstream received names the caller's trace and
+    the attempt's own CLIENT span, with the caller's tracestate; a provider may opt out."""
+    receiver, port = collector
+    options = _otel_env(monkeypatch, port)
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (("traceparent", f"00-{caller_trace}-00f067aa0ba902b7-01"), ("tracestate", "acme=t61rcWkgMzE"))
+    async with UpstreamSimulator() as sim, UpstreamSimulator() as private:
+        doc = {
+            "ledger": {"type": "memory"},
+            "retry": {"maxAttempts": 3, "baseMs": 1, "maxMs": 2},
+            "routes": {"hedged": {"hedgeAfterMs": 30}},
+            "providers": {
+                "openai": {
+                    **_provider(sim.url, "gpt-sim"),
+                    "models": [
+                        {"name": "gpt-sim", "aliases": ["fast"], "inputPer1K": 0.03, "outputPer1K": 0.06},
+                        {"name": "gpt-slow", "aliases": ["hedged"], "inputPer1K": 0.03, "outputPer1K": 0.06},
+                        {"name": "gpt-quick", "aliases": ["hedged"], "inputPer1K": 0.03, "outputPer1K": 0.06},
+                    ],
+                },
+                "private": _provider(private.url, "gpt-private", "private", propagateTraceContext=False),
+            },
+        }
+        sim.enqueue(Reply(status=503), Reply(status=500), model="gpt-sim")  # two retries, then the default reply
+        sim.enqueue(Reply(latency_s=30), model="gpt-slow")  # the hedge's first leg never answers in time
+        async with running_server(doc, ENV, options) as gw:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=metadata)
+            sim.enqueue(Reply(status=503), model="gpt-sim")  # the stream: one retry
+            events = gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("go")]), metadata=metadata)
+            assert [e async for e in events][-1].HasField("end")
+            hedged = await gw.stub.Chat(pb.ChatRequest(model="hedged", messages=[user("hi")]), metadata=metadata)
+            assert hedged.model == "gpt-quick"
+            await gw.stub.Chat(pb.ChatRequest(model="private", messages=[user("hi")]), metadata=metadata)
+        received = [r.headers for r in sim.requests]
+        assert [r.model for r in sim.requests] == ["gpt-sim"] * 5 + ["gpt-slow", "gpt-quick"]
+        (to_private,) = private.requests
+        assert "traceparent" not in to_private.headers and "tracestate" not in to_private.headers
+    attempts = {s.span_id.hex(): s for _, s in receiver.spans() if s.kind == s.SPAN_KIND_CLIENT}
+    rpcs = {s.span_id: s for _, s in receiver.spans() if s.kind == s.SPAN_KIND_SERVER}
+    seen: set[str] = set()
+    for headers in received:
+        trace_id, span_id, flags = _traceparent(headers["traceparent"])
+        assert (trace_id, flags) == (caller_trace, "01")
+        assert headers["tracestate"] == "acme=t61rcWkgMzE"
+        span = attempts[span_id]  # the attempt's own CLIENT span, exported
+        assert span.trace_id.hex() == caller_trace and span.parent_span_id in rpcs
+        seen.add(span_id)
+    assert len(seen) == len(received) == 7  # one span per attempt, none shared
+    outcomes = sorted(attrs(attempts[s])["feather.attempt.outcome"] for s in seen)
+    assert outcomes == ["cancelled", "ok", "ok", "ok", "retryable_error", "retryable_error", "retryable_error"]
+
+
+async def test_without_tracing_no_request_carries_trace_context() -> None:
+    """A caller's traceparent is not passed through by a gateway that does not trace."""
+    assert not ServerOptions.from_env({}).tracing
+    metadata = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
+    async with UpstreamSimulator() as sim:
+        doc = {"ledger": {"type": "memory"}, "providers": {"openai": _provider(sim.url, "gpt-sim")}}
+        async with running_server(doc, ENV, ServerOptions.from_env({})) as gw:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=metadata)
+        (request,) = sim.requests
+        assert "traceparent" not in request.headers and "tracestate" not in request.headers

@@ -20,7 +20,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, estimated_usage, read_events, token_count
+from feather_grpc.providers.base import ProviderSettings, estimated_usage, parse_sse, read_events, token_count
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -153,7 +153,11 @@ class AnthropicProvider:
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
         self._endpoint = session.endpoint(
-            self._url, list(headers.items()), owner=settings.name, max_connections=settings.max_connections
+            self._url,
+            list(headers.items()),
+            settings.egress,
+            owner=settings.name,
+            max_connections=settings.max_connections,
         )
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
@@ -194,7 +198,7 @@ class AnthropicProvider:
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._endpoint, self._name, payload, self._api_key)
+        doc = await post_json(self._endpoint, self._name, payload, self._api_key, self.settings.max_response_bytes)
         try:
             if not isinstance(doc, dict):
                 raise TypeError
@@ -224,7 +228,7 @@ class AnthropicProvider:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                parser = SSEParser()
+                parser = SSEParser(self.settings.max_stream_event_bytes)
                 reader = _EventReader(name, self._api_key)
 
                 def handle(event: SSEEvent) -> list[StreamEvent]:
@@ -234,7 +238,7 @@ class AnthropicProvider:
                     return reader.done
 
                 async for chunk in resp:
-                    events, error = read_events(parser.feed(chunk), handle, done)
+                    events, error = read_events(parse_sse(parser, chunk, name), handle, done)
                     for out in events:
                         yield out
                     if error is not None:

@@ -10,8 +10,13 @@ the head.
 
 Scope, deliberately small:
 - POST with a `Content-Length` body; the request head is pre-encoded per `Endpoint` (method, path,
-  Host, User-Agent and the provider's static headers: content type, auth) and only the length is
-  formatted per request. No `Accept-Encoding` is sent, so bodies come back identity-encoded.
+  Host, User-Agent, `Accept-Encoding: identity` and the provider's static headers: content type, auth)
+  and only the length is formatted per request. Identity because a compressing server buffers SSE
+  events (time to first token) and LLM replies are small; a server that compresses anyway (`gzip`,
+  `deflate`) is decoded as the body is read, in steps of at most `DECODE_STEP` bytes so a compression
+  bomb never inflates more than that at once; any other coding fails the read (`UnsupportedEncoding`).
+- `read(limit)` refuses a body over `limit` bytes (after decoding): a `Content-Length` over it before
+  any byte is read, otherwise as soon as the limit is passed; either way the connection is closed.
 - Responses: status line and headers (names lowercased; only a few are ever looked at), bodies framed
   by Content-Length, chunked transfer coding (extensions and trailers skipped) or the end of the
   connection; 1xx interim responses skipped; `Connection: close` and HTTP/1.0 honoured.
@@ -26,8 +31,11 @@ Scope, deliberately small:
   the end returns its connection to the pool by itself, before the consumer has even looked at the data.
   A caller done with a body that has not quite ended (an SSE stream's last event came, the chunked
   terminator has not) can `release_after_end()`: the end is awaited briefly, then the connection pooled.
-- TLS for https (`ssl.create_default_context()`, SNI, ALPN `http/1.1`). No proxies, no redirects, no
-  cookies, no request timeouts: callers bound calls with `asyncio.timeout`, and cancellation at any
+- TLS for https (`ssl.create_default_context()`, SNI, ALPN `http/1.1`), or a provider's own CA bundle and
+  client certificate; an HTTP proxy per `Egress` (providers/egress.py): a CONNECT tunnel for https (TLS to
+  the origin inside it), absolute-form requests for plain http. The pool key includes the egress, so a
+  tunnelled connection only ever carries requests to its own origin. No redirects, no cookies, no request
+  timeouts: callers bound calls with `asyncio.timeout`, and cancellation at any
   point (connect, TLS handshake, waiting for a connection, reading) closes what was opened.
 
 Resending on a stale connection: a request sent on a *reused* connection that fails before a single
@@ -51,12 +59,18 @@ import ipaddress
 import re
 import socket
 import ssl
+import zlib
 from collections.abc import Sequence
-from typing import Final, cast
+from contextvars import ContextVar
+from typing import Final, NoReturn, cast
 from urllib.parse import quote, unquote, urlsplit
+
+from feather_grpc.providers.egress import DIRECT, Egress, Proxy, tls_context
 
 __all__ = [
     "HIGH_WATER",
+    "AttemptMarker",
+    "BodyTooLarge",
     "ConnectError",
     "Endpoint",
     "HttpClient",
@@ -64,13 +78,23 @@ __all__ = [
     "InvalidURL",
     "ReadError",
     "Response",
+    "UnsupportedEncoding",
+    "attempt_headers",
+    "attempt_marker",
+    "mark_sent",
 ]
 
 HIGH_WATER: Final = 256 * 1024  # undelivered body bytes above which the socket is no longer read
 END_GRACE_S: Final = 0.5  # how long `release_after_end` waits for the rest of a body before closing
 MAX_HEAD: Final = 64 * 1024  # status line + headers (also bounds the trailer section)
 MAX_LINE: Final = 8 * 1024  # one chunk-size line, extensions included
+DECODE_STEP: Final = 256 * 1024  # most bytes one decompression step may produce
 DNS_TTL_S: Final = 60.0
+
+# Header lines ("Name: value\r\n" each, encoded) added to every request sent from the current context. The
+# tracing observer puts an upstream attempt's W3C trace context here for the attempt's duration (see
+# server/tracing.py); without tracing it stays empty and a request pays one context-variable read.
+attempt_headers: ContextVar[bytes] = ContextVar("feather_attempt_headers", default=b"")
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _IDLE = range(8)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -94,6 +118,19 @@ class ReadError(HttpError):
     """The connection failed or the response was malformed after the request was sent."""
 
 
+class BodyTooLarge(ReadError):
+    """The body is larger than the reader's limit; the connection was closed without reading the rest."""
+
+    def __init__(self, limit: int, declared: int | None = None) -> None:
+        said = f" (Content-Length {declared})" if declared is not None else ""
+        super().__init__(f"response body over the {limit}-byte limit{said}")
+        self.limit = limit
+
+
+class UnsupportedEncoding(ReadError):
+    """The body has a `Content-Encoding` this client cannot decode (it only asks for identity)."""
+
+
 class _StaleConnection(ReadError):
     """A reused connection closed by the server before any byte of the response: safe to resend once."""
 
@@ -107,12 +144,15 @@ class Response:
 
     __slots__ = (
         "_buffered",
+        "_coding",
         "_conn",
+        "_decoder",
         "_done",
         "_drain",
         "_exc",
         "_got_bytes",
         "_parts",
+        "_tail",
         "_waiter",
         "headers",
         "reason",
@@ -128,6 +168,9 @@ class Response:
         self._exc: HttpError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._got_bytes = False
+        self._coding = ""  # a Content-Encoding that cannot be decoded: reading the body fails
+        self._decoder: zlib._Decompress | None = None  # gzip/deflate bodies
+        self._tail = b""  # compressed bytes the last decoding step left for the next
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}
@@ -145,23 +188,37 @@ class Response:
         """True once the body has arrived whole (any data not yet consumed is still readable)."""
         return self._done
 
-    async def read(self) -> bytes:
-        """The whole body (what is left of it)."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body (what is left of it); over `limit` bytes, `BodyTooLarge` and the connection closed."""
+        if limit is not None:
+            declared = self.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
+                self._refuse(BodyTooLarge(limit, int(declared)))
         parts = self._parts
-        if self._done and self._exc is None:  # fast path: the body came with the head
+        if self._done and self._exc is None and self._decoder is None and not self._coding:
+            # fast path: the body came with the head
             self._parts = []
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            if limit is not None and len(body) > limit:
+                raise BodyTooLarge(limit)
+            return body
         out: list[bytes] = []
-        while True:
-            if self._parts:
-                out.extend(self._parts)
-                self._take()
-            elif self._exc is not None:
-                raise self._exc
-            elif self._done:
-                return b"".join(out)
-            else:
-                await self._wait()
+        size = 0
+        async for chunk in self:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self._refuse(BodyTooLarge(limit))
+            out.append(chunk)
+        return b"".join(out)
+
+    def _refuse(self, exc: HttpError) -> NoReturn:
+        """Stop reading: the connection is closed, what was buffered dropped, and `exc` raised."""
+        self._parts = []
+        self._buffered = 0
+        self._tail = b""
+        self._exc = exc
+        self.close()
+        raise exc
 
     def __aiter__(self) -> Response:
         return self
@@ -169,16 +226,41 @@ class Response:
     async def __anext__(self) -> bytes:
         """Whatever body bytes have arrived since the last call (at least one byte), as one `bytes`."""
         while True:
+            if self._coding:
+                self._refuse(UnsupportedEncoding(f"response Content-Encoding {self._coding!r} cannot be decoded"))
+            if self._tail:  # decode what the last step left before taking more
+                chunk = self._decode(b"")
+                if chunk:
+                    return chunk
             parts = self._parts
             if parts:
                 chunk = parts[0] if len(parts) == 1 else b"".join(parts)
                 self._take()
-                return chunk
+                if self._decoder is None:
+                    return chunk
+                chunk = self._decode(chunk)
+                if chunk:
+                    return chunk
+                continue
             if self._exc is not None:
                 raise self._exc
             if self._done:
+                if self._decoder is not None and not self._decoder.eof:
+                    self._refuse(ReadError("compressed body ended before its end marker"))
                 raise StopAsyncIteration
             await self._wait()
+
+    def _decode(self, data: bytes) -> bytes:
+        decoder = self._decoder
+        assert decoder is not None
+        if decoder.eof:
+            return b""  # bytes after the compressed stream: ignored, like any reader of gzip does
+        try:
+            out = decoder.decompress(self._tail + data if self._tail else data, DECODE_STEP)
+        except zlib.error as exc:
+            self._refuse(ReadError(f"malformed compressed body: {exc}"))
+        self._tail = decoder.unconsumed_tail
+        return out
 
     def close(self) -> None:
         """Give the connection back if the body was read to the end, otherwise close it.
@@ -414,6 +496,11 @@ class _Connection(asyncio.Protocol):
         ex.headers = headers
         if status < 200:
             return status  # interim: framing and keep-alive come from the final response
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            ex._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib wrapper, detected
+        elif encoding not in ("", "identity"):
+            ex._coding = encoding[:40]
         tokens = headers.get("connection", "").lower()
         if version == "HTTP/1.0":
             self._keep_alive = "keep-alive" in tokens
@@ -561,14 +648,20 @@ def _describe(exc: BaseException | None) -> str:
 
 
 class _Pool:
-    """The connections to one (scheme, host, port)."""
+    """The connections to one (scheme, host, port), made one way (`Egress`: proxy, TLS trust and identity)."""
 
-    def __init__(self, client: HttpClient, scheme: str, host: str, port: int, max_connections: int) -> None:
+    def __init__(
+        self, client: HttpClient, scheme: str, host: str, port: int, max_connections: int, egress: Egress = DIRECT
+    ) -> None:
         self.client = client
         self.max_connections = max_connections
         self.host = host
         self.port = port
         self.tls = scheme == "https"
+        self.egress = egress
+        self.proxy = egress.proxy
+        # Where sockets go: the proxy when there is one (it alone resolves and reaches the origin).
+        self._dial = (self.proxy.host, self.proxy.port) if self.proxy is not None else (host, port)
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: collections.deque[_Connection] = collections.deque()  # oldest left, newest right
@@ -579,12 +672,12 @@ class _Pool:
         self._addrs: list[tuple[int, int, int, tuple[object, ...]]] = []
         self._addrs_until = 0.0
         try:
-            ip = ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(self._dial[0])
         except ValueError:
             self._literal = False
         else:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            self._addrs = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, (host, port))]
+            self._addrs = [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, self._dial)]
             self._literal = True
 
     @property
@@ -675,7 +768,10 @@ class _Pool:
 
     async def _connect(self) -> _Connection:
         addrs = await self._resolve()
-        ctx = self.client.ssl_context() if self.tls else None
+        try:
+            ctx = self.client.ssl_context(self.egress) if self.tls else None
+        except OSError as exc:  # the provider's CA bundle or certificate, gone or changed since the config loaded
+            raise ConnectError(f"cannot use the TLS files for {self.host}: {_describe(exc)}") from exc
         last: OSError | None = None
         for i, (family, type_, proto, sockaddr) in enumerate(addrs):
             try:
@@ -687,7 +783,9 @@ class _Pool:
                 self._addrs = [addrs[i], *addrs[:i], *addrs[i + 1 :]]  # try the address that worked first
             return conn
         self._addrs_until = 0.0  # resolve again next time
-        raise ConnectError(f"cannot connect to {self.host}:{self.port}{' (TLS)' if ctx else ''}: {_describe(last)}")
+        via = f" via proxy {self.proxy}" if self.proxy is not None else ""
+        tls = " (TLS)" if ctx else ""
+        raise ConnectError(f"cannot connect to {self.host}:{self.port}{via}{tls}: {_describe(last)}")
 
     async def _open_socket(
         self, family: int, type_: int, proto: int, sockaddr: tuple[object, ...], ctx: ssl.SSLContext | None
@@ -699,6 +797,8 @@ class _Pool:
             if family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_connect(sock, sockaddr)
+            if self.proxy is not None and ctx is not None:
+                await _tunnel(loop, sock, self.proxy, self.host, self.port, self.client.user_agent)
             conn = _Connection(self)
             transport, _ = await loop.create_connection(
                 lambda: conn, sock=sock, ssl=ctx, server_hostname=self.host if ctx is not None else None
@@ -716,12 +816,14 @@ class _Pool:
         now = self.loop.time()
         if self._addrs and now < self._addrs_until:
             return self._addrs
+        host, port = self._dial
+        what = f"proxy {self.proxy}" if self.proxy is not None else host
         try:
-            infos = await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise ConnectError(f"cannot resolve {self.host}: {_describe(exc)}") from exc
+            raise ConnectError(f"cannot resolve {what}: {_describe(exc)}") from exc
         if not infos:
-            raise ConnectError(f"cannot resolve {self.host}: no addresses")
+            raise ConnectError(f"cannot resolve {what}: no addresses")
         self._addrs = [(family, type_, proto, tuple(addr)) for family, type_, proto, _, addr in infos]
         self._addrs_until = now + DNS_TTL_S
         return self._addrs
@@ -787,22 +889,84 @@ class _Pool:
                 waiter.set_exception(ConnectError(f"{self.host}:{self.port}: HTTP client closed"))
 
 
+async def _tunnel(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, proxy: Proxy, host: str, port: int, user_agent: str
+) -> None:
+    """Asks the proxy on the connected `sock` for a tunnel to `host`:`port` (HTTP CONNECT, RFC 9110 §9.3.6).
+    On return the socket is a byte pipe to the origin, ready for the TLS handshake. A refusal (407, 403,
+    502...) is a `ConnectError` naming the proxy's status, never its credentials."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}", f"User-Agent: {user_agent}"]
+    if proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    head = b""
+    while True:
+        end, sep = head.find(b"\r\n\r\n"), 4
+        if end < 0:
+            end, sep = head.find(b"\n\n"), 2  # tolerate bare LF line endings, as for responses
+        if end >= 0:
+            break
+        if len(head) > MAX_HEAD:
+            raise ConnectError(f"proxy {proxy}: CONNECT reply head too large")
+        data = await loop.sock_recv(sock, 4096)
+        if not data:
+            raise ConnectError(f"proxy {proxy} closed the connection instead of answering CONNECT {authority}")
+        head += data
+    status_line = head[: head.find(b"\n")].rstrip(b"\r").decode("latin-1")
+    version, _, rest = status_line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise ConnectError(f"proxy {proxy}: malformed CONNECT reply {status_line[:80]!r}")
+    if not 200 <= int(code) < 300:
+        raise ConnectError(f"proxy {proxy} refused CONNECT {authority}: {code} {reason.strip()[:100]}".rstrip())
+    if len(head) > end + sep:  # the origin cannot have spoken: TLS starts with our ClientHello
+        raise ConnectError(f"proxy {proxy}: unexpected data after the CONNECT reply")
+
+
+def _proxy_refused(proxy: Proxy, ex: Response) -> ConnectError:
+    """A plain-http request the proxy would not forward: the same failure as a refused CONNECT, not an upstream
+    reply (a 407 is about the gateway's proxy credentials, never the caller's request)."""
+    return ConnectError(f"proxy {proxy} refused the request: {ex.status} {ex.reason[:100]}".rstrip())
+
+
+class AttemptMarker:
+    """Set (`attempt_marker`) around one upstream attempt by the engine; `sent` turns true once the request
+    is on its way to the upstream, so an attempt the gateway abandons is billed only if the upstream got it."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+attempt_marker: ContextVar[AttemptMarker | None] = ContextVar("feather_attempt_marker", default=None)
+
+
+def mark_sent() -> None:
+    marker = attempt_marker.get()
+    if marker is not None:
+        marker.sent = True
+
+
 class Endpoint:
     """POSTs to one URL with a fixed set of headers; the request head is encoded once, here."""
 
-    __slots__ = ("_error", "_pool", "_prefix", "url")
+    __slots__ = ("_error", "_plain_proxy", "_pool", "_prefix", "url")
 
     def __init__(
         self,
         client: HttpClient,
         url: str,
         headers: Sequence[tuple[str, str]] = (),
+        egress: Egress = DIRECT,
         *,
         owner: str = "",
         max_connections: int | None = None,
     ) -> None:
         self.url = url
         self._error: InvalidURL | None = None
+        self._plain_proxy: Proxy | None = None  # the proxy plain-http requests go through (in absolute form)
         self._pool: _Pool | None = None
         self._prefix = b""
         try:
@@ -810,13 +974,20 @@ class Endpoint:
         except ValueError as exc:
             self._error = InvalidURL(f"invalid URL: {exc}")
             return
-        self._pool = client._pool(owner, scheme, host, port, max_connections or client.max_per_host)
+        self._pool = client._pool(owner, scheme, host, port, max_connections or client.max_per_host, egress)
         default_port = 443 if scheme == "https" else 80
         host_header = f"[{host}]" if ":" in host else host
         if port != default_port:
             host_header = f"{host_header}:{port}"
-        fields: list[tuple[str, str]] = [("Host", host_header), ("User-Agent", client.user_agent)]
-        names = {"host", "user-agent"}
+        proxy = self._plain_proxy = egress.proxy if scheme == "http" else None  # https: tunnelled, origin-form
+        if proxy is not None:
+            target = f"http://{host_header}{target}"  # absolute form: the proxy forwards it
+        fields: list[tuple[str, str]] = [
+            ("Host", host_header),
+            ("User-Agent", client.user_agent),
+            ("Accept-Encoding", "identity"),
+        ]
+        names = {"host", "user-agent", "accept-encoding"}
         for name, value in headers:
             if _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
                 raise ValueError(f"invalid HTTP header {name!r}")
@@ -829,6 +1000,8 @@ class Endpoint:
             fields.append((name, value.strip()))
         if auth and "authorization" not in names:
             fields.append(("Authorization", f"Basic {base64.b64encode(auth.encode()).decode()}"))
+        if proxy is not None and proxy.authorization:
+            fields.append(("Proxy-Authorization", proxy.authorization))
         lines = [f"POST {target} HTTP/1.1", *(f"{n}: {v}" for n, v in fields), "Content-Length: "]
         self._prefix = "\r\n".join(lines).encode("utf-8")
 
@@ -838,7 +1011,7 @@ class Endpoint:
         if pool is None:
             assert self._error is not None
             raise self._error
-        data = b"".join((self._prefix, b"%d\r\n\r\n" % len(body), body))
+        data = b"".join((self._prefix, b"%d\r\n" % len(body), attempt_headers.get(), b"\r\n", body))
         conn = await pool.acquire()
         resent = False
         while True:
@@ -847,10 +1020,13 @@ class Endpoint:
                 if conn.closed:  # closed between hand-over and now
                     raise _StaleConnection("server closed the connection before the request was sent")
                 conn.send(data, ex)
+                mark_sent()
                 if not ex.status and ex._exc is None:
                     await ex._wait()
                 if ex._exc is not None:
                     raise ex._exc
+                if ex.status == 407 and self._plain_proxy is not None:
+                    raise _proxy_refused(self._plain_proxy, ex)
                 return ex
             except _StaleConnection:
                 ex.close()
@@ -900,33 +1076,51 @@ class HttpClient:
         self.keepalive_timeout_s = keepalive_timeout_s
         self.user_agent = user_agent
         self._ssl = ssl_context
-        self._pools: dict[tuple[str, str, str, int], _Pool] = {}
+        self._tls: dict[tuple[str | None, str | None, str | None], ssl.SSLContext] = {}
+        self._pools: dict[tuple[str, str, str, int, Egress], _Pool] = {}
         self.closed = False
 
     def endpoint(
-        self, url: str, headers: Sequence[tuple[str, str]] = (), *, owner: str = "", max_connections: int | None = None
+        self,
+        url: str,
+        headers: Sequence[tuple[str, str]] = (),
+        egress: Egress = DIRECT,
+        *,
+        owner: str = "",
+        max_connections: int | None = None,
     ) -> Endpoint:
-        """A POST target. Bad headers raise `ValueError` here; a bad URL fails each request instead.
+        """A POST target, reached the way `egress` says. Bad headers raise `ValueError` here; a bad URL fails
+        each request instead.
 
         Endpoints of one `owner` (a provider) to one host share a pool of at most `max_connections`
         (default `max_per_host`; the first endpoint of a pool sets it): one provider's limit is its own,
         whoever else calls the same host."""
         if max_connections is not None and max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        return Endpoint(self, url, headers, owner=owner, max_connections=max_connections)
+        return Endpoint(self, url, headers, egress, owner=owner, max_connections=max_connections)
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self, egress: Egress = DIRECT) -> ssl.SSLContext:
+        """The client's default context, or the one made from `egress`'s CA bundle and client certificate
+        (built once per set of files; the config checked them at load)."""
+        if egress.custom_tls:
+            files = (egress.ca_file, egress.client_cert_file, egress.client_key_file)
+            ctx = self._tls.get(files)
+            if ctx is None:
+                ctx = self._tls[files] = tls_context(*files)
+            return ctx
         if self._ssl is None:
             ctx = ssl.create_default_context()
             ctx.set_alpn_protocols(["http/1.1"])
             self._ssl = ctx
         return self._ssl
 
-    def _pool(self, owner: str, scheme: str, host: str, port: int, max_connections: int) -> _Pool:
-        key = (owner, scheme, host.lower(), port)
+    def _pool(
+        self, owner: str, scheme: str, host: str, port: int, max_connections: int, egress: Egress = DIRECT
+    ) -> _Pool:
+        key = (owner, scheme, host.lower(), port, egress)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(self, scheme, key[2], port, max_connections)
+            pool = self._pools[key] = _Pool(self, scheme, key[2], port, max_connections, egress)
             if self.closed:
                 pool.close()
         return pool

@@ -8,7 +8,7 @@ in `tenancy.current_tenant`, and makes Chat/StreamChat hold a tenant slot (reque
 load shedding) while they run. Only when content logging is on does it write the request's messages and
 the reply's text at DEBUG. Calls refused with RESOURCE_EXHAUSTED (by the gate or the engine) are
 reported to `on_refused` with the ErrorInfo reason and subject, read back from the status the call was
-aborted with.
+aborted with. `on_status` (tracing) hears the code of every call that did not end OK.
 
 A Chat/StreamChat call the gate refuses is still a call: `record_refusal` (the engine's
 `Feather.record_refused`) writes its ledger record and call-log line before the status goes out, as the
@@ -69,6 +69,8 @@ current_call: ContextVar[CallScope | None] = ContextVar("feather_current_call", 
 
 # (reason, subject): e.g. ("RATE_LIMITED", "tenant:acme:requests"), ("OVERLOADED", "")
 RefusalHook = Callable[[str, str], None]
+# The status code a call that did not end OK ended with, as the caller received it.
+StatusHook = Callable[[grpc.StatusCode], None]
 # Writes the ledger record (and the observers' lines) of a call refused here; see Feather.record_refused.
 RefusalRecorder = Callable[[ChatRequest, CallContext, FeatherError, bool], Awaitable[None]]
 # The ledger tenant of a call whose caller could not be authenticated.
@@ -88,8 +90,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         log_content: bool = False,
         on_refused: RefusalHook | None = None,
         record_refusal: RefusalRecorder | None = None,
+        on_status: StatusHook | None = None,
     ) -> None:
         self.gate = gate
+        self.on_status = on_status
         self.record_refusal = record_refusal
         self.inflight: dict[str, int] = {}
         self._active = 0  # all methods: the sum of `inflight`
@@ -206,6 +210,9 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except grpc.aio.AbortError:
                 self._aborted(context)
                 raise
+            except BaseException as e:
+                self._failed(context, e)
+                raise
             finally:
                 self._exit(method)
             # Chat only: Usage and ListModels carry no conversation.
@@ -243,6 +250,9 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except grpc.aio.AbortError:
                 self._aborted(context)
                 raise
+            except BaseException as e:
+                self._failed(context, e)
+                raise
             finally:
                 self._exit(method)
             if self._content is not None and text is not None and self._content.isEnabledFor(logging.DEBUG):
@@ -250,7 +260,21 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return stream
 
+    def _failed(self, context: Any, error: BaseException) -> None:
+        """A call that ended by an exception other than an abort: cancelled (by the caller, or by its
+        deadline), or an error gRPC turns into UNKNOWN."""
+        if self.on_status is None or isinstance(error, GeneratorExit):
+            return
+        if isinstance(error, asyncio.CancelledError):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            self.on_status(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+        else:
+            self.on_status(grpc.StatusCode.UNKNOWN)
+
     def _aborted(self, context: Any) -> None:
+        if self.on_status is not None:
+            self.on_status(context.code())
         if self.on_refused is None or context.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
             return
         for key, value in context.trailing_metadata() or ():

@@ -11,6 +11,7 @@ from feather_grpc.engine.errors import (
     BudgetExhausted,
     FeatherError,
     InvalidRequest,
+    LedgerUnavailable,
     ModelNotAllowed,
     ModelNotFound,
     Overloaded,
@@ -74,6 +75,8 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
         if error.provider:
             metadata["provider"] = error.provider
     elif isinstance(error, UpstreamUnavailable):
+        if error.upstream_reason:
+            metadata["upstreamReason"] = error.upstream_reason  # why the last attempt failed
         if error.retry_after_s is not None:
             details.append(_retry_info(error.retry_after_s))
     elif isinstance(error, UpstreamInvalidRequest):
@@ -101,7 +104,7 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
             budgetNanosUsd=str(error.budget_nanos),
             spentNanosUsd=str(error.spent_nanos),
         )
-    elif isinstance(error, Overloaded):
+    elif isinstance(error, Overloaded | LedgerUnavailable):
         details.append(_retry_info(error.retry_after_s))
     elif isinstance(error, ModelNotAllowed):
         metadata.update(tenant=error.tenant, model=error.model)

@@ -12,6 +12,15 @@ a failed one). Exporters: `otlp` (protocol from OTEL_EXPORTER_OTLP[_TRACES]_PROT
 or `http/protobuf`) and `console`; endpoint, headers, timeouts, sampler (OTEL_TRACES_SAMPLER), batching
 (OTEL_BSP_*), service name (OTEL_SERVICE_NAME, default feather-grpc) and resource attributes come from
 the standard variables. Needs the `otel` extra: `pip install 'feather-grpc[otel]'`.
+
+Trace context goes on to the upstream: every attempt's HTTP request carries `traceparent` (and `tracestate`
+when the trace has one) naming the attempt's own CLIENT span, so an egress proxy or an upstream that reads
+W3C trace context joins the trace; a provider with `propagateTraceContext: false` gets neither.
+
+The RPC span ends with the status the caller received (`rpc.grpc.status_code`): the instrumentation sees
+`abort`, but the gateway ends failed calls with `abort_with_status`, which it does not, so `CallTracker`
+reports every call's final code to `Tracing.rpc_ended`. Per the gRPC semantic conventions only server-side
+codes (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS) mark a SERVER span ERROR.
 """
 
 from __future__ import annotations
@@ -19,23 +28,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from feather_grpc.config import ConfigError
 from feather_grpc.engine.results import AttemptRecord
+from feather_grpc.providers.transport import attempt_headers
 from feather_grpc.server.calls import current_call
 from feather_grpc.state.ledger import Outcome, UsageRecord
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    import grpc
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
 _PENDING = "tracing.attempt"
+# The codes that are the server's failure (OpenTelemetry's gRPC conventions): only these make a SERVER span ERROR.
+_SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 
 
 def tracing_requested(env: Mapping[str, str]) -> bool:
@@ -89,6 +102,7 @@ class Tracing:
         provider_types: Mapping[str, str],
         *,
         exporters: Sequence[SpanExporter] | None = None,
+        untraced_providers: Collection[str] = (),
     ) -> None:
         try:
             from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -106,13 +120,31 @@ class Tracing:
         self._exporters = list(_exporters(env) if exporters is None else exporters)
         for exporter in self._exporters:
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
-        self.observer = AttemptSpans(self.provider.get_tracer("feather_grpc"), provider_types)
+        self.observer = AttemptSpans(self.provider.get_tracer("feather_grpc"), provider_types, untraced_providers)
+        from opentelemetry import trace
+
+        self._current_span = trace.get_current_span
+        self._status = trace.Status
+        self._error = trace.StatusCode.ERROR
 
     def server_interceptor(self) -> Any:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
         quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
         return aio_server_interceptor(tracer_provider=self.provider, filter_=filters.negate(quiet))  # type: ignore[no-untyped-call]
+
+    def rpc_ended(self, code: grpc.StatusCode) -> None:
+        """The status code the caller received, onto the RPC's SERVER span (the current span: `CallTracker`
+        calls this inside the instrumentation's wrapper). Only called for calls that did not end OK: the
+        span starts with code 0."""
+        span = self._current_span()
+        if not span.is_recording():
+            return
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        name = code.name
+        if name in _SERVER_ERRORS:
+            span.set_attribute("error.type", name)
+            span.set_status(self._status(self._error, name))
 
     def shutdown(self, timeout_s: float = 3.0) -> None:
         """Exports what is buffered, then stops, for at most `timeout_s`. Blocking: call it from a thread, not
@@ -139,11 +171,12 @@ class AttemptSpans:
     """Engine observer: a CLIENT span per upstream attempt. The successful attempt's span is ended when
     the call settles, so it can carry the usage the provider reported (a stream's span covers the stream)."""
 
-    def __init__(self, tracer: Tracer, provider_types: Mapping[str, str]) -> None:
+    def __init__(self, tracer: Tracer, provider_types: Mapping[str, str], untraced: Collection[str] = ()) -> None:
         from opentelemetry import trace
 
         self._tracer = tracer
         self._types = dict(provider_types)
+        self._untraced = frozenset(untraced)  # providers whose requests carry no trace context
         self._current_span = trace.get_current_span
         self._client = trace.SpanKind.CLIENT
         self._status = trace.Status
@@ -164,10 +197,13 @@ class AttemptSpans:
                 "feather.streamed": streamed,
             },
         )
+        # The attempt's request is sent from this task (a hedge leg has its own), within the attempt.
+        attempt_headers.set(b"" if provider in self._untraced else _trace_context(span))
         return _Attempt(span, request_id, streamed)
 
     def attempt_finished(self, token: object, attempt: AttemptRecord) -> None:
         assert isinstance(token, _Attempt)
+        attempt_headers.set(b"")
         span = token.span
         span.set_attribute("feather.attempt.outcome", attempt.outcome)
         if attempt.http_status:
@@ -209,6 +245,17 @@ class AttemptSpans:
         rpc.set_attribute("feather.outcome", str(record.outcome))
         rpc.set_attribute("feather.cost_nanos_usd", record.cost_nanos_usd)
         rpc.set_attribute("feather.attempts", len(attempts))
-        if record.outcome is Outcome.ERROR:
-            rpc.set_attribute("error.type", record.error_reason or "INTERNAL")
-            rpc.set_status(self._status(self._error, record.error_reason))
+        if record.outcome is Outcome.ERROR:  # the span's status and code come from the status sent (rpc_ended)
+            rpc.set_attribute("feather.error_reason", record.error_reason or "INTERNAL")
+
+
+def _trace_context(span: Span) -> bytes:
+    """`traceparent` (and `tracestate`) header lines naming `span`, as W3C Trace Context spells them."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return b""
+    lines = f"traceparent: 00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}\r\n"
+    if ctx.trace_state:
+        # The SDK parsed and validated the caller's tracestate (no CR/LF can be in it).
+        lines += f"tracestate: {ctx.trace_state.to_header()}\r\n"
+    return lines.encode("ascii")

@@ -35,7 +35,7 @@ import signal
 from typing import Literal
 
 from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.state.ledger import LedgerWriteError, UsageRecord
 from feather_grpc.state.sqlite_ledger import SqliteLedger, to_row
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class SocketLedger(SqliteLedger):
         if self._stream is None:
             await self.ready()
         if self._broken:
-            raise RuntimeError(f"the usage ledger writer is unreachable ({self._broken})")
+            raise LedgerWriteError(f"the usage ledger writer is unreachable ({self._broken})")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._next_id += 1
@@ -80,6 +80,12 @@ class SocketLedger(SqliteLedger):
             loop.call_soon(self._send_line)
         self._outbox.append([self._next_id, row])
         await future  # committed (or refused) by the writer; a cancelled caller's record still goes
+
+    async def probe(self) -> None:
+        """The writer process must be reachable, and the file writable (a probe row, as SqliteLedger's)."""
+        if self._broken:
+            raise LedgerWriteError(f"the usage ledger writer is unreachable ({self._broken})")
+        await super().probe()
 
     def _send_line(self) -> None:
         outbox, self._outbox = self._outbox, None
@@ -101,7 +107,7 @@ class SocketLedger(SqliteLedger):
                     if error is None:
                         future.set_result(None)
                     else:
-                        future.set_exception(RuntimeError(f"the usage ledger writer could not commit: {error}"))
+                        future.set_exception(LedgerWriteError(f"the usage ledger writer could not commit: {error}"))
         except (OSError, ValueError) as e:
             problem = f"{type(e).__name__}: {e}"
         self._broken = self._broken or problem
@@ -111,7 +117,7 @@ class SocketLedger(SqliteLedger):
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
-                future.set_exception(RuntimeError(f"the usage ledger writer is unreachable ({problem})"))
+                future.set_exception(LedgerWriteError(f"the usage ledger writer is unreachable ({problem})"))
 
     async def aclose(self) -> None:
         self._send_line()
