@@ -321,7 +321,10 @@ class GatewayServer:
                 ) from None
         probe_port = None
         if self.config.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
-            probe_port = self._server.add_insecure_port("127.0.0.1:0")  # this process's own, even with workers
+            try:
+                probe_port = self._server.add_insecure_port("127.0.0.1:0")  # this process's own, even with workers
+            except RuntimeError:  # no IPv4 loopback here: measure the loop's lag alone rather than not start
+                log.warning("no 127.0.0.1 port for the start probe; saturation is judged by event-loop lag only")
         await self._server.start()
         if probe_port:
             self._probe_channel = channel = grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}")
