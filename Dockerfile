@@ -35,6 +35,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     FEATHER_LEDGER_PATH=/data/feather-usage.db
 WORKDIR /app
 USER 10001:10001
+# 9464 serves every worker's metrics under FEATHER_WORKERS=N|auto too (the supervisor merges them).
 EXPOSE 50051 9464
 VOLUME ["/data"]
 STOPSIGNAL SIGTERM

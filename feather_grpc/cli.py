@@ -38,14 +38,18 @@ def _load(path: str | None) -> config_module.GatewayConfig:
 
 
 def _workers(args: argparse.Namespace) -> int:
-    """--workers, else $FEATHER_WORKERS, else 1."""
+    """--workers, else $FEATHER_WORKERS, else 1; `auto` is one per CPU this process may use."""
+    from feather_grpc.server.workers import cpu_count
+
     if args.workers is not None:
-        return int(args.workers)
-    raw = os.environ.get("FEATHER_WORKERS") or "1"
+        return cpu_count() if args.workers == "auto" else int(args.workers)
+    raw = (os.environ.get("FEATHER_WORKERS") or "1").strip()
+    if raw.lower() == "auto":
+        return cpu_count()
     try:
         return int(raw)
     except ValueError:
-        fix = "set FEATHER_WORKERS to the number of server processes, e.g. 4"
+        fix = "set FEATHER_WORKERS to the number of server processes, e.g. 4, or auto (one per CPU)"
         raise config_module.ConfigError(
             "environment", "FEATHER_WORKERS", f"{raw!r} is not a whole number", fix
         ) from None
@@ -77,7 +81,18 @@ def _serve(args: argparse.Namespace) -> int:
         serve_args += ["--config", args.config] if args.config else []
         serve_args += ["--host", args.host] if args.host else []
         log.info("supervisor: starting %d workers on port %d", args.workers, port)
-        return workers.run_workers(args.workers, serve_args)
+        # An in-memory ledger is each worker's own; Postgres has its own writers (a spool per worker).
+        ledger = None
+        if cfg.ledger_type == "sqlite" and not cfg.database_url:
+            ledger = (os.path.abspath(cfg.ledger_path), cfg.ledger_synchronous)
+        metrics = None
+        raw = os.environ.get("METRICS_PORT", "").strip()
+        if raw:
+            if not raw.isdigit() or int(raw) > 65535:
+                print(f"feather-grpc: METRICS_PORT: {raw!r} is not a port. Fix: set a port number", file=sys.stderr)
+                return 2
+            metrics = (os.environ.get("METRICS_HOST") or args.host or cfg.host, int(raw))
+        return workers.run_workers(args.workers, serve_args, ledger=ledger, metrics=metrics)
     if worker is not None:
         workers.die_with_parent(os.environ)
     from feather_grpc.server.app import ServerOptions, serve
@@ -105,6 +120,16 @@ def _loop_factory(env: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventL
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+def _worker_count(text: str) -> int | str:
+    """--workers: a whole number, or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number of processes, e.g. 4, or auto") from None
 
 
 def _positive_seconds(text: str) -> float:
@@ -463,12 +488,13 @@ def _models(args: argparse.Namespace) -> int:
                     ),
                     "state": _STATE_NAMES.get(pb.CircuitState.Name(m.circuit_state), "unknown"),
                     "latency_ms": m.latency_ms,
+                    "max_connections": m.max_connections,
                 }
                 for m in found
             ]
             print(json.dumps(document, indent=2))
             return 0
-        header = ["PROVIDER", "MODEL", "ALIASES", "STATE", "INPUT $/1M", "OUTPUT $/1M", "LATENCY"]
+        header = ["PROVIDER", "MODEL", "ALIASES", "STATE", "INPUT $/1M", "OUTPUT $/1M", "LATENCY", "CONNS"]
         rows = [
             [
                 m.provider,
@@ -478,6 +504,7 @@ def _models(args: argparse.Namespace) -> int:
                 price(m.price.input_nanos_usd_per_million) if m.HasField("price") else "unpriced",
                 price(m.price.output_nanos_usd_per_million) if m.HasField("price") else "unpriced",
                 f"{m.latency_ms} ms" if m.latency_ms else "-",
+                str(m.max_connections) if m.max_connections else "-",
             ]
             for m in found
         ]
@@ -544,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (default: $PORT or 50051)")
     serve.add_argument(
         "--workers",
-        type=int,
-        help="server processes sharing the port via SO_REUSEPORT (default: $FEATHER_WORKERS or 1)",
+        type=_worker_count,
+        help="server processes sharing the port via SO_REUSEPORT, or auto: one per CPU "
+        "(default: $FEATHER_WORKERS or 1)",
     )
     serve.set_defaults(run=_serve)
     health = sub.add_parser("health", help="ask a running server's grpc.health.v1 service; exit 0 if SERVING")

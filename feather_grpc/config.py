@@ -110,6 +110,9 @@ class ModelSpec(_Strict):
         )
 
 
+DEFAULT_MAX_CONNECTIONS = 1000
+
+
 class ProviderSpec(_Strict):
     type: ProviderType | None = None
     api_key_env: str | None = Field(default=None, alias="apiKeyEnv")
@@ -118,6 +121,8 @@ class ProviderSpec(_Strict):
     timeout_ms: int | None = Field(default=None, alias="timeoutMs", gt=0)
     first_token_timeout_ms: int | None = Field(default=None, alias="firstTokenTimeoutMs", gt=0)
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
+    # Open connections to each of its hosts, per process; calls beyond it wait for one (first come, first served).
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, alias="maxConnections", ge=1, le=100_000)
     # What one reply may make the gateway hold: a JSON body whole, a stream one line or event at a time.
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
     max_stream_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)
@@ -195,6 +200,12 @@ class BreakerSpec(_Strict):
     reset_timeout_ms: int = Field(default=5_000, alias="resetTimeoutMs", gt=0)
 
 
+# On out of the box: a process sheds new calls past 5,000 in flight (memory: ~40 KB per open stream) or
+# while a new call cannot start within 500 ms (event-loop lag, or gRPC's queue: see server.loop_lag).
+DEFAULT_MAX_IN_FLIGHT = 5000
+DEFAULT_MAX_LOOP_LAG_MS = 500
+
+
 class LedgerSpec(_Strict):
     type: Literal["sqlite", "memory"] = "sqlite"
     path: str = "feather-usage.db"
@@ -207,7 +218,9 @@ class ServerSpec(_Strict):
     grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
     # SIGTERM: health NOT_SERVING this long (calls still served) before new calls are refused.
     drain_delay_ms: int = Field(default=0, alias="drainDelayMs", ge=0, le=300_000)
-    max_in_flight: int = Field(default=0, alias="maxInFlight", ge=0)  # 0: no cap (load shedding off)
+    # Load shedding (OVERLOADED): calls in flight per process, and new-call delay; 0 turns either off.
+    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, alias="maxInFlight", ge=0)
+    max_loop_lag_ms: int = Field(default=DEFAULT_MAX_LOOP_LAG_MS, alias="maxLoopLagMs", ge=0)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, alias="maxMessageBytes", ge=1024)
     tls: TlsSpec | None = None
 
@@ -332,6 +345,7 @@ class ProviderConfig:
     models: tuple[ModelConfig, ...]
     first_token_timeout_ms: int | None = None
     idle_timeout_ms: int | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     propagate_trace_context: bool = True
     egress: Egress = DIRECT
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
@@ -412,7 +426,8 @@ class GatewayConfig:
     port: int = 50051
     grace_period_s: float = 20.0
     drain_delay_s: float = 0.0
-    max_in_flight: int = 0
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_loop_lag_s: float = DEFAULT_MAX_LOOP_LAG_MS / 1000
     max_message_bytes: int = 8 * 1024 * 1024
     tls: TlsConfig | None = None
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -613,6 +628,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 # A stream silent for as long as a whole call may take has stalled: without this a stalled
                 # upstream held its caller (when it set no deadline), a concurrency slot and a connection.
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
+                max_connections=spec.max_connections,
                 propagate_trace_context=spec.propagate_trace_context,
                 egress=_egress(name, spec, ptype, env, source),
                 max_response_bytes=spec.max_response_bytes,
@@ -655,6 +671,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         drain_delay_s=_env_int(env, "DRAIN_DELAY_MS", file_config.server.drain_delay_ms, minimum=0, maximum=300_000)
         / 1000,
         max_in_flight=file_config.server.max_in_flight,
+        max_loop_lag_s=file_config.server.max_loop_lag_ms / 1000,
         max_message_bytes=file_config.server.max_message_bytes,
         tls=_tls(file_config.server.tls, source),
         cache=CacheSettings(

@@ -401,8 +401,10 @@ async def _tunnels_apart(pki: Path) -> None:
             ]
             for p in providers * 2:
                 await p.chat("gpt", _request())
-            assert sorted(proxy.tunnels) == sorted([f"{HOST}:{a.port}", f"{HOST}:{b.port}"])
-            assert client.connections() == 2
+            # Each provider has its own pools (its maxConnections is its own): "a" and "a-again" reach the
+            # same origin through tunnels of their own, each reused for the provider's second call.
+            assert sorted(proxy.tunnels) == sorted([f"{HOST}:{a.port}", f"{HOST}:{b.port}", f"{HOST}:{a.port}"])
+            assert client.connections() == 3
             assert (len(a.requests), len(b.requests)) == (4, 2)
             direct = build_provider(ProviderSettings("d", "openai", f"https://{HOST}:{a.port}/v1"), client)
             with pytest.raises(ProviderError, match=r"cannot resolve llm\.corp\.invalid"):

@@ -142,7 +142,8 @@ def test_rate_limit_scope_labels_stay_bounded() -> None:
 async def test_metrics_are_off_unless_a_port_is_set() -> None:
     assert ServerOptions.from_env({}).metrics_port is None
     assert ServerOptions.from_env({"METRICS_PORT": "9464"}).metrics_port == 9464
-    assert ServerOptions.from_env({"METRICS_PORT": "9464"}, worker=2).metrics_port == 9466
+    # Under --workers the supervisor sets each worker's METRICS_PORT (tests/test_workers.py).
+    assert ServerOptions.from_env({"METRICS_PORT": "9466"}, worker=2).metrics_port == 9466
     async with running_server(MOCK_CONFIG) as gw:
         assert gw.server.metrics is None and gw.server.metrics_port is None
         assert not any(type(o).__name__ == "GatewayMetrics" for o in gw.server.engine.observers)

@@ -105,6 +105,7 @@ class ModelView:
     model: ModelConfig
     circuit_state: str  # "closed" | "open" | "half_open"
     latency_ms: int  # decaying average; 0 before the first call
+    max_connections: int = 0  # the provider's connection limit per upstream host; 0: it has no upstream (mock)
 
 
 @dataclass(slots=True)
@@ -393,6 +394,10 @@ class Feather:
                 with contextlib.suppress(StateUnavailable):
                     self._circuit_view[key] = await self.circuits.state(key)
 
+    def upstream_connections(self, provider: str) -> int:
+        """Connections open (idle or busy) from this provider to its upstreams."""
+        return 0 if self._session is None else self._session.connections(provider)
+
     def models(self, provider: str = "") -> list[ModelView]:
         """Routable models in configuration order, with live state."""
         return [
@@ -402,6 +407,7 @@ class Feather:
                 m,
                 self.circuit_state(f"{p.name}:{m.name}").value,
                 int(self.latency.get(f"{p.name}:{m.name}") or 0),
+                0 if p.type == "mock" else p.max_connections,
             )
             for p in self.config.providers
             if not provider or p.name == provider
@@ -947,6 +953,7 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         max_output_tokens=tuple((m.name, m.max_output_tokens) for m in p.models if m.max_output_tokens),
         extra_headers=p.extra_headers,
         default_fields=p.default_fields,
+        max_connections=p.max_connections,
     )
 
 

@@ -265,8 +265,14 @@ class AnthropicProvider:
             headers["x-api-key"] = settings.api_key
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
-        self._endpoint = session.endpoint(self._url, list(headers.items()), settings.egress)
         self._max_output = dict(settings.max_output_tokens)
+        self._endpoint = session.endpoint(
+            self._url,
+            list(headers.items()),
+            settings.egress,
+            owner=settings.name,
+            max_connections=settings.max_connections,
+        )
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         system, messages = build_messages(self._name, request)

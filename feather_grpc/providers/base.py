@@ -41,6 +41,7 @@ class ProviderSettings:
     max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # one SSE line or event
     max_output_tokens: tuple[tuple[str, int], ...] = ()  # (upstream model, its configured longest reply)
     default_fields: dict[str, Any] = field(default_factory=dict, hash=False)  # body fields a request may override
+    max_connections: int = 1000  # open connections per upstream host (providers.<name>.maxConnections)
 
 
 class Provider(Protocol):

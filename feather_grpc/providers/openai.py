@@ -189,7 +189,13 @@ class OpenAIProvider:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
-        self._endpoint = session.endpoint(self._url, list(headers.items()), settings.egress)
+        self._endpoint = session.endpoint(
+            self._url,
+            list(headers.items()),
+            settings.egress,
+            owner=settings.name,
+            max_connections=settings.max_connections,
+        )
         # OpenAI's reasoning models reject `max_tokens`; `max_completion_tokens` works for every OpenAI
         # chat model. Compatible servers (vLLM, Ollama, Groq...) know `max_tokens`.
         self._max_tokens_field = "max_completion_tokens" if settings.type == "openai" else "max_tokens"

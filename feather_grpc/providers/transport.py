@@ -20,9 +20,10 @@ Scope, deliberately small:
 - Responses: status line and headers (names lowercased; only a few are ever looked at), bodies framed
   by Content-Length, chunked transfer coding (extensions and trailers skipped) or the end of the
   connection; 1xx interim responses skipped; `Connection: close` and HTTP/1.0 honoured.
-- A keep-alive pool per (scheme, host, port): at most `max_per_host` connections (callers beyond it
-  wait in FIFO order), idle connections reused last-in first-out and closed after `keepalive_timeout_s`
-  idle; a connection the server closes while idle is discarded at once.
+- A keep-alive pool per (owner, scheme, host, port), the owner being the provider that opened the
+  endpoint: at most its `max_connections` (default `max_per_host`; callers beyond it wait in FIFO
+  order), idle connections reused last-in first-out and closed after `keepalive_timeout_s` idle; a
+  connection the server closes while idle is discarded at once.
 - Body chunks are delivered as they arrive (`async for chunk in response`); when the consumer lags more
   than `HIGH_WATER` bytes behind, the socket stops being read until it catches up.
 - A response whose body was not read to the end is never pooled: `Response.close()` (and any failure or
@@ -649,8 +650,11 @@ def _describe(exc: BaseException | None) -> str:
 class _Pool:
     """The connections to one (scheme, host, port), made one way (`Egress`: proxy, TLS trust and identity)."""
 
-    def __init__(self, client: HttpClient, scheme: str, host: str, port: int, egress: Egress = DIRECT) -> None:
+    def __init__(
+        self, client: HttpClient, scheme: str, host: str, port: int, max_connections: int, egress: Egress = DIRECT
+    ) -> None:
         self.client = client
+        self.max_connections = max_connections
         self.host = host
         self.port = port
         self.tls = scheme == "https"
@@ -700,7 +704,7 @@ class _Pool:
                 self._retire(conn)  # closed, or too old: then all older ones are too
                 while idle:
                     self._retire(idle.pop())
-            if self._open < self.client.max_per_host:
+            if self._open < self.max_connections:
                 self._open += 1
                 return await self._connect_slot()
             if fresh and idle:
@@ -951,7 +955,14 @@ class Endpoint:
     __slots__ = ("_error", "_plain_proxy", "_pool", "_prefix", "url")
 
     def __init__(
-        self, client: HttpClient, url: str, headers: Sequence[tuple[str, str]] = (), egress: Egress = DIRECT
+        self,
+        client: HttpClient,
+        url: str,
+        headers: Sequence[tuple[str, str]] = (),
+        egress: Egress = DIRECT,
+        *,
+        owner: str = "",
+        max_connections: int | None = None,
     ) -> None:
         self.url = url
         self._error: InvalidURL | None = None
@@ -963,7 +974,7 @@ class Endpoint:
         except ValueError as exc:
             self._error = InvalidURL(f"invalid URL: {exc}")
             return
-        self._pool = client._pool(scheme, host, port, egress)
+        self._pool = client._pool(owner, scheme, host, port, max_connections or client.max_per_host, egress)
         default_port = 443 if scheme == "https" else 80
         host_header = f"[{host}]" if ":" in host else host
         if port != default_port:
@@ -1066,13 +1077,27 @@ class HttpClient:
         self.user_agent = user_agent
         self._ssl = ssl_context
         self._tls: dict[tuple[str | None, str | None, str | None], ssl.SSLContext] = {}
-        self._pools: dict[tuple[str, str, int, Egress], _Pool] = {}
+        self._pools: dict[tuple[str, str, str, int, Egress], _Pool] = {}
         self.closed = False
 
-    def endpoint(self, url: str, headers: Sequence[tuple[str, str]] = (), egress: Egress = DIRECT) -> Endpoint:
+    def endpoint(
+        self,
+        url: str,
+        headers: Sequence[tuple[str, str]] = (),
+        egress: Egress = DIRECT,
+        *,
+        owner: str = "",
+        max_connections: int | None = None,
+    ) -> Endpoint:
         """A POST target, reached the way `egress` says. Bad headers raise `ValueError` here; a bad URL fails
-        each request instead."""
-        return Endpoint(self, url, headers, egress)
+        each request instead.
+
+        Endpoints of one `owner` (a provider) to one host share a pool of at most `max_connections`
+        (default `max_per_host`; the first endpoint of a pool sets it): one provider's limit is its own,
+        whoever else calls the same host."""
+        if max_connections is not None and max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        return Endpoint(self, url, headers, egress, owner=owner, max_connections=max_connections)
 
     def ssl_context(self, egress: Egress = DIRECT) -> ssl.SSLContext:
         """The client's default context, or the one made from `egress`'s CA bundle and client certificate
@@ -1089,18 +1114,20 @@ class HttpClient:
             self._ssl = ctx
         return self._ssl
 
-    def _pool(self, scheme: str, host: str, port: int, egress: Egress = DIRECT) -> _Pool:
-        key = (scheme, host.lower(), port, egress)
+    def _pool(
+        self, owner: str, scheme: str, host: str, port: int, max_connections: int, egress: Egress = DIRECT
+    ) -> _Pool:
+        key = (owner, scheme, host.lower(), port, egress)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(self, scheme, key[1], port, egress)
+            pool = self._pools[key] = _Pool(self, scheme, key[2], port, max_connections, egress)
             if self.closed:
                 pool.close()
         return pool
 
-    def connections(self) -> int:
-        """Open connections across all pools (idle or busy)."""
-        return sum(len(p._conns) for p in self._pools.values())
+    def connections(self, owner: str | None = None) -> int:
+        """Open connections across all pools (idle or busy), or across `owner`'s."""
+        return sum(len(p._conns) for key, p in self._pools.items() if owner is None or key[0] == owner)
 
     def idle_connections(self) -> int:
         return sum(len(p._idle) for p in self._pools.values())

@@ -28,6 +28,8 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
 from feather_grpc.server.calls import CallTracker
+from feather_grpc.server.loop_lag import LoopLag, StartProbes
+from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, spool_path, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate
@@ -49,10 +51,31 @@ _LEDGER_PROBE_S = 1.0
 _TELL_WATCHES_S = 2.0
 # How long calls cancelled at the end of the grace period get to write their records before the ledger closes.
 _SETTLE_AFTER_CANCEL_S = 10.0
+# The longest a call may wait in gRPC's queue before the gateway takes it (seconds; see queue_limits).
+_MAX_UNREQUESTED_S = 30
+_MAX_UNREQUESTED_CALLS = 20_000
+_PROBE_TIMEOUT_S = 60.0  # a probe stuck this long is abandoned (saturation is judged while it waits)
 _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+def queue_limits() -> list[tuple[str, int]]:
+    """gRPC's own queue, in front of the gateway: calls that arrived but that the server has not taken yet
+    (grpc.aio takes one per event-loop turn, so a burst always waits there a little). gRPC cuts a call it
+    refuses there (the caller sees CANCELLED, the gateway never sees the call, so it has no record): past
+    1,000 waiting at random, and after 30 s. The count is raised far above any burst, so that the gateway
+    judges the calls itself (OVERLOADED with RetryInfo and a record, see loop_lag: its probe measures this
+    very queue). The time stays 30 s: cutting it sooner only turns waiting calls into lost ones (measured
+    with bench/held_streams.py: 5 s lost 773 of 2,000 streams opened in 5 s on a loaded machine, 30 s none).
+    `maximum_concurrent_rpcs` stays unset for the same reason: its refusal has no RetryInfo and no record;
+    the in-flight cap is the gateway's own."""
+    return [
+        ("grpc.server.max_pending_requests", _MAX_UNREQUESTED_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", _MAX_UNREQUESTED_CALLS),
+        ("grpc.server_max_unrequested_time_in_server", _MAX_UNREQUESTED_S),
+    ]
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
@@ -159,9 +182,7 @@ class ServerOptions:
                 raise ConfigError(
                     "environment", "METRICS_PORT", f"{raw!r} is not a port", "set a port number, or unset it"
                 )
-            metrics_port = int(raw)
-            if metrics_port and worker:
-                metrics_port += worker  # one endpoint per worker: METRICS_PORT + index
+            metrics_port = int(raw)  # under --workers the supervisor gave each worker its own (see workers)
         return cls(
             metrics_port=metrics_port,
             metrics_host=env.get("METRICS_HOST") or None,
@@ -182,7 +203,9 @@ class GatewayServer:
         self.config = config
         self.options = options = options or ServerOptions()
         observers: list[CallObserver] = []
-        interceptors: list[Any] = []
+        # First: the process's own start probes are answered before tracing or anything else sees them.
+        self.start_probes = StartProbes()
+        interceptors: list[Any] = [self.start_probes]
         self.tracing: Tracing | None = None
         if options.tracing:  # imports opentelemetry only when asked for
             from feather_grpc.server.tracing import Tracing
@@ -222,7 +245,8 @@ class GatewayServer:
         self._faults: set[str] = set()  # what keeps "" and SERVICE_NAME NOT_SERVING: "state", "ledger"
         self._serving: bool | None = None  # the status last set for them
         self.engine = engine
-        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
+        self.loop_lag = LoopLag(config.max_loop_lag_s)
+        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight, self.loop_lag)
         self.tracker = CallTracker(
             self.gate,
             log_content=options.log_content,
@@ -231,11 +255,12 @@ class GatewayServer:
             on_status=self.tracing.rpc_ended if self.tracing else None,
         )
         if self.metrics is not None:
-            self.metrics.watch(self.engine, self.tracker)
+            self.metrics.watch(self.engine, self.tracker, self.loop_lag)
         self.health = DrainingHealthServicer()
         interceptors.append(self.tracker)
         server_options = [
             *_SERVER_OPTIONS,
+            *queue_limits(),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             # Off unless several workers share the port: a second server on a busy port must fail loudly.
             ("grpc.so_reuseport", int(options.reuse_port)),
@@ -243,6 +268,8 @@ class GatewayServer:
         self._server = grpc.aio.server(options=server_options, interceptors=interceptors)
         self.port = 0
         self.metrics_port: int | None = None
+        self._probe_channel: grpc.aio.Channel | None = None
+        self._trimmer: asyncio.Task[None] | None = None
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()
@@ -292,7 +319,18 @@ class GatewayServer:
                 raise ConfigError(
                     "environment", "METRICS_PORT", f"cannot listen on {where} ({e.strerror})", "use a free port"
                 ) from None
+        probe_port = None
+        if self.config.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
+            try:
+                probe_port = self._server.add_insecure_port("127.0.0.1:0")  # this process's own, even with workers
+            except RuntimeError:  # no IPv4 loopback here: measure the loop's lag alone rather than not start
+                log.warning("no 127.0.0.1 port for the start probe; saturation is judged by event-loop lag only")
         await self._server.start()
+        if probe_port:
+            self._probe_channel = channel = grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}")
+            self.loop_lag.probe = self.start_probes.probe(channel, _PROBE_TIMEOUT_S)
+        self.loop_lag.start()
+        self._trimmer = asyncio.create_task(return_memory_when_idle(lambda: self.tracker.total_inflight))
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_healthy("ledger", True)
         self._ledger_watch = asyncio.create_task(self._watch_ledger())
@@ -362,9 +400,12 @@ class GatewayServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiting.wait(), delay_s)
         self.health.end_watches()
-        for task in (self._state_watch, self._start_reconcile, self._ledger_watch):
+        for task in (self._state_watch, self._start_reconcile, self._ledger_watch, self._trimmer):
             if task is not None:
                 task.cancel()
+        await self.loop_lag.stop()
+        if self._probe_channel is not None:
+            await self._probe_channel.close()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         try:
             # The calls cut off at the end of the grace period are cancelled, not finished: their handlers

@@ -457,6 +457,7 @@ def model_info(v: ModelView) -> pb.ModelInfo:
         capabilities=v.model.capabilities,
         circuit_state=_CIRCUIT[v.circuit_state],
         latency_ms=v.latency_ms,
+        max_connections=v.max_connections,
     )
     price = v.model.price
     if price is not None:

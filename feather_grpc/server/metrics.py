@@ -13,7 +13,13 @@ Series (all names prefixed `feather_`):
   cost_nanos_usd_total{provider,model}           exact integer nano-dollars (1e-9 USD): divide by 1e9 for USD
   rate_limited_total{scope}                      gateway rate-limit refusals; scope: tenant_requests,
                                                  tenant_concurrency, tenant_tpm, provider_model
-  load_shed_total                                calls refused because the gateway was at its in-flight cap
+  load_shed_total                                calls refused OVERLOADED: at the in-flight cap, or while the
+                                                 event loop ran late (server.maxInFlight, server.maxLoopLagMs)
+  upstream_connections{provider}                 connections open to the provider's upstreams (read at scrape time)
+  upstream_connections_limit{provider}           the provider's limit per upstream host (maxConnections)
+  event_loop_lag_seconds                         how late the event loop last ran a timer (read at scrape time)
+  new_call_delay_seconds                         how long a new call waits to start: the round trip of a
+                                                 Chat/StreamChat probe to this process, or its wait so far
   inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
   circuit_state{provider,model}                  0 closed, 1 half-open, 2 open (read at scrape time)
 Provider and model are the configured names that served (empty when no route was found), so request
@@ -38,6 +44,7 @@ from prometheus_client.registry import Collector
 from feather_grpc.engine.gateway import Feather
 from feather_grpc.engine.results import AttemptRecord
 from feather_grpc.server.calls import CallTracker, current_call
+from feather_grpc.server.loop_lag import LoopLag
 from feather_grpc.state.ledger import Outcome, UsageRecord
 
 # No `_created` twin for every series: it doubles the scrape for nothing we use.
@@ -107,15 +114,17 @@ class GatewayMetrics:
             "feather_cost_nanos_usd", "Cost in nano-dollars (1e-9 USD), exact integers.", pm, registry=r
         )
         self._rate_limited = Counter("feather_rate_limited", "Gateway rate-limit refusals.", ["scope"], registry=r)
-        self._shed = Counter("feather_load_shed", "Calls refused at the in-flight cap (OVERLOADED).", registry=r)
+        self._shed = Counter(
+            "feather_load_shed", "Calls refused OVERLOADED (in-flight cap or event-loop lag).", registry=r
+        )
         self._series: dict[tuple[str, str], _ModelSeries] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
-    def watch(self, engine: Feather, tracker: CallTracker | None) -> None:
-        """Adds the scrape-time series (circuit state, in-flight calls) and process metrics."""
-        self.registry.register(_LiveState(engine, tracker))
+    def watch(self, engine: Feather, tracker: CallTracker | None, loop_lag: LoopLag | None = None) -> None:
+        """Adds the scrape-time series (circuit state, in-flight calls, loop lag) and process metrics."""
+        self.registry.register(_LiveState(engine, tracker, loop_lag))
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
@@ -246,9 +255,10 @@ def rate_limit_scope(subject: str) -> str:
 class _LiveState(Collector):
     """Series read from live state when scraped: circuit state per model, in-flight calls per method."""
 
-    def __init__(self, engine: Feather, tracker: CallTracker | None) -> None:
+    def __init__(self, engine: Feather, tracker: CallTracker | None, loop_lag: LoopLag | None = None) -> None:
         self._engine = engine
         self._tracker = tracker
+        self._loop_lag = loop_lag
 
     def collect(self) -> Iterable[Metric]:
         circuit = GaugeMetricFamily(
@@ -259,8 +269,33 @@ class _LiveState(Collector):
         for m in self._engine.models():
             circuit.add_metric([m.provider, m.model.name], _CIRCUIT_VALUE.get(m.circuit_state, 2.0))
         yield circuit
+        conns = GaugeMetricFamily(
+            "feather_upstream_connections", "Connections open to the provider's upstreams.", labels=["provider"]
+        )
+        limit = GaugeMetricFamily(
+            "feather_upstream_connections_limit",
+            "The provider's limit of open connections per upstream host (providers.<name>.maxConnections).",
+            labels=["provider"],
+        )
+        for p in self._engine.config.providers:
+            if p.type != "mock":
+                conns.add_metric([p.name], float(self._engine.upstream_connections(p.name)))
+                limit.add_metric([p.name], float(p.max_connections))
+        yield conns
+        yield limit
         inflight = GaugeMetricFamily("feather_inflight_calls", "FeatherService calls in progress.", labels=["method"])
         if self._tracker is not None:
             for method, n in list(self._tracker.inflight.items()):
                 inflight.add_metric([method], float(n))
         yield inflight
+        if self._loop_lag is not None:
+            yield GaugeMetricFamily(
+                "feather_event_loop_lag_seconds",
+                "How late the event loop last ran a timer: new calls are shed past server.maxLoopLagMs.",
+                value=self._loop_lag.lag_s,
+            )
+            yield GaugeMetricFamily(
+                "feather_new_call_delay_seconds",
+                "How long a new call waits to start (a Chat or StreamChat probe to this process, every 100 ms).",
+                value=max(self._loop_lag.start_delay_s, self._loop_lag.waiting_s),
+            )

@@ -60,6 +60,13 @@ def open_ledger(config: GatewayConfig, worker: int | None = None) -> UsageLedger
         from feather_grpc.state.memory_ledger import MemoryLedger
 
         return MemoryLedger()
+    from feather_grpc.state.ledger_writer import SOCKET_ENV
+
+    writer_socket = os.environ.get(SOCKET_ENV)
+    if worker is not None and writer_socket:  # serve --workers: one writer process for all (see ledger_writer)
+        from feather_grpc.state.ledger_writer import SocketLedger
+
+        return SocketLedger(config.ledger_path, writer_socket, synchronous=config.ledger_synchronous)
     from feather_grpc.state.sqlite_ledger import SqliteLedger
 
     return SqliteLedger(config.ledger_path, synchronous=config.ledger_synchronous)

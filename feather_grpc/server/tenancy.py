@@ -21,6 +21,7 @@ import jwt
 from feather_grpc.config import GatewayConfig, TenantConfig
 from feather_grpc.engine.admission import queue_wait, rate_limit_exceeded
 from feather_grpc.engine.errors import Overloaded, RateLimitExceeded, StateStoreUnavailable, Unauthenticated
+from feather_grpc.server.loop_lag import LoopLag
 from feather_grpc.state.limits import BucketSpec, RateLimited, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,16 @@ def key_digest(api_key: str) -> str:
 class TenantGate:
     """Authenticates callers and applies the per-tenant and gateway-wide admission limits."""
 
-    def __init__(self, config: GatewayConfig, limiter: RateLimiter, max_in_flight: int = 0) -> None:
+    def __init__(
+        self, config: GatewayConfig, limiter: RateLimiter, max_in_flight: int = 0, loop_lag: LoopLag | None = None
+    ) -> None:
         self._config = config
         self._auth = config.auth
         self._limiter = limiter
         self._queue = config.rate_limit_mode == "queue"
         self._min_call_s = config.queue_min_call_s
         self._max_in_flight = max_in_flight
+        self._loop_lag = loop_lag
         self.open = self._auth.open  # no keys: every caller is `default_tenant`, the metadata is not read
         self.default_tenant = config.default_tenant
         self.in_flight = 0
@@ -106,6 +110,12 @@ class TenantGate:
         admission decisions. `leave` gives the slot back."""
         if self._max_in_flight and self.in_flight >= self._max_in_flight:
             raise Overloaded("the gateway is at its in-flight call limit; retry shortly", _BUSY_RETRY_S)
+        lag = self._loop_lag
+        if lag is not None and lag.saturated:
+            raise Overloaded(
+                f"the gateway is saturated (a new call waits {lag.delay_s * 1000:.0f} ms to start); retry elsewhere",
+                lag.retry_after_s,
+            )
         cap = tenant.concurrency
         if cap is not None and self._tenant_in_flight.get(tenant.name, 0) >= cap:
             raise RateLimitExceeded(

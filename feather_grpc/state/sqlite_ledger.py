@@ -269,7 +269,12 @@ class SqliteLedger:
 
     async def record(self, record: UsageRecord) -> None:
         usage_math.check_record(record)
-        row = _to_row(record)
+        # If the caller is cancelled now, the record is still committed: usage is settled anyway.
+        await self.enqueue_row(to_row(record))
+
+    def enqueue_row(self, row: Row) -> asyncio.Future[None]:
+        """Queues a row made by `to_row` from a checked record; the future is done once it is committed
+        (the ledger writer process enqueues the rows it receives, without a task per row)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if self._closed:
@@ -282,8 +287,7 @@ class SqliteLedger:
             parcel = self._parcels[loop] = []
             loop.call_soon(self._send, loop)
         parcel.append((row, future))
-        # If the caller is cancelled now, the record is still committed: usage is settled anyway.
-        await future
+        return future
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
         parcel = self._parcels.pop(loop, None)
@@ -585,7 +589,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _to_row(record: UsageRecord) -> Row:
+def to_row(record: UsageRecord) -> Row:
     tags = json.dumps(record.tags, separators=(",", ":")) if record.tags else "{}"
     return (
         record.request_id,

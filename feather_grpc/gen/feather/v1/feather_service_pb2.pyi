@@ -1962,6 +1962,7 @@ class ModelInfo(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     CIRCUIT_STATE_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """The configured provider name."""
     name: _builtins.str
@@ -1972,6 +1973,11 @@ class ModelInfo(_message.Message):
     """Current circuit state."""
     latency_ms: _builtins.int
     """Measured latency (decaying average) in milliseconds, 0 before the first call."""
+    max_connections: _builtins.int
+    """The provider's limit of open connections to each upstream host, per gateway process
+    (`providers.<name>.maxConnections`, default 1000); calls beyond it wait for a connection.
+    0 for a provider without an upstream (`mock`).
+    """
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases that resolve to this model."""
@@ -1995,10 +2001,11 @@ class ModelInfo(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         circuit_state: Global___CircuitState.ValueType = ...,
         latency_ms: _builtins.int = ...,
+        max_connections: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "latency_ms", b"latency_ms", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "latency_ms", b"latency_ms", "max_connections", b"max_connections", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

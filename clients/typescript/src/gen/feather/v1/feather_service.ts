@@ -1383,6 +1383,12 @@ export interface ModelInfo {
   circuitState: CircuitState;
   /** Measured latency (decaying average) in milliseconds, 0 before the first call. */
   latencyMs: bigint;
+  /**
+   * The provider's limit of open connections to each upstream host, per gateway process
+   * (`providers.<name>.maxConnections`, default 1000); calls beyond it wait for a connection.
+   * 0 for a provider without an upstream (`mock`).
+   */
+  maxConnections: number;
 }
 
 /** ListModelsResponse lists routable models. */
@@ -7071,6 +7077,7 @@ function createBaseModelInfo(): ModelInfo {
     capabilities: [],
     circuitState: 0,
     latencyMs: 0n,
+    maxConnections: 0,
   };
 }
 
@@ -7102,6 +7109,9 @@ export const ModelInfo: MessageFns<ModelInfo> = {
         throw new globalThis.Error("value provided for field message.latencyMs of type int64 too large");
       }
       writer.uint32(64).int64(message.latencyMs);
+    }
+    if (message.maxConnections !== 0) {
+      writer.uint32(72).int32(message.maxConnections);
     }
     return writer;
   },
@@ -7183,6 +7193,14 @@ export const ModelInfo: MessageFns<ModelInfo> = {
             message.latencyMs = reader.int64() as bigint;
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.maxConnections = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7219,6 +7237,11 @@ export const ModelInfo: MessageFns<ModelInfo> = {
         : isSet(object.latency_ms)
         ? BigInt(object.latency_ms)
         : 0n,
+      maxConnections: isSet(object.maxConnections)
+        ? globalThis.Number(object.maxConnections)
+        : isSet(object.max_connections)
+        ? globalThis.Number(object.max_connections)
+        : 0,
     };
   },
 
@@ -7248,6 +7271,9 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     if (message.latencyMs !== 0n) {
       obj.latencyMs = message.latencyMs.toString();
     }
+    if (message.maxConnections !== 0) {
+      obj.maxConnections = Math.round(message.maxConnections);
+    }
     return obj;
   },
 
@@ -7266,6 +7292,7 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     message.capabilities = object.capabilities?.map((e) => e) || [];
     message.circuitState = object.circuitState ?? 0;
     message.latencyMs = (object.latencyMs !== undefined && object.latencyMs !== null) ? BigInt(object.latencyMs) : 0n;
+    message.maxConnections = object.maxConnections ?? 0;
     return message;
   },
 };

@@ -1,0 +1,465 @@
+"""Held streams: how many open streams one gateway process holds, what each costs, and what a new call sees.
+
+LLM streams are long, so a gateway's real limit is how many calls it holds open at once. This scenario
+opens N StreamChat calls (ramped over --ramp seconds) against an upstream that sends one content chunk
+every --interval seconds for --chunks chunks, and while they are all open it starts a new probe call
+every --probe-every seconds and times its first token. It reports:
+
+- the gateway's RSS idle (before), at the peak (all streams open) and after the load (streams ended,
+  --settle seconds later), and the memory per open stream = (peak - idle) / streams held;
+- new-call time to first token, p50/p99 (probe calls started while the streams are held);
+- the shed count: calls refused RESOURCE_EXHAUSTED OVERLOADED (explicit saturation, with RetryInfo);
+- the lost count: calls the client saw end (in any way) without a ledger row. It must be 0;
+- every other status the clients saw, and the gateway's CPU over the hold.
+
+Processes: the upstream (a small uvloop HTTP/1.1 server, `--role upstream`), the gateway (`feather-grpc
+serve`, SQLite ledger in a temporary directory, response cache off, the provider's maxConnections raised
+above the stream count so that the pool is not what is measured), --holders client processes holding the
+streams, and one probe process. They all share the machine's cores with the gateway.
+
+    .venv/bin/python bench/held_streams.py --streams 1000 --interval 0.2 --ramp 5 --hold 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "held"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sse(doc: dict[str, Any]) -> bytes:
+    data = b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return _sse({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL, "choices": [choice]})
+
+
+# ---- the upstream: one content chunk every `interval` seconds -------------------------------------------
+
+
+async def upstream_main(port: int, chunks: int, interval: float) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    first = head + _chunk({"role": "assistant", "content": ""}) + _chunk({"content": "tok "})
+    piece = _chunk({"content": "tok "})
+    usage = {"prompt_tokens": 10, "completion_tokens": chunks + 1, "total_tokens": chunks + 11}
+    tail = (
+        _chunk({}, "stop")
+        + _sse({"id": "c", "object": "chat.completion.chunk", "created": 1, "choices": [], "usage": usage})
+        + b"%x\r\n%s\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n")
+        + b"0\r\n\r\n"
+    )
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head_bytes = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head_bytes.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                writer.write(first)
+                for _ in range(chunks):
+                    await asyncio.sleep(interval)
+                    if writer.is_closing():  # the gateway let go (a probe call keeps only its first token)
+                        return
+                    writer.write(piece)
+                writer.write(tail)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", port, backlog=4096)
+    print(json.dumps({"ready": True}), flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+# ---- the clients --------------------------------------------------------------------------------------
+
+
+def _client_imports() -> tuple[Any, Any, Any]:
+    import grpc
+
+    from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+    from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
+
+    return grpc, pb, pb_grpc
+
+
+def _reason(err: Any) -> str:
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)
+    if status is not None:
+        from google.rpc import error_details_pb2
+
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return f"{err.code().name}/{info.reason}"
+    return str(err.code().name)
+
+
+async def holder_main(address: str, prefix: str, count: int, ramp: float, per_channel: int) -> None:
+    """Opens `count` streams evenly over `ramp` seconds, reads each to its end; prints one JSON summary."""
+    grpc, pb, pb_grpc = _client_imports()
+    channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, -(-count // per_channel)))]
+    outcomes: dict[str, str] = {}
+    ttft: list[float] = []
+    opened = asyncio.Event()
+    open_now = 0
+
+    async def one(i: int) -> None:
+        nonlocal open_now
+        rid = f"{prefix}-{i}"
+        t0 = time.perf_counter()
+        stub = pb_grpc.FeatherServiceStub(channels[i // per_channel])
+        request = pb.StreamChatRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+        request.request_id = rid
+        counted = False
+        try:
+            async for event in stub.StreamChat(request):
+                if not counted and event.HasField("delta"):
+                    counted = True
+                    open_now += 1
+                    ttft.append(time.perf_counter() - t0)
+            outcomes[rid] = "OK"
+        except grpc.aio.AioRpcError as e:
+            outcomes[rid] = _reason(e)
+
+    tasks = []
+    start = time.perf_counter()
+    for i in range(count):
+        delay = start + ramp * i / max(count, 1) - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    opened.set()
+    await asyncio.gather(*tasks)
+    for c in channels:
+        await c.close()
+    print(json.dumps({"outcomes": outcomes, "held_ttft": ttft}), flush=True)
+
+
+async def direct_first_token(upstream_port: int) -> float:
+    """The reference: a new connection straight to the upstream, POST, until the first content chunk."""
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+    body = b'{"model":"held","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    buf = b""
+    while b'"content":"tok' not in buf:
+        data = await reader.read(65536)
+        if not data:
+            break
+        buf += data
+    elapsed = time.perf_counter() - t0
+    writer.close()
+    return elapsed
+
+
+async def probe_main(address: str, delay: float, duration: float, every: float, upstream_port: int) -> None:
+    """After `delay`, starts a new StreamChat every `every` seconds for `duration`; times its first token,
+    and the same straight from the upstream (a new connection each time) as the same-run reference."""
+    grpc, pb, pb_grpc = _client_imports()
+    await asyncio.sleep(delay)
+    outcomes: dict[str, str] = {}
+    ttft: list[float] = []
+    direct: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.FeatherServiceStub(channel)
+
+        async def one(i: int) -> None:
+            rid = f"probe-{i}"
+            request = pb.StreamChatRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+            request.request_id = rid
+            t0 = time.perf_counter()
+            call = stub.StreamChat(request, timeout=60)
+            try:
+                async for event in call:
+                    if event.HasField("delta") and event.delta.content:
+                        ttft.append(time.perf_counter() - t0)
+                        call.cancel()  # a probe needs only its first token
+                        break
+                outcomes[rid] = "OK(first token)"
+            except grpc.aio.AioRpcError as e:
+                outcomes[rid] = _reason(e)
+            except asyncio.CancelledError:
+                outcomes[rid] = "OK(first token)"
+
+        async def reference() -> None:
+            direct.append(await direct_first_token(upstream_port))
+
+        tasks = []
+        end = time.perf_counter() + duration
+        i = 0
+        while time.perf_counter() < end:
+            tasks.append(asyncio.create_task(one(i)))
+            tasks.append(asyncio.create_task(reference()))
+            i += 1
+            await asyncio.sleep(every)
+        await asyncio.gather(*tasks)
+    print(json.dumps({"outcomes": outcomes, "ttft": ttft, "direct": direct}), flush=True)
+
+
+# ---- the orchestration --------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _gauges(port: int) -> dict[str, float]:
+    """The gateway's unlabelled gauges, from its metrics endpoint."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="feather-held-"))
+    up_port, gw_port = _free_port(), _free_port()
+    hold_s = opts.interval * opts.chunks
+    upstream = _spawn(["--role", "upstream", "--port", str(up_port), "--chunks", str(opts.chunks),
+                       "--interval", str(opts.interval)])  # fmt: skip
+    assert upstream.stdout is not None and json.loads(upstream.stdout.readline())["ready"]
+    db = tmp / "usage.db"
+    server: dict[str, Any] = {"host": "127.0.0.1", "gracePeriodS": 2}
+    if opts.max_loop_lag_ms is not None:
+        server["maxLoopLagMs"] = opts.max_loop_lag_ms
+    if opts.max_in_flight is not None:
+        server["maxInFlight"] = opts.max_in_flight
+    cfg = {
+        "providers": {
+            "up": {
+                "type": "openai-compatible",
+                "baseUrl": f"http://127.0.0.1:{up_port}/v1",
+                "maxConnections": max(opts.streams * 2, 1000),
+                "timeoutMs": int((hold_s + 60) * 1000),
+                "models": [{"name": MODEL, "inputPer1M": 0.15, "outputPer1M": 0.6}],
+            }
+        },
+        "cache": {"enabled": False},
+        "ledger": {"type": "sqlite", "path": str(db)},
+        "server": server,
+    }
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEATHER_", "METRICS_", "OTEL_", "LOG_"))}
+    metrics_port = _free_port()
+    env.update(FEATHER_EVENT_LOOP=opts.loop, LOG_LEVEL="warning", METRICS_PORT=str(metrics_port))
+    env.update(kv.split("=", 1) for kv in opts.gateway_env)
+    log = (tmp / "gateway.log").open("w")
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "feather_grpc.cli", "serve", "--config", str(tmp / "config.json"), "--port",
+         str(gw_port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    address = f"127.0.0.1:{gw_port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", gw_port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or gateway.poll() is not None:
+                raise SystemExit(f"the gateway did not start: {(tmp / 'gateway.log').read_text()[-2000:]}") from None
+            time.sleep(0.1)
+    time.sleep(1.0)
+    idle = rss_mb(gateway.pid)
+    cpu0, t0 = cpu_s(gateway.pid), time.monotonic()
+    per = -(-opts.streams // opts.holders)
+    holders = [
+        _spawn(["--role", "holder", "--address", address, "--prefix", f"h{k}", "--count",
+                str(min(per, opts.streams - k * per)), "--ramp", str(opts.ramp), "--per-channel",
+                str(opts.per_channel)])
+        for k in range(opts.holders) if opts.streams - k * per > 0
+    ]  # fmt: skip
+    probe_window = max(hold_s - opts.ramp - 2 * opts.interval - 1, 1.0)
+    probe = _spawn(["--role", "probe", "--address", address, "--delay", str(opts.ramp + 0.5), "--duration",
+                    str(probe_window), "--every", str(opts.probe_every), "--port", str(up_port)])  # fmt: skip
+    # The peak: after the ramp, while every stream is open (sampled through the hold, highest kept).
+    peak = idle
+    gauges: dict[str, list[float]] = {"feather_event_loop_lag_seconds": [], "feather_new_call_delay_seconds": []}
+    while time.monotonic() < t0 + opts.ramp + probe_window:
+        if time.monotonic() > t0 + opts.ramp:
+            peak = max(peak, rss_mb(gateway.pid))
+        for name, value in _gauges(metrics_port).items():
+            if name in gauges:
+                gauges[name].append(value)
+        time.sleep(0.25)
+    cpu_hold = cpu_s(gateway.pid) - cpu0
+    wall_hold = time.monotonic() - t0
+    results = []
+    for p in [*holders, probe]:
+        out, _ = p.communicate(timeout=hold_s + 120)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        ttft_buckets = [
+            line for line in reply.read().decode().splitlines()
+            if line.startswith("feather_time_to_first_token_seconds_bucket")
+        ]  # fmt: skip
+    time.sleep(opts.settle)
+    after = rss_mb(gateway.pid)
+    gateway.terminate()
+    gateway.wait(timeout=30)
+    upstream.terminate()
+    upstream.wait(timeout=10)
+
+    seen: dict[str, str] = {}
+    for r in results:
+        seen.update(r["outcomes"])
+    ttft = next(r["ttft"] for r in results if "ttft" in r)
+    direct = next(r["direct"] for r in results if "direct" in r)
+    held_ttft = [t for r in results for t in r.get("held_ttft", [])]
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT request_id, outcome || '/' || error_reason FROM usage_records").fetchall())
+    lost = sorted(rid for rid in seen if rid not in rows)
+    held = [v for k, v in seen.items() if not k.startswith("probe")]
+    statuses: dict[str, int] = {}
+    for v in seen.values():
+        statuses[v] = statuses.get(v, 0) + 1
+    held_ok = held.count("OK")
+    return {
+        "streams": opts.streams,
+        "interval_s": opts.interval,
+        "chunks": opts.chunks,
+        "ramp_s": opts.ramp,
+        "holders": opts.holders,
+        "loop": opts.loop,
+        "server": server,
+        "rss_idle_mb": round(idle, 1),
+        "rss_peak_mb": round(peak, 1),
+        "rss_after_mb": round(after, 1),
+        "held_ok": held_ok,
+        "kb_per_stream": round((peak - idle) * 1024 / held_ok, 1) if held_ok else None,
+        "probe_calls": len(ttft),
+        "ttft_p50_ms": round(_pct(ttft, 0.5) * 1000, 2),
+        "ttft_p99_ms": round(_pct(ttft, 0.99) * 1000, 2),
+        "ttft_max_ms": round(max(ttft) * 1000, 2) if ttft else None,
+        "held_ttft_p50_ms": round(_pct(held_ttft, 0.5) * 1000, 2),
+        "held_ttft_p99_ms": round(_pct(held_ttft, 0.99) * 1000, 2),
+        "direct_ttft_p50_ms": round(_pct(direct, 0.5) * 1000, 2),
+        "direct_ttft_p99_ms": round(_pct(direct, 0.99) * 1000, 2),
+        "shed": sum(1 for v in seen.values() if v.endswith("/OVERLOADED")),
+        "lost": len(lost),
+        "lost_examples": lost[:5],
+        "statuses": statuses,
+        "gateway_cpu_cores_during_hold": round(cpu_hold / wall_hold, 2),
+        # The gateway's own measures, scraped every 0.25 s from the ramp's start to the hold's end.
+        "loop_lag_ms_max": round(max(gauges["feather_event_loop_lag_seconds"], default=0) * 1000, 1),
+        "new_call_delay_ms_p50": round(_pct(gauges["feather_new_call_delay_seconds"], 0.5) * 1000, 1),
+        "new_call_delay_ms_max": round(max(gauges["feather_new_call_delay_seconds"], default=0) * 1000, 1),
+        "ledger_rows": len(rows),
+        "gateway_ttft_histogram": [line.rpartition("le=")[2] for line in ttft_buckets],
+        "machine_load_1m": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "mean_ttft_ms": round(statistics.fmean(ttft) * 1000, 2) if ttft else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--role", default="main", choices=["main", "upstream", "holder", "probe"])
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--interval", type=float, default=0.2, help="seconds between two chunks of a stream")
+    ap.add_argument("--chunks", type=int, default=75, help="chunks per stream (its length: chunks x interval)")
+    ap.add_argument("--ramp", type=float, default=5.0, help="seconds over which the streams are opened")
+    ap.add_argument("--holders", type=int, default=2, help="client processes holding the streams")
+    ap.add_argument("--per-channel", type=int, default=100, help="streams per client connection")
+    ap.add_argument("--probe-every", type=float, default=0.1, help="seconds between two probe calls")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds after the load before RSS is read again")
+    ap.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    ap.add_argument("--max-loop-lag-ms", type=int, help="the gateway's server.maxLoopLagMs (default: its own)")
+    ap.add_argument("--max-in-flight", type=int, help="the gateway's server.maxInFlight (default: its own)")
+    ap.add_argument("--json", help="also write the result to this file")
+    ap.add_argument("--gateway-env", action="append", default=[], help="NAME=VALUE for the gateway (repeatable)")
+    # Internal (child processes):
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--address")
+    ap.add_argument("--prefix")
+    ap.add_argument("--count", type=int)
+    ap.add_argument("--delay", type=float)
+    ap.add_argument("--duration", type=float)
+    ap.add_argument("--every", type=float)
+    opts = ap.parse_args()
+    if opts.role != "main":
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        if opts.role == "upstream":
+            runner(upstream_main(opts.port, opts.chunks, opts.interval))
+        elif opts.role == "holder":
+            runner(holder_main(opts.address, opts.prefix, opts.count, opts.ramp, opts.per_channel))
+        else:
+            runner(probe_main(opts.address, opts.delay, opts.duration, opts.every, opts.port))
+        return
+    result = run(opts)
+    print(json.dumps(result, indent=2))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

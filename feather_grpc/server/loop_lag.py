@@ -1,0 +1,178 @@
+"""Saturation: whether this process can start a new call promptly, measured two ways.
+
+A process holding thousands of streams saturates its one event loop long before memory or the in-flight
+cap. It shows in two places:
+
+- Event-loop lag: every callback, a new call's included, waits for the whole ready queue. `LoopLag` wakes
+  every `interval_s` and records how late it woke.
+- gRPC's own queue: grpc.aio takes a method's new calls from gRPC core one at a time (each one waits for
+  an event-loop turn and a hop through its poller thread), so when turns are long, or the process gets
+  little CPU, a burst of StreamChat calls waits there for seconds, unseen by the gateway, while the
+  loop's lag stays small. The probe measures that wait directly: every `probe_every_s` it makes a
+  StreamChat or a Chat to this very process (`StartProbes` answers it at once, past the queue); its
+  round trip is how long a new call waits to start.
+
+`saturated` is true while the last two wake-ups were both later than the limit, or the last two probes
+both took longer, or the probe in flight has already waited twice the limit: so that a single stall (a
+garbage collection, a large reply's parse, a busy neighbour on the machine) sheds nothing, while a
+process that is late again and again, or a queue that keeps a call waiting, does. The gateway then
+refuses new calls at once with OVERLOADED and RetryInfo (server.tenancy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+Probe = Callable[[], Awaitable[object]]
+
+
+class LoopLag:
+    """Measures the running loop's lag, and with a `probe`, how long a new call waits to start."""
+
+    def __init__(
+        self, limit_s: float, interval_s: float = 0.05, probe: Probe | None = None, probe_every_s: float = 0.1
+    ) -> None:
+        self.limit_s = limit_s  # 0: measure, never report saturation
+        self.interval_s = interval_s
+        self.probe = probe
+        self.probe_every_s = probe_every_s
+        self.lag_s = 0.0  # how late the last wake-up was
+        self._previous_s = 0.0  # ... and the one before
+        self.start_delay_s = 0.0  # the last probe's round trip
+        self._previous_start_s = 0.0
+        self._probe_since: float | None = None  # when the probe in flight was sent
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def waiting_s(self) -> float:
+        """How long the probe in flight has waited so far (0 with none in flight)."""
+        since = self._probe_since
+        return 0.0 if since is None else time.perf_counter() - since
+
+    @property
+    def saturated(self) -> bool:
+        """True while the process cannot start new work within the limit (see the module docstring)."""
+        limit = self.limit_s
+        if limit <= 0:
+            return False
+        return (
+            min(self.lag_s, self._previous_s) > limit
+            or min(self.start_delay_s, self._previous_start_s) > limit
+            or self.waiting_s > 2 * limit
+        )
+
+    @property
+    def delay_s(self) -> float:
+        """The worst current measure: loop lag, the last probe's round trip, or the probe in flight."""
+        return max(self.lag_s, self.start_delay_s, self.waiting_s)
+
+    @property
+    def retry_after_s(self) -> float:
+        """What a shed caller is told: about the time the process needs to catch up, within [0.25 s, 5 s]."""
+        return min(max(self.delay_s, 0.25), 5.0)
+
+    def start(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks.append(loop.create_task(self._run(), name="feather-loop-lag"))
+            if self.probe is not None:
+                self._tasks.append(loop.create_task(self._run_probe(self.probe), name="feather-start-probe"))
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._probe_since = None
+
+    async def _run(self) -> None:
+        clock = time.perf_counter
+        while True:
+            due = clock() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self._previous_s, self.lag_s = self.lag_s, max(clock() - due, 0.0)
+
+    async def _run_probe(self, probe: Probe) -> None:
+        clock = time.perf_counter
+        while True:
+            self._probe_since = sent = clock()
+            # A probe that fails measures its time all the same: how long the process took to answer.
+            with contextlib.suppress(Exception):
+                await probe()
+            self._previous_start_s, self.start_delay_s = self.start_delay_s, clock() - sent
+            self._probe_since = None
+            await asyncio.sleep(self.probe_every_s)
+
+
+PROBE_HEADER = "x-feather-start-probe"
+
+
+class StartProbes(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers this process's own probe calls at once, before any other interceptor: grpc.aio queues each
+    method's new calls separately (one taken per event-loop turn), so the probe must be a real Chat or
+    StreamChat to wait in their queue; past the queue it costs nothing, is in no ledger, log, metric or
+    trace. A probe carries `PROBE_HEADER` with a random token only this process knows."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(16)
+        empty_stream = grpc.unary_stream_rpc_method_handler(
+            _no_events, request_deserializer=None, response_serializer=_empty_bytes
+        )
+        empty_reply = grpc.unary_unary_rpc_method_handler(
+            _no_reply, request_deserializer=None, response_serializer=_empty_bytes
+        )
+        self._handlers = {
+            "/feather.v1.FeatherService/StreamChat": empty_stream,
+            "/feather.v1.FeatherService/Chat": empty_reply,
+        }
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        for key, value in details.invocation_metadata or ():
+            if key == PROBE_HEADER and value == self.token:
+                handler = self._handlers.get(details.method)
+                if handler is not None:
+                    return handler
+        return await continuation(details)
+
+    def probe(self, channel: grpc.aio.Channel, timeout_s: float) -> Probe:
+        """Alternately a StreamChat and a Chat to this process over `channel`."""
+        metadata = ((PROBE_HEADER, self.token),)
+        stream = channel.unary_stream("/feather.v1.FeatherService/StreamChat", request_serializer=None)
+        unary = channel.unary_unary("/feather.v1.FeatherService/Chat", request_serializer=None)
+        turn = 0
+
+        async def once() -> None:
+            nonlocal turn
+            turn += 1
+            if turn % 2:
+                async for _ in stream(b"", metadata=metadata, timeout=timeout_s):
+                    pass
+            else:
+                await unary(b"", metadata=metadata, timeout=timeout_s)
+
+        return once
+
+
+async def _no_events(request: object, context: object) -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that sends no message
+
+
+async def _no_reply(request: object, context: object) -> bytes:
+    return b""
+
+
+def _empty_bytes(message: object) -> bytes:
+    return b""

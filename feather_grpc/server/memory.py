@@ -1,0 +1,56 @@
+"""Gives memory back to the operating system once a burst of calls is over.
+
+Thousands of held streams leave the process's heap fragmented: Python frees their objects, but glibc's
+malloc keeps the freed pages, so RSS stays near its peak long after the load (held_streams: 62 MB idle,
+78-97 MB after 2,000 streams). Once no call has been in flight for a whole check interval after some
+load, this runs a full garbage collection and `malloc_trim(0)`, which returns the free pages at the top
+and in the middle of the heap. Only then: trimming costs a few milliseconds, and nothing is in flight to
+notice. Elsewhere than glibc it only collects. Measured (held_streams, 1,000 streams, two pairs in the same
+minutes): 85-86 MB 12 s after the load with it, 89-93 MB without, from 63 MB idle: it returns a part;
+the rest is Python's own arenas and gRPC's, which this does not reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+async def return_memory_when_idle(
+    in_flight: Callable[[], int], interval_s: float = 5.0, trim: Callable[[int], int] | None = None
+) -> None:
+    """Forever: after load, once `in_flight()` has stayed 0 across a whole interval, collect and trim."""
+    trim = trim or _malloc_trim()
+    busy = False
+    was_idle = False
+    while True:
+        await asyncio.sleep(interval_s)
+        idle = in_flight() == 0
+        if not idle:
+            busy, was_idle = True, False
+            continue
+        if busy and was_idle:  # idle at the last check and now: the burst is over
+            gc.collect()
+            if trim is not None:
+                await asyncio.to_thread(trim, 0)
+            busy = False
+        was_idle = True
