@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from feather_grpc.state.ledger import Outcome, UsageRecord
+from feather_grpc.core.ledger import Outcome, UsageRecord
 from feather_grpc.state.sqlite_ledger import SqliteLedger, Synchronous
 
 

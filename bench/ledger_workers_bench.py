@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def worker(mode: str, path: str, socket_path: str, index: int, concurrency: int, seconds: float) -> None:
-    from feather_grpc.state.ledger import Outcome, UsageRecord
+    from feather_grpc.core.ledger import Outcome, UsageRecord
     from feather_grpc.state.ledger_writer import SocketLedger
     from feather_grpc.state.sqlite_ledger import SqliteLedger
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from feather_grpc.state.ledger import Outcome, UsageRecord
+from feather_grpc.core.ledger import Outcome, UsageRecord
 from feather_grpc.state.ledger_spool import LedgerSpool
 from feather_grpc.state.postgres_ledger import PostgresLedger
 from feather_grpc.state.sqlite_ledger import Synchronous

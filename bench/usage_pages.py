@@ -34,9 +34,9 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from feather_grpc.core.ledger import UsageRecord  # noqa: E402
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb  # noqa: E402
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc  # noqa: E402
-from feather_grpc.state.ledger import UsageRecord  # noqa: E402
 from feather_grpc.state.sqlite_ledger import SqliteLedger  # noqa: E402
 
 ADMIN_KEY, CALLER_KEY = "fk_bench_ops", "fk_bench_caller"

@@ -19,12 +19,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from feather_grpc.engine.breaker import BreakerSettings
-from feather_grpc.engine.cache import CacheSettings
-from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
-from feather_grpc.providers.base import DEFAULT_MAX_RESPONSE_BYTES
-from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
-from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES
+from feather_grpc.core.breaker import BreakerSettings
+from feather_grpc.core.cache import CacheSettings
+from feather_grpc.core.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
+from feather_grpc.core.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
+from feather_grpc.core.upstream import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ class ProviderSpec(_Strict):
     @field_validator("default_fields")
     @classmethod
     def _fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
-        from feather_grpc.engine.validation import GATEWAY_OWNED_FIELDS
+        from feather_grpc.core.types import GATEWAY_OWNED_FIELDS
 
         owned = sorted(GATEWAY_OWNED_FIELDS.intersection(fields))
         if owned:
@@ -702,7 +701,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
 def _redis_url(env: dict[str, str]) -> str:
     url = env.get("REDIS_URL", "")
     if url:
-        from feather_grpc.state.resp import parse_url
+        from feather_grpc.core.redis_url import parse_url
 
         try:
             parse_url(url)

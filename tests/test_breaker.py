@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from feather_grpc.engine.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
+from feather_grpc.core.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
 
 
 class Clock:

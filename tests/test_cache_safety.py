@@ -16,9 +16,9 @@ import grpc
 import pytest
 
 from feather_grpc import config
-from feather_grpc.engine.cache import CachedReply, CacheSettings, MemoryResponseCache
+from feather_grpc.core.cache import CachedReply, CacheSettings, MemoryResponseCache
+from feather_grpc.core.types import FinishReason
 from feather_grpc.engine.redaction import Redactor
-from feather_grpc.engine.types import FinishReason
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.app import GatewayServer

@@ -14,9 +14,9 @@ import feather_client as fc
 import grpc
 import pytest
 
-from feather_grpc.engine.errors import ProviderError
-from feather_grpc.engine.tokens import estimate_prompt_tokens
-from feather_grpc.engine.types import ChatRequest, Message, Part, PartKind, Role
+from feather_grpc.core.errors import ProviderError
+from feather_grpc.core.tokens import estimate_prompt_tokens
+from feather_grpc.core.types import ChatRequest, Message, Part, PartKind, Role
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import ProviderSettings, build_provider
 from feather_grpc.providers.http import new_session

@@ -10,7 +10,7 @@ import feather_client as fc
 import grpc
 import pytest
 
-from feather_grpc.engine.types import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta
+from feather_grpc.core.types import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers.base import coalesce
 from sim.upstream import Reply, SimToolCall, SimUsage, UpstreamSimulator

@@ -26,10 +26,10 @@ import uvloop
 
 from feather_grpc import config
 from feather_grpc.config import ConfigError
-from feather_grpc.engine.errors import ProviderError
+from feather_grpc.core.egress import Egress, Proxy, bypasses_proxy, env_proxy, parse_proxy
+from feather_grpc.core.errors import ProviderError
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import ProviderSettings, build_provider
-from feather_grpc.providers.egress import Egress, Proxy, bypasses_proxy, env_proxy, parse_proxy
 from feather_grpc.providers.transport import ConnectError, HttpClient
 from sim.proxy import ConnectProxy
 from sim.upstream import UpstreamSimulator
@@ -426,7 +426,7 @@ async def test_a_tunnel_to_an_unknown_host_is_a_connect_error(pki: Path) -> None
 
 
 def _request() -> Any:
-    from feather_grpc.engine.types import ChatRequest, Message, Role
+    from feather_grpc.core.types import ChatRequest, Message, Role
 
     return ChatRequest(model="gpt", messages=[Message(Role.USER, "hi")])
 

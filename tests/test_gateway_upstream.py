@@ -244,8 +244,8 @@ async def test_deadline_shorter_than_upstream_latency_is_deadline_exceeded(sim: 
 
 def _prompt_cost() -> int:
     """What one abandoned attempt of user("abandoned") on gpt-sim bills: its prompt estimate."""
-    from feather_grpc.engine.tokens import estimate_prompt_tokens
-    from feather_grpc.engine.types import Message, Role
+    from feather_grpc.core.tokens import estimate_prompt_tokens
+    from feather_grpc.core.types import Message, Role
 
     return estimate_prompt_tokens([Message(Role.USER, "abandoned")]) * 30_000
 

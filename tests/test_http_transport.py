@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from feather_grpc.engine.errors import ProviderError
+from feather_grpc.core.errors import ProviderError
 from feather_grpc.providers import ProviderSettings, build_provider
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import (
@@ -704,7 +704,7 @@ async def test_cancelled_during_the_tls_handshake_leaks_nothing(client: HttpClie
 
 
 def _ask() -> Any:
-    from feather_grpc.engine.types import ChatRequest, Message, Role
+    from feather_grpc.core.types import ChatRequest, Message, Role
 
     return ChatRequest(model="m", messages=[Message(Role.USER, "hi")])
 

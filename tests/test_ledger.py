@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
-from feather_grpc.state.ledger import (
+from feather_grpc.core.ledger import (
     GroupBy,
     LedgerWriteError,
     Outcome,
@@ -31,6 +30,7 @@ from feather_grpc.state.ledger import (
     UsageReport,
     UsageTotals,
 )
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.sqlite_ledger import COLUMNS, SCHEMA_VERSION, SqliteLedger
 from feather_grpc.state.usage_math import DAY_NS, HOUR_NS, sum_totals
@@ -721,7 +721,7 @@ async def test_a_v1_file_is_migrated_in_place_and_billed_by_the_rule(tmp_path: P
 
 CHILD_RETRIER = """
 import asyncio, sys
-from feather_grpc.state.ledger import Outcome, UsageRecord
+from feather_grpc.core.ledger import Outcome, UsageRecord
 from feather_grpc.state.sqlite_ledger import SqliteLedger
 
 async def main():
@@ -1017,7 +1017,7 @@ async def test_queries_read_beside_writers(sqlite_ledger: SqliteLedger, tmp_path
 
 CHILD_CRASH = """
 import asyncio, os, signal, sys
-from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.core.ledger import UsageRecord
 from feather_grpc.state.sqlite_ledger import SqliteLedger
 
 async def main():
@@ -1031,7 +1031,7 @@ asyncio.run(main())
 
 CHILD_WRITER = """
 import asyncio, sys
-from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.core.ledger import UsageRecord
 from feather_grpc.state.sqlite_ledger import SqliteLedger
 
 async def main():

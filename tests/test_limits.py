@@ -24,13 +24,10 @@ import pytest
 from redis.crc import key_slot
 
 from feather_grpc.config import GatewayConfig, parse_file_config, resolve
-from feather_grpc.engine.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
-from feather_grpc.engine.errors import RateLimitExceeded
-from feather_grpc.engine.gateway import CallContext, Feather
-from feather_grpc.engine.types import ChatRequest, Message, Role
-from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
-from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
-from feather_grpc.state.limits import (
+from feather_grpc.core.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
+from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.errors import RateLimitExceeded
+from feather_grpc.core.limits import (
     BucketSpec,
     BudgetExceeded,
     BudgetStore,
@@ -39,6 +36,9 @@ from feather_grpc.state.limits import (
     RateLimiter,
     StateUnavailable,
 )
+from feather_grpc.core.types import ChatRequest, Message, Role
+from feather_grpc.engine.gateway import CallContext, Feather
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
 from feather_grpc.state.redis_state import RedisBudgetStore, RedisCircuitStore, RedisState

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from feather_grpc.state.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageReport, UsageTotals
+from feather_grpc.core.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageReport, UsageTotals
 from feather_grpc.state.ledger_spool import SpoolLocked
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.postgres_ledger import SCHEMA_VERSION, LedgerUnavailable, PostgresLedger
@@ -498,7 +498,7 @@ async def test_a_slow_postgres_does_not_slow_record(ledger: PostgresLedger, dsn:
 
 CHILD = """
 import asyncio, sys
-from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.core.ledger import UsageRecord
 from feather_grpc.state.postgres_ledger import PostgresLedger
 
 async def main():

@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
-from feather_grpc.engine.pricing import Price, usd_to_nanos_per_million
-from feather_grpc.engine.types import Usage
+from feather_grpc.core.pricing import Price, usd_to_nanos_per_million
+from feather_grpc.core.types import Usage
 
 
 def test_conversion_is_exact_for_per_1k_and_per_1m() -> None:

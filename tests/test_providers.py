@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from feather_grpc.engine.errors import ProviderError
-from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
-from feather_grpc.engine.types import (
+from feather_grpc.core.errors import ProviderError
+from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
+from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
     Message,

@@ -15,13 +15,13 @@ import grpc
 import pytest
 
 from feather_grpc import config
+from feather_grpc.core.ledger import Outcome, UsageRecord
+from feather_grpc.core.limits import BucketSpec, StateUnavailable
 from feather_grpc.engine.gateway import Feather
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.app import GatewayServer
 from feather_grpc.server.logs import CALLS_LOGGER
-from feather_grpc.state.ledger import Outcome, UsageRecord
-from feather_grpc.state.limits import BucketSpec, StateUnavailable
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.memory_limits import MemoryRateLimiter
 from sim.upstream import Reply, UpstreamSimulator

@@ -398,7 +398,7 @@ async def test_fail_open_keeps_serving_with_local_limits() -> None:
 async def test_fail_open_reconciles_budget_spend_from_the_ledger_when_redis_returns() -> None:
     import datetime as dt
 
-    from feather_grpc.state.limits import BudgetWindow
+    from feather_grpc.core.limits import BudgetWindow
     from feather_grpc.state.redis_state import RedisState
 
     doc = _redis_config("open")

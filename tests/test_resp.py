@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import uvloop
 
-from feather_grpc.engine.cache import CachedReply, CacheSettings
-from feather_grpc.engine.types import FinishReason, ToolCall
+from feather_grpc.core.cache import CachedReply, CacheSettings
+from feather_grpc.core.redis_url import RedisAddress
+from feather_grpc.core.types import FinishReason, ToolCall
 from feather_grpc.state.redis_cache import RedisResponseCache
-from feather_grpc.state.resp import RedisAddress, RedisClient, RedisUnavailable, ReplyError, _Connection, pack
+from feather_grpc.state.resp import RedisClient, RedisUnavailable, ReplyError, _Connection, pack
 from tests.redis_server import RedisServer
 
 # Every reply type, nested arrays and a bulk string holding CRLF among them.

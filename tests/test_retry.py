@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from feather_grpc.config import RetryConfig
+from feather_grpc.core.types import RetryOverride
 from feather_grpc.engine.retry import RetryPolicy
-from feather_grpc.engine.types import RetryOverride
 
 
 def test_full_jitter_stays_within_the_exponential_ceiling_and_the_cap() -> None:

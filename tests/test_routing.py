@@ -7,8 +7,8 @@ import random
 import pytest
 
 from feather_grpc.config import ModelConfig, RouteConfig
-from feather_grpc.engine.errors import ModelNotFound
-from feather_grpc.engine.pricing import Price
+from feather_grpc.core.errors import ModelNotFound
+from feather_grpc.core.pricing import Price
 from feather_grpc.engine.routing import LatencyTracker, Router
 
 

@@ -14,11 +14,11 @@ import grpc
 import pytest
 
 from feather_grpc import config
+from feather_grpc.core.ledger import Outcome
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.app import GatewayServer, queue_limits
 from feather_grpc.server.loop_lag import PROBE_HEADER, LoopLag
 from feather_grpc.server.memory import return_memory_when_idle
-from feather_grpc.state.ledger import Outcome
 from feather_grpc.state.memory_ledger import MemoryLedger
 from sim.upstream import Reply, UpstreamSimulator
 from tests.gateway_harness import Gateway, rich_error, running_gateway, user

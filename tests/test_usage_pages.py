@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import pytest
 
+from feather_grpc.core.ledger import GroupBy, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
-from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.postgres_ledger import PostgresLedger
 from feather_grpc.state.sqlite_ledger import SqliteLedger

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from feather_grpc.config import GatewayConfig, ModelConfig, TenantConfig
-from feather_grpc.engine.errors import (
+from feather_grpc.core.errors import (
     BudgetExhausted,
     ModelNotAllowed,
     RateLimitExceeded,
     StateStoreUnavailable,
 )
-from feather_grpc.engine.routing import RouteCandidate
-from feather_grpc.engine.tokens import estimate_prompt_tokens
-from feather_grpc.engine.types import ChatRequest
-from feather_grpc.state.limits import (
+from feather_grpc.core.limits import (
     BucketSpec,
     BudgetExceeded,
     BudgetStore,
@@ -36,6 +33,9 @@ from feather_grpc.state.limits import (
     Reservation,
     StateUnavailable,
 )
+from feather_grpc.core.tokens import estimate_prompt_tokens
+from feather_grpc.core.types import ChatRequest
+from feather_grpc.engine.routing import RouteCandidate
 
 T = TypeVar("T")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
-from feather_grpc.engine import inputs
-from feather_grpc.engine.admission import Admission, Ticket
-from feather_grpc.engine.breaker import CircuitBreakers, CircuitState, Permit
-from feather_grpc.engine.cache import CachedReply, MemoryResponseCache, ResponseCache, cache_key
-from feather_grpc.engine.errors import (
+from feather_grpc.core import inputs
+from feather_grpc.core.breaker import CircuitBreakers, CircuitState, Permit
+from feather_grpc.core.cache import CachedReply, MemoryResponseCache, ResponseCache, cache_key
+from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.errors import (
     DeadlineExceeded,
     FeatherError,
     FieldViolation,
@@ -34,14 +34,11 @@ from feather_grpc.engine.errors import (
     UpstreamInvalidRequest,
     UpstreamUnavailable,
 )
-from feather_grpc.engine.ledger_guard import LedgerGuard
-from feather_grpc.engine.observe import CallObserver
-from feather_grpc.engine.redaction import Redactor
-from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
-from feather_grpc.engine.retry import RetryPolicy
-from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
-from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
-from feather_grpc.engine.types import (
+from feather_grpc.core.ledger import LedgerWriteError, Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
+from feather_grpc.core.limits import BudgetStore, RateLimiter, StateUnavailable
+from feather_grpc.core.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
+from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
+from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
     PromptUsage,
@@ -54,14 +51,17 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
+from feather_grpc.engine.admission import Admission, Ticket
+from feather_grpc.engine.ledger_guard import LedgerGuard
+from feather_grpc.engine.observe import CallObserver
+from feather_grpc.engine.redaction import Redactor
+from feather_grpc.engine.retry import RetryPolicy
+from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable_request_id, validate_chat
 from feather_grpc.providers import ACCEPTED_INPUTS, build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import AttemptMarker, HttpClient, attempt_marker
-from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
-from feather_grpc.state.ledger import LedgerWriteError, Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
-from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from feather_grpc.engine.errors import LedgerUnavailable
-from feather_grpc.state.ledger import LedgerWriteError, UsageLedger
+from feather_grpc.core.errors import LedgerUnavailable
+from feather_grpc.core.ledger import LedgerWriteError, UsageLedger
 
 log = logging.getLogger(__name__)
 

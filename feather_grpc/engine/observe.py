@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from feather_grpc.engine.results import AttemptRecord
-from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.core.ledger import UsageRecord
+from feather_grpc.core.results import AttemptRecord
 
 
 class CallObserver(Protocol):

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import replace
 
-from feather_grpc.engine.types import ChatRequest
+from feather_grpc.core.types import ChatRequest
 
 KINDS = ("card", "ssn", "email", "phone")
 

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from feather_grpc.config import RetryConfig
-from feather_grpc.engine.types import RetryOverride
+from feather_grpc.core.types import RetryOverride
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from feather_grpc.config import ModelConfig, RouteConfig
-from feather_grpc.engine.errors import ModelNotFound
+from feather_grpc.core.errors import ModelNotFound
 
 POLICIES = ("first", "roundrobin", "cheapest", "fastest", "weighted")
 # Share of `fastest` calls sent to a random other candidate, so a recovered or slowed provider gets

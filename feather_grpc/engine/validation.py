@@ -6,9 +6,9 @@ import math
 from collections.abc import Callable
 
 from feather_grpc.config import InputLimits
-from feather_grpc.engine.errors import FieldViolation, InvalidRequest
+from feather_grpc.core.errors import FieldViolation, InvalidRequest
+from feather_grpc.core.types import GATEWAY_OWNED_FIELDS, ChatRequest, Message, PartKind, Role
 from feather_grpc.engine.routing import POLICIES
-from feather_grpc.engine.types import ChatRequest, Message, PartKind, Role
 
 MAX_STOP_SEQUENCES = 4
 MAX_REQUEST_ID_LENGTH = 128
@@ -24,11 +24,6 @@ MAX_URL_LENGTH = 8192
 MAX_CACHE_BREAKPOINTS = 4  # Anthropic's limit per request
 MAX_PROMPT_CACHE_KEY_LENGTH = 256
 MIN_THINKING_BUDGET = 1024  # Anthropic's minimum budget_tokens
-# Upstream body fields the gateway owns: what it routes, streams and reserves budgets on (the output limit,
-# and `n`, which multiplies the output). Neither extra_fields nor a provider's defaultFields may set them.
-GATEWAY_OWNED_FIELDS = frozenset(
-    {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"}
-)
 # The part kinds each role may carry (which providers take them is routing's question).
 _ROLE_PARTS = {
     Role.SYSTEM: frozenset({PartKind.TEXT}),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from feather_grpc.engine import inputs
+from feather_grpc.core import inputs
 from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
@@ -25,7 +25,7 @@ __all__ = [
 
 PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "mock")
 
-# The input kinds (engine.inputs) each wire format carries. OpenAI chat takes a PDF only inline (`file`) and
+# The input kinds (core.inputs) each wire format carries. OpenAI chat takes a PDF only inline (`file`) and
 # a tool result only as text; Anthropic takes no audio. The mock answers from the text alone.
 _OPENAI_INPUTS = frozenset({inputs.IMAGE, inputs.IMAGE_URL, inputs.DOCUMENT, inputs.AUDIO})
 ACCEPTED_INPUTS: dict[str, frozenset[str]] = {

@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
-from feather_grpc.engine.errors import ProviderError
-from feather_grpc.engine.types import (
+from feather_grpc.core.errors import ProviderError
+from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
     Message,

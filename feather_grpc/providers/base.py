@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from feather_grpc.engine.errors import ProviderError
-from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
-from feather_grpc.engine.types import (
+from feather_grpc.core.egress import DIRECT, Egress
+from feather_grpc.core.errors import ProviderError
+from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
+from feather_grpc.core.types import (
     ChatRequest,
     ProviderResponse,
     StreamEvent,
@@ -18,13 +19,9 @@ from feather_grpc.engine.types import (
     ToolCall,
     Usage,
 )
-from feather_grpc.providers.egress import DIRECT, Egress
+from feather_grpc.core.upstream import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES
 from feather_grpc.providers.http import too_large
-from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSELimitExceeded, SSEParser
-
-# The most of a JSON reply body an adapter reads (config: maxResponseBytes): the default gRPC message
-# limit, so a larger reply could not be relayed anyway.
-DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+from feather_grpc.providers.sse import SSEEvent, SSELimitExceeded, SSEParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +42,7 @@ class ProviderSettings:
 
 
 class Provider(Protocol):
-    """One upstream. Calls raise `feather_grpc.engine.errors.ProviderError` on failure.
+    """One upstream. Calls raise `feather_grpc.core.errors.ProviderError` on failure.
 
     Timeouts and deadlines are the caller's job (the engine wraps calls in `asyncio.timeout`); an adapter
     must let `CancelledError` through untouched and release the HTTP connection when cancelled.

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from feather_grpc.engine.errors import ProviderError
+from feather_grpc.core.errors import ProviderError
 from feather_grpc.providers.transport import (
     BodyTooLarge,
     ConnectError,

@@ -2,7 +2,7 @@
 
 Reply: `"Feather mock reply to: <first 200 characters of the last user message>"`. When the request has
 tools and `tool_choice` is `required` or names a function, the reply is instead one call to that function
-(or the first tool) with arguments `{}`. Usage is estimated with `feather_grpc.engine.tokens`, so it is
+(or the first tool) with arguments `{}`. Usage is estimated with `feather_grpc.core.tokens`, so it is
 exact for a given request; `max_tokens` truncates the text to fit that estimate (finish LENGTH).
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
-from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
-from feather_grpc.engine.types import (
+from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
+from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
     ProviderResponse,

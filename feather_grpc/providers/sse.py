@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "SSEEvent", "SSELimitExceeded", "SSEParser"]
+from feather_grpc.core.upstream import DEFAULT_MAX_EVENT_BYTES
 
-DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+__all__ = ["SSEEvent", "SSELimitExceeded", "SSEParser"]
 
 
 @dataclass(slots=True, frozen=True)

@@ -32,7 +32,7 @@ Scope, deliberately small:
   A caller done with a body that has not quite ended (an SSE stream's last event came, the chunked
   terminator has not) can `release_after_end()`: the end is awaited briefly, then the connection pooled.
 - TLS for https (`ssl.create_default_context()`, SNI, ALPN `http/1.1`), or a provider's own CA bundle and
-  client certificate; an HTTP proxy per `Egress` (providers/egress.py): a CONNECT tunnel for https (TLS to
+  client certificate; an HTTP proxy per `Egress` (core/egress.py): a CONNECT tunnel for https (TLS to
   the origin inside it), absolute-form requests for plain http. The pool key includes the egress, so a
   tunnelled connection only ever carries requests to its own origin. No redirects, no cookies, no request
   timeouts: callers bound calls with `asyncio.timeout`, and cancellation at any
@@ -65,7 +65,7 @@ from contextvars import ContextVar
 from typing import Final, NoReturn, cast
 from urllib.parse import quote, unquote, urlsplit
 
-from feather_grpc.providers.egress import DIRECT, Egress, Proxy, tls_context
+from feather_grpc.core.egress import DIRECT, Egress, Proxy, tls_context
 
 __all__ = [
     "HIGH_WATER",

@@ -8,10 +8,10 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from feather_grpc.engine.errors import FieldViolation, InvalidRequest
-from feather_grpc.engine.gateway import ModelView
-from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted
-from feather_grpc.engine.types import (
+from feather_grpc.core.errors import FieldViolation, InvalidRequest
+from feather_grpc.core.ledger import GroupBy, UsageQuery, UsageReport, UsageTotals
+from feather_grpc.core.results import AttemptRecord, ChatResult, StreamCompleted
+from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
     Message,
@@ -28,10 +28,10 @@ from feather_grpc.engine.types import (
     UpstreamReply,
     Usage,
 )
+from feather_grpc.engine.gateway import ModelView
 from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server import usage_pages
-from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageReport, UsageTotals
 
 _ROLES = {
     pb.ROLE_SYSTEM: Role.SYSTEM,

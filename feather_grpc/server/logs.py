@@ -26,8 +26,8 @@ from typing import Any, TextIO
 
 import orjson
 
-from feather_grpc.engine.results import AttemptRecord
-from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.core.ledger import UsageRecord
+from feather_grpc.core.results import AttemptRecord
 
 CALLS_LOGGER = "feather_grpc.calls"
 CONTENT_LOGGER = "feather_grpc.content"

@@ -41,11 +41,11 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from feather_grpc.core.ledger import Outcome, UsageRecord
+from feather_grpc.core.results import AttemptRecord
 from feather_grpc.engine.gateway import Feather
-from feather_grpc.engine.results import AttemptRecord
 from feather_grpc.server.calls import CallTracker, current_call
 from feather_grpc.server.loop_lag import LoopLag
-from feather_grpc.state.ledger import Outcome, UsageRecord
 
 # No `_created` twin for every series: it doubles the scrape for nothing we use.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -10,11 +10,11 @@ from typing import NoReturn
 
 import grpc
 
+from feather_grpc.core.errors import FeatherError, InvalidRequest, PermissionDenied
+from feather_grpc.core.results import StreamCompleted, StreamStarted
+from feather_grpc.core.types import ChatRequest, TextDelta, ThinkingDelta
 from feather_grpc.engine.admission import Admission
-from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionDenied
 from feather_grpc.engine.gateway import CallContext, Feather
-from feather_grpc.engine.results import StreamCompleted, StreamStarted
-from feather_grpc.engine.types import ChatRequest, TextDelta, ThinkingDelta
 from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc

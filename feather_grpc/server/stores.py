@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feather_grpc.config import GatewayConfig, TenantConfig
-from feather_grpc.engine.breaker import CircuitBreakers
-from feather_grpc.engine.cache import MemoryResponseCache, ResponseCache
-from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.breaker import CircuitBreakers
+from feather_grpc.core.cache import MemoryResponseCache, ResponseCache
+from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.ledger import UsageLedger, UsageQuery
+from feather_grpc.core.limits import BudgetStore, BudgetWindow, RateLimiter, StateUnavailable
 from feather_grpc.state.fail_open import Outage
-from feather_grpc.state.ledger import UsageLedger, UsageQuery
-from feather_grpc.state.limits import BudgetStore, BudgetWindow, RateLimiter, StateUnavailable
 from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ import grpc
 import jwt
 
 from feather_grpc.config import GatewayConfig, TenantConfig
+from feather_grpc.core.errors import Overloaded, RateLimitExceeded, StateStoreUnavailable, Unauthenticated
+from feather_grpc.core.limits import BucketSpec, RateLimited, RateLimiter, StateUnavailable
 from feather_grpc.engine.admission import queue_wait, rate_limit_exceeded
-from feather_grpc.engine.errors import Overloaded, RateLimitExceeded, StateStoreUnavailable, Unauthenticated
 from feather_grpc.server.loop_lag import LoopLag
-from feather_grpc.state.limits import BucketSpec, RateLimited, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
 

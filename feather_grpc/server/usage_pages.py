@@ -9,9 +9,9 @@ import dataclasses
 import hashlib
 import json
 
-from feather_grpc.engine.errors import FieldViolation, InvalidRequest
+from feather_grpc.core.errors import FieldViolation, InvalidRequest
+from feather_grpc.core.ledger import UsageQuery, UsageReport
 from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import UsageQuery, UsageReport
 
 DEFAULT_PAGE_SIZE = 1000
 # The largest page: 2000 rows of the longest names and tag values stay under gRPC's 4 MiB default.

@@ -16,9 +16,9 @@ import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
-from feather_grpc.engine.breaker import CircuitState, Permit
-from feather_grpc.state.breaker_store import CircuitStore
-from feather_grpc.state.limits import BucketSpec, BudgetStore, BudgetWindow, RateLimiter, Reservation, StateUnavailable
+from feather_grpc.core.breaker import CircuitState, Permit
+from feather_grpc.core.circuits import CircuitStore
+from feather_grpc.core.limits import BucketSpec, BudgetStore, BudgetWindow, RateLimiter, Reservation, StateUnavailable
 
 log = logging.getLogger(__name__)
 

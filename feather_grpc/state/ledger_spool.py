@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from feather_grpc.state.ledger import UsageRecord
+from feather_grpc.core.ledger import UsageRecord
 from feather_grpc.state.sqlite_ledger import COLUMNS, SqliteLedger, Synchronous
 
 T = TypeVar("T")

@@ -34,8 +34,8 @@ import os
 import signal
 from typing import Literal
 
+from feather_grpc.core.ledger import LedgerWriteError, UsageRecord
 from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import LedgerWriteError, UsageRecord
 from feather_grpc.state.sqlite_ledger import SqliteLedger, to_row
 
 log = logging.getLogger(__name__)

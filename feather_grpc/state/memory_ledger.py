@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from feather_grpc.core.ledger import UsageQuery, UsageRecord, UsageReport, UsageTotals
 from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import UsageQuery, UsageRecord, UsageReport, UsageTotals
 
 
 class MemoryLedger:

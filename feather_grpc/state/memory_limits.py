@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from feather_grpc.state.limits import (
+from feather_grpc.core.limits import (
     BucketSpec,
     BudgetExceeded,
     BudgetWindow,

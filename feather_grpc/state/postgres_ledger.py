@@ -57,8 +57,7 @@ from typing import Any
 
 import asyncpg
 
-from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import (
+from feather_grpc.core.ledger import (
     GroupBy,
     Outcome,
     UsageQuery,
@@ -66,8 +65,9 @@ from feather_grpc.state.ledger import (
     UsageReport,
     UsageTotals,
 )
+from feather_grpc.core.limits import StateUnavailable
+from feather_grpc.state import usage_math
 from feather_grpc.state.ledger_spool import LedgerSpool, SpoolBatch
-from feather_grpc.state.limits import StateUnavailable
 from feather_grpc.state.sqlite_ledger import COLUMNS, Synchronous
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from feather_grpc.engine.cache import CachedReply, CacheSettings
+from feather_grpc.core.cache import CachedReply, CacheSettings
 from feather_grpc.state.resp import RedisCommands, RedisUnavailable
 
 log = logging.getLogger(__name__)

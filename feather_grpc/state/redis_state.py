@@ -44,8 +44,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from feather_grpc.engine.breaker import BreakerSettings, CircuitState, Permit
-from feather_grpc.state.limits import (
+from feather_grpc.core.breaker import BreakerSettings, CircuitState, Permit
+from feather_grpc.core.limits import (
     BucketSpec,
     BudgetExceeded,
     BudgetWindow,
@@ -559,7 +559,7 @@ class RedisBudgetStore(_RedisStore):
 
 
 class RedisCircuitStore(_RedisStore):
-    """`CircuitBreakers` semantics shared between replicas (see breaker_store.CircuitStore).
+    """`CircuitBreakers` semantics shared between replicas (see core.circuits.CircuitStore).
 
     The half-open probe is an atomic SET NX flag with a TTL (`probe_ttl_s`), so a prober that crashed
     only holds the circuit until the flag expires. The flag's value is a per-acquire token, so a probe

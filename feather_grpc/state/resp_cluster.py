@@ -29,7 +29,8 @@ import dataclasses
 from functools import partial
 from typing import Any
 
-from feather_grpc.state.resp import RedisAddress, RedisClient, RedisUnavailable, ReplyError
+from feather_grpc.core.redis_url import RedisAddress
+from feather_grpc.state.resp import RedisClient, RedisUnavailable, ReplyError
 
 __all__ = ["SLOT_COUNT", "RedisClusterClient", "key_slot"]
 

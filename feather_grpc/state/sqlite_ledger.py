@@ -49,8 +49,8 @@ import time
 from collections.abc import Sequence
 from typing import Literal, cast
 
+from feather_grpc.core.ledger import GroupBy, LedgerWriteError, UsageQuery, UsageRecord, UsageReport, UsageTotals
 from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import GroupBy, LedgerWriteError, UsageQuery, UsageRecord, UsageReport, UsageTotals
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 

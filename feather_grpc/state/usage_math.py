@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-from feather_grpc.state.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageTotals
+from feather_grpc.core.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageTotals
 
 HOUR_NS = 3_600 * 1_000_000_000
 DAY_NS = 24 * HOUR_NS

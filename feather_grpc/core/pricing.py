@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from feather_grpc.engine.types import Usage
+from feather_grpc.core.types import Usage
 
 NANOS_PER_USD = 1_000_000_000
 _PER_MILLION = 1_000_000

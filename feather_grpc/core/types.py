@@ -219,3 +219,10 @@ class PromptUsage:
 
 
 StreamEvent = TextDelta | ToolCallDelta | ThinkingDelta | PromptUsage | StreamFinish
+
+
+# Upstream body fields the gateway owns: what it routes, streams and reserves budgets on (the output limit,
+# and `n`, which multiplies the output). Neither extra_fields nor a provider's defaultFields may set them.
+GATEWAY_OWNED_FIELDS = frozenset(
+    {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"}
+)

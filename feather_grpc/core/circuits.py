@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from feather_grpc.engine.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
+from feather_grpc.core.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
 
 
 class CircuitStore(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from feather_grpc.engine.types import ChatRequest, PartKind, Role
+from feather_grpc.core.types import ChatRequest, PartKind, Role
 
 # Input kinds beyond text, each a thing some wire format cannot carry.
 IMAGE = "image"  # an inline image

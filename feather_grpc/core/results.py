@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from feather_grpc.engine.types import FinishReason, ThinkingBlock, ToolCall, UpstreamReply, Usage
+from feather_grpc.core.types import FinishReason, ThinkingBlock, ToolCall, UpstreamReply, Usage
 
 
 @dataclass(slots=True)

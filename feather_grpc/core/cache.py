@@ -18,7 +18,7 @@ from typing import Protocol
 
 import orjson
 
-from feather_grpc.engine.types import ChatRequest, FinishReason, Role, ToolCall
+from feather_grpc.core.types import ChatRequest, FinishReason, Role, ToolCall
 
 _SPACES = re.compile(r"\s+")
 

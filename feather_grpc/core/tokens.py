@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from feather_grpc.engine.types import Message, Part, PartKind
+from feather_grpc.core.types import Message, Part, PartKind
 
 # About four characters per token for English text with the common BPE vocabularies; erring high is
 # the safe side for billing estimates of cut streams.
