@@ -6,6 +6,7 @@ export PATH="$PWD/.venv/bin:$PWD/node_modules/.bin:$PATH"
 
 echo "== ruff";   ruff check . && ruff format --check .
 echo "== mypy";   mypy feather_grpc
+echo "== floors"; lint-imports --no-logo   # the import-linter contracts in pyproject.toml
 echo "== buf";    buf lint
 echo "== stubs up to date"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

@@ -1,0 +1,57 @@
+"""The floors (README, Layout) hold: the import-linter contracts in pyproject.toml pass on the package, and
+they fail when a module imports upward or two modules import each other (so the check can catch a change)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT = str(Path(sys.executable).with_name("lint-imports"))
+
+
+def lint(cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [LINT, "--no-logo", "--no-cache", str(cwd / "pyproject.toml")],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def copy_of_package(tmp_path: Path) -> Path:
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copytree(ROOT / "feather_grpc", tmp_path / "feather_grpc", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_the_package_keeps_every_floor_contract() -> None:
+    result = lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_the_floors(tmp_path: Path) -> None:
+    root = copy_of_package(tmp_path)
+    errors = root / "feather_grpc" / "core" / "errors.py"
+    errors.write_text(errors.read_text() + "\nfrom feather_grpc.engine import validation  # noqa\n")
+    result = lint(root)
+    assert result.returncode == 1
+    assert "feather_grpc.core.errors -> feather_grpc.engine.validation" in result.stdout
+
+
+def test_a_sibling_import_cycle_breaks_the_floors(tmp_path: Path) -> None:
+    root = copy_of_package(tmp_path)
+    pricing = root / "feather_grpc" / "core" / "pricing.py"
+    breaker = root / "feather_grpc" / "core" / "breaker.py"
+    pricing.write_text(pricing.read_text() + "\nfrom feather_grpc.core import breaker  # noqa\n")
+    breaker.write_text(breaker.read_text() + "\nfrom feather_grpc.core import pricing  # noqa\n")
+    result = lint(root)
+    assert result.returncode == 1
+    assert "No cycles are allowed in feather_grpc.core" in result.stdout
