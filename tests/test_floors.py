@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ def lint(cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def copy_of_package(tmp_path: Path) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     shutil.copytree(ROOT / "feather_grpc", tmp_path / "feather_grpc", ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
@@ -55,3 +57,20 @@ def test_a_sibling_import_cycle_breaks_the_floors(tmp_path: Path) -> None:
     result = lint(root)
     assert result.returncode == 1
     assert "No cycles are allowed in feather_grpc.core" in result.stdout
+
+
+def test_the_wheel_ships_the_embedded_default_config(tmp_path: Path) -> None:
+    """The embedded default is a data file (config/default.json): the wheel must carry it, or
+    `feather-grpc serve` without a config file fails once installed."""
+    src = copy_of_package(tmp_path / "src")
+    out = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = out.glob("feather_grpc-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = z.read("feather_grpc/config/default.json")
+    assert shipped == (ROOT / "feather_grpc" / "config" / "default.json").read_bytes()
