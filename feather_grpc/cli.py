@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from feather_grpc import config as config_module
+from feather_grpc.core.settings import Settings, environ
 
 
 def _setup_logging() -> None:
     """LOG_LEVEL and LOG_FORMAT (json, text, or auto: text on a terminal, JSON otherwise)."""
     from feather_grpc.server.logs import configure_logging, settings_problem
 
-    problem = settings_problem(os.environ)
+    env = environ()
+    problem = settings_problem(env)
     if problem is not None:
         print(f"feather-grpc: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    configure_logging(os.environ)
+    configure_logging(env)
 
 
 def _load(path: str | None) -> config_module.GatewayConfig:
@@ -43,7 +45,7 @@ def _workers(args: argparse.Namespace) -> int:
 
     if args.workers is not None:
         return cpu_count() if args.workers == "auto" else int(args.workers)
-    raw = (os.environ.get("FEATHER_WORKERS") or "1").strip()
+    raw = Settings().text("FEATHER_WORKERS", "1")
     if raw.lower() == "auto":
         return cpu_count()
     try:
@@ -60,7 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
     from feather_grpc.server import workers
 
     log = logging.getLogger("feather_grpc")
-    worker = workers.worker_index(os.environ)
+    env = environ()
+    worker = workers.worker_index(env)
     try:
         args.workers = _workers(args)
     except config_module.ConfigError as e:
@@ -86,15 +89,16 @@ def _serve(args: argparse.Namespace) -> int:
         if cfg.ledger_type == "sqlite" and not cfg.database_url:
             ledger = (os.path.abspath(cfg.ledger_path), cfg.ledger_synchronous)
         metrics = None
-        raw = os.environ.get("METRICS_PORT", "").strip()
-        if raw:
-            if not raw.isdigit() or int(raw) > 65535:
-                print(f"feather-grpc: METRICS_PORT: {raw!r} is not a port. Fix: set a port number", file=sys.stderr)
-                return 2
-            metrics = (os.environ.get("METRICS_HOST") or args.host or cfg.host, int(raw))
+        try:
+            metrics_port = Settings(env).port("METRICS_PORT")
+        except config_module.ConfigError as e:
+            print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
+            return 2
+        if metrics_port is not None:
+            metrics = (env.get("METRICS_HOST") or args.host or cfg.host, metrics_port)
         return workers.run_workers(args.workers, serve_args, ledger=ledger, metrics=metrics)
     if worker is not None:
-        workers.die_with_parent(os.environ)
+        workers.die_with_parent(env)
     from feather_grpc.server.app import ServerOptions, serve
 
     providers = ", ".join(f"{p.name} ({p.type}, {len(p.models)} models)" for p in cfg.providers)
@@ -102,8 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
     if cfg.skipped_providers:
         log.info("skipped providers with no API key set: %s", ", ".join(cfg.skipped_providers))
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(os.environ)) as runner:
-            runner.run(serve(cfg, args.host, args.port, ServerOptions.from_env(os.environ, worker=worker)))
+        with asyncio.Runner(loop_factory=_loop_factory(env)) as runner:
+            runner.run(serve(cfg, args.host, args.port, ServerOptions.from_env(env, worker=worker)))
     except config_module.ConfigError as e:
         print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -157,7 +161,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    address = args.address or f"127.0.0.1:{os.environ.get('PORT') or 50051}"
+    address = args.address or f"127.0.0.1:{Settings().text('PORT', '50051')}"
     if error := _client_cert_error(args):
         print(error, file=sys.stderr)
         return 2
@@ -518,11 +522,11 @@ def _add_client_commands(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--addr",
-        default=os.environ.get("FEATHER_ADDR") or "localhost:50051",
+        default=Settings().text("FEATHER_ADDR", "localhost:50051"),
         help="gateway host:port, or several comma-separated IPs (default: $FEATHER_ADDR or localhost:50051)",
     )
     common.add_argument(
-        "--api-key", default=os.environ.get("FEATHER_API_KEY"), help="API key (default: $FEATHER_API_KEY)"
+        "--api-key", default=Settings().text("FEATHER_API_KEY") or None, help="API key (default: $FEATHER_API_KEY)"
     )
     common.add_argument("--timeout", type=_positive_seconds, default=120.0, help="deadline in seconds (default: 120)")
     common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")

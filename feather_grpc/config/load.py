@@ -3,19 +3,19 @@ embedded default, a data file shipped in the package (config/default.json)."""
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
-from feather_grpc.config.errors import ConfigError
 from feather_grpc.config.model import GatewayConfig
 from feather_grpc.config.resolve import resolve
 from feather_grpc.config.schema import parse_file_config
+from feather_grpc.core.errors import ConfigError
+from feather_grpc.core.settings import environ
 
 
 def load(path: str | None, env: dict[str, str] | None = None) -> GatewayConfig:
     """Loads `path`, else `$FEATHER_CONFIG`, else ./feather.config.json if present, else the embedded default."""
-    env = dict(os.environ) if env is None else env
+    env = environ() if env is None else env
     chosen = path or env.get("FEATHER_CONFIG")
     if not chosen and Path("feather.config.json").is_file():
         chosen = "feather.config.json"

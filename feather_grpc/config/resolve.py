@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import ssl
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from feather_grpc.config.errors import ConfigError
 from feather_grpc.config.model import (
     AuthConfig,
     GatewayConfig,
@@ -38,8 +36,10 @@ from feather_grpc.config.schema import (
 from feather_grpc.core.breaker import BreakerSettings
 from feather_grpc.core.cache import CacheSettings
 from feather_grpc.core.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
+from feather_grpc.core.errors import ConfigError
 from feather_grpc.core.pricing import NANOS_PER_USD
 from feather_grpc.core.redis_url import parse_url
+from feather_grpc.core.settings import Settings, environ
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +121,19 @@ def _check_model_names(name: str, spec: ProviderSpec, source: str) -> None:
 def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: str = "<config>") -> GatewayConfig:
     """Turns a validated document plus environment overrides into the engine's resolved config, section by
     section (the order of `GatewayConfig`'s fields)."""
-    env = dict(os.environ) if env is None else env
+    env = environ() if env is None else env
     fc = file_config
+    settings = Settings(env)
     # Resolved in this order so that of several problems, the same one is reported first as always.
     providers, skipped = _providers(fc, env, source)
     routes = _routes(fc, list(providers), source)
     auth, tenants, default_tenant = _tenants(fc, env, source)
-    breaker = _breaker(fc, env)
-    port = _env_int(env, "PORT", fc.server.port, minimum=0, maximum=65535)
+    breaker = _breaker(fc, settings)
+    port = settings.integer("PORT", fc.server.port, minimum=0, maximum=65535)
     ledger_path = env.get("FEATHER_LEDGER_PATH") or fc.ledger.path
-    drain_delay_ms = _env_int(env, "DRAIN_DELAY_MS", fc.server.drain_delay_ms, minimum=0, maximum=300_000)
+    drain_delay_ms = settings.integer("DRAIN_DELAY_MS", fc.server.drain_delay_ms, minimum=0, maximum=300_000)
     tls = _tls(fc.server.tls, source)
-    cache = _cache(fc, env)
+    cache = _cache(fc, settings)
     provider_limits = _provider_limits(fc, source)
     redis_url, database_url = _redis_url(env), _database_url(env)
     r = fc.retry
@@ -260,21 +261,21 @@ def _providers(fc: FileConfig, env: dict[str, str], source: str) -> tuple[tuple[
 # ---- routing ----
 
 
-def _breaker(fc: FileConfig, env: dict[str, str]) -> BreakerSettings:
+def _breaker(fc: FileConfig, settings: Settings) -> BreakerSettings:
     b = fc.circuit_breaker
     return BreakerSettings(
-        enabled=_env_bool(env, "CIRCUIT_BREAKER_ENABLED", b.enabled),
-        failure_threshold=_env_int(env, "CIRCUIT_BREAKER_FAILURE_THRESHOLD", b.failure_threshold, minimum=1),
+        enabled=settings.flag("CIRCUIT_BREAKER_ENABLED", b.enabled),
+        failure_threshold=settings.integer("CIRCUIT_BREAKER_FAILURE_THRESHOLD", b.failure_threshold, minimum=1),
         window_s=b.window_ms / 1000,
-        cooldown_s=_env_int(env, "CIRCUIT_BREAKER_RESET_TIMEOUT_MS", b.reset_timeout_ms, minimum=1) / 1000,
+        cooldown_s=settings.integer("CIRCUIT_BREAKER_RESET_TIMEOUT_MS", b.reset_timeout_ms, minimum=1) / 1000,
     )
 
 
-def _cache(fc: FileConfig, env: dict[str, str]) -> CacheSettings:
+def _cache(fc: FileConfig, settings: Settings) -> CacheSettings:
     return CacheSettings(
         enabled=fc.cache.enabled,
-        ttl_s=_env_int(env, "CACHE_TTL_MS", fc.cache.ttl_ms, minimum=1) / 1000,
-        max_size=_env_int(env, "CACHE_MAX_SIZE", fc.cache.max_size, minimum=1),
+        ttl_s=settings.integer("CACHE_TTL_MS", fc.cache.ttl_ms, minimum=1) / 1000,
+        max_size=settings.integer("CACHE_MAX_SIZE", fc.cache.max_size, minimum=1),
         max_temperature=fc.cache.max_temperature,
         single_turn_only=fc.cache.single_turn_only,
     )
@@ -496,11 +497,12 @@ def _usd_nanos(usd: Decimal | None, source: str, path: str) -> int | None:
 def _tenants(
     fc: FileConfig, env: dict[str, str], source: str
 ) -> tuple[AuthConfig, dict[str, TenantConfig], TenantConfig]:
+    settings = Settings(env)
     # RATE_LIMIT_*: the request limit of every tenant that sets no `rpm` of its own.
     default_requests: tuple[float, int] | None = None
-    if _env_bool(env, "RATE_LIMIT_ENABLED", False):
-        rps = _env_int(env, "RATE_LIMIT_RPS", 100, minimum=1)
-        default_requests = (float(rps), _env_int(env, "RATE_LIMIT_BURST", 2 * rps, minimum=1))
+    if settings.flag("RATE_LIMIT_ENABLED", False):
+        rps = settings.integer("RATE_LIMIT_RPS", 100, minimum=1)
+        default_requests = (float(rps), settings.integer("RATE_LIMIT_BURST", 2 * rps, minimum=1))
     tenants: dict[str, TenantConfig] = {}
     hashes: dict[str, str] = {}
     # allowedModels matches a model by its name, an alias, or provider/name (engine.admission)
@@ -549,39 +551,3 @@ def _tenants(
         unlisted=policy("", unlisted, "jwtDefaultPolicy"),
     )
     return auth, tenants, tenants["default"]
-
-
-def _env_int(env: dict[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if maximum is not None and not minimum <= value <= maximum:
-        raise ConfigError(
-            "environment",
-            name,
-            f"{raw!r} is not an integer from {minimum} to {maximum}",
-            f"set {name} to a whole number from {minimum} to {maximum}",
-        )
-    if value < minimum:
-        raise ConfigError(
-            "environment",
-            name,
-            f"{raw!r} is not an integer >= {minimum}",
-            f"set {name} to a whole number of at least {minimum}",
-        )
-    return value
-
-
-def _env_bool(env: dict[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if not raw:
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError("environment", name, f"{raw!r} is not a boolean", f"set {name} to true or false")

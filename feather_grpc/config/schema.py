@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from feather_grpc.config.errors import ConfigError
+from feather_grpc.core.errors import ConfigError
 from feather_grpc.core.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
 from feather_grpc.core.types import GATEWAY_OWNED_FIELDS
 from feather_grpc.core.upstream import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES

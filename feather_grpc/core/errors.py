@@ -179,3 +179,11 @@ class LedgerUnavailable(FeatherError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the field path and a one-line fix."""
+
+    def __init__(self, source: str, path: str, problem: str, fix: str) -> None:
+        super().__init__(f"{source}: {path}: {problem}. Fix: {fix}")
+        self.path = path

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from feather_grpc.config import ConfigError, GatewayConfig, TlsConfig
+from feather_grpc.core.settings import Settings, environ
 from feather_grpc.engine.gateway import Feather
 from feather_grpc.engine.observe import CallObserver
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
@@ -175,19 +175,13 @@ class ServerOptions:
     def from_env(cls, env: Mapping[str, str], *, worker: int | None = None) -> ServerOptions:
         from feather_grpc.server.tracing import tracing_requested
 
-        metrics_port = None
-        raw = env.get("METRICS_PORT", "").strip()
-        if raw:
-            if not raw.isdigit() or int(raw) > 65535:
-                raise ConfigError(
-                    "environment", "METRICS_PORT", f"{raw!r} is not a port", "set a port number, or unset it"
-                )
-            metrics_port = int(raw)  # under --workers the supervisor gave each worker its own (see workers)
+        settings = Settings(env)
         return cls(
-            metrics_port=metrics_port,
+            # under --workers the supervisor gave each worker its own METRICS_PORT (see workers)
+            metrics_port=settings.port("METRICS_PORT"),
             metrics_host=env.get("METRICS_HOST") or None,
             tracing=tracing_requested(env),
-            log_content=logs.env_flag(env, "FEATHER_LOG_CONTENT"),
+            log_content=settings.flag("FEATHER_LOG_CONTENT"),
             reuse_port=worker is not None,
             worker=worker,
             env=dict(env),
@@ -432,7 +426,7 @@ async def serve(
 ) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
     logs.redactor.add(p.api_key for p in config.providers if p.api_key)
-    server = GatewayServer(config, options=options or ServerOptions.from_env(os.environ))
+    server = GatewayServer(config, options=options or ServerOptions.from_env(environ()))
     bound = await server.start(host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

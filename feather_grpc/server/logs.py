@@ -28,16 +28,13 @@ import orjson
 
 from feather_grpc.core.ledger import UsageRecord
 from feather_grpc.core.results import AttemptRecord
+from feather_grpc.core.settings import environ
 
 CALLS_LOGGER = "feather_grpc.calls"
 CONTENT_LOGGER = "feather_grpc.content"
 _REDACTED = "[REDACTED]"
 # LogRecord attributes that are not caller data (everything else passed via `extra` is).
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
-
-
-def env_flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -230,7 +227,7 @@ def wants_json(env: Mapping[str, str], stream: TextIO) -> bool:
 def configure_logging(env: Mapping[str, str] | None = None, stream: TextIO | None = None) -> None:
     """Installs the process's logging from LOG_LEVEL and LOG_FORMAT. Idempotent; flushed at exit."""
     global _listener
-    env = os.environ if env is None else env
+    env = environ() if env is None else env
     stream = stream or sys.stderr
     level_name = env.get("LOG_LEVEL", "info").strip().upper()
     level = logging.getLevelNamesMapping().get("WARNING" if level_name == "WARN" else level_name, logging.INFO)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from feather_grpc.core.cache import MemoryResponseCache, ResponseCache
 from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
 from feather_grpc.core.ledger import UsageLedger, UsageQuery
 from feather_grpc.core.limits import BudgetStore, BudgetWindow, RateLimiter, StateUnavailable
+from feather_grpc.core.settings import Settings
 from feather_grpc.state.fail_open import Outage
 from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
 
@@ -47,7 +47,7 @@ def spool_path(config: GatewayConfig, worker: int | None) -> str:
     """The local durable spool in front of Postgres: one file per process (workers get their own), next to
     the SQLite ledger's file, or in the working directory when the ledger is configured in memory."""
     ledger = "feather-usage.db" if config.ledger_path == ":memory:" else config.ledger_path
-    base = os.environ.get("FEATHER_SPOOL_PATH") or str(Path(ledger).with_suffix(".spool.db"))
+    base = Settings().text("FEATHER_SPOOL_PATH") or str(Path(ledger).with_suffix(".spool.db"))
     return base if worker is None else str(Path(base).with_suffix(f".w{worker}.db"))
 
 
@@ -62,7 +62,7 @@ def open_ledger(config: GatewayConfig, worker: int | None = None) -> UsageLedger
         return MemoryLedger()
     from feather_grpc.state.ledger_writer import SOCKET_ENV
 
-    writer_socket = os.environ.get(SOCKET_ENV)
+    writer_socket = Settings().text(SOCKET_ENV)
     if worker is not None and writer_socket:  # serve --workers: one writer process for all (see ledger_writer)
         from feather_grpc.state.ledger_writer import SocketLedger
 

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
+from feather_grpc.core.settings import environ
+
 log = logging.getLogger(__name__)
 
 WORKER_INDEX_ENV = "FEATHER_WORKER_INDEX"  # set by the supervisor in each worker's environment
@@ -86,7 +88,7 @@ def run_workers(
     """Runs `count` workers with `feather-grpc serve <serve_args>` until they all exit; returns the exit code.
     `ledger`: (path, synchronous) of the SQLite ledger, whose one writer process starts first.
     `metrics`: (host, port) of the merged metrics endpoint (port 0: a free one)."""
-    env = dict(os.environ if env is None else env)
+    env = environ() if env is None else dict(env)
     env[SUPERVISOR_PID_ENV] = str(os.getpid())
     procs: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
     stopping = False
@@ -199,8 +201,9 @@ def _writer_main(path: str, synchronous: str, socket_path: str) -> int:
     from feather_grpc.server.logs import configure_logging
     from feather_grpc.state.ledger_writer import serve_writer
 
-    configure_logging(os.environ)
-    die_with_parent(os.environ)
+    env = environ()
+    configure_logging(env)
+    die_with_parent(env)
     if synchronous not in ("NORMAL", "FULL"):
         raise SystemExit(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
     asyncio.run(serve_writer(path, socket_path, "FULL" if synchronous == "FULL" else "NORMAL"))
