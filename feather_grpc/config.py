@@ -22,11 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.cache import CacheSettings
 from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
+from feather_grpc.providers.credentials import missing_extra
 from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
 
 log = logging.getLogger(__name__)
 
-ProviderType = Literal["openai", "anthropic", "openai-compatible", "mock"]
+ProviderType = Literal["openai", "anthropic", "openai-compatible", "azure-openai", "mock"]
 Policy = Literal["first", "roundrobin", "cheapest", "fastest", "weighted"]
 PiiKind = Literal["card", "ssn", "email", "phone"]
 _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
@@ -60,6 +61,7 @@ class ModelSpec(_Strict):
     capabilities: list[str] = Field(default_factory=list)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy
+    deployment: str | None = Field(default=None, min_length=1)  # azure-openai: the deployment (default: name)
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> ModelSpec:
@@ -108,6 +110,10 @@ class ProviderSpec(_Strict):
     ca_file: str | None = Field(default=None, alias="caFile")  # trust only these CAs for this upstream
     client_cert_file: str | None = Field(default=None, alias="clientCertFile")  # mutual TLS
     client_key_file: str | None = Field(default=None, alias="clientKeyFile")  # absent: the key is in the cert file
+    # azure-openai: "entra" = a Microsoft Entra token from azure-identity instead of an api-key
+    auth: Literal["apiKey", "entra"] | None = None
+    # azure-openai: deployment URLs with this ?api-version=; absent: Azure's v1 endpoint
+    api_version: str | None = Field(default=None, alias="apiVersion", pattern=r"^[A-Za-z0-9.\-]+$")
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -273,6 +279,10 @@ class ProviderConfig:
     idle_timeout_ms: int | None = None
     propagate_trace_context: bool = True
     egress: Egress = DIRECT
+    auth: str = ""  # "" (the API key) | "entra"
+    api_version: str = ""
+    region: str = ""
+    upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> upstream id (Azure deployment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +456,34 @@ def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: st
     return ""
 
 
+def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None:
+    """The settings of the cloud providers (azure-openai...): present where needed, absent elsewhere, and
+    the optional SDK they need installed (a missing one is one line at load, not a failure per call)."""
+    where = f"providers.{name}"
+    if ptype != "azure-openai":
+        for field_name, set_ in (
+            ("auth", spec.auth == "entra"),
+            ("apiVersion", spec.api_version is not None),
+            *((f"models[{i}].deployment", m.deployment is not None) for i, m in enumerate(spec.models)),
+        ):
+            if set_:
+                raise ConfigError(source, f"{where}.{field_name}", f"is not a setting of {ptype}", "remove it")
+        return
+    if not spec.base_url:
+        fix = 'add "baseUrl": "https://<resource>.openai.azure.com"'
+        raise ConfigError(source, f"{where}.baseUrl", "an azure-openai provider needs its resource endpoint", fix)
+    if spec.auth == "entra":
+        if spec.api_key_env or spec.api_key_file:
+            fix = 'remove apiKeyEnv/apiKeyFile, or "auth": "entra" to use the key'
+            raise ConfigError(source, f"{where}.auth", "entra auth uses no API key", fix)
+        missing = missing_extra("entra")
+        if missing:
+            raise ConfigError(source, f"{where}.auth", "entra auth needs azure-identity", missing)
+    elif not (spec.api_key_env or spec.api_key_file):
+        fix = 'add "apiKeyEnv": "AZURE_OPENAI_API_KEY", or "auth": "entra" for a Microsoft Entra token'
+        raise ConfigError(source, where, "an azure-openai provider needs an api-key or Entra auth", fix)
+
+
 def _check_model_names(name: str, spec: ProviderSpec, source: str) -> None:
     """Within one provider, every model name and alias must lead to exactly one model (the same alias on
     several providers is fine: it makes several candidates for that name)."""
@@ -487,7 +525,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 "an openai-compatible provider needs a URL",
                 'add "baseUrl": "http://host:port/v1"',
             )
-        key = _read_api_key(name, spec, env, source)
+        _check_cloud(name, spec, ptype, source)
+        key = "" if spec.auth == "entra" else _read_api_key(name, spec, env, source)
         if key is None:
             if spec.required:
                 where = spec.api_key_file or spec.api_key_env
@@ -530,6 +569,9 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
                 propagate_trace_context=spec.propagate_trace_context,
                 egress=_egress(name, spec, ptype, env, source),
+                auth=spec.auth or "",
+                api_version=spec.api_version or "",
+                upstream_ids=tuple((m.name, m.deployment) for m in spec.models if m.deployment),
             )
         )
     if not providers:

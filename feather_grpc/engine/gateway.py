@@ -66,7 +66,7 @@ NO_STRUCTURED_OUTPUT = frozenset({"anthropic"})  # provider types whose API cann
 T = TypeVar("T")
 
 # Upstream errors that say the request itself is wrong: no other provider or retry can fix them.
-_REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG"})
+_REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG", "UPSTREAM_CONTENT_FILTERED"})
 
 StreamItem = StreamStarted | TextDelta | ToolCallDelta | StreamCompleted
 
@@ -780,7 +780,17 @@ def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio
 
 
 def _settings(p: ProviderConfig) -> ProviderSettings:
-    return ProviderSettings(name=p.name, type=p.type, base_url=p.base_url, api_key=p.api_key, egress=p.egress)
+    return ProviderSettings(
+        name=p.name,
+        type=p.type,
+        base_url=p.base_url,
+        api_key=p.api_key,
+        egress=p.egress,
+        auth=p.auth,
+        api_version=p.api_version,
+        region=p.region,
+        upstream_ids=p.upstream_ids,
+    )
 
 
 def _stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:

@@ -21,7 +21,7 @@ __all__ = [
     "new_session",
 ]
 
-PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "mock")
+PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "mock")
 
 
 def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
@@ -30,6 +30,10 @@ def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
         return OpenAIProvider(settings, session)
     if settings.type == "anthropic":
         return AnthropicProvider(settings, session)
+    if settings.type == "azure-openai":
+        from feather_grpc.providers.azure import AzureOpenAIProvider
+
+        return AzureOpenAIProvider(settings, session)
     if settings.type == "mock":
         return MockProvider(settings)
     raise ValueError(f"unknown provider type {settings.type!r}; expected one of {', '.join(PROVIDER_TYPES)}")

@@ -18,11 +18,16 @@ class ProviderSettings:
     """What an adapter needs from configuration. `api_key` comes from the environment or a secret file."""
 
     name: str  # the provider's name in the config, e.g. "openai"
-    type: str  # "openai" | "anthropic" | "openai-compatible" | "mock"
+    type: str  # one of providers.PROVIDER_TYPES
     base_url: str
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
     egress: Egress = DIRECT  # proxy, CA bundle, client certificate
+    # Cloud providers (azure-openai, bedrock, ...): see config.ProviderSpec.
+    auth: str = ""  # "" = the API key; "entra" = a Microsoft Entra token (azure-openai)
+    api_version: str = ""  # azure-openai: deployment URLs with ?api-version=; "" = Azure's v1 endpoint
+    region: str = ""  # bedrock
+    upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> id the upstream knows (an Azure deployment)
 
 
 class Provider(Protocol):

@@ -199,6 +199,8 @@ def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
         return "UPSTREAM_CONTEXT_TOO_LONG", False
     if status == 404:
         return "UPSTREAM_NOT_FOUND", False
+    if status == 400 and error.code == "content_filter":  # Azure's filter refused the prompt
+        return "UPSTREAM_CONTENT_FILTERED", False
     if status == 400 and (
         error.code == "context_length_exceeded" or _CONTEXT_TOO_LONG.search(error.message) is not None
     ):
@@ -241,10 +243,11 @@ def classify_transport_error(
     return ProviderError("UPSTREAM_READ_ERROR", f"{provider}: read error: {detail}", retryable=True)
 
 
-async def post_json(endpoint: Endpoint, provider: str, body: bytes, api_key: str = "") -> object:
-    """One non-streaming POST: the parsed JSON of a 2xx reply, or a classified `ProviderError`."""
+async def post_json(endpoint: Endpoint, provider: str, body: bytes, api_key: str = "", headers: bytes = b"") -> object:
+    """One non-streaming POST: the parsed JSON of a 2xx reply, or a classified `ProviderError`.
+    `headers`: this request's own header lines (see `Endpoint.request`)."""
     try:
-        resp = await endpoint.request(body)
+        resp = await endpoint.request(body, headers)
         try:
             if resp.status >= 300:
                 raise await error_from_response(provider, resp, api_key)

@@ -32,7 +32,7 @@ from feather_grpc.providers.http import (
     stream_cut,
 )
 from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import HttpClient, HttpError
+from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError
 
 __all__ = ["OpenAIProvider", "finish_reason", "normalise_usage"]
 
@@ -165,9 +165,19 @@ class OpenAIProvider:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    # Hooks for adapters of the same wire format at other URLs or with other auth (providers/azure.py).
+    def target(self, model: str) -> tuple[Endpoint, str]:
+        """The endpoint that serves `model`, and the model id the body names."""
+        return self._endpoint, model
+
+    async def request_headers(self) -> bytes:
+        """Header lines of one request beyond the endpoint's fixed ones (e.g. a short-lived token)."""
+        return b""
+
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
+        endpoint, model = self.target(model)
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._endpoint, self._name, payload, self._api_key)
+        doc = await post_json(endpoint, self._name, payload, self._api_key, await self.request_headers())
         return self._parse_completion(doc, request)
 
     def _parse_completion(self, doc: object, request: ChatRequest) -> ProviderResponse:
@@ -199,11 +209,13 @@ class OpenAIProvider:
         return ProviderResponse(content, calls, finish, normalise_usage(raw_usage))
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        endpoint, model = self.target(model)
         payload = orjson.dumps(self.build_body(model, request, stream=True))
         name = self._name
         started = False
+        headers = await self.request_headers()
         try:
-            resp = await self._endpoint.request(payload)
+            resp = await endpoint.request(payload, headers)
             try:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
