@@ -27,7 +27,7 @@ from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy
 
 log = logging.getLogger(__name__)
 
-ProviderType = Literal["openai", "anthropic", "openai-compatible", "azure-openai", "mock"]
+ProviderType = Literal["openai", "anthropic", "openai-compatible", "azure-openai", "bedrock", "mock"]
 Policy = Literal["first", "roundrobin", "cheapest", "fastest", "weighted"]
 PiiKind = Literal["card", "ssn", "email", "phone"]
 _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
@@ -114,6 +114,8 @@ class ProviderSpec(_Strict):
     auth: Literal["apiKey", "entra"] | None = None
     # azure-openai: deployment URLs with this ?api-version=; absent: Azure's v1 endpoint
     api_version: str | None = Field(default=None, alias="apiVersion", pattern=r"^[A-Za-z0-9.\-]+$")
+    # bedrock: the AWS region (e.g. us-east-1); it names the endpoint and the SigV4 scope
+    region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -456,18 +458,40 @@ def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: st
     return ""
 
 
+def _base_url(spec: ProviderSpec, ptype: str) -> str:
+    if spec.base_url:
+        return spec.base_url
+    if ptype == "bedrock" and spec.region:
+        return f"https://bedrock-runtime.{spec.region}.amazonaws.com"
+    return DEFAULT_BASE_URLS.get(ptype, "")
+
+
 def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None:
     """The settings of the cloud providers (azure-openai...): present where needed, absent elsewhere, and
     the optional SDK they need installed (a missing one is one line at load, not a failure per call)."""
     where = f"providers.{name}"
-    if ptype != "azure-openai":
-        for field_name, set_ in (
-            ("auth", spec.auth == "entra"),
-            ("apiVersion", spec.api_version is not None),
-            *((f"models[{i}].deployment", m.deployment is not None) for i, m in enumerate(spec.models)),
-        ):
-            if set_:
-                raise ConfigError(source, f"{where}.{field_name}", f"is not a setting of {ptype}", "remove it")
+    azure = ptype == "azure-openai"
+    for field_name, set_ in (
+        ("auth", spec.auth == "entra" and not azure),
+        ("apiVersion", spec.api_version is not None and not azure),
+        ("region", spec.region is not None and ptype != "bedrock"),
+        *((f"models[{i}].deployment", m.deployment is not None and not azure) for i, m in enumerate(spec.models)),
+    ):
+        if set_:
+            raise ConfigError(source, f"{where}.{field_name}", f"is not a setting of {ptype}", "remove it")
+    if ptype == "bedrock":
+        if not spec.region:
+            raise ConfigError(
+                source, f"{where}.region", "a bedrock provider needs its AWS region", 'add "region": "us-east-1"'
+            )
+        if spec.api_key_env or spec.api_key_file:
+            fix = "remove it: credentials come from the AWS chain (AWS_* variables, profiles, web identity, metadata)"
+            raise ConfigError(source, f"{where}.apiKeyEnv", "bedrock signs with AWS credentials, not a key", fix)
+        missing = missing_extra("bedrock")
+        if missing:
+            raise ConfigError(source, where, "bedrock needs botocore", missing)
+        return
+    if not azure:
         return
     if not spec.base_url:
         fix = 'add "baseUrl": "https://<resource>.openai.azure.com"'
@@ -559,7 +583,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
             ProviderConfig(
                 name=name,
                 type=ptype,
-                base_url=spec.base_url or DEFAULT_BASE_URLS.get(ptype, ""),
+                base_url=_base_url(spec, ptype),
                 api_key=key,
                 timeout_ms=spec.timeout_ms or file_config.timeout_ms,
                 models=tuple(models),
@@ -571,6 +595,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 egress=_egress(name, spec, ptype, env, source),
                 auth=spec.auth or "",
                 api_version=spec.api_version or "",
+                region=spec.region or "",
                 upstream_ids=tuple((m.name, m.deployment) for m in spec.models if m.deployment),
             )
         )
@@ -674,7 +699,7 @@ def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], sour
     setting that cannot be honoured, or a certificate that cannot be used, would otherwise show up only as
     calls that never reach the provider."""
     where = f"providers.{name}"
-    base_url = spec.base_url or DEFAULT_BASE_URLS.get(ptype, "")
+    base_url = _base_url(spec, ptype)
     if ptype == "mock" or not base_url:
         return DIRECT
     proxy = None

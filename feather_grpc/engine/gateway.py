@@ -61,7 +61,7 @@ from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 log = logging.getLogger(__name__)
 
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
-NO_STRUCTURED_OUTPUT = frozenset({"anthropic"})  # provider types whose API cannot be asked for them
+NO_STRUCTURED_OUTPUT = frozenset({"anthropic", "bedrock"})  # provider types whose API cannot be asked for them
 
 T = TypeVar("T")
 
@@ -398,7 +398,8 @@ class Feather:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
         capable = [c for c in candidates if self._provider_configs[c.provider].type not in NO_STRUCTURED_OUTPUT]
         if not capable:
-            why = f"no provider serving {requested!r} supports it (the Anthropic Messages API has no JSON mode)"
+            why = f"no provider serving {requested!r} supports it"
+            why += " (the Anthropic Messages and Bedrock Converse APIs have no JSON mode)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
 

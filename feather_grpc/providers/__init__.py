@@ -21,7 +21,7 @@ __all__ = [
     "new_session",
 ]
 
-PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "mock")
+PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "bedrock", "mock")
 
 
 def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
@@ -34,6 +34,10 @@ def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
         from feather_grpc.providers.azure import AzureOpenAIProvider
 
         return AzureOpenAIProvider(settings, session)
+    if settings.type == "bedrock":
+        from feather_grpc.providers.bedrock import BedrockProvider
+
+        return BedrockProvider(settings, session)
     if settings.type == "mock":
         return MockProvider(settings)
     raise ValueError(f"unknown provider type {settings.type!r}; expected one of {', '.join(PROVIDER_TYPES)}")

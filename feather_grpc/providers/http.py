@@ -154,7 +154,8 @@ def _redact(match: re.Match[str]) -> str:
 
 
 _CONTEXT_TOO_LONG = re.compile(
-    r"prompt is too long|maximum context length|context length|context window|too many (input )?tokens",
+    r"prompt is too long|input is too long|maximum context length|context length|context window|"
+    r"too many (input )?tokens",
     re.IGNORECASE,
 )
 
@@ -208,8 +209,11 @@ def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
     return "UPSTREAM_BAD_REQUEST", False
 
 
-async def error_from_response(provider: str, resp: Response, api_key: str = "") -> ProviderError:
-    """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`."""
+async def error_from_response(
+    provider: str, resp: Response, api_key: str = "", *, error_type: str = ""
+) -> ProviderError:
+    """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`.
+    `error_type`: the error's type when the upstream sends it apart from the body (AWS: a header)."""
     parts: list[bytes] = []
     size = 0
     try:
@@ -224,6 +228,8 @@ async def error_from_response(provider: str, resp: Response, api_key: str = "") 
     parsed = parse_error_body(body)
     if not parsed.message and not parsed.type:
         parsed = UpstreamErrorBody(message=resp.reason or "")
+    if error_type and not parsed.type:
+        parsed = UpstreamErrorBody(error_type, parsed.code, parsed.message)
     return classify_status(
         provider, resp.status, parsed, retry_after_s=parse_retry_after(resp.headers), api_key=api_key
     )
