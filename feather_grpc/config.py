@@ -27,7 +27,9 @@ from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy
 
 log = logging.getLogger(__name__)
 
-ProviderType = Literal["openai", "anthropic", "openai-compatible", "azure-openai", "bedrock", "mock"]
+ProviderType = Literal[
+    "openai", "anthropic", "openai-compatible", "azure-openai", "bedrock", "gemini", "vertex", "mock"
+]
 Policy = Literal["first", "roundrobin", "cheapest", "fastest", "weighted"]
 PiiKind = Literal["card", "ssn", "email", "phone"]
 _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
@@ -35,9 +37,10 @@ _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
     "mock": "mock://local",
 }
-_KNOWN_TYPES = ("openai", "anthropic", "mock")
+_KNOWN_TYPES = ("openai", "anthropic", "gemini", "mock")
 # Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
 # call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
 MAX_USD_PER_1M = Decimal(1_000_000)
@@ -114,8 +117,9 @@ class ProviderSpec(_Strict):
     auth: Literal["apiKey", "entra"] | None = None
     # azure-openai: deployment URLs with this ?api-version=; absent: Azure's v1 endpoint
     api_version: str | None = Field(default=None, alias="apiVersion", pattern=r"^[A-Za-z0-9.\-]+$")
-    # bedrock: the AWS region (e.g. us-east-1); it names the endpoint and the SigV4 scope
-    region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+    # bedrock: the AWS region (e.g. us-east-1), naming the endpoint and the SigV4 scope; vertex: the location
+    region: str | None = Field(default=None, pattern=r"^([a-z]+(-[a-z]+)*-?[0-9]+|global)$")
+    project: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9\-]{4,61}[a-z0-9]$")  # vertex: the project id
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -284,6 +288,7 @@ class ProviderConfig:
     auth: str = ""  # "" (the API key) | "entra"
     api_version: str = ""
     region: str = ""
+    project: str = ""
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> upstream id (Azure deployment)
 
 
@@ -463,6 +468,9 @@ def _base_url(spec: ProviderSpec, ptype: str) -> str:
         return spec.base_url
     if ptype == "bedrock" and spec.region:
         return f"https://bedrock-runtime.{spec.region}.amazonaws.com"
+    if ptype == "vertex" and spec.region:
+        host = "aiplatform.googleapis.com" if spec.region == "global" else f"{spec.region}-aiplatform.googleapis.com"
+        return f"https://{host}/v1"
     return DEFAULT_BASE_URLS.get(ptype, "")
 
 
@@ -474,7 +482,8 @@ def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None
     for field_name, set_ in (
         ("auth", spec.auth == "entra" and not azure),
         ("apiVersion", spec.api_version is not None and not azure),
-        ("region", spec.region is not None and ptype != "bedrock"),
+        ("region", spec.region is not None and ptype not in ("bedrock", "vertex")),
+        ("project", spec.project is not None and ptype != "vertex"),
         *((f"models[{i}].deployment", m.deployment is not None and not azure) for i, m in enumerate(spec.models)),
     ):
         if set_:
@@ -491,6 +500,23 @@ def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None
         if missing:
             raise ConfigError(source, where, "bedrock needs botocore", missing)
         return
+    if ptype == "vertex":
+        for field_name, value, fix in (
+            ("region", spec.region, 'add "region": "us-central1" (or "global")'),
+            ("project", spec.project, 'add "project": "<your Google Cloud project id>"'),
+        ):
+            if not value:
+                raise ConfigError(source, f"{where}.{field_name}", f"a vertex provider needs its {field_name}", fix)
+        if spec.api_key_env or spec.api_key_file:
+            fix = "remove it: credentials come from Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS...)"
+            raise ConfigError(source, f"{where}.apiKeyEnv", "vertex authenticates with ADC, not a key", fix)
+        missing = missing_extra("vertex")
+        if missing:
+            raise ConfigError(source, where, "vertex needs google-auth", missing)
+        return
+    if ptype == "gemini" and not (spec.api_key_env or spec.api_key_file):
+        fix = 'add "apiKeyEnv": "GEMINI_API_KEY" (a Google AI Studio key)'
+        raise ConfigError(source, where, "a gemini provider needs an API key", fix)
     if not azure:
         return
     if not spec.base_url:
@@ -596,6 +622,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 auth=spec.auth or "",
                 api_version=spec.api_version or "",
                 region=spec.region or "",
+                project=spec.project or "",
                 upstream_ids=tuple((m.name, m.deployment) for m in spec.models if m.deployment),
             )
         )

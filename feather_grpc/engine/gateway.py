@@ -790,6 +790,7 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         auth=p.auth,
         api_version=p.api_version,
         region=p.region,
+        project=p.project,
         upstream_ids=p.upstream_ids,
     )
 

@@ -21,7 +21,7 @@ __all__ = [
     "new_session",
 ]
 
-PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "bedrock", "mock")
+PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "bedrock", "gemini", "vertex", "mock")
 
 
 def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
@@ -38,6 +38,10 @@ def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
         from feather_grpc.providers.bedrock import BedrockProvider
 
         return BedrockProvider(settings, session)
+    if settings.type in ("gemini", "vertex"):
+        from feather_grpc.providers.gemini import GeminiProvider
+
+        return GeminiProvider(settings, session)
     if settings.type == "mock":
         return MockProvider(settings)
     raise ValueError(f"unknown provider type {settings.type!r}; expected one of {', '.join(PROVIDER_TYPES)}")

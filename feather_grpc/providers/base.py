@@ -26,7 +26,8 @@ class ProviderSettings:
     # Cloud providers (azure-openai, bedrock, ...): see config.ProviderSpec.
     auth: str = ""  # "" = the API key; "entra" = a Microsoft Entra token (azure-openai)
     api_version: str = ""  # azure-openai: deployment URLs with ?api-version=; "" = Azure's v1 endpoint
-    region: str = ""  # bedrock
+    region: str = ""  # bedrock: the AWS region; vertex: the location
+    project: str = ""  # vertex: the Google Cloud project
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> id the upstream knows (an Azure deployment)
 
 

@@ -155,7 +155,7 @@ def _redact(match: re.Match[str]) -> str:
 
 _CONTEXT_TOO_LONG = re.compile(
     r"prompt is too long|input is too long|maximum context length|context length|context window|"
-    r"too many (input )?tokens",
+    r"too many (input )?tokens|exceeds the maximum number of tokens",
     re.IGNORECASE,
 )
 
