@@ -65,6 +65,7 @@ class ModelSpec(_Strict):
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy
     deployment: str | None = Field(default=None, min_length=1)  # azure-openai: the deployment (default: name)
+    api: Literal["chat", "responses"] | None = None  # openai: the API that serves it (default: the provider's)
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> ModelSpec:
@@ -119,6 +120,7 @@ class ProviderSpec(_Strict):
     api_version: str | None = Field(default=None, alias="apiVersion", pattern=r"^[A-Za-z0-9.\-]+$")
     # bedrock: the AWS region (e.g. us-east-1), naming the endpoint and the SigV4 scope; vertex: the location
     region: str | None = Field(default=None, pattern=r"^([a-z]+(-[a-z]+)*-?[0-9]+|global)$")
+    api: Literal["chat", "responses"] | None = None  # openai: Chat Completions (default) or the Responses API
     project: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9\-]{4,61}[a-z0-9]$")  # vertex: the project id
     models: list[ModelSpec] = Field(min_length=1)
 
@@ -289,6 +291,7 @@ class ProviderConfig:
     api_version: str = ""
     region: str = ""
     project: str = ""
+    responses_models: tuple[str, ...] = ()  # served through the Responses API
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> upstream id (Azure deployment)
 
 
@@ -479,7 +482,10 @@ def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None
     the optional SDK they need installed (a missing one is one line at load, not a failure per call)."""
     where = f"providers.{name}"
     azure = ptype == "azure-openai"
+    openai_format = ptype in ("openai", "openai-compatible")
     for field_name, set_ in (
+        ("api", spec.api is not None and not openai_format),
+        *((f"models[{i}].api", m.api is not None and not openai_format) for i, m in enumerate(spec.models)),
         ("auth", spec.auth == "entra" and not azure),
         ("apiVersion", spec.api_version is not None and not azure),
         ("region", spec.region is not None and ptype not in ("bedrock", "vertex")),
@@ -623,6 +629,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 api_version=spec.api_version or "",
                 region=spec.region or "",
                 project=spec.project or "",
+                responses_models=tuple(m.name for m in spec.models if (m.api or spec.api) == "responses"),
                 upstream_ids=tuple((m.name, m.deployment) for m in spec.models if m.deployment),
             )
         )

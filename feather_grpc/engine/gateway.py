@@ -791,6 +791,7 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         api_version=p.api_version,
         region=p.region,
         project=p.project,
+        responses_models=p.responses_models,
         upstream_ids=p.upstream_ids,
     )
 

@@ -27,6 +27,10 @@ PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "b
 def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
     """The adapter for `settings.type`. Every HTTP adapter shares `session` (see `new_session`)."""
     if settings.type in ("openai", "openai-compatible"):
+        if settings.responses_models:
+            from feather_grpc.providers.responses import OpenAIResponsesProvider
+
+            return OpenAIResponsesProvider(settings, session)
         return OpenAIProvider(settings, session)
     if settings.type == "anthropic":
         return AnthropicProvider(settings, session)

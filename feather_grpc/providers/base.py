@@ -29,6 +29,7 @@ class ProviderSettings:
     region: str = ""  # bedrock: the AWS region; vertex: the location
     project: str = ""  # vertex: the Google Cloud project
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> id the upstream knows (an Azure deployment)
+    responses_models: tuple[str, ...] = ()  # openai: models served through the Responses API
 
 
 class Provider(Protocol):
