@@ -18,6 +18,7 @@ request: text, tool uses, stop reason, usage (cache read/write too), an HTTP err
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 from collections import deque
@@ -43,6 +44,7 @@ class BedrockReply:
     cache_read: int = 0
     cache_write: int = 0
     omit_usage: bool = False
+    latency_s: float = 0.0  # wait before answering
     status: int = 200  # >= 400: an error of `error_type`
     error_type: str = "ValidationException"
     message: str = "The request failed."
@@ -160,6 +162,8 @@ class BedrockSimulator:
         if problem:
             return _error(400, "ValidationException", problem)
         reply = self._script.popleft() if self._script else BedrockReply()
+        if reply.latency_s:
+            await asyncio.sleep(reply.latency_s)  # cancelled when the client goes away
         if reply.status >= 400:
             return _error(reply.status, reply.error_type, reply.message)
         model = request.match_info["model"]

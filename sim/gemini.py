@@ -16,6 +16,7 @@ send one chunk per word, each `data: {...}\\r\\n\\r\\n` as Google does, usage on
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ class GeminiReply:
     cached_tokens: int = 0
     thoughts_tokens: int = 0
     block_reason: str = ""  # the prompt was blocked: promptFeedback.blockReason, no candidates
+    latency_s: float = 0.0  # wait before answering
     status: int = 200
     message: str = "Request failed."
     error_after: int | None = None  # streams: after N chunks, an error chunk (Google's error object)
@@ -120,6 +122,8 @@ class GeminiSimulator:
         if problem:
             return _error(400, problem)
         reply = self._script.popleft() if self._script else GeminiReply()
+        if reply.latency_s:
+            await asyncio.sleep(reply.latency_s)  # cancelled when the client goes away
         if reply.status >= 400:
             return _error(reply.status, reply.message)
         chunks = _chunks(model, body, reply, stream)

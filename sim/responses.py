@@ -15,6 +15,7 @@ output_text.delta/done, function_call_arguments.delta/done, completed (or incomp
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ class ResponsesReply:
     output_tokens: int | None = None
     cached: int = 0
     reasoning_tokens: int = 0
+    latency_s: float = 0.0  # wait before answering
     status: int = 200
     error_code: str = "server_error"
     message: str = "The server had an error."
@@ -95,6 +97,8 @@ class ResponsesSimulator:
         if problem:
             return _error(400, "invalid_request_error", problem)
         reply = self._script.popleft() if self._script else ResponsesReply()
+        if reply.latency_s:
+            await asyncio.sleep(reply.latency_s)  # cancelled when the client goes away
         if reply.status >= 400:
             return _error(reply.status, reply.error_code, reply.message)
         self._calls += 1
