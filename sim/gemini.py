@@ -79,6 +79,9 @@ class GeminiSimulator:
         app.router.add_post(
             "/{version}/projects/{project}/locations/{location}/publishers/google/models/{call}", self._vertex
         )
+        app.router.add_post(
+            "/{version}/projects/{project}/locations/{location}/publishers/anthropic/models/{call}", self._claude
+        )
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -103,6 +106,71 @@ class GeminiSimulator:
         if self.vertex_token is not None and bearer != self.vertex_token:
             return _error(401, "Request had invalid authentication credentials.")
         return await self._serve(request, vertex=True)
+
+    async def _claude(self, request: web.Request) -> web.StreamResponse:
+        """Claude on Vertex: Anthropic's Messages format at rawPredict / streamRawPredict."""
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.vertex_token is not None and bearer != self.vertex_token:
+            return _error(401, "Request had invalid authentication credentials.")
+        model, _, action = request.match_info["call"].partition(":")
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except ValueError:
+            body = None
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(RecordedGoogle(request.path, dict(request.query), headers, body, True))
+        problem = ""
+        # Vertex documents vertex-2023-10-16; the anthropic SDK sends its own dated version.
+        if not isinstance(body, dict) or not isinstance(body.get("anthropic_version"), str):
+            problem = "anthropic_version: Field required"
+        elif "model" in body:
+            problem = "model: Extra inputs are not permitted"  # the URL names the model
+        elif not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
+            problem = "max_tokens and messages: Field required"
+        if problem:
+            err = {"type": "error", "error": {"type": "invalid_request_error", "message": problem}}
+            return web.Response(status=400, body=orjson.dumps(err), content_type="application/json")
+        last = body["messages"][-1]["content"]
+        text = f"Hello from {model}: {last if isinstance(last, str) else last[0].get('text', '')}"
+        prompt = sum(len(str(m["content"]).split()) for m in body["messages"]) + 3 * len(body["messages"])
+        usage = {"input_tokens": prompt, "output_tokens": len(text.split()), "cache_read_input_tokens": 0}
+        if action == "rawPredict":
+            message = {
+                "id": "msg_vrtx_sim",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": usage,
+            }
+            return web.Response(body=orjson.dumps(message), content_type="application/json")
+        if action != "streamRawPredict":
+            return _error(404, f"Method {action!r} not found.")
+        start = {"id": "msg_vrtx_sim", "type": "message", "role": "assistant", "model": model, "content": []}
+        start |= {"stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": start}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
+        ]
+        words = text.split(" ")
+        for i, word in enumerate(words):
+            delta = {"type": "text_delta", "text": word + (" " if i < len(words) - 1 else "")}
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        end = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
+        events.append(("message_delta", {**end, "usage": {"output_tokens": usage["output_tokens"]}}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"".join(f"event: {n}\ndata: ".encode() + orjson.dumps(o) + b"\n\n" for n, o in events))
+        await resp.write_eof()
+        return resp
 
     async def _serve(self, request: web.Request, *, vertex: bool) -> web.StreamResponse:
         model, _, action = request.match_info["call"].partition(":")

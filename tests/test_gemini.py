@@ -334,6 +334,36 @@ async def test_vertex_uses_adc_once_off_the_loop(adc: TokenEndpoint, sim: Gemini
     await provider.aclose()
 
 
+async def test_claude_on_vertex_uses_the_anthropic_format_and_the_same_token(
+    adc: TokenEndpoint, sim: GeminiSimulator, session: HttpClient
+) -> None:
+    provider = vertex(sim, session)
+    model = "claude-3-5-sonnet-v2@20241022"
+    out = await provider.chat(model, ask(max_tokens=64))
+    assert out.content == f"Hello from {model}: hello there" and out.finish_reason is FinishReason.STOP
+    events = [e async for e in provider.stream(model, ask())]
+    assert "".join(e.content for e in events if isinstance(e, TextDelta)) == out.content
+    end = events[-1]
+    assert (
+        isinstance(end, StreamFinish) and end.usage is not None and end.usage.output_tokens == out.usage.output_tokens
+    )
+    await provider.chat("gemini-2.5-pro", ask())
+    base = f"/v1/projects/{PROJECT}/locations/us-central1/publishers"
+    assert [r.path for r in sim.requests] == [
+        f"{base}/anthropic/models/{model}:rawPredict",
+        f"{base}/anthropic/models/{model}:streamRawPredict",
+        f"{base}/google/models/gemini-2.5-pro:generateContent",
+    ]
+    assert sim.requests[0].body["anthropic_version"] == "vertex-2023-10-16" and "model" not in sim.requests[0].body
+    assert sim.requests[0].body["max_tokens"] == 64
+    assert {r.headers["authorization"] for r in sim.requests} == {"Bearer ya29.sim-token-1"} and adc.calls == 1
+    assert all("x-api-key" not in r.headers for r in sim.requests)
+    with pytest.raises(ProviderError) as caught:  # refused, not silently ignored
+        await provider.chat(model, ask(response_format=ResponseFormat("json_object")))
+    assert caught.value.reason == "UPSTREAM_BAD_REQUEST" and "no JSON mode" in caught.value.message
+    await provider.aclose()
+
+
 async def test_vertex_without_credentials_is_auth_failed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sim: GeminiSimulator, session: HttpClient
 ) -> None:
@@ -537,3 +567,24 @@ async def test_google_genai_sdk_against_the_simulator(sim: GeminiSimulator) -> N
     )
     await client.aio.aclose()
     await vertex_client.aio.aclose()
+
+
+async def test_anthropic_vertex_sdk_against_the_claude_simulator(sim: GeminiSimulator) -> None:
+    from anthropic import AsyncAnthropicVertex
+
+    model = "claude-3-5-sonnet-v2@20241022"
+    client = AsyncAnthropicVertex(
+        region="us-central1",
+        project_id=PROJECT,
+        access_token="ya29.sim-token-1",
+        base_url=sim.url + "/v1",
+        max_retries=0,
+    )
+    async with client:
+        messages: Any = [{"role": "user", "content": "hello"}]
+        message = await client.messages.create(model=model, max_tokens=64, messages=messages)
+        assert message.content[0].type == "text" and message.content[0].text == f"Hello from {model}: hello"
+        assert message.usage.output_tokens == 4
+        async with client.messages.stream(model=model, max_tokens=64, messages=messages) as stream:
+            assert await stream.get_final_text() == f"Hello from {model}: hello"
+        assert sim.requests[-1].path.endswith(f"/publishers/anthropic/models/{model}:streamRawPredict")

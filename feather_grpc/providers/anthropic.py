@@ -31,7 +31,7 @@ from feather_grpc.providers.http import (
     stream_cut,
 )
 from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import HttpClient, HttpError
+from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
 
@@ -190,9 +190,17 @@ class AnthropicProvider:
             body["stream"] = True
         return body
 
+    # Hooks for the same wire format at other URLs or with other auth (Claude on Vertex, providers/gemini.py).
+    def target(self, model: str, *, stream: bool) -> Endpoint:
+        return self._endpoint
+
+    async def request_headers(self) -> bytes:
+        return b""
+
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._endpoint, self._name, payload, self._api_key)
+        endpoint = self.target(model, stream=False)
+        doc = await post_json(endpoint, self._name, payload, self._api_key, await self.request_headers())
         try:
             if not isinstance(doc, dict):
                 raise TypeError
@@ -216,8 +224,10 @@ class AnthropicProvider:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
         name = self._name
         started = False
+        endpoint = self.target(model, stream=True)
+        headers = await self.request_headers()
         try:
-            resp = await self._endpoint.request(payload)
+            resp = await endpoint.request(payload, headers)
             try:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)

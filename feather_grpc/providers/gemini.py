@@ -11,6 +11,9 @@ Application Default Credentials), one wire format: generateContent and streamGen
 - Messages: system messages become `systemInstruction`; assistant turns are role `model`; tool calls are
   `functionCall` parts and tool results `functionResponse` parts (named after the call they answer).
   JSON output: `responseMimeType: application/json`, with `responseJsonSchema` for a JSON schema.
+- Claude on Vertex: a vertex model whose name starts with `claude` is served in the Anthropic Messages
+  format (`publishers/anthropic/models/{model}:rawPredict` and `:streamRawPredict`, `anthropic_version`
+  vertex-2023-10-16 in the body), with the same ADC token.
 - Usage: `promptTokenCount` includes `cachedContentTokenCount`; thinking tokens (`thoughtsTokenCount`) are
   billed as output and reported as reasoning; thought parts are not part of the reply's text.
 """
@@ -18,7 +21,8 @@ Application Default Credentials), one wire format: generateContent and streamGen
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +41,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
+from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.base import ProviderSettings, consistent, estimated_usage, read_events, token_count
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.http import (
@@ -55,6 +60,7 @@ __all__ = ["GEMINI_BASE_URL", "GeminiProvider", "normalise_usage", "vertex_base_
 
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 VERTEX_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
 
 _FINISH = {
     "STOP": FinishReason.STOP,
@@ -136,8 +142,11 @@ class GeminiProvider:
         self._session = session
         self._endpoints: dict[tuple[str, bool], Endpoint] = {}
         self._token: CachedCredential[str] | None = None
+        self._claude: VertexClaude | None = None
         if self._vertex:
             self._token = CachedCredential(settings.name, _adc_fetcher())
+            anthropic_prefix = self._prefix.replace("/publishers/google/models/", "/publishers/anthropic/models/")
+            self._claude = VertexClaude(settings, session, anthropic_prefix, self._request_headers)
 
     def _endpoint(self, model: str, stream: bool) -> Endpoint:
         key = (model, stream)
@@ -238,6 +247,8 @@ class GeminiProvider:
         return body
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
+        if self._claude is not None and model.startswith("claude"):
+            return await self._claude.chat(model, request)
         payload = orjson.dumps(self.build_body(request))
         endpoint = self._endpoint(model, stream=False)
         doc = await post_json(endpoint, self._name, payload, self._api_key, await self._request_headers())
@@ -256,6 +267,10 @@ class GeminiProvider:
         return ProviderResponse(text, calls, final.finish_reason, final.usage)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        if self._claude is not None and model.startswith("claude"):
+            async for out in self._claude.stream(model, request):
+                yield out
+            return
         payload = orjson.dumps(self.build_body(request))
         endpoint = self._endpoint(model, stream=True)
         headers = await self._request_headers()
@@ -300,6 +315,48 @@ class GeminiProvider:
     async def aclose(self) -> None:
         if self._token is not None:
             await self._token.aclose()
+
+
+class VertexClaude(AnthropicProvider):
+    """Anthropic's Messages format at Vertex AI's URLs, authenticated with the vertex provider's token."""
+
+    def __init__(
+        self,
+        settings: ProviderSettings,
+        session: HttpClient,
+        prefix: str,
+        auth: Callable[[], Awaitable[bytes]],
+    ) -> None:
+        super().__init__(replace(settings, api_key=""), session)
+        self._prefix = prefix
+        self._auth = auth
+        self._session = session
+        self._headers = [("Content-Type", "application/json"), *settings.extra_headers]
+        self._endpoints: dict[tuple[str, bool], Endpoint] = {}
+
+    def target(self, model: str, *, stream: bool) -> Endpoint:
+        key = (model, stream)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:  # one per configured model and mode
+            action = "streamRawPredict" if stream else "rawPredict"
+            url = f"{self._prefix}{quote(model, safe='@')}:{action}"
+            endpoint = self._endpoints[key] = self._session.endpoint(url, self._headers, self.settings.egress)
+        return endpoint
+
+    async def request_headers(self) -> bytes:
+        return await self._auth()
+
+    def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        fmt = request.response_format
+        if fmt is not None and fmt.type in ("json_object", "json_schema"):
+            # The gateway routes JSON calls away from the anthropic and bedrock types; this one shares its
+            # provider type with Gemini, so it refuses here rather than ignore the caller's format.
+            why = f"{self._name}: Claude on Vertex has no JSON mode (response_format {fmt.type})"
+            raise ProviderError("UPSTREAM_BAD_REQUEST", why, retryable=False)
+        body = super().build_body(model, request, stream=stream)
+        del body["model"]  # the URL names it
+        body["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+        return body
 
 
 class _Reader:
