@@ -19,6 +19,10 @@ from sim.gemini import GeminiReply, GeminiSimulator
 from sim.responses import ResponsesReply, ResponsesSimulator
 from sim.upstream import Reply
 from tests.gateway_harness import running_gateway, user
+from tests.ops_harness import running_server
+from tests.test_tracing import Collector, _otel_env, collector
+
+__all__ = ["collector"]  # a fixture used by parameter name below
 
 AWS = ("AKIDCLOUDTEST0000001", "cloud/test/secret/key/0123456789abcdef", None)
 MOCK = {
@@ -35,6 +39,7 @@ class Cloud:
     slow: Callable[[], None]  # script the next request to hang
     fail: Callable[[], None]  # script the next request to fail with a 503
     received: Callable[[], int]
+    headers: Callable[[], list[dict[str, str]]]  # of every request received, names lowercased
 
 
 @asynccontextmanager
@@ -50,6 +55,7 @@ async def cloud(kind: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Clo
                 lambda: az.enqueue(Reply(latency_s=30)),
                 lambda: az.enqueue(Reply(status=503)),
                 lambda: az.received,
+                lambda: [{k.lower(): v for k, v in r.headers.items()} for r in az.requests],
             )
         elif kind == "bedrock":
             br = await stack.enter_async_context(BedrockSimulator(credentials=AWS, region="us-east-1"))
@@ -65,6 +71,7 @@ async def cloud(kind: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Clo
                 lambda: br.enqueue(BedrockReply(latency_s=30)),
                 lambda: br.enqueue(BedrockReply(status=503, error_type="ServiceUnavailableException")),
                 lambda: len(br.requests),
+                lambda: [r.headers for r in br.requests],
             )
         elif kind == "gemini":
             gm = await stack.enter_async_context(GeminiSimulator(api_key="gm-key"))
@@ -76,6 +83,7 @@ async def cloud(kind: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Clo
                 lambda: gm.enqueue(GeminiReply(latency_s=30)),
                 lambda: gm.enqueue(GeminiReply(status=503)),
                 lambda: len(gm.requests),
+                lambda: [r.headers for r in gm.requests],
             )
         else:
             rs = await stack.enter_async_context(ResponsesSimulator(api_key="sk-rs"))
@@ -87,6 +95,7 @@ async def cloud(kind: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Clo
                 lambda: rs.enqueue(ResponsesReply(latency_s=30)),
                 lambda: rs.enqueue(ResponsesReply(status=503)),
                 lambda: len(rs.requests),
+                lambda: [r.headers for r in rs.requests],
             )
 
 
@@ -146,3 +155,23 @@ async def test_the_cloud_sdks_are_not_needed_by_the_providers_that_do_not_use_th
             for provider in ("azure", "gemini", "mock"):
                 reply = await gw.stub.Chat(pb.ChatRequest(model="smart", provider=provider, messages=[user("hi")]))
                 assert reply.provider == provider and reply.message.content
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_each_attempt_carries_trace_context(
+    kind: str, monkeypatch: pytest.MonkeyPatch, collector: tuple[Collector, int]
+) -> None:
+    _, port = collector
+    options = _otel_env(monkeypatch, port)
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (("traceparent", f"00-{caller_trace}-00f067aa0ba902b7-01"),)
+    async with cloud(kind, monkeypatch) as c:
+        doc = {"ledger": {"type": "memory"}, "providers": {"cloud": c.spec}}
+        async with running_server(doc, c.env, options) as gw:
+            await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("hi")]), metadata=metadata)
+            events = gw.stub.StreamChat(pb.StreamChatRequest(model="smart", messages=[user("go")]), metadata=metadata)
+            assert [e async for e in events][-1].HasField("end")
+        sent = c.headers()
+    assert len(sent) == 2
+    spans = {h["traceparent"].split("-")[2] for h in sent}
+    assert all(h["traceparent"].split("-")[1] == caller_trace for h in sent) and len(spans) == 2

@@ -23,6 +23,7 @@ from feather_grpc.providers.http import safe_text
 __all__ = ["EXTRAS", "CachedCredential", "missing_extra"]
 
 T = TypeVar("T")
+RETRY_AFTER_FAILURE_S = 10.0
 
 # provider need -> (a module it imports, the extra that installs it)
 EXTRAS = {
@@ -55,6 +56,7 @@ class CachedCredential(Generic[T]):
         self._value: T | None = None
         self._expires: float | None = None
         self._task: asyncio.Task[tuple[T, float | None]] | None = None
+        self._retry_at = 0.0  # a failed background refresh is tried again from then on
         self.fetches = 0  # how many fetches ran (tests and metrics)
 
     async def get(self) -> T:
@@ -64,7 +66,8 @@ class CachedCredential(Generic[T]):
             if self._expires is None or now < self._expires - self._refresh_before_s:
                 return value
             if now < self._expires - 5.0:  # still usable: refresh in the background, answer now
-                self._start()
+                if now >= self._retry_at:  # after a failed refresh, not at every call's pace
+                    self._start()
                 return value
         task = self._start()
         # shield: a cancelled caller must not cancel the fetch other callers are waiting on
@@ -83,6 +86,7 @@ class CachedCredential(Generic[T]):
         try:
             value, expires = await asyncio.to_thread(self._fetch)
         except Exception as e:
+            self._retry_at = time.time() + RETRY_AFTER_FAILURE_S
             # The SDKs' messages say which sources they tried; they name no secret, but are made safe anyway.
             detail = safe_text(f"{type(e).__name__}: {e}", limit=200)
             raise ProviderError(
