@@ -22,8 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.cache import CacheSettings
 from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
+from feather_grpc.providers.base import DEFAULT_MAX_RESPONSE_BYTES
 from feather_grpc.providers.credentials import missing_extra
 from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
+from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ class ProviderSpec(_Strict):
     timeout_ms: int | None = Field(default=None, alias="timeoutMs", gt=0)
     first_token_timeout_ms: int | None = Field(default=None, alias="firstTokenTimeoutMs", gt=0)
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
+    # What one reply may make the gateway hold: a JSON body whole, a stream one line or event at a time.
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
+    max_stream_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)
     required: bool = False
     # false: no W3C trace context (traceparent/tracestate) on this provider's requests when tracing is on
     propagate_trace_context: bool = Field(default=True, alias="propagateTraceContext")
@@ -194,12 +199,17 @@ class BudgetSpec(_Strict):
     monthly_usd: Decimal | None = Field(default=None, alias="monthlyUsd", ge=0)
 
 
-class TenantSpec(_Strict):
-    keys: list[str] = Field(default_factory=list)  # "sha256:<64 hex>" digests of API keys, never keys
-    role: Literal["member", "admin"] = "member"
+class TenantPolicySpec(_Strict):
+    """What a tenant may do; `jwtDefaultPolicy` gives it to the tenants a JWT names that the config does not list."""
+
     allowed_models: list[str] | None = Field(default=None, alias="allowedModels")  # names or aliases
     limits: TenantLimitsSpec = Field(default_factory=TenantLimitsSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+
+class TenantSpec(TenantPolicySpec):
+    keys: list[str] = Field(default_factory=list)  # "sha256:<64 hex>" digests of API keys, never keys
+    role: Literal["member", "admin"] = "member"
 
     @field_validator("keys")
     @classmethod
@@ -256,8 +266,13 @@ class FileConfig(_Strict):
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
     limits: dict[str, BucketLimitSpec] = Field(default_factory=dict)  # "provider:model" token buckets
     rate_limit_mode: Literal["queue", "reject"] = Field(default="queue", alias="rateLimitMode")
+    # Queue mode admits a waiter only if, after its wait, its deadline leaves at least this long for the
+    # call, or the route's observed latency when that is longer.
+    queue_min_call_ms: int = Field(default=50, alias="queueMinCallMs", ge=0)
     state_failure_mode: Literal["closed", "open"] = Field(default="closed", alias="stateFailureMode")
     jwt_tenant_claim: str = Field(default="tenant", alias="jwtTenantClaim")
+    # The policy of a tenant a JWT names that `tenants` does not list; unset: it may call no model.
+    jwt_default_policy: TenantPolicySpec | None = Field(default=None, alias="jwtDefaultPolicy")
     cache: CacheSpec = Field(default_factory=CacheSpec)
     safety: SafetySpec = Field(default_factory=SafetySpec)
 
@@ -287,6 +302,8 @@ class ProviderConfig:
     idle_timeout_ms: int | None = None
     propagate_trace_context: bool = True
     egress: Egress = DIRECT
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     auth: str = ""  # "" (the API key) | "entra"
     api_version: str = ""
     region: str = ""
@@ -329,8 +346,9 @@ class AuthConfig:
     key_hashes: dict[str, str] = field(default_factory=dict)  # sha256 hex digest -> tenant name
     jwt_secret: str = field(default="", repr=False)
     jwt_tenant_claim: str = "tenant"
-    # RATE_LIMIT_*: the request limit of a tenant a JWT names that the config does not list
-    unlisted_requests: tuple[float, int] | None = None
+    # jwtDefaultPolicy: what a tenant a JWT names that the config does not list may do (its name is filled
+    # in per caller); without one, it may call no model.
+    unlisted: TenantConfig = field(default_factory=lambda: TenantConfig("", allowed_models=frozenset()))
 
     @property
     def open(self) -> bool:
@@ -378,6 +396,7 @@ class GatewayConfig:
     default_tenant: TenantConfig = field(default_factory=lambda: TenantConfig("default"))
     provider_limits: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (rps, burst)
     rate_limit_mode: str = "queue"
+    queue_min_call_s: float = 0.05  # queue mode: the least deadline a waiter must have left after its wait
     state_failure_mode: str = "closed"
     redis_url: str = field(default="", repr=False)
     database_url: str = field(default="", repr=False)
@@ -447,23 +466,38 @@ def _infer_type(name: str, spec: ProviderSpec, source: str) -> str:
 
 
 def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: str) -> str | None:
-    """The provider's key, or None when its configured source is absent or blank (the provider is then skipped)."""
+    """The provider's key, or None when its configured source is absent or blank (the provider is then skipped).
+
+    Surrounding whitespace is dropped from both sources (a Kubernetes Secret made from a file ends in a
+    newline); what remains must be usable in an HTTP header, checked here so `check-config` and `serve`
+    give the same one-line answer.
+    """
     if spec.api_key_file:
+        path, where = f"providers.{name}.apiKeyFile", f"the file {spec.api_key_file}"
         try:
-            return Path(spec.api_key_file).read_text(encoding="utf-8").strip() or None
+            key = Path(spec.api_key_file).read_text(encoding="utf-8").strip()
         except OSError:
             return None
         except UnicodeDecodeError:
-            raise ConfigError(
-                source,
-                f"providers.{name}.apiKeyFile",
-                "the file is not UTF-8 text",
-                "write the key alone into the file",
-            ) from None
-    if spec.api_key_env:
-        key = env.get(spec.api_key_env, "")
-        return key if key.strip() else None
-    return ""
+            raise ConfigError(source, path, "the file is not UTF-8 text", "write the key alone into the file") from None
+    elif spec.api_key_env:
+        path, where = f"providers.{name}.apiKeyEnv", f"${spec.api_key_env}"
+        key = env.get(spec.api_key_env, "").strip()
+    else:
+        return ""
+    if not key:
+        return None
+    bad = next((c for c in key if not "\x21" <= c <= "\x7e"), None)
+    if bad is not None:
+        # Never echo the key: name the kind of character and where it came from.
+        kind = "whitespace" if bad.isspace() else "a control character" if bad.isascii() else "a non-ASCII character"
+        raise ConfigError(
+            source,
+            path,
+            f"the key in {where} contains {kind}, which an HTTP header cannot carry",
+            "set it to the key alone, on one line (API keys are visible ASCII)",
+        )
+    return key
 
 
 def _base_url(spec: ProviderSpec, ptype: str) -> str:
@@ -625,6 +659,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 idle_timeout_ms=spec.idle_timeout_ms or spec.timeout_ms or file_config.timeout_ms,
                 propagate_trace_context=spec.propagate_trace_context,
                 egress=_egress(name, spec, ptype, env, source),
+                max_response_bytes=spec.max_response_bytes,
+                max_stream_event_bytes=spec.max_stream_event_bytes,
                 auth=spec.auth or "",
                 api_version=spec.api_version or "",
                 region=spec.region or "",
@@ -685,6 +721,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         default_tenant=default_tenant,
         provider_limits=_provider_limits(file_config, source),
         rate_limit_mode=file_config.rate_limit_mode,
+        queue_min_call_s=file_config.queue_min_call_ms / 1000,
         state_failure_mode=file_config.state_failure_mode,
         redis_url=_redis_url(env),
         database_url=_database_url(env),
@@ -920,15 +957,30 @@ def _tenants(
     allowable = {
         n for p, spec in fc.providers.items() for m in spec.models for n in (m.name, f"{p}/{m.name}", *m.aliases)
     }
-    for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+
+    def policy(name: str, t: TenantPolicySpec, path: str, role: str = "member") -> TenantConfig:
         for i, allowed in enumerate(t.allowed_models or []):
             if allowed not in allowable:
                 raise ConfigError(
                     source,
-                    f"tenants.{name}.allowedModels[{i}]",
+                    f"{path}.allowedModels[{i}]",
                     f"{allowed!r} is not a configured model or alias",
                     "use a model name, an alias, or provider/model",
                 )
+        rpm = t.limits.rpm
+        return TenantConfig(
+            name=name,
+            role=role,
+            allowed_models=frozenset(t.allowed_models) if t.allowed_models is not None else None,
+            requests=(rpm / 60, rpm) if rpm else default_requests,
+            tpm=t.limits.tpm,
+            concurrency=t.limits.concurrency,
+            daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"{path}.budget.dailyUsd"),
+            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"{path}.budget.monthlyUsd"),
+        )
+
+    for name, t in {"default": TenantSpec(), **fc.tenants}.items():
+        tenants[name] = policy(name, t, f"tenants.{name}", t.role)
         for i, k in enumerate(t.keys):
             digest = k.removeprefix("sha256:")
             if digest in hashes:
@@ -939,22 +991,12 @@ def _tenants(
                     "give every key to exactly one tenant",
                 )
             hashes[digest] = name
-        rpm = t.limits.rpm
-        tenants[name] = TenantConfig(
-            name=name,
-            role=t.role,
-            allowed_models=frozenset(t.allowed_models) if t.allowed_models is not None else None,
-            requests=(rpm / 60, rpm) if rpm else default_requests,
-            tpm=t.limits.tpm,
-            concurrency=t.limits.concurrency,
-            daily_budget_nanos=_usd_nanos(t.budget.daily_usd, source, f"tenants.{name}.budget.dailyUsd"),
-            monthly_budget_nanos=_usd_nanos(t.budget.monthly_usd, source, f"tenants.{name}.budget.monthlyUsd"),
-        )
+    unlisted = TenantPolicySpec(allowedModels=[]) if fc.jwt_default_policy is None else fc.jwt_default_policy
     auth = AuthConfig(
         key_hashes=hashes,
         jwt_secret=env.get("JWT_SECRET", ""),
         jwt_tenant_claim=fc.jwt_tenant_claim,
-        unlisted_requests=default_requests,
+        unlisted=policy("", unlisted, "jwtDefaultPolicy"),
     )
     return auth, tenants, tenants["default"]
 

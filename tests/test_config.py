@@ -66,6 +66,8 @@ def test_provider_without_its_key_is_skipped_unless_required() -> None:
         (lambda d: d.update(policy="cheapest-first"), "policy"),
         (lambda d: d["providers"]["openai"].update(baseUrl="api.openai.com"), "providers.openai.baseUrl"),
         (lambda d: d["providers"]["openai"]["models"][0].update(inputPer1K=-1), "providers.openai.models[0]"),
+        (lambda d: d["providers"]["openai"].update(maxResponseBytes=100), "providers.openai.maxResponseBytes"),
+        (lambda d: d["providers"]["openai"].update(maxStreamEventBytes=0), "providers.openai.maxStreamEventBytes"),
         (
             lambda d: d["providers"].update(local={"models": [{"name": "x", "inputPer1K": 0, "outputPer1K": 0}]}),
             "providers.local.type",
@@ -328,6 +330,7 @@ def test_base_url_needs_a_host_a_valid_port_and_no_whitespace(url: str) -> None:
         ("allowedModels", {"tenants": {"t": {"allowedModels": ["fast", "gpt-4o-mni"]}}}, "tenants.t.allowedModels[1]"),
         # admission matches provider/model by the model's name, never by an alias
         ("allowedModels", {"tenants": {"t": {"allowedModels": ["mock/fast"]}}}, "tenants.t.allowedModels[0]"),
+        ("jwtDefaultPolicy", {"jwtDefaultPolicy": {"allowedModels": ["fsat"]}}, "jwtDefaultPolicy.allowedModels[0]"),
     ],
 )
 def test_routes_fallbacks_and_allowed_models_name_configured_models(
@@ -384,3 +387,70 @@ def test_a_budget_must_fit_the_nano_dollar_counters(usd: str, ok: bool) -> None:
     with pytest.raises(config.ConfigError) as caught:
         _load(json.dumps(doc))
     assert caught.value.path == "tenants.t.budget.dailyUsd" and "too large" in str(caught.value)
+
+
+def test_jwt_default_policy_is_validated_like_a_tenant() -> None:
+    providers = {"mock": _mock(_model("mock-fast", "fast"))}
+    policy = {"allowedModels": ["fast"], "limits": {"rpm": 60, "tpm": 1000}, "budget": {"dailyUsd": 1}}
+    unlisted = _load(json.dumps({"providers": providers, "jwtDefaultPolicy": policy})).auth.unlisted
+    assert (unlisted.allowed_models, unlisted.requests, unlisted.tpm) == (frozenset(["fast"]), (1.0, 60), 1000)
+    assert unlisted.daily_budget_nanos == 1_000_000_000 and unlisted.role == "member"
+    # without one, a tenant the config does not list may call nothing
+    assert _load(json.dumps({"providers": providers})).auth.unlisted.allowed_models == frozenset()
+    for bad, path in [
+        ({"budget": {"dailyUsd": 2e9}}, "jwtDefaultPolicy.budget.dailyUsd"),
+        ({"keys": []}, "jwtDefaultPolicy.keys"),  # keys and roles belong to listed tenants only
+        ({"role": "admin"}, "jwtDefaultPolicy.role"),
+    ]:
+        with pytest.raises(config.ConfigError) as caught:
+            _load(json.dumps({"providers": providers, "jwtDefaultPolicy": bad}))
+        assert caught.value.path == path, caught.value
+
+
+def test_an_api_key_from_the_environment_loses_surrounding_whitespace_like_one_from_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "anthropic.key"
+    key_file.write_text("ak-test\n")  # a Kubernetes Secret made from a file ends in a newline
+    doc = json.loads(GUIDE_CONFIG)
+    doc["providers"]["anthropic"]["apiKeyFile"] = str(key_file)
+    del doc["providers"]["anthropic"]["apiKeyEnv"]
+    cfg = _load(json.dumps(doc), {"OPENAI_API_KEY": " sk-test\r\n"})
+    assert [(p.name, p.api_key) for p in cfg.providers] == [("openai", "sk-test"), ("anthropic", "ak-test")]
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("sk-a\nsk-b", "whitespace"),
+        ("sk-a b", "whitespace"),
+        ("sk-\x00x", "a control character"),
+        ("sk-“x”", "a non-ASCII character"),
+    ],
+)
+def test_an_api_key_an_http_header_cannot_carry_names_the_provider_and_the_variable(key: str, kind: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        _load(GUIDE_CONFIG, {"OPENAI_API_KEY": key, "ANTHROPIC_API_KEY": "ak"})
+    message = str(caught.value)
+    assert caught.value.path == "providers.openai.apiKeyEnv"
+    assert f"the key in $OPENAI_API_KEY contains {kind}, which an HTTP header cannot carry" in message
+    assert key not in message and "sk-a" not in message  # never echoed
+
+
+def test_check_config_and_serve_refuse_an_unusable_key_with_the_same_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "feather.config.json"
+    cfg.write_text(GUIDE_CONFIG)
+    lines = []
+    for command in (["check-config"], ["serve", "--port", "0"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "feather_grpc.cli", *command, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-one\nsk-two", "LOG_FORMAT": "json"},
+        )
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr and "sk-one" not in run.stderr
+        (line,) = [ln for ln in run.stderr.splitlines() if ln.startswith("feather-grpc: ")]
+        lines.append(line)
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("feather-grpc: invalid configuration: ")
+    assert "providers.openai.apiKeyEnv: the key in $OPENAI_API_KEY contains whitespace" in lines[0]

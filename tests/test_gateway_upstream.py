@@ -240,6 +240,59 @@ async def test_deadline_shorter_than_upstream_latency_is_deadline_exceeded(sim: 
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         total = await _usage_total(gw)
         assert total.request_count == 1 and total.ok_count == 0
+        # The upstream got the prompt and works on it: billed as an estimate of that prompt, never 0.
+        assert total.estimated_count == 1 and total.input_tokens > 0 and total.output_tokens == 0
+        assert total.cost_nanos_usd == total.input_tokens * 30_000
+
+
+def _prompt_cost() -> int:
+    """What one abandoned attempt of user("abandoned") on gpt-sim bills: its prompt estimate."""
+    from feather_grpc.engine.tokens import estimate_prompt_tokens
+    from feather_grpc.engine.types import Message, Role
+
+    return estimate_prompt_tokens([Message(Role.USER, "abandoned")]) * 30_000
+
+
+async def test_a_stream_abandoned_at_the_deadline_before_its_first_token_is_billed(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(latency_s=5.0))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in gw.stub.StreamChat(
+                pb.StreamChatRequest(model="fast", messages=[user("abandoned")]), timeout=0.3
+            ):
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        total = await _usage_total(gw)
+        assert total.estimated_count == 1 and total.cost_nanos_usd == _prompt_cost() > 0
+
+
+async def test_attempts_abandoned_before_a_retry_answers_are_billed_with_it(sim: UpstreamSimulator) -> None:
+    """An attempt that timed out, and one whose 2xx reply could not be used (here not JSON; a reply over
+    a size limit is the same case), were paid upstream: the call that finally answers bills them too."""
+    sim.enqueue(Reply(latency_s=5.0), Reply(body=b"not json at all"), Reply(usage=SimUsage(input=10, output=20)))
+    doc = sim_config(sim, timeoutMs=300, retry={"maxAttempts": 3, "baseMs": 1, "maxMs": 5})
+    async with running_gateway(doc, ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("abandoned")]))
+        assert [a.error_reason for a in reply.attempts] == ["UPSTREAM_TIMEOUT", "UPSTREAM_BAD_RESPONSE", ""]
+        answered = 10 * 30_000 + 20 * 60_000
+        assert reply.cost_nanos_usd == answered + 2 * _prompt_cost()
+        assert reply.usage_estimated
+        total = await _usage_total(gw)
+        assert total.cost_nanos_usd == reply.cost_nanos_usd and total.estimated_count == 1
+
+
+async def test_a_chat_cancelled_while_the_upstream_works_is_billed(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(latency_s=30.0))
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        call = gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("abandoned")]))
+        await sim.wait_requests(1, timeout_s=5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await sim.wait_disconnect(timeout_s=5)
+        total = await _usage_total(gw)
+        assert total.cancelled_count == 1 and total.estimated_count == 1
+        assert total.cost_nanos_usd == _prompt_cost() > 0
 
 
 def test_a_short_caller_deadline_never_counts_against_the_provider() -> None:

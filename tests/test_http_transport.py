@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import random
 import ssl
 import subprocess
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +25,16 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.providers import ProviderSettings, build_provider
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import (
+    DECODE_STEP,
     HIGH_WATER,
+    BodyTooLarge,
     ConnectError,
     Endpoint,
     HttpClient,
     InvalidURL,
     ReadError,
     Response,
+    UnsupportedEncoding,
     _Connection,
 )
 
@@ -198,7 +203,7 @@ async def test_one_write_with_the_prebuilt_head_and_keep_alive_reuse(client: Htt
         assert "Content-Type: application/json" in lines
         assert "Authorization: Bearer k" in lines
         assert "Content-Length: 7" in lines
-        assert not any(line.lower().startswith("accept-encoding") for line in lines), "identity bodies only"
+        assert "Accept-Encoding: identity" in lines  # a server that compresses anyway is decoded
 
 
 async def test_concurrent_requests_open_connections_up_to_the_limit_then_wait_fifo() -> None:
@@ -838,3 +843,103 @@ async def test_release_after_end_closes_when_the_end_does_not_come(client: HttpC
         await server.wait_for(lambda: server.disconnects == 1, timeout_s=1.0)
         await settle()
         assert client.connections() == 0
+
+
+# -- compressed bodies and size limits -------------------------------------------------------------
+
+
+def _encoded(body: bytes, coding: str, *, length: bool = True) -> bytes:
+    framing = f"Content-Length: {len(body)}" if length else "Connection: close"
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: {coding}\r\n{framing}\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate"])
+async def test_a_compressed_body_is_decoded_whatever_the_framing(client: HttpClient, coding: str) -> None:
+    plain = b'{"answer":"' + b"compressible " * 5000 + b'"}'
+    packed = gzip.compress(plain) if "gzip" in coding else zlib.compress(plain)
+    responses = [
+        _encoded(packed, coding),
+        chunked([packed[:100], packed[100:]]).replace(
+            b"Transfer-Encoding: chunked", f"Transfer-Encoding: chunked\r\nContent-Encoding: {coding}".encode()
+        ),
+    ]
+
+    async def handler(req: Req) -> None:
+        await reply(req, responses[len(server.requests) - 1], pieces=7, delay_s=0.001)
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        assert (await post(ep))[1] == plain
+        resp = await ep.request(b"{}")
+        pieces = [piece async for piece in resp]
+        assert b"".join(pieces) == plain
+        assert server.connections == 1  # both read to the end: the connection was reused
+
+
+async def test_a_compression_bomb_inflates_in_bounded_steps_and_stops_at_the_limit(client: HttpClient) -> None:
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)  # 64 MiB in ~64 KiB
+
+    async def handler(req: Req) -> None:
+        await reply(req, _encoded(bomb, "gzip"))
+
+    async with RawServer(handler) as server:
+        ep = endpoint(client, server)
+        resp = await ep.request(b"{}")
+        sizes = [len(await anext(resp)) for _ in range(5)]
+        assert max(sizes) <= DECODE_STEP
+        resp.close()
+        resp = await ep.request(b"{}")
+        with pytest.raises(BodyTooLarge, match="over the 1048576-byte limit"):
+            await resp.read(1 << 20)
+
+
+async def test_a_content_length_over_the_limit_is_refused_before_reading(client: HttpClient) -> None:
+    async def handler(req: Req) -> None:
+        req.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 314572800\r\n\r\n" + b"x" * 1000)
+        await req.writer.drain()
+        await until_client_gone(req)  # the rest never comes: only the limit can end the read
+
+    async with RawServer(handler) as server:
+        resp = await endpoint(client, server).request(b"{}")
+        with pytest.raises(BodyTooLarge) as caught:
+            await resp.read(1 << 20)
+        assert str(caught.value) == "response body over the 1048576-byte limit (Content-Length 314572800)"
+        await server.wait_for(lambda: server.disconnects == 1)
+        assert client.connections() == 0
+
+
+async def test_an_endless_body_stops_at_the_limit_and_closes_the_connection(client: HttpClient) -> None:
+    async def handler(req: Req) -> None:
+        req.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            while True:
+                req.writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                await req.writer.drain()
+
+    async with RawServer(handler) as server:
+        resp = await endpoint(client, server).request(b"{}")
+        with pytest.raises(BodyTooLarge, match="over the 2097152-byte limit"):
+            await resp.read(2 << 20)
+        await server.wait_for(lambda: server.disconnects == 1)
+        assert client.connections() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "coding", "error"),
+    [
+        (b"\x1b\x00\x00", "br", "Content-Encoding 'br' cannot be decoded"),
+        (gzip.compress(b'{"a":1}')[:-6], "gzip", "compressed body ended before its end marker"),
+        (b"not gzip at all", "gzip", "malformed compressed body"),
+    ],
+)
+async def test_a_body_that_cannot_be_decoded_fails_the_read(
+    client: HttpClient, body: bytes, coding: str, error: str
+) -> None:
+    async def handler(req: Req) -> None:
+        await reply(req, _encoded(body, coding))
+
+    async with RawServer(handler) as server:
+        with pytest.raises(ReadError, match=error) as caught:
+            await post(endpoint(client, server))
+        assert isinstance(caught.value, UnsupportedEncoding) == (coding == "br")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
 import hashlib
 import json
 import time
@@ -28,6 +29,7 @@ from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
 from tests.ops_harness import GatewayProcess, free_port
 from tests.pg_server import PgServer
 from tests.redis_cluster import RedisCluster
+from tests.redis_relay import RedisRelay
 from tests.redis_server import RedisServer
 
 ACME, GLOBEX, ADMIN = "fk_replica_acme", "fk_replica_globex", "fk_replica_admin"
@@ -244,6 +246,141 @@ async def test_a_redis_that_lost_its_data_does_not_hand_out_a_spent_budget_again
     assert after <= 2, f"{after} calls admitted again after the restart"  # the one that found it missing
     (per_call,) = costs
     assert billed <= 500_000 + 2 * per_call
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_no_call_racing_the_restore_of_a_lost_budget_is_admitted(mode: str) -> None:
+    """Right after Redis restarts empty, 50 concurrent calls of a tenant whose budget is spent all find its
+    window missing at once: none may be judged before the spend is restored from the ledger."""
+    doc = _redis_config(mode)
+    doc["tenants"]["default"]["budget"] = {"dailyUsd": 0.0005}
+    doc["tenants"]["other"] = {"keys": [_h("fk-other")], "limits": {"rpm": 6000}}  # no budget
+    doc["tenants"]["default"]["keys"] = [_h("fk-spender")]
+    spender, other = _auth("fk-spender"), _auth("fk-other")
+    ask = pb.ChatRequest(model="fast", messages=[user("spend")], max_tokens=10)
+    with RedisServer() as redis:
+        async with running_gateway(doc, {"REDIS_URL": redis.url}) as gw:
+            for _ in range(500):  # spend the budget
+                try:
+                    await gw.stub.Chat(ask, metadata=spender)
+                except grpc.aio.AioRpcError as e:
+                    assert rich_error(e).reason == "BUDGET_EXCEEDED"
+                    break
+            else:
+                raise AssertionError("the budget never ran out")
+            redis.stop()
+            redis.start()  # SIGKILL, back empty
+            while True:  # a call that touches Redis but no budget, until the gateway has reconnected
+                try:
+                    await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=other)
+                    break
+                except grpc.aio.AioRpcError as e:
+                    assert rich_error(e).reason == "STATE_UNAVAILABLE"
+            assert await _redis_keys(redis, "*budget:day*") == []  # the spent window really is gone
+            results = await asyncio.gather(
+                *(gw.stub.Chat(ask, metadata=spender) for _ in range(50)), return_exceptions=True
+            )
+    admitted = [r for r in results if isinstance(r, pb.ChatResponse)]
+    assert not admitted, f"{len(admitted)} of 50 calls admitted before the restore"
+    assert {rich_error(r).reason for r in results if isinstance(r, grpc.aio.AioRpcError)} == {"BUDGET_EXCEEDED"}
+
+
+async def test_settlements_lost_on_the_way_to_redis_neither_hold_reservations_nor_overspend() -> None:
+    """A relay resets the Redis connection as settlements pass (alternately before Redis gets them and
+    after, losing the reply): the reservations are given back and the spend matches the ledger within
+    seconds, and spending until refused never passes the cap."""
+    from feather_grpc.state.redis_state import _BUDGET_SETTLE, _Script
+
+    doc = _redis_config("closed")
+    cap = 500_000
+    doc["tenants"]["default"]["budget"] = {"dailyUsd": cap / 1e9}
+    ask = pb.ChatRequest(model="fast", messages=[user("spend")], max_tokens=10)
+    window = f"feather:{{tenant:default}}:budget:day:{dt.datetime.now(dt.UTC):%Y-%m-%d}"
+
+    async def spend_until_refused(gw: Any) -> None:
+        for _ in range(500):
+            try:
+                await gw.stub.Chat(ask)
+            except grpc.aio.AioRpcError as e:
+                reason = rich_error(e).reason
+                if reason == "BUDGET_EXCEEDED":
+                    return
+                assert reason == "STATE_UNAVAILABLE", reason  # a reset also failed an admission in flight
+        raise AssertionError("the budget never ran out")
+
+    async def reconciled(gw: Any, redis: RedisServer) -> tuple[int, int, int]:
+        """(spent, reserved, billed) once Redis's counters match the ledger, or as they were after 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            billed = (await gw.stub.Usage(pb.UsageRequest())).total.cost_nanos_usd
+            spent, reserved = (int(v or 0) for v in await _redis_call(redis, "HMGET", window, "spent", "reserved"))
+            if (spent, reserved) == (billed, 0) or time.monotonic() > deadline:
+                return spent, reserved, billed
+            await asyncio.sleep(0.05)
+
+    with RedisServer() as redis:
+        relay = RedisRelay(redis.port, trigger=_Script.of(_BUDGET_SETTLE).sha.encode())
+        async with relay, running_gateway(doc, {"REDIS_URL": relay.url}) as gw:
+            await gw.stub.Chat(ask)  # loads the scripts (EVAL carries the text, not the sha)
+            relay.resets_left = 6  # the next settlements, and their re-sends, are lost
+            for _ in range(5):
+                await gw.stub.Chat(ask)
+            assert relay.resets >= 3 and relay.dropped >= 2
+            spent, reserved, billed = await reconciled(gw, redis)
+            assert (spent, reserved) == (billed, 0), "a lost settlement still holds its reservation"
+
+            relay.resets_left = 6
+            await spend_until_refused(gw)
+            spent, reserved, billed = await reconciled(gw, redis)
+            assert (spent, reserved) == (billed, 0)
+            await spend_until_refused(gw)  # once reconciled: the tenant was not stopped short of its cap
+            final = (await gw.stub.Usage(pb.UsageRequest())).total
+    per_call = final.cost_nanos_usd // (final.request_count - final.error_count)
+    assert cap - 2 * per_call < final.cost_nanos_usd <= cap
+
+
+async def test_a_restarted_gateway_lifts_the_shared_spend_to_its_ledger(tmp_path: Path) -> None:
+    """A gateway that died with settlements Redis never got (their leases then expire and give the
+    reservations back) left the cost in its ledger: the next start reconciles the spend with it."""
+    doc = _redis_config("closed")
+    doc["ledger"] = {"type": "sqlite", "path": str(tmp_path / "usage.db")}
+    doc["tenants"]["default"]["budget"] = {"dailyUsd": 1}
+    window = f"feather:{{tenant:default}}:budget:day:{dt.datetime.now(dt.UTC):%Y-%m-%d}"
+    with RedisServer() as redis:
+        async with running_gateway(doc, {"REDIS_URL": redis.url}) as gw:
+            for _ in range(3):
+                await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("spend")]))
+            billed = (await gw.stub.Usage(pb.UsageRequest())).total.cost_nanos_usd
+        assert int(await _redis_call(redis, "HGET", window, "spent")) == billed
+        await _redis_call(redis, "HSET", window, "spent", "0")  # as if none of the settlements had landed
+        async with running_gateway(doc, {"REDIS_URL": redis.url}):
+            deadline = time.monotonic() + 10
+            while True:
+                spent = int(await _redis_call(redis, "HGET", window, "spent"))
+                if spent == billed or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        assert spent == billed
+
+
+async def _redis_call(redis: RedisServer, *args: str) -> Any:
+    from feather_grpc.state.resp import RedisClient
+
+    client = RedisClient.from_url(redis.url)
+    try:
+        return await client.call(*args)
+    finally:
+        await client.aclose()
+
+
+async def _redis_keys(redis: RedisServer, pattern: str) -> list[bytes]:
+    from feather_grpc.state.resp import RedisClient
+
+    client = RedisClient.from_url(redis.url)
+    try:
+        return list(await client.call("KEYS", pattern))
+    finally:
+        await client.aclose()
 
 
 async def test_fail_open_keeps_serving_with_local_limits() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from feather_grpc.providers.sse import SSEEvent, SSEParser
+from feather_grpc.providers.sse import SSEEvent, SSELimitExceeded, SSEParser
 
 # A stream with named and unnamed events, a comment, multi-line data, a field without a space after
 # the colon, an id, a retry field, multi-byte UTF-8 (2, 3 and 4 bytes) and an empty data line.
@@ -144,3 +144,37 @@ def test_id_with_nul_is_ignored() -> None:
         SSEEvent("a", "", "1"),
         SSEEvent("b", "", "1"),
     ]
+
+
+@pytest.mark.parametrize("piece", [1, 100, 4096])
+def test_a_line_that_never_ends_fails_once_it_passes_the_limit(piece: int) -> None:
+    parser = SSEParser(max_event_bytes=10_000)
+    fed = 0
+    with pytest.raises(SSELimitExceeded, match="a stream line over the 10000-byte limit"):
+        while True:
+            assert parser.feed(b"x" * piece) == []
+            fed += piece
+            assert fed <= 10_000  # not one piece more than needed
+    assert fed + piece > 10_000
+
+
+def test_the_limit_counts_the_unfinished_line_after_whole_ones_in_the_same_read() -> None:
+    parser = SSEParser(max_event_bytes=1000)
+    assert parser.feed(b"data: a\n\n" + b"x" * 999) == [SSEEvent("a")]  # a partial line of 999: allowed
+    with pytest.raises(SSELimitExceeded, match="a stream line"):
+        parser.feed(b"data: b\n\n" + b"y" * 1001)
+
+
+def test_an_event_of_many_short_lines_fails_at_the_limit_and_events_under_it_pass() -> None:
+    parser = SSEParser(max_event_bytes=1000)
+    assert parser.feed(b"data: " + b"z" * 990 + b"\n\n") == [SSEEvent("z" * 990)]  # the limit is per event
+    assert parser.feed(b"event: e\n" + b"data: 0123456789\n" * 99) == []
+    with pytest.raises(SSELimitExceeded, match="a stream event over the 1000-byte limit"):
+        parser.feed(b"data: 0123456789\n")
+
+
+def test_an_unfinished_line_kept_in_pieces_joins_to_the_same_events() -> None:
+    parser = SSEParser()
+    data = encoded("\r\n")
+    events = [e for i in range(len(data)) for e in parser.feed(data[i : i + 1])]
+    assert events == EXPECTED

@@ -81,11 +81,57 @@ async def test_jwt_with_tenant_claim_and_expiry() -> None:
         assert own.total.request_count == 1
 
 
+JWT_SECRET = "s3cret-for-tests-only-32-bytes-long!!"
+
+
+def _jwt(tenant: str) -> str:
+    return jwt.encode({"tenant": tenant, "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+
+
+async def test_a_jwt_tenant_missing_from_the_config_may_call_nothing_without_a_default_policy() -> None:
+    async with running_gateway(tenant_config(), {"JWT_SECRET": JWT_SECRET}) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(), metadata=bearer(_jwt("ghost")))
+        err = rich_error(caught.value)
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED and err.reason == "MODEL_NOT_ALLOWED"
+        assert err.metadata["tenant"] == "ghost"
+        assert not (await gw.stub.ListModels(pb.ListModelsRequest(), metadata=bearer(_jwt("ghost")))).models
+        await gw.stub.Chat(chat(), metadata=bearer(_jwt("globex")))  # a listed tenant is unaffected
+
+
+async def test_a_jwt_tenant_missing_from_the_config_gets_the_jwt_default_policy_under_its_own_name() -> None:
+    doc = tenant_config()
+    # mock-fast bills 1,000 nano-dollars per prompt token: the budget fits about one call.
+    doc["jwtDefaultPolicy"] = {"allowedModels": ["fast"], "budget": {"dailyUsd": 0.00003}, "limits": {"rpm": 600}}
+    async with running_gateway(doc, {"JWT_SECRET": JWT_SECRET}) as gw:
+        ghost = bearer(_jwt("ghost"))
+        listed = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=ghost)
+        assert [m.name for m in listed.models] == ["mock-fast"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(chat(model="smart"), metadata=ghost)
+        assert rich_error(caught.value).reason == "MODEL_NOT_ALLOWED"
+        admitted = 0
+        while True:
+            try:
+                await gw.stub.Chat(chat(max_tokens=10), metadata=ghost)
+                admitted += 1
+            except grpc.aio.AioRpcError as e:
+                err = rich_error(e)
+                assert err.reason == "BUDGET_EXCEEDED" and err.metadata["tenant"] == "ghost"
+                assert err.metadata["budgetNanosUsd"] == "30000"
+                break
+            assert admitted < 100, "the default policy's budget never ran out"
+        assert admitted >= 1
+        await gw.stub.Chat(chat(max_tokens=10), metadata=bearer(_jwt("phantom")))  # its own budget
+
+
 async def test_a_jwt_tenant_missing_from_the_config_gets_the_default_request_limit() -> None:
-    secret = "s3cret-for-tests-only-32-bytes-long!!"
+    secret = JWT_SECRET
     ghost = jwt.encode({"tenant": "ghost", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
     env = {"JWT_SECRET": secret, "RATE_LIMIT_ENABLED": "true", "RATE_LIMIT_RPS": "1", "RATE_LIMIT_BURST": "2"}
-    async with running_gateway(tenant_config(), env) as gw:
+    doc = tenant_config()
+    doc["jwtDefaultPolicy"] = {}  # every model; the request limit of tenants without an rpm (RATE_LIMIT_*)
+    async with running_gateway(doc, env) as gw:
         results = await asyncio.gather(
             *(gw.stub.Chat(chat(), metadata=bearer(ghost)) for _ in range(5)), return_exceptions=True
         )
@@ -163,6 +209,49 @@ async def test_queued_caller_waits_for_its_token_within_its_deadline() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.gather(*[gw.stub.Chat(chat(), metadata=bearer(ACME_KEY), timeout=0.12) for _ in range(8)])
         assert rich_error(caught.value).reason == "RATE_LIMITED"
+
+
+async def test_queue_admits_only_waiters_whose_deadline_leaves_room_for_the_call() -> None:
+    """A waiter whose deadline would run out at the upstream (the route's observed latency after its wait)
+    is refused at once, RATE_LIMITED with RetryInfo: every admitted call finishes, and the upstream, which
+    bills whatever it starts, sees only those."""
+    async with UpstreamSimulator() as sim:
+        sim.default = Reply(latency_s=0.5, usage=SimUsage(input=10, output=20))
+        doc = sim_config(sim)
+        doc["retry"] = {"maxAttempts": 1}
+        doc["rateLimitMode"] = "queue"
+        doc["limits"] = {"openai:gpt-sim": {"rps": 2.5, "burst": 1}}  # one call every 400 ms
+        async with running_gateway(doc, ENV) as gw:
+            await gw.stub.Chat(chat(model="gpt-sim"))  # the route's latency is now known: ~0.5 s
+            seen = sim.received
+            # Waits of 0, 0.4, 0.8, 1.2 ... s. Deadline 1.55 s: waits up to 0.8 s leave room for the call;
+            # 1.2 s fits the deadline but leaves less than the call needs.
+            results = await asyncio.gather(
+                *(gw.stub.Chat(chat(model="gpt-sim"), timeout=1.55) for _ in range(8)), return_exceptions=True
+            )
+            reached = sim.received - seen
+    ok = [r for r in results if isinstance(r, pb.ChatResponse)]
+    refused = [rich_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert [e.reason for e in refused] == ["RATE_LIMITED"] * len(refused)
+    assert all(e.retry_delay_s is not None and e.retry_delay_s > 0 for e in refused)
+    assert reached == len(ok) and 2 <= len(ok) <= 3
+
+
+async def test_queue_leaves_at_least_queue_min_call_ms_for_the_call() -> None:
+    """Before a route's latency is known (the mock answers at once), `queueMinCallMs` is the room a
+    waiter's deadline must leave; the tenant's request token is judged by the same rule."""
+    doc = copy.deepcopy(MOCK_CONFIG)
+    doc["rateLimitMode"] = "queue"
+    doc["queueMinCallMs"] = 600
+    env = {"RATE_LIMIT_ENABLED": "true", "RATE_LIMIT_RPS": "5", "RATE_LIMIT_BURST": "1"}  # one call per 200 ms
+    async with running_gateway(doc, env) as gw:
+        # Waits of 0, 0.2, ... 1.4 s, deadline 1.5 s: only waits up to 0.9 s leave 600 ms.
+        results = await asyncio.gather(*(gw.stub.Chat(chat(), timeout=1.5) for _ in range(8)), return_exceptions=True)
+    ok = [r for r in results if isinstance(r, pb.ChatResponse)]
+    refused = [rich_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert 4 <= len(ok) <= 5
+    assert {(e.reason, e.metadata["subject"]) for e in refused} == {("RATE_LIMITED", "tenant:default:requests")}
+    assert all(e.retry_delay_s is not None for e in refused)
 
 
 async def test_budget_is_never_overspent_by_concurrent_calls() -> None:

@@ -65,10 +65,13 @@ class Admission:
         *,
         loop_time: Callable[[], float],
         wall_clock: Callable[[], float] = time.time,
+        latency_ms: Callable[[str], float | None] = lambda key: None,
     ) -> None:
         self._limiter = limiter
         self._budgets = budgets
         self._queue = config.rate_limit_mode == "queue"
+        self._min_call_s = config.queue_min_call_s
+        self._latency_ms = latency_ms
         self._loop_time = loop_time
         self._wall_clock = wall_clock
         self._provider_buckets = {k: BucketSpec(rate, burst) for k, (rate, burst) in config.provider_limits.items()}
@@ -99,7 +102,7 @@ class Admission:
         deadline: float | None,
         *,
         first_slot: str | None = None,
-        request_token: Callable[[], Awaitable[None]] | None = None,
+        request_token: Callable[[float | None], Awaitable[None]] | None = None,
         legs: int = 1,
     ) -> Ticket:
         """Reserves the tenant's tokens per minute and worst-case cost, and with `first_slot` the token of
@@ -108,11 +111,12 @@ class Admission:
         ticket = Ticket(tenant)
         slot_spec = self._provider_buckets.get(first_slot) if first_slot is not None else None
         budgeted = tenant.daily_budget_nanos is not None or tenant.monthly_budget_nanos is not None
+        # A waiter is admitted only if its deadline leaves room for the call after the wait.
+        max_wait = self._max_wait(deadline, candidates[0].key if candidates else None)
         if tenant.tpm is None and not budgeted and slot_spec is None:
             if request_token is not None:
-                await request_token()
+                await request_token(max_wait)
             return ticket  # nothing to reserve: the common case costs nothing
-        max_wait = self._max_wait(deadline)
         output = request.max_tokens or DEFAULT_OUTPUT_RESERVATION
         prompt = estimate_prompt_tokens(request.messages)
         started: list[tuple[str, Awaitable[Any]]] = []
@@ -130,7 +134,7 @@ class Admission:
             windows = self.windows(tenant)
             started.append(("budget", _start(lambda: self._budgets.reserve(tenant.name, windows, worst))))
         if request_token is not None:  # the transport's request-rate verdict, judged with the rest
-            started.insert(0, ("request", _start(request_token)))
+            started.insert(0, ("request", _start(lambda: request_token(max_wait))))
         failure: BaseException | None = None
         wait = 0.0
         for what, pending in started:  # await every one, so whatever was granted can be given back
@@ -216,18 +220,24 @@ class Admission:
             return
         bucket = f"provider:{key}"
         try:
-            wait = await self._limiter.reserve(bucket, spec, 1.0, self._max_wait(deadline))
+            wait = await self._limiter.reserve(bucket, spec, 1.0, self._max_wait(deadline, key))
         except RateLimited as e:
             raise rate_limit_exceeded(e, bucket, f"{key} requests per second") from None
         except StateUnavailable as e:
             raise StateStoreUnavailable("the shared state store is unreachable") from e
         await queue_wait(self._limiter, bucket, spec, 1.0, wait)
 
-    def _max_wait(self, deadline: float | None) -> float:
-        """How long a caller may queue for a token: not at all in reject mode, else until its deadline."""
+    def _max_wait(self, deadline: float | None, key: str | None) -> float:
+        """How long a caller may queue for a token: not at all in reject mode, else as long as its deadline
+        still leaves room for the call afterwards: the route's observed latency, at least `queueMinCallMs`
+        (a waiter that would reach the upstream only to be cut off wastes a paid call)."""
         if not self._queue:
             return 0.0
-        return MAX_QUEUE_WAIT_S if deadline is None else max(deadline - self._loop_time(), 0.0)
+        if deadline is None:
+            return MAX_QUEUE_WAIT_S
+        observed = self._latency_ms(key) if key is not None else None
+        room = max(self._min_call_s, (observed or 0.0) / 1000)
+        return max(deadline - self._loop_time() - room, 0.0)
 
     def windows(self, tenant: TenantConfig) -> tuple[BudgetWindow, ...]:
         """The tenant's budget windows as of now (UTC day and month), built once per tenant and day."""

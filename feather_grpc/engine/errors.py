@@ -48,9 +48,10 @@ class UpstreamUnavailable(FeatherError):
     reason = "UPSTREAM_UNAVAILABLE"
     code = "UNAVAILABLE"
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None, upstream_reason: str = "") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.upstream_reason = upstream_reason  # the last attempt's, e.g. UPSTREAM_REDIRECT
 
 
 class UpstreamInvalidRequest(FeatherError):
@@ -86,7 +87,8 @@ class ProviderError(Exception):
     """One failed upstream attempt, classified by the adapter.
 
     `message` must be safe to surface: adapters put the provider's error type/message in it, never keys
-    or request bodies.
+    or request bodies. An `http_status` of 2xx says the upstream answered (and billed) but the reply could
+    not be used (not JSON, cut, over a size limit): the engine bills that attempt as an estimate.
     """
 
     def __init__(

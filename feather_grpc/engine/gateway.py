@@ -53,7 +53,7 @@ from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable
 from feather_grpc.providers import build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
-from feather_grpc.providers.transport import HttpClient
+from feather_grpc.providers.transport import AttemptMarker, HttpClient, attempt_marker
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.ledger import Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
@@ -80,7 +80,8 @@ class CallContext:
     tenant_config: TenantConfig | None = None  # the caller's limits; None: the configured tenant `tenant`
     # The tenant's request-rate token, asked for by the transport: awaiting it gives the verdict (raises
     # when refused). Judged before anything is served, with admission's own decisions (one round trip).
-    request_token: Callable[[], Awaitable[None]] | None = None
+    # `max_wait_s`: how long the caller may still queue for it (None: as long as the token said).
+    request_token: Callable[[float | None], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,9 @@ class _Call:
     ttft_ms: int | None = None  # streams: time to the first event sent to the caller
     ticket: Ticket | None = None  # what admission reserved; settled with the ledger record
     cache_key: str | None = None  # set when the call may be answered from / stored in the cache
+    # Attempts that reached an upstream and were abandoned (deadline, timeout, cancellation, a 2xx reply
+    # that could not be used): the upstream did, and billed, the work; each is billed as an estimate.
+    abandoned: list[tuple[RouteCandidate, Usage]] = field(default_factory=list)
 
 
 class Feather:
@@ -140,7 +144,9 @@ class Feather:
         self.limiter, self.budgets = limiter, budgets
         self.cache: ResponseCache = cache or MemoryResponseCache(config.cache)
         self._redactor = Redactor(config.redact_pii) if config.redact_pii else None
-        self.admission = Admission(config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time())
+        self.admission = Admission(
+            config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time(), latency_ms=self.latency.get
+        )
         self._rng = rng or random.Random()
         models = [m for p in config.providers for m in p.models]
         self.router = Router(models, config.policy, self.latency, self._rng, config.routes)
@@ -212,13 +218,13 @@ class Feather:
                 tenant,
                 candidates,
                 lambda p, c: p.chat(c.model.name, req),
-                lambda c, r: self._settle_hedge_loser(call, c, r),
+                self._settle_hedge_loser,
             )
         except FeatherError as e:
             await self._settle(call, self._record(call, Outcome.ERROR, Usage(), error=e))
             raise
-        except asyncio.CancelledError:
-            self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, ""))
+        except asyncio.CancelledError:  # an attempt in flight is in call.abandoned
+            self._settle_in_background(call, Outcome.CANCELLED, Usage(), estimated=False)
             raise
         cost, unpriced = _price(candidate, reply.usage)
         record = self._record(call, Outcome.OK, reply.usage, cost=cost, estimated=reply.usage_estimated)
@@ -230,13 +236,13 @@ class Feather:
             finish_reason=reply.finish_reason,
             provider=candidate.provider,
             model=candidate.model.name,
-            usage=reply.usage,
-            cost_nanos_usd=cost,
+            usage=_billed_usage(record) if call.abandoned else reply.usage,
+            cost_nanos_usd=record.cost_nanos_usd,
             attempts=call.attempts,
             latency_ms=record.latency_ms,
             request_id=call.request_id,
             unpriced=unpriced,
-            usage_estimated=reply.usage_estimated,
+            usage_estimated=record.estimated,
         )
 
     async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
@@ -263,12 +269,10 @@ class Feather:
                     await _close(it)
                     raise
 
-            async def settle_loser(
-                c: RouteCandidate, opened: tuple[AsyncIterator[StreamEvent], StreamEvent] | None
-            ) -> None:
+            async def settle_loser(leg: _Call, opened: tuple[AsyncIterator[StreamEvent], StreamEvent] | None) -> None:
                 if opened is not None:
                     await _close(opened[0])
-                await self._settle_hedge_loser(call, c, None)
+                await self._settle_hedge_loser(leg, opened)
 
             candidate, (upstream, event) = await self._route(call, tenant, candidates, open_stream, settle_loser)
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
@@ -301,20 +305,21 @@ class Feather:
             await self._cache_store(call, candidate, "".join(text), tool_calls, event.finish_reason)
             yield StreamCompleted(
                 finish_reason=event.finish_reason,
-                usage=usage,
-                cost_nanos_usd=cost,
+                usage=_billed_usage(record) if call.abandoned else usage,
+                cost_nanos_usd=record.cost_nanos_usd,
                 attempts=call.attempts,
                 latency_ms=record.latency_ms,
                 time_to_first_token_ms=ttft_ms,
-                usage_estimated=estimated,
+                usage_estimated=record.estimated,
                 unpriced=unpriced,
             )
         except FeatherError as e:
             usage = self._cancelled_usage(call, _output_text(text, calls)) if upstream else Usage()
             await self._settle(call, self._record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None))
             raise
-        except (asyncio.CancelledError, GeneratorExit):
-            self._settle_in_background(call, Outcome.CANCELLED, self._cancelled_usage(call, _output_text(text, calls)))
+        except (asyncio.CancelledError, GeneratorExit):  # before the stream opened: see call.abandoned
+            usage = self._cancelled_usage(call, _output_text(text, calls)) if upstream else Usage()
+            self._settle_in_background(call, Outcome.CANCELLED, usage, estimated=upstream is not None)
             raise
         finally:
             if upstream is not None:
@@ -410,7 +415,7 @@ class Feather:
         hit = await self.cache.get(call.cache_key)
         if hit is not None:
             if call.ctx.request_token is not None:
-                await call.ctx.request_token()  # a cache hit is served too: within the request rate
+                await call.ctx.request_token(None)  # a cache hit is served too: within the request rate
             call.candidate = next(
                 (c for c in candidates if (c.provider, c.model.name) == (hit.provider, hit.model)), None
             )
@@ -442,7 +447,7 @@ class Feather:
         tenant: TenantConfig,
         candidates: list[RouteCandidate],
         attempt: Callable[[Provider, RouteCandidate], Awaitable[T]],
-        settle_loser: Callable[[RouteCandidate, T | None], Awaitable[None]],
+        settle_loser: Callable[[_Call, T | None], Awaitable[None]],
     ) -> tuple[RouteCandidate, T]:
         """Admit, then attempt: hedged when the route asks for it; on a too-long prompt, once more on the
         route's larger-context models."""
@@ -480,17 +485,17 @@ class Feather:
         call: _Call,
         candidates: list[RouteCandidate],
         attempt: Callable[[Provider, RouteCandidate], Awaitable[T]],
-        settle_loser: Callable[[RouteCandidate, T | None], Awaitable[None]],
+        settle_loser: Callable[[_Call, T | None], Awaitable[None]],
         delay_s: float,
     ) -> tuple[RouteCandidate, T]:
         """The original's `race`, done carefully: after `delay_s` without an answer a second leg starts on
         the next candidate; the first success wins; the other leg is cancelled (which never counts against
         its circuit) and billed only for what it consumed."""
-        legs = [replace(call, attempts=[], ticket=None)]
+        legs = [replace(call, attempts=[], ticket=None, abandoned=[])]
         tasks = [asyncio.ensure_future(self._attempt_loop(legs[0], candidates, attempt))]
         done, _ = await asyncio.wait(tasks, timeout=delay_s)
         if not done:
-            legs.append(replace(call, attempts=[], ticket=None))
+            legs.append(replace(call, attempts=[], ticket=None, abandoned=[]))
             tasks.append(asyncio.ensure_future(self._attempt_loop(legs[1], candidates[1:] + candidates[:1], attempt)))
         winner: int | None = None
         try:
@@ -504,36 +509,41 @@ class Feather:
             await asyncio.gather(*tasks, return_exceptions=True)
             for leg in legs:
                 call.attempts.extend(leg.attempts)
+            if winner is None:  # every leg failed, or the call was cancelled: it pays for all of them
+                call.abandoned.extend(a for leg in legs for a in leg.abandoned)
+        if winner is None:
+            error = tasks[-1].exception()
+            assert error is not None
+            raise error
+        call.abandoned.extend(legs[winner].abandoned)
         for i, (leg, task) in enumerate(zip(legs, tasks, strict=True)):
             if i == winner or leg.candidate is None:
                 continue
             finished = not task.cancelled() and task.exception() is None
             consumed = task.result()[1] if finished else None
-            if consumed is not None or (leg.attempts and leg.attempts[-1].outcome == "cancelled"):
-                await settle_loser(leg.candidate, consumed)
-        if winner is None:
-            error = tasks[-1].exception()
-            assert error is not None
-            raise error
+            if consumed is not None or leg.abandoned:
+                await settle_loser(leg, consumed)
         call.candidate = legs[winner].candidate
         return tasks[winner].result()
 
-    async def _settle_hedge_loser(self, call: _Call, candidate: RouteCandidate, reply: object) -> None:
-        """Bills a cancelled hedge leg as its own ledger record (`<request id>:hedge`): its real usage when
-        it finished, else an estimate of the prompt it sent."""
-        leg = replace(call, request_id=f"{call.request_id}:hedge", candidate=candidate, attempts=[], ticket=None)
+    async def _settle_hedge_loser(self, loser: _Call, reply: object) -> None:
+        """Bills a losing hedge leg as its own ledger record (`<request id>:hedge`): its real usage when it
+        finished, an estimate of the prompt for a stream it opened, and its abandoned attempts (the one the
+        race cancelled included) as estimates."""
+        leg = replace(loser, request_id=f"{loser.request_id}:hedge", attempts=[], ticket=None)
+        usage, estimated = Usage(), False
         if isinstance(reply, ProviderResponse):
             usage, estimated = reply.usage, reply.usage_estimated
-        else:
+        elif reply is not None:  # a stream it opened
             usage, estimated = self._cancelled_usage(leg, ""), True
         record = self._record(leg, Outcome.CANCELLED, usage, estimated=estimated)
         await self._settle(leg, record)
         # The provider was paid for this leg too: it counts against the budget (admission reserved two legs).
-        tenant = self._tenant(call)
+        tenant = self._tenant(loser)
         try:
             await self.admission.charge(tenant, record.cost_nanos_usd)
         except StateUnavailable:
-            log.warning("could not charge the losing hedge leg of %s: state store unreachable", call.request_id)
+            log.warning("could not charge the losing hedge leg of %s: state store unreachable", loser.request_id)
 
     async def _attempt_loop(
         self,
@@ -576,6 +586,8 @@ class Feather:
                 begun = time.monotonic()
                 tokens = self._attempt_started(call, candidate) if self.observers else ()
                 attempt_deadline = loop.time() + per_attempt_s
+                marker = AttemptMarker()  # the transport marks it once the request is sent
+                marked = attempt_marker.set(marker)
                 # Which limit a timeout means is decided here, not by reading the clock when it fires:
                 # timers may fire a hair early (uvloop's are milliseconds), and the caller's deadline
                 # must never count as the provider's failure (it would open the circuit for everyone).
@@ -587,7 +599,11 @@ class Feather:
                         result = await attempt(provider, candidate)
                 except ProviderError as e:
                     last = e
+                    if 200 <= e.http_status < 300:  # answered (and billed), but the reply was unusable
+                        self._abandoned(call, candidate)
                 except TimeoutError:
+                    if marker.sent:
+                        self._abandoned(call, candidate)
                     if caller_bound:
                         await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                         self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
@@ -596,6 +612,8 @@ class Feather:
                         "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
                     )
                 except asyncio.CancelledError:
+                    if marker.sent:
+                        self._abandoned(call, candidate)
                     await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                     self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun))
                     raise
@@ -605,6 +623,8 @@ class Feather:
                     self._attempt_done(call, tokens, _attempt(candidate, "ok", begun))
                     self.latency.observe(candidate.key, _ms_since(begun))
                     return candidate, result
+                finally:
+                    attempt_marker.reset(marked)
                 outcome = "retryable_error" if last.retryable else "fatal_error"
                 self._attempt_done(call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status))
                 if last.reason in _REQUEST_FAULTS:
@@ -628,7 +648,7 @@ class Feather:
         if last.retry_after_s is not None:
             retry_after.append(last.retry_after_s)
         raise UpstreamUnavailable(
-            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None
+            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None, last.reason
         )
 
     async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent], idle_ms: int | None) -> StreamEvent:
@@ -648,7 +668,8 @@ class Feather:
         except TimeoutError:
             if caller_bound:
                 raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
-            stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream data for {idle_ms} ms", retryable=True)
+            # No *event*: bytes may have kept coming (a line that never ends), so "no data" would mislead.
+            stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream event for {idle_ms} ms", retryable=True)
             raise await self._midstream_failure(call, stalled) from None
 
     async def _acquire_circuit(self, key: str) -> Permit | None:
@@ -686,7 +707,13 @@ class Feather:
         if call.attempts:
             call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
             call.attempts[-1].error_reason = e.reason
-        return UpstreamUnavailable(f"the upstream stream failed after the first token: {e.message}", e.retry_after_s)
+        return UpstreamUnavailable(
+            f"the upstream stream failed after the first token: {e.message}", e.retry_after_s, e.reason
+        )
+
+    def _abandoned(self, call: _Call, candidate: RouteCandidate) -> None:
+        """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent."""
+        call.abandoned.append((candidate, Usage(input_tokens=estimate_prompt_tokens(call.request.messages))))
 
     def _cancelled_usage(self, call: _Call, output_text: str) -> Usage:
         """What a call consumed when the provider never said: an estimate, billed and marked as such."""
@@ -709,6 +736,10 @@ class Feather:
         c = call.candidate
         if cost is None:
             cost = _price(c, usage)[0] if c is not None else 0
+        for candidate, consumed in call.abandoned:  # what abandoned attempts cost the upstream's bill
+            usage = _plus(usage, consumed)
+            cost += _price(candidate, consumed)[0]
+            estimated = True
         return UsageRecord(
             request_id=call.request_id,
             time_ns=call.started_ns,
@@ -762,10 +793,10 @@ class Feather:
         for observer, token in zip(self.observers, tokens, strict=False):
             observer.attempt_finished(token, attempt)
 
-    def _settle_in_background(self, call: _Call, outcome: Outcome, usage: Usage) -> None:
+    def _settle_in_background(self, call: _Call, outcome: Outcome, usage: Usage, *, estimated: bool) -> None:
         """Records a call that is being cancelled: the caller's task cannot await anymore, so the
         write runs on its own task, which aclose() waits for."""
-        record = self._record(call, outcome, usage, estimated=call.candidate is not None)
+        record = self._record(call, outcome, usage, estimated=estimated)
         task = asyncio.get_running_loop().create_task(self._settle(call, record))
         self._background.add(task)
         task.add_done_callback(_log_failure_and_forget(self._background))
@@ -787,6 +818,8 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         base_url=p.base_url,
         api_key=p.api_key,
         egress=p.egress,
+        max_response_bytes=p.max_response_bytes,
+        max_stream_event_bytes=p.max_stream_event_bytes,
         auth=p.auth,
         api_version=p.api_version,
         region=p.region,
@@ -800,6 +833,27 @@ def _stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:
     if isinstance(e, ProviderError):
         return e
     return ProviderError("UPSTREAM_STREAM_CUT", "upstream stream ended without a finish", retryable=True)
+
+
+def _plus(a: Usage, b: Usage) -> Usage:
+    return Usage(
+        a.input_tokens + b.input_tokens,
+        a.output_tokens + b.output_tokens,
+        a.cached_input_tokens + b.cached_input_tokens,
+        a.cache_write_tokens + b.cache_write_tokens,
+        a.reasoning_tokens + b.reasoning_tokens,
+    )
+
+
+def _billed_usage(record: UsageRecord) -> Usage:
+    """The usage a ledger record bills (the answering attempt's plus the abandoned ones' estimates)."""
+    return Usage(
+        record.input_tokens,
+        record.output_tokens,
+        record.cached_input_tokens,
+        record.cache_write_tokens,
+        record.reasoning_tokens,
+    )
 
 
 def _output_text(text: list[str], calls: dict[int, list[str]]) -> str:

@@ -20,7 +20,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, estimated_usage, read_events, token_count
+from feather_grpc.providers.base import ProviderSettings, estimated_usage, parse_sse, read_events, token_count
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -200,7 +200,14 @@ class AnthropicProvider:
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
         endpoint = self.target(model, stream=False)
-        doc = await post_json(endpoint, self._name, payload, self._api_key, await self.request_headers())
+        doc = await post_json(
+            endpoint,
+            self._name,
+            payload,
+            self._api_key,
+            self.settings.max_response_bytes,
+            headers=await self.request_headers(),
+        )
         try:
             if not isinstance(doc, dict):
                 raise TypeError
@@ -232,7 +239,7 @@ class AnthropicProvider:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                parser = SSEParser()
+                parser = SSEParser(self.settings.max_stream_event_bytes)
                 reader = _EventReader(name, self._api_key)
 
                 def handle(event: SSEEvent) -> list[StreamEvent]:
@@ -242,7 +249,7 @@ class AnthropicProvider:
                     return reader.done
 
                 async for chunk in resp:
-                    events, error = read_events(parser.feed(chunk), handle, done)
+                    events, error = read_events(parse_sse(parser, chunk, name), handle, done)
                     for out in events:
                         yield out
                     if error is not None:

@@ -10,7 +10,12 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta, ToolCall, Usage
 from feather_grpc.providers.egress import DIRECT, Egress
-from feather_grpc.providers.sse import SSEEvent
+from feather_grpc.providers.http import too_large
+from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSELimitExceeded, SSEParser
+
+# The most of a JSON reply body an adapter reads (config: maxResponseBytes): the default gRPC message
+# limit, so a larger reply could not be relayed anyway.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +28,8 @@ class ProviderSettings:
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
     egress: Egress = DIRECT  # proxy, CA bundle, client certificate
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a JSON reply body, decoded
+    max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # one SSE line or event
     # Cloud providers (azure-openai, bedrock, ...): see config.ProviderSpec.
     auth: str = ""  # "" = the API key; "entra" = a Microsoft Entra token (azure-openai)
     api_version: str = ""  # azure-openai: deployment URLs with ?api-version=; "" = Azure's v1 endpoint
@@ -108,6 +115,14 @@ def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
     if run:
         out.append(TextDelta("".join(run)))
     return out
+
+
+def parse_sse(parser: SSEParser, chunk: bytes, provider: str) -> list[SSEEvent]:
+    """The SSE events `chunk` completes; a line or event past the provider's limit fails the attempt."""
+    try:
+        return parser.feed(chunk)
+    except SSELimitExceeded as e:
+        raise too_large(provider, e.what, e.limit, "maxStreamEventBytes") from None
 
 
 def read_events(

@@ -9,7 +9,7 @@ on Bedrock (Claude, Llama, Mistral, Nova...), signed with AWS SigV4.
   so it runs in a worker thread and its result is shared until 5 minutes before it expires
   (providers/credentials.py); signing one request is a few HMACs, done on the loop.
 - ConverseStream answers in the binary AWS event-stream framing, decoded (CRCs checked) by botocore's
-  `EventStreamBuffer`; one event may be at most `MAX_EVENT_BYTES`.
+  `EventStreamBuffer`; one message may be at most `maxStreamEventBytes` (botocore alone takes 24 MiB).
 - Usage: Bedrock's `inputTokens` excludes cache reads and writes (as Anthropic's does); the engine's
   input count includes `cacheReadInputTokens` and `cacheWriteInputTokens`.
 - Errors: the type is in the `x-amzn-errortype` header (or an exception event in a stream).
@@ -49,12 +49,12 @@ from feather_grpc.providers.http import (
     classify_transport_error,
     error_from_response,
     stream_cut,
+    too_large,
 )
 from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError, Response, encode_headers
 
-__all__ = ["MAX_EVENT_BYTES", "BedrockProvider", "default_base_url", "normalise_usage", "sign"]
+__all__ = ["BedrockProvider", "default_base_url", "normalise_usage", "sign"]
 
-MAX_EVENT_BYTES = 1024 * 1024  # one event-stream message; botocore itself would take 24 MiB
 DEFAULT_MAX_TOKENS = 4096  # sent when the caller sets none, so a model's small default never truncates silently
 
 _FINISH = {
@@ -222,7 +222,7 @@ class BedrockProvider:
             try:
                 if resp.status >= 300:
                     raise await self._error(resp)
-                raw = await resp.read()
+                raw = await resp.read(self.settings.max_response_bytes)
             finally:
                 resp.close()
         except HttpError as exc:
@@ -288,8 +288,9 @@ class BedrockProvider:
                         yield out
                     if reader.done:
                         break
-                    if pending > MAX_EVENT_BYTES:
-                        raise bad_response(name, f"an event-stream message over {MAX_EVENT_BYTES} bytes")
+                    if pending > self.settings.max_stream_event_bytes:
+                        limit = self.settings.max_stream_event_bytes
+                        raise too_large(name, "event-stream message", limit, "maxStreamEventBytes")
                 if not reader.done:
                     raise stream_cut(name, "ended without messageStop and metadata")
                 resp.release_after_end()

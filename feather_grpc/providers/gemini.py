@@ -42,7 +42,14 @@ from feather_grpc.engine.types import (
     Usage,
 )
 from feather_grpc.providers.anthropic import AnthropicProvider
-from feather_grpc.providers.base import ProviderSettings, consistent, estimated_usage, read_events, token_count
+from feather_grpc.providers.base import (
+    ProviderSettings,
+    consistent,
+    estimated_usage,
+    parse_sse,
+    read_events,
+    token_count,
+)
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
@@ -251,7 +258,14 @@ class GeminiProvider:
             return await self._claude.chat(model, request)
         payload = orjson.dumps(self.build_body(request))
         endpoint = self._endpoint(model, stream=False)
-        doc = await post_json(endpoint, self._name, payload, self._api_key, await self._request_headers())
+        doc = await post_json(
+            endpoint,
+            self._name,
+            payload,
+            self._api_key,
+            self.settings.max_response_bytes,
+            headers=await self._request_headers(),
+        )
         reader = _Reader(self._name, self._api_key)
         try:
             if not isinstance(doc, dict):
@@ -283,7 +297,7 @@ class GeminiProvider:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                parser = SSEParser()
+                parser = SSEParser(self.settings.max_stream_event_bytes)
 
                 def handle(event: SSEEvent) -> list[StreamEvent]:
                     try:
@@ -298,7 +312,7 @@ class GeminiProvider:
                         raise bad_response(name, "not a GenerateContentResponse chunk") from None
 
                 async for chunk in resp:
-                    events, error = read_events(parser.feed(chunk), handle, lambda: False)
+                    events, error = read_events(parse_sse(parser, chunk, name), handle, lambda: False)
                     for out in events:
                         yield out
                     if error is not None:

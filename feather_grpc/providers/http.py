@@ -9,11 +9,21 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import orjson
 
 from feather_grpc.engine.errors import ProviderError
-from feather_grpc.providers.transport import ConnectError, Endpoint, HttpClient, HttpError, InvalidURL, Response
+from feather_grpc.providers.transport import (
+    BodyTooLarge,
+    ConnectError,
+    Endpoint,
+    HttpClient,
+    HttpError,
+    InvalidURL,
+    Response,
+    UnsupportedEncoding,
+)
 
 __all__ = [
     "MAX_ERROR_BODY_BYTES",
@@ -26,8 +36,10 @@ __all__ = [
     "parse_error_body",
     "parse_retry_after",
     "post_json",
+    "redirect_error",
     "safe_text",
     "stream_cut",
+    "too_large",
 ]
 
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -209,11 +221,30 @@ def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
     return "UPSTREAM_BAD_REQUEST", False
 
 
+def redirect_error(provider: str, status: int, location: str | None) -> ProviderError:
+    """A 3xx is the provider's fault (a moved API, an http:// URL behind an https redirect): never
+    followed, so the key never goes to another host; the attempt fails over like any provider-side fault."""
+    target = ""
+    if location:
+        parts = urlsplit(location.strip())
+        if parts.scheme and parts.hostname:  # say where it points, without its path or query
+            host = parts.netloc.rpartition("@")[2]  # never echo credentials in the URL
+            target = f" to {safe_text(f'{parts.scheme}://{host}', limit=120)}"
+    return ProviderError(
+        "UPSTREAM_REDIRECT",
+        f"{provider}: {status} redirect{target} not followed; set baseUrl to the final URL",
+        http_status=status,
+        retryable=False,
+    )
+
+
 async def error_from_response(
     provider: str, resp: Response, api_key: str = "", *, error_type: str = ""
 ) -> ProviderError:
     """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`.
     `error_type`: the error's type when the upstream sends it apart from the body (AWS: a header)."""
+    if 300 <= resp.status < 400:
+        return redirect_error(provider, resp.status, resp.headers.get("location"))
     parts: list[bytes] = []
     size = 0
     try:
@@ -240,6 +271,11 @@ def classify_transport_error(
 ) -> ProviderError:
     """Connection-level failures. `streaming` means the stream had started: a failure is then a cut."""
     detail = safe_text(f"{type(exc).__name__}: {exc}", api_key)
+    if isinstance(exc, BodyTooLarge):
+        return too_large(provider, "reply body", exc.limit, "maxResponseBytes")
+    if isinstance(exc, UnsupportedEncoding):  # the same server will answer the same way: fail over
+        what = safe_text(str(exc), api_key)  # the coding's name is the upstream's text
+        return ProviderError("UPSTREAM_BAD_RESPONSE", f"{provider}: {what}", http_status=200, retryable=False)
     if isinstance(exc, InvalidURL):
         return ProviderError("UPSTREAM_CONNECT_ERROR", f"{provider}: invalid URL", retryable=False)
     if isinstance(exc, ConnectError):
@@ -249,15 +285,23 @@ def classify_transport_error(
     return ProviderError("UPSTREAM_READ_ERROR", f"{provider}: read error: {detail}", retryable=True)
 
 
-async def post_json(endpoint: Endpoint, provider: str, body: bytes, api_key: str = "", headers: bytes = b"") -> object:
-    """One non-streaming POST: the parsed JSON of a 2xx reply, or a classified `ProviderError`.
-    `headers`: this request's own header lines (see `Endpoint.request`)."""
+async def post_json(
+    endpoint: Endpoint,
+    provider: str,
+    body: bytes,
+    api_key: str = "",
+    max_bytes: int | None = None,
+    *,
+    headers: bytes = b"",
+) -> object:
+    """One non-streaming POST: the parsed JSON of a 2xx reply (at most `max_bytes`), or a classified
+    `ProviderError`. `headers`: this request's own header lines (see `Endpoint.request`)."""
     try:
         resp = await endpoint.request(body, headers)
         try:
             if resp.status >= 300:
                 raise await error_from_response(provider, resp, api_key)
-            raw = await resp.read()
+            raw = await resp.read(max_bytes)
         finally:
             resp.close()  # a no-op once the body was read whole: the connection is back in the pool
     except HttpError as exc:
@@ -272,6 +316,17 @@ def bad_response(provider: str, what: str, status: int = 200) -> ProviderError:
     """A 2xx whose body is not what the wire format promises."""
     return ProviderError(
         "UPSTREAM_BAD_RESPONSE", f"{provider}: {status} bad response: {what}", http_status=status, retryable=True
+    )
+
+
+def too_large(provider: str, what: str, limit: int, setting: str) -> ProviderError:
+    """A reply past one of the provider's size limits: the attempt is abandoned (its connection closed)
+    and fails over like any provider-side fault; retrying the same upstream would most likely repeat it."""
+    return ProviderError(
+        "UPSTREAM_RESPONSE_TOO_LARGE",
+        f"{provider}: {what} over the {limit}-byte limit ({setting})",
+        http_status=200,
+        retryable=False,
     )
 
 

@@ -25,6 +25,7 @@ from feather_grpc.engine.types import (
     Usage,
 )
 from feather_grpc.providers.base import ProviderSettings
+from feather_grpc.providers.transport import mark_sent
 
 __all__ = ["REPLY_PREFIX", "MockProvider"]
 
@@ -39,9 +40,11 @@ class MockProvider:
         self.settings = settings
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
+        mark_sent()  # it "reached" this upstream at once
         return _reply(request)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        mark_sent()
         reply = _reply(request)
         for piece in _WORDS.findall(reply.content):
             if piece:

@@ -21,7 +21,14 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, consistent, estimated_usage, read_events, token_count
+from feather_grpc.providers.base import (
+    ProviderSettings,
+    consistent,
+    estimated_usage,
+    parse_sse,
+    read_events,
+    token_count,
+)
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -177,7 +184,14 @@ class OpenAIProvider:
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         endpoint, model = self.target(model)
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(endpoint, self._name, payload, self._api_key, await self.request_headers())
+        doc = await post_json(
+            endpoint,
+            self._name,
+            payload,
+            self._api_key,
+            self.settings.max_response_bytes,
+            headers=await self.request_headers(),
+        )
         return self._parse_completion(doc, request)
 
     def _parse_completion(self, doc: object, request: ChatRequest) -> ProviderResponse:
@@ -222,7 +236,7 @@ class OpenAIProvider:
                 started = True
                 if resp.content_type == "application/json":
                     # A compatible server that ignored `stream: true`: replay its whole answer.
-                    raw = await resp.read()
+                    raw = await resp.read(self.settings.max_response_bytes)
                     try:
                         doc = orjson.loads(raw)
                     except ValueError:
@@ -234,7 +248,7 @@ class OpenAIProvider:
                         yield ToolCallDelta(i, call.id, call.name, call.arguments)
                     reader = _ChunkReader.finished(name, full.finish_reason, full.usage)
                 else:
-                    parser = SSEParser()
+                    parser = SSEParser(self.settings.max_stream_event_bytes)
                     reader = _ChunkReader(name, self._api_key)
 
                     def handle(event: SSEEvent) -> list[StreamEvent]:
@@ -244,7 +258,7 @@ class OpenAIProvider:
                         return reader.done
 
                     async for chunk in resp:
-                        events, error = read_events(parser.feed(chunk), handle, done)
+                        events, error = read_events(parse_sse(parser, chunk, name), handle, done)
                         for out in events:
                             yield out
                         if error is not None:

@@ -35,7 +35,14 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, consistent, estimated_usage, read_events, token_count
+from feather_grpc.providers.base import (
+    ProviderSettings,
+    consistent,
+    estimated_usage,
+    parse_sse,
+    read_events,
+    token_count,
+)
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -162,7 +169,7 @@ class OpenAIResponsesProvider(OpenAIProvider):
         if model not in self._responses_models:
             return await super().chat(model, request)
         payload = orjson.dumps(self.build_responses_body(model, request, stream=False))
-        doc = await post_json(self._responses, self._name, payload, self._api_key)
+        doc = await post_json(self._responses, self._name, payload, self._api_key, self.settings.max_response_bytes)
         reader = _Reader(self._name, self._api_key)
         try:
             if not isinstance(doc, dict):
@@ -196,7 +203,7 @@ class OpenAIResponsesProvider(OpenAIProvider):
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                parser = SSEParser()
+                parser = SSEParser(self.settings.max_stream_event_bytes)
 
                 def handle(event: SSEEvent) -> list[StreamEvent]:
                     try:
@@ -214,7 +221,7 @@ class OpenAIResponsesProvider(OpenAIProvider):
                     return reader.done
 
                 async for chunk in resp:
-                    events, error = read_events(parser.feed(chunk), handle, done)
+                    events, error = read_events(parse_sse(parser, chunk, name), handle, done)
                     for out in events:
                         yield out
                     if error is not None:

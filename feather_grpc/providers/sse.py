@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SSEEvent", "SSEParser"]
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "SSEEvent", "SSELimitExceeded", "SSEParser"]
+
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -21,21 +23,48 @@ class SSEEvent:
     id: str = ""
 
 
+class SSELimitExceeded(ValueError):
+    """A line, or an event's fields, grew past the parser's limit; `what` says which."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} over the {limit}-byte limit")
+        self.what = what
+        self.limit = limit
+
+
 class SSEParser:
     """Feed bytes with `feed()`; each call returns the events completed by those bytes.
 
     An event still incomplete when the stream ends is discarded, as the spec says: a stream cut
     mid-event must not look like a finished one.
+
+    Memory is bounded by `max_event_bytes`: a line not ended within that many bytes, or an event whose
+    `data`/`event`/`id` fields add up to more, raises `SSELimitExceeded` (an upstream sending one endless
+    line must fail as soon as it passes the limit, not at a timeout). Work is linear in the bytes fed:
+    an unfinished line is kept as a list of pieces, and only each new piece is searched.
     """
 
-    __slots__ = ("_data", "_event", "_last_id", "_pending", "_skip_lf", "_started")
+    __slots__ = (
+        "_data",
+        "_event",
+        "_event_size",
+        "_last_id",
+        "_limit",
+        "_pending",
+        "_pending_size",
+        "_skip_lf",
+        "_started",
+    )
 
-    def __init__(self) -> None:
-        self._pending = b""  # bytes after the last line terminator seen
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._limit = max_event_bytes
+        self._pending: list[bytes] = []  # pieces of the line after the last line terminator seen
+        self._pending_size = 0
         self._skip_lf = False  # the previous read ended with `\r`: a leading `\n` belongs to it
         self._started = False  # the byte-order mark is only stripped at the very start
         self._data: list[str] = []
         self._event = ""
+        self._event_size = 0  # characters of the current event's fields, for the limit
         self._last_id = ""
 
     @property
@@ -52,29 +81,45 @@ class SSEParser:
                 chunk = chunk[1:]
                 if not chunk:
                     return []
-        buf = self._pending + chunk if self._pending else chunk
-        if b"\r" in buf:
-            if buf[-1:] == b"\r":
+        # Line endings are normalised per piece: what is pending already was, and a `\r\n` split
+        # between two reads is handled by `_skip_lf`.
+        if b"\r" in chunk:
+            if chunk[-1:] == b"\r":
                 # The line has ended either way; remember to drop the `\n` if the next read starts with one.
                 self._skip_lf = True
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        end = buf.rfind(b"\n")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = chunk.rfind(b"\n")
         if end < 0:
-            self._pending = buf
+            self._pending.append(chunk)
+            self._pending_size += len(chunk)
+            if self._pending_size > self._limit:
+                raise SSELimitExceeded("a stream line", self._limit)
             return []
-        self._pending = buf[end + 1 :]
+        rest = chunk[end + 1 :]
+        if self._pending:
+            self._pending.append(chunk)
+            buf = b"".join(self._pending)
+            end = len(buf) - len(rest) - 1
+        else:
+            buf = chunk
+        self._pending = [rest] if rest else []
+        self._pending_size = len(rest)
+        if self._pending_size > self._limit:
+            raise SSELimitExceeded("a stream line", self._limit)
         text = buf[:end].decode("utf-8", errors="replace")
         if not self._started:
             self._started = True
             if text.startswith("\ufeff"):
                 text = text[1:]
         events: list[SSEEvent] = []
+        limit = self._limit
         for line in text.split("\n"):
             if not line:
                 if self._data:
                     events.append(SSEEvent("\n".join(self._data), self._event, self._last_id))
                 self._data = []
                 self._event = ""
+                self._event_size = 0
                 continue
             if line[0] == ":":
                 continue
@@ -90,5 +135,10 @@ class SSEParser:
                 self._event = value
             elif field == "id" and "\x00" not in value:
                 self._last_id = value
-            # `retry` and unknown fields are ignored: reconnection is the engine's decision.
+            else:
+                continue  # `retry` and unknown fields are ignored: reconnection is the engine's decision.
+            # Characters, not bytes: at most 4 bytes each, and a line's length in bytes was bounded above.
+            self._event_size += len(value)
+            if self._event_size > limit:
+                raise SSELimitExceeded("a stream event", limit)
         return events

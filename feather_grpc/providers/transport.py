@@ -10,8 +10,13 @@ the head.
 
 Scope, deliberately small:
 - POST with a `Content-Length` body; the request head is pre-encoded per `Endpoint` (method, path,
-  Host, User-Agent and the provider's static headers: content type, auth) and only the length is
-  formatted per request. No `Accept-Encoding` is sent, so bodies come back identity-encoded.
+  Host, User-Agent, `Accept-Encoding: identity` and the provider's static headers: content type, auth)
+  and only the length is formatted per request. Identity because a compressing server buffers SSE
+  events (time to first token) and LLM replies are small; a server that compresses anyway (`gzip`,
+  `deflate`) is decoded as the body is read, in steps of at most `DECODE_STEP` bytes so a compression
+  bomb never inflates more than that at once; any other coding fails the read (`UnsupportedEncoding`).
+- `read(limit)` refuses a body over `limit` bytes (after decoding): a `Content-Length` over it before
+  any byte is read, otherwise as soon as the limit is passed; either way the connection is closed.
 - Responses: status line and headers (names lowercased; only a few are ever looked at), bodies framed
   by Content-Length, chunked transfer coding (extensions and trailers skipped) or the end of the
   connection; 1xx interim responses skipped; `Connection: close` and HTTP/1.0 honoured.
@@ -53,15 +58,18 @@ import ipaddress
 import re
 import socket
 import ssl
+import zlib
 from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import Final, cast
+from typing import Final, NoReturn, cast
 from urllib.parse import quote, unquote, urlsplit
 
 from feather_grpc.providers.egress import DIRECT, Egress, Proxy, tls_context
 
 __all__ = [
     "HIGH_WATER",
+    "AttemptMarker",
+    "BodyTooLarge",
     "ConnectError",
     "Endpoint",
     "HttpClient",
@@ -69,14 +77,18 @@ __all__ = [
     "InvalidURL",
     "ReadError",
     "Response",
+    "UnsupportedEncoding",
     "attempt_headers",
+    "attempt_marker",
     "encode_headers",
+    "mark_sent",
 ]
 
 HIGH_WATER: Final = 256 * 1024  # undelivered body bytes above which the socket is no longer read
 END_GRACE_S: Final = 0.5  # how long `release_after_end` waits for the rest of a body before closing
 MAX_HEAD: Final = 64 * 1024  # status line + headers (also bounds the trailer section)
 MAX_LINE: Final = 8 * 1024  # one chunk-size line, extensions included
+DECODE_STEP: Final = 256 * 1024  # most bytes one decompression step may produce
 DNS_TTL_S: Final = 60.0
 
 # Header lines ("Name: value\r\n" each, encoded) added to every request sent from the current context. The
@@ -106,6 +118,19 @@ class ReadError(HttpError):
     """The connection failed or the response was malformed after the request was sent."""
 
 
+class BodyTooLarge(ReadError):
+    """The body is larger than the reader's limit; the connection was closed without reading the rest."""
+
+    def __init__(self, limit: int, declared: int | None = None) -> None:
+        said = f" (Content-Length {declared})" if declared is not None else ""
+        super().__init__(f"response body over the {limit}-byte limit{said}")
+        self.limit = limit
+
+
+class UnsupportedEncoding(ReadError):
+    """The body has a `Content-Encoding` this client cannot decode (it only asks for identity)."""
+
+
 class _StaleConnection(ReadError):
     """A reused connection closed by the server before any byte of the response: safe to resend once."""
 
@@ -119,12 +144,15 @@ class Response:
 
     __slots__ = (
         "_buffered",
+        "_coding",
         "_conn",
+        "_decoder",
         "_done",
         "_drain",
         "_exc",
         "_got_bytes",
         "_parts",
+        "_tail",
         "_waiter",
         "headers",
         "reason",
@@ -140,6 +168,9 @@ class Response:
         self._exc: HttpError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._got_bytes = False
+        self._coding = ""  # a Content-Encoding that cannot be decoded: reading the body fails
+        self._decoder: zlib._Decompress | None = None  # gzip/deflate bodies
+        self._tail = b""  # compressed bytes the last decoding step left for the next
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}
@@ -157,23 +188,37 @@ class Response:
         """True once the body has arrived whole (any data not yet consumed is still readable)."""
         return self._done
 
-    async def read(self) -> bytes:
-        """The whole body (what is left of it)."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body (what is left of it); over `limit` bytes, `BodyTooLarge` and the connection closed."""
+        if limit is not None:
+            declared = self.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
+                self._refuse(BodyTooLarge(limit, int(declared)))
         parts = self._parts
-        if self._done and self._exc is None:  # fast path: the body came with the head
+        if self._done and self._exc is None and self._decoder is None and not self._coding:
+            # fast path: the body came with the head
             self._parts = []
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            if limit is not None and len(body) > limit:
+                raise BodyTooLarge(limit)
+            return body
         out: list[bytes] = []
-        while True:
-            if self._parts:
-                out.extend(self._parts)
-                self._take()
-            elif self._exc is not None:
-                raise self._exc
-            elif self._done:
-                return b"".join(out)
-            else:
-                await self._wait()
+        size = 0
+        async for chunk in self:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self._refuse(BodyTooLarge(limit))
+            out.append(chunk)
+        return b"".join(out)
+
+    def _refuse(self, exc: HttpError) -> NoReturn:
+        """Stop reading: the connection is closed, what was buffered dropped, and `exc` raised."""
+        self._parts = []
+        self._buffered = 0
+        self._tail = b""
+        self._exc = exc
+        self.close()
+        raise exc
 
     def __aiter__(self) -> Response:
         return self
@@ -181,16 +226,41 @@ class Response:
     async def __anext__(self) -> bytes:
         """Whatever body bytes have arrived since the last call (at least one byte), as one `bytes`."""
         while True:
+            if self._coding:
+                self._refuse(UnsupportedEncoding(f"response Content-Encoding {self._coding!r} cannot be decoded"))
+            if self._tail:  # decode what the last step left before taking more
+                chunk = self._decode(b"")
+                if chunk:
+                    return chunk
             parts = self._parts
             if parts:
                 chunk = parts[0] if len(parts) == 1 else b"".join(parts)
                 self._take()
-                return chunk
+                if self._decoder is None:
+                    return chunk
+                chunk = self._decode(chunk)
+                if chunk:
+                    return chunk
+                continue
             if self._exc is not None:
                 raise self._exc
             if self._done:
+                if self._decoder is not None and not self._decoder.eof:
+                    self._refuse(ReadError("compressed body ended before its end marker"))
                 raise StopAsyncIteration
             await self._wait()
+
+    def _decode(self, data: bytes) -> bytes:
+        decoder = self._decoder
+        assert decoder is not None
+        if decoder.eof:
+            return b""  # bytes after the compressed stream: ignored, like any reader of gzip does
+        try:
+            out = decoder.decompress(self._tail + data if self._tail else data, DECODE_STEP)
+        except zlib.error as exc:
+            self._refuse(ReadError(f"malformed compressed body: {exc}"))
+        self._tail = decoder.unconsumed_tail
+        return out
 
     def close(self) -> None:
         """Give the connection back if the body was read to the end, otherwise close it.
@@ -426,6 +496,11 @@ class _Connection(asyncio.Protocol):
         ex.headers = headers
         if status < 200:
             return status  # interim: framing and keep-alive come from the final response
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            ex._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib wrapper, detected
+        elif encoding not in ("", "identity"):
+            ex._coding = encoding[:40]
         tokens = headers.get("connection", "").lower()
         if version == "HTTP/1.0":
             self._keep_alive = "keep-alive" in tokens
@@ -852,6 +927,25 @@ def _proxy_refused(proxy: Proxy, ex: Response) -> ConnectError:
     return ConnectError(f"proxy {proxy} refused the request: {ex.status} {ex.reason[:100]}".rstrip())
 
 
+class AttemptMarker:
+    """Set (`attempt_marker`) around one upstream attempt by the engine; `sent` turns true once the request
+    is on its way to the upstream, so an attempt the gateway abandons is billed only if the upstream got it."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+attempt_marker: ContextVar[AttemptMarker | None] = ContextVar("feather_attempt_marker", default=None)
+
+
+def mark_sent() -> None:
+    marker = attempt_marker.get()
+    if marker is not None:
+        marker.sent = True
+
+
 class Endpoint:
     """POSTs to one URL with a fixed set of headers; the request head is encoded once, here."""
 
@@ -878,8 +972,12 @@ class Endpoint:
         proxy = self._plain_proxy = egress.proxy if scheme == "http" else None  # https: tunnelled, origin-form
         if proxy is not None:
             target = f"http://{host_header}{target}"  # absolute form: the proxy forwards it
-        fields: list[tuple[str, str]] = [("Host", host_header), ("User-Agent", client.user_agent)]
-        names = {"host", "user-agent"}
+        fields: list[tuple[str, str]] = [
+            ("Host", host_header),
+            ("User-Agent", client.user_agent),
+            ("Accept-Encoding", "identity"),
+        ]
+        names = {"host", "user-agent", "accept-encoding"}
         for name, value in headers:
             if _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
                 raise ValueError(f"invalid HTTP header {name!r}")
@@ -915,6 +1013,7 @@ class Endpoint:
                 if conn.closed:  # closed between hand-over and now
                     raise _StaleConnection("server closed the connection before the request was sent")
                 conn.send(data, ex)
+                mark_sent()
                 if not ex.status and ex._exc is None:
                     await ex._wait()
                 if ex._exc is not None:

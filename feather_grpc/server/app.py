@@ -184,6 +184,7 @@ class GatewayServer:
         else:
             engine.observers.extend(observers)
         self._state_watch: asyncio.Task[None] | None = None
+        self._start_reconcile: asyncio.Task[None] | None = None
         self.engine = engine
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
         self.tracker = CallTracker(
@@ -262,20 +263,27 @@ class GatewayServer:
             self._state_watch = asyncio.create_task(
                 watch_shared_state(self.stores.ping, self._shared_state_changed, self.stores.outage)
             )
+            # A previous run may have died with budget settlements Redis never got: its ledger has them.
+            self._start_reconcile = asyncio.create_task(self._reconcile_budgets())
         return self.port
 
     async def _shared_state_changed(self, reachable: bool) -> None:
         if self.config.state_failure_mode == "closed":
             # Failing closed: while the shared state is unreachable calls are refused, so say NOT_SERVING.
             await self._set_serving(reachable)
-        elif reachable and self.stores is not None and self.stores.raise_spent_to is not None:
+        elif reachable:
             # Failing open: replicas decided budgets locally meanwhile; the ledger knows what was spent.
-            try:
-                await reconcile_budgets(
-                    self.config, self.engine.ledger, self.engine.admission.windows, self.stores.raise_spent_to
-                )
-            except Exception:
-                log.exception("could not reconcile budgets with the ledger")
+            await self._reconcile_budgets()
+
+    async def _reconcile_budgets(self) -> None:
+        if self.stores is None or self.stores.raise_spent_to is None:
+            return
+        try:
+            await reconcile_budgets(
+                self.config, self.engine.ledger, self.engine.admission.windows, self.stores.raise_spent_to
+            )
+        except Exception as e:  # Redis or the ledger down: the restore of missing windows still guards
+            log.warning("could not reconcile budgets with the ledger: %s", e)
 
     async def _set_serving(self, serving: bool) -> None:
         if self.health.draining:
@@ -288,8 +296,9 @@ class GatewayServer:
         """NOT_SERVING first so probes and balancers move away, then drain calls (streams included) for up
         to the grace period, then settle, close pools and flush the ledger; traces and metrics last."""
         await self.health.enter_graceful_shutdown()
-        if self._state_watch is not None:
-            self._state_watch.cancel()
+        for task in (self._state_watch, self._start_reconcile):
+            if task is not None:
+                task.cancel()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         try:
             # The calls cut off at the end of the grace period are cancelled, not finished: their handlers

@@ -74,6 +74,8 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
         if error.provider:
             metadata["provider"] = error.provider
     elif isinstance(error, UpstreamUnavailable):
+        if error.upstream_reason:
+            metadata["upstreamReason"] = error.upstream_reason  # why the last attempt failed
         if error.retry_after_s is not None:
             details.append(_retry_info(error.retry_after_s))
     elif isinstance(error, UpstreamInvalidRequest):

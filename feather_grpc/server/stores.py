@@ -18,7 +18,7 @@ from feather_grpc.engine.cache import MemoryResponseCache, ResponseCache
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.fail_open import Outage
 from feather_grpc.state.ledger import UsageLedger, UsageQuery
-from feather_grpc.state.limits import BudgetStore, BudgetWindow, RateLimiter
+from feather_grpc.state.limits import BudgetStore, BudgetWindow, RateLimiter, StateUnavailable
 from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ def build_stores(config: GatewayConfig, worker: int | None = None) -> Stores:
 
     shared = RedisState.from_url(config.redis_url, breaker=config.breaker)
     restorer = WindowRestorer(local.ledger, shared.budgets.raise_spent_to)
-    shared.budgets.on_fresh_window = restorer.schedule
+    shared.budgets.restore = restorer.restore
+    shared.budgets.on_lost_settlement = restorer.reconcile
     stores = Stores(
         ledger=local.ledger,
         limiter=shared.limiter,
@@ -136,8 +137,9 @@ async def reconcile_budgets(
     windows_of: Callable[[TenantConfig], tuple[BudgetWindow, ...]],
     raise_spent_to: Callable[[str, BudgetWindow, int], Awaitable[None]],
 ) -> None:
-    """After an outage served with local budgets (`stateFailureMode: open`), lifts each tenant's shared
-    spend counters to what the ledger recorded, so spend decided locally is not forgotten."""
+    """Lifts each tenant's shared spend counters to what the ledger recorded: after an outage served with
+    local budgets (`stateFailureMode: open`), so spend decided locally is not forgotten, and at start, so
+    settlements a previous run died before delivering are not either."""
     for tenant in config.tenants.values():
         for window in windows_of(tenant):
             start = _window_start(window)
@@ -147,33 +149,56 @@ async def reconcile_budgets(
 
 
 class WindowRestorer:
-    """When Redis reports a budget window's counters missing (a new window, or counters Redis lost in a
-    restart, failover or eviction), lifts that window's spend to what the ledger recorded, once per window
-    at a time, in the background."""
+    """Lifts a budget window's spend in Redis to what the ledger recorded: before any reservation is judged
+    against a window Redis does not know (a new window, or counters Redis lost in a restart, failover or
+    eviction: `restore`, awaited by every reservation that found it missing), and in the background when a
+    settlement found its lease gone (`reconcile`: Redis lost it, so its cost may be missing). One ledger
+    query per window at a time."""
 
     def __init__(self, ledger: UsageLedger, raise_spent_to: Callable[[str, BudgetWindow, int], Awaitable[None]]):
         self._ledger = ledger
         self._raise_spent_to = raise_spent_to
         self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        self._again: set[tuple[str, str, str]] = set()  # reconcile once more when the running one ends
 
-    def schedule(self, tenant: str, window: BudgetWindow) -> None:
+    async def restore(self, tenant: str, window: BudgetWindow) -> None:
         key = (tenant, window.name, window.key)
-        if key not in self._tasks:
-            task = asyncio.get_running_loop().create_task(self._restore(tenant, window))
-            self._tasks[key] = task
-            task.add_done_callback(lambda _: self._tasks.pop(key, None))
+        task = self._tasks.get(key) or self._start(key, tenant, window)
+        await asyncio.shield(task)  # a caller that gives up does not cancel the others' restore
+
+    def reconcile(self, tenant: str, windows: tuple[BudgetWindow, ...]) -> None:
+        for window in windows:
+            key = (tenant, window.name, window.key)
+            if key in self._tasks:  # it may have read the ledger before this call's record landed
+                self._again.add(key)
+            else:
+                self._start(key, tenant, window)
+
+    def _start(self, key: tuple[str, str, str], tenant: str, window: BudgetWindow) -> asyncio.Task[None]:
+        task = self._tasks[key] = asyncio.get_running_loop().create_task(self._restore(tenant, window))
+        task.add_done_callback(lambda t: self._done(t, key, tenant, window))
+        return task
+
+    def _done(self, task: asyncio.Task[None], key: tuple[str, str, str], tenant: str, window: BudgetWindow) -> None:
+        self._tasks.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not restore budget %s/%s from the ledger: %s", tenant, window.name, task.exception())
+        if key in self._again:
+            self._again.discard(key)
+            self._start(key, tenant, window)
 
     async def _restore(self, tenant: str, window: BudgetWindow) -> None:
         try:
             report = await self._ledger.query(UsageQuery(start_ns=_window_start(window), tenant=tenant))
-            spent = report.total.cost_nanos_usd
-            if spent:
-                await self._raise_spent_to(tenant, window, spent)
-                log.info("budget %s/%s %s: spend restored from the ledger", tenant, window.name, window.key)
-        except Exception as e:  # the ledger or Redis is down: the next fresh window will try again
-            log.warning("could not restore budget %s/%s from the ledger: %s", tenant, window.name, e)
+        except Exception as e:  # judging against an unknown spend would hand the budget out again
+            raise StateUnavailable(f"the ledger could not be read ({type(e).__name__}: {e})") from e
+        spent = report.total.cost_nanos_usd
+        await self._raise_spent_to(tenant, window, spent)
+        if spent:
+            log.info("budget %s/%s %s: spend restored from the ledger", tenant, window.name, window.key)
 
     async def aclose(self) -> None:
+        self._again.clear()
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

@@ -9,6 +9,7 @@ wrapped handler, so it is scoped to exactly one call. Health and reflection are 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Awaitable
@@ -31,6 +32,7 @@ current_request_token: ContextVar[RequestToken | None] = ContextVar("feather_req
 # A tenant at its concurrency cap, or a gateway at its in-flight cap, is told to come back this soon.
 _BUSY_RETRY_S = 0.25
 _MAX_QUEUE_WAIT_S = 30.0
+_MAX_UNLISTED_TENANTS = 10_000  # JWT-named tenants whose policy object is kept
 
 
 def remaining_s(context: grpc.aio.ServicerContext) -> float | None:
@@ -52,11 +54,15 @@ class TenantGate:
         self._auth = config.auth
         self._limiter = limiter
         self._queue = config.rate_limit_mode == "queue"
+        self._min_call_s = config.queue_min_call_s
         self._max_in_flight = max_in_flight
         self.open = self._auth.open  # no keys: every caller is `default_tenant`, the metadata is not read
         self.default_tenant = config.default_tenant
         self.in_flight = 0
         self._tenant_in_flight: dict[str, int] = {}
+        self._unlisted: dict[str, TenantConfig] = {}
+        if self._auth.jwt_secret and self._auth.unlisted.allowed_models == frozenset():
+            log.info("a JWT naming a tenant the config does not list may call no model (see jwtDefaultPolicy)")
         if self._auth.open:
             log.warning(
                 "NO API KEYS CONFIGURED: the gateway is open; every caller is tenant 'default'. "
@@ -74,8 +80,17 @@ class TenantGate:
             tenant_name = self._jwt_tenant(credential)
         if tenant_name is None:
             raise Unauthenticated("unknown API key")
-        # A JWT may name a tenant the config does not list: it gets the default request limit (RATE_LIMIT_*).
-        return self._config.tenants.get(tenant_name) or TenantConfig(tenant_name, requests=self._auth.unlisted_requests)
+        return self._config.tenants.get(tenant_name) or self._unlisted_tenant(tenant_name)
+
+    def _unlisted_tenant(self, name: str) -> TenantConfig:
+        """A tenant a JWT names that the config does not list: `jwtDefaultPolicy` under its own name (its own
+        budget and limits), one object per name so per-tenant caches keep working."""
+        tenant = self._unlisted.get(name)
+        if tenant is None:
+            if len(self._unlisted) >= _MAX_UNLISTED_TENANTS:
+                self._unlisted.clear()
+            tenant = self._unlisted[name] = dataclasses.replace(self._auth.unlisted, name=name)
+        return tenant
 
     def _jwt_tenant(self, token: str) -> str | None:
         try:
@@ -111,7 +126,8 @@ class TenantGate:
         key, spec = f"tenant:{tenant.name}:requests", BucketSpec(rate, burst)
         max_wait = 0.0
         if self._queue:
-            max_wait = _MAX_QUEUE_WAIT_S if time_remaining is None else max(time_remaining, 0.0)
+            # leaves room for the call after the wait (the engine narrows it to the route's latency)
+            max_wait = _MAX_QUEUE_WAIT_S if time_remaining is None else max(time_remaining - self._min_call_s, 0.0)
         what = f"{rate * 60:g} requests per minute"
         try:
             pending: Awaitable[float] = self._limiter.reserve(key, spec, 1.0, max_wait)
@@ -125,14 +141,17 @@ class RequestToken:
     and judged by the engine before it serves anything, alongside its own admission decisions, so that
     they share one round trip. Calling it awaits the verdict once: it raises RateLimitExceeded or
     StateStoreUnavailable, or waits the token's queue time. The interceptor `discard`s a token the call
-    never judged (a request refused before admission), so the token is still taken."""
+    never judged (a request refused before admission), so the token is still taken.
+
+    `max_wait_s` is how long the caller may wait now, as the engine knows it (room left for the route's
+    latency): a token due later is given back and the call refused at once, like any queue overflow."""
 
     def __init__(self, limiter: RateLimiter, key: str, spec: BucketSpec, what: str, pending: Awaitable[float]) -> None:
         self._limiter = limiter
         self.key, self._spec, self._what = key, spec, what
         self._pending: Awaitable[float] | None = pending
 
-    async def __call__(self) -> None:
+    async def __call__(self, max_wait_s: float | None = None) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return  # judged already
@@ -142,6 +161,10 @@ class RequestToken:
             raise rate_limit_exceeded(e, self.key, self._what) from None
         except StateUnavailable:
             raise StateStoreUnavailable("the shared state store is unreachable") from None
+        if max_wait_s is not None and wait > max_wait_s:
+            with contextlib.suppress(StateUnavailable):
+                await self._limiter.adjust(self.key, self._spec, -1.0)
+            raise rate_limit_exceeded(RateLimited(self.key, wait), self.key, self._what)
         await queue_wait(self._limiter, self.key, self._spec, 1.0, wait)
 
     async def discard(self) -> None:

@@ -17,7 +17,8 @@ Keys are namespaced and hash-tagged so that every key one script touches lives i
     feather:{cb:<provider:model>}:probe                the half-open probe flag (a token, with a TTL)
 
 Failure handling: connects and replies are bounded by a short timeout (0.25 s by default); nothing is
-retried (a retried reservation whose reply was lost would reserve twice); any Redis error or timeout
+retried (a retried reservation whose reply was lost would reserve twice) but budget settlements, which are
+idempotent (a lease settles once) and must not hold their reservation; any Redis error or timeout
 surfaces as `StateUnavailable`, and the next call reconnects, so after Redis comes back the same
 objects work again. Note that a call that timed out may still have been applied.
 
@@ -31,8 +32,11 @@ Wiring — one connection for all three:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import itertools
+import logging
 import math
 import os
 import time
@@ -52,6 +56,8 @@ from feather_grpc.state.limits import (
 from feather_grpc.state.memory_limits import BurstExceeded, check_request
 from feather_grpc.state.resp import RedisCommands, RedisUnavailable, ReplyError, connect
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "BurstExceeded",
     "LeasedReservation",
@@ -63,6 +69,11 @@ __all__ = [
 
 # Longest wait a caller may ask for (keeps the Lua arithmetic finite): a day.
 _MAX_WAIT_CAP_S = 86_400.0
+# A reservation finding its windows missing restores them and asks again at most this often.
+_MAX_RESTORES = 3
+# Failed budget settlements kept for re-sending, and the longest pause between two re-sends.
+_MAX_UNSETTLED = 100_000
+_MAX_SETTLE_RETRY_S = 2.0
 
 # Shared Lua prelude: the server clock in microseconds (an exact integer in a double until year 2255),
 # and number formatting that keeps full precision (Lua's default tostring keeps only 14 digits).
@@ -112,13 +123,15 @@ return 1
 )
 
 # Budget reserve. KEYS[1] leases zset (lease id -> expiry, µs), KEYS[2] leases hash (lease id -> JSON
-# [amount, window keys...]), KEYS[3..] one hash per window.
+# [amount, window keys...], or '0' for a lease given back unsettled), KEYS[3..] one hash per window.
 # ARGV[1] amount, ARGV[2] lease id, ARGV[3] lease µs, ARGV[4] lease keys' ttl ms, ARGV[4+i] cap of window i,
 # ARGV[4+n+i] ttl_s of window i.
 # First gives back the reservations of holders that never settled (a crashed replica) once their lease
-# is over, then reserves in all windows or none: {1, fresh...}, or {0, i, spent, reserved} of the first
-# overflow. `fresh` lists the windows whose hash did not exist: a new window, or one Redis lost (a restart
-# without persistence, a failover, an eviction), whose spend the gateway then restores from the ledger.
+# is over, leaving a tombstone for a day so that a late settle still adds its real cost, once. Then:
+# {2, i...} when windows i were never restored (their hash has no `restored` field: a new window, or one
+# Redis lost in a restart without persistence, a failover or an eviction): nothing is judged or reserved
+# until the gateway has lifted their spend to the ledger's (_BUDGET_RAISE_SPENT) and asks again.
+# Otherwise it reserves in all windows or none: {1}, or {0, i, spent, reserved} of the first overflow.
 # Money stays in strings on the way in and out: Lua numbers are doubles (exact below 2^53 nano-dollars,
 # about 9 million dollars, which bounds the comparison only).
 _BUDGET_RESERVE = (
@@ -128,28 +141,36 @@ local now = now_us()
 local n = #KEYS - 2
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now), 'LIMIT', 0, 64)) do
   local data = redis.call('HGET', KEYS[2], id)
-  if data then
+  if data and data ~= '0' then
     local lease = cjson.decode(data)
     for j = 2, #lease do
       if redis.call('EXISTS', lease[j]) == 1 and redis.call('HINCRBY', lease[j], 'reserved', '-' .. lease[1]) < 0 then
         redis.call('HSET', lease[j], 'reserved', '0')
       end
     end
+    redis.call('HSET', KEYS[2], id, '0')
+    redis.call('ZADD', KEYS[1], fmt(now + 86400000000), id)
+  else
     redis.call('HDEL', KEYS[2], id)
+    redis.call('ZREM', KEYS[1], id)
   end
-  redis.call('ZREM', KEYS[1], id)
 end
 local amount = tonumber(ARGV[1])
-local ok = {1}
+local missing = {2}
+local held = {}
 for i = 1, n do
-  local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
-  if not v[1] and not v[2] then ok[#ok + 1] = i end
-  local spent, reserved = v[1] or '0', v[2] or '0'
+  local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved', 'restored')
+  if not v[3] then missing[#missing + 1] = i end
+  held[i] = v
+end
+if #missing > 1 then return missing end
+for i = 1, n do
+  local spent, reserved = held[i][1] or '0', held[i][2] or '0'
   if tonumber(spent) + tonumber(reserved) + amount > tonumber(ARGV[4 + i]) then
     return {0, i, spent, reserved}
   end
 end
-if amount == 0 then return ok end
+if amount == 0 then return {1} end
 local lease = {ARGV[1]}
 for i = 1, n do
   redis.call('HINCRBY', KEYS[2 + i], 'reserved', ARGV[1])
@@ -160,27 +181,38 @@ redis.call('ZADD', KEYS[1], fmt(now + tonumber(ARGV[3])), ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], cjson.encode(lease))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return ok
+return {1}
 """
 )
 
-# Budget settle. KEYS as for reserve. ARGV[1] lease id ('' for none), ARGV[2] -reserved, ARGV[3] actual,
-# ARGV[3+i] ttl_s of window i. A lease already given back (expired) releases nothing: only the cost is added.
-# ARGV: spent (decimal string), ttl_s. Raises `spent` to ARGV[1] if that is more. Compared as digit strings,
-# so amounts past 2^53 stay exact.
+# Budget restore. KEYS[1] the window's hash. ARGV: spent (decimal string), ttl_s. Raises `spent` to ARGV[1]
+# if that is more, and marks the window restored (reservations may be judged against it). Compared as digit
+# strings, so amounts past 2^53 stay exact.
 _BUDGET_RAISE_SPENT = """
 local cur = redis.call('HGET', KEYS[1], 'spent') or '0'
 local new = ARGV[1]
 if #new > #cur or (#new == #cur and new > cur) then
   redis.call('HSET', KEYS[1], 'spent', new)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
+redis.call('HSET', KEYS[1], 'restored', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# Budget settle. KEYS as for reserve. ARGV[1] lease id ('' for a charge no reservation covers), ARGV[2]
+# -reserved, ARGV[3] actual, ARGV[3+i] ttl_s of window i.
+# A lease settles once: a retry whose first try landed finds it gone and changes nothing (returns 0, as
+# when Redis lost the lease: the gateway then reconciles the spend with its ledger). A lease given back
+# unsettled (tombstone '0') releases nothing more: only the cost is added.
 _BUDGET_SETTLE = """
-local held = ARGV[1] == '' or redis.call('ZREM', KEYS[1], ARGV[1]) == 1
-if ARGV[1] ~= '' then redis.call('HDEL', KEYS[2], ARGV[1]) end
+local held = false
+if ARGV[1] ~= '' then
+  local data = redis.call('HGET', KEYS[2], ARGV[1])
+  if not data then return 0 end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  held = data ~= '0'
+end
 for i = 3, #KEYS do
   if held and ARGV[2] ~= '0' and redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[2]) < 0 then
     redis.call('HSET', KEYS[i], 'reserved', '0')
@@ -371,16 +403,29 @@ class RedisBudgetStore(_RedisStore):
     Each reservation is a lease of `lease_s` seconds (longer than any call should take): if its holder
     never settles (the replica crashed), the next reserve of that tenant gives the amount back, so a
     crash cannot shrink a budget for the rest of its window. A settle after the lease ran out still
-    records the real cost. Settle each reservation once.
+    records the real cost, once.
 
-    `on_fresh_window(tenant, window)` is called when a reservation finds a window's counters missing: a new
-    window, or one Redis lost (restarted without persistence, failed over, evicted). The gateway then lifts
-    the window's spend to what its ledger recorded (`raise_spent_to`), so a lost counter does not hand out
-    the whole budget again; until that lands, calls are judged against the counter as Redis has it."""
+    A window Redis does not know (a new one, or one it lost: restarted without persistence, failed over,
+    evicted) is judged only once `restore(tenant, window)` has lifted its spend to what the ledger recorded
+    (the gateway's WindowRestorer; without one, to what Redis itself counts): every reservation that found it
+    missing waits for that, then asks again, so no call racing the restore is admitted against an empty
+    counter. Only those reservations pay the extra round trips.
 
-    def __init__(self, runner: ScriptRunner, *, lease_s: float = 900.0, namespace: str = "feather") -> None:
+    A settlement that does not reach Redis (reset, timeout) keeps its reservation only until Redis answers
+    again: it is re-sent every `settle_retry_s` (backing off to 2 s) until it lands. A lease settles once, so
+    a re-sent settlement whose first try did land changes nothing. A settlement whose lease Redis no longer
+    knows calls `on_lost_settlement(tenant, windows)`, so the gateway reconciles those windows with its
+    ledger (their spend may be missing this call's cost)."""
+
+    def __init__(
+        self, runner: ScriptRunner, *, lease_s: float = 900.0, namespace: str = "feather", settle_retry_s: float = 0.1
+    ) -> None:
         super().__init__(runner, namespace=namespace)
-        self.on_fresh_window: Callable[[str, BudgetWindow], None] | None = None
+        self.restore: Callable[[str, BudgetWindow], Awaitable[None]] = self._restore_from_redis
+        self.on_lost_settlement: Callable[[str, tuple[BudgetWindow, ...]], None] | None = None
+        self.settle_retry_s = settle_retry_s
+        self._unsettled: list[tuple[Reservation, int]] = []  # settlements to re-send
+        self._retrier: asyncio.Task[None] | None = None
         self._lease_us = str(max(int(lease_s * 1e6), 1))
         self._lease_ms = int(lease_s * 1000)
         self._reserve = _Script.of(_BUDGET_RESERVE)
@@ -424,27 +469,87 @@ class RedisBudgetStore(_RedisStore):
             return Reservation(tenant, windows, amount_nanos)
         lease_id, pending = sent
         reply = await pending
+        restores = 0
+        while reply[0] == 2:  # windows Redis does not know: restore them, then be judged
+            restores += 1
+            if restores > _MAX_RESTORES:
+                raise StateUnavailable(f"redis: the budget windows of {tenant!r} keep disappearing")
+            await asyncio.gather(*(self.restore(tenant, windows[int(i) - 1]) for i in reply[1:]))
+            lease_id, pending = self._start_reserve(tenant, windows, amount_nanos) or ("", _nothing())
+            reply = await pending
         if not reply[0]:
             w = windows[int(reply[1]) - 1]
             raise BudgetExceeded(tenant, w.name, w.cap_nanos, int(reply[2]) + int(reply[3]))
-        if len(reply) > 1 and self.on_fresh_window is not None:
-            for i in reply[1:]:
-                self.on_fresh_window(tenant, windows[int(i) - 1])
+        if not amount_nanos:  # nothing held, so no lease: its settle only adds the cost
+            return Reservation(tenant, windows, amount_nanos)
         return LeasedReservation(tenant, windows, amount_nanos, lease_id)
+
+    async def _restore_from_redis(self, tenant: str, window: BudgetWindow) -> None:
+        """Without a ledger to ask, a window starts from what Redis itself counts."""
+        await self.raise_spent_to(tenant, window, 0)
 
     def settle(self, reservation: Reservation, actual_nanos: int) -> Coroutine[Any, Any, None]:
         if actual_nanos < 0:
             raise ValueError(f"actual cost must be >= 0 nano-dollars, got {actual_nanos}")
         if not reservation.windows:
             return _nothing()
+        return self._settled(reservation, actual_nanos, self._start_settle(reservation, actual_nanos))
+
+    def _start_settle(self, reservation: Reservation, actual_nanos: int) -> Awaitable[Any]:
         lease_id = reservation.lease_id if isinstance(reservation, LeasedReservation) else ""
         args = [lease_id, str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
         args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
         return self._runner.start(self._settle, self._keys(reservation.tenant, reservation.windows), args)
 
+    async def _settled(self, reservation: Reservation, actual_nanos: int, sent: Awaitable[Any]) -> None:
+        try:
+            landed = await sent
+        except StateUnavailable:
+            self._settle_later(reservation, actual_nanos)
+            raise
+        self._check_landed(reservation, landed)
+
+    def _check_landed(self, reservation: Reservation, landed: Any) -> None:
+        if landed == 0 and self.on_lost_settlement is not None:
+            self.on_lost_settlement(reservation.tenant, reservation.windows)
+
+    def _settle_later(self, reservation: Reservation, actual_nanos: int) -> None:
+        if len(self._unsettled) >= _MAX_UNSETTLED:  # Redis gone for long: the leases' expiry gives these back
+            log.warning("%d budget settlements waiting for Redis; dropping the oldest", len(self._unsettled))
+            del self._unsettled[0]
+        self._unsettled.append((reservation, actual_nanos))
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.get_running_loop().create_task(self._resend_unsettled())
+
+    async def _resend_unsettled(self) -> None:
+        """Re-sends failed settlements, all in one write, until every one has landed."""
+        delay = self.settle_retry_s
+        while self._unsettled:
+            await asyncio.sleep(delay)
+            batch, self._unsettled = self._unsettled, []
+            sent = [(r, cost, self._start_settle(r, cost)) for r, cost in batch]
+            for reservation, cost, pending in sent:
+                try:
+                    landed = await pending
+                except StateUnavailable:
+                    self._unsettled.append((reservation, cost))
+                    continue
+                self._check_landed(reservation, landed)
+            delay = min(delay * 2, _MAX_SETTLE_RETRY_S)
+
+    async def aclose(self) -> None:
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrier
+        if self._unsettled:  # one last try: one left behind holds its reservation for the whole lease
+            batch, self._unsettled = self._unsettled, []
+            await asyncio.gather(*(self._start_settle(r, cost) for r, cost in batch), return_exceptions=True)
+
     async def raise_spent_to(self, tenant: str, window: BudgetWindow, spent_nanos: int) -> None:
-        """Sets the window's spend to `spent_nanos` unless Redis already counts more (reconciling with the
-        ledger after an outage during which replicas decided locally)."""
+        """Sets the window's spend to `spent_nanos` unless Redis already counts more, and marks the window
+        restored (reconciling with the ledger: a window Redis lost, or an outage during which replicas
+        decided locally)."""
         args = [str(int(spent_nanos)), str(max(int(window.ttl_s), 1))]
         await self._run(self._raise_spent, [self.key(tenant, window)], args)
 
@@ -614,4 +719,5 @@ class RedisState:
             raise StateUnavailable(str(e)) from e
 
     async def aclose(self) -> None:
+        await self.budgets.aclose()
         await self.client.aclose()
