@@ -487,3 +487,16 @@ def test_the_readme_example_loads() -> None:
     by_name = {p.name: p for p in cfg.providers}
     assert by_name["bedrock"].region == "us-east-1"
     assert by_name["bedrock"].base_url == "https://bedrock-runtime.us-east-1.amazonaws.com"
+
+
+async def test_an_event_stream_message_over_the_limit_fails_the_attempt(
+    aws_env: None, sim: BedrockSimulator, session: HttpClient
+) -> None:
+    settings = ProviderSettings(
+        name="bedrock", type="bedrock", base_url=sim.url, region=REGION, max_stream_event_bytes=4096
+    )
+    provider = build_provider(settings, session)
+    sim.enqueue(BedrockReply(text="x" * 10_000, stream_pieces=20))  # one 10 kB delta, arriving in pieces
+    with pytest.raises(ProviderError) as caught:
+        [e async for e in provider.stream(MODEL, ask())]
+    assert caught.value.reason == "UPSTREAM_RESPONSE_TOO_LARGE" and "maxStreamEventBytes" in caught.value.message

@@ -267,6 +267,7 @@ class BedrockProvider:
                 started = True
                 eventstream: Any = load("botocore.eventstream")
                 buffer = eventstream.EventStreamBuffer()
+                limit = self.settings.max_stream_event_bytes
                 pending = 0
                 async for chunk in resp:
                     buffer.add_data(chunk)
@@ -275,6 +276,8 @@ class BedrockProvider:
                     try:
                         for message in buffer:
                             pending -= message.prelude.total_length
+                            if message.prelude.total_length > limit:  # arrived whole in one read
+                                raise too_large(name, "event-stream message", limit, "maxStreamEventBytes")
                             batch += reader.handle(message.headers, message.payload)
                             if reader.done:
                                 break
@@ -288,8 +291,7 @@ class BedrockProvider:
                         yield out
                     if reader.done:
                         break
-                    if pending > self.settings.max_stream_event_bytes:
-                        limit = self.settings.max_stream_event_bytes
+                    if pending > limit:  # a message still arriving is already too large
                         raise too_large(name, "event-stream message", limit, "maxStreamEventBytes")
                 if not reader.done:
                     raise stream_cut(name, "ended without messageStop and metadata")
