@@ -461,7 +461,8 @@ def _infer_type(name: str, spec: ProviderSpec, source: str) -> str:
         source,
         f"providers.{name}.type",
         "cannot tell the wire format of this provider",
-        'add "type": "openai", "anthropic", "openai-compatible" or "mock"',
+        'add "type": "openai", "anthropic", "openai-compatible", "azure-openai", "bedrock", "gemini", "vertex" '
+        'or "mock"',
     )
 
 
