@@ -68,6 +68,8 @@ class ModelSpec(_Strict):
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy
     deployment: str | None = Field(default=None, min_length=1)  # azure-openai: the deployment (default: name)
     api: Literal["chat", "responses"] | None = None  # openai: the API that serves it (default: the provider's)
+    # gemini/vertex: thinking tokens the model may spend (-1: the model decides, 0: none, where it allows)
+    thinking_budget: int | None = Field(default=None, alias="thinkingBudget", ge=-1, le=1_000_000)
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> ModelSpec:
@@ -309,6 +311,7 @@ class ProviderConfig:
     region: str = ""
     project: str = ""
     responses_models: tuple[str, ...] = ()  # served through the Responses API
+    thinking_budgets: tuple[tuple[str, int], ...] = ()  # gemini/vertex: model name -> thinking budget
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> upstream id (Azure deployment)
 
 
@@ -526,6 +529,10 @@ def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None
         ("region", spec.region is not None and ptype not in ("bedrock", "vertex")),
         ("project", spec.project is not None and ptype != "vertex"),
         *((f"models[{i}].deployment", m.deployment is not None and not azure) for i, m in enumerate(spec.models)),
+        *(
+            (f"models[{i}].thinkingBudget", m.thinking_budget is not None and ptype not in ("gemini", "vertex"))
+            for i, m in enumerate(spec.models)
+        ),
     ):
         if set_:
             raise ConfigError(source, f"{where}.{field_name}", f"is not a setting of {ptype}", "remove it")
@@ -667,6 +674,9 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 region=spec.region or "",
                 project=spec.project or "",
                 responses_models=tuple(m.name for m in spec.models if (m.api or spec.api) == "responses"),
+                thinking_budgets=tuple(
+                    (m.name, m.thinking_budget) for m in spec.models if m.thinking_budget is not None
+                ),
                 upstream_ids=tuple((m.name, m.deployment) for m in spec.models if m.deployment),
             )
         )

@@ -172,6 +172,19 @@ async def test_json_schema_output_and_function_calls(sim: GeminiSimulator, sessi
     }
 
 
+async def test_a_models_thinking_budget_is_sent(sim: GeminiSimulator, session: HttpClient) -> None:
+    provider = gemini(sim, session, thinking_budgets=(("gemini-2.5-pro", 2048),))
+    await provider.chat("gemini-2.5-pro", ask(max_tokens=100))
+    assert sim.requests[-1].body["generationConfig"] == {
+        "maxOutputTokens": 100,
+        "thinkingConfig": {"thinkingBudget": 2048},
+    }
+    [e async for e in provider.stream("gemini-2.5-pro", ask())]
+    assert sim.requests[-1].body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 2048}}
+    await provider.chat("gemini-2.5-flash", ask())  # a model without one sends none
+    assert "generationConfig" not in sim.requests[-1].body
+
+
 async def test_stream_generate_content(sim: GeminiSimulator, session: HttpClient) -> None:
     sim.enqueue(
         GeminiReply(
@@ -385,6 +398,20 @@ def _load(name: str, provider: dict[str, Any], env: dict[str, str] | None = None
     return config.resolve(config.parse_file_config(json.dumps(doc), "<test>"), env or {}, "<test>")
 
 
+def test_config_thinking_budget_per_model() -> None:
+    models = [
+        {"name": "gemini-2.5-pro", "thinkingBudget": -1, "allowUnpriced": True},
+        {"name": "g2", "allowUnpriced": True},
+    ]
+    p = _load("gemini", {"apiKeyEnv": "K", "models": models}, {"K": "k"}).providers[0]
+    assert p.thinking_budgets == (("gemini-2.5-pro", -1),)
+    doc = {"ledger": {"type": "memory"}, "allowUnpriced": True}
+    doc["providers"] = {"openai": {"apiKeyEnv": "K", "models": [{"name": "o3", "thinkingBudget": 100}]}}
+    with pytest.raises(ConfigError) as caught:
+        config.resolve(config.parse_file_config(json.dumps(doc), "<test>"), {"K": "k"}, "<test>")
+    assert caught.value.path == "providers.openai.models[0].thinkingBudget"
+
+
 def test_config_defaults() -> None:
     p = _load("gemini", {"apiKeyEnv": "GEMINI_API_KEY"}, {"GEMINI_API_KEY": "k"}).providers[0]
     assert (p.type, p.base_url, p.api_key) == ("gemini", "https://generativelanguage.googleapis.com/v1beta", "k")
@@ -436,6 +463,7 @@ def test_the_readme_example_loads() -> None:
     }
     assert by_name["gemini"].type == "gemini" and by_name["gemini"].api_key == "g"
     assert (by_name["vertex"].type, by_name["vertex"].region) == ("vertex", "us-central1")
+    assert by_name["vertex"].thinking_budgets == (("gemini-2.5-pro", 4096),)
 
 
 # -- the gateway around it ---------------------------------------------------------------------------

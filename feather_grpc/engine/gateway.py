@@ -825,6 +825,7 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         region=p.region,
         project=p.project,
         responses_models=p.responses_models,
+        thinking_budgets=p.thinking_budgets,
         upstream_ids=p.upstream_ids,
     )
 

@@ -37,6 +37,7 @@ class ProviderSettings:
     project: str = ""  # vertex: the Google Cloud project
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> id the upstream knows (an Azure deployment)
     responses_models: tuple[str, ...] = ()  # openai: models served through the Responses API
+    thinking_budgets: tuple[tuple[str, int], ...] = ()  # gemini/vertex: model name -> thinking budget (tokens)
 
 
 class Provider(Protocol):

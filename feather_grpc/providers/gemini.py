@@ -11,6 +11,7 @@ Application Default Credentials), one wire format: generateContent and streamGen
 - Messages: system messages become `systemInstruction`; assistant turns are role `model`; tool calls are
   `functionCall` parts and tool results `functionResponse` parts (named after the call they answer).
   JSON output: `responseMimeType: application/json`, with `responseJsonSchema` for a JSON schema.
+  A model's `thinkingBudget` (config) becomes `thinkingConfig.thinkingBudget`.
 - Claude on Vertex: a vertex model whose name starts with `claude` is served in the Anthropic Messages
   format (`publishers/anthropic/models/{model}:rawPredict` and `:streamRawPredict`, `anthropic_version`
   vertex-2023-10-16 in the body), with the same ADC token.
@@ -148,6 +149,7 @@ class GeminiProvider:
         self._headers += settings.extra_headers
         self._session = session
         self._endpoints: dict[tuple[str, bool], Endpoint] = {}
+        self._thinking = dict(settings.thinking_budgets)
         self._token: CachedCredential[str] | None = None
         self._claude: VertexClaude | None = None
         if self._vertex:
@@ -169,7 +171,7 @@ class GeminiProvider:
             return b""
         return encode_headers([("Authorization", f"Bearer {await self._token.get()}")])
 
-    def build_body(self, request: ChatRequest) -> dict[str, Any]:
+    def build_body(self, request: ChatRequest, model: str = "") -> dict[str, Any]:
         system: list[dict[str, Any]] = []
         contents: list[dict[str, Any]] = []
         names: dict[str, str] = {}  # tool-call id -> function name, for the functionResponse that answers it
@@ -231,6 +233,9 @@ class GeminiProvider:
             config["responseMimeType"] = "application/json"
             if fmt.type == "json_schema" and fmt.json_schema:
                 config["responseJsonSchema"] = fmt.json_schema
+        budget = self._thinking.get(model)
+        if budget is not None:  # the operator's thinking budget for this model (-1: dynamic, 0: off)
+            config["thinkingConfig"] = {"thinkingBudget": budget}
         if config:
             body["generationConfig"] = config
         if request.tools:
@@ -256,7 +261,7 @@ class GeminiProvider:
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         if self._claude is not None and model.startswith("claude"):
             return await self._claude.chat(model, request)
-        payload = orjson.dumps(self.build_body(request))
+        payload = orjson.dumps(self.build_body(request, model))
         endpoint = self._endpoint(model, stream=False)
         doc = await post_json(
             endpoint,
@@ -285,7 +290,7 @@ class GeminiProvider:
             async for out in self._claude.stream(model, request):
                 yield out
             return
-        payload = orjson.dumps(self.build_body(request))
+        payload = orjson.dumps(self.build_body(request, model))
         endpoint = self._endpoint(model, stream=True)
         headers = await self._request_headers()
         name = self._name
