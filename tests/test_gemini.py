@@ -453,6 +453,35 @@ def test_vertex_without_google_auth_fails_at_load_naming_the_extra(monkeypatch: 
     assert _load("gemini", {"apiKeyEnv": "K"}, {"K": "k"}).providers  # gemini needs no extra
 
 
+async def test_json_calls_skip_claude_on_vertex_for_a_capable_candidate(
+    adc: TokenEndpoint, sim: GeminiSimulator
+) -> None:
+    doc = {
+        "ledger": {"type": "memory"},
+        "providers": {
+            "vertex": {
+                "type": "vertex",
+                "project": PROJECT,
+                "region": "us-central1",
+                "baseUrl": sim.url + "/v1",
+                "models": [
+                    {"name": "claude-sonnet-4@20250514", "aliases": ["smart"], "inputPer1M": 3, "outputPer1M": 15}
+                ],
+            },
+            "mock": {
+                "type": "mock",
+                "models": [{"name": "mock-fast", "aliases": ["smart"], "inputPer1K": 0.001, "outputPer1K": 0.002}],
+            },
+        },
+    }
+    async with running_server(doc, {}) as gw:
+        fmt = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+        reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("hi")], response_format=fmt))
+        assert reply.provider == "mock" and sim.requests == []  # Claude was never asked for JSON
+        plain = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("hi")]))
+        assert plain.provider == "vertex" and sim.requests[-1].path.endswith(":rawPredict")
+
+
 def test_the_readme_example_loads() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme[readme.index("### Cloud providers") :]

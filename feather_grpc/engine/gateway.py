@@ -63,6 +63,13 @@ log = logging.getLogger(__name__)
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
 NO_STRUCTURED_OUTPUT = frozenset({"anthropic", "bedrock"})  # provider types whose API cannot be asked for them
 
+
+def has_json_mode(ptype: str, model: str) -> bool:
+    """Whether the API serving `model` at a provider of type `ptype` can be asked for JSON output (Claude on
+    Vertex speaks the Anthropic format, which cannot)."""
+    return ptype not in NO_STRUCTURED_OUTPUT and not (ptype == "vertex" and model.startswith("claude"))
+
+
 T = TypeVar("T")
 
 # Upstream errors that say the request itself is wrong: no other provider or retry can fix them.
@@ -401,7 +408,7 @@ class Feather:
 
     def _structured_output_capable(self, requested: str, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
-        capable = [c for c in candidates if self._provider_configs[c.provider].type not in NO_STRUCTURED_OUTPUT]
+        capable = [c for c in candidates if has_json_mode(self._provider_configs[c.provider].type, c.model.name)]
         if not capable:
             why = f"no provider serving {requested!r} supports it"
             why += " (the Anthropic Messages and Bedrock Converse APIs have no JSON mode)"
