@@ -193,6 +193,24 @@ async def test_converse_tool_use_reply(aws_env: None, sim: BedrockSimulator, ses
     assert sim.requests[-1].body["inferenceConfig"]["maxTokens"] == 4096  # never the model's small default
 
 
+async def test_tool_choice_none(aws_env: None, sim: BedrockSimulator, session: HttpClient) -> None:
+    provider = bedrock(sim, session)
+    await provider.chat(MODEL, ask(tools=[WEATHER], tool_choice=ToolChoice(mode="none")))
+    assert "toolConfig" not in sim.requests[-1].body  # the model cannot call what it was not given
+    loop = ChatRequest(
+        model="m",
+        messages=[
+            Message(Role.USER, "weather?"),
+            Message(Role.ASSISTANT, "", tool_calls=(ToolCall("t1", "get_weather", '{"city": "Oslo"}'),)),
+            Message(Role.TOOL, "cold", tool_call_id="t1"),
+        ],
+        tools=[WEATHER],
+        tool_choice=ToolChoice(mode="none"),
+    )
+    out = await provider.chat(MODEL, loop)  # Converse needs the tools declared once the history has tool turns
+    assert out.content and sim.requests[-1].body["toolConfig"]["toolChoice"] == {"auto": {}}
+
+
 @pytest.mark.parametrize("pieces", [0, 7, 400])  # frames whole, and split across many network reads
 async def test_converse_stream_text_tools_and_usage(
     aws_env: None, sim: BedrockSimulator, session: HttpClient, pieces: int

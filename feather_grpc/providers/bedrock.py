@@ -194,7 +194,11 @@ class BedrockProvider:
             config["stopSequences"] = list(request.stop)
         body["inferenceConfig"] = config
         choice = request.tool_choice
-        if request.tools and not (choice is not None and choice.mode == "none" and not choice.function_name):
+        no_tools = choice is not None and choice.mode == "none" and not choice.function_name
+        # Converse has no "none": leaving the tools out keeps the model from calling them, but a conversation
+        # that already has tool turns must still declare them (then the model may call one regardless).
+        history = any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"])
+        if request.tools and (not no_tools or history):
             tools = []
             for t in request.tools:
                 spec: dict[str, Any] = {"name": t.name}
@@ -207,7 +211,7 @@ class BedrockProvider:
                 tool_config["toolChoice"] = {"tool": {"name": choice.function_name}}
             elif choice is not None and choice.mode == "required":
                 tool_config["toolChoice"] = {"any": {}}
-            elif choice is not None and choice.mode == "auto":
+            elif choice is not None and choice.mode in ("auto", "none"):
                 tool_config["toolChoice"] = {"auto": {}}
             body["toolConfig"] = tool_config
         return body
