@@ -520,7 +520,7 @@ def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None
     the optional SDK they need installed (a missing one is one line at load, not a failure per call)."""
     where = f"providers.{name}"
     azure = ptype == "azure-openai"
-    openai_format = ptype in ("openai", "openai-compatible")
+    openai_format = ptype in ("openai", "openai-compatible", "azure-openai")
     for field_name, set_ in (
         ("api", spec.api is not None and not openai_format),
         *((f"models[{i}].api", m.api is not None and not openai_format) for i, m in enumerate(spec.models)),

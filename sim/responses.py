@@ -53,8 +53,10 @@ class RecordedResponses:
 
 
 class ResponsesSimulator:
-    def __init__(self, *, api_key: str | None = None) -> None:
+    def __init__(self, *, api_key: str | None = None, path: str = "/v1/responses", azure: bool = False) -> None:
         self.api_key = api_key
+        self.path = path  # Azure's v1 endpoint: /openai/v1/responses
+        self.azure = azure  # the key may come in Azure's api-key header
         self.port = 0
         self.requests: list[RecordedResponses] = []
         self._script: deque[ResponsesReply] = deque()
@@ -70,7 +72,7 @@ class ResponsesSimulator:
 
     async def __aenter__(self) -> ResponsesSimulator:
         app = web.Application()
-        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post(self.path, self._responses)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -89,7 +91,9 @@ class ResponsesSimulator:
         except ValueError:
             body = None
         self.requests.append(RecordedResponses({k.lower(): v for k, v in request.headers.items()}, body))
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        bearer_ok = request.headers.get("authorization") == f"Bearer {self.api_key}"
+        azure_ok = self.azure and request.headers.get("api-key") == self.api_key
+        if self.api_key is not None and not (bearer_ok or azure_ok):
             return _error(401, "invalid_api_key", "Incorrect API key provided.")
         if isinstance(body, dict) and isinstance(body.get("input"), str):
             body["input"] = [{"role": "user", "content": body["input"]}]  # the API's shorthand for one message

@@ -441,3 +441,50 @@ async def test_openai_sdk_azure_client_against_the_simulator(sim: AzureSimulator
             azure_endpoint=sim.url, api_key="wrong", api_version=VERSION, max_retries=0
         ) as bad:
             await bad.chat.completions.create(model="prod", messages=[{"role": "user", "content": "x"}])
+
+
+async def test_responses_api_models_on_azure(session: HttpClient) -> None:
+    from sim.responses import ResponsesReply, ResponsesSimulator
+
+    async with ResponsesSimulator(api_key=KEY, path="/openai/v1/responses", azure=True) as rs:
+        settings = ProviderSettings(
+            name="azure",
+            type="azure-openai",
+            base_url=rs.url,
+            api_key=KEY,
+            api_version=VERSION,
+            upstream_ids=(("o3-pro", "prod-o3-pro"),),
+            responses_models=("o3-pro",),
+        )
+        provider = build_provider(settings, session)
+        rs.enqueue(ResponsesReply(text="deep answer", reasoning_tokens=30, output_tokens=40))
+        out = await provider.chat("o3-pro", ask())
+        assert out.content == "deep answer" and out.usage.reasoning_tokens == 30
+        sent = rs.requests[-1]
+        assert sent.body["model"] == "prod-o3-pro" and sent.headers["api-key"] == KEY
+        assert "authorization" not in sent.headers
+        events = [e async for e in provider.stream("o3-pro", ask())]
+        assert isinstance(events[-1], StreamFinish) and events[-1].finish_reason is FinishReason.STOP
+    # The provider's chat models keep Chat Completions at their deployment URLs.
+    async with AzureSimulator(api_key=KEY) as chat_sim:
+        settings = ProviderSettings(
+            name="azure",
+            type="azure-openai",
+            base_url=chat_sim.url,
+            api_key=KEY,
+            api_version=VERSION,
+            responses_models=("o3-pro",),
+        )
+        out = await build_provider(settings, session).chat("gpt-4o", ask())
+        assert out.content == "Hello from gpt-4o: hello there"
+        assert chat_sim.requests[-1].path == "/openai/deployments/gpt-4o/chat/completions"
+
+
+def test_config_api_responses_on_azure() -> None:
+    doc = _doc(baseUrl="https://r.openai.azure.com", apiKeyEnv="K")
+    doc["providers"]["az"]["models"] = [
+        {"name": "o3-pro", "api": "responses", "deployment": "prod-o3", "allowUnpriced": True},
+        {"name": "gpt-4o", "allowUnpriced": True},
+    ]
+    p = _load(doc, {"K": "k"}).providers[0]
+    assert p.responses_models == ("o3-pro",) and p.upstream_ids == (("o3-pro", "prod-o3"),)

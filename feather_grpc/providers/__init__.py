@@ -35,8 +35,10 @@ def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
     if settings.type == "anthropic":
         return AnthropicProvider(settings, session)
     if settings.type == "azure-openai":
-        from feather_grpc.providers.azure import AzureOpenAIProvider
+        from feather_grpc.providers.azure import AzureOpenAIProvider, AzureResponsesProvider
 
+        if settings.responses_models:
+            return AzureResponsesProvider(settings, session)
         return AzureOpenAIProvider(settings, session)
     if settings.type == "bedrock":
         from feather_grpc.providers.bedrock import BedrockProvider

@@ -25,9 +25,10 @@ from feather_grpc.engine.types import ChatRequest, FinishReason, ProviderRespons
 from feather_grpc.providers.base import ProviderSettings
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.openai import OpenAIProvider
+from feather_grpc.providers.responses import OpenAIResponsesProvider
 from feather_grpc.providers.transport import Endpoint, HttpClient, encode_headers
 
-__all__ = ["ENTRA_SCOPE", "AzureOpenAIProvider"]
+__all__ = ["ENTRA_SCOPE", "AzureOpenAIProvider", "AzureResponsesProvider"]
 
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 
@@ -80,6 +81,11 @@ class AzureOpenAIProvider(OpenAIProvider):
     async def aclose(self) -> None:
         if self._token is not None:
             await self._token.aclose()
+
+
+class AzureResponsesProvider(AzureOpenAIProvider, OpenAIResponsesProvider):
+    """Azure OpenAI whose `"api": "responses"` models use the Responses API, at Azure's v1 endpoint
+    (`{baseUrl}/openai/v1/responses`, the deployment as `model`), with the same auth."""
 
 
 def _v1_settings(settings: ProviderSettings, base: str) -> ProviderSettings:

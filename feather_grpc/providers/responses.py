@@ -168,8 +168,16 @@ class OpenAIResponsesProvider(OpenAIProvider):
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         if model not in self._responses_models:
             return await super().chat(model, request)
-        payload = orjson.dumps(self.build_responses_body(model, request, stream=False))
-        doc = await post_json(self._responses, self._name, payload, self._api_key, self.settings.max_response_bytes)
+        _, upstream = self.target(model)  # the id the upstream knows (an Azure deployment)
+        payload = orjson.dumps(self.build_responses_body(upstream, request, stream=False))
+        doc = await post_json(
+            self._responses,
+            self._name,
+            payload,
+            self._api_key,
+            self.settings.max_response_bytes,
+            headers=await self.request_headers(),
+        )
         reader = _Reader(self._name, self._api_key)
         try:
             if not isinstance(doc, dict):
@@ -193,12 +201,14 @@ class OpenAIResponsesProvider(OpenAIProvider):
             async for out in super().stream(model, request):
                 yield out
             return
-        payload = orjson.dumps(self.build_responses_body(model, request, stream=True))
+        _, upstream = self.target(model)
+        payload = orjson.dumps(self.build_responses_body(upstream, request, stream=True))
         name = self._name
         started = False
         reader = _Reader(name, self._api_key)
+        headers = await self.request_headers()
         try:
-            resp = await self._responses.request(payload)
+            resp = await self._responses.request(payload, headers)
             try:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
