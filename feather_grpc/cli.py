@@ -392,19 +392,27 @@ def _usage(args: argparse.Namespace) -> int:
         }
 
     async def usage(client: Any) -> int:
-        report = await client.usage(
-            start=args.since,
-            end=args.until,
-            group_by=group_by,
-            tenant=args.tenant or "",
-            provider=args.provider or "",
-            model=args.model or "",
-            tag_key=args.tag_key or "",
-        )
+        pages, token = [], ""
+        while True:  # every page: the server sends grouped rows in pages (AIP-158)
+            report = await client.usage(
+                start=args.since,
+                end=args.until,
+                group_by=group_by,
+                tenant=args.tenant or "",
+                provider=args.provider or "",
+                model=args.model or "",
+                tag_key=args.tag_key or "",
+                page_token=token,
+            )
+            pages.append(report.rows)
+            token = report.next_page_token
+            if not token:
+                break
+        all_rows = [row for page in pages for row in page]
         if args.json:
             document = {
                 "group_by": group_by,
-                "rows": [{**dims(r), **counts(r)} for r in report.rows],
+                "rows": [{**dims(r), **counts(r)} for r in all_rows],
                 "total": counts(report.total),
             }
             print(json.dumps(document, indent=2))
@@ -417,7 +425,7 @@ def _usage(args: argparse.Namespace) -> int:
             numbers = [c["requests"], c["ok"], c["errors"], c["input_tokens"], c["output_tokens"]]
             return first + [f"{n:,}" for n in numbers] + [format_usd(row.cost_nanos_usd)]
 
-        rows = [line([v or "-" for v in dims(r).values()], r) for r in report.rows]
+        rows = [line([v or "-" for v in dims(r).values()], r) for r in all_rows]
         total_label = ["TOTAL"] + [""] * (len(names) - 1) if names else []
         rows.append(line(total_label, report.total))
         print(_table(header, rows, numeric_from=len(names)))

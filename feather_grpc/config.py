@@ -178,6 +178,8 @@ class ServerSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
     grace_period_s: float = Field(default=20.0, alias="gracePeriodS", ge=0)
+    # SIGTERM: health NOT_SERVING this long (calls still served) before new calls are refused.
+    drain_delay_ms: int = Field(default=0, alias="drainDelayMs", ge=0, le=300_000)
     max_in_flight: int = Field(default=0, alias="maxInFlight", ge=0)  # 0: no cap (load shedding off)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, alias="maxMessageBytes", ge=1024)
     tls: TlsSpec | None = None
@@ -386,6 +388,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     grace_period_s: float = 20.0
+    drain_delay_s: float = 0.0
     max_in_flight: int = 0
     max_message_bytes: int = 8 * 1024 * 1024
     tls: TlsConfig | None = None
@@ -711,6 +714,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         host=file_config.server.host,
         port=port,
         grace_period_s=file_config.server.grace_period_s,
+        drain_delay_s=_env_int(env, "DRAIN_DELAY_MS", file_config.server.drain_delay_ms, minimum=0, maximum=300_000)
+        / 1000,
         max_in_flight=file_config.server.max_in_flight,
         max_message_bytes=file_config.server.max_message_bytes,
         tls=_tls(file_config.server.tls, source),

@@ -23,6 +23,7 @@ import pytest
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.state.ledger import (
     GroupBy,
+    LedgerWriteError,
     Outcome,
     UsageLedger,
     UsageQuery,
@@ -950,8 +951,10 @@ async def test_a_failed_commit_fails_every_caller_in_the_batch(sqlite_ledger: Sq
         tasks = await enqueue(sqlite_ledger, [rec("a"), rec("boom"), rec("b")])
     await blocker
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert [type(r) for r in results] == [sqlite3.IntegrityError] * 3
-    assert all("disk on fire" in str(r) for r in results)
+    # A LedgerWriteError carrying the database's words and its own error: callers can refuse calls on it.
+    assert [type(r) for r in results] == [LedgerWriteError] * 3
+    assert all("IntegrityError: disk on fire" in str(r) for r in results)
+    assert all(isinstance(r.__cause__, sqlite3.IntegrityError) for r in results)
     assert count_rows(path) == 1  # only the blocker: the failed batch was rolled back
     await sqlite_ledger.record(rec("later"))  # the writer carries on
     assert count_rows(path) == 2

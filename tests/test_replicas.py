@@ -206,7 +206,7 @@ async def test_a_misconfigured_redis_says_why_it_is_unreachable(caplog: pytest.L
             while (await asyncio.wait_for(watch.read(), 10)).status != health_pb2.HealthCheckResponse.NOT_SERVING:
                 pass
             watch.cancel()
-    (line,) = [r.getMessage() for r in caplog.records if "UNREACHABLE" in r.getMessage()]
+    (line,) = [r.getMessage() for r in caplog.records if "UNAVAILABLE" in r.getMessage()]
     assert "AUTH refused" in line and "WRONGPASS" in line and "wrong-pw-in-url" not in line
 
 

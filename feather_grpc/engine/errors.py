@@ -167,3 +167,15 @@ class StateStoreUnavailable(FeatherError):
 
     reason = "STATE_UNAVAILABLE"
     code = "UNAVAILABLE"
+
+
+class LedgerUnavailable(FeatherError):
+    """The usage ledger cannot write (disk full, read-only file system, database errors). Calls are refused
+    before they reach an upstream while it cannot: what they would cost could not be recorded."""
+
+    reason = "LEDGER_UNAVAILABLE"
+    code = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

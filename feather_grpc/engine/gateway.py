@@ -25,6 +25,7 @@ from feather_grpc.engine.errors import (
     FeatherError,
     FieldViolation,
     InvalidRequest,
+    LedgerUnavailable,
     ProviderError,
     RateLimitExceeded,
     StateStoreUnavailable,
@@ -32,6 +33,7 @@ from feather_grpc.engine.errors import (
     UpstreamInvalidRequest,
     UpstreamUnavailable,
 )
+from feather_grpc.engine.ledger_guard import LedgerGuard
 from feather_grpc.engine.observe import CallObserver
 from feather_grpc.engine.redaction import Redactor
 from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
@@ -55,7 +57,7 @@ from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import AttemptMarker, HttpClient, attempt_marker
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
-from feather_grpc.state.ledger import Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
+from feather_grpc.state.ledger import LedgerWriteError, Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ class Feather:
     ) -> None:
         self.config = config
         self.ledger = ledger
+        self.ledger_guard = LedgerGuard(ledger)  # refuses calls while the ledger cannot write
         self.latency = LatencyTracker()
         self.circuits: CircuitStore = circuits or MemoryCircuitStore(CircuitBreakers(config.breaker, clock))
         self._circuit_view: dict[str, CircuitState] = {}  # shared circuits: the state last seen
@@ -392,6 +395,7 @@ class Feather:
 
     def _plan(self, call: _Call) -> tuple[TenantConfig, list[RouteCandidate]]:
         """Validates and redacts the request, and lists the candidates this tenant may use, in order."""
+        self.ledger_guard.check()  # before any upstream: a call whose cost cannot be recorded is not made
         validate_chat(call.request, self.config.input_limits)
         if self._redactor is not None:
             call.request = self._redactor.request(call.request)
@@ -778,8 +782,30 @@ class Feather:
         if call.ticket is not None:  # sent to a shared store now: it lands while the ledger commits
             ticket, call.ticket = call.ticket, None
             settling = self.admission.settle(ticket, record.input_tokens + record.output_tokens, record.cost_nanos_usd)
+        guard = self.ledger_guard
+        consumed = record.attempt_count > 0 or record.cost_nanos_usd > 0
+        # Not written: a refusal while the ledger cannot write, and a call that failed because it could not
+        # (refused before any upstream, or its record refused, its cost logged then).
+        write = (guard.writable or consumed) and record.error_reason != LedgerUnavailable.reason
         try:
-            await self.ledger.record(record)
+            if write:
+                await self.ledger.record(record)
+                guard.succeeded()
+        except LedgerWriteError as e:
+            refusal = guard.failed(e)
+            # A call that consumed nothing (a refusal, a cache hit) keeps its own answer; only its record is lost.
+            if consumed:  # what it cost is known only from this line now
+                log.error(
+                    "usage NOT recorded for %s: tenant=%s provider=%s model=%s cost_nanos_usd=%d tokens=%d+%d",
+                    record.request_id,
+                    record.tenant,
+                    record.provider,
+                    record.model,
+                    record.cost_nanos_usd,
+                    record.input_tokens,
+                    record.output_tokens,
+                )
+                raise refusal from None
         finally:
             if settling is not None:
                 try:
@@ -812,8 +838,9 @@ class Feather:
 def _log_failure_and_forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
     def done(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("could not record a cancelled call in the ledger", exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if error is not None and not isinstance(error, LedgerUnavailable):  # that one is logged already
+            log.error("could not record a cancelled call in the ledger", exc_info=error)
 
     return done
 

@@ -8,6 +8,7 @@ closes its upstream pools and flushes the ledger; traces are flushed and the met
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -41,6 +42,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
 # Health name for liveness probes: SERVING from start until shutdown, whatever the shared stores do
 # ("" and SERVICE_NAME go NOT_SERVING while a required store is down; restarting would not help).
 LIVENESS_SERVICE = "liveness"
+# How often the ledger is probed with a write (health turns NOT_SERVING within about this long of a failure).
+_LEDGER_PROBE_S = 1.0
+# How long shutdown waits for every open health Watch to have been sent NOT_SERVING (a client that reads
+# nothing cannot hold it longer).
+_TELL_WATCHES_S = 2.0
 # How long calls cancelled at the end of the grace period get to write their records before the ledger closes.
 _SETTLE_AFTER_CANCEL_S = 10.0
 _SERVER_OPTIONS = [
@@ -59,35 +65,53 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(pair, root_certificates=ca.read(), require_client_auth=True)
 
 
-class _WatchEnded(Exception):
-    pass
+class _WatchedContext:
+    """A Watch's servicer context that remembers whether NOT_SERVING is the last status it sent."""
 
-
-class _EndAfterNotServing:
-    """A servicer context whose write() ends the Watch once shutdown has begun and NOT_SERVING is sent."""
-
-    def __init__(self, context: Any, health: DrainingHealthServicer) -> None:
+    def __init__(self, context: Any, service: str) -> None:
         self._context = context
-        self._health = health
+        self.service = service
+        self.not_serving_sent = asyncio.Event()
 
     async def write(self, message: health_pb2.HealthCheckResponse) -> None:
         await self._context.write(message)
-        if self._health.draining and message.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-            raise _WatchEnded
+        if message.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            self.not_serving_sent.set()
+        else:
+            self.not_serving_sent.clear()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
 
 class DrainingHealthServicer(HealthServicer):  # type: ignore[misc]
-    """grpc.health.v1 whose Watch streams end (OK) right after they report NOT_SERVING at shutdown. Without
-    this, every open Watch (a balancer's, a sidecar's) would hold the drain open for the whole grace period."""
+    """grpc.health.v1 that drains where balancers can see it. `enter_graceful_shutdown` turns every service
+    NOT_SERVING, `told` waits until each open Watch has sent it, Watches stay open (and Check answers) through
+    the drain delay, and `end_watches` ends them (OK) so that none holds the grace period open."""
 
     draining = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[_WatchedContext] = set()
+        self._ending = asyncio.Event()
 
     async def enter_graceful_shutdown(self) -> None:
         self.draining = True
         await super().enter_graceful_shutdown()
+
+    async def told(self, timeout_s: float) -> bool:
+        """Waits (up to timeout_s) until every open Watch of a known service has sent NOT_SERVING."""
+        waits = [w.not_serving_sent.wait() for w in self._watches if w.service in self._server_status]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            return False
+        return True
+
+    def end_watches(self) -> None:
+        self._ending.set()
 
     async def List(self, request: health_pb2.HealthListRequest, context: Any) -> health_pb2.HealthListResponse:
         """Every service's status at once (grpc.health.v1 List; the library's servicer leaves it out)."""
@@ -96,10 +120,19 @@ class DrainingHealthServicer(HealthServicer):  # type: ignore[misc]
         )
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        watched = _WatchedContext(context, request.service)
+        self._watches.add(watched)
+        watch = asyncio.ensure_future(super().Watch(request, watched))
+        ending = asyncio.ensure_future(self._ending.wait())
         try:
-            await super().Watch(request, _EndAfterNotServing(context, self))
-        except _WatchEnded:
-            return
+            await asyncio.wait((watch, ending), return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                watch.result()  # the library's Watch only ends by an error: let it through
+        finally:
+            self._watches.discard(watched)
+            for task in (watch, ending):
+                task.cancel()
+            await asyncio.gather(watch, ending, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +218,9 @@ class GatewayServer:
             engine.observers.extend(observers)
         self._state_watch: asyncio.Task[None] | None = None
         self._start_reconcile: asyncio.Task[None] | None = None
+        self._ledger_watch: asyncio.Task[None] | None = None
+        self._faults: set[str] = set()  # what keeps "" and SERVICE_NAME NOT_SERVING: "state", "ledger"
+        self._serving: bool | None = None  # the status last set for them
         self.engine = engine
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight)
         self.tracker = CallTracker(
@@ -258,7 +294,8 @@ class GatewayServer:
                 ) from None
         await self._server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        await self._set_serving(True)
+        await self._set_healthy("ledger", True)
+        self._ledger_watch = asyncio.create_task(self._watch_ledger())
         if self.stores is not None and self.stores.ping is not None:
             self._state_watch = asyncio.create_task(
                 watch_shared_state(self.stores.ping, self._shared_state_changed, self.stores.outage)
@@ -270,7 +307,7 @@ class GatewayServer:
     async def _shared_state_changed(self, reachable: bool) -> None:
         if self.config.state_failure_mode == "closed":
             # Failing closed: while the shared state is unreachable calls are refused, so say NOT_SERVING.
-            await self._set_serving(reachable)
+            await self._set_healthy("state", reachable)
         elif reachable:
             # Failing open: replicas decided budgets locally meanwhile; the ledger knows what was spent.
             await self._reconcile_budgets()
@@ -285,18 +322,47 @@ class GatewayServer:
         except Exception as e:  # Redis or the ledger down: the restore of missing windows still guards
             log.warning("could not reconcile budgets with the ledger: %s", e)
 
-    async def _set_serving(self, serving: bool) -> None:
-        if self.health.draining:
+    async def _watch_ledger(self) -> None:
+        """Probes the ledger with a write every _LEDGER_PROBE_S: while it cannot write, calls are refused
+        (engine.ledger_guard) and health says NOT_SERVING; both recover with the first write that commits."""
+        guard = self.engine.ledger_guard
+        while True:
+            await guard.probe()
+            await self._set_healthy("ledger", guard.writable)
+            await asyncio.sleep(_LEDGER_PROBE_S)
+
+    async def _set_healthy(self, part: str, healthy: bool) -> None:
+        """SERVING while every part ("state", "ledger") is healthy; NOT_SERVING otherwise, and once draining."""
+        if healthy:
+            self._faults.discard(part)
+        else:
+            self._faults.add(part)
+        serving = not self._faults
+        if self.health.draining or serving == self._serving:
             return
+        self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING first so probes and balancers move away, then drain calls (streams included) for up
-        to the grace period, then settle, close pools and flush the ledger; traces and metrics last."""
+    async def stop(
+        self, grace_s: float | None = None, drain_delay_s: float | None = None, cut_short: asyncio.Event | None = None
+    ) -> None:
+        """NOT_SERVING first, sent to every open Watch before anything else changes; for the drain delay
+        (`server.drainDelayMs`; `cut_short` ends it early) Check and Watch say so while calls, new ones
+        included, are still served, so probes and balancers move away first. Then new calls are refused and
+        the ones in flight (streams included) drain for up to the grace period; then settle, close pools and
+        flush the ledger; traces and metrics last."""
         await self.health.enter_graceful_shutdown()
-        for task in (self._state_watch, self._start_reconcile):
+        if not await self.health.told(_TELL_WATCHES_S):
+            log.warning("shutting down: a health Watch did not take NOT_SERVING within %gs", _TELL_WATCHES_S)
+        delay_s = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
+        if delay_s > 0:
+            waiting = asyncio.Event() if cut_short is None else cut_short
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiting.wait(), delay_s)
+        self.health.end_watches()
+        for task in (self._state_watch, self._start_reconcile, self._ledger_watch):
             if task is not None:
                 task.cancel()
         await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
@@ -327,6 +393,10 @@ async def serve(
     logs.redactor.add(p.api_key for p in config.providers if p.api_key)
     server = GatewayServer(config, options=options or ServerOptions.from_env(os.environ))
     bound = await server.start(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before "serving on": a signal right after it drains too
+        loop.add_signal_handler(sig, stop.set)
     log.info(
         "feather-grpc serving on %s:%d (config: %s)",
         host or config.host,
@@ -339,15 +409,14 @@ async def serve(
             "worker": server.options.worker,
         },
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    stop.clear()  # a second signal ends the drain delay early
+    if config.drain_delay_s > 0:
+        log.info("shutting down: health NOT_SERVING, still serving for the %gs drain delay", config.drain_delay_s)
     log.info(
         "shutting down: draining %d in-flight calls for up to %gs",
         server.tracker.total_inflight,
         config.grace_period_s,
     )
-    await server.stop()
+    await server.stop(cut_short=stop)
     log.info("stopped")

@@ -24,6 +24,7 @@ from feather_grpc.engine.types import (
 )
 from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server import usage_pages
 from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageReport, UsageTotals
 
 _ROLES = {
@@ -276,9 +277,11 @@ def usage_query(msg: pb.UsageRequest, tenant: str) -> UsageQuery:
     start, end = msg.start_time, msg.end_time
     if len(times) == 2 and not wrong and (end.seconds, end.nanos) <= (start.seconds, start.nanos):
         bad.append(FieldViolation("end_time", "must be after start_time"))
+    if msg.page_size < 0:
+        bad.append(FieldViolation("page_size", "must not be negative (0 means the default)"))
     if bad:
         raise InvalidRequest(bad)
-    return UsageQuery(
+    query = UsageQuery(
         start_ns=_ns(msg.start_time) if msg.HasField("start_time") else None,
         end_ns=_ns(msg.end_time) if msg.HasField("end_time") else None,
         group_by=group_by,
@@ -288,6 +291,10 @@ def usage_query(msg: pb.UsageRequest, tenant: str) -> UsageQuery:
         tag_key=msg.tag_key,
         tags=dict(msg.tags) if msg.tags else {},
     )
+    if group_by:  # without grouping the reply is one total: nothing to page
+        query.page_size = usage_pages.page_size(msg.page_size)
+        query.after = usage_pages.page_start(msg.page_token, query)
+    return query
 
 
 def _row(t: UsageTotals) -> pb.UsageRow:
@@ -314,8 +321,12 @@ def _row(t: UsageTotals) -> pb.UsageRow:
     return row
 
 
-def usage_response(report: UsageReport) -> pb.UsageResponse:
-    return pb.UsageResponse(rows=[_row(r) for r in report.rows], total=_row(report.total))
+def usage_response(report: UsageReport, query: UsageQuery) -> pb.UsageResponse:
+    return pb.UsageResponse(
+        rows=[_row(r) for r in report.rows],
+        total=_row(report.total),
+        next_page_token=usage_pages.next_page_token(query, report),
+    )
 
 
 _CIRCUIT = {"closed": pb.CIRCUIT_STATE_CLOSED, "open": pb.CIRCUIT_STATE_OPEN, "half_open": pb.CIRCUIT_STATE_HALF_OPEN}

@@ -129,8 +129,8 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
 
     async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
         try:
-            report = await self._engine.usage(convert.usage_query(request, tenant=_usage_tenant(request.tenant)))
-            return convert.usage_response(report)
+            query = convert.usage_query(request, tenant=_usage_tenant(request.tenant))
+            return convert.usage_response(await self._engine.usage(query), query)
         except Exception as e:
             await _abort(context, e, "")
 

@@ -11,6 +11,7 @@ from feather_grpc.engine.errors import (
     BudgetExhausted,
     FeatherError,
     InvalidRequest,
+    LedgerUnavailable,
     ModelNotAllowed,
     ModelNotFound,
     Overloaded,
@@ -105,7 +106,7 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
             budgetNanosUsd=str(error.budget_nanos),
             spentNanosUsd=str(error.spent_nanos),
         )
-    elif isinstance(error, Overloaded):
+    elif isinstance(error, Overloaded | LedgerUnavailable):
         details.append(_retry_info(error.retry_after_s))
     elif isinstance(error, ModelNotAllowed):
         metadata.update(tenant=error.tenant, model=error.model)

@@ -108,14 +108,14 @@ async def watch_shared_state(
     outage: Outage | None = None,
     interval_s: float = 1.0,
 ) -> None:
-    """Pings the shared store forever, reporting each change between reachable and unreachable; with
-    fail-open, an outage the wrappers saw between two pings counts as a change too."""
+    """Pings the shared store forever (`ping` also takes a decision), reporting each change between usable
+    and not; with fail-open, an outage the wrappers saw between two pings counts as a change too."""
     healthy = True
     while True:
         problem = ""
         try:
             await ping()
-        except Exception as e:  # StateUnavailable, or anything else the client raises: unreachable either way
+        except Exception as e:  # StateUnavailable (unreachable, or refusing decisions: OOM, READONLY...) or else
             problem = str(e) or type(e).__name__  # e.g. a refused AUTH: the operator needs the reason
         ok = not problem
         if ok and outage is not None and outage.seen:
@@ -124,9 +124,9 @@ async def watch_shared_state(
         if ok != healthy:
             healthy = ok
             if ok:
-                log.warning("shared state store reachable again")
+                log.warning("shared state store available again")
             else:
-                log.warning("shared state store UNREACHABLE: %s", problem)
+                log.warning("shared state store UNAVAILABLE: %s", problem)
             await on_change(ok)
         await asyncio.sleep(interval_s)
 

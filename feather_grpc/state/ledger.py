@@ -7,6 +7,11 @@ from enum import StrEnum
 from typing import Protocol
 
 
+class LedgerWriteError(Exception):
+    """A record could not be made durable: the disk is full, the file system read-only, the database failing.
+    The message says why (the database's own words, never a record's content)."""
+
+
 class Outcome(StrEnum):
     OK = "ok"
     ERROR = "error"
@@ -60,6 +65,10 @@ class UsageQuery:
     model: str = ""
     tag_key: str = ""  # required when grouping by TAG
     tags: dict[str, str] = field(default_factory=dict)  # records must carry all of them
+    # Pages, with group_by: at most page_size rows (0: all), of the groups whose keys sort after `after`
+    # (the grouping key values of the previous page's last row, in group_by order).
+    page_size: int = 0
+    after: tuple[str | int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -88,7 +97,8 @@ class UsageTotals:
 @dataclass(slots=True)
 class UsageReport:
     rows: list[UsageTotals]  # empty when the query has no group_by; ordered by the grouping keys
-    total: UsageTotals
+    total: UsageTotals  # of every matching record, whatever the page
+    more: bool = False  # a page: groups follow its last row
 
 
 class UsageLedger(Protocol):
@@ -101,6 +111,10 @@ class UsageLedger(Protocol):
         ...
 
     async def query(self, query: UsageQuery) -> UsageReport: ...
+
+    async def probe(self) -> None:
+        """Commit a tiny write where records are made durable; raise LedgerWriteError if that fails (health)."""
+        ...
 
     async def aclose(self) -> None:
         """Flush what is pending and release the store."""

@@ -114,6 +114,12 @@ class LedgerSpool:
             raise RuntimeError("the spool is not open" if not self._closed else "the spool is closed")
         await self._writer.record(record)
 
+    async def probe(self) -> None:
+        """Commit a tiny write to the spool file; raise LedgerWriteError if that fails."""
+        if self._writer is None or not self._opened:
+            raise RuntimeError("the spool is not open" if not self._closed else "the spool is closed")
+        await self._writer.probe()
+
     async def peek(self, limit: int) -> SpoolBatch | None:
         """The oldest `limit` records (None when the spool is empty). Leaves them in place."""
         return await self._in_thread(lambda conn: _peek(conn, limit))

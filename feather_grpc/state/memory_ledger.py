@@ -57,6 +57,9 @@ class MemoryLedger:
         self._billed.append(True)
         self._billed_at[key] = index
 
+    async def probe(self) -> None:
+        return None  # a list in memory is always writable
+
     async def query(self, query: UsageQuery) -> UsageReport:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
@@ -78,8 +81,13 @@ class MemoryLedger:
             if row is None:
                 row = groups[key] = usage_math.keyed_totals(query.group_by, key)
             usage_math.add_record(row, record)
-        rows = [groups[key] for key in sorted(groups)]
-        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+        keys = sorted(groups)
+        total = usage_math.sum_totals(groups[key] for key in keys)
+        after = query.after
+        if after is not None:
+            keys = [key for key in keys if key > after]
+        rows, more = usage_math.page(query, [groups[key] for key in keys])
+        return UsageReport(rows=rows, total=total, more=more)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -303,6 +303,13 @@ class PostgresLedger:
             if self._wake is not None:
                 self._wake.set()
 
+    async def probe(self) -> None:
+        """Probes the local spool, which is what `record()` needs: Postgres being down only delays shipping."""
+        if self._closed:
+            raise RuntimeError("the usage ledger is closed")
+        await self.ready()
+        await self.spool.probe()
+
     async def flushed(self, timeout_s: float) -> bool:
         """Wait until every record acknowledged so far has left the spool (is in Postgres).
 
@@ -429,22 +436,18 @@ class PostgresLedger:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         await self.ready()
-        sql, params = build_query_sql(query)
         assert self._pool is not None
         for attempt in (1, 2):
             try:
                 await self._ensure_schema()
-                result = await self._pool.fetch(sql, *params)
-                break
+                # One snapshot for a page and its total.
+                async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                    return await _report(conn, query)
             except _UNAVAILABLE_ERRORS as exc:
                 # Once more: after a Postgres restart the pool's idle connections are dead ones.
                 if attempt == 2:
                     raise LedgerUnavailable(f"the Postgres usage ledger is unreachable: {exc}") from exc
-        if not query.group_by:
-            return UsageReport(rows=[], total=_totals(UsageTotals(), tuple(result[0])))
-        width = len(query.group_by)
-        rows = [_totals(usage_math.keyed_totals(query.group_by, tuple(r)[:width]), tuple(r)[width:]) for r in result]
-        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -482,6 +485,22 @@ class PostgresLedger:
                     await self._pool.close()
             except TimeoutError:
                 self._pool.terminate()
+
+
+async def _report(conn: Connection, query: UsageQuery) -> UsageReport:
+    sql, params = build_query_sql(query)
+    result = await conn.fetch(sql, *params)
+    if not query.group_by:
+        return UsageReport(rows=[], total=_totals(UsageTotals(), tuple(result[0])))
+    width = len(query.group_by)
+    rows = [_totals(usage_math.keyed_totals(query.group_by, tuple(r)[:width]), tuple(r)[width:]) for r in result]
+    rows, more = usage_math.page(query, rows)
+    if usage_math.whole(query, more):
+        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+    # Other pages hold groups too: the total is read on its own.
+    sql, params = build_query_sql(usage_math.total_query(query))
+    (total,) = await conn.fetch(sql, *params)
+    return UsageReport(rows=rows, total=_totals(UsageTotals(), tuple(total)), more=more)
 
 
 async def _insert_batch(conn: Connection, batch: SpoolBatch) -> None:
@@ -608,11 +627,19 @@ def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
     if query.tags:
         # Containment: the record carries every key with exactly that (string) value.
         where.append(f"tags @> {param(json.dumps(query.tags))}::jsonb")
+    if keys and query.after is not None:
+        # A page: the groups after the previous page's last (the keys are per-record values, so this
+        # filters records before they are grouped).
+        kinds = ["bigint" if g in usage_math.BUCKET_NS else "text" for g in query.group_by]
+        bounds = [f"{param(v)}::{kind}" for v, kind in zip(query.after, kinds, strict=True)]
+        where.append(f"({', '.join(keys)}) > ({', '.join(bounds)})")
 
     sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM {TABLE} WHERE {' AND '.join(where)}"
     if keys:
         positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
         sql += f" GROUP BY {positions} ORDER BY {positions}"
+        if query.page_size:
+            sql += f" LIMIT {int(query.page_size) + 1}"
     return sql, params
 
 

@@ -658,6 +658,10 @@ class RedisCircuitStore(_RedisStore):
         return None if elapsed is None else max(self.settings.cooldown_s - elapsed, 0.0)
 
 
+# The health probe's write: what any decision needs Redis to allow (a script, a write, a key in the namespace).
+_PROBE = _Script.of("redis.call('SET', KEYS[1], ARGV[1], 'PX', 10000) return 1")
+
+
 async def _command(client: RedisCommands, *args: str) -> Any:
     """A plain command (not a decision), with Redis trouble as StateUnavailable."""
     try:
@@ -684,6 +688,7 @@ class RedisState:
     ) -> None:
         self.client = client
         self.runner = ScriptRunner(client)
+        self._probe_key = f"{namespace}:{{health}}:probe"
         self.limiter = RedisRateLimiter(self.runner, namespace=namespace)
         self.budgets = RedisBudgetStore(self.runner, lease_s=budget_lease_s, namespace=namespace)
         self.circuits = RedisCircuitStore(
@@ -712,11 +717,18 @@ class RedisState:
         return cls(client, breaker=breaker, probe_ttl_s=probe_ttl_s, budget_lease_s=budget_lease_s, namespace=namespace)
 
     async def ping(self) -> None:
-        """Raises StateUnavailable unless Redis answers (for health checks)."""
+        """Raises StateUnavailable unless Redis answers and takes a decision (for health checks).
+
+        A `PING` alone passes while every decision fails: a read-only replica (READONLY), a full Redis
+        with `noeviction` (OOM), failed snapshots with `stop-writes-on-bgsave-error` (MISCONF), an ACL
+        without scripts or keys (NOPERM). So a one-key script writes under the namespace too, sent as
+        every decision is (EVALSHA, EVAL on NOSCRIPT); on Redis Cluster it reaches the master that owns
+        the probe's slot, and every master must answer the PING."""
         try:
             await self.client.ping()
         except RedisUnavailable as e:
             raise StateUnavailable(str(e)) from e
+        await self.runner.start(_PROBE, [self._probe_key], ["1"])
 
     async def aclose(self) -> None:
         await self.budgets.aclose()

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from typing import Literal, cast
 
 from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import GroupBy, UsageQuery, UsageRecord, UsageReport, UsageTotals
+from feather_grpc.state.ledger import GroupBy, LedgerWriteError, UsageQuery, UsageRecord, UsageReport, UsageTotals
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
@@ -145,6 +145,9 @@ def _billed_rows_sql(key_count: int) -> str:
 
 
 _UNBILL = "UPDATE usage_records SET billed = 0 WHERE id = ?"
+# probe(): one row rewritten in its own transaction, so a health check writes where records are written.
+_PROBE_TABLE = "CREATE TABLE IF NOT EXISTS ledger_probe (singleton INTEGER PRIMARY KEY, probed_ns INTEGER NOT NULL)"
+_PROBE = "INSERT OR REPLACE INTO ledger_probe (singleton, probed_ns) VALUES (1, ?)"
 
 _TENANT = COLUMNS.index("tenant")
 _REQUEST_ID = COLUMNS.index("request_id")
@@ -223,6 +226,7 @@ class SqliteLedger:
         self._write_lock = self._read_lock if self._in_memory else threading.Lock()
         self._read_conn: sqlite3.Connection | None = None
         self._read_closed = False
+        self._write_conn: sqlite3.Connection | None = None  # the writer's, for probe() (under _write_lock)
 
         self._writer = threading.Thread(target=self._writer_main, name="feather-ledger-writer", daemon=True)
         self._writer.start()
@@ -292,6 +296,8 @@ class SqliteLedger:
             self._fail_until_stop(exc)
             self._stopped.set_result(None)
             return
+        with self._write_lock:
+            self._write_conn = conn
         self._ready.set_result(None)
         try:
             stop = False
@@ -304,6 +310,7 @@ class SqliteLedger:
         finally:
             with self._write_lock:
                 conn.close()
+                self._write_conn = None
                 if self._in_memory:
                     self._read_conn = None
                     self._read_closed = True
@@ -344,7 +351,7 @@ class SqliteLedger:
                     raise
             self._commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
-            error = exc
+            error = _write_error(exc)
         _settle_from_thread([future for _, future in batch], error)
 
     def _fail_until_stop(self, error: BaseException) -> None:
@@ -397,6 +404,31 @@ class SqliteLedger:
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         return conn
 
+    async def probe(self) -> None:
+        """Commit one tiny row through the writer's own connection (so a file made read-only after it was
+        opened, or a full disk, fails here as a record would); raise LedgerWriteError if that fails."""
+        if self._closed:
+            raise RuntimeError("the usage ledger is closed")
+        await self.ready()
+        await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> None:
+        with self._write_lock:
+            conn = self._write_conn
+            if conn is None:
+                raise RuntimeError("the usage ledger is closed")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(_PROBE_TABLE)
+                    conn.execute(_PROBE, (time.time_ns(),))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback_quietly(conn)
+                    raise
+            except Exception as exc:
+                raise _write_error(exc) from exc
+
     # -- reading ---------------------------------------------------------------------------
 
     async def query(self, query: UsageQuery) -> UsageReport:
@@ -404,22 +436,32 @@ class SqliteLedger:
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         await self.ready()
-        sql, params = build_query_sql(query)
-        result = await asyncio.to_thread(self._fetch, sql, params)
-        if not query.group_by:
-            return UsageReport(rows=[], total=_totals(UsageTotals(), result[0]))
-        width = len(query.group_by)
-        rows = [_totals(usage_math.keyed_totals(query.group_by, r[:width]), r[width:]) for r in result]
-        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+        # The SQL, and the rows made into totals, all in a worker thread: a big ledger never holds the loop.
+        return await asyncio.to_thread(self._report, query)
 
-    def _fetch(self, sql: str, params: Sequence[object]) -> list[Row]:
+    def _report(self, query: UsageQuery) -> UsageReport:
         with self._read_lock:
             if self._read_closed:
                 raise RuntimeError("the usage ledger is closed")
             if self._read_conn is None:
                 self._read_conn = self._connect()
                 self._read_conn.execute("PRAGMA query_only=1")
-            return self._read_conn.execute(sql, params).fetchall()
+            conn = self._read_conn
+            if not query.group_by:
+                result = conn.execute(*build_query_sql(query)).fetchall()
+                return UsageReport(rows=[], total=_totals(UsageTotals(), result[0]))
+            conn.execute("BEGIN")  # one snapshot for a page and its total
+            try:
+                result = conn.execute(*build_query_sql(query)).fetchall()
+                width = len(query.group_by)
+                rows = [_totals(usage_math.keyed_totals(query.group_by, r[:width]), r[width:]) for r in result]
+                rows, more = usage_math.page(query, rows)
+                if not usage_math.whole(query, more):  # other pages hold groups too: the total is read on its own
+                    total_row = conn.execute(*build_query_sql(usage_math.total_query(query))).fetchone()
+                    return UsageReport(rows=rows, total=_totals(UsageTotals(), total_row), more=more)
+            finally:
+                conn.execute("COMMIT")
+        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -443,7 +485,9 @@ class SqliteLedger:
 
 def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
     """One aggregate SELECT over billed records: the grouping keys (in group_by order), then the
-    _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED."""
+    _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED. A page takes the groups whose keys
+    sort after `query.after` (the keys are per-record values, so the condition filters records before
+    they are grouped) and one row more than `page_size`, to know whether more follow."""
     keys: list[str] = []
     key_params: list[object] = []
     for dimension in query.group_by:
@@ -475,10 +519,16 @@ def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
         where.append(f"{expr} = ?")  # a missing tag is NULL, which equals nothing
         where_params.extend([*expr_params, value])
 
+    if keys and query.after is not None:
+        where.append(f"({', '.join(keys)}) > ({', '.join('?' * len(keys))})")
+        where_params.extend([*key_params, *query.after])
+
     sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM usage_records WHERE {' AND '.join(where)}"
     if keys:
         positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
         sql += f" GROUP BY {positions} ORDER BY {positions}"
+        if query.page_size:
+            sql += f" LIMIT {int(query.page_size) + 1}"
     return sql, [*key_params, *where_params]
 
 
@@ -492,6 +542,16 @@ def _tag_value_sql(key: str) -> tuple[str, list[object]]:
     if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
         return "json_extract(tags, ?)", [f'$."{key}"']
     return "(SELECT j.value FROM json_each(usage_records.tags) AS j WHERE j.key = ?)", [key]
+
+
+def _write_error(exc: Exception) -> Exception:
+    """What the database or the OS said when a write failed, as a LedgerWriteError (anything else is a bug
+    and stays what it is)."""
+    if isinstance(exc, sqlite3.Error | OSError):
+        error = LedgerWriteError(f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -6,7 +6,8 @@ SqliteLedger aggregates in SQL and MemoryLedger in Python; both take their defin
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 
 from feather_grpc.state.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageTotals
 
@@ -101,6 +102,48 @@ def check_query(query: UsageQuery) -> None:
         raise ValueError(f"group_by repeats a dimension: {[str(g) for g in query.group_by]}")
     if GroupBy.HOUR in query.group_by and GroupBy.DAY in query.group_by:
         raise ValueError("group by hour or by day, not both: a row has one bucket_start_ns")
+    if query.page_size < 0:
+        raise ValueError("page_size must not be negative")
+    if query.after is not None:
+        types = [int if g in BUCKET_NS else str for g in query.group_by]
+        if len(query.after) != len(types) or any(type(v) is not t for v, t in zip(query.after, types, strict=False)):
+            raise ValueError("after must hold one value per group_by dimension: str, or int for hour and day")
+
+
+def row_key(group_by: Iterable[GroupBy], row: UsageTotals) -> GroupKey:
+    """The grouping key values of a report row, in group_by order (the inverse of keyed_totals)."""
+    key: list[str | int] = []
+    for dimension in group_by:
+        if dimension is GroupBy.TENANT:
+            key.append(row.tenant)
+        elif dimension is GroupBy.PROVIDER:
+            key.append(row.provider)
+        elif dimension is GroupBy.MODEL:
+            key.append(row.model)
+        elif dimension is GroupBy.TAG:
+            key.append(row.tag_value)
+        else:
+            assert row.bucket_start_ns is not None
+            key.append(row.bucket_start_ns)
+    return tuple(key)
+
+
+def whole(query: UsageQuery, more: bool) -> bool:
+    """Whether a report's rows are all of the query's groups (so their sum is the total): a first page with
+    no more after it."""
+    return query.after is None and not more
+
+
+def page(query: UsageQuery, rows: Sequence[UsageTotals]) -> tuple[list[UsageTotals], bool]:
+    """The page out of rows fetched with one more than page_size: (its rows, whether more follow)."""
+    if query.page_size and len(rows) > query.page_size:
+        return list(rows[: query.page_size]), True
+    return list(rows), False
+
+
+def total_query(query: UsageQuery) -> UsageQuery:
+    """The same query over every matching record, ungrouped: the total of a report that is one page."""
+    return dataclasses.replace(query, group_by=[], tag_key="", page_size=0, after=None)
 
 
 def matches(record: UsageRecord, query: UsageQuery) -> bool:

@@ -84,6 +84,10 @@ export interface UsageOptions extends CallOpts {
   model?: string;
   tagKey?: string;
   tags?: Record<string, string>;
+  /** Rows per page: 0 (the default) means the server's default, 1000; it lowers larger values to 2000. */
+  pageSize?: number;
+  /** `nextPageToken` of the previous reply to the same query, for the page after it. */
+  pageToken?: string;
 }
 
 type Unary<Req, Res> = (
@@ -188,7 +192,8 @@ export class FeatherClient {
     return new ChatStream(this, StreamChatRequest.fromPartial(chatFields(messages, options)), options);
   }
 
-  /** Ledger totals over `[start, end)`, grouped by any of tenant, provider, model, tag (with `tagKey`), hour, day. */
+  /** Ledger totals over `[start, end)`, grouped by any of tenant, provider, model, tag (with `tagKey`), hour, day.
+   * Grouped rows come in pages: pass the reply's `nextPageToken` as `pageToken` until it is empty. */
   async usage(options: UsageOptions = {}): Promise<UsageResponse> {
     const groupBy = options.groupBy ?? [];
     if (groupBy.includes("tag") && !options.tagKey) throw new RangeError("groupBy 'tag' needs tagKey");
@@ -201,6 +206,8 @@ export class FeatherClient {
       model: options.model ?? "",
       tagKey: options.tagKey ?? "",
       tags: options.tags ?? {},
+      pageSize: options.pageSize ?? 0,
+      pageToken: options.pageToken ?? "",
     });
     return this.unary(this.stub.usage as Unary<UsageRequest, UsageResponse>, request, options);
   }

@@ -80,6 +80,33 @@ describe("against a live gateway", () => {
     assert.equal(mockFast?.circuitState, pb.CircuitState.CIRCUIT_STATE_CLOSED);
   });
 
+  test("usage pages: pageSize and pageToken in, nextPageToken out, empty on the last page", async () => {
+    await client.chat("page one", { model: "fast" });
+    await client.chat("page two", { model: "smart" });
+    const whole = await client.usage({ groupBy: ["model"] });
+    assert.ok(whole.rows.length >= 2 && whole.nextPageToken === "");
+    const first = await client.usage({ groupBy: ["model"], pageSize: 1 });
+    const pages = [first];
+    while (pages[pages.length - 1].nextPageToken) {
+      const pageToken = pages[pages.length - 1].nextPageToken;
+      pages.push(await client.usage({ groupBy: ["model"], pageSize: 1, pageToken }));
+    }
+    assert.ok(pages.every((p) => p.rows.length === 1));
+    assert.deepEqual(
+      pages.map((p) => p.rows[0].model),
+      whole.rows.map((r) => r.model),
+    );
+    assert.ok(pages.every((p) => p.total?.requestCount === whole.total?.requestCount));
+    await assert.rejects(client.usage({ groupBy: ["provider"], pageToken: first.nextPageToken }), (e: FeatherError) => {
+      assert.equal(e.code, status.INVALID_ARGUMENT);
+      assert.deepEqual(
+        e.fieldViolations.map((v) => v.field),
+        ["page_token"],
+      );
+      return true;
+    });
+  });
+
   test("INVALID_ARGUMENT carries the reason and the field violations", async () => {
     const bad = pb.Message.fromPartial({ role: pb.Role.ROLE_USER });
     const error = await client.chat([bad], { model: "fast", temperature: 7, requestId: "ts-bad" }).then(

@@ -226,11 +226,15 @@ class FeatherClient:
         model: str = "",
         tag_key: str = "",
         tags: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        page_token: str = "",
         timeout: timedelta | float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> pb.UsageResponse:
         """Ledger totals over `[start, end)` (naive datetimes are UTC), grouped by any of `tenant`, `provider`,
-        `model`, `tag` (with `tag_key`), `hour`, `day`, in that order of nesting."""
+        `model`, `tag` (with `tag_key`), `hour`, `day`, in that order of nesting. Grouped rows come in pages
+        of `page_size` (0: the server's default, 1000; at most 2000): pass the reply's `next_page_token` as
+        `page_token` for the next one, until it is empty. `total` covers every page."""
         request = usage_request(
             start=start,
             end=end,
@@ -240,6 +244,8 @@ class FeatherClient:
             model=model,
             tag_key=tag_key,
             tags=tags,
+            page_size=page_size,
+            page_token=page_token,
         )
         try:
             reply: pb.UsageResponse = await self.stub.Usage(request, **self.settings.call_options(timeout, metadata))

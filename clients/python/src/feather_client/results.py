@@ -250,6 +250,8 @@ def usage_request(
     model: str,
     tag_key: str,
     tags: Mapping[str, str] | None,
+    page_size: int = 0,
+    page_token: str = "",
 ) -> pb.UsageRequest:
     unknown = [g for g in group_by if g not in GROUP_BY]
     if unknown:
@@ -263,6 +265,8 @@ def usage_request(
         model=model,
         tag_key=tag_key,
         tags=dict(tags or {}),
+        page_size=page_size,
+        page_token=page_token,
     )
     if start is not None:
         request.start_time.CopyFrom(_timestamp(start))

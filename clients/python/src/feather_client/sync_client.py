@@ -171,6 +171,8 @@ class SyncFeatherClient:
         model: str = "",
         tag_key: str = "",
         tags: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        page_token: str = "",
         timeout: timedelta | float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> pb.UsageResponse:
@@ -184,6 +186,8 @@ class SyncFeatherClient:
             model=model,
             tag_key=tag_key,
             tags=tags,
+            page_size=page_size,
+            page_token=page_token,
         )
         try:
             reply: pb.UsageResponse = self.stub.Usage(request, **self.settings.call_options(timeout, metadata))

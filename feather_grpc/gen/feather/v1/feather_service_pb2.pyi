@@ -1149,6 +1149,8 @@ class UsageRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     TAG_KEY_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Only this tenant (admins only; other callers always see their own tenant)."""
     provider: _builtins.str
@@ -1157,6 +1159,15 @@ class UsageRequest(_message.Message):
     """Only this configured model name."""
     tag_key: _builtins.str
     """The tag key for USAGE_GROUP_BY_TAG."""
+    page_size: _builtins.int
+    """The most rows to return (AIP-158). 0 means the default, 1000; larger values are lowered to 2000.
+    Negative is INVALID_ARGUMENT. Pages only matter with `group_by`: without it the reply is `total`.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of the previous reply, to get the next page; empty for the first page. The
+    other fields must be the same as in the request that returned it (`page_size` may change),
+    otherwise the request is INVALID_ARGUMENT on `page_token`.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Inclusive start of the range; the beginning of the ledger when unset."""
@@ -1184,10 +1195,12 @@ class UsageRequest(_message.Message):
         model: _builtins.str = ...,
         tag_key: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "group_by", b"group_by", "model", b"model", "provider", b"provider", "start_time", b"start_time", "tag_key", b"tag_key", "tags", b"tags", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "group_by", b"group_by", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider", "start_time", b"start_time", "tag_key", b"tag_key", "tags", b"tags", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1293,23 +1306,29 @@ class UsageResponse(_message.Message):
 
     ROWS_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Send it as `page_token` to get the rows that follow; empty on the last page. Opaque, and tied to
+    this query and the caller's tenant.
+    """
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
-        """One row per group, ordered by the grouped dimensions. Empty without `group_by`."""
+        """One page of rows, one row per group, ordered by the grouped dimensions. Empty without `group_by`."""
 
     @_builtins.property
     def total(self) -> Global___UsageRow:
-        """The sum of all matching records."""
+        """The sum of all matching records: of every page, the same on each."""
 
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___UsageRow] | None = ...,
         total: Global___UsageRow | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -872,6 +872,17 @@ export interface UsageRequest {
   tagKey: string;
   /** Only records carrying all of these tags. */
   tags: { [key: string]: string };
+  /**
+   * The most rows to return (AIP-158). 0 means the default, 1000; larger values are lowered to 2000.
+   * Negative is INVALID_ARGUMENT. Pages only matter with `group_by`: without it the reply is `total`.
+   */
+  pageSize: number;
+  /**
+   * The `next_page_token` of the previous reply, to get the next page; empty for the first page. The
+   * other fields must be the same as in the request that returned it (`page_size` may change),
+   * otherwise the request is INVALID_ARGUMENT on `page_token`.
+   */
+  pageToken: string;
 }
 
 export interface UsageRequest_TagsEntry {
@@ -927,10 +938,17 @@ export interface UsageRow {
 
 /** UsageResponse holds the grouped rows and their total. */
 export interface UsageResponse {
-  /** One row per group, ordered by the grouped dimensions. Empty without `group_by`. */
+  /** One page of rows, one row per group, ordered by the grouped dimensions. Empty without `group_by`. */
   rows: UsageRow[];
-  /** The sum of all matching records. */
-  total: UsageRow | undefined;
+  /** The sum of all matching records: of every page, the same on each. */
+  total:
+    | UsageRow
+    | undefined;
+  /**
+   * Send it as `page_token` to get the rows that follow; empty on the last page. Opaque, and tied to
+   * this query and the caller's tenant.
+   */
+  nextPageToken: string;
 }
 
 /** ListModelsRequest filters the model list. */
@@ -3908,6 +3926,8 @@ function createBaseUsageRequest(): UsageRequest {
     model: "",
     tagKey: "",
     tags: {},
+    pageSize: 0,
+    pageToken: "",
   };
 }
 
@@ -3941,6 +3961,12 @@ export const UsageRequest: MessageFns<UsageRequest> = {
     globalThis.Object.entries(message.tags).forEach(([key, value]: [string, string]) => {
       UsageRequest_TagsEntry.encode({ key: key as any, value }, writer.uint32(66).fork()).join();
     });
+    if (message.pageSize !== 0) {
+      writer.uint32(72).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(82).string(message.pageToken);
+    }
     return writer;
   },
 
@@ -4034,6 +4060,22 @@ export const UsageRequest: MessageFns<UsageRequest> = {
             }
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4085,6 +4127,16 @@ export const UsageRequest: MessageFns<UsageRequest> = {
           {},
         )
         : {},
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
     };
   },
 
@@ -4120,6 +4172,12 @@ export const UsageRequest: MessageFns<UsageRequest> = {
         });
       }
     }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
     return obj;
   },
 
@@ -4144,6 +4202,8 @@ export const UsageRequest: MessageFns<UsageRequest> = {
       },
       {},
     );
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
     return message;
   },
 };
@@ -4687,7 +4747,7 @@ export const UsageRow: MessageFns<UsageRow> = {
 };
 
 function createBaseUsageResponse(): UsageResponse {
-  return { rows: [], total: undefined };
+  return { rows: [], total: undefined, nextPageToken: "" };
 }
 
 export const UsageResponse: MessageFns<UsageResponse> = {
@@ -4697,6 +4757,9 @@ export const UsageResponse: MessageFns<UsageResponse> = {
     }
     if (message.total !== undefined) {
       UsageRow.encode(message.total, writer.uint32(18).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(26).string(message.nextPageToken);
     }
     return writer;
   },
@@ -4730,6 +4793,14 @@ export const UsageResponse: MessageFns<UsageResponse> = {
             message.total = UsageRow.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4746,6 +4817,11 @@ export const UsageResponse: MessageFns<UsageResponse> = {
     return {
       rows: globalThis.Array.isArray(object?.rows) ? object.rows.map((e: any) => UsageRow.fromJSON(e)) : [],
       total: isSet(object.total) ? UsageRow.fromJSON(object.total) : undefined,
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
     };
   },
 
@@ -4756,6 +4832,9 @@ export const UsageResponse: MessageFns<UsageResponse> = {
     }
     if (message.total !== undefined) {
       obj.total = UsageRow.toJSON(message.total);
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
     }
     return obj;
   },
@@ -4769,6 +4848,7 @@ export const UsageResponse: MessageFns<UsageResponse> = {
     message.total = (object.total !== undefined && object.total !== null)
       ? UsageRow.fromPartial(object.total)
       : undefined;
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
