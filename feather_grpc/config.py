@@ -545,11 +545,10 @@ def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None
                 source, f"{where}.region", "a bedrock provider needs its AWS region", 'add "region": "us-east-1"'
             )
         if spec.api_key_env or spec.api_key_file:
-            fix = "remove it: credentials come from the AWS chain (AWS_* variables, profiles, web identity, metadata)"
-            raise ConfigError(source, f"{where}.apiKeyEnv", "bedrock signs with AWS credentials, not a key", fix)
+            return  # a Bedrock API key (a bearer token): no signing, no botocore
         missing = missing_extra("bedrock")
         if missing:
-            raise ConfigError(source, where, "bedrock needs botocore", missing)
+            raise ConfigError(source, where, "bedrock needs botocore (or a Bedrock API key in apiKeyEnv)", missing)
         return
     if ptype == "vertex":
         for field_name, value, fix in (

@@ -107,9 +107,15 @@ def signature_matches(
 
 class BedrockSimulator:
     def __init__(
-        self, *, credentials: tuple[str, str, str | None], region: str = "us-east-1", host: str = "127.0.0.1"
+        self,
+        *,
+        credentials: tuple[str, str, str | None],
+        region: str = "us-east-1",
+        host: str = "127.0.0.1",
+        api_key: str | None = None,
     ) -> None:
         self.credentials = Credentials(*credentials)
+        self.api_key = api_key  # a Bedrock API key, accepted as `Authorization: Bearer` instead of SigV4
         self.region = region
         self.host = host
         self.port = 0
@@ -149,7 +155,11 @@ class BedrockSimulator:
         raw = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         url = f"http://{request.host}{request.raw_path}"
-        ok = signature_matches("POST", url, headers, raw, self.credentials, self.region)
+        bearer = headers.get("authorization", "")
+        if self.api_key is not None and bearer.startswith("Bearer "):
+            ok = bearer == f"Bearer {self.api_key}"
+        else:
+            ok = signature_matches("POST", url, headers, raw, self.credentials, self.region)
         try:
             body = orjson.loads(raw)
         except ValueError:

@@ -339,7 +339,6 @@ def test_config_region_names_the_endpoint() -> None:
     ("provider", "path"),
     [
         ({}, "providers.aws.region"),
-        ({"region": "us-east-1", "apiKeyEnv": "K"}, "providers.aws.apiKeyEnv"),
         ({"region": "not a region"}, "providers.aws.region"),
     ],
 )
@@ -347,6 +346,34 @@ def test_config_errors(provider: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as caught:
         _load(provider)
     assert caught.value.path == path
+
+
+def test_a_bedrock_api_key_needs_no_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "botocore", None)
+    spec = {"type": "bedrock", "region": "us-east-1", "apiKeyEnv": "BEDROCK_KEY"}
+    spec["models"] = [{"name": MODEL, "allowUnpriced": True}]
+    doc = {"ledger": {"type": "memory"}, "providers": {"aws": spec}}
+    cfg = config.resolve(config.parse_file_config(json.dumps(doc), "<test>"), {"BEDROCK_KEY": "bk"}, "<test>")
+    assert cfg.providers[0].api_key == "bk"
+
+
+async def test_a_bedrock_api_key_is_a_bearer_token_instead_of_sigv4(
+    monkeypatch: pytest.MonkeyPatch, session: HttpClient
+) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "botocore", None)  # never needed with a key
+    key = "ABSKQmVkcm9ja0FQSUtleS1zaW0tMDEyMzQ1Njc4OQ=="
+    async with BedrockSimulator(credentials=(ACCESS, SECRET, None), region=REGION, api_key=key) as keyed:
+        settings = ProviderSettings(name="bedrock", type="bedrock", base_url=keyed.url, region=REGION, api_key=key)
+        provider = build_provider(settings, session)
+        out = await provider.chat(MODEL, ask())
+        events = [e async for e in provider.stream(MODEL, ask())]
+        assert out.content and isinstance(events[-1], StreamFinish)
+        assert [r.headers["authorization"] for r in keyed.requests] == [f"Bearer {key}"] * 2
+        assert all("x-amz-date" not in r.headers for r in keyed.requests)
+        keyed.api_key = "another-key"
+        with pytest.raises(ProviderError) as caught:
+            await provider.chat(MODEL, ask())
+        assert caught.value.reason == "UPSTREAM_AUTH_FAILED" and key not in caught.value.message
 
 
 def test_bedrock_without_botocore_fails_at_load_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

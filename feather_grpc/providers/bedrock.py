@@ -3,7 +3,8 @@ on Bedrock (Claude, Llama, Mistral, Nova...), signed with AWS SigV4.
 
 - URL: `{baseUrl}/model/{modelId}/converse` and `/converse-stream`; `baseUrl` defaults to
   `https://bedrock-runtime.{region}.amazonaws.com` (a VPC endpoint or a proxy can replace it).
-- Auth: botocore's own SigV4 signer and credential chain (environment, shared config and profiles with
+- Auth: a Bedrock API key (`apiKeyEnv`/`apiKeyFile`) as a bearer token, or else botocore's own SigV4
+  signer and credential chain (environment, shared config and profiles with
   `AWS_PROFILE`, web identity on EKS, container and instance metadata), from the optional extra
   `feather-grpc[bedrock]`. Resolving and refreshing credentials blocks (files, STS, metadata endpoints),
   so it runs in a worker thread and its result is shared until 5 minutes before it expires
@@ -138,6 +139,8 @@ class BedrockProvider:
         self._base = (settings.base_url or default_base_url(settings.region)).rstrip("/")
         self._session = session
         self._headers = [("Content-Type", "application/json"), *settings.extra_headers]
+        if settings.api_key:  # a Bedrock API key: a bearer token instead of SigV4
+            self._headers.append(("Authorization", f"Bearer {settings.api_key}"))
         self._endpoints: dict[tuple[str, bool], Endpoint] = {}
         self._credentials: CachedCredential[Any] = CachedCredential(settings.name, _aws_fetcher())
         # botocore logs canonical requests at DEBUG, session token included: never let that reach our logs.
@@ -153,6 +156,8 @@ class BedrockProvider:
         return endpoint
 
     async def _signed(self, endpoint: Endpoint, body: bytes) -> bytes:
+        if self.settings.api_key:
+            return b""
         credentials = await self._credentials.get()
         return encode_headers(sign(credentials, self._region, endpoint.url, body))
 
@@ -230,7 +235,7 @@ class BedrockProvider:
             finally:
                 resp.close()
         except HttpError as exc:
-            raise classify_transport_error(name, exc) from exc
+            raise classify_transport_error(name, exc, api_key=self.settings.api_key) from exc
         try:
             doc = orjson.loads(raw)
             content = doc["output"]["message"]["content"]
@@ -303,12 +308,12 @@ class BedrockProvider:
             finally:
                 resp.close()
         except HttpError as exc:
-            raise classify_transport_error(name, exc, streaming=started) from exc
+            raise classify_transport_error(name, exc, streaming=started, api_key=self.settings.api_key) from exc
         yield reader.finish()
 
     async def _error(self, resp: Response) -> ProviderError:
         error_type = resp.headers.get("x-amzn-errortype", "").split(":", 1)[0].strip()
-        error = await error_from_response(self._name, resp, error_type=error_type)
+        error = await error_from_response(self._name, resp, self.settings.api_key, error_type=error_type)
         return _reclassify(self._name, error, error_type.lower(), error.message)
 
     async def aclose(self) -> None:
