@@ -53,8 +53,16 @@ class RecordedResponses:
 
 
 class ResponsesSimulator:
-    def __init__(self, *, api_key: str | None = None, path: str = "/v1/responses", azure: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        path: str = "/v1/responses",
+        azure: bool = False,
+        no_reasoning: tuple[str, ...] = (),
+    ) -> None:
         self.api_key = api_key
+        self.no_reasoning = no_reasoning  # models that, like gpt-4o, refuse `include: reasoning.encrypted_content`
         self.path = path  # Azure's v1 endpoint: /openai/v1/responses
         self.azure = azure  # the key may come in Azure's api-key header
         self.port = 0
@@ -98,6 +106,12 @@ class ResponsesSimulator:
         if isinstance(body, dict) and isinstance(body.get("input"), str):
             body["input"] = [{"role": "user", "content": body["input"]}]  # the API's shorthand for one message
         problem = _problem(body)
+        if (
+            not problem
+            and body.get("model") in self.no_reasoning
+            and "reasoning.encrypted_content" in (body.get("include") or ())
+        ):
+            problem = "Encrypted content is not supported with this model."
         if problem:
             return _error(400, "invalid_request_error", problem)
         reply = self._script.popleft() if self._script else ResponsesReply()

@@ -165,6 +165,23 @@ async def test_reasoning_items_are_sent_back_with_the_function_calls(
     assert items[1]["encrypted_content"] == "gAAAA-encrypted-1" and items[1]["id"].startswith("rs_sim_")
 
 
+async def test_a_model_without_reasoning_is_asked_again_without_encrypted_content(session: HttpClient) -> None:
+    async with ResponsesSimulator(api_key=KEY, no_reasoning=("gpt-4o",)) as sim:
+        provider = responses(sim, session, models=("gpt-4o",))
+        out = await provider.chat("gpt-4o", ask())
+        assert out.content == "Hello from gpt-4o: hello there"
+        assert [r.body.get("include") for r in sim.requests] == [["reasoning.encrypted_content"], None]
+        events = [e async for e in provider.stream("gpt-4o", ask())]  # remembered: asked without it at once
+        assert isinstance(events[-1], StreamFinish) and len(sim.requests) == 3
+        assert sim.requests[-1].body.get("include") is None
+
+    async with ResponsesSimulator(api_key=KEY, no_reasoning=("gpt-4.1",)) as sim:
+        provider = responses(sim, session, models=("gpt-4.1",))
+        events = [e async for e in provider.stream("gpt-4.1", ask())]  # a stream finds out the same way
+        assert isinstance(events[-1], StreamFinish) and events[-1].finish_reason is FinishReason.STOP
+        assert [r.body.get("include") for r in sim.requests] == [["reasoning.encrypted_content"], None]
+
+
 async def test_stream_text_usage_and_incomplete(sim: ResponsesSimulator, session: HttpClient) -> None:
     provider = responses(sim, session)
     sim.enqueue(ResponsesReply(text="one two three", input_tokens=9, output_tokens=3, cached=2, reasoning_tokens=1))

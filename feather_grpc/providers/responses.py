@@ -93,6 +93,7 @@ class OpenAIResponsesProvider(OpenAIProvider):
         url = settings.base_url.rstrip("/") + "/responses"
         self._responses = session.endpoint(url, headers, settings.egress)
         self._reasoning: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()  # call id -> reasoning items
+        self._no_encrypted: set[str] = set()  # upstream models that refused `include: reasoning.encrypted_content`
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -116,8 +117,10 @@ class OpenAIResponsesProvider(OpenAIProvider):
         body: dict[str, Any] = {"model": model, "input": items, "store": False}
         if instructions:
             body["instructions"] = "\n\n".join(instructions)
-        # Reasoning items come back with encrypted_content, so they can be sent back without `store`.
-        body["include"] = ["reasoning.encrypted_content"]
+        # Reasoning items come back with encrypted_content, so they can be sent back without `store`
+        # (models without reasoning refuse to be asked: see `_refused_encrypted_content`).
+        if model not in self._no_encrypted:
+            body["include"] = ["reasoning.encrypted_content"]
         if request.max_tokens is not None:
             body["max_output_tokens"] = request.max_tokens
         if request.temperature is not None:
@@ -155,6 +158,14 @@ class OpenAIResponsesProvider(OpenAIProvider):
             body["stream"] = True
         return body
 
+    def _refused_encrypted_content(self, model: str, error: ProviderError) -> bool:
+        """A model without reasoning (gpt-4o, gpt-4.1...) answers `include: reasoning.encrypted_content` with
+        a 400; it is then asked without it, now and from then on (the set is bounded by the config)."""
+        if model in self._no_encrypted or error.http_status != 400 or "encrypted content" not in error.message.lower():
+            return False
+        self._no_encrypted.add(model)
+        return True
+
     def _keep(self, reasoning: list[dict[str, Any]], call_ids: list[str]) -> None:
         if not reasoning or not call_ids:
             return
@@ -169,15 +180,23 @@ class OpenAIResponsesProvider(OpenAIProvider):
         if model not in self._responses_models:
             return await super().chat(model, request)
         _, upstream = self.target(model)  # the id the upstream knows (an Azure deployment)
-        payload = orjson.dumps(self.build_responses_body(upstream, request, stream=False))
-        doc = await post_json(
-            self._responses,
-            self._name,
-            payload,
-            self._api_key,
-            self.settings.max_response_bytes,
-            headers=await self.request_headers(),
-        )
+        headers = await self.request_headers()
+        while True:
+            payload = orjson.dumps(self.build_responses_body(upstream, request, stream=False))
+            try:
+                doc = await post_json(
+                    self._responses,
+                    self._name,
+                    payload,
+                    self._api_key,
+                    self.settings.max_response_bytes,
+                    headers=headers,
+                )
+            except ProviderError as e:
+                if not self._refused_encrypted_content(upstream, e):
+                    raise
+                continue  # once: the model is now known to take no encrypted reasoning
+            break
         reader = _Reader(self._name, self._api_key)
         try:
             if not isinstance(doc, dict):
@@ -202,16 +221,23 @@ class OpenAIResponsesProvider(OpenAIProvider):
                 yield out
             return
         _, upstream = self.target(model)
-        payload = orjson.dumps(self.build_responses_body(upstream, request, stream=True))
         name = self._name
         started = False
         reader = _Reader(name, self._api_key)
         headers = await self.request_headers()
         try:
-            resp = await self._responses.request(payload, headers)
+            while True:
+                payload = orjson.dumps(self.build_responses_body(upstream, request, stream=True))
+                resp = await self._responses.request(payload, headers)
+                if resp.status < 300:
+                    break
+                try:
+                    failure = await error_from_response(name, resp, self._api_key)
+                finally:
+                    resp.close()
+                if not self._refused_encrypted_content(upstream, failure):
+                    raise failure
             try:
-                if resp.status >= 300:
-                    raise await error_from_response(name, resp, self._api_key)
                 started = True
                 parser = SSEParser(self.settings.max_stream_event_bytes)
 
