@@ -387,6 +387,8 @@ def _usage(args: argparse.Namespace) -> int:
             "cached_input_tokens": row.cached_input_tokens,
             "cache_write_tokens": row.cache_write_tokens,
             "reasoning_tokens": row.reasoning_tokens,
+            "web_search_requests": row.web_search_requests,
+            "cache_write_1h_tokens": row.cache_write_1h_tokens,
             "cost_nanos_usd": row.cost_nanos_usd,
             "cost_usd": format_usd(row.cost_nanos_usd).lstrip("$"),
         }

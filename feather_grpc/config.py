@@ -46,6 +46,12 @@ _KNOWN_TYPES = ("openai", "anthropic", "gemini", "mock")
 # Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
 # call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
 MAX_USD_PER_1M = Decimal(1_000_000)
+# Headers the adapters set themselves: credentials, framing, and the wire format's version.
+RESERVED_HEADERS = frozenset(
+    {"authorization", "x-api-key", "content-type", "content-length", "host", "transfer-encoding", "connection"}
+    | {"anthropic-version"}
+)
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class _Strict(BaseModel):
@@ -63,6 +69,12 @@ class ModelSpec(_Strict):
     output_per_1m: Decimal | None = Field(default=None, alias="outputPer1M")
     cached_input_per_1m: Decimal | None = Field(default=None, alias="cachedInputPer1M")
     cache_write_per_1m: Decimal | None = Field(default=None, alias="cacheWritePer1M")
+    # Cache writes with a 1-hour TTL (Anthropic: 2x input); unset: the cache-write price
+    cache_write_1h_per_1k: Decimal | None = Field(default=None, alias="cacheWrite1hPer1K")
+    cache_write_1h_per_1m: Decimal | None = Field(default=None, alias="cacheWrite1hPer1M")
+    # Per 1K (or 1M) server-side web search requests (Anthropic: 10.00 per 1K); unset: not billed.
+    web_search_per_1k: Decimal | None = Field(default=None, alias="webSearchPer1K")
+    web_search_per_1m: Decimal | None = Field(default=None, alias="webSearchPer1M")
     capabilities: list[str] = Field(default_factory=list)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy
@@ -70,10 +82,12 @@ class ModelSpec(_Strict):
     api: Literal["chat", "responses"] | None = None  # openai: the API that serves it (default: the provider's)
     # gemini/vertex: thinking tokens the model may spend (-1: the model decides, 0: none, where it allows)
     thinking_budget: int | None = Field(default=None, alias="thinkingBudget", ge=-1, le=1_000_000)
+    # The model's longest reply: Anthropic's required max_tokens when the caller sets none
+    max_output_tokens: int | None = Field(default=None, alias="maxOutputTokens", ge=1, le=10_000_000)
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> ModelSpec:
-        for kind in ("input", "output", "cached_input", "cache_write"):
+        for kind in ("input", "output", "cached_input", "cache_write", "cache_write_1h", "web_search"):
             if getattr(self, f"{kind}_per_1k") is not None and getattr(self, f"{kind}_per_1m") is not None:
                 raise ValueError(f"give {kind} price per 1K or per 1M tokens, not both")
         return self
@@ -99,6 +113,8 @@ class ModelSpec(_Strict):
             output=output_price,
             cached_input=input_price if cached is None else cached,
             cache_write=input_price if write is None else write,
+            web_search=one("web_search") or 0,
+            cache_write_1h=one("cache_write_1h"),
         )
 
 
@@ -130,6 +146,33 @@ class ProviderSpec(_Strict):
     api: Literal["chat", "responses"] | None = None  # openai: Chat Completions (default) or the Responses API
     project: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9\-]{4,61}[a-z0-9]$")  # vertex: the project id
     models: list[ModelSpec] = Field(min_length=1)
+    # Sent with every request to this provider (`OpenAI-Organization`, `OpenAI-Project`, `anthropic-beta`...)
+    extra_headers: dict[str, str] = Field(default_factory=dict, alias="extraHeaders")
+    # Body fields every request to this provider gets unless the request sets them (`service_tier`...)
+    default_fields: dict[str, Any] = Field(default_factory=dict, alias="defaultFields")
+
+    @field_validator("extra_headers")
+    @classmethod
+    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not name or any(c not in _TOKEN_CHARS for c in name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the gateway (keys come from apiKeyEnv or apiKeyFile)")
+            if any(c in "\r\n\x00" for c in value):
+                raise ValueError(f"header {name!r} has a line break or NUL in its value")
+        return headers
+
+    @field_validator("default_fields")
+    @classmethod
+    def _fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        from feather_grpc.engine.validation import GATEWAY_OWNED_FIELDS
+
+        owned = sorted(GATEWAY_OWNED_FIELDS.intersection(fields))
+        if owned:
+            raise ValueError(f"{', '.join(owned)} are set by the gateway for each request")
+        plain: dict[str, Any] = json.loads(json.dumps(fields, default=float))  # the parse's Decimals as numbers
+        return plain
 
     @field_validator("base_url")
     @classmethod
@@ -292,6 +335,7 @@ class ModelConfig:
     price: Price | None  # None only when unpriced models are explicitly allowed
     capabilities: tuple[str, ...]
     weight: int = 1
+    max_output_tokens: int | None = None  # the model's longest reply, when configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +359,8 @@ class ProviderConfig:
     responses_models: tuple[str, ...] = ()  # served through the Responses API
     thinking_budgets: tuple[tuple[str, int], ...] = ()  # gemini/vertex: model name -> thinking budget
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> upstream id (Azure deployment)
+    extra_headers: tuple[tuple[str, str], ...] = ()
+    default_fields: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,7 +700,9 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                     'add "inputPer1K" and "outputPer1K" (or per-1M prices), '
                     'or set "allowUnpriced": true to serve it as unpriced',
                 )
-            models.append(ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight))
+            models.append(
+                ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight, m.max_output_tokens)
+            )
         providers.append(
             ProviderConfig(
                 name=name,
@@ -680,6 +728,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                     (m.name, m.thinking_budget) for m in spec.models if m.thinking_budget is not None
                 ),
                 upstream_ids=tuple((m.name, m.deployment) for m in spec.models if m.deployment),
+                extra_headers=tuple(spec.extra_headers.items()),
+                default_fields=spec.default_fields,
             )
         )
     if not providers:

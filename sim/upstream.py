@@ -67,8 +67,15 @@ class SimUsage:
     input: int
     output: int
     cached: int = 0
-    cache_write: int = 0  # Anthropic only
-    reasoning: int = 0  # OpenAI only
+    # Anthropic `cache_creation_input_tokens`; OpenAI `prompt_tokens_details.cache_write_tokens` (sent when
+    # not 0, and part of `input` there)
+    cache_write: int = 0
+    # OpenAI `completion_tokens_details.reasoning_tokens`; Anthropic `output_tokens_details.thinking_tokens`
+    # (sent when not 0); part of `output` on both
+    reasoning: int = 0
+    web_search: int = 0  # Anthropic `server_tool_use.web_search_requests` (sent when not 0)
+    # Anthropic: of `cache_write`, those with a 1-hour TTL (`cache_creation` is sent when cache_write is not 0)
+    cache_write_1h: int = 0
     # Anthropic streams: `output_tokens` in message_start (None: 1, or 0 when `output` is 0)
     start_output: int | None = None
 
@@ -91,6 +98,20 @@ class Reply:
     finish_reason: str | None = None  # wire value; None: stop/end_turn, or tool_calls/tool_use with calls
     omit_usage: bool = False  # send no usage at all (some compatible servers)
     usage_every_chunk: bool = False  # OpenAI streams: usage on every chunk, growing (compatible servers)
+    ignore_stream: bool = False  # answer `stream: true` with the whole JSON reply (proxies and mocks do)
+    # OpenAI: send the first tool call as the deprecated `function_call` (finish `function_call`)
+    legacy_function_call: bool = False
+    # Thinking before the answer: Anthropic `thinking` blocks (signed `sig_sim_<n>`, or `redacted_thinking`
+    # when the text starts with "redacted:"), OpenAI-compatible `reasoning_content` (the texts joined)
+    thinking: tuple[str, ...] = ()
+    # What the reply says about itself: the model snapshot (None: the requested model), OpenAI's
+    # system_fingerprint and refusal, the service tier (OpenAI top level, Anthropic usage), and for Anthropic
+    # the stop sequence that matched (finish `stop_sequence` unless finish_reason says otherwise)
+    model: str | None = None
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
+    stop_sequence: str | None = None
+    refusal: str | None = None
 
     # Failures.
     status: int = 200  # >= 400: a provider-formatted error body
@@ -468,7 +489,8 @@ class UpstreamSimulator:
         if reply.content is not None:
             content = reply.content
         else:
-            content = "" if reply.tool_calls else f"Hello from {model}: {last_user}"
+            content = "" if reply.tool_calls or reply.refusal else f"Hello from {model}: {last_user}"
+        model = reply.model or model
         if reply.usage is not None:
             usage = reply.usage
         else:
@@ -506,6 +528,7 @@ class UpstreamSimulator:
                 return await self._in_pieces(request, error, reply)
             return error
 
+        stream = stream and not reply.ignore_stream
         include_usage = openai and stream and bool((body.get("stream_options") or {}).get("include_usage"))
         encoded = self._encode(body, model, stream, openai, reply, _last_user_text(body, openai), include_usage)
         if isinstance(encoded, bytes):
@@ -636,6 +659,8 @@ def _plain(reply: Reply) -> bool:
         and reply.line_ending == "\n"
         and not reply.pings
         and not reply.comments
+        and not reply.ignore_stream
+        and not reply.thinking
     )
 
 
@@ -711,6 +736,9 @@ def _anthropic_problem(body: dict[str, Any], headers: Mapping[str, str]) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "messages: Field required"
+    marked = _count_cache_control(body)
+    if marked > 4:
+        return f"A maximum of 4 blocks with cache_control may be provided. Found {marked}."
     tool_ids: set[str] = set()
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
@@ -734,23 +762,38 @@ def _anthropic_problem(body: dict[str, Any], headers: Mapping[str, str]) -> str:
     return ""
 
 
+def _count_cache_control(value: Any) -> int:
+    if isinstance(value, dict):
+        return ("cache_control" in value) + sum(_count_cache_control(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count_cache_control(v) for v in value)
+    return 0
+
+
 # -- wire encodings ---------------------------------------------------------------------------------
 
 
 def _finish(reply: Reply, openai: bool) -> str:
     if reply.finish_reason is not None:
         return reply.finish_reason
+    if not openai and reply.stop_sequence is not None:
+        return "stop_sequence"
+    if openai and reply.legacy_function_call and reply.tool_calls:
+        return "function_call"
     if reply.tool_calls:
         return "tool_calls" if openai else "tool_use"
     return "stop" if openai else "end_turn"
 
 
 def _openai_usage(u: SimUsage) -> dict[str, Any]:
+    prompt_details: dict[str, int] = {"cached_tokens": u.cached, "audio_tokens": 0}
+    if u.cache_write:
+        prompt_details["cache_write_tokens"] = u.cache_write
     return {
         "prompt_tokens": u.input,
         "completion_tokens": u.output,
         "total_tokens": u.input + u.output,
-        "prompt_tokens_details": {"cached_tokens": u.cached, "audio_tokens": 0},
+        "prompt_tokens_details": prompt_details,
         "completion_tokens_details": {
             "reasoning_tokens": u.reasoning,
             "audio_tokens": 0,
@@ -774,10 +817,15 @@ def _openai_calls(reply: Reply) -> list[dict[str, Any]]:
 def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) -> bytes:
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": content if content or not reply.tool_calls else None,
-        "refusal": None,
+        "content": content if content or not (reply.tool_calls or reply.refusal) else None,
+        "refusal": reply.refusal,
     }
-    if reply.tool_calls:
+    if reply.thinking:
+        message["reasoning_content"] = "".join(reply.thinking)
+    if reply.tool_calls and reply.legacy_function_call:
+        call = reply.tool_calls[0]
+        message["function_call"] = {"name": call.name, "arguments": call.arguments}
+    elif reply.tool_calls:
         message["tool_calls"] = _openai_calls(reply)
     doc: dict[str, Any] = {
         "id": "chatcmpl-sim",
@@ -788,13 +836,18 @@ def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) 
     }
     if not reply.omit_usage:
         doc["usage"] = _openai_usage(usage)
-    doc["system_fingerprint"] = None
+    if reply.service_tier is not None:
+        doc["service_tier"] = reply.service_tier
+    doc["system_fingerprint"] = reply.system_fingerprint
     return _dumps(doc)
 
 
 def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, include_usage: bool) -> list[bytes]:
     head = f'data: {{"id":"chatcmpl-sim","object":"chat.completion.chunk","created":{_CREATED},"model":'
-    head += json.dumps(model) + ',"system_fingerprint":null,"choices":['
+    head += json.dumps(model)
+    if reply.service_tier is not None:
+        head += ',"service_tier":' + json.dumps(reply.service_tier)
+    head += ',"system_fingerprint":' + json.dumps(reply.system_fingerprint) + ',"choices":['
     with_usage = include_usage and not reply.omit_usage
     every = reply.usage_every_chunk and not reply.omit_usage
     pieces = _pieces(content, reply.stream_chunks)
@@ -808,15 +861,24 @@ def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, incl
         tail = "]"
         if every:
             # Growing counts, as servers that report usage on every chunk do; the last one is final.
-            grown = SimUsage(usage.input, usage.output * sent // total, usage.cached, reasoning=usage.reasoning)
+            grown = SimUsage(
+                usage.input, usage.output * sent // total, usage.cached, usage.cache_write, usage.reasoning
+            )
             tail += ',"usage":' + json.dumps(_openai_usage(grown), separators=(",", ":"))
         elif with_usage:
             tail += ',"usage":null'
         return (head + json.dumps(choice, separators=(",", ":"), ensure_ascii=False) + tail + "}\n\n").encode()
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({"reasoning_content": p}) for p in _pieces("".join(reply.thinking), reply.stream_chunks)]
     events += [chunk({"content": p}) for p in pieces]
-    for i, call in enumerate(_openai_calls(reply)):
+    events += [chunk({"refusal": p}) for p in _pieces(reply.refusal or "", reply.stream_chunks)]
+    if reply.legacy_function_call and reply.tool_calls:
+        legacy = reply.tool_calls[0]
+        events.append(chunk({"function_call": {"name": legacy.name, "arguments": ""}}))
+        for frag in _arg_pieces(legacy.arguments):
+            events.append(chunk({"function_call": {"arguments": frag}}))
+    for i, call in enumerate([] if reply.legacy_function_call else _openai_calls(reply)):
         first = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"]}}
         first["function"]["arguments"] = ""
         events.append(chunk({"tool_calls": [first]}))
@@ -830,17 +892,38 @@ def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, incl
     return events
 
 
-def _anthropic_usage(u: SimUsage, output: int) -> dict[str, Any]:
-    return {
+def _anthropic_usage(u: SimUsage, output: int, final: bool = True) -> dict[str, Any]:
+    """The usage object; `final` adds what only the end of a reply knows (thinking, server tool use)."""
+    usage: dict[str, Any] = {
         "input_tokens": u.input,
         "cache_creation_input_tokens": u.cache_write,
         "cache_read_input_tokens": u.cached,
         "output_tokens": output,
     }
+    if u.cache_write:
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": u.cache_write - u.cache_write_1h,
+            "ephemeral_1h_input_tokens": u.cache_write_1h,
+        }
+    if final and u.reasoning:
+        usage["output_tokens_details"] = {"thinking_tokens": u.reasoning}
+    if final and u.web_search:
+        usage["server_tool_use"] = {"web_search_requests": u.web_search, "web_fetch_requests": 0}
+    return usage
+
+
+def _thinking_blocks(reply: Reply) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    for i, text in enumerate(reply.thinking):
+        if text.startswith("redacted:"):
+            blocks.append({"type": "redacted_thinking", "data": text.removeprefix("redacted:")})
+        else:
+            blocks.append({"type": "thinking", "thinking": text, "signature": f"sig_sim_{i + 1}"})
+    return blocks
 
 
 def _anthropic_blocks(content: str, reply: Reply) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = []
+    blocks = _thinking_blocks(reply)
     if content:
         blocks.append({"type": "text", "text": content})
     for i, c in enumerate(reply.tool_calls):
@@ -858,18 +941,39 @@ def _anthropic_message(model: str, content: str, reply: Reply, usage: SimUsage) 
         "model": model,
         "content": _anthropic_blocks(content, reply),
         "stop_reason": _finish(reply, False),
-        "stop_sequence": None,
+        "stop_sequence": reply.stop_sequence,
     }
     if not reply.omit_usage:
         doc["usage"] = _anthropic_usage(usage, usage.output)
+        if reply.service_tier is not None:
+            doc["usage"]["service_tier"] = reply.service_tier
     return _dumps(doc)
 
 
+_START_ONLY = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cache_creation")
 _PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
 def _event(name: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
+
+
+def _thinking_events(index: int, block: dict[str, Any], chunks: int | None) -> list[bytes]:
+    """A thinking block as the API streams one: opened empty, thinking deltas, the signature, closed."""
+    if block["type"] == "redacted_thinking":
+        start = {"type": "content_block_start", "index": index, "content_block": block}
+        return [
+            _event("content_block_start", start),
+            _event("content_block_stop", {"type": "content_block_stop", "index": index}),
+        ]
+    opened = {"type": "thinking", "thinking": "", "signature": ""}
+    events = [_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": opened})]
+    deltas = [{"type": "thinking_delta", "thinking": piece} for piece in _pieces(block["thinking"], chunks)]
+    deltas.append({"type": "signature_delta", "signature": block["signature"]})
+    for delta in deltas:
+        events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+    events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
 
 
 def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -> list[bytes]:
@@ -882,23 +986,31 @@ def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": _anthropic_usage(usage, start_output),
+        "usage": _anthropic_usage(usage, start_output, final=False),
     }
+    if reply.service_tier is not None:
+        message["usage"]["service_tier"] = reply.service_tier
     events = [_event("message_start", {"type": "message_start", "message": message})]
     index = 0
+    for block in _thinking_blocks(reply):
+        events += _thinking_events(index, block, reply.stream_chunks)
+        index += 1
     if content or not reply.tool_calls:
         events.append(
             _event(
                 "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
             )
         )
-        events.append(_PING)  # the real API sends one here
+        if index == 0:
+            events.append(_PING)  # the real API sends one here
         for piece in _pieces(content, reply.stream_chunks):
             delta = {"type": "text_delta", "text": piece}
-            events.append(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
-        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
-        index = 1
+            events.append(
+                _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            )
+        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
     for i, call in enumerate(reply.tool_calls):
         block = {"type": "tool_use", "id": call.id or f"toolu_sim_{i + 1}", "name": call.name, "input": {}}
         events.append(
@@ -913,10 +1025,12 @@ def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -
         index += 1
     message_delta: dict[str, Any] = {
         "type": "message_delta",
-        "delta": {"stop_reason": _finish(reply, False), "stop_sequence": None},
+        "delta": {"stop_reason": _finish(reply, False), "stop_sequence": reply.stop_sequence},
     }
     if not reply.omit_usage:
-        message_delta["usage"] = {"output_tokens": usage.output}
+        final = _anthropic_usage(usage, usage.output)
+        # message_delta's usage carries the output count and what only the end knows, cumulative
+        message_delta["usage"] = {k: v for k, v in final.items() if k not in _START_ONLY}
     events.append(_event("message_delta", message_delta))
     events.append(_event("message_stop", {"type": "message_stop"}))
     return events

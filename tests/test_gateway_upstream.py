@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 import pytest
 import uvloop
-from google.protobuf import struct_pb2
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
@@ -124,16 +123,14 @@ async def test_a_reply_without_usage_is_billed_as_an_estimate_once(sim: Upstream
 
 
 async def test_a_json_reply_is_never_routed_to_an_api_without_json_mode(sim: UpstreamSimulator) -> None:
-    schema = struct_pb2.Struct()
-    schema.update({"type": "object", "properties": {"city": {"type": "string"}}})
-    json_schema = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, schema_name="place", json_schema=schema)
+    json_object = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
     async with running_gateway(sim_config(sim, policy="roundrobin"), ENV) as gw:
         for _ in range(2):  # "smart" is on OpenAI and Anthropic; round robin would alternate
-            request = pb.ChatRequest(model="smart", messages=[user("where?")], response_format=json_schema)
+            request = pb.ChatRequest(model="smart", messages=[user("where?")], response_format=json_object)
             assert (await gw.stub.Chat(request)).provider == "openai"
-        assert all(r.body["response_format"]["type"] == "json_schema" for r in sim.requests)
+        assert all(r.body["response_format"]["type"] == "json_object" for r in sim.requests)
         with pytest.raises(grpc.aio.AioRpcError) as caught:  # "big" is only on Anthropic
-            await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user("where?")], response_format=json_schema))
+            await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user("where?")], response_format=json_object))
         err = rich_error(caught.value)
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT and [f for f, _ in err.violations] == ["response_format"]
         text = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_TEXT)

@@ -400,6 +400,8 @@ def scenario(seed: int, count: int) -> list[UsageRecord]:
                 cached_input_tokens=rng.randrange(0, 10**5),
                 cache_write_tokens=rng.randrange(0, 10**5),
                 reasoning_tokens=rng.randrange(0, 10**5),
+                web_search_requests=rng.randrange(0, 10),
+                cache_write_1h_tokens=rng.randrange(0, 10**4),
                 cost_nanos_usd=rng.randrange(0, 10**12),
                 tags=tags,
             )
@@ -437,6 +439,8 @@ async def test_sqlite_and_memory_ledgers_agree_on_a_scenario(tmp_path: Path) -> 
     assert everything.total.cost_nanos_usd == sum(r.cost_nanos_usd for r in records)
     assert everything.total.cache_write_tokens == sum(r.cache_write_tokens for r in records)
     assert everything.total.reasoning_tokens == sum(r.reasoning_tokens for r in records)
+    assert everything.total.web_search_requests == sum(r.web_search_requests for r in records)
+    assert everything.total.cache_write_1h_tokens == sum(r.cache_write_1h_tokens for r in records)
     checked = 0
     for query in scenario_queries():
         expected = await memory.query(query)
@@ -593,7 +597,8 @@ async def test_ledgers_agree_with_the_rule_on_a_scenario_with_retries(tmp_path: 
     with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as conn:
         rows = conn.execute(f"SELECT {', '.join(COLUMNS)}, billed FROM usage_records ORDER BY id").fetchall()
     assert len(rows) == len(records)
-    stored = [(r[COLUMNS.index("tenant")], r[0], r[1], r[COLUMNS.index("outcome")], r[14], r[-1]) for r in rows]
+    cost = COLUMNS.index("cost_nanos_usd")
+    stored = [(r[COLUMNS.index("tenant")], r[0], r[1], r[COLUMNS.index("outcome")], r[cost], r[-1]) for r in rows]
     assert [s[:-1] for s in stored] == [identity(r) for r in records]  # recording order is row order
     assert [s[:-1] for s in stored if s[-1]] == [identity(r) for r in billed]
 
@@ -668,22 +673,30 @@ PRAGMA user_version=1;
 """
 
 
+# The columns of a v1 file (v3 added the last two of the summed fields).
+_V1_COLUMNS = tuple(c for c in COLUMNS if c not in ("web_search_requests", "cache_write_1h_tokens"))
+
+
 def _v1_row(record: UsageRecord) -> tuple[Any, ...]:
-    values = [getattr(record, c) for c in COLUMNS]
-    values[COLUMNS.index("outcome")] = str(record.outcome)
-    values[COLUMNS.index("tags")] = json.dumps(record.tags)
+    values = [getattr(record, c) for c in _V1_COLUMNS]
+    values[_V1_COLUMNS.index("outcome")] = str(record.outcome)
+    values[_V1_COLUMNS.index("tags")] = json.dumps(record.tags)
     return tuple(int(v) if isinstance(v, bool) else v for v in values)
 
 
 async def test_a_v1_file_is_migrated_in_place_and_billed_by_the_rule(tmp_path: Path) -> None:
     path = tmp_path / "usage.db"
-    old = scenario_with_retries(seed=3, count=300)
+    # A v1 file has no place for web searches or 1-hour writes: migrated, its records have 0 of them.
+    old = [
+        dataclasses.replace(r, web_search_requests=0, cache_write_1h_tokens=0)
+        for r in scenario_with_retries(seed=3, count=300)
+    ]
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_V1_SCHEMA)
-        placeholders = ", ".join("?" * len(COLUMNS))
+        placeholders = ", ".join("?" * len(_V1_COLUMNS))
         conn.executemany(
-            f"INSERT INTO usage_records ({', '.join(COLUMNS)}) VALUES ({placeholders})", [_v1_row(r) for r in old]
+            f"INSERT INTO usage_records ({', '.join(_V1_COLUMNS)}) VALUES ({placeholders})", [_v1_row(r) for r in old]
         )
     ledger = await SqliteLedger.open(path)
     try:
@@ -700,7 +713,7 @@ async def test_a_v1_file_is_migrated_in_place_and_billed_by_the_rule(tmp_path: P
     finally:
         await ledger.aclose()
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0] == len(old) + len(later)
         indexes = {row[1]: row[2] for row in conn.execute("PRAGMA index_list(usage_records)")}
     assert indexes["usage_records_billed_request"] == 1  # unique

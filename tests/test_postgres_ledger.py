@@ -118,6 +118,8 @@ async def test_every_field_round_trips(ledger: PostgresLedger, dsn: str) -> None
         cached_input_tokens=303,
         cache_write_tokens=44,
         reasoning_tokens=5,
+        web_search_requests=6,
+        cache_write_1h_tokens=7,
         cost_nanos_usd=2**62 + 1,  # beyond float precision: must stay an exact integer
         estimated=True,
         unpriced=True,
@@ -156,6 +158,24 @@ async def test_schema_is_migrated_once_when_replicas_start_together(dsn: str, tm
     assert (await ledgers[0].query(UsageQuery())).total.request_count == 6
     for ledger in ledgers:
         await ledger.aclose()
+
+
+async def test_a_v1_table_gets_the_web_search_and_one_hour_write_columns(dsn: str, tmp_path: Path) -> None:
+    first = await PostgresLedger.open(dsn, tmp_path / "a.db")
+    await shipped(first, [rec("before")])
+    await first.aclose()
+    # Back to what a v1 gateway left: no such columns, version 1.
+    await db_rows(dsn, "ALTER TABLE feather_usage DROP COLUMN web_search_requests, DROP COLUMN cache_write_1h_tokens")
+    await db_rows(dsn, "UPDATE feather_schema_version SET version = 1")
+    again = await PostgresLedger.open(dsn, tmp_path / "b.db")
+    try:
+        await shipped(again, [rec("after", web_search_requests=3, cache_write_1h_tokens=40)])
+        total = (await again.query(UsageQuery())).total
+    finally:
+        await again.aclose()
+    assert (total.request_count, total.web_search_requests, total.cache_write_1h_tokens) == (2, 3, 40)
+    rows = await db_rows(dsn, "SELECT version FROM feather_schema_version")
+    assert [r["version"] for r in rows] == [SCHEMA_VERSION] == [2]
 
 
 async def test_a_newer_schema_is_refused(dsn: str, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    PromptUsage,
     ResponseFormat,
     Role,
     StreamEvent,
@@ -28,6 +29,7 @@ from feather_grpc.engine.types import (
     ToolCallDelta,
     ToolChoice,
     ToolSpec,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.providers import (
@@ -362,7 +364,8 @@ async def test_openai_stream_with_awkward_framing(
     events = await collect(openai(upstream, http_session).stream("m", ask()))
     assert text_of(events) == UNICODE_TEXT
     assert sum(isinstance(e, TextDelta) for e in events) == len(UNICODE_TEXT.split())
-    assert finish_of(events) == StreamFinish(FinishReason.STOP, Usage(12, 7, cached_input_tokens=3))
+    upstream_reply = UpstreamReply(id="chatcmpl-sim", model="m")  # the sim's id, and the model it was asked for
+    assert finish_of(events) == StreamFinish(FinishReason.STOP, Usage(12, 7, cached_input_tokens=3), upstream_reply)
     sent = upstream.requests[-1].body
     assert sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True}
@@ -395,7 +398,7 @@ async def test_openai_stream_without_usage_reports_none(upstream: UpstreamSimula
     upstream.enqueue(Reply(content="a b", omit_usage=True))
     events = await collect(openai(upstream, http_session).stream("m", ask()))
     assert text_of(events) == "a b"
-    assert finish_of(events) == StreamFinish(FinishReason.STOP, None)
+    assert finish_of(events) == StreamFinish(FinishReason.STOP, None, UpstreamReply(id="chatcmpl-sim", model="m"))
 
 
 async def test_openai_stream_that_got_json_instead_of_sse(
@@ -661,6 +664,8 @@ async def test_closing_a_stream_early_closes_the_upstream_connection(
     upstream.enqueue(Reply(content="first second third", hang_after=4))
     stream = make(upstream, http_session).stream("m", ask())
     first = await anext(stream)
+    if isinstance(first, PromptUsage):  # Anthropic announces the prompt's usage before any text
+        first = await anext(stream)
     assert isinstance(first, TextDelta) and first.content.startswith("first ")  # later pieces may come with it
     assert upstream.stream_disconnects == 0
     await stream.aclose()
@@ -911,7 +916,9 @@ async def test_anthropic_stream_with_awkward_framing_pings_and_cumulative_usage(
     events = await collect(anthropic(upstream, http_session).stream("m", ask()))
     assert text_of(events) == UNICODE_TEXT
     assert finish_of(events) == StreamFinish(
-        FinishReason.STOP, Usage(input_tokens=18, output_tokens=7, cached_input_tokens=3, cache_write_tokens=5)
+        FinishReason.STOP,
+        Usage(input_tokens=18, output_tokens=7, cached_input_tokens=3, cache_write_tokens=5),
+        UpstreamReply(id="msg_sim", model="m"),
     )
     assert upstream.requests[-1].body["stream"] is True
 
@@ -956,7 +963,8 @@ async def test_anthropic_mid_stream_error_event(
     err = info.value
     assert (err.reason, err.retryable, err.http_status) == (reason, retryable, status)
     assert err.message.startswith(f"anthropic: {status} {error_type}: ")
-    assert seen == [TextDelta("a ")]  # message_start, block start, ping, first delta, then the error
+    # message_start (the prompt's usage: 2 words + 3 per message), block start, ping, first delta, then the error
+    assert seen == [PromptUsage(Usage(input_tokens=5)), TextDelta("a ")]
 
 
 async def test_anthropic_stream_cut(upstream: UpstreamSimulator, http_session: HttpClient) -> None:

@@ -76,7 +76,7 @@ def test_readme_grpcurl_session(live_server: int) -> None:
         run = _run(command, live_server)
         assert run.returncode == 0, f"{command}\n{run.stderr}"
         outputs.append(run.stdout)
-    listed, described, health, chat, stream, usage, models = outputs
+    listed, described, health, chat, stream, image, cached, reasoning, usage, models = outputs
     assert "feather.v1.FeatherService" in listed and "grpc.health.v1.Health" in listed
     assert (
         "rpc StreamChat ( .feather.v1.StreamChatRequest ) returns ( stream .feather.v1.StreamChatResponse )"
@@ -88,6 +88,12 @@ def test_readme_grpcurl_session(live_server: int) -> None:
     assert int(reply["cost_nanos_usd"]) > 0 and reply["finish_reason"] == "FINISH_REASON_STOP"
     events = [json.loads(chunk) for chunk in re.split(r"(?<=})\n(?={)", stream.strip())]
     assert "start" in events[0] and "end" in events[-1] and all("delta" in e for e in events[1:-1])
+    for answer in (image, cached, reasoning):
+        reply = json.loads(answer)
+        assert reply["provider"] == "mock" and reply["finish_reason"] == "FINISH_REASON_STOP"
+    assert json.loads(image)["message"]["content"].endswith("What is in this image?")
+    assert int(json.loads(image)["usage"]["input_tokens"]) >= 2_500  # the image's conservative estimate
+    assert json.loads(cached)["message"]["content"].endswith("Can I return a used kettle?")
     rows = json.loads(usage)["rows"]
     assert {r["model"] for r in rows} == {"mock-fast", "mock-smart"}
     assert {m["name"] for m in json.loads(models)["models"]} == {"mock-fast", "mock-smart"}

@@ -130,7 +130,7 @@ class Admission:
         if budgeted:
             # `candidates` includes every model the call may reach (context-window fallbacks too); a hedged
             # call may pay for two legs.
-            worst = legs * max((_cost(c, prompt, output) for c in candidates), default=0)
+            worst = legs * max((_cost(c, prompt, _output(request, c)) for c in candidates), default=0)
             windows = self.windows(tenant)
             started.append(("budget", _start(lambda: self._budgets.reserve(tenant.name, windows, worst))))
         if request_token is not None:  # the transport's request-rate verdict, judged with the rest
@@ -292,6 +292,12 @@ async def _landed(pending: list[Awaitable[None]]) -> None:
             failure = failure or e
     if failure is not None:
         raise StateStoreUnavailable("the shared state store is unreachable") from failure
+
+
+def _output(request: ChatRequest, candidate: RouteCandidate) -> int:
+    """The most output a call to `candidate` may bill: the caller's max_tokens, else the model's configured
+    longest reply (what Anthropic is sent), else the default reservation."""
+    return request.max_tokens or candidate.model.max_output_tokens or DEFAULT_OUTPUT_RESERVATION
 
 
 def _cost(candidate: RouteCandidate, prompt: int, output: int) -> int:

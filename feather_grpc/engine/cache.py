@@ -13,7 +13,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import orjson
@@ -74,29 +74,26 @@ def cache_key(settings: CacheSettings, tenant: str, request: ChatRequest) -> str
         return None
     if settings.single_turn_only and sum(m.role is not Role.SYSTEM for m in request.messages) != 1:
         return None
-    material = orjson.dumps(
-        [
-            tenant,
-            request.model,
-            request.provider,
-            [
-                [
-                    m.role.value,
-                    _SPACES.sub(" ", m.content).strip(),
-                    m.name,
-                    m.tool_call_id,
-                    [[c.id, c.name, c.arguments] for c in m.tool_calls],
-                ]
-                for m in request.messages
-            ],
-            [request.max_tokens, request.temperature, request.top_p, request.stop, request.seed],
-            repr(request.response_format),
-            [[t.name, t.description, t.parameters] for t in request.tools],
-            repr(request.tool_choice),
-        ],
-        option=orjson.OPT_SORT_KEYS,
+    # Every field that shapes the answer, generically (a new request field cannot be forgotten here);
+    # attribution, routing and retry settings do not change the answer and are left out.
+    keyed = replace(
+        request,
+        messages=[replace(m, content=_SPACES.sub(" ", m.content).strip()) for m in request.messages],
+        policy="",
+        retry=None,
+        cache_bypass=False,
+        tags={},
+        request_id="",
     )
+    material = orjson.dumps([tenant, keyed], option=orjson.OPT_SORT_KEYS, default=_digest)
     return hashlib.sha256(material).hexdigest()
+
+
+def _digest(value: object) -> str:
+    """Inline bytes (images, documents) in a cache key: their digest, not their size."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return hashlib.sha256(value).hexdigest()
+    raise TypeError(f"{type(value).__name__} in a request")
 
 
 class MemoryResponseCache:

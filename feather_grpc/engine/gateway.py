@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
+from feather_grpc.engine import inputs
 from feather_grpc.engine.admission import Admission, Ticket
 from feather_grpc.engine.breaker import CircuitBreakers, CircuitState, Permit
 from feather_grpc.engine.cache import CachedReply, MemoryResponseCache, ResponseCache, cache_key
@@ -43,16 +44,18 @@ from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    PromptUsage,
     ProviderResponse,
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     Usage,
 )
 from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable_request_id, validate_chat
-from feather_grpc.providers import build_provider
+from feather_grpc.providers import ACCEPTED_INPUTS, build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import AttemptMarker, HttpClient, attempt_marker
@@ -63,13 +66,25 @@ from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 log = logging.getLogger(__name__)
 
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
-NO_STRUCTURED_OUTPUT = frozenset({"anthropic", "bedrock"})  # provider types whose API cannot be asked for them
+# The structured-output types each wire format can be asked for. Anthropic's structured outputs
+# (`output_config.format`, on Vertex too) take a JSON schema; it has no schema-less JSON mode.
+STRUCTURED_OUTPUT_SUPPORT = {
+    "openai": STRUCTURED_OUTPUT,
+    "openai-compatible": STRUCTURED_OUTPUT,
+    "anthropic": frozenset({"json_schema"}),
+    "azure-openai": STRUCTURED_OUTPUT,
+    "gemini": STRUCTURED_OUTPUT,
+    "vertex": STRUCTURED_OUTPUT,
+    "mock": STRUCTURED_OUTPUT,
+}
 
 
-def has_json_mode(ptype: str, model: str) -> bool:
-    """Whether the API serving `model` at a provider of type `ptype` can be asked for JSON output (Claude on
-    Vertex speaks the Anthropic format, which cannot)."""
-    return ptype not in NO_STRUCTURED_OUTPUT and not (ptype == "vertex" and model.startswith("claude"))
+def structured_output_support(ptype: str, model: str) -> frozenset[str]:
+    """The structured-output types the API serving `model` at a provider of type `ptype` can be asked for
+    (Claude on Vertex speaks the Anthropic format)."""
+    if ptype == "vertex" and model.startswith("claude"):
+        ptype = "anthropic"
+    return STRUCTURED_OUTPUT_SUPPORT.get(ptype, frozenset())
 
 
 T = TypeVar("T")
@@ -77,7 +92,9 @@ T = TypeVar("T")
 # Upstream errors that say the request itself is wrong: no other provider or retry can fix them.
 _REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG", "UPSTREAM_CONTENT_FILTERED"})
 
-StreamItem = StreamStarted | TextDelta | ToolCallDelta | StreamCompleted
+StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
+# An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
+_Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None]
 
 
 @dataclass(slots=True)
@@ -120,6 +137,7 @@ class _Call:
     # Attempts that reached an upstream and were abandoned (deadline, timeout, cancellation, a 2xx reply
     # that could not be used): the upstream did, and billed, the work; each is billed as an estimate.
     abandoned: list[tuple[RouteCandidate, Usage]] = field(default_factory=list)
+    prompt_usage: Usage | None = None  # streams: the prompt's exact counts, announced before the reply
 
 
 class Feather:
@@ -239,20 +257,23 @@ class Feather:
         cost, unpriced = _price(candidate, reply.usage)
         record = self._record(call, Outcome.OK, reply.usage, cost=cost, estimated=reply.usage_estimated)
         await self._settle(call, record)
-        await self._cache_store(call, candidate, reply.content, reply.tool_calls, reply.finish_reason)
+        if not reply.thinking:  # a replay without its thinking could not continue a tool-use turn
+            await self._cache_store(call, candidate, reply.content, reply.tool_calls, reply.finish_reason)
         return ChatResult(
             content=reply.content,
             tool_calls=reply.tool_calls,
             finish_reason=reply.finish_reason,
             provider=candidate.provider,
             model=candidate.model.name,
-            usage=_billed_usage(record) if call.abandoned else reply.usage,
+            usage=_with_abandoned(reply.usage, call),
             cost_nanos_usd=record.cost_nanos_usd,
             attempts=call.attempts,
             latency_ms=record.latency_ms,
             request_id=call.request_id,
             unpriced=unpriced,
             usage_estimated=record.estimated,
+            thinking=reply.thinking,
+            upstream=reply.upstream,
         )
 
     async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
@@ -262,6 +283,7 @@ class Feather:
         upstream: AsyncIterator[StreamEvent] | None = None
         text: list[str] = []
         calls: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments...]
+        thought: list[str] = []  # thinking text, for the estimate of a cut stream
         try:
             tenant, candidates = self._plan(call)
             hit = await self._cache_lookup(call, candidates)
@@ -271,20 +293,30 @@ class Feather:
                 return
             req = call.request
 
-            async def open_stream(p: Provider, c: RouteCandidate) -> tuple[AsyncIterator[StreamEvent], StreamEvent]:
+            async def open_stream(p: Provider, c: RouteCandidate) -> _Opened:
                 it = p.stream(c.model.name, req)
+                prompt: Usage | None = None
+                call.prompt_usage = None  # an earlier attempt's counts were another candidate's
                 try:
-                    return it, await anext(it)
+                    event = await anext(it)
+                    while isinstance(event, PromptUsage):  # not a reply event: the stream has not started
+                        prompt = event.usage
+                        event = await anext(it)
+                    return it, event, prompt
                 except BaseException:
+                    if prompt is not None:  # the provider took the prompt: an abandoned attempt bills it exactly
+                        call.prompt_usage = prompt
                     await _close(it)
                     raise
 
-            async def settle_loser(leg: _Call, opened: tuple[AsyncIterator[StreamEvent], StreamEvent] | None) -> None:
+            async def settle_loser(leg: _Call, opened: _Opened | None) -> None:
                 if opened is not None:
                     await _close(opened[0])
                 await self._settle_hedge_loser(leg, opened)
 
-            candidate, (upstream, event) = await self._route(call, tenant, candidates, open_stream, settle_loser)
+            candidate, (upstream, event, call.prompt_usage) = await self._route(
+                call, tenant, candidates, open_stream, settle_loser
+            )
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = _ms_since(call.started)
             idle_ms = self._provider_configs[candidate.provider].idle_timeout_ms
@@ -293,11 +325,17 @@ class Feather:
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
                     text.append(event.content)
+                    yield event
                 elif isinstance(event, ToolCallDelta):
                     parts = calls.setdefault(event.index, [event.id, event.name])
                     parts[0], parts[1] = parts[0] or event.id, parts[1] or event.name
                     parts.append(event.arguments)
-                yield event
+                    yield event
+                elif isinstance(event, ThinkingDelta):
+                    thought.append(event.text)
+                    yield event
+                else:
+                    call.prompt_usage = event.usage
                 if timed:
                     event = await self._next_event(call, upstream, idle_ms)
                 else:
@@ -307,28 +345,30 @@ class Feather:
                         raise await self._midstream_failure(call, _stream_failure(e)) from None
             usage, estimated = event.usage, False
             if usage is None:
-                usage, estimated = self._cancelled_usage(call, _output_text(text, calls)), True
+                usage, estimated = self._cancelled_usage(call, _output_text(text + thought, calls)), True
             cost, unpriced = _price(candidate, usage)
             record = self._record(call, Outcome.OK, usage, cost=cost, estimated=estimated)
             await self._settle(call, record)
             tool_calls = [ToolCall(p[0], p[1], "".join(p[2:])) for _, p in sorted(calls.items())]
-            await self._cache_store(call, candidate, "".join(text), tool_calls, event.finish_reason)
+            if not thought:  # a replay without its thinking could not continue a tool-use turn
+                await self._cache_store(call, candidate, "".join(text), tool_calls, event.finish_reason)
             yield StreamCompleted(
                 finish_reason=event.finish_reason,
-                usage=_billed_usage(record) if call.abandoned else usage,
+                usage=_with_abandoned(usage, call),
                 cost_nanos_usd=record.cost_nanos_usd,
                 attempts=call.attempts,
                 latency_ms=record.latency_ms,
                 time_to_first_token_ms=ttft_ms,
                 usage_estimated=record.estimated,
                 unpriced=unpriced,
+                upstream=event.upstream,
             )
-        except FeatherError as e:
-            usage = self._cancelled_usage(call, _output_text(text, calls)) if upstream else Usage()
+        except FeatherError as e:  # before the stream opened: see call.abandoned
+            usage = self._cancelled_usage(call, _output_text(text + thought, calls)) if upstream else Usage()
             await self._settle(call, self._record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None))
             raise
         except (asyncio.CancelledError, GeneratorExit):  # before the stream opened: see call.abandoned
-            usage = self._cancelled_usage(call, _output_text(text, calls)) if upstream else Usage()
+            usage = self._cancelled_usage(call, _output_text(text + thought, calls)) if upstream else Usage()
             self._settle_in_background(call, Outcome.CANCELLED, usage, estimated=upstream is not None)
             raise
         finally:
@@ -402,22 +442,74 @@ class Feather:
         req = call.request
         tenant = self._tenant(call)
         candidates = Admission.allowed(tenant, req.model, self.router.plan(req.model, req.provider, req.policy))
+        return tenant, self._capable(req, candidates)
+
+    def _capable(self, req: ChatRequest, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
+        """The candidates whose API can honour the request's JSON reply and take its parts (INVALID_ARGUMENT
+        when none can)."""
         if req.response_format is not None and req.response_format.type in STRUCTURED_OUTPUT:
-            candidates = self._structured_output_capable(req.model, candidates)
-        return tenant, candidates
+            candidates = self._structured_output_capable(req.model, req.response_format.type, candidates)
+        needed = inputs.needs(req)
+        if needed:
+            candidates = self._input_capable(req.model, candidates, needed)
+        return candidates
 
     def _tenant(self, call: _Call) -> TenantConfig:
         """The call's tenant: as authenticated, else as configured by name (an in-process embedding)."""
         return call.ctx.tenant_config or self.config.tenants.get(call.ctx.tenant, self.config.default_tenant)
 
-    def _structured_output_capable(self, requested: str, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
+    def _structured_output_capable(
+        self, requested: str, kind: str, candidates: list[RouteCandidate]
+    ) -> list[RouteCandidate]:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
-        capable = [c for c in candidates if has_json_mode(self._provider_configs[c.provider].type, c.model.name)]
+
+        def supports(c: RouteCandidate) -> bool:
+            return kind in structured_output_support(self._provider_configs[c.provider].type, c.model.name)
+
+        capable = [c for c in candidates if supports(c)]
         if not capable:
-            why = f"no provider serving {requested!r} supports it"
-            why += " (the Anthropic Messages and Bedrock Converse APIs have no JSON mode)"
+            why = f"no provider serving {requested!r} supports {kind}"
+            types = {self._provider_configs[c.provider].type for c in candidates}
+            if kind == "json_object" and "anthropic" in types:
+                why += " (the Anthropic Messages API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
+            elif "bedrock" in types:
+                why += " (the Bedrock Converse API is not asked for structured output by the gateway)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
+
+    def _input_capable(
+        self, requested: str, candidates: list[RouteCandidate], needed: dict[str, str]
+    ) -> list[RouteCandidate]:
+        """Images, documents and audio go only where the wire format carries them: never dropped silently."""
+
+        def takes(c: RouteCandidate) -> bool:
+            return ACCEPTED_INPUTS.get(self._provider_configs[c.provider].type, frozenset()).issuperset(needed)
+
+        capable = [c for c in candidates if takes(c)]
+        if capable:
+            return capable
+        violations = []
+        for kind, path in needed.items():
+            refusing = sorted(
+                {
+                    t
+                    for c in candidates
+                    if kind not in ACCEPTED_INPUTS.get(t := self._provider_configs[c.provider].type, frozenset())
+                }
+            )
+            if refusing:
+                apis = " or ".join(refusing)
+                violations.append(
+                    FieldViolation(
+                        path, f"{inputs.DESCRIPTIONS[kind]} cannot be sent to the {apis} API serving {requested!r}"
+                    )
+                )
+        if not violations:  # each kind has a taker, but no one provider takes them all
+            path = next(iter(needed.values()))
+            violations.append(
+                FieldViolation(path, f"no provider serving {requested!r} takes all of this request's parts")
+            )
+        raise InvalidRequest(violations)
 
     async def _cache_lookup(self, call: _Call, candidates: list[RouteCandidate]) -> CachedReply | None:
         call.cache_key = cache_key(self.config.cache, call.ctx.tenant, call.request)
@@ -489,6 +581,10 @@ class Feather:
                 raise
             larger = [c for name in route.context_window_fallbacks for c in self.router.plan(name, policy=req.policy)]
             larger = Admission.allowed(tenant, req.model, larger)
+            try:  # the larger models must take the request as well (its JSON reply, its parts)
+                larger = self._capable(req, larger)
+            except InvalidRequest:
+                raise e from None
             return await self._attempt_loop(call, larger, attempt)
 
     async def _hedged(
@@ -502,11 +598,11 @@ class Feather:
         """The original's `race`, done carefully: after `delay_s` without an answer a second leg starts on
         the next candidate; the first success wins; the other leg is cancelled (which never counts against
         its circuit) and billed only for what it consumed."""
-        legs = [replace(call, attempts=[], ticket=None, abandoned=[])]
+        legs = [replace(call, attempts=[], ticket=None, abandoned=[], prompt_usage=None)]
         tasks = [asyncio.ensure_future(self._attempt_loop(legs[0], candidates, attempt))]
         done, _ = await asyncio.wait(tasks, timeout=delay_s)
         if not done:
-            legs.append(replace(call, attempts=[], ticket=None, abandoned=[]))
+            legs.append(replace(call, attempts=[], ticket=None, abandoned=[], prompt_usage=None))
             tasks.append(asyncio.ensure_future(self._attempt_loop(legs[1], candidates[1:] + candidates[:1], attempt)))
         winner: int | None = None
         try:
@@ -545,7 +641,8 @@ class Feather:
         usage, estimated = Usage(), False
         if isinstance(reply, ProviderResponse):
             usage, estimated = reply.usage, reply.usage_estimated
-        elif reply is not None:  # a stream it opened
+        elif isinstance(reply, tuple):  # a stream it opened: (iterator, first event, announced prompt usage)
+            leg.prompt_usage = reply[2]
             usage, estimated = self._cancelled_usage(leg, ""), True
         record = self._record(leg, Outcome.CANCELLED, usage, estimated=estimated)
         await self._settle(leg, record)
@@ -723,13 +820,19 @@ class Feather:
         )
 
     def _abandoned(self, call: _Call, candidate: RouteCandidate) -> None:
-        """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent."""
-        call.abandoned.append((candidate, Usage(input_tokens=estimate_prompt_tokens(call.request.messages))))
+        """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent (the
+        counts the provider announced for it, when it did: Anthropic's message_start)."""
+        prompt, call.prompt_usage = call.prompt_usage, None
+        call.abandoned.append((candidate, prompt or Usage(input_tokens=estimate_prompt_tokens(call.request.messages))))
 
     def _cancelled_usage(self, call: _Call, output_text: str) -> Usage:
-        """What a call consumed when the provider never said: an estimate, billed and marked as such."""
+        """What a call consumed when the provider never said in full: the prompt's counts the provider
+        announced (Anthropic's message_start), else an estimate, plus the output estimated; billed and
+        marked as estimated."""
         if call.candidate is None:
             return Usage()
+        if call.prompt_usage is not None:
+            return replace(call.prompt_usage, output_tokens=estimate_tokens(output_text), reasoning_tokens=0)
         return Usage(
             input_tokens=estimate_prompt_tokens(call.request.messages), output_tokens=estimate_tokens(output_text)
         )
@@ -766,6 +869,8 @@ class Feather:
             cached_input_tokens=usage.cached_input_tokens,
             cache_write_tokens=usage.cache_write_tokens,
             reasoning_tokens=usage.reasoning_tokens,
+            web_search_requests=usage.web_search_requests,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
             cost_nanos_usd=cost,
             estimated=estimated,
             unpriced=c is not None and c.model.price is None,
@@ -861,6 +966,9 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         responses_models=p.responses_models,
         thinking_budgets=p.thinking_budgets,
         upstream_ids=p.upstream_ids,
+        max_output_tokens=tuple((m.name, m.max_output_tokens) for m in p.models if m.max_output_tokens),
+        extra_headers=p.extra_headers,
+        default_fields=p.default_fields,
     )
 
 
@@ -877,18 +985,16 @@ def _plus(a: Usage, b: Usage) -> Usage:
         a.cached_input_tokens + b.cached_input_tokens,
         a.cache_write_tokens + b.cache_write_tokens,
         a.reasoning_tokens + b.reasoning_tokens,
+        a.web_search_requests + b.web_search_requests,
+        a.cache_write_1h_tokens + b.cache_write_1h_tokens,
     )
 
 
-def _billed_usage(record: UsageRecord) -> Usage:
-    """The usage a ledger record bills (the answering attempt's plus the abandoned ones' estimates)."""
-    return Usage(
-        record.input_tokens,
-        record.output_tokens,
-        record.cached_input_tokens,
-        record.cache_write_tokens,
-        record.reasoning_tokens,
-    )
+def _with_abandoned(usage: Usage, call: _Call) -> Usage:
+    """The usage a call bills: the answering attempt's plus the abandoned attempts' (as its ledger record)."""
+    for _, consumed in call.abandoned:
+        usage = _plus(usage, consumed)
+    return usage
 
 
 def _output_text(text: list[str], calls: dict[int, list[str]]) -> str:

@@ -18,20 +18,26 @@ _PER_MILLION = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Nano-USD per million tokens. Cached reads and cache writes default to the input price."""
+    """Nano-USD per million tokens (per million requests for `web_search`). Cached reads and cache writes
+    default to the input price; web searches cost nothing unless configured."""
 
     input: int
     output: int
     cached_input: int
     cache_write: int
+    web_search: int = 0
+    cache_write_1h: int | None = None  # writes with a 1-hour TTL; None: the cache-write price
 
     def cost_nanos(self, usage: Usage) -> int:
         uncached = max(usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens, 0)
+        long_writes = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
         scaled = (
             uncached * self.input
             + usage.cached_input_tokens * self.cached_input
-            + usage.cache_write_tokens * self.cache_write
+            + (usage.cache_write_tokens - long_writes) * self.cache_write
+            + long_writes * (self.cache_write if self.cache_write_1h is None else self.cache_write_1h)
             + usage.output_tokens * self.output
+            + usage.web_search_requests * self.web_search
         )
         return (scaled + _PER_MILLION // 2) // _PER_MILLION
 

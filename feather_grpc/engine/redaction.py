@@ -48,5 +48,12 @@ class Redactor:
         return text
 
     def request(self, request: ChatRequest) -> ChatRequest:
-        messages = [replace(m, content=self.text(m.content)) for m in request.messages]
+        messages = [
+            replace(
+                m,
+                content=self.text(m.content),
+                parts=tuple(replace(p, text=self.text(p.text)) if p.text else p for p in m.parts),
+            )
+            for m in request.messages
+        ]
         return replace(request, messages=messages)

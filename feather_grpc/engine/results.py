@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from feather_grpc.engine.types import FinishReason, ToolCall, Usage
+from feather_grpc.engine.types import FinishReason, ThinkingBlock, ToolCall, UpstreamReply, Usage
 
 
 @dataclass(slots=True)
@@ -32,6 +32,8 @@ class ChatResult:
     unpriced: bool = False
     cached: bool = False
     usage_estimated: bool = False
+    thinking: list[ThinkingBlock] = field(default_factory=list)
+    upstream: UpstreamReply = field(default_factory=UpstreamReply)
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,3 +54,4 @@ class StreamCompleted:
     usage_estimated: bool = False
     unpriced: bool = False
     cached: bool = False
+    upstream: UpstreamReply = field(default_factory=UpstreamReply)

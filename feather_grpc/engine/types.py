@@ -29,6 +29,36 @@ class ToolCall:
     arguments: str  # JSON text, exactly as the model produced it
 
 
+class PartKind(StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    DOCUMENT = "document"
+    AUDIO = "audio"
+
+
+@dataclass(slots=True, frozen=True)
+class Part:
+    """One piece of a message's content. Images and documents come by `url` or inline `data`."""
+
+    kind: PartKind
+    text: str = ""
+    url: str = ""
+    data: bytes = b""
+    media_type: str = ""  # images and documents; audio: its format ("wav", "mp3")
+    title: str = ""  # documents
+    detail: str = ""  # images: OpenAI's "auto" | "low" | "high"; "" for the default
+    cache_ttl: str | None = None  # a prompt-cache breakpoint after this part: "5m", "1h", "" (default TTL)
+
+
+@dataclass(slots=True, frozen=True)
+class ThinkingBlock:
+    """A block of the model's thinking. `signature` and `redacted_data` are opaque: sent back unchanged."""
+
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""  # an Anthropic redacted_thinking block (text is then empty)
+
+
 @dataclass(slots=True, frozen=True)
 class Message:
     role: Role
@@ -36,6 +66,17 @@ class Message:
     name: str = ""
     tool_call_id: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
+    is_error: bool = False  # a tool result that reports the tool's failure
+    parts: tuple[Part, ...] = ()  # the content as ordered parts; `content` is then empty
+    cache_ttl: str | None = None  # a prompt-cache breakpoint after this message (see Part.cache_ttl)
+    thinking: tuple[ThinkingBlock, ...] = ()  # assistant messages: the thinking a reply carried
+
+    @property
+    def text(self) -> str:
+        """The message's text: `content`, or its text parts joined."""
+        if not self.parts:
+            return self.content
+        return "".join(p.text for p in self.parts if p.kind is PartKind.TEXT)
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,6 +84,8 @@ class ToolSpec:
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None  # JSON schema
+    strict: bool = False  # the provider enforces `parameters` exactly
+    cache_ttl: str | None = None  # a prompt-cache breakpoint after this tool (see Part.cache_ttl)
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +129,11 @@ class ChatRequest:
     cache_bypass: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
+    parallel_tool_calls: bool | None = None  # None: the provider's default
+    prompt_cache_key: str = ""  # OpenAI's prompt cache routing key
+    reasoning_effort: str = ""  # "", "none", "minimal", "low", "medium", "high", "xhigh"
+    thinking_budget: int | None = None  # Anthropic extended thinking's budget_tokens
+    extra_fields: dict[str, Any] | None = None  # merged into the upstream body (never the gateway's own fields)
 
 
 @dataclass(slots=True)
@@ -101,6 +149,20 @@ class Usage:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    web_search_requests: int = 0  # server-side tool use the provider bills per request (Anthropic web search)
+    cache_write_1h_tokens: int = 0  # of cache_write_tokens, those written with a 1-hour TTL
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    """What the provider said about its reply, as it said it ("" where it said nothing)."""
+
+    id: str = ""
+    model: str = ""  # the exact snapshot that answered
+    system_fingerprint: str = ""
+    service_tier: str = ""
+    stop_sequence: str = ""  # the stop sequence that matched
+    refusal: str = ""  # the model's refusal, apart from the text
 
 
 @dataclass(slots=True)
@@ -112,6 +174,8 @@ class ProviderResponse:
     finish_reason: FinishReason
     usage: Usage
     usage_estimated: bool = False  # the upstream sent no usage: the adapter estimated it
+    thinking: list[ThinkingBlock] = field(default_factory=list)
+    upstream: UpstreamReply = field(default_factory=UpstreamReply)
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,11 +192,30 @@ class ToolCallDelta:
 
 
 @dataclass(slots=True, frozen=True)
+class ThinkingDelta:
+    """A fragment of thinking block `index`: text to append, or its signature or redacted data, whole."""
+
+    index: int
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""
+
+
+@dataclass(slots=True, frozen=True)
 class StreamFinish:
     """Last event of a provider stream. `usage` is None when the provider never reported it."""
 
     finish_reason: FinishReason
     usage: Usage | None
+    upstream: UpstreamReply = field(default_factory=UpstreamReply)
 
 
-StreamEvent = TextDelta | ToolCallDelta | StreamFinish
+@dataclass(slots=True, frozen=True)
+class PromptUsage:
+    """What a provider announced about the prompt before the reply (Anthropic's `message_start`): exact
+    input-side counts the engine bills if the stream ends before the final usage. Never sent to callers."""
+
+    usage: Usage
+
+
+StreamEvent = TextDelta | ToolCallDelta | ThinkingDelta | PromptUsage | StreamFinish

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from feather_grpc.config import InputLimits
 from feather_grpc.engine.errors import FieldViolation, InvalidRequest
 from feather_grpc.engine.routing import POLICIES
-from feather_grpc.engine.types import ChatRequest, Role
+from feather_grpc.engine.types import ChatRequest, Message, PartKind, Role
 
 MAX_STOP_SEQUENCES = 4
 MAX_REQUEST_ID_LENGTH = 128
@@ -16,6 +17,25 @@ MAX_TAGS = 64  # tags go into every ledger record and call-log line: bounded, li
 MAX_TAG_KEY_LENGTH = 128
 MAX_TAG_VALUE_LENGTH = 512
 _DEFAULT_LIMITS = InputLimits()
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")  # what both providers take
+DOCUMENT_MEDIA_TYPE = "application/pdf"
+AUDIO_FORMATS = ("wav", "mp3")
+MAX_URL_LENGTH = 8192
+MAX_CACHE_BREAKPOINTS = 4  # Anthropic's limit per request
+MAX_PROMPT_CACHE_KEY_LENGTH = 256
+MIN_THINKING_BUDGET = 1024  # Anthropic's minimum budget_tokens
+# Upstream body fields the gateway owns: what it routes, streams and reserves budgets on (the output limit,
+# and `n`, which multiplies the output). Neither extra_fields nor a provider's defaultFields may set them.
+GATEWAY_OWNED_FIELDS = frozenset(
+    {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"}
+)
+# The part kinds each role may carry (which providers take them is routing's question).
+_ROLE_PARTS = {
+    Role.SYSTEM: frozenset({PartKind.TEXT}),
+    Role.USER: frozenset(PartKind),
+    Role.ASSISTANT: frozenset({PartKind.TEXT}),
+    Role.TOOL: frozenset({PartKind.TEXT, PartKind.IMAGE, PartKind.DOCUMENT}),
+}
 
 
 def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> None:
@@ -41,9 +61,19 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
                 bad(f"messages[{i}].tool_call_id", "is required for a tool message")
         elif m.tool_call_id:
             bad(f"messages[{i}].tool_call_id", "is only allowed on tool messages")
+        if m.thinking and m.role is not Role.ASSISTANT:
+            bad(f"messages[{i}].thinking", "is only allowed on assistant messages")
+        if m.is_error and m.role is not Role.TOOL:
+            bad(f"messages[{i}].is_error", "is only allowed on tool messages")
         if m.tool_calls and m.role is not Role.ASSISTANT:
             bad(f"messages[{i}].tool_calls", "are only allowed on assistant messages")
-        if not m.content and not m.tool_calls and m.role is not Role.TOOL:
+        if m.parts:
+            if m.content:
+                bad(f"messages[{i}].parts", "use content or parts, not both")
+            _check_parts(i, m, bad)
+            if len(m.text) > limits.max_content_chars:
+                bad(f"messages[{i}].parts", f"at most {limits.max_content_chars} characters of text")
+        elif not m.content and not m.tool_calls and m.role is not Role.TOOL:
             bad(f"messages[{i}].content", "must not be empty")
         elif len(m.content) > limits.max_content_chars:
             bad(f"messages[{i}].content", f"at most {limits.max_content_chars} characters")
@@ -73,6 +103,9 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
         elif t.name in names:
             bad(f"tools[{i}].name", f"duplicates tool {t.name!r}")
         names.add(t.name)
+    for i, t in enumerate(req.tools):
+        if t.strict and t.parameters is None:
+            bad(f"tools[{i}].parameters", "is required when strict is set")
     if req.tool_choice and req.tool_choice.function_name and req.tool_choice.function_name not in names:
         bad("tool_choice.function_name", "must name one of the request's tools")
     if req.response_format and req.response_format.type == "json_schema":
@@ -89,6 +122,20 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad("retry.base_ms", "must not be negative")
         if req.retry.max_ms is not None and req.retry.max_ms < 0:
             bad("retry.max_ms", "must not be negative")
+    if req.thinking_budget is not None:
+        if req.thinking_budget < MIN_THINKING_BUDGET:
+            bad("reasoning.thinking_budget_tokens", f"must be at least {MIN_THINKING_BUDGET}")
+        elif req.max_tokens is not None and req.max_tokens <= req.thinking_budget:
+            bad("reasoning.thinking_budget_tokens", "must be less than max_tokens (which includes the thinking)")
+    for key in sorted(GATEWAY_OWNED_FIELDS.intersection(req.extra_fields or ())):
+        bad(f"extra_fields.{key}", "is set by the gateway and cannot be overridden")
+    breakpoints = sum(m.cache_ttl is not None for m in req.messages)
+    breakpoints += sum(p.cache_ttl is not None for m in req.messages for p in m.parts)
+    breakpoints += sum(t.cache_ttl is not None for t in req.tools)
+    if breakpoints > MAX_CACHE_BREAKPOINTS:
+        bad("cache_breakpoint", f"at most {MAX_CACHE_BREAKPOINTS} cache breakpoints in a request ({breakpoints} given)")
+    if len(req.prompt_cache_key) > MAX_PROMPT_CACHE_KEY_LENGTH:
+        bad("prompt_cache_key", f"at most {MAX_PROMPT_CACHE_KEY_LENGTH} characters")
     if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
         bad("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
     if len(req.tags) > MAX_TAGS:
@@ -101,6 +148,34 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
         bad("tags", f"values must be at most {MAX_TAG_VALUE_LENGTH} characters ({_how_many(long_values)} longer)")
     if v:
         raise InvalidRequest(v)
+
+
+def _check_parts(i: int, m: Message, bad: Callable[[str, str], None]) -> None:
+    allowed = _ROLE_PARTS[m.role]
+    for j, p in enumerate(m.parts):
+        where = f"messages[{i}].parts[{j}]"
+        if p.kind not in allowed:
+            kinds = " and ".join(sorted(allowed))
+            bad(where, f"a {m.role.value} message takes {kinds} parts, not {p.kind.value}")
+            continue
+        if p.kind is PartKind.TEXT:
+            if not p.text:
+                bad(f"{where}.text", "must not be empty")
+        elif p.kind is PartKind.AUDIO:
+            if not p.data:
+                bad(f"{where}.audio.data", "is required")
+            if p.media_type not in AUDIO_FORMATS:
+                bad(f"{where}.audio.format", f"must be one of {', '.join(AUDIO_FORMATS)}")
+        else:
+            name = p.kind.value
+            if not p.url and not p.data:
+                bad(f"{where}.{name}", "needs a url or inline data")
+            elif p.url and not (p.url.startswith(("https://", "http://")) and len(p.url) <= MAX_URL_LENGTH):
+                bad(f"{where}.{name}.url", f"must be an http(s) URL of at most {MAX_URL_LENGTH} characters")
+            if p.kind is PartKind.IMAGE and p.data and p.media_type not in IMAGE_MEDIA_TYPES:
+                bad(f"{where}.image.media_type", f"must be one of {', '.join(IMAGE_MEDIA_TYPES)} with data")
+            if p.kind is PartKind.DOCUMENT and p.media_type != DOCUMENT_MEDIA_TYPE:
+                bad(f"{where}.document.media_type", f"must be {DOCUMENT_MEDIA_TYPE} (or unset)")
 
 
 def _how_many(n: int) -> str:

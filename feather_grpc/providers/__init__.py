@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from feather_grpc.engine import inputs
 from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
@@ -10,6 +11,7 @@ from feather_grpc.providers.openai import OpenAIProvider
 from feather_grpc.providers.transport import HttpClient
 
 __all__ = [
+    "ACCEPTED_INPUTS",
     "PROVIDER_TYPES",
     "AnthropicProvider",
     "HttpClient",
@@ -22,6 +24,18 @@ __all__ = [
 ]
 
 PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "bedrock", "gemini", "vertex", "mock")
+
+# The input kinds (engine.inputs) each wire format carries. OpenAI chat takes a PDF only inline (`file`) and
+# a tool result only as text; Anthropic takes no audio. The mock answers from the text alone.
+_OPENAI_INPUTS = frozenset({inputs.IMAGE, inputs.IMAGE_URL, inputs.DOCUMENT, inputs.AUDIO})
+ACCEPTED_INPUTS: dict[str, frozenset[str]] = {
+    "openai": _OPENAI_INPUTS,
+    "openai-compatible": _OPENAI_INPUTS,
+    "anthropic": frozenset(
+        {inputs.IMAGE, inputs.IMAGE_URL, inputs.DOCUMENT, inputs.DOCUMENT_URL, inputs.TOOL_RESULT_MEDIA}
+    ),
+    "mock": frozenset(inputs.DESCRIPTIONS),
+}
 
 
 def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:

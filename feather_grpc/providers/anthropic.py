@@ -11,16 +11,33 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    Message,
+    Part,
+    PartKind,
+    PromptUsage,
     ProviderResponse,
     Role,
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    UpstreamReply,
     Usage,
 )
-from feather_grpc.providers.base import ProviderSettings, estimated_usage, parse_sse, read_events, token_count
+from feather_grpc.providers.base import (
+    ProviderSettings,
+    b64,
+    consistent,
+    estimated_usage,
+    merge_fields,
+    parse_sse,
+    read_events,
+    request_count,
+    token_count,
+)
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
@@ -36,7 +53,13 @@ from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
 
 ANTHROPIC_VERSION = "2023-06-01"
-DEFAULT_MAX_TOKENS = 4096  # the Messages API requires max_tokens; this applies when the caller set none
+# The Messages API requires max_tokens: when the caller sets none, the model's configured maxOutputTokens,
+# else this.
+DEFAULT_MAX_TOKENS = 4096
+
+# Extended thinking for a request that names an effort but no budget (LiteLLM's mapping); none and minimal
+# mean no thinking.
+EFFORT_BUDGETS = {"low": 1024, "medium": 2048, "high": 4096, "xhigh": 8192}
 
 _FINISH = {
     "end_turn": FinishReason.STOP,
@@ -68,14 +91,28 @@ def finish_reason(raw: object) -> FinishReason:
 
 
 def normalise_usage(raw: dict[str, Any]) -> Usage:
-    """Anthropic's `input_tokens` excludes cache reads and writes; the engine's includes both."""
+    """Anthropic's `input_tokens` excludes cache reads and writes; the engine's includes both. Thinking
+    tokens (`output_tokens_details.thinking_tokens`, within `output_tokens`) are the reasoning tokens;
+    `server_tool_use.web_search_requests` are billed per request."""
     cache_read = token_count(raw.get("cache_read_input_tokens"))
     cache_write = token_count(raw.get("cache_creation_input_tokens"))
-    return Usage(
-        input_tokens=token_count(raw.get("input_tokens")) + cache_read + cache_write,
-        output_tokens=token_count(raw.get("output_tokens")),
-        cached_input_tokens=cache_read,
-        cache_write_tokens=cache_write,
+    details = raw.get("output_tokens_details")
+    server_tools = raw.get("server_tool_use")
+    by_ttl = raw.get("cache_creation")  # the writes split by TTL
+    return consistent(
+        Usage(
+            input_tokens=token_count(raw.get("input_tokens")) + cache_read + cache_write,
+            output_tokens=token_count(raw.get("output_tokens")),
+            cached_input_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            reasoning_tokens=token_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0,
+            web_search_requests=request_count(server_tools.get("web_search_requests"))
+            if isinstance(server_tools, dict)
+            else 0,
+            cache_write_1h_tokens=token_count(by_ttl.get("ephemeral_1h_input_tokens"))
+            if isinstance(by_ttl, dict)
+            else 0,
+        )
     )
 
 
@@ -96,26 +133,77 @@ def _tool_input(provider: str, call_id: str, arguments: str) -> dict[str, Any]:
     return value
 
 
-def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[str, Any]]]:
-    """System text, and turns that alternate user/assistant as the Messages API requires.
+def _source(p: Part) -> dict[str, Any]:
+    if p.url:
+        return {"type": "url", "url": p.url}
+    return {"type": "base64", "media_type": p.media_type, "data": b64(p.data)}
 
-    System messages join into the top-level `system`; tool results become `tool_result` blocks of a
-    user turn; consecutive same-role turns merge. A turn that is one text block is sent as a string.
+
+def cache_control(ttl: str | None) -> dict[str, Any] | None:
+    """A breakpoint's `cache_control`: "" is the API's default TTL (5 minutes)."""
+    if ttl is None:
+        return None
+    return {"type": "ephemeral", "ttl": ttl} if ttl else {"type": "ephemeral"}
+
+
+def _mark(block: dict[str, Any], ttl: str | None) -> dict[str, Any]:
+    if ttl is not None:
+        block["cache_control"] = cache_control(ttl)
+    return block
+
+
+def _block(p: Part) -> dict[str, Any]:
+    """One content part as a Messages content block (routing has kept audio away from this API)."""
+    block: dict[str, Any]
+    if p.kind is PartKind.IMAGE:
+        block = {"type": "image", "source": _source(p)}
+    elif p.kind is PartKind.DOCUMENT:
+        block = {"type": "document", "source": _source(p)}
+        if p.title:
+            block["title"] = p.title
+    elif p.kind is PartKind.TEXT:
+        block = {"type": "text", "text": p.text}
+    else:  # routing keeps audio away; an adapter used directly must not send it as something else
+        raise ProviderError("UPSTREAM_BAD_REQUEST", "the Anthropic Messages API takes no audio", retryable=False)
+    return _mark(block, p.cache_ttl)
+
+
+def _text_blocks(m: Message) -> list[dict[str, Any]]:
+    """The message's content as blocks; the API rejects empty text blocks."""
+    if m.parts:
+        return [_block(p) for p in m.parts]
+    return [{"type": "text", "text": m.content}] if m.content else []
+
+
+def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict[str, Any]], list[dict[str, Any]]]:
+    """The top-level `system`, and turns that alternate user/assistant as the Messages API requires.
+
+    System messages join into `system` (text, or text blocks when a cache breakpoint marks one); tool
+    results become `tool_result` blocks of a user turn; consecutive same-role turns merge. A turn that is
+    one unmarked text block is sent as a string. A message's cache breakpoint marks its last block.
     """
-    system: list[str] = []
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     for m in request.messages:
         if m.role is Role.SYSTEM:
-            system.append(m.content)
+            blocks = _text_blocks(m)
+            if blocks:
+                _mark(blocks[-1], m.cache_ttl)
+            system.extend(blocks)
             continue
-        blocks: list[dict[str, Any]] = []
+        blocks = []
         if m.role is Role.TOOL:
             role = "user"
-            blocks.append({"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content})
+            content: str | list[dict[str, Any]] = [_block(p) for p in m.parts] if m.parts else m.content
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": content}
+            if m.is_error:
+                result["is_error"] = True
+            blocks.append(result)
         else:
             role = "assistant" if m.role is Role.ASSISTANT else "user"
-            if m.content:  # the API rejects empty text blocks
-                blocks.append({"type": "text", "text": m.content})
+            # Thinking comes first, exactly as the reply carried it (the API checks the signatures).
+            blocks.extend(_thinking_block(t) for t in m.thinking)
+            blocks.extend(_text_blocks(m))
             for call in m.tool_calls:
                 blocks.append(
                     {
@@ -125,17 +213,42 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str, list[dict[
                         "input": _tool_input(provider, call.id, call.arguments),
                     }
                 )
+        if blocks:
+            _mark(blocks[-1], m.cache_ttl)
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
     for turn in turns:
-        content = turn["content"]
-        if not content:
+        turn_blocks = turn["content"]
+        if not turn_blocks:
             turn["content"] = ""  # an empty message: let the upstream say what it thinks of it
-        elif len(content) == 1 and content[0]["type"] == "text":
-            turn["content"] = content[0]["text"]
-    return "\n\n".join(system), turns
+        elif len(turn_blocks) == 1 and _plain_text(turn_blocks[0]):
+            turn["content"] = turn_blocks[0]["text"]
+    if any(not _plain_text(b) for b in system):
+        return system, turns
+    return "\n\n".join(b["text"] for b in system), turns
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _thinking_block(t: ThinkingBlock) -> dict[str, Any]:
+    if t.redacted_data:
+        return {"type": "redacted_thinking", "data": t.redacted_data}
+    return {"type": "thinking", "thinking": t.text, "signature": t.signature}
+
+
+def thinking_budget(request: ChatRequest) -> int | None:
+    """The extended-thinking budget a request asks for: its own, else its effort's."""
+    if request.thinking_budget is not None:
+        return request.thinking_budget
+    return EFFORT_BUDGETS.get(request.reasoning_effort)
+
+
+def _plain_text(block: dict[str, Any]) -> bool:
+    return block["type"] == "text" and "cache_control" not in block
 
 
 class AnthropicProvider:
@@ -153,16 +266,25 @@ class AnthropicProvider:
         headers.update(settings.extra_headers)
         # The request head (Host, these headers) is encoded once, here; a request adds its length.
         self._endpoint = session.endpoint(self._url, list(headers.items()), settings.egress)
+        self._max_output = dict(settings.max_output_tokens)
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         system, messages = build_messages(self._name, request)
-        body: dict[str, Any] = {
-            "model": model,
-            "max_tokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS,
-            "messages": messages,
-        }
+        budget = thinking_budget(request)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            # max_tokens includes the thinking: without a configured limit, leave the answer its usual room
+            max_tokens = self._max_output.get(model) or DEFAULT_MAX_TOKENS + (budget or 0)
+        body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": messages}
+        if budget is not None:
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
         if system:
             body["system"] = system
+        fmt = request.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            # Structured outputs: the reply's text is JSON valid against the schema (routing keeps JSON mode,
+            # which this API lacks, away from here).
+            body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.json_schema or {}}}
         if request.temperature is not None:
             body["temperature"] = request.temperature  # passed as given: the upstream judges the range
         if request.top_p is not None:
@@ -176,16 +298,25 @@ class AnthropicProvider:
                 if t.description:
                     tool["description"] = t.description
                 tool["input_schema"] = t.parameters if t.parameters is not None else {"type": "object"}
-                tools.append(tool)
+                if t.strict:
+                    tool["strict"] = True
+                tools.append(_mark(tool, t.cache_ttl))
             body["tools"] = tools
         choice = request.tool_choice
+        tool_choice: dict[str, Any] | None = None
         if choice is not None:
             if choice.function_name:
-                body["tool_choice"] = {"type": "tool", "name": choice.function_name}
+                tool_choice = {"type": "tool", "name": choice.function_name}
             elif choice.mode == "required":
-                body["tool_choice"] = {"type": "any"}
+                tool_choice = {"type": "any"}
             elif choice.mode in ("auto", "none"):
-                body["tool_choice"] = {"type": choice.mode}
+                tool_choice = {"type": choice.mode}
+        if request.tools and request.parallel_tool_calls is False and (tool_choice or {}).get("type") != "none":
+            # Anthropic says it inside tool_choice (auto is its default), and only the "off" way.
+            tool_choice = {**(tool_choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        if tool_choice is not None:
+            body["tool_choice"] = tool_choice
+        merge_fields(body, self.settings, request)
         if stream:
             body["stream"] = True
         return body
@@ -208,24 +339,39 @@ class AnthropicProvider:
             self.settings.max_response_bytes,
             headers=await self.request_headers(),
         )
+        return self._parse_message(doc, request)
+
+    def _parse_message(self, doc: object, request: ChatRequest) -> ProviderResponse:
         try:
             if not isinstance(doc, dict):
                 raise TypeError
             texts: list[str] = []
             calls: list[ToolCall] = []
+            thinking: list[ThinkingBlock] = []
             for block in doc["content"]:
                 kind = block.get("type")
                 if kind == "text":
                     texts.append(block.get("text") or "")
                 elif kind == "tool_use":
                     calls.append(ToolCall(block["id"], block["name"], orjson.dumps(block.get("input") or {}).decode()))
+                elif kind == "thinking":
+                    thinking.append(ThinkingBlock(str(block.get("thinking") or ""), str(block.get("signature") or "")))
+                elif kind == "redacted_thinking":
+                    thinking.append(ThinkingBlock(redacted_data=str(block.get("data") or "")))
             raw_usage = doc.get("usage")
         except (KeyError, TypeError, AttributeError):
             raise bad_response(self._name, "not a message") from None
         content, finish = "".join(texts), finish_reason(doc.get("stop_reason"))
+        upstream = UpstreamReply(id=_str(doc.get("id")), model=_str(doc.get("model")))
+        upstream.stop_sequence = _str(doc.get("stop_sequence"))
         if not isinstance(raw_usage, dict):  # answered but unmetered: bill an estimate (a retry pays twice)
-            return ProviderResponse(content, calls, finish, estimated_usage(request, content, calls), True)
-        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage))
+            thought = "".join(t.text for t in thinking)
+            usage = estimated_usage(request, content + thought, calls)
+            return ProviderResponse(content, calls, finish, usage, True, thinking, upstream)
+        upstream.service_tier = _str(raw_usage.get("service_tier"))
+        return ProviderResponse(
+            content, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream
+        )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
@@ -239,34 +385,53 @@ class AnthropicProvider:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)
                 started = True
-                parser = SSEParser(self.settings.max_stream_event_bytes)
-                reader = _EventReader(name, self._api_key)
+                if resp.content_type == "application/json":
+                    # A proxy or mock that ignored `stream: true` (as the OpenAI adapter allows): replay the
+                    # whole message.
+                    try:
+                        doc = orjson.loads(await resp.read(self.settings.max_response_bytes))
+                    except ValueError:
+                        raise bad_response(name, "body is not JSON") from None
+                    full = self._parse_message(doc, request)
+                    for i, t in enumerate(full.thinking):
+                        yield ThinkingDelta(i, t.text, t.signature, t.redacted_data)
+                    if full.content:
+                        yield TextDelta(full.content)
+                    for i, call in enumerate(full.tool_calls):
+                        yield ToolCallDelta(i, call.id, call.name, call.arguments)
+                    # Without usage the engine estimates, and says so.
+                    usage = None if full.usage_estimated else full.usage
+                    final: StreamFinish | None = StreamFinish(full.finish_reason, usage, full.upstream)
+                else:
+                    final = None
+                    parser = SSEParser(self.settings.max_stream_event_bytes)
+                    reader = _EventReader(name, self._api_key)
 
-                def handle(event: SSEEvent) -> list[StreamEvent]:
-                    return reader.handle(event.event, event.data)
+                    def handle(event: SSEEvent) -> list[StreamEvent]:
+                        return reader.handle(event.event, event.data)
 
-                def done() -> bool:
-                    return reader.done
+                    def done() -> bool:
+                        return reader.done
 
-                async for chunk in resp:
-                    events, error = read_events(parse_sse(parser, chunk, name), handle, done)
-                    for out in events:
-                        yield out
-                    if error is not None:
-                        raise error
-                    if reader.done:
-                        break
-                if not reader.done:
-                    raise stream_cut(name, "ended without message_stop")
-                # The terminating chunk may still be on its way: keep the connection if it comes soon.
-                resp.release_after_end()
+                    async for chunk in resp:
+                        events, error = read_events(parse_sse(parser, chunk, name), handle, done)
+                        for out in events:
+                            yield out
+                        if error is not None:
+                            raise error
+                        if reader.done:
+                            break
+                    if not reader.done:
+                        raise stream_cut(name, "ended without message_stop")
+                    # The terminating chunk may still be on its way: keep the connection if it comes soon.
+                    resp.release_after_end()
             finally:
                 # Read to the end, the connection is already back in the pool and this is a no-op;
                 # otherwise (an error, aclose() or cancellation) it is closed.
                 resp.close()
         except HttpError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
-        yield reader.finish()  # after the response is released
+        yield final if final is not None else reader.finish()  # after the response is released
 
     async def aclose(self) -> None:
         return None
@@ -275,7 +440,18 @@ class AnthropicProvider:
 class _EventReader:
     """Turns Messages stream events into engine stream events, keeping usage and the stop reason."""
 
-    __slots__ = ("_api_key", "_args_seen", "_final_output", "_name", "_stop_reason", "_tool_ordinals", "_usage", "done")
+    __slots__ = (
+        "_api_key",
+        "_args_seen",
+        "_final_output",
+        "_name",
+        "_stop_reason",
+        "_thinking_ordinals",
+        "_tool_ordinals",
+        "_upstream",
+        "_usage",
+        "done",
+    )
 
     def __init__(self, name: str, api_key: str) -> None:
         self._name = name
@@ -285,6 +461,8 @@ class _EventReader:
         self._final_output = False  # a message_delta reported output_tokens
         self._stop_reason: object = None
         self._tool_ordinals: dict[int, int] = {}  # content block index -> tool call ordinal
+        self._thinking_ordinals: dict[int, int] = {}  # content block index -> thinking block ordinal
+        self._upstream = UpstreamReply()
         self._args_seen: set[int] = set()
 
     def handle(self, event: str, data: str) -> list[StreamEvent]:
@@ -303,6 +481,15 @@ class _EventReader:
             if dtype == "text_delta":
                 text = delta.get("text")
                 return [TextDelta(text)] if text else []
+            if dtype in ("thinking_delta", "signature_delta"):
+                ordinal = self._thinking_ordinals.get(obj.get("index", -1))
+                if ordinal is None:
+                    return []
+                if dtype == "thinking_delta":
+                    text = delta.get("thinking")
+                    return [ThinkingDelta(ordinal, text=text)] if text else []
+                signature = delta.get("signature")
+                return [ThinkingDelta(ordinal, signature=signature)] if signature else []
             if dtype == "input_json_delta":
                 ordinal = self._tool_ordinals.get(obj.get("index", -1))
                 fragment = delta.get("partial_json")
@@ -310,7 +497,7 @@ class _EventReader:
                     return []
                 self._args_seen.add(ordinal)
                 return [ToolCallDelta(ordinal, arguments=fragment)]
-            return []  # thinking, signature and citation deltas carry nothing the engine relays
+            return []  # citation deltas carry nothing the engine relays
         if kind == "content_block_start":
             block = obj.get("content_block") or {}
             btype = block.get("type")
@@ -321,6 +508,14 @@ class _EventReader:
                 ordinal = len(self._tool_ordinals)
                 self._tool_ordinals[obj.get("index", ordinal)] = ordinal
                 return [ToolCallDelta(ordinal, block.get("id") or "", block.get("name") or "")]
+            if btype in ("thinking", "redacted_thinking"):
+                ordinal = len(self._thinking_ordinals)
+                self._thinking_ordinals[obj.get("index", -1 - ordinal)] = ordinal
+                if btype == "redacted_thinking":
+                    return [ThinkingDelta(ordinal, redacted_data=str(block.get("data") or ""))]
+                # The block opens empty as a rule; anything it already holds is passed on.
+                text, signature = block.get("thinking") or "", block.get("signature") or ""
+                return [ThinkingDelta(ordinal, text=text, signature=signature)] if text or signature else []
             return []
         if kind == "content_block_stop":
             ordinal = self._tool_ordinals.get(obj.get("index", -1))
@@ -330,14 +525,24 @@ class _EventReader:
                 return [ToolCallDelta(ordinal, arguments="{}")]
             return []
         if kind == "message_start":
-            usage = (obj.get("message") or {}).get("usage")
+            message = obj.get("message") or {}
+            self._upstream = UpstreamReply(id=_str(message.get("id")), model=_str(message.get("model")))
+            usage = message.get("usage")
             if isinstance(usage, dict):
                 self._usage = dict(usage)
+                # The prompt's exact counts, for the engine to bill if the stream ends before message_delta
+                # (its output count is a placeholder, so none is passed on).
+                prompt = normalise_usage(usage)
+                prompt.output_tokens = prompt.reasoning_tokens = 0
+                return [PromptUsage(prompt)]
             return []
         if kind == "message_delta":
-            stop = (obj.get("delta") or {}).get("stop_reason")
+            delta = obj.get("delta") or {}
+            stop = delta.get("stop_reason")
             if stop:
                 self._stop_reason = stop
+            if delta.get("stop_sequence"):
+                self._upstream.stop_sequence = _str(delta["stop_sequence"])
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 # Counts here are cumulative: the latest value replaces, never adds.
@@ -363,4 +568,6 @@ class _EventReader:
     def finish(self) -> StreamFinish:
         # message_start's output count is a placeholder; without a final one the engine estimates (and says so).
         usage = normalise_usage(self._usage) if self._usage is not None and self._final_output else None
-        return StreamFinish(finish_reason(self._stop_reason), usage)
+        if self._usage is not None:
+            self._upstream.service_tier = _str(self._usage.get("service_tier"))
+        return StreamFinish(finish_reason(self._stop_reason), usage, self._upstream)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
-from feather_grpc.engine.types import ChatRequest, ProviderResponse, StreamEvent, TextDelta, ToolCall, Usage
+from feather_grpc.engine.types import (
+    ChatRequest,
+    ProviderResponse,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolCall,
+    Usage,
+)
 from feather_grpc.providers.egress import DIRECT, Egress
 from feather_grpc.providers.http import too_large
 from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSELimitExceeded, SSEParser
@@ -38,6 +47,8 @@ class ProviderSettings:
     upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> id the upstream knows (an Azure deployment)
     responses_models: tuple[str, ...] = ()  # openai: models served through the Responses API
     thinking_budgets: tuple[tuple[str, int], ...] = ()  # gemini/vertex: model name -> thinking budget (tokens)
+    max_output_tokens: tuple[tuple[str, int], ...] = ()  # (upstream model, its configured longest reply)
+    default_fields: dict[str, Any] = field(default_factory=dict, hash=False)  # body fields a request may override
 
 
 class Provider(Protocol):
@@ -80,6 +91,34 @@ def token_count(raw: object) -> int:
         return MAX_TOKENS_PER_CALL if raw == float("inf") else 0
 
 
+# Server-side tool requests a call may bill: far beyond any real call, small enough for any price.
+MAX_REQUESTS_PER_CALL = 1_000_000
+
+
+def request_count(raw: object) -> int:
+    """A count of server-side tool requests from an upstream's usage, bounded like `token_count`."""
+    return min(token_count(raw), MAX_REQUESTS_PER_CALL)
+
+
+def merge_fields(body: dict[str, Any], settings: ProviderSettings, request: ChatRequest) -> dict[str, Any]:
+    """The body with the provider's configured defaults under it and the request's extra fields over it
+    (validation and config keep both off the fields the gateway owns)."""
+    for key, value in settings.default_fields.items():
+        body.setdefault(key, value)
+    if request.extra_fields:
+        body.update(request.extra_fields)
+    return body
+
+
+def b64(data: bytes) -> str:
+    """Inline bytes as the providers take them: standard base64 text."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def data_url(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64,{b64(data)}"
+
+
 def estimated_usage(request: ChatRequest, content: str, calls: list[ToolCall]) -> Usage:
     """For a reply that came without usage: the prompt and the answer, estimated (and billed as such)."""
     output = estimate_tokens(content) + sum(estimate_tokens(c.name + c.arguments) for c in calls)
@@ -90,12 +129,14 @@ def consistent(usage: Usage) -> Usage:
     """Cache reads and writes within the prompt, reasoning within the output (as every provider means)."""
     usage.cached_input_tokens = min(usage.cached_input_tokens, usage.input_tokens)
     usage.cache_write_tokens = min(usage.cache_write_tokens, usage.input_tokens - usage.cached_input_tokens)
+    usage.cache_write_1h_tokens = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     usage.reasoning_tokens = min(usage.reasoning_tokens, usage.output_tokens)
     return usage
 
 
 def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
-    """The events of one network read, with each run of text deltas joined into one delta.
+    """The events of one network read, with each run of text deltas joined into one delta, and each run of
+    thinking text of one block likewise.
 
     Every delta becomes a gRPC message, which costs the gateway ~60-80 us of CPU whatever its size; an
     upstream that sends several events at once (a burst after a pause, a fast server) would pay that per
@@ -104,17 +145,29 @@ def coalesce(events: list[StreamEvent]) -> list[StreamEvent]:
     if len(events) < 2:
         return events
     out: list[StreamEvent] = []
-    run: list[str] = []
+    run: list[str] = []  # text of the current run
+    run_kind: int | None = None  # -1 for reply text, else the thinking block's index
+
+    def flush() -> None:
+        if run:
+            out.append(TextDelta("".join(run)) if run_kind == -1 else ThinkingDelta(run_kind or 0, "".join(run)))
+            run.clear()
+
     for event in events:
         if isinstance(event, TextDelta):
-            run.append(event.content)
+            kind = -1
+        elif isinstance(event, ThinkingDelta) and not (event.signature or event.redacted_data):
+            kind = event.index
+        else:
+            flush()
+            run_kind = None
+            out.append(event)
             continue
-        if run:
-            out.append(TextDelta("".join(run)))
-            run = []
-        out.append(event)
-    if run:
-        out.append(TextDelta("".join(run)))
+        if kind != run_kind:
+            flush()
+            run_kind = kind
+        run.append(event.content if isinstance(event, TextDelta) else event.text)
+    flush()
     return out
 
 

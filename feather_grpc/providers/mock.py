@@ -66,7 +66,7 @@ def _reply(request: ChatRequest) -> ProviderResponse:
         output = estimate_tokens(call.name) + estimate_tokens(call.arguments)
         return ProviderResponse("", [call], FinishReason.TOOL_CALLS, Usage(input_tokens, output))
 
-    last_user = next((m.content for m in reversed(request.messages) if m.role is Role.USER), "")
+    last_user = next((m.text for m in reversed(request.messages) if m.role is Role.USER), "")
     content = REPLY_PREFIX + last_user[:_QUOTE_LIMIT]
     finish = FinishReason.STOP
     limit = request.max_tokens

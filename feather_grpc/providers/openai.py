@@ -12,19 +12,27 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    Part,
+    PartKind,
     ProviderResponse,
     Role,
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.providers.base import (
     ProviderSettings,
+    b64,
     consistent,
+    data_url,
     estimated_usage,
+    merge_fields,
     parse_sse,
     read_events,
     token_count,
@@ -41,7 +49,10 @@ from feather_grpc.providers.http import (
 from feather_grpc.providers.sse import SSEEvent, SSEParser
 from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError
 
-__all__ = ["OpenAIProvider", "finish_reason", "normalise_usage"]
+__all__ = ["LEGACY_CALL_ID", "OpenAIProvider", "finish_reason", "normalise_usage"]
+
+# The id given to a legacy `function_call` reply (it has none): the caller echoes it in the tool result.
+LEGACY_CALL_ID = "call_function_call"
 
 _FINISH = {
     "stop": FinishReason.STOP,
@@ -74,19 +85,47 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
             input_tokens=token_count(raw.get("prompt_tokens")),
             output_tokens=token_count(raw.get("completion_tokens")),
             cached_input_tokens=token_count(prompt_details.get("cached_tokens")),
+            # Written to the cache on this call (part of `prompt_tokens`), billed at the cache-write price.
+            cache_write_tokens=token_count(prompt_details.get("cache_write_tokens")),
             reasoning_tokens=token_count(completion_details.get("reasoning_tokens")),
         )
     )
 
 
+def _part(p: Part) -> dict[str, Any]:
+    """One content part in Chat Completions terms (routing has kept out what the API cannot take)."""
+    if p.kind is PartKind.TEXT:
+        return {"type": "text", "text": p.text}
+    if p.kind is PartKind.IMAGE:
+        image: dict[str, Any] = {"url": p.url or data_url(p.media_type, p.data)}
+        if p.detail:
+            image["detail"] = p.detail
+        return {"type": "image_url", "image_url": image}
+    if p.kind is PartKind.DOCUMENT:
+        if p.url:  # routing keeps these away; an adapter used directly must not send something else
+            raise ProviderError("UPSTREAM_BAD_REQUEST", "Chat Completions takes a PDF inline only", retryable=False)
+        # Chat Completions takes a PDF inline only, and wants a file name with it.
+        return {
+            "type": "file",
+            "file": {"filename": p.title or "document.pdf", "file_data": data_url(p.media_type, p.data)},
+        }
+    return {"type": "input_audio", "input_audio": {"data": b64(p.data), "format": p.media_type}}
+
+
+def _content(m: Message) -> str | list[dict[str, Any]]:
+    return [_part(p) for p in m.parts] if m.parts else m.content
+
+
 def _message(m: Message) -> dict[str, Any]:
     if m.role is Role.TOOL:
-        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content}
-    out: dict[str, Any] = {"role": m.role.value, "content": m.content}
+        if any(p.kind is not PartKind.TEXT for p in m.parts):
+            raise ProviderError("UPSTREAM_BAD_REQUEST", "Chat Completions takes tool results as text", retryable=False)
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": _content(m)}
+    out: dict[str, Any] = {"role": m.role.value, "content": _content(m)}
     if m.name:
         out["name"] = m.name
     if m.tool_calls:
-        if not m.content:
+        if not m.content and not m.parts:
             out["content"] = None  # what OpenAI itself returns for a tool-calls-only turn
         out["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -101,6 +140,30 @@ def _text_of(content: object) -> str:
         return content
     if isinstance(content, list):
         return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
+def _upstream(doc: dict[str, Any]) -> UpstreamReply:
+    """The reply's own id, model snapshot, fingerprint and service tier (a completion or a chunk)."""
+    return UpstreamReply(
+        id=_str(doc.get("id")),
+        model=_str(doc.get("model")),
+        system_fingerprint=_str(doc.get("system_fingerprint")),
+        service_tier=_str(doc.get("service_tier")),
+    )
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _reasoning_of(message: dict[str, Any]) -> str:
+    """The reasoning text compatible servers send apart from the content (DeepSeek, vLLM and others:
+    `reasoning_content`; OpenRouter: `reasoning`). OpenAI's own chat models do not return theirs."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            return value
     return ""
 
 
@@ -159,14 +222,23 @@ class OpenAIProvider:
                     fn["description"] = t.description
                 if t.parameters is not None:
                     fn["parameters"] = t.parameters
+                if t.strict:
+                    fn["strict"] = True
                 tools.append({"type": "function", "function": fn})
             body["tools"] = tools
+            if request.parallel_tool_calls is not None:  # OpenAI refuses it without tools
+                body["parallel_tool_calls"] = request.parallel_tool_calls
         choice = request.tool_choice
         if choice is not None:
             if choice.function_name:
                 body["tool_choice"] = {"type": "function", "function": {"name": choice.function_name}}
             elif choice.mode:
                 body["tool_choice"] = choice.mode
+        if request.prompt_cache_key:
+            body["prompt_cache_key"] = request.prompt_cache_key
+        if request.reasoning_effort:
+            body["reasoning_effort"] = request.reasoning_effort
+        merge_fields(body, self.settings, request)
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -202,6 +274,7 @@ class OpenAIProvider:
             message = choice["message"]
             content = _text_of(message.get("content"))
             refusal = message.get("refusal")
+            thought = _reasoning_of(message)
             calls = [
                 ToolCall(
                     id=c.get("id") or "",
@@ -210,17 +283,27 @@ class OpenAIProvider:
                 )
                 for c in message.get("tool_calls") or ()
             ]
+            legacy = message.get("function_call")
+            if not calls and isinstance(legacy, dict) and legacy.get("name"):
+                # The deprecated `functions` API's one call: the same thing as a tool call, without an id.
+                calls.append(ToolCall(LEGACY_CALL_ID, str(legacy["name"]), str(legacy.get("arguments") or "")))
             raw_usage = doc.get("usage")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise bad_response(self._name, "not a chat completion") from None
         finish = finish_reason(choice.get("finish_reason"), bool(calls))
-        if refusal and not content:
-            # Structured-output refusals arrive apart from content; surface the text, flag the filter.
-            content = str(refusal)
-            finish = FinishReason.CONTENT_FILTER
+        upstream = _upstream(doc)
+        if isinstance(refusal, str) and refusal:
+            upstream.refusal = refusal  # its own field; as before it had one, also the text of an empty reply
+            if not content:
+                content = refusal
+                finish = FinishReason.CONTENT_FILTER
+        thinking = [ThinkingBlock(thought)] if thought else []
         if not isinstance(raw_usage, dict):  # some compatible servers omit it: an estimate bills better than 0
-            return ProviderResponse(content, calls, finish, estimated_usage(request, content, calls), True)
-        return ProviderResponse(content, calls, finish, normalise_usage(raw_usage))
+            usage = estimated_usage(request, content + thought, calls)
+            return ProviderResponse(content, calls, finish, usage, True, thinking, upstream)
+        return ProviderResponse(
+            content, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream
+        )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         endpoint, model = self.target(model)
@@ -242,11 +325,13 @@ class OpenAIProvider:
                     except ValueError:
                         raise bad_response(name, "body is not JSON") from None
                     full = self._parse_completion(doc, request)
+                    for t in full.thinking:
+                        yield ThinkingDelta(0, text=t.text)
                     if full.content:
                         yield TextDelta(full.content)
                     for i, call in enumerate(full.tool_calls):
                         yield ToolCallDelta(i, call.id, call.name, call.arguments)
-                    reader = _ChunkReader.finished(name, full.finish_reason, full.usage)
+                    reader = _ChunkReader.finished(name, full)
                 else:
                     parser = SSEParser(self.settings.max_stream_event_bytes)
                     reader = _ChunkReader(name, self._api_key)
@@ -284,6 +369,9 @@ class OpenAIProvider:
         return None
 
 
+_LEGACY_KEY = ("function_call",)  # the ordinal key of a streamed legacy function_call
+
+
 class _ChunkReader:
     """Turns `chat.completion.chunk` payloads into stream events, remembering what the end needs."""
 
@@ -296,6 +384,7 @@ class _ChunkReader:
         "_ordinals",
         "_refusal",
         "_text_seen",
+        "_upstream",
         "_usage",
         "done",
     )
@@ -311,13 +400,14 @@ class _ChunkReader:
         self._ordinals: dict[object, int] = {}  # upstream tool-call key -> ordinal
         self._last_key: object = 0
         self._final: StreamFinish | None = None
+        self._upstream = UpstreamReply()
 
     @classmethod
-    def finished(cls, name: str, finish: FinishReason, usage: Usage) -> _ChunkReader:
+    def finished(cls, name: str, full: ProviderResponse) -> _ChunkReader:
         """A reader whose `finish()` reports an already complete (non-streamed) answer."""
         reader = cls(name, "")
         reader.done = True
-        reader._final = StreamFinish(finish, usage)
+        reader._final = StreamFinish(full.finish_reason, None if full.usage_estimated else full.usage, full.upstream)
         return reader
 
     def handle(self, data: str) -> list[StreamEvent]:
@@ -336,12 +426,19 @@ class _ChunkReader:
         usage = obj.get("usage")
         if usage:
             self._usage = usage  # servers that repeat usage on every chunk: the last one wins
+        if not self._upstream.id:  # every chunk repeats them: the first says it
+            self._upstream = _upstream(obj)
+        elif obj.get("service_tier"):
+            self._upstream.service_tier = _str(obj["service_tier"])
         choices = obj.get("choices")
         if not choices:
             return []
         choice = choices[0]
         out: list[StreamEvent] = []
         delta = choice.get("delta") or {}
+        thought = _reasoning_of(delta)
+        if thought:
+            out.append(ThinkingDelta(0, text=thought))
         text = delta.get("content")
         if text:
             self._text_seen = True
@@ -352,6 +449,9 @@ class _ChunkReader:
         calls = delta.get("tool_calls")
         if calls:
             self._tool_calls(calls, out)
+        legacy = delta.get("function_call")
+        if isinstance(legacy, dict):
+            self._legacy_call(legacy, out)
         if choice.get("finish_reason"):
             self._finish = choice["finish_reason"]
         return out
@@ -374,6 +474,15 @@ class _ChunkReader:
             elif fn.get("arguments"):
                 out.append(ToolCallDelta(ordinal, arguments=fn["arguments"]))
 
+    def _legacy_call(self, fn: dict[str, Any], out: list[StreamEvent]) -> None:
+        """A streamed legacy `function_call`: one call, its name first, then argument fragments."""
+        ordinal = self._ordinals.get(_LEGACY_KEY)
+        if ordinal is None:
+            ordinal = self._ordinals[_LEGACY_KEY] = len(self._ordinals)
+            out.append(ToolCallDelta(ordinal, LEGACY_CALL_ID, fn.get("name") or "", fn.get("arguments") or ""))
+        elif fn.get("arguments"):
+            out.append(ToolCallDelta(ordinal, arguments=fn["arguments"]))
+
     def _stream_error(self, err: object) -> ProviderError:
         if not isinstance(err, dict):
             err = {"message": str(err)}
@@ -385,8 +494,9 @@ class _ChunkReader:
             return [self._final]
         out: list[StreamEvent] = []
         finish = finish_reason(self._finish, bool(self._ordinals))
+        self._upstream.refusal = self._refusal  # its own field; as before, also the text of an empty reply
         if self._refusal and not self._text_seen:
             out.append(TextDelta(self._refusal))
             finish = FinishReason.CONTENT_FILTER
-        out.append(StreamFinish(finish, normalise_usage(self._usage) if self._usage else None))
+        out.append(StreamFinish(finish, normalise_usage(self._usage) if self._usage else None, self._upstream))
         return out

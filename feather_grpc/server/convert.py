@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -14,12 +15,17 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    Part,
+    PartKind,
     ResponseFormat,
     RetryOverride,
     Role,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolChoice,
     ToolSpec,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.engine.validation import usable_request_id
@@ -77,6 +83,65 @@ _GROUP_BY = {
 }
 
 
+_DETAIL = {
+    pb.IMAGE_DETAIL_UNSPECIFIED: "",
+    pb.IMAGE_DETAIL_AUTO: "auto",
+    pb.IMAGE_DETAIL_LOW: "low",
+    pb.IMAGE_DETAIL_HIGH: "high",
+}
+
+
+_EFFORT = {
+    pb.REASONING_EFFORT_UNSPECIFIED: "",
+    pb.REASONING_EFFORT_NONE: "none",
+    pb.REASONING_EFFORT_MINIMAL: "minimal",
+    pb.REASONING_EFFORT_LOW: "low",
+    pb.REASONING_EFFORT_MEDIUM: "medium",
+    pb.REASONING_EFFORT_HIGH: "high",
+    pb.REASONING_EFFORT_XHIGH: "xhigh",
+}
+_TTL = {pb.CACHE_TTL_UNSPECIFIED: "", pb.CACHE_TTL_FIVE_MINUTES: "5m", pb.CACHE_TTL_ONE_HOUR: "1h"}
+
+
+def _cache_ttl(msg: pb.Part | pb.Message | pb.Tool, field: str, bad: list[FieldViolation]) -> str | None:
+    """A breakpoint's TTL ("" for the provider's default), or None without a breakpoint."""
+    if not msg.HasField("cache_breakpoint"):
+        return None
+    ttl = _TTL.get(msg.cache_breakpoint.ttl)
+    if ttl is None:
+        bad.append(FieldViolation(f"{field}.cache_breakpoint.ttl", "unknown value"))
+    return ttl or ""
+
+
+def _part(p: pb.Part, field: str, bad: list[FieldViolation]) -> Part | None:
+    part = _part_kind(p, field, bad)
+    if part is not None and p.HasField("cache_breakpoint"):
+        part = replace(part, cache_ttl=_cache_ttl(p, field, bad))
+    return part
+
+
+def _part_kind(p: pb.Part, field: str, bad: list[FieldViolation]) -> Part | None:
+    kind = p.WhichOneof("kind")
+    if kind == "text":
+        return Part(PartKind.TEXT, text=p.text)
+    if kind == "image":
+        detail = _DETAIL.get(p.image.detail)
+        if detail is None:
+            bad.append(FieldViolation(f"{field}.image.detail", "unknown value"))
+        return Part(
+            PartKind.IMAGE, url=p.image.url, data=p.image.data, media_type=p.image.media_type, detail=detail or ""
+        )
+    if kind == "document":
+        d = p.document
+        return Part(
+            PartKind.DOCUMENT, url=d.url, data=d.data, media_type=d.media_type or "application/pdf", title=d.title
+        )
+    if kind == "audio":
+        return Part(PartKind.AUDIO, data=p.audio.data, media_type=p.audio.format)
+    bad.append(FieldViolation(field, "must be text, an image, a document or audio"))
+    return None
+
+
 def _json_object(value: struct_pb2.Struct, field: str, bad: list[FieldViolation]) -> dict[str, Any] | None:
     """A Struct as JSON for the upstream; NaN and infinities have no JSON form, so they are the caller's error."""
     try:
@@ -105,6 +170,18 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
                 name=m.name,
                 tool_call_id=m.tool_call_id,
                 tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in calls) if calls else (),
+                is_error=m.is_error,
+                parts=tuple(
+                    part
+                    for j, p in enumerate(m.parts)
+                    if (part := _part(p, f"messages[{i}].parts[{j}]", bad)) is not None
+                )
+                if m.parts
+                else (),
+                cache_ttl=_cache_ttl(m, f"messages[{i}]", bad),
+                thinking=tuple(ThinkingBlock(t.text, t.signature, t.redacted_data) for t in m.thinking)
+                if m.thinking
+                else (),
             )
         )
     tool_choice = None
@@ -137,9 +214,15 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
             t.name,
             t.description,
             _json_object(t.parameters, f"tools[{i}].parameters", bad) if t.HasField("parameters") else None,
+            t.strict,
+            _cache_ttl(t, f"tools[{i}]", bad),
         )
         for i, t in enumerate(msg.tools)
     ]
+    extra_fields = _json_object(msg.extra_fields, "extra_fields", bad) if msg.HasField("extra_fields") else None
+    effort = _EFFORT.get(msg.reasoning.effort)
+    if effort is None:
+        bad.append(FieldViolation("reasoning.effort", "unknown value"))
     if bad:
         raise InvalidRequest(bad)
     retry = None
@@ -167,6 +250,13 @@ def chat_request(msg: pb.ChatRequest | pb.StreamChatRequest) -> ChatRequest:
         cache_bypass=msg.cache == pb.CACHE_MODE_BYPASS,
         tags=dict(msg.tags) if msg.tags else {},
         request_id=msg.request_id,
+        parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else None,
+        prompt_cache_key=msg.prompt_cache_key,
+        reasoning_effort=effort or "",
+        extra_fields=extra_fields,
+        thinking_budget=msg.reasoning.thinking_budget_tokens
+        if msg.reasoning.HasField("thinking_budget_tokens")
+        else None,
     )
 
 
@@ -185,6 +275,8 @@ def usage_pb(u: Usage) -> pb.TokenUsage:
         cached_input_tokens=u.cached_input_tokens,
         cache_write_tokens=u.cache_write_tokens,
         reasoning_tokens=u.reasoning_tokens,
+        web_search_requests=u.web_search_requests,
+        cache_write_1h_tokens=u.cache_write_1h_tokens,
     )
 
 
@@ -202,12 +294,32 @@ def attempts_pb(attempts: list[AttemptRecord]) -> list[pb.Attempt]:
     ]
 
 
+def thinking_delta(d: ThinkingDelta) -> pb.ChatDelta:
+    return pb.ChatDelta(
+        thinking=[pb.ThinkingDelta(index=d.index, text=d.text, signature=d.signature, redacted_data=d.redacted_data)]
+    )
+
+
+def upstream_pb(u: UpstreamReply) -> pb.UpstreamReply:
+    return pb.UpstreamReply(
+        id=u.id,
+        model=u.model,
+        system_fingerprint=u.system_fingerprint,
+        service_tier=u.service_tier,
+        stop_sequence=u.stop_sequence,
+        refusal=u.refusal,
+    )
+
+
 def chat_response(r: ChatResult) -> pb.ChatResponse:
     return pb.ChatResponse(
         message=pb.Message(
             role=pb.ROLE_ASSISTANT,
             content=r.content,
             tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in r.tool_calls],
+            thinking=[
+                pb.ThinkingBlock(text=t.text, signature=t.signature, redacted_data=t.redacted_data) for t in r.thinking
+            ],
         ),
         finish_reason=_FINISH[r.finish_reason],
         provider=r.provider,
@@ -220,6 +332,7 @@ def chat_response(r: ChatResult) -> pb.ChatResponse:
         request_id=r.request_id,
         unpriced=r.unpriced,
         usage_estimated=r.usage_estimated,
+        upstream=upstream_pb(r.upstream),
     )
 
 
@@ -234,6 +347,7 @@ def stream_end(r: StreamCompleted) -> pb.StreamEnd:
         usage_estimated=r.usage_estimated,
         unpriced=r.unpriced,
         cached=r.cached,
+        upstream=upstream_pb(r.upstream),
     )
 
 
@@ -315,6 +429,8 @@ def _row(t: UsageTotals) -> pb.UsageRow:
         estimated_count=t.estimated_count,
         cache_write_tokens=t.cache_write_tokens,
         reasoning_tokens=t.reasoning_tokens,
+        web_search_requests=t.web_search_requests,
+        cache_write_1h_tokens=t.cache_write_1h_tokens,
     )
     if t.bucket_start_ns is not None:
         row.bucket_start_time.FromNanoseconds(t.bucket_start_ns)
@@ -350,6 +466,10 @@ def model_info(v: ModelView) -> pb.ModelInfo:
                 output_nanos_usd_per_million=price.output,
                 cached_input_nanos_usd_per_million=price.cached_input,
                 cache_write_nanos_usd_per_million=price.cache_write,
+                web_search_nanos_usd_per_million=price.web_search,
+                cache_write_1h_nanos_usd_per_million=price.cache_write
+                if price.cache_write_1h is None
+                else price.cache_write_1h,
             )
         )
     return info

@@ -14,7 +14,7 @@ from feather_grpc.engine.admission import Admission
 from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionDenied
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
-from feather_grpc.engine.types import ChatRequest, TextDelta
+from feather_grpc.engine.types import ChatRequest, TextDelta, ThinkingDelta
 from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
@@ -112,6 +112,8 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
                         )
                     elif isinstance(event, StreamCompleted):
                         yield pb.StreamChatResponse(end=convert.stream_end(event))
+                    elif isinstance(event, ThinkingDelta):
+                        yield pb.StreamChatResponse(delta=convert.thinking_delta(event))
                     else:
                         yield pb.StreamChatResponse(
                             delta=pb.ChatDelta(

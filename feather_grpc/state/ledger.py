@@ -37,6 +37,8 @@ class UsageRecord:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    web_search_requests: int = 0  # server-side web searches the provider billed per request
+    cache_write_1h_tokens: int = 0  # of cache_write_tokens, those written with a 1-hour TTL
     cost_nanos_usd: int = 0
     estimated: bool = False  # usage estimated because the provider never reported it
     unpriced: bool = False
@@ -91,6 +93,8 @@ class UsageTotals:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    web_search_requests: int = 0
+    cache_write_1h_tokens: int = 0
     cost_nanos_usd: int = 0
 
 

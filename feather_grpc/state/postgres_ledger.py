@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_COMPONENT = "usage_ledger"
 TABLE = "feather_usage"
 # pg_advisory_xact_lock(int, int) keys: its key space is separate from the bigint one used per request.
@@ -95,13 +95,19 @@ def _pg_type(column: str) -> str:
     return "bigint"
 
 
+_V2_COLUMNS = ("web_search_requests", "cache_write_1h_tokens")
+
+
 def _column_ddl(column: str) -> str:
     if column == "tags":
         return "tags jsonb NOT NULL"
     if column == "outcome":
         return f"outcome text NOT NULL CHECK (outcome IN ({_OUTCOMES}))"
     collate = ' COLLATE "C"' if column in _KEY_COLUMNS else ""
-    return f"{column} {_pg_type(column)}{collate} NOT NULL"
+    # Columns added after v1 default to 0, as their migration gives them: a replica of the release before
+    # them still writes to a table a newer one created.
+    default = " DEFAULT 0" if column in _V2_COLUMNS else ""
+    return f"{column} {_pg_type(column)}{collate} NOT NULL{default}"
 
 
 _SCHEMA_V1 = [
@@ -118,7 +124,11 @@ _SCHEMA_V1 = [
     f"CREATE INDEX {TABLE}_time ON {TABLE} (time_ns) WHERE billed",
     f"CREATE INDEX {TABLE}_tenant_time ON {TABLE} (tenant, time_ns) WHERE billed",
 ]
-_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1}
+# v2: server-side web searches and 1-hour cache writes. IF NOT EXISTS: v1 above makes today's COLUMNS.
+_SCHEMA_V2 = [
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} bigint NOT NULL DEFAULT 0" for column in _V2_COLUMNS
+]
+_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _INSERT = f"""INSERT INTO {TABLE} (spool_id, spool_seq, {", ".join(COLUMNS)}, billed)
 SELECT $1::uuid, s.spool_seq,

@@ -54,7 +54,7 @@ from feather_grpc.state.ledger import GroupBy, LedgerWriteError, UsageQuery, Usa
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump with a migration step in _MIGRATIONS
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a migration step in _MIGRATIONS
 MIN_SQLITE_VERSION = (3, 37, 0)  # STRICT tables
 
 _SCHEMA_V1 = """
@@ -104,7 +104,12 @@ UPDATE usage_records SET billed = 0 WHERE id IN (
 CREATE UNIQUE INDEX usage_records_billed_request ON usage_records (tenant, request_id)
     WHERE billed AND request_id <> '';
 """
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# v3: server-side web searches and 1-hour cache writes (0 for the records written before).
+_SCHEMA_V3 = """
+ALTER TABLE usage_records ADD COLUMN web_search_requests INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_records ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
+"""
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 COLUMNS = (
     "request_id",
@@ -121,6 +126,8 @@ COLUMNS = (
     "cached_input_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "web_search_requests",
+    "cache_write_1h_tokens",
     "cost_nanos_usd",
     "estimated",
     "unpriced",
@@ -595,6 +602,8 @@ def _to_row(record: UsageRecord) -> Row:
         record.cached_input_tokens,
         record.cache_write_tokens,
         record.reasoning_tokens,
+        record.web_search_requests,
+        record.cache_write_1h_tokens,
         record.cost_nanos_usd,
         int(record.estimated),
         int(record.unpriced),

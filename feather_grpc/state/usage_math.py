@@ -26,6 +26,8 @@ SUMMED_FIELDS = (
     "cached_input_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "web_search_requests",
+    "cache_write_1h_tokens",
     "cost_nanos_usd",
 )
 

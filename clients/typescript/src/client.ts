@@ -14,6 +14,7 @@ import {
   ListModelsResponse,
   Message,
   ModelInfo,
+  ReasoningOptions,
   ResponseFormat,
   RoutingPolicy,
   StreamChatRequest,
@@ -66,6 +67,14 @@ export interface ChatOptions extends CallOpts {
   tools?: Tool[];
   toolChoice?: ToolChoice;
   responseFormat?: ResponseFormat;
+  /** Reasoning effort and extended thinking: see `reasoning()`. */
+  reasoning?: ReasoningOptions;
+  /** With tools: whether the model may call several in one turn. */
+  parallelToolCalls?: boolean;
+  /** OpenAI's prompt cache routing key. */
+  promptCacheKey?: string;
+  /** Fields merged into the upstream request body (never the gateway's own: model, messages, max tokens...). */
+  extraFields?: Record<string, unknown>;
   policy?: Policy;
   bypassCache?: boolean;
   tags?: Record<string, string>;
@@ -110,6 +119,10 @@ function chatFields(messages: string | Message[], o: ChatOptions) {
     tools: o.tools ?? [],
     toolChoice: o.toolChoice,
     responseFormat: o.responseFormat,
+    reasoning: o.reasoning,
+    parallelToolCalls: o.parallelToolCalls,
+    promptCacheKey: o.promptCacheKey ?? "",
+    extraFields: o.extraFields,
     policy: o.policy ? RoutingPolicy[`ROUTING_POLICY_${o.policy.toUpperCase()}` as keyof typeof RoutingPolicy] : 0,
     cache: o.bypassCache ? CacheMode.CACHE_MODE_BYPASS : CacheMode.CACHE_MODE_UNSPECIFIED,
     tags: o.tags ?? {},

@@ -4,12 +4,15 @@ import {
   ChatResponse,
   FinishReason as PbFinishReason,
   Message,
+  Part,
   Role,
   StreamChatResponse,
   StreamEnd,
   StreamStart,
+  ThinkingBlock,
   TokenUsage as PbTokenUsage,
   ToolCall,
+  UpstreamReply,
 } from "./gen/feather/v1/feather_service";
 
 export type FinishReason = "unspecified" | "stop" | "length" | "tool_calls" | "content_filter";
@@ -21,6 +24,8 @@ export interface TokenUsage {
   cachedInputTokens: number;
   cacheWriteTokens: number;
   reasoningTokens: number;
+  /** Server-side web search requests the provider ran (billed per request when priced). */
+  webSearchRequests: number;
 }
 
 /** A complete reply, from `chat()` or from a finished `streamChat()`. */
@@ -41,14 +46,38 @@ export interface ChatResult {
   usageEstimated: boolean;
   timeToFirstTokenMs: number | undefined;
   attempts: Attempt[];
+  /** The model's thinking, apart from `text` (Anthropic blocks keep their signatures). */
+  thinking: ThinkingBlock[];
+  /** What the provider said about its reply: id, model snapshot, system fingerprint, service tier, stop
+   * sequence, refusal. */
+  upstream: UpstreamReply | undefined;
 }
 
-export const system = (text: string): Message => Message.fromPartial({ role: Role.ROLE_SYSTEM, content: text });
-export const user = (text: string): Message => Message.fromPartial({ role: Role.ROLE_USER, content: text });
+/** The reply as the assistant message of the next turn: text, tool calls and thinking, unchanged. */
+export const assistantTurn = (r: ChatResult): Message =>
+  Message.fromPartial({ role: Role.ROLE_ASSISTANT, content: r.text, toolCalls: r.toolCalls, thinking: r.thinking });
+
+/** One string is `content`; anything else is ordered parts (a string among them is a text part). */
+export type Content = string | Part;
+
+function withContent(role: Role, content: Content[], fields: Partial<Message> = {}): Message {
+  if (content.length === 1 && typeof content[0] === "string") {
+    return Message.fromPartial({ ...fields, role, content: content[0] });
+  }
+  const parts = content.map((c) => (typeof c === "string" ? Part.fromPartial({ kind: { $case: "text", value: c } }) : c));
+  return Message.fromPartial({ ...fields, role, parts });
+}
+
+/** A system message: one text, or text parts. */
+export const system = (...content: Content[]): Message => withContent(Role.ROLE_SYSTEM, content);
+/** A user message: one text, or parts (`user("Describe this", image(data, "image/png"))`). */
+export const user = (...content: Content[]): Message => withContent(Role.ROLE_USER, content);
 export const assistant = (text: string, toolCalls: ToolCall[] = []): Message =>
   Message.fromPartial({ role: Role.ROLE_ASSISTANT, content: text, toolCalls });
-export const toolResult = (toolCallId: string, text: string): Message =>
-  Message.fromPartial({ role: Role.ROLE_TOOL, content: text, toolCallId });
+/** A tool's answer to the call `toolCallId`: text or parts (images and documents: Anthropic only); `isError` when
+ * the tool failed and the content says how. */
+export const toolResult = (toolCallId: string, content: Content | Content[], isError = false): Message =>
+  withContent(Role.ROLE_TOOL, Array.isArray(content) ? content : [content], { toolCallId, isError });
 
 /** Exact, without floating point: `$0.000001234`, `$1.50`, `$0.00`. */
 export function formatUsd(nanos: bigint): string {
@@ -70,6 +99,7 @@ export function tokenUsage(u: PbTokenUsage | undefined): TokenUsage {
     cachedInputTokens: Number(u?.cachedInputTokens ?? 0n),
     cacheWriteTokens: Number(u?.cacheWriteTokens ?? 0n),
     reasoningTokens: Number(u?.reasoningTokens ?? 0n),
+    webSearchRequests: Number(u?.webSearchRequests ?? 0n),
   };
 }
 
@@ -89,6 +119,8 @@ export function chatResult(reply: ChatResponse): ChatResult {
     usageEstimated: reply.usageEstimated,
     timeToFirstTokenMs: undefined,
     attempts: reply.attempts,
+    thinking: reply.message?.thinking ?? [],
+    upstream: reply.upstream,
   };
 }
 
@@ -98,6 +130,7 @@ export class StreamAssembler {
   end: StreamEnd | undefined;
   readonly text: string[] = [];
   private readonly toolCalls = new Map<number, ToolCall>();
+  private readonly thinking = new Map<number, ThinkingBlock>();
 
   /** The text to hand to the caller, if the event carries any. */
   feed(event: StreamChatResponse): string | undefined {
@@ -111,6 +144,13 @@ export class StreamAssembler {
         call.name ||= f.name;
         call.arguments += f.arguments;
         this.toolCalls.set(f.index, call);
+      }
+      for (const t of e.value.thinking) {
+        const block = this.thinking.get(t.index) ?? { text: "", signature: "", redactedData: "" };
+        block.text += t.text;
+        block.signature += t.signature;
+        block.redactedData += t.redactedData;
+        this.thinking.set(t.index, block);
       }
       if (e.value.content) {
         this.text.push(e.value.content);
@@ -138,6 +178,8 @@ export class StreamAssembler {
       usageEstimated: end.usageEstimated,
       timeToFirstTokenMs: Number(end.timeToFirstTokenMs),
       attempts: end.attempts,
+      thinking: [...this.thinking.entries()].sort(([a], [b]) => a - b).map(([, t]) => t),
+      upstream: end.upstream,
     };
   }
 }

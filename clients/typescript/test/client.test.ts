@@ -4,7 +4,7 @@ import { getEventListeners } from "node:events";
 import { after, before, describe, test } from "node:test";
 import { Metadata, Server, ServerCredentials, status } from "@grpc/grpc-js";
 import type { sendUnaryData, ServerUnaryCall, ServerWritableStream } from "@grpc/grpc-js";
-import { FeatherClient, FeatherError, formatUsd, pb, system, target, user } from "../src";
+import { assistantTurn, audio, cached, FeatherClient, reasoning, FeatherError, formatUsd, image, imageUrl, pb, pdf, pdfUrl, system, target, text, toolResult, user } from "../src";
 import type { TokenUsage } from "../src";
 import { Any } from "../src/gen/google/protobuf/any";
 import { ErrorInfo, QuotaFailure, RetryInfo } from "../src/gen/google/rpc/error_details";
@@ -396,4 +396,37 @@ test("costs format exactly", () => {
   assert.equal(formatUsd(1_234n), "$0.000001234");
   assert.equal(formatUsd(1_500_000_000n), "$1.50");
   assert.equal(formatUsd(12_345_678_901_234_567n), "$12345678.901234567");
+});
+
+test("message helpers build content or ordered parts", () => {
+  assert.deepEqual(user("hi"), pb.Message.fromPartial({ role: pb.Role.ROLE_USER, content: "hi" }));
+  const png = Buffer.from([0x89, 0x50, 0x4e, 0x47]);
+  const m = user("Compare", image(png, "image/png", "high"), imageUrl("https://x/c.jpg"), pdf(png, "A"), audio(png, "wav"));
+  assert.equal(m.content, "");
+  assert.deepEqual(
+    m.parts.map((p) => p.kind?.$case),
+    ["text", "image", "image", "document", "audio"],
+  );
+  const first = m.parts[1].kind;
+  assert.ok(first?.$case === "image" && first.value.source?.$case === "data");
+  assert.equal(first.value.mediaType, "image/png");
+  assert.equal(first.value.detail, pb.ImageDetail.IMAGE_DETAIL_HIGH);
+  const failed = toolResult("t1", "boom", true);
+  assert.deepEqual([failed.content, failed.toolCallId, failed.isError], ["boom", "t1", true]);
+  assert.equal(toolResult("t1", [text("see"), pdfUrl("https://x/a.pdf")]).parts.length, 2);
+});
+
+test("cached marks a breakpoint on a message, a part or a tool", () => {
+  const rules = cached(system("rules"), "1h");
+  assert.deepEqual([rules.content, rules.cacheBreakpoint?.ttl], ["rules", pb.CacheTtl.CACHE_TTL_ONE_HOUR]);
+  assert.equal(cached(text("doc")).cacheBreakpoint?.ttl, pb.CacheTtl.CACHE_TTL_UNSPECIFIED);
+  assert.equal(cached(pb.Tool.fromPartial({ name: "t" }), "5m").cacheBreakpoint?.ttl, pb.CacheTtl.CACHE_TTL_FIVE_MINUTES);
+});
+
+test("reasoning options and the assistant turn of a reply", () => {
+  assert.deepEqual(reasoning("high"), pb.ReasoningOptions.fromPartial({ effort: pb.ReasoningEffort.REASONING_EFFORT_HIGH }));
+  assert.equal(reasoning("", 2048).thinkingBudgetTokens, 2048);
+  const thinking = [pb.ThinkingBlock.fromPartial({ text: "hmm", signature: "sig" })];
+  const turn = assistantTurn({ text: "ok", toolCalls: [], thinking } as unknown as Parameters<typeof assistantTurn>[0]);
+  assert.deepEqual([turn.role, turn.content, turn.thinking], [pb.Role.ROLE_ASSISTANT, "ok", thinking]);
 });

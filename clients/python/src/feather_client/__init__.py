@@ -13,7 +13,8 @@ from .channel import TLS, RetryPolicy
 from .client import DEFAULT_TIMEOUT, ChatStream, FeatherClient
 from .errors import FeatherError, FieldViolation, QuotaViolation
 from .gen.feather.v1 import feather_service_pb2 as pb
-from .results import ChatResult, TokenUsage, assistant, format_usd, system, tool_result, usd, user
+from .parts import audio, cached, image, image_url, pdf, pdf_url, reasoning, text
+from .results import ChatResult, Thinking, TokenUsage, assistant, format_usd, system, tool_result, usd, user
 from .sync_client import SyncChatStream, SyncFeatherClient
 
 __all__ = [
@@ -28,11 +29,20 @@ __all__ = [
     "RetryPolicy",
     "SyncChatStream",
     "SyncFeatherClient",
+    "Thinking",
     "TokenUsage",
     "assistant",
+    "audio",
+    "cached",
     "format_usd",
+    "image",
+    "image_url",
     "pb",
+    "pdf",
+    "pdf_url",
+    "reasoning",
     "system",
+    "text",
     "tool_result",
     "usd",
     "user",

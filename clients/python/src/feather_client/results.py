@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from .gen.feather.v1 import feather_service_pb2 as pb
 
@@ -29,20 +29,35 @@ GROUP_BY = {"tenant", "provider", "model", "tag", "hour", "day"}
 POLICIES = {"first", "round_robin", "cheapest", "fastest", "weighted"}
 
 
-def system(text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_SYSTEM, content=text)
+Content = str | pb.Part
 
 
-def user(text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_USER, content=text)
+def _content(role: pb.Role.ValueType, content: tuple[Content, ...], **fields: Any) -> pb.Message:
+    """One string is `content`; anything else is ordered parts (a string among them is a text part)."""
+    if len(content) == 1 and isinstance(content[0], str):
+        return pb.Message(role=role, content=content[0], **fields)
+    parts = [pb.Part(text=c) if isinstance(c, str) else c for c in content]
+    return pb.Message(role=role, parts=parts, **fields)
+
+
+def system(*content: Content) -> pb.Message:
+    """A system message: one text, or text parts."""
+    return _content(pb.ROLE_SYSTEM, content)
+
+
+def user(*content: Content) -> pb.Message:
+    """A user message: one text, or parts (`user("Describe this", image(data, "image/png"))`)."""
+    return _content(pb.ROLE_USER, content)
 
 
 def assistant(text: str, tool_calls: Sequence[pb.ToolCall] = ()) -> pb.Message:
     return pb.Message(role=pb.ROLE_ASSISTANT, content=text, tool_calls=tool_calls)
 
 
-def tool_result(tool_call_id: str, text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_TOOL, content=text, tool_call_id=tool_call_id)
+def tool_result(tool_call_id: str, *content: Content, is_error: bool = False) -> pb.Message:
+    """A tool's answer to the call `tool_call_id`: text, or parts (images and documents: Anthropic only);
+    `is_error` when the tool failed and the content says how."""
+    return _content(pb.ROLE_TOOL, content, tool_call_id=tool_call_id, is_error=is_error)
 
 
 def usd(nanos: int) -> Decimal:
@@ -72,6 +87,7 @@ class TokenUsage:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    web_search_requests: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -85,7 +101,24 @@ class TokenUsage:
             usage.cached_input_tokens,
             usage.cache_write_tokens,
             usage.reasoning_tokens,
+            usage.web_search_requests,
         )
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """A block of the model's thinking. Send a reply back with `assistant_turn(result)` to keep it."""
+
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""
+
+    @classmethod
+    def from_proto(cls, block: pb.ThinkingBlock) -> Thinking:
+        return cls(block.text, block.signature, block.redacted_data)
+
+    def to_proto(self) -> pb.ThinkingBlock:
+        return pb.ThinkingBlock(text=self.text, signature=self.signature, redacted_data=self.redacted_data)
 
 
 @dataclass(frozen=True)
@@ -108,6 +141,20 @@ class ChatResult:
     usage_estimated: bool = False
     time_to_first_token: timedelta | None = None
     attempts: tuple[pb.Attempt, ...] = field(default=(), repr=False)
+    thinking: tuple[Thinking, ...] = ()
+    """The model's thinking, apart from `text` (Anthropic blocks keep their signatures)."""
+    upstream: pb.UpstreamReply = field(default_factory=pb.UpstreamReply, repr=False)
+    """What the provider said about its reply: id, model snapshot, system_fingerprint, service tier,
+    matched stop sequence, refusal."""
+
+    def assistant_turn(self) -> pb.Message:
+        """The reply as the assistant message of the next turn: text, tool calls and thinking, unchanged."""
+        return pb.Message(
+            role=pb.ROLE_ASSISTANT,
+            content=self.text,
+            tool_calls=self.tool_calls,
+            thinking=[t.to_proto() for t in self.thinking],
+        )
 
     @property
     def cost_usd(self) -> Decimal:
@@ -129,6 +176,8 @@ class ChatResult:
             unpriced=reply.unpriced,
             usage_estimated=reply.usage_estimated,
             attempts=tuple(reply.attempts),
+            thinking=tuple(Thinking.from_proto(t) for t in reply.message.thinking),
+            upstream=reply.upstream,
         )
 
 
@@ -140,6 +189,7 @@ class StreamAssembler:
         self.end: pb.StreamEnd | None = None
         self.text: list[str] = []
         self.tool_calls: dict[int, pb.ToolCall] = {}
+        self.thinking: dict[int, pb.ThinkingBlock] = {}
         self._result: ChatResult | None = None
 
     def feed(self, event: pb.StreamChatResponse) -> str | None:
@@ -155,6 +205,11 @@ class StreamAssembler:
                 call.id = call.id or fragment.id
                 call.name = call.name or fragment.name
                 call.arguments += fragment.arguments
+            for piece in event.delta.thinking:
+                block = self.thinking.setdefault(piece.index, pb.ThinkingBlock())
+                block.text += piece.text
+                block.signature += piece.signature
+                block.redacted_data += piece.redacted_data
             if event.delta.content:
                 self.text.append(event.delta.content)
                 return event.delta.content
@@ -184,6 +239,8 @@ class StreamAssembler:
             usage_estimated=end.usage_estimated,
             time_to_first_token=timedelta(milliseconds=end.time_to_first_token_ms),
             attempts=tuple(end.attempts),
+            thinking=tuple(Thinking.from_proto(self.thinking[i]) for i in sorted(self.thinking)),
+            upstream=end.upstream,
         )
 
 
@@ -204,6 +261,10 @@ def chat_fields(
     bypass_cache: bool,
     tags: Mapping[str, str] | None,
     request_id: str | None,
+    reasoning: pb.ReasoningOptions | None = None,
+    parallel_tool_calls: bool | None = None,
+    prompt_cache_key: str = "",
+    extra_fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ChatRequest or StreamChatRequest (they carry the same fields).
 
@@ -221,6 +282,7 @@ def chat_fields(
         "request_id": request_id or uuid.uuid4().hex,
         "policy": pb.RoutingPolicy.Value(f"ROUTING_POLICY_{policy.upper()}") if policy else 0,
         "cache": pb.CACHE_MODE_BYPASS if bypass_cache else pb.CACHE_MODE_UNSPECIFIED,
+        "prompt_cache_key": prompt_cache_key,
     }
     optional = {
         "max_tokens": max_tokens,
@@ -229,8 +291,14 @@ def chat_fields(
         "seed": seed,
         "tool_choice": tool_choice,
         "response_format": response_format,
+        "reasoning": reasoning,
+        "parallel_tool_calls": parallel_tool_calls,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
+    if extra_fields is not None:
+        body = struct_pb2.Struct()
+        body.update(dict(extra_fields))
+        fields["extra_fields"] = body
     return fields
 
 

@@ -54,6 +54,98 @@ ROLE_TOOL: Role.ValueType  # 4
 """A tool's result, answering the assistant tool call named by `tool_call_id`."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _ReasoningEffort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReasoningEffortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasoningEffort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REASONING_EFFORT_UNSPECIFIED: _ReasoningEffort.ValueType  # 0
+    """The provider's default."""
+    REASONING_EFFORT_NONE: _ReasoningEffort.ValueType  # 1
+    """No reasoning (OpenAI `none`; no thinking on Anthropic)."""
+    REASONING_EFFORT_MINIMAL: _ReasoningEffort.ValueType  # 2
+    """OpenAI `minimal` (no thinking on Anthropic)."""
+    REASONING_EFFORT_LOW: _ReasoningEffort.ValueType  # 3
+    """OpenAI `low`; Anthropic thinking with a 1,024-token budget."""
+    REASONING_EFFORT_MEDIUM: _ReasoningEffort.ValueType  # 4
+    """OpenAI `medium`; Anthropic thinking with a 2,048-token budget."""
+    REASONING_EFFORT_HIGH: _ReasoningEffort.ValueType  # 5
+    """OpenAI `high`; Anthropic thinking with a 4,096-token budget."""
+    REASONING_EFFORT_XHIGH: _ReasoningEffort.ValueType  # 6
+    """OpenAI `xhigh`; Anthropic thinking with an 8,192-token budget."""
+
+class ReasoningEffort(_ReasoningEffort, metaclass=_ReasoningEffortEnumTypeWrapper):
+    """ReasoningEffort is how much a model should reason before answering."""
+
+REASONING_EFFORT_UNSPECIFIED: ReasoningEffort.ValueType  # 0
+"""The provider's default."""
+REASONING_EFFORT_NONE: ReasoningEffort.ValueType  # 1
+"""No reasoning (OpenAI `none`; no thinking on Anthropic)."""
+REASONING_EFFORT_MINIMAL: ReasoningEffort.ValueType  # 2
+"""OpenAI `minimal` (no thinking on Anthropic)."""
+REASONING_EFFORT_LOW: ReasoningEffort.ValueType  # 3
+"""OpenAI `low`; Anthropic thinking with a 1,024-token budget."""
+REASONING_EFFORT_MEDIUM: ReasoningEffort.ValueType  # 4
+"""OpenAI `medium`; Anthropic thinking with a 2,048-token budget."""
+REASONING_EFFORT_HIGH: ReasoningEffort.ValueType  # 5
+"""OpenAI `high`; Anthropic thinking with a 4,096-token budget."""
+REASONING_EFFORT_XHIGH: ReasoningEffort.ValueType  # 6
+"""OpenAI `xhigh`; Anthropic thinking with an 8,192-token budget."""
+Global___ReasoningEffort: _TypeAlias = ReasoningEffort  # noqa: Y015
+
+class _CacheTtl:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheTtlEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheTtl.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_TTL_UNSPECIFIED: _CacheTtl.ValueType  # 0
+    """The provider's default (Anthropic: 5 minutes)."""
+    CACHE_TTL_FIVE_MINUTES: _CacheTtl.ValueType  # 1
+    """5 minutes."""
+    CACHE_TTL_ONE_HOUR: _CacheTtl.ValueType  # 2
+    """1 hour (Anthropic prices these writes higher: see ModelPrice.cache_write_1h_nanos_usd_per_million)."""
+
+class CacheTtl(_CacheTtl, metaclass=_CacheTtlEnumTypeWrapper):
+    """CacheTtl is how long a prompt-cache entry lives."""
+
+CACHE_TTL_UNSPECIFIED: CacheTtl.ValueType  # 0
+"""The provider's default (Anthropic: 5 minutes)."""
+CACHE_TTL_FIVE_MINUTES: CacheTtl.ValueType  # 1
+"""5 minutes."""
+CACHE_TTL_ONE_HOUR: CacheTtl.ValueType  # 2
+"""1 hour (Anthropic prices these writes higher: see ModelPrice.cache_write_1h_nanos_usd_per_million)."""
+Global___CacheTtl: _TypeAlias = CacheTtl  # noqa: Y015
+
+class _ImageDetail:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageDetailEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageDetail.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_DETAIL_UNSPECIFIED: _ImageDetail.ValueType  # 0
+    """The provider's default."""
+    IMAGE_DETAIL_AUTO: _ImageDetail.ValueType  # 1
+    """The provider decides."""
+    IMAGE_DETAIL_LOW: _ImageDetail.ValueType  # 2
+    """Low resolution, fewer tokens."""
+    IMAGE_DETAIL_HIGH: _ImageDetail.ValueType  # 3
+    """High resolution."""
+
+class ImageDetail(_ImageDetail, metaclass=_ImageDetailEnumTypeWrapper):
+    """ImageDetail is OpenAI's image detail level; Anthropic ignores it."""
+
+IMAGE_DETAIL_UNSPECIFIED: ImageDetail.ValueType  # 0
+"""The provider's default."""
+IMAGE_DETAIL_AUTO: ImageDetail.ValueType  # 1
+"""The provider decides."""
+IMAGE_DETAIL_LOW: ImageDetail.ValueType  # 2
+"""Low resolution, fewer tokens."""
+IMAGE_DETAIL_HIGH: ImageDetail.ValueType  # 3
+"""High resolution."""
+Global___ImageDetail: _TypeAlias = ImageDetail  # noqa: Y015
+
 class _ToolChoiceMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -313,6 +405,10 @@ class Message(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    IS_ERROR_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote this message."""
     content: _builtins.str
@@ -321,9 +417,35 @@ class Message(_message.Message):
     """Optional participant name (OpenAI `name`)."""
     tool_call_id: _builtins.str
     """For ROLE_TOOL: the id of the tool call this message answers."""
+    is_error: _builtins.bool
+    """For ROLE_TOOL: the tool failed and `content` says how (Anthropic `is_error`). OpenAI has no such flag:
+    there the content alone tells the model.
+    """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
         """For ROLE_ASSISTANT: the tool calls the model requested."""
+
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Part]:
+        """The content as ordered parts: text, images, documents, audio. Use `content` or `parts`, not both
+        (`content` is one text part). User messages take every kind; system and assistant messages take text;
+        tool results take text, images and documents (images and documents only on Anthropic). A part the
+        route's providers cannot take skips them; with none left the call is INVALID_ARGUMENT naming the part.
+        Inline bytes count against the server's maxMessageBytes like the rest of the request.
+        """
+
+    @_builtins.property
+    def cache_breakpoint(self) -> Global___CacheBreakpoint:
+        """A prompt-cache breakpoint at the end of this message (Anthropic `cache_control` on its last block; on a
+        system message, the system prompt up to here). OpenAI caches prefixes on its own and ignores it.
+        """
+
+    @_builtins.property
+    def thinking(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThinkingBlock]:
+        """For ROLE_ASSISTANT: the model's thinking, in order, as a reply carried it. Send a reply's message back
+        unchanged on the next turn: Anthropic needs its thinking blocks (signatures, redacted blocks) to continue
+        a turn that used tools. Other providers do not take thinking back: it is dropped for them.
+        """
 
     def __init__(
         self,
@@ -333,14 +455,251 @@ class Message(_message.Message):
         name: _builtins.str = ...,
         tool_call_id: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        is_error: _builtins.bool = ...,
+        parts: _abc.Iterable[Global___Part] | None = ...,
+        cache_breakpoint: Global___CacheBreakpoint | None = ...,
+        thinking: _abc.Iterable[Global___ThinkingBlock] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "content", b"content", "is_error", b"is_error", "name", b"name", "parts", b"parts", "role", b"role", "thinking", b"thinking", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class ThinkingBlock(_message.Message):
+    """ThinkingBlock is one block of a model's thinking, kept apart from the reply's text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The thinking text (Anthropic `thinking`; `reasoning_content` of OpenAI-compatible servers). Empty for a
+    redacted block.
+    """
+    signature: _builtins.str
+    """Anthropic's signature of the block: opaque, send it back unchanged."""
+    redacted_data: _builtins.str
+    """An Anthropic `redacted_thinking` block's encrypted `data`: opaque, send it back unchanged."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThinkingBlock: _TypeAlias = ThinkingBlock  # noqa: Y015
+
+@_typing.final
+class ReasoningOptions(_message.Message):
+    """ReasoningOptions ask a model to reason (think) before it answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFORT_FIELD_NUMBER: _builtins.int
+    THINKING_BUDGET_TOKENS_FIELD_NUMBER: _builtins.int
+    effort: Global___ReasoningEffort.ValueType
+    """OpenAI `reasoning_effort`. On Anthropic, without `thinking_budget_tokens`, it turns extended thinking on
+    with the budget its value names.
+    """
+    thinking_budget_tokens: _builtins.int
+    """Anthropic extended thinking (`thinking: {type: enabled, budget_tokens}`): at least 1,024, and below
+    `max_tokens` when that is set (without it, Anthropic gets the model's maxOutputTokens, else the budget
+    plus 4,096). OpenAI does not take a budget: use `effort` there.
+    """
+    def __init__(
+        self,
+        *,
+        effort: Global___ReasoningEffort.ValueType = ...,
+        thinking_budget_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_thinking_budget_tokens", b"_thinking_budget_tokens", "thinking_budget_tokens", b"thinking_budget_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_thinking_budget_tokens", b"_thinking_budget_tokens", "effort", b"effort", "thinking_budget_tokens", b"thinking_budget_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__thinking_budget_tokens: _TypeAlias = _typing.Literal["thinking_budget_tokens"]  # noqa: Y015
+    _WhichOneofArgType__thinking_budget_tokens: _TypeAlias = _typing.Literal["_thinking_budget_tokens", b"_thinking_budget_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__thinking_budget_tokens) -> _WhichOneofReturnType__thinking_budget_tokens | None: ...
+
+Global___ReasoningOptions: _TypeAlias = ReasoningOptions  # noqa: Y015
+
+@_typing.final
+class CacheBreakpoint(_message.Message):
+    """CacheBreakpoint marks the end of a prompt prefix the provider should cache. At most 4 in a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTL_FIELD_NUMBER: _builtins.int
+    ttl: Global___CacheTtl.ValueType
+    """How long the entry lives."""
+    def __init__(
+        self,
+        *,
+        ttl: Global___CacheTtl.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheBreakpoint: _TypeAlias = CacheBreakpoint  # noqa: Y015
+
+@_typing.final
+class Part(_message.Message):
+    """Part is one piece of a message's content."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text. Must not be empty."""
+    @_builtins.property
+    def image(self) -> Global___ImagePart:
+        """An image (OpenAI `image_url`, Anthropic `image`)."""
+
+    @_builtins.property
+    def document(self) -> Global___DocumentPart:
+        """A PDF document (OpenAI `file`, inline bytes only; Anthropic `document`)."""
+
+    @_builtins.property
+    def audio(self) -> Global___AudioPart:
+        """Audio input (OpenAI `input_audio`; Anthropic takes none)."""
+
+    @_builtins.property
+    def cache_breakpoint(self) -> Global___CacheBreakpoint:
+        """A prompt-cache breakpoint at the end of this part (Anthropic `cache_control`)."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        image: Global___ImagePart | None = ...,
+        document: Global___DocumentPart | None = ...,
+        audio: Global___AudioPart | None = ...,
+        cache_breakpoint: Global___CacheBreakpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "cache_breakpoint", b"cache_breakpoint", "document", b"document", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "cache_breakpoint", b"cache_breakpoint", "document", b"document", "image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "image", "document", "audio"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Part: _TypeAlias = Part  # noqa: Y015
+
+@_typing.final
+class ImagePart(_message.Message):
+    """ImagePart is an image, by URL or inline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """An http(s) URL the provider fetches."""
+    data: _builtins.bytes
+    """The image's bytes (sent base64-encoded); `media_type` is required with them."""
+    media_type: _builtins.str
+    """With `data`: `image/jpeg`, `image/png`, `image/gif` or `image/webp`."""
+    detail: Global___ImageDetail.ValueType
+    """OpenAI's detail level."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        media_type: _builtins.str = ...,
+        detail: Global___ImageDetail.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "detail", b"detail", "media_type", b"media_type", "source", b"source", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["url", "data"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___ImagePart: _TypeAlias = ImagePart  # noqa: Y015
+
+@_typing.final
+class DocumentPart(_message.Message):
+    """DocumentPart is a PDF document, by URL (Anthropic only) or inline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """An http(s) URL the provider fetches (Anthropic only)."""
+    data: _builtins.bytes
+    """The PDF's bytes (sent base64-encoded)."""
+    media_type: _builtins.str
+    """`application/pdf` (the default, and the only type taken)."""
+    title: _builtins.str
+    """An optional title (Anthropic `title`, OpenAI `filename`)."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        media_type: _builtins.str = ...,
+        title: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "media_type", b"media_type", "source", b"source", "title", b"title", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["url", "data"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___DocumentPart: _TypeAlias = DocumentPart  # noqa: Y015
+
+@_typing.final
+class AudioPart(_message.Message):
+    """AudioPart is audio input, inline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The audio's bytes (sent base64-encoded). Required."""
+    format: _builtins.str
+    """`wav` or `mp3`. Required."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AudioPart: _TypeAlias = AudioPart  # noqa: Y015
 
 @_typing.final
 class ToolCall(_message.Message):
@@ -381,13 +740,21 @@ class Tool(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    CACHE_BREAKPOINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The function's name."""
     description: _builtins.str
     """What the function does, for the model."""
+    strict: _builtins.bool
+    """Ask the provider to enforce `parameters` exactly (OpenAI `function.strict`, Anthropic `strict`)."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """JSON schema of the function's arguments."""
+
+    @_builtins.property
+    def cache_breakpoint(self) -> Global___CacheBreakpoint:
+        """A prompt-cache breakpoint after this tool: the tool definitions up to here are cached (Anthropic)."""
 
     def __init__(
         self,
@@ -395,10 +762,12 @@ class Tool(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         parameters: _struct_pb2.Struct | None = ...,
+        strict: _builtins.bool = ...,
+        cache_breakpoint: Global___CacheBreakpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_breakpoint", b"cache_breakpoint", "description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,8 +801,10 @@ Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
 class ResponseFormat(_message.Message):
-    """ResponseFormat asks for structured output. For JSON_OBJECT and JSON_SCHEMA, routes to providers whose API
-    has no JSON mode (Anthropic) are skipped; with none left the call is INVALID_ARGUMENT on response_format.
+    """ResponseFormat asks for structured output. JSON_SCHEMA goes to OpenAI as `response_format` and to Anthropic
+    as structured outputs (`output_config.format`; `schema_name` and `strict` are OpenAI's). For JSON_OBJECT,
+    routes to providers whose API has no schema-less JSON mode (Anthropic) are skipped; with none left the
+    call is INVALID_ARGUMENT on response_format.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -551,6 +922,10 @@ class ChatRequest(_message.Message):
     CACHE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    EXTRA_FIELDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias (`fast`, `cheap`, `smart`), or `provider/model`. At most 256 characters."""
     provider: _builtins.str
@@ -571,6 +946,15 @@ class ChatRequest(_message.Message):
     """Response cache control."""
     request_id: _builtins.str
     """Caller-chosen id for correlation and idempotent billing; generated when empty. At most 128 characters."""
+    parallel_tool_calls: _builtins.bool
+    """With tools: whether the model may call several tools in one turn (OpenAI `parallel_tool_calls`,
+    Anthropic `tool_choice.disable_parallel_tool_use` when false); provider default when unset.
+    Ignored without tools.
+    """
+    prompt_cache_key: _builtins.str
+    """OpenAI `prompt_cache_key`: requests sharing a key and a prefix are routed to the same prompt cache.
+    Anthropic ignores it (it caches at `cache_breakpoint`s). At most 256 characters.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation, oldest first. At least one message."""
@@ -601,6 +985,22 @@ class ChatRequest(_message.Message):
         128 characters, values at most 512.
         """
 
+    @_builtins.property
+    def reasoning(self) -> Global___ReasoningOptions:
+        """Reasoning effort and extended thinking. The reply's thinking comes in `message.thinking` (streams:
+        `delta.thinking`), never in the text; reasoning tokens are in `usage.reasoning_tokens`, priced as output.
+        """
+
+    @_builtins.property
+    def extra_fields(self) -> _struct_pb2.Struct:
+        """Fields the contract does not model yet, merged into the upstream request body as given (for example
+        `{"service_tier": "priority"}`, `{"metadata": {"user_id": "u1"}}`). They override the provider's
+        configured `defaultFields` and fields the gateway maps from this request, but never what the gateway
+        owns: `model`, `messages`, `stream`, `stream_options`, `max_tokens`, `max_completion_tokens` (the output
+        limit budgets reserve on) and `n` are INVALID_ARGUMENT here. The same body goes to any provider the call
+        is routed to: pin `provider` when a field is one provider's.
+        """
+
     def __init__(
         self,
         *,
@@ -620,13 +1020,19 @@ class ChatRequest(_message.Message):
         cache: Global___CacheMode.ValueType = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
+        prompt_cache_key: _builtins.str = ...,
+        reasoning: Global___ReasoningOptions | None = ...,
+        extra_fields: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "policy", b"policy", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
@@ -635,6 +1041,8 @@ class ChatRequest(_message.Message):
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
@@ -686,6 +1094,10 @@ class StreamChatRequest(_message.Message):
     CACHE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    EXTRA_FIELDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model name, an alias, or `provider/model`."""
     provider: _builtins.str
@@ -704,6 +1116,10 @@ class StreamChatRequest(_message.Message):
     """Response cache control."""
     request_id: _builtins.str
     """Caller-chosen id for correlation and idempotent billing; generated when empty."""
+    parallel_tool_calls: _builtins.bool
+    """With tools: whether the model may call several tools in one turn."""
+    prompt_cache_key: _builtins.str
+    """OpenAI `prompt_cache_key`."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation, oldest first. At least one message."""
@@ -732,6 +1148,14 @@ class StreamChatRequest(_message.Message):
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Attribution labels recorded in the usage ledger."""
 
+    @_builtins.property
+    def reasoning(self) -> Global___ReasoningOptions:
+        """Reasoning effort and extended thinking."""
+
+    @_builtins.property
+    def extra_fields(self) -> _struct_pb2.Struct:
+        """Fields merged into the upstream request body (see ChatRequest.extra_fields)."""
+
     def __init__(
         self,
         *,
@@ -751,13 +1175,19 @@ class StreamChatRequest(_message.Message):
         cache: Global___CacheMode.ValueType = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
+        prompt_cache_key: _builtins.str = ...,
+        reasoning: Global___ReasoningOptions | None = ...,
+        extra_fields: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "parallel_tool_calls", b"parallel_tool_calls", "reasoning", b"reasoning", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "policy", b"policy", "provider", b"provider", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "cache", b"cache", "extra_fields", b"extra_fields", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "policy", b"policy", "prompt_cache_key", b"prompt_cache_key", "provider", b"provider", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "retry", b"retry", "seed", b"seed", "stop", b"stop", "tags", b"tags", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
@@ -766,6 +1196,8 @@ class StreamChatRequest(_message.Message):
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
@@ -786,6 +1218,8 @@ class TokenUsage(_message.Message):
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """All prompt tokens, including those read from or written to the provider's prompt cache."""
     output_tokens: _builtins.int
@@ -793,9 +1227,19 @@ class TokenUsage(_message.Message):
     cached_input_tokens: _builtins.int
     """Of `input_tokens`, those read from the provider's prompt cache."""
     cache_write_tokens: _builtins.int
-    """Of `input_tokens`, those written to the provider's prompt cache."""
+    """Of `input_tokens`, those written to the provider's prompt cache (both TTLs)."""
     reasoning_tokens: _builtins.int
-    """Of `output_tokens`, those spent on reasoning, where the provider reports it."""
+    """Of `output_tokens`, those spent on reasoning, where the provider reports it (OpenAI
+    `completion_tokens_details.reasoning_tokens`, Anthropic `output_tokens_details.thinking_tokens`).
+    """
+    web_search_requests: _builtins.int
+    """Server-side web search requests the provider ran and bills per request (Anthropic
+    `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
+    """
+    cache_write_1h_tokens: _builtins.int
+    """Of `cache_write_tokens`, those written with a 1-hour TTL (Anthropic
+    `cache_creation.ephemeral_1h_input_tokens`), priced at the 1-hour write price.
+    """
     def __init__(
         self,
         *,
@@ -804,10 +1248,12 @@ class TokenUsage(_message.Message):
         cached_input_tokens: _builtins.int = ...,
         cache_write_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
+        web_search_requests: _builtins.int = ...,
+        cache_write_1h_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "web_search_requests", b"web_search_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -873,6 +1319,7 @@ class ChatResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     UNPRICED_FIELD_NUMBER: _builtins.int
     USAGE_ESTIMATED_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why generation stopped."""
     provider: _builtins.str
@@ -903,6 +1350,10 @@ class ChatResponse(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Every upstream attempt made for this call, in order."""
 
+    @_builtins.property
+    def upstream(self) -> Global___UpstreamReply:
+        """What the upstream said about its reply (empty where it said nothing; all empty for a cache hit)."""
+
     def __init__(
         self,
         *,
@@ -918,14 +1369,59 @@ class ChatResponse(_message.Message):
         request_id: _builtins.str = ...,
         unpriced: _builtins.bool = ...,
         usage_estimated: _builtins.bool = ...,
+        upstream: Global___UpstreamReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "message", b"message", "model", b"model", "provider", b"provider", "request_id", b"request_id", "unpriced", b"unpriced", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "message", b"message", "model", b"model", "provider", b"provider", "request_id", b"request_id", "unpriced", b"unpriced", "upstream", b"upstream", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatResponse: _TypeAlias = ChatResponse  # noqa: Y015
+
+@_typing.final
+class UpstreamReply(_message.Message):
+    """UpstreamReply is what the provider said about its reply, as it said it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`)."""
+    model: _builtins.str
+    """The exact model snapshot that answered (for example `gpt-4o-2024-08-06`)."""
+    system_fingerprint: _builtins.str
+    """OpenAI `system_fingerprint`."""
+    service_tier: _builtins.str
+    """The service tier that served the call (OpenAI `service_tier`, Anthropic `usage.service_tier`)."""
+    stop_sequence: _builtins.str
+    """The stop sequence that ended the reply (Anthropic `stop_sequence`; OpenAI does not say which)."""
+    refusal: _builtins.str
+    """The model's refusal (OpenAI `refusal`). When the model gave no other text, finish_reason is
+    CONTENT_FILTER and the message's text is the refusal too (as it was before this field existed).
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        system_fingerprint: _builtins.str = ...,
+        service_tier: _builtins.str = ...,
+        stop_sequence: _builtins.str = ...,
+        refusal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "model", b"model", "refusal", b"refusal", "service_tier", b"service_tier", "stop_sequence", b"stop_sequence", "system_fingerprint", b"system_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpstreamReply: _TypeAlias = UpstreamReply  # noqa: Y015
 
 @_typing.final
 class StreamStart(_message.Message):
@@ -992,6 +1488,40 @@ class ToolCallDelta(_message.Message):
 Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 
 @_typing.final
+class ThinkingDelta(_message.Message):
+    """ThinkingDelta is a fragment of a thinking block in a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Which thinking block of this reply the fragment belongs to (0-based)."""
+    text: _builtins.str
+    """A piece of the block's thinking text; concatenate in order."""
+    signature: _builtins.str
+    """The block's signature (sent whole, once, usually after its text)."""
+    redacted_data: _builtins.str
+    """A redacted block's data (sent whole, once)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        text: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThinkingDelta: _TypeAlias = ThinkingDelta  # noqa: Y015
+
+@_typing.final
 class ChatDelta(_message.Message):
     """ChatDelta is a piece of the reply."""
 
@@ -999,21 +1529,27 @@ class ChatDelta(_message.Message):
 
     CONTENT_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """Text to append to the reply."""
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
         """Tool call fragments."""
 
+    @_builtins.property
+    def thinking(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThinkingDelta]:
+        """Thinking fragments, never mixed into `content`."""
+
     def __init__(
         self,
         *,
         content: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
+        thinking: _abc.Iterable[Global___ThinkingDelta] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "thinking", b"thinking", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1034,6 +1570,7 @@ class StreamEnd(_message.Message):
     USAGE_ESTIMATED_FIELD_NUMBER: _builtins.int
     UNPRICED_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why generation stopped."""
     cost_nanos_usd: _builtins.int
@@ -1056,6 +1593,10 @@ class StreamEnd(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Every upstream attempt made for this call."""
 
+    @_builtins.property
+    def upstream(self) -> Global___UpstreamReply:
+        """What the upstream said about its reply."""
+
     def __init__(
         self,
         *,
@@ -1068,10 +1609,11 @@ class StreamEnd(_message.Message):
         usage_estimated: _builtins.bool = ...,
         unpriced: _builtins.bool = ...,
         cached: _builtins.bool = ...,
+        upstream: Global___UpstreamReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "unpriced", b"unpriced", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "cost_nanos_usd", b"cost_nanos_usd", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "unpriced", b"unpriced", "upstream", b"upstream", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1229,6 +1771,8 @@ class UsageRow(_message.Message):
     ESTIMATED_COUNT_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant, when grouped by tenant."""
     provider: _builtins.str
@@ -1262,9 +1806,13 @@ class UsageRow(_message.Message):
     `cache_creation_input_tokens`; 0 where the provider does not report them, and in estimates.
     """
     reasoning_tokens: _builtins.int
-    """Reasoning tokens (part of `output_tokens`): `completion_tokens_details.reasoning_tokens` of the
-    `openai` and `openai-compatible` types; 0 where the provider does not report them, and in estimates.
+    """Reasoning tokens (part of `output_tokens`): OpenAI `completion_tokens_details.reasoning_tokens`,
+    Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
     """
+    web_search_requests: _builtins.int
+    """Server-side web search requests (Anthropic `server_tool_use.web_search_requests`)."""
+    cache_write_1h_tokens: _builtins.int
+    """Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`)."""
     @_builtins.property
     def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the hour or day, when grouped by time."""
@@ -1289,10 +1837,12 @@ class UsageRow(_message.Message):
         estimated_count: _builtins.int = ...,
         cache_write_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
+        web_search_requests: _builtins.int = ...,
+        cache_write_1h_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "cache_write_tokens", b"cache_write_tokens", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant", "web_search_requests", b"web_search_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1366,6 +1916,8 @@ class ModelPrice(_message.Message):
     OUTPUT_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
+    WEB_SEARCH_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     input_nanos_usd_per_million: _builtins.int
     """Per million uncached input tokens."""
     output_nanos_usd_per_million: _builtins.int
@@ -1374,6 +1926,10 @@ class ModelPrice(_message.Message):
     """Per million input tokens read from the provider's cache."""
     cache_write_nanos_usd_per_million: _builtins.int
     """Per million input tokens written to the provider's cache."""
+    web_search_nanos_usd_per_million: _builtins.int
+    """Per million server-side web search requests (0 when not configured: searches are not billed)."""
+    cache_write_1h_nanos_usd_per_million: _builtins.int
+    """Per million input tokens written to the provider's cache with a 1-hour TTL (default: the cache-write price)."""
     def __init__(
         self,
         *,
@@ -1381,10 +1937,12 @@ class ModelPrice(_message.Message):
         output_nanos_usd_per_million: _builtins.int = ...,
         cached_input_nanos_usd_per_million: _builtins.int = ...,
         cache_write_nanos_usd_per_million: _builtins.int = ...,
+        web_search_nanos_usd_per_million: _builtins.int = ...,
+        cache_write_1h_nanos_usd_per_million: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_nanos_usd_per_million", b"cache_write_1h_nanos_usd_per_million", "cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million", "web_search_nanos_usd_per_million", b"web_search_nanos_usd_per_million"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -87,6 +87,170 @@ export function roleToJSON(object: Role): string {
   }
 }
 
+/** ReasoningEffort is how much a model should reason before answering. */
+export enum ReasoningEffort {
+  /** REASONING_EFFORT_UNSPECIFIED - The provider's default. */
+  REASONING_EFFORT_UNSPECIFIED = 0,
+  /** REASONING_EFFORT_NONE - No reasoning (OpenAI `none`; no thinking on Anthropic). */
+  REASONING_EFFORT_NONE = 1,
+  /** REASONING_EFFORT_MINIMAL - OpenAI `minimal` (no thinking on Anthropic). */
+  REASONING_EFFORT_MINIMAL = 2,
+  /** REASONING_EFFORT_LOW - OpenAI `low`; Anthropic thinking with a 1,024-token budget. */
+  REASONING_EFFORT_LOW = 3,
+  /** REASONING_EFFORT_MEDIUM - OpenAI `medium`; Anthropic thinking with a 2,048-token budget. */
+  REASONING_EFFORT_MEDIUM = 4,
+  /** REASONING_EFFORT_HIGH - OpenAI `high`; Anthropic thinking with a 4,096-token budget. */
+  REASONING_EFFORT_HIGH = 5,
+  /** REASONING_EFFORT_XHIGH - OpenAI `xhigh`; Anthropic thinking with an 8,192-token budget. */
+  REASONING_EFFORT_XHIGH = 6,
+  UNRECOGNIZED = -1,
+}
+
+export function reasoningEffortFromJSON(object: any): ReasoningEffort {
+  switch (object) {
+    case 0:
+    case "REASONING_EFFORT_UNSPECIFIED":
+      return ReasoningEffort.REASONING_EFFORT_UNSPECIFIED;
+    case 1:
+    case "REASONING_EFFORT_NONE":
+      return ReasoningEffort.REASONING_EFFORT_NONE;
+    case 2:
+    case "REASONING_EFFORT_MINIMAL":
+      return ReasoningEffort.REASONING_EFFORT_MINIMAL;
+    case 3:
+    case "REASONING_EFFORT_LOW":
+      return ReasoningEffort.REASONING_EFFORT_LOW;
+    case 4:
+    case "REASONING_EFFORT_MEDIUM":
+      return ReasoningEffort.REASONING_EFFORT_MEDIUM;
+    case 5:
+    case "REASONING_EFFORT_HIGH":
+      return ReasoningEffort.REASONING_EFFORT_HIGH;
+    case 6:
+    case "REASONING_EFFORT_XHIGH":
+      return ReasoningEffort.REASONING_EFFORT_XHIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ReasoningEffort.UNRECOGNIZED;
+  }
+}
+
+export function reasoningEffortToJSON(object: ReasoningEffort): string {
+  switch (object) {
+    case ReasoningEffort.REASONING_EFFORT_UNSPECIFIED:
+      return "REASONING_EFFORT_UNSPECIFIED";
+    case ReasoningEffort.REASONING_EFFORT_NONE:
+      return "REASONING_EFFORT_NONE";
+    case ReasoningEffort.REASONING_EFFORT_MINIMAL:
+      return "REASONING_EFFORT_MINIMAL";
+    case ReasoningEffort.REASONING_EFFORT_LOW:
+      return "REASONING_EFFORT_LOW";
+    case ReasoningEffort.REASONING_EFFORT_MEDIUM:
+      return "REASONING_EFFORT_MEDIUM";
+    case ReasoningEffort.REASONING_EFFORT_HIGH:
+      return "REASONING_EFFORT_HIGH";
+    case ReasoningEffort.REASONING_EFFORT_XHIGH:
+      return "REASONING_EFFORT_XHIGH";
+    case ReasoningEffort.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** CacheTtl is how long a prompt-cache entry lives. */
+export enum CacheTtl {
+  /** CACHE_TTL_UNSPECIFIED - The provider's default (Anthropic: 5 minutes). */
+  CACHE_TTL_UNSPECIFIED = 0,
+  /** CACHE_TTL_FIVE_MINUTES - 5 minutes. */
+  CACHE_TTL_FIVE_MINUTES = 1,
+  /** CACHE_TTL_ONE_HOUR - 1 hour (Anthropic prices these writes higher: see ModelPrice.cache_write_1h_nanos_usd_per_million). */
+  CACHE_TTL_ONE_HOUR = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function cacheTtlFromJSON(object: any): CacheTtl {
+  switch (object) {
+    case 0:
+    case "CACHE_TTL_UNSPECIFIED":
+      return CacheTtl.CACHE_TTL_UNSPECIFIED;
+    case 1:
+    case "CACHE_TTL_FIVE_MINUTES":
+      return CacheTtl.CACHE_TTL_FIVE_MINUTES;
+    case 2:
+    case "CACHE_TTL_ONE_HOUR":
+      return CacheTtl.CACHE_TTL_ONE_HOUR;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CacheTtl.UNRECOGNIZED;
+  }
+}
+
+export function cacheTtlToJSON(object: CacheTtl): string {
+  switch (object) {
+    case CacheTtl.CACHE_TTL_UNSPECIFIED:
+      return "CACHE_TTL_UNSPECIFIED";
+    case CacheTtl.CACHE_TTL_FIVE_MINUTES:
+      return "CACHE_TTL_FIVE_MINUTES";
+    case CacheTtl.CACHE_TTL_ONE_HOUR:
+      return "CACHE_TTL_ONE_HOUR";
+    case CacheTtl.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** ImageDetail is OpenAI's image detail level; Anthropic ignores it. */
+export enum ImageDetail {
+  /** IMAGE_DETAIL_UNSPECIFIED - The provider's default. */
+  IMAGE_DETAIL_UNSPECIFIED = 0,
+  /** IMAGE_DETAIL_AUTO - The provider decides. */
+  IMAGE_DETAIL_AUTO = 1,
+  /** IMAGE_DETAIL_LOW - Low resolution, fewer tokens. */
+  IMAGE_DETAIL_LOW = 2,
+  /** IMAGE_DETAIL_HIGH - High resolution. */
+  IMAGE_DETAIL_HIGH = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function imageDetailFromJSON(object: any): ImageDetail {
+  switch (object) {
+    case 0:
+    case "IMAGE_DETAIL_UNSPECIFIED":
+      return ImageDetail.IMAGE_DETAIL_UNSPECIFIED;
+    case 1:
+    case "IMAGE_DETAIL_AUTO":
+      return ImageDetail.IMAGE_DETAIL_AUTO;
+    case 2:
+    case "IMAGE_DETAIL_LOW":
+      return ImageDetail.IMAGE_DETAIL_LOW;
+    case 3:
+    case "IMAGE_DETAIL_HIGH":
+      return ImageDetail.IMAGE_DETAIL_HIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImageDetail.UNRECOGNIZED;
+  }
+}
+
+export function imageDetailToJSON(object: ImageDetail): string {
+  switch (object) {
+    case ImageDetail.IMAGE_DETAIL_UNSPECIFIED:
+      return "IMAGE_DETAIL_UNSPECIFIED";
+    case ImageDetail.IMAGE_DETAIL_AUTO:
+      return "IMAGE_DETAIL_AUTO";
+    case ImageDetail.IMAGE_DETAIL_LOW:
+      return "IMAGE_DETAIL_LOW";
+    case ImageDetail.IMAGE_DETAIL_HIGH:
+      return "IMAGE_DETAIL_HIGH";
+    case ImageDetail.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ToolChoiceMode says whether and how the model must call tools. */
 export enum ToolChoiceMode {
   /** TOOL_CHOICE_MODE_UNSPECIFIED - Provider default (auto when tools are given). */
@@ -541,6 +705,129 @@ export interface Message {
   toolCallId: string;
   /** For ROLE_ASSISTANT: the tool calls the model requested. */
   toolCalls: ToolCall[];
+  /**
+   * For ROLE_TOOL: the tool failed and `content` says how (Anthropic `is_error`). OpenAI has no such flag:
+   * there the content alone tells the model.
+   */
+  isError: boolean;
+  /**
+   * The content as ordered parts: text, images, documents, audio. Use `content` or `parts`, not both
+   * (`content` is one text part). User messages take every kind; system and assistant messages take text;
+   * tool results take text, images and documents (images and documents only on Anthropic). A part the
+   * route's providers cannot take skips them; with none left the call is INVALID_ARGUMENT naming the part.
+   * Inline bytes count against the server's maxMessageBytes like the rest of the request.
+   */
+  parts: Part[];
+  /**
+   * A prompt-cache breakpoint at the end of this message (Anthropic `cache_control` on its last block; on a
+   * system message, the system prompt up to here). OpenAI caches prefixes on its own and ignores it.
+   */
+  cacheBreakpoint:
+    | CacheBreakpoint
+    | undefined;
+  /**
+   * For ROLE_ASSISTANT: the model's thinking, in order, as a reply carried it. Send a reply's message back
+   * unchanged on the next turn: Anthropic needs its thinking blocks (signatures, redacted blocks) to continue
+   * a turn that used tools. Other providers do not take thinking back: it is dropped for them.
+   */
+  thinking: ThinkingBlock[];
+}
+
+/** ThinkingBlock is one block of a model's thinking, kept apart from the reply's text. */
+export interface ThinkingBlock {
+  /**
+   * The thinking text (Anthropic `thinking`; `reasoning_content` of OpenAI-compatible servers). Empty for a
+   * redacted block.
+   */
+  text: string;
+  /** Anthropic's signature of the block: opaque, send it back unchanged. */
+  signature: string;
+  /** An Anthropic `redacted_thinking` block's encrypted `data`: opaque, send it back unchanged. */
+  redactedData: string;
+}
+
+/** ReasoningOptions ask a model to reason (think) before it answers. */
+export interface ReasoningOptions {
+  /**
+   * OpenAI `reasoning_effort`. On Anthropic, without `thinking_budget_tokens`, it turns extended thinking on
+   * with the budget its value names.
+   */
+  effort: ReasoningEffort;
+  /**
+   * Anthropic extended thinking (`thinking: {type: enabled, budget_tokens}`): at least 1,024, and below
+   * `max_tokens` when that is set (without it, Anthropic gets the model's maxOutputTokens, else the budget
+   * plus 4,096). OpenAI does not take a budget: use `effort` there.
+   */
+  thinkingBudgetTokens?: number | undefined;
+}
+
+/** CacheBreakpoint marks the end of a prompt prefix the provider should cache. At most 4 in a request. */
+export interface CacheBreakpoint {
+  /** How long the entry lives. */
+  ttl: CacheTtl;
+}
+
+/** Part is one piece of a message's content. */
+export interface Part {
+  /** What the part is. */
+  kind:
+    | //
+    /** Text. Must not be empty. */
+    { $case: "text"; value: string }
+    | //
+    /** An image (OpenAI `image_url`, Anthropic `image`). */
+    { $case: "image"; value: ImagePart }
+    | //
+    /** A PDF document (OpenAI `file`, inline bytes only; Anthropic `document`). */
+    { $case: "document"; value: DocumentPart }
+    | //
+    /** Audio input (OpenAI `input_audio`; Anthropic takes none). */
+    { $case: "audio"; value: AudioPart }
+    | undefined;
+  /** A prompt-cache breakpoint at the end of this part (Anthropic `cache_control`). */
+  cacheBreakpoint: CacheBreakpoint | undefined;
+}
+
+/** ImagePart is an image, by URL or inline. */
+export interface ImagePart {
+  /** Where the image comes from. */
+  source:
+    | //
+    /** An http(s) URL the provider fetches. */
+    { $case: "url"; value: string }
+    | //
+    /** The image's bytes (sent base64-encoded); `media_type` is required with them. */
+    { $case: "data"; value: Buffer }
+    | undefined;
+  /** With `data`: `image/jpeg`, `image/png`, `image/gif` or `image/webp`. */
+  mediaType: string;
+  /** OpenAI's detail level. */
+  detail: ImageDetail;
+}
+
+/** DocumentPart is a PDF document, by URL (Anthropic only) or inline. */
+export interface DocumentPart {
+  /** Where the document comes from. */
+  source:
+    | //
+    /** An http(s) URL the provider fetches (Anthropic only). */
+    { $case: "url"; value: string }
+    | //
+    /** The PDF's bytes (sent base64-encoded). */
+    { $case: "data"; value: Buffer }
+    | undefined;
+  /** `application/pdf` (the default, and the only type taken). */
+  mediaType: string;
+  /** An optional title (Anthropic `title`, OpenAI `filename`). */
+  title: string;
+}
+
+/** AudioPart is audio input, inline. */
+export interface AudioPart {
+  /** The audio's bytes (sent base64-encoded). Required. */
+  data: Buffer;
+  /** `wav` or `mp3`. Required. */
+  format: string;
 }
 
 /** ToolCall is a function call requested by the model. */
@@ -560,7 +847,13 @@ export interface Tool {
   /** What the function does, for the model. */
   description: string;
   /** JSON schema of the function's arguments. */
-  parameters: { [key: string]: any } | undefined;
+  parameters:
+    | { [key: string]: any }
+    | undefined;
+  /** Ask the provider to enforce `parameters` exactly (OpenAI `function.strict`, Anthropic `strict`). */
+  strict: boolean;
+  /** A prompt-cache breakpoint after this tool: the tool definitions up to here are cached (Anthropic). */
+  cacheBreakpoint: CacheBreakpoint | undefined;
 }
 
 /** ToolChoice constrains tool use. */
@@ -572,8 +865,10 @@ export interface ToolChoice {
 }
 
 /**
- * ResponseFormat asks for structured output. For JSON_OBJECT and JSON_SCHEMA, routes to providers whose API
- * has no JSON mode (Anthropic) are skipped; with none left the call is INVALID_ARGUMENT on response_format.
+ * ResponseFormat asks for structured output. JSON_SCHEMA goes to OpenAI as `response_format` and to Anthropic
+ * as structured outputs (`output_config.format`; `schema_name` and `strict` are OpenAI's). For JSON_OBJECT,
+ * routes to providers whose API has no schema-less JSON mode (Anthropic) are skipped; with none left the
+ * call is INVALID_ARGUMENT on response_format.
  */
 export interface ResponseFormat {
   /** The requested format. */
@@ -656,6 +951,35 @@ export interface ChatRequest {
   tags: { [key: string]: string };
   /** Caller-chosen id for correlation and idempotent billing; generated when empty. At most 128 characters. */
   requestId: string;
+  /**
+   * With tools: whether the model may call several tools in one turn (OpenAI `parallel_tool_calls`,
+   * Anthropic `tool_choice.disable_parallel_tool_use` when false); provider default when unset.
+   * Ignored without tools.
+   */
+  parallelToolCalls?:
+    | boolean
+    | undefined;
+  /**
+   * OpenAI `prompt_cache_key`: requests sharing a key and a prefix are routed to the same prompt cache.
+   * Anthropic ignores it (it caches at `cache_breakpoint`s). At most 256 characters.
+   */
+  promptCacheKey: string;
+  /**
+   * Reasoning effort and extended thinking. The reply's thinking comes in `message.thinking` (streams:
+   * `delta.thinking`), never in the text; reasoning tokens are in `usage.reasoning_tokens`, priced as output.
+   */
+  reasoning:
+    | ReasoningOptions
+    | undefined;
+  /**
+   * Fields the contract does not model yet, merged into the upstream request body as given (for example
+   * `{"service_tier": "priority"}`, `{"metadata": {"user_id": "u1"}}`). They override the provider's
+   * configured `defaultFields` and fields the gateway maps from this request, but never what the gateway
+   * owns: `model`, `messages`, `stream`, `stream_options`, `max_tokens`, `max_completion_tokens` (the output
+   * limit budgets reserve on) and `n` are INVALID_ARGUMENT here. The same body goes to any provider the call
+   * is routed to: pin `provider` when a field is one provider's.
+   */
+  extraFields: { [key: string]: any } | undefined;
 }
 
 export interface ChatRequest_TagsEntry {
@@ -711,6 +1035,18 @@ export interface StreamChatRequest {
   tags: { [key: string]: string };
   /** Caller-chosen id for correlation and idempotent billing; generated when empty. */
   requestId: string;
+  /** With tools: whether the model may call several tools in one turn. */
+  parallelToolCalls?:
+    | boolean
+    | undefined;
+  /** OpenAI `prompt_cache_key`. */
+  promptCacheKey: string;
+  /** Reasoning effort and extended thinking. */
+  reasoning:
+    | ReasoningOptions
+    | undefined;
+  /** Fields merged into the upstream request body (see ChatRequest.extra_fields). */
+  extraFields: { [key: string]: any } | undefined;
 }
 
 export interface StreamChatRequest_TagsEntry {
@@ -726,10 +1062,23 @@ export interface TokenUsage {
   outputTokens: bigint;
   /** Of `input_tokens`, those read from the provider's prompt cache. */
   cachedInputTokens: bigint;
-  /** Of `input_tokens`, those written to the provider's prompt cache. */
+  /** Of `input_tokens`, those written to the provider's prompt cache (both TTLs). */
   cacheWriteTokens: bigint;
-  /** Of `output_tokens`, those spent on reasoning, where the provider reports it. */
+  /**
+   * Of `output_tokens`, those spent on reasoning, where the provider reports it (OpenAI
+   * `completion_tokens_details.reasoning_tokens`, Anthropic `output_tokens_details.thinking_tokens`).
+   */
   reasoningTokens: bigint;
+  /**
+   * Server-side web search requests the provider ran and bills per request (Anthropic
+   * `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
+   */
+  webSearchRequests: bigint;
+  /**
+   * Of `cache_write_tokens`, those written with a 1-hour TTL (Anthropic
+   * `cache_creation.ephemeral_1h_input_tokens`), priced at the 1-hour write price.
+   */
+  cacheWrite1hTokens: bigint;
 }
 
 /** Attempt is one try at one provider. */
@@ -778,6 +1127,27 @@ export interface ChatResponse {
   unpriced: boolean;
   /** True when the provider sent no usage and the gateway estimated it (billed as estimated). */
   usageEstimated: boolean;
+  /** What the upstream said about its reply (empty where it said nothing; all empty for a cache hit). */
+  upstream: UpstreamReply | undefined;
+}
+
+/** UpstreamReply is what the provider said about its reply, as it said it. */
+export interface UpstreamReply {
+  /** The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`). */
+  id: string;
+  /** The exact model snapshot that answered (for example `gpt-4o-2024-08-06`). */
+  model: string;
+  /** OpenAI `system_fingerprint`. */
+  systemFingerprint: string;
+  /** The service tier that served the call (OpenAI `service_tier`, Anthropic `usage.service_tier`). */
+  serviceTier: string;
+  /** The stop sequence that ended the reply (Anthropic `stop_sequence`; OpenAI does not say which). */
+  stopSequence: string;
+  /**
+   * The model's refusal (OpenAI `refusal`). When the model gave no other text, finish_reason is
+   * CONTENT_FILTER and the message's text is the refusal too (as it was before this field existed).
+   */
+  refusal: string;
 }
 
 /** StreamStart opens a stream once a route has answered. */
@@ -802,12 +1172,26 @@ export interface ToolCallDelta {
   arguments: string;
 }
 
+/** ThinkingDelta is a fragment of a thinking block in a stream. */
+export interface ThinkingDelta {
+  /** Which thinking block of this reply the fragment belongs to (0-based). */
+  index: number;
+  /** A piece of the block's thinking text; concatenate in order. */
+  text: string;
+  /** The block's signature (sent whole, once, usually after its text). */
+  signature: string;
+  /** A redacted block's data (sent whole, once). */
+  redactedData: string;
+}
+
 /** ChatDelta is a piece of the reply. */
 export interface ChatDelta {
   /** Text to append to the reply. */
   content: string;
   /** Tool call fragments. */
   toolCalls: ToolCallDelta[];
+  /** Thinking fragments, never mixed into `content`. */
+  thinking: ThinkingDelta[];
 }
 
 /** StreamEnd closes a successful stream. */
@@ -832,6 +1216,8 @@ export interface StreamEnd {
   unpriced: boolean;
   /** True when served from the gateway's response cache. */
   cached: boolean;
+  /** What the upstream said about its reply. */
+  upstream: UpstreamReply | undefined;
 }
 
 /** StreamChatResponse is one event of a chat stream. */
@@ -930,10 +1316,14 @@ export interface UsageRow {
    */
   cacheWriteTokens: bigint;
   /**
-   * Reasoning tokens (part of `output_tokens`): `completion_tokens_details.reasoning_tokens` of the
-   * `openai` and `openai-compatible` types; 0 where the provider does not report them, and in estimates.
+   * Reasoning tokens (part of `output_tokens`): OpenAI `completion_tokens_details.reasoning_tokens`,
+   * Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
    */
   reasoningTokens: bigint;
+  /** Server-side web search requests (Anthropic `server_tool_use.web_search_requests`). */
+  webSearchRequests: bigint;
+  /** Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`). */
+  cacheWrite1hTokens: bigint;
 }
 
 /** UsageResponse holds the grouped rows and their total. */
@@ -967,6 +1357,10 @@ export interface ModelPrice {
   cachedInputNanosUsdPerMillion: bigint;
   /** Per million input tokens written to the provider's cache. */
   cacheWriteNanosUsdPerMillion: bigint;
+  /** Per million server-side web search requests (0 when not configured: searches are not billed). */
+  webSearchNanosUsdPerMillion: bigint;
+  /** Per million input tokens written to the provider's cache with a 1-hour TTL (default: the cache-write price). */
+  cacheWrite1hNanosUsdPerMillion: bigint;
 }
 
 /** ModelInfo describes one routable model. */
@@ -998,7 +1392,17 @@ export interface ListModelsResponse {
 }
 
 function createBaseMessage(): Message {
-  return { role: 0, content: "", name: "", toolCallId: "", toolCalls: [] };
+  return {
+    role: 0,
+    content: "",
+    name: "",
+    toolCallId: "",
+    toolCalls: [],
+    isError: false,
+    parts: [],
+    cacheBreakpoint: undefined,
+    thinking: [],
+  };
 }
 
 export const Message: MessageFns<Message> = {
@@ -1017,6 +1421,18 @@ export const Message: MessageFns<Message> = {
     }
     for (const v of message.toolCalls) {
       ToolCall.encode(v!, writer.uint32(42).fork()).join();
+    }
+    if (message.isError !== false) {
+      writer.uint32(48).bool(message.isError);
+    }
+    for (const v of message.parts) {
+      Part.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      CacheBreakpoint.encode(message.cacheBreakpoint, writer.uint32(66).fork()).join();
+    }
+    for (const v of message.thinking) {
+      ThinkingBlock.encode(v!, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -1074,6 +1490,38 @@ export const Message: MessageFns<Message> = {
             message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.isError = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.parts.push(Part.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.cacheBreakpoint = CacheBreakpoint.decode(reader, reader.uint32());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.thinking.push(ThinkingBlock.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1101,6 +1549,22 @@ export const Message: MessageFns<Message> = {
         : globalThis.Array.isArray(object?.tool_calls)
         ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
         : [],
+      isError: isSet(object.isError)
+        ? globalThis.Boolean(object.isError)
+        : isSet(object.is_error)
+        ? globalThis.Boolean(object.is_error)
+        : false,
+      parts: globalThis.Array.isArray(object?.parts)
+        ? object.parts.map((e: any) => Part.fromJSON(e))
+        : [],
+      cacheBreakpoint: isSet(object.cacheBreakpoint)
+        ? CacheBreakpoint.fromJSON(object.cacheBreakpoint)
+        : isSet(object.cache_breakpoint)
+        ? CacheBreakpoint.fromJSON(object.cache_breakpoint)
+        : undefined,
+      thinking: globalThis.Array.isArray(object?.thinking)
+        ? object.thinking.map((e: any) => ThinkingBlock.fromJSON(e))
+        : [],
     };
   },
 
@@ -1121,6 +1585,18 @@ export const Message: MessageFns<Message> = {
     if (message.toolCalls?.length) {
       obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
     }
+    if (message.isError !== false) {
+      obj.isError = message.isError;
+    }
+    if (message.parts?.length) {
+      obj.parts = message.parts.map((e) => Part.toJSON(e));
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      obj.cacheBreakpoint = CacheBreakpoint.toJSON(message.cacheBreakpoint);
+    }
+    if (message.thinking?.length) {
+      obj.thinking = message.thinking.map((e) => ThinkingBlock.toJSON(e));
+    }
     return obj;
   },
 
@@ -1134,6 +1610,797 @@ export const Message: MessageFns<Message> = {
     message.name = object.name ?? "";
     message.toolCallId = object.toolCallId ?? "";
     message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
+    message.isError = object.isError ?? false;
+    message.parts = object.parts?.map((e) => Part.fromPartial(e)) || [];
+    message.cacheBreakpoint = (object.cacheBreakpoint !== undefined && object.cacheBreakpoint !== null)
+      ? CacheBreakpoint.fromPartial(object.cacheBreakpoint)
+      : undefined;
+    message.thinking = object.thinking?.map((e) => ThinkingBlock.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseThinkingBlock(): ThinkingBlock {
+  return { text: "", signature: "", redactedData: "" };
+}
+
+export const ThinkingBlock: MessageFns<ThinkingBlock> = {
+  encode(message: ThinkingBlock, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.text !== "") {
+      writer.uint32(10).string(message.text);
+    }
+    if (message.signature !== "") {
+      writer.uint32(18).string(message.signature);
+    }
+    if (message.redactedData !== "") {
+      writer.uint32(26).string(message.redactedData);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ThinkingBlock {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseThinkingBlock();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.redactedData = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ThinkingBlock {
+    return {
+      text: isSet(object.text) ? globalThis.String(object.text) : "",
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : "",
+      redactedData: isSet(object.redactedData)
+        ? globalThis.String(object.redactedData)
+        : isSet(object.redacted_data)
+        ? globalThis.String(object.redacted_data)
+        : "",
+    };
+  },
+
+  toJSON(message: ThinkingBlock): unknown {
+    const obj: any = {};
+    if (message.text !== "") {
+      obj.text = message.text;
+    }
+    if (message.signature !== "") {
+      obj.signature = message.signature;
+    }
+    if (message.redactedData !== "") {
+      obj.redactedData = message.redactedData;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ThinkingBlock>): ThinkingBlock {
+    return ThinkingBlock.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ThinkingBlock>): ThinkingBlock {
+    const message = createBaseThinkingBlock();
+    message.text = object.text ?? "";
+    message.signature = object.signature ?? "";
+    message.redactedData = object.redactedData ?? "";
+    return message;
+  },
+};
+
+function createBaseReasoningOptions(): ReasoningOptions {
+  return { effort: 0, thinkingBudgetTokens: undefined };
+}
+
+export const ReasoningOptions: MessageFns<ReasoningOptions> = {
+  encode(message: ReasoningOptions, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.effort !== 0) {
+      writer.uint32(8).int32(message.effort);
+    }
+    if (message.thinkingBudgetTokens !== undefined) {
+      writer.uint32(16).int32(message.thinkingBudgetTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReasoningOptions {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReasoningOptions();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.effort = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.thinkingBudgetTokens = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReasoningOptions {
+    return {
+      effort: isSet(object.effort) ? reasoningEffortFromJSON(object.effort) : 0,
+      thinkingBudgetTokens: isSet(object.thinkingBudgetTokens)
+        ? globalThis.Number(object.thinkingBudgetTokens)
+        : isSet(object.thinking_budget_tokens)
+        ? globalThis.Number(object.thinking_budget_tokens)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ReasoningOptions): unknown {
+    const obj: any = {};
+    if (message.effort !== 0) {
+      obj.effort = reasoningEffortToJSON(message.effort);
+    }
+    if (message.thinkingBudgetTokens !== undefined) {
+      obj.thinkingBudgetTokens = Math.round(message.thinkingBudgetTokens);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReasoningOptions>): ReasoningOptions {
+    return ReasoningOptions.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReasoningOptions>): ReasoningOptions {
+    const message = createBaseReasoningOptions();
+    message.effort = object.effort ?? 0;
+    message.thinkingBudgetTokens = object.thinkingBudgetTokens ?? undefined;
+    return message;
+  },
+};
+
+function createBaseCacheBreakpoint(): CacheBreakpoint {
+  return { ttl: 0 };
+}
+
+export const CacheBreakpoint: MessageFns<CacheBreakpoint> = {
+  encode(message: CacheBreakpoint, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ttl !== 0) {
+      writer.uint32(8).int32(message.ttl);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CacheBreakpoint {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCacheBreakpoint();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.ttl = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CacheBreakpoint {
+    return { ttl: isSet(object.ttl) ? cacheTtlFromJSON(object.ttl) : 0 };
+  },
+
+  toJSON(message: CacheBreakpoint): unknown {
+    const obj: any = {};
+    if (message.ttl !== 0) {
+      obj.ttl = cacheTtlToJSON(message.ttl);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CacheBreakpoint>): CacheBreakpoint {
+    return CacheBreakpoint.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CacheBreakpoint>): CacheBreakpoint {
+    const message = createBaseCacheBreakpoint();
+    message.ttl = object.ttl ?? 0;
+    return message;
+  },
+};
+
+function createBasePart(): Part {
+  return { kind: undefined, cacheBreakpoint: undefined };
+}
+
+export const Part: MessageFns<Part> = {
+  encode(message: Part, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.kind?.$case) {
+      case "text":
+        writer.uint32(10).string(message.kind.value);
+        break;
+      case "image":
+        ImagePart.encode(message.kind.value, writer.uint32(18).fork()).join();
+        break;
+      case "document":
+        DocumentPart.encode(message.kind.value, writer.uint32(26).fork()).join();
+        break;
+      case "audio":
+        AudioPart.encode(message.kind.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      CacheBreakpoint.encode(message.cacheBreakpoint, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Part {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.kind = { $case: "text", value: reader.string() };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.kind = { $case: "image", value: ImagePart.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.kind = { $case: "document", value: DocumentPart.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.kind = { $case: "audio", value: AudioPart.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.cacheBreakpoint = CacheBreakpoint.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Part {
+    return {
+      kind: isSet(object.text)
+        ? { $case: "text", value: globalThis.String(object.text) }
+        : isSet(object.image)
+        ? { $case: "image", value: ImagePart.fromJSON(object.image) }
+        : isSet(object.document)
+        ? { $case: "document", value: DocumentPart.fromJSON(object.document) }
+        : isSet(object.audio)
+        ? { $case: "audio", value: AudioPart.fromJSON(object.audio) }
+        : undefined,
+      cacheBreakpoint: isSet(object.cacheBreakpoint)
+        ? CacheBreakpoint.fromJSON(object.cacheBreakpoint)
+        : isSet(object.cache_breakpoint)
+        ? CacheBreakpoint.fromJSON(object.cache_breakpoint)
+        : undefined,
+    };
+  },
+
+  toJSON(message: Part): unknown {
+    const obj: any = {};
+    if (message.kind?.$case === "text") {
+      obj.text = message.kind.value;
+    } else if (message.kind?.$case === "image") {
+      obj.image = ImagePart.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "document") {
+      obj.document = DocumentPart.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "audio") {
+      obj.audio = AudioPart.toJSON(message.kind.value);
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      obj.cacheBreakpoint = CacheBreakpoint.toJSON(message.cacheBreakpoint);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Part>): Part {
+    return Part.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Part>): Part {
+    const message = createBasePart();
+    switch (object.kind?.$case) {
+      case "text": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "text", value: object.kind.value };
+        }
+        break;
+      }
+      case "image": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "image", value: ImagePart.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "document": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "document", value: DocumentPart.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "audio": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "audio", value: AudioPart.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+    }
+    message.cacheBreakpoint = (object.cacheBreakpoint !== undefined && object.cacheBreakpoint !== null)
+      ? CacheBreakpoint.fromPartial(object.cacheBreakpoint)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseImagePart(): ImagePart {
+  return { source: undefined, mediaType: "", detail: 0 };
+}
+
+export const ImagePart: MessageFns<ImagePart> = {
+  encode(message: ImagePart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.source?.$case) {
+      case "url":
+        writer.uint32(10).string(message.source.value);
+        break;
+      case "data":
+        writer.uint32(18).bytes(message.source.value);
+        break;
+    }
+    if (message.mediaType !== "") {
+      writer.uint32(26).string(message.mediaType);
+    }
+    if (message.detail !== 0) {
+      writer.uint32(32).int32(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImagePart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImagePart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = { $case: "url", value: reader.string() };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.source = { $case: "data", value: Buffer.from(reader.bytes()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mediaType = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.detail = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImagePart {
+    return {
+      source: isSet(object.url)
+        ? { $case: "url", value: globalThis.String(object.url) }
+        : isSet(object.data)
+        ? { $case: "data", value: Buffer.from(bytesFromBase64(object.data)) }
+        : undefined,
+      mediaType: isSet(object.mediaType)
+        ? globalThis.String(object.mediaType)
+        : isSet(object.media_type)
+        ? globalThis.String(object.media_type)
+        : "",
+      detail: isSet(object.detail) ? imageDetailFromJSON(object.detail) : 0,
+    };
+  },
+
+  toJSON(message: ImagePart): unknown {
+    const obj: any = {};
+    if (message.source?.$case === "url") {
+      obj.url = message.source.value;
+    } else if (message.source?.$case === "data") {
+      obj.data = base64FromBytes(message.source.value);
+    }
+    if (message.mediaType !== "") {
+      obj.mediaType = message.mediaType;
+    }
+    if (message.detail !== 0) {
+      obj.detail = imageDetailToJSON(message.detail);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImagePart>): ImagePart {
+    return ImagePart.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImagePart>): ImagePart {
+    const message = createBaseImagePart();
+    switch (object.source?.$case) {
+      case "url": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "url", value: object.source.value };
+        }
+        break;
+      }
+      case "data": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "data", value: object.source.value };
+        }
+        break;
+      }
+    }
+    message.mediaType = object.mediaType ?? "";
+    message.detail = object.detail ?? 0;
+    return message;
+  },
+};
+
+function createBaseDocumentPart(): DocumentPart {
+  return { source: undefined, mediaType: "", title: "" };
+}
+
+export const DocumentPart: MessageFns<DocumentPart> = {
+  encode(message: DocumentPart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.source?.$case) {
+      case "url":
+        writer.uint32(10).string(message.source.value);
+        break;
+      case "data":
+        writer.uint32(18).bytes(message.source.value);
+        break;
+    }
+    if (message.mediaType !== "") {
+      writer.uint32(26).string(message.mediaType);
+    }
+    if (message.title !== "") {
+      writer.uint32(34).string(message.title);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DocumentPart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDocumentPart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = { $case: "url", value: reader.string() };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.source = { $case: "data", value: Buffer.from(reader.bytes()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mediaType = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.title = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DocumentPart {
+    return {
+      source: isSet(object.url)
+        ? { $case: "url", value: globalThis.String(object.url) }
+        : isSet(object.data)
+        ? { $case: "data", value: Buffer.from(bytesFromBase64(object.data)) }
+        : undefined,
+      mediaType: isSet(object.mediaType)
+        ? globalThis.String(object.mediaType)
+        : isSet(object.media_type)
+        ? globalThis.String(object.media_type)
+        : "",
+      title: isSet(object.title) ? globalThis.String(object.title) : "",
+    };
+  },
+
+  toJSON(message: DocumentPart): unknown {
+    const obj: any = {};
+    if (message.source?.$case === "url") {
+      obj.url = message.source.value;
+    } else if (message.source?.$case === "data") {
+      obj.data = base64FromBytes(message.source.value);
+    }
+    if (message.mediaType !== "") {
+      obj.mediaType = message.mediaType;
+    }
+    if (message.title !== "") {
+      obj.title = message.title;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DocumentPart>): DocumentPart {
+    return DocumentPart.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DocumentPart>): DocumentPart {
+    const message = createBaseDocumentPart();
+    switch (object.source?.$case) {
+      case "url": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "url", value: object.source.value };
+        }
+        break;
+      }
+      case "data": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "data", value: object.source.value };
+        }
+        break;
+      }
+    }
+    message.mediaType = object.mediaType ?? "";
+    message.title = object.title ?? "";
+    return message;
+  },
+};
+
+function createBaseAudioPart(): AudioPart {
+  return { data: Buffer.alloc(0), format: "" };
+}
+
+export const AudioPart: MessageFns<AudioPart> = {
+  encode(message: AudioPart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.data.length !== 0) {
+      writer.uint32(10).bytes(message.data);
+    }
+    if (message.format !== "") {
+      writer.uint32(18).string(message.format);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AudioPart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAudioPart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.format = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AudioPart {
+    return {
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      format: isSet(object.format) ? globalThis.String(object.format) : "",
+    };
+  },
+
+  toJSON(message: AudioPart): unknown {
+    const obj: any = {};
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.format !== "") {
+      obj.format = message.format;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AudioPart>): AudioPart {
+    return AudioPart.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AudioPart>): AudioPart {
+    const message = createBaseAudioPart();
+    message.data = object.data ?? Buffer.alloc(0);
+    message.format = object.format ?? "";
     return message;
   },
 };
@@ -1240,7 +2507,7 @@ export const ToolCall: MessageFns<ToolCall> = {
 };
 
 function createBaseTool(): Tool {
-  return { name: "", description: "", parameters: undefined };
+  return { name: "", description: "", parameters: undefined, strict: false, cacheBreakpoint: undefined };
 }
 
 export const Tool: MessageFns<Tool> = {
@@ -1253,6 +2520,12 @@ export const Tool: MessageFns<Tool> = {
     }
     if (message.parameters !== undefined) {
       Struct.encode(Struct.wrap(message.parameters), writer.uint32(26).fork()).join();
+    }
+    if (message.strict !== false) {
+      writer.uint32(32).bool(message.strict);
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      CacheBreakpoint.encode(message.cacheBreakpoint, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -1294,6 +2567,22 @@ export const Tool: MessageFns<Tool> = {
             message.parameters = Struct.unwrap(Struct.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.strict = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.cacheBreakpoint = CacheBreakpoint.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1311,6 +2600,12 @@ export const Tool: MessageFns<Tool> = {
       name: isSet(object.name) ? globalThis.String(object.name) : "",
       description: isSet(object.description) ? globalThis.String(object.description) : "",
       parameters: isObject(object.parameters) ? object.parameters : undefined,
+      strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : false,
+      cacheBreakpoint: isSet(object.cacheBreakpoint)
+        ? CacheBreakpoint.fromJSON(object.cacheBreakpoint)
+        : isSet(object.cache_breakpoint)
+        ? CacheBreakpoint.fromJSON(object.cache_breakpoint)
+        : undefined,
     };
   },
 
@@ -1325,6 +2620,12 @@ export const Tool: MessageFns<Tool> = {
     if (message.parameters !== undefined) {
       obj.parameters = message.parameters;
     }
+    if (message.strict !== false) {
+      obj.strict = message.strict;
+    }
+    if (message.cacheBreakpoint !== undefined) {
+      obj.cacheBreakpoint = CacheBreakpoint.toJSON(message.cacheBreakpoint);
+    }
     return obj;
   },
 
@@ -1336,6 +2637,10 @@ export const Tool: MessageFns<Tool> = {
     message.name = object.name ?? "";
     message.description = object.description ?? "";
     message.parameters = object.parameters ?? undefined;
+    message.strict = object.strict ?? false;
+    message.cacheBreakpoint = (object.cacheBreakpoint !== undefined && object.cacheBreakpoint !== null)
+      ? CacheBreakpoint.fromPartial(object.cacheBreakpoint)
+      : undefined;
     return message;
   },
 };
@@ -1685,6 +2990,10 @@ function createBaseChatRequest(): ChatRequest {
     cache: 0,
     tags: {},
     requestId: "",
+    parallelToolCalls: undefined,
+    promptCacheKey: "",
+    reasoning: undefined,
+    extraFields: undefined,
   };
 }
 
@@ -1740,6 +3049,18 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     });
     if (message.requestId !== "") {
       writer.uint32(130).string(message.requestId);
+    }
+    if (message.parallelToolCalls !== undefined) {
+      writer.uint32(136).bool(message.parallelToolCalls);
+    }
+    if (message.promptCacheKey !== "") {
+      writer.uint32(146).string(message.promptCacheKey);
+    }
+    if (message.reasoning !== undefined) {
+      ReasoningOptions.encode(message.reasoning, writer.uint32(154).fork()).join();
+    }
+    if (message.extraFields !== undefined) {
+      Struct.encode(Struct.wrap(message.extraFields), writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -1888,6 +3209,38 @@ export const ChatRequest: MessageFns<ChatRequest> = {
             message.requestId = reader.string();
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.parallelToolCalls = reader.bool();
+            continue;
+          }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.promptCacheKey = reader.string();
+            continue;
+          }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.reasoning = ReasoningOptions.decode(reader, reader.uint32());
+            continue;
+          }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.extraFields = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1951,6 +3304,22 @@ export const ChatRequest: MessageFns<ChatRequest> = {
         : isSet(object.request_id)
         ? globalThis.String(object.request_id)
         : "",
+      parallelToolCalls: isSet(object.parallelToolCalls)
+        ? globalThis.Boolean(object.parallelToolCalls)
+        : isSet(object.parallel_tool_calls)
+        ? globalThis.Boolean(object.parallel_tool_calls)
+        : undefined,
+      promptCacheKey: isSet(object.promptCacheKey)
+        ? globalThis.String(object.promptCacheKey)
+        : isSet(object.prompt_cache_key)
+        ? globalThis.String(object.prompt_cache_key)
+        : "",
+      reasoning: isSet(object.reasoning) ? ReasoningOptions.fromJSON(object.reasoning) : undefined,
+      extraFields: isObject(object.extraFields)
+        ? object.extraFields
+        : isObject(object.extra_fields)
+        ? object.extra_fields
+        : undefined,
     };
   },
 
@@ -2010,6 +3379,18 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     if (message.requestId !== "") {
       obj.requestId = message.requestId;
     }
+    if (message.parallelToolCalls !== undefined) {
+      obj.parallelToolCalls = message.parallelToolCalls;
+    }
+    if (message.promptCacheKey !== "") {
+      obj.promptCacheKey = message.promptCacheKey;
+    }
+    if (message.reasoning !== undefined) {
+      obj.reasoning = ReasoningOptions.toJSON(message.reasoning);
+    }
+    if (message.extraFields !== undefined) {
+      obj.extraFields = message.extraFields;
+    }
     return obj;
   },
 
@@ -2048,6 +3429,12 @@ export const ChatRequest: MessageFns<ChatRequest> = {
       {},
     );
     message.requestId = object.requestId ?? "";
+    message.parallelToolCalls = object.parallelToolCalls ?? undefined;
+    message.promptCacheKey = object.promptCacheKey ?? "";
+    message.reasoning = (object.reasoning !== undefined && object.reasoning !== null)
+      ? ReasoningOptions.fromPartial(object.reasoning)
+      : undefined;
+    message.extraFields = object.extraFields ?? undefined;
     return message;
   },
 };
@@ -2155,6 +3542,10 @@ function createBaseStreamChatRequest(): StreamChatRequest {
     cache: 0,
     tags: {},
     requestId: "",
+    parallelToolCalls: undefined,
+    promptCacheKey: "",
+    reasoning: undefined,
+    extraFields: undefined,
   };
 }
 
@@ -2210,6 +3601,18 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     });
     if (message.requestId !== "") {
       writer.uint32(130).string(message.requestId);
+    }
+    if (message.parallelToolCalls !== undefined) {
+      writer.uint32(136).bool(message.parallelToolCalls);
+    }
+    if (message.promptCacheKey !== "") {
+      writer.uint32(146).string(message.promptCacheKey);
+    }
+    if (message.reasoning !== undefined) {
+      ReasoningOptions.encode(message.reasoning, writer.uint32(154).fork()).join();
+    }
+    if (message.extraFields !== undefined) {
+      Struct.encode(Struct.wrap(message.extraFields), writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -2358,6 +3761,38 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
             message.requestId = reader.string();
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.parallelToolCalls = reader.bool();
+            continue;
+          }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.promptCacheKey = reader.string();
+            continue;
+          }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.reasoning = ReasoningOptions.decode(reader, reader.uint32());
+            continue;
+          }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.extraFields = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2421,6 +3856,22 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
         : isSet(object.request_id)
         ? globalThis.String(object.request_id)
         : "",
+      parallelToolCalls: isSet(object.parallelToolCalls)
+        ? globalThis.Boolean(object.parallelToolCalls)
+        : isSet(object.parallel_tool_calls)
+        ? globalThis.Boolean(object.parallel_tool_calls)
+        : undefined,
+      promptCacheKey: isSet(object.promptCacheKey)
+        ? globalThis.String(object.promptCacheKey)
+        : isSet(object.prompt_cache_key)
+        ? globalThis.String(object.prompt_cache_key)
+        : "",
+      reasoning: isSet(object.reasoning) ? ReasoningOptions.fromJSON(object.reasoning) : undefined,
+      extraFields: isObject(object.extraFields)
+        ? object.extraFields
+        : isObject(object.extra_fields)
+        ? object.extra_fields
+        : undefined,
     };
   },
 
@@ -2480,6 +3931,18 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
     if (message.requestId !== "") {
       obj.requestId = message.requestId;
     }
+    if (message.parallelToolCalls !== undefined) {
+      obj.parallelToolCalls = message.parallelToolCalls;
+    }
+    if (message.promptCacheKey !== "") {
+      obj.promptCacheKey = message.promptCacheKey;
+    }
+    if (message.reasoning !== undefined) {
+      obj.reasoning = ReasoningOptions.toJSON(message.reasoning);
+    }
+    if (message.extraFields !== undefined) {
+      obj.extraFields = message.extraFields;
+    }
     return obj;
   },
 
@@ -2518,6 +3981,12 @@ export const StreamChatRequest: MessageFns<StreamChatRequest> = {
       {},
     );
     message.requestId = object.requestId ?? "";
+    message.parallelToolCalls = object.parallelToolCalls ?? undefined;
+    message.promptCacheKey = object.promptCacheKey ?? "";
+    message.reasoning = (object.reasoning !== undefined && object.reasoning !== null)
+      ? ReasoningOptions.fromPartial(object.reasoning)
+      : undefined;
+    message.extraFields = object.extraFields ?? undefined;
     return message;
   },
 };
@@ -2608,7 +4077,15 @@ export const StreamChatRequest_TagsEntry: MessageFns<StreamChatRequest_TagsEntry
 };
 
 function createBaseTokenUsage(): TokenUsage {
-  return { inputTokens: 0n, outputTokens: 0n, cachedInputTokens: 0n, cacheWriteTokens: 0n, reasoningTokens: 0n };
+  return {
+    inputTokens: 0n,
+    outputTokens: 0n,
+    cachedInputTokens: 0n,
+    cacheWriteTokens: 0n,
+    reasoningTokens: 0n,
+    webSearchRequests: 0n,
+    cacheWrite1hTokens: 0n,
+  };
 }
 
 export const TokenUsage: MessageFns<TokenUsage> = {
@@ -2642,6 +4119,18 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         throw new globalThis.Error("value provided for field message.reasoningTokens of type int64 too large");
       }
       writer.uint32(40).int64(message.reasoningTokens);
+    }
+    if (message.webSearchRequests !== 0n) {
+      if (BigInt.asIntN(64, message.webSearchRequests) !== message.webSearchRequests) {
+        throw new globalThis.Error("value provided for field message.webSearchRequests of type int64 too large");
+      }
+      writer.uint32(48).int64(message.webSearchRequests);
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      if (BigInt.asIntN(64, message.cacheWrite1hTokens) !== message.cacheWrite1hTokens) {
+        throw new globalThis.Error("value provided for field message.cacheWrite1hTokens of type int64 too large");
+      }
+      writer.uint32(56).int64(message.cacheWrite1hTokens);
     }
     return writer;
   },
@@ -2699,6 +4188,22 @@ export const TokenUsage: MessageFns<TokenUsage> = {
             message.reasoningTokens = reader.int64() as bigint;
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.webSearchRequests = reader.int64() as bigint;
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.cacheWrite1hTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2738,6 +4243,16 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         : isSet(object.reasoning_tokens)
         ? BigInt(object.reasoning_tokens)
         : 0n,
+      webSearchRequests: isSet(object.webSearchRequests)
+        ? BigInt(object.webSearchRequests)
+        : isSet(object.web_search_requests)
+        ? BigInt(object.web_search_requests)
+        : 0n,
+      cacheWrite1hTokens: isSet(object.cacheWrite1hTokens)
+        ? BigInt(object.cacheWrite1hTokens)
+        : isSet(object.cache_write_1h_tokens)
+        ? BigInt(object.cache_write_1h_tokens)
+        : 0n,
     };
   },
 
@@ -2757,6 +4272,12 @@ export const TokenUsage: MessageFns<TokenUsage> = {
     }
     if (message.reasoningTokens !== 0n) {
       obj.reasoningTokens = message.reasoningTokens.toString();
+    }
+    if (message.webSearchRequests !== 0n) {
+      obj.webSearchRequests = message.webSearchRequests.toString();
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      obj.cacheWrite1hTokens = message.cacheWrite1hTokens.toString();
     }
     return obj;
   },
@@ -2780,6 +4301,12 @@ export const TokenUsage: MessageFns<TokenUsage> = {
       : 0n;
     message.reasoningTokens = (object.reasoningTokens !== undefined && object.reasoningTokens !== null)
       ? BigInt(object.reasoningTokens)
+      : 0n;
+    message.webSearchRequests = (object.webSearchRequests !== undefined && object.webSearchRequests !== null)
+      ? BigInt(object.webSearchRequests)
+      : 0n;
+    message.cacheWrite1hTokens = (object.cacheWrite1hTokens !== undefined && object.cacheWrite1hTokens !== null)
+      ? BigInt(object.cacheWrite1hTokens)
       : 0n;
     return message;
   },
@@ -2965,6 +4492,7 @@ function createBaseChatResponse(): ChatResponse {
     requestId: "",
     unpriced: false,
     usageEstimated: false,
+    upstream: undefined,
   };
 }
 
@@ -3011,6 +4539,9 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     }
     if (message.usageEstimated !== false) {
       writer.uint32(96).bool(message.usageEstimated);
+    }
+    if (message.upstream !== undefined) {
+      UpstreamReply.encode(message.upstream, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -3124,6 +4655,14 @@ export const ChatResponse: MessageFns<ChatResponse> = {
             message.usageEstimated = reader.bool();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.upstream = UpstreamReply.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3170,6 +4709,7 @@ export const ChatResponse: MessageFns<ChatResponse> = {
         : isSet(object.usage_estimated)
         ? globalThis.Boolean(object.usage_estimated)
         : false,
+      upstream: isSet(object.upstream) ? UpstreamReply.fromJSON(object.upstream) : undefined,
     };
   },
 
@@ -3211,6 +4751,9 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     if (message.usageEstimated !== false) {
       obj.usageEstimated = message.usageEstimated;
     }
+    if (message.upstream !== undefined) {
+      obj.upstream = UpstreamReply.toJSON(message.upstream);
+    }
     return obj;
   },
 
@@ -3237,6 +4780,170 @@ export const ChatResponse: MessageFns<ChatResponse> = {
     message.requestId = object.requestId ?? "";
     message.unpriced = object.unpriced ?? false;
     message.usageEstimated = object.usageEstimated ?? false;
+    message.upstream = (object.upstream !== undefined && object.upstream !== null)
+      ? UpstreamReply.fromPartial(object.upstream)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseUpstreamReply(): UpstreamReply {
+  return { id: "", model: "", systemFingerprint: "", serviceTier: "", stopSequence: "", refusal: "" };
+}
+
+export const UpstreamReply: MessageFns<UpstreamReply> = {
+  encode(message: UpstreamReply, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.model !== "") {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.systemFingerprint !== "") {
+      writer.uint32(26).string(message.systemFingerprint);
+    }
+    if (message.serviceTier !== "") {
+      writer.uint32(34).string(message.serviceTier);
+    }
+    if (message.stopSequence !== "") {
+      writer.uint32(42).string(message.stopSequence);
+    }
+    if (message.refusal !== "") {
+      writer.uint32(50).string(message.refusal);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpstreamReply {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpstreamReply();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.systemFingerprint = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.serviceTier = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.stopSequence = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.refusal = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpstreamReply {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      systemFingerprint: isSet(object.systemFingerprint)
+        ? globalThis.String(object.systemFingerprint)
+        : isSet(object.system_fingerprint)
+        ? globalThis.String(object.system_fingerprint)
+        : "",
+      serviceTier: isSet(object.serviceTier)
+        ? globalThis.String(object.serviceTier)
+        : isSet(object.service_tier)
+        ? globalThis.String(object.service_tier)
+        : "",
+      stopSequence: isSet(object.stopSequence)
+        ? globalThis.String(object.stopSequence)
+        : isSet(object.stop_sequence)
+        ? globalThis.String(object.stop_sequence)
+        : "",
+      refusal: isSet(object.refusal) ? globalThis.String(object.refusal) : "",
+    };
+  },
+
+  toJSON(message: UpstreamReply): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.systemFingerprint !== "") {
+      obj.systemFingerprint = message.systemFingerprint;
+    }
+    if (message.serviceTier !== "") {
+      obj.serviceTier = message.serviceTier;
+    }
+    if (message.stopSequence !== "") {
+      obj.stopSequence = message.stopSequence;
+    }
+    if (message.refusal !== "") {
+      obj.refusal = message.refusal;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpstreamReply>): UpstreamReply {
+    return UpstreamReply.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpstreamReply>): UpstreamReply {
+    const message = createBaseUpstreamReply();
+    message.id = object.id ?? "";
+    message.model = object.model ?? "";
+    message.systemFingerprint = object.systemFingerprint ?? "";
+    message.serviceTier = object.serviceTier ?? "";
+    message.stopSequence = object.stopSequence ?? "";
+    message.refusal = object.refusal ?? "";
     return message;
   },
 };
@@ -3463,8 +5170,129 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
   },
 };
 
+function createBaseThinkingDelta(): ThinkingDelta {
+  return { index: 0, text: "", signature: "", redactedData: "" };
+}
+
+export const ThinkingDelta: MessageFns<ThinkingDelta> = {
+  encode(message: ThinkingDelta, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.index !== 0) {
+      writer.uint32(8).int32(message.index);
+    }
+    if (message.text !== "") {
+      writer.uint32(18).string(message.text);
+    }
+    if (message.signature !== "") {
+      writer.uint32(26).string(message.signature);
+    }
+    if (message.redactedData !== "") {
+      writer.uint32(34).string(message.redactedData);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ThinkingDelta {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseThinkingDelta();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.index = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.redactedData = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ThinkingDelta {
+    return {
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      text: isSet(object.text) ? globalThis.String(object.text) : "",
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : "",
+      redactedData: isSet(object.redactedData)
+        ? globalThis.String(object.redactedData)
+        : isSet(object.redacted_data)
+        ? globalThis.String(object.redacted_data)
+        : "",
+    };
+  },
+
+  toJSON(message: ThinkingDelta): unknown {
+    const obj: any = {};
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
+    if (message.text !== "") {
+      obj.text = message.text;
+    }
+    if (message.signature !== "") {
+      obj.signature = message.signature;
+    }
+    if (message.redactedData !== "") {
+      obj.redactedData = message.redactedData;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ThinkingDelta>): ThinkingDelta {
+    return ThinkingDelta.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ThinkingDelta>): ThinkingDelta {
+    const message = createBaseThinkingDelta();
+    message.index = object.index ?? 0;
+    message.text = object.text ?? "";
+    message.signature = object.signature ?? "";
+    message.redactedData = object.redactedData ?? "";
+    return message;
+  },
+};
+
 function createBaseChatDelta(): ChatDelta {
-  return { content: "", toolCalls: [] };
+  return { content: "", toolCalls: [], thinking: [] };
 }
 
 export const ChatDelta: MessageFns<ChatDelta> = {
@@ -3474,6 +5302,9 @@ export const ChatDelta: MessageFns<ChatDelta> = {
     }
     for (const v of message.toolCalls) {
       ToolCallDelta.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.thinking) {
+      ThinkingDelta.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -3507,6 +5338,14 @@ export const ChatDelta: MessageFns<ChatDelta> = {
             message.toolCalls.push(ToolCallDelta.decode(reader, reader.uint32()));
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.thinking.push(ThinkingDelta.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3527,6 +5366,9 @@ export const ChatDelta: MessageFns<ChatDelta> = {
         : globalThis.Array.isArray(object?.tool_calls)
         ? object.tool_calls.map((e: any) => ToolCallDelta.fromJSON(e))
         : [],
+      thinking: globalThis.Array.isArray(object?.thinking)
+        ? object.thinking.map((e: any) => ThinkingDelta.fromJSON(e))
+        : [],
     };
   },
 
@@ -3538,6 +5380,9 @@ export const ChatDelta: MessageFns<ChatDelta> = {
     if (message.toolCalls?.length) {
       obj.toolCalls = message.toolCalls.map((e) => ToolCallDelta.toJSON(e));
     }
+    if (message.thinking?.length) {
+      obj.thinking = message.thinking.map((e) => ThinkingDelta.toJSON(e));
+    }
     return obj;
   },
 
@@ -3548,6 +5393,7 @@ export const ChatDelta: MessageFns<ChatDelta> = {
     const message = createBaseChatDelta();
     message.content = object.content ?? "";
     message.toolCalls = object.toolCalls?.map((e) => ToolCallDelta.fromPartial(e)) || [];
+    message.thinking = object.thinking?.map((e) => ThinkingDelta.fromPartial(e)) || [];
     return message;
   },
 };
@@ -3563,6 +5409,7 @@ function createBaseStreamEnd(): StreamEnd {
     usageEstimated: false,
     unpriced: false,
     cached: false,
+    upstream: undefined,
   };
 }
 
@@ -3603,6 +5450,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     }
     if (message.cached !== false) {
       writer.uint32(72).bool(message.cached);
+    }
+    if (message.upstream !== undefined) {
+      UpstreamReply.encode(message.upstream, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -3692,6 +5542,14 @@ export const StreamEnd: MessageFns<StreamEnd> = {
             message.cached = reader.bool();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.upstream = UpstreamReply.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3735,6 +5593,7 @@ export const StreamEnd: MessageFns<StreamEnd> = {
         : false,
       unpriced: isSet(object.unpriced) ? globalThis.Boolean(object.unpriced) : false,
       cached: isSet(object.cached) ? globalThis.Boolean(object.cached) : false,
+      upstream: isSet(object.upstream) ? UpstreamReply.fromJSON(object.upstream) : undefined,
     };
   },
 
@@ -3767,6 +5626,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     if (message.cached !== false) {
       obj.cached = message.cached;
     }
+    if (message.upstream !== undefined) {
+      obj.upstream = UpstreamReply.toJSON(message.upstream);
+    }
     return obj;
   },
 
@@ -3790,6 +5652,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     message.usageEstimated = object.usageEstimated ?? false;
     message.unpriced = object.unpriced ?? false;
     message.cached = object.cached ?? false;
+    message.upstream = (object.upstream !== undefined && object.upstream !== null)
+      ? UpstreamReply.fromPartial(object.upstream)
+      : undefined;
     return message;
   },
 };
@@ -4312,6 +6177,8 @@ function createBaseUsageRow(): UsageRow {
     estimatedCount: 0n,
     cacheWriteTokens: 0n,
     reasoningTokens: 0n,
+    webSearchRequests: 0n,
+    cacheWrite1hTokens: 0n,
   };
 }
 
@@ -4403,6 +6270,18 @@ export const UsageRow: MessageFns<UsageRow> = {
         throw new globalThis.Error("value provided for field message.reasoningTokens of type int64 too large");
       }
       writer.uint32(136).int64(message.reasoningTokens);
+    }
+    if (message.webSearchRequests !== 0n) {
+      if (BigInt.asIntN(64, message.webSearchRequests) !== message.webSearchRequests) {
+        throw new globalThis.Error("value provided for field message.webSearchRequests of type int64 too large");
+      }
+      writer.uint32(144).int64(message.webSearchRequests);
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      if (BigInt.asIntN(64, message.cacheWrite1hTokens) !== message.cacheWrite1hTokens) {
+        throw new globalThis.Error("value provided for field message.cacheWrite1hTokens of type int64 too large");
+      }
+      writer.uint32(152).int64(message.cacheWrite1hTokens);
     }
     return writer;
   },
@@ -4556,6 +6435,22 @@ export const UsageRow: MessageFns<UsageRow> = {
             message.reasoningTokens = reader.int64() as bigint;
             continue;
           }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.webSearchRequests = reader.int64() as bigint;
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.cacheWrite1hTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4639,6 +6534,16 @@ export const UsageRow: MessageFns<UsageRow> = {
         : isSet(object.reasoning_tokens)
         ? BigInt(object.reasoning_tokens)
         : 0n,
+      webSearchRequests: isSet(object.webSearchRequests)
+        ? BigInt(object.webSearchRequests)
+        : isSet(object.web_search_requests)
+        ? BigInt(object.web_search_requests)
+        : 0n,
+      cacheWrite1hTokens: isSet(object.cacheWrite1hTokens)
+        ? BigInt(object.cacheWrite1hTokens)
+        : isSet(object.cache_write_1h_tokens)
+        ? BigInt(object.cache_write_1h_tokens)
+        : 0n,
     };
   },
 
@@ -4695,6 +6600,12 @@ export const UsageRow: MessageFns<UsageRow> = {
     if (message.reasoningTokens !== 0n) {
       obj.reasoningTokens = message.reasoningTokens.toString();
     }
+    if (message.webSearchRequests !== 0n) {
+      obj.webSearchRequests = message.webSearchRequests.toString();
+    }
+    if (message.cacheWrite1hTokens !== 0n) {
+      obj.cacheWrite1hTokens = message.cacheWrite1hTokens.toString();
+    }
     return obj;
   },
 
@@ -4741,6 +6652,12 @@ export const UsageRow: MessageFns<UsageRow> = {
       : 0n;
     message.reasoningTokens = (object.reasoningTokens !== undefined && object.reasoningTokens !== null)
       ? BigInt(object.reasoningTokens)
+      : 0n;
+    message.webSearchRequests = (object.webSearchRequests !== undefined && object.webSearchRequests !== null)
+      ? BigInt(object.webSearchRequests)
+      : 0n;
+    message.cacheWrite1hTokens = (object.cacheWrite1hTokens !== undefined && object.cacheWrite1hTokens !== null)
+      ? BigInt(object.cacheWrite1hTokens)
       : 0n;
     return message;
   },
@@ -4926,6 +6843,8 @@ function createBaseModelPrice(): ModelPrice {
     outputNanosUsdPerMillion: 0n,
     cachedInputNanosUsdPerMillion: 0n,
     cacheWriteNanosUsdPerMillion: 0n,
+    webSearchNanosUsdPerMillion: 0n,
+    cacheWrite1hNanosUsdPerMillion: 0n,
   };
 }
 
@@ -4958,6 +6877,22 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         );
       }
       writer.uint32(32).int64(message.cacheWriteNanosUsdPerMillion);
+    }
+    if (message.webSearchNanosUsdPerMillion !== 0n) {
+      if (BigInt.asIntN(64, message.webSearchNanosUsdPerMillion) !== message.webSearchNanosUsdPerMillion) {
+        throw new globalThis.Error(
+          "value provided for field message.webSearchNanosUsdPerMillion of type int64 too large",
+        );
+      }
+      writer.uint32(40).int64(message.webSearchNanosUsdPerMillion);
+    }
+    if (message.cacheWrite1hNanosUsdPerMillion !== 0n) {
+      if (BigInt.asIntN(64, message.cacheWrite1hNanosUsdPerMillion) !== message.cacheWrite1hNanosUsdPerMillion) {
+        throw new globalThis.Error(
+          "value provided for field message.cacheWrite1hNanosUsdPerMillion of type int64 too large",
+        );
+      }
+      writer.uint32(48).int64(message.cacheWrite1hNanosUsdPerMillion);
     }
     return writer;
   },
@@ -5007,6 +6942,22 @@ export const ModelPrice: MessageFns<ModelPrice> = {
             message.cacheWriteNanosUsdPerMillion = reader.int64() as bigint;
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.webSearchNanosUsdPerMillion = reader.int64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.cacheWrite1hNanosUsdPerMillion = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5041,6 +6992,16 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         : isSet(object.cache_write_nanos_usd_per_million)
         ? BigInt(object.cache_write_nanos_usd_per_million)
         : 0n,
+      webSearchNanosUsdPerMillion: isSet(object.webSearchNanosUsdPerMillion)
+        ? BigInt(object.webSearchNanosUsdPerMillion)
+        : isSet(object.web_search_nanos_usd_per_million)
+        ? BigInt(object.web_search_nanos_usd_per_million)
+        : 0n,
+      cacheWrite1hNanosUsdPerMillion: isSet(object.cacheWrite1hNanosUsdPerMillion)
+        ? BigInt(object.cacheWrite1hNanosUsdPerMillion)
+        : isSet(object.cache_write_1h_nanos_usd_per_million)
+        ? BigInt(object.cache_write_1h_nanos_usd_per_million)
+        : 0n,
     };
   },
 
@@ -5057,6 +7018,12 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     }
     if (message.cacheWriteNanosUsdPerMillion !== 0n) {
       obj.cacheWriteNanosUsdPerMillion = message.cacheWriteNanosUsdPerMillion.toString();
+    }
+    if (message.webSearchNanosUsdPerMillion !== 0n) {
+      obj.webSearchNanosUsdPerMillion = message.webSearchNanosUsdPerMillion.toString();
+    }
+    if (message.cacheWrite1hNanosUsdPerMillion !== 0n) {
+      obj.cacheWrite1hNanosUsdPerMillion = message.cacheWrite1hNanosUsdPerMillion.toString();
     }
     return obj;
   },
@@ -5081,6 +7048,14 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     message.cacheWriteNanosUsdPerMillion =
       (object.cacheWriteNanosUsdPerMillion !== undefined && object.cacheWriteNanosUsdPerMillion !== null)
         ? BigInt(object.cacheWriteNanosUsdPerMillion)
+        : 0n;
+    message.webSearchNanosUsdPerMillion =
+      (object.webSearchNanosUsdPerMillion !== undefined && object.webSearchNanosUsdPerMillion !== null)
+        ? BigInt(object.webSearchNanosUsdPerMillion)
+        : 0n;
+    message.cacheWrite1hNanosUsdPerMillion =
+      (object.cacheWrite1hNanosUsdPerMillion !== undefined && object.cacheWrite1hNanosUsdPerMillion !== null)
+        ? BigInt(object.cacheWrite1hNanosUsdPerMillion)
         : 0n;
     return message;
   },
@@ -5507,6 +7482,14 @@ export const FeatherServiceClient = makeGenericClientConstructor(
   service: typeof FeatherServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
   return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;

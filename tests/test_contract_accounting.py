@@ -1,0 +1,216 @@
+"""Issue 12, items 8 and 9: exact accounting for what providers report, and Anthropic-format leniency.
+
+A real gateway in front of the upstream simulator; every expected usage and nano-dollar cost is written out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from sim.upstream import Reply, SimToolCall, SimUsage, UpstreamSimulator
+from tests.gateway_harness import Gateway, running_gateway, user
+
+ENV = {"SIM_OPENAI_KEY": "sk-test", "SIM_ANTHROPIC_KEY": "ak-test"}
+# Nano-dollars per token of each price below (USD per 1M tokens x 1000).
+OPENAI_PRICE = {"inputPer1M": 2, "outputPer1M": 8, "cachedInputPer1M": 0.5, "cacheWritePer1M": 2.5}
+ANTHROPIC_PRICE = {
+    "inputPer1M": 3,
+    "outputPer1M": 15,
+    "cachedInputPer1M": 0.3,
+    "cacheWritePer1M": 3.75,
+    "webSearchPer1K": 10,  # 0.01 USD = 10,000,000 nano-dollars a search
+}
+
+
+def config(sim: UpstreamSimulator, max_attempts: int = 1) -> dict[str, Any]:
+    return {
+        "ledger": {"type": "memory"},
+        "retry": {"maxAttempts": max_attempts, "baseMs": 1, "maxMs": 5},
+        "providers": {
+            "openai": {
+                "type": "openai",
+                "apiKeyEnv": "SIM_OPENAI_KEY",
+                "baseUrl": sim.url + "/v1",
+                "models": [{"name": "gpt-sim", **OPENAI_PRICE}],
+            },
+            "anthropic": {
+                "type": "anthropic",
+                "apiKeyEnv": "SIM_ANTHROPIC_KEY",
+                "baseUrl": sim.url,
+                "models": [{"name": "claude-sim", **ANTHROPIC_PRICE}],
+            },
+        },
+    }
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[UpstreamSimulator]:
+    async with UpstreamSimulator() as s:
+        yield s
+
+
+async def total(gw: Gateway) -> pb.UsageRow:
+    await gw.server.engine.settled()
+    return (await gw.stub.Usage(pb.UsageRequest())).total
+
+
+async def stream_end(gw: Gateway, model: str, text: str = "hello") -> tuple[str, pb.StreamEnd]:
+    parts, end = [], None
+    async for event in gw.stub.StreamChat(pb.StreamChatRequest(model=model, messages=[user(text)])):
+        if event.HasField("delta"):
+            parts.append(event.delta.content)
+        elif event.HasField("end"):
+            end = event.end
+    assert end is not None
+    return "".join(parts), end
+
+
+def usage_of(u: pb.TokenUsage) -> tuple[int, int, int, int, int, int]:
+    return (
+        u.input_tokens,
+        u.output_tokens,
+        u.cached_input_tokens,
+        u.cache_write_tokens,
+        u.reasoning_tokens,
+        u.web_search_requests,
+    )
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_openai_cache_write_tokens_are_billed_at_the_cache_write_price(
+    sim: UpstreamSimulator, streamed: bool
+) -> None:
+    # prompt_tokens 1000 = 500 uncached + 200 read from the cache + 300 written to it
+    sim.enqueue(Reply(content="ok", usage=SimUsage(input=1000, output=100, cached=200, cache_write=300)))
+    # 500 x 2000 + 200 x 500 + 300 x 2500 + 100 x 8000 (the write at the input price would be 2,500,000)
+    cost = 2_650_000
+    async with running_gateway(config(sim), ENV) as gw:
+        if streamed:
+            _, end = await stream_end(gw, "gpt-sim")
+            usage, billed = end.usage, end.cost_nanos_usd
+        else:
+            reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[user("hello")]))
+            usage, billed = reply.usage, reply.cost_nanos_usd
+        assert usage_of(usage) == (1000, 100, 200, 300, 0, 0)
+        assert billed == cost
+        row = await total(gw)
+        assert (row.cache_write_tokens, row.cost_nanos_usd) == (300, cost)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_anthropic_thinking_tokens_are_reasoning_tokens(sim: UpstreamSimulator, streamed: bool) -> None:
+    sim.enqueue(Reply(content="42", usage=SimUsage(input=50, output=400, reasoning=300)))
+    cost = 50 * 3000 + 400 * 15000  # reasoning is output, priced as output
+    async with running_gateway(config(sim), ENV) as gw:
+        if streamed:
+            _, end = await stream_end(gw, "claude-sim")
+            usage, billed = end.usage, end.cost_nanos_usd
+        else:
+            reply = await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("hello")]))
+            usage, billed = reply.usage, reply.cost_nanos_usd
+        assert usage_of(usage) == (50, 400, 0, 0, 300, 0)
+        assert billed == cost
+        row = await total(gw)
+        assert (row.reasoning_tokens, row.cost_nanos_usd) == (300, cost)
+    body = sim.requests[0].body
+    assert body["model"] == "claude-sim" and body["stream"] is streamed if streamed else "stream" not in body
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_anthropic_web_search_requests_are_counted_and_priced(sim: UpstreamSimulator, streamed: bool) -> None:
+    sim.enqueue(Reply(content="found it", usage=SimUsage(input=100, output=50, web_search=3)))
+    cost = 100 * 3000 + 50 * 15000 + 3 * 10_000_000
+    async with running_gateway(config(sim), ENV) as gw:
+        if streamed:
+            _, end = await stream_end(gw, "claude-sim")
+            usage, billed = end.usage, end.cost_nanos_usd
+        else:
+            reply = await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("hello")]))
+            usage, billed = reply.usage, reply.cost_nanos_usd
+        assert usage_of(usage) == (100, 50, 0, 0, 0, 3)
+        assert billed == cost == 31_050_000
+        row = await total(gw)
+        assert (row.web_search_requests, row.cost_nanos_usd) == (3, cost)  # recorded in the ledger
+        models = {m.name: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+        assert models["claude-sim"].price.web_search_nanos_usd_per_million == 10_000_000_000_000
+        assert models["gpt-sim"].price.web_search_nanos_usd_per_million == 0  # not configured: not billed
+
+
+async def test_anthropic_stream_cut_after_message_start_bills_the_announced_prompt(sim: UpstreamSimulator) -> None:
+    # Events: message_start, then the stream ends. Anthropic's input_tokens excludes cache reads and writes.
+    sim.enqueue(
+        Reply(content="never sent", usage=SimUsage(input=5000, output=9, cached=1000, cache_write=200), cut_after=1)
+    )
+    async with running_gateway(config(sim), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream_end(gw, "claude-sim")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        row = await total(gw)
+    assert (row.input_tokens, row.output_tokens, row.cached_input_tokens, row.cache_write_tokens) == (
+        6200,
+        0,
+        1000,
+        200,
+    )
+    assert row.estimated_count == 1  # the output is unknown
+    assert row.cost_nanos_usd == 5000 * 3000 + 1000 * 300 + 200 * 3750  # 15,300,000 + 750,000: the exact prompt
+
+
+async def test_anthropic_stream_cut_mid_reply_bills_the_announced_prompt_and_estimates_the_output(
+    sim: UpstreamSimulator,
+) -> None:
+    # message_start, content_block_start, ping, then one text piece: the caller has seen text when it is cut.
+    sim.enqueue(Reply(content="abcdefgh more words", usage=SimUsage(input=700, output=9, cached=300), cut_after=4))
+    async with running_gateway(config(sim), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream_end(gw, "claude-sim")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        row = await total(gw)
+    # exact prompt (700 + 300 read); output estimated from the text relayed: "abcdefgh " is 9 characters, 3 tokens
+    assert (row.input_tokens, row.output_tokens, row.cached_input_tokens, row.estimated_count) == (1000, 3, 300, 1)
+    assert row.cost_nanos_usd == 700 * 3000 + 300 * 300 + 3 * 15000
+
+
+async def test_anthropic_server_answering_a_stream_with_one_json_body(sim: UpstreamSimulator) -> None:
+    """Item 9: proxies and mocks in front of Claude that ignore `stream: true` answer with a whole message."""
+    sim.enqueue(
+        Reply(
+            content="whole answer",
+            tool_calls=(SimToolCall("lookup", '{"q":"x"}', id="toolu_1"),),
+            usage=SimUsage(input=30, output=12, cached=10, reasoning=5),
+            ignore_stream=True,
+        )
+    )
+    async with running_gateway(config(sim), ENV) as gw:
+        events = [e async for e in gw.stub.StreamChat(pb.StreamChatRequest(model="claude-sim", messages=[user("hi")]))]
+    assert sim.requests[0].body["stream"] is True
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["start", "delta", "delta", "end"]
+    assert events[1].delta.content == "whole answer"
+    call = events[2].delta.tool_calls[0]
+    assert (call.index, call.id, call.name, call.arguments) == (0, "toolu_1", "lookup", '{"q":"x"}')
+    end = events[3].end
+    assert end.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert usage_of(end.usage) == (40, 12, 10, 0, 5, 0) and not end.usage_estimated
+    assert end.cost_nanos_usd == 30 * 3000 + 10 * 300 + 12 * 15000
+
+
+async def test_a_retried_anthropic_stream_bills_the_cut_attempts_announced_prompt(sim: UpstreamSimulator) -> None:
+    # The first attempt is cut after message_start (the provider took and billed the prompt); the retry answers.
+    sim.enqueue(
+        Reply(content="lost", usage=SimUsage(input=800, output=9, cached=200), cut_after=1),
+        Reply(content="fine", usage=SimUsage(input=800, output=4, cached=1000)),
+    )
+    async with running_gateway(config(sim, max_attempts=2), ENV) as gw:
+        text, end = await stream_end(gw, "claude-sim")
+        row = await total(gw)
+    assert text == "fine"
+    # 1,000 + 1,800 prompt tokens, both exact; the cut attempt's output is unknown (so: estimated)
+    assert usage_of(end.usage) == (2800, 4, 1200, 0, 0, 0) and end.usage_estimated
+    cost = (800 * 3000 + 200 * 300) + (800 * 3000 + 1000 * 300 + 4 * 15000)
+    assert end.cost_nanos_usd == row.cost_nanos_usd == cost
