@@ -4,6 +4,7 @@ not) against the simulator (so the simulator cannot drift from what the SDK send
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -13,6 +14,8 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from openai.types.responses.response_create_params import ResponseCreateParamsNonStreaming
+from pydantic import TypeAdapter
 
 from feather_grpc import config
 from feather_grpc.config import ConfigError
@@ -21,6 +24,8 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    Part,
+    PartKind,
     ResponseFormat,
     Role,
     StreamFinish,
@@ -36,8 +41,9 @@ from feather_grpc.providers.http import new_session
 from feather_grpc.server.app import ServerOptions
 from sim.responses import ResponsesReply, ResponsesSimulator
 from sim.upstream import UpstreamSimulator
-from tests.gateway_harness import user
+from tests.gateway_harness import rich_error, running_gateway, user
 from tests.ops_harness import running_server, scrape_text
+from tests.test_sdk_conformance import materialise
 
 KEY = "sk-responses-test-0123456789"
 WEATHER = ToolSpec(
@@ -327,3 +333,143 @@ async def test_openai_sdk_responses_against_the_simulator(sim: ResponsesSimulato
         sim.enqueue(ResponsesReply(status=429, error_code="rate_limit_exceeded", message="slow down"))
         with pytest.raises(openai.RateLimitError):
             await client.responses.create(model="o3", input="x")
+
+
+# -- the contract's parts, reasoning, caching and tool options (issue 13 item 5) ----------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(16)
+PDF = b"%PDF-1.7 /Type /Page"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def contract_request() -> ChatRequest:
+    strict_tool = ToolSpec("get_weather", "Weather", {"type": "object", "properties": {}}, strict=True)
+    return ChatRequest(
+        model="m",
+        messages=[
+            Message(Role.SYSTEM, parts=(Part(PartKind.TEXT, text="Rules"),), cache_ttl="1h"),
+            Message(
+                Role.USER,
+                parts=(
+                    Part(PartKind.TEXT, text="Look", cache_ttl=""),
+                    Part(PartKind.IMAGE, data=PNG, media_type="image/png"),
+                    Part(PartKind.IMAGE, url="https://example.com/a.jpg", detail="low"),
+                    Part(PartKind.DOCUMENT, data=PDF, media_type="application/pdf", title="a.pdf"),
+                    Part(PartKind.DOCUMENT, url="https://example.com/b.pdf"),
+                ),
+            ),
+            Message(
+                Role.ASSISTANT,
+                parts=(Part(PartKind.TEXT, text="Checking"),),
+                tool_calls=(ToolCall("c1", "get_weather", "{}"),),
+            ),
+            Message(
+                Role.TOOL,
+                tool_call_id="c1",
+                parts=(Part(PartKind.TEXT, text="sunny"), Part(PartKind.IMAGE, data=PNG, media_type="image/png")),
+                is_error=True,
+            ),
+        ],
+        tools=[strict_tool],
+        parallel_tool_calls=False,
+        reasoning_effort="high",
+        thinking_budget=2048,  # Anthropic's: the Responses API takes the effort
+        prompt_cache_key="k1",
+        extra_fields={"service_tier": "priority"},
+    )
+
+
+async def test_parts_reasoning_and_cache_key_in_the_request_body(sim: ResponsesSimulator, session: HttpClient) -> None:
+    sim.enqueue(ResponsesReply(text="ok"))
+    await responses(sim, session).chat("o3", contract_request())
+    body = sim.requests[-1].body
+    assert body == {
+        "model": "o3",
+        "store": False,
+        "include": ["reasoning.encrypted_content"],
+        "instructions": "Rules",
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Look"},
+                    {"type": "input_image", "image_url": f"data:image/png;base64,{_b64(PNG)}", "detail": "auto"},
+                    {"type": "input_image", "image_url": "https://example.com/a.jpg", "detail": "low"},
+                    {
+                        "type": "input_file",
+                        "filename": "a.pdf",
+                        "file_data": f"data:application/pdf;base64,{_b64(PDF)}",
+                    },
+                    {"type": "input_file", "file_url": "https://example.com/b.pdf"},
+                ],
+            },
+            {"role": "assistant", "content": "Checking"},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {
+                "type": "function_call_output",
+                "call_id": "c1",
+                "output": [
+                    {"type": "input_text", "text": "sunny"},
+                    {"type": "input_image", "image_url": f"data:image/png;base64,{_b64(PNG)}", "detail": "auto"},
+                ],
+            },
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "name": "get_weather",
+                "strict": True,
+                "description": "Weather",
+                "parameters": {"type": "object", "properties": {}},
+            }
+        ],
+        "parallel_tool_calls": False,
+        "reasoning": {"effort": "high"},
+        "prompt_cache_key": "k1",
+        "service_tier": "priority",
+    }
+    # The body is what the official SDK's request type accepts, nothing more.
+    adapter = TypeAdapter(ResponseCreateParamsNonStreaming)  # alive while its lazy validators iterate
+    assert materialise(adapter.validate_python(body)) == body
+
+
+async def test_audio_is_refused_by_the_adapter(sim: ResponsesSimulator, session: HttpClient) -> None:
+    request = ChatRequest(
+        model="m", messages=[Message(Role.USER, parts=(Part(PartKind.AUDIO, data=b"RIFF", media_type="wav"),))]
+    )
+    with pytest.raises(ProviderError) as caught:
+        await responses(sim, session).chat("o3", request)
+    assert caught.value.reason == "UPSTREAM_BAD_REQUEST" and "no audio" in caught.value.message
+    assert not sim.requests
+
+
+async def test_routing_keeps_audio_from_a_responses_model(sim: ResponsesSimulator) -> None:
+    doc = {
+        "ledger": {"type": "memory"},
+        "providers": {
+            "openai": {
+                "apiKeyEnv": "OPENAI_API_KEY",
+                "baseUrl": sim.url + "/v1",
+                "models": [{"name": "o3-pro", "api": "responses", "inputPer1M": 20, "outputPer1M": 80}],
+            }
+        },
+    }
+    audio = pb.Message(role=pb.ROLE_USER, parts=[pb.Part(audio=pb.AudioPart(data=b"RIFF", format="wav"))])
+    image = pb.Message(role=pb.ROLE_USER, parts=[pb.Part(image=pb.ImagePart(url="https://example.com/a.jpg"))])
+    async with running_gateway(doc, {"OPENAI_API_KEY": KEY}) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="o3-pro", messages=[audio]))
+        err = rich_error(caught.value)
+        assert (err.code, err.violations) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            [("messages[0].parts[0]", "audio cannot be sent to the responses API serving 'o3-pro'")],
+        )
+        assert not sim.requests
+        sim.enqueue(ResponsesReply(text="a cat"))
+        assert (await gw.stub.Chat(pb.ChatRequest(model="o3-pro", messages=[image]))).message.content == "a cat"
+    assert sim.requests[-1].body["input"][0]["content"] == [
+        {"type": "input_image", "image_url": "https://example.com/a.jpg", "detail": "auto"}
+    ]

@@ -21,12 +21,14 @@ __all__ = [
     "ProviderSettings",
     "build_provider",
     "new_session",
+    "wire_format",
 ]
 
 PROVIDER_TYPES = ("openai", "openai-compatible", "anthropic", "azure-openai", "bedrock", "gemini", "vertex", "mock")
 
-# The input kinds (engine.inputs) each wire format carries. OpenAI chat takes a PDF only inline (`file`) and
-# a tool result only as text; Anthropic takes no audio. The mock answers from the text alone.
+# The input kinds (engine.inputs) each wire format (see `wire_format`) carries. OpenAI chat takes a PDF only
+# inline (`file`) and a tool result only as text; Anthropic takes no audio. The mock answers from the text
+# alone. A wire format missing here takes none: routing skips it for a request with parts.
 _OPENAI_INPUTS = frozenset({inputs.IMAGE, inputs.IMAGE_URL, inputs.DOCUMENT, inputs.AUDIO})
 ACCEPTED_INPUTS: dict[str, frozenset[str]] = {
     "openai": _OPENAI_INPUTS,
@@ -34,8 +36,24 @@ ACCEPTED_INPUTS: dict[str, frozenset[str]] = {
     "anthropic": frozenset(
         {inputs.IMAGE, inputs.IMAGE_URL, inputs.DOCUMENT, inputs.DOCUMENT_URL, inputs.TOOL_RESULT_MEDIA}
     ),
+    "azure-openai": _OPENAI_INPUTS,
+    # Responses: input_image (URL or data URL), input_file (PDF inline or by URL), and both in tool results
+    # (function_call_output); its message content has no audio.
+    "responses": frozenset(
+        {inputs.IMAGE, inputs.IMAGE_URL, inputs.DOCUMENT, inputs.DOCUMENT_URL, inputs.TOOL_RESULT_MEDIA}
+    ),
     "mock": frozenset(inputs.DESCRIPTIONS),
 }
+
+
+def wire_format(ptype: str, model: str, responses_models: tuple[str, ...] = ()) -> str:
+    """The API that serves upstream `model` at a provider of type `ptype`: the type itself, except the
+    Responses API ("responses") for the models configured to use it, and Claude on Vertex ("anthropic")."""
+    if model in responses_models:
+        return "responses"
+    if ptype == "vertex" and model.startswith("claude"):
+        return "anthropic"
+    return ptype
 
 
 def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:

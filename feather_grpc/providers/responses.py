@@ -26,6 +26,9 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    Message,
+    Part,
+    PartKind,
     ProviderResponse,
     Role,
     StreamEvent,
@@ -38,7 +41,9 @@ from feather_grpc.engine.types import (
 from feather_grpc.providers.base import (
     ProviderSettings,
     consistent,
+    data_url,
     estimated_usage,
+    merge_fields,
     parse_sse,
     read_events,
     token_count,
@@ -102,15 +107,21 @@ class OpenAIResponsesProvider(OpenAIProvider):
         items: list[dict[str, Any]] = []
         for m in request.messages:
             if m.role is Role.SYSTEM:
-                instructions.append(m.content)
+                instructions.append(m.text)
             elif m.role is Role.TOOL:
-                items.append({"type": "function_call_output", "call_id": m.tool_call_id, "output": m.content})
+                output = _content(m) if m.parts else m.content
+                items.append({"type": "function_call_output", "call_id": m.tool_call_id, "output": output})
             else:
                 if m.tool_calls:
                     kept = self._reasoning.get(m.tool_calls[0].id)
                     if kept is not None:
                         items += kept
-                if m.content or not m.tool_calls:
+                if m.role is Role.ASSISTANT:  # the model's own words go back as text
+                    if m.text or not m.tool_calls:
+                        items.append({"role": "assistant", "content": m.text})
+                elif m.parts:
+                    items.append({"role": m.role.value, "content": _content(m)})
+                elif m.content or not m.tool_calls:
                     items.append({"role": m.role.value, "content": m.content})
                 for c in m.tool_calls:
                     items.append({"type": "function_call", "call_id": c.id, "name": c.name, "arguments": c.arguments})
@@ -142,18 +153,25 @@ class OpenAIResponsesProvider(OpenAIProvider):
         if request.tools:
             tools = []
             for t in request.tools:
-                tool: dict[str, Any] = {"type": "function", "name": t.name, "strict": False}
+                tool: dict[str, Any] = {"type": "function", "name": t.name, "strict": t.strict}
                 if t.description:
                     tool["description"] = t.description
                 tool["parameters"] = t.parameters if t.parameters is not None else {"type": "object", "properties": {}}
                 tools.append(tool)
             body["tools"] = tools
+            if request.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = request.parallel_tool_calls
         choice = request.tool_choice
         if choice is not None:
             if choice.function_name:
                 body["tool_choice"] = {"type": "function", "name": choice.function_name}
             elif choice.mode:
                 body["tool_choice"] = choice.mode
+        if request.reasoning_effort:
+            body["reasoning"] = {"effort": request.reasoning_effort}
+        if request.prompt_cache_key:
+            body["prompt_cache_key"] = request.prompt_cache_key
+        merge_fields(body, self.settings, request)
         if stream:
             body["stream"] = True
         return body
@@ -393,6 +411,32 @@ class _Reader:
         else:
             finish = FinishReason.UNSPECIFIED
         return StreamFinish(finish, normalise_usage(self._usage) if self._usage is not None else None)
+
+
+def _input_part(p: Part) -> dict[str, Any]:
+    """One content part as a Responses input content item (ResponseInputContentParam in the SDK)."""
+    if p.kind is PartKind.TEXT:
+        return {"type": "input_text", "text": p.text}
+    if p.kind is PartKind.IMAGE:
+        return {
+            "type": "input_image",
+            "image_url": p.url or data_url(p.media_type, p.data),
+            "detail": p.detail or "auto",
+        }
+    if p.kind is PartKind.DOCUMENT:
+        if p.url:
+            return {"type": "input_file", "file_url": p.url}
+        return {
+            "type": "input_file",
+            "filename": p.title or "document.pdf",
+            "file_data": data_url("application/pdf", p.data),
+        }
+    # Routing keeps audio away (the API's message content has no audio item); used directly, say so.
+    raise ProviderError("UPSTREAM_BAD_REQUEST", "the OpenAI Responses API takes no audio input", retryable=False)
+
+
+def _content(m: Message) -> list[dict[str, Any]]:
+    return [_input_part(p) for p in m.parts]
 
 
 def _reasoning_item(item: dict[str, Any]) -> dict[str, Any]:
