@@ -5,6 +5,7 @@ AzureOpenAI client against the simulator (so the simulator cannot drift from wha
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,17 @@ from aiohttp import web
 from feather_grpc import config
 from feather_grpc.config import ConfigError
 from feather_grpc.engine.errors import ProviderError
-from feather_grpc.engine.types import ChatRequest, FinishReason, Message, Role, StreamFinish, TextDelta
+from feather_grpc.engine.types import (
+    ChatRequest,
+    FinishReason,
+    Message,
+    Part,
+    PartKind,
+    Role,
+    StreamFinish,
+    TextDelta,
+    ToolSpec,
+)
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import HttpClient, Provider, ProviderSettings, build_provider
 from feather_grpc.providers.azure import AzureOpenAIProvider
@@ -28,6 +39,7 @@ from sim.azure import AzureSimulator
 from sim.upstream import Reply, SimUsage
 from tests.gateway_harness import rich_error, user
 from tests.ops_harness import eventually, running_server, scrape_text
+from tests.test_sdk_conformance import conforms
 
 KEY = "azure-key-0123456789abcdef"
 VERSION = "2024-10-21"
@@ -488,3 +500,61 @@ def test_config_api_responses_on_azure() -> None:
     ]
     p = _load(doc, {"K": "k"}).providers[0]
     assert p.responses_models == ("o3-pro",) and p.upstream_ids == (("o3-pro", "prod-o3"),)
+
+
+# -- the contract's parts, reasoning, caching and tool options (issue 13 item 5) ----------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(16)
+PDF = b"%PDF-1.7 /Type /Page"
+
+
+def _data_url(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+async def test_parts_reasoning_and_tool_options_go_as_on_openai(sim: AzureSimulator, session: HttpClient) -> None:
+    request = ChatRequest(
+        model="m",
+        messages=[
+            Message(
+                Role.USER,
+                parts=(
+                    Part(PartKind.TEXT, text="Look"),
+                    Part(PartKind.IMAGE, data=PNG, media_type="image/png", detail="high"),
+                    Part(PartKind.DOCUMENT, data=PDF, media_type="application/pdf", title="a.pdf"),
+                    Part(PartKind.AUDIO, data=b"RIFF", media_type="wav"),
+                ),
+            )
+        ],
+        tools=[ToolSpec("get_weather", "Weather", {"type": "object", "properties": {}}, strict=True)],
+        parallel_tool_calls=False,
+        reasoning_effort="low",
+        prompt_cache_key="k1",
+        extra_fields={"user": "u1"},
+    )
+    await azure(sim, session, upstream_ids=(("gpt-4o", "prod-gpt4o"),)).chat("gpt-4o", request)
+    body = sim.requests[-1].body
+    assert body["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look"},
+                {"type": "image_url", "image_url": {"url": _data_url("image/png", PNG), "detail": "high"}},
+                {"type": "file", "file": {"filename": "a.pdf", "file_data": _data_url("application/pdf", PDF)}},
+                {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF").decode(), "format": "wav"}},
+            ],
+        }
+    ]
+    assert body["tools"][0]["function"]["strict"] is True and body["parallel_tool_calls"] is False
+    assert (body["reasoning_effort"], body["prompt_cache_key"], body["user"]) == ("low", "k1", "u1")
+    conforms("openai", body)  # what the official SDK's chat.completions.create takes
+
+
+async def test_routing_sends_an_image_to_azure_rather_than_past_it(sim: AzureSimulator) -> None:
+    image = pb.Message(role=pb.ROLE_USER, parts=[pb.Part(image=pb.ImagePart(url="https://example.com/a.jpg"))])
+    async with running_server(gateway_doc(sim), ENV, ServerOptions()) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-4o", messages=[image]))
+    assert reply.provider == "azure"  # not the mock fallback: Azure's chat API takes images
+    assert sim.requests[-1].body["messages"][0]["content"] == [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}
+    ]
