@@ -35,6 +35,7 @@ class GeminiReply:
     text: str | None = None  # None: the default reply (none when there are function calls)
     function_calls: tuple[tuple[str, dict[str, Any]], ...] = ()
     thought: str = ""  # a thought-summary part before the answer (thought: true)
+    signature: str = ""  # a thoughtSignature, on the first function call (else the last part) as Gemini 3 puts it
     finish_reason: str | None = None  # None: STOP
     prompt_tokens: int | None = None
     candidates_tokens: int | None = None
@@ -249,7 +250,10 @@ def _chunks(model: str, body: dict[str, Any], reply: GeminiReply, stream: bool) 
     if pieces and stream:
         pieces[-1] = pieces[-1][:-1]
     parts += [{"text": p} for p in pieces if p]
-    parts += [{"functionCall": {"name": n, "args": a}} for n, a in reply.function_calls]
+    calls = [{"functionCall": {"name": n, "args": a}} for n, a in reply.function_calls]
+    parts += calls
+    if reply.signature and parts:
+        (calls or parts)[0 if calls else -1]["thoughtSignature"] = reply.signature
     finish = reply.finish_reason or "STOP"
     if not stream:
         candidate = {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}

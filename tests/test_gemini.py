@@ -5,6 +5,7 @@ google-genai SDK against the simulator (so the simulator cannot drift from the r
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -28,10 +29,14 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    Part,
+    PartKind,
     ResponseFormat,
     Role,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -373,7 +378,10 @@ async def test_claude_on_vertex_uses_the_anthropic_format_and_the_same_token(
     assert all("x-api-key" not in r.headers for r in sim.requests)
     with pytest.raises(ProviderError) as caught:  # refused, not silently ignored
         await provider.chat(model, ask(response_format=ResponseFormat("json_object")))
-    assert caught.value.reason == "UPSTREAM_BAD_REQUEST" and "no JSON mode" in caught.value.message
+    assert caught.value.reason == "UPSTREAM_BAD_REQUEST" and "not JSON mode" in caught.value.message
+    # A JSON schema goes as Anthropic's structured output, which Vertex serves for Claude.
+    await provider.chat(model, ask(response_format=ResponseFormat("json_schema", "a", {"type": "object"}, True)))
+    assert sim.requests[-1].body["output_config"] == {"format": {"type": "json_schema", "schema": {"type": "object"}}}
     await provider.aclose()
 
 
@@ -645,3 +653,193 @@ async def test_anthropic_vertex_sdk_against_the_claude_simulator(sim: GeminiSimu
         async with client.messages.stream(model=model, max_tokens=64, messages=messages) as stream:
             assert await stream.get_final_text() == f"Hello from {model}: hello"
         assert sim.requests[-1].path.endswith(f"/publishers/anthropic/models/{model}:streamRawPredict")
+
+
+# -- the contract's parts, reasoning and provider fields (issue 13 item 5) ----------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(16)
+PDF = b"%PDF-1.7 /Type /Page"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def conforms(body: dict[str, Any]) -> None:
+    """Each piece of a generateContent body is what google-genai's types take (they forbid unknown fields)."""
+    for content in body["contents"]:
+        gt.Content.model_validate_json(json.dumps(content))
+    if "systemInstruction" in body:
+        gt.Content.model_validate_json(json.dumps(body["systemInstruction"]))
+    if "generationConfig" in body:
+        gt.GenerationConfig.model_validate_json(json.dumps(body["generationConfig"]))
+    for tool in body.get("tools", ()):
+        gt.Tool.model_validate_json(json.dumps(tool))
+
+
+def multimodal_request(**kw: Any) -> ChatRequest:
+    return ChatRequest(
+        model="m",
+        messages=[
+            Message(Role.SYSTEM, parts=(Part(PartKind.TEXT, text="Rules"),), cache_ttl="1h"),
+            Message(
+                Role.USER,
+                parts=(
+                    Part(PartKind.TEXT, text="Look", cache_ttl=""),
+                    Part(PartKind.IMAGE, data=PNG, media_type="image/png"),
+                    Part(PartKind.IMAGE, url="https://example.com/a.jpg"),
+                    Part(PartKind.DOCUMENT, data=PDF, media_type="application/pdf", title="a.pdf"),
+                    Part(PartKind.DOCUMENT, url="gs://bucket/b.pdf"),
+                    Part(PartKind.AUDIO, data=b"RIFF", media_type="wav"),
+                ),
+            ),
+            Message(
+                Role.ASSISTANT,
+                "Checking",
+                tool_calls=(ToolCall("c1", "get_weather", '{"city":"Oslo"}'),),
+                thinking=(ThinkingBlock("I should look it up", "c2lnLTE="),),
+            ),
+            Message(
+                Role.TOOL,
+                tool_call_id="c1",
+                parts=(
+                    Part(PartKind.TEXT, text="no such city"),
+                    Part(PartKind.IMAGE, data=PNG, media_type="image/png"),
+                ),
+                is_error=True,
+            ),
+        ],
+        **kw,
+    )
+
+
+async def test_parts_thinking_and_extra_fields_in_the_request_body(sim: GeminiSimulator, session: HttpClient) -> None:
+    request = multimodal_request(reasoning_effort="high", extra_fields={"labels": {"team": "a"}})
+    await gemini(sim, session).chat("gemini-3-pro", request)
+    body = sim.requests[-1].body
+    assert body == {
+        "contents": [
+            {
+                "role": "user",
+                "parts": [
+                    {"text": "Look"},
+                    {"inlineData": {"mimeType": "image/png", "data": _b64(PNG)}},
+                    {"fileData": {"fileUri": "https://example.com/a.jpg", "mimeType": "image/jpeg"}},
+                    {"inlineData": {"mimeType": "application/pdf", "data": _b64(PDF)}},
+                    {"fileData": {"fileUri": "gs://bucket/b.pdf", "mimeType": "application/pdf"}},
+                    {"inlineData": {"mimeType": "audio/wav", "data": _b64(b"RIFF")}},
+                ],
+            },
+            {
+                "role": "model",
+                "parts": [
+                    {"text": "Checking"},
+                    # The thought signature goes back on the function call it came with.
+                    {
+                        "functionCall": {"name": "get_weather", "args": {"city": "Oslo"}, "id": "c1"},
+                        "thoughtSignature": "c2lnLTE=",
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [
+                    {
+                        "functionResponse": {
+                            "name": "get_weather",
+                            "response": {"error": "no such city"},
+                            "id": "c1",
+                            "parts": [{"inlineData": {"mimeType": "image/png", "data": _b64(PNG)}}],
+                        }
+                    }
+                ],
+            },
+        ],
+        "systemInstruction": {"parts": [{"text": "Rules"}]},
+        "generationConfig": {"thinkingConfig": {"thinkingLevel": "HIGH", "includeThoughts": True}},
+        "labels": {"team": "a"},
+    }
+    conforms({k: v for k, v in body.items() if k != "labels"})  # labels: a Vertex request field, not typed here
+
+    # A token budget is Gemini 2.5's thinkingBudget, and wins over a configured one; "none" turns thinking off.
+    provider = gemini(sim, session, thinking_budgets=(("gemini-2.5-pro", 512),))
+    await provider.chat("gemini-2.5-pro", ask(thinking_budget=2048, reasoning_effort="low"))
+    assert sim.requests[-1].body["generationConfig"] == {
+        "thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": True}
+    }
+    await provider.chat("gemini-2.5-pro", ask(reasoning_effort="none"))
+    assert sim.requests[-1].body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 0}}
+    conforms(sim.requests[-1].body)
+
+
+async def test_thought_summaries_and_signatures_come_back_as_thinking(
+    sim: GeminiSimulator, session: HttpClient
+) -> None:
+    provider = gemini(sim, session)
+    sim.enqueue(
+        GeminiReply(function_calls=(("get_weather", {"city": "Oslo"}),), thought="Look it up.", signature="c2lnLTE=")
+    )
+    out = await provider.chat("gemini-3-pro", ask(tools=[WEATHER], reasoning_effort="low"))
+    assert out.thinking == [ThinkingBlock("Look it up.", "c2lnLTE=")]
+    assert out.content == "" and out.tool_calls[0].name == "get_weather"
+
+    sim.enqueue(GeminiReply(text="sunny and warm", thought="Answer.", signature="c2lnLTI="))
+    events = [e async for e in provider.stream("gemini-3-pro", ask(reasoning_effort="low"))]
+    thinking = [e for e in events if isinstance(e, ThinkingDelta)]
+    assert [(e.index, e.text, e.signature) for e in thinking] == [(0, "Answer.", ""), (0, "", "c2lnLTI=")]
+    assert "".join(e.content for e in events if isinstance(e, TextDelta)) == "sunny and warm"
+
+    # The reply's thinking carried back on the next turn puts its signature where Gemini wants it.
+    follow = ChatRequest(
+        model="m",
+        messages=[
+            Message(Role.USER, "weather?"),
+            Message(Role.ASSISTANT, tool_calls=tuple(out.tool_calls), thinking=tuple(out.thinking)),
+            Message(Role.TOOL, "sunny", tool_call_id=out.tool_calls[0].id),
+        ],
+        tools=[WEATHER],
+    )
+    await provider.chat("gemini-3-pro", follow)
+    model_turn = sim.requests[-1].body["contents"][1]
+    assert model_turn["parts"] == [
+        {
+            "functionCall": {"name": "get_weather", "args": {"city": "Oslo"}, "id": "call_1"},
+            "thoughtSignature": "c2lnLTE=",
+        }
+    ]
+    conforms(sim.requests[-1].body)
+
+
+async def test_google_genai_sdk_reads_thought_signatures_from_the_simulator(sim: GeminiSimulator) -> None:
+    client = genai.Client(api_key=KEY, http_options=gt.HttpOptions(base_url=sim.url))
+    sim.enqueue(GeminiReply(function_calls=(("get_weather", {"city": "Oslo"}),), thought="hm", signature="c2lnLTE="))
+    out = await client.aio.models.generate_content(model="gemini-3-pro", contents="weather?")
+    await client.aio.aclose()
+    assert out.candidates and out.candidates[0].content and out.candidates[0].content.parts
+    parts = out.candidates[0].content.parts
+    assert (parts[0].thought, parts[1].thought_signature) == (True, b"sig-1")
+
+
+async def test_gateway_routes_an_image_to_gemini(sim: GeminiSimulator) -> None:
+    doc = {
+        "ledger": {"type": "memory"},
+        "providers": {
+            "gemini": {
+                "type": "gemini",
+                "apiKeyEnv": "GEMINI_API_KEY",
+                "baseUrl": sim.url + "/v1beta",
+                "models": [{"name": "gemini-2.5-flash", "inputPer1M": 0.3, "outputPer1M": 2.5}],
+            }
+        },
+    }
+    image = pb.Message(
+        role=pb.ROLE_USER,
+        parts=[pb.Part(text="what is it?"), pb.Part(image=pb.ImagePart(data=PNG, media_type="image/png"))],
+    )
+    async with running_server(doc, {"GEMINI_API_KEY": KEY}, ServerOptions()) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="gemini-2.5-flash", messages=[image]))
+    assert reply.provider == "gemini"
+    assert sim.requests[-1].body["contents"][0]["parts"] == [
+        {"text": "what is it?"},
+        {"inlineData": {"mimeType": "image/png", "data": _b64(PNG)}},
+    ]

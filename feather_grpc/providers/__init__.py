@@ -42,6 +42,9 @@ ACCEPTED_INPUTS: dict[str, frozenset[str]] = {
     "responses": frozenset(
         {inputs.IMAGE, inputs.IMAGE_URL, inputs.DOCUMENT, inputs.DOCUMENT_URL, inputs.TOOL_RESULT_MEDIA}
     ),
+    # Gemini (both types): inlineData for bytes, fileData for URLs, and both in a functionResponse's parts.
+    "gemini": frozenset(inputs.DESCRIPTIONS),
+    "vertex": frozenset(inputs.DESCRIPTIONS),
     "mock": frozenset(inputs.DESCRIPTIONS),
 }
 

@@ -11,7 +11,13 @@ Application Default Credentials), one wire format: generateContent and streamGen
 - Messages: system messages become `systemInstruction`; assistant turns are role `model`; tool calls are
   `functionCall` parts and tool results `functionResponse` parts (named after the call they answer).
   JSON output: `responseMimeType: application/json`, with `responseJsonSchema` for a JSON schema.
-  A model's `thinkingBudget` (config) becomes `thinkingConfig.thinkingBudget`.
+  Images, PDFs and audio go as `inlineData` (bytes) or `fileData` (a URL), in a tool result as the
+  `functionResponse`'s parts; a failed tool's result goes under `error`.
+- Thinking: a request's token budget is `thinkingConfig.thinkingBudget`, its effort `thinkingLevel`
+  (Gemini 3), "none" a budget of 0; else a model's configured `thinkingBudget`. Thought summaries come back
+  as the reply's thinking, and the turn's `thoughtSignature` as its signature, sent back on the first
+  function call (Gemini 3 requires it in tool loops). Cache breakpoints have no Gemini equivalent (its
+  caching is implicit, or a cachedContent resource): they are not sent, as for OpenAI.
 - Claude on Vertex: a vertex model whose name starts with `claude` is served in the Anthropic Messages
   format (`publishers/anthropic/models/{model}:rawPredict` and `:streamRawPredict`, `anthropic_version`
   vertex-2023-10-16 in the body), with the same ADC token.
@@ -22,6 +28,7 @@ Application Default Credentials), one wire format: generateContent and streamGen
 from __future__ import annotations
 
 import datetime
+import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -33,11 +40,16 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    Message,
+    Part,
+    PartKind,
     ProviderResponse,
     Role,
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -45,8 +57,10 @@ from feather_grpc.engine.types import (
 from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.base import (
     ProviderSettings,
+    b64,
     consistent,
     estimated_usage,
+    merge_fields,
     parse_sse,
     read_events,
     token_count,
@@ -131,6 +145,56 @@ def _json_object(provider: str, what: str, text: str) -> dict[str, Any]:
     return value
 
 
+def _media_type(p: Part) -> str:
+    if p.kind is PartKind.DOCUMENT:
+        return "application/pdf"
+    if p.kind is PartKind.AUDIO:
+        return f"audio/{p.media_type}"  # the audio's format: "wav" -> audio/wav, "mp3" -> audio/mp3
+    if p.media_type:
+        return p.media_type
+    guessed, _ = mimetypes.guess_type(p.url)  # an image by URL names no type: its extension does
+    return guessed or ""
+
+
+def _media(p: Part) -> dict[str, Any]:
+    """An image, PDF or audio part as Gemini's inlineData (bytes) or fileData (a URL: gs://, https://, or a
+    Files API URI), the shapes of google-genai's Blob and FileData (FunctionResponseBlob/FileData alike)."""
+    if p.url:
+        data: dict[str, Any] = {"fileUri": p.url}
+        mime = _media_type(p)
+        if mime:
+            data["mimeType"] = mime
+        return {"fileData": data}
+    return {"inlineData": {"mimeType": _media_type(p), "data": b64(p.data)}}
+
+
+def _parts(m: Message) -> list[dict[str, Any]]:
+    """The message's content as Gemini parts; the API rejects empty text parts."""
+    if not m.parts:
+        return [{"text": m.content}] if m.content else []
+    return [
+        ({"text": p.text} if p.kind is PartKind.TEXT else _media(p))
+        for p in m.parts
+        if p.text or p.kind is not PartKind.TEXT
+    ]
+
+
+def thinking_config(request: ChatRequest, configured: int | None) -> dict[str, Any] | None:
+    """`thinkingConfig` for the request: its own token budget (`thinkingBudget`), else its effort as
+    `thinkingLevel` (minimal..xhigh, Gemini 3's levels; "none" is a budget of 0, which turns thinking off
+    where the model allows it), else the model's configured budget. Thought summaries are asked for whenever
+    the request asks for reasoning, so they come back as the reply's thinking."""
+    if request.thinking_budget is not None:
+        return {"thinkingBudget": request.thinking_budget, "includeThoughts": True}
+    if request.reasoning_effort == "none":
+        return {"thinkingBudget": 0}
+    if request.reasoning_effort:
+        return {"thinkingLevel": request.reasoning_effort.upper(), "includeThoughts": True}
+    if configured is not None:  # the operator's thinking budget for this model (-1: dynamic, 0: off)
+        return {"thinkingBudget": configured}
+    return None
+
+
 class GeminiProvider:
     def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
         self.settings = settings
@@ -177,8 +241,8 @@ class GeminiProvider:
         names: dict[str, str] = {}  # tool-call id -> function name, for the functionResponse that answers it
         for m in request.messages:
             if m.role is Role.SYSTEM:
-                if m.content:
-                    system.append({"text": m.content})
+                if m.text:
+                    system.append({"text": m.text})
                 continue
             parts: list[dict[str, Any]] = []
             if m.role is Role.TOOL:
@@ -191,18 +255,23 @@ class GeminiProvider:
                         retryable=False,
                     )
                 try:
-                    value = orjson.loads(m.content)
+                    value = orjson.loads(m.text)
                 except ValueError:
                     value = None
-                response = value if isinstance(value, dict) else {"result": m.content}
+                if m.is_error:  # Gemini's convention: the failure under "error" instead of the output
+                    response = {"error": value if isinstance(value, dict) else m.text}
+                else:
+                    response = value if isinstance(value, dict) else {"result": m.text}
                 call: dict[str, Any] = {"name": name, "response": response}
                 if m.tool_call_id:
                     call["id"] = m.tool_call_id
+                media = [_media(p) for p in m.parts if p.kind is not PartKind.TEXT]
+                if media:  # images and PDFs a tool returned (FunctionResponse.parts)
+                    call["parts"] = media
                 parts.append({"functionResponse": call})
             else:
                 role = "model" if m.role is Role.ASSISTANT else "user"
-                if m.content:
-                    parts.append({"text": m.content})
+                parts.extend(_parts(m))
                 for c in m.tool_calls:
                     names[c.id] = c.name
                     args = _json_object(self._name, f"tool call {c.id!r} arguments", c.arguments)
@@ -210,6 +279,12 @@ class GeminiProvider:
                     if c.id:
                         fc["id"] = c.id
                     parts.append({"functionCall": fc})
+                signature = next((t.signature for t in m.thinking if t.signature), "")
+                if signature and parts:
+                    # Gemini's thought signature goes back on the part it came with: the first function call
+                    # of the turn, else (a reply without calls) the last part.
+                    at = next((part for part in parts if "functionCall" in part), parts[-1])
+                    at["thoughtSignature"] = signature
             if contents and contents[-1]["role"] == role:
                 contents[-1]["parts"].extend(parts)
             else:
@@ -233,9 +308,9 @@ class GeminiProvider:
             config["responseMimeType"] = "application/json"
             if fmt.type == "json_schema" and fmt.json_schema:
                 config["responseJsonSchema"] = fmt.json_schema
-        budget = self._thinking.get(model)
-        if budget is not None:  # the operator's thinking budget for this model (-1: dynamic, 0: off)
-            config["thinkingConfig"] = {"thinkingBudget": budget}
+        thinking = thinking_config(request, self._thinking.get(model))
+        if thinking is not None:
+            config["thinkingConfig"] = thinking
         if config:
             body["generationConfig"] = config
         if request.tools:
@@ -248,6 +323,7 @@ class GeminiProvider:
                     decl["parametersJsonSchema"] = t.parameters
                 declarations.append(decl)
             body["tools"] = [{"functionDeclarations": declarations}]
+        merge_fields(body, self.settings, request)
         choice = request.tool_choice
         if choice is not None and (choice.mode or choice.function_name):
             calling: dict[str, Any] = {
@@ -280,10 +356,16 @@ class GeminiProvider:
             raise bad_response(self._name, "not a GenerateContentResponse") from None
         text = "".join(e.content for e in events if isinstance(e, TextDelta))
         calls = [ToolCall(e.id, e.name, e.arguments) for e in events if isinstance(e, ToolCallDelta)]
+        thoughts = [e for e in events if isinstance(e, ThinkingDelta)]
+        thinking = [
+            ThinkingBlock("".join(e.text for e in thoughts), next((e.signature for e in thoughts if e.signature), ""))
+        ]
+        thinking = thinking if thoughts else []
         final = reader.finish()
         if final.usage is None:
-            return ProviderResponse(text, calls, final.finish_reason, estimated_usage(request, text, calls), True)
-        return ProviderResponse(text, calls, final.finish_reason, final.usage)
+            usage = estimated_usage(request, text, calls)
+            return ProviderResponse(text, calls, final.finish_reason, usage, True, thinking=thinking)
+        return ProviderResponse(text, calls, final.finish_reason, final.usage, thinking=thinking)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         if self._claude is not None and model.startswith("claude"):
@@ -367,10 +449,9 @@ class VertexClaude(AnthropicProvider):
 
     def build_body(self, model: str, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         fmt = request.response_format
-        if fmt is not None and fmt.type in ("json_object", "json_schema"):
-            # The gateway routes JSON calls away from the anthropic and bedrock types; this one shares its
-            # provider type with Gemini, so it refuses here rather than ignore the caller's format.
-            why = f"{self._name}: Claude on Vertex has no JSON mode (response_format {fmt.type})"
+        if fmt is not None and fmt.type == "json_object":
+            # Routing keeps schema-less JSON mode away from the Anthropic format; used directly, say so.
+            why = f"{self._name}: Claude on Vertex takes a JSON schema, not JSON mode (response_format json_object)"
             raise ProviderError("UPSTREAM_BAD_REQUEST", why, retryable=False)
         body = super().build_body(model, request, stream=stream)
         del body["model"]  # the URL names it
@@ -381,7 +462,7 @@ class VertexClaude(AnthropicProvider):
 class _Reader:
     """GenerateContentResponse documents (a whole reply, or one stream chunk) -> stream events."""
 
-    __slots__ = ("_api_key", "_blocked", "_calls", "_name", "_usage", "finish_raw")
+    __slots__ = ("_api_key", "_blocked", "_calls", "_name", "_signed", "_usage", "finish_raw")
 
     def __init__(self, name: str, api_key: str) -> None:
         self._name = name
@@ -389,6 +470,7 @@ class _Reader:
         self._calls = 0
         self._usage: dict[str, Any] | None = None
         self._blocked = False
+        self._signed = False
         self.finish_raw: object = None
 
     def handle(self, doc: dict[str, Any]) -> list[StreamEvent]:
@@ -407,8 +489,14 @@ class _Reader:
         out: list[StreamEvent] = []
         for candidate in (doc.get("candidates") or ())[:1]:
             for part in (candidate.get("content") or {}).get("parts") or ():
+                signature = part.get("thoughtSignature")
+                if signature and not self._signed:  # the turn's signature, kept for the next turn
+                    self._signed = True
+                    out.append(ThinkingDelta(0, signature=str(signature)))
                 if part.get("thought"):
-                    continue  # a thought summary: reasoning, not the reply
+                    if part.get("text"):  # a thought summary: the reply's thinking, not its text
+                        out.append(ThinkingDelta(0, str(part["text"])))
+                    continue
                 if part.get("text"):
                     out.append(TextDelta(str(part["text"])))
                 elif "functionCall" in part:
