@@ -43,6 +43,9 @@ class BedrockReply:
     output_tokens: int | None = None
     cache_read: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0  # of cache_write, written with a 1-hour TTL (usage.cacheDetails)
+    reasoning: str = ""  # a reasoningContent block before the answer (Claude's extended thinking)
+    signature: str = ""  # its signature
     omit_usage: bool = False
     latency_s: float = 0.0  # wait before answering
     status: int = 200  # >= 400: an error of `error_type`
@@ -179,7 +182,11 @@ class BedrockSimulator:
         model = request.match_info["model"]
         text, uses, stop, usage = _answer(model, body, reply)
         if not stream:
-            content: list[dict[str, Any]] = [{"text": text}] if text else []
+            content: list[dict[str, Any]] = []
+            if reply.reasoning:
+                said = {"text": reply.reasoning, "signature": reply.signature}
+                content.append({"reasoningContent": {"reasoningText": said}})
+            content += [{"text": text}] if text else []
             content += [
                 {"toolUse": {"toolUseId": f"tooluse_sim_{i + 1}", "name": n, "input": inp}}
                 for i, (n, inp) in enumerate(uses)
@@ -191,11 +198,19 @@ class BedrockSimulator:
             return web.Response(body=orjson.dumps(doc), content_type="application/json")
         events = [_event("messageStart", {"role": "assistant"})]
         index = 0
+        if reply.reasoning:
+            for word in _words(reply.reasoning):
+                delta = {"reasoningContent": {"text": word}}
+                events.append(_event("contentBlockDelta", {"contentBlockIndex": index, "delta": delta}))
+            delta = {"reasoningContent": {"signature": reply.signature}}
+            events.append(_event("contentBlockDelta", {"contentBlockIndex": index, "delta": delta}))
+            events.append(_event("contentBlockStop", {"contentBlockIndex": index}))
+            index += 1
         if text:
             for word in _words(text):
-                events.append(_event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": word}}))
-            events.append(_event("contentBlockStop", {"contentBlockIndex": 0}))
-            index = 1
+                events.append(_event("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": word}}))
+            events.append(_event("contentBlockStop", {"contentBlockIndex": index}))
+            index += 1
         for i, (name, tool_input) in enumerate(uses):
             start = {"toolUse": {"toolUseId": f"tooluse_sim_{i + 1}", "name": name}}
             events.append(_event("contentBlockStart", {"contentBlockIndex": index, "start": start}))
@@ -263,6 +278,11 @@ def _answer(
     if reply.cache_read or reply.cache_write:
         usage["cacheReadInputTokens"] = reply.cache_read
         usage["cacheWriteInputTokens"] = reply.cache_write
+    if reply.cache_write_1h:
+        usage["cacheDetails"] = [
+            {"ttl": "5m", "inputTokens": reply.cache_write - reply.cache_write_1h},
+            {"ttl": "1h", "inputTokens": reply.cache_write_1h},
+        ]
     return text, reply.tool_uses, stop, usage
 
 

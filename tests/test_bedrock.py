@@ -6,6 +6,7 @@ credential chain off the loop, the gateway around it, and boto3's bedrock-runtim
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import logging
@@ -29,9 +30,14 @@ from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
     Message,
+    Part,
+    PartKind,
+    ResponseFormat,
     Role,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -440,7 +446,7 @@ async def test_gateway_bills_exactly_retries_throttling_and_keeps_secrets_out(
             await gw.stub.Chat(pb.ChatRequest(model="claude", messages=[user("hi")]))
         assert rich_error(caught.value).code == grpc.StatusCode.INVALID_ARGUMENT
 
-        # Converse has no JSON mode: a JSON call is never sent to Bedrock (here the fallback answers it).
+        # Converse has no schema-less JSON mode: such a call is never sent to Bedrock (the fallback answers it).
         before = len(sim.requests)
         json_call = pb.ChatRequest(
             model="claude",
@@ -545,3 +551,237 @@ async def test_an_event_stream_message_over_the_limit_fails_the_attempt(
     with pytest.raises(ProviderError) as caught:
         [e async for e in provider.stream(MODEL, ask())]
     assert caught.value.reason == "UPSTREAM_RESPONSE_TOO_LARGE" and "maxStreamEventBytes" in caught.value.message
+
+
+# -- the contract's parts, cache points, thinking and structured output (issue 13 item 5) -------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(16)
+PDF = b"%PDF-1.7 /Type /Page"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def boto3_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's JSON body as boto3 parameters: blobs are bytes there, base64 text on the wire."""
+
+    def walk(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if key in ("bytes", "redactedContent"):
+            return base64.b64decode(value)
+        return value
+
+    params: dict[str, Any] = walk(body)
+    return params
+
+
+def multimodal_request(**kw: Any) -> ChatRequest:
+    return ChatRequest(
+        model="m",
+        messages=[
+            Message(Role.SYSTEM, parts=(Part(PartKind.TEXT, text="Rules"),), cache_ttl="1h"),
+            Message(
+                Role.USER,
+                parts=(
+                    Part(PartKind.TEXT, text="Look", cache_ttl=""),
+                    Part(PartKind.IMAGE, data=PNG, media_type="image/png"),
+                    Part(PartKind.DOCUMENT, data=PDF, media_type="application/pdf", title="Q3 report.v2.pdf"),
+                    Part(PartKind.DOCUMENT, data=PDF, media_type="application/pdf"),
+                    Part(PartKind.AUDIO, data=b"RIFF", media_type="wav"),
+                ),
+            ),
+            Message(
+                Role.ASSISTANT,
+                "Checking",
+                tool_calls=(ToolCall("t1", "get_weather", '{"city": "Oslo"}'),),
+                thinking=(ThinkingBlock("Look it up.", "sig-1"), ThinkingBlock(redacted_data=_b64(b"opaque"))),
+            ),
+            Message(
+                Role.TOOL,
+                tool_call_id="t1",
+                parts=(
+                    Part(PartKind.TEXT, text="no such city"),
+                    Part(PartKind.IMAGE, data=PNG, media_type="image/png"),
+                ),
+                is_error=True,
+                cache_ttl="5m",
+            ),
+        ],
+        tools=[ToolSpec(WEATHER.name, WEATHER.description, WEATHER.parameters, strict=True, cache_ttl="1h")],
+        max_tokens=8000,
+        reasoning_effort="high",
+        extra_fields={"performanceConfig": {"latency": "optimized"}},
+        **kw,
+    )
+
+
+async def test_parts_cache_points_and_thinking_in_the_request_body(
+    aws_env: None, sim: BedrockSimulator, session: HttpClient
+) -> None:
+    await bedrock(sim, session).chat(MODEL, multimodal_request())
+    body = sim.requests[-1].body
+    assert body == {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"text": "Look"},
+                    {"cachePoint": {"type": "default"}},
+                    {"image": {"format": "png", "source": {"bytes": _b64(PNG)}}},
+                    {"document": {"format": "pdf", "name": "Q3 report v2", "source": {"bytes": _b64(PDF)}}},
+                    {"document": {"format": "pdf", "name": "document 2", "source": {"bytes": _b64(PDF)}}},
+                    {"audio": {"format": "wav", "source": {"bytes": _b64(b"RIFF")}}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"reasoningContent": {"reasoningText": {"text": "Look it up.", "signature": "sig-1"}}},
+                    {"reasoningContent": {"redactedContent": _b64(b"opaque")}},
+                    {"text": "Checking"},
+                    {"toolUse": {"toolUseId": "t1", "name": "get_weather", "input": {"city": "Oslo"}}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "toolResult": {
+                            "toolUseId": "t1",
+                            "content": [
+                                {"text": "no such city"},
+                                {"image": {"format": "png", "source": {"bytes": _b64(PNG)}}},
+                            ],
+                            "status": "error",
+                        }
+                    },
+                    {"cachePoint": {"type": "default", "ttl": "5m"}},
+                ],
+            },
+        ],
+        "system": [{"text": "Rules"}, {"cachePoint": {"type": "default", "ttl": "1h"}}],
+        "inferenceConfig": {"maxTokens": 8000},
+        # Claude's extended thinking: an effort alone maps to a budget, as on the Anthropic API.
+        "additionalModelRequestFields": {"thinking": {"type": "enabled", "budget_tokens": 4096}},
+        "toolConfig": {
+            "tools": [
+                {
+                    "toolSpec": {
+                        "name": "get_weather",
+                        "description": WEATHER.description,
+                        "inputSchema": {"json": WEATHER.parameters},
+                        "strict": True,
+                    }
+                },
+                {"cachePoint": {"type": "default", "ttl": "1h"}},
+            ]
+        },
+        "performanceConfig": {"latency": "optimized"},
+    }
+    # boto3 takes the same request (its service model validates every field) and puts the same body on the wire.
+    await asyncio.to_thread(_client(sim).converse, modelId=MODEL, **boto3_params(body))
+    assert sim.requests[-1].body == body
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    await bedrock(sim, session).chat(MODEL, ask(response_format=ResponseFormat("json_schema", "answer", schema, True)))
+    sent = sim.requests[-1].body
+    assert sent["outputConfig"] == {
+        "textFormat": {
+            "type": "json_schema",
+            "structure": {"jsonSchema": {"schema": json.dumps(schema, separators=(",", ":")), "name": "answer"}},
+        }
+    }
+    await asyncio.to_thread(_client(sim).converse, modelId=MODEL, **boto3_params(sent))
+    assert sim.requests[-1].body == sent
+
+
+async def test_what_converse_cannot_take_is_refused(aws_env: None, sim: BedrockSimulator, session: HttpClient) -> None:
+    provider = bedrock(sim, session)
+    by_url = ChatRequest(
+        model="m", messages=[Message(Role.USER, parts=(Part(PartKind.IMAGE, url="https://example.com/a.png"),))]
+    )
+    svg = ChatRequest(
+        model="m",
+        messages=[Message(Role.USER, parts=(Part(PartKind.IMAGE, data=b"<svg/>", media_type="image/svg+xml"),))],
+    )
+    for request, words in (
+        (by_url, "as bytes, not by URL"),
+        (svg, "png, jpeg, gif or webp"),
+        (ask(thinking_budget=2048), "only for Claude models"),
+    ):
+        with pytest.raises(ProviderError) as caught:
+            await provider.chat("meta.llama3-70b-instruct-v1:0", request)
+        assert caught.value.reason == "UPSTREAM_BAD_REQUEST" and words in caught.value.message
+    assert not sim.requests
+    await provider.chat("meta.llama3-70b-instruct-v1:0", ask(reasoning_effort="none"))  # asks for no reasoning
+    assert "additionalModelRequestFields" not in sim.requests[-1].body
+
+
+async def test_thinking_and_one_hour_cache_writes_in_replies(
+    aws_env: None, sim: BedrockSimulator, session: HttpClient
+) -> None:
+    provider = bedrock(sim, session)
+    sim.enqueue(
+        BedrockReply(
+            text="It is sunny.",
+            reasoning="Think about it.",
+            signature="sig-9",
+            input_tokens=10,
+            output_tokens=20,
+            cache_write=300,
+            cache_write_1h=200,
+        )
+    )
+    out = await provider.chat(MODEL, ask(thinking_budget=1024))
+    assert out.content == "It is sunny." and out.thinking == [ThinkingBlock("Think about it.", "sig-9")]
+    assert (out.usage.cache_write_tokens, out.usage.cache_write_1h_tokens) == (300, 200)
+    sim.enqueue(BedrockReply(text="It is sunny.", reasoning="Think about it.", signature="sig-9", stream_pieces=7))
+    events = [e async for e in provider.stream(MODEL, ask(thinking_budget=1024))]
+    thinking = [e for e in events if isinstance(e, ThinkingDelta)]
+    assert {e.index for e in thinking} == {0}
+    assert "".join(e.text for e in thinking) == "Think about it." and thinking[-1].signature == "sig-9"
+    assert "".join(e.content for e in events if isinstance(e, TextDelta)) == "It is sunny."
+
+
+async def test_boto3_reads_the_simulators_reasoning_and_cache_details(sim: BedrockSimulator) -> None:
+    client = _client(sim)
+    sim.enqueue(BedrockReply(text="ok", reasoning="hmm", signature="sig", cache_write=3, cache_write_1h=2))
+    messages = [{"role": "user", "content": [{"text": "hello"}]}]
+    out = await asyncio.to_thread(client.converse, modelId=MODEL, messages=messages)
+    assert out["output"]["message"]["content"][0] == {
+        "reasoningContent": {"reasoningText": {"text": "hmm", "signature": "sig"}}
+    }
+    assert {"ttl": "1h", "inputTokens": 2} in out["usage"]["cacheDetails"]
+    sim.enqueue(BedrockReply(text="ok", reasoning="hmm", signature="sig"))
+
+    def stream() -> list[dict[str, Any]]:
+        return list(client.converse_stream(modelId=MODEL, messages=messages)["stream"])
+
+    events = await asyncio.to_thread(stream)
+    deltas = [e["contentBlockDelta"]["delta"] for e in events if "contentBlockDelta" in e]
+    assert deltas[0] == {"reasoningContent": {"text": "hmm"}} and deltas[1] == {
+        "reasoningContent": {"signature": "sig"}
+    }
+
+
+async def test_gateway_routes_inline_parts_to_bedrock_and_urls_past_it(aws_env: None, sim: BedrockSimulator) -> None:
+    image = pb.Part(image=pb.ImagePart(data=PNG, media_type="image/png"))
+    by_url = pb.Part(image=pb.ImagePart(url="https://example.com/a.png"))
+    async with running_server(gateway_doc(sim), {}, ServerOptions()) as gw:
+        reply = await gw.stub.Chat(
+            pb.ChatRequest(model="claude", messages=[pb.Message(role=pb.ROLE_USER, parts=[image])])
+        )
+        assert reply.provider == "bedrock"
+        before = len(sim.requests)
+        reply = await gw.stub.Chat(
+            pb.ChatRequest(model="claude", messages=[pb.Message(role=pb.ROLE_USER, parts=[by_url])])
+        )
+        assert reply.provider == "mock" and len(sim.requests) == before  # Converse fetches no URL
+        schema = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, schema_name="a")
+        schema.json_schema.update({"type": "object"})
+        reply = await gw.stub.Chat(pb.ChatRequest(model="claude", messages=[user("json")], response_format=schema))
+        assert reply.provider == "bedrock" and "outputConfig" in sim.requests[-1].body

@@ -67,11 +67,13 @@ log = logging.getLogger(__name__)
 
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
 # The structured-output types each wire format (providers.wire_format) can be asked for. Anthropic's
-# structured outputs (`output_config.format`, on Vertex too) take a JSON schema; it has no schema-less JSON mode.
+# structured outputs (`output_config.format`, on Vertex too) and Bedrock's take a JSON schema; neither has a
+# schema-less JSON mode.
 STRUCTURED_OUTPUT_SUPPORT = {
     "openai": STRUCTURED_OUTPUT,
     "openai-compatible": STRUCTURED_OUTPUT,
     "anthropic": frozenset({"json_schema"}),
+    "bedrock": frozenset({"json_schema"}),  # Converse's outputConfig.textFormat
     "azure-openai": STRUCTURED_OUTPUT,
     "responses": STRUCTURED_OUTPUT,
     "gemini": STRUCTURED_OUTPUT,
@@ -464,8 +466,8 @@ class Feather:
             apis = {self._wire(c) for c in candidates}
             if kind == "json_object" and "anthropic" in apis:
                 why += " (the Anthropic Messages API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
-            elif "bedrock" in apis:
-                why += " (the Bedrock Converse API is not asked for structured output by the gateway)"
+            elif kind == "json_object" and "bedrock" in apis:
+                why += " (the Bedrock Converse API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
 

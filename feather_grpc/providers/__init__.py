@@ -45,6 +45,9 @@ ACCEPTED_INPUTS: dict[str, frozenset[str]] = {
     # Gemini (both types): inlineData for bytes, fileData for URLs, and both in a functionResponse's parts.
     "gemini": frozenset(inputs.DESCRIPTIONS),
     "vertex": frozenset(inputs.DESCRIPTIONS),
+    # Bedrock Converse: image, document and audio blocks with inline bytes (it fetches no URL); images and
+    # PDFs in tool results.
+    "bedrock": frozenset({inputs.IMAGE, inputs.DOCUMENT, inputs.AUDIO, inputs.TOOL_RESULT_MEDIA}),
     "mock": frozenset(inputs.DESCRIPTIONS),
 }
 

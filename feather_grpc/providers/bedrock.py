@@ -11,8 +11,17 @@ on Bedrock (Claude, Llama, Mistral, Nova...), signed with AWS SigV4.
   (providers/credentials.py); signing one request is a few HMACs, done on the loop.
 - ConverseStream answers in the binary AWS event-stream framing, decoded (CRCs checked) by botocore's
   `EventStreamBuffer`; one message may be at most `maxStreamEventBytes` (botocore alone takes 24 MiB).
+- Content: images (png, jpeg, gif, webp), PDFs and audio as blocks with inline bytes (Converse fetches no
+  URL: routing keeps parts by URL away), images and PDFs in tool results (`status: error` for a failed
+  tool); cache breakpoints as `cachePoint` blocks (with their TTL) after the system prompt, a message, a
+  part or a tool. A JSON schema goes as `outputConfig.textFormat`; Converse has no schema-less JSON mode.
+- Reasoning: for Claude models, extended thinking in `additionalModelRequestFields.thinking` (an effort
+  alone maps to a budget, as on the Anthropic API); `reasoningContent` blocks come back as thinking (text
+  and signature, or redacted) and go back first in the assistant turn. Other families ask for reasoning
+  their own way: a request for it is refused rather than dropped (extra_fields can carry theirs).
 - Usage: Bedrock's `inputTokens` excludes cache reads and writes (as Anthropic's does); the engine's
-  input count includes `cacheReadInputTokens` and `cacheWriteInputTokens`.
+  input count includes `cacheReadInputTokens` and `cacheWriteInputTokens`; `cacheDetails` gives the
+  1-hour writes.
 - Errors: the type is in the `x-amzn-errortype` header (or an exception event in a stream).
   ThrottlingException is a 429 (retried with backoff), ServiceQuotaExceededException a quota failure (the
   call fails over), ValidationException the request's fault.
@@ -21,6 +30,7 @@ on Bedrock (Claude, Llama, Mistral, Nova...), signed with AWS SigV4.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -31,17 +41,30 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.engine.types import (
     ChatRequest,
     FinishReason,
+    Message,
+    Part,
+    PartKind,
     ProviderResponse,
     Role,
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.anthropic import _tool_input
-from feather_grpc.providers.base import ProviderSettings, coalesce, consistent, estimated_usage, token_count
+from feather_grpc.providers.anthropic import _tool_input, thinking_budget
+from feather_grpc.providers.base import (
+    ProviderSettings,
+    b64,
+    coalesce,
+    consistent,
+    estimated_usage,
+    merge_fields,
+    token_count,
+)
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
@@ -96,16 +119,107 @@ def finish_reason(raw: object) -> FinishReason:
 
 
 def normalise_usage(raw: dict[str, Any]) -> Usage:
+    """`cacheDetails` splits the cache writes by TTL: the 1-hour ones are priced apart."""
     read = token_count(raw.get("cacheReadInputTokens"))
     write = token_count(raw.get("cacheWriteInputTokens"))
+    details = raw.get("cacheDetails")
+    one_hour = 0
+    if isinstance(details, list):
+        one_hour = sum(
+            token_count(d.get("inputTokens")) for d in details if isinstance(d, dict) and d.get("ttl") == "1h"
+        )
     return consistent(
         Usage(
             input_tokens=token_count(raw.get("inputTokens")) + read + write,
             output_tokens=token_count(raw.get("outputTokens")),
             cached_input_tokens=read,
             cache_write_tokens=write,
+            cache_write_1h_tokens=min(one_hour, write),
         )
     )
+
+
+# Converse's ImageFormat values by media type.
+_IMAGE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+}
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9\s\-()\[\]]+")
+
+
+def _refuse(what: str) -> ProviderError:
+    return ProviderError("UPSTREAM_BAD_REQUEST", f"the Bedrock Converse API {what}", retryable=False)
+
+
+def _source(p: Part) -> dict[str, Any]:
+    """Inline bytes: Converse fetches no URL (routing keeps parts by URL away from it)."""
+    if p.url:
+        raise _refuse(f"takes {p.kind.value}s as bytes, not by URL")
+    return {"bytes": b64(p.data)}
+
+
+def _document_name(p: Part, n: int) -> str:
+    """DocumentBlock.name allows letters, digits, single spaces, hyphens, parentheses and brackets."""
+    name = " ".join(
+        _NAME_UNSAFE.sub(" ", p.title.rsplit(".", 1)[0] if p.title.lower().endswith(".pdf") else p.title).split()
+    )
+    return name[:200] or f"document {n}"
+
+
+def _block(p: Part, n: int, *, tool_result: bool = False) -> dict[str, Any]:
+    """One content part as a Converse ContentBlock (ToolResultContentBlock for text, images and documents)."""
+    if p.kind is PartKind.TEXT:
+        return {"text": p.text}
+    source = _source(p)
+    if p.kind is PartKind.IMAGE:
+        fmt = _IMAGE_FORMATS.get(p.media_type.lower())
+        if fmt is None:
+            raise _refuse(f"takes png, jpeg, gif or webp images, not {p.media_type!r}")
+        return {"image": {"format": fmt, "source": source}}
+    if p.kind is PartKind.DOCUMENT:
+        return {"document": {"format": "pdf", "name": _document_name(p, n), "source": source}}
+    if tool_result:  # ToolResultContentBlock has no audio
+        raise _refuse("takes no audio in a tool result")
+    return {"audio": {"format": p.media_type, "source": source}}
+
+
+def _cache_point(ttl: str | None) -> list[dict[str, Any]]:
+    """A breakpoint as the cachePoint block that follows what it caches ("" is the default TTL, 5 minutes)."""
+    if ttl is None:
+        return []
+    return [{"cachePoint": {"type": "default", "ttl": ttl} if ttl else {"type": "default"}}]
+
+
+def _content(m: Message, counter: list[int]) -> list[dict[str, Any]]:
+    """The message's content blocks with their cache points (none inside a tool result, where Converse takes
+    none: the message's own breakpoint follows the result); Converse rejects empty text blocks."""
+    if not m.parts:
+        return [{"text": m.content}] if m.content else []
+    tool_result = m.role is Role.TOOL
+    blocks: list[dict[str, Any]] = []
+    for p in m.parts:
+        if p.kind is PartKind.TEXT and not p.text:
+            continue
+        if p.kind is PartKind.DOCUMENT:
+            counter[0] += 1
+        blocks.append(_block(p, counter[0], tool_result=tool_result))
+        if not tool_result:
+            blocks += _cache_point(p.cache_ttl)
+    return blocks
+
+
+def _reasoning_block(t: ThinkingBlock) -> dict[str, Any]:
+    if t.redacted_data:
+        return {"reasoningContent": {"redactedContent": t.redacted_data}}
+    return {"reasoningContent": {"reasoningText": {"text": t.text, "signature": t.signature}}}
+
+
+def _claude(model: str) -> bool:
+    """A Claude model id, plain or an inference profile (`us.anthropic.claude-...`, an ARN naming one)."""
+    return "anthropic.claude" in model
 
 
 def sign(credentials: Any, region: str, url: str, body: bytes) -> list[tuple[str, str]]:
@@ -161,26 +275,33 @@ class BedrockProvider:
         credentials = await self._credentials.get()
         return encode_headers(sign(credentials, self._region, endpoint.url, body))
 
-    def build_body(self, request: ChatRequest) -> dict[str, Any]:
+    def build_body(self, request: ChatRequest, model: str = "") -> dict[str, Any]:
         system: list[dict[str, Any]] = []
         turns: list[dict[str, Any]] = []
+        documents = [0]  # numbers the documents that have no title of their own
         for m in request.messages:
             if m.role is Role.SYSTEM:
-                if m.content:
-                    system.append({"text": m.content})
+                system += [{"text": m.text}] if m.text else []
+                system += _cache_point(m.cache_ttl)
                 continue
             blocks: list[dict[str, Any]] = []
             if m.role is Role.TOOL:
                 role = "user"
-                result = {"toolUseId": m.tool_call_id, "content": [{"text": m.content}]}
+                content = _content(m, documents) or [{"text": m.content}]
+                result: dict[str, Any] = {"toolUseId": m.tool_call_id, "content": content}
+                if m.is_error:
+                    result["status"] = "error"
                 blocks.append({"toolResult": result})
             else:
                 role = "assistant" if m.role is Role.ASSISTANT else "user"
-                if m.content:  # Converse rejects empty text blocks
-                    blocks.append({"text": m.content})
+                # Thinking first, exactly as the reply carried it (Claude checks the signatures).
+                blocks += [_reasoning_block(t) for t in m.thinking]
+                blocks += _content(m, documents)
                 for call in m.tool_calls:
                     tool_input = _tool_input(self._name, call.id, call.arguments)
                     blocks.append({"toolUse": {"toolUseId": call.id, "name": call.name, "input": tool_input}})
+            if blocks and "cachePoint" not in blocks[-1]:  # one breakpoint where a part and its message meet
+                blocks += _cache_point(m.cache_ttl)
             if turns and turns[-1]["role"] == role:  # Converse needs alternating turns
                 turns[-1]["content"].extend(blocks)
             else:
@@ -198,19 +319,36 @@ class BedrockProvider:
         if request.stop:
             config["stopSequences"] = list(request.stop)
         body["inferenceConfig"] = config
+        budget = thinking_budget(request)
+        if budget is not None:
+            if not _claude(model):
+                # Each family asks for reasoning its own way (additionalModelRequestFields): only Claude's
+                # is known here; extra_fields can carry another's.
+                raise _refuse(f"is sent reasoning options only for Claude models, not {model!r}")
+            # Claude's extended thinking, as on the Anthropic API (an effort alone maps to a budget).
+            body["additionalModelRequestFields"] = {"thinking": {"type": "enabled", "budget_tokens": budget}}
+        fmt = request.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            structure: dict[str, Any] = {"schema": orjson.dumps(fmt.json_schema or {}).decode()}
+            if fmt.schema_name:
+                structure["name"] = fmt.schema_name
+            body["outputConfig"] = {"textFormat": {"type": "json_schema", "structure": {"jsonSchema": structure}}}
         choice = request.tool_choice
         no_tools = choice is not None and choice.mode == "none" and not choice.function_name
         # Converse has no "none": leaving the tools out keeps the model from calling them, but a conversation
         # that already has tool turns must still declare them (then the model may call one regardless).
         history = any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"])
         if request.tools and (not no_tools or history):
-            tools = []
+            tools: list[dict[str, Any]] = []
             for t in request.tools:
                 spec: dict[str, Any] = {"name": t.name}
                 if t.description:
                     spec["description"] = t.description
                 spec["inputSchema"] = {"json": t.parameters if t.parameters is not None else {"type": "object"}}
+                if t.strict:
+                    spec["strict"] = True
                 tools.append({"toolSpec": spec})
+                tools += _cache_point(t.cache_ttl)
             tool_config: dict[str, Any] = {"tools": tools}
             if choice is not None and choice.function_name:
                 tool_config["toolChoice"] = {"tool": {"name": choice.function_name}}
@@ -219,10 +357,10 @@ class BedrockProvider:
             elif choice is not None and choice.mode in ("auto", "none"):
                 tool_config["toolChoice"] = {"auto": {}}
             body["toolConfig"] = tool_config
-        return body
+        return merge_fields(body, self.settings, request)
 
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
-        payload = orjson.dumps(self.build_body(request))
+        payload = orjson.dumps(self.build_body(request, model))
         endpoint = self._endpoint(model, stream=False)
         headers = await self._signed(endpoint, payload)
         name = self._name
@@ -241,6 +379,7 @@ class BedrockProvider:
             content = doc["output"]["message"]["content"]
             texts: list[str] = []
             calls: list[ToolCall] = []
+            thinking: list[ThinkingBlock] = []
             for block in content:
                 if "text" in block:
                     texts.append(str(block["text"]))
@@ -248,7 +387,13 @@ class BedrockProvider:
                     use = block["toolUse"]
                     arguments = orjson.dumps(use.get("input") or {}).decode()
                     calls.append(ToolCall(str(use.get("toolUseId") or ""), str(use["name"]), arguments))
-                # reasoningContent and other blocks are not part of the engine's reply (yet)
+                elif "reasoningContent" in block:
+                    reasoning = block["reasoningContent"]
+                    if "redactedContent" in reasoning:
+                        thinking.append(ThinkingBlock(redacted_data=str(reasoning["redactedContent"])))
+                    else:
+                        said = reasoning.get("reasoningText") or {}
+                        thinking.append(ThinkingBlock(str(said.get("text") or ""), str(said.get("signature") or "")))
             raw_usage = doc.get("usage")
             stop = doc.get("stopReason")
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -258,11 +403,12 @@ class BedrockProvider:
         if calls and finish in (FinishReason.STOP, FinishReason.UNSPECIFIED):
             finish = FinishReason.TOOL_CALLS
         if not isinstance(raw_usage, dict):
-            return ProviderResponse(text, calls, finish, estimated_usage(request, text, calls), True)
-        return ProviderResponse(text, calls, finish, normalise_usage(raw_usage))
+            usage = estimated_usage(request, text, calls)
+            return ProviderResponse(text, calls, finish, usage, True, thinking=thinking)
+        return ProviderResponse(text, calls, finish, normalise_usage(raw_usage), thinking=thinking)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        payload = orjson.dumps(self.build_body(request))
+        payload = orjson.dumps(self.build_body(request, model))
         endpoint = self._endpoint(model, stream=True)
         headers = await self._signed(endpoint, payload)
         name = self._name
@@ -324,13 +470,14 @@ class _EventReader:
     """ConverseStream events -> stream events. The stream is done once both messageStop (the stop
     reason) and metadata (the usage, which follows it) arrived."""
 
-    __slots__ = ("_name", "_ordinals", "_stop", "_usage", "done")
+    __slots__ = ("_name", "_ordinals", "_stop", "_thoughts", "_usage", "done")
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._stop: object = None
         self._usage: dict[str, Any] | None = None
         self._ordinals: dict[int, int] = {}  # contentBlockIndex of a toolUse block -> tool-call ordinal
+        self._thoughts: dict[int, int] = {}  # contentBlockIndex of a reasoning block -> thinking block ordinal
         self.done = False
 
     def handle(self, headers: dict[str, Any], payload: bytes) -> list[StreamEvent]:
@@ -352,7 +499,18 @@ class _EventReader:
             index = obj.get("contentBlockIndex")
             if isinstance(use, dict) and index in self._ordinals:
                 return [ToolCallDelta(self._ordinals[index], arguments=str(use.get("input") or ""))]
-            return []  # reasoningContent and others
+            reasoning = delta.get("reasoningContent")
+            if isinstance(reasoning, dict) and isinstance(index, int):
+                ordinal = self._thoughts.setdefault(index, len(self._thoughts))
+                return [
+                    ThinkingDelta(
+                        ordinal,
+                        str(reasoning.get("text") or ""),
+                        str(reasoning.get("signature") or ""),
+                        str(reasoning.get("redactedContent") or ""),
+                    )
+                ]
+            return []  # citations and others
         if event == "contentBlockStart":
             use = (obj.get("start") or {}).get("toolUse")
             index = obj.get("contentBlockIndex")
