@@ -785,3 +785,19 @@ async def test_gateway_routes_inline_parts_to_bedrock_and_urls_past_it(aws_env: 
         schema.json_schema.update({"type": "object"})
         reply = await gw.stub.Chat(pb.ChatRequest(model="claude", messages=[user("json")], response_format=schema))
         assert reply.provider == "bedrock" and "outputConfig" in sim.requests[-1].body
+
+
+async def test_max_tokens_default_to_the_models_configured_limit(
+    aws_env: None, sim: BedrockSimulator, session: HttpClient
+) -> None:
+    settings = ProviderSettings(
+        name="bedrock", type="bedrock", base_url=sim.url, region=REGION, max_output_tokens=((MODEL, 64000),)
+    )
+    provider = build_provider(settings, session)
+    await provider.chat(MODEL, ask())
+    assert sim.requests[-1].body["inferenceConfig"] == {"maxTokens": 64000}
+    await provider.chat(MODEL, ask(max_tokens=10))  # the caller's own wins
+    assert sim.requests[-1].body["inferenceConfig"] == {"maxTokens": 10}
+    # Unconfigured: the usual room for the answer, plus the thinking budget that max tokens includes.
+    await bedrock(sim, session).chat(MODEL, ask(thinking_budget=2048))
+    assert sim.requests[-1].body["inferenceConfig"] == {"maxTokens": 4096 + 2048}

@@ -256,6 +256,7 @@ class BedrockProvider:
         if settings.api_key:  # a Bedrock API key: a bearer token instead of SigV4
             self._headers.append(("Authorization", f"Bearer {settings.api_key}"))
         self._endpoints: dict[tuple[str, bool], Endpoint] = {}
+        self._max_output = dict(settings.max_output_tokens)
         self._credentials: CachedCredential[Any] = CachedCredential(settings.name, _aws_fetcher())
         # botocore logs canonical requests at DEBUG, session token included: never let that reach our logs.
         logging.getLogger("botocore").setLevel(max(logging.getLogger("botocore").getEffectiveLevel(), logging.INFO))
@@ -309,9 +310,12 @@ class BedrockProvider:
         body: dict[str, Any] = {"messages": turns}
         if system:
             body["system"] = system
-        config: dict[str, Any] = {
-            "maxTokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS
-        }
+        budget = thinking_budget(request)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            # The model's configured longest reply; else room for the answer besides any thinking budget.
+            max_tokens = self._max_output.get(model) or DEFAULT_MAX_TOKENS + (budget or 0)
+        config: dict[str, Any] = {"maxTokens": max_tokens}
         if request.temperature is not None:
             config["temperature"] = request.temperature
         if request.top_p is not None:
@@ -319,7 +323,6 @@ class BedrockProvider:
         if request.stop:
             config["stopSequences"] = list(request.stop)
         body["inferenceConfig"] = config
-        budget = thinking_budget(request)
         if budget is not None:
             if not _claude(model):
                 # Each family asks for reasoning its own way (additionalModelRequestFields): only Claude's
