@@ -33,6 +33,7 @@ class ResponsesReply:
     text: str | None = None  # None: the default reply (none when there are function calls)
     function_calls: tuple[tuple[str, str], ...] = ()  # (name, arguments JSON)
     reasoning: str = ""  # a reasoning item with this encrypted content before the output
+    summary: tuple[str, ...] = ()  # that item's summary parts (summary_text), when asked for
     refusal: str = ""
     incomplete: str = ""  # "max_output_tokens" | "content_filter": status incomplete
     input_tokens: int | None = None
@@ -159,7 +160,7 @@ class ResponsesSimulator:
                 {
                     "type": "reasoning",
                     "id": f"rs_sim_{n}",
-                    "summary": [],
+                    "summary": [{"type": "summary_text", "text": t} for t in reply.summary],
                     "encrypted_content": reply.reasoning,
                     "status": None,
                 }
@@ -228,9 +229,20 @@ def _events(response: dict[str, Any], reply: ResponsesReply) -> list[dict[str, A
                 {
                     "type": "response.output_item.added",
                     "output_index": index,
-                    "item": {**item, "encrypted_content": None},
+                    "item": {**item, "encrypted_content": None, "summary": []},
                 }
             )
+            for at, summary in enumerate(item["summary"]):
+                where = {"item_id": item["id"], "output_index": index, "summary_index": at}
+                events.append(
+                    {"type": "response.reasoning_summary_part.added", **where, "part": {**summary, "text": ""}}
+                )
+                words = summary["text"].split(" ")
+                for w, word in enumerate(words):
+                    delta = word if w == len(words) - 1 else word + " "
+                    events.append({"type": "response.reasoning_summary_text.delta", **where, "delta": delta})
+                events.append({"type": "response.reasoning_summary_text.done", **where, "text": summary["text"]})
+                events.append({"type": "response.reasoning_summary_part.done", **where, "part": summary})
             events.append({"type": "response.output_item.done", "output_index": index, "item": item})
         elif kind == "message":
             part = item["content"][0]

@@ -14,6 +14,12 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from openai.types.responses import (
+    ResponseReasoningSummaryPartAddedEvent,
+    ResponseReasoningSummaryPartDoneEvent,
+    ResponseReasoningSummaryTextDeltaEvent,
+    ResponseReasoningSummaryTextDoneEvent,
+)
 from openai.types.responses.response_create_params import ResponseCreateParamsNonStreaming
 from pydantic import TypeAdapter
 
@@ -30,6 +36,8 @@ from feather_grpc.engine.types import (
     Role,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -473,3 +481,46 @@ async def test_routing_keeps_audio_from_a_responses_model(sim: ResponsesSimulato
     assert sim.requests[-1].body["input"][0]["content"] == [
         {"type": "input_image", "image_url": "https://example.com/a.jpg", "detail": "auto"}
     ]
+
+
+async def test_reasoning_summaries_are_the_replys_thinking(sim: ResponsesSimulator, session: HttpClient) -> None:
+    provider = responses(sim, session)
+    summary = ("Weigh the options.", "Pick one.")
+    sim.enqueue(ResponsesReply(text="B", reasoning="gAAAA-enc", summary=summary))
+    out = await provider.chat(
+        "o3", ask(reasoning_effort="high", extra_fields={"reasoning": {"effort": "high", "summary": "auto"}})
+    )
+    assert out.content == "B" and out.thinking == [ThinkingBlock("Weigh the options.\n\nPick one.")]
+    assert sim.requests[-1].body["reasoning"] == {"effort": "high", "summary": "auto"}  # the caller's own ask
+
+    sim.enqueue(ResponsesReply(text="B", reasoning="gAAAA-enc", summary=summary))
+    events = [e async for e in provider.stream("o3", ask())]
+    thinking = [e for e in events if isinstance(e, ThinkingDelta)]
+    assert {e.index for e in thinking} == {0} and "".join(e.text for e in thinking) == "Weigh the options.\n\nPick one."
+    assert "".join(e.content for e in events if isinstance(e, TextDelta)) == "B"
+
+    sim.enqueue(ResponsesReply(text="B"))  # no reasoning item: no thinking
+    assert (await provider.chat("o3", ask())).thinking == []
+
+
+async def test_openai_sdk_reads_the_simulators_reasoning_summaries(sim: ResponsesSimulator) -> None:
+    async with openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key=KEY, max_retries=0) as client:
+        sim.enqueue(ResponsesReply(text="B", reasoning="enc", summary=("Weigh it.",)))
+        out = await client.responses.create(model="o3", input="x", reasoning={"effort": "low", "summary": "auto"})
+        item = out.output[0]
+        assert item.type == "reasoning" and [s.text for s in item.summary] == ["Weigh it."]
+        sim.enqueue(ResponsesReply(text="B", reasoning="enc", summary=("Weigh it.",)))
+        stream = await client.responses.create(model="o3", input="x", stream=True)
+        events = [e async for e in stream]
+    summary_events = [e for e in events if e.type.startswith("response.reasoning_summary_")]
+    assert [type(e) for e in summary_events] == [
+        ResponseReasoningSummaryPartAddedEvent,
+        ResponseReasoningSummaryTextDeltaEvent,
+        ResponseReasoningSummaryTextDeltaEvent,
+        ResponseReasoningSummaryTextDoneEvent,
+        ResponseReasoningSummaryPartDoneEvent,
+    ]
+    for e in summary_events:  # the SDK's types, with every required field (validated, not just constructed)
+        type(e).model_validate(e.model_dump(exclude_unset=True))
+    deltas = [e.delta for e in events if e.type == "response.reasoning_summary_text.delta"]
+    assert "".join(deltas) == "Weigh it."

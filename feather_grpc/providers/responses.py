@@ -34,6 +34,8 @@ from feather_grpc.engine.types import (
     StreamEvent,
     StreamFinish,
     TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -226,12 +228,14 @@ class OpenAIResponsesProvider(OpenAIProvider):
         self._keep(reader.reasoning, reader.call_ids)
         text = "".join(e.content for e in events if isinstance(e, TextDelta))
         calls = [ToolCall(e.id, e.name, e.arguments) for e in events if isinstance(e, ToolCallDelta)]
+        thinking = [ThinkingBlock(e.text) for e in events if isinstance(e, ThinkingDelta)]
         final = reader.finish()
         if not text and reader.refusal:
             text = reader.refusal
         if final.usage is None:
-            return ProviderResponse(text, calls, final.finish_reason, estimated_usage(request, text, calls), True)
-        return ProviderResponse(text, calls, final.finish_reason, final.usage)
+            usage = estimated_usage(request, text, calls)
+            return ProviderResponse(text, calls, final.finish_reason, usage, True, thinking=thinking)
+        return ProviderResponse(text, calls, final.finish_reason, final.usage, thinking=thinking)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         if model not in self._responses_models:
@@ -304,6 +308,8 @@ class _Reader:
         "_name",
         "_ordinals",
         "_status",
+        "_summary_at",
+        "_thoughts",
         "_usage",
         "call_ids",
         "done",
@@ -316,6 +322,8 @@ class _Reader:
         self._name = name
         self._api_key = api_key
         self._ordinals: dict[object, int] = {}  # output_index (stream) or call id -> tool-call ordinal
+        self._thoughts: dict[object, int] = {}  # output_index of a reasoning item -> thinking block ordinal
+        self._summary_at: object = None  # the summary part being streamed
         self._status = ""
         self._incomplete = ""
         self._usage: dict[str, Any] | None = None
@@ -338,10 +346,15 @@ class _Reader:
 
     def output(self, items: list[dict[str, Any]]) -> list[StreamEvent]:
         out: list[StreamEvent] = []
-        for item in items:
+        for index, item in enumerate(items):
             kind = item.get("type")
             if kind == "reasoning":
                 self.reasoning.append(_reasoning_item(item))
+                # Its summary (when the request asked for one: reasoning.summary) is the reply's thinking.
+                said = "\n\n".join(str(p.get("text") or "") for p in item.get("summary") or () if p.get("text"))
+                if said:
+                    ordinal = self._thoughts[index] = len(self._thoughts)
+                    out.append(ThinkingDelta(ordinal, said))
             elif kind == "message":
                 for part in item.get("content") or ():
                     if part.get("type") == "output_text" and part.get("text"):
@@ -383,6 +396,19 @@ class _Reader:
             if item.get("type") == "reasoning":
                 self.reasoning.append(_reasoning_item(item))
             return []
+        if kind == "response.reasoning_summary_text.delta":
+            delta = str(obj.get("delta") or "")
+            index = obj.get("output_index")
+            if not delta:
+                return []
+            ordinal = self._thoughts.get(index)
+            if ordinal is None:
+                ordinal = self._thoughts[index] = len(self._thoughts)
+                self._summary_at = obj.get("summary_index")
+            elif obj.get("summary_index") != self._summary_at:  # the item's next summary part
+                self._summary_at = obj.get("summary_index")
+                delta = "\n\n" + delta
+            return [ThinkingDelta(ordinal, delta)]
         if kind == "response.refusal.delta":
             self.refusal += str(obj.get("delta") or "")
             return []
