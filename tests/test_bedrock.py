@@ -598,7 +598,11 @@ def multimodal_request(**kw: Any) -> ChatRequest:
                 Role.ASSISTANT,
                 "Checking",
                 tool_calls=(ToolCall("t1", "get_weather", '{"city": "Oslo"}'),),
-                thinking=(ThinkingBlock("Look it up.", "sig-1"), ThinkingBlock(redacted_data=_b64(b"opaque"))),
+                thinking=(
+                    ThinkingBlock("Look it up.", "sig-1"),
+                    ThinkingBlock(redacted_data=_b64(b"opaque")),
+                    ThinkingBlock("Gemini's", "gemini:c2ln"),  # another family's: not sent to Claude
+                ),
             ),
             Message(
                 Role.TOOL,

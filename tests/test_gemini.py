@@ -44,6 +44,7 @@ from feather_grpc.engine.types import (
 )
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import HttpClient, Provider, ProviderSettings, build_provider
+from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.http import new_session
 from feather_grpc.server.app import ServerOptions
 from sim.gemini import GeminiReply, GeminiSimulator
@@ -697,7 +698,7 @@ def multimodal_request(**kw: Any) -> ChatRequest:
                 Role.ASSISTANT,
                 "Checking",
                 tool_calls=(ToolCall("c1", "get_weather", '{"city":"Oslo"}'),),
-                thinking=(ThinkingBlock("I should look it up", "c2lnLTE="),),
+                thinking=(ThinkingBlock("I should look it up", "gemini:c2lnLTE="),),
             ),
             Message(
                 Role.TOOL,
@@ -780,13 +781,13 @@ async def test_thought_summaries_and_signatures_come_back_as_thinking(
         GeminiReply(function_calls=(("get_weather", {"city": "Oslo"}),), thought="Look it up.", signature="c2lnLTE=")
     )
     out = await provider.chat("gemini-3-pro", ask(tools=[WEATHER], reasoning_effort="low"))
-    assert out.thinking == [ThinkingBlock("Look it up.", "c2lnLTE=")]
+    assert out.thinking == [ThinkingBlock("Look it up.", "gemini:c2lnLTE=")]  # marked as Gemini's
     assert out.content == "" and out.tool_calls[0].name == "get_weather"
 
     sim.enqueue(GeminiReply(text="sunny and warm", thought="Answer.", signature="c2lnLTI="))
     events = [e async for e in provider.stream("gemini-3-pro", ask(reasoning_effort="low"))]
     thinking = [e for e in events if isinstance(e, ThinkingDelta)]
-    assert [(e.index, e.text, e.signature) for e in thinking] == [(0, "Answer.", ""), (0, "", "c2lnLTI=")]
+    assert [(e.index, e.text, e.signature) for e in thinking] == [(0, "Answer.", ""), (0, "", "gemini:c2lnLTI=")]
     assert "".join(e.content for e in events if isinstance(e, TextDelta)) == "sunny and warm"
 
     # The reply's thinking carried back on the next turn puts its signature where Gemini wants it.
@@ -808,6 +809,14 @@ async def test_thought_summaries_and_signatures_come_back_as_thinking(
         }
     ]
     conforms(sim.requests[-1].body)
+
+    # Another family's thinking (Claude's, when the conversation falls back to Gemini) is not sent: Gemini
+    # would refuse its signature.
+    claude = Message(Role.ASSISTANT, tool_calls=tuple(out.tool_calls), thinking=(ThinkingBlock("hm", "EqQBCkYIARgC"),))
+    await provider.chat(
+        "gemini-3-pro", ChatRequest(model="m", messages=[follow.messages[0], claude, follow.messages[2]])
+    )
+    assert "thoughtSignature" not in sim.requests[-1].body["contents"][1]["parts"][0]
 
 
 async def test_google_genai_sdk_reads_thought_signatures_from_the_simulator(sim: GeminiSimulator) -> None:
@@ -842,4 +851,18 @@ async def test_gateway_routes_an_image_to_gemini(sim: GeminiSimulator) -> None:
     assert sim.requests[-1].body["contents"][0]["parts"] == [
         {"text": "what is it?"},
         {"inlineData": {"mimeType": "image/png", "data": _b64(PNG)}},
+    ]
+
+
+def test_claude_formats_leave_geminis_thinking_out() -> None:
+    """A Gemini turn's thinking carried to Claude (a fallback the other way) is dropped, not refused there."""
+    settings = ProviderSettings(name="anthropic", type="anthropic", base_url="https://api.anthropic.com")
+    turn = Message(
+        Role.ASSISTANT, "Sunny.", thinking=(ThinkingBlock("Gemini's", "gemini:c2ln"), ThinkingBlock("Claude's", "EqQB"))
+    )
+    request = ChatRequest(model="m", messages=[Message(Role.USER, "weather?"), turn, Message(Role.USER, "and?")])
+    body = AnthropicProvider(settings, new_session()).build_body("claude-x", request, stream=False)
+    assert body["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "Claude's", "signature": "EqQB"},
+        {"type": "text", "text": "Sunny."},
     ]

@@ -30,6 +30,7 @@ from feather_grpc.engine.types import (
 from feather_grpc.providers.base import (
     ProviderSettings,
     b64,
+    claude_thinking,
     consistent,
     estimated_usage,
     merge_fields,
@@ -202,7 +203,7 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict
         else:
             role = "assistant" if m.role is Role.ASSISTANT else "user"
             # Thinking comes first, exactly as the reply carried it (the API checks the signatures).
-            blocks.extend(_thinking_block(t) for t in m.thinking)
+            blocks.extend(_thinking_block(t) for t in claude_thinking(m.thinking))
             blocks.extend(_text_blocks(m))
             for call in m.tool_calls:
                 blocks.append(

@@ -14,6 +14,7 @@ from feather_grpc.engine.types import (
     ProviderResponse,
     StreamEvent,
     TextDelta,
+    ThinkingBlock,
     ThinkingDelta,
     ToolCall,
     Usage,
@@ -108,6 +109,16 @@ def merge_fields(body: dict[str, Any], settings: ProviderSettings, request: Chat
     if request.extra_fields:
         body.update(request.extra_fields)
     return body
+
+
+# Gemini's thought signatures are marked so, as the reply's thinking: Gemini checks only its own, and Claude
+# (Anthropic, Bedrock, Vertex) would refuse one as an invalid signature. Base64 never has a colon.
+GEMINI_SIGNATURE = "gemini:"
+
+
+def claude_thinking(blocks: tuple[ThinkingBlock, ...]) -> list[ThinkingBlock]:
+    """The thinking blocks a Claude API can take back: not another model family's (Gemini's)."""
+    return [t for t in blocks if not t.signature.startswith(GEMINI_SIGNATURE)]
 
 
 def b64(data: bytes) -> str:

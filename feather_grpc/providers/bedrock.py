@@ -59,6 +59,7 @@ from feather_grpc.providers.anthropic import _tool_input, thinking_budget
 from feather_grpc.providers.base import (
     ProviderSettings,
     b64,
+    claude_thinking,
     coalesce,
     consistent,
     estimated_usage,
@@ -296,7 +297,7 @@ class BedrockProvider:
             else:
                 role = "assistant" if m.role is Role.ASSISTANT else "user"
                 # Thinking first, exactly as the reply carried it (Claude checks the signatures).
-                blocks += [_reasoning_block(t) for t in m.thinking]
+                blocks += [_reasoning_block(t) for t in claude_thinking(m.thinking)]
                 blocks += _content(m, documents)
                 for call in m.tool_calls:
                     tool_input = _tool_input(self._name, call.id, call.arguments)

@@ -56,6 +56,7 @@ from feather_grpc.engine.types import (
 )
 from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.base import (
+    GEMINI_SIGNATURE,
     ProviderSettings,
     b64,
     consistent,
@@ -279,7 +280,9 @@ class GeminiProvider:
                     if c.id:
                         fc["id"] = c.id
                     parts.append({"functionCall": fc})
-                signature = next((t.signature for t in m.thinking if t.signature), "")
+                # Only Gemini's own signature (another family's would be refused as invalid).
+                signature = next((t.signature for t in m.thinking if t.signature.startswith(GEMINI_SIGNATURE)), "")
+                signature = signature.removeprefix(GEMINI_SIGNATURE)
                 if signature and parts:
                     # Gemini's thought signature goes back on the part it came with: the first function call
                     # of the turn, else (a reply without calls) the last part.
@@ -492,7 +495,7 @@ class _Reader:
                 signature = part.get("thoughtSignature")
                 if signature and not self._signed:  # the turn's signature, kept for the next turn
                     self._signed = True
-                    out.append(ThinkingDelta(0, signature=str(signature)))
+                    out.append(ThinkingDelta(0, signature=GEMINI_SIGNATURE + str(signature)))
                 if part.get("thought"):
                     if part.get("text"):  # a thought summary: the reply's thinking, not its text
                         out.append(ThinkingDelta(0, str(part["text"])))
