@@ -41,6 +41,13 @@ class ProviderConfig:
     egress: Egress = DIRECT
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    auth: str = ""  # "" (the API key) | "entra"
+    api_version: str = ""
+    region: str = ""
+    project: str = ""
+    responses_models: tuple[str, ...] = ()  # served through the Responses API
+    thinking_budgets: tuple[tuple[str, int], ...] = ()  # gemini/vertex: model name -> thinking budget
+    upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> upstream id (Azure deployment)
     extra_headers: tuple[tuple[str, str], ...] = ()
     default_fields: dict[str, Any] = field(default_factory=dict, hash=False)
 

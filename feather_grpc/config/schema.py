@@ -15,7 +15,9 @@ from feather_grpc.core.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_mil
 from feather_grpc.core.types import GATEWAY_OWNED_FIELDS
 from feather_grpc.core.upstream import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES
 
-ProviderType = Literal["openai", "anthropic", "openai-compatible", "mock"]
+ProviderType = Literal[
+    "openai", "anthropic", "openai-compatible", "azure-openai", "bedrock", "gemini", "vertex", "mock"
+]
 Policy = Literal["first", "roundrobin", "cheapest", "fastest", "weighted"]
 PiiKind = Literal["card", "ssn", "email", "phone"]
 _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
@@ -23,9 +25,10 @@ _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
     "mock": "mock://local",
 }
-KNOWN_TYPES = ("openai", "anthropic", "mock")
+KNOWN_TYPES = ("openai", "anthropic", "gemini", "mock")
 # Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
 # call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
 MAX_USD_PER_1M = Decimal(1_000_000)
@@ -61,6 +64,10 @@ class ModelSpec(_Strict):
     capabilities: list[str] = Field(default_factory=list)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy
+    deployment: str | None = Field(default=None, min_length=1)  # azure-openai: the deployment (default: name)
+    api: Literal["chat", "responses"] | None = None  # openai: the API that serves it (default: the provider's)
+    # gemini/vertex: thinking tokens the model may spend (-1: the model decides, 0: none, where it allows)
+    thinking_budget: int | None = Field(default=None, alias="thinkingBudget", ge=-1, le=1_000_000)
     # The model's longest reply: Anthropic's required max_tokens when the caller sets none
     max_output_tokens: int | None = Field(default=None, alias="maxOutputTokens", ge=1, le=10_000_000)
 
@@ -121,6 +128,14 @@ class ProviderSpec(_Strict):
     ca_file: str | None = Field(default=None, alias="caFile")  # trust only these CAs for this upstream
     client_cert_file: str | None = Field(default=None, alias="clientCertFile")  # mutual TLS
     client_key_file: str | None = Field(default=None, alias="clientKeyFile")  # absent: the key is in the cert file
+    # azure-openai: "entra" = a Microsoft Entra token from azure-identity instead of an api-key
+    auth: Literal["apiKey", "entra"] | None = None
+    # azure-openai: deployment URLs with this ?api-version=; absent: Azure's v1 endpoint
+    api_version: str | None = Field(default=None, alias="apiVersion", pattern=r"^[A-Za-z0-9.\-]+$")
+    # bedrock: the AWS region (e.g. us-east-1), naming the endpoint and the SigV4 scope; vertex: the location
+    region: str | None = Field(default=None, pattern=r"^([a-z]+(-[a-z]+)*-?[0-9]+|global)$")
+    api: Literal["chat", "responses"] | None = None  # openai: Chat Completions (default) or the Responses API
+    project: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9\-]{4,61}[a-z0-9]$")  # vertex: the project id
     models: list[ModelSpec] = Field(min_length=1)
     # Sent with every request to this provider (`OpenAI-Organization`, `OpenAI-Project`, `anthropic-beta`...)
     extra_headers: dict[str, str] = Field(default_factory=dict, alias="extraHeaders")
