@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from feather_grpc.core.breaker import BreakerSettings, CircuitBreakers
-from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.circuits import CircuitStore
 from feather_grpc.core.limits import BucketSpec, BudgetStore, BudgetWindow, RateLimiter, Reservation
+from feather_grpc.state.memory_circuits import MemoryCircuitStore
 from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
 from feather_grpc.state.redis_state import RedisState
 

@@ -16,12 +16,13 @@ import grpc
 import pytest
 
 from feather_grpc import config
-from feather_grpc.core.cache import CachedReply, CacheSettings, MemoryResponseCache
+from feather_grpc.core.cache import CachedReply, CacheSettings
 from feather_grpc.core.types import FinishReason
 from feather_grpc.engine.redaction import Redactor
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.app import GatewayServer
+from feather_grpc.state.memory_cache import MemoryResponseCache
 from sim.upstream import Reply, UpstreamSimulator
 from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
 from tests.test_gateway_upstream import ENV, sim_config

@@ -25,7 +25,7 @@ from redis.crc import key_slot
 
 from feather_grpc.config import GatewayConfig, parse_file_config, resolve
 from feather_grpc.core.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
-from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.circuits import CircuitStore
 from feather_grpc.core.errors import RateLimitExceeded
 from feather_grpc.core.limits import (
     BucketSpec,
@@ -39,6 +39,7 @@ from feather_grpc.core.limits import (
 from feather_grpc.core.types import ChatRequest, Message, Role
 from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.state.memory_circuits import MemoryCircuitStore
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
 from feather_grpc.state.redis_state import RedisBudgetStore, RedisCircuitStore, RedisState

@@ -19,8 +19,8 @@ from typing import TypeVar
 from feather_grpc.config import GatewayConfig, ModelConfig, ProviderConfig, TenantConfig
 from feather_grpc.core import inputs
 from feather_grpc.core.breaker import CircuitBreakers, CircuitState, Permit
-from feather_grpc.core.cache import CachedReply, MemoryResponseCache, ResponseCache, cache_key
-from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.cache import CachedReply, ResponseCache, cache_key
+from feather_grpc.core.circuits import CircuitStore
 from feather_grpc.core.errors import (
     DeadlineExceeded,
     FeatherError,
@@ -62,6 +62,8 @@ from feather_grpc.providers import ACCEPTED_INPUTS, build_provider, wire_format
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import AttemptMarker, HttpClient, attempt_marker
+from feather_grpc.state.memory_cache import MemoryResponseCache
+from feather_grpc.state.memory_circuits import MemoryCircuitStore
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from feather_grpc.config import GatewayConfig, TenantConfig
 from feather_grpc.core.breaker import CircuitBreakers
-from feather_grpc.core.cache import MemoryResponseCache, ResponseCache
-from feather_grpc.core.circuits import CircuitStore, MemoryCircuitStore
+from feather_grpc.core.cache import ResponseCache
+from feather_grpc.core.circuits import CircuitStore
 from feather_grpc.core.ledger import UsageLedger, UsageQuery
 from feather_grpc.core.limits import BudgetStore, BudgetWindow, RateLimiter, StateUnavailable
 from feather_grpc.core.settings import Settings
 from feather_grpc.state.fail_open import Outage
+from feather_grpc.state.memory_cache import MemoryResponseCache
+from feather_grpc.state.memory_circuits import MemoryCircuitStore
 from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
 
 log = logging.getLogger(__name__)
