@@ -38,9 +38,10 @@ from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.state.limits import StateUnavailable
 from feather_grpc.state.redis_budgets import RedisBudgetStore
 from feather_grpc.state.redis_circuits import RedisCircuitStore
+from feather_grpc.state.redis_connect import connect
 from feather_grpc.state.redis_limiter import RedisRateLimiter
 from feather_grpc.state.redis_scripts import Script, ScriptRunner
-from feather_grpc.state.resp import RedisCommands, RedisUnavailable, connect
+from feather_grpc.state.resp import RedisCommands, RedisUnavailable
 
 # The health probe's write: what any decision needs Redis to allow (a script, a write, a key in the namespace).
 _PROBE = Script.of("redis.call('SET', KEYS[1], ARGV[1], 'PX', 10000) return 1")
@@ -81,7 +82,7 @@ class RedisState:
         namespace: str = "feather",
     ) -> RedisState:
         """`redis://[user:pass@]host:port/db`, `rediss://...` (TLS) or `unix://...` (see resp.RedisAddress);
-        `?cluster=true` for Redis Cluster, with any one node as the address (see resp_cluster).
+        `?cluster=true` for Redis Cluster, with any one node as the address (see redis_connect, resp_cluster).
 
         `timeout_s` bounds each batch of replies and (unless `connect_timeout_s` is given) each connect.
         `probe_ttl_s`: how long a half-open probe holds its circuit if its replica dies; `budget_lease_s`:
