@@ -14,7 +14,8 @@ from . import channel as ch
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from .results import ChatResult, StreamAssembler, TokenUsage, chat_fields, usage_request
+from .options import ChatOptions, Messages, chat_options
+from .results import ChatResult, StreamAssembler, TokenUsage, usage_request
 
 __all__ = ["DEFAULT_TIMEOUT", "ChatStream", "ClientSettings", "FeatherClient"]
 
@@ -123,113 +124,23 @@ class FeatherClient:
     ) -> None:
         await self.close()
 
-    async def chat(
-        self,
-        messages: str | Sequence[pb.Message],
-        *,
-        model: str,
-        provider: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
-        response_format: pb.ResponseFormat | None = None,
-        reasoning: pb.ReasoningOptions | None = None,
-        parallel_tool_calls: bool | None = None,
-        prompt_cache_key: str = "",
-        extra_fields: Mapping[str, Any] | None = None,
-        policy: str = "",
-        bypass_cache: bool = False,
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> ChatResult:
+    @chat_options
+    async def chat(self, messages: Messages, options: ChatOptions) -> ChatResult:
         """One complete reply. `messages` is a prompt (one user message) or a conversation (see `user()` etc.)."""
-        request = pb.ChatRequest(
-            **chat_fields(
-                messages,
-                model=model,
-                provider=provider,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                reasoning=reasoning,
-                parallel_tool_calls=parallel_tool_calls,
-                prompt_cache_key=prompt_cache_key,
-                extra_fields=extra_fields,
-                policy=policy,
-                bypass_cache=bypass_cache,
-                tags=tags,
-                request_id=request_id,
-            )
-        )
+        request = pb.ChatRequest(**options.request_fields(messages))
         try:
-            reply = await self.stub.Chat(request, **self.settings.call_options(timeout, metadata))
+            reply = await self.stub.Chat(request, **self.settings.call_options(options.timeout, options.metadata))
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
         return ChatResult.from_proto(reply)
 
-    def stream_chat(
-        self,
-        messages: str | Sequence[pb.Message],
-        *,
-        model: str,
-        provider: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
-        response_format: pb.ResponseFormat | None = None,
-        reasoning: pb.ReasoningOptions | None = None,
-        parallel_tool_calls: bool | None = None,
-        prompt_cache_key: str = "",
-        extra_fields: Mapping[str, Any] | None = None,
-        policy: str = "",
-        bypass_cache: bool = False,
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> ChatStream:
+    @chat_options
+    def stream_chat(self, messages: Messages, options: ChatOptions) -> ChatStream:
         """The reply as it is generated: `async for text in stream`, then `stream.usage`, `stream.cost_nanos_usd`,
         `stream.result`... To stop early, leave the loop inside `async with stream:` (or call `await stream.cancel()`):
         that cancels the call at once. See ChatStream for a bare `break`."""
-        request = pb.StreamChatRequest(
-            **chat_fields(
-                messages,
-                model=model,
-                provider=provider,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                reasoning=reasoning,
-                parallel_tool_calls=parallel_tool_calls,
-                prompt_cache_key=prompt_cache_key,
-                extra_fields=extra_fields,
-                policy=policy,
-                bypass_cache=bypass_cache,
-                tags=tags,
-                request_id=request_id,
-            )
-        )
-        return ChatStream(self, request, self.settings.call_options(timeout, metadata))
+        request = pb.StreamChatRequest(**options.request_fields(messages))
+        return ChatStream(self, request, self.settings.call_options(options.timeout, options.metadata))
 
     async def usage(
         self,
