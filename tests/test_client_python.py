@@ -27,6 +27,7 @@ from feather_client import (
     FieldViolation,
     RetryPolicy,
     SyncFeatherClient,
+    UsageOptions,
     format_usd,
     pb,
     system,
@@ -284,9 +285,9 @@ async def test_api_key_metadata_and_deadline_reach_the_server() -> None:
     assert shorter is not None and shorter < 6
 
 
-def test_chat_and_stream_chat_of_both_clients_take_chat_options_as_keywords() -> None:
-    """One options object: the four methods' keyword arguments are ChatOptions' fields (what help() shows), an
-    unknown keyword or a missing model is a TypeError, and the async methods stay coroutine functions."""
+def test_chat_stream_chat_and_usage_of_both_clients_take_one_options_object_as_keywords() -> None:
+    """One options object per call: the methods' keyword arguments are ChatOptions' (UsageOptions') fields (what
+    help() shows), an unknown keyword or a missing model is a TypeError, and async methods stay coroutine functions."""
     fields = [f.name for f in dataclasses.fields(ChatOptions)]
     assert fields[0] == "model" and {"temperature", "tags", "request_id", "timeout", "metadata"} <= set(fields)
     methods = [FeatherClient.chat, FeatherClient.stream_chat, SyncFeatherClient.chat, SyncFeatherClient.stream_chat]
@@ -295,9 +296,13 @@ def test_chat_and_stream_chat_of_both_clients_take_chat_options_as_keywords() ->
         assert [p.name for p in params[:2]] == ["self", "messages"]
         assert [p.name for p in params[2:]] == fields
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
-    assert inspect.iscoroutinefunction(FeatherClient.chat) and not inspect.iscoroutinefunction(
-        FeatherClient.stream_chat
-    )
+    usage_fields = [f.name for f in dataclasses.fields(UsageOptions)]
+    for method in [FeatherClient.usage, SyncFeatherClient.usage]:
+        params = list(inspect.signature(method).parameters.values())
+        assert [p.name for p in params] == ["self", *usage_fields]
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
+    assert inspect.iscoroutinefunction(FeatherClient.chat) and inspect.iscoroutinefunction(FeatherClient.usage)
+    assert not inspect.iscoroutinefunction(FeatherClient.stream_chat)
     with SyncFeatherClient("localhost:1") as client:
         with pytest.raises(TypeError, match="modle"):
             client.chat("hi", modle="fast")  # type: ignore[call-arg]
@@ -305,6 +310,10 @@ def test_chat_and_stream_chat_of_both_clients_take_chat_options_as_keywords() ->
             client.stream_chat("hi")  # type: ignore[call-arg]
         with pytest.raises(ValueError, match="policy must be one of"):
             client.chat("hi", model="fast", policy="fastest-ever")
+        with pytest.raises(TypeError, match="group"):
+            client.usage(group="tenant")  # type: ignore[call-arg]
+        with pytest.raises(ValueError, match="group_by must be among"):
+            client.usage(group_by=["week"])
 
 
 async def test_a_stream_that_closes_without_end_is_an_error() -> None:

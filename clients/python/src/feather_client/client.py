@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Self
@@ -14,8 +14,8 @@ from . import channel as ch
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from .options import ChatOptions, Messages, chat_options
-from .results import ChatResult, StreamAssembler, TokenUsage, usage_request
+from .options import ChatOptions, Messages, UsageOptions, chat_options, usage_options
+from .results import ChatResult, StreamAssembler, TokenUsage
 
 __all__ = ["DEFAULT_TIMEOUT", "ChatStream", "ClientSettings", "FeatherClient"]
 
@@ -142,40 +142,17 @@ class FeatherClient:
         request = pb.StreamChatRequest(**options.request_fields(messages))
         return ChatStream(self, request, self.settings.call_options(options.timeout, options.metadata))
 
-    async def usage(
-        self,
-        *,
-        start: datetime | None = None,
-        end: datetime | None = None,
-        group_by: Sequence[str] = (),
-        tenant: str = "",
-        provider: str = "",
-        model: str = "",
-        tag_key: str = "",
-        tags: Mapping[str, str] | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> pb.UsageResponse:
+    @usage_options
+    async def usage(self, options: UsageOptions) -> pb.UsageResponse:
         """Ledger totals over `[start, end)` (naive datetimes are UTC), grouped by any of `tenant`, `provider`,
         `model`, `tag` (with `tag_key`), `hour`, `day`, in that order of nesting. Grouped rows come in pages
         of `page_size` (0: the server's default, 1000; at most 2000): pass the reply's `next_page_token` as
         `page_token` for the next one, until it is empty. `total` covers every page."""
-        request = usage_request(
-            start=start,
-            end=end,
-            group_by=group_by,
-            tenant=tenant,
-            provider=provider,
-            model=model,
-            tag_key=tag_key,
-            tags=tags,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        request = options.request()
         try:
-            reply: pb.UsageResponse = await self.stub.Usage(request, **self.settings.call_options(timeout, metadata))
+            reply: pb.UsageResponse = await self.stub.Usage(
+                request, **self.settings.call_options(options.timeout, options.metadata)
+            )
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
         return reply

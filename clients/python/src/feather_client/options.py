@@ -1,8 +1,9 @@
-"""ChatOptions: the options of a chat call, written once for `chat()` and `stream_chat()` of both clients.
+"""The options of a call, written once for both clients: ChatOptions (`chat()`, `stream_chat()`) and
+UsageOptions (`usage()`).
 
-The four methods take them as keyword arguments, exactly as before; `chat_options` builds the method's
-signature from the dataclass's fields (for type checkers through a ParamSpec, for `help()` and IDEs
-through `__signature__`), so a new option is one field here.
+The methods take them as keyword arguments, exactly as before; `chat_options` and `usage_options` build
+the method's signature from the dataclass's fields (for type checkers through a ParamSpec, for `help()`
+and IDEs through `__signature__`), so a new option is one field here.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import inspect
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from .gen.feather.v1 import feather_service_pb2 as pb
-from .results import POLICIES, user
+from .results import GROUP_BY, POLICIES, user
 
-__all__ = ["ChatOptions", "Messages", "chat_options"]
+__all__ = ["ChatOptions", "Messages", "UsageOptions", "chat_options", "usage_options"]
 
 Messages = str | Sequence[pb.Message]
 
@@ -88,12 +89,59 @@ class ChatOptions:
         return fields
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UsageOptions:
+    """What a Usage call takes: the window `[start, end)` (naive datetimes are UTC), the grouping and filters,
+    the page, then the call's own `timeout` and `metadata`."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    group_by: Sequence[str] = ()
+    tenant: str = ""
+    provider: str = ""
+    model: str = ""
+    tag_key: str = ""
+    tags: Mapping[str, str] | None = None
+    page_size: int = 0
+    page_token: str = ""
+    timeout: timedelta | float | None = None
+    metadata: Sequence[tuple[str, str]] = ()
+
+    def request(self) -> pb.UsageRequest:
+        unknown = [g for g in self.group_by if g not in GROUP_BY]
+        if unknown:
+            raise ValueError(f"group_by must be among {sorted(GROUP_BY)}, got {unknown}")
+        if "tag" in self.group_by and not self.tag_key:
+            raise ValueError("group_by 'tag' needs tag_key (the tag whose values form the groups)")
+        request = pb.UsageRequest(
+            group_by=[pb.UsageGroupBy.Value(f"USAGE_GROUP_BY_{g.upper()}") for g in self.group_by],
+            tenant=self.tenant,
+            provider=self.provider,
+            model=self.model,
+            tag_key=self.tag_key,
+            tags=dict(self.tags or {}),
+            page_size=self.page_size,
+            page_token=self.page_token,
+        )
+        if self.start is not None:
+            request.start_time.CopyFrom(_timestamp(self.start))
+        if self.end is not None:
+            request.end_time.CopyFrom(_timestamp(self.end))
+        return request
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return ts
+
+
 P = ParamSpec("P")
 C = TypeVar("C")
 R = TypeVar("R")
 
 
-def _with_options(
+def _with_chat_options(
     options: Callable[P, ChatOptions],
 ) -> Callable[[Callable[[C, Messages, ChatOptions], R]], Callable[Concatenate[C, Messages, P], R]]:
     build = cast(Callable[..., ChatOptions], options)
@@ -111,17 +159,46 @@ def _with_options(
                 return method(self, messages, build(**kwargs))
 
             wrapper = call
-        functools.update_wrapper(wrapper, method)
-        own = inspect.signature(method)
-        self_param, messages_param = list(own.parameters.values())[:2]
-        keywords = list(inspect.signature(options).parameters.values())
-        # What help() and IDEs show (inspect stops at __signature__ rather than follow __wrapped__).
-        wrapper.__signature__ = own.replace(parameters=[self_param, messages_param, *keywords])  # type: ignore[attr-defined]
-        return cast(Callable[Concatenate[C, Messages, P], R], wrapper)
+        return cast(Callable[Concatenate[C, Messages, P], R], _present(wrapper, method, options, leading=2))
 
     return decorate
 
 
-# Turns `method(self, messages, options)` into `method(self, messages, *, model, provider, ...)`, the keyword
-# arguments being ChatOptions' fields. A coroutine function stays one (AsyncMock(spec=...) and frameworks look).
-chat_options = _with_options(ChatOptions)
+def _with_usage_options(
+    options: Callable[P, UsageOptions],
+) -> Callable[[Callable[[C, UsageOptions], R]], Callable[Concatenate[C, P], R]]:
+    build = cast(Callable[..., UsageOptions], options)
+
+    def decorate(method: Callable[[C, UsageOptions], R]) -> Callable[Concatenate[C, P], R]:
+        if inspect.iscoroutinefunction(method):
+
+            async def call_async(self: Any, **kwargs: Any) -> Any:
+                return await method(self, build(**kwargs))
+
+            wrapper: Callable[..., Any] = call_async
+        else:
+
+            def call(self: Any, **kwargs: Any) -> Any:
+                return method(self, build(**kwargs))
+
+            wrapper = call
+        return cast(Callable[Concatenate[C, P], R], _present(wrapper, method, options, leading=1))
+
+    return decorate
+
+
+def _present(wrapper: Callable[..., Any], method: Callable[..., Any], options: Any, *, leading: int) -> Any:
+    """The wrapper under the method's name and docstring, with the signature help() and IDEs show: the method's
+    `leading` parameters, then the options' fields (inspect stops at __signature__ rather than follow __wrapped__)."""
+    functools.update_wrapper(wrapper, method)
+    own = inspect.signature(method)
+    keywords = list(inspect.signature(options).parameters.values())
+    wrapper.__signature__ = own.replace(parameters=[*list(own.parameters.values())[:leading], *keywords])  # type: ignore[attr-defined]
+    return wrapper
+
+
+# Turn `method(self, messages, options)` into `method(self, messages, *, model, provider, ...)`, and
+# `method(self, options)` into `method(self, *, start, end, ...)`, the keyword arguments being the options'
+# fields. A coroutine function stays one (AsyncMock(spec=...) and frameworks look).
+chat_options = _with_chat_options(ChatOptions)
+usage_options = _with_usage_options(UsageOptions)

@@ -1,14 +1,12 @@
-"""What the facade hands back (ChatResult, TokenUsage), message helpers, and the Usage request."""
+"""What the facade hands back (ChatResult, TokenUsage), and the message helpers."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from .gen.feather.v1 import feather_service_pb2 as pb
 
@@ -241,44 +239,3 @@ class StreamAssembler:
             thinking=tuple(Thinking.from_proto(self.thinking[i]) for i in sorted(self.thinking)),
             upstream=end.upstream,
         )
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return ts
-
-
-def usage_request(
-    *,
-    start: datetime | None,
-    end: datetime | None,
-    group_by: Sequence[str],
-    tenant: str,
-    provider: str,
-    model: str,
-    tag_key: str,
-    tags: Mapping[str, str] | None,
-    page_size: int = 0,
-    page_token: str = "",
-) -> pb.UsageRequest:
-    unknown = [g for g in group_by if g not in GROUP_BY]
-    if unknown:
-        raise ValueError(f"group_by must be among {sorted(GROUP_BY)}, got {unknown}")
-    if "tag" in group_by and not tag_key:
-        raise ValueError("group_by 'tag' needs tag_key (the tag whose values form the groups)")
-    request = pb.UsageRequest(
-        group_by=[pb.UsageGroupBy.Value(f"USAGE_GROUP_BY_{g.upper()}") for g in group_by],
-        tenant=tenant,
-        provider=provider,
-        model=model,
-        tag_key=tag_key,
-        tags=dict(tags or {}),
-        page_size=page_size,
-        page_token=page_token,
-    )
-    if start is not None:
-        request.start_time.CopyFrom(_timestamp(start))
-    if end is not None:
-        request.end_time.CopyFrom(_timestamp(end))
-    return request

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Self
@@ -15,8 +15,8 @@ from .client import DEFAULT_TIMEOUT, ClientSettings, closed_error
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from .options import ChatOptions, Messages, chat_options
-from .results import ChatResult, StreamAssembler, TokenUsage, usage_request
+from .options import ChatOptions, Messages, UsageOptions, chat_options, usage_options
+from .results import ChatResult, StreamAssembler, TokenUsage
 
 __all__ = ["SyncChatStream", "SyncFeatherClient"]
 
@@ -88,37 +88,14 @@ class SyncFeatherClient:
         call_options = self.settings.call_options(options.timeout, options.metadata)
         return SyncChatStream(self.stub.StreamChat(request, **call_options), request)
 
-    def usage(
-        self,
-        *,
-        start: datetime | None = None,
-        end: datetime | None = None,
-        group_by: Sequence[str] = (),
-        tenant: str = "",
-        provider: str = "",
-        model: str = "",
-        tag_key: str = "",
-        tags: Mapping[str, str] | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> pb.UsageResponse:
+    @usage_options
+    def usage(self, options: UsageOptions) -> pb.UsageResponse:
         """Ledger totals, grouped; see FeatherClient.usage."""
-        request = usage_request(
-            start=start,
-            end=end,
-            group_by=group_by,
-            tenant=tenant,
-            provider=provider,
-            model=model,
-            tag_key=tag_key,
-            tags=tags,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        request = options.request()
         try:
-            reply: pb.UsageResponse = self.stub.Usage(request, **self.settings.call_options(timeout, metadata))
+            reply: pb.UsageResponse = self.stub.Usage(
+                request, **self.settings.call_options(options.timeout, options.metadata)
+            )
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
         return reply
