@@ -25,9 +25,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol, cast
 
-from feather_grpc.core.redis_url import RedisAddress, parse_url
+from feather_grpc.core.redis_url import RedisAddress
 
-__all__ = ["RedisClient", "RedisCommands", "RedisUnavailable", "ReplyError", "connect"]
+__all__ = ["RedisClient", "RedisCommands", "RedisUnavailable", "ReplyError"]
 
 
 class RedisCommands(Protocol):
@@ -41,16 +41,6 @@ class RedisCommands(Protocol):
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-def connect(url: str, *, timeout_s: float = 0.25, connect_timeout_s: float | None = None) -> RedisCommands:
-    """A client for REDIS_URL: `RedisClient`, or `RedisClusterClient` for `?cluster=true`."""
-    address, cluster = parse_url(url)
-    if cluster:
-        from feather_grpc.state.resp_cluster import RedisClusterClient
-
-        return RedisClusterClient(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
-    return RedisClient(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
 
 
 class RedisUnavailable(ConnectionError):
