@@ -14,7 +14,16 @@ from . import channel as ch
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from .results import ChatResult, StreamAssembler, TokenUsage, chat_fields, usage_request
+from .results import (
+    ChatResult,
+    MessageLike,
+    StreamAssembler,
+    TokenUsage,
+    ToolChoiceLike,
+    ToolLike,
+    chat_fields,
+    usage_request,
+)
 
 __all__ = ["DEFAULT_TIMEOUT", "ChatStream", "ClientSettings", "FeatherClient"]
 
@@ -125,7 +134,7 @@ class FeatherClient:
 
     async def chat(
         self,
-        messages: str | Sequence[pb.Message],
+        messages: str | Sequence[MessageLike],
         *,
         model: str,
         provider: str = "",
@@ -134,8 +143,8 @@ class FeatherClient:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
         response_format: pb.ResponseFormat | None = None,
         reasoning: pb.ReasoningOptions | None = None,
         parallel_tool_calls: bool | None = None,
@@ -180,7 +189,7 @@ class FeatherClient:
 
     def stream_chat(
         self,
-        messages: str | Sequence[pb.Message],
+        messages: str | Sequence[MessageLike],
         *,
         model: str,
         provider: str = "",
@@ -189,8 +198,8 @@ class FeatherClient:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
         response_format: pb.ResponseFormat | None = None,
         reasoning: pb.ReasoningOptions | None = None,
         parallel_tool_calls: bool | None = None,

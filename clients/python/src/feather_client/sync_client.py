@@ -15,7 +15,16 @@ from .client import DEFAULT_TIMEOUT, ClientSettings, closed_error
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from .results import ChatResult, StreamAssembler, TokenUsage, chat_fields, usage_request
+from .results import (
+    ChatResult,
+    MessageLike,
+    StreamAssembler,
+    TokenUsage,
+    ToolChoiceLike,
+    ToolLike,
+    chat_fields,
+    usage_request,
+)
 
 __all__ = ["SyncChatStream", "SyncFeatherClient"]
 
@@ -72,7 +81,7 @@ class SyncFeatherClient:
 
     def chat(
         self,
-        messages: str | Sequence[pb.Message],
+        messages: str | Sequence[MessageLike],
         *,
         model: str,
         provider: str = "",
@@ -81,8 +90,8 @@ class SyncFeatherClient:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
         response_format: pb.ResponseFormat | None = None,
         reasoning: pb.ReasoningOptions | None = None,
         parallel_tool_calls: bool | None = None,
@@ -127,7 +136,7 @@ class SyncFeatherClient:
 
     def stream_chat(
         self,
-        messages: str | Sequence[pb.Message],
+        messages: str | Sequence[MessageLike],
         *,
         model: str,
         provider: str = "",
@@ -136,8 +145,8 @@ class SyncFeatherClient:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
         response_format: pb.ResponseFormat | None = None,
         reasoning: pb.ReasoningOptions | None = None,
         parallel_tool_calls: bool | None = None,
