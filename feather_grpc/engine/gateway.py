@@ -55,7 +55,7 @@ from feather_grpc.engine.types import (
     Usage,
 )
 from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable_request_id, validate_chat
-from feather_grpc.providers import ACCEPTED_INPUTS, build_provider
+from feather_grpc.providers import ACCEPTED_INPUTS, build_provider, wire_format
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport import AttemptMarker, HttpClient, attempt_marker
@@ -66,19 +66,25 @@ from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 log = logging.getLogger(__name__)
 
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
-# The structured-output types each wire format can be asked for. Anthropic's structured outputs
-# (`output_config.format`) take a JSON schema; it has no schema-less JSON mode.
+# The structured-output types each wire format (providers.wire_format) can be asked for. Anthropic's
+# structured outputs (`output_config.format`, on Vertex too) and Bedrock's take a JSON schema; neither has a
+# schema-less JSON mode.
 STRUCTURED_OUTPUT_SUPPORT = {
     "openai": STRUCTURED_OUTPUT,
     "openai-compatible": STRUCTURED_OUTPUT,
     "anthropic": frozenset({"json_schema"}),
+    "bedrock": frozenset({"json_schema"}),  # Converse's outputConfig.textFormat
+    "azure-openai": STRUCTURED_OUTPUT,
+    "responses": STRUCTURED_OUTPUT,
+    "gemini": STRUCTURED_OUTPUT,
+    "vertex": STRUCTURED_OUTPUT,
     "mock": STRUCTURED_OUTPUT,
 }
 
 T = TypeVar("T")
 
 # Upstream errors that say the request itself is wrong: no other provider or retry can fix them.
-_REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG"})
+_REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG", "UPSTREAM_CONTENT_FILTERED"})
 
 StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
 # An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
@@ -477,15 +483,23 @@ class Feather:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
 
         def supports(c: RouteCandidate) -> bool:
-            return kind in STRUCTURED_OUTPUT_SUPPORT.get(self._provider_configs[c.provider].type, frozenset())
+            return kind in STRUCTURED_OUTPUT_SUPPORT.get(self._wire(c), frozenset())
 
         capable = [c for c in candidates if supports(c)]
         if not capable:
             why = f"no provider serving {requested!r} supports {kind}"
-            if kind == "json_object":
+            apis = {self._wire(c) for c in candidates}
+            if kind == "json_object" and "anthropic" in apis:
                 why += " (the Anthropic Messages API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
+            elif kind == "json_object" and "bedrock" in apis:
+                why += " (the Bedrock Converse API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
+
+    def _wire(self, c: RouteCandidate) -> str:
+        """The API serving the candidate (providers.wire_format)."""
+        p = self._provider_configs[c.provider]
+        return wire_format(p.type, c.model.name, p.responses_models)
 
     def _input_capable(
         self, requested: str, candidates: list[RouteCandidate], needed: dict[str, str]
@@ -493,7 +507,7 @@ class Feather:
         """Images, documents and audio go only where the wire format carries them: never dropped silently."""
 
         def takes(c: RouteCandidate) -> bool:
-            return ACCEPTED_INPUTS.get(self._provider_configs[c.provider].type, frozenset()).issuperset(needed)
+            return ACCEPTED_INPUTS.get(self._wire(c), frozenset()).issuperset(needed)
 
         capable = [c for c in candidates if takes(c)]
         if capable:
@@ -501,11 +515,7 @@ class Feather:
         violations = []
         for kind, path in needed.items():
             refusing = sorted(
-                {
-                    t
-                    for c in candidates
-                    if kind not in ACCEPTED_INPUTS.get(t := self._provider_configs[c.provider].type, frozenset())
-                }
+                {t for c in candidates if kind not in ACCEPTED_INPUTS.get(t := self._wire(c), frozenset())}
             )
             if refusing:
                 apis = " or ".join(refusing)
@@ -990,6 +1000,13 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         egress=p.egress,
         max_response_bytes=p.max_response_bytes,
         max_stream_event_bytes=p.max_stream_event_bytes,
+        auth=p.auth,
+        api_version=p.api_version,
+        region=p.region,
+        project=p.project,
+        responses_models=p.responses_models,
+        thinking_budgets=p.thinking_budgets,
+        upstream_ids=p.upstream_ids,
         max_output_tokens=tuple((m.name, m.max_output_tokens) for m in p.models if m.max_output_tokens),
         extra_headers=p.extra_headers,
         default_fields=p.default_fields,
