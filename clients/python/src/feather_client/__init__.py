@@ -13,6 +13,7 @@ from .channel import TLS, RetryPolicy
 from .client import DEFAULT_TIMEOUT, ChatStream, FeatherClient
 from .errors import FeatherError, FieldViolation, QuotaViolation
 from .gen.feather.v1 import feather_service_pb2 as pb
+from .options import ChatOptions, UsageOptions
 from .parts import audio, cached, image, image_url, pdf, pdf_url, reasoning, text
 from .results import (
     ChatResult,
@@ -34,6 +35,7 @@ from .sync_client import SyncChatStream, SyncFeatherClient
 __all__ = [
     "DEFAULT_TIMEOUT",
     "TLS",
+    "ChatOptions",
     "ChatResult",
     "ChatStream",
     "FeatherClient",
@@ -47,6 +49,7 @@ __all__ = [
     "Thinking",
     "TokenUsage",
     "ToolLike",
+    "UsageOptions",
     "assistant",
     "audio",
     "cached",
