@@ -121,6 +121,7 @@ class GatewayConfig:
     policy: str = "first"
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    request_timeout_ms: int = 120_000
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     redact_pii: frozenset[str] = frozenset()  # PII kinds redacted before a request leaves; empty: off

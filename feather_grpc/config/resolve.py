@@ -224,6 +224,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         policy=fc.policy,
         routes=routes,
         retry=RetryConfig(r.max_attempts, r.base_ms, r.max_ms),
+        request_timeout_ms=fc.request_timeout_ms,
         breaker=breaker,
         cache=cache,
         redact_pii=frozenset(fc.safety.pii_kinds) if fc.safety.redact_pii else frozenset(),

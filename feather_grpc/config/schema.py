@@ -300,6 +300,10 @@ class FileConfig(_Strict):
     providers: dict[str, ProviderSpec] = Field(min_length=1)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_ms: int = Field(default=60_000, alias="timeoutMs", gt=0)
+    # The most a call may take to its answer (a stream: to its first token), retries, backoff and fail-over
+    # included, whatever the per-attempt timeouts add up to; the caller's deadline wins when it is earlier.
+    # 2 minutes: the clients' default deadline.
+    request_timeout_ms: int = Field(default=120_000, alias="requestTimeoutMs", gt=0)
     circuit_breaker: BreakerSpec = Field(default_factory=BreakerSpec, alias="circuitBreaker")
     ledger: LedgerSpec = Field(default_factory=LedgerSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)

@@ -36,7 +36,7 @@ from feather_grpc.core.errors import (
 )
 from feather_grpc.core.ledger import LedgerWriteError, Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.core.limits import BudgetStore, RateLimiter, StateUnavailable
-from feather_grpc.core.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
+from feather_grpc.core.results import AttemptRecord, ChatResult, LastFailure, StreamCompleted, StreamStarted
 from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.core.types import (
     ChatRequest,
@@ -114,6 +114,7 @@ class ModelView:
     circuit_state: str  # "closed" | "open" | "half_open"
     latency_ms: int  # decaying average; 0 before the first call
     max_connections: int = 0  # the provider's connection limit per upstream host; 0: it has no upstream (mock)
+    last_failure: LastFailure | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +136,10 @@ class _Call:
     # that could not be used): the upstream did, and billed, the work; each is billed as an estimate.
     abandoned: list[tuple[RouteCandidate, Usage]] = field(default_factory=list)
     prompt_usage: Usage | None = None  # streams: the prompt's exact counts, announced before the reply
+    # Loop time by which the answer (a stream: its first event) must come: the caller's deadline or the
+    # gateway's requestTimeoutMs, the earlier; `gateway_bound` when it is the latter.
+    answer_by: float | None = None
+    gateway_bound: bool = False
 
 
 class Feather:
@@ -160,6 +165,8 @@ class Feather:
         self.latency = LatencyTracker()
         self.circuits: CircuitStore = circuits or MemoryCircuitStore(CircuitBreakers(config.breaker, clock))
         self._circuit_view: dict[str, CircuitState] = {}  # shared circuits: the state last seen
+        # provider:model -> its latest failure that counted against its circuit (bounded by the config's models)
+        self._last_failures: dict[str, LastFailure] = {}
         self.observers = list(observers)
         if limiter is None or budgets is None:
             from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
@@ -416,6 +423,7 @@ class Feather:
                 self.circuit_state(f"{p.name}:{m.name}").value,
                 int(self.latency.get(f"{p.name}:{m.name}") or 0),
                 0 if p.type == "mock" else p.max_connections,
+                self._last_failures.get(f"{p.name}:{m.name}"),
             )
             for p in self.config.providers
             if not provider or p.name == provider
@@ -425,6 +433,8 @@ class Feather:
     # ---- steps ----
 
     def _begin(self, request: ChatRequest, ctx: CallContext, *, streamed: bool) -> _Call:
+        limit = asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
+        gateway_bound = ctx.deadline is None or limit < ctx.deadline
         return _Call(
             request=request,
             ctx=ctx,
@@ -433,7 +443,16 @@ class Feather:
             started=time.monotonic(),
             started_ns=time.time_ns(),
             streamed=streamed,
+            answer_by=limit if gateway_bound else ctx.deadline,
+            gateway_bound=gateway_bound,
         )
+
+    def _out_of_time(self, call: _Call, what: str) -> DeadlineExceeded:
+        """The answer deadline ran out: the caller's own, or the gateway's requestTimeoutMs (which says so)."""
+        if not call.gateway_bound:
+            return DeadlineExceeded(f"the call's deadline ran out {what}")
+        ms = self.config.request_timeout_ms
+        return DeadlineExceeded(f"the gateway's request timeout (requestTimeoutMs {ms}) ran out {what}", ms)
 
     def _plan(self, call: _Call) -> tuple[TenantConfig, list[RouteCandidate]]:
         """Validates and redacts the request, and lists the candidates this tenant may use, in order."""
@@ -569,7 +588,7 @@ class Feather:
             tenant,
             req,
             reachable,
-            call.ctx.deadline,
+            call.answer_by,
             first_slot=first_slot,
             request_token=call.ctx.request_token,
             legs=2 if hedged else 1,
@@ -668,9 +687,10 @@ class Feather:
         fault ends the call at once; one that is the provider's (auth, quota) moves on to the next.
         """
         loop = asyncio.get_running_loop()
-        deadline = call.ctx.deadline
+        deadline = call.answer_by  # per-attempt timeouts and backoff never add up past it
         policy = RetryPolicy.of(self.config.retry, call.request.retry)
         last: ProviderError | None = None
+        cause: LastFailure | None = None  # the upstream failure behind `last` (for an open circuit: its opener)
         limited: RateLimitExceeded | None = None
         for candidate in candidates:
             call.candidate = candidate
@@ -682,17 +702,22 @@ class Feather:
                     await self.admission.provider_slot(candidate.key, deadline, call.ticket)
                 except RateLimitExceeded as e:
                     limited, last = e, ProviderError("GATEWAY_RATE_LIMITED", e.message, retryable=True)
-                    self._attempt_done(call, (), _attempt(candidate, "retryable_error", time.monotonic(), last.reason))
+                    refused = _attempt(candidate, "retryable_error", time.monotonic(), last.reason, detail=e.message)
+                    self._attempt_done(call, (), refused)
                     break
                 permit = await self._acquire_circuit(candidate.key)
                 if permit is None:
+                    opener = self._last_failures.get(candidate.key)
+                    why = f" after {opener.reason}: {opener.message}" if opener else " (opened by another replica)"
                     last = ProviderError(
                         "CIRCUIT_OPEN",
-                        f"{candidate.key}: circuit open",
+                        f"{candidate.key}: circuit open{why}",
                         retryable=True,
                         retry_after_s=await self._reopens_in(candidate.key),
                     )
-                    self._attempt_done(call, (), _attempt(candidate, "circuit_open", time.monotonic(), last.reason))
+                    cause = opener or cause
+                    skipped = _attempt(candidate, "circuit_open", time.monotonic(), last.reason, detail=last.message)
+                    self._attempt_done(call, (), skipped)
                     break
                 begun = time.monotonic()
                 tokens = self._attempt_started(call, candidate) if self.observers else ()
@@ -718,7 +743,7 @@ class Feather:
                     if caller_bound:
                         await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                         self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
-                        raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
+                        raise self._out_of_time(call, "before the upstream answered") from None
                     last = ProviderError(
                         "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
                     )
@@ -737,11 +762,14 @@ class Feather:
                 finally:
                     attempt_marker.reset(marked)
                 outcome = "retryable_error" if last.retryable else "fatal_error"
-                self._attempt_done(call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status))
+                self._attempt_done(
+                    call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status, last.message)
+                )
                 if last.reason in _REQUEST_FAULTS:
                     await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                     raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status, last.reason)
                 await self._circuit_verdict(self.circuits.failed, candidate.key, permit)
+                cause = self._note_failure(candidate.key, last)
                 if not last.retryable or n == policy.max_attempts:
                     break  # this provider cannot serve (auth, quota) or is out of attempts: fail over
                 delay = policy.delay_s(n, last.retry_after_s, self._rng)
@@ -754,12 +782,15 @@ class Feather:
         if last.reason == "UPSTREAM_AUTH_FAILED":
             raise UpstreamAuthFailed(call.candidate.provider if call.candidate else "")
         if deadline is not None and loop.time() >= deadline:
-            raise DeadlineExceeded("the call's deadline ran out")
+            raise self._out_of_time(call, "between attempts")
         retry_after = [a for a in [await self._reopens_in(c.key) for c in candidates] if a is not None]
         if last.retry_after_s is not None:
             retry_after.append(last.retry_after_s)
         raise UpstreamUnavailable(
-            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None, last.reason
+            f"all candidates failed; last error: {last.message}",
+            min(retry_after) if retry_after else None,
+            last.reason,
+            cause,
         )
 
     async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent], idle_ms: int | None) -> StreamEvent:
@@ -812,15 +843,24 @@ class Feather:
         except StateUnavailable:
             return None
 
+    def _note_failure(self, key: str, e: ProviderError) -> LastFailure:
+        """Remembers a failure that counted against `key`'s circuit: what an open circuit, its error and
+        ListModels name as the cause."""
+        failure = LastFailure(e.reason, e.message, e.http_status, time.time())
+        self._last_failures[key] = failure
+        return failure
+
     async def _midstream_failure(self, call: _Call, e: ProviderError) -> FeatherError:
+        cause = None
         if call.candidate is not None:
             await self._circuit_verdict(self.circuits.failed, call.candidate.key, Permit.CALL)
+            cause = self._note_failure(call.candidate.key, e)
         if call.attempts:
             call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
             call.attempts[-1].error_reason = e.reason
-        return UpstreamUnavailable(
-            f"the upstream stream failed after the first token: {e.message}", e.retry_after_s, e.reason
-        )
+            call.attempts[-1].error_detail = e.message
+        message = f"the upstream stream failed after the first token: {e.message}"
+        return UpstreamUnavailable(message, e.retry_after_s, e.reason, cause)
 
     def _abandoned(self, call: _Call, candidate: RouteCandidate) -> None:
         """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent (the
@@ -1012,8 +1052,10 @@ def _price(candidate: RouteCandidate | None, usage: Usage) -> tuple[int, bool]:
     return price.cost_nanos(usage), False
 
 
-def _attempt(c: RouteCandidate, outcome: str, begun: float, reason: str = "", http_status: int = 0) -> AttemptRecord:
-    return AttemptRecord(c.provider, c.model.name, outcome, reason, _ms_since(begun), http_status)
+def _attempt(
+    c: RouteCandidate, outcome: str, begun: float, reason: str = "", http_status: int = 0, detail: str = ""
+) -> AttemptRecord:
+    return AttemptRecord(c.provider, c.model.name, outcome, reason, _ms_since(begun), http_status, detail)
 
 
 def _ms_since(begun: float) -> int:
