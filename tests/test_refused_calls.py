@@ -15,10 +15,10 @@ import grpc
 import pytest
 
 from feather_grpc import config
-from feather_grpc.engine.gateway import Feather
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.app import GatewayServer
+from feather_grpc.server.assembly import assemble
 from feather_grpc.server.logs import CALLS_LOGGER
 from feather_grpc.state.ledger import Outcome, UsageRecord
 from feather_grpc.state.limits import BucketSpec, StateUnavailable
@@ -227,7 +227,7 @@ class _StoreDown(MemoryRateLimiter):
 async def test_state_store_down_before_admission_is_recorded(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
     cfg = config.resolve(config.parse_file_config(json.dumps(tenants_doc(limits={"rpm": 60})), "<test>"), {}, "<test>")
-    server = GatewayServer(cfg, engine=Feather(cfg, MemoryLedger(), limiter=_StoreDown()))
+    server = GatewayServer(cfg, engine=assemble(cfg, ledger=MemoryLedger(), limiter=_StoreDown()).engine)
     port = await server.start("127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

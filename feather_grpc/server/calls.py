@@ -34,8 +34,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from feather_grpc.config import TenantConfig
+from feather_grpc.engine.call import CallContext
 from feather_grpc.engine.errors import FeatherError, FieldViolation, InvalidRequest
-from feather_grpc.engine.gateway import CallContext
 from feather_grpc.engine.types import ChatRequest
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server import convert

@@ -11,8 +11,9 @@ from typing import NoReturn
 import grpc
 
 from feather_grpc.engine.admission import Admission
+from feather_grpc.engine.call import CallContext
 from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionDenied
-from feather_grpc.engine.gateway import CallContext, Feather
+from feather_grpc.engine.gateway import Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
 from feather_grpc.engine.types import ChatRequest, TextDelta, ThinkingDelta
 from feather_grpc.engine.validation import usable_request_id
