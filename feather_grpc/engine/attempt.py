@@ -218,10 +218,10 @@ class Attempts:
                 except ProviderError as e:
                     last = e
                     if 200 <= e.http_status < 300:  # answered (and billed), but the reply was unusable
-                        self.abandoned(call, candidate)
+                        self._abandoned(call, candidate)
                 except TimeoutError:
                     if marker.sent:
-                        self.abandoned(call, candidate)
+                        self._abandoned(call, candidate)
                     if caller_bound:
                         await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                         self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
@@ -231,7 +231,7 @@ class Attempts:
                     )
                 except asyncio.CancelledError:
                     if marker.sent:
-                        self.abandoned(call, candidate)
+                        self._abandoned(call, candidate)
                     await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                     self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun))
                     raise
@@ -329,7 +329,7 @@ class Attempts:
             f"the upstream stream failed after the first token: {e.message}", e.retry_after_s, e.reason
         )
 
-    def abandoned(self, call: Call, candidate: RouteCandidate) -> None:
+    def _abandoned(self, call: Call, candidate: RouteCandidate) -> None:
         """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent (the
         counts the provider announced for it, when it did: Anthropic's message_start)."""
         prompt, call.prompt_usage = call.prompt_usage, None

@@ -23,6 +23,7 @@ from feather_grpc.engine.breaker import CircuitState
 from feather_grpc.engine.cache import CachedReply, ResponseCache, cache_key
 from feather_grpc.engine.call import Call, CallContext, Opened, StreamItem, begin, close_stream, ms_since
 from feather_grpc.engine.errors import FeatherError, ProviderError, StateStoreUnavailable
+from feather_grpc.engine.ledger_guard import LedgerGuard
 from feather_grpc.engine.observe import CallObserver
 from feather_grpc.engine.plan import Planner
 from feather_grpc.engine.results import ChatResult, StreamCompleted, StreamStarted
@@ -97,9 +98,9 @@ class Feather:
         self.admission = Admission(
             config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time(), latency_ms=self.latency.get
         )
-        self._settlement = Settlement(ledger, self.admission, self.observers, lambda call: self._planner.tenant(call))
-        self.ledger_guard = self._settlement.ledger_guard  # refuses calls while the ledger cannot write
+        self.ledger_guard = LedgerGuard(ledger)  # refuses calls while the ledger cannot write
         self._planner = Planner(config, self.router, self.ledger_guard)
+        self._settlement = Settlement(ledger, self.ledger_guard, self.admission, self.observers, self._planner.tenant)
         self._attempts = Attempts(
             config,
             router=self.router,

@@ -30,12 +30,13 @@ class Settlement:
     def __init__(
         self,
         ledger: UsageLedger,
+        ledger_guard: LedgerGuard,
         admission: Admission,
         observers: list[CallObserver],
         tenant_of: Callable[[Call], TenantConfig],
     ) -> None:
         self.ledger = ledger
-        self.ledger_guard = LedgerGuard(ledger)  # refuses calls while the ledger cannot write
+        self.ledger_guard = ledger_guard
         self._admission = admission
         self._observers = observers
         self._tenant_of = tenant_of
