@@ -13,15 +13,21 @@ from feather_grpc.engine.redaction import Redactor
 from feather_grpc.engine.routing import RouteCandidate, Router
 from feather_grpc.engine.types import ChatRequest
 from feather_grpc.engine.validation import validate_chat
-from feather_grpc.providers import ACCEPTED_INPUTS
+from feather_grpc.providers import ACCEPTED_INPUTS, wire_format
 
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
-# The structured-output types each wire format can be asked for. Anthropic's structured outputs
-# (`output_config.format`) take a JSON schema; it has no schema-less JSON mode.
+# The structured-output types each wire format (providers.wire_format) can be asked for. Anthropic's
+# structured outputs (`output_config.format`, on Vertex too) and Bedrock's take a JSON schema; neither has a
+# schema-less JSON mode.
 STRUCTURED_OUTPUT_SUPPORT = {
     "openai": STRUCTURED_OUTPUT,
     "openai-compatible": STRUCTURED_OUTPUT,
     "anthropic": frozenset({"json_schema"}),
+    "bedrock": frozenset({"json_schema"}),  # Converse's outputConfig.textFormat
+    "azure-openai": STRUCTURED_OUTPUT,
+    "responses": STRUCTURED_OUTPUT,
+    "gemini": STRUCTURED_OUTPUT,
+    "vertex": STRUCTURED_OUTPUT,
     "mock": STRUCTURED_OUTPUT,
 }
 
@@ -32,7 +38,7 @@ class Planner:
         self._router = router
         self._ledger_guard = ledger_guard
         self._redactor = Redactor(config.redact_pii) if config.redact_pii else None
-        self._types = {p.name: p.type for p in config.providers}  # provider name -> wire format
+        self._providers = {p.name: p for p in config.providers}
 
     def plan(self, call: Call) -> tuple[TenantConfig, list[RouteCandidate]]:
         """Validates and redacts the request, and lists the candidates this tenant may use, in order."""
@@ -65,15 +71,23 @@ class Planner:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
 
         def supports(c: RouteCandidate) -> bool:
-            return kind in STRUCTURED_OUTPUT_SUPPORT.get(self._types[c.provider], frozenset())
+            return kind in STRUCTURED_OUTPUT_SUPPORT.get(self._wire(c), frozenset())
 
         capable = [c for c in candidates if supports(c)]
         if not capable:
             why = f"no provider serving {requested!r} supports {kind}"
-            if kind == "json_object":
+            apis = {self._wire(c) for c in candidates}
+            if kind == "json_object" and "anthropic" in apis:
                 why += " (the Anthropic Messages API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
+            elif kind == "json_object" and "bedrock" in apis:
+                why += " (the Bedrock Converse API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
+
+    def _wire(self, c: RouteCandidate) -> str:
+        """The API serving the candidate (providers.wire_format)."""
+        p = self._providers[c.provider]
+        return wire_format(p.type, c.model.name, p.responses_models)
 
     def _input_capable(
         self, requested: str, candidates: list[RouteCandidate], needed: dict[str, str]
@@ -81,7 +95,7 @@ class Planner:
         """Images, documents and audio go only where the wire format carries them: never dropped silently."""
 
         def takes(c: RouteCandidate) -> bool:
-            return ACCEPTED_INPUTS.get(self._types[c.provider], frozenset()).issuperset(needed)
+            return ACCEPTED_INPUTS.get(self._wire(c), frozenset()).issuperset(needed)
 
         capable = [c for c in candidates if takes(c)]
         if capable:
@@ -89,7 +103,7 @@ class Planner:
         violations = []
         for kind, path in needed.items():
             refusing = sorted(
-                {t for c in candidates if kind not in ACCEPTED_INPUTS.get(t := self._types[c.provider], frozenset())}
+                {t for c in candidates if kind not in ACCEPTED_INPUTS.get(t := self._wire(c), frozenset())}
             )
             if refusing:
                 apis = " or ".join(refusing)

@@ -81,6 +81,7 @@ __all__ = [
     "UnsupportedEncoding",
     "attempt_headers",
     "attempt_marker",
+    "encode_headers",
     "mark_sent",
 ]
 
@@ -1005,13 +1006,16 @@ class Endpoint:
         lines = [f"POST {target} HTTP/1.1", *(f"{n}: {v}" for n, v in fields), "Content-Length: "]
         self._prefix = "\r\n".join(lines).encode("utf-8")
 
-    async def request(self, body: bytes) -> Response:
-        """Send `body` and wait for the response head. The caller must `close()` the response."""
+    async def request(self, body: bytes, headers: bytes = b"") -> Response:
+        """Send `body` and wait for the response head. The caller must `close()` the response.
+
+        `headers`: encoded header lines ("Name: value\\r\\n" each) for this request alone, such as a
+        short-lived bearer token or a request signature; the caller makes them (see `encode_headers`)."""
         pool = self._pool
         if pool is None:
             assert self._error is not None
             raise self._error
-        data = b"".join((self._prefix, b"%d\r\n" % len(body), attempt_headers.get(), b"\r\n", body))
+        data = b"".join((self._prefix, b"%d\r\n" % len(body), headers, attempt_headers.get(), b"\r\n", body))
         conn = await pool.acquire()
         resent = False
         while True:
@@ -1037,6 +1041,16 @@ class Endpoint:
             except BaseException:
                 ex.close()  # cancelled or failed before the head: never reuse this connection
                 raise
+
+
+def encode_headers(headers: Sequence[tuple[str, str]]) -> bytes:
+    """Per-request header lines for `Endpoint.request`, checked as the endpoint's own are."""
+    out = []
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
+            raise ValueError(f"invalid HTTP header {name!r}")
+        out.append(f"{name}: {value.strip()}\r\n")
+    return "".join(out).encode("utf-8")
 
 
 def _split_url(url: str) -> tuple[str, str, int, str, str]:

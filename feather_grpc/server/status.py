@@ -82,6 +82,8 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
     elif isinstance(error, UpstreamInvalidRequest):
         metadata["provider"] = error.provider
         metadata["httpStatus"] = str(error.http_status)
+        if error.upstream_reason:  # e.g. UPSTREAM_CONTENT_FILTERED, UPSTREAM_CONTEXT_TOO_LONG
+            metadata["upstreamReason"] = error.upstream_reason
     elif isinstance(error, UpstreamAuthFailed):
         metadata["provider"] = error.provider
     elif isinstance(error, RateLimitExceeded):
