@@ -256,6 +256,23 @@ async def test_a_request_that_does_not_convert_is_recorded() -> None:
         )
 
 
+async def test_a_chat_that_does_not_convert_is_refused_once_and_gives_its_slot_back() -> None:
+    """Refused by the interceptor (the one place refusals are recorded): its status names its request id,
+    it has exactly one record, and the tenant's only concurrency slot is free again for the next call."""
+    async with running_gateway(tenants_doc(limits={"concurrency": 1})) as gw:
+        bad = pb.ChatRequest(model="fast", messages=[pb.Message(role=99, content="hi")], request_id="bad-unary")
+        err = rich_error(await refused(gw.stub.Chat(bad, metadata=bearer(ACME_KEY))))
+        assert (err.code, err.reason, err.metadata.get("requestId")) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+            "bad-unary",
+        )
+        ok = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=bearer(ACME_KEY))
+        records = ledger_of(gw.server).records
+        assert [r.request_id for r in records] == ["bad-unary", ok.request_id]
+        assert (records[0].tenant, records[0].streamed, records[0].error_code) == ("acme", False, "INVALID_ARGUMENT")
+
+
 async def test_a_refused_callers_oversized_fields_are_not_kept() -> None:
     async with running_gateway(tenants_doc()) as gw:
         await refused(gw.stub.Chat(pb.ChatRequest(model="m" * 10_000, messages=[user("hi")], request_id="x" * 500)))
