@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import importlib.metadata
+import inspect
 import socket
 import subprocess
 import sys
@@ -19,11 +21,13 @@ import grpc
 import pytest
 from feather_client import (
     TLS,
+    ChatOptions,
     FeatherClient,
     FeatherError,
     FieldViolation,
     RetryPolicy,
     SyncFeatherClient,
+    UsageOptions,
     format_usd,
     pb,
     system,
@@ -279,6 +283,37 @@ async def test_api_key_metadata_and_deadline_reach_the_server() -> None:
     assert metadata["authorization"] == "Bearer fk_secret" and metadata["x-trace"] == "t1"
     assert remaining is not None and 25 < remaining < 31
     assert shorter is not None and shorter < 6
+
+
+def test_chat_stream_chat_and_usage_of_both_clients_take_one_options_object_as_keywords() -> None:
+    """One options object per call: the methods' keyword arguments are ChatOptions' (UsageOptions') fields (what
+    help() shows), an unknown keyword or a missing model is a TypeError, and async methods stay coroutine functions."""
+    fields = [f.name for f in dataclasses.fields(ChatOptions)]
+    assert fields[0] == "model" and {"temperature", "tags", "request_id", "timeout", "metadata"} <= set(fields)
+    methods = [FeatherClient.chat, FeatherClient.stream_chat, SyncFeatherClient.chat, SyncFeatherClient.stream_chat]
+    for method in methods:
+        params = list(inspect.signature(method).parameters.values())
+        assert [p.name for p in params[:2]] == ["self", "messages"]
+        assert [p.name for p in params[2:]] == fields
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
+    usage_fields = [f.name for f in dataclasses.fields(UsageOptions)]
+    for method in [FeatherClient.usage, SyncFeatherClient.usage]:
+        params = list(inspect.signature(method).parameters.values())
+        assert [p.name for p in params] == ["self", *usage_fields]
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
+    assert inspect.iscoroutinefunction(FeatherClient.chat) and inspect.iscoroutinefunction(FeatherClient.usage)
+    assert not inspect.iscoroutinefunction(FeatherClient.stream_chat)
+    with SyncFeatherClient("localhost:1") as client:
+        with pytest.raises(TypeError, match="modle"):
+            client.chat("hi", modle="fast")  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="model"):
+            client.stream_chat("hi")  # type: ignore[call-arg]
+        with pytest.raises(ValueError, match="policy must be one of"):
+            client.chat("hi", model="fast", policy="fastest-ever")
+        with pytest.raises(TypeError, match="group"):
+            client.usage(group="tenant")  # type: ignore[call-arg]
+        with pytest.raises(ValueError, match="group_by must be among"):
+            client.usage(group_by=["week"])
 
 
 async def test_a_stream_that_closes_without_end_is_an_error() -> None:

@@ -13,6 +13,7 @@ from .channel import TLS, RetryPolicy
 from .client import DEFAULT_TIMEOUT, ChatStream, FeatherClient
 from .errors import FeatherError, FieldViolation, QuotaViolation
 from .gen.feather.v1 import feather_service_pb2 as pb
+from .options import ChatOptions, UsageOptions
 from .parts import audio, cached, image, image_url, pdf, pdf_url, reasoning, text
 from .results import ChatResult, Thinking, TokenUsage, assistant, format_usd, system, tool_result, usd, user
 from .sync_client import SyncChatStream, SyncFeatherClient
@@ -20,6 +21,7 @@ from .sync_client import SyncChatStream, SyncFeatherClient
 __all__ = [
     "DEFAULT_TIMEOUT",
     "TLS",
+    "ChatOptions",
     "ChatResult",
     "ChatStream",
     "FeatherClient",
@@ -31,6 +33,7 @@ __all__ = [
     "SyncFeatherClient",
     "Thinking",
     "TokenUsage",
+    "UsageOptions",
     "assistant",
     "audio",
     "cached",

@@ -1,15 +1,12 @@
-"""What the facade hands back (ChatResult, TokenUsage) and how it builds requests from keyword options."""
+"""What the facade hands back (ChatResult, TokenUsage), and the message helpers."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
-
-from google.protobuf import struct_pb2, timestamp_pb2
 
 from .gen.feather.v1 import feather_service_pb2 as pb
 
@@ -242,102 +239,3 @@ class StreamAssembler:
             thinking=tuple(Thinking.from_proto(self.thinking[i]) for i in sorted(self.thinking)),
             upstream=end.upstream,
         )
-
-
-def chat_fields(
-    messages: str | Sequence[pb.Message],
-    *,
-    model: str,
-    provider: str,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    stop: Sequence[str],
-    seed: int | None,
-    tools: Sequence[pb.Tool],
-    tool_choice: pb.ToolChoice | None,
-    response_format: pb.ResponseFormat | None,
-    policy: str,
-    bypass_cache: bool,
-    tags: Mapping[str, str] | None,
-    request_id: str | None,
-    reasoning: pb.ReasoningOptions | None = None,
-    parallel_tool_calls: bool | None = None,
-    prompt_cache_key: str = "",
-    extra_fields: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments for ChatRequest or StreamChatRequest (they carry the same fields).
-
-    A request id is generated here when none is given, so that a call retried on UNAVAILABLE is billed once.
-    """
-    if policy and policy not in POLICIES:
-        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-    fields: dict[str, Any] = {
-        "model": model,
-        "provider": provider,
-        "messages": [user(messages)] if isinstance(messages, str) else list(messages),
-        "stop": list(stop),
-        "tools": list(tools),
-        "tags": dict(tags or {}),
-        "request_id": request_id or uuid.uuid4().hex,
-        "policy": pb.RoutingPolicy.Value(f"ROUTING_POLICY_{policy.upper()}") if policy else 0,
-        "cache": pb.CACHE_MODE_BYPASS if bypass_cache else pb.CACHE_MODE_UNSPECIFIED,
-        "prompt_cache_key": prompt_cache_key,
-    }
-    optional = {
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
-        "tool_choice": tool_choice,
-        "response_format": response_format,
-        "reasoning": reasoning,
-        "parallel_tool_calls": parallel_tool_calls,
-    }
-    fields.update({k: v for k, v in optional.items() if v is not None})
-    if extra_fields is not None:
-        body = struct_pb2.Struct()
-        body.update(dict(extra_fields))
-        fields["extra_fields"] = body
-    return fields
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return ts
-
-
-def usage_request(
-    *,
-    start: datetime | None,
-    end: datetime | None,
-    group_by: Sequence[str],
-    tenant: str,
-    provider: str,
-    model: str,
-    tag_key: str,
-    tags: Mapping[str, str] | None,
-    page_size: int = 0,
-    page_token: str = "",
-) -> pb.UsageRequest:
-    unknown = [g for g in group_by if g not in GROUP_BY]
-    if unknown:
-        raise ValueError(f"group_by must be among {sorted(GROUP_BY)}, got {unknown}")
-    if "tag" in group_by and not tag_key:
-        raise ValueError("group_by 'tag' needs tag_key (the tag whose values form the groups)")
-    request = pb.UsageRequest(
-        group_by=[pb.UsageGroupBy.Value(f"USAGE_GROUP_BY_{g.upper()}") for g in group_by],
-        tenant=tenant,
-        provider=provider,
-        model=model,
-        tag_key=tag_key,
-        tags=dict(tags or {}),
-        page_size=page_size,
-        page_token=page_token,
-    )
-    if start is not None:
-        request.start_time.CopyFrom(_timestamp(start))
-    if end is not None:
-        request.end_time.CopyFrom(_timestamp(end))
-    return request
