@@ -28,7 +28,7 @@ from feather_grpc.engine.errors import (
 )
 from feather_grpc.engine.observe import CallObserver
 from feather_grpc.engine.plan import Planner
-from feather_grpc.engine.results import AttemptRecord
+from feather_grpc.engine.results import AttemptRecord, LastFailure
 from feather_grpc.engine.retry import RetryPolicy
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.tokens import estimate_prompt_tokens
@@ -73,6 +73,8 @@ class Attempts:
         self._rng = rng
         self._observers = observers
         self.circuit_view: dict[str, CircuitState] = {}  # shared circuits: the state last seen
+        # provider:model -> its latest failure that counted against its circuit (bounded by the config's models)
+        self.last_failures: dict[str, LastFailure] = {}
 
     async def route(
         self,
@@ -96,7 +98,7 @@ class Attempts:
             tenant,
             req,
             reachable,
-            call.ctx.deadline,
+            call.answer_by,
             first_slot=first_slot,
             request_token=call.ctx.request_token,
             legs=2 if hedged else 1,
@@ -175,9 +177,10 @@ class Attempts:
         fault ends the call at once; one that is the provider's (auth, quota) moves on to the next.
         """
         loop = asyncio.get_running_loop()
-        deadline = call.ctx.deadline
+        deadline = call.answer_by  # per-attempt timeouts and backoff never add up past it
         policy = RetryPolicy.of(self._config.retry, call.request.retry)
         last: ProviderError | None = None
+        cause: LastFailure | None = None  # the upstream failure behind `last` (for an open circuit: its opener)
         limited: RateLimitExceeded | None = None
         for candidate in candidates:
             call.candidate = candidate
@@ -189,17 +192,22 @@ class Attempts:
                     await self.admission.provider_slot(candidate.key, deadline, call.ticket)
                 except RateLimitExceeded as e:
                     limited, last = e, ProviderError("GATEWAY_RATE_LIMITED", e.message, retryable=True)
-                    self._attempt_done(call, (), _attempt(candidate, "retryable_error", time.monotonic(), last.reason))
+                    refused = _attempt(candidate, "retryable_error", time.monotonic(), last.reason, detail=e.message)
+                    self._attempt_done(call, (), refused)
                     break
                 permit = await self._acquire_circuit(candidate.key)
                 if permit is None:
+                    opener = self.last_failures.get(candidate.key)
+                    why = f" after {opener.reason}: {opener.message}" if opener else " (opened by another replica)"
                     last = ProviderError(
                         "CIRCUIT_OPEN",
-                        f"{candidate.key}: circuit open",
+                        f"{candidate.key}: circuit open{why}",
                         retryable=True,
                         retry_after_s=await self._reopens_in(candidate.key),
                     )
-                    self._attempt_done(call, (), _attempt(candidate, "circuit_open", time.monotonic(), last.reason))
+                    cause = opener or cause
+                    skipped = _attempt(candidate, "circuit_open", time.monotonic(), last.reason, detail=last.message)
+                    self._attempt_done(call, (), skipped)
                     break
                 begun = time.monotonic()
                 tokens = self._attempt_started(call, candidate) if self._observers else ()
@@ -225,7 +233,7 @@ class Attempts:
                     if caller_bound:
                         await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                         self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
-                        raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
+                        raise self._out_of_time(call, "before the upstream answered") from None
                     last = ProviderError(
                         "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
                     )
@@ -244,11 +252,14 @@ class Attempts:
                 finally:
                     attempt_marker.reset(marked)
                 outcome = "retryable_error" if last.retryable else "fatal_error"
-                self._attempt_done(call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status))
+                self._attempt_done(
+                    call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status, last.message)
+                )
                 if last.reason in _REQUEST_FAULTS:
                     await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                     raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status, last.reason)
                 await self._circuit_verdict(self.circuits.failed, candidate.key, permit)
+                cause = self._note_failure(candidate.key, last)
                 if not last.retryable or n == policy.max_attempts:
                     break  # this provider cannot serve (auth, quota) or is out of attempts: fail over
                 delay = policy.delay_s(n, last.retry_after_s, self._rng)
@@ -261,12 +272,15 @@ class Attempts:
         if last.reason == "UPSTREAM_AUTH_FAILED":
             raise UpstreamAuthFailed(call.candidate.provider if call.candidate else "")
         if deadline is not None and loop.time() >= deadline:
-            raise DeadlineExceeded("the call's deadline ran out")
+            raise self._out_of_time(call, "between attempts")
         retry_after = [a for a in [await self._reopens_in(c.key) for c in candidates] if a is not None]
         if last.retry_after_s is not None:
             retry_after.append(last.retry_after_s)
         raise UpstreamUnavailable(
-            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None, last.reason
+            f"all candidates failed; last error: {last.message}",
+            min(retry_after) if retry_after else None,
+            last.reason,
+            cause,
         )
 
     async def next_event(self, call: Call, upstream: AsyncIterator[StreamEvent], idle_ms: int | None) -> StreamEvent:
@@ -319,15 +333,31 @@ class Attempts:
         except StateUnavailable:
             return None
 
+    def _out_of_time(self, call: Call, what: str) -> DeadlineExceeded:
+        """The answer deadline ran out: the caller's own, or the gateway's requestTimeoutMs (which says so)."""
+        if not call.gateway_bound:
+            return DeadlineExceeded(f"the call's deadline ran out {what}")
+        ms = self._config.request_timeout_ms
+        return DeadlineExceeded(f"the gateway's request timeout (requestTimeoutMs {ms}) ran out {what}", ms)
+
+    def _note_failure(self, key: str, e: ProviderError) -> LastFailure:
+        """Remembers a failure that counted against `key`'s circuit: what an open circuit, its error and
+        ListModels name as the cause."""
+        failure = LastFailure(e.reason, e.message, e.http_status, time.time())
+        self.last_failures[key] = failure
+        return failure
+
     async def midstream_failure(self, call: Call, e: ProviderError) -> FeatherError:
+        cause = None
         if call.candidate is not None:
             await self._circuit_verdict(self.circuits.failed, call.candidate.key, Permit.CALL)
+            cause = self._note_failure(call.candidate.key, e)
         if call.attempts:
             call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
             call.attempts[-1].error_reason = e.reason
-        return UpstreamUnavailable(
-            f"the upstream stream failed after the first token: {e.message}", e.retry_after_s, e.reason
-        )
+            call.attempts[-1].error_detail = e.message
+        message = f"the upstream stream failed after the first token: {e.message}"
+        return UpstreamUnavailable(message, e.retry_after_s, e.reason, cause)
 
     def _abandoned(self, call: Call, candidate: RouteCandidate) -> None:
         """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent (the
@@ -353,5 +383,7 @@ def stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:
     return ProviderError("UPSTREAM_STREAM_CUT", "upstream stream ended without a finish", retryable=True)
 
 
-def _attempt(c: RouteCandidate, outcome: str, begun: float, reason: str = "", http_status: int = 0) -> AttemptRecord:
-    return AttemptRecord(c.provider, c.model.name, outcome, reason, ms_since(begun), http_status)
+def _attempt(
+    c: RouteCandidate, outcome: str, begun: float, reason: str = "", http_status: int = 0, detail: str = ""
+) -> AttemptRecord:
+    return AttemptRecord(c.provider, c.model.name, outcome, reason, ms_since(begun), http_status, detail)

@@ -3,6 +3,7 @@ has done so far (`Call`), handed from plan to admit, attempt and settle."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -53,9 +54,15 @@ class Call:
     # that could not be used): the upstream did, and billed, the work; each is billed as an estimate.
     abandoned: list[tuple[RouteCandidate, Usage]] = field(default_factory=list)
     prompt_usage: Usage | None = None  # streams: the prompt's exact counts, announced before the reply
+    # Loop time by which the answer (a stream: its first event) must come: the caller's deadline or the
+    # gateway's requestTimeoutMs, the earlier; `gateway_bound` when it is the latter.
+    answer_by: float | None = None
+    gateway_bound: bool = False
 
 
-def begin(request: ChatRequest, ctx: CallContext, *, streamed: bool) -> Call:
+def begin(request: ChatRequest, ctx: CallContext, *, streamed: bool, request_timeout_ms: int) -> Call:
+    limit = asyncio.get_running_loop().time() + request_timeout_ms / 1000
+    gateway_bound = ctx.deadline is None or limit < ctx.deadline
     return Call(
         request=request,
         ctx=ctx,
@@ -64,6 +71,8 @@ def begin(request: ChatRequest, ctx: CallContext, *, streamed: bool) -> Call:
         started=time.monotonic(),
         started_ns=time.time_ns(),
         streamed=streamed,
+        answer_by=limit if gateway_bound else ctx.deadline,
+        gateway_bound=gateway_bound,
     )
 
 

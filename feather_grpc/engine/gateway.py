@@ -26,7 +26,7 @@ from feather_grpc.engine.errors import FeatherError, ProviderError, StateStoreUn
 from feather_grpc.engine.ledger_guard import LedgerGuard
 from feather_grpc.engine.observe import CallObserver
 from feather_grpc.engine.plan import Planner
-from feather_grpc.engine.results import ChatResult, StreamCompleted, StreamStarted
+from feather_grpc.engine.results import ChatResult, LastFailure, StreamCompleted, StreamStarted
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.settle import Settlement, cancelled_usage, price, with_abandoned
 from feather_grpc.engine.types import (
@@ -65,6 +65,7 @@ class ModelView:
     circuit_state: str  # "closed" | "open" | "half_open"
     latency_ms: int  # decaying average; 0 before the first call
     max_connections: int = 0  # the provider's connection limit per upstream host; 0: it has no upstream (mock)
+    last_failure: LastFailure | None = None
 
 
 class Feather:
@@ -145,7 +146,7 @@ class Feather:
     # ---- calls ----
 
     async def chat(self, request: ChatRequest, ctx: CallContext | None = None) -> ChatResult:
-        call = begin(request, ctx or CallContext(), streamed=False)
+        call = begin(request, ctx or CallContext(), streamed=False, request_timeout_ms=self.config.request_timeout_ms)
         try:
             tenant, candidates = self._planner.plan(call)
             hit = await self._cache_lookup(call, candidates)
@@ -204,7 +205,7 @@ class Feather:
     async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
         """Streams one call. Retries and fail-over happen before the first event reaches the caller;
         after that an upstream failure ends the stream with an error, billed for what was consumed."""
-        call = begin(request, ctx or CallContext(), streamed=True)
+        call = begin(request, ctx or CallContext(), streamed=True, request_timeout_ms=self.config.request_timeout_ms)
         upstream: AsyncIterator[StreamEvent] | None = None
         text: list[str] = []
         calls: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments...]
@@ -307,7 +308,7 @@ class Feather:
         rate or concurrency, load shedding, the state store down, a request that did not convert): one
         ledger record like any failed call's (outcome error, the status code and reason, no tokens, no cost,
         no route), then the observers (call log, metrics, tracing). Durable before the refusal is sent."""
-        call = begin(request, ctx, streamed=streamed)
+        call = begin(request, ctx, streamed=streamed, request_timeout_ms=self.config.request_timeout_ms)
         await self._settlement.settle(call, self._settlement.record(call, Outcome.ERROR, Usage(), error=error))
 
     async def usage(self, query: UsageQuery) -> UsageReport:
@@ -346,6 +347,7 @@ class Feather:
                 self.circuit_state(f"{p.name}:{m.name}").value,
                 int(self.latency.get(f"{p.name}:{m.name}") or 0),
                 0 if p.type == "mock" else p.max_connections,
+                self._attempts.last_failures.get(f"{p.name}:{m.name}"),
             )
             for p in self.config.providers
             if not provider or p.name == provider
