@@ -37,8 +37,9 @@ from feather_grpc.core.limits import (
     StateUnavailable,
 )
 from feather_grpc.core.types import ChatRequest, Message, Role
-from feather_grpc.engine.gateway import CallContext, Feather
+from feather_grpc.engine.call import CallContext
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.assembly import assemble
 from feather_grpc.state.memory_circuits import MemoryCircuitStore
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
@@ -789,7 +790,7 @@ async def test_admission_is_one_round_trip_and_the_first_attempt_uses_its_provid
     request = ChatRequest(model="fast", messages=[Message(Role.USER, "hi")], max_tokens=20)
     bucket = "mock:mock-fast"  # rps 0.01, burst 3: no token comes back during the test
     try:
-        async with Feather(config, MemoryLedger(), **stores) as engine:
+        async with assemble(config, ledger=MemoryLedger(), **stores).engine as engine:
             admission, candidates = engine.admission, engine.router.plan("fast")
             warm = await admission.admit(tenant, request, candidates, None, first_slot=bucket)
             await admission.settle(warm, 0, 0)  # loads the scripts (NOSCRIPT, EVAL); the unused token comes back
