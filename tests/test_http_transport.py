@@ -1,4 +1,4 @@
-"""The providers' HTTP/1.1 client (feather_grpc/providers/transport.py) against real sockets.
+"""The providers' HTTP/1.1 client (feather_grpc/providers/transport/) against real sockets.
 
 Most tests talk to `RawServer`, a scripted asyncio server whose handler writes whatever bytes it likes,
 and which counts connections, requests and disconnects server-side. A few feed the parser directly to
@@ -24,19 +24,16 @@ import pytest
 from feather_grpc.engine.errors import ProviderError
 from feather_grpc.providers import ProviderSettings, build_provider
 from feather_grpc.providers.http import new_session
-from feather_grpc.providers.transport import (
-    DECODE_STEP,
-    HIGH_WATER,
+from feather_grpc.providers.http_client import (
     BodyTooLarge,
     ConnectError,
-    Endpoint,
-    HttpClient,
     InvalidURL,
     ReadError,
-    Response,
     UnsupportedEncoding,
-    _Connection,
 )
+from feather_grpc.providers.transport.client import Endpoint, HttpClient
+from feather_grpc.providers.transport.connection import HIGH_WATER, Connection
+from feather_grpc.providers.transport.response import DECODE_STEP, Response
 
 OK_BODY = b'{"ok":true}'
 
@@ -352,7 +349,7 @@ def feed_all(data_splits: list[bytes]) -> tuple[Response, list[str]]:
         def resume_reading(self) -> None:
             pass
 
-    conn = _Connection(Pool())  # type: ignore[arg-type]
+    conn = Connection(Pool())  # type: ignore[arg-type]
     conn.connection_made(Transport())  # type: ignore[arg-type]
     ex = Response(conn)
     conn.send(b"", ex)

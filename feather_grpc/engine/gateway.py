@@ -58,7 +58,8 @@ from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable
 from feather_grpc.providers import ACCEPTED_INPUTS, build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
-from feather_grpc.providers.transport import AttemptMarker, HttpClient, attempt_marker
+from feather_grpc.providers.http_client import AttemptMarker, attempt_marker
+from feather_grpc.providers.transport.client import HttpClient
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.ledger import LedgerWriteError, Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable

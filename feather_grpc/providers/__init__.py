@@ -8,7 +8,7 @@ from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
 from feather_grpc.providers.mock import MockProvider
 from feather_grpc.providers.openai import OpenAIProvider
-from feather_grpc.providers.transport import HttpClient
+from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = [
     "ACCEPTED_INPUTS",

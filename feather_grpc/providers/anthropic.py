@@ -47,8 +47,9 @@ from feather_grpc.providers.http import (
     post_json,
     stream_cut,
 )
+from feather_grpc.providers.http_client import HttpError
 from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import HttpClient, HttpError
+from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
 

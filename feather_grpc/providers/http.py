@@ -14,16 +14,15 @@ from urllib.parse import urlsplit
 import orjson
 
 from feather_grpc.engine.errors import ProviderError
-from feather_grpc.providers.transport import (
+from feather_grpc.providers.http_client import (
     BodyTooLarge,
     ConnectError,
-    Endpoint,
-    HttpClient,
     HttpError,
     InvalidURL,
-    Response,
     UnsupportedEncoding,
 )
+from feather_grpc.providers.transport.client import Endpoint, HttpClient
+from feather_grpc.providers.transport.response import Response
 
 __all__ = [
     "MAX_ERROR_BODY_BYTES",

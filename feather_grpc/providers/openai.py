@@ -46,8 +46,9 @@ from feather_grpc.providers.http import (
     post_json,
     stream_cut,
 )
+from feather_grpc.providers.http_client import HttpError
 from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import HttpClient, HttpError
+from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = ["LEGACY_CALL_ID", "OpenAIProvider", "finish_reason", "normalise_usage"]
 
