@@ -57,9 +57,8 @@ from feather_grpc.engine.types import (
 from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable_request_id, validate_chat
 from feather_grpc.providers import ACCEPTED_INPUTS, build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
-from feather_grpc.providers.http import new_session
+from feather_grpc.providers.http import UpstreamClients
 from feather_grpc.providers.http_client import AttemptMarker, attempt_marker
-from feather_grpc.providers.transport.client import HttpClient
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.ledger import LedgerWriteError, Outcome, UsageLedger, UsageQuery, UsageRecord, UsageReport
 from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
@@ -170,18 +169,18 @@ class Feather:
         self.router = Router(models, config.policy, self.latency, self._rng, config.routes)
         self._provider_configs = {p.name: p for p in config.providers}
         self._providers: dict[str, Provider] = dict(providers or {})
-        self._session: HttpClient | None = None  # the pooled HTTP client every provider shares
+        self._session: UpstreamClients | None = None  # the pooled HTTP clients the providers share
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ----
 
     async def start(self) -> None:
         if any(p.name not in self._providers for p in self.config.providers):
-            self._session = new_session()
+            self._session = UpstreamClients()
         for p in self.config.providers:
             if p.name not in self._providers:
                 assert self._session is not None
-                self._providers[p.name] = build_provider(_settings(p), self._session)
+                self._providers[p.name] = build_provider(_settings(p), self._session.get(p.transport))
 
     async def settled(self) -> None:
         """Waits until the ledger writes of cancelled calls (which run on their own tasks) are done."""

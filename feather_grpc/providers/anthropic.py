@@ -47,9 +47,8 @@ from feather_grpc.providers.http import (
     post_json,
     stream_cut,
 )
-from feather_grpc.providers.http_client import HttpError
+from feather_grpc.providers.http_client import HttpError, UpstreamClient
 from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
 
@@ -255,7 +254,7 @@ def _plain_text(block: dict[str, Any]) -> bool:
 class AnthropicProvider:
     """POST `{base_url}/v1/messages`; `base_url` is the API root, e.g. `https://api.anthropic.com`."""
 
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         self.settings = settings
         self._name = settings.name
         self._api_key = settings.api_key

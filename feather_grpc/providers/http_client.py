@@ -11,9 +11,11 @@ or keeps cookies; cancellation at any point closes what was opened.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Protocol
+from urllib.parse import quote, unquote, urlsplit
 
 from feather_grpc.providers.egress import DIRECT, Egress
 
@@ -30,13 +32,19 @@ __all__ = [
     "UpstreamResponse",
     "attempt_headers",
     "attempt_marker",
+    "check_header",
     "mark_sent",
+    "media_type",
+    "split_url",
 ]
 
 # Header lines ("Name: value\r\n" each, encoded) added to every request sent from the current context. The
 # tracing observer puts an upstream attempt's W3C trace context here for the attempt's duration (see
 # server/tracing.py); without tracing it stays empty and a request pays one context-variable read.
 attempt_headers: ContextVar[bytes] = ContextVar("feather_attempt_headers", default=b"")
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HttpError(Exception):
@@ -155,6 +163,51 @@ class UpstreamClient(Protocol):
         """Open connections (idle or busy), all or `owner`'s."""
         ...
 
+    def idle_connections(self) -> int:
+        """Open connections waiting in a pool for a request."""
+        ...
+
     async def close(self) -> None:
         """Close every connection; requests still running fail with a `ReadError`."""
         ...
+
+
+def split_url(url: str) -> tuple[str, str, int, str, str]:
+    """(scheme, host, port, request target, "user:password" or "") of an http(s) URL; `ValueError` says
+    what is wrong. The target keeps what is already percent-encoded and encodes the rest."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"scheme {parts.scheme!r} (http or https expected)")
+    host = parts.hostname
+    if not host:
+        raise ValueError("no host")
+    port = parts.port  # raises ValueError when out of range or not a number
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    if parts.query:
+        target += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+    auth = ""
+    if parts.username is not None:
+        auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return scheme, host, port, target, auth
+
+
+def check_header(name: str, value: str) -> str:
+    """`name` lowercased, or `ValueError` for a header a caller may not send: not a valid name or value
+    (no header injection through a configured value), or one the client itself sets from the body."""
+    if _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
+        raise ValueError(f"invalid HTTP header {name!r}")
+    lower = name.lower()
+    if lower in ("content-length", "transfer-encoding", "connection"):
+        raise ValueError(f"header {name!r} is set by the HTTP client")
+    return lower
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """The response's media type without parameters, lowercased (`application/octet-stream` when absent)."""
+    raw = headers.get("content-type")
+    if not raw:
+        return "application/octet-stream"
+    return raw.partition(";")[0].strip().lower()

@@ -46,9 +46,8 @@ from feather_grpc.providers.http import (
     post_json,
     stream_cut,
 )
-from feather_grpc.providers.http_client import HttpError
+from feather_grpc.providers.http_client import HttpError, UpstreamClient
 from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = ["LEGACY_CALL_ID", "OpenAIProvider", "finish_reason", "normalise_usage"]
 
@@ -180,7 +179,7 @@ def _stream_error_status(err: UpstreamErrorBody) -> int:
 class OpenAIProvider:
     """POST `{base_url}/chat/completions`; `base_url` normally ends in `/v1`."""
 
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         self.settings = settings
         self._name = settings.name
         self._api_key = settings.api_key

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import ssl
 from collections.abc import Sequence
-from urllib.parse import quote, unquote, urlsplit
 
-from feather_grpc.providers.egress import DIRECT, Egress, Proxy, tls_context
-from feather_grpc.providers.http_client import InvalidURL, attempt_headers, mark_sent
+from feather_grpc.providers.egress import DIRECT, Egress, Proxy, TlsContexts
+from feather_grpc.providers.http_client import InvalidURL, attempt_headers, check_header, mark_sent, split_url
 from feather_grpc.providers.transport.connection import StaleConnection
 from feather_grpc.providers.transport.pool import Pool
 from feather_grpc.providers.transport.response import Response
 from feather_grpc.providers.transport.tunnel import proxy_refused
 
 __all__ = ["Endpoint", "HttpClient"]
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Endpoint:
@@ -44,7 +39,7 @@ class Endpoint:
         self._pool: Pool | None = None
         self._prefix = b""
         try:
-            scheme, host, port, target, auth = _split_url(url)
+            scheme, host, port, target, auth = split_url(url)
         except ValueError as exc:
             self._error = InvalidURL(f"invalid URL: {exc}")
             return
@@ -63,11 +58,7 @@ class Endpoint:
         ]
         names = {"host", "user-agent", "accept-encoding"}
         for name, value in headers:
-            if _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
-                raise ValueError(f"invalid HTTP header {name!r}")
-            lower = name.lower()
-            if lower in ("content-length", "transfer-encoding", "connection"):
-                raise ValueError(f"header {name!r} is set by the HTTP client")
+            lower = check_header(name, value)
             if lower in names:
                 fields = [f for f in fields if f[0].lower() != lower]  # the caller's value wins
             names.add(lower)
@@ -113,26 +104,6 @@ class Endpoint:
                 raise
 
 
-def _split_url(url: str) -> tuple[str, str, int, str, str]:
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ValueError(f"scheme {parts.scheme!r} (http or https expected)")
-    host = parts.hostname
-    if not host:
-        raise ValueError("no host")
-    port = parts.port  # raises ValueError when out of range or not a number
-    if port is None:
-        port = 443 if scheme == "https" else 80
-    target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    if parts.query:
-        target += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
-    auth = ""
-    if parts.username is not None:
-        auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-    return scheme, host, port, target, auth
-
-
 class HttpClient:
     """The pools every provider shares. Create it in the running loop; the owner `await close()`s it."""
 
@@ -149,8 +120,7 @@ class HttpClient:
         self.max_per_host = max_per_host
         self.keepalive_timeout_s = keepalive_timeout_s
         self.user_agent = user_agent
-        self._ssl = ssl_context
-        self._tls: dict[tuple[str | None, str | None, str | None], ssl.SSLContext] = {}
+        self._tls = TlsContexts(ssl_context)
         self._pools: dict[tuple[str, str, str, int, Egress], Pool] = {}
         self.closed = False
 
@@ -176,17 +146,7 @@ class HttpClient:
     def ssl_context(self, egress: Egress = DIRECT) -> ssl.SSLContext:
         """The client's default context, or the one made from `egress`'s CA bundle and client certificate
         (built once per set of files; the config checked them at load)."""
-        if egress.custom_tls:
-            files = (egress.ca_file, egress.client_cert_file, egress.client_key_file)
-            ctx = self._tls.get(files)
-            if ctx is None:
-                ctx = self._tls[files] = tls_context(*files)
-            return ctx
-        if self._ssl is None:
-            ctx = ssl.create_default_context()
-            ctx.set_alpn_protocols(["http/1.1"])
-            self._ssl = ctx
-        return self._ssl
+        return self._tls.get(egress)
 
     def _pool(
         self, owner: str, scheme: str, host: str, port: int, max_connections: int, egress: Egress = DIRECT

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import zlib
 from typing import TYPE_CHECKING, Final, cast
 
+from feather_grpc.providers.content_coding import decoder_for
 from feather_grpc.providers.http_client import HttpError, ReadError
 from feather_grpc.providers.transport.response import Response
 
@@ -194,11 +194,9 @@ class Connection(asyncio.Protocol):
         ex.headers = headers
         if status < 200:
             return status  # interim: framing and keep-alive come from the final response
-        encoding = headers.get("content-encoding", "").strip().lower()
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            ex._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib wrapper, detected
-        elif encoding not in ("", "identity"):
-            ex._coding = encoding[:40]
+        encoding = headers.get("content-encoding")
+        if encoding:
+            ex._decoder, ex._coding = decoder_for(encoding)
         tokens = headers.get("connection", "").lower()
         if version == "HTTP/1.0":
             self._keep_alive = "keep-alive" in tokens

@@ -4,18 +4,17 @@ bounded, with backpressure), and the rules for giving its connection back."""
 from __future__ import annotations
 
 import asyncio
-import zlib
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from feather_grpc.providers.http_client import BodyTooLarge, HttpError, ReadError, UnsupportedEncoding
+from feather_grpc.providers.content_coding import Decoder, unsupported
+from feather_grpc.providers.http_client import BodyTooLarge, HttpError, ReadError, media_type
 
 if TYPE_CHECKING:
     from feather_grpc.providers.transport.connection import Connection
 
-__all__ = ["DECODE_STEP", "END_GRACE_S", "Response"]
+__all__ = ["END_GRACE_S", "Response"]
 
 END_GRACE_S: Final = 0.5  # how long `release_after_end` waits for the rest of a body before closing
-DECODE_STEP: Final = 256 * 1024  # most bytes one decompression step may produce
 
 
 class Response:
@@ -35,7 +34,6 @@ class Response:
         "_exc",
         "_got_bytes",
         "_parts",
-        "_tail",
         "_waiter",
         "headers",
         "reason",
@@ -52,8 +50,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._got_bytes = False
         self._coding = ""  # a Content-Encoding that cannot be decoded: reading the body fails
-        self._decoder: zlib._Decompress | None = None  # gzip/deflate bodies
-        self._tail = b""  # compressed bytes the last decoding step left for the next
+        self._decoder: Decoder | None = None  # gzip/deflate bodies
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}
@@ -61,10 +58,7 @@ class Response:
     @property
     def content_type(self) -> str:
         """The media type without parameters, lowercased (`application/octet-stream` when absent)."""
-        raw = self.headers.get("content-type")
-        if not raw:
-            return "application/octet-stream"
-        return raw.partition(";")[0].strip().lower()
+        return media_type(self.headers)
 
     @property
     def complete(self) -> bool:
@@ -98,7 +92,7 @@ class Response:
         """Stop reading: the connection is closed, what was buffered dropped, and `exc` raised."""
         self._parts = []
         self._buffered = 0
-        self._tail = b""
+        self._decoder = None  # what it held is dropped
         self._exc = exc
         self.close()
         raise exc
@@ -110,8 +104,8 @@ class Response:
         """Whatever body bytes have arrived since the last call (at least one byte), as one `bytes`."""
         while True:
             if self._coding:
-                self._refuse(UnsupportedEncoding(f"response Content-Encoding {self._coding!r} cannot be decoded"))
-            if self._tail:  # decode what the last step left before taking more
+                self._refuse(unsupported(self._coding))
+            if self._decoder is not None and self._decoder.tail:  # decode what the last step left first
                 chunk = self._decode(b"")
                 if chunk:
                     return chunk
@@ -128,22 +122,20 @@ class Response:
             if self._exc is not None:
                 raise self._exc
             if self._done:
-                if self._decoder is not None and not self._decoder.eof:
-                    self._refuse(ReadError("compressed body ended before its end marker"))
+                if self._decoder is not None:
+                    try:
+                        self._decoder.check_end()
+                    except ReadError as exc:
+                        self._refuse(exc)
                 raise StopAsyncIteration
             await self._wait()
 
     def _decode(self, data: bytes) -> bytes:
-        decoder = self._decoder
-        assert decoder is not None
-        if decoder.eof:
-            return b""  # bytes after the compressed stream: ignored, like any reader of gzip does
+        assert self._decoder is not None
         try:
-            out = decoder.decompress(self._tail + data if self._tail else data, DECODE_STEP)
-        except zlib.error as exc:
-            self._refuse(ReadError(f"malformed compressed body: {exc}"))
-        self._tail = decoder.unconsumed_tail
-        return out
+            return self._decoder.decode(data)
+        except ReadError as exc:
+            self._refuse(exc)
 
     def close(self) -> None:
         """Give the connection back if the body was read to the end, otherwise close it.
