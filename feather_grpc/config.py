@@ -24,12 +24,15 @@ from feather_grpc.engine.breaker import BreakerSettings
 from feather_grpc.engine.cache import CacheSettings
 from feather_grpc.engine.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
 from feather_grpc.providers.base import DEFAULT_MAX_RESPONSE_BYTES
+from feather_grpc.providers.credentials import missing_extra
 from feather_grpc.providers.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
 from feather_grpc.providers.sse import DEFAULT_MAX_EVENT_BYTES
 
 log = logging.getLogger(__name__)
 
-ProviderType = Literal["openai", "anthropic", "openai-compatible", "mock"]
+ProviderType = Literal[
+    "openai", "anthropic", "openai-compatible", "azure-openai", "bedrock", "gemini", "vertex", "mock"
+]
 Policy = Literal["first", "roundrobin", "cheapest", "fastest", "weighted"]
 PiiKind = Literal["card", "ssn", "email", "phone"]
 _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
@@ -37,9 +40,10 @@ _PII_KINDS: tuple[PiiKind, ...] = ("card", "ssn", "email", "phone")
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
     "mock": "mock://local",
 }
-_KNOWN_TYPES = ("openai", "anthropic", "mock")
+_KNOWN_TYPES = ("openai", "anthropic", "gemini", "mock")
 # Highest price accepted, in USD per 1M tokens ($1 per token): far above any real model, and the largest
 # call cost it allows (1e9 billable tokens) still fits the int64 nano-dollar fields of the API and ledger.
 MAX_USD_PER_1M = Decimal(1_000_000)
@@ -75,6 +79,10 @@ class ModelSpec(_Strict):
     capabilities: list[str] = Field(default_factory=list)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy
+    deployment: str | None = Field(default=None, min_length=1)  # azure-openai: the deployment (default: name)
+    api: Literal["chat", "responses"] | None = None  # openai: the API that serves it (default: the provider's)
+    # gemini/vertex: thinking tokens the model may spend (-1: the model decides, 0: none, where it allows)
+    thinking_budget: int | None = Field(default=None, alias="thinkingBudget", ge=-1, le=1_000_000)
     # The model's longest reply: Anthropic's required max_tokens when the caller sets none
     max_output_tokens: int | None = Field(default=None, alias="maxOutputTokens", ge=1, le=10_000_000)
 
@@ -137,6 +145,14 @@ class ProviderSpec(_Strict):
     ca_file: str | None = Field(default=None, alias="caFile")  # trust only these CAs for this upstream
     client_cert_file: str | None = Field(default=None, alias="clientCertFile")  # mutual TLS
     client_key_file: str | None = Field(default=None, alias="clientKeyFile")  # absent: the key is in the cert file
+    # azure-openai: "entra" = a Microsoft Entra token from azure-identity instead of an api-key
+    auth: Literal["apiKey", "entra"] | None = None
+    # azure-openai: deployment URLs with this ?api-version=; absent: Azure's v1 endpoint
+    api_version: str | None = Field(default=None, alias="apiVersion", pattern=r"^[A-Za-z0-9.\-]+$")
+    # bedrock: the AWS region (e.g. us-east-1), naming the endpoint and the SigV4 scope; vertex: the location
+    region: str | None = Field(default=None, pattern=r"^([a-z]+(-[a-z]+)*-?[0-9]+|global)$")
+    api: Literal["chat", "responses"] | None = None  # openai: Chat Completions (default) or the Responses API
+    project: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9\-]{4,61}[a-z0-9]$")  # vertex: the project id
     models: list[ModelSpec] = Field(min_length=1)
     # Sent with every request to this provider (`OpenAI-Organization`, `OpenAI-Project`, `anthropic-beta`...)
     extra_headers: dict[str, str] = Field(default_factory=dict, alias="extraHeaders")
@@ -303,6 +319,10 @@ class FileConfig(_Strict):
     providers: dict[str, ProviderSpec] = Field(min_length=1)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_ms: int = Field(default=60_000, alias="timeoutMs", gt=0)
+    # The most a call may take to its answer (a stream: to its first token), retries, backoff and fail-over
+    # included, whatever the per-attempt timeouts add up to; the caller's deadline wins when it is earlier.
+    # 2 minutes: the clients' default deadline.
+    request_timeout_ms: int = Field(default=120_000, alias="requestTimeoutMs", gt=0)
     circuit_breaker: BreakerSpec = Field(default_factory=BreakerSpec, alias="circuitBreaker")
     ledger: LedgerSpec = Field(default_factory=LedgerSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)
@@ -354,6 +374,13 @@ class ProviderConfig:
     transport: str = "builtin"  # the upstream HTTP client: "builtin" or "aiohttp"
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    auth: str = ""  # "" (the API key) | "entra"
+    api_version: str = ""
+    region: str = ""
+    project: str = ""
+    responses_models: tuple[str, ...] = ()  # served through the Responses API
+    thinking_budgets: tuple[tuple[str, int], ...] = ()  # gemini/vertex: model name -> thinking budget
+    upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> upstream id (Azure deployment)
     extra_headers: tuple[tuple[str, str], ...] = ()
     default_fields: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -422,6 +449,7 @@ class GatewayConfig:
     policy: str = "first"
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    request_timeout_ms: int = 120_000
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     ledger_type: str = "memory"
     ledger_path: str = ":memory:"
@@ -509,7 +537,8 @@ def _infer_type(name: str, spec: ProviderSpec, source: str) -> str:
         source,
         f"providers.{name}.type",
         "cannot tell the wire format of this provider",
-        'add "type": "openai", "anthropic", "openai-compatible" or "mock"',
+        'add "type": "openai", "anthropic", "openai-compatible", "azure-openai", "bedrock", "gemini", "vertex" '
+        'or "mock"',
     )
 
 
@@ -546,6 +575,83 @@ def _read_api_key(name: str, spec: ProviderSpec, env: dict[str, str], source: st
             "set it to the key alone, on one line (API keys are visible ASCII)",
         )
     return key
+
+
+def _base_url(spec: ProviderSpec, ptype: str) -> str:
+    if spec.base_url:
+        return spec.base_url
+    if ptype == "bedrock" and spec.region:
+        return f"https://bedrock-runtime.{spec.region}.amazonaws.com"
+    if ptype == "vertex" and spec.region:
+        host = "aiplatform.googleapis.com" if spec.region == "global" else f"{spec.region}-aiplatform.googleapis.com"
+        return f"https://{host}/v1"
+    return DEFAULT_BASE_URLS.get(ptype, "")
+
+
+def _check_cloud(name: str, spec: ProviderSpec, ptype: str, source: str) -> None:
+    """The settings of the cloud providers (azure-openai...): present where needed, absent elsewhere, and
+    the optional SDK they need installed (a missing one is one line at load, not a failure per call)."""
+    where = f"providers.{name}"
+    azure = ptype == "azure-openai"
+    openai_format = ptype in ("openai", "openai-compatible", "azure-openai")
+    for field_name, set_ in (
+        ("api", spec.api is not None and not openai_format),
+        *((f"models[{i}].api", m.api is not None and not openai_format) for i, m in enumerate(spec.models)),
+        ("auth", spec.auth == "entra" and not azure),
+        ("apiVersion", spec.api_version is not None and not azure),
+        ("region", spec.region is not None and ptype not in ("bedrock", "vertex")),
+        ("project", spec.project is not None and ptype != "vertex"),
+        *((f"models[{i}].deployment", m.deployment is not None and not azure) for i, m in enumerate(spec.models)),
+        *(
+            (f"models[{i}].thinkingBudget", m.thinking_budget is not None and ptype not in ("gemini", "vertex"))
+            for i, m in enumerate(spec.models)
+        ),
+    ):
+        if set_:
+            raise ConfigError(source, f"{where}.{field_name}", f"is not a setting of {ptype}", "remove it")
+    if ptype == "bedrock":
+        if not spec.region:
+            raise ConfigError(
+                source, f"{where}.region", "a bedrock provider needs its AWS region", 'add "region": "us-east-1"'
+            )
+        if spec.api_key_env or spec.api_key_file:
+            return  # a Bedrock API key (a bearer token): no signing, no botocore
+        missing = missing_extra("bedrock")
+        if missing:
+            raise ConfigError(source, where, "bedrock needs botocore (or a Bedrock API key in apiKeyEnv)", missing)
+        return
+    if ptype == "vertex":
+        for field_name, value, fix in (
+            ("region", spec.region, 'add "region": "us-central1" (or "global")'),
+            ("project", spec.project, 'add "project": "<your Google Cloud project id>"'),
+        ):
+            if not value:
+                raise ConfigError(source, f"{where}.{field_name}", f"a vertex provider needs its {field_name}", fix)
+        if spec.api_key_env or spec.api_key_file:
+            fix = "remove it: credentials come from Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS...)"
+            raise ConfigError(source, f"{where}.apiKeyEnv", "vertex authenticates with ADC, not a key", fix)
+        missing = missing_extra("vertex")
+        if missing:
+            raise ConfigError(source, where, "vertex needs google-auth", missing)
+        return
+    if ptype == "gemini" and not (spec.api_key_env or spec.api_key_file):
+        fix = 'add "apiKeyEnv": "GEMINI_API_KEY" (a Google AI Studio key)'
+        raise ConfigError(source, where, "a gemini provider needs an API key", fix)
+    if not azure:
+        return
+    if not spec.base_url:
+        fix = 'add "baseUrl": "https://<resource>.openai.azure.com"'
+        raise ConfigError(source, f"{where}.baseUrl", "an azure-openai provider needs its resource endpoint", fix)
+    if spec.auth == "entra":
+        if spec.api_key_env or spec.api_key_file:
+            fix = 'remove apiKeyEnv/apiKeyFile, or "auth": "entra" to use the key'
+            raise ConfigError(source, f"{where}.auth", "entra auth uses no API key", fix)
+        missing = missing_extra("entra")
+        if missing:
+            raise ConfigError(source, f"{where}.auth", "entra auth needs azure-identity", missing)
+    elif not (spec.api_key_env or spec.api_key_file):
+        fix = 'add "apiKeyEnv": "AZURE_OPENAI_API_KEY", or "auth": "entra" for a Microsoft Entra token'
+        raise ConfigError(source, where, "an azure-openai provider needs an api-key or Entra auth", fix)
 
 
 def _check_model_names(name: str, spec: ProviderSpec, source: str) -> None:
@@ -589,7 +695,8 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 "an openai-compatible provider needs a URL",
                 'add "baseUrl": "http://host:port/v1"',
             )
-        key = _read_api_key(name, spec, env, source)
+        _check_cloud(name, spec, ptype, source)
+        key = "" if spec.auth == "entra" else _read_api_key(name, spec, env, source)
         if key is None:
             if spec.required:
                 where = spec.api_key_file or spec.api_key_env
@@ -624,7 +731,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
             ProviderConfig(
                 name=name,
                 type=ptype,
-                base_url=spec.base_url or DEFAULT_BASE_URLS.get(ptype, ""),
+                base_url=_base_url(spec, ptype),
                 api_key=key,
                 timeout_ms=spec.timeout_ms or file_config.timeout_ms,
                 models=tuple(models),
@@ -638,6 +745,15 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 transport=_transport(name, spec, source),
                 max_response_bytes=spec.max_response_bytes,
                 max_stream_event_bytes=spec.max_stream_event_bytes,
+                auth=spec.auth or "",
+                api_version=spec.api_version or "",
+                region=spec.region or "",
+                project=spec.project or "",
+                responses_models=tuple(m.name for m in spec.models if (m.api or spec.api) == "responses"),
+                thinking_budgets=tuple(
+                    (m.name, m.thinking_budget) for m in spec.models if m.thinking_budget is not None
+                ),
+                upstream_ids=tuple((m.name, m.deployment) for m in spec.models if m.deployment),
                 extra_headers=tuple(spec.extra_headers.items()),
                 default_fields=spec.default_fields,
             )
@@ -666,6 +782,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         policy=file_config.policy,
         routes=routes,
         retry=RetryConfig(r.max_attempts, r.base_ms, r.max_ms),
+        request_timeout_ms=file_config.request_timeout_ms,
         breaker=breaker,
         ledger_type=file_config.ledger.type,
         ledger_path=ledger_path if file_config.ledger.type == "sqlite" else ":memory:",
@@ -758,7 +875,7 @@ def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], sour
     setting that cannot be honoured, or a certificate that cannot be used, would otherwise show up only as
     calls that never reach the provider."""
     where = f"providers.{name}"
-    base_url = spec.base_url or DEFAULT_BASE_URLS.get(ptype, "")
+    base_url = _base_url(spec, ptype)
     if ptype == "mock" or not base_url:
         return DIRECT
     proxy = None

@@ -306,8 +306,7 @@ class UpstreamSimulator:
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post(OPENAI_PATH, self._openai)
-        app.router.add_post(ANTHROPIC_PATH, self._anthropic)
+        self._routes(app)
         # handler_cancellation: a client that goes away cancels its handler, which is how a hung
         # stream notices the disconnect.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -315,6 +314,11 @@ class UpstreamSimulator:
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+
+    def _routes(self, app: web.Application) -> None:
+        """The paths served (simulators of other formats add or replace theirs)."""
+        app.router.add_post(OPENAI_PATH, self._openai)
+        app.router.add_post(ANTHROPIC_PATH, self._anthropic)
 
     async def stop(self) -> None:
         self._closing = True

@@ -31,8 +31,10 @@ from feather_grpc.state.ledger import (
     UsageReport,
     UsageTotals,
 )
+from feather_grpc.state.ledger_rows import COLUMNS
 from feather_grpc.state.memory_ledger import MemoryLedger
-from feather_grpc.state.sqlite_ledger import COLUMNS, SCHEMA_VERSION, SqliteLedger
+from feather_grpc.state.sqlite_ledger import SqliteLedger
+from feather_grpc.state.sqlite_schema import SCHEMA_VERSION
 from feather_grpc.state.usage_math import DAY_NS, HOUR_NS, sum_totals
 from tests.gateway_harness import MOCK_CONFIG, running_gateway, user
 

@@ -41,7 +41,9 @@ from feather_grpc.state.limits import (
 )
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.memory_limits import BurstExceeded, MemoryBudgetStore, MemoryRateLimiter
-from feather_grpc.state.redis_state import RedisBudgetStore, RedisCircuitStore, RedisState
+from feather_grpc.state.redis_budgets import RedisBudgetStore
+from feather_grpc.state.redis_circuits import RedisCircuitStore
+from feather_grpc.state.redis_state import RedisState
 from feather_grpc.state.resp import RedisClient
 from tests.gateway_harness import MOCK_CONFIG, running_gateway
 from tests.redis_cluster import RedisCluster

@@ -23,10 +23,12 @@ import asyncpg
 import pytest
 
 from feather_grpc.state.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageReport, UsageTotals
+from feather_grpc.state.ledger_rows import COLUMNS
 from feather_grpc.state.ledger_spool import SpoolLocked
 from feather_grpc.state.memory_ledger import MemoryLedger
-from feather_grpc.state.postgres_ledger import SCHEMA_VERSION, LedgerUnavailable, PostgresLedger
-from feather_grpc.state.sqlite_ledger import COLUMNS, SqliteLedger
+from feather_grpc.state.postgres_ledger import LedgerUnavailable, PostgresLedger
+from feather_grpc.state.postgres_schema import SCHEMA_VERSION
+from feather_grpc.state.sqlite_ledger import SqliteLedger
 from feather_grpc.state.usage_math import DAY_NS, HOUR_NS, sum_totals
 from tests.pg_server import PgServer, free_port
 from tests.test_ledger import BASIC, T0, count_rows, rec, scenario, scenario_queries

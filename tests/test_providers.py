@@ -1033,5 +1033,5 @@ async def test_mock_stream_word_deltas_match_chat() -> None:
 
 
 async def test_build_provider_rejects_unknown_types(http_session: HttpClient) -> None:
-    with pytest.raises(ValueError, match="unknown provider type 'gemini'"):
-        build_provider(ProviderSettings("g", "gemini", "http://x"), http_session)
+    with pytest.raises(ValueError, match="unknown provider type 'cohere'"):
+        build_provider(ProviderSettings("g", "cohere", "http://x"), http_session)

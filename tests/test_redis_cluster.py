@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 from feather_grpc.config import ConfigError, FileConfig, parse_file_config, resolve
-from feather_grpc.state.resp import RedisUnavailable, ReplyError, connect
+from feather_grpc.state.redis_connect import connect
+from feather_grpc.state.resp import RedisUnavailable, ReplyError
 from feather_grpc.state.resp_cluster import RedisClusterClient, key_slot
 from tests.gateway_harness import MOCK_CONFIG
 from tests.redis_cluster import RedisCluster

@@ -16,7 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
-from feather_grpc.state.resp import ReplyError, connect
+from feather_grpc.state.redis_connect import connect
+from feather_grpc.state.resp import ReplyError
 from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
 from tests.redis_server import RedisServer
 

@@ -289,7 +289,8 @@ async def test_settlements_lost_on_the_way_to_redis_neither_hold_reservations_no
     """A relay resets the Redis connection as settlements pass (alternately before Redis gets them and
     after, losing the reply): the reservations are given back and the spend matches the ledger within
     seconds, and spending until refused never passes the cap."""
-    from feather_grpc.state.redis_state import _BUDGET_SETTLE, _Script
+    from feather_grpc.state.redis_budgets import _BUDGET_SETTLE
+    from feather_grpc.state.redis_scripts import Script
 
     doc = _redis_config("closed")
     cap = 500_000
@@ -319,7 +320,7 @@ async def test_settlements_lost_on_the_way_to_redis_neither_hold_reservations_no
             await asyncio.sleep(0.05)
 
     with RedisServer() as redis:
-        relay = RedisRelay(redis.port, trigger=_Script.of(_BUDGET_SETTLE).sha.encode())
+        relay = RedisRelay(redis.port, trigger=Script.of(_BUDGET_SETTLE).sha.encode())
         async with relay, running_gateway(doc, {"REDIS_URL": relay.url}) as gw:
             await gw.stub.Chat(ask)  # loads the scripts (EVAL carries the text, not the sha)
             relay.resets_left = 6  # the next settlements, and their re-sends, are lost

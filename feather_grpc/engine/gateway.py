@@ -37,7 +37,7 @@ from feather_grpc.engine.errors import (
 from feather_grpc.engine.ledger_guard import LedgerGuard
 from feather_grpc.engine.observe import CallObserver
 from feather_grpc.engine.redaction import Redactor
-from feather_grpc.engine.results import AttemptRecord, ChatResult, StreamCompleted, StreamStarted
+from feather_grpc.engine.results import AttemptRecord, ChatResult, LastFailure, StreamCompleted, StreamStarted
 from feather_grpc.engine.retry import RetryPolicy
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.tokens import estimate_prompt_tokens, estimate_tokens
@@ -55,7 +55,7 @@ from feather_grpc.engine.types import (
     Usage,
 )
 from feather_grpc.engine.validation import MAX_NAME_LENGTH, bounded_tags, usable_request_id, validate_chat
-from feather_grpc.providers import ACCEPTED_INPUTS, build_provider
+from feather_grpc.providers import ACCEPTED_INPUTS, build_provider, wire_format
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import UpstreamClients
 from feather_grpc.providers.http_client import AttemptMarker, attempt_marker
@@ -66,19 +66,25 @@ from feather_grpc.state.limits import BudgetStore, RateLimiter, StateUnavailable
 log = logging.getLogger(__name__)
 
 STRUCTURED_OUTPUT = frozenset({"json_object", "json_schema"})  # response_format types that shape the reply
-# The structured-output types each wire format can be asked for. Anthropic's structured outputs
-# (`output_config.format`) take a JSON schema; it has no schema-less JSON mode.
+# The structured-output types each wire format (providers.wire_format) can be asked for. Anthropic's
+# structured outputs (`output_config.format`, on Vertex too) and Bedrock's take a JSON schema; neither has a
+# schema-less JSON mode.
 STRUCTURED_OUTPUT_SUPPORT = {
     "openai": STRUCTURED_OUTPUT,
     "openai-compatible": STRUCTURED_OUTPUT,
     "anthropic": frozenset({"json_schema"}),
+    "bedrock": frozenset({"json_schema"}),  # Converse's outputConfig.textFormat
+    "azure-openai": STRUCTURED_OUTPUT,
+    "responses": STRUCTURED_OUTPUT,
+    "gemini": STRUCTURED_OUTPUT,
+    "vertex": STRUCTURED_OUTPUT,
     "mock": STRUCTURED_OUTPUT,
 }
 
 T = TypeVar("T")
 
 # Upstream errors that say the request itself is wrong: no other provider or retry can fix them.
-_REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG"})
+_REQUEST_FAULTS = frozenset({"UPSTREAM_BAD_REQUEST", "UPSTREAM_CONTEXT_TOO_LONG", "UPSTREAM_CONTENT_FILTERED"})
 
 StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
 # An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
@@ -106,6 +112,7 @@ class ModelView:
     circuit_state: str  # "closed" | "open" | "half_open"
     latency_ms: int  # decaying average; 0 before the first call
     max_connections: int = 0  # the provider's connection limit per upstream host; 0: it has no upstream (mock)
+    last_failure: LastFailure | None = None
 
 
 @dataclass(slots=True)
@@ -127,6 +134,10 @@ class _Call:
     # that could not be used): the upstream did, and billed, the work; each is billed as an estimate.
     abandoned: list[tuple[RouteCandidate, Usage]] = field(default_factory=list)
     prompt_usage: Usage | None = None  # streams: the prompt's exact counts, announced before the reply
+    # Loop time by which the answer (a stream: its first event) must come: the caller's deadline or the
+    # gateway's requestTimeoutMs, the earlier; `gateway_bound` when it is the latter.
+    answer_by: float | None = None
+    gateway_bound: bool = False
 
 
 class Feather:
@@ -152,6 +163,8 @@ class Feather:
         self.latency = LatencyTracker()
         self.circuits: CircuitStore = circuits or MemoryCircuitStore(CircuitBreakers(config.breaker, clock))
         self._circuit_view: dict[str, CircuitState] = {}  # shared circuits: the state last seen
+        # provider:model -> its latest failure that counted against its circuit (bounded by the config's models)
+        self._last_failures: dict[str, LastFailure] = {}
         self.observers = list(observers)
         if limiter is None or budgets is None:
             from feather_grpc.state.memory_limits import MemoryBudgetStore, MemoryRateLimiter
@@ -408,6 +421,7 @@ class Feather:
                 self.circuit_state(f"{p.name}:{m.name}").value,
                 int(self.latency.get(f"{p.name}:{m.name}") or 0),
                 0 if p.type == "mock" else p.max_connections,
+                self._last_failures.get(f"{p.name}:{m.name}"),
             )
             for p in self.config.providers
             if not provider or p.name == provider
@@ -417,6 +431,8 @@ class Feather:
     # ---- steps ----
 
     def _begin(self, request: ChatRequest, ctx: CallContext, *, streamed: bool) -> _Call:
+        limit = asyncio.get_running_loop().time() + self.config.request_timeout_ms / 1000
+        gateway_bound = ctx.deadline is None or limit < ctx.deadline
         return _Call(
             request=request,
             ctx=ctx,
@@ -425,7 +441,16 @@ class Feather:
             started=time.monotonic(),
             started_ns=time.time_ns(),
             streamed=streamed,
+            answer_by=limit if gateway_bound else ctx.deadline,
+            gateway_bound=gateway_bound,
         )
+
+    def _out_of_time(self, call: _Call, what: str) -> DeadlineExceeded:
+        """The answer deadline ran out: the caller's own, or the gateway's requestTimeoutMs (which says so)."""
+        if not call.gateway_bound:
+            return DeadlineExceeded(f"the call's deadline ran out {what}")
+        ms = self.config.request_timeout_ms
+        return DeadlineExceeded(f"the gateway's request timeout (requestTimeoutMs {ms}) ran out {what}", ms)
 
     def _plan(self, call: _Call) -> tuple[TenantConfig, list[RouteCandidate]]:
         """Validates and redacts the request, and lists the candidates this tenant may use, in order."""
@@ -458,15 +483,23 @@ class Feather:
         """A JSON reply is a promise the caller parses: never route it to an API that would ignore it."""
 
         def supports(c: RouteCandidate) -> bool:
-            return kind in STRUCTURED_OUTPUT_SUPPORT.get(self._provider_configs[c.provider].type, frozenset())
+            return kind in STRUCTURED_OUTPUT_SUPPORT.get(self._wire(c), frozenset())
 
         capable = [c for c in candidates if supports(c)]
         if not capable:
             why = f"no provider serving {requested!r} supports {kind}"
-            if kind == "json_object":
+            apis = {self._wire(c) for c in candidates}
+            if kind == "json_object" and "anthropic" in apis:
                 why += " (the Anthropic Messages API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
+            elif kind == "json_object" and "bedrock" in apis:
+                why += " (the Bedrock Converse API takes a JSON schema: use RESPONSE_FORMAT_TYPE_JSON_SCHEMA)"
             raise InvalidRequest([FieldViolation("response_format", why)])
         return capable
+
+    def _wire(self, c: RouteCandidate) -> str:
+        """The API serving the candidate (providers.wire_format)."""
+        p = self._provider_configs[c.provider]
+        return wire_format(p.type, c.model.name, p.responses_models)
 
     def _input_capable(
         self, requested: str, candidates: list[RouteCandidate], needed: dict[str, str]
@@ -474,7 +507,7 @@ class Feather:
         """Images, documents and audio go only where the wire format carries them: never dropped silently."""
 
         def takes(c: RouteCandidate) -> bool:
-            return ACCEPTED_INPUTS.get(self._provider_configs[c.provider].type, frozenset()).issuperset(needed)
+            return ACCEPTED_INPUTS.get(self._wire(c), frozenset()).issuperset(needed)
 
         capable = [c for c in candidates if takes(c)]
         if capable:
@@ -482,11 +515,7 @@ class Feather:
         violations = []
         for kind, path in needed.items():
             refusing = sorted(
-                {
-                    t
-                    for c in candidates
-                    if kind not in ACCEPTED_INPUTS.get(t := self._provider_configs[c.provider].type, frozenset())
-                }
+                {t for c in candidates if kind not in ACCEPTED_INPUTS.get(t := self._wire(c), frozenset())}
             )
             if refusing:
                 apis = " or ".join(refusing)
@@ -557,7 +586,7 @@ class Feather:
             tenant,
             req,
             reachable,
-            call.ctx.deadline,
+            call.answer_by,
             first_slot=first_slot,
             request_token=call.ctx.request_token,
             legs=2 if hedged else 1,
@@ -656,9 +685,10 @@ class Feather:
         fault ends the call at once; one that is the provider's (auth, quota) moves on to the next.
         """
         loop = asyncio.get_running_loop()
-        deadline = call.ctx.deadline
+        deadline = call.answer_by  # per-attempt timeouts and backoff never add up past it
         policy = RetryPolicy.of(self.config.retry, call.request.retry)
         last: ProviderError | None = None
+        cause: LastFailure | None = None  # the upstream failure behind `last` (for an open circuit: its opener)
         limited: RateLimitExceeded | None = None
         for candidate in candidates:
             call.candidate = candidate
@@ -670,17 +700,22 @@ class Feather:
                     await self.admission.provider_slot(candidate.key, deadline, call.ticket)
                 except RateLimitExceeded as e:
                     limited, last = e, ProviderError("GATEWAY_RATE_LIMITED", e.message, retryable=True)
-                    self._attempt_done(call, (), _attempt(candidate, "retryable_error", time.monotonic(), last.reason))
+                    refused = _attempt(candidate, "retryable_error", time.monotonic(), last.reason, detail=e.message)
+                    self._attempt_done(call, (), refused)
                     break
                 permit = await self._acquire_circuit(candidate.key)
                 if permit is None:
+                    opener = self._last_failures.get(candidate.key)
+                    why = f" after {opener.reason}: {opener.message}" if opener else " (opened by another replica)"
                     last = ProviderError(
                         "CIRCUIT_OPEN",
-                        f"{candidate.key}: circuit open",
+                        f"{candidate.key}: circuit open{why}",
                         retryable=True,
                         retry_after_s=await self._reopens_in(candidate.key),
                     )
-                    self._attempt_done(call, (), _attempt(candidate, "circuit_open", time.monotonic(), last.reason))
+                    cause = opener or cause
+                    skipped = _attempt(candidate, "circuit_open", time.monotonic(), last.reason, detail=last.message)
+                    self._attempt_done(call, (), skipped)
                     break
                 begun = time.monotonic()
                 tokens = self._attempt_started(call, candidate) if self.observers else ()
@@ -706,7 +741,7 @@ class Feather:
                     if caller_bound:
                         await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                         self._attempt_done(call, tokens, _attempt(candidate, "cancelled", begun, "DEADLINE_EXCEEDED"))
-                        raise DeadlineExceeded("the call's deadline ran out before the upstream answered") from None
+                        raise self._out_of_time(call, "before the upstream answered") from None
                     last = ProviderError(
                         "UPSTREAM_TIMEOUT", f"{candidate.provider}: no answer within {per_attempt_s:g}s", retryable=True
                     )
@@ -725,11 +760,14 @@ class Feather:
                 finally:
                     attempt_marker.reset(marked)
                 outcome = "retryable_error" if last.retryable else "fatal_error"
-                self._attempt_done(call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status))
+                self._attempt_done(
+                    call, tokens, _attempt(candidate, outcome, begun, last.reason, last.http_status, last.message)
+                )
                 if last.reason in _REQUEST_FAULTS:
                     await self._circuit_verdict(self.circuits.released, candidate.key, permit)
                     raise UpstreamInvalidRequest(last.message, candidate.provider, last.http_status, last.reason)
                 await self._circuit_verdict(self.circuits.failed, candidate.key, permit)
+                cause = self._note_failure(candidate.key, last)
                 if not last.retryable or n == policy.max_attempts:
                     break  # this provider cannot serve (auth, quota) or is out of attempts: fail over
                 delay = policy.delay_s(n, last.retry_after_s, self._rng)
@@ -742,12 +780,15 @@ class Feather:
         if last.reason == "UPSTREAM_AUTH_FAILED":
             raise UpstreamAuthFailed(call.candidate.provider if call.candidate else "")
         if deadline is not None and loop.time() >= deadline:
-            raise DeadlineExceeded("the call's deadline ran out")
+            raise self._out_of_time(call, "between attempts")
         retry_after = [a for a in [await self._reopens_in(c.key) for c in candidates] if a is not None]
         if last.retry_after_s is not None:
             retry_after.append(last.retry_after_s)
         raise UpstreamUnavailable(
-            f"all candidates failed; last error: {last.message}", min(retry_after) if retry_after else None, last.reason
+            f"all candidates failed; last error: {last.message}",
+            min(retry_after) if retry_after else None,
+            last.reason,
+            cause,
         )
 
     async def _next_event(self, call: _Call, upstream: AsyncIterator[StreamEvent], idle_ms: int | None) -> StreamEvent:
@@ -800,15 +841,24 @@ class Feather:
         except StateUnavailable:
             return None
 
+    def _note_failure(self, key: str, e: ProviderError) -> LastFailure:
+        """Remembers a failure that counted against `key`'s circuit: what an open circuit, its error and
+        ListModels name as the cause."""
+        failure = LastFailure(e.reason, e.message, e.http_status, time.time())
+        self._last_failures[key] = failure
+        return failure
+
     async def _midstream_failure(self, call: _Call, e: ProviderError) -> FeatherError:
+        cause = None
         if call.candidate is not None:
             await self._circuit_verdict(self.circuits.failed, call.candidate.key, Permit.CALL)
+            cause = self._note_failure(call.candidate.key, e)
         if call.attempts:
             call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
             call.attempts[-1].error_reason = e.reason
-        return UpstreamUnavailable(
-            f"the upstream stream failed after the first token: {e.message}", e.retry_after_s, e.reason
-        )
+            call.attempts[-1].error_detail = e.message
+        message = f"the upstream stream failed after the first token: {e.message}"
+        return UpstreamUnavailable(message, e.retry_after_s, e.reason, cause)
 
     def _abandoned(self, call: _Call, candidate: RouteCandidate) -> None:
         """An attempt the upstream got and the gateway gave up on: it is billed for the prompt it sent (the
@@ -950,6 +1000,13 @@ def _settings(p: ProviderConfig) -> ProviderSettings:
         egress=p.egress,
         max_response_bytes=p.max_response_bytes,
         max_stream_event_bytes=p.max_stream_event_bytes,
+        auth=p.auth,
+        api_version=p.api_version,
+        region=p.region,
+        project=p.project,
+        responses_models=p.responses_models,
+        thinking_budgets=p.thinking_budgets,
+        upstream_ids=p.upstream_ids,
         max_output_tokens=tuple((m.name, m.max_output_tokens) for m in p.models if m.max_output_tokens),
         extra_headers=p.extra_headers,
         default_fields=p.default_fields,
@@ -993,8 +1050,10 @@ def _price(candidate: RouteCandidate | None, usage: Usage) -> tuple[int, bool]:
     return price.cost_nanos(usage), False
 
 
-def _attempt(c: RouteCandidate, outcome: str, begun: float, reason: str = "", http_status: int = 0) -> AttemptRecord:
-    return AttemptRecord(c.provider, c.model.name, outcome, reason, _ms_since(begun), http_status)
+def _attempt(
+    c: RouteCandidate, outcome: str, begun: float, reason: str = "", http_status: int = 0, detail: str = ""
+) -> AttemptRecord:
+    return AttemptRecord(c.provider, c.model.name, outcome, reason, _ms_since(begun), http_status, detail)
 
 
 def _ms_since(begun: float) -> int:

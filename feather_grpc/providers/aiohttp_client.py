@@ -209,20 +209,20 @@ class AiohttpEndpoint:
             else:  # absolute form: the request itself goes to the proxy
                 self._headers["Proxy-Authorization"] = proxy.authorization
 
-    async def request(self, body: bytes) -> AiohttpResponse:
+    async def request(self, body: bytes, headers: bytes = b"") -> AiohttpResponse:
         if self._error is not None:
             raise self._error
-        headers = self._headers
-        extra = attempt_headers.get()
+        fields = self._headers
+        extra = headers + attempt_headers.get()
         if extra:
-            headers = {**headers, **_header_lines(extra)}
+            fields = {**fields, **_header_lines(extra)}
         session = self._client._session(self._key, self._limit)
         proxy = self._proxy
         try:
             resp = await session.post(
                 self._target,
                 data=body,
-                headers=headers,
+                headers=fields,
                 allow_redirects=False,
                 proxy=str(proxy) if proxy is not None else None,
                 proxy_headers=self._auth_proxy,

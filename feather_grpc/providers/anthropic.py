@@ -30,6 +30,7 @@ from feather_grpc.engine.types import (
 from feather_grpc.providers.base import (
     ProviderSettings,
     b64,
+    claude_thinking,
     consistent,
     estimated_usage,
     merge_fields,
@@ -47,7 +48,7 @@ from feather_grpc.providers.http import (
     post_json,
     stream_cut,
 )
-from feather_grpc.providers.http_client import HttpError, UpstreamClient
+from feather_grpc.providers.http_client import HttpError, UpstreamClient, UpstreamEndpoint
 from feather_grpc.providers.sse import SSEEvent, SSEParser
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
@@ -202,7 +203,7 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict
         else:
             role = "assistant" if m.role is Role.ASSISTANT else "user"
             # Thinking comes first, exactly as the reply carried it (the API checks the signatures).
-            blocks.extend(_thinking_block(t) for t in m.thinking)
+            blocks.extend(_thinking_block(t) for t in claude_thinking(m.thinking))
             blocks.extend(_text_blocks(m))
             for call in m.tool_calls:
                 blocks.append(
@@ -327,9 +328,24 @@ class AnthropicProvider:
             body["stream"] = True
         return body
 
+    # Hooks for the same wire format at other URLs or with other auth (Claude on Vertex, providers/gemini.py).
+    def target(self, model: str, *, stream: bool) -> UpstreamEndpoint:
+        return self._endpoint
+
+    async def request_headers(self) -> bytes:
+        return b""
+
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._endpoint, self._name, payload, self._api_key, self.settings.max_response_bytes)
+        endpoint = self.target(model, stream=False)
+        doc = await post_json(
+            endpoint,
+            self._name,
+            payload,
+            self._api_key,
+            self.settings.max_response_bytes,
+            headers=await self.request_headers(),
+        )
         return self._parse_message(doc, request)
 
     def _parse_message(self, doc: object, request: ChatRequest) -> ProviderResponse:
@@ -368,8 +384,10 @@ class AnthropicProvider:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
         name = self._name
         started = False
+        endpoint = self.target(model, stream=True)
+        headers = await self.request_headers()
         try:
-            resp = await self._endpoint.request(payload)
+            resp = await endpoint.request(payload, headers)
             try:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)

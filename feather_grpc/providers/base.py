@@ -14,6 +14,7 @@ from feather_grpc.engine.types import (
     ProviderResponse,
     StreamEvent,
     TextDelta,
+    ThinkingBlock,
     ThinkingDelta,
     ToolCall,
     Usage,
@@ -32,13 +33,21 @@ class ProviderSettings:
     """What an adapter needs from configuration. `api_key` comes from the environment or a secret file."""
 
     name: str  # the provider's name in the config, e.g. "openai"
-    type: str  # "openai" | "anthropic" | "openai-compatible" | "mock"
+    type: str  # one of providers.PROVIDER_TYPES
     base_url: str
     api_key: str = field(default="", repr=False)  # never printed
     extra_headers: tuple[tuple[str, str], ...] = ()
     egress: Egress = DIRECT  # proxy, CA bundle, client certificate
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a JSON reply body, decoded
     max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # one SSE line or event
+    # Cloud providers (azure-openai, bedrock, ...): see config.ProviderSpec.
+    auth: str = ""  # "" = the API key; "entra" = a Microsoft Entra token (azure-openai)
+    api_version: str = ""  # azure-openai: deployment URLs with ?api-version=; "" = Azure's v1 endpoint
+    region: str = ""  # bedrock: the AWS region; vertex: the location
+    project: str = ""  # vertex: the Google Cloud project
+    upstream_ids: tuple[tuple[str, str], ...] = ()  # model name -> id the upstream knows (an Azure deployment)
+    responses_models: tuple[str, ...] = ()  # openai: models served through the Responses API
+    thinking_budgets: tuple[tuple[str, int], ...] = ()  # gemini/vertex: model name -> thinking budget (tokens)
     max_output_tokens: tuple[tuple[str, int], ...] = ()  # (upstream model, its configured longest reply)
     default_fields: dict[str, Any] = field(default_factory=dict, hash=False)  # body fields a request may override
     max_connections: int = 1000  # open connections per upstream host (providers.<name>.maxConnections)
@@ -101,6 +110,16 @@ def merge_fields(body: dict[str, Any], settings: ProviderSettings, request: Chat
     if request.extra_fields:
         body.update(request.extra_fields)
     return body
+
+
+# Gemini's thought signatures are marked so, as the reply's thinking: Gemini checks only its own, and Claude
+# (Anthropic, Bedrock, Vertex) would refuse one as an invalid signature. Base64 never has a colon.
+GEMINI_SIGNATURE = "gemini:"
+
+
+def claude_thinking(blocks: tuple[ThinkingBlock, ...]) -> list[ThinkingBlock]:
+    """The thinking blocks a Claude API can take back: not another model family's (Gemini's)."""
+    return [t for t in blocks if not t.signature.startswith(GEMINI_SIGNATURE)]
 
 
 def b64(data: bytes) -> str:

@@ -199,7 +199,8 @@ def _redact(match: re.Match[str]) -> str:
 
 
 _CONTEXT_TOO_LONG = re.compile(
-    r"prompt is too long|maximum context length|context length|context window|too many (input )?tokens",
+    r"prompt is too long|input is too long|maximum context length|context length|context window|"
+    r"too many (input )?tokens|exceeds the maximum number of tokens",
     re.IGNORECASE,
 )
 
@@ -244,6 +245,8 @@ def _reason_for(status: int, error: UpstreamErrorBody) -> tuple[str, bool]:
         return "UPSTREAM_CONTEXT_TOO_LONG", False
     if status == 404:
         return "UPSTREAM_NOT_FOUND", False
+    if status == 400 and error.code == "content_filter":  # Azure's filter refused the prompt
+        return "UPSTREAM_CONTENT_FILTERED", False
     if status == 400 and (
         error.code == "context_length_exceeded" or _CONTEXT_TOO_LONG.search(error.message) is not None
     ):
@@ -268,8 +271,11 @@ def redirect_error(provider: str, status: int, location: str | None) -> Provider
     )
 
 
-async def error_from_response(provider: str, resp: UpstreamResponse, api_key: str = "") -> ProviderError:
-    """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`."""
+async def error_from_response(
+    provider: str, resp: UpstreamResponse, api_key: str = "", *, error_type: str = ""
+) -> ProviderError:
+    """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`.
+    `error_type`: the error's type when the upstream sends it apart from the body (AWS: a header)."""
     if 300 <= resp.status < 400:
         return redirect_error(provider, resp.status, resp.headers.get("location"))
     parts: list[bytes] = []
@@ -286,6 +292,8 @@ async def error_from_response(provider: str, resp: UpstreamResponse, api_key: st
     parsed = parse_error_body(body)
     if not parsed.message and not parsed.type:
         parsed = UpstreamErrorBody(message=resp.reason or "")
+    if error_type and not parsed.type:
+        parsed = UpstreamErrorBody(error_type, parsed.code, parsed.message)
     return classify_status(
         provider, resp.status, parsed, retry_after_s=parse_retry_after(resp.headers), api_key=api_key
     )
@@ -311,12 +319,18 @@ def classify_transport_error(
 
 
 async def post_json(
-    endpoint: UpstreamEndpoint, provider: str, body: bytes, api_key: str = "", max_bytes: int | None = None
+    endpoint: UpstreamEndpoint,
+    provider: str,
+    body: bytes,
+    api_key: str = "",
+    max_bytes: int | None = None,
+    *,
+    headers: bytes = b"",
 ) -> object:
     """One non-streaming POST: the parsed JSON of a 2xx reply (at most `max_bytes`), or a classified
-    `ProviderError`."""
+    `ProviderError`. `headers`: this request's own header lines (see `Endpoint.request`)."""
     try:
-        resp = await endpoint.request(body)
+        resp = await endpoint.request(body, headers)
         try:
             if resp.status >= 300:
                 raise await error_from_response(provider, resp, api_key)

@@ -33,6 +33,7 @@ __all__ = [
     "attempt_headers",
     "attempt_marker",
     "check_header",
+    "encode_headers",
     "mark_sent",
     "media_type",
     "split_url",
@@ -137,9 +138,10 @@ class UpstreamEndpoint(Protocol):
 
     url: str
 
-    async def request(self, body: bytes) -> UpstreamResponse:
+    async def request(self, body: bytes, headers: bytes = b"") -> UpstreamResponse:
         """Send `body` and wait for the response head; the caller must `close()` the response. Any status is a
-        response; failures are `HttpError`s (`ConnectError`: nothing was sent)."""
+        response; failures are `HttpError`s (`ConnectError`: nothing was sent). `headers`: header lines for
+        this request alone (`encode_headers`), such as a short-lived token or a request signature."""
         ...
 
 
@@ -211,3 +213,13 @@ def media_type(headers: Mapping[str, str]) -> str:
     if not raw:
         return "application/octet-stream"
     return raw.partition(";")[0].strip().lower()
+
+
+def encode_headers(headers: Sequence[tuple[str, str]]) -> bytes:
+    """Per-request header lines for `UpstreamEndpoint.request`, checked as the endpoint's own are."""
+    out = []
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value) is not None:
+            raise ValueError(f"invalid HTTP header {name!r}")
+        out.append(f"{name}: {value.strip()}\r\n")
+    return "".join(out).encode("utf-8")

@@ -46,7 +46,7 @@ from feather_grpc.providers.http import (
     post_json,
     stream_cut,
 )
-from feather_grpc.providers.http_client import HttpError, UpstreamClient
+from feather_grpc.providers.http_client import HttpError, UpstreamClient, UpstreamEndpoint
 from feather_grpc.providers.sse import SSEEvent, SSEParser
 
 __all__ = ["LEGACY_CALL_ID", "OpenAIProvider", "finish_reason", "normalise_usage"]
@@ -250,9 +250,26 @@ class OpenAIProvider:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    # Hooks for adapters of the same wire format at other URLs or with other auth (providers/azure.py).
+    def target(self, model: str) -> tuple[UpstreamEndpoint, str]:
+        """The endpoint that serves `model`, and the model id the body names."""
+        return self._endpoint, model
+
+    async def request_headers(self) -> bytes:
+        """Header lines of one request beyond the endpoint's fixed ones (e.g. a short-lived token)."""
+        return b""
+
     async def chat(self, model: str, request: ChatRequest) -> ProviderResponse:
+        endpoint, model = self.target(model)
         payload = orjson.dumps(self.build_body(model, request, stream=False))
-        doc = await post_json(self._endpoint, self._name, payload, self._api_key, self.settings.max_response_bytes)
+        doc = await post_json(
+            endpoint,
+            self._name,
+            payload,
+            self._api_key,
+            self.settings.max_response_bytes,
+            headers=await self.request_headers(),
+        )
         return self._parse_completion(doc, request)
 
     def _parse_completion(self, doc: object, request: ChatRequest) -> ProviderResponse:
@@ -295,11 +312,13 @@ class OpenAIProvider:
         )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        endpoint, model = self.target(model)
         payload = orjson.dumps(self.build_body(model, request, stream=True))
         name = self._name
         started = False
+        headers = await self.request_headers()
         try:
-            resp = await self._endpoint.request(payload)
+            resp = await endpoint.request(payload, headers)
             try:
                 if resp.status >= 300:
                     raise await error_from_response(name, resp, self._api_key)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
+
+
+class ListenError(Exception):
+    """An address the server cannot listen on because of the machine's state (a port another process holds,
+    a host that is not this machine's): not a configuration error, though a setting may be the way out."""
+
+    def __init__(self, address: str, cause: str, fix: str) -> None:
+        super().__init__(f"cannot listen on {address}: {cause}. Fix: {fix}")
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a plain socket cannot bind host:port, or None when it can: grpc's bind error names no cause, so
+    after it fails the same bind is tried once more here to learn the errno (at start only)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"the host does not resolve ({e.strerror})"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return "the port is in use by another process"
+                if e.errno == errno.EADDRNOTAVAIL:
+                    return "the host is not an address of this machine"
+                return str(e.strerror or e)
+    return None
+
+
 # Health name for liveness probes: SERVING from start until shutdown, whatever the shared stores do
 # ("" and SERVICE_NAME go NOT_SERVING while a required store is down; restarting would not help).
 LIVENESS_SERVICE = "liveness"
@@ -303,12 +335,17 @@ class GatewayServer:
                 self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
         except RuntimeError:  # grpc's "Failed to bind to address", whatever the cause
             await self._close_engine()
-            causes = "the port is in use, or the host is not an address of this machine"
-            fix = "stop the process that holds the port, or pick another with --port, PORT or server.port"
+            bound_host, _, bound_port = address.rpartition(":")
+            why = bind_problem(bound_host, int(bound_port))
+            if why is not None:
+                fix = "stop the process that holds the port, or pick another with --port, PORT or server.port"
+                if "host" in why:
+                    fix = "listen on an address of this machine (--host or server.host), e.g. 127.0.0.1 or 0.0.0.0"
+                raise ListenError(address, why, fix) from None
             if self.config.tls is not None:  # grpc says the same when the certificate or key is not valid PEM
-                causes += ", or server.tls certFile/keyFile is not a valid PEM pair"
-                fix += "; check that the TLS files are a PEM certificate and its key"
-            raise ConfigError("server", address, f"cannot listen on this address ({causes})", fix) from None
+                fix = "check that server.tls certFile and keyFile are a PEM certificate and its key"
+                raise ConfigError("server", "tls", "not a valid PEM certificate and key pair", fix) from None
+            raise ListenError(address, "grpc could not bind it", "pick another address") from None
         if self.metrics is not None and self.options.metrics_port is not None:
             metrics_host = self.options.metrics_host or host or self.config.host
             try:
@@ -316,9 +353,7 @@ class GatewayServer:
             except OSError as e:
                 where = f"{metrics_host}:{self.options.metrics_port}"
                 await self._close_engine()
-                raise ConfigError(
-                    "environment", "METRICS_PORT", f"cannot listen on {where} ({e.strerror})", "use a free port"
-                ) from None
+                raise ListenError(f"{where} (METRICS_PORT)", str(e.strerror or e), "pick a free METRICS_PORT") from None
         probe_port = None
         if self.config.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
             try:

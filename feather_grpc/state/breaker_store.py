@@ -1,7 +1,7 @@
 """The circuit-breaker store protocol: `CircuitBreakers` semantics, async, so the state can live in Redis.
 
 `MemoryCircuitStore` adapts the in-process `CircuitBreakers` to it; `RedisCircuitStore`
-(`redis_state.py`) shares the same state between replicas. Both take a `BreakerSettings`.
+(`redis_circuits.py`) shares the same state between replicas. Both take a `BreakerSettings`.
 """
 
 from __future__ import annotations

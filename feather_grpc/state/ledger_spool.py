@@ -19,7 +19,6 @@ instead of shipping and deleting the first one's records.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import sqlite3
@@ -30,11 +29,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from feather_grpc.state.ledger import UsageRecord
-from feather_grpc.state.sqlite_ledger import COLUMNS, SqliteLedger, Synchronous
+from feather_grpc.state.ledger_rows import COLUMNS, Row
+from feather_grpc.state.sqlite_ledger import SqliteLedger, Synchronous
+from feather_grpc.state.sqlite_schema import rollback_quietly
 
 T = TypeVar("T")
-
-SpoolRow = tuple[object, ...]  # the values of sqlite_ledger.COLUMNS, as stored (flags 0/1, tags JSON text)
 
 _META = """CREATE TABLE IF NOT EXISTS spool_meta (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
@@ -53,7 +52,7 @@ class SpoolBatch:
 
     epoch: uuid.UUID
     seqs: list[int]
-    rows: list[SpoolRow]  # column values in sqlite_ledger.COLUMNS order
+    rows: list[Row]  # column values in ledger_rows.COLUMNS order
 
 
 class LedgerSpool:
@@ -178,7 +177,7 @@ class LedgerSpool:
                 conn.execute("INSERT OR IGNORE INTO spool_meta (singleton, epoch) VALUES (1, ?)", (str(uuid.uuid4()),))
                 conn.execute("COMMIT")
             except BaseException:
-                _rollback_quietly(conn)
+                rollback_quietly(conn)
                 raise
         except BaseException:
             conn.close()
@@ -220,7 +219,7 @@ def _ack(conn: sqlite3.Connection, batch: SpoolBatch) -> None:
                 conn.execute("UPDATE spool_meta SET epoch = ?", (str(uuid.uuid4()),))
         conn.execute("COMMIT")
     except BaseException:
-        _rollback_quietly(conn)
+        rollback_quietly(conn)
         raise
 
 
@@ -228,9 +227,3 @@ def _count(conn: sqlite3.Connection) -> int:
     count = conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0]
     assert isinstance(count, int)
     return count
-
-
-def _rollback_quietly(conn: sqlite3.Connection) -> None:
-    with contextlib.suppress(sqlite3.Error):
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")

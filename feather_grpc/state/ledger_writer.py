@@ -36,7 +36,8 @@ from typing import Literal
 
 from feather_grpc.state import usage_math
 from feather_grpc.state.ledger import LedgerWriteError, UsageRecord
-from feather_grpc.state.sqlite_ledger import SqliteLedger, to_row
+from feather_grpc.state.ledger_rows import to_row
+from feather_grpc.state.sqlite_ledger import SqliteLedger
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from feather_grpc.state import usage_math
+from feather_grpc.state import ledger_rows, usage_math
 from feather_grpc.state.ledger import UsageQuery, UsageRecord, UsageReport, UsageTotals
 
 
@@ -12,7 +12,7 @@ class MemoryLedger:
     """Same semantics and results as SqliteLedger, without durability: a process exit loses it all.
 
     A retried request is billed once, by the rule of SqliteLedger and PostgresLedger (see
-    `usage_math.billing_rank`): every record is kept, and queries count only the one billed record
+    ledger_rows): every record is kept, and queries count only the one billed record
     of each (tenant, non-empty request_id). `record()` settles that in O(1) against the key's
     billed record so far. Queries scan every billed record on the event loop, which is fine at
     test sizes only.
@@ -49,7 +49,7 @@ class MemoryLedger:
         key = (record.tenant, record.request_id)
         current = self._billed_at.get(key)
         # On a tie the earlier record (inserted first) stays billed: only a strictly better one wins.
-        if current is not None and usage_math.billing_rank(self._records[current]) <= usage_math.billing_rank(record):
+        if current is not None and ledger_rows.record_rank(self._records[current]) <= ledger_rows.record_rank(record):
             self._billed.append(False)
             return
         if current is not None:

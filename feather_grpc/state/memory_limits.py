@@ -8,7 +8,7 @@ A fresh bucket (`tat <= now`) is full: `burst` tokens go at once, the next one e
 Because every reservation pushes `tat` forward, waits are handed out strictly in arrival order: a
 newcomer is always scheduled after everyone who reserved before it (first-in-first-out by construction).
 
-The same arithmetic runs in Lua in `redis_state.py`, on the Redis server's clock.
+The same arithmetic runs in Lua in `redis_limiter.py`, on the Redis server's clock.
 """
 
 from __future__ import annotations

@@ -15,26 +15,18 @@ Durability: local spool first, Postgres exactly once.
   5. On start, the shipper begins with what a previous run left in the spool (oldest first, before
      anything new); `aclose()` makes a last, time-bounded attempt, and what is left stays spooled.
 
-A retried request is billed once. Within a tenant, all records with the same non-empty
-`request_id` are one logical request: every record is kept, but exactly one of them is *billed*
-(counted by `query()`): the first successful one (outcome ok or cache_hit), or the first of
-them if none succeeded, "first" by `time_ns` and then the record identity. That choice depends
-only on the set of records, not on which replica shipped first, so every replica reports the
-same totals. The shipper keeps the `billed` flags right in the insert's transaction: it reads
-each key's billed record, compares it with the batch's records for that key, unbills the loser
-and inserts the winner billed. A partial unique index on `(tenant, request_id) WHERE billed`
-makes double billing impossible and arbitrates between replicas shipping the same request at
-the same moment: the later transaction fails with a unique violation (or a deadlock) and the
-shipper retries it at once, re-reading what the other committed. (Per-request advisory locks
-would avoid that retry, but a 1,000-record batch would hold 1,000 entries of Postgres's shared
-lock table, which a few replicas together would exhaust.) Records with an empty `request_id` are
-all billed.
+A retried request is billed once, by the rule every ledger applies (ledger_rows), "first" meaning
+the record identity after `time_ns`. That choice depends only on the set of records, not on which
+replica shipped first, so every replica reports the same totals. The shipper keeps the `billed`
+flags right in the insert's transaction: it reads each key's billed record, compares it with the
+batch's records for that key, unbills the loser and inserts the winner billed. A partial unique
+index on `(tenant, request_id) WHERE billed` makes double billing impossible and arbitrates between
+replicas shipping the same request at the same moment: the later transaction fails with a unique
+violation (or a deadlock) and the shipper retries it at once, re-reading what the other committed.
+(Per-request advisory locks would avoid that retry, but a 1,000-record batch would hold 1,000
+entries of Postgres's shared lock table, which a few replicas together would exhaust.)
 
-Schema: created or migrated at start (and by the shipper, if Postgres was down at start) under an
-advisory lock, so replicas starting together are safe; the version is in `feather_schema_version`.
-Time is BIGINT nanoseconds (UTC buckets computed exactly as SqliteLedger does), money and tokens
-are BIGINT, tags are JSONB, and grouping keys sort with COLLATE "C" (code point order, as Python
-and SQLite sort).
+The schema and its migrations are in postgres_schema, the queries in postgres_usage.
 
 Driver: asyncpg. Measured on this project's batch shape (500-row batches, unnest arrays, one
 transaction, PostgreSQL 16 on loopback): ~130k rows/s vs ~62k with psycopg 3 async, and a
@@ -45,96 +37,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
 import time
 import uuid
-from collections.abc import Sequence
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
-from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import (
-    GroupBy,
-    Outcome,
-    UsageQuery,
-    UsageRecord,
-    UsageReport,
-    UsageTotals,
-)
+from feather_grpc.state import ledger_rows, postgres_usage, usage_math
+from feather_grpc.state.ledger import UsageQuery, UsageRecord, UsageReport
+from feather_grpc.state.ledger_rows import COLUMNS
 from feather_grpc.state.ledger_spool import LedgerSpool, SpoolBatch
 from feather_grpc.state.limits import StateUnavailable
-from feather_grpc.state.sqlite_ledger import COLUMNS, Synchronous
+from feather_grpc.state.postgres_schema import BOOL_COLUMNS, TABLE, Connection, migrate, pg_type
+from feather_grpc.state.sqlite_ledger import Synchronous
 
 log = logging.getLogger(__name__)
-
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-
-SCHEMA_VERSION = 2
-SCHEMA_COMPONENT = "usage_ledger"
-TABLE = "feather_usage"
-# pg_advisory_xact_lock(int, int) keys: its key space is separate from the bigint one used per request.
-_MIGRATION_LOCK = (0x46454154, 1)  # "FEAT", 1
-
-_SUCCESS = ("ok", "cache_hit")
-_OUTCOMES = ", ".join(f"'{o.value}'" for o in Outcome)
-_TEXT_COLUMNS = frozenset(usage_math.STR_FIELDS) | {"outcome", "tags"}
-_BOOL_COLUMNS = frozenset(usage_math.BOOL_FIELDS)
-_KEY_COLUMNS = frozenset({"request_id", "tenant", "provider", "model"})
-
-
-def _pg_type(column: str) -> str:
-    if column in _BOOL_COLUMNS:
-        return "boolean"
-    if column in _TEXT_COLUMNS:
-        return "text"
-    return "bigint"
-
-
-_V2_COLUMNS = ("web_search_requests", "cache_write_1h_tokens")
-
-
-def _column_ddl(column: str) -> str:
-    if column == "tags":
-        return "tags jsonb NOT NULL"
-    if column == "outcome":
-        return f"outcome text NOT NULL CHECK (outcome IN ({_OUTCOMES}))"
-    collate = ' COLLATE "C"' if column in _KEY_COLUMNS else ""
-    # Columns added after v1 default to 0, as their migration gives them: a replica of the release before
-    # them still writes to a table a newer one created.
-    default = " DEFAULT 0" if column in _V2_COLUMNS else ""
-    return f"{column} {_pg_type(column)}{collate} NOT NULL{default}"
-
-
-_SCHEMA_V1 = [
-    f"""CREATE TABLE {TABLE} (
-    spool_id uuid NOT NULL,
-    spool_seq bigint NOT NULL,
-    {", ".join(_column_ddl(c) for c in COLUMNS)},
-    billed boolean NOT NULL,
-    shipped_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (spool_id, spool_seq)
-)""",
-    # At most one billed record per (tenant, request_id): double billing is a constraint violation.
-    f"CREATE UNIQUE INDEX {TABLE}_billed_request ON {TABLE} (tenant, request_id) WHERE billed AND request_id <> ''",
-    f"CREATE INDEX {TABLE}_time ON {TABLE} (time_ns) WHERE billed",
-    f"CREATE INDEX {TABLE}_tenant_time ON {TABLE} (tenant, time_ns) WHERE billed",
-]
-# v2: server-side web searches and 1-hour cache writes. IF NOT EXISTS: v1 above makes today's COLUMNS.
-_SCHEMA_V2 = [
-    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} bigint NOT NULL DEFAULT 0" for column in _V2_COLUMNS
-]
-_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 _INSERT = f"""INSERT INTO {TABLE} (spool_id, spool_seq, {", ".join(COLUMNS)}, billed)
 SELECT $1::uuid, s.spool_seq,
     {", ".join("s.tags::jsonb" if c == "tags" else f"s.{c}" for c in COLUMNS)},
     s.billed
-FROM unnest($2::bigint[], {", ".join(f"${i}::{_pg_type(c)}[]" for i, c in enumerate(COLUMNS, start=3))},
+FROM unnest($2::bigint[], {", ".join(f"${i}::{pg_type(c)}[]" for i, c in enumerate(COLUMNS, start=3))},
     ${len(COLUMNS) + 3}::boolean[])
     AS s(spool_seq, {", ".join(COLUMNS)}, billed)
 ON CONFLICT (spool_id, spool_seq) DO NOTHING"""
@@ -146,16 +72,6 @@ FROM {TABLE} u JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id)
 WHERE u.billed AND u.request_id <> ''"""
 _UNBILL = f"""UPDATE {TABLE} SET billed = false
 WHERE (spool_id, spool_seq) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[]))"""
-
-# Counts and sums in the order of _TOTAL_FIELDS. SUM(bigint) is numeric in Postgres: exact.
-_AGGREGATES = f"""COUNT(*),
-    COUNT(*) FILTER (WHERE outcome IN ('{_SUCCESS[0]}', '{_SUCCESS[1]}')),
-    COUNT(*) FILTER (WHERE outcome = 'error'),
-    COUNT(*) FILTER (WHERE outcome = 'cancelled'),
-    COUNT(*) FILTER (WHERE outcome = 'cache_hit'),
-    COUNT(*) FILTER (WHERE estimated),
-    {", ".join(f"COALESCE(SUM({c}), 0)" for c in usage_math.SUMMED_FIELDS)}"""
-_TOTAL_FIELDS = (*usage_math.COUNT_FIELDS, *usage_math.SUMMED_FIELDS)
 
 # Errors that mean "Postgres is unreachable or going away", not "this statement is wrong".
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -452,7 +368,7 @@ class PostgresLedger:
                 await self._ensure_schema()
                 # One snapshot for a page and its total.
                 async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                    return await _report(conn, query)
+                    return await postgres_usage.report(conn, query)
             except _UNAVAILABLE_ERRORS as exc:
                 # Once more: after a Postgres restart the pool's idle connections are dead ones.
                 if attempt == 2:
@@ -497,22 +413,6 @@ class PostgresLedger:
                 self._pool.terminate()
 
 
-async def _report(conn: Connection, query: UsageQuery) -> UsageReport:
-    sql, params = build_query_sql(query)
-    result = await conn.fetch(sql, *params)
-    if not query.group_by:
-        return UsageReport(rows=[], total=_totals(UsageTotals(), tuple(result[0])))
-    width = len(query.group_by)
-    rows = [_totals(usage_math.keyed_totals(query.group_by, tuple(r)[:width]), tuple(r)[width:]) for r in result]
-    rows, more = usage_math.page(query, rows)
-    if usage_math.whole(query, more):
-        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
-    # Other pages hold groups too: the total is read on its own.
-    sql, params = build_query_sql(usage_math.total_query(query))
-    (total,) = await conn.fetch(sql, *params)
-    return UsageReport(rows=rows, total=_totals(UsageTotals(), tuple(total)), more=more)
-
-
 async def _insert_batch(conn: Connection, batch: SpoolBatch) -> None:
     """Insert a spooled batch (skipping identities already there) and settle who is billed.
 
@@ -528,47 +428,19 @@ async def _insert_batch(conn: Connection, batch: SpoolBatch) -> None:
     """
     columns: list[list[Any]] = [list(values) for values in zip(*batch.rows, strict=True)]
     for i, name in enumerate(COLUMNS):
-        if name in _BOOL_COLUMNS:
+        if name in BOOL_COLUMNS:
             columns[i] = [bool(v) for v in columns[i]]
-    tenants = columns[_TENANT]
-    request_ids = columns[_REQUEST_ID]
-    billed = [not r for r in request_ids]  # a record without a request id is always billed
-    best: dict[tuple[str, str], tuple[_Rank, int | None]] = {}  # key -> (rank, index in batch or None)
-    for i, (tenant, request_id) in enumerate(zip(tenants, request_ids, strict=True)):
-        if request_id:
-            rank = _rank(columns[_OUTCOME][i], columns[_TIME_NS][i], batch.epoch, batch.seqs[i])
-            current = best.get((tenant, request_id))
-            if current is None or rank < current[0]:
-                best[(tenant, request_id)] = (rank, i)
+    best = ledger_rows.best_of_batch(batch.rows, lambda i: (batch.epoch, batch.seqs[i]))
+    stored: list[tuple[ledger_rows.Key, ledger_rows.Rank, tuple[uuid.UUID, int]]] = []
     if best:
         keys = sorted(best)
-        displaced: list[tuple[uuid.UUID, int]] = []
         for row in await conn.fetch(_BILLED, [t for t, _ in keys], [r for _, r in keys]):
-            key = (row["tenant"], row["request_id"])
-            rank = _rank(row["outcome"], row["time_ns"], row["spool_id"], row["spool_seq"])
-            if rank < best[key][0]:
-                best[key] = (rank, None)  # the billed record stays billed
-            elif rank > best[key][0]:
-                displaced.append((row["spool_id"], row["spool_seq"]))
-            # equal rank: the billed record is this very record, shipped again
-        if displaced:
-            await conn.execute(_UNBILL, [d[0] for d in displaced], [d[1] for d in displaced])
-        for _, index in best.values():
-            if index is not None:
-                billed[index] = True
+            rank = ledger_rows.rank(row["outcome"], row["time_ns"], row["spool_id"], row["spool_seq"])
+            stored.append(((row["tenant"], row["request_id"]), rank, (row["spool_id"], row["spool_seq"])))
+    billed, displaced = ledger_rows.settle_billing(batch.rows, best, stored)
+    if displaced:
+        await conn.execute(_UNBILL, [d[0] for d in displaced], [d[1] for d in displaced])
     await conn.execute(_INSERT, batch.epoch, batch.seqs, *columns, billed)
-
-
-_Rank = tuple[bool, int, uuid.UUID, int]
-_TENANT = COLUMNS.index("tenant")
-_REQUEST_ID = COLUMNS.index("request_id")
-_OUTCOME = COLUMNS.index("outcome")
-_TIME_NS = COLUMNS.index("time_ns")
-
-
-def _rank(outcome: str, time_ns: int, spool_id: uuid.UUID, spool_seq: int) -> _Rank:
-    """Lower is billed first: successes, then earlier, then by identity (UUIDs compare as Postgres does)."""
-    return (outcome not in _SUCCESS, time_ns, spool_id, spool_seq)
 
 
 def _log_start_failure(task: asyncio.Task[None]) -> None:
@@ -581,78 +453,6 @@ def _log_shipper_death(task: asyncio.Task[None]) -> None:
         log.error("usage ledger: the shipper stopped; records stay spooled until restart", exc_info=task.exception())
 
 
-async def migrate(conn: Connection) -> int:
-    """Bring the schema to SCHEMA_VERSION under an advisory lock; returns the version found."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *_MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS feather_schema_version (component text PRIMARY KEY, version integer NOT NULL)"
-        )
-        found = await conn.fetchval("SELECT version FROM feather_schema_version WHERE component = $1", SCHEMA_COMPONENT)
-        version = 0 if found is None else int(found)
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"usage ledger schema version {version} in Postgres is newer than this build ({SCHEMA_VERSION})"
-            )
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[step]:
-                await conn.execute(statement)
-        if version < SCHEMA_VERSION:
-            await conn.execute(
-                "INSERT INTO feather_schema_version (component, version) VALUES ($1, $2) "
-                "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                SCHEMA_COMPONENT,
-                SCHEMA_VERSION,
-            )
-        return version
-
-
-def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
-    """One aggregate SELECT over billed records: the grouping keys (in group_by order), then _TOTAL_FIELDS."""
-    params: list[object] = []
-
-    def param(value: object) -> str:
-        params.append(value)
-        return f"${len(params)}"
-
-    keys: list[str] = []
-    for dimension in query.group_by:
-        if dimension is GroupBy.TAG:
-            keys.append(f"COALESCE(tags ->> {param(query.tag_key)}::text, '') COLLATE \"C\"")
-        elif dimension in usage_math.BUCKET_NS:
-            size = usage_math.BUCKET_NS[dimension]
-            # Floor to the bucket start; Postgres's % truncates toward zero, so fold negatives.
-            keys.append(f"time_ns - ((time_ns % {size}) + {size}) % {size}")
-        else:
-            keys.append(str(dimension))  # tenant, provider, model: COLLATE "C" columns
-
-    where = ["billed"]
-    if query.start_ns is not None:
-        where.append(f"time_ns >= {param(query.start_ns)}::bigint")
-    if query.end_ns is not None:
-        where.append(f"time_ns < {param(query.end_ns)}::bigint")
-    for column, value in (("tenant", query.tenant), ("provider", query.provider), ("model", query.model)):
-        if value:
-            where.append(f"{column} = {param(value)}::text")
-    if query.tags:
-        # Containment: the record carries every key with exactly that (string) value.
-        where.append(f"tags @> {param(json.dumps(query.tags))}::jsonb")
-    if keys and query.after is not None:
-        # A page: the groups after the previous page's last (the keys are per-record values, so this
-        # filters records before they are grouped).
-        kinds = ["bigint" if g in usage_math.BUCKET_NS else "text" for g in query.group_by]
-        bounds = [f"{param(v)}::{kind}" for v, kind in zip(query.after, kinds, strict=True)]
-        where.append(f"({', '.join(keys)}) > ({', '.join(bounds)})")
-
-    sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM {TABLE} WHERE {' AND '.join(where)}"
-    if keys:
-        positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
-        sql += f" GROUP BY {positions} ORDER BY {positions}"
-        if query.page_size:
-            sql += f" LIMIT {int(query.page_size) + 1}"
-    return sql, params
-
-
 def check_postgres_storable(record: UsageRecord) -> None:
     """Postgres text and JSONB cannot hold NUL: refuse it here rather than fail a shipped batch."""
     for name in usage_math.STR_FIELDS:
@@ -661,14 +461,3 @@ def check_postgres_storable(record: UsageRecord) -> None:
     for key, value in record.tags.items():
         if "\x00" in key or "\x00" in value:
             raise ValueError("UsageRecord.tags contains a NUL character, which Postgres cannot store")
-
-
-def _totals(row: UsageTotals, values: Sequence[object]) -> UsageTotals:
-    for name, value in zip(_TOTAL_FIELDS, values, strict=True):
-        if isinstance(value, Decimal):
-            integral = int(value)
-            assert integral == value, f"{name} is not an integer: {value}"
-            value = integral
-        assert isinstance(value, int)
-        setattr(row, name, value)
-    return row

@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any, Protocol, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["RedisAddress", "RedisClient", "RedisCommands", "RedisUnavailable", "ReplyError", "connect", "parse_url"]
+__all__ = ["RedisAddress", "RedisClient", "RedisCommands", "RedisUnavailable", "ReplyError", "parse_url"]
 
 
 class RedisCommands(Protocol):
@@ -54,16 +54,6 @@ def parse_url(url: str) -> tuple[RedisAddress, bool]:
     if cluster == "true" and (address.unix_path is not None or address.db):
         raise ValueError("Redis Cluster needs a host:port address and database 0")
     return address, cluster == "true"
-
-
-def connect(url: str, *, timeout_s: float = 0.25, connect_timeout_s: float | None = None) -> RedisCommands:
-    """A client for REDIS_URL: `RedisClient`, or `RedisClusterClient` for `?cluster=true`."""
-    address, cluster = parse_url(url)
-    if cluster:
-        from feather_grpc.state.resp_cluster import RedisClusterClient
-
-        return RedisClusterClient(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
-    return RedisClient(address, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
 
 
 class RedisUnavailable(ConnectionError):

@@ -17,22 +17,16 @@ while the writer commits. The event loop never touches SQLite.
 Several processes may share one file (`--workers N`): each opens its own connections, and
 `busy_timeout_ms` makes a writer wait for the lock instead of failing with "database is locked".
 
-A retried request is billed once, by the rule PostgresLedger applies (`usage_math.billing_rank`).
-Within a tenant, all records with the same non-empty `request_id` are one logical request: every
-record is kept, but exactly one of them is *billed* (counted by `query()`): the first successful
-one (outcome ok or cache_hit), or the first of them if none succeeded, "first" by `time_ns` and
-then by insertion order (the row id). Records with an empty `request_id` are all billed. The
-writer keeps the `billed` column right inside each batch's transaction (BEGIN IMMEDIATE, so
-writers in other processes are serialised): it reads the billed rows of the batch's keys through
-the partial unique index on `(tenant, request_id) WHERE billed AND request_id <> ''`, ranks each
-against the batch's records for its key, unbills the loser and inserts the winner billed. The
-index makes double billing a constraint violation. `request_count` and every other total count
-billed records only. A v1 file is migrated in place: its rows are ranked by the same rule in one
-UPDATE.
+A retried request is billed once, by the rule every ledger applies (ledger_rows): every record
+is kept, but exactly one record of each (tenant, non-empty request_id) is *billed* (counted by
+`query()`), "first" meaning insertion order (the row id) after `time_ns`. The writer keeps the
+`billed` column right inside each batch's transaction (BEGIN IMMEDIATE, so writers in other
+processes are serialised): it reads the billed rows of the batch's keys through the partial unique
+index on `(tenant, request_id) WHERE billed AND request_id <> ''`, ranks each against the batch's
+records for its key, unbills the loser and inserts the winner billed. The index makes double
+billing a constraint violation. `request_count` and every other total count billed records only.
 
-Sums are exact Python integers however large: SQLite's SUM raises "integer overflow" past 2^63,
-so each 64-bit column is summed as two halves, `x >> 32` and `x & 0xFFFFFFFF`, whose sums cannot
-overflow below 2^31 rows per group, and recombined in Python.
+The file's schema and its migrations are in sqlite_schema, the queries in sqlite_usage.
 """
 
 from __future__ import annotations
@@ -40,102 +34,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
 from typing import Literal, cast
 
-from feather_grpc.state import usage_math
-from feather_grpc.state.ledger import GroupBy, LedgerWriteError, UsageQuery, UsageRecord, UsageReport, UsageTotals
+from feather_grpc.state import ledger_rows, sqlite_usage, usage_math
+from feather_grpc.state.ledger import LedgerWriteError, UsageQuery, UsageRecord, UsageReport
+from feather_grpc.state.ledger_rows import COLUMNS, Row, to_row
+from feather_grpc.state.sqlite_schema import MIN_SQLITE_VERSION, is_busy, migrate, rollback_quietly
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a migration step in _MIGRATIONS
-MIN_SQLITE_VERSION = (3, 37, 0)  # STRICT tables
-
-_SCHEMA_V1 = """
-CREATE TABLE usage_records (
-    id INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL,
-    time_ns INTEGER NOT NULL,
-    tenant TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    model TEXT NOT NULL,
-    requested_model TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    error_code TEXT NOT NULL,
-    error_reason TEXT NOT NULL,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    cached_input_tokens INTEGER NOT NULL,
-    cache_write_tokens INTEGER NOT NULL,
-    reasoning_tokens INTEGER NOT NULL,
-    cost_nanos_usd INTEGER NOT NULL,
-    estimated INTEGER NOT NULL,
-    unpriced INTEGER NOT NULL,
-    streamed INTEGER NOT NULL,
-    attempt_count INTEGER NOT NULL,
-    latency_ms INTEGER NOT NULL,
-    tags TEXT NOT NULL
-) STRICT;
-CREATE INDEX usage_records_time ON usage_records (time_ns);
-"""
-
-_SUCCESS = usage_math.SUCCESS_OUTCOMES
-
-# v2: the `billed` flag. Every v1 row becomes billed unless it loses to another record of its
-# request under the billing rule (in one statement: rank each request's records, unbill all but
-# the first).
-_SCHEMA_V2 = f"""
-ALTER TABLE usage_records ADD COLUMN billed INTEGER NOT NULL DEFAULT 1;
-UPDATE usage_records SET billed = 0 WHERE id IN (
-    SELECT id FROM (
-        SELECT id, row_number() OVER (
-            PARTITION BY tenant, request_id
-            ORDER BY outcome NOT IN ('{_SUCCESS[0]}', '{_SUCCESS[1]}'), time_ns, id
-        ) AS place
-        FROM usage_records WHERE request_id <> ''
-    ) WHERE place > 1
-);
-CREATE UNIQUE INDEX usage_records_billed_request ON usage_records (tenant, request_id)
-    WHERE billed AND request_id <> '';
-"""
-# v3: server-side web searches and 1-hour cache writes (0 for the records written before).
-_SCHEMA_V3 = """
-ALTER TABLE usage_records ADD COLUMN web_search_requests INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE usage_records ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
-"""
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
-
-COLUMNS = (
-    "request_id",
-    "time_ns",
-    "tenant",
-    "provider",
-    "model",
-    "requested_model",
-    "outcome",
-    "error_code",
-    "error_reason",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "web_search_requests",
-    "cache_write_1h_tokens",
-    "cost_nanos_usd",
-    "estimated",
-    "unpriced",
-    "streamed",
-    "attempt_count",
-    "latency_ms",
-    "tags",
-)
 _INSERT = f"INSERT INTO usage_records ({', '.join(COLUMNS)}, billed) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
 # The billed rows of the given (tenant, request_id) keys: one statement per batch, each key found
 # through the partial unique index (the query repeats the index's WHERE terms, so it is usable).
@@ -156,32 +68,6 @@ _UNBILL = "UPDATE usage_records SET billed = 0 WHERE id = ?"
 _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS ledger_probe (singleton INTEGER PRIMARY KEY, probed_ns INTEGER NOT NULL)"
 _PROBE = "INSERT OR REPLACE INTO ledger_probe (singleton, probed_ns) VALUES (1, ?)"
 
-_TENANT = COLUMNS.index("tenant")
-_REQUEST_ID = COLUMNS.index("request_id")
-_OUTCOME = COLUMNS.index("outcome")
-_TIME_NS = COLUMNS.index("time_ns")
-
-_HALF_BITS = 32
-_LOW_MASK = (1 << _HALF_BITS) - 1
-# The 64-bit columns summed exactly: each as the sums of its high and low 32-bit halves.
-_SUMMED = usage_math.SUMMED_FIELDS
-
-
-def _exact_sum(column: str) -> str:
-    return f"COALESCE(SUM({column} >> {_HALF_BITS}), 0), COALESCE(SUM({column} & {_LOW_MASK}), 0)"
-
-
-# _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED (recombined by _totals).
-_AGGREGATES = f"""COUNT(*),
-    COALESCE(SUM(outcome IN ('{_SUCCESS[0]}', '{_SUCCESS[1]}')), 0),
-    COALESCE(SUM(outcome = 'error'), 0),
-    COALESCE(SUM(outcome = 'cancelled'), 0),
-    COALESCE(SUM(outcome = 'cache_hit'), 0),
-    COALESCE(SUM(estimated), 0),
-    {", ".join(_exact_sum(c) for c in _SUMMED)}"""
-_COUNT_FIELDS = usage_math.COUNT_FIELDS
-
-Row = tuple[object, ...]
 _Pending = tuple[Row, asyncio.Future[None]]
 _STOP = object()
 
@@ -358,7 +244,7 @@ class SqliteLedger:
                     _insert_billed(conn, [row for row, _ in batch])
                     conn.execute("COMMIT")
                 except BaseException:
-                    _rollback_quietly(conn)
+                    rollback_quietly(conn)
                     raise
             self._commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
@@ -388,11 +274,11 @@ class SqliteLedger:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={self._synchronous}")
-                _migrate(conn)
+                migrate(conn)
                 break
             except sqlite3.OperationalError as exc:
                 conn.close()
-                if not _is_busy(exc) or time.monotonic() + pause_s > deadline:
+                if not is_busy(exc) or time.monotonic() + pause_s > deadline:
                     raise
             except BaseException:
                 conn.close()
@@ -435,7 +321,7 @@ class SqliteLedger:
                     conn.execute(_PROBE, (time.time_ns(),))
                     conn.execute("COMMIT")
                 except BaseException:
-                    _rollback_quietly(conn)
+                    rollback_quietly(conn)
                     raise
             except Exception as exc:
                 raise _write_error(exc) from exc
@@ -457,22 +343,7 @@ class SqliteLedger:
             if self._read_conn is None:
                 self._read_conn = self._connect()
                 self._read_conn.execute("PRAGMA query_only=1")
-            conn = self._read_conn
-            if not query.group_by:
-                result = conn.execute(*build_query_sql(query)).fetchall()
-                return UsageReport(rows=[], total=_totals(UsageTotals(), result[0]))
-            conn.execute("BEGIN")  # one snapshot for a page and its total
-            try:
-                result = conn.execute(*build_query_sql(query)).fetchall()
-                width = len(query.group_by)
-                rows = [_totals(usage_math.keyed_totals(query.group_by, r[:width]), r[width:]) for r in result]
-                rows, more = usage_math.page(query, rows)
-                if not usage_math.whole(query, more):  # other pages hold groups too: the total is read on its own
-                    total_row = conn.execute(*build_query_sql(usage_math.total_query(query))).fetchone()
-                    return UsageReport(rows=rows, total=_totals(UsageTotals(), total_row), more=more)
-            finally:
-                conn.execute("COMMIT")
-        return UsageReport(rows=rows, total=usage_math.sum_totals(rows))
+            return sqlite_usage.report(self._read_conn, query)
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -494,67 +365,6 @@ class SqliteLedger:
             self._read_closed = True
 
 
-def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
-    """One aggregate SELECT over billed records: the grouping keys (in group_by order), then the
-    _COUNT_FIELDS, then a (high, low) pair of sums for each of _SUMMED. A page takes the groups whose keys
-    sort after `query.after` (the keys are per-record values, so the condition filters records before
-    they are grouped) and one row more than `page_size`, to know whether more follow."""
-    keys: list[str] = []
-    key_params: list[object] = []
-    for dimension in query.group_by:
-        if dimension is GroupBy.TAG:
-            expr, expr_params = _tag_value_sql(query.tag_key)
-            keys.append(f"COALESCE({expr}, '')")
-            key_params.extend(expr_params)
-        elif dimension in usage_math.BUCKET_NS:
-            size = usage_math.BUCKET_NS[dimension]
-            # Floor to the bucket start; SQLite's % truncates toward zero, so fold negatives.
-            keys.append(f"time_ns - ((time_ns % {size}) + {size}) % {size}")
-        else:
-            keys.append(str(dimension))  # tenant, provider, model: column names
-
-    where: list[str] = ["billed"]
-    where_params: list[object] = []
-    if query.start_ns is not None:
-        where.append("time_ns >= ?")
-        where_params.append(query.start_ns)
-    if query.end_ns is not None:
-        where.append("time_ns < ?")
-        where_params.append(query.end_ns)
-    for column, value in (("tenant", query.tenant), ("provider", query.provider), ("model", query.model)):
-        if value:
-            where.append(f"{column} = ?")
-            where_params.append(value)
-    for key, value in query.tags.items():
-        expr, expr_params = _tag_value_sql(key)
-        where.append(f"{expr} = ?")  # a missing tag is NULL, which equals nothing
-        where_params.extend([*expr_params, value])
-
-    if keys and query.after is not None:
-        where.append(f"({', '.join(keys)}) > ({', '.join('?' * len(keys))})")
-        where_params.extend([*key_params, *query.after])
-
-    sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM usage_records WHERE {' AND '.join(where)}"
-    if keys:
-        positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
-        sql += f" GROUP BY {positions} ORDER BY {positions}"
-        if query.page_size:
-            sql += f" LIMIT {int(query.page_size) + 1}"
-    return sql, [*key_params, *where_params]
-
-
-def _tag_value_sql(key: str) -> tuple[str, list[object]]:
-    """SQL for the value of tag `key` (NULL when absent).
-
-    json_extract takes a path, which cannot spell every key: tags are stored with JSON escapes
-    for non-ASCII, quotes and backslashes, and paths match the raw key text. Such keys are
-    looked up with json_each, which decodes them.
-    """
-    if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
-        return "json_extract(tags, ?)", [f'$."{key}"']
-    return "(SELECT j.value FROM json_each(usage_records.tags) AS j WHERE j.key = ?)", [key]
-
-
 def _write_error(exc: Exception) -> Exception:
     """What the database or the OS said when a write failed, as a LedgerWriteError (anything else is a bug
     and stays what it is)."""
@@ -565,115 +375,24 @@ def _write_error(exc: Exception) -> Exception:
     return exc
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code: int = getattr(exc, "sqlite_errorcode", 0)  # set on errors SQLite itself raised
-    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary code of extended ones too
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema to SCHEMA_VERSION; safe when several processes open the file at once."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"usage ledger schema version {version} is newer than this build ({SCHEMA_VERSION})")
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[step].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-        if version < SCHEMA_VERSION:
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback_quietly(conn)
-        raise
-
-
-def to_row(record: UsageRecord) -> Row:
-    tags = json.dumps(record.tags, separators=(",", ":")) if record.tags else "{}"
-    return (
-        record.request_id,
-        record.time_ns,
-        record.tenant,
-        record.provider,
-        record.model,
-        record.requested_model,
-        str(record.outcome),
-        record.error_code,
-        record.error_reason,
-        record.input_tokens,
-        record.output_tokens,
-        record.cached_input_tokens,
-        record.cache_write_tokens,
-        record.reasoning_tokens,
-        record.web_search_requests,
-        record.cache_write_1h_tokens,
-        record.cost_nanos_usd,
-        int(record.estimated),
-        int(record.unpriced),
-        int(record.streamed),
-        record.attempt_count,
-        record.latency_ms,
-        tags,
-    )
-
-
 def _insert_billed(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """Insert a batch (inside the caller's transaction), keeping each request's one billed row.
 
-    For every (tenant, request_id) key in the batch, the best of the key's billed row so far and
-    the batch's records for the key is billed: a displaced row is unbilled before the insert, so
-    the unique index holds after every statement. Rows already stored were inserted earlier, so
-    they win ties against the batch; within the batch, queue order is insertion order.
+    Rows already stored were inserted earlier, so they win ties against the batch (order 0 before 1);
+    within the batch, queue order is insertion order.
     """
-    billed = [not row[_REQUEST_ID] for row in rows]  # a record without a request id is always billed
-    best: dict[tuple[object, object], tuple[_Rank, int]] = {}  # key -> (rank, index in batch)
-    for i, row in enumerate(rows):
-        if row[_REQUEST_ID]:
-            key = (row[_TENANT], row[_REQUEST_ID])
-            rank = _rank(row[_OUTCOME], row[_TIME_NS], 1, i)
-            current = best.get(key)
-            if current is None or rank < current[0]:
-                best[key] = (rank, i)
+    best = ledger_rows.best_of_batch(rows, lambda i: (1, i))
     keys = list(best)
-    displaced: list[tuple[object]] = []
+    stored: list[tuple[ledger_rows.Key, ledger_rows.Rank, tuple[object]]] = []
     for start in range(0, len(keys), _KEYS_PER_LOOKUP):
         chunk = keys[start : start + _KEYS_PER_LOOKUP]
         params = [part for key in chunk for part in key]
         for row_id, tenant, request_id, outcome, time_ns in conn.execute(_billed_rows_sql(len(chunk)), params):
-            key = (tenant, request_id)
-            if _rank(outcome, time_ns, 0, row_id) < best[key][0]:
-                del best[key]  # the billed row stays billed
-            else:
-                displaced.append((row_id,))
-    for _, index in best.values():
-        billed[index] = True
+            stored.append(((tenant, request_id), ledger_rows.rank(outcome, time_ns, 0, row_id), (row_id,)))
+    billed, displaced = ledger_rows.settle_billing(rows, best, stored)
     if displaced:
         conn.executemany(_UNBILL, displaced)
     conn.executemany(_INSERT, [(*row, int(flag)) for row, flag in zip(rows, billed, strict=True)])
-
-
-_Rank = tuple[bool, int, int, int]
-
-
-def _rank(outcome: object, time_ns: object, batch: int, order: int) -> _Rank:
-    """Lower is billed first: successes, then earlier, then stored rows (0) before the batch's (1),
-    then in insertion order (row id, or place in the batch)."""
-    assert isinstance(time_ns, int)
-    return (outcome not in _SUCCESS, time_ns, batch, order)
-
-
-def _totals(row: UsageTotals, values: Sequence[object]) -> UsageTotals:
-    counts, halves = values[: len(_COUNT_FIELDS)], values[len(_COUNT_FIELDS) :]
-    assert len(halves) == 2 * len(_SUMMED)
-    for name, value in zip(_COUNT_FIELDS, counts, strict=True):
-        assert isinstance(value, int)
-        setattr(row, name, value)
-    for i, name in enumerate(_SUMMED):
-        high, low = halves[2 * i], halves[2 * i + 1]
-        assert isinstance(high, int) and isinstance(low, int)
-        setattr(row, name, (high << _HALF_BITS) + low)
-    return row
 
 
 def _as_parcel(item: object) -> list[_Pending]:
@@ -682,13 +401,6 @@ def _as_parcel(item: object) -> list[_Pending]:
 
 def parcel_futures(parcel: list[_Pending]) -> list[asyncio.Future[None]]:
     return [future for _, future in parcel]
-
-
-def _rollback_quietly(conn: sqlite3.Connection) -> None:
-    # The original error is the one to report; a failed rollback adds nothing.
-    with contextlib.suppress(sqlite3.Error):
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
 
 
 def _settle_from_thread(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:

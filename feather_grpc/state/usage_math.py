@@ -1,6 +1,6 @@
 """Usage arithmetic shared by every ledger: record checks, filters, grouping keys, time buckets, sums.
 
-SqliteLedger aggregates in SQL and MemoryLedger in Python; both take their definitions from here
+SqliteLedger and PostgresLedger aggregate in SQL and MemoryLedger in Python; both take their definitions from here
 (what a bucket is, which outcome counts where, how rows are ordered and summed) so they agree.
 """
 
@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 
 from feather_grpc.state.ledger import GroupBy, Outcome, UsageQuery, UsageRecord, UsageTotals
+from feather_grpc.state.ledger_rows import SUCCESS_OUTCOMES
 
 HOUR_NS = 3_600 * 1_000_000_000
 DAY_NS = 24 * HOUR_NS
@@ -36,21 +37,6 @@ INT_FIELDS = ("time_ns", *SUMMED_FIELDS, "attempt_count", "latency_ms")
 BOOL_FIELDS = ("estimated", "unpriced", "streamed")
 
 GroupKey = tuple[str | int, ...]
-
-# The outcomes that count as a success, as stored (Outcome values).
-SUCCESS_OUTCOMES = (Outcome.OK.value, Outcome.CACHE_HIT.value)
-
-
-def billing_rank(record: UsageRecord) -> tuple[bool, int]:
-    """Which record of a retried request is billed: the lowest rank, ties to the first inserted.
-
-    The billing rule every ledger applies: within a tenant, all records with the same non-empty
-    `request_id` are one request; every record is kept, but exactly one is billed (counted by
-    queries): the earliest successful record (outcome ok or cache_hit), or the earliest record if
-    none succeeded, "earliest" by `time_ns`, then insertion order (PostgresLedger: the shipped
-    record's identity). Records with an empty `request_id` are all billed.
-    """
-    return (record.outcome not in SUCCESS_OUTCOMES, record.time_ns)
 
 
 def bucket_start(time_ns: int, size_ns: int) -> int:
@@ -200,7 +186,7 @@ def keyed_totals(group_by: Iterable[GroupBy], key: Iterable[object]) -> UsageTot
 def add_record(totals: UsageTotals, record: UsageRecord) -> None:
     outcome = Outcome(record.outcome)
     totals.request_count += 1
-    totals.ok_count += outcome in (Outcome.OK, Outcome.CACHE_HIT)
+    totals.ok_count += outcome in SUCCESS_OUTCOMES
     totals.error_count += outcome is Outcome.ERROR
     totals.cancelled_count += outcome is Outcome.CANCELLED
     totals.cached_count += outcome is Outcome.CACHE_HIT

@@ -70,13 +70,16 @@ class Endpoint:
         lines = [f"POST {target} HTTP/1.1", *(f"{n}: {v}" for n, v in fields), "Content-Length: "]
         self._prefix = "\r\n".join(lines).encode("utf-8")
 
-    async def request(self, body: bytes) -> Response:
-        """Send `body` and wait for the response head. The caller must `close()` the response."""
+    async def request(self, body: bytes, headers: bytes = b"") -> Response:
+        """Send `body` and wait for the response head. The caller must `close()` the response.
+
+        `headers`: encoded header lines ("Name: value\\r\\n" each) for this request alone, such as a
+        short-lived bearer token or a request signature; the caller makes them (see `encode_headers`)."""
         pool = self._pool
         if pool is None:
             assert self._error is not None
             raise self._error
-        data = b"".join((self._prefix, b"%d\r\n" % len(body), attempt_headers.get(), b"\r\n", body))
+        data = b"".join((self._prefix, b"%d\r\n" % len(body), headers, attempt_headers.get(), b"\r\n", body))
         conn = await pool.acquire()
         resent = False
         while True:

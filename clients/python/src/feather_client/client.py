@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Self
@@ -14,7 +14,8 @@ from . import channel as ch
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from .results import ChatResult, StreamAssembler, TokenUsage, chat_fields, usage_request
+from .options import ChatOptions, Messages, UsageOptions, chat_options, usage_options
+from .results import ChatResult, StreamAssembler, TokenUsage
 
 __all__ = ["DEFAULT_TIMEOUT", "ChatStream", "ClientSettings", "FeatherClient"]
 
@@ -123,148 +124,35 @@ class FeatherClient:
     ) -> None:
         await self.close()
 
-    async def chat(
-        self,
-        messages: str | Sequence[pb.Message],
-        *,
-        model: str,
-        provider: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
-        response_format: pb.ResponseFormat | None = None,
-        reasoning: pb.ReasoningOptions | None = None,
-        parallel_tool_calls: bool | None = None,
-        prompt_cache_key: str = "",
-        extra_fields: Mapping[str, Any] | None = None,
-        policy: str = "",
-        bypass_cache: bool = False,
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> ChatResult:
+    @chat_options
+    async def chat(self, messages: Messages, options: ChatOptions) -> ChatResult:
         """One complete reply. `messages` is a prompt (one user message) or a conversation (see `user()` etc.)."""
-        request = pb.ChatRequest(
-            **chat_fields(
-                messages,
-                model=model,
-                provider=provider,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                reasoning=reasoning,
-                parallel_tool_calls=parallel_tool_calls,
-                prompt_cache_key=prompt_cache_key,
-                extra_fields=extra_fields,
-                policy=policy,
-                bypass_cache=bypass_cache,
-                tags=tags,
-                request_id=request_id,
-            )
-        )
+        request = pb.ChatRequest(**options.request_fields(messages))
         try:
-            reply = await self.stub.Chat(request, **self.settings.call_options(timeout, metadata))
+            reply = await self.stub.Chat(request, **self.settings.call_options(options.timeout, options.metadata))
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
         return ChatResult.from_proto(reply)
 
-    def stream_chat(
-        self,
-        messages: str | Sequence[pb.Message],
-        *,
-        model: str,
-        provider: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
-        response_format: pb.ResponseFormat | None = None,
-        reasoning: pb.ReasoningOptions | None = None,
-        parallel_tool_calls: bool | None = None,
-        prompt_cache_key: str = "",
-        extra_fields: Mapping[str, Any] | None = None,
-        policy: str = "",
-        bypass_cache: bool = False,
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> ChatStream:
+    @chat_options
+    def stream_chat(self, messages: Messages, options: ChatOptions) -> ChatStream:
         """The reply as it is generated: `async for text in stream`, then `stream.usage`, `stream.cost_nanos_usd`,
         `stream.result`... To stop early, leave the loop inside `async with stream:` (or call `await stream.cancel()`):
         that cancels the call at once. See ChatStream for a bare `break`."""
-        request = pb.StreamChatRequest(
-            **chat_fields(
-                messages,
-                model=model,
-                provider=provider,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                reasoning=reasoning,
-                parallel_tool_calls=parallel_tool_calls,
-                prompt_cache_key=prompt_cache_key,
-                extra_fields=extra_fields,
-                policy=policy,
-                bypass_cache=bypass_cache,
-                tags=tags,
-                request_id=request_id,
-            )
-        )
-        return ChatStream(self, request, self.settings.call_options(timeout, metadata))
+        request = pb.StreamChatRequest(**options.request_fields(messages))
+        return ChatStream(self, request, self.settings.call_options(options.timeout, options.metadata))
 
-    async def usage(
-        self,
-        *,
-        start: datetime | None = None,
-        end: datetime | None = None,
-        group_by: Sequence[str] = (),
-        tenant: str = "",
-        provider: str = "",
-        model: str = "",
-        tag_key: str = "",
-        tags: Mapping[str, str] | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> pb.UsageResponse:
+    @usage_options
+    async def usage(self, options: UsageOptions) -> pb.UsageResponse:
         """Ledger totals over `[start, end)` (naive datetimes are UTC), grouped by any of `tenant`, `provider`,
         `model`, `tag` (with `tag_key`), `hour`, `day`, in that order of nesting. Grouped rows come in pages
         of `page_size` (0: the server's default, 1000; at most 2000): pass the reply's `next_page_token` as
         `page_token` for the next one, until it is empty. `total` covers every page."""
-        request = usage_request(
-            start=start,
-            end=end,
-            group_by=group_by,
-            tenant=tenant,
-            provider=provider,
-            model=model,
-            tag_key=tag_key,
-            tags=tags,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        request = options.request()
         try:
-            reply: pb.UsageResponse = await self.stub.Usage(request, **self.settings.call_options(timeout, metadata))
+            reply: pb.UsageResponse = await self.stub.Usage(
+                request, **self.settings.call_options(options.timeout, options.metadata)
+            )
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
         return reply

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Self
@@ -15,7 +15,8 @@ from .client import DEFAULT_TIMEOUT, ClientSettings, closed_error
 from .errors import FeatherError
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
-from .results import ChatResult, StreamAssembler, TokenUsage, chat_fields, usage_request
+from .options import ChatOptions, Messages, UsageOptions, chat_options, usage_options
+from .results import ChatResult, StreamAssembler, TokenUsage
 
 __all__ = ["SyncChatStream", "SyncFeatherClient"]
 
@@ -70,143 +71,31 @@ class SyncFeatherClient:
     ) -> None:
         self.close()
 
-    def chat(
-        self,
-        messages: str | Sequence[pb.Message],
-        *,
-        model: str,
-        provider: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
-        response_format: pb.ResponseFormat | None = None,
-        reasoning: pb.ReasoningOptions | None = None,
-        parallel_tool_calls: bool | None = None,
-        prompt_cache_key: str = "",
-        extra_fields: Mapping[str, Any] | None = None,
-        policy: str = "",
-        bypass_cache: bool = False,
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> ChatResult:
+    @chat_options
+    def chat(self, messages: Messages, options: ChatOptions) -> ChatResult:
         """One complete reply; see FeatherClient.chat."""
-        request = pb.ChatRequest(
-            **chat_fields(
-                messages,
-                model=model,
-                provider=provider,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                reasoning=reasoning,
-                parallel_tool_calls=parallel_tool_calls,
-                prompt_cache_key=prompt_cache_key,
-                extra_fields=extra_fields,
-                policy=policy,
-                bypass_cache=bypass_cache,
-                tags=tags,
-                request_id=request_id,
-            )
-        )
+        request = pb.ChatRequest(**options.request_fields(messages))
         try:
-            reply = self.stub.Chat(request, **self.settings.call_options(timeout, metadata))
+            reply = self.stub.Chat(request, **self.settings.call_options(options.timeout, options.metadata))
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
         return ChatResult.from_proto(reply)
 
-    def stream_chat(
-        self,
-        messages: str | Sequence[pb.Message],
-        *,
-        model: str,
-        provider: str = "",
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        tools: Sequence[pb.Tool] = (),
-        tool_choice: pb.ToolChoice | None = None,
-        response_format: pb.ResponseFormat | None = None,
-        reasoning: pb.ReasoningOptions | None = None,
-        parallel_tool_calls: bool | None = None,
-        prompt_cache_key: str = "",
-        extra_fields: Mapping[str, Any] | None = None,
-        policy: str = "",
-        bypass_cache: bool = False,
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> SyncChatStream:
+    @chat_options
+    def stream_chat(self, messages: Messages, options: ChatOptions) -> SyncChatStream:
         """The reply as it is generated: `for text in stream`, then `stream.usage`, `stream.result`..."""
-        request = pb.StreamChatRequest(
-            **chat_fields(
-                messages,
-                model=model,
-                provider=provider,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                reasoning=reasoning,
-                parallel_tool_calls=parallel_tool_calls,
-                prompt_cache_key=prompt_cache_key,
-                extra_fields=extra_fields,
-                policy=policy,
-                bypass_cache=bypass_cache,
-                tags=tags,
-                request_id=request_id,
-            )
-        )
-        return SyncChatStream(self.stub.StreamChat(request, **self.settings.call_options(timeout, metadata)), request)
+        request = pb.StreamChatRequest(**options.request_fields(messages))
+        call_options = self.settings.call_options(options.timeout, options.metadata)
+        return SyncChatStream(self.stub.StreamChat(request, **call_options), request)
 
-    def usage(
-        self,
-        *,
-        start: datetime | None = None,
-        end: datetime | None = None,
-        group_by: Sequence[str] = (),
-        tenant: str = "",
-        provider: str = "",
-        model: str = "",
-        tag_key: str = "",
-        tags: Mapping[str, str] | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: timedelta | float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> pb.UsageResponse:
+    @usage_options
+    def usage(self, options: UsageOptions) -> pb.UsageResponse:
         """Ledger totals, grouped; see FeatherClient.usage."""
-        request = usage_request(
-            start=start,
-            end=end,
-            group_by=group_by,
-            tenant=tenant,
-            provider=provider,
-            model=model,
-            tag_key=tag_key,
-            tags=tags,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        request = options.request()
         try:
-            reply: pb.UsageResponse = self.stub.Usage(request, **self.settings.call_options(timeout, metadata))
+            reply: pb.UsageResponse = self.stub.Usage(
+                request, **self.settings.call_options(options.timeout, options.metadata)
+            )
         except grpc.RpcError as e:
             raise FeatherError.from_rpc_error(e) from None
         return reply
