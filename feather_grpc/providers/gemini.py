@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
@@ -62,8 +63,6 @@ from feather_grpc.providers.base import (
     consistent,
     estimated_usage,
     merge_fields,
-    parse_sse,
-    read_events,
     token_count,
 )
 from feather_grpc.providers.credentials import CachedCredential, load
@@ -71,13 +70,11 @@ from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
     classify_status,
-    classify_transport_error,
-    error_from_response,
     post_json,
-    stream_cut,
 )
-from feather_grpc.providers.http_client import HttpError, UpstreamClient, UpstreamEndpoint, encode_headers
-from feather_grpc.providers.sse import SSEEvent, SSEParser
+from feather_grpc.providers.http_client import UpstreamClient, UpstreamEndpoint, encode_headers
+from feather_grpc.providers.sse import SSEEvent
+from feather_grpc.providers.streaming import stream_sse
 
 __all__ = ["GEMINI_BASE_URL", "GeminiProvider", "normalise_usage", "vertex_base_url"]
 
@@ -379,42 +376,34 @@ class GeminiProvider:
         endpoint = self._endpoint(model, stream=True)
         headers = await self._request_headers()
         name = self._name
-        started = False
         reader = _Reader(name, self._api_key)
-        try:
-            resp = await endpoint.request(payload, headers)
+
+        def handle(event: SSEEvent) -> list[StreamEvent]:
             try:
-                if resp.status >= 300:
-                    raise await error_from_response(name, resp, self._api_key)
-                started = True
-                parser = SSEParser(self.settings.max_stream_event_bytes)
+                obj = orjson.loads(event.data)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                raise bad_response(name, "stream chunk is not a JSON object")
+            try:
+                return reader.handle(obj)
+            except (KeyError, TypeError, AttributeError):
+                raise bad_response(name, "not a GenerateContentResponse chunk") from None
 
-                def handle(event: SSEEvent) -> list[StreamEvent]:
-                    try:
-                        obj = orjson.loads(event.data)
-                    except ValueError:
-                        obj = None
-                    if not isinstance(obj, dict):
-                        raise bad_response(name, "stream chunk is not a JSON object")
-                    try:
-                        return reader.handle(obj)
-                    except (KeyError, TypeError, AttributeError):
-                        raise bad_response(name, "not a GenerateContentResponse chunk") from None
-
-                async for chunk in resp:
-                    events, error = read_events(parse_sse(parser, chunk, name), handle, lambda: False)
-                    for out in events:
-                        yield out
-                    if error is not None:
-                        raise error
-                # The stream ends with the body; its last chunk carries the finish reason.
-                if reader.finish_raw is None:
-                    raise stream_cut(name, "ended without a finishReason")
-            finally:
-                resp.close()
-        except HttpError as exc:
-            raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
-        yield reader.finish()
+        events = stream_sse(
+            name,
+            self._api_key,
+            lambda: endpoint.request(payload, headers),
+            handle,
+            lambda: reader.finish_raw is not None,
+            lambda: [reader.finish()],
+            end="a finishReason",
+            max_event_bytes=self.settings.max_stream_event_bytes,
+            read_to_end=True,  # the stream ends with the body; its last chunk carries the finish reason
+        )
+        async with aclosing(events):
+            async for out in events:
+                yield out
 
     async def aclose(self) -> None:
         if self._token is not None:
