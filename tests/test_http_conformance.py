@@ -30,6 +30,7 @@ from feather_grpc.providers import ProviderSettings, build_provider
 from feather_grpc.providers.aiohttp_client import AiohttpClient
 from feather_grpc.providers.content_coding import DECODE_STEP
 from feather_grpc.providers.egress import Egress, parse_proxy
+from feather_grpc.providers.http import UpstreamClients
 from feather_grpc.providers.http_client import (
     AttemptMarker,
     BodyTooLarge,
@@ -515,8 +516,8 @@ async def test_a_provider_on_aiohttp_serves_through_the_gateway(sim: UpstreamSim
         assert "".join(e.delta.content for e in events[1:-1]) == "streamed on aiohttp"
         assert (events[-1].end.usage.output_tokens, events[-1].end.usage_estimated) == (4, False)
         assert gw.server.engine.upstream_connections("openai") == 1, "both calls on one keep-alive connection"
-        clients = gw.server.engine._session
-        assert clients is not None
+        clients = gw.server.engine._upstream
+        assert isinstance(clients, UpstreamClients)
         assert clients.get("aiohttp").connections("openai") == 1
         assert clients.get("builtin").connections("openai") == 0
 

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +29,13 @@ from feather_grpc.engine.observe import CallObserver
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
+from feather_grpc.server.assembly import Gateway, assemble, spool_path
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.loop_lag import LoopLag, StartProbes
 from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.server.servicer import FeatherServicer
-from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, spool_path, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate
+from feather_grpc.state.fail_open import Outage
 
 if TYPE_CHECKING:
     from feather_grpc.server.metrics import GatewayMetrics
@@ -257,18 +258,10 @@ class GatewayServer:
             observers.append(self.metrics)
         if options.call_log:
             observers.append(logs.CallLog(worker=options.worker))
-        self.stores: Stores | None = None
+        self.assembly: Gateway | None = None  # what the server built (an engine passed in is the caller's)
         if engine is None:
-            self.stores = stores = build_stores(config, options.worker)
-            engine = Feather(
-                config,
-                stores.ledger,
-                observers=observers,
-                limiter=stores.limiter,
-                budgets=stores.budgets,
-                cache=stores.cache,
-                circuits=stores.circuits,
-            )
+            self.assembly = assemble(config, options.worker, observers=observers)
+            engine = self.assembly.engine
         else:
             engine.observers.extend(observers)
         self._state_watch: asyncio.Task[None] | None = None
@@ -305,8 +298,8 @@ class GatewayServer:
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()
-        if self.stores is not None:
-            await self.stores.aclose()
+        if self.assembly is not None:
+            await self.assembly.aclose()
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         """Starts serving and returns the bound port (pass port 0 to pick a free one)."""
@@ -369,9 +362,9 @@ class GatewayServer:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_healthy("ledger", True)
         self._ledger_watch = asyncio.create_task(self._watch_ledger())
-        if self.stores is not None and self.stores.ping is not None:
+        if self.assembly is not None and self.assembly.ping is not None:
             self._state_watch = asyncio.create_task(
-                watch_shared_state(self.stores.ping, self._shared_state_changed, self.stores.outage)
+                watch_shared_state(self.assembly.ping, self._shared_state_changed, self.assembly.outage)
             )
             # A previous run may have died with budget settlements Redis never got: its ledger has them.
             self._start_reconcile = asyncio.create_task(self._reconcile_budgets())
@@ -386,12 +379,10 @@ class GatewayServer:
             await self._reconcile_budgets()
 
     async def _reconcile_budgets(self) -> None:
-        if self.stores is None or self.stores.raise_spent_to is None:
+        if self.assembly is None:
             return
         try:
-            await reconcile_budgets(
-                self.config, self.engine.ledger, self.engine.admission.windows, self.stores.raise_spent_to
-            )
+            await self.assembly.reconcile_budgets()
         except Exception as e:  # Redis or the ledger down: the restore of missing windows still guards
             log.warning("could not reconcile budgets with the ledger: %s", e)
 
@@ -450,8 +441,8 @@ class GatewayServer:
             except TimeoutError:
                 log.error("%d calls still in their handlers; closing the ledger anyway", self.tracker.total_inflight)
             await self.engine.aclose()
-            if self.stores is not None:
-                await self.stores.aclose()
+            if self.assembly is not None:
+                await self.assembly.aclose()
         finally:
             if self.tracing is not None:
                 await asyncio.to_thread(self.tracing.shutdown)
@@ -460,6 +451,35 @@ class GatewayServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+async def watch_shared_state(
+    ping: Callable[[], Awaitable[None]],
+    on_change: Callable[[bool], Awaitable[None]],
+    outage: Outage | None = None,
+    interval_s: float = 1.0,
+) -> None:
+    """Pings the shared store forever (`ping` also takes a decision), reporting each change between usable
+    and not; with fail-open, an outage the wrappers saw between two pings counts as a change too."""
+    healthy = True
+    while True:
+        problem = ""
+        try:
+            await ping()
+        except Exception as e:  # StateUnavailable (unreachable, or refusing decisions: OOM, READONLY...) or else
+            problem = str(e) or type(e).__name__  # e.g. a refused AUTH: the operator needs the reason
+        ok = not problem
+        if ok and outage is not None and outage.seen:
+            outage.seen = False
+            healthy = False
+        if ok != healthy:
+            healthy = ok
+            if ok:
+                log.warning("shared state store available again")
+            else:
+                log.warning("shared state store UNAVAILABLE: %s", problem)
+            await on_change(ok)
+        await asyncio.sleep(interval_s)
 
 
 async def serve(
