@@ -39,6 +39,7 @@ class ProviderConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     propagate_trace_context: bool = True
     egress: Egress = DIRECT
+    transport: str = "builtin"  # the upstream HTTP client: "builtin" or "aiohttp"
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     auth: str = ""  # "" (the API key) | "entra"

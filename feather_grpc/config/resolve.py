@@ -4,6 +4,7 @@ the field and a fix; nothing here runs on the request path."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import ssl
@@ -323,6 +324,7 @@ def _providers(fc: FileConfig, env: dict[str, str], source: str) -> tuple[tuple[
                 max_connections=spec.max_connections,
                 propagate_trace_context=spec.propagate_trace_context,
                 egress=_egress(name, spec, ptype, env, source),
+                transport=_transport(name, spec, source),
                 max_response_bytes=spec.max_response_bytes,
                 max_stream_event_bytes=spec.max_stream_event_bytes,
                 auth=spec.auth or "",
@@ -404,6 +406,18 @@ def _tls(spec: TlsSpec | None, source: str) -> TlsConfig | None:
                 "check the path and permissions",
             ) from None
     return TlsConfig(spec.cert_file, spec.key_file, spec.client_ca_file)
+
+
+def _transport(name: str, spec: ProviderSpec, source: str) -> str:
+    """The provider's HTTP client; aiohttp is an optional extra, imported only when a provider uses it."""
+    if spec.transport == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
+        raise ConfigError(
+            source,
+            f"providers.{name}.transport",
+            '"aiohttp" needs the aiohttp package, which is not installed',
+            "pip install 'feather-grpc[aiohttp]', or remove \"transport\" to use the built-in client",
+        )
+    return spec.transport
 
 
 def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], source: str) -> Egress:

@@ -117,6 +117,8 @@ class ProviderSpec(_Strict):
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
     # Open connections to each of its hosts, per process; calls beyond it wait for one (first come, first served).
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, alias="maxConnections", ge=1, le=100_000)
+    # The HTTP client: the built-in one, or aiohttp's (the feather-grpc[aiohttp] extra) for what it lacks
+    transport: Literal["builtin", "aiohttp"] = "builtin"
     # What one reply may make the gateway hold: a JSON body whole, a stream one line or event at a time.
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
     max_stream_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)

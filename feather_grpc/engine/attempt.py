@@ -25,6 +25,7 @@ from feather_grpc.core.errors import (
     UpstreamInvalidRequest,
     UpstreamUnavailable,
 )
+from feather_grpc.core.http_client import AttemptMarker, attempt_marker
 from feather_grpc.core.limits import StateUnavailable
 from feather_grpc.core.results import AttemptRecord, LastFailure
 from feather_grpc.core.tokens import estimate_prompt_tokens
@@ -36,7 +37,6 @@ from feather_grpc.engine.plan import Planner
 from feather_grpc.engine.retry import RetryPolicy
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.providers.base import Provider
-from feather_grpc.providers.transport import AttemptMarker, attempt_marker
 
 log = logging.getLogger(__name__)
 

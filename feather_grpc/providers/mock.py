@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
+from feather_grpc.core.http_client import mark_sent
 from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
 from feather_grpc.core.types import (
     ChatRequest,
@@ -25,7 +26,6 @@ from feather_grpc.core.types import (
     Usage,
 )
 from feather_grpc.providers.base import ProviderSettings
-from feather_grpc.providers.transport import mark_sent
 
 __all__ = ["REPLY_PREFIX", "MockProvider"]
 

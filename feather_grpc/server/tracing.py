@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from feather_grpc.config import ConfigError
+from feather_grpc.core.http_client import attempt_headers
 from feather_grpc.core.ledger import Outcome, UsageRecord
 from feather_grpc.core.results import AttemptRecord
-from feather_grpc.providers.transport import attempt_headers
 from feather_grpc.server.calls import current_call
 
 log = logging.getLogger(__name__)
