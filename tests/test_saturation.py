@@ -115,6 +115,31 @@ async def test_a_new_call_stuck_in_grpcs_queue_is_saturation() -> None:
         await lag.stop()
 
 
+async def test_a_quiet_process_probes_less_often_and_a_busy_one_at_once() -> None:
+    """A probe costs a call's CPU: with few calls in flight and small measures the process probes every
+    quiet_probe_every_s; as soon as calls pile up, the lag sampler sends the next one at once."""
+    sent: list[float] = []
+    in_flight = {"n": 0}
+
+    async def probe() -> None:
+        sent.append(time.perf_counter())
+
+    lag = LoopLag(
+        0.5, interval_s=0.01, probe=probe, probe_every_s=0.01, in_flight=lambda: in_flight["n"], quiet_probe_every_s=60
+    )
+    lag.start()
+    try:
+        await eventually(lambda: len(sent) == 1, what="the first probe")
+        assert lag.quiet
+        await asyncio.sleep(0.2)  # 20 probe intervals
+        assert len(sent) == 1, "quiet: the next probe waits for quiet_probe_every_s"
+        in_flight["n"] = 8
+        assert not lag.quiet
+        await eventually(lambda: len(sent) >= 3, what="probes every probe_every_s again")
+    finally:
+        await lag.stop()
+
+
 async def test_a_burst_past_the_in_flight_cap_loses_no_call(sim: UpstreamSimulator) -> None:
     holders_n, burst_n = 3, 40
     for _ in range(holders_n):
