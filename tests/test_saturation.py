@@ -213,3 +213,31 @@ async def test_memory_is_trimmed_once_a_burst_is_over() -> None:
         assert trims == [0], "once per burst, not on every idle check"
     finally:
         task.cancel()
+
+
+async def test_calls_that_come_and_go_between_checks_are_not_idle() -> None:
+    """Light traffic (no call in flight at any check, yet one started in every interval) is not a lull:
+    each check would otherwise cost a full collection."""
+    checks = {"n": 0, "started": 0, "traffic": True}
+    trims: list[int] = []
+
+    def in_flight() -> int:
+        checks["n"] += 1
+        if checks["traffic"]:
+            checks["started"] += 1  # a call came and went since the last check
+        return 0
+
+    def trim(pad: int) -> int:
+        trims.append(checks["n"])
+        return 1
+
+    task = asyncio.create_task(
+        return_memory_when_idle(in_flight, interval_s=0.01, trim=trim, started=lambda: checks["started"])
+    )
+    try:
+        await eventually(lambda: checks["n"] >= 10, what="ten checks")
+        assert trims == [], "calls started between the checks: not idle"
+        checks["traffic"] = False
+        await eventually(lambda: len(trims) == 1, what="one trim once the traffic stopped")
+    finally:
+        task.cancel()

@@ -330,7 +330,9 @@ class GatewayServer:
             self._probe_channel = channel = grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}")
             self.loop_lag.probe = self.start_probes.probe(channel, _PROBE_TIMEOUT_S)
         self.loop_lag.start()
-        self._trimmer = asyncio.create_task(return_memory_when_idle(lambda: self.tracker.total_inflight))
+        self._trimmer = asyncio.create_task(
+            return_memory_when_idle(lambda: self.tracker.total_inflight, started=lambda: self.tracker.started)
+        )
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_healthy("ledger", True)
         self._ledger_watch = asyncio.create_task(self._watch_ledger())

@@ -20,9 +20,10 @@ refuses new calls at once with OVERLOADED and RetryInfo (server.tenancy).
 
 A probe is a whole gRPC call (about the CPU of a small real one), so a quiet process probes less often:
 while fewer than `QUIET_IN_FLIGHT` calls are in flight and every measure is under a quarter of the limit,
-every `quiet_probe_every_s` instead of every `probe_every_s`. A handful of calls cannot keep the loop's
-turns long enough for a new call to wait the limit (a process starved of CPU shows as loop lag), and a
-burst passes the handful within a few turns: the probes are back to every `probe_every_s` at the next one.
+every `quiet_probe_every_s` instead of every `probe_every_s`, and the loop's lag every quarter of the limit.
+A handful of calls cannot keep the loop's turns long enough for a new call to wait the limit (a process
+starved of CPU shows as loop lag), and a burst passes the handful within a few turns: the probes are back
+to every `probe_every_s` at the lag sampler's next wake-up.
 """
 
 from __future__ import annotations
@@ -122,8 +123,11 @@ class LoopLag:
     async def _run(self) -> None:
         clock = time.perf_counter
         while True:
-            due = clock() + self.interval_s
-            await asyncio.sleep(self.interval_s)
+            # Quiet, a wake-up every quarter of the limit is enough: it under-measures a stall by less than
+            # what makes the process not quiet, and the next one comes after interval_s again.
+            interval = max(self.interval_s, self.limit_s / 4) if self.quiet else self.interval_s
+            due = clock() + interval
+            await asyncio.sleep(interval)
             self._previous_s, self.lag_s = self.lag_s, max(clock() - due, 0.0)
             quiet_wait = self._quiet_wait
             if quiet_wait is not None and not self.quiet:  # no longer quiet: probe at once
