@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         return workers.run_workers(args.workers, serve_args, ledger=ledger, metrics=metrics)
     if worker is not None:
         workers.die_with_parent(os.environ)
-    from feather_grpc.server.app import ServerOptions, serve
+    from feather_grpc.server.app import ListenError, ServerOptions, serve
 
     providers = ", ".join(f"{p.name} ({p.type}, {len(p.models)} models)" for p in cfg.providers)
     log.info("providers: %s", providers)
@@ -106,6 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
             runner.run(serve(cfg, args.host, args.port, ServerOptions.from_env(os.environ, worker=worker)))
     except config_module.ConfigError as e:
         print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    except ListenError as e:
+        print(f"feather-grpc: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -157,7 +160,10 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    address = args.address or f"127.0.0.1:{os.environ.get('PORT') or 50051}"
+    address = args.addr
+    if "," in address:
+        print("feather-grpc: health checks one gateway: give --addr one host:port", file=sys.stderr)
+        return 2
     if error := _client_cert_error(args):
         print(error, file=sys.stderr)
         return 2
@@ -188,7 +194,10 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    if args.file and args.config_option and args.file != args.config_option:
+        print("feather-grpc: check-config takes one file: give it as FILE (--config is older)", file=sys.stderr)
+        return 2
+    cfg = _load(args.file or args.config_option)
     for p in cfg.providers:
         for m in p.models:
             price = (
@@ -367,13 +376,13 @@ def _parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _table(header: list[str], rows: list[list[str]], numeric_from: int) -> str:
+def _table(header: list[str], rows: list[list[str]], numeric_from: int, text_from: int | None = None) -> str:
+    """Columns padded to their widest cell: text left-aligned, columns numeric_from..text_from right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
+    numeric = range(numeric_from, len(header) if text_from is None else text_from)
     for row in [header, *rows]:
-        cells = [
-            c.rjust(w) if i >= numeric_from else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
+        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -398,6 +407,18 @@ def _usage(args: argparse.Namespace) -> int:
             else:
                 out[g if g != "tag" else args.tag_key] = values[g]
         return out
+
+    def refused(row: Any) -> bool:
+        """Calls refused before routing (authentication, limits, load shedding, a request that does not convert)
+        are recorded without a provider or model: name them as what they are, not as a blank."""
+        return any(g in ("provider", "model") and not dims(row)[g] for g in group_by)
+
+    def label(name: str, value: str) -> str:
+        if not value and name in ("provider", "model"):
+            return "(refused)"
+        if not value and name == "tenant":
+            return "(unauthenticated)"  # a refused call whose caller could not be identified
+        return value or "-"
 
     def counts(row: Any) -> dict[str, Any]:
         return {
@@ -439,7 +460,14 @@ def _usage(args: argparse.Namespace) -> int:
         if args.json:
             document = {
                 "group_by": group_by,
-                "rows": [{**dims(r), **counts(r)} for r in all_rows],
+                "rows": [
+                    {
+                        **dims(r),
+                        **({"refused": refused(r)} if {"provider", "model"} & set(group_by) else {}),
+                        **counts(r),
+                    }
+                    for r in all_rows
+                ],
                 "total": counts(report.total),
             }
             print(json.dumps(document, indent=2))
@@ -452,7 +480,7 @@ def _usage(args: argparse.Namespace) -> int:
             numbers = [c["requests"], c["ok"], c["errors"], c["input_tokens"], c["output_tokens"]]
             return first + [f"{n:,}" for n in numbers] + [format_usd(row.cost_nanos_usd)]
 
-        rows = [line([v or "-" for v in dims(r).values()], r) for r in all_rows]
+        rows = [line([label(g, v) for g, v in zip(group_by, dims(r).values(), strict=True)], r) for r in all_rows]
         total_label = ["TOTAL"] + [""] * (len(names) - 1) if names else []
         rows.append(line(total_label, report.total))
         print(_table(header, rows, numeric_from=len(names)))
@@ -489,12 +517,32 @@ def _models(args: argparse.Namespace) -> int:
                     "state": _STATE_NAMES.get(pb.CircuitState.Name(m.circuit_state), "unknown"),
                     "latency_ms": m.latency_ms,
                     "max_connections": m.max_connections,
+                    "last_failure": (
+                        {
+                            "reason": m.last_failure.reason,
+                            "message": m.last_failure.message,
+                            "http_status": m.last_failure.http_status,
+                            "time": m.last_failure.failure_time.ToDatetime(tzinfo=UTC).isoformat(),
+                        }
+                        if m.HasField("last_failure")
+                        else None
+                    ),
                 }
                 for m in found
             ]
             print(json.dumps(document, indent=2))
             return 0
-        header = ["PROVIDER", "MODEL", "ALIASES", "STATE", "INPUT $/1M", "OUTPUT $/1M", "LATENCY", "CONNS"]
+        header = [
+            "PROVIDER",
+            "MODEL",
+            "ALIASES",
+            "STATE",
+            "INPUT $/1M",
+            "OUTPUT $/1M",
+            "LATENCY",
+            "CONNS",
+            "LAST FAILURE",
+        ]
         rows = [
             [
                 m.provider,
@@ -505,30 +553,56 @@ def _models(args: argparse.Namespace) -> int:
                 price(m.price.output_nanos_usd_per_million) if m.HasField("price") else "unpriced",
                 f"{m.latency_ms} ms" if m.latency_ms else "-",
                 str(m.max_connections) if m.max_connections else "-",
+                _last_failure(m) or "-",
             ]
             for m in found
         ]
-        print(_table(header, rows, numeric_from=4))
+        print(_table(header, rows, numeric_from=4, text_from=8))
         return 0
 
     return _run_client_command(args, models)
 
 
-def _add_client_commands(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _default_addr() -> str:
+    """Where every client command (health included) finds the gateway: $FEATHER_ADDR, else this machine on
+    $PORT (the port `serve` listens on, so one environment serves and calls alike), else localhost:50051."""
+    return os.environ.get("FEATHER_ADDR") or f"localhost:{os.environ.get('PORT') or 50051}"
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    """The options every command that talks to a running gateway shares."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
         "--addr",
-        default=os.environ.get("FEATHER_ADDR") or "localhost:50051",
-        help="gateway host:port, or several comma-separated IPs (default: $FEATHER_ADDR or localhost:50051)",
+        default=_default_addr(),
+        help="gateway host:port, or several comma-separated IPs (default: $FEATHER_ADDR, else localhost:$PORT, "
+        "else localhost:50051)",
     )
+    options.add_argument("--address", dest="addr", help=argparse.SUPPRESS)  # the health command's old spelling
+    options.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    options.add_argument("--ca-cert", help="PEM root certificates to trust (implies TLS)")
+    options.add_argument("--cert", help="PEM client certificate chain for mutual TLS (with --key)")
+    options.add_argument("--key", help="PEM private key of --cert")
+    return options
+
+
+def _last_failure(model: Any) -> str:
+    """`UPSTREAM_CONNECT_ERROR 12s ago: openai: connect error: ...`, or "" when the model has not failed."""
+    if not model.HasField("last_failure"):
+        return ""
+    failure = model.last_failure
+    age = max(datetime.now(UTC) - failure.failure_time.ToDatetime(tzinfo=UTC), timedelta(0))
+    seconds = int(age.total_seconds())
+    ago = f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
+    return f"{failure.reason} {ago} ago: {_one_line(failure.message)}"
+
+
+def _add_client_commands(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False, parents=[_connection_options()])
     common.add_argument(
         "--api-key", default=os.environ.get("FEATHER_API_KEY"), help="API key (default: $FEATHER_API_KEY)"
     )
     common.add_argument("--timeout", type=_positive_seconds, default=120.0, help="deadline in seconds (default: 120)")
-    common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    common.add_argument("--ca-cert", help="PEM root certificates to trust (implies TLS)")
-    common.add_argument("--cert", help="PEM client certificate chain for mutual TLS (with --key)")
-    common.add_argument("--key", help="PEM private key of --cert")
 
     chat = sub.add_parser("chat", parents=[common], help="stream a reply from a running gateway")
     chat.add_argument("prompt", help='the user message ("-" reads it from stdin)')
@@ -576,17 +650,21 @@ def main(argv: list[str] | None = None) -> int:
         "(default: $FEATHER_WORKERS or 1)",
     )
     serve.set_defaults(run=_serve)
-    health = sub.add_parser("health", help="ask a running server's grpc.health.v1 service; exit 0 if SERVING")
-    health.add_argument("--address", help="host:port (default: 127.0.0.1:$PORT, or 127.0.0.1:50051)")
+    health = sub.add_parser(
+        "health", parents=[_connection_options()], help="ask a running server's grpc.health.v1; exit 0 if SERVING"
+    )
     health.add_argument("--service", default="", help='service name (default: "", the whole server)')
     health.add_argument("--timeout", type=_positive_seconds, default=2.0, help="seconds (default: 2)")
-    health.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    health.add_argument("--ca-cert", help="PEM root certificates to trust (implies TLS)")
-    health.add_argument("--cert", help="PEM client certificate chain for mutual TLS (with --key)")
-    health.add_argument("--key", help="PEM private key of --cert")
     health.set_defaults(run=_health)
     check = sub.add_parser("check-config", help="validate a config and print what it serves")
-    check.add_argument("--config")
+    check.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="the config to check (default: the one serve loads: $FEATHER_CONFIG, ./feather.config.json, or the "
+        "embedded default)",
+    )
+    check.add_argument("--config", dest="config_option", help=argparse.SUPPRESS)  # the older spelling
     check.set_defaults(run=_check_config)
     _add_client_commands(sub)
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)

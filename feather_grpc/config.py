@@ -316,6 +316,10 @@ class FileConfig(_Strict):
     providers: dict[str, ProviderSpec] = Field(min_length=1)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     timeout_ms: int = Field(default=60_000, alias="timeoutMs", gt=0)
+    # The most a call may take to its answer (a stream: to its first token), retries, backoff and fail-over
+    # included, whatever the per-attempt timeouts add up to; the caller's deadline wins when it is earlier.
+    # 2 minutes: the clients' default deadline.
+    request_timeout_ms: int = Field(default=120_000, alias="requestTimeoutMs", gt=0)
     circuit_breaker: BreakerSpec = Field(default_factory=BreakerSpec, alias="circuitBreaker")
     ledger: LedgerSpec = Field(default_factory=LedgerSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)
@@ -441,6 +445,7 @@ class GatewayConfig:
     policy: str = "first"
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    request_timeout_ms: int = 120_000
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     ledger_type: str = "memory"
     ledger_path: str = ":memory:"
@@ -772,6 +777,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
         policy=file_config.policy,
         routes=routes,
         retry=RetryConfig(r.max_attempts, r.base_ms, r.max_ms),
+        request_timeout_ms=file_config.request_timeout_ms,
         breaker=breaker,
         ledger_type=file_config.ledger.type,
         ledger_path=ledger_path if file_config.ledger.type == "sqlite" else ":memory:",

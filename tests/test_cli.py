@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -134,6 +135,28 @@ def test_usage_prints_a_table_and_one_json_document(gateway: str) -> None:
     assert report["total"]["cache_write_tokens"] == report["total"]["reasoning_tokens"] == 0
 
 
+def test_usage_names_calls_refused_before_routing_as_refused(tmp_path: Path) -> None:
+    admin_key = "fk_cli_admin_key"
+    digests = {k: "sha256:" + hashlib.sha256(k.encode()).hexdigest() for k in (API_KEY, admin_key)}
+    tenants = {"cli": {"keys": [digests[API_KEY]]}, "ops": {"keys": [digests[admin_key]], "role": "admin"}}
+    config = {"providers": MOCK, "ledger": {"type": "memory"}, "tenants": tenants}
+    with contextmanager(_serve)(tmp_path, config) as addr:
+        assert cli("chat", "served", "-m", "fast", "--api-key", API_KEY, addr=addr).returncode == 0
+        refused = cli("chat", "refused", "-m", "fast", "--api-key", "fk_not_a_key", addr=addr)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        as_admin = ("--api-key", admin_key, "--since", "1h")
+        table = cli("usage", "--group-by", "tenant,provider,model", *as_admin, addr=addr)
+        assert table.returncode == 0, table.stderr
+        rows = [line.split() for line in table.stdout.strip().splitlines()[1:-1]]
+        assert sorted(r[:5] for r in rows) == [
+            ["(unauthenticated)", "(refused)", "(refused)", "1", "0"],
+            ["cli", "mock", "mock-fast", "1", "1"],
+        ]
+        document = json.loads(cli("usage", "--group-by", "model", "--json", *as_admin, addr=addr).stdout)
+        by_model = {r["model"]: (r["refused"], r["errors"]) for r in document["rows"]}
+        assert by_model == {"": (True, 1), "mock-fast": (False, 0)}  # JSON keeps the exact (empty) values
+
+
 def test_models_lists_aliases_prices_and_state(gateway: str) -> None:
     table = cli("models", addr=gateway)
     assert table.returncode == 0, table.stderr
@@ -203,7 +226,7 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path: Path, case: str, expecte
     non_utf8 = tmp_path / "latin1.json"
     non_utf8.write_bytes(b'{"providers": {"mock": {"type": "mock", "models": [{"name": "caf\xe9"}]}}}')
     args, env = {
-        "non-utf8": (["check-config", "--config", str(non_utf8)], {}),
+        "non-utf8": (["check-config", str(non_utf8)], {}),
         "workers": (["serve", "--config", good, "--port", "0"], {"FEATHER_WORKERS": "abc"}),
         "tls-check": (["check-config", "--config", tls_config], {}),
         "tls-serve": (["serve", "--config", tls_config, "--port", "0"], {}),
@@ -236,7 +259,7 @@ def test_usage_since_too_far_back_is_a_usage_error_not_a_traceback() -> None:
     )
 
 
-def test_serve_on_a_port_in_use_names_the_address_and_exits_2(tmp_path: Path) -> None:
+def test_serve_on_a_port_in_use_says_so_and_is_not_called_a_configuration_error(tmp_path: Path) -> None:
     config = _write_config(tmp_path / "feather.config.json")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -247,10 +270,45 @@ def test_serve_on_a_port_in_use_names_the_address_and_exits_2(tmp_path: Path) ->
     assert "Traceback" not in run.stderr
     lines = [line for line in run.stderr.splitlines() if line.startswith("feather-grpc: ")]
     assert lines == [
-        f"feather-grpc: invalid configuration: server: 127.0.0.1:{port}: cannot listen on this address (the port "
-        "is in use, or the host is not an address of this machine). Fix: stop the process that holds the port, "
-        "or pick another with --port, PORT or server.port"
+        f"feather-grpc: cannot listen on 127.0.0.1:{port}: the port is in use by another process. Fix: stop the "
+        "process that holds the port, or pick another with --port, PORT or server.port"
     ]
+
+
+def test_serve_on_a_host_that_is_not_this_machines_says_so(tmp_path: Path) -> None:
+    run = cli("serve", "--config", _write_config(tmp_path / "c.json"), "--host", "192.0.2.1", "--port", "0")
+    assert run.returncode == 2, run.stderr
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("feather-grpc: ")]
+    assert line.startswith("feather-grpc: cannot listen on 192.0.2.1:0: the host is not an address of this machine")
+
+
+def test_check_config_takes_the_file_as_its_argument(tmp_path: Path) -> None:
+    good = _write_config(tmp_path / "good.json")
+    run = cli("check-config", good)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == f"ok: {good}" and "mock/mock-fast [mock] aliases=fast" in run.stdout
+    assert cli("check-config", "--config", good).stdout == run.stdout, "the older --config still works"
+    other = _write_config(tmp_path / "other.json")
+    both = cli("check-config", good, "--config", other)
+    assert both.returncode == 2 and "takes one file" in both.stderr
+    missing = cli("check-config", str(tmp_path / "missing.json"))
+    assert missing.returncode == 2 and "missing.json" in missing.stderr
+
+
+def test_health_takes_addr_and_feather_addr_like_every_command(gateway: str) -> None:
+    for args, env in [
+        (["--addr", gateway], {}),
+        ([], {"FEATHER_ADDR": gateway}),
+        ([], {"PORT": gateway.rsplit(":", 1)[1]}),  # the port `serve` listens on, in the same environment
+        (["--address", gateway], {}),  # the older spelling, kept so scripts and probes do not break
+    ]:
+        run = cli("health", *args, env=env)
+        assert run.returncode == 0, (args, env, run.stderr)
+        assert run.stdout.strip().endswith("(server): SERVING")
+    elsewhere = cli("health", env={"FEATHER_ADDR": f"127.0.0.1:{_free_port()}"})
+    assert elsewhere.returncode == 1 and "UNAVAILABLE" in elsewhere.stderr
+    several = cli("health", "--addr", f"{gateway},{gateway}")
+    assert several.returncode == 2 and "health checks one gateway" in several.stderr
 
 
 def test_serve_with_tls_files_that_are_not_pem_exits_2_and_says_so(tmp_path: Path) -> None:
@@ -261,7 +319,7 @@ def test_serve_with_tls_files_that_are_not_pem_exits_2_and_says_so(tmp_path: Pat
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr
     (line,) = [line for line in run.stderr.splitlines() if line.startswith("feather-grpc: ")]
-    assert "server.tls certFile/keyFile is not a valid PEM pair" in line
+    assert line.startswith("feather-grpc: invalid configuration: server: tls: not a valid PEM certificate and key")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import importlib.metadata
 import inspect
+import re
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from feather_client import (
 from feather_client.channel import service_config, target
 from feather_client.gen.feather.v1 import feather_service_pb2_grpc as client_pb_grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.json_format import MessageToDict
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -423,6 +425,87 @@ async def test_stream_assembles_tool_call_fragments() -> None:
         assert [t async for t in stream] == []
     assert stream.finish_reason == "tool_calls" and stream.cost_nanos_usd == 7
     assert [(c.id, c.name, c.arguments) for c in stream.result.tool_calls] == [("c1", "get", '{"a": 1}')]
+
+
+# --- OpenAI-style messages and tools. ---
+
+
+async def test_openai_style_messages_with_lowercase_roles_reach_a_real_gateway() -> None:
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+    async with running_gateway(MOCK_CONFIG) as gw, FeatherClient(gw.address) as client:
+        reply = await client.chat(conversation, model="fast")
+        stream = client.stream_chat(conversation, model="fast")
+        streamed = "".join([t async for t in stream])
+
+        def sync_call() -> str:
+            with SyncFeatherClient(gw.address) as sync_client:
+                return sync_client.chat([{"role": "user", "content": "sync"}], model="fast").text
+
+        synced = await asyncio.to_thread(sync_call)
+    assert reply.text == streamed == "Feather mock reply to: Say hello"
+    assert synced == "Feather mock reply to: sync"
+
+
+async def test_openai_style_tool_calls_tool_results_and_tools_are_sent_as_the_proto_says() -> None:
+    conversation: list[dict[str, Any]] = [
+        {"role": "developer", "content": "Use the tools."},
+        {"role": "user", "content": "Weather in Paris?", "name": "ann"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "time", "arguments": {"tz": "CET"}}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+        {"role": "TOOL", "tool_call_id": "call_2", "content": "12:00"},
+    ]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Weather now", "parameters": schema}}]
+    service = ScriptedService()
+    async with scripted_server(service) as address, FeatherClient(address) as client:
+        await client.chat(conversation, model="m", tools=tools, tool_choice="required")
+        await client.chat("again", model="m", tool_choice={"type": "function", "function": {"name": "weather"}})
+        with pytest.raises(ValueError, match="tool_choice: 'sometimes' is not one of auto, none, required"):
+            await client.chat("no", model="m", tool_choice="sometimes")
+    (request, _, _), (named, _, _) = service.calls
+    assert request.tool_choice.mode == pb.TOOL_CHOICE_MODE_REQUIRED
+    assert named.tool_choice.function_name == "weather"
+    assert [m.role for m in request.messages] == [
+        pb.ROLE_SYSTEM,
+        pb.ROLE_USER,
+        pb.ROLE_ASSISTANT,
+        pb.ROLE_TOOL,
+        pb.ROLE_TOOL,
+    ]
+    assert request.messages[1].name == "ann" and request.messages[2].content == ""
+    calls = [(c.id, c.name, c.arguments) for c in request.messages[2].tool_calls]
+    assert calls == [("call_1", "weather", '{"city":"Paris"}'), ("call_2", "time", '{"tz":"CET"}')]
+    assert [(m.tool_call_id, m.content) for m in request.messages[3:]] == [("call_1", "18C"), ("call_2", "12:00")]
+    (sent_tool,) = request.tools
+    assert (sent_tool.name, sent_tool.description) == ("weather", "Weather now")
+    assert MessageToDict(sent_tool.parameters) == schema
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([{"role": "usr", "content": "hi"}], "messages[0].role: 'usr' is not one of system, developer, user"),
+        ([{"content": "hi"}], "messages[0].role: None is not one of"),
+        ([{"role": "user", "content": 7}], "messages[0].content: must be a string or a list of parts, got int"),
+        ([{"role": "user", "content": [{"type": "txt", "text": "hi"}]}], "messages[0].content[0].type: 'txt' is"),
+        ([{"role": "user", "content": "hi", "contnet": "x"}], "messages[0]: unknown field(s) contnet"),
+        ([user("ok"), {"role": "assistant", "tool_calls": ["x"]}], "messages[1].tool_calls[0]: a tool call is a"),
+        ([user("ok"), "hi"], "messages[1]: a message is a mapping like"),
+    ],
+)
+async def test_a_malformed_openai_style_message_is_a_value_error_naming_its_field(
+    messages: list[Any], expected: str
+) -> None:
+    async with FeatherClient("127.0.0.1:1") as client:  # refused before any call is made
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            await client.chat(messages, model="fast")
 
 
 # --- Several gateways, balanced round robin. ---

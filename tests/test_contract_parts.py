@@ -7,6 +7,7 @@ A real gateway in front of the upstream simulator; the bodies it sends upstream 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -357,6 +358,43 @@ async def test_python_client_part_helpers(sim: UpstreamSimulator) -> None:
     sent = sim.requests[0].body["messages"]
     assert [b["type"] for b in sent[0]["content"]] == ["text", "image", "image", "document"]
     assert sent[2]["content"][0] == {"type": "tool_result", "tool_use_id": "t1", "content": "failed", "is_error": True}
+
+
+async def test_python_client_openai_style_content_parts_reach_openai_as_written(sim: UpstreamSimulator) -> None:
+    """OpenAI-style content part lists (issue 15 item 7 with issue 12's parts): text, image_url by http URL and
+    by data: URL, file with inline file_data, input_audio arrive upstream exactly as the caller wrote them."""
+    content: list[dict[str, Any]] = [
+        {"type": "text", "text": "What is in these?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg", "detail": "high"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(PNG)}"}},
+        {"type": "file", "file": {"filename": "report.pdf", "file_data": f"data:application/pdf;base64,{b64(PDF)}"}},
+        {"type": "input_audio", "input_audio": {"data": b64(WAV), "format": "wav"}},
+    ]
+    system = {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}
+    async with running_gateway(config(sim), ENV) as gw, fc.FeatherClient(gw.address) as client:
+        await client.chat([system, {"role": "user", "content": content}], model="gpt-sim")
+    assert sim.requests[0].body["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": content},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("part", "expected"),
+    [
+        ({"type": "image_url", "image_url": {"url": "data:image/png,abc"}}, "content[0].image_url.url: a data URL"),
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}, "image_url.url: not valid base64"),
+        ({"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "max"}}, "detail: 'max' is not"),
+        ({"type": "file", "file": {"file_id": "file-abc"}}, "content[0].file.file_id: uploaded files are not"),
+        ({"type": "input_audio", "input_audio": "x"}, "content[0].input_audio: must be a mapping"),
+        ({"type": "refusal", "refusal": "no"}, "content[0].type: 'refusal' is not one of text, image_url"),
+        (42, "messages[0].content[0]: must be a mapping, got int"),
+    ],
+)
+async def test_python_client_refuses_a_malformed_openai_style_part_naming_its_field(part: Any, expected: str) -> None:
+    async with fc.FeatherClient("127.0.0.1:1") as client:  # refused before any call is made
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            await client.chat([{"role": "user", "content": [part]}], model="gpt-sim")
 
 
 async def test_a_context_window_fallback_must_take_the_parts_too(sim: UpstreamSimulator) -> None:

@@ -1118,7 +1118,7 @@ async def test_a_chat_sent_twice_with_one_request_id_is_billed_once(
         if not cache:
             assert second.cost_nanos_usd == first.cost_nanos_usd  # both calls consumed; one is billed
         usage = await gw.stub.Usage(pb.UsageRequest())
-        ledger = gw.server.stores.ledger if gw.server.stores is not None else None
+        ledger = gw.server.assembly.engine.ledger if gw.server.assembly is not None else None
         if isinstance(ledger, MemoryLedger):
             assert [r.request_id for r in ledger.records] == ["r-42", "r-42", "r-43"]  # every call is recorded
     if ledger_type == "sqlite":
@@ -1139,7 +1139,7 @@ def test_the_postgres_spool_sits_next_to_the_ledger_file_or_in_the_working_direc
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from feather_grpc import config as config_module
-    from feather_grpc.server.stores import spool_path
+    from feather_grpc.server.assembly import spool_path
 
     monkeypatch.delenv("FEATHER_SPOOL_PATH", raising=False)
 

@@ -25,10 +25,11 @@ from redis.crc import key_slot
 
 from feather_grpc.config import GatewayConfig, parse_file_config, resolve
 from feather_grpc.engine.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
+from feather_grpc.engine.call import CallContext
 from feather_grpc.engine.errors import RateLimitExceeded
-from feather_grpc.engine.gateway import CallContext, Feather
 from feather_grpc.engine.types import ChatRequest, Message, Role
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.assembly import assemble
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.limits import (
     BucketSpec,
@@ -788,7 +789,7 @@ async def test_admission_is_one_round_trip_and_the_first_attempt_uses_its_provid
     request = ChatRequest(model="fast", messages=[Message(Role.USER, "hi")], max_tokens=20)
     bucket = "mock:mock-fast"  # rps 0.01, burst 3: no token comes back during the test
     try:
-        async with Feather(config, MemoryLedger(), **stores) as engine:
+        async with assemble(config, ledger=MemoryLedger(), **stores).engine as engine:
             admission, candidates = engine.admission, engine.router.plan("fast")
             warm = await admission.admit(tenant, request, candidates, None, first_slot=bucket)
             await admission.settle(warm, 0, 0)  # loads the scripts (NOSCRIPT, EVAL); the unused token comes back

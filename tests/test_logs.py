@@ -96,6 +96,15 @@ async def test_one_json_line_per_call_without_prompt_completion_or_key(tmp_path:
     assert (call["input_tokens"], call["output_tokens"]) == (30, 12)
     assert call["cost_nanos_usd"] == reply.cost_nanos_usd > 0
     assert call["attempts"] == 2 and call["duration_ms"] >= 0
+    (failed,) = call["attempt_errors"]  # why the first attempt failed, with the provider's own words
+    assert {k: failed[k] for k in ("provider", "model", "outcome", "reason", "http_status")} == {
+        "provider": "openai",
+        "model": "gpt-sim",
+        "outcome": "retryable_error",
+        "reason": "UPSTREAM_SERVER_ERROR",
+        "http_status": 500,
+    }
+    assert failed["detail"].startswith("openai: ") and "500" in failed["detail"]
     assert call["level"] == "info" and isinstance(call["pid"], int)
     assert "confidential-prompt-4711" not in everything
     assert API_KEY not in everything and "ThisIsTheUpstreamKey" not in everything

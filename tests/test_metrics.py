@@ -13,7 +13,7 @@ import pytest
 
 from feather_grpc.config import ConfigError
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
-from feather_grpc.server.app import ServerOptions
+from feather_grpc.server.app import ListenError, ServerOptions
 from feather_grpc.server.metrics import rate_limit_scope
 from sim.upstream import Reply, SimUsage, UpstreamSimulator
 from tests.gateway_harness import MOCK_CONFIG, user
@@ -149,12 +149,12 @@ async def test_metrics_are_off_unless_a_port_is_set() -> None:
         assert not any(type(o).__name__ == "GatewayMetrics" for o in gw.server.engine.observers)
 
 
-async def test_a_busy_metrics_port_is_a_configuration_error() -> None:
+async def test_a_busy_metrics_port_says_so_and_a_malformed_one_is_a_configuration_error() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         options = ServerOptions(metrics_port=busy.getsockname()[1], metrics_host="127.0.0.1")
-        with pytest.raises(ConfigError, match="METRICS_PORT"):
+        with pytest.raises(ListenError, match=r"\(METRICS_PORT\): Address already in use. Fix: pick a free"):
             async with running_server(MOCK_CONFIG, {}, options):
                 pass
     with pytest.raises(ConfigError, match="METRICS_PORT"):

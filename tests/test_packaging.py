@@ -120,6 +120,11 @@ def test_dockerfile_shape() -> None:
     assert final.base.startswith("python:3.11-slim")
     assert any("pip wheel" in run for run in builder.all("RUN")), "the builder builds the wheel"
     assert any("[otel]" in run for run in builder.all("RUN")), "the image can trace (otel extra)"
+    assert any("pip wheel" in run and "./clients/python" in run for run in builder.all("RUN")), "the CLI's client"
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    client = tomllib.loads((REPO / "clients" / "python" / "pyproject.toml").read_text())["project"]
+    pinned = [d for d in dependencies if d.startswith(client["name"])]
+    assert pinned == [f"{client['name']}=={client['version']}"], "the gateway needs the client built beside it"
     assert any("--from=builder" in copy_ for copy_ in final.all("COPY"))
     user = final.one("USER").split(":")[0]
     assert user.isdigit() and int(user) >= 1000, "non-root, numeric so runAsNonRoot can verify it"
@@ -134,7 +139,12 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest() -> None:
     patterns = [p for p in (REPO / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
 
     def ignored(path: str) -> bool:
-        return any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") for p in patterns)
+        verdict = False  # Docker's rule: the last pattern that matches decides, and `!` re-includes
+        for p in patterns:
+            pattern = p.removeprefix("!")
+            if fnmatch.fnmatch(path, pattern) or path.startswith(pattern.rstrip("/") + "/"):
+                verdict = not p.startswith("!")
+        return verdict
 
     copied = [
         src for stage in dockerfile_stages() for c in stage.all("COPY") if "--from" not in c for src in c.split()[:-1]
@@ -142,7 +152,7 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest() -> None:
     assert copied, "the builder copies sources"
     for src in copied:
         assert (REPO / src).exists() and not ignored(src), src
-    for path in (".git", ".venv", "node_modules", "tests", "feather-usage.db"):
+    for path in (".git", ".venv", "node_modules", "tests", "feather-usage.db", "clients/typescript"):
         assert ignored(path), path
 
 

@@ -77,10 +77,10 @@ def _check(run: subprocess.CompletedProcess[str], what: str) -> str:
     return run.stdout
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_readme_python_examples(port: int, index: int, tmp_path: Path) -> None:
     blocks = readme_blocks("### Python", "python")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     script = tmp_path / "example.py"
     script.write_text(_localize(blocks[index], port))
     out = _check(
@@ -93,6 +93,8 @@ def test_readme_python_examples(port: int, index: int, tmp_path: Path) -> None:
         assert re.search(r"^mock-fast \d+ \$0\.\d+$", out, re.M)
         assert "mock-smart ['smart']" in out
         assert out.rstrip().endswith("NOT_FOUND MODEL_NOT_FOUND no-such-model")
+    elif index == 1:
+        assert out == "Feather mock reply to: Say hello\n"  # OpenAI-style messages
     else:
         assert "Feather mock reply to: Count to three" in out
         assert re.search(r"^mock/mock-fast stop \$0\.\d+$", out, re.M)

@@ -87,7 +87,7 @@ async def test_a_redis_refusing_decisions_turns_health_not_serving(
     doc = copy.deepcopy(MOCK_CONFIG)
     doc["stateFailureMode"] = "closed"
     doc["tenants"] = {"default": {"limits": {"rpm": 6000}}}  # every call takes a decision in Redis
-    caplog.set_level(logging.WARNING, logger="feather_grpc.server.stores")
+    caplog.set_level(logging.WARNING, logger="feather_grpc.server.app")
     with RedisServer() as redis:
         admin_client = connect(redis.url)
 
@@ -119,7 +119,7 @@ async def test_a_redis_refusing_decisions_turns_health_not_serving(
                 watch.cancel()
         finally:
             await admin_client.aclose()
-    lines = [r.getMessage() for r in caplog.records if r.name == "feather_grpc.server.stores"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "feather_grpc.server.app"]
     down = [line for line in lines if "shared state store UNAVAILABLE" in line]
     assert len(down) == 1 and error in down[0], lines
     assert any("shared state store available again" in line for line in lines)

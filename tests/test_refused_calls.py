@@ -15,10 +15,10 @@ import grpc
 import pytest
 
 from feather_grpc import config
-from feather_grpc.engine.gateway import Feather
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.app import GatewayServer
+from feather_grpc.server.assembly import assemble
 from feather_grpc.server.logs import CALLS_LOGGER
 from feather_grpc.state.ledger import Outcome, UsageRecord
 from feather_grpc.state.limits import BucketSpec, StateUnavailable
@@ -227,7 +227,7 @@ class _StoreDown(MemoryRateLimiter):
 async def test_state_store_down_before_admission_is_recorded(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
     cfg = config.resolve(config.parse_file_config(json.dumps(tenants_doc(limits={"rpm": 60})), "<test>"), {}, "<test>")
-    server = GatewayServer(cfg, engine=Feather(cfg, MemoryLedger(), limiter=_StoreDown()))
+    server = GatewayServer(cfg, engine=assemble(cfg, ledger=MemoryLedger(), limiter=_StoreDown()).engine)
     port = await server.start("127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -254,6 +254,23 @@ async def test_a_request_that_does_not_convert_is_recorded() -> None:
             "INVALID_REQUEST",
             True,
         )
+
+
+async def test_a_chat_that_does_not_convert_is_refused_once_and_gives_its_slot_back() -> None:
+    """Refused by the interceptor (the one place refusals are recorded): its status names its request id,
+    it has exactly one record, and the tenant's only concurrency slot is free again for the next call."""
+    async with running_gateway(tenants_doc(limits={"concurrency": 1})) as gw:
+        bad = pb.ChatRequest(model="fast", messages=[pb.Message(role=99, content="hi")], request_id="bad-unary")
+        err = rich_error(await refused(gw.stub.Chat(bad, metadata=bearer(ACME_KEY))))
+        assert (err.code, err.reason, err.metadata.get("requestId")) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+            "bad-unary",
+        )
+        ok = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=bearer(ACME_KEY))
+        records = ledger_of(gw.server).records
+        assert [r.request_id for r in records] == ["bad-unary", ok.request_id]
+        assert (records[0].tenant, records[0].streamed, records[0].error_code) == ("acme", False, "INVALID_ARGUMENT")
 
 
 async def test_a_refused_callers_oversized_fields_are_not_kept() -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from feather_grpc.engine.results import LastFailure
 
 
 class FeatherError(Exception):
@@ -48,10 +52,17 @@ class UpstreamUnavailable(FeatherError):
     reason = "UPSTREAM_UNAVAILABLE"
     code = "UNAVAILABLE"
 
-    def __init__(self, message: str, retry_after_s: float | None = None, upstream_reason: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float | None = None,
+        upstream_reason: str = "",
+        last_failure: LastFailure | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.upstream_reason = upstream_reason  # the last attempt's, e.g. UPSTREAM_REDIRECT
+        self.last_failure = last_failure  # the upstream failure behind it (for an open circuit: what opened it)
 
 
 class UpstreamInvalidRequest(FeatherError):
@@ -81,6 +92,10 @@ class UpstreamAuthFailed(FeatherError):
 class DeadlineExceeded(FeatherError):
     reason = "DEADLINE_EXCEEDED"
     code = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str, request_timeout_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.request_timeout_ms = request_timeout_ms  # set when the gateway's requestTimeoutMs ran out
 
 
 class ProviderError(Exception):

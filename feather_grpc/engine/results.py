@@ -15,6 +15,18 @@ class AttemptRecord:
     error_reason: str = ""
     duration_ms: int = 0
     http_status: int = 0
+    error_detail: str = ""  # what went wrong, safe to show (ProviderError.message: no keys, no bodies)
+
+
+@dataclass(frozen=True, slots=True)
+class LastFailure:
+    """The most recent upstream failure of one provider:model that counted against its circuit (so what
+    opened it, when it is open), as this process saw it."""
+
+    reason: str  # e.g. UPSTREAM_CONNECT_ERROR, UPSTREAM_AUTH_FAILED
+    message: str  # safe to show (ProviderError.message)
+    http_status: int
+    time_s: float  # wall clock, seconds since the epoch
 
 
 @dataclass(slots=True)

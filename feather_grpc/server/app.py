@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
-from collections.abc import Mapping
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +29,13 @@ from feather_grpc.engine.observe import CallObserver
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
+from feather_grpc.server.assembly import Gateway, assemble, spool_path
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.loop_lag import LoopLag, StartProbes
 from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.server.servicer import FeatherServicer
-from feather_grpc.server.stores import Stores, build_stores, reconcile_budgets, spool_path, watch_shared_state
 from feather_grpc.server.tenancy import TenantGate
+from feather_grpc.state.fail_open import Outage
 
 if TYPE_CHECKING:
     from feather_grpc.server.metrics import GatewayMetrics
@@ -41,6 +44,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatherService"].full_name
+
+
+class ListenError(Exception):
+    """An address the server cannot listen on because of the machine's state (a port another process holds,
+    a host that is not this machine's): not a configuration error, though a setting may be the way out."""
+
+    def __init__(self, address: str, cause: str, fix: str) -> None:
+        super().__init__(f"cannot listen on {address}: {cause}. Fix: {fix}")
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a plain socket cannot bind host:port, or None when it can: grpc's bind error names no cause, so
+    after it fails the same bind is tried once more here to learn the errno (at start only)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"the host does not resolve ({e.strerror})"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return "the port is in use by another process"
+                if e.errno == errno.EADDRNOTAVAIL:
+                    return "the host is not an address of this machine"
+                return str(e.strerror or e)
+    return None
+
+
 # Health name for liveness probes: SERVING from start until shutdown, whatever the shared stores do
 # ("" and SERVICE_NAME go NOT_SERVING while a required store is down; restarting would not help).
 LIVENESS_SERVICE = "liveness"
@@ -225,18 +258,10 @@ class GatewayServer:
             observers.append(self.metrics)
         if options.call_log:
             observers.append(logs.CallLog(worker=options.worker))
-        self.stores: Stores | None = None
+        self.assembly: Gateway | None = None  # what the server built (an engine passed in is the caller's)
         if engine is None:
-            self.stores = stores = build_stores(config, options.worker)
-            engine = Feather(
-                config,
-                stores.ledger,
-                observers=observers,
-                limiter=stores.limiter,
-                budgets=stores.budgets,
-                cache=stores.cache,
-                circuits=stores.circuits,
-            )
+            self.assembly = assemble(config, options.worker, observers=observers)
+            engine = self.assembly.engine
         else:
             engine.observers.extend(observers)
         self._state_watch: asyncio.Task[None] | None = None
@@ -273,8 +298,8 @@ class GatewayServer:
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()
-        if self.stores is not None:
-            await self.stores.aclose()
+        if self.assembly is not None:
+            await self.assembly.aclose()
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         """Starts serving and returns the bound port (pass port 0 to pick a free one)."""
@@ -303,12 +328,17 @@ class GatewayServer:
                 self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
         except RuntimeError:  # grpc's "Failed to bind to address", whatever the cause
             await self._close_engine()
-            causes = "the port is in use, or the host is not an address of this machine"
-            fix = "stop the process that holds the port, or pick another with --port, PORT or server.port"
+            bound_host, _, bound_port = address.rpartition(":")
+            why = bind_problem(bound_host, int(bound_port))
+            if why is not None:
+                fix = "stop the process that holds the port, or pick another with --port, PORT or server.port"
+                if "host" in why:
+                    fix = "listen on an address of this machine (--host or server.host), e.g. 127.0.0.1 or 0.0.0.0"
+                raise ListenError(address, why, fix) from None
             if self.config.tls is not None:  # grpc says the same when the certificate or key is not valid PEM
-                causes += ", or server.tls certFile/keyFile is not a valid PEM pair"
-                fix += "; check that the TLS files are a PEM certificate and its key"
-            raise ConfigError("server", address, f"cannot listen on this address ({causes})", fix) from None
+                fix = "check that server.tls certFile and keyFile are a PEM certificate and its key"
+                raise ConfigError("server", "tls", "not a valid PEM certificate and key pair", fix) from None
+            raise ListenError(address, "grpc could not bind it", "pick another address") from None
         if self.metrics is not None and self.options.metrics_port is not None:
             metrics_host = self.options.metrics_host or host or self.config.host
             try:
@@ -316,9 +346,7 @@ class GatewayServer:
             except OSError as e:
                 where = f"{metrics_host}:{self.options.metrics_port}"
                 await self._close_engine()
-                raise ConfigError(
-                    "environment", "METRICS_PORT", f"cannot listen on {where} ({e.strerror})", "use a free port"
-                ) from None
+                raise ListenError(f"{where} (METRICS_PORT)", str(e.strerror or e), "pick a free METRICS_PORT") from None
         probe_port = None
         if self.config.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
             try:
@@ -336,9 +364,9 @@ class GatewayServer:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_healthy("ledger", True)
         self._ledger_watch = asyncio.create_task(self._watch_ledger())
-        if self.stores is not None and self.stores.ping is not None:
+        if self.assembly is not None and self.assembly.ping is not None:
             self._state_watch = asyncio.create_task(
-                watch_shared_state(self.stores.ping, self._shared_state_changed, self.stores.outage)
+                watch_shared_state(self.assembly.ping, self._shared_state_changed, self.assembly.outage)
             )
             # A previous run may have died with budget settlements Redis never got: its ledger has them.
             self._start_reconcile = asyncio.create_task(self._reconcile_budgets())
@@ -353,12 +381,10 @@ class GatewayServer:
             await self._reconcile_budgets()
 
     async def _reconcile_budgets(self) -> None:
-        if self.stores is None or self.stores.raise_spent_to is None:
+        if self.assembly is None:
             return
         try:
-            await reconcile_budgets(
-                self.config, self.engine.ledger, self.engine.admission.windows, self.stores.raise_spent_to
-            )
+            await self.assembly.reconcile_budgets()
         except Exception as e:  # Redis or the ledger down: the restore of missing windows still guards
             log.warning("could not reconcile budgets with the ledger: %s", e)
 
@@ -421,8 +447,8 @@ class GatewayServer:
             except TimeoutError:
                 log.error("%d calls still in their handlers; closing the ledger anyway", self.tracker.total_inflight)
             await self.engine.aclose()
-            if self.stores is not None:
-                await self.stores.aclose()
+            if self.assembly is not None:
+                await self.assembly.aclose()
         finally:
             if self.tracing is not None:
                 await asyncio.to_thread(self.tracing.shutdown)
@@ -431,6 +457,35 @@ class GatewayServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+async def watch_shared_state(
+    ping: Callable[[], Awaitable[None]],
+    on_change: Callable[[bool], Awaitable[None]],
+    outage: Outage | None = None,
+    interval_s: float = 1.0,
+) -> None:
+    """Pings the shared store forever (`ping` also takes a decision), reporting each change between usable
+    and not; with fail-open, an outage the wrappers saw between two pings counts as a change too."""
+    healthy = True
+    while True:
+        problem = ""
+        try:
+            await ping()
+        except Exception as e:  # StateUnavailable (unreachable, or refusing decisions: OOM, READONLY...) or else
+            problem = str(e) or type(e).__name__  # e.g. a refused AUTH: the operator needs the reason
+        ok = not problem
+        if ok and outage is not None and outage.seen:
+            outage.seen = False
+            healthy = False
+        if ok != healthy:
+            healthy = ok
+            if ok:
+                log.warning("shared state store available again")
+            else:
+                log.warning("shared state store UNAVAILABLE: %s", problem)
+            await on_change(ok)
+        await asyncio.sleep(interval_s)
 
 
 async def serve(

@@ -1,20 +1,23 @@
 """The one interceptor around FeatherService calls: bookkeeping and tenancy in a single wrapper layer.
 
 `CallTracker` wraps each FeatherService method once (the wrapped handler is cached). For each call it
-puts a `CallScope` in a context variable (the engine's observer hooks run in the call's task, or in tasks
-copied from it, so they see it) and counts the call as in flight until the handler returns or the stream
-ends. With a `TenantGate` it then authenticates the caller from the call's own metadata, puts the tenant
-in `tenancy.current_tenant`, and makes Chat/StreamChat hold a tenant slot (request rate, concurrency,
-load shedding) while they run. Only when content logging is on does it write the request's messages and
-the reply's text at DEBUG. Calls refused with RESOURCE_EXHAUSTED (by the gate or the engine) are
-reported to `on_refused` with the ErrorInfo reason and subject, read back from the status the call was
-aborted with. `on_status` (tracing) hears the code of every call that did not end OK.
+builds the call's one context object, a `ServerCall`, and puts it in `current_call` (the servicer reads
+it there; the engine's observer hooks run in the call's task, or in tasks copied from it, so they see it
+too), and counts the call as in flight until the handler returns or the stream ends. With a `TenantGate`
+it authenticates the caller from the call's own metadata and makes Chat/StreamChat hold a tenant slot
+(request rate, concurrency, load shedding) while they run; for those it also converts the request to the
+engine's and fills in the engine's `CallContext` (tenant, deadline, request-rate token). Only when
+content logging is on does it write the request's messages and the reply's text at DEBUG. Calls refused
+with RESOURCE_EXHAUSTED (by the gate or the engine) are reported to `on_refused` with their error's
+reason and subject (the servicer puts the engine's error on the ServerCall before it aborts).
+`on_status` (tracing) hears the code of every call that did not end OK.
 
-A Chat/StreamChat call the gate refuses is still a call: `record_refusal` (the engine's
-`Feather.record_refused`) writes its ledger record and call-log line before the status goes out, as the
-engine does for the calls it fails. Its tenant is the authenticated one, or `UNAUTHENTICATED` ("") when
-authentication failed: that caller is nobody's tenant, and "" is no tenant's name (a key or JWT always
-names one). Refused Usage/ListModels calls are not LLM calls and are not in the ledger.
+A Chat/StreamChat call refused before the engine (authentication, the gate, a request that does not
+decode or convert) is still a call: `record_refusal` (the engine's `Feather.record_refused`) writes its
+ledger record and call-log line here, the one place, before the status goes out, as the engine does for
+the calls it fails. Its tenant is the authenticated one, or `UNAUTHENTICATED` ("") when authentication
+failed: that caller is nobody's tenant, and "" is no tenant's name (a key or JWT always names one).
+Refused Usage/ListModels calls are not LLM calls and are not in the ledger.
 
 One layer, not two interceptors: on a stream every layer is an async generator that each message passes
 through, and each interceptor costs a coroutine per call before the handler even starts.
@@ -31,23 +34,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from feather_grpc.config import TenantConfig
-from feather_grpc.engine.errors import FeatherError, FieldViolation, InvalidRequest
-from feather_grpc.engine.gateway import CallContext
+from feather_grpc.engine.call import CallContext
+from feather_grpc.engine.errors import FeatherError, FieldViolation, InvalidRequest, RateLimitExceeded
 from feather_grpc.engine.types import ChatRequest
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server import convert
 from feather_grpc.server.logs import CONTENT_LOGGER
 from feather_grpc.server.status import status_for
-from feather_grpc.server.tenancy import (
-    TenantGate,
-    authorization,
-    current_request_token,
-    current_tenant,
-    remaining_s,
-)
+from feather_grpc.server.tenancy import RequestToken, TenantGate, authorization, remaining_s
 
 SERVICE_PREFIX = "/feather.v1.FeatherService/"
 # The methods that call upstreams: they hold a tenant slot (rate, concurrency, load shedding).
@@ -55,17 +51,25 @@ LIMITED_METHODS = frozenset({"Chat", "StreamChat"})
 
 
 @dataclass(slots=True)
-class CallScope:
-    """What observers learn about one RPC as it runs (perf_counter seconds)."""
+class ServerCall:
+    """One RPC as the server knows it, built by the interceptor: who is calling, what they asked the
+    engine for, and what observers learn as it runs (perf_counter seconds)."""
 
     method: str
     started: float
     upstream_s: float = 0.0  # time inside upstream attempts (overlapping hedge legs add up)
     first_ok_at: float | None = None  # when an attempt succeeded: for a stream, its first event
     pending: dict[str, Any] = field(default_factory=dict)  # observer state kept until the call settles
+    # The authenticated caller; None without tenancy (no gate) or before authentication succeeded.
+    tenant: TenantConfig | None = None
+    request_token: RequestToken | None = None  # Chat/StreamChat: the tenant's request-rate token
+    # Chat/StreamChat, once admitted by the gate: the engine's request and call context.
+    request: ChatRequest | None = None
+    ctx: CallContext | None = None
+    error: FeatherError | None = None  # the error the call was refused or failed with, when it was one
 
 
-current_call: ContextVar[CallScope | None] = ContextVar("feather_current_call", default=None)
+current_call: ContextVar[ServerCall | None] = ContextVar("feather_current_call", default=None)
 
 # (reason, subject): e.g. ("RATE_LIMITED", "tenant:acme:requests"), ("OVERLOADED", "")
 RefusalHook = Callable[[str, str], None]
@@ -80,7 +84,7 @@ log = logging.getLogger(__name__)
 
 
 class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Counts in-flight FeatherService calls per method, opens a CallScope for each, and applies the
+    """Counts in-flight FeatherService calls per method, builds a ServerCall for each, and applies the
     tenant gate when given one."""
 
     def __init__(
@@ -156,33 +160,66 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler  # FeatherService has no client-streaming methods
 
-    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> TenantConfig | None:
+    def _begin(self, method: str) -> ServerCall:
+        call = ServerCall(method, time.perf_counter())
+        # Each RPC runs in its own task, so the variable needs no reset: it dies with the task.
+        current_call.set(call)
+        return call
+
+    async def _admit(self, call: ServerCall, request: Any, context: grpc.aio.ServicerContext) -> TenantConfig | None:
         """Authenticates the caller and, for Chat/StreamChat, takes a tenant slot. Returns the tenant when
         it holds a slot (to give back with `gate.leave`). A refusal is recorded, then aborts the call."""
         gate = self.gate
-        tenant: TenantConfig | None = None
         try:
             if gate is not None:  # else no tenancy (an embedding without the gate)
-                tenant = gate.default_tenant if gate.open else gate.authenticate(authorization(context))
-                # Each RPC runs in its own task, so the variable needs no reset: it dies with the task.
-                current_tenant.set(tenant)
+                call.tenant = gate.default_tenant if gate.open else gate.authenticate(authorization(context))
             if type(request) is Undecodable:
                 raise request.error
-            if gate is None or tenant is None or method not in LIMITED_METHODS:
+            if gate is None or call.tenant is None or call.method not in LIMITED_METHODS:
                 return None
-            current_request_token.set(gate.enter(tenant, remaining_s(context)))
+            call.request_token = gate.enter(call.tenant, remaining_s(context))
         except FeatherError as e:
-            if method in LIMITED_METHODS:
-                await self._record_refusal(method, request, tenant, e)
-            await context.abort_with_status(status_for(e))
-        return tenant
+            await self._refuse(call, request, context, e)
+        return call.tenant
 
-    async def _record_refusal(
-        self, method: str, request: Any, tenant: TenantConfig | None, error: FeatherError
+    async def _to_engine(self, call: ServerCall, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Chat/StreamChat: the engine's request and call context. A request that does not convert is
+        refused here (recorded, with its request id in the status)."""
+        if call.method not in LIMITED_METHODS:
+            return
+        remaining = remaining_s(context)
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        tenant = call.tenant
+        if tenant is None:  # served without the tenant gate (an embedding): the configured default tenant
+            call.ctx = CallContext(deadline=deadline)
+        else:
+            call.ctx = CallContext(tenant.name, deadline, tenant, call.request_token)
+        try:
+            call.request = convert.chat_request(request)
+        except InvalidRequest as e:
+            await self._refuse(call, request, context, e, request.request_id)
+
+    async def _refuse(
+        self,
+        call: ServerCall,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        error: FeatherError,
+        request_id: str = "",
     ) -> None:
+        """Refuses a call before the engine saw it: Chat/StreamChat are recorded first (the one place)."""
+        call.error = error
+        if call.method in LIMITED_METHODS:
+            await self._record_refusal(call, request, error)
+        await context.abort_with_status(status_for(error, request_id))
+
+    async def _record_refusal(self, call: ServerCall, request: Any, error: FeatherError) -> None:
         if self.record_refusal is None:
             return
-        if tenant is None:
+        tenant = call.tenant
+        if call.ctx is not None:  # refused after the gate (the request did not convert): its own context
+            ctx = call.ctx
+        elif tenant is None:
             ctx = CallContext(tenant=UNAUTHENTICATED)
         else:
             ctx = CallContext(tenant=tenant.name, tenant_config=tenant)
@@ -190,27 +227,28 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if type(request) is Undecodable:
                 refused = ChatRequest(model="", messages=[])
             else:
-                refused = convert.refused_request(request, authenticated=tenant is not None)
-            await self.record_refusal(refused, ctx, error, method == "StreamChat")
+                refused = convert.refused_request(request, authenticated=tenant is not None or call.ctx is not None)
+            await self.record_refusal(refused, ctx, error, call.method == "StreamChat")
         except Exception:  # the refusal goes out whatever happened to its record
-            log.exception("could not record a refused %s call", method)
+            log.exception("could not record a refused %s call", call.method)
 
     def _unary(self, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
         gate = self.gate
 
         async def unary(request: Any, context: Any) -> Any:
-            current_call.set(CallScope(method, time.perf_counter()))
+            call = self._begin(method)
             self._enter(method)
             try:
-                tenant = await self._admit(method, request, context)
+                tenant = await self._admit(call, request, context)
                 try:
+                    await self._to_engine(call, request, context)
                     response = await behavior(request, context)
                 finally:
                     if tenant is not None and gate is not None:
-                        await _discard_request_token()
+                        await _discard(call.request_token)
                         gate.leave(tenant)
             except grpc.aio.AbortError:
-                self._aborted(context)
+                self._aborted(call, context)
                 raise
             except BaseException as e:
                 self._failed(context, e)
@@ -228,13 +266,14 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         gate = self.gate
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            current_call.set(CallScope(method, time.perf_counter()))
+            call = self._begin(method)
             self._enter(method)
             text: list[str] | None = [] if self._content is not None else None
             request_id = "" if type(request) is Undecodable else request.request_id
             try:
-                tenant = await self._admit(method, request, context)
+                tenant = await self._admit(call, request, context)
                 try:
+                    await self._to_engine(call, request, context)
                     if text is None:
                         async for response in behavior(request, context):
                             yield response
@@ -247,10 +286,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             yield response
                 finally:
                     if tenant is not None and gate is not None:
-                        await _discard_request_token()
+                        await _discard(call.request_token)
                         gate.leave(tenant)
             except grpc.aio.AbortError:
-                self._aborted(context)
+                self._aborted(call, context)
                 raise
             except BaseException as e:
                 self._failed(context, e)
@@ -274,23 +313,19 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         else:
             self.on_status(grpc.StatusCode.UNKNOWN)
 
-    def _aborted(self, context: Any) -> None:
+    def _aborted(self, call: ServerCall, context: Any) -> None:
+        code = context.code()
         if self.on_status is not None:
-            self.on_status(context.code())
-        if self.on_refused is None or context.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.on_status(code)
+        error = call.error
+        if self.on_refused is None or code != grpc.StatusCode.RESOURCE_EXHAUSTED or error is None:
             return
-        for key, value in context.trailing_metadata() or ():
-            if key == "grpc-status-details-bin":
-                for detail in status_pb2.Status.FromString(value).details:
-                    if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                        info = error_details_pb2.ErrorInfo()
-                        detail.Unpack(info)
-                        self.on_refused(info.reason, info.metadata.get("subject", ""))
-                        return
+        # What the caller's ErrorInfo says too (status.status_for): the reason, and the limit's subject.
+        self.on_refused(error.reason, error.subject if isinstance(error, RateLimitExceeded) else "")
 
 
-async def _discard_request_token() -> None:
-    token = current_request_token.get()
+async def _discard(token: RequestToken | None) -> None:
+    """Awaits the verdict of a request-rate token the engine never judged (the token stays taken)."""
     if token is not None:
         await token.discard()
 

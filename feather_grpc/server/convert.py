@@ -459,6 +459,11 @@ def model_info(v: ModelView) -> pb.ModelInfo:
         latency_ms=v.latency_ms,
         max_connections=v.max_connections,
     )
+    if (failure := v.last_failure) is not None:
+        info.last_failure.reason = failure.reason
+        info.last_failure.message = failure.message
+        info.last_failure.http_status = failure.http_status
+        info.last_failure.failure_time.FromNanoseconds(int(failure.time_s * 1e9))
     price = v.model.price
     if price is not None:
         info.price.CopyFrom(

@@ -299,6 +299,19 @@ class CallLog:
             "ttft_ms": ttft_ms,
             "attempts": len(attempts),
         }
+        failed = [a for a in attempts if a.error_reason]
+        if failed:  # why each failed attempt failed (the details are safe to show; keys are redacted anyway)
+            fields["attempt_errors"] = [
+                {
+                    "provider": a.provider,
+                    "model": a.model,
+                    "outcome": a.outcome,
+                    "reason": a.error_reason,
+                    "http_status": a.http_status,
+                    "detail": redactor.clean(a.error_detail),
+                }
+                for a in failed
+            ]
         if self._worker is not None:
             fields["worker"] = self._worker
         if writer is not None and writer.json and self._log.handlers == [] and self._log.propagate:

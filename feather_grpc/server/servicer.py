@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -11,34 +10,30 @@ from typing import NoReturn
 import grpc
 
 from feather_grpc.engine.admission import Admission
-from feather_grpc.engine.errors import FeatherError, InvalidRequest, PermissionDenied
-from feather_grpc.engine.gateway import CallContext, Feather
+from feather_grpc.engine.errors import FeatherError, PermissionDenied
+from feather_grpc.engine.gateway import Feather
 from feather_grpc.engine.results import StreamCompleted, StreamStarted
-from feather_grpc.engine.types import ChatRequest, TextDelta, ThinkingDelta
+from feather_grpc.engine.types import TextDelta, ThinkingDelta
 from feather_grpc.engine.validation import usable_request_id
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import convert
+from feather_grpc.server.calls import ServerCall, current_call
 from feather_grpc.server.status import internal_status, status_for
-from feather_grpc.server.tenancy import current_request_token, current_tenant, remaining_s
 
 log = logging.getLogger(__name__)
 
 
-def _call_context(context: grpc.aio.ServicerContext) -> CallContext:
-    remaining = remaining_s(context)
-    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-    tenant = current_tenant.get(None)
-    if tenant is None:  # served without the tenancy interceptor (in-process embedding)
-        return CallContext(deadline=deadline)
-    return CallContext(
-        tenant=tenant.name, deadline=deadline, tenant_config=tenant, request_token=current_request_token.get()
-    )
+def _call() -> ServerCall:
+    """The call's context, built by the interceptor (server.calls.CallTracker) that every server has."""
+    call = current_call.get()
+    assert call is not None, "FeatherService is served behind CallTracker"
+    return call
 
 
 def _usage_tenant(requested: str) -> str:
     """Members see only their own usage; admins see everyone's, or one tenant's when they ask."""
-    tenant = current_tenant.get(None)
+    tenant = _call().tenant
     if tenant is None or tenant.role == "admin":
         return requested
     if requested and requested != tenant.name:
@@ -52,6 +47,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id
     if isinstance(error, grpc.aio.AbortError):
         raise error
     if isinstance(error, FeatherError):
+        _call().error = error  # the interceptor counts refusals by it
         await context.abort_with_status(status_for(error, request_id))
     # The status says the request id finds the error in the logs: so there is always one to give.
     request_id = usable_request_id(request_id) or os.urandom(8).hex()
@@ -64,30 +60,11 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
     def __init__(self, engine: Feather) -> None:
         self._engine = engine
 
-    async def _refused(
-        self, request: pb.ChatRequest | pb.StreamChatRequest, ctx: CallContext, error: FeatherError, streamed: bool
-    ) -> None:
-        """A request that does not convert never reaches the engine: record it like any failed call."""
-        try:
-            refused = convert.refused_request(request, authenticated=True)
-            await self._engine.record_refused(refused, ctx, error, streamed)
-        except Exception:  # the caller hears about its request whatever happened to the record
-            log.exception("could not record a refused call")
-
-    async def _chat_request(
-        self, request: pb.ChatRequest | pb.StreamChatRequest, ctx: CallContext, streamed: bool
-    ) -> ChatRequest:
-        try:
-            return convert.chat_request(request)
-        except InvalidRequest as e:
-            await self._refused(request, ctx, e, streamed)
-            raise
-
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         try:
-            ctx = _call_context(context)
-            req = await self._chat_request(request, ctx, False)
-            return convert.chat_response(await self._engine.chat(req, ctx))
+            call = _call()  # its request converted, and its context, by the interceptor
+            assert call.request is not None and call.ctx is not None
+            return convert.chat_response(await self._engine.chat(call.request, call.ctx))
         except Exception as e:
             await _abort(context, e, request.request_id)
 
@@ -95,9 +72,9 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
         self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamChatResponse]:
         try:
-            ctx = _call_context(context)
-            req = await self._chat_request(request, ctx, True)
-            events = self._engine.stream(req, ctx)
+            call = _call()
+            assert call.request is not None and call.ctx is not None
+            events = self._engine.stream(call.request, call.ctx)
             try:
                 async for event in events:
                     if isinstance(event, TextDelta):  # all but two events of a stream, as a rule
@@ -140,7 +117,7 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         await self._engine.refresh_circuits()
-        tenant = current_tenant.get(None)  # a tenant sees the models it may call
+        tenant = _call().tenant  # a tenant sees the models it may call
         models = [
             m
             for m in self._engine.models(request.provider)

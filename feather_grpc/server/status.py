@@ -9,6 +9,7 @@ from grpc_status import rpc_status
 
 from feather_grpc.engine.errors import (
     BudgetExhausted,
+    DeadlineExceeded,
     FeatherError,
     InvalidRequest,
     LedgerUnavailable,
@@ -23,6 +24,7 @@ from feather_grpc.engine.errors import (
 from feather_grpc.engine.validation import usable_request_id
 
 DOMAIN = "feather.v1"
+NO_RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -74,11 +76,18 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
         metadata["model"] = error.model
         if error.provider:
             metadata["provider"] = error.provider
+    elif isinstance(error, DeadlineExceeded) and error.request_timeout_ms is not None:
+        metadata["requestTimeoutMs"] = str(error.request_timeout_ms)
     elif isinstance(error, UpstreamUnavailable):
         if error.upstream_reason:
             metadata["upstreamReason"] = error.upstream_reason  # why the last attempt failed
         if error.retry_after_s is not None:
             details.append(_retry_info(error.retry_after_s))
+        if error.last_failure is not None:  # why: for an open circuit, the failure that opened it
+            metadata["lastFailureReason"] = error.last_failure.reason
+            metadata["lastFailure"] = error.last_failure.message
+            if error.last_failure.http_status:
+                metadata["lastFailureHttpStatus"] = str(error.last_failure.http_status)
     elif isinstance(error, UpstreamInvalidRequest):
         metadata["provider"] = error.provider
         metadata["httpStatus"] = str(error.http_status)
@@ -110,7 +119,13 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
         details.append(_retry_info(error.retry_after_s))
     elif isinstance(error, ModelNotAllowed):
         metadata.update(tenant=error.tenant, model=error.model)
-    return build_status(grpc.StatusCode[error.code], error.reason, error.message, metadata, details)
+    status = build_status(grpc.StatusCode[error.code], error.reason, error.message, metadata, details)
+    if isinstance(error, UpstreamUnavailable):
+        # The gateway already retried and failed over across its upstreams: a client retrying this too would
+        # multiply every attempt (and open the circuits it then reports). gRPC clients honour a negative
+        # pushback as "do not retry" (gRPC A6); UNAVAILABLE from the transport (a gateway down) still retries.
+        return status._replace(trailing_metadata=(*status.trailing_metadata, (NO_RETRY_PUSHBACK, "-1")))
+    return status
 
 
 def internal_status(request_id: str = "") -> grpc.Status:

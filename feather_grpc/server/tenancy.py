@@ -2,8 +2,8 @@
 concurrency, gateway-wide load shedding).
 
 `TenantGate` holds the rules and the counts; the call interceptor (`server.calls.CallTracker`) applies it
-to every FeatherService call and puts the tenant in `current_tenant`, a context variable set inside the
-wrapped handler, so it is scoped to exactly one call. Health and reflection are never gated.
+to every FeatherService call and keeps the tenant on the call's `ServerCall`, so it is scoped to exactly
+one call. Health and reflection are never gated.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Awaitable
-from contextvars import ContextVar
 
 import grpc
 import jwt
@@ -25,10 +24,6 @@ from feather_grpc.server.loop_lag import LoopLag
 from feather_grpc.state.limits import BucketSpec, RateLimited, RateLimiter, StateUnavailable
 
 log = logging.getLogger(__name__)
-
-current_tenant: ContextVar[TenantConfig] = ContextVar("feather_tenant")
-# The call's request token, for the servicer to hand to the engine (see RequestToken).
-current_request_token: ContextVar[RequestToken | None] = ContextVar("feather_request_token", default=None)
 
 # A tenant at its concurrency cap, or a gateway at its in-flight cap, is told to come back this soon.
 _BUSY_RETRY_S = 0.25

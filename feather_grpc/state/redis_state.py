@@ -24,10 +24,10 @@ objects work again. Note that a call that timed out may still have been applied.
 
 The stores are redis_limiter, redis_budgets and redis_circuits, on the script runner of redis_scripts.
 
-Wiring — one connection for all three:
+Wiring — one connection for all three (server.assembly does this when `REDIS_URL` is set):
 
     state = RedisState.from_url(os.environ["REDIS_URL"], breaker=config.breaker)
-    feather = Feather(config, limiter=state.limiter, budgets=state.budgets)  # + state.circuits
+    gateway = assemble(config, limiter=state.limiter, budgets=state.budgets, circuits=state.circuits)
     ...
     await state.aclose()
 """

@@ -12,7 +12,6 @@ import {
   FeatherServiceClient,
   ListModelsRequest,
   ListModelsResponse,
-  Message,
   ModelInfo,
   ReasoningOptions,
   ResponseFormat,
@@ -25,8 +24,8 @@ import {
   UsageRequest,
   UsageResponse,
 } from "./gen/feather/v1/feather_service";
-import { chatResult, StreamAssembler, user } from "./results";
-import type { ChatResult, FinishReason, TokenUsage } from "./results";
+import { chatResult, StreamAssembler, toMessage, user } from "./results";
+import type { ChatResult, FinishReason, MessageLike, TokenUsage } from "./results";
 
 export const DEFAULT_TIMEOUT_MS = 120_000;
 
@@ -106,11 +105,11 @@ type Unary<Req, Res> = (
   callback: (error: ServiceError | null, response: Res) => void,
 ) => { cancel(): void };
 
-function chatFields(messages: string | Message[], o: ChatOptions) {
+function chatFields(messages: string | MessageLike[], o: ChatOptions) {
   return {
     model: o.model,
     provider: o.provider ?? "",
-    messages: typeof messages === "string" ? [user(messages)] : messages,
+    messages: typeof messages === "string" ? [user(messages)] : messages.map((m, i) => toMessage(m, `messages[${i}]`)),
     maxTokens: o.maxTokens,
     temperature: o.temperature,
     topP: o.topP,
@@ -195,13 +194,13 @@ export class FeatherClient {
   }
 
   /** One complete reply. `messages` is a prompt (one user message) or a conversation (see `user()` etc.). */
-  async chat(messages: string | Message[], options: ChatOptions): Promise<ChatResult> {
+  async chat(messages: string | MessageLike[], options: ChatOptions): Promise<ChatResult> {
     const request = ChatRequest.fromPartial(chatFields(messages, options));
     return chatResult(await this.unary(this.stub.chat as Unary<ChatRequest, ChatResponse>, request, options));
   }
 
   /** The reply as it is generated: `for await (const text of stream)`, then `stream.usage`, `stream.result`... */
-  streamChat(messages: string | Message[], options: ChatOptions): ChatStream {
+  streamChat(messages: string | MessageLike[], options: ChatOptions): ChatStream {
     return new ChatStream(this, StreamChatRequest.fromPartial(chatFields(messages, options)), options);
   }
 

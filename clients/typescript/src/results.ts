@@ -3,6 +3,7 @@ import {
   Attempt,
   ChatResponse,
   FinishReason as PbFinishReason,
+  ImageDetail,
   Message,
   Part,
   Role,
@@ -78,6 +79,135 @@ export const assistant = (text: string, toolCalls: ToolCall[] = []): Message =>
  * the tool failed and the content says how. */
 export const toolResult = (toolCallId: string, content: Content | Content[], isError = false): Message =>
   withContent(Role.ROLE_TOOL, Array.isArray(content) ? content : [content], { toolCallId, isError });
+
+/** A content part as OpenAI's Chat Completions API writes it (an image by http(s) or data: URL, a file as inline
+ * `file_data`), or a feather.v1 Part (`image(...)`, `pdf(...)`). */
+export type OpenAIContentPart =
+  | { type: "text"; text: string }
+  | { type: "image_url"; image_url: string | { url: string; detail?: "auto" | "low" | "high" } }
+  | { type: "input_audio"; input_audio: { data: string; format: "wav" | "mp3" } }
+  | { type: "file"; file: { file_data?: string; filename?: string; file_id?: string } }
+  | Part;
+
+/** A message as OpenAI's Chat Completions API writes it: `{ role: "user", content: "..." }`. */
+export interface OpenAIMessage {
+  role: "system" | "developer" | "user" | "assistant" | "tool";
+  content?: string | OpenAIContentPart[] | null;
+  name?: string;
+  tool_call_id?: string;
+  tool_calls?: { id: string; type?: "function"; function: { name: string; arguments: string | object } }[];
+}
+
+/** A feather.v1 Message, or one written as for OpenAI. */
+export type MessageLike = Message | OpenAIMessage;
+
+const ROLES: Record<string, Role> = {
+  system: Role.ROLE_SYSTEM,
+  developer: Role.ROLE_SYSTEM, // OpenAI's newer name for the system turn
+  user: Role.ROLE_USER,
+  assistant: Role.ROLE_ASSISTANT,
+  tool: Role.ROLE_TOOL,
+};
+
+/** A Message from itself or from an OpenAI-style object; a malformed one is a TypeError naming the field. */
+export function toMessage(m: MessageLike, where = "message"): Message {
+  if (typeof m.role === "number") return m as Message;
+  const o = m as OpenAIMessage;
+  const role = ROLES[String(o.role).toLowerCase()];
+  if (role === undefined) {
+    throw new TypeError(`${where}.role: ${JSON.stringify(o.role)} is not one of ${Object.keys(ROLES).join(", ")}`);
+  }
+  if (o.content != null && typeof o.content !== "string" && !Array.isArray(o.content)) {
+    throw new TypeError(`${where}.content: must be a string or an array of parts`);
+  }
+  const parts = Array.isArray(o.content) ? o.content.map((p, i) => toPart(p, `${where}.content[${i}]`)) : [];
+  const toolCalls = (o.tool_calls ?? []).map((c, i) => {
+    if (typeof c?.function?.name !== "string") {
+      throw new TypeError(`${where}.tool_calls[${i}].function.name: a tool call is { id, type: "function", function: { name, arguments } }`);
+    }
+    const args = c.function.arguments;
+    return ToolCall.fromPartial({ id: c.id, name: c.function.name, arguments: typeof args === "string" ? args : JSON.stringify(args) });
+  });
+  const content = typeof o.content === "string" ? o.content : "";
+  return Message.fromPartial({ role, content, parts, name: o.name ?? "", toolCallId: o.tool_call_id ?? "", toolCalls });
+}
+
+const DETAILS: Record<string, ImageDetail> = {
+  auto: ImageDetail.IMAGE_DETAIL_AUTO,
+  low: ImageDetail.IMAGE_DETAIL_LOW,
+  high: ImageDetail.IMAGE_DETAIL_HIGH,
+};
+const PART_TYPES = ["text", "image_url", "input_audio", "file"];
+
+function base64Bytes(value: unknown, where: string): Buffer {
+  if (typeof value !== "string" || !/^[A-Za-z0-9+/]*={0,2}$/.test(value) || value.length % 4 !== 0) {
+    throw new TypeError(`${where}: not valid base64`);
+  }
+  return Buffer.from(value, "base64");
+}
+
+/** `data:<media type>;base64,<data>` as its media type and bytes. */
+function dataUrl(url: string, where: string): { mediaType: string; data: Buffer } {
+  const comma = url.indexOf(",");
+  const header = comma < 0 ? "" : url.slice(0, comma);
+  if (!header.endsWith(";base64")) throw new TypeError(`${where}: a data URL must be data:<media type>;base64,<data>`);
+  return { mediaType: header.slice("data:".length, -";base64".length), data: base64Bytes(url.slice(comma + 1), where) };
+}
+
+function str(value: unknown, where: string): string {
+  if (value != null && typeof value !== "string") throw new TypeError(`${where}: must be a string`);
+  return typeof value === "string" ? value : "";
+}
+
+function object(value: unknown, where: string): Record<string, unknown> {
+  if (value === null || typeof value !== "object" || Array.isArray(value)) throw new TypeError(`${where}: must be an object`);
+  return value as Record<string, unknown>;
+}
+
+/** A Part from itself, a string, or one of OpenAI's content parts; a malformed one is a TypeError naming the field. */
+function toPart(p: OpenAIContentPart | string, where: string): Part {
+  if (typeof p === "string") return Part.fromPartial({ kind: { $case: "text", value: p } });
+  const o = object(p, where);
+  if (!("type" in o) && "kind" in o) return p as Part;
+  switch (o.type) {
+    case "text":
+      return Part.fromPartial({ kind: { $case: "text", value: str(o.text, `${where}.text`) } });
+    case "image_url": {
+      const image: Record<string, unknown> =
+        typeof o.image_url === "string" ? { url: o.image_url } : object(o.image_url, `${where}.image_url`);
+      const url = str(image.url, `${where}.image_url.url`);
+      const detail = str(image.detail, `${where}.image_url.detail`);
+      if (detail && DETAILS[detail] === undefined) {
+        throw new TypeError(`${where}.image_url.detail: ${JSON.stringify(detail)} is not one of ${Object.keys(DETAILS).join(", ")}`);
+      }
+      const level = detail ? DETAILS[detail] : ImageDetail.IMAGE_DETAIL_UNSPECIFIED;
+      if (url.startsWith("data:")) {
+        const { mediaType, data } = dataUrl(url, `${where}.image_url.url`);
+        return Part.fromPartial({ kind: { $case: "image", value: { source: { $case: "data", value: data }, mediaType, detail: level } } });
+      }
+      return Part.fromPartial({ kind: { $case: "image", value: { source: { $case: "url", value: url }, detail: level } } });
+    }
+    case "input_audio": {
+      const audio = object(o.input_audio, `${where}.input_audio`);
+      const data = base64Bytes(audio.data, `${where}.input_audio.data`);
+      return Part.fromPartial({ kind: { $case: "audio", value: { data, format: str(audio.format, `${where}.input_audio.format`) } } });
+    }
+    case "file": {
+      const file = object(o.file, `${where}.file`);
+      if (file.file_id != null) {
+        throw new TypeError(`${where}.file.file_id: uploaded files are not supported; send file_data (a data: URL)`);
+      }
+      const fileData = str(file.file_data, `${where}.file.file_data`);
+      const { mediaType, data } = fileData.startsWith("data:")
+        ? dataUrl(fileData, `${where}.file.file_data`)
+        : { mediaType: "application/pdf", data: base64Bytes(fileData, `${where}.file.file_data`) };
+      const title = str(file.filename, `${where}.file.filename`);
+      return Part.fromPartial({ kind: { $case: "document", value: { source: { $case: "data", value: data }, mediaType, title } } });
+    }
+    default:
+      throw new TypeError(`${where}.type: ${JSON.stringify(o.type)} is not one of ${PART_TYPES.join(", ")}`);
+  }
+}
 
 /** Exact, without floating point: `$0.000001234`, `$1.50`, `$0.00`. */
 export function formatUsd(nanos: bigint): string {

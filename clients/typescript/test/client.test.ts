@@ -1,11 +1,15 @@
 // The TypeScript client against a live gateway ($FEATHER_ADDR or one started here) and scripted servers.
 import assert from "node:assert/strict";
 import { getEventListeners } from "node:events";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Metadata, Server, ServerCredentials, status } from "@grpc/grpc-js";
 import type { sendUnaryData, ServerUnaryCall, ServerWritableStream } from "@grpc/grpc-js";
-import { assistantTurn, audio, cached, FeatherClient, reasoning, FeatherError, formatUsd, image, imageUrl, pb, pdf, pdfUrl, system, target, text, toolResult, user } from "../src";
-import type { TokenUsage } from "../src";
+import { assistantTurn, audio, cached, FeatherClient, reasoning, FeatherError, formatUsd, image, imageUrl, pb, pdf, pdfUrl, system, target, text, toMessage, toolResult, user } from "../src";
+import type { OpenAIContentPart, OpenAIMessage, TokenUsage } from "../src";
 import { Any } from "../src/gen/google/protobuf/any";
 import { ErrorInfo, QuotaFailure, RetryInfo } from "../src/gen/google/rpc/error_details";
 import { Status } from "../src/gen/google/rpc/status";
@@ -50,6 +54,17 @@ describe("against a live gateway", () => {
     assert.equal(reply.requestId, "ts-req-1");
     assert.ok(reply.usage.inputTokens > 0 && reply.usage.outputTokens > 0);
     assertPriced(reply.costNanosUsd, reply.usage, await price(client, "mock-fast"));
+  });
+
+  test("messages may be written as for OpenAI, lowercase roles and all", async () => {
+    const reply = await client.chat(
+      [
+        { role: "system", content: "Be brief." },
+        { role: "user", content: "Say hello" },
+      ],
+      { model: "fast" },
+    );
+    assert.equal(reply.text, "Feather mock reply to: Say hello");
   });
 
   test("streamChat yields deltas, then exposes usage and cost", async () => {
@@ -205,6 +220,120 @@ function statusError({ code, reason, details = [] }: Outcome) {
   metadata.set("grpc-status-details-bin", Buffer.from(rich));
   return { code, details: reason.toLowerCase(), metadata };
 }
+
+describe("a gateway whose upstream refuses connections", () => {
+  test("the client does not retry an UPSTREAM_UNAVAILABLE the gateway already retried", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "feather-ts-refused-"));
+    const closed = createServer();
+    await new Promise<void>((ok) => closed.listen(0, "127.0.0.1", ok));
+    const { port } = closed.address() as { port: number };
+    await new Promise<void>((ok) => closed.close(() => ok())); // nothing listens there now: refused
+    const config = {
+      ledger: { type: "memory" },
+      providers: {
+        local: { type: "openai-compatible", baseUrl: `http://127.0.0.1:${port}/v1`, models: [{ name: "m", inputPer1M: 1, outputPer1M: 1 }] },
+      },
+      retry: { maxAttempts: 2, baseMs: 1, maxMs: 2 },
+      // Two failures per call: a client retry (grpc-js would make 3 attempts) would open the circuit.
+      circuitBreaker: { enabled: true, failureThreshold: 3, windowMs: 60000, resetTimeoutMs: 60000 },
+    };
+    writeFileSync(join(dir, "feather.config.json"), JSON.stringify(config));
+    const gateway = await startGateway({ config: join(dir, "feather.config.json") });
+    const client = new FeatherClient(gateway.address);
+    try {
+      await assert.rejects(client.chat("hi", { model: "m" }), (e: unknown) => {
+        assert.ok(e instanceof FeatherError);
+        assert.equal(e.reason, "UPSTREAM_UNAVAILABLE");
+        assert.equal(e.metadata.lastFailureReason, "UPSTREAM_CONNECT_ERROR");
+        assert.doesNotMatch(e.message, /circuit open/);
+        return true;
+      });
+    } finally {
+      client.close();
+      await gateway.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("OpenAI-style messages", () => {
+  test("tool calls and tool results in OpenAI's shape become feather.v1 messages", () => {
+    const call = { id: "call_1", type: "function" as const, function: { name: "weather", arguments: { city: "Paris" } } };
+    const assistant = toMessage({ role: "assistant", content: null, tool_calls: [call] });
+    assert.equal(assistant.role, pb.Role.ROLE_ASSISTANT);
+    assert.equal(assistant.content, "");
+    assert.deepEqual(
+      assistant.toolCalls.map((c) => [c.id, c.name, c.arguments]),
+      [["call_1", "weather", '{"city":"Paris"}']],
+    );
+    const result = toMessage({ role: "tool", tool_call_id: "call_1", content: "18C" });
+    assert.deepEqual([result.role, result.toolCallId, result.content], [pb.Role.ROLE_TOOL, "call_1", "18C"]);
+    assert.equal(toMessage({ role: "developer", content: "x" }).role, pb.Role.ROLE_SYSTEM);
+    assert.equal(toMessage(user("as is")).content, "as is");
+  });
+
+  test("content part lists in OpenAI's shape are sent as feather.v1 parts", async () => {
+    const png = Buffer.from([0x89, 0x50, 0x4e, 0x47]);
+    const pdfBytes = Buffer.from("%PDF-1.7");
+    const content: OpenAIContentPart[] = [
+      { type: "text", text: "What is in these?" },
+      { type: "image_url", image_url: { url: "https://x/cat.jpg", detail: "high" } },
+      { type: "image_url", image_url: { url: `data:image/png;base64,${png.toString("base64")}` } },
+      { type: "file", file: { filename: "a.pdf", file_data: `data:application/pdf;base64,${pdfBytes.toString("base64")}` } },
+      { type: "input_audio", input_audio: { data: png.toString("base64"), format: "wav" } },
+      pdf(pdfBytes, "b.pdf"),
+    ];
+    const server = await new Scripted().start();
+    const client = new FeatherClient(server.address);
+    try {
+      await client.chat([{ role: "user", content }], { model: "m" });
+    } finally {
+      client.close();
+      server.stop();
+    }
+    const [sent] = server.calls[0].request.messages;
+    assert.equal(sent.content, "");
+    const expected = [
+      text("What is in these?"),
+      imageUrl("https://x/cat.jpg", "high"),
+      image(png, "image/png"),
+      pdf(pdfBytes, "a.pdf"),
+      audio(png, "wav"),
+      pdf(pdfBytes, "b.pdf"),
+    ];
+    assert.deepEqual(sent.parts.map((p) => pb.Part.toJSON(p)), expected.map((p) => pb.Part.toJSON(p)));
+  });
+
+  test("a malformed OpenAI-style part is a TypeError naming its field", () => {
+    const cases: [unknown, string][] = [
+      [{ type: "image_url", image_url: { url: "data:image/png,abc" } }, "messages[0].content[0].image_url.url: a data URL must be"],
+      [{ type: "image_url", image_url: { url: "https://x/a.png", detail: "max" } }, 'content[0].image_url.detail: "max" is not one of'],
+      [{ type: "input_audio", input_audio: { data: "@@@@", format: "wav" } }, "content[0].input_audio.data: not valid base64"],
+      [{ type: "file", file: { file_id: "file-abc" } }, "content[0].file.file_id: uploaded files are not supported"],
+      [{ type: "refusal", refusal: "no" }, 'content[0].type: "refusal" is not one of text, image_url, input_audio, file'],
+    ];
+    for (const [part, message] of cases) {
+      assert.throws(() => toMessage({ role: "user", content: [part] } as OpenAIMessage, "messages[0]"), (e: unknown) => {
+        assert.ok(e instanceof TypeError);
+        assert.ok(e.message.includes(message), `${e.message} should include ${message}`);
+        return true;
+      });
+    }
+  });
+
+  test("a malformed message is a TypeError naming its field, before any call", async () => {
+    const client = new FeatherClient("127.0.0.1:1");
+    try {
+      const bad = [user("ok"), { role: "usr", content: "hi" }] as unknown as pb.Message[];
+      await assert.rejects(client.chat(bad, { model: "m" }), {
+        name: "TypeError",
+        message: 'messages[1].role: "usr" is not one of system, developer, user, assistant, tool',
+      });
+    } finally {
+      client.close();
+    }
+  });
+});
 
 describe("against scripted servers", () => {
   test("UNAVAILABLE is retried by the service config, with the same request id", async () => {

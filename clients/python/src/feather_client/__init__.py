@@ -15,7 +15,21 @@ from .errors import FeatherError, FieldViolation, QuotaViolation
 from .gen.feather.v1 import feather_service_pb2 as pb
 from .options import ChatOptions, UsageOptions
 from .parts import audio, cached, image, image_url, pdf, pdf_url, reasoning, text
-from .results import ChatResult, Thinking, TokenUsage, assistant, format_usd, system, tool_result, usd, user
+from .results import (
+    ChatResult,
+    MessageLike,
+    Thinking,
+    TokenUsage,
+    ToolLike,
+    assistant,
+    format_usd,
+    message,
+    system,
+    tool,
+    tool_result,
+    usd,
+    user,
+)
 from .sync_client import SyncChatStream, SyncFeatherClient
 
 __all__ = [
@@ -27,12 +41,14 @@ __all__ = [
     "FeatherClient",
     "FeatherError",
     "FieldViolation",
+    "MessageLike",
     "QuotaViolation",
     "RetryPolicy",
     "SyncChatStream",
     "SyncFeatherClient",
     "Thinking",
     "TokenUsage",
+    "ToolLike",
     "UsageOptions",
     "assistant",
     "audio",
@@ -40,12 +56,14 @@ __all__ = [
     "format_usd",
     "image",
     "image_url",
+    "message",
     "pb",
     "pdf",
     "pdf_url",
     "reasoning",
     "system",
     "text",
+    "tool",
     "tool_result",
     "usd",
     "user",

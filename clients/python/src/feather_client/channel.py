@@ -42,8 +42,9 @@ class RetryPolicy:
     """Client-side retries, done by gRPC itself through the service config, of UNAVAILABLE only.
 
     UNAVAILABLE means the call did not get an answer from a gateway (connection refused or reset, a gateway
-    draining) or that every upstream the gateway tried was unavailable; retrying then is safe because the
-    client sends the same `request_id` on every attempt. Other codes are the caller's decision (AIP-194):
+    draining); retrying then is safe because the client sends the same `request_id` on every attempt. An
+    UPSTREAM_UNAVAILABLE (every upstream the gateway tried failed) is not retried: the gateway already did,
+    and says so with `grpc-retry-pushback-ms: -1`, which gRPC honours. Other codes are the caller's decision (AIP-194):
     RESOURCE_EXHAUSTED carries a RetryInfo delay to honour instead. gRPC caps `max_attempts` at 5.
     """
 

@@ -19,11 +19,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from .gen.feather.v1 import feather_service_pb2 as pb
-from .results import GROUP_BY, POLICIES, user
+from .results import GROUP_BY, POLICIES, MessageLike, ToolChoiceLike, ToolLike, _tool_choice, message, tool, user
 
 __all__ = ["ChatOptions", "Messages", "UsageOptions", "chat_options", "usage_options"]
 
-Messages = str | Sequence[pb.Message]
+Messages = str | Sequence[MessageLike]  # pb.Message, or as OpenAI writes it: {"role": "user", "content": ...}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -38,8 +38,8 @@ class ChatOptions:
     top_p: float | None = None
     stop: Sequence[str] = ()
     seed: int | None = None
-    tools: Sequence[pb.Tool] = ()
-    tool_choice: pb.ToolChoice | None = None
+    tools: Sequence[ToolLike] = ()
+    tool_choice: ToolChoiceLike | None = None
     response_format: pb.ResponseFormat | None = None
     reasoning: pb.ReasoningOptions | None = None
     parallel_tool_calls: bool | None = None
@@ -62,9 +62,13 @@ class ChatOptions:
         fields: dict[str, Any] = {
             "model": self.model,
             "provider": self.provider,
-            "messages": [user(messages)] if isinstance(messages, str) else list(messages),
+            "messages": (
+                [user(messages)]
+                if isinstance(messages, str)
+                else [message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+            ),
             "stop": list(self.stop),
-            "tools": list(self.tools),
+            "tools": [tool(t, f"tools[{i}]") for i, t in enumerate(self.tools)],
             "tags": dict(self.tags or {}),
             "request_id": self.request_id or uuid.uuid4().hex,
             "policy": pb.RoutingPolicy.Value(f"ROUTING_POLICY_{self.policy.upper()}") if self.policy else 0,
@@ -76,7 +80,7 @@ class ChatOptions:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
-            "tool_choice": self.tool_choice,
+            "tool_choice": None if self.tool_choice is None else _tool_choice(self.tool_choice),
             "response_format": self.response_format,
             "reasoning": self.reasoning,
             "parallel_tool_calls": self.parallel_tool_calls,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import binascii
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
@@ -15,7 +18,9 @@ __all__ = [
     "TokenUsage",
     "assistant",
     "format_usd",
+    "message",
     "system",
+    "tool",
     "tool_result",
     "usd",
     "user",
@@ -55,6 +60,197 @@ def tool_result(tool_call_id: str, *content: Content, is_error: bool = False) ->
     """A tool's answer to the call `tool_call_id`: text, or parts (images and documents: Anthropic only);
     `is_error` when the tool failed and the content says how."""
     return _content(pb.ROLE_TOOL, content, tool_call_id=tool_call_id, is_error=is_error)
+
+
+# A message or a tool as OpenAI's Chat Completions API writes it: {"role": "user", "content": "..."}.
+MessageLike = pb.Message | Mapping[str, Any]
+ToolLike = pb.Tool | Mapping[str, Any]
+
+_ROLES = {
+    "system": pb.ROLE_SYSTEM,
+    "developer": pb.ROLE_SYSTEM,  # OpenAI's newer name for the system turn
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+    "tool": pb.ROLE_TOOL,
+}
+_MESSAGE_KEYS = {"role", "content", "name", "tool_call_id", "tool_calls"}
+
+
+def _text(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: must be a string, got {type(value).__name__}")
+    return value
+
+
+def _arguments(value: Any) -> str:
+    """Tool-call arguments are JSON text on the wire; a dict is encoded for the caller."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def _tool_call(call: pb.ToolCall | Mapping[str, Any], where: str) -> pb.ToolCall:
+    """OpenAI's {"id", "type": "function", "function": {"name", "arguments"}} (or the flat id/name/arguments)."""
+    if isinstance(call, pb.ToolCall):
+        return call
+    if not isinstance(call, Mapping):
+        raise ValueError(f"{where}: a tool call is a mapping like OpenAI's, got {type(call).__name__}")
+    function = call.get("function", call)
+    if not isinstance(function, Mapping):
+        raise ValueError(f"{where}.function: must be a mapping with name and arguments")
+    return pb.ToolCall(
+        id=_text(call.get("id"), f"{where}.id"),
+        name=_text(function.get("name"), f"{where}.function.name"),
+        arguments=_arguments(function.get("arguments")),
+    )
+
+
+_IMAGE_DETAILS = {"auto": pb.IMAGE_DETAIL_AUTO, "low": pb.IMAGE_DETAIL_LOW, "high": pb.IMAGE_DETAIL_HIGH}
+_PART_TYPES = ("text", "image_url", "input_audio", "file")
+
+
+def _base64(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: must be base64 text, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ValueError(f"{where}: not valid base64") from None
+
+
+def _data_url(url: str, where: str) -> tuple[str, bytes]:
+    """`data:<media type>;base64,<data>` as (media type, bytes)."""
+    header, comma, data = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ValueError(f"{where}: a data URL must be data:<media type>;base64,<data>")
+    return header.removeprefix("data:").removesuffix(";base64"), _base64(data, where)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _part(value: Any, where: str) -> pb.Part:
+    """A pb.Part from itself, a string, or one of OpenAI's content parts: text, image_url (an http(s) URL or a
+    data: URL), input_audio, or file (inline file_data; uploaded file_id has no equivalent here)."""
+    if isinstance(value, pb.Part):
+        return value
+    if isinstance(value, str):
+        return pb.Part(text=value)
+    kind = _mapping(value, where).get("type")
+    if kind == "text":
+        return pb.Part(text=_text(value.get("text"), f"{where}.text"))
+    if kind == "image_url":
+        image = value.get("image_url")
+        image = {"url": image} if isinstance(image, str) else _mapping(image, f"{where}.image_url")
+        url = _text(image.get("url"), f"{where}.image_url.url")
+        detail = image.get("detail") or ""
+        if detail and detail not in _IMAGE_DETAILS:
+            raise ValueError(f"{where}.image_url.detail: {detail!r} is not one of {', '.join(_IMAGE_DETAILS)}")
+        out = pb.ImagePart(detail=_IMAGE_DETAILS.get(detail, pb.IMAGE_DETAIL_UNSPECIFIED))
+        if url.startswith("data:"):
+            out.media_type, out.data = _data_url(url, f"{where}.image_url.url")
+        else:
+            out.url = url
+        return pb.Part(image=out)
+    if kind == "input_audio":
+        audio = _mapping(value.get("input_audio"), f"{where}.input_audio")
+        data = _base64(audio.get("data"), f"{where}.input_audio.data")
+        return pb.Part(audio=pb.AudioPart(data=data, format=_text(audio.get("format"), f"{where}.input_audio.format")))
+    if kind == "file":
+        file = _mapping(value.get("file"), f"{where}.file")
+        if file.get("file_id") is not None:
+            raise ValueError(f"{where}.file.file_id: uploaded files are not supported; send file_data (a data: URL)")
+        file_data = _text(file.get("file_data"), f"{where}.file.file_data")
+        media_type, data = (
+            _data_url(file_data, f"{where}.file.file_data")
+            if file_data.startswith("data:")
+            else ("application/pdf", _base64(file_data, f"{where}.file.file_data"))
+        )
+        title = _text(file.get("filename"), f"{where}.file.filename")
+        return pb.Part(document=pb.DocumentPart(data=data, media_type=media_type, title=title))
+    raise ValueError(f"{where}.type: {kind!r} is not one of {', '.join(_PART_TYPES)}")
+
+
+def _parts(content: Sequence[Any], where: str) -> list[pb.Part]:
+    return [_part(p, f"{where}[{i}]") for i, p in enumerate(content)]
+
+
+def message(value: MessageLike, where: str = "message") -> pb.Message:
+    """A pb.Message from itself or from an OpenAI-style mapping: lowercase roles (`developer` is system),
+    `content` as text or as OpenAI's content parts (None for an assistant turn that only calls tools), `name`,
+    `tool_call_id` and `tool_calls`."""
+    if isinstance(value, pb.Message):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: a message is a mapping like {{'role': 'user', 'content': '...'}} or a pb.Message")
+    unknown = sorted(str(k) for k, v in value.items() if k not in _MESSAGE_KEYS and v is not None)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_MESSAGE_KEYS))})")
+    role = value.get("role")
+    if not isinstance(role, str) or role.lower().removeprefix("role_") not in _ROLES:
+        raise ValueError(f"{where}.role: {role!r} is not one of {', '.join(_ROLES)}")
+    content = value.get("content")
+    if content is not None and not isinstance(content, str | list | tuple):
+        raise ValueError(f"{where}.content: must be a string or a list of parts, got {type(content).__name__}")
+    calls = value.get("tool_calls") or ()
+    return pb.Message(
+        role=_ROLES[role.lower().removeprefix("role_")],
+        content=content if isinstance(content, str) else "",
+        parts=[] if content is None or isinstance(content, str) else _parts(content, f"{where}.content"),
+        name=_text(value.get("name"), f"{where}.name"),
+        tool_call_id=_text(value.get("tool_call_id"), f"{where}.tool_call_id"),
+        tool_calls=[_tool_call(c, f"{where}.tool_calls[{i}]") for i, c in enumerate(calls)],
+    )
+
+
+def tool(value: ToolLike, where: str = "tool") -> pb.Tool:
+    """A pb.Tool from itself or from OpenAI's {"type": "function", "function": {"name", "description",
+    "parameters"}} (or the flat name/description/parameters)."""
+    if isinstance(value, pb.Tool):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: a tool is a mapping like OpenAI's or a pb.Tool, got {type(value).__name__}")
+    function = value.get("function", value)
+    if not isinstance(function, Mapping):
+        raise ValueError(f"{where}.function: must be a mapping with name, description and parameters")
+    out = pb.Tool(
+        name=_text(function.get("name"), f"{where}.function.name"),
+        description=_text(function.get("description"), f"{where}.function.description"),
+    )
+    parameters = function.get("parameters")
+    if parameters is not None:
+        if not isinstance(parameters, Mapping):
+            raise ValueError(f"{where}.function.parameters: must be a JSON schema object (a mapping)")
+        out.parameters.update(parameters)
+    return out
+
+
+ToolChoiceLike = pb.ToolChoice | str | Mapping[str, Any]
+_TOOL_CHOICE_MODES = {
+    "auto": pb.TOOL_CHOICE_MODE_AUTO,
+    "none": pb.TOOL_CHOICE_MODE_NONE,
+    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+}
+
+
+def _tool_choice(value: ToolChoiceLike) -> pb.ToolChoice:
+    """A pb.ToolChoice from itself or from OpenAI's `"auto"`, `"none"`, `"required"` or
+    `{"type": "function", "function": {"name": ...}}`."""
+    if isinstance(value, pb.ToolChoice):
+        return value
+    if isinstance(value, str):
+        if value not in _TOOL_CHOICE_MODES:
+            raise ValueError(f"tool_choice: {value!r} is not one of {', '.join(_TOOL_CHOICE_MODES)} or a function")
+        return pb.ToolChoice(mode=_TOOL_CHOICE_MODES[value])
+    function = value.get("function") if isinstance(value, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise ValueError('tool_choice: a function choice is {"type": "function", "function": {"name": ...}}')
+    return pb.ToolChoice(function_name=function["name"])
 
 
 def usd(nanos: int) -> Decimal:

@@ -1963,6 +1963,7 @@ class ModelInfo(_message.Message):
     CIRCUIT_STATE_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """The configured provider name."""
     name: _builtins.str
@@ -1990,6 +1991,13 @@ class ModelInfo(_message.Message):
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities from configuration (for example `tools`, `json`, `vision`)."""
 
+    @_builtins.property
+    def last_failure(self) -> Global___ModelFailure:
+        """The most recent upstream failure of this model that counted against its circuit, as the answering
+        gateway process saw it (for an open circuit: what opened it); unset when there was none since it
+        started.
+        """
+
     def __init__(
         self,
         *,
@@ -2002,14 +2010,51 @@ class ModelInfo(_message.Message):
         circuit_state: Global___CircuitState.ValueType = ...,
         latency_ms: _builtins.int = ...,
         max_connections: _builtins.int = ...,
+        last_failure: Global___ModelFailure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "latency_ms", b"latency_ms", "max_connections", b"max_connections", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "last_failure", b"last_failure", "latency_ms", b"latency_ms", "max_connections", b"max_connections", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ModelFailure(_message.Message):
+    """ModelFailure is one upstream failure of a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    FAILURE_TIME_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """An UPPER_SNAKE reason such as `UPSTREAM_CONNECT_ERROR`, `UPSTREAM_AUTH_FAILED` or `UPSTREAM_TIMEOUT`."""
+    message: _builtins.str
+    """What went wrong, safe to show (never keys or request bodies), e.g. `openai: connect error: ...`."""
+    http_status: _builtins.int
+    """HTTP status the upstream answered with, 0 when none (no connection, a timeout)."""
+    @_builtins.property
+    def failure_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+        failure_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failure_time", b"failure_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure_time", b"failure_time", "http_status", b"http_status", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFailure: _TypeAlias = ModelFailure  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):

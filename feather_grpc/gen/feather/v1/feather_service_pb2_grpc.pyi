@@ -39,8 +39,11 @@ class FeatherServiceStub:
       UNAUTHENTICATED    API_KEY_INVALID
       PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
       RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
-      DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
+      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known; metadata lastFailureReason, lastFailure,
+                         lastFailureHttpStatus: the upstream failure behind it, for an open circuit what opened
+                         it; not to be retried by clients: grpc-retry-pushback-ms -1), STATE_UNAVAILABLE
+                         (shared state store down)
+      DEADLINE_EXCEEDED  DEADLINE_EXCEEDED (metadata requestTimeoutMs when the gateway's own limit ran out)
       INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
 
@@ -72,8 +75,11 @@ class FeatherServiceAsyncStub(FeatherServiceStub):
       UNAUTHENTICATED    API_KEY_INVALID
       PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
       RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
-      DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
+      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known; metadata lastFailureReason, lastFailure,
+                         lastFailureHttpStatus: the upstream failure behind it, for an open circuit what opened
+                         it; not to be retried by clients: grpc-retry-pushback-ms -1), STATE_UNAVAILABLE
+                         (shared state store down)
+      DEADLINE_EXCEEDED  DEADLINE_EXCEEDED (metadata requestTimeoutMs when the gateway's own limit ran out)
       INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
 
@@ -101,8 +107,11 @@ class FeatherServiceServicer(metaclass=_abc_1.ABCMeta):
       UNAUTHENTICATED    API_KEY_INVALID
       PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
       RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
-      DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
+      UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known; metadata lastFailureReason, lastFailure,
+                         lastFailureHttpStatus: the upstream failure behind it, for an open circuit what opened
+                         it; not to be retried by clients: grpc-retry-pushback-ms -1), STATE_UNAVAILABLE
+                         (shared state store down)
+      DEADLINE_EXCEEDED  DEADLINE_EXCEEDED (metadata requestTimeoutMs when the gateway's own limit ran out)
       INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
 

@@ -1389,6 +1389,24 @@ export interface ModelInfo {
    * 0 for a provider without an upstream (`mock`).
    */
   maxConnections: number;
+  /**
+   * The most recent upstream failure of this model that counted against its circuit, as the answering
+   * gateway process saw it (for an open circuit: what opened it); unset when there was none since it
+   * started.
+   */
+  lastFailure: ModelFailure | undefined;
+}
+
+/** ModelFailure is one upstream failure of a model. */
+export interface ModelFailure {
+  /** An UPPER_SNAKE reason such as `UPSTREAM_CONNECT_ERROR`, `UPSTREAM_AUTH_FAILED` or `UPSTREAM_TIMEOUT`. */
+  reason: string;
+  /** What went wrong, safe to show (never keys or request bodies), e.g. `openai: connect error: ...`. */
+  message: string;
+  /** HTTP status the upstream answered with, 0 when none (no connection, a timeout). */
+  httpStatus: number;
+  /** When it happened. */
+  failureTime: Date | undefined;
 }
 
 /** ListModelsResponse lists routable models. */
@@ -7078,6 +7096,7 @@ function createBaseModelInfo(): ModelInfo {
     circuitState: 0,
     latencyMs: 0n,
     maxConnections: 0,
+    lastFailure: undefined,
   };
 }
 
@@ -7112,6 +7131,9 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     }
     if (message.maxConnections !== 0) {
       writer.uint32(72).int32(message.maxConnections);
+    }
+    if (message.lastFailure !== undefined) {
+      ModelFailure.encode(message.lastFailure, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -7201,6 +7223,14 @@ export const ModelInfo: MessageFns<ModelInfo> = {
             message.maxConnections = reader.int32();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.lastFailure = ModelFailure.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7242,6 +7272,11 @@ export const ModelInfo: MessageFns<ModelInfo> = {
         : isSet(object.max_connections)
         ? globalThis.Number(object.max_connections)
         : 0,
+      lastFailure: isSet(object.lastFailure)
+        ? ModelFailure.fromJSON(object.lastFailure)
+        : isSet(object.last_failure)
+        ? ModelFailure.fromJSON(object.last_failure)
+        : undefined,
     };
   },
 
@@ -7274,6 +7309,9 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     if (message.maxConnections !== 0) {
       obj.maxConnections = Math.round(message.maxConnections);
     }
+    if (message.lastFailure !== undefined) {
+      obj.lastFailure = ModelFailure.toJSON(message.lastFailure);
+    }
     return obj;
   },
 
@@ -7293,6 +7331,134 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     message.circuitState = object.circuitState ?? 0;
     message.latencyMs = (object.latencyMs !== undefined && object.latencyMs !== null) ? BigInt(object.latencyMs) : 0n;
     message.maxConnections = object.maxConnections ?? 0;
+    message.lastFailure = (object.lastFailure !== undefined && object.lastFailure !== null)
+      ? ModelFailure.fromPartial(object.lastFailure)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseModelFailure(): ModelFailure {
+  return { reason: "", message: "", httpStatus: 0, failureTime: undefined };
+}
+
+export const ModelFailure: MessageFns<ModelFailure> = {
+  encode(message: ModelFailure, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reason !== "") {
+      writer.uint32(10).string(message.reason);
+    }
+    if (message.message !== "") {
+      writer.uint32(18).string(message.message);
+    }
+    if (message.httpStatus !== 0) {
+      writer.uint32(24).int32(message.httpStatus);
+    }
+    if (message.failureTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.failureTime), writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ModelFailure {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseModelFailure();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.message = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.httpStatus = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.failureTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ModelFailure {
+    return {
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      message: isSet(object.message) ? globalThis.String(object.message) : "",
+      httpStatus: isSet(object.httpStatus)
+        ? globalThis.Number(object.httpStatus)
+        : isSet(object.http_status)
+        ? globalThis.Number(object.http_status)
+        : 0,
+      failureTime: isSet(object.failureTime)
+        ? fromJsonTimestamp(object.failureTime)
+        : isSet(object.failure_time)
+        ? fromJsonTimestamp(object.failure_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ModelFailure): unknown {
+    const obj: any = {};
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.message !== "") {
+      obj.message = message.message;
+    }
+    if (message.httpStatus !== 0) {
+      obj.httpStatus = Math.round(message.httpStatus);
+    }
+    if (message.failureTime !== undefined) {
+      obj.failureTime = message.failureTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ModelFailure>): ModelFailure {
+    return ModelFailure.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ModelFailure>): ModelFailure {
+    const message = createBaseModelFailure();
+    message.reason = object.reason ?? "";
+    message.message = object.message ?? "";
+    message.httpStatus = object.httpStatus ?? 0;
+    message.failureTime = object.failureTime ?? undefined;
     return message;
   },
 };
@@ -7378,8 +7544,11 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
  *   UNAUTHENTICATED    API_KEY_INVALID
  *   PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
  *   RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
- *   UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
- *   DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
+ *   UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known; metadata lastFailureReason, lastFailure,
+ *                      lastFailureHttpStatus: the upstream failure behind it, for an open circuit what opened
+ *                      it; not to be retried by clients: grpc-retry-pushback-ms -1), STATE_UNAVAILABLE
+ *                      (shared state store down)
+ *   DEADLINE_EXCEEDED  DEADLINE_EXCEEDED (metadata requestTimeoutMs when the gateway's own limit ran out)
  *   INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
  */
 export type FeatherServiceService = typeof FeatherServiceService;

@@ -38,8 +38,11 @@ class FeatherServiceStub:
     UNAUTHENTICATED    API_KEY_INVALID
     PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
     RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-    UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
-    DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
+    UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known; metadata lastFailureReason, lastFailure,
+    lastFailureHttpStatus: the upstream failure behind it, for an open circuit what opened
+    it; not to be retried by clients: grpc-retry-pushback-ms -1), STATE_UNAVAILABLE
+    (shared state store down)
+    DEADLINE_EXCEEDED  DEADLINE_EXCEEDED (metadata requestTimeoutMs when the gateway's own limit ran out)
     INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
 
@@ -83,8 +86,11 @@ class FeatherServiceServicer:
     UNAUTHENTICATED    API_KEY_INVALID
     PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
     RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-    UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
-    DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
+    UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known; metadata lastFailureReason, lastFailure,
+    lastFailureHttpStatus: the upstream failure behind it, for an open circuit what opened
+    it; not to be retried by clients: grpc-retry-pushback-ms -1), STATE_UNAVAILABLE
+    (shared state store down)
+    DEADLINE_EXCEEDED  DEADLINE_EXCEEDED (metadata requestTimeoutMs when the gateway's own limit ran out)
     INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
 
@@ -160,8 +166,11 @@ class FeatherService:
     UNAUTHENTICATED    API_KEY_INVALID
     PERMISSION_DENIED  MODEL_NOT_ALLOWED, PERMISSION_DENIED (another tenant's usage)
     RESOURCE_EXHAUSTED RATE_LIMITED (+ QuotaFailure, RetryInfo), BUDGET_EXCEEDED, OVERLOADED (+ RetryInfo)
-    UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known), STATE_UNAVAILABLE (shared state store down)
-    DEADLINE_EXCEEDED  DEADLINE_EXCEEDED
+    UNAVAILABLE        UPSTREAM_UNAVAILABLE (+ RetryInfo when known; metadata lastFailureReason, lastFailure,
+    lastFailureHttpStatus: the upstream failure behind it, for an open circuit what opened
+    it; not to be retried by clients: grpc-retry-pushback-ms -1), STATE_UNAVAILABLE
+    (shared state store down)
+    DEADLINE_EXCEEDED  DEADLINE_EXCEEDED (metadata requestTimeoutMs when the gateway's own limit ran out)
     INTERNAL           UPSTREAM_AUTH_FAILED, INTERNAL
     """
 

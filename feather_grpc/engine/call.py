@@ -1,0 +1,87 @@
+"""A call as the engine's stages see it: what the transport says about it (`CallContext`) and what it
+has done so far (`Call`), handed from plan to admit, attempt and settle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from feather_grpc.config import TenantConfig
+from feather_grpc.engine.admission import Ticket
+from feather_grpc.engine.results import AttemptRecord, StreamCompleted, StreamStarted
+from feather_grpc.engine.routing import RouteCandidate
+from feather_grpc.engine.types import ChatRequest, StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, Usage
+from feather_grpc.engine.validation import usable_request_id
+
+StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
+# An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
+Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None]
+
+
+@dataclass(slots=True)
+class CallContext:
+    """Per-call facts the transport knows: who is calling and until when."""
+
+    tenant: str = "default"
+    deadline: float | None = None  # event-loop time (loop.time()) by which the call must end
+    tenant_config: TenantConfig | None = None  # the caller's limits; None: the configured tenant `tenant`
+    # The tenant's request-rate token, asked for by the transport: awaiting it gives the verdict (raises
+    # when refused). Judged before anything is served, with admission's own decisions (one round trip).
+    # `max_wait_s`: how long the caller may still queue for it (None: as long as the token said).
+    request_token: Callable[[float | None], Awaitable[None]] | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """A call in flight: what settle needs whichever way the call ends."""
+
+    request: ChatRequest
+    ctx: CallContext
+    request_id: str
+    started: float  # monotonic
+    started_ns: int  # wall clock
+    streamed: bool
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    candidate: RouteCandidate | None = None
+    ttft_ms: int | None = None  # streams: time to the first event sent to the caller
+    ticket: Ticket | None = None  # what admission reserved; settled with the ledger record
+    cache_key: str | None = None  # set when the call may be answered from / stored in the cache
+    # Attempts that reached an upstream and were abandoned (deadline, timeout, cancellation, a 2xx reply
+    # that could not be used): the upstream did, and billed, the work; each is billed as an estimate.
+    abandoned: list[tuple[RouteCandidate, Usage]] = field(default_factory=list)
+    prompt_usage: Usage | None = None  # streams: the prompt's exact counts, announced before the reply
+    # Loop time by which the answer (a stream: its first event) must come: the caller's deadline or the
+    # gateway's requestTimeoutMs, the earlier; `gateway_bound` when it is the latter.
+    answer_by: float | None = None
+    gateway_bound: bool = False
+
+
+def begin(request: ChatRequest, ctx: CallContext, *, streamed: bool, request_timeout_ms: int) -> Call:
+    limit = asyncio.get_running_loop().time() + request_timeout_ms / 1000
+    gateway_bound = ctx.deadline is None or limit < ctx.deadline
+    return Call(
+        request=request,
+        ctx=ctx,
+        # 128 random bits (as uuid4, but cheaper) unless the caller gave a usable id
+        request_id=usable_request_id(request.request_id) or os.urandom(16).hex(),
+        started=time.monotonic(),
+        started_ns=time.time_ns(),
+        streamed=streamed,
+        answer_by=limit if gateway_bound else ctx.deadline,
+        gateway_bound=gateway_bound,
+    )
+
+
+def ms_since(begun: float) -> int:
+    return int((time.monotonic() - begun) * 1000)
+
+
+async def close_stream(it: AsyncIterator[StreamEvent]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
