@@ -6,6 +6,7 @@ never touches JSON or the environment on the request path.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -131,6 +132,8 @@ class ProviderSpec(_Strict):
     idle_timeout_ms: int | None = Field(default=None, alias="idleTimeoutMs", gt=0)
     # Open connections to each of its hosts, per process; calls beyond it wait for one (first come, first served).
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, alias="maxConnections", ge=1, le=100_000)
+    # The HTTP client: the built-in one, or aiohttp's (the feather-grpc[aiohttp] extra) for what it lacks
+    transport: Literal["builtin", "aiohttp"] = "builtin"
     # What one reply may make the gateway hold: a JSON body whole, a stream one line or event at a time.
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1024)
     max_stream_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, alias="maxStreamEventBytes", ge=1024)
@@ -368,6 +371,7 @@ class ProviderConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     propagate_trace_context: bool = True
     egress: Egress = DIRECT
+    transport: str = "builtin"  # the upstream HTTP client: "builtin" or "aiohttp"
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_stream_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     auth: str = ""  # "" (the API key) | "entra"
@@ -738,6 +742,7 @@ def resolve(file_config: FileConfig, env: dict[str, str] | None = None, source: 
                 max_connections=spec.max_connections,
                 propagate_trace_context=spec.propagate_trace_context,
                 egress=_egress(name, spec, ptype, env, source),
+                transport=_transport(name, spec, source),
                 max_response_bytes=spec.max_response_bytes,
                 max_stream_event_bytes=spec.max_stream_event_bytes,
                 auth=spec.auth or "",
@@ -851,6 +856,18 @@ def _tls(spec: TlsSpec | None, source: str) -> TlsConfig | None:
                 "check the path and permissions",
             ) from None
     return TlsConfig(spec.cert_file, spec.key_file, spec.client_ca_file)
+
+
+def _transport(name: str, spec: ProviderSpec, source: str) -> str:
+    """The provider's HTTP client; aiohttp is an optional extra, imported only when a provider uses it."""
+    if spec.transport == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
+        raise ConfigError(
+            source,
+            f"providers.{name}.transport",
+            '"aiohttp" needs the aiohttp package, which is not installed',
+            "pip install 'feather-grpc[aiohttp]', or remove \"transport\" to use the built-in client",
+        )
+    return spec.transport
 
 
 def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], source: str) -> Egress:

@@ -30,7 +30,8 @@ from feather_grpc.engine.errors import ProviderError
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import ProviderSettings, build_provider
 from feather_grpc.providers.egress import Egress, Proxy, bypasses_proxy, env_proxy, parse_proxy
-from feather_grpc.providers.transport import ConnectError, HttpClient
+from feather_grpc.providers.http_client import ConnectError
+from feather_grpc.providers.transport.client import HttpClient
 from sim.proxy import ConnectProxy
 from sim.upstream import UpstreamSimulator
 from tests.gateway_harness import user

@@ -34,7 +34,7 @@ from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.tokens import estimate_prompt_tokens
 from feather_grpc.engine.types import StreamEvent, Usage
 from feather_grpc.providers.base import Provider
-from feather_grpc.providers.transport import AttemptMarker, attempt_marker
+from feather_grpc.providers.http_client import AttemptMarker, attempt_marker
 from feather_grpc.state.breaker_store import CircuitStore
 from feather_grpc.state.limits import StateUnavailable
 

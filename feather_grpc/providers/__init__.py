@@ -6,9 +6,10 @@ from feather_grpc.engine import inputs
 from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.base import Provider, ProviderSettings
 from feather_grpc.providers.http import new_session
+from feather_grpc.providers.http_client import UpstreamClient
 from feather_grpc.providers.mock import MockProvider
 from feather_grpc.providers.openai import OpenAIProvider
-from feather_grpc.providers.transport import HttpClient
+from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = [
     "ACCEPTED_INPUTS",
@@ -62,8 +63,9 @@ def wire_format(ptype: str, model: str, responses_models: tuple[str, ...] = ()) 
     return ptype
 
 
-def build_provider(settings: ProviderSettings, session: HttpClient) -> Provider:
-    """The adapter for `settings.type`. Every HTTP adapter shares `session` (see `new_session`)."""
+def build_provider(settings: ProviderSettings, session: UpstreamClient) -> Provider:
+    """The adapter for `settings.type`, on `session` (`new_session()`, or `UpstreamClients.get` for the
+    provider's transport); the providers of one transport share one."""
     if settings.type in ("openai", "openai-compatible"):
         if settings.responses_models:
             from feather_grpc.providers.responses import OpenAIResponsesProvider

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -34,8 +35,6 @@ from feather_grpc.providers.base import (
     consistent,
     estimated_usage,
     merge_fields,
-    parse_sse,
-    read_events,
     request_count,
     token_count,
 )
@@ -43,13 +42,10 @@ from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
     classify_status,
-    classify_transport_error,
-    error_from_response,
     post_json,
-    stream_cut,
 )
-from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError
+from feather_grpc.providers.http_client import UpstreamClient, UpstreamEndpoint
+from feather_grpc.providers.streaming import stream_sse
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_MAX_TOKENS", "AnthropicProvider", "finish_reason", "normalise_usage"]
 
@@ -255,7 +251,7 @@ def _plain_text(block: dict[str, Any]) -> bool:
 class AnthropicProvider:
     """POST `{base_url}/v1/messages`; `base_url` is the API root, e.g. `https://api.anthropic.com`."""
 
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         self.settings = settings
         self._name = settings.name
         self._api_key = settings.api_key
@@ -329,7 +325,7 @@ class AnthropicProvider:
         return body
 
     # Hooks for the same wire format at other URLs or with other auth (Claude on Vertex, providers/gemini.py).
-    def target(self, model: str, *, stream: bool) -> Endpoint:
+    def target(self, model: str, *, stream: bool) -> UpstreamEndpoint:
         return self._endpoint
 
     async def request_headers(self) -> bytes:
@@ -382,63 +378,25 @@ class AnthropicProvider:
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(model, request, stream=True))
-        name = self._name
-        started = False
         endpoint = self.target(model, stream=True)
         headers = await self.request_headers()
-        try:
-            resp = await endpoint.request(payload, headers)
-            try:
-                if resp.status >= 300:
-                    raise await error_from_response(name, resp, self._api_key)
-                started = True
-                if resp.content_type == "application/json":
-                    # A proxy or mock that ignored `stream: true` (as the OpenAI adapter allows): replay the
-                    # whole message.
-                    try:
-                        doc = orjson.loads(await resp.read(self.settings.max_response_bytes))
-                    except ValueError:
-                        raise bad_response(name, "body is not JSON") from None
-                    full = self._parse_message(doc, request)
-                    for i, t in enumerate(full.thinking):
-                        yield ThinkingDelta(i, t.text, t.signature, t.redacted_data)
-                    if full.content:
-                        yield TextDelta(full.content)
-                    for i, call in enumerate(full.tool_calls):
-                        yield ToolCallDelta(i, call.id, call.name, call.arguments)
-                    # Without usage the engine estimates, and says so.
-                    usage = None if full.usage_estimated else full.usage
-                    final: StreamFinish | None = StreamFinish(full.finish_reason, usage, full.upstream)
-                else:
-                    final = None
-                    parser = SSEParser(self.settings.max_stream_event_bytes)
-                    reader = _EventReader(name, self._api_key)
-
-                    def handle(event: SSEEvent) -> list[StreamEvent]:
-                        return reader.handle(event.event, event.data)
-
-                    def done() -> bool:
-                        return reader.done
-
-                    async for chunk in resp:
-                        events, error = read_events(parse_sse(parser, chunk, name), handle, done)
-                        for out in events:
-                            yield out
-                        if error is not None:
-                            raise error
-                        if reader.done:
-                            break
-                    if not reader.done:
-                        raise stream_cut(name, "ended without message_stop")
-                    # The terminating chunk may still be on its way: keep the connection if it comes soon.
-                    resp.release_after_end()
-            finally:
-                # Read to the end, the connection is already back in the pool and this is a no-op;
-                # otherwise (an error, aclose() or cancellation) it is closed.
-                resp.close()
-        except HttpError as exc:
-            raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
-        yield final if final is not None else reader.finish()  # after the response is released
+        reader = _EventReader(self._name, self._api_key)
+        events = stream_sse(
+            self._name,
+            self._api_key,
+            lambda: endpoint.request(payload, headers),
+            lambda event: reader.handle(event.event, event.data),
+            lambda: reader.done,
+            lambda: [reader.finish()],
+            end="message_stop",
+            max_event_bytes=self.settings.max_stream_event_bytes,
+            # A proxy or mock that ignored `stream: true` (as the OpenAI adapter allows): the whole message.
+            replay=lambda doc: self._parse_message(doc, request),
+            max_response_bytes=self.settings.max_response_bytes,
+        )
+        async with aclosing(events):
+            async for out in events:
+                yield out
 
     async def aclose(self) -> None:
         return None

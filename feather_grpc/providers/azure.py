@@ -24,9 +24,9 @@ from urllib.parse import quote
 from feather_grpc.engine.types import ChatRequest, FinishReason, ProviderResponse
 from feather_grpc.providers.base import ProviderSettings
 from feather_grpc.providers.credentials import CachedCredential, load
+from feather_grpc.providers.http_client import UpstreamClient, UpstreamEndpoint, encode_headers
 from feather_grpc.providers.openai import OpenAIProvider
 from feather_grpc.providers.responses import OpenAIResponsesProvider
-from feather_grpc.providers.transport import Endpoint, HttpClient, encode_headers
 
 __all__ = ["ENTRA_SCOPE", "AzureOpenAIProvider", "AzureResponsesProvider"]
 
@@ -34,7 +34,7 @@ ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 
 
 class AzureOpenAIProvider(OpenAIProvider):
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         # The parent's endpoint is the v1 URL; deployment URLs are made per deployment below.
         base = settings.base_url.rstrip("/")
         super().__init__(_v1_settings(settings, base), session)
@@ -43,7 +43,7 @@ class AzureOpenAIProvider(OpenAIProvider):
         self._session = session
         self._base = base
         self._deployments = dict(settings.upstream_ids)
-        self._endpoints: dict[str, Endpoint] = {}
+        self._endpoints: dict[str, UpstreamEndpoint] = {}
         self._headers = [("Content-Type", "application/json")]
         if settings.auth != "entra" and settings.api_key:
             self._headers.append(("api-key", settings.api_key))
@@ -54,7 +54,7 @@ class AzureOpenAIProvider(OpenAIProvider):
         if settings.auth == "entra":
             self._token = CachedCredential(settings.name, _entra_fetcher())
 
-    def target(self, model: str) -> tuple[Endpoint, str]:
+    def target(self, model: str) -> tuple[UpstreamEndpoint, str]:
         deployment = self._deployments.get(model, model)
         if not self.settings.api_version:
             return self._endpoint, deployment

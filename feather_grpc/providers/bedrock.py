@@ -76,7 +76,13 @@ from feather_grpc.providers.http import (
     stream_cut,
     too_large,
 )
-from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError, Response, encode_headers
+from feather_grpc.providers.http_client import (
+    HttpError,
+    UpstreamClient,
+    UpstreamEndpoint,
+    UpstreamResponse,
+    encode_headers,
+)
 
 __all__ = ["BedrockProvider", "default_base_url", "normalise_usage", "sign"]
 
@@ -247,7 +253,7 @@ def _reclassify(provider: str, error: ProviderError, error_type: str, message: s
 
 
 class BedrockProvider:
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         self.settings = settings
         self._name = settings.name
         self._region = settings.region
@@ -256,13 +262,13 @@ class BedrockProvider:
         self._headers = [("Content-Type", "application/json"), *settings.extra_headers]
         if settings.api_key:  # a Bedrock API key: a bearer token instead of SigV4
             self._headers.append(("Authorization", f"Bearer {settings.api_key}"))
-        self._endpoints: dict[tuple[str, bool], Endpoint] = {}
+        self._endpoints: dict[tuple[str, bool], UpstreamEndpoint] = {}
         self._max_output = dict(settings.max_output_tokens)
         self._credentials: CachedCredential[Any] = CachedCredential(settings.name, _aws_fetcher())
         # botocore logs canonical requests at DEBUG, session token included: never let that reach our logs.
         logging.getLogger("botocore").setLevel(max(logging.getLogger("botocore").getEffectiveLevel(), logging.INFO))
 
-    def _endpoint(self, model: str, stream: bool) -> Endpoint:
+    def _endpoint(self, model: str, stream: bool) -> UpstreamEndpoint:
         key = (model, stream)
         endpoint = self._endpoints.get(key)
         if endpoint is None:  # one per configured model and mode: the config bounds this map
@@ -271,7 +277,7 @@ class BedrockProvider:
             endpoint = self._endpoints[key] = self._session.endpoint(url, self._headers, self.settings.egress)
         return endpoint
 
-    async def _signed(self, endpoint: Endpoint, body: bytes) -> bytes:
+    async def _signed(self, endpoint: UpstreamEndpoint, body: bytes) -> bytes:
         if self.settings.api_key:
             return b""
         credentials = await self._credentials.get()
@@ -461,7 +467,7 @@ class BedrockProvider:
             raise classify_transport_error(name, exc, streaming=started, api_key=self.settings.api_key) from exc
         yield reader.finish()
 
-    async def _error(self, resp: Response) -> ProviderError:
+    async def _error(self, resp: UpstreamResponse) -> ProviderError:
         error_type = resp.headers.get("x-amzn-errortype", "").split(":", 1)[0].strip()
         error = await error_from_response(self._name, resp, self.settings.api_key, error_type=error_type)
         return _reclassify(self._name, error, error_type.lower(), error.message)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["Egress", "Proxy", "bypasses_proxy", "env_proxy", "parse_proxy", "tls_context"]
+__all__ = ["Egress", "Proxy", "TlsContexts", "bypasses_proxy", "env_proxy", "parse_proxy", "tls_context"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,3 +180,26 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
 
 def _no_password() -> bytes:
     return b""
+
+
+class TlsContexts:
+    """The client TLS context for each egress: `default` (else `ssl.create_default_context()`: system CAs,
+    `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured), or the one made from the egress's CA bundle and client
+    certificate, built once per set of files (the config checked them at load)."""
+
+    def __init__(self, default: ssl.SSLContext | None = None) -> None:
+        self._default = default
+        self._custom: dict[tuple[str | None, str | None, str | None], ssl.SSLContext] = {}
+
+    def get(self, egress: Egress) -> ssl.SSLContext:
+        if egress.custom_tls:
+            files = (egress.ca_file, egress.client_cert_file, egress.client_key_file)
+            ctx = self._custom.get(files)
+            if ctx is None:
+                ctx = self._custom[files] = tls_context(*files)
+            return ctx
+        if self._default is None:
+            ctx = ssl.create_default_context()
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._default = ctx
+        return self._default

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
@@ -62,8 +63,6 @@ from feather_grpc.providers.base import (
     consistent,
     estimated_usage,
     merge_fields,
-    parse_sse,
-    read_events,
     token_count,
 )
 from feather_grpc.providers.credentials import CachedCredential, load
@@ -71,13 +70,11 @@ from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
     classify_status,
-    classify_transport_error,
-    error_from_response,
     post_json,
-    stream_cut,
 )
-from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError, encode_headers
+from feather_grpc.providers.http_client import UpstreamClient, UpstreamEndpoint, encode_headers
+from feather_grpc.providers.sse import SSEEvent
+from feather_grpc.providers.streaming import stream_sse
 
 __all__ = ["GEMINI_BASE_URL", "GeminiProvider", "normalise_usage", "vertex_base_url"]
 
@@ -197,7 +194,7 @@ def thinking_config(request: ChatRequest, configured: int | None) -> dict[str, A
 
 
 class GeminiProvider:
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         self.settings = settings
         self._name = settings.name
         self._api_key = settings.api_key
@@ -213,7 +210,7 @@ class GeminiProvider:
             self._headers.append(("x-goog-api-key", settings.api_key))
         self._headers += settings.extra_headers
         self._session = session
-        self._endpoints: dict[tuple[str, bool], Endpoint] = {}
+        self._endpoints: dict[tuple[str, bool], UpstreamEndpoint] = {}
         self._thinking = dict(settings.thinking_budgets)
         self._token: CachedCredential[str] | None = None
         self._claude: VertexClaude | None = None
@@ -222,7 +219,7 @@ class GeminiProvider:
             anthropic_prefix = self._prefix.replace("/publishers/google/models/", "/publishers/anthropic/models/")
             self._claude = VertexClaude(settings, session, anthropic_prefix, self._request_headers)
 
-    def _endpoint(self, model: str, stream: bool) -> Endpoint:
+    def _endpoint(self, model: str, stream: bool) -> UpstreamEndpoint:
         key = (model, stream)
         endpoint = self._endpoints.get(key)
         if endpoint is None:  # one per configured model and mode: the config bounds this map
@@ -379,42 +376,34 @@ class GeminiProvider:
         endpoint = self._endpoint(model, stream=True)
         headers = await self._request_headers()
         name = self._name
-        started = False
         reader = _Reader(name, self._api_key)
-        try:
-            resp = await endpoint.request(payload, headers)
+
+        def handle(event: SSEEvent) -> list[StreamEvent]:
             try:
-                if resp.status >= 300:
-                    raise await error_from_response(name, resp, self._api_key)
-                started = True
-                parser = SSEParser(self.settings.max_stream_event_bytes)
+                obj = orjson.loads(event.data)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                raise bad_response(name, "stream chunk is not a JSON object")
+            try:
+                return reader.handle(obj)
+            except (KeyError, TypeError, AttributeError):
+                raise bad_response(name, "not a GenerateContentResponse chunk") from None
 
-                def handle(event: SSEEvent) -> list[StreamEvent]:
-                    try:
-                        obj = orjson.loads(event.data)
-                    except ValueError:
-                        obj = None
-                    if not isinstance(obj, dict):
-                        raise bad_response(name, "stream chunk is not a JSON object")
-                    try:
-                        return reader.handle(obj)
-                    except (KeyError, TypeError, AttributeError):
-                        raise bad_response(name, "not a GenerateContentResponse chunk") from None
-
-                async for chunk in resp:
-                    events, error = read_events(parse_sse(parser, chunk, name), handle, lambda: False)
-                    for out in events:
-                        yield out
-                    if error is not None:
-                        raise error
-                # The stream ends with the body; its last chunk carries the finish reason.
-                if reader.finish_raw is None:
-                    raise stream_cut(name, "ended without a finishReason")
-            finally:
-                resp.close()
-        except HttpError as exc:
-            raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
-        yield reader.finish()
+        events = stream_sse(
+            name,
+            self._api_key,
+            lambda: endpoint.request(payload, headers),
+            handle,
+            lambda: reader.finish_raw is not None,
+            lambda: [reader.finish()],
+            end="a finishReason",
+            max_event_bytes=self.settings.max_stream_event_bytes,
+            read_to_end=True,  # the stream ends with the body; its last chunk carries the finish reason
+        )
+        async with aclosing(events):
+            async for out in events:
+                yield out
 
     async def aclose(self) -> None:
         if self._token is not None:
@@ -427,7 +416,7 @@ class VertexClaude(AnthropicProvider):
     def __init__(
         self,
         settings: ProviderSettings,
-        session: HttpClient,
+        session: UpstreamClient,
         prefix: str,
         auth: Callable[[], Awaitable[bytes]],
     ) -> None:
@@ -436,9 +425,9 @@ class VertexClaude(AnthropicProvider):
         self._auth = auth
         self._session = session
         self._headers = [("Content-Type", "application/json"), *settings.extra_headers]
-        self._endpoints: dict[tuple[str, bool], Endpoint] = {}
+        self._endpoints: dict[tuple[str, bool], UpstreamEndpoint] = {}
 
-    def target(self, model: str, *, stream: bool) -> Endpoint:
+    def target(self, model: str, *, stream: bool) -> UpstreamEndpoint:
         key = (model, stream)
         endpoint = self._endpoints.get(key)
         if endpoint is None:  # one per configured model and mode

@@ -14,19 +14,21 @@ from urllib.parse import urlsplit
 import orjson
 
 from feather_grpc.engine.errors import ProviderError
-from feather_grpc.providers.transport import (
+from feather_grpc.providers.http_client import (
     BodyTooLarge,
     ConnectError,
-    Endpoint,
-    HttpClient,
     HttpError,
     InvalidURL,
-    Response,
     UnsupportedEncoding,
+    UpstreamClient,
+    UpstreamEndpoint,
+    UpstreamResponse,
 )
+from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = [
     "MAX_ERROR_BODY_BYTES",
+    "UpstreamClients",
     "UpstreamErrorBody",
     "bad_response",
     "classify_status",
@@ -67,6 +69,37 @@ def new_session(
         user_agent=user_agent,
         ssl_context=ssl_context,
     )
+
+
+class UpstreamClients:
+    """The upstream HTTP clients of one gateway, one per transport (`providers.<name>.transport`), each made
+    when the first provider using it is built and shared by all of them; the owner `await`s `close()`."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, UpstreamClient] = {}
+
+    def get(self, transport: str = "builtin") -> UpstreamClient:
+        client = self._clients.get(transport)
+        if client is None:
+            if transport == "aiohttp":
+                # The optional extra (the config checked it is installed): imported only when a provider uses it.
+                from feather_grpc.providers.aiohttp_client import AiohttpClient
+
+                client = AiohttpClient()
+            elif transport == "builtin":
+                client = new_session()
+            else:
+                raise ValueError(f"unknown transport {transport!r}; expected builtin or aiohttp")
+            self._clients[transport] = client
+        return client
+
+    def connections(self, owner: str | None = None) -> int:
+        """Open connections (idle or busy) of every client, all or `owner`'s (a provider's)."""
+        return sum(c.connections(owner) for c in self._clients.values())
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -239,7 +272,7 @@ def redirect_error(provider: str, status: int, location: str | None) -> Provider
 
 
 async def error_from_response(
-    provider: str, resp: Response, api_key: str = "", *, error_type: str = ""
+    provider: str, resp: UpstreamResponse, api_key: str = "", *, error_type: str = ""
 ) -> ProviderError:
     """Read (a bounded amount of) a non-2xx response and classify it. The caller closes `resp`.
     `error_type`: the error's type when the upstream sends it apart from the body (AWS: a header)."""
@@ -286,7 +319,7 @@ def classify_transport_error(
 
 
 async def post_json(
-    endpoint: Endpoint,
+    endpoint: UpstreamEndpoint,
     provider: str,
     body: bytes,
     api_key: str = "",

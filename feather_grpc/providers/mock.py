@@ -25,7 +25,7 @@ from feather_grpc.engine.types import (
     Usage,
 )
 from feather_grpc.providers.base import ProviderSettings
-from feather_grpc.providers.transport import mark_sent
+from feather_grpc.providers.http_client import mark_sent
 
 __all__ = ["REPLY_PREFIX", "MockProvider"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -33,21 +34,16 @@ from feather_grpc.providers.base import (
     data_url,
     estimated_usage,
     merge_fields,
-    parse_sse,
-    read_events,
     token_count,
 )
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
     classify_status,
-    classify_transport_error,
-    error_from_response,
     post_json,
-    stream_cut,
 )
-from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import Endpoint, HttpClient, HttpError
+from feather_grpc.providers.http_client import UpstreamClient, UpstreamEndpoint
+from feather_grpc.providers.streaming import stream_sse
 
 __all__ = ["LEGACY_CALL_ID", "OpenAIProvider", "finish_reason", "normalise_usage"]
 
@@ -179,7 +175,7 @@ def _stream_error_status(err: UpstreamErrorBody) -> int:
 class OpenAIProvider:
     """POST `{base_url}/chat/completions`; `base_url` normally ends in `/v1`."""
 
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         self.settings = settings
         self._name = settings.name
         self._api_key = settings.api_key
@@ -251,7 +247,7 @@ class OpenAIProvider:
         return body
 
     # Hooks for adapters of the same wire format at other URLs or with other auth (providers/azure.py).
-    def target(self, model: str) -> tuple[Endpoint, str]:
+    def target(self, model: str) -> tuple[UpstreamEndpoint, str]:
         """The endpoint that serves `model`, and the model id the body names."""
         return self._endpoint, model
 
@@ -314,62 +310,24 @@ class OpenAIProvider:
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         endpoint, model = self.target(model)
         payload = orjson.dumps(self.build_body(model, request, stream=True))
-        name = self._name
-        started = False
         headers = await self.request_headers()
-        try:
-            resp = await endpoint.request(payload, headers)
-            try:
-                if resp.status >= 300:
-                    raise await error_from_response(name, resp, self._api_key)
-                started = True
-                if resp.content_type == "application/json":
-                    # A compatible server that ignored `stream: true`: replay its whole answer.
-                    raw = await resp.read(self.settings.max_response_bytes)
-                    try:
-                        doc = orjson.loads(raw)
-                    except ValueError:
-                        raise bad_response(name, "body is not JSON") from None
-                    full = self._parse_completion(doc, request)
-                    for t in full.thinking:
-                        yield ThinkingDelta(0, text=t.text)
-                    if full.content:
-                        yield TextDelta(full.content)
-                    for i, call in enumerate(full.tool_calls):
-                        yield ToolCallDelta(i, call.id, call.name, call.arguments)
-                    reader = _ChunkReader.finished(name, full)
-                else:
-                    parser = SSEParser(self.settings.max_stream_event_bytes)
-                    reader = _ChunkReader(name, self._api_key)
-
-                    def handle(event: SSEEvent) -> list[StreamEvent]:
-                        return reader.handle(event.data)
-
-                    def done() -> bool:
-                        return reader.done
-
-                    async for chunk in resp:
-                        events, error = read_events(parse_sse(parser, chunk, name), handle, done)
-                        for out in events:
-                            yield out
-                        if error is not None:
-                            raise error
-                        if reader.done:
-                            break
-                    if not reader.done:
-                        raise stream_cut(name, "ended without [DONE]")
-                    # The terminating chunk may still be on its way: keep the connection if it comes soon.
-                    resp.release_after_end()
-            finally:
-                # Read to the end, the connection is already back in the pool and this is a no-op;
-                # otherwise (an error, aclose() or cancellation) it is closed, never pooled.
-                resp.close()
-        except HttpError as exc:
-            raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
-        # The response is released before the last events: a consumer that stops at StreamFinish without
-        # closing the iterator holds no connection.
-        for out in reader.finish():
-            yield out
+        reader = _ChunkReader(self._name, self._api_key)
+        events = stream_sse(
+            self._name,
+            self._api_key,
+            lambda: endpoint.request(payload, headers),
+            lambda event: reader.handle(event.data),
+            lambda: reader.done,
+            reader.finish,
+            end="[DONE]",
+            max_event_bytes=self.settings.max_stream_event_bytes,
+            # A compatible server that ignored `stream: true`: its whole answer is replayed.
+            replay=lambda doc: self._parse_completion(doc, request),
+            max_response_bytes=self.settings.max_response_bytes,
+        )
+        async with aclosing(events):
+            async for out in events:
+                yield out
 
     async def aclose(self) -> None:
         return None

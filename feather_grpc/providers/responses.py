@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -46,22 +47,19 @@ from feather_grpc.providers.base import (
     data_url,
     estimated_usage,
     merge_fields,
-    parse_sse,
-    read_events,
     token_count,
 )
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
     bad_response,
     classify_status,
-    classify_transport_error,
     error_from_response,
     post_json,
-    stream_cut,
 )
+from feather_grpc.providers.http_client import UpstreamClient, UpstreamResponse
 from feather_grpc.providers.openai import OpenAIProvider
-from feather_grpc.providers.sse import SSEEvent, SSEParser
-from feather_grpc.providers.transport import HttpClient, HttpError
+from feather_grpc.providers.sse import SSEEvent
+from feather_grpc.providers.streaming import stream_sse
 
 __all__ = ["MAX_KEPT_REASONING", "OpenAIResponsesProvider", "normalise_usage"]
 
@@ -90,7 +88,7 @@ def _status_for(code: str) -> int:
 class OpenAIResponsesProvider(OpenAIProvider):
     """The OpenAI adapter; calls for `settings.responses_models` go to `/responses` instead."""
 
-    def __init__(self, settings: ProviderSettings, session: HttpClient) -> None:
+    def __init__(self, settings: ProviderSettings, session: UpstreamClient) -> None:
         super().__init__(settings, session)
         self._responses_models = frozenset(settings.responses_models)
         headers = [("Content-Type", "application/json")]
@@ -244,59 +242,55 @@ class OpenAIResponsesProvider(OpenAIProvider):
             return
         _, upstream = self.target(model)
         name = self._name
-        started = False
         reader = _Reader(name, self._api_key)
         headers = await self.request_headers()
-        try:
+
+        async def send() -> UpstreamResponse:
             while True:
                 payload = orjson.dumps(self.build_responses_body(upstream, request, stream=True))
                 resp = await self._responses.request(payload, headers)
                 if resp.status < 300:
-                    break
+                    return resp
                 try:
                     failure = await error_from_response(name, resp, self._api_key)
                 finally:
                     resp.close()
                 if not self._refused_encrypted_content(upstream, failure):
                     raise failure
+
+        def handle(event: SSEEvent) -> list[StreamEvent]:
             try:
-                started = True
-                parser = SSEParser(self.settings.max_stream_event_bytes)
+                obj = orjson.loads(event.data)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                raise bad_response(name, "stream event is not a JSON object")
+            try:
+                return reader.event(obj)
+            except (KeyError, TypeError, AttributeError):
+                raise bad_response(name, f"malformed {obj.get('type')!r} event") from None
 
-                def handle(event: SSEEvent) -> list[StreamEvent]:
-                    try:
-                        obj = orjson.loads(event.data)
-                    except ValueError:
-                        obj = None
-                    if not isinstance(obj, dict):
-                        raise bad_response(name, "stream event is not a JSON object")
-                    try:
-                        return reader.event(obj)
-                    except (KeyError, TypeError, AttributeError):
-                        raise bad_response(name, f"malformed {obj.get('type')!r} event") from None
+        def finish() -> list[StreamEvent]:
+            self._keep(reader.reasoning, reader.call_ids)
+            out: list[StreamEvent] = []
+            if reader.refusal and not reader.text_seen:
+                out.append(TextDelta(reader.refusal))
+            out.append(reader.finish())
+            return out
 
-                def done() -> bool:
-                    return reader.done
-
-                async for chunk in resp:
-                    events, error = read_events(parse_sse(parser, chunk, name), handle, done)
-                    for out in events:
-                        yield out
-                    if error is not None:
-                        raise error
-                    if reader.done:
-                        break
-                if not reader.done:
-                    raise stream_cut(name, "ended without response.completed")
-                resp.release_after_end()
-            finally:
-                resp.close()
-        except HttpError as exc:
-            raise classify_transport_error(name, exc, streaming=started, api_key=self._api_key) from exc
-        self._keep(reader.reasoning, reader.call_ids)
-        if reader.refusal and not reader.text_seen:
-            yield TextDelta(reader.refusal)
-        yield reader.finish()
+        events = stream_sse(
+            name,
+            self._api_key,
+            send,
+            handle,
+            lambda: reader.done,
+            finish,
+            end="response.completed",
+            max_event_bytes=self.settings.max_stream_event_bytes,
+        )
+        async with aclosing(events):
+            async for out in events:
+                yield out
 
 
 class _Reader:

@@ -19,8 +19,7 @@ from feather_grpc.engine.gateway import Feather
 from feather_grpc.engine.observe import CallObserver
 from feather_grpc.providers import build_provider
 from feather_grpc.providers.base import Provider, ProviderSettings
-from feather_grpc.providers.http import new_session
-from feather_grpc.providers.transport import HttpClient
+from feather_grpc.providers.http import UpstreamClients
 from feather_grpc.state.breaker_store import CircuitStore, MemoryCircuitStore
 from feather_grpc.state.budget_restore import RaiseSpentTo, WindowRestorer, reconcile_budgets
 from feather_grpc.state.fail_open import Outage
@@ -98,12 +97,12 @@ def assemble(
             shared_limiter = FailOpenRateLimiter(shared.limiter, local_limiter, outage)
             shared_budgets = FailOpenBudgetStore(shared.budgets, local_budgets, outage)
             shared_circuits = FailOpenCircuitStore(shared.circuits, local_circuits, outage)
-    upstream: HttpClient | None = None
+    upstream: UpstreamClients | None = None
     providers = dict(providers or {})
     for p in config.providers:
         if p.name not in providers:
-            upstream = upstream or new_session()  # one pooled client every provider shares
-            providers[p.name] = build_provider(provider_settings(p), upstream)
+            upstream = upstream or UpstreamClients()  # pooled clients, one per transport, the providers share
+            providers[p.name] = build_provider(provider_settings(p), upstream.get(p.transport))
     engine = Feather(
         config,
         ledger,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from feather_grpc.config import ConfigError
 from feather_grpc.engine.results import AttemptRecord
-from feather_grpc.providers.transport import attempt_headers
+from feather_grpc.providers.http_client import attempt_headers
 from feather_grpc.server.calls import current_call
 from feather_grpc.state.ledger import Outcome, UsageRecord
 
