@@ -115,6 +115,31 @@ async def test_a_new_call_stuck_in_grpcs_queue_is_saturation() -> None:
         await lag.stop()
 
 
+async def test_a_quiet_process_probes_less_often_and_a_busy_one_at_once() -> None:
+    """A probe costs a call's CPU: with few calls in flight and small measures the process probes every
+    quiet_probe_every_s; as soon as calls pile up, the lag sampler sends the next one at once."""
+    sent: list[float] = []
+    in_flight = {"n": 0}
+
+    async def probe() -> None:
+        sent.append(time.perf_counter())
+
+    lag = LoopLag(
+        0.5, interval_s=0.01, probe=probe, probe_every_s=0.01, in_flight=lambda: in_flight["n"], quiet_probe_every_s=60
+    )
+    lag.start()
+    try:
+        await eventually(lambda: len(sent) == 1, what="the first probe")
+        assert lag.quiet
+        await asyncio.sleep(0.2)  # 20 probe intervals
+        assert len(sent) == 1, "quiet: the next probe waits for quiet_probe_every_s"
+        in_flight["n"] = 8
+        assert not lag.quiet
+        await eventually(lambda: len(sent) >= 3, what="probes every probe_every_s again")
+    finally:
+        await lag.stop()
+
+
 async def test_a_burst_past_the_in_flight_cap_loses_no_call(sim: UpstreamSimulator) -> None:
     holders_n, burst_n = 3, 40
     for _ in range(holders_n):
@@ -186,5 +211,33 @@ async def test_memory_is_trimmed_once_a_burst_is_over() -> None:
         await eventually(lambda: trims == [0], what="one trim after the burst")
         await asyncio.sleep(0.05)
         assert trims == [0], "once per burst, not on every idle check"
+    finally:
+        task.cancel()
+
+
+async def test_calls_that_come_and_go_between_checks_are_not_idle() -> None:
+    """Light traffic (no call in flight at any check, yet one started in every interval) is not a lull:
+    each check would otherwise cost a full collection."""
+    checks = {"n": 0, "started": 0, "traffic": True}
+    trims: list[int] = []
+
+    def in_flight() -> int:
+        checks["n"] += 1
+        if checks["traffic"]:
+            checks["started"] += 1  # a call came and went since the last check
+        return 0
+
+    def trim(pad: int) -> int:
+        trims.append(checks["n"])
+        return 1
+
+    task = asyncio.create_task(
+        return_memory_when_idle(in_flight, interval_s=0.01, trim=trim, started=lambda: checks["started"])
+    )
+    try:
+        await eventually(lambda: checks["n"] >= 10, what="ten checks")
+        assert trims == [], "calls started between the checks: not idle"
+        checks["traffic"] = False
+        await eventually(lambda: len(trims) == 1, what="one trim once the traffic stopped")
     finally:
         task.cancel()

@@ -19,6 +19,7 @@ class LedgerGuard:
     def __init__(self, ledger: UsageLedger) -> None:
         self._ledger = ledger
         self.fault = ""  # why the ledger cannot write; "" while it can
+        self.writes = 0  # records and probes committed so far
 
     @property
     def writable(self) -> bool:
@@ -37,6 +38,7 @@ class LedgerGuard:
         return LedgerUnavailable(f"the usage ledger cannot write ({self.fault}); retry shortly", RETRY_AFTER_S)
 
     def succeeded(self) -> None:
+        self.writes += 1
         if self.fault:
             self.fault = ""
             log.warning("usage ledger writable again: serving calls")

@@ -264,7 +264,7 @@ class GatewayServer:
         self._faults: set[str] = set()  # what keeps "" and SERVICE_NAME NOT_SERVING: "state", "ledger"
         self._serving: bool | None = None  # the status last set for them
         self.engine = engine
-        self.loop_lag = LoopLag(config.max_loop_lag_s)
+        self.loop_lag = LoopLag(config.max_loop_lag_s, in_flight=lambda: self.gate.in_flight)
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight, self.loop_lag)
         self.tracker = CallTracker(
             self.gate,
@@ -352,7 +352,9 @@ class GatewayServer:
             self._probe_channel = channel = grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}")
             self.loop_lag.probe = self.start_probes.probe(channel, _PROBE_TIMEOUT_S)
         self.loop_lag.start()
-        self._trimmer = asyncio.create_task(return_memory_when_idle(lambda: self.tracker.total_inflight))
+        self._trimmer = asyncio.create_task(
+            return_memory_when_idle(lambda: self.tracker.total_inflight, started=lambda: self.tracker.started)
+        )
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_healthy("ledger", True)
         self._ledger_watch = asyncio.create_task(self._watch_ledger())
@@ -382,10 +384,14 @@ class GatewayServer:
 
     async def _watch_ledger(self) -> None:
         """Probes the ledger with a write every _LEDGER_PROBE_S: while it cannot write, calls are refused
-        (engine.ledger_guard) and health says NOT_SERVING; both recover with the first write that commits."""
+        (engine.ledger_guard) and health says NOT_SERVING; both recover with the first write that commits.
+        A second in which calls' records committed needs no probe: they showed the ledger writable."""
         guard = self.engine.ledger_guard
+        seen = guard.writes  # so the first turn probes
         while True:
-            await guard.probe()
+            if guard.writes == seen:
+                await guard.probe()
+            seen = guard.writes
             await self._set_healthy("ledger", guard.writable)
             await asyncio.sleep(_LEDGER_PROBE_S)
 

@@ -101,6 +101,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.record_refusal = record_refusal
         self.inflight: dict[str, int] = {}
         self._active = 0  # all methods: the sum of `inflight`
+        self.started = 0  # calls that have entered a handler so far
         self._idle: asyncio.Event | None = None  # set when _active drops to 0, while someone waits for it
         self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
         self.on_refused = on_refused
@@ -121,6 +122,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _enter(self, method: str) -> None:
         self.inflight[method] += 1
         self._active += 1
+        self.started += 1
 
     def _exit(self, method: str) -> None:
         self.inflight[method] -= 1

@@ -17,6 +17,13 @@ both took longer, or the probe in flight has already waited twice the limit: so 
 garbage collection, a large reply's parse, a busy neighbour on the machine) sheds nothing, while a
 process that is late again and again, or a queue that keeps a call waiting, does. The gateway then
 refuses new calls at once with OVERLOADED and RetryInfo (server.tenancy).
+
+A probe is a whole gRPC call (about the CPU of a small real one), so a quiet process probes less often:
+while fewer than `QUIET_IN_FLIGHT` calls are in flight and every measure is under a quarter of the limit,
+every `quiet_probe_every_s` instead of every `probe_every_s`, and the loop's lag every quarter of the limit.
+A handful of calls cannot keep the loop's turns long enough for a new call to wait the limit (a process
+starved of CPU shows as loop lag), and a burst passes the handful within a few turns: the probes are back
+to every `probe_every_s` at the lag sampler's next wake-up.
 """
 
 from __future__ import annotations
@@ -31,22 +38,34 @@ import grpc
 
 Probe = Callable[[], Awaitable[object]]
 
+QUIET_IN_FLIGHT = 8  # fewer calls in flight than this (and small measures): probe every quiet_probe_every_s
+
 
 class LoopLag:
     """Measures the running loop's lag, and with a `probe`, how long a new call waits to start."""
 
     def __init__(
-        self, limit_s: float, interval_s: float = 0.05, probe: Probe | None = None, probe_every_s: float = 0.1
+        self,
+        limit_s: float,
+        interval_s: float = 0.05,
+        probe: Probe | None = None,
+        probe_every_s: float = 0.1,
+        *,
+        in_flight: Callable[[], int] | None = None,
+        quiet_probe_every_s: float = 1.0,
     ) -> None:
         self.limit_s = limit_s  # 0: measure, never report saturation
         self.interval_s = interval_s
         self.probe = probe
         self.probe_every_s = probe_every_s
+        self.in_flight = in_flight  # the calls in flight; None: never quiet, probe every probe_every_s
+        self.quiet_probe_every_s = quiet_probe_every_s
         self.lag_s = 0.0  # how late the last wake-up was
         self._previous_s = 0.0  # ... and the one before
         self.start_delay_s = 0.0  # the last probe's round trip
         self._previous_start_s = 0.0
         self._probe_since: float | None = None  # when the probe in flight was sent
+        self._quiet_wait: asyncio.Event | None = None  # set to end a quiet wait for the next probe early
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -66,6 +85,14 @@ class LoopLag:
             or min(self.start_delay_s, self._previous_start_s) > limit
             or self.waiting_s > 2 * limit
         )
+
+    @property
+    def quiet(self) -> bool:
+        """True while a probe every `quiet_probe_every_s` is enough (see the module docstring)."""
+        in_flight = self.in_flight
+        if in_flight is None or in_flight() >= QUIET_IN_FLIGHT:
+            return False
+        return self.limit_s <= 0 or max(self.lag_s, self.start_delay_s) < self.limit_s / 4
 
     @property
     def delay_s(self) -> float:
@@ -96,9 +123,15 @@ class LoopLag:
     async def _run(self) -> None:
         clock = time.perf_counter
         while True:
-            due = clock() + self.interval_s
-            await asyncio.sleep(self.interval_s)
+            # Quiet, a wake-up every quarter of the limit is enough: it under-measures a stall by less than
+            # what makes the process not quiet, and the next one comes after interval_s again.
+            interval = max(self.interval_s, self.limit_s / 4) if self.quiet else self.interval_s
+            due = clock() + interval
+            await asyncio.sleep(interval)
             self._previous_s, self.lag_s = self.lag_s, max(clock() - due, 0.0)
+            quiet_wait = self._quiet_wait
+            if quiet_wait is not None and not self.quiet:  # no longer quiet: probe at once
+                quiet_wait.set()
 
     async def _run_probe(self, probe: Probe) -> None:
         clock = time.perf_counter
@@ -110,6 +143,11 @@ class LoopLag:
             self._previous_start_s, self.start_delay_s = self.start_delay_s, clock() - sent
             self._probe_since = None
             await asyncio.sleep(self.probe_every_s)
+            if self.quiet:  # the lag sampler ends the wait as soon as the process is not quiet
+                self._quiet_wait = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._quiet_wait.wait(), self.quiet_probe_every_s - (clock() - sent))
+                self._quiet_wait = None
 
 
 PROBE_HEADER = "x-feather-start-probe"

@@ -36,15 +36,23 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 async def return_memory_when_idle(
-    in_flight: Callable[[], int], interval_s: float = 5.0, trim: Callable[[int], int] | None = None
+    in_flight: Callable[[], int],
+    interval_s: float = 5.0,
+    trim: Callable[[int], int] | None = None,
+    started: Callable[[], int] | None = None,
 ) -> None:
-    """Forever: after load, once `in_flight()` has stayed 0 across a whole interval, collect and trim."""
+    """Forever: after load, once `in_flight()` has stayed 0 across a whole interval, collect and trim.
+    `started()` (the calls started so far) sees the calls that came and went between two checks: light
+    traffic is not idle, or each lull it leaves at a check would cost a full collection."""
     trim = trim or _malloc_trim()
     busy = False
     was_idle = False
+    seen = started() if started is not None else 0
     while True:
         await asyncio.sleep(interval_s)
-        idle = in_flight() == 0
+        count = started() if started is not None else 0
+        idle = in_flight() == 0 and count == seen
+        seen = count
         if not idle:
             busy, was_idle = True, False
             continue
