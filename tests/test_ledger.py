@@ -31,6 +31,7 @@ from feather_grpc.core.ledger import (
     UsageTotals,
 )
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.state import sqlite_ledger as sqlite_ledger_module
 from feather_grpc.state.ledger_rows import COLUMNS
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.sqlite_ledger import SqliteLedger
@@ -908,6 +909,8 @@ def test_bad_options_are_rejected() -> None:
     with pytest.raises(ValueError):
         SqliteLedger(":memory:", max_batch=0)
     with pytest.raises(ValueError):
+        SqliteLedger(":memory:", group_window_s=-0.001)
+    with pytest.raises(ValueError):
         SqliteLedger("")
 
 
@@ -933,6 +936,61 @@ async def test_records_waiting_during_a_commit_form_one_batch(sqlite_ledger: Sql
     await asyncio.gather(blocker, *tasks)
     assert sqlite_ledger.commit_count == 2  # the blocker's, then all 200 together
     assert count_rows(tmp_path / "usage.db") == 201
+
+
+async def test_a_lone_caller_never_waits_for_a_group(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    # Concurrency 1: each record is sent after the previous one committed, so none ever overlaps another
+    # and the writer never holds a batch open for company that cannot come.
+    for i in range(30):
+        await sqlite_ledger.record(rec(f"s{i}"))
+    assert sqlite_ledger.commit_count == 30
+    assert sqlite_ledger.held_count == 0
+    assert count_rows(tmp_path / "usage.db") == 30
+
+
+async def test_once_records_overlap_later_turns_share_a_held_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long window and hold, so that the loop's next turns surely fall inside them however loaded the machine.
+    monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, in_flight=lambda: 64)
+    async with writer_parked(ledger) as blocker:
+        (waiting,) = await enqueue(ledger, [rec("during")])  # arrives while a commit is under way
+    await asyncio.gather(blocker, waiting)
+    assert ledger.commit_count == 2
+    # Two records sent in two different turns of the loop (two parcels): the first one's batch is held
+    # open for the window, and the second joins it.
+    first = asyncio.create_task(ledger.record(rec("first")))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    second = asyncio.create_task(ledger.record(rec("second")))
+    await asyncio.gather(first, second)
+    assert ledger.commit_count == 3
+    assert ledger.held_count >= 1
+    await ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 4
+
+
+@pytest.mark.parametrize("in_flight", [None, 7])
+async def test_few_calls_in_flight_never_wait_for_a_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_flight: int | None
+) -> None:
+    # Records overlap, but the owner reports fewer calls in flight than GROUP_IN_FLIGHT (or nothing):
+    # a held batch would only make those few callers wait, so the two turns' records commit apart.
+    monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
+    count = None if in_flight is None else (lambda: in_flight)
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, in_flight=count)
+    async with writer_parked(ledger) as blocker:
+        (waiting,) = await enqueue(ledger, [rec("during")])
+    await asyncio.gather(blocker, waiting)
+    first = asyncio.create_task(ledger.record(rec("first")))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    second = asyncio.create_task(ledger.record(rec("second")))
+    await asyncio.gather(first, second)
+    assert ledger.held_count == 0
+    await ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 4
 
 
 async def test_batches_are_capped(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.tenancy import TenantGate
 from feather_grpc.state.fail_open import Outage
+from feather_grpc.state.sqlite_ledger import SqliteLedger
 
 if TYPE_CHECKING:
     from feather_grpc.server.metrics import GatewayMetrics
@@ -266,6 +267,8 @@ class GatewayServer:
         self.engine = engine
         self.loop_lag = LoopLag(config.max_loop_lag_s, in_flight=lambda: self.gate.in_flight)
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight, self.loop_lag)
+        if isinstance(self.engine.ledger, SqliteLedger):  # its commit delay under load (see sqlite_ledger)
+            self.engine.ledger.in_flight = lambda: self.gate.in_flight
         self.tracker = CallTracker(
             self.gate,
             log_content=options.log_content,
