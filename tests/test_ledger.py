@@ -953,7 +953,7 @@ async def test_once_records_overlap_later_turns_share_a_held_batch(
 ) -> None:
     # A long window and hold, so that the loop's next turns surely fall inside them however loaded the machine.
     monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
-    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, in_flight=lambda: 64)
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, backlogged=lambda: True)
     async with writer_parked(ledger) as blocker:
         (waiting,) = await enqueue(ledger, [rec("during")])  # arrives while a commit is under way
     await asyncio.gather(blocker, waiting)
@@ -971,15 +971,15 @@ async def test_once_records_overlap_later_turns_share_a_held_batch(
     assert count_rows(tmp_path / "usage.db") == 4
 
 
-@pytest.mark.parametrize("in_flight", [None, 7])
-async def test_few_calls_in_flight_never_wait_for_a_group(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_flight: int | None
+@pytest.mark.parametrize("backlogged", [None, False])
+async def test_without_a_backlog_nobody_waits_for_a_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlogged: bool | None
 ) -> None:
-    # Records overlap, but the owner reports fewer calls in flight than GROUP_IN_FLIGHT (or nothing):
-    # a held batch would only make those few callers wait, so the two turns' records commit apart.
+    # Records overlap, but the owner says its calls do not queue (or says nothing): a held batch would
+    # only make its callers wait.
     monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
-    count = None if in_flight is None else (lambda: in_flight)
-    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, in_flight=count)
+    hint = None if backlogged is None else (lambda: backlogged)
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, backlogged=hint)
     async with writer_parked(ledger) as blocker:
         (waiting,) = await enqueue(ledger, [rec("during")])
     await asyncio.gather(blocker, waiting)

@@ -95,6 +95,12 @@ _SERVER_OPTIONS = [
 ]
 
 
+# The gateway is backlogged (the SQLite ledger may then hold a commit open for company, see sqlite_ledger)
+# with this many calls in flight, or while a new call waits this long to start.
+_BACKLOG_IN_FLIGHT = 8
+_BACKLOG_START_S = 0.005
+
+
 def queue_limits() -> list[tuple[str, int]]:
     """gRPC's own queue, in front of the gateway: calls that arrived but that the server has not taken yet
     (grpc.aio takes one per event-loop turn, so a burst always waits there a little). gRPC cuts a call it
@@ -268,7 +274,7 @@ class GatewayServer:
         self.loop_lag = LoopLag(config.max_loop_lag_s, in_flight=lambda: self.gate.in_flight)
         self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight, self.loop_lag)
         if isinstance(self.engine.ledger, SqliteLedger):  # its commit delay under load (see sqlite_ledger)
-            self.engine.ledger.in_flight = lambda: self.gate.in_flight
+            self.engine.ledger.backlogged = self._backlogged
         self.tracker = CallTracker(
             self.gate,
             log_content=options.log_content,
@@ -292,6 +298,10 @@ class GatewayServer:
         self.metrics_port: int | None = None
         self._probe_channel: grpc.aio.Channel | None = None
         self._trimmer: asyncio.Task[None] | None = None
+
+    def _backlogged(self) -> bool:
+        """Whether calls queue anyway: many in flight, or new calls waiting to start (the probe's measure)."""
+        return self.gate.in_flight >= _BACKLOG_IN_FLIGHT or self.loop_lag.delay_s >= _BACKLOG_START_S
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()

@@ -8,16 +8,16 @@ one, so throughput grows with concurrency instead of being capped by one fsync p
 
 A commit costs about the same for one record as for fifty (the same few WAL pages, the same file
 locks, and the same GIL hand-offs between this thread and the event loop, which are most of it: 40-60
-µs of CPU alone, 250-300 µs of the gateway's CPU per commit under load), and commits are short next to
-the gaps between calls, so even at concurrency 64 most batches held one record. Hence the commit
-delay (PostgreSQL's commit_delay with commit_siblings): while the owner reports at least
-`GROUP_IN_FLIGHT` calls in flight (`in_flight`) and records overlap (one arrived while an earlier batch
-was committing, or a held batch gathered another, within the last `GROUP_HOLD_S`), the writer holds
-each batch open for `group_window_s` (default 5 ms; one sleep, not a wake-up per arrival) and commits
-what came meanwhile with it. Those calls are concurrent anyway, so the CPU the commits no longer take
-serves the others, and the process answers more calls per second even though each waits a little
-longer. A lone caller never overlaps its own previous record, and a few callers are not enough, so
-neither ever waits.
+µs of CPU alone, 150-300 µs of the gateway's CPU under load), and commits are short next to the gaps
+between records, so under load most batches still held one record. Hence a commit delay (PostgreSQL's
+commit_delay with commit_siblings): while the owner says its calls queue anyway (`backlogged`, e.g. a
+gateway whose new calls wait milliseconds to start) and records overlap (one arrived while an earlier
+batch was committing, or a held batch gathered another, within the last `GROUP_HOLD_S`), the writer
+holds each batch open for `group_window_s` (default 5 ms; one sleep, not a wake-up per arrival) and
+commits what came meanwhile with it. The CPU the commits no longer take serves the queued calls, so the
+process answers more calls per second although each waits a little longer. A lone caller never
+overlaps its own previous record, and without a backlog nobody waits. A batch is inserted with as few
+statements as the parameter limit allows (each statement is one more GIL hand-off).
 
 Durability: WAL journal with `synchronous=NORMAL` (the default) survives a crash of the process
 (kill -9), because a committed transaction is in the WAL file before `record()` returns. It may
@@ -62,7 +62,15 @@ from feather_grpc.state.sqlite_schema import MIN_SQLITE_VERSION, is_busy, migrat
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
-_INSERT = f"INSERT INTO usage_records ({', '.join(COLUMNS)}, billed) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
+_ROW_VALUES = f"({', '.join('?' * (len(COLUMNS) + 1))})"
+_ROWS_PER_INSERT = 999 // (len(COLUMNS) + 1)  # under SQLite's smallest SQLITE_MAX_VARIABLE_NUMBER (999)
+
+
+def _insert_sql(row_count: int) -> str:
+    values = ", ".join([_ROW_VALUES] * row_count)
+    return f"INSERT INTO usage_records ({', '.join(COLUMNS)}, billed) VALUES {values}"
+
+
 # The billed rows of the given (tenant, request_id) keys: one statement per batch, each key found
 # through the partial unique index (the query repeats the index's WHERE terms, so it is usable).
 _KEYS_PER_LOOKUP = 400  # 800 parameters: under SQLite's smallest SQLITE_MAX_VARIABLE_NUMBER (999)
@@ -84,9 +92,7 @@ _PROBE = "INSERT OR REPLACE INTO ledger_probe (singleton, probed_ns) VALUES (1, 
 
 _Pending = tuple[Row, asyncio.Future[None]]
 _STOP = object()
-# Batches are held open (see the module doc) only with at least this many calls in flight ...
-GROUP_IN_FLIGHT = 8
-# ... and for this long after records last overlapped.
+# Batches are held open (see the module doc) for this long after records last overlapped.
 GROUP_HOLD_S = 0.1
 
 
@@ -106,7 +112,7 @@ class SqliteLedger:
         busy_timeout_ms: int = 5_000,
         max_batch: int = 512,
         group_window_s: float = 0.005,
-        in_flight: Callable[[], int] | None = None,
+        backlogged: Callable[[], bool] | None = None,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
@@ -124,8 +130,9 @@ class SqliteLedger:
         self._busy_timeout_ms = busy_timeout_ms
         self._max_batch = max_batch
         self._group_window_s = group_window_s
-        # The owner's count of calls in flight (the gateway's); without it batches are never held open.
-        self.in_flight = in_flight
+        # The owner's word that its calls queue anyway (called from the writer thread); without it batches
+        # are never held open.
+        self.backlogged = backlogged
         self._grouping_until = 0.0  # monotonic: hold batches open until then (records overlapped lately)
         self._commit_count = 0
         self._held_count = 0
@@ -160,7 +167,7 @@ class SqliteLedger:
         busy_timeout_ms: int = 5_000,
         max_batch: int = 512,
         group_window_s: float = 0.005,
-        in_flight: Callable[[], int] | None = None,
+        backlogged: Callable[[], bool] | None = None,
     ) -> SqliteLedger:
         """Construct and wait until the file is open and its schema current."""
         ledger = cls(
@@ -169,7 +176,7 @@ class SqliteLedger:
             busy_timeout_ms=busy_timeout_ms,
             max_batch=max_batch,
             group_window_s=group_window_s,
-            in_flight=in_flight,
+            backlogged=backlogged,
         )
         try:
             await ledger.ready()
@@ -290,13 +297,13 @@ class SqliteLedger:
         return batch, self._stopping and not self._carry
 
     def _hold_open(self, batch: list[_Pending]) -> bool:
-        in_flight = self.in_flight
+        backlogged = self.backlogged
         return (
-            in_flight is not None
+            backlogged is not None
             and self._group_window_s > 0
             and len(batch) < self._max_batch
             and not self._stopping
-            and in_flight() >= GROUP_IN_FLIGHT
+            and backlogged()
         )
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
@@ -456,7 +463,13 @@ def _insert_billed(conn: sqlite3.Connection, rows: list[Row]) -> None:
     billed, displaced = ledger_rows.settle_billing(rows, best, stored)
     if displaced:
         conn.executemany(_UNBILL, displaced)
-    conn.executemany(_INSERT, [(*row, int(flag)) for row, flag in zip(rows, billed, strict=True)])
+    for start in range(0, len(rows), _ROWS_PER_INSERT):  # one statement each, not one per row
+        end = start + _ROWS_PER_INSERT
+        values: list[object] = []
+        for row, flag in zip(rows[start:end], billed[start:end], strict=True):
+            values.extend(row)
+            values.append(int(flag))
+        conn.execute(_insert_sql(len(values) // (len(COLUMNS) + 1)), values)
 
 
 def _as_parcel(item: object) -> list[_Pending]:
