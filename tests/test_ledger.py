@@ -939,8 +939,8 @@ async def test_records_waiting_during_a_commit_form_one_batch(sqlite_ledger: Sql
 
 
 async def test_a_lone_caller_never_waits_for_a_group(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
-    # Concurrency 1: each record is sent after the previous one committed, so none ever overlaps another
-    # and the writer never holds a batch open for company that cannot come.
+    # Concurrency 1: each record is made after the previous one committed, so none ever overlaps another
+    # and no parcel is held for company that cannot come.
     for i in range(30):
         await sqlite_ledger.record(rec(f"s{i}"))
     assert sqlite_ledger.commit_count == 30
@@ -951,15 +951,15 @@ async def test_a_lone_caller_never_waits_for_a_group(sqlite_ledger: SqliteLedger
 async def test_once_records_overlap_later_turns_share_a_held_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A long window and hold, so that the loop's next turns surely fall inside them however loaded the machine.
+    # A long hold, so that the next records surely fall inside it however loaded the machine.
     monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
     ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, backlogged=lambda: True)
     async with writer_parked(ledger) as blocker:
         (waiting,) = await enqueue(ledger, [rec("during")])  # arrives while a commit is under way
     await asyncio.gather(blocker, waiting)
     assert ledger.commit_count == 2
-    # Two records sent in two different turns of the loop (two parcels): the first one's batch is held
-    # open for the window, and the second joins it.
+    # Two records made in different turns of the loop: the first one's parcel is held for the window,
+    # and the second joins it.
     first = asyncio.create_task(ledger.record(rec("first")))
     for _ in range(3):
         await asyncio.sleep(0)
@@ -975,7 +975,7 @@ async def test_once_records_overlap_later_turns_share_a_held_batch(
 async def test_without_a_backlog_nobody_waits_for_a_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlogged: bool | None
 ) -> None:
-    # Records overlap, but the owner says its calls do not queue (or says nothing): a held batch would
+    # Records overlap, but the owner says its calls do not queue (or says nothing): a held parcel would
     # only make its callers wait.
     monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
     hint = None if backlogged is None else (lambda: backlogged)

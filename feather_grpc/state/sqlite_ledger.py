@@ -7,17 +7,18 @@ committed at once (no timers); under load the calls that arrive during a commit 
 one, so throughput grows with concurrency instead of being capped by one fsync per call.
 
 A commit costs about the same for one record as for fifty (the same few WAL pages, the same file
-locks, and the same GIL hand-offs between this thread and the event loop, which are most of it: 40-60
-µs of CPU alone, 150-300 µs of the gateway's CPU under load), and commits are short next to the gaps
-between records, so under load most batches still held one record. Hence a commit delay (PostgreSQL's
-commit_delay with commit_siblings): while the owner says its calls queue anyway (`backlogged`, e.g. a
-gateway whose new calls wait milliseconds to start) and records overlap (one arrived while an earlier
-batch was committing, or a held batch gathered another, within the last `GROUP_HOLD_S`), the writer
-holds each batch open for `group_window_s` (default 5 ms; one sleep, not a wake-up per arrival) and
-commits what came meanwhile with it. The CPU the commits no longer take serves the queued calls, so the
-process answers more calls per second although each waits a little longer. A lone caller never
-overlaps its own previous record, and without a backlog nobody waits. A batch is inserted with as few
-statements as the parameter limit allows (each statement is one more GIL hand-off).
+locks, and the same thread wake-ups and GIL hand-offs between the event loop and this thread, which
+are most of it: 40-60 µs of CPU alone, 150-300 µs of the gateway's CPU under load), and commits are
+short next to the gaps between records, so under load most batches still held one record. Hence a
+commit delay (PostgreSQL's commit_delay with commit_siblings): while the owner says its calls queue
+anyway (`backlogged`, e.g. a gateway whose new calls wait milliseconds to start) and records overlap
+(one was made while another still waited for its commit, within the last `GROUP_HOLD_S`), a turn's
+parcel leaves `group_window_s` later (default 5 ms) instead of at the end of the turn, and the records
+made meanwhile travel with it: one wake-up of the writer and one commit for all of them. The CPU this
+saves serves the queued calls, so the process answers more calls per second although each waits a
+little longer. A lone caller never overlaps its own previous record, and without a backlog nobody
+waits. A batch is inserted with as few statements as the parameter limit allows (each statement is
+one more GIL hand-off).
 
 Durability: WAL journal with `synchronous=NORMAL` (the default) survives a crash of the process
 (kill -9), because a committed transaction is in the WAL file before `record()` returns. It may
@@ -92,7 +93,7 @@ _PROBE = "INSERT OR REPLACE INTO ledger_probe (singleton, probed_ns) VALUES (1, 
 
 _Pending = tuple[Row, asyncio.Future[None]]
 _STOP = object()
-# Batches are held open (see the module doc) for this long after records last overlapped.
+# Parcels are held (see the module doc) for this long after records last overlapped.
 GROUP_HOLD_S = 0.1
 
 
@@ -130,10 +131,10 @@ class SqliteLedger:
         self._busy_timeout_ms = busy_timeout_ms
         self._max_batch = max_batch
         self._group_window_s = group_window_s
-        # The owner's word that its calls queue anyway (called from the writer thread); without it batches
-        # are never held open.
+        # The owner's word that its calls queue anyway; without it parcels are never held.
         self.backlogged = backlogged
-        self._grouping_until = 0.0  # monotonic: hold batches open until then (records overlapped lately)
+        self._grouping_until = 0.0  # monotonic: hold parcels until then (records overlapped lately)
+        self._unsettled = 0  # records enqueued whose callers have not been woken yet (the loops' side)
         self._commit_count = 0
         self._held_count = 0
 
@@ -196,7 +197,7 @@ class SqliteLedger:
 
     @property
     def held_count(self) -> int:
-        """Batches held open for the group window so far (see the module doc)."""
+        """Parcels held for the group window so far (see the module doc)."""
         return self._held_count
 
     # -- writing ---------------------------------------------------------------------------
@@ -217,11 +218,28 @@ class SqliteLedger:
         # item and one thread wake-up per turn rather than per record, which is most of the ledger's cost
         # under load. A lone record still leaves at the end of the current turn.
         parcel = self._parcels.get(loop)
+        if self._unsettled or parcel:  # made while another record waits for its commit: records overlap
+            self._grouping_until = time.monotonic() + GROUP_HOLD_S
         if parcel is None:
             parcel = self._parcels[loop] = []
-            loop.call_soon(self._send, loop)
+            if self._hold_open():
+                self._held_count += 1
+                loop.call_later(self._group_window_s, self._send, loop)
+            else:
+                loop.call_soon(self._send, loop)
         parcel.append((row, future))
+        self._unsettled += 1
         return future
+
+    def _hold_open(self) -> bool:
+        """Whether this turn's parcel waits for company (see the module doc)."""
+        backlogged = self.backlogged
+        return (
+            backlogged is not None
+            and self._group_window_s > 0
+            and time.monotonic() < self._grouping_until
+            and backlogged()
+        )
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
         parcel = self._parcels.pop(loop, None)
@@ -231,7 +249,27 @@ class SqliteLedger:
             if not self._closed:
                 self._queue.put(parcel)
                 return
-        _settle(parcel_futures(parcel), RuntimeError("the usage ledger is closed"))
+        self._settle(parcel_futures(parcel), RuntimeError("the usage ledger is closed"))
+
+    def _settle(self, futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        """On the records' loop: wakes their callers."""
+        self._unsettled -= len(futures)
+        for future in futures:
+            if future.done():  # the caller was cancelled; the record is committed regardless
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def _settle_from_thread(self, futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        """Wake each waiting caller on its own loop: one call_soon_threadsafe per loop per batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for future in futures:
+            by_loop.setdefault(future.get_loop(), []).append(future)
+        for loop, waiting in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed; nobody is left to tell
+                loop.call_soon_threadsafe(self._settle, waiting, error)
 
     def _writer_main(self) -> None:
         try:
@@ -262,49 +300,26 @@ class SqliteLedger:
             self._stopped.set_result(None)
 
     def _take_batch(self) -> tuple[list[_Pending], bool]:
-        """Block for one parcel, then take whatever else is already waiting (or, while records overlap,
-        arrives within the group window), up to max_batch records (a parcel's remainder waits for the
-        next batch). Returns the batch and whether to stop after it."""
+        """Block for one parcel, then take whatever else is already waiting, up to max_batch records
+        (a parcel's remainder waits for the next batch). Returns the batch and whether to stop after it."""
         batch, self._carry = self._carry, []
-        overlapped = bool(batch)
         if not batch and not self._stopping:
-            try:
-                item = self._queue.get_nowait()  # it arrived while the last batch committed
-                overlapped = True
-            except queue.Empty:
-                item = self._queue.get()
+            item = self._queue.get()
             if item is _STOP:
                 return [], True
             batch = list(_as_parcel(item))
-        if (overlapped or time.monotonic() < self._grouping_until) and self._hold_open(batch):
-            # One sleep, then take what came: a wake-up per arriving parcel would cost what grouping saves.
-            self._held_count += 1
-            time.sleep(self._group_window_s)
         while len(batch) < self._max_batch and not self._stopping:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            overlapped = True
             if item is _STOP:
                 self._stopping = True
                 break
             batch.extend(_as_parcel(item))
-        if overlapped:
-            self._grouping_until = time.monotonic() + GROUP_HOLD_S
         if len(batch) > self._max_batch:
             batch, self._carry = batch[: self._max_batch], batch[self._max_batch :]
         return batch, self._stopping and not self._carry
-
-    def _hold_open(self, batch: list[_Pending]) -> bool:
-        backlogged = self.backlogged
-        return (
-            backlogged is not None
-            and self._group_window_s > 0
-            and len(batch) < self._max_batch
-            and not self._stopping
-            and backlogged()
-        )
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         error: BaseException | None = None
@@ -320,17 +335,17 @@ class SqliteLedger:
             self._commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
             error = _write_error(exc)
-        _settle_from_thread([future for _, future in batch], error)
+        self._settle_from_thread([future for _, future in batch], error)
 
     def _fail_until_stop(self, error: BaseException) -> None:
         if self._carry:
-            _settle_from_thread(parcel_futures(self._carry), error)
+            self._settle_from_thread(parcel_futures(self._carry), error)
             self._carry = []
         while not self._stopping:
             item = self._queue.get()
             if item is _STOP:
                 return
-            _settle_from_thread(parcel_futures(_as_parcel(item)), error)
+            self._settle_from_thread(parcel_futures(_as_parcel(item)), error)
 
     def _open_writer(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
@@ -478,23 +493,3 @@ def _as_parcel(item: object) -> list[_Pending]:
 
 def parcel_futures(parcel: list[_Pending]) -> list[asyncio.Future[None]]:
     return [future for _, future in parcel]
-
-
-def _settle_from_thread(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    """Wake each waiting caller on its own loop: one call_soon_threadsafe per loop per batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-    for future in futures:
-        by_loop.setdefault(future.get_loop(), []).append(future)
-    for loop, waiting in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # that loop is closed; nobody is left to tell
-            loop.call_soon_threadsafe(_settle, waiting, error)
-
-
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
-        if future.done():  # the caller was cancelled; the record is committed regardless
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
