@@ -572,6 +572,26 @@ async def test_a_retried_request_is_billed_once(ledger: UsageLedger) -> None:
         assert ledger.billed_records == billed_by_rule(first + retries)
 
 
+async def test_a_new_request_is_one_statement_and_a_retry_takes_the_ranking_path(
+    sqlite_ledger: SqliteLedger, tmp_path: Path
+) -> None:
+    statements: list[str] = []
+    conn = sqlite_ledger._write_conn
+    assert conn is not None
+    conn.set_trace_callback(statements.append)  # runs on the writer thread, where the statements run
+    await sqlite_ledger.record(rec("new", T0, tenant="a", outcome=Outcome.ERROR, cost_nanos_usd=5))
+    assert len(statements) == 1 and statements[0].startswith("INSERT INTO usage_records")
+    statements.clear()
+    # The same request again, now a success: the unique index refuses the plain insert, and the ranking
+    # transaction unbills the stored failure.
+    await sqlite_ledger.record(rec("new", T0 + 1, tenant="a", cost_nanos_usd=50))
+    assert "BEGIN IMMEDIATE" in statements and "COMMIT" in statements
+    conn.set_trace_callback(None)
+    report = await sqlite_ledger.query(UsageQuery())
+    assert (report.total.request_count, report.total.ok_count, report.total.cost_nanos_usd) == (1, 1, 50)
+    assert count_rows(tmp_path / "usage.db") == 2
+
+
 async def test_ledgers_agree_with_the_rule_on_a_scenario_with_retries(tmp_path: Path) -> None:
     records = scenario_with_retries(seed=23, count=1200)
     duplicated = len(records) - len({(r.tenant, r.request_id) for r in records if r.request_id})

@@ -324,14 +324,16 @@ class SqliteLedger:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         error: BaseException | None = None
         try:
+            rows = [row for row, _ in batch]
             with self._write_lock:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    _insert_billed(conn, [row for row, _ in batch])
-                    conn.execute("COMMIT")
-                except BaseException:
-                    rollback_quietly(conn)
-                    raise
+                if not _insert_new(conn, rows):
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        _insert_billed(conn, rows)
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        rollback_quietly(conn)
+                        raise
             self._commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
             error = _write_error(exc)
@@ -459,6 +461,29 @@ def _write_error(exc: Exception) -> Exception:
         error.__cause__ = exc
         return error
     return exc
+
+
+def _insert_new(conn: sqlite3.Connection, rows: list[Row]) -> bool:
+    """The usual batch in one statement, its own transaction: requests the file holds no record of (a
+    gateway-made request id always, a caller's on its first try) are each billed, so their rows go in
+    billed without reading anything first. One statement instead of four (BEGIN, the lookup, the insert,
+    COMMIT) is three GIL hand-offs fewer per commit, and at concurrency 1 every call pays a whole commit.
+    When a stored billed row has one of the keys, the unique index refuses the statement, which inserts
+    nothing, and the caller takes the full path (`_insert_billed`). False: not done here."""
+    if len(rows) > _ROWS_PER_INSERT:  # more than one statement would not be atomic
+        return False
+    keys = {(row[ledger_rows.TENANT], row[ledger_rows.REQUEST_ID]) for row in rows if row[ledger_rows.REQUEST_ID]}
+    if len(keys) < sum(1 for row in rows if row[ledger_rows.REQUEST_ID]):  # a request twice in the batch
+        return False
+    values: list[object] = []
+    for row in rows:
+        values.extend(row)
+        values.append(1)
+    try:
+        conn.execute(_insert_sql(len(rows)), values)
+    except sqlite3.IntegrityError:  # the index (or a constraint the full path will report as well)
+        return False
+    return True
 
 
 def _insert_billed(conn: sqlite3.Connection, rows: list[Row]) -> None:
