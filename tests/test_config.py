@@ -456,3 +456,31 @@ def test_check_config_and_serve_refuse_an_unusable_key_with_the_same_line(tmp_pa
     assert lines[0] == lines[1]
     assert lines[0].startswith("feather-grpc: invalid configuration: ")
     assert "providers.openai.apiKeyEnv: the key in $OPENAI_API_KEY contains whitespace" in lines[0]
+
+
+def test_resolved_config_is_grouped_by_section_and_prints_no_secret() -> None:
+    doc = {
+        "providers": {"mock": _mock(_model("m"))},
+        "policy": "cheapest",
+        "server": {"maxInFlight": 7},
+        "ledger": {"type": "sqlite", "synchronous": "FULL"},
+        "stateFailureMode": "open",
+        "rateLimitMode": "reject",
+    }
+    env = {
+        "PORT": "6001",
+        "FEATHER_LEDGER_PATH": "/var/lib/feather/usage.db",
+        "REDIS_URL": "redis://:redis-secret@127.0.0.1:6379/0",
+        "DATABASE_URL": "postgresql://u:pg-secret@db/feather",
+        "JWT_SECRET": "jwt-secret",
+    }
+    cfg = _load(json.dumps(doc), env)
+    assert (cfg.routing.policy, cfg.server.port, cfg.server.max_in_flight) == ("cheapest", 6001, 7)
+    assert cfg.ledger == config.LedgerConfig(
+        "sqlite", "/var/lib/feather/usage.db", "FULL", "postgresql://u:pg-secret@db/feather"
+    )
+    assert cfg.shared_state == config.SharedStateConfig("redis://:redis-secret@127.0.0.1:6379/0", "open")
+    assert (cfg.tenancy.rate_limit_mode, cfg.tenancy.auth.jwt_secret) == ("reject", "jwt-secret")
+    assert cfg.tenancy.default_tenant is cfg.tenancy.tenants["default"]
+    shown = repr(cfg)
+    assert all(secret not in shown for secret in ("redis-secret", "pg-secret", "jwt-secret")), shown
