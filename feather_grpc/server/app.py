@@ -202,16 +202,20 @@ class ServerOptions:
     log_content: bool = False  # FEATHER_LOG_CONTENT: prompts and completions at DEBUG
     reuse_port: bool = False  # several processes share the port (serve --workers)
     worker: int | None = None  # this process's index under serve --workers
+    # under --workers: where this worker writes the metrics port it bound, for the supervisor's merge
+    metrics_port_file: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)  # what tracing reads its OTEL_* settings from
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, worker: int | None = None) -> ServerOptions:
+        from feather_grpc.server.metrics_merge import PORT_FILE_ENV
         from feather_grpc.server.tracing import tracing_requested
 
         settings = Settings(env)
         return cls(
-            # under --workers the supervisor gave each worker its own METRICS_PORT (see workers)
+            # under --workers each worker binds a free loopback port and reports it (see workers)
             metrics_port=settings.port("METRICS_PORT"),
+            metrics_port_file=env.get(PORT_FILE_ENV) or None,
             metrics_host=env.get("METRICS_HOST") or None,
             tracing=tracing_requested(env),
             log_content=settings.flag("FEATHER_LOG_CONTENT"),
@@ -341,6 +345,10 @@ class GatewayServer:
                 where = f"{metrics_host}:{self.options.metrics_port}"
                 await self._close_engine()
                 raise ListenError(f"{where} (METRICS_PORT)", str(e.strerror or e), "pick a free METRICS_PORT") from None
+            if self.options.metrics_port_file:
+                from feather_grpc.server.metrics_merge import report_port
+
+                report_port(self.options.metrics_port_file, self.metrics_port)
         probe_port = None
         if self.config.server.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
             try:
