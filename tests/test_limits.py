@@ -112,7 +112,10 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Timeline, R
         clock, wall = Clock(), Clock(1_700_000_000.0)
         yield Timeline("memory", clock, wall), MemoryRateLimiter(clock), MemoryBudgetStore(wall)
     else:
-        state = RedisState.from_url(_shared_url(request, request.param), namespace=f"t{uuid.uuid4().hex[:8]}")
+        # The rules are under test here, not the 0.25 s decision timeout: a busy CI machine may take longer
+        # than that to connect to the cluster's three masters.
+        url = _shared_url(request, request.param)
+        state = RedisState.from_url(url, namespace=f"t{uuid.uuid4().hex[:8]}", timeout_s=5.0)
         yield Timeline("redis"), state.limiter, state.budgets
         await state.aclose()
 
