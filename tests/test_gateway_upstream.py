@@ -440,7 +440,7 @@ async def test_a_hedged_calls_losing_leg_counts_against_the_budget(sim: Upstream
         billed = (await _usage_total(gw)).cost_nanos_usd
         assert billed > reply.cost_nanos_usd  # the cancelled leg's estimate is billed too
         engine = gw.server.engine
-        (day,) = engine.admission.windows(engine.config.default_tenant)
+        (day,) = engine.admission.windows(engine.config.tenancy.default_tenant)
         assert await engine.budgets.spent("default", day) == billed
 
 

@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("feather-grpc: --port must be from 0 to 65535", file=sys.stderr)
         return 2
     if args.workers > 1 and worker is None:
-        port = cfg.port if args.port is None else args.port
+        port = cfg.server.port if args.port is None else args.port
         if port == 0:
             print("feather-grpc: --workers needs a fixed port (not 0): the workers share it", file=sys.stderr)
             return 2
@@ -68,8 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("supervisor: starting %d workers on port %d", args.workers, port)
         # An in-memory ledger is each worker's own; Postgres has its own writers (a spool per worker).
         ledger = None
-        if cfg.ledger_type == "sqlite" and not cfg.database_url:
-            ledger = (os.path.abspath(cfg.ledger_path), cfg.ledger_synchronous)
+        if cfg.ledger.type == "sqlite" and not cfg.ledger.database_url:
+            ledger = (os.path.abspath(cfg.ledger.path), cfg.ledger.synchronous)
         metrics = None
         try:
             metrics_port = Settings(env).port("METRICS_PORT")
@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
             return 2
         if metrics_port is not None:
-            metrics = (env.get("METRICS_HOST") or args.host or cfg.host, metrics_port)
+            metrics = (env.get("METRICS_HOST") or args.host or cfg.server.host, metrics_port)
         return workers.run_workers(args.workers, serve_args, ledger=ledger, metrics=metrics)
     if worker is not None:
         workers.die_with_parent(env)
