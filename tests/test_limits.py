@@ -548,6 +548,18 @@ async def test_circuit_opens_after_threshold_for_every_replica(circuits: Circuit
     assert await c.b.acquire("other:m") is Permit.CALL
 
 
+async def test_only_in_process_circuits_have_a_local_state(circuits: CircuitRig) -> None:
+    """What the engine shows (ListModels, metrics): an in-process store's state exactly, read without I/O;
+    a shared one has none, so the engine shows what `state()` read last (engine/gateway.py)."""
+    c = circuits
+    await _open(c)
+    for s in (c.a, c.b):
+        assert await s.state("p:m") is CircuitState.OPEN
+        expected = CircuitState.OPEN if c.time.kind == "memory" else None
+        assert s.local_state("p:m") is expected
+        assert s.local_state("other:m") is (CircuitState.CLOSED if c.time.kind == "memory" else None)
+
+
 async def test_successes_while_closed_do_not_reset_the_rolling_window(circuits: CircuitRig) -> None:
     c = circuits
     await c.a.failed("p:m", Permit.CALL)

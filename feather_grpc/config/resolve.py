@@ -8,7 +8,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from feather_grpc.config.model import GatewayConfig, LedgerConfig, ServerConfig, SharedStateConfig, TlsConfig
-from feather_grpc.config.resolve_providers import resolve_providers
+from feather_grpc.config.resolve_providers import check_readable, resolve_providers
 from feather_grpc.config.resolve_routing import resolve_routing
 from feather_grpc.config.resolve_tenancy import resolve_tenancy
 from feather_grpc.config.schema import FileConfig, TlsSpec
@@ -66,18 +66,7 @@ def _tls(spec: TlsSpec | None, source: str) -> TlsConfig | None:
         ("keyFile", spec.key_file),
         ("clientCaFile", spec.client_ca_file),
     ):
-        if path is None:
-            continue
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as e:
-            raise ConfigError(
-                source,
-                f"server.tls.{field_name}",
-                f"cannot read {path} ({e.strerror})",
-                "check the path and permissions",
-            ) from None
+        check_readable(path, source, f"server.tls.{field_name}")
     return TlsConfig(spec.cert_file, spec.key_file, spec.client_ca_file)
 
 

@@ -269,6 +269,19 @@ def _transport(name: str, spec: ProviderSpec, source: str) -> str:
     return spec.transport
 
 
+def check_readable(path: str | None, source: str, field: str) -> None:
+    """A file the gateway reads later (TLS material) must be readable now, or the config names it."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            source, field, f"cannot read {path} ({e.strerror})", "check the path and permissions"
+        ) from None
+
+
 def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], source: str) -> Egress:
     """The provider's proxy (its own `proxy`, else the environment's) and TLS files, checked now: a proxy
     setting that cannot be honoured, or a certificate that cannot be used, would otherwise show up only as
@@ -304,15 +317,7 @@ def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], sour
         fix = 'add "clientCertFile" (the certificate that goes with this key)'
         raise ConfigError(source, f"{where}.clientKeyFile", "a client key needs its certificate", fix)
     for key, path in files.items():
-        if path is None:
-            continue
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as e:
-            raise ConfigError(
-                source, f"{where}.{key}", f"cannot read {path} ({e.strerror})", "check the path and permissions"
-            ) from None
+        check_readable(path, source, f"{where}.{key}")
     if spec.ca_file:
         try:
             tls_context(spec.ca_file, None, None)

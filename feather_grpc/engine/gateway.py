@@ -45,7 +45,6 @@ from feather_grpc.engine.plan import Planner
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.settle import Settlement, cancelled_usage, price, with_abandoned
 from feather_grpc.providers.base import Provider
-from feather_grpc.state.memory_circuits import MemoryCircuitStore
 
 __all__ = ["CallContext", "Feather", "ModelView", "StreamItem", "UpstreamPool"]
 
@@ -326,17 +325,16 @@ class Feather:
 
     def circuit_state(self, key: str) -> CircuitState:
         """Exact for in-process circuits; with shared circuits, the state this replica saw last."""
-        if isinstance(self.circuits, MemoryCircuitStore):
-            return self.circuits.breakers.state(key)
-        return self._attempts.circuit_view.get(key, CircuitState.CLOSED)
+        exact = self.circuits.local_state(key)
+        return exact if exact is not None else self._attempts.circuit_view.get(key, CircuitState.CLOSED)
 
     async def refresh_circuits(self) -> None:
         """Reads every shared circuit's current state (ListModels calls this before answering)."""
-        if isinstance(self.circuits, MemoryCircuitStore):
-            return
         for p in self.config.providers:
             for m in p.models:
                 key = f"{p.name}:{m.name}"
+                if self.circuits.local_state(key) is not None:
+                    continue  # in this process: circuit_state reads it exactly, nothing to refresh
                 with contextlib.suppress(StateUnavailable):
                     self._attempts.circuit_view[key] = await self.circuits.state(key)
 
