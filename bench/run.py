@@ -13,12 +13,13 @@ token through the gateway vs. direct (bench/ttft.py). Prints a table and the tar
 bench/results/latest.json. Exit status: 0 done, 1 a call failed or a check did not hold, 2 missing
 tools (run bench/setup.sh); with --strict also 3 when a target is missed.
 
-Opt-in same-run comparisons (`--compare redis,workers,resilience` or `all`, ~75 s each; `--compare-only`
-skips the rest): two gateways side by side, Chat at concurrency 64 and 1, interleaved A/B rounds, ratios
+Opt-in same-run comparisons (`--compare redis,workers,resilience,floor` or `all`, ~75 s each;
+`--compare-only` skips the rest): two servers side by side, Chat at concurrency 64 and 1, interleaved A/B rounds, ratios
 B/A per round with their spread. redis: Redis state (a real redis-server) vs in-memory state under a
 config where every call touches the shared state, with Redis's own count of commands and round trips
 per call (the >= 70% target); workers: `serve --workers 2` vs 1 process; resilience: circuit breakers,
-retries, fallbacks and hedging off vs the default config.
+retries, fallbacks and hedging off vs the default config; floor: the gateway vs bench/floor.py's bare
+grpc.aio + aiohttp forwarder (issue 14 item 5: gateway/floor >= 0.9 at c64, added p50 at c1 within 1.1x).
 """
 
 from __future__ import annotations
@@ -752,7 +753,7 @@ def _idle(frame: str) -> bool:
 # ---- same-run comparisons (--compare) ----
 
 TARGET_REDIS_RATIO = 0.70  # issue 6: throughput with Redis state >= 70% of the in-memory figure
-COMPARISONS = ("redis", "workers", "resilience")
+COMPARISONS = ("redis", "workers", "resilience", "floor")
 
 
 def _copy(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -1137,6 +1138,15 @@ def run_comparisons(
                 ),
             ]
             title = "resilience machinery off vs the default config (happy path: no call ever fails)"
+        elif name == "floor":
+            floor = Server.floor("proxy", upstream.free_port(), nginx.url, tmp / "floor-proxy.log", args.loop)
+            servers.append(floor)
+            floor.wait_ready()
+            arms = [
+                Arm("floor", "bench/floor.py --mode proxy (bare grpc.aio + aiohttp forwarder)", floor),
+                Arm("gateway", "the gateway, default config", start("gateway", base_cfg, {})),
+            ]
+            title = "the gateway vs bench/floor.py's proxy (issue 14 item 5: Chat c64 ratio >= 0.9)"
         else:
             raise ValueError(name)
         log(f"compare {name}: {title}")
@@ -1485,7 +1495,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LIST",
         help="also run same-run A/B comparisons (Chat c64 and c1, interleaved), comma-separated:"
         " redis (Redis state vs in-memory, the 70%% target, Redis round trips per call), workers"
-        " (serve --workers 2 vs 1 process), resilience (breakers/retries off vs default), or all;"
+        " (serve --workers 2 vs 1 process), resilience (breakers/retries off vs default), floor (the"
+        " gateway vs bench/floor.py's proxy), or all;"
         " about 75 s each with the defaults",
     )
     parser.add_argument(

@@ -31,6 +31,7 @@ from feather_grpc.core.ledger import (
     UsageTotals,
 )
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.state import sqlite_ledger as sqlite_ledger_module
 from feather_grpc.state.ledger_rows import COLUMNS
 from feather_grpc.state.memory_ledger import MemoryLedger
 from feather_grpc.state.sqlite_ledger import SqliteLedger
@@ -571,6 +572,26 @@ async def test_a_retried_request_is_billed_once(ledger: UsageLedger) -> None:
         assert ledger.billed_records == billed_by_rule(first + retries)
 
 
+async def test_a_new_request_is_one_statement_and_a_retry_takes_the_ranking_path(
+    sqlite_ledger: SqliteLedger, tmp_path: Path
+) -> None:
+    statements: list[str] = []
+    conn = sqlite_ledger._write_conn
+    assert conn is not None
+    conn.set_trace_callback(statements.append)  # runs on the writer thread, where the statements run
+    await sqlite_ledger.record(rec("new", T0, tenant="a", outcome=Outcome.ERROR, cost_nanos_usd=5))
+    assert len(statements) == 1 and statements[0].startswith("INSERT INTO usage_records")
+    statements.clear()
+    # The same request again, now a success: the unique index refuses the plain insert, and the ranking
+    # transaction unbills the stored failure.
+    await sqlite_ledger.record(rec("new", T0 + 1, tenant="a", cost_nanos_usd=50))
+    assert "BEGIN IMMEDIATE" in statements and "COMMIT" in statements
+    conn.set_trace_callback(None)
+    report = await sqlite_ledger.query(UsageQuery())
+    assert (report.total.request_count, report.total.ok_count, report.total.cost_nanos_usd) == (1, 1, 50)
+    assert count_rows(tmp_path / "usage.db") == 2
+
+
 async def test_ledgers_agree_with_the_rule_on_a_scenario_with_retries(tmp_path: Path) -> None:
     records = scenario_with_retries(seed=23, count=1200)
     duplicated = len(records) - len({(r.tenant, r.request_id) for r in records if r.request_id})
@@ -908,6 +929,8 @@ def test_bad_options_are_rejected() -> None:
     with pytest.raises(ValueError):
         SqliteLedger(":memory:", max_batch=0)
     with pytest.raises(ValueError):
+        SqliteLedger(":memory:", group_window_s=-0.001)
+    with pytest.raises(ValueError):
         SqliteLedger("")
 
 
@@ -933,6 +956,61 @@ async def test_records_waiting_during_a_commit_form_one_batch(sqlite_ledger: Sql
     await asyncio.gather(blocker, *tasks)
     assert sqlite_ledger.commit_count == 2  # the blocker's, then all 200 together
     assert count_rows(tmp_path / "usage.db") == 201
+
+
+async def test_a_lone_caller_never_waits_for_a_group(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    # Concurrency 1: each record is made after the previous one committed, so none ever overlaps another
+    # and no parcel is held for company that cannot come.
+    for i in range(30):
+        await sqlite_ledger.record(rec(f"s{i}"))
+    assert sqlite_ledger.commit_count == 30
+    assert sqlite_ledger.held_count == 0
+    assert count_rows(tmp_path / "usage.db") == 30
+
+
+async def test_once_records_overlap_later_turns_share_a_held_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long hold, so that the next records surely fall inside it however loaded the machine.
+    monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, backlogged=lambda: True)
+    async with writer_parked(ledger) as blocker:
+        (waiting,) = await enqueue(ledger, [rec("during")])  # arrives while a commit is under way
+    await asyncio.gather(blocker, waiting)
+    assert ledger.commit_count == 2
+    # Two records made in different turns of the loop: the first one's parcel is held for the window,
+    # and the second joins it.
+    first = asyncio.create_task(ledger.record(rec("first")))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    second = asyncio.create_task(ledger.record(rec("second")))
+    await asyncio.gather(first, second)
+    assert ledger.commit_count == 3
+    assert ledger.held_count >= 1
+    await ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 4
+
+
+@pytest.mark.parametrize("backlogged", [None, False])
+async def test_without_a_backlog_nobody_waits_for_a_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backlogged: bool | None
+) -> None:
+    # Records overlap, but the owner says its calls do not queue (or says nothing): a held parcel would
+    # only make its callers wait.
+    monkeypatch.setattr(sqlite_ledger_module, "GROUP_HOLD_S", 60.0)
+    hint = None if backlogged is None else (lambda: backlogged)
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", group_window_s=0.5, backlogged=hint)
+    async with writer_parked(ledger) as blocker:
+        (waiting,) = await enqueue(ledger, [rec("during")])
+    await asyncio.gather(blocker, waiting)
+    first = asyncio.create_task(ledger.record(rec("first")))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    second = asyncio.create_task(ledger.record(rec("second")))
+    await asyncio.gather(first, second)
+    assert ledger.held_count == 0
+    await ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 4
 
 
 async def test_batches_are_capped(tmp_path: Path) -> None:

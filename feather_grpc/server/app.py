@@ -36,6 +36,7 @@ from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.tenancy import TenantGate
 from feather_grpc.state.fail_open import Outage
+from feather_grpc.state.sqlite_ledger import SqliteLedger
 
 if TYPE_CHECKING:
     from feather_grpc.server.metrics import GatewayMetrics
@@ -92,6 +93,12 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+# The gateway is backlogged (the SQLite ledger may then hold a commit open for company, see sqlite_ledger)
+# with this many calls in flight, or while a new call waits this long to start.
+_BACKLOG_IN_FLIGHT = 8
+_BACKLOG_START_S = 0.005
 
 
 def queue_limits() -> list[tuple[str, int]]:
@@ -270,6 +277,8 @@ class GatewayServer:
         self.engine = engine
         self.loop_lag = LoopLag(config.server.max_loop_lag_s, in_flight=lambda: self.gate.in_flight)
         self.gate = TenantGate(config, self.engine.limiter, config.server.max_in_flight, self.loop_lag)
+        if isinstance(self.engine.ledger, SqliteLedger):  # its commit delay under load (see sqlite_ledger)
+            self.engine.ledger.backlogged = self._backlogged
         self.tracker = CallTracker(
             self.gate,
             log_content=options.log_content,
@@ -293,6 +302,10 @@ class GatewayServer:
         self.metrics_port: int | None = None
         self._probe_channel: grpc.aio.Channel | None = None
         self._trimmer: asyncio.Task[None] | None = None
+
+    def _backlogged(self) -> bool:
+        """Whether calls queue anyway: many in flight, or new calls waiting to start (the probe's measure)."""
+        return self.gate.in_flight >= _BACKLOG_IN_FLIGHT or self.loop_lag.delay_s >= _BACKLOG_START_S
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()

@@ -6,6 +6,20 @@ future; the writer takes everything pending (up to `max_batch`), inserts it with
 committed at once (no timers); under load the calls that arrive during a commit share the next
 one, so throughput grows with concurrency instead of being capped by one fsync per call.
 
+A commit costs about the same for one record as for fifty (the same few WAL pages, the same file
+locks, and the same thread wake-ups and GIL hand-offs between the event loop and this thread, which
+are most of it: 40-60 µs of CPU alone, 150-300 µs of the gateway's CPU under load), and commits are
+short next to the gaps between records, so under load most batches still held one record. Hence a
+commit delay (PostgreSQL's commit_delay with commit_siblings): while the owner says its calls queue
+anyway (`backlogged`, e.g. a gateway whose new calls wait milliseconds to start) and records overlap
+(one was made while another still waited for its commit, within the last `GROUP_HOLD_S`), a turn's
+parcel leaves `group_window_s` later (default 5 ms) instead of at the end of the turn, and the records
+made meanwhile travel with it: one wake-up of the writer and one commit for all of them. The CPU this
+saves serves the queued calls, so the process answers more calls per second although each waits a
+little longer. A lone caller never overlaps its own previous record, and without a backlog nobody
+waits. A batch is inserted with as few statements as the parameter limit allows (each statement is
+one more GIL hand-off).
+
 Durability: WAL journal with `synchronous=NORMAL` (the default) survives a crash of the process
 (kill -9), because a committed transaction is in the WAL file before `record()` returns. It may
 lose the last transactions on power loss or an OS crash; pass `synchronous="FULL"` when that
@@ -39,6 +53,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal, cast
 
 from feather_grpc.core.ledger import LedgerWriteError, UsageQuery, UsageRecord, UsageReport
@@ -48,7 +63,15 @@ from feather_grpc.state.sqlite_schema import MIN_SQLITE_VERSION, is_busy, migrat
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
-_INSERT = f"INSERT INTO usage_records ({', '.join(COLUMNS)}, billed) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
+_ROW_VALUES = f"({', '.join('?' * (len(COLUMNS) + 1))})"
+_ROWS_PER_INSERT = 999 // (len(COLUMNS) + 1)  # under SQLite's smallest SQLITE_MAX_VARIABLE_NUMBER (999)
+
+
+def _insert_sql(row_count: int) -> str:
+    values = ", ".join([_ROW_VALUES] * row_count)
+    return f"INSERT INTO usage_records ({', '.join(COLUMNS)}, billed) VALUES {values}"
+
+
 # The billed rows of the given (tenant, request_id) keys: one statement per batch, each key found
 # through the partial unique index (the query repeats the index's WHERE terms, so it is usable).
 _KEYS_PER_LOOKUP = 400  # 800 parameters: under SQLite's smallest SQLITE_MAX_VARIABLE_NUMBER (999)
@@ -70,6 +93,8 @@ _PROBE = "INSERT OR REPLACE INTO ledger_probe (singleton, probed_ns) VALUES (1, 
 
 _Pending = tuple[Row, asyncio.Future[None]]
 _STOP = object()
+# Parcels are held (see the module doc) for this long after records last overlapped.
+GROUP_HOLD_S = 0.1
 
 
 class SqliteLedger:
@@ -87,6 +112,8 @@ class SqliteLedger:
         synchronous: Synchronous = "NORMAL",
         busy_timeout_ms: int = 5_000,
         max_batch: int = 512,
+        group_window_s: float = 0.005,
+        backlogged: Callable[[], bool] | None = None,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
@@ -94,6 +121,8 @@ class SqliteLedger:
             raise ValueError("busy_timeout_ms must be >= 0")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if not 0 <= group_window_s <= 1:
+            raise ValueError("group_window_s must be between 0 and 1 (seconds)")
         self.path = os.fspath(path)
         if not self.path:
             raise ValueError("path must name a file or be ':memory:'")
@@ -101,7 +130,13 @@ class SqliteLedger:
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._max_batch = max_batch
+        self._group_window_s = group_window_s
+        # The owner's word that its calls queue anyway; without it parcels are never held.
+        self.backlogged = backlogged
+        self._grouping_until = 0.0  # monotonic: hold parcels until then (records overlapped lately)
+        self._unsettled = 0  # records enqueued whose callers have not been woken yet (the loops' side)
         self._commit_count = 0
+        self._held_count = 0
 
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # parcels (lists of _Pending) and _STOP
         self._parcels: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}  # this turn's records, per loop
@@ -132,9 +167,18 @@ class SqliteLedger:
         synchronous: Synchronous = "NORMAL",
         busy_timeout_ms: int = 5_000,
         max_batch: int = 512,
+        group_window_s: float = 0.005,
+        backlogged: Callable[[], bool] | None = None,
     ) -> SqliteLedger:
         """Construct and wait until the file is open and its schema current."""
-        ledger = cls(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_batch=max_batch)
+        ledger = cls(
+            path,
+            synchronous=synchronous,
+            busy_timeout_ms=busy_timeout_ms,
+            max_batch=max_batch,
+            group_window_s=group_window_s,
+            backlogged=backlogged,
+        )
         try:
             await ledger.ready()
         except BaseException:
@@ -150,6 +194,11 @@ class SqliteLedger:
     def commit_count(self) -> int:
         """Transactions committed so far (each holds one or more records)."""
         return self._commit_count
+
+    @property
+    def held_count(self) -> int:
+        """Parcels held for the group window so far (see the module doc)."""
+        return self._held_count
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -169,11 +218,28 @@ class SqliteLedger:
         # item and one thread wake-up per turn rather than per record, which is most of the ledger's cost
         # under load. A lone record still leaves at the end of the current turn.
         parcel = self._parcels.get(loop)
+        if self._unsettled or parcel:  # made while another record waits for its commit: records overlap
+            self._grouping_until = time.monotonic() + GROUP_HOLD_S
         if parcel is None:
             parcel = self._parcels[loop] = []
-            loop.call_soon(self._send, loop)
+            if self._hold_open():
+                self._held_count += 1
+                loop.call_later(self._group_window_s, self._send, loop)
+            else:
+                loop.call_soon(self._send, loop)
         parcel.append((row, future))
+        self._unsettled += 1
         return future
+
+    def _hold_open(self) -> bool:
+        """Whether this turn's parcel waits for company (see the module doc)."""
+        backlogged = self.backlogged
+        return (
+            backlogged is not None
+            and self._group_window_s > 0
+            and time.monotonic() < self._grouping_until
+            and backlogged()
+        )
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
         parcel = self._parcels.pop(loop, None)
@@ -183,7 +249,27 @@ class SqliteLedger:
             if not self._closed:
                 self._queue.put(parcel)
                 return
-        _settle(parcel_futures(parcel), RuntimeError("the usage ledger is closed"))
+        self._settle(parcel_futures(parcel), RuntimeError("the usage ledger is closed"))
+
+    def _settle(self, futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        """On the records' loop: wakes their callers."""
+        self._unsettled -= len(futures)
+        for future in futures:
+            if future.done():  # the caller was cancelled; the record is committed regardless
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def _settle_from_thread(self, futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        """Wake each waiting caller on its own loop: one call_soon_threadsafe per loop per batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for future in futures:
+            by_loop.setdefault(future.get_loop(), []).append(future)
+        for loop, waiting in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed; nobody is left to tell
+                loop.call_soon_threadsafe(self._settle, waiting, error)
 
     def _writer_main(self) -> None:
         try:
@@ -238,28 +324,30 @@ class SqliteLedger:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         error: BaseException | None = None
         try:
+            rows = [row for row, _ in batch]
             with self._write_lock:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    _insert_billed(conn, [row for row, _ in batch])
-                    conn.execute("COMMIT")
-                except BaseException:
-                    rollback_quietly(conn)
-                    raise
+                if not _insert_new(conn, rows):
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        _insert_billed(conn, rows)
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        rollback_quietly(conn)
+                        raise
             self._commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
             error = _write_error(exc)
-        _settle_from_thread([future for _, future in batch], error)
+        self._settle_from_thread([future for _, future in batch], error)
 
     def _fail_until_stop(self, error: BaseException) -> None:
         if self._carry:
-            _settle_from_thread(parcel_futures(self._carry), error)
+            self._settle_from_thread(parcel_futures(self._carry), error)
             self._carry = []
         while not self._stopping:
             item = self._queue.get()
             if item is _STOP:
                 return
-            _settle_from_thread(parcel_futures(_as_parcel(item)), error)
+            self._settle_from_thread(parcel_futures(_as_parcel(item)), error)
 
     def _open_writer(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
@@ -375,6 +463,29 @@ def _write_error(exc: Exception) -> Exception:
     return exc
 
 
+def _insert_new(conn: sqlite3.Connection, rows: list[Row]) -> bool:
+    """The usual batch in one statement, its own transaction: requests the file holds no record of (a
+    gateway-made request id always, a caller's on its first try) are each billed, so their rows go in
+    billed without reading anything first. One statement instead of four (BEGIN, the lookup, the insert,
+    COMMIT) is three GIL hand-offs fewer per commit, and at concurrency 1 every call pays a whole commit.
+    When a stored billed row has one of the keys, the unique index refuses the statement, which inserts
+    nothing, and the caller takes the full path (`_insert_billed`). False: not done here."""
+    if len(rows) > _ROWS_PER_INSERT:  # more than one statement would not be atomic
+        return False
+    keys = {(row[ledger_rows.TENANT], row[ledger_rows.REQUEST_ID]) for row in rows if row[ledger_rows.REQUEST_ID]}
+    if len(keys) < sum(1 for row in rows if row[ledger_rows.REQUEST_ID]):  # a request twice in the batch
+        return False
+    values: list[object] = []
+    for row in rows:
+        values.extend(row)
+        values.append(1)
+    try:
+        conn.execute(_insert_sql(len(rows)), values)
+    except sqlite3.IntegrityError:  # the index (or a constraint the full path will report as well)
+        return False
+    return True
+
+
 def _insert_billed(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """Insert a batch (inside the caller's transaction), keeping each request's one billed row.
 
@@ -392,7 +503,13 @@ def _insert_billed(conn: sqlite3.Connection, rows: list[Row]) -> None:
     billed, displaced = ledger_rows.settle_billing(rows, best, stored)
     if displaced:
         conn.executemany(_UNBILL, displaced)
-    conn.executemany(_INSERT, [(*row, int(flag)) for row, flag in zip(rows, billed, strict=True)])
+    for start in range(0, len(rows), _ROWS_PER_INSERT):  # one statement each, not one per row
+        end = start + _ROWS_PER_INSERT
+        values: list[object] = []
+        for row, flag in zip(rows[start:end], billed[start:end], strict=True):
+            values.extend(row)
+            values.append(int(flag))
+        conn.execute(_insert_sql(len(values) // (len(COLUMNS) + 1)), values)
 
 
 def _as_parcel(item: object) -> list[_Pending]:
@@ -401,23 +518,3 @@ def _as_parcel(item: object) -> list[_Pending]:
 
 def parcel_futures(parcel: list[_Pending]) -> list[asyncio.Future[None]]:
     return [future for _, future in parcel]
-
-
-def _settle_from_thread(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    """Wake each waiting caller on its own loop: one call_soon_threadsafe per loop per batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-    for future in futures:
-        by_loop.setdefault(future.get_loop(), []).append(future)
-    for loop, waiting in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # that loop is closed; nobody is left to tell
-            loop.call_soon_threadsafe(_settle, waiting, error)
-
-
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
-        if future.done():  # the caller was cancelled; the record is committed regardless
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
