@@ -69,14 +69,15 @@ class Echo(Counting):
 class Proxy(Counting):
     """The least a grpc.aio + aiohttp gateway does: build the JSON, POST it, parse the answer."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, connections: int = 1000) -> None:
         super().__init__()
         self._base = base
+        self._connections = connections
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._connections))
         return self._session
 
     def _body(self, request: pb.ChatRequest | pb.StreamChatRequest, stream: bool) -> bytes:
@@ -122,9 +123,9 @@ class Proxy(Counting):
         yield pb.StreamChatResponse(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
 
 
-async def serve(mode: str, port: int, upstream_url: str) -> None:
+async def serve(mode: str, port: int, upstream_url: str, connections: int) -> None:
     server = grpc.aio.server()
-    servicer = Echo() if mode == "echo" else Proxy(upstream_url)
+    servicer = Echo() if mode == "echo" else Proxy(upstream_url, connections)
     pb_grpc.add_FeatherServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -143,12 +144,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", default="", help="nginx base URL (proxy mode)")
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--connections", type=int, default=1000, help="upstream connection limit (proxy mode)")
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
 
         uvloop.install()
-    asyncio.run(serve(args.mode, args.port, args.upstream))
+    asyncio.run(serve(args.mode, args.port, args.upstream, args.connections))
 
 
 if __name__ == "__main__":
