@@ -347,6 +347,59 @@ async def test_a_stream_that_stalls_mid_way_ends_after_the_providers_timeout(sim
         assert total.error_count == 1 and total.estimated_count == 1  # billed for what was streamed
 
 
+def _with_idle_timeout(doc: dict[str, Any], idle_ms: int) -> dict[str, Any]:
+    doc["providers"]["openai"]["idleTimeoutMs"] = idle_ms
+    return doc
+
+
+async def test_a_silence_longer_than_idle_timeout_ends_the_stream_as_the_upstreams_failure(
+    sim: UpstreamSimulator,
+) -> None:
+    sim.enqueue(Reply(content="one two three four", hang_after=2), path=OPENAI_PATH)
+    async with running_gateway(_with_idle_timeout(sim_config(sim), 300), ENV) as gw:
+        events = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):  # a bound for the test itself, far above the 0.3 s
+                async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
+                    events.append(event.WhichOneof("event"))
+        assert events[0] == "start" and "delta" in events
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no stream event for 300 ms" in (caught.value.details() or "")
+        models = (await gw.stub.ListModels(pb.ListModelsRequest(provider="openai"))).models
+        assert models[0].last_failure.reason == "UPSTREAM_IDLE_TIMEOUT"  # the provider's failure
+
+
+async def test_a_stream_longer_than_idle_timeout_with_shorter_gaps_is_not_cut(sim: UpstreamSimulator) -> None:
+    """The idle limit is per wait, not per stream: its one timer is pushed back as events come (~0.1 s
+    apart here, 40 of them), so a stream lasting several times idleTimeoutMs ends normally."""
+    words = " ".join(f"w{i}" for i in range(40))
+    sim.enqueue(Reply(content=words, split=120, piece_delay_s=0.05), path=OPENAI_PATH)
+    async with running_gateway(_with_idle_timeout(sim_config(sim), 600), ENV) as gw:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        text = []
+        async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
+            if event.HasField("delta"):
+                text.append(event.delta.content)
+            elif event.HasField("end"):
+                assert event.end.finish_reason == pb.FINISH_REASON_STOP
+        assert "".join(text) == words
+        assert loop.time() - began > 1.2  # the premise: the stream outlasted two idle limits
+
+
+async def test_the_callers_deadline_mid_stream_is_not_the_upstreams_failure(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(content="one two three four", hang_after=2), path=OPENAI_PATH)
+    async with running_gateway(_with_idle_timeout(sim_config(sim), 30_000), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")]), timeout=0.5):
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await gw.server.engine.settled()
+        models = (await gw.stub.ListModels(pb.ListModelsRequest(provider="openai"))).models
+        assert not models[0].HasField("last_failure")  # nothing counted against the provider's circuit
+        assert models[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
 async def test_retryable_failures_retry_then_fail_over_with_attempt_trail(sim: UpstreamSimulator) -> None:
     sim.enqueue(Reply(status=500), Reply(status=502), Reply(status=503), path=OPENAI_PATH)
     async with running_gateway(sim_config(sim), ENV) as gw:

@@ -37,7 +37,7 @@ from feather_grpc.core.types import (
     Usage,
 )
 from feather_grpc.engine.admission import Admission
-from feather_grpc.engine.attempt import Attempts, stream_failure
+from feather_grpc.engine.attempt import Attempts, EventWatch, stream_failure
 from feather_grpc.engine.call import Call, CallContext, Opened, StreamItem, begin, close_stream, ms_since
 from feather_grpc.engine.ledger_guard import LedgerGuard
 from feather_grpc.engine.observe import CallObserver
@@ -208,6 +208,7 @@ class Feather:
         after that an upstream failure ends the stream with an error, billed for what was consumed."""
         call = begin(request, ctx or CallContext(), streamed=True, request_timeout_ms=self.config.request_timeout_ms)
         upstream: AsyncIterator[StreamEvent] | None = None
+        watch: EventWatch | None = None
         text: list[str] = []
         calls: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments...]
         thought: list[str] = []  # thinking text, for the estimate of a cut stream
@@ -247,8 +248,9 @@ class Feather:
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = ms_since(call.started)
             idle_ms = self._idle_timeouts_ms[candidate.provider]
-            # Without an idle timeout or a deadline the next event is awaited bare: no timer per event.
-            timed = idle_ms is not None or call.ctx.deadline is not None
+            # Without an idle timeout or a deadline the next event is awaited bare: no timer at all.
+            if idle_ms is not None or call.ctx.deadline is not None:
+                watch = EventWatch(idle_ms, call.ctx.deadline)
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
                     text.append(event.content)
@@ -263,13 +265,14 @@ class Feather:
                     yield event
                 else:
                     call.prompt_usage = event.usage
-                if timed:
-                    event = await self._attempts.next_event(call, upstream, idle_ms)
-                else:
-                    try:
-                        event = await anext(upstream)
-                    except (StopAsyncIteration, ProviderError) as e:
-                        raise await self._attempts.midstream_failure(call, stream_failure(e)) from None
+                try:
+                    event = await (anext(upstream) if watch is None else watch.next(upstream))
+                except (StopAsyncIteration, ProviderError) as e:
+                    raise await self._attempts.midstream_failure(call, stream_failure(e)) from None
+                except TimeoutError:
+                    if watch is None:
+                        raise
+                    raise await self._attempts.midstream_timeout(call, watch, idle_ms) from None
             usage, estimated = event.usage, False
             if usage is None:
                 usage, estimated = cancelled_usage(call, _output_text(text + thought, calls)), True
@@ -301,6 +304,8 @@ class Feather:
             self._settlement.settle_in_background(call, Outcome.CANCELLED, usage, estimated=upstream is not None)
             raise
         finally:
+            if watch is not None:
+                watch.close()
             if upstream is not None:
                 await close_stream(upstream)
 
