@@ -240,8 +240,10 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_s(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of process `pid`, or of its thread `thread` only (the main thread: tid == pid)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -353,6 +355,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     time.sleep(1.0)
     idle = rss_mb(gateway.pid)
     cpu0, t0 = cpu_s(gateway.pid), time.monotonic()
+    loop0 = cpu_s(gateway.pid, gateway.pid)  # the event-loop thread alone: the one that cannot use a second core
     per = -(-opts.streams // opts.holders)
     holders = [
         _spawn(["--role", "holder", "--address", address, "--prefix", f"h{k}", "--count",
@@ -380,6 +383,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         out, _ = p.communicate(timeout=hold_s + 120)
         results.append(json.loads(out.strip().splitlines()[-1]))
     cpu_all = cpu_s(gateway.pid) - cpu0  # the whole load: every stream opened, streamed and ended
+    loop_all = cpu_s(gateway.pid, gateway.pid) - loop0
     import urllib.request
 
     ttft_buckets = []
@@ -443,6 +447,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         # CPU of the whole load (calls set up, streamed, ended) per message the holders received.
         "messages": messages,
         "cpu_us_per_message": round(cpu_all * 1e6 / messages, 1) if messages else None,
+        "loop_thread_us_per_message": round(loop_all * 1e6 / messages, 1) if messages else None,
         # The gateway's own measures, scraped every 0.25 s from the ramp's start to the hold's end.
         "loop_lag_ms_max": round(max(gauges["feather_event_loop_lag_seconds"], default=0) * 1000, 1),
         "new_call_delay_ms_p50": round(_pct(gauges["feather_new_call_delay_seconds"], 0.5) * 1000, 1),
@@ -509,13 +514,14 @@ def main() -> None:
             runs.append(result)
             print(json.dumps(result, indent=2), flush=True)
     if len(runs) > 1:  # one line per run, and each arm's CPU per message as a ratio to the first arm's
-        print(f"{'arm':<12} {'held':>5} {'shed':>5} {'lost':>4} {'cores':>5} {'us/msg':>7} {'ratio':>6} "
+        print(f"{'arm':<12} {'held':>5} {'shed':>5} {'lost':>4} {'cores':>5} {'us/msg':>7} {'loop':>6} {'ratio':>6} "
               f"{'ttft p50':>9} {'ttft p99':>9} {'KB/stream':>9}")  # fmt: skip
         for i, r in enumerate(runs):
             base = runs[i - i % len(arms)]["cpu_us_per_message"]
             ratio = r["cpu_us_per_message"] / base if base and r["cpu_us_per_message"] else float("nan")
             print(f"{Path(r['arm']).name[:12]:<12} {r['held_ok']:>5} {r['shed']:>5} {r['lost']:>4} "
-                  f"{r['gateway_cpu_cores_during_hold']:>5} {r['cpu_us_per_message']:>7} {ratio:>6.2f} "
+                  f"{r['gateway_cpu_cores_during_hold']:>5} {r['cpu_us_per_message']:>7} "
+                  f"{r['loop_thread_us_per_message']:>6} {ratio:>6.2f} "
                   f"{r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>9} {r['kb_per_stream']!s:>9}")  # fmt: skip
     if opts.json:
         Path(opts.json).write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=2))
