@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -580,3 +581,80 @@ async def test_per_request_retry_override(sim: UpstreamSimulator) -> None:
             )
         )
         assert len(reply.attempts) == 5 and reply.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_OK
+
+
+async def test_a_burst_of_events_goes_out_as_fewer_deltas_with_the_same_text_and_order(sim: UpstreamSimulator) -> None:
+    """Events that are already buffered when the gateway reads (a burst, or whatever arrived while the
+    previous message was being written to a slow caller) are joined: consecutive text deltas become one
+    delta, reasoning and tool calls keep their own messages, in order."""
+    words = " ".join(f"w{i}" for i in range(30))
+    call = SimToolCall("lookup", '{"q": "x"}')
+    sim.enqueue(Reply(content=words, thinking=("think ", "hard"), tool_calls=(call,)), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        kinds, text, thought, args = [], [], [], []
+        async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
+            if event.HasField("delta"):
+                d = event.delta
+                kind = "tool" if d.tool_calls else "thinking" if d.thinking else "text"
+                if not kinds or kinds[-1] != kind:
+                    kinds.append(kind)
+                text.append(d.content)
+                thought += [t.text for t in d.thinking]
+                args += [t.arguments for t in d.tool_calls]
+        assert kinds == ["thinking", "text", "tool"]  # the order of the kinds, as the upstream sent them
+        assert "".join(text) == words and "".join(thought) == "think hard" and "".join(args) == '{"q": "x"}'
+        deltas = len(text)
+        assert deltas < 10  # 30 text events, 2 reasoning events, the tool call's: one read, a few messages
+
+
+async def test_an_idle_gateway_sends_each_delta_as_it_comes() -> None:
+    """Nothing waits for more text: this upstream sends its next event only once the caller has the
+    previous one as its own delta, so a gateway that held a delta back would never finish."""
+    from aiohttp import web
+
+    words = [f"w{i} " for i in range(5)]
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    def sse(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        doc = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+        return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in words:
+            await resp.write(sse({"content": word}))
+            assert await asyncio.wait_for(received.get(), 10) == word  # the caller has it, alone
+        await resp.write(sse({}, "stop") + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    doc = {
+        "ledger": {"type": "memory"},
+        "providers": {
+            "up": {
+                "type": "openai-compatible",
+                "baseUrl": f"http://127.0.0.1:{port}/v1",
+                "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 2}],
+            }
+        },
+    }
+    try:
+        async with running_gateway(doc) as gw:
+            deltas = []
+            async with asyncio.timeout(20):  # a bound for the test itself: a held delta would hang here
+                async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="m", messages=[user("hi")])):
+                    if event.HasField("delta"):
+                        deltas.append(event.delta.content)
+                        received.put_nowait(event.delta.content)
+            assert deltas == words
+    finally:
+        await runner.cleanup()
