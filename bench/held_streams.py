@@ -278,9 +278,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
-    """One measurement. `arm`: "gateway" (this tree's), "floor" (bench/floor.py's bare grpc.aio + aiohttp
-    proxy: what the framework itself costs per streamed message; no ledger, no shedding), or the path of
-    another source tree whose gateway runs instead (e.g. main exported with `git archive`), for A/Bs."""
+    """One measurement. `arm`: "gateway" (this tree's), "floor-grpc" (bench/floor.py's paced mode: grpc.aio
+    alone streaming the same deltas at the same rate, what the framework itself costs per message),
+    "floor" (its bare grpc.aio + aiohttp proxy of the same upstream; neither floor keeps a ledger or
+    sheds), or the path of another source tree whose gateway runs instead (e.g. main exported with
+    `git archive`), for A/Bs."""
     tmp = Path(tempfile.mkdtemp(prefix="feather-held-"))
     up_port, gw_port = _free_port(), _free_port()
     hold_s = opts.interval * opts.chunks
@@ -313,7 +315,22 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     env.update(FEATHER_EVENT_LOOP=opts.loop, LOG_LEVEL="warning", METRICS_PORT=str(metrics_port))
     env.update(kv.split("=", 1) for kv in opts.gateway_env)
     log = (tmp / "gateway.log").open("w")
-    if arm == "floor":
+    if arm == "floor-grpc":
+        command = [
+            sys.executable,
+            str(ROOT / "bench" / "floor.py"),
+            "--mode",
+            "paced",
+            "--port",
+            str(gw_port),
+            "--chunks",
+            str(opts.chunks),
+            "--interval",
+            str(opts.interval),
+        ]
+        command += ["--uvloop"] if opts.loop == "uvloop" else []
+        source = ROOT
+    elif arm == "floor":
         command = [
             sys.executable,
             str(ROOT / "bench" / "floor.py"),
@@ -387,7 +404,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     import urllib.request
 
     ttft_buckets = []
-    if arm != "floor":
+    if not arm.startswith("floor"):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
             ttft_buckets = [
                 line for line in reply.read().decode().splitlines()
@@ -407,10 +424,10 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     direct = next(r["direct"] for r in results if "direct" in r)
     held_ttft = [t for r in results for t in r.get("held_ttft", [])]
     rows: dict[str, str] = {}
-    if arm != "floor":  # the floor keeps no ledger: nothing to count as lost
+    if not arm.startswith("floor"):  # the floor keeps no ledger: nothing to count as lost
         with sqlite3.connect(db) as conn:
             rows = dict(conn.execute("SELECT request_id, outcome || '/' || error_reason FROM usage_records").fetchall())
-    lost = sorted(rid for rid in seen if rid not in rows) if arm != "floor" else []
+    lost = sorted(rid for rid in seen if rid not in rows) if not arm.startswith("floor") else []
     messages = sum(r.get("messages", 0) for r in results)
     held = [v for k, v in seen.items() if not k.startswith("probe")]
     statuses: dict[str, int] = {}
@@ -478,7 +495,8 @@ def main() -> None:
     ap.add_argument(
         "--arms",
         default="gateway",
-        help="comma-separated servers measured in turn: gateway (this tree), floor (bench/floor.py's bare "
+        help="comma-separated servers measured in turn: gateway (this tree), floor-grpc (bench/floor.py's "
+        "paced mode: grpc.aio streaming the same deltas at the same rate, no upstream), floor (its bare "
         "grpc.aio + aiohttp proxy), or the path of another source tree's gateway",
     )
     ap.add_argument("--rounds", type=int, default=1, help="times the arms are run, interleaved")
