@@ -94,7 +94,7 @@ async def test_cache_entries_expire_and_are_bounded() -> None:
 
 def test_cache_env_overrides() -> None:
     cfg = config.load(None, {"CACHE_TTL_MS": "1500", "CACHE_MAX_SIZE": "7"})
-    assert (cfg.cache.ttl_s, cfg.cache.max_size) == (1.5, 7)
+    assert (cfg.routing.cache.ttl_s, cfg.routing.cache.max_size) == (1.5, 7)
 
 
 async def test_pii_is_redacted_before_the_request_leaves(sim: UpstreamSimulator) -> None:

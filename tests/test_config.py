@@ -30,7 +30,7 @@ def _load(text: str, env: dict[str, str] | None = None) -> config.GatewayConfig:
 
 def test_original_schema_loads_with_inferred_types_and_exact_prices() -> None:
     cfg = _load(GUIDE_CONFIG, {"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": "ak-test"})
-    assert cfg.policy == "cheapest"
+    assert cfg.routing.policy == "cheapest"
     assert [(p.name, p.type, p.base_url) for p in cfg.providers] == [
         ("openai", "openai", "https://api.openai.com/v1"),
         ("anthropic", "anthropic", "https://api.anthropic.com"),
@@ -102,7 +102,7 @@ def test_embedded_default_serves_mock_and_adds_providers_with_keys() -> None:
     assert [p.name for p in bare.providers] == ["mock"]
     with_keys = config.load(None, {"OPENAI_API_KEY": "sk", "ANTHROPIC_API_KEY": "ak", "PORT": "6000"})
     assert [p.name for p in with_keys.providers] == ["mock", "openai", "anthropic"]
-    assert with_keys.port == 6000
+    assert with_keys.server.port == 6000
 
 
 def test_cli_refuses_a_bad_config_with_path_and_exit_code(tmp_path: Path) -> None:
@@ -226,17 +226,17 @@ def test_database_url_must_be_postgres_with_a_host_and_is_never_echoed(url: str,
 )
 def test_database_url_accepts_libpq_urls(url: str) -> None:
     cfg = _load(json.dumps({"providers": {"mock": _mock(_model("m"))}}), {"DATABASE_URL": url})
-    assert cfg.database_url == url
+    assert cfg.ledger.database_url == url
     # no host in the URL: libpq's PGHOST names it
     with_pghost = {"DATABASE_URL": "postgresql:///feather", "PGHOST": "/var/run/postgresql"}
-    assert _load(json.dumps({"providers": {"mock": _mock(_model("m"))}}), with_pghost).database_url
+    assert _load(json.dumps({"providers": {"mock": _mock(_model("m"))}}), with_pghost).ledger.database_url
 
 
 @pytest.mark.parametrize(("port", "accepted"), [("65535", True), ("0", True), ("65536", False), ("99999", False)])
 def test_port_from_the_environment_is_a_port(port: str, accepted: bool) -> None:
     doc = json.dumps({"providers": {"mock": _mock(_model("m"))}})
     if accepted:
-        assert _load(doc, {"PORT": port}).port == int(port)
+        assert _load(doc, {"PORT": port}).server.port == int(port)
         return
     with pytest.raises(config.ConfigError) as caught:
         _load(doc, {"PORT": port})
@@ -251,7 +251,7 @@ def test_limits_name_a_model_or_alias_of_their_provider() -> None:
     limits = {"mock:fast": {"rps": 5}, "mock:mock-smart": {"rps": 1, "burst": 3}, "openai:gpt-4o": {"rps": 2}}
     cfg = _load(json.dumps({"providers": providers, "limits": limits}))
     # the engine's buckets are keyed by model name: an alias key lands on its model
-    assert cfg.provider_limits == {"mock:mock-fast": (5, 5), "mock:mock-smart": (1, 3), "openai:gpt-4o": (2, 2)}
+    assert cfg.tenancy.provider_limits == {"mock:mock-fast": (5, 5), "mock:mock-smart": (1, 3), "openai:gpt-4o": (2, 2)}
     for bad, problem in [
         ({"mock:mock-fats": {"rps": 1}}, "is not a configured provider:model"),
         ({"mock:gpt-4o": {"rps": 1}}, "is not a configured provider:model"),
@@ -276,7 +276,7 @@ def test_tls_files_must_be_readable_at_load(tmp_path: Path) -> None:
     key.write_text("key")
     tls = {"certFile": str(cert), "keyFile": str(key)}
     base = {"providers": {"mock": _mock(_model("m"))}}
-    assert _load(json.dumps({**base, "server": {"tls": tls}})).tls == config.TlsConfig(str(cert), str(key))
+    assert _load(json.dumps({**base, "server": {"tls": tls}})).server.tls == config.TlsConfig(str(cert), str(key))
     for field_name, missing in [
         ("keyFile", str(tmp_path / "missing.key")),
         ("clientCaFile", str(tmp_path / "missing-ca.pem")),
@@ -354,8 +354,10 @@ def test_routes_and_allowed_models_accept_every_form_a_request_may_use() -> None
         "tenants": {"t": {"allowedModels": ["fast", "mock-smart", "mock/mock-fast", "openai/gpt-4o"]}},
     }
     cfg = _load(json.dumps(doc))
-    assert cfg.routes["smart"].fallbacks == ("mock/mock-fast",)
-    assert cfg.tenants["t"].allowed_models == frozenset(["fast", "mock-smart", "mock/mock-fast", "openai/gpt-4o"])
+    assert cfg.routing.routes["smart"].fallbacks == ("mock/mock-fast",)
+    assert cfg.tenancy.tenants["t"].allowed_models == frozenset(
+        ["fast", "mock-smart", "mock/mock-fast", "openai/gpt-4o"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -370,7 +372,7 @@ def test_routes_and_allowed_models_accept_every_form_a_request_may_use() -> None
 def test_a_positive_budget_below_one_nano_dollar_is_refused(window: str, usd: object, nanos: int | None) -> None:
     doc = {"providers": {"mock": _mock(_model("m"))}, "tenants": {"t": {"budget": {window: usd}}}}
     if nanos is not None:
-        tenant = _load(json.dumps(doc)).tenants["t"]
+        tenant = _load(json.dumps(doc)).tenancy.tenants["t"]
         assert (tenant.daily_budget_nanos if window == "dailyUsd" else tenant.monthly_budget_nanos) == nanos
         return
     with pytest.raises(config.ConfigError) as caught:
@@ -382,7 +384,7 @@ def test_a_positive_budget_below_one_nano_dollar_is_refused(window: str, usd: ob
 def test_a_budget_must_fit_the_nano_dollar_counters(usd: str, ok: bool) -> None:
     doc = {"providers": {"mock": _mock(_model("m"))}, "tenants": {"t": {"budget": {"dailyUsd": usd}}}}
     if ok:
-        assert _load(json.dumps(doc)).tenants["t"].daily_budget_nanos == 10**18
+        assert _load(json.dumps(doc)).tenancy.tenants["t"].daily_budget_nanos == 10**18
         return
     with pytest.raises(config.ConfigError) as caught:
         _load(json.dumps(doc))
@@ -392,11 +394,11 @@ def test_a_budget_must_fit_the_nano_dollar_counters(usd: str, ok: bool) -> None:
 def test_jwt_default_policy_is_validated_like_a_tenant() -> None:
     providers = {"mock": _mock(_model("mock-fast", "fast"))}
     policy = {"allowedModels": ["fast"], "limits": {"rpm": 60, "tpm": 1000}, "budget": {"dailyUsd": 1}}
-    unlisted = _load(json.dumps({"providers": providers, "jwtDefaultPolicy": policy})).auth.unlisted
+    unlisted = _load(json.dumps({"providers": providers, "jwtDefaultPolicy": policy})).tenancy.auth.unlisted
     assert (unlisted.allowed_models, unlisted.requests, unlisted.tpm) == (frozenset(["fast"]), (1.0, 60), 1000)
     assert unlisted.daily_budget_nanos == 1_000_000_000 and unlisted.role == "member"
     # without one, a tenant the config does not list may call nothing
-    assert _load(json.dumps({"providers": providers})).auth.unlisted.allowed_models == frozenset()
+    assert _load(json.dumps({"providers": providers})).tenancy.auth.unlisted.allowed_models == frozenset()
     for bad, path in [
         ({"budget": {"dailyUsd": 2e9}}, "jwtDefaultPolicy.budget.dailyUsd"),
         ({"keys": []}, "jwtDefaultPolicy.keys"),  # keys and roles belong to listed tenants only
@@ -454,3 +456,31 @@ def test_check_config_and_serve_refuse_an_unusable_key_with_the_same_line(tmp_pa
     assert lines[0] == lines[1]
     assert lines[0].startswith("feather-grpc: invalid configuration: ")
     assert "providers.openai.apiKeyEnv: the key in $OPENAI_API_KEY contains whitespace" in lines[0]
+
+
+def test_resolved_config_is_grouped_by_section_and_prints_no_secret() -> None:
+    doc = {
+        "providers": {"mock": _mock(_model("m"))},
+        "policy": "cheapest",
+        "server": {"maxInFlight": 7},
+        "ledger": {"type": "sqlite", "synchronous": "FULL"},
+        "stateFailureMode": "open",
+        "rateLimitMode": "reject",
+    }
+    env = {
+        "PORT": "6001",
+        "FEATHER_LEDGER_PATH": "/var/lib/feather/usage.db",
+        "REDIS_URL": "redis://:redis-secret@127.0.0.1:6379/0",
+        "DATABASE_URL": "postgresql://u:pg-secret@db/feather",
+        "JWT_SECRET": "jwt-secret",
+    }
+    cfg = _load(json.dumps(doc), env)
+    assert (cfg.routing.policy, cfg.server.port, cfg.server.max_in_flight) == ("cheapest", 6001, 7)
+    assert cfg.ledger == config.LedgerConfig(
+        "sqlite", "/var/lib/feather/usage.db", "FULL", "postgresql://u:pg-secret@db/feather"
+    )
+    assert cfg.shared_state == config.SharedStateConfig("redis://:redis-secret@127.0.0.1:6379/0", "open")
+    assert (cfg.tenancy.rate_limit_mode, cfg.tenancy.auth.jwt_secret) == ("reject", "jwt-secret")
+    assert cfg.tenancy.default_tenant is cfg.tenancy.tenants["default"]
+    shown = repr(cfg)
+    assert all(secret not in shown for secret in ("redis-secret", "pg-secret", "jwt-secret")), shown

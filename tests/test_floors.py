@@ -59,6 +59,40 @@ def test_a_sibling_import_cycle_breaks_the_floors(tmp_path: Path) -> None:
     assert "No cycles are allowed in feather_grpc.core" in result.stdout
 
 
+def test_the_engine_importing_a_concrete_store_breaks_the_floors(tmp_path: Path) -> None:
+    """The engine gets its ledger, limiter, budgets, circuits and cache from the assembly, as interfaces."""
+    root = copy_of_package(tmp_path)
+    gateway = root / "feather_grpc" / "engine" / "gateway.py"
+    gateway.write_text(
+        gateway.read_text() + "\nfrom feather_grpc.state.memory_circuits import MemoryCircuitStore  # noqa\n"
+    )
+    result = lint(root)
+    assert result.returncode == 1
+    assert "feather_grpc.engine.gateway -> feather_grpc.state.memory_circuits" in result.stdout
+
+
+def test_an_import_for_type_hints_alone_counts_too(tmp_path: Path) -> None:
+    """`if TYPE_CHECKING:` imports are no exemption: a floor that names a type from above, or two modules that
+    name each other's types, are tangled all the same (a small Protocol on the lower module is the way out)."""
+    root = copy_of_package(tmp_path)
+    errors = root / "feather_grpc" / "core" / "errors.py"
+    errors.write_text(
+        errors.read_text()
+        + "\nfrom typing import TYPE_CHECKING  # noqa\n"
+        + "if TYPE_CHECKING:\n    from feather_grpc.engine import validation  # noqa\n"
+    )
+    response = root / "feather_grpc" / "providers" / "transport" / "response.py"
+    response.write_text(
+        response.read_text()
+        + "\nfrom typing import TYPE_CHECKING  # noqa\n"
+        + "if TYPE_CHECKING:\n    from feather_grpc.providers.transport.connection import Connection  # noqa\n"
+    )
+    result = lint(root)
+    assert result.returncode == 1
+    assert "feather_grpc.core.errors -> feather_grpc.engine.validation" in result.stdout
+    assert "No cycles are allowed in feather_grpc.providers.transport" in result.stdout
+
+
 def test_the_wheel_ships_the_embedded_default_config(tmp_path: Path) -> None:
     """The embedded default is a data file (config/default.json): the wheel must carry it, or
     `feather-grpc serve` without a config file fails once installed."""

@@ -15,6 +15,7 @@ import uvloop
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
 from tests.gateway_harness import Gateway, rich_error, running_gateway, user
+from tests.redis_server import RedisServer
 
 ENV = {"SIM_OPENAI_KEY": "sk-test", "SIM_ANTHROPIC_KEY": "ak-test"}
 
@@ -493,7 +494,7 @@ async def test_a_hedged_calls_losing_leg_counts_against_the_budget(sim: Upstream
         billed = (await _usage_total(gw)).cost_nanos_usd
         assert billed > reply.cost_nanos_usd  # the cancelled leg's estimate is billed too
         engine = gw.server.engine
-        (day,) = engine.admission.windows(engine.config.default_tenant)
+        (day,) = engine.admission.windows(engine.config.tenancy.default_tenant)
         assert await engine.budgets.spent("default", day) == billed
 
 
@@ -526,6 +527,30 @@ async def test_circuit_opens_and_routing_skips_the_failing_provider(sim: Upstrea
             await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("x")]))
         err = rich_error(caught.value)
         assert err.code == grpc.StatusCode.UNAVAILABLE and err.retry_delay_s is not None and err.retry_delay_s > 50
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_a_circuit_opened_by_one_replica_shows_open_in_every_replicas_list_models(
+    sim: UpstreamSimulator, mode: str
+) -> None:
+    """Circuits shared through Redis (stateFailureMode closed: the Redis store; open: its fail-open wrapper)
+    live outside the process: ListModels reads them before answering, so a replica that never called the
+    failing provider shows its circuit open too."""
+    sim.enqueue(Reply(status=500), Reply(status=500), path=OPENAI_PATH)
+    breaker = {"failureThreshold": 2, "windowMs": 60_000, "resetTimeoutMs": 60_000}
+    doc = sim_config(sim, retry={"maxAttempts": 1}, circuitBreaker=breaker, stateFailureMode=mode)
+
+    async def states(gw: Gateway) -> dict[str, int]:
+        return {m.provider: m.circuit_state for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+
+    with RedisServer() as redis:
+        env = {**ENV, "REDIS_URL": redis.url}
+        async with running_gateway(doc, env) as a, running_gateway(doc, env) as b:
+            assert await states(b) == {"openai": pb.CIRCUIT_STATE_CLOSED, "anthropic": pb.CIRCUIT_STATE_CLOSED}
+            for _ in range(2):
+                assert (await a.stub.Chat(pb.ChatRequest(model="smart", messages=[user("x")]))).provider == "anthropic"
+            for gw in (a, b):
+                assert await states(gw) == {"openai": pb.CIRCUIT_STATE_OPEN, "anthropic": pb.CIRCUIT_STATE_CLOSED}
 
 
 async def test_stream_retries_before_first_token_are_invisible(sim: UpstreamSimulator) -> None:

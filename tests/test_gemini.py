@@ -45,6 +45,8 @@ from feather_grpc.core.types import (
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import HttpClient, Provider, ProviderSettings, build_provider
 from feather_grpc.providers.anthropic import AnthropicProvider
+from feather_grpc.providers.bedrock import BedrockProvider
+from feather_grpc.providers.gemini import GeminiProvider
 from feather_grpc.providers.http import new_session
 from feather_grpc.server.app import ServerOptions
 from sim.gemini import GeminiReply, GeminiSimulator
@@ -866,3 +868,26 @@ def test_claude_formats_leave_geminis_thinking_out() -> None:
         {"type": "thinking", "thinking": "Claude's", "signature": "EqQB"},
         {"type": "text", "text": "Sunny."},
     ]
+
+
+def test_tool_arguments_that_are_no_json_object_are_refused_alike_by_every_format_that_needs_one() -> None:
+    """Anthropic, Bedrock and Gemini send a tool call's arguments as an object (one rule: providers/base.py);
+    arguments that are not one are the caller's error, never guessed into one."""
+    call = ToolCall("call_1", "get_weather", "[1, 2]")
+    turns = [Message(Role.USER, "weather?"), Message(Role.ASSISTANT, "", tool_calls=(call,))]
+    request = ChatRequest(model="m", messages=[*turns, Message(Role.TOOL, "sunny", tool_call_id="call_1")])
+    session = new_session()
+    anthropic = AnthropicProvider(ProviderSettings(name="a", type="anthropic", base_url="https://x"), session)
+    bedrock = BedrockProvider(ProviderSettings(name="b", type="bedrock", base_url="https://x", region="r"), session)
+    gemini = GeminiProvider(ProviderSettings(name="g", type="gemini", base_url="https://x", api_key=KEY), session)
+    builds = [
+        ("a", lambda: anthropic.build_body("m", request, stream=False)),
+        ("b", lambda: bedrock.build_body(request, "m")),
+        ("g", lambda: gemini.build_body(request, "m")),
+    ]
+    for name, build in builds:
+        with pytest.raises(ProviderError) as refused:
+            build()
+        assert refused.value.reason == "UPSTREAM_BAD_REQUEST"
+        assert refused.value.message == f"{name}: tool call 'call_1' arguments are not a JSON object"
+        assert refused.value.retryable is False

@@ -277,7 +277,7 @@ def test_manifests_agree_with_the_image_and_the_gateway() -> None:
 
     # Kubernetes waits longer than the preStop pause plus the gateway's own drain before SIGKILL.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + resolved.grace_period_s
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + resolved.server.grace_period_s
 
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()

@@ -90,7 +90,7 @@ def test_request_timeout_defaults_to_the_clients_deadline_and_must_be_positive()
         doc = {"providers": {"mock": {"type": "mock", "models": [{"name": "m", "allowUnpriced": True}]}}, **extra}
         return config.resolve(config.parse_file_config(json.dumps(doc), "c.json"), {}, "c.json")
 
-    assert load({}).request_timeout_ms == 120_000
-    assert load({"requestTimeoutMs": 5000}).request_timeout_ms == 5000
+    assert load({}).routing.request_timeout_ms == 120_000
+    assert load({"requestTimeoutMs": 5000}).routing.request_timeout_ms == 5000
     with pytest.raises(config.ConfigError, match=r"c\.json: requestTimeoutMs: "):
         load({"requestTimeoutMs": 0})

@@ -185,7 +185,7 @@ async def test_a_burst_past_the_in_flight_cap_loses_no_call(sim: UpstreamSimulat
 async def test_shedding_is_on_by_default_and_grpc_queue_is_bounded() -> None:
     base = {"providers": {"mock": {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]}}}
     cfg = config.resolve(config.parse_file_config(json.dumps(base), "<test>"), {}, "<test>")
-    assert cfg.max_in_flight == 5000 and cfg.max_loop_lag_s == 0.5
+    assert cfg.server.max_in_flight == 5000 and cfg.server.max_loop_lag_s == 0.5
     server = GatewayServer(cfg)
     assert server.gate._loop_lag is server.loop_lag and server.loop_lag.limit_s == 0.5
     limits = dict(queue_limits())

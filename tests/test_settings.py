@@ -20,7 +20,7 @@ DOC = '{"providers": {"mock": {"type": "mock", "models": [{"name": "m", "allowUn
 
 def breaker_enabled(value: str) -> bool:
     cfg = config.resolve(config.parse_file_config(DOC, "t"), {"CIRCUIT_BREAKER_ENABLED": value}, "t")
-    return cfg.breaker.enabled
+    return cfg.routing.breaker.enabled
 
 
 def log_content(value: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from feather_grpc import cli
+from feather_grpc.cli import serve
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import workers
@@ -168,10 +168,10 @@ def test_workers_auto_is_one_per_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert workers.cpu_count(str(quota)) == min(2, len(os.sched_getaffinity(0)))
     quota.write_text("max 100000\n")
     assert workers.cpu_count(str(quota)) == len(os.sched_getaffinity(0))
-    assert cli._workers(argparse.Namespace(workers=cli._worker_count("auto"))) == cpus
-    assert cli._workers(argparse.Namespace(workers=cli._worker_count("3"))) == 3
+    assert serve._workers(argparse.Namespace(workers=serve._worker_count("auto"))) == cpus
+    assert serve._workers(argparse.Namespace(workers=serve._worker_count("3"))) == 3
     monkeypatch.setenv("FEATHER_WORKERS", "auto")
-    assert cli._workers(argparse.Namespace(workers=None)) == cpus
+    assert serve._workers(argparse.Namespace(workers=None)) == cpus
     run = subprocess.run(
         [sys.executable, "-m", "feather_grpc.cli", "serve", "--workers", "many"],
         cwd=REPO,

@@ -2,7 +2,8 @@
 
 Everything is parsed and validated once at start; the engine then reads plain resolved objects and never
 touches JSON or the environment on the request path. The package, bottom up: `schema` (the document),
-`model` (the resolved objects), `resolve` (document + environment -> model, section by section), `load`
+`model` (the resolved objects, grouped by section), `resolve` (document + environment -> model, one
+function per section: resolve_providers, resolve_routing, resolve_tenancy), `load`
 (a file or the embedded default, default.json). `ConfigError` lives in core (the environment's settings
 raise it too). Callers import from here.
 """
@@ -12,10 +13,15 @@ from feather_grpc.config.model import (
     AuthConfig,
     GatewayConfig,
     InputLimits,
+    LedgerConfig,
     ModelConfig,
     ProviderConfig,
     RetryConfig,
     RouteConfig,
+    RoutingConfig,
+    ServerConfig,
+    SharedStateConfig,
+    TenancyConfig,
     TenantConfig,
     TlsConfig,
 )
@@ -29,11 +35,16 @@ __all__ = [
     "FileConfig",
     "GatewayConfig",
     "InputLimits",
+    "LedgerConfig",
     "ModelConfig",
     "ProviderConfig",
     "RetryConfig",
     "RouteConfig",
+    "RoutingConfig",
+    "ServerConfig",
     "ServerSpec",
+    "SharedStateConfig",
+    "TenancyConfig",
     "TenantConfig",
     "TlsConfig",
     "load",

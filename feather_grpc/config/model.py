@@ -1,6 +1,6 @@
 """The resolved configuration: plain frozen objects the engine and server read (never JSON or the
-environment on the request path). `GatewayConfig`'s fields are listed by section (server, ledger, shared
-state, routing, tenancy, providers), in the order `resolve` builds them."""
+environment on the request path). `GatewayConfig` holds the providers and one object per section (routing,
+server, ledger, shared state, tenancy), each built by its own resolver."""
 
 from __future__ import annotations
 
@@ -112,13 +112,9 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    """The resolved configuration. Flat fields, listed by section."""
+class RoutingConfig:
+    """How a call finds its provider, and what happens on the way."""
 
-    # providers
-    providers: tuple[ProviderConfig, ...]
-    skipped_providers: tuple[str, ...] = ()
-    # routing: how a call finds its provider, and what happens on the way
     policy: str = "first"
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -127,7 +123,12 @@ class GatewayConfig:
     cache: CacheSettings = field(default_factory=CacheSettings)
     redact_pii: frozenset[str] = frozenset()  # PII kinds redacted before a request leaves; empty: off
     input_limits: InputLimits = field(default_factory=InputLimits)
-    # server
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The gRPC server: where it listens, how much it takes in, how it stops."""
+
     host: str = "127.0.0.1"
     port: int = 50051
     grace_period_s: float = 20.0
@@ -136,19 +137,47 @@ class GatewayConfig:
     max_loop_lag_s: float = DEFAULT_MAX_LOOP_LAG_MS / 1000
     max_message_bytes: int = 8 * 1024 * 1024
     tls: TlsConfig | None = None
-    source: str = "<in-process>"
-    # ledger
-    ledger_type: str = "memory"
-    ledger_path: str = ":memory:"
-    ledger_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """Where usage records go: memory, SQLite (`path`) or Postgres (`database_url`, which wins)."""
+
+    type: str = "memory"
+    path: str = ":memory:"
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     database_url: str = field(default="", repr=False)
-    # shared state (Redis): limits, budgets, circuits and the cache shared between replicas
+
+
+@dataclass(frozen=True, slots=True)
+class SharedStateConfig:
+    """Redis: limits, budgets, circuits and the cache shared between replicas (no URL: in memory)."""
+
     redis_url: str = field(default="", repr=False)
-    state_failure_mode: str = "closed"
-    # tenancy: who calls, and what each caller may do
+    failure_mode: str = "closed"  # when Redis is unreachable: "closed" refuses calls, "open" admits them
+
+
+@dataclass(frozen=True, slots=True)
+class TenancyConfig:
+    """Who calls, and what each caller may do."""
+
     auth: AuthConfig = field(default_factory=AuthConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
     default_tenant: TenantConfig = field(default_factory=lambda: TenantConfig("default"))
     provider_limits: dict[str, tuple[float, int]] = field(default_factory=dict)  # key -> (rps, burst)
     rate_limit_mode: str = "queue"
     queue_min_call_s: float = 0.05  # queue mode: the least deadline a waiter must have left after its wait
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The resolved configuration: the providers, then one object per section."""
+
+    providers: tuple[ProviderConfig, ...]
+    skipped_providers: tuple[str, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    shared_state: SharedStateConfig = field(default_factory=SharedStateConfig)
+    tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    source: str = "<in-process>"  # the file it was read from, for messages

@@ -29,6 +29,11 @@ class CircuitStore(Protocol):
 
     async def state(self, key: str) -> CircuitState: ...
 
+    def local_state(self, key: str) -> CircuitState | None:
+        """The state read without I/O when this process holds it (then it is exact); None when the state lives
+        elsewhere (Redis): `state()` reads that, and the engine shows the state it read last."""
+        ...
+
     async def reopens_in(self, key: str) -> float | None:
         """Seconds until an open circuit lets a probe through; None when it is not open."""
         ...

@@ -69,12 +69,14 @@ class Admission:
     ) -> None:
         self._limiter = limiter
         self._budgets = budgets
-        self._queue = config.rate_limit_mode == "queue"
-        self._min_call_s = config.queue_min_call_s
+        self._queue = config.tenancy.rate_limit_mode == "queue"
+        self._min_call_s = config.tenancy.queue_min_call_s
         self._latency_ms = latency_ms
         self._loop_time = loop_time
         self._wall_clock = wall_clock
-        self._provider_buckets = {k: BucketSpec(rate, burst) for k, (rate, burst) in config.provider_limits.items()}
+        self._provider_buckets = {
+            k: BucketSpec(rate, burst) for k, (rate, burst) in config.tenancy.provider_limits.items()
+        }
         self._windows: dict[str, tuple[int, TenantConfig, tuple[BudgetWindow, ...]]] = {}
 
     @staticmethod

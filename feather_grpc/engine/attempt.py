@@ -63,6 +63,8 @@ class Attempts:
         observers: list[CallObserver],
     ) -> None:
         self._config = config
+        self._request_timeout_ms = config.routing.request_timeout_ms
+        self._retry = config.routing.retry
         self.router = router
         self._planner = planner
         self.admission = admission
@@ -178,7 +180,7 @@ class Attempts:
         """
         loop = asyncio.get_running_loop()
         deadline = call.answer_by  # per-attempt timeouts and backoff never add up past it
-        policy = RetryPolicy.of(self._config.retry, call.request.retry)
+        policy = RetryPolicy.of(self._retry, call.request.retry)
         last: ProviderError | None = None
         cause: LastFailure | None = None  # the upstream failure behind `last` (for an open circuit: its opener)
         limited: RateLimitExceeded | None = None
@@ -324,7 +326,7 @@ class Attempts:
         """The answer deadline ran out: the caller's own, or the gateway's requestTimeoutMs (which says so)."""
         if not call.gateway_bound:
             return DeadlineExceeded(f"the call's deadline ran out {what}")
-        ms = self._config.request_timeout_ms
+        ms = self._request_timeout_ms
         return DeadlineExceeded(f"the gateway's request timeout (requestTimeoutMs {ms}) ran out {what}", ms)
 
     def _note_failure(self, key: str, e: ProviderError) -> LastFailure:

@@ -45,7 +45,6 @@ from feather_grpc.engine.plan import Planner
 from feather_grpc.engine.routing import LatencyTracker, RouteCandidate, Router
 from feather_grpc.engine.settle import Settlement, cancelled_usage, price, with_abandoned
 from feather_grpc.providers.base import Provider
-from feather_grpc.state.memory_circuits import MemoryCircuitStore
 
 __all__ = ["CallContext", "Feather", "ModelView", "StreamItem", "UpstreamPool"]
 
@@ -87,6 +86,8 @@ class Feather:
         observers: Sequence[CallObserver] = (),
     ) -> None:
         self.config = config
+        self._cache_settings = config.routing.cache
+        self._request_timeout_ms = config.routing.request_timeout_ms
         self.ledger = ledger
         self.limiter, self.budgets, self.circuits, self.cache = limiter, budgets, circuits, cache
         self._providers = providers
@@ -95,7 +96,11 @@ class Feather:
         self.latency = LatencyTracker()
         rng = rng or random.Random()
         self.router = Router(
-            [m for p in config.providers for m in p.models], config.policy, self.latency, rng, config.routes
+            [m for p in config.providers for m in p.models],
+            config.routing.policy,
+            self.latency,
+            rng,
+            config.routing.routes,
         )
         self.admission = Admission(
             config, limiter, budgets, loop_time=lambda: asyncio.get_running_loop().time(), latency_ms=self.latency.get
@@ -147,7 +152,7 @@ class Feather:
     # ---- calls ----
 
     async def chat(self, request: ChatRequest, ctx: CallContext | None = None) -> ChatResult:
-        call = begin(request, ctx or CallContext(), streamed=False, request_timeout_ms=self.config.request_timeout_ms)
+        call = begin(request, ctx or CallContext(), streamed=False, request_timeout_ms=self._request_timeout_ms)
         try:
             tenant, candidates = self._planner.plan(call)
             hit = await self._cache_lookup(call, candidates)
@@ -206,7 +211,7 @@ class Feather:
     async def stream(self, request: ChatRequest, ctx: CallContext | None = None) -> AsyncGenerator[StreamItem, None]:
         """Streams one call. Retries and fail-over happen before the first event reaches the caller;
         after that an upstream failure ends the stream with an error, billed for what was consumed."""
-        call = begin(request, ctx or CallContext(), streamed=True, request_timeout_ms=self.config.request_timeout_ms)
+        call = begin(request, ctx or CallContext(), streamed=True, request_timeout_ms=self._request_timeout_ms)
         upstream: AsyncIterator[StreamEvent] | None = None
         watch: EventWatch | None = None
         # What the reply said so far: its length always (a cut stream's output is estimated from it), its
@@ -324,7 +329,7 @@ class Feather:
         rate or concurrency, load shedding, the state store down, a request that did not convert): one
         ledger record like any failed call's (outcome error, the status code and reason, no tokens, no cost,
         no route), then the observers (call log, metrics, tracing). Durable before the refusal is sent."""
-        call = begin(request, ctx, streamed=streamed, request_timeout_ms=self.config.request_timeout_ms)
+        call = begin(request, ctx, streamed=streamed, request_timeout_ms=self._request_timeout_ms)
         await self._settlement.settle(call, self._settlement.record(call, Outcome.ERROR, Usage(), error=error))
 
     async def usage(self, query: UsageQuery) -> UsageReport:
@@ -335,17 +340,16 @@ class Feather:
 
     def circuit_state(self, key: str) -> CircuitState:
         """Exact for in-process circuits; with shared circuits, the state this replica saw last."""
-        if isinstance(self.circuits, MemoryCircuitStore):
-            return self.circuits.breakers.state(key)
-        return self._attempts.circuit_view.get(key, CircuitState.CLOSED)
+        exact = self.circuits.local_state(key)
+        return exact if exact is not None else self._attempts.circuit_view.get(key, CircuitState.CLOSED)
 
     async def refresh_circuits(self) -> None:
         """Reads every shared circuit's current state (ListModels calls this before answering)."""
-        if isinstance(self.circuits, MemoryCircuitStore):
-            return
         for p in self.config.providers:
             for m in p.models:
                 key = f"{p.name}:{m.name}"
+                if self.circuits.local_state(key) is not None:
+                    continue  # in this process: circuit_state reads it exactly, nothing to refresh
                 with contextlib.suppress(StateUnavailable):
                     self._attempts.circuit_view[key] = await self.circuits.state(key)
 
@@ -373,7 +377,7 @@ class Feather:
     # ---- steps ----
 
     async def _cache_lookup(self, call: Call, candidates: list[RouteCandidate]) -> CachedReply | None:
-        call.cache_key = cache_key(self.config.cache, call.ctx.tenant, call.request)
+        call.cache_key = cache_key(self._cache_settings, call.ctx.tenant, call.request)
         if call.cache_key is None:
             return None
         hit = await self.cache.get(call.cache_key)

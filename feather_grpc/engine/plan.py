@@ -35,15 +35,18 @@ STRUCTURED_OUTPUT_SUPPORT = {
 class Planner:
     def __init__(self, config: GatewayConfig, router: Router, ledger_guard: LedgerGuard) -> None:
         self._config = config
+        self._default_tenant = config.tenancy.default_tenant
+        self._tenants = config.tenancy.tenants
+        self._input_limits = config.routing.input_limits
         self._router = router
         self._ledger_guard = ledger_guard
-        self._redactor = Redactor(config.redact_pii) if config.redact_pii else None
+        self._redactor = Redactor(config.routing.redact_pii) if config.routing.redact_pii else None
         self._providers = {p.name: p for p in config.providers}
 
     def plan(self, call: Call) -> tuple[TenantConfig, list[RouteCandidate]]:
         """Validates and redacts the request, and lists the candidates this tenant may use, in order."""
         self._ledger_guard.check()  # before any upstream: a call whose cost cannot be recorded is not made
-        validate_chat(call.request, self._config.input_limits)
+        validate_chat(call.request, self._input_limits)
         if self._redactor is not None:
             call.request = self._redactor.request(call.request)
         req = call.request
@@ -53,7 +56,7 @@ class Planner:
 
     def tenant(self, call: Call) -> TenantConfig:
         """The call's tenant: as authenticated, else as configured by name (an in-process embedding)."""
-        return call.ctx.tenant_config or self._config.tenants.get(call.ctx.tenant, self._config.default_tenant)
+        return call.ctx.tenant_config or self._tenants.get(call.ctx.tenant, self._default_tenant)
 
     def capable(self, req: ChatRequest, candidates: list[RouteCandidate]) -> list[RouteCandidate]:
         """The candidates whose API can honour the request's JSON reply and take its parts (INVALID_ARGUMENT

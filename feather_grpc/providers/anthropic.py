@@ -37,6 +37,7 @@ from feather_grpc.providers.base import (
     merge_fields,
     request_count,
     token_count,
+    tool_arguments,
 )
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
@@ -110,23 +111,6 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
             else 0,
         )
     )
-
-
-def _tool_input(provider: str, call_id: str, arguments: str) -> dict[str, Any]:
-    if not arguments.strip():
-        return {}
-    try:
-        value = orjson.loads(arguments)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        # Anthropic needs an object; guessing one would send the model words it never said.
-        raise ProviderError(
-            "UPSTREAM_BAD_REQUEST",
-            f"{provider}: tool call {call_id!r} arguments are not a JSON object",
-            retryable=False,
-        )
-    return value
 
 
 def _source(p: Part) -> dict[str, Any]:
@@ -206,7 +190,7 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict
                         "type": "tool_use",
                         "id": call.id,
                         "name": call.name,
-                        "input": _tool_input(provider, call.id, call.arguments),
+                        "input": tool_arguments(provider, call.id, call.arguments),
                     }
                 )
         if blocks:

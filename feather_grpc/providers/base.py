@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from feather_grpc.core.egress import DIRECT, Egress
 from feather_grpc.core.errors import ProviderError
 from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
@@ -117,6 +119,24 @@ GEMINI_SIGNATURE = "gemini:"
 def claude_thinking(blocks: tuple[ThinkingBlock, ...]) -> list[ThinkingBlock]:
     """The thinking blocks a Claude API can take back: not another model family's (Gemini's)."""
     return [t for t in blocks if not t.signature.startswith(GEMINI_SIGNATURE)]
+
+
+def tool_arguments(provider: str, call_id: str, arguments: str) -> dict[str, Any]:
+    """A tool call's arguments as the JSON object Anthropic, Bedrock and Gemini send back (blank: {})."""
+    if not arguments.strip():
+        return {}
+    try:
+        value = orjson.loads(arguments)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        # The upstream needs an object; guessing one would send the model words it never said.
+        raise ProviderError(
+            "UPSTREAM_BAD_REQUEST",
+            f"{provider}: tool call {call_id!r} arguments are not a JSON object",
+            retryable=False,
+        )
+    return value
 
 
 def b64(data: bytes) -> str:

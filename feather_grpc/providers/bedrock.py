@@ -62,7 +62,7 @@ from feather_grpc.core.types import (
     ToolCallDelta,
     Usage,
 )
-from feather_grpc.providers.anthropic import _tool_input, thinking_budget
+from feather_grpc.providers.anthropic import thinking_budget
 from feather_grpc.providers.base import (
     ProviderSettings,
     b64,
@@ -72,6 +72,7 @@ from feather_grpc.providers.base import (
     estimated_usage,
     merge_fields,
     token_count,
+    tool_arguments,
 )
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.http import (
@@ -306,7 +307,7 @@ class BedrockProvider:
                 blocks += [_reasoning_block(t) for t in claude_thinking(m.thinking)]
                 blocks += _content(m, documents)
                 for call in m.tool_calls:
-                    tool_input = _tool_input(self._name, call.id, call.arguments)
+                    tool_input = tool_arguments(self._name, call.id, call.arguments)
                     blocks.append({"toolUse": {"toolUseId": call.id, "name": call.name, "input": tool_input}})
             if blocks and "cachePoint" not in blocks[-1]:  # one breakpoint where a part and its message meet
                 blocks += _cache_point(m.cache_ttl)

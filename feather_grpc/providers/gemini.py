@@ -65,6 +65,7 @@ from feather_grpc.providers.base import (
     estimated_usage,
     merge_fields,
     token_count,
+    tool_arguments,
 )
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.http import (
@@ -129,18 +130,6 @@ def _finish(raw: object, has_calls: bool) -> FinishReason:
     if has_calls and reason in (FinishReason.STOP, FinishReason.UNSPECIFIED):
         return FinishReason.TOOL_CALLS
     return reason
-
-
-def _json_object(provider: str, what: str, text: str) -> dict[str, Any]:
-    if not text.strip():
-        return {}
-    try:
-        value = orjson.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise ProviderError("UPSTREAM_BAD_REQUEST", f"{provider}: {what} is not a JSON object", retryable=False)
-    return value
 
 
 def _media_type(p: Part) -> str:
@@ -272,7 +261,7 @@ class GeminiProvider:
                 parts.extend(_parts(m))
                 for c in m.tool_calls:
                     names[c.id] = c.name
-                    args = _json_object(self._name, f"tool call {c.id!r} arguments", c.arguments)
+                    args = tool_arguments(self._name, c.id, c.arguments)
                     fc: dict[str, Any] = {"name": c.name, "args": args}
                     if c.id:
                         fc["id"] = c.id

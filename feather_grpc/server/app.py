@@ -202,16 +202,20 @@ class ServerOptions:
     log_content: bool = False  # FEATHER_LOG_CONTENT: prompts and completions at DEBUG
     reuse_port: bool = False  # several processes share the port (serve --workers)
     worker: int | None = None  # this process's index under serve --workers
+    # under --workers: where this worker writes the metrics port it bound, for the supervisor's merge
+    metrics_port_file: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)  # what tracing reads its OTEL_* settings from
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, worker: int | None = None) -> ServerOptions:
+        from feather_grpc.server.metrics_merge import PORT_FILE_ENV
         from feather_grpc.server.tracing import tracing_requested
 
         settings = Settings(env)
         return cls(
-            # under --workers the supervisor gave each worker its own METRICS_PORT (see workers)
+            # under --workers each worker binds a free loopback port and reports it (see workers)
             metrics_port=settings.port("METRICS_PORT"),
+            metrics_port_file=env.get(PORT_FILE_ENV) or None,
             metrics_host=env.get("METRICS_HOST") or None,
             tracing=tracing_requested(env),
             log_content=settings.flag("FEATHER_LOG_CONTENT"),
@@ -264,8 +268,8 @@ class GatewayServer:
         self._faults: set[str] = set()  # what keeps "" and SERVICE_NAME NOT_SERVING: "state", "ledger"
         self._serving: bool | None = None  # the status last set for them
         self.engine = engine
-        self.loop_lag = LoopLag(config.max_loop_lag_s, in_flight=lambda: self.gate.in_flight)
-        self.gate = TenantGate(config, self.engine.limiter, config.max_in_flight, self.loop_lag)
+        self.loop_lag = LoopLag(config.server.max_loop_lag_s, in_flight=lambda: self.gate.in_flight)
+        self.gate = TenantGate(config, self.engine.limiter, config.server.max_in_flight, self.loop_lag)
         self.tracker = CallTracker(
             self.gate,
             log_content=options.log_content,
@@ -280,7 +284,7 @@ class GatewayServer:
         server_options = [
             *_SERVER_OPTIONS,
             *queue_limits(),
-            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.server.max_message_bytes),
             # Off unless several workers share the port: a second server on a busy port must fail loudly.
             ("grpc.so_reuseport", int(options.reuse_port)),
         ]
@@ -302,10 +306,10 @@ class GatewayServer:
         except Exception as e:
             await self._close_engine()
             cfg = self.config
-            if cfg.database_url and type(e).__module__.startswith("asyncpg"):  # refused, not unreachable
+            if cfg.ledger.database_url and type(e).__module__.startswith("asyncpg"):  # refused, not unreachable
                 problem = f"Postgres refused the usage ledger ({type(e).__name__}: {e})"
                 raise ConfigError("environment", "DATABASE_URL", problem, "check its user, password, database") from e
-            where = spool_path(cfg, self.options.worker) if cfg.database_url else cfg.ledger_path
+            where = spool_path(cfg, self.options.worker) if cfg.ledger.database_url else cfg.ledger.path
             raise ConfigError("ledger", where, f"cannot open the usage ledger ({e})", "check the path and disk") from e
         await self.engine.start()
         pb_grpc.add_FeatherServiceServicer_to_server(FeatherServicer(self.engine), self._server)
@@ -314,12 +318,12 @@ class GatewayServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        address = f"{host or self.config.host}:{self.config.port if port is None else port}"
+        address = f"{host or self.config.server.host}:{self.config.server.port if port is None else port}"
         try:
-            if self.config.tls is None:
+            if self.config.server.tls is None:
                 self.port = self._server.add_insecure_port(address)
             else:
-                self.port = self._server.add_secure_port(address, server_credentials(self.config.tls))
+                self.port = self._server.add_secure_port(address, server_credentials(self.config.server.tls))
         except RuntimeError:  # grpc's "Failed to bind to address", whatever the cause
             await self._close_engine()
             bound_host, _, bound_port = address.rpartition(":")
@@ -329,20 +333,24 @@ class GatewayServer:
                 if "host" in why:
                     fix = "listen on an address of this machine (--host or server.host), e.g. 127.0.0.1 or 0.0.0.0"
                 raise ListenError(address, why, fix) from None
-            if self.config.tls is not None:  # grpc says the same when the certificate or key is not valid PEM
+            if self.config.server.tls is not None:  # grpc says the same when the certificate or key is not valid PEM
                 fix = "check that server.tls certFile and keyFile are a PEM certificate and its key"
                 raise ConfigError("server", "tls", "not a valid PEM certificate and key pair", fix) from None
             raise ListenError(address, "grpc could not bind it", "pick another address") from None
         if self.metrics is not None and self.options.metrics_port is not None:
-            metrics_host = self.options.metrics_host or host or self.config.host
+            metrics_host = self.options.metrics_host or host or self.config.server.host
             try:
                 self.metrics_port = self.metrics.serve(metrics_host, self.options.metrics_port)
             except OSError as e:
                 where = f"{metrics_host}:{self.options.metrics_port}"
                 await self._close_engine()
                 raise ListenError(f"{where} (METRICS_PORT)", str(e.strerror or e), "pick a free METRICS_PORT") from None
+            if self.options.metrics_port_file:
+                from feather_grpc.server.metrics_merge import report_port
+
+                report_port(self.options.metrics_port_file, self.metrics_port)
         probe_port = None
-        if self.config.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
+        if self.config.server.tls is None:  # under TLS a plaintext port would bypass it: saturation is loop lag only
             try:
                 probe_port = self._server.add_insecure_port("127.0.0.1:0")  # this process's own, even with workers
             except RuntimeError:  # no IPv4 loopback here: measure the loop's lag alone rather than not start
@@ -367,7 +375,7 @@ class GatewayServer:
         return self.port
 
     async def _shared_state_changed(self, reachable: bool) -> None:
-        if self.config.state_failure_mode == "closed":
+        if self.config.shared_state.failure_mode == "closed":
             # Failing closed: while the shared state is unreachable calls are refused, so say NOT_SERVING.
             await self._set_healthy("state", reachable)
         elif reachable:
@@ -420,7 +428,7 @@ class GatewayServer:
         await self.health.enter_graceful_shutdown()
         if not await self.health.told(_TELL_WATCHES_S):
             log.warning("shutting down: a health Watch did not take NOT_SERVING within %gs", _TELL_WATCHES_S)
-        delay_s = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
+        delay_s = self.config.server.drain_delay_s if drain_delay_s is None else drain_delay_s
         if delay_s > 0:
             waiting = asyncio.Event() if cut_short is None else cut_short
             with contextlib.suppress(TimeoutError):
@@ -432,7 +440,7 @@ class GatewayServer:
         await self.loop_lag.stop()
         if self._probe_channel is not None:
             await self._probe_channel.close()
-        await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await self._server.stop(self.config.server.grace_period_s if grace_s is None else grace_s)
         try:
             # The calls cut off at the end of the grace period are cancelled, not finished: their handlers
             # still write their records. Only then may the ledger close.
@@ -495,7 +503,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     log.info(
         "feather-grpc serving on %s:%d (config: %s)",
-        host or config.host,
+        host or config.server.host,
         bound,
         config.source,
         extra={
@@ -507,12 +515,14 @@ async def serve(
     )
     await stop.wait()
     stop.clear()  # a second signal ends the drain delay early
-    if config.drain_delay_s > 0:
-        log.info("shutting down: health NOT_SERVING, still serving for the %gs drain delay", config.drain_delay_s)
+    if config.server.drain_delay_s > 0:
+        log.info(
+            "shutting down: health NOT_SERVING, still serving for the %gs drain delay", config.server.drain_delay_s
+        )
     log.info(
         "shutting down: draining %d in-flight calls for up to %gs",
         server.tracker.total_inflight,
-        config.grace_period_s,
+        config.server.grace_period_s,
     )
     await server.stop(cut_short=stop)
     log.info("stopped")

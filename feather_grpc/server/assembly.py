@@ -45,7 +45,7 @@ class Gateway:
         if self.raise_spent_to is None:
             return
         engine = self.engine
-        windows = ((t.name, w) for t in engine.config.tenants.values() for w in engine.admission.windows(t))
+        windows = ((t.name, w) for t in engine.config.tenancy.tenants.values() for w in engine.admission.windows(t))
         await reconcile_budgets(engine.ledger, windows, self.raise_spent_to)
 
     async def aclose(self) -> None:
@@ -71,7 +71,7 @@ def assemble(
     """Builds the gateway for `config` (`worker`: this process's index under `serve --workers`). A part
     passed in is used as given (tests, embeddings), and the rest built around it."""
     ledger = ledger or open_ledger(config, worker)
-    local_circuits = MemoryCircuitStore(CircuitBreakers(config.breaker, clock))
+    local_circuits = MemoryCircuitStore(CircuitBreakers(config.routing.breaker, clock))
     local_limiter, local_budgets = MemoryRateLimiter(), MemoryBudgetStore()
     shared_limiter: RateLimiter | None = None
     shared_budgets: BudgetStore | None = None
@@ -81,20 +81,20 @@ def assemble(
     raise_spent_to: RaiseSpentTo | None = None
     outage: Outage | None = None
     closers: list[Callable[[], Awaitable[None]]] = []
-    if config.redis_url:
+    if config.shared_state.redis_url:
         from feather_grpc.state.fail_open import FailOpenBudgetStore, FailOpenCircuitStore, FailOpenRateLimiter
         from feather_grpc.state.redis_cache import RedisResponseCache
         from feather_grpc.state.redis_state import RedisState
 
-        shared = RedisState.from_url(config.redis_url, breaker=config.breaker)
+        shared = RedisState.from_url(config.shared_state.redis_url, breaker=config.routing.breaker)
         restorer = WindowRestorer(ledger, shared.budgets.raise_spent_to)
         shared.budgets.restore = restorer.restore
         shared.budgets.on_lost_settlement = restorer.reconcile
         shared_limiter, shared_budgets, shared_circuits = shared.limiter, shared.budgets, shared.circuits
-        shared_cache = RedisResponseCache(shared.client, config.cache)
+        shared_cache = RedisResponseCache(shared.client, config.routing.cache)
         ping, raise_spent_to = shared.ping, shared.budgets.raise_spent_to
         closers += [restorer.aclose, shared.aclose]
-        if config.state_failure_mode == "open":
+        if config.shared_state.failure_mode == "open":
             outage = Outage()
             shared_limiter = FailOpenRateLimiter(shared.limiter, local_limiter, outage)
             shared_budgets = FailOpenBudgetStore(shared.budgets, local_budgets, outage)
@@ -111,7 +111,7 @@ def assemble(
         limiter=limiter or shared_limiter or local_limiter,
         budgets=budgets or shared_budgets or local_budgets,
         circuits=circuits or shared_circuits or local_circuits,
-        cache=cache or shared_cache or MemoryResponseCache(config.cache),
+        cache=cache or shared_cache or MemoryResponseCache(config.routing.cache),
         providers=providers,
         upstream=upstream,
         rng=rng,
@@ -146,17 +146,19 @@ def provider_settings(p: ProviderConfig) -> ProviderSettings:
 def spool_path(config: GatewayConfig, worker: int | None) -> str:
     """The local durable spool in front of Postgres: one file per process (workers get their own), next to
     the SQLite ledger's file, or in the working directory when the ledger is configured in memory."""
-    ledger = "feather-usage.db" if config.ledger_path == ":memory:" else config.ledger_path
+    ledger = "feather-usage.db" if config.ledger.path == ":memory:" else config.ledger.path
     base = Settings().text("FEATHER_SPOOL_PATH") or str(Path(ledger).with_suffix(".spool.db"))
     return base if worker is None else str(Path(base).with_suffix(f".w{worker}.db"))
 
 
 def open_ledger(config: GatewayConfig, worker: int | None = None) -> UsageLedger:
-    if config.database_url:
+    if config.ledger.database_url:
         from feather_grpc.state.postgres_ledger import PostgresLedger
 
-        return PostgresLedger(config.database_url, spool_path(config, worker), synchronous=config.ledger_synchronous)
-    if config.ledger_type == "memory":
+        return PostgresLedger(
+            config.ledger.database_url, spool_path(config, worker), synchronous=config.ledger.synchronous
+        )
+    if config.ledger.type == "memory":
         from feather_grpc.state.memory_ledger import MemoryLedger
 
         return MemoryLedger()
@@ -166,7 +168,7 @@ def open_ledger(config: GatewayConfig, worker: int | None = None) -> UsageLedger
     if worker is not None and writer_socket:  # serve --workers: one writer process for all (see ledger_writer)
         from feather_grpc.state.ledger_writer import SocketLedger
 
-        return SocketLedger(config.ledger_path, writer_socket, synchronous=config.ledger_synchronous)
+        return SocketLedger(config.ledger.path, writer_socket, synchronous=config.ledger.synchronous)
     from feather_grpc.state.sqlite_ledger import SqliteLedger
 
-    return SqliteLedger(config.ledger_path, synchronous=config.ledger_synchronous)
+    return SqliteLedger(config.ledger.path, synchronous=config.ledger.synchronous)

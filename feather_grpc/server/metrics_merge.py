@@ -9,6 +9,7 @@ that scrape and counted in `feather_metrics_workers_missing`, rather than failin
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -22,15 +23,37 @@ from prometheus_client.registry import Collector
 _TIMEOUT_S = 5.0
 
 
+# Each worker binds a free loopback port (METRICS_PORT=0) and writes it to the file this names, so that no
+# fixed port range can collide with another process's; the supervisor reads the files at each scrape.
+PORT_FILE_ENV = "FEATHER_METRICS_PORT_FILE"
+
+
+def report_port(path: str, port: int) -> None:
+    """A worker's side: writes its bound metrics port, whole or not at all (the supervisor may read it now)."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(str(port))
+    os.replace(partial, path)
+
+
+def reported_port(path: str) -> int | None:
+    """The supervisor's side: the port a worker reported, or None before it has (or if it never will)."""
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 class WorkerMetrics(Collector):
     """Collects every worker's samples, adding `worker="i"`."""
 
-    def __init__(self, ports: Sequence[int]) -> None:
-        self.ports = list(ports)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(len(self.ports), 16) or 1)
+    def __init__(self, port_files: Sequence[str]) -> None:
+        self.port_files = list(port_files)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(len(self.port_files), 16) or 1)
 
     def collect(self) -> Iterable[Metric]:
-        texts = list(self._pool.map(_fetch, self.ports))
+        texts = list(self._pool.map(_fetch, self.port_files))
         merged: dict[str, Metric] = {}
         missing = 0
         for index, text in enumerate(texts):
@@ -49,7 +72,10 @@ class WorkerMetrics(Collector):
         )
 
 
-def _fetch(port: int) -> str | None:
+def _fetch(port_file: str) -> str | None:
+    port = reported_port(port_file)
+    if port is None:
+        return None
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=_TIMEOUT_S) as reply:
             return str(reply.read().decode())
@@ -57,11 +83,11 @@ def _fetch(port: int) -> str | None:
         return None
 
 
-def serve_merged(host: str, port: int, worker_ports: Sequence[int]) -> tuple[ThreadingHTTPServer, int]:
+def serve_merged(host: str, port: int, worker_port_files: Sequence[str]) -> tuple[ThreadingHTTPServer, int]:
     """Serves the merged /metrics on host:port (0: a free port) on a daemon thread; returns the server
     and the bound port."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(WorkerMetrics(worker_ports))
+    registry.register(WorkerMetrics(worker_port_files))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -49,14 +49,15 @@ class TenantGate:
         self, config: GatewayConfig, limiter: RateLimiter, max_in_flight: int = 0, loop_lag: LoopLag | None = None
     ) -> None:
         self._config = config
-        self._auth = config.auth
+        self._tenants = config.tenancy.tenants
+        self._auth = config.tenancy.auth
         self._limiter = limiter
-        self._queue = config.rate_limit_mode == "queue"
-        self._min_call_s = config.queue_min_call_s
+        self._queue = config.tenancy.rate_limit_mode == "queue"
+        self._min_call_s = config.tenancy.queue_min_call_s
         self._max_in_flight = max_in_flight
         self._loop_lag = loop_lag
         self.open = self._auth.open  # no keys: every caller is `default_tenant`, the metadata is not read
-        self.default_tenant = config.default_tenant
+        self.default_tenant = config.tenancy.default_tenant
         self.in_flight = 0
         self._tenant_in_flight: dict[str, int] = {}
         self._unlisted: dict[str, TenantConfig] = {}
@@ -79,7 +80,7 @@ class TenantGate:
             tenant_name = self._jwt_tenant(credential)
         if tenant_name is None:
             raise Unauthenticated("unknown API key")
-        return self._config.tenants.get(tenant_name) or self._unlisted_tenant(tenant_name)
+        return self._tenants.get(tenant_name) or self._unlisted_tenant(tenant_name)
 
     def _unlisted_tenant(self, name: str) -> TenantConfig:
         """A tenant a JWT names that the config does not list: `jwtDefaultPolicy` under its own name (its own

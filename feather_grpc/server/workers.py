@@ -6,7 +6,7 @@ same host:port with `grpc.so_reuseport` and the kernel spreads incoming connecti
 SQLite ledger, the supervisor first starts one ledger writer process (state.ledger_writer explains why one
 writer): the workers send it their rows and read the file for Usage. With REDIS_URL they share the Redis
 state. With METRICS_PORT the supervisor serves every worker's metrics on that one port, each sample
-labelled `worker` (server.metrics_merge); worker i serves its own on 127.0.0.1, METRICS_PORT + 1 + i.
+labelled `worker` (server.metrics_merge); each worker serves its own on a free loopback port it reports.
 Worker i tags its log lines with `worker: i`.
 
 SIGTERM or SIGINT to the supervisor is forwarded to every worker, which drains and exits; the ledger writer
@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -128,19 +127,21 @@ def run_workers(
             env[SOCKET_ENV] = socket_path
         worker_env = [{**env, WORKER_INDEX_ENV: str(i)} for i in range(count)]
         if metrics is not None:
-            from feather_grpc.server.metrics_merge import serve_merged
+            from feather_grpc.server.metrics_merge import PORT_FILE_ENV, serve_merged
 
             host, port = metrics
-            ports = [port + 1 + i if port else _free_port() for i in range(count)]
+            ports_dir = tempfile.mkdtemp(prefix="feather-metrics-")
+            closers.append(lambda: shutil.rmtree(ports_dir, ignore_errors=True))
+            port_files = [os.path.join(ports_dir, f"worker-{i}.port") for i in range(count)]
             try:
-                merged, bound = serve_merged(host, port, ports)
+                merged, bound = serve_merged(host, port, port_files)
             except OSError as e:
                 log.error("supervisor: cannot serve metrics on %s:%d (%s)", host, port, e.strerror)
                 return 2
             closers.append(merged.shutdown)
             log.info("supervisor: metrics of all workers on %s:%d", host, bound, extra={"metrics_port": bound})
-            for i, worker_port in enumerate(ports):
-                worker_env[i].update(METRICS_PORT=str(worker_port), METRICS_HOST="127.0.0.1")
+            for i, port_file in enumerate(port_files):
+                worker_env[i].update({"METRICS_PORT": "0", "METRICS_HOST": "127.0.0.1", PORT_FILE_ENV: port_file})
         for i in range(count):
             if stopping:
                 break
@@ -185,15 +186,9 @@ def run_workers(
                 p.wait()
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
-        for close in closers:
+        for close in reversed(closers):  # last opened, first closed
             close()
     return failed or 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _writer_main(path: str, synchronous: str, socket_path: str) -> int:

@@ -152,5 +152,8 @@ class FailOpenCircuitStore:
         except StateUnavailable:
             return await self._local.reopens_in(key)
 
+    def local_state(self, key: str) -> CircuitState | None:
+        return None  # the shared state is the one to show; the local breakers stand in only while it is unreachable
+
     async def aclose(self) -> None:
         await self._local.aclose()

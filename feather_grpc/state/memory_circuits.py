@@ -28,6 +28,9 @@ class MemoryCircuitStore:
     async def state(self, key: str) -> CircuitState:
         return self.breakers.state(key)
 
+    def local_state(self, key: str) -> CircuitState | None:
+        return self.breakers.state(key)
+
     async def reopens_in(self, key: str) -> float | None:
         return self.breakers.reopens_in(key)
 

@@ -170,6 +170,9 @@ class RedisCircuitStore(RedisStore):
             return CircuitState.CLOSED
         return CircuitState.OPEN if elapsed < self.settings.cooldown_s else CircuitState.HALF_OPEN
 
+    def local_state(self, key: str) -> CircuitState | None:
+        return None  # in Redis: only `state()` reads it
+
     async def reopens_in(self, key: str) -> float | None:
         elapsed = await self._opened_for(key)
         return None if elapsed is None else max(self.settings.cooldown_s - elapsed, 0.0)

@@ -26,7 +26,7 @@ The stores are redis_limiter, redis_budgets and redis_circuits, on the script ru
 
 Wiring — one connection for all three (server.assembly does this when `REDIS_URL` is set):
 
-    state = RedisState.from_url(os.environ["REDIS_URL"], breaker=config.breaker)
+    state = RedisState.from_url(os.environ["REDIS_URL"], breaker=config.routing.breaker)
     gateway = assemble(config, limiter=state.limiter, budgets=state.budgets, circuits=state.circuits)
     ...
     await state.aclose()

@@ -95,11 +95,7 @@ def build_query_sql(query: UsageQuery) -> tuple[str, list[object]]:
         where_params.extend([*key_params, *query.after])
 
     sql = f"SELECT {', '.join([*keys, _AGGREGATES])} FROM usage_records WHERE {' AND '.join(where)}"
-    if keys:
-        positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
-        sql += f" GROUP BY {positions} ORDER BY {positions}"
-        if query.page_size:
-            sql += f" LIMIT {int(query.page_size) + 1}"
+    sql += usage_math.grouped_sql(keys, query)
     return sql, [*key_params, *where_params]
 
 

@@ -122,6 +122,18 @@ def whole(query: UsageQuery, more: bool) -> bool:
     return query.after is None and not more
 
 
+def grouped_sql(keys: Sequence[str], query: UsageQuery) -> str:
+    """The SQL both ledgers end a report's query with: grouped and ordered by the key columns, and one row
+    more than page_size (so `page` can tell whether more follow). No keys: one row, the total."""
+    if not keys:
+        return ""
+    positions = ", ".join(str(i) for i in range(1, len(keys) + 1))
+    sql = f" GROUP BY {positions} ORDER BY {positions}"
+    if query.page_size:
+        sql += f" LIMIT {int(query.page_size) + 1}"
+    return sql
+
+
 def page(query: UsageQuery, rows: Sequence[UsageTotals]) -> tuple[list[UsageTotals], bool]:
     """The page out of rows fetched with one more than page_size: (its rows, whether more follow)."""
     if query.page_size and len(rows) > query.page_size:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, Protocol, cast
 
 from feather_grpc.core.http_client import HttpError, ReadError
 from feather_grpc.providers.content_coding import decoder_for
 from feather_grpc.providers.transport.response import Response
 
-if TYPE_CHECKING:
-    from feather_grpc.providers.transport.pool import Pool
-
-__all__ = ["HIGH_WATER", "MAX_HEAD", "MAX_LINE", "Connection", "StaleConnection", "describe"]
+__all__ = ["HIGH_WATER", "MAX_HEAD", "MAX_LINE", "Connection", "Owner", "StaleConnection", "describe"]
 
 HIGH_WATER: Final = 256 * 1024  # undelivered body bytes above which the socket is no longer read
 MAX_HEAD: Final = 64 * 1024  # status line + headers (also bounds the trailer section)
@@ -28,10 +25,21 @@ class StaleConnection(ReadError):
     """A reused connection closed by the server before any byte of the response: safe to resend once."""
 
 
+class Owner(Protocol):
+    """What a connection needs of the pool that owns it (pool.py's `Pool`, which imports this module: the
+    connection names only this, so the two do not import each other)."""
+
+    closed: bool
+
+    def release(self, conn: Connection) -> None: ...
+
+    def lost(self, conn: Connection) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """One socket to one upstream: writes a request, parses its response into the current `Response`."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Owner) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False

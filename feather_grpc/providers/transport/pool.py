@@ -10,26 +10,33 @@ import contextlib
 import ipaddress
 import socket
 import ssl
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from feather_grpc.core.egress import DIRECT, Egress
 from feather_grpc.core.http_client import ConnectError
 from feather_grpc.providers.transport.connection import Connection, describe
 from feather_grpc.providers.transport.tunnel import tunnel
 
-if TYPE_CHECKING:
-    from feather_grpc.providers.transport.client import HttpClient
-
-__all__ = ["DNS_TTL_S", "Pool"]
+__all__ = ["DNS_TTL_S", "ClientSettings", "Pool"]
 
 DNS_TTL_S: Final = 60.0
+
+
+class ClientSettings(Protocol):
+    """What a pool reads from the client that made it (client.py's `HttpClient`, which imports this module:
+    the pool names only this, so the two do not import each other)."""
+
+    keepalive_timeout_s: float
+    user_agent: str
+
+    def ssl_context(self, egress: Egress = DIRECT) -> ssl.SSLContext: ...
 
 
 class Pool:
     """The connections to one (scheme, host, port), made one way (`Egress`: proxy, TLS trust and identity)."""
 
     def __init__(
-        self, client: HttpClient, scheme: str, host: str, port: int, max_connections: int, egress: Egress = DIRECT
+        self, client: ClientSettings, scheme: str, host: str, port: int, max_connections: int, egress: Egress = DIRECT
     ) -> None:
         self.client = client
         self.max_connections = max_connections

@@ -4,17 +4,25 @@ bounded, with backpressure), and the rules for giving its connection back."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import Final, NoReturn, Protocol
 
 from feather_grpc.core.http_client import BodyTooLarge, HttpError, ReadError, media_type
 from feather_grpc.providers.content_coding import Decoder, unsupported
 
-if TYPE_CHECKING:
-    from feather_grpc.providers.transport.connection import Connection
-
-__all__ = ["END_GRACE_S", "Response"]
+__all__ = ["END_GRACE_S", "Carrier", "Response"]
 
 END_GRACE_S: Final = 0.5  # how long `release_after_end` waits for the rest of a body before closing
+
+
+class Carrier(Protocol):
+    """What a response needs of the connection that delivers it (connection.py's `Connection`, which imports
+    this module: the response names only this, so the two do not import each other)."""
+
+    paused: bool
+
+    def resume(self) -> None: ...
+
+    def abandon(self, ex: Response) -> None: ...
 
 
 class Response:
@@ -41,8 +49,8 @@ class Response:
         "status",
     )
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn: Connection | None = conn  # set while the connection still carries this exchange
+    def __init__(self, conn: Carrier) -> None:
+        self._conn: Carrier | None = conn  # set while the connection still carries this exchange
         # Looked up at the first wait, then kept: on Python 3.11 every get_running_loop() is a getpid()
         # syscall, and a stream waits for its body once per event.
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -1,142 +1,21 @@
-"""Command line: `feather-grpc serve | health | check-config | keys | chat | usage | models`."""
+"""Client commands (chat, usage, models): talk to a running gateway through the feather_client facade; the
+connection options they share with health."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from feather_grpc import config as config_module
-from feather_grpc.core.settings import Settings, environ
-
-
-def _setup_logging() -> None:
-    """LOG_LEVEL and LOG_FORMAT (json, text, or auto: text on a terminal, JSON otherwise)."""
-    from feather_grpc.server.logs import configure_logging, settings_problem
-
-    env = environ()
-    problem = settings_problem(env)
-    if problem is not None:
-        print(f"feather-grpc: {problem}", file=sys.stderr)
-        raise SystemExit(2)
-    configure_logging(env)
-
-
-def _load(path: str | None) -> config_module.GatewayConfig:
-    try:
-        return config_module.load(path)
-    except config_module.ConfigError as e:
-        print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _workers(args: argparse.Namespace) -> int:
-    """--workers, else $FEATHER_WORKERS, else 1; `auto` is one per CPU this process may use."""
-    from feather_grpc.server.workers import cpu_count
-
-    if args.workers is not None:
-        return cpu_count() if args.workers == "auto" else int(args.workers)
-    raw = Settings().text("FEATHER_WORKERS", "1")
-    if raw.lower() == "auto":
-        return cpu_count()
-    try:
-        return int(raw)
-    except ValueError:
-        fix = "set FEATHER_WORKERS to the number of server processes, e.g. 4, or auto (one per CPU)"
-        raise config_module.ConfigError(
-            "environment", "FEATHER_WORKERS", f"{raw!r} is not a whole number", fix
-        ) from None
-
-
-def _serve(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    from feather_grpc.server import workers
-
-    log = logging.getLogger("feather_grpc")
-    env = environ()
-    worker = workers.worker_index(env)
-    try:
-        args.workers = _workers(args)
-    except config_module.ConfigError as e:
-        print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
-        return 2
-    if args.workers < 1:
-        print("feather-grpc: --workers must be at least 1", file=sys.stderr)
-        return 2
-    if args.port is not None and not 0 <= args.port <= 65535:
-        print("feather-grpc: --port must be from 0 to 65535", file=sys.stderr)
-        return 2
-    if args.workers > 1 and worker is None:
-        port = cfg.port if args.port is None else args.port
-        if port == 0:
-            print("feather-grpc: --workers needs a fixed port (not 0): the workers share it", file=sys.stderr)
-            return 2
-        serve_args = ["--port", str(port)]
-        serve_args += ["--config", args.config] if args.config else []
-        serve_args += ["--host", args.host] if args.host else []
-        log.info("supervisor: starting %d workers on port %d", args.workers, port)
-        # An in-memory ledger is each worker's own; Postgres has its own writers (a spool per worker).
-        ledger = None
-        if cfg.ledger_type == "sqlite" and not cfg.database_url:
-            ledger = (os.path.abspath(cfg.ledger_path), cfg.ledger_synchronous)
-        metrics = None
-        try:
-            metrics_port = Settings(env).port("METRICS_PORT")
-        except config_module.ConfigError as e:
-            print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
-            return 2
-        if metrics_port is not None:
-            metrics = (env.get("METRICS_HOST") or args.host or cfg.host, metrics_port)
-        return workers.run_workers(args.workers, serve_args, ledger=ledger, metrics=metrics)
-    if worker is not None:
-        workers.die_with_parent(env)
-    from feather_grpc.server.app import ListenError, ServerOptions, serve
-
-    providers = ", ".join(f"{p.name} ({p.type}, {len(p.models)} models)" for p in cfg.providers)
-    log.info("providers: %s", providers)
-    if cfg.skipped_providers:
-        log.info("skipped providers with no API key set: %s", ", ".join(cfg.skipped_providers))
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory(env)) as runner:
-            runner.run(serve(cfg, args.host, args.port, ServerOptions.from_env(env, worker=worker)))
-    except config_module.ConfigError as e:
-        print(f"feather-grpc: invalid configuration: {e}", file=sys.stderr)
-        return 2
-    except ListenError as e:
-        print(f"feather-grpc: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _loop_factory(env: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (about 10% less CPU per call, measured in bench/), unless
-    FEATHER_EVENT_LOOP=asyncio asks for the standard loop."""
-    if env.get("FEATHER_EVENT_LOOP", "uvloop").strip().lower() == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def _worker_count(text: str) -> int | str:
-    """--workers: a whole number, or `auto`."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a number of processes, e.g. 4, or auto") from None
+from feather_grpc.core.settings import Settings
 
 
 def _positive_seconds(text: str) -> float:
@@ -158,78 +37,6 @@ def _client_cert_error(args: argparse.Namespace) -> str | None:
         return f"feather-grpc: {given} needs {missing} (a client certificate for mutual TLS is both)"
     return None
 
-
-def _health(args: argparse.Namespace) -> int:
-    """Exit 0 when the server answers SERVING over grpc.health.v1 (the container HEALTHCHECK)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    address = args.addr
-    if "," in address:
-        print("feather-grpc: health checks one gateway: give --addr one host:port", file=sys.stderr)
-        return 2
-    if error := _client_cert_error(args):
-        print(error, file=sys.stderr)
-        return 2
-    if args.tls or args.ca_cert or args.cert:
-
-        def read(path: str | None) -> bytes | None:
-            return Path(path).read_bytes() if path else None
-
-        try:
-            creds = grpc.ssl_channel_credentials(read(args.ca_cert), read(args.key), read(args.cert))
-        except OSError as e:
-            print(f"feather-grpc: {_one_line(str(e))}", file=sys.stderr)
-            return 2
-        channel = grpc.secure_channel(address, creds)
-    else:
-        channel = grpc.insecure_channel(address)
-    with channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.RpcError as e:
-            print(f"{address}: {e.code().name}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{address} {args.service or '(server)'}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
-def _check_config(args: argparse.Namespace) -> int:
-    if args.file and args.config_option and args.file != args.config_option:
-        print("feather-grpc: check-config takes one file: give it as FILE (--config is older)", file=sys.stderr)
-        return 2
-    cfg = _load(args.file or args.config_option)
-    for p in cfg.providers:
-        for m in p.models:
-            price = (
-                "unpriced" if m.price is None else (f"in {m.price.input} / out {m.price.output} nano-USD per 1M tokens")
-            )
-            aliases = f" aliases={','.join(m.aliases)}" if m.aliases else ""
-            print(f"{p.name}/{m.name} [{p.type}]{aliases} {price}")
-    if cfg.skipped_providers:
-        print(f"skipped (API key not set): {', '.join(cfg.skipped_providers)}")
-    print(f"ok: {cfg.source}")
-    return 0
-
-
-def _keys_new(args: argparse.Namespace) -> int:
-    """Prints a fresh API key once, with the digest that goes into the config (the key itself never does)."""
-    import hashlib
-    import json
-    import secrets
-
-    key = "fk_" + secrets.token_urlsafe(32)
-    digest = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-    print(f"api key (give it to the caller; it is not stored anywhere): {key}")
-    print(f"digest (put it in the config):                              {digest}")
-    print(json.dumps({"tenants": {args.tenant: {"keys": [digest]}}}, indent=2))
-    return 0
-
-
-# --- Client commands (chat, usage, models): talk to a running gateway through the feather_client facade. ---
 
 _STATE_NAMES = {"CIRCUIT_STATE_CLOSED": "ok", "CIRCUIT_STATE_OPEN": "open", "CIRCUIT_STATE_HALF_OPEN": "half-open"}
 
@@ -635,50 +442,3 @@ def _add_client_commands(sub: Any) -> None:
     models.add_argument("--provider", help="only this provider's models")
     models.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     models.set_defaults(run=_models)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="feather-grpc", description="Feather gRPC LLM gateway")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument(
-        "--config",
-        help="path to feather.config.json (default: $FEATHER_CONFIG, ./feather.config.json, or the embedded default)",
-    )
-    serve.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default: $PORT or 50051)")
-    serve.add_argument(
-        "--workers",
-        type=_worker_count,
-        help="server processes sharing the port via SO_REUSEPORT, or auto: one per CPU "
-        "(default: $FEATHER_WORKERS or 1)",
-    )
-    serve.set_defaults(run=_serve)
-    health = sub.add_parser(
-        "health", parents=[_connection_options()], help="ask a running server's grpc.health.v1; exit 0 if SERVING"
-    )
-    health.add_argument("--service", default="", help='service name (default: "", the whole server)')
-    health.add_argument("--timeout", type=_positive_seconds, default=2.0, help="seconds (default: 2)")
-    health.set_defaults(run=_health)
-    check = sub.add_parser("check-config", help="validate a config and print what it serves")
-    check.add_argument(
-        "file",
-        nargs="?",
-        metavar="FILE",
-        help="the config to check (default: the one serve loads: $FEATHER_CONFIG, ./feather.config.json, or the "
-        "embedded default)",
-    )
-    check.add_argument("--config", dest="config_option", help=argparse.SUPPRESS)  # the older spelling
-    check.set_defaults(run=_check_config)
-    _add_client_commands(sub)
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
-    new_key = keys.add_parser("new", help="make an API key and print its SHA-256 digest for the config")
-    new_key.add_argument("--tenant", default="my-team", help="tenant name for the printed config snippet")
-    new_key.set_defaults(run=_keys_new)
-    args = parser.parse_args(argv)
-    _setup_logging()
-    return int(args.run(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
