@@ -3,6 +3,8 @@
     python bench/floor.py --mode echo  --port N                 # Chat/StreamChat answer fixed messages
     python bench/floor.py --mode proxy --port N --upstream URL  # + one aiohttp POST to the upstream per call,
                                                                 #   response parsed with orjson
+    python bench/floor.py --mode paced --port N --chunks 75 --interval 0.2  # StreamChat: a delta every
+                                                                #   interval, no upstream (held streams)
 
 Both implement feather.v1.FeatherService from the generated stubs with no interceptors, no ledger, no
 logging (only an in-memory count of completed calls per model, which `Usage` reports so the benchmark
@@ -66,17 +68,38 @@ class Echo(Counting):
         yield pb.StreamChatResponse(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
 
 
+class Paced(Counting):
+    """StreamChat as a held stream with nothing behind it: `start`, a "tok " delta every `interval` seconds,
+    `chunks` times, then `end`. What grpc.aio itself costs per streamed message at a given rate."""
+
+    def __init__(self, chunks: int, interval: float) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._interval = interval
+
+    async def StreamChat(
+        self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamChatResponse]:
+        yield pb.StreamChatResponse(start=pb.StreamStart(provider="floor", model=request.model))
+        for _ in range(self._chunks + 1):  # the first delta at once, as the held upstream sends it
+            yield pb.StreamChatResponse(delta=pb.ChatDelta(content="tok "))
+            await asyncio.sleep(self._interval)
+        self.done(request.model)
+        yield pb.StreamChatResponse(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
+
+
 class Proxy(Counting):
     """The least a grpc.aio + aiohttp gateway does: build the JSON, POST it, parse the answer."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, connections: int = 1000) -> None:
         super().__init__()
         self._base = base
+        self._connections = connections
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._connections))
         return self._session
 
     def _body(self, request: pb.ChatRequest | pb.StreamChatRequest, stream: bool) -> bytes:
@@ -122,9 +145,15 @@ class Proxy(Counting):
         yield pb.StreamChatResponse(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
 
 
-async def serve(mode: str, port: int, upstream_url: str) -> None:
+async def serve(mode: str, port: int, upstream_url: str, connections: int, chunks: int, interval: float) -> None:
     server = grpc.aio.server()
-    servicer = Echo() if mode == "echo" else Proxy(upstream_url)
+    servicer: Counting
+    if mode == "echo":
+        servicer = Echo()
+    elif mode == "paced":
+        servicer = Paced(chunks, interval)
+    else:
+        servicer = Proxy(upstream_url, connections)
     pb_grpc.add_FeatherServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -139,16 +168,19 @@ async def serve(mode: str, port: int, upstream_url: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("echo", "proxy"), required=True)
+    parser.add_argument("--mode", choices=("echo", "proxy", "paced"), required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", default="", help="nginx base URL (proxy mode)")
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--connections", type=int, default=1000, help="upstream connection limit (proxy mode)")
+    parser.add_argument("--chunks", type=int, default=75, help="deltas per stream (paced mode)")
+    parser.add_argument("--interval", type=float, default=0.2, help="seconds between two deltas (paced mode)")
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
 
         uvloop.install()
-    asyncio.run(serve(args.mode, args.port, args.upstream))
+    asyncio.run(serve(args.mode, args.port, args.upstream, args.connections, args.chunks, args.interval))
 
 
 if __name__ == "__main__":

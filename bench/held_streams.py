@@ -134,9 +134,10 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
     ttft: list[float] = []
     opened = asyncio.Event()
     open_now = 0
+    messages = 0
 
     async def one(i: int) -> None:
-        nonlocal open_now
+        nonlocal open_now, messages
         rid = f"{prefix}-{i}"
         t0 = time.perf_counter()
         stub = pb_grpc.FeatherServiceStub(channels[i // per_channel])
@@ -145,6 +146,7 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
         counted = False
         try:
             async for event in stub.StreamChat(request):
+                messages += 1
                 if not counted and event.HasField("delta"):
                     counted = True
                     open_now += 1
@@ -164,7 +166,7 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
     await asyncio.gather(*tasks)
     for c in channels:
         await c.close()
-    print(json.dumps({"outcomes": outcomes, "held_ttft": ttft}), flush=True)
+    print(json.dumps({"outcomes": outcomes, "held_ttft": ttft, "messages": messages}), flush=True)
 
 
 async def direct_first_token(upstream_port: int) -> float:
@@ -238,8 +240,10 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_s(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of process `pid`, or of its thread `thread` only (the main thread: tid == pid)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -273,7 +277,12 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(opts: argparse.Namespace) -> dict[str, Any]:
+def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
+    """One measurement. `arm`: "gateway" (this tree's), "floor-grpc" (bench/floor.py's paced mode: grpc.aio
+    alone streaming the same deltas at the same rate, what the framework itself costs per message),
+    "floor" (its bare grpc.aio + aiohttp proxy of the same upstream; neither floor keeps a ledger or
+    sheds), or the path of another source tree whose gateway runs instead (e.g. main exported with
+    `git archive`), for A/Bs."""
     tmp = Path(tempfile.mkdtemp(prefix="feather-held-"))
     up_port, gw_port = _free_port(), _free_port()
     hold_s = opts.interval * opts.chunks
@@ -306,11 +315,50 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     env.update(FEATHER_EVENT_LOOP=opts.loop, LOG_LEVEL="warning", METRICS_PORT=str(metrics_port))
     env.update(kv.split("=", 1) for kv in opts.gateway_env)
     log = (tmp / "gateway.log").open("w")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "feather_grpc.cli", "serve", "--config", str(tmp / "config.json"), "--port",
-         str(gw_port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    if arm == "floor-grpc":
+        command = [
+            sys.executable,
+            str(ROOT / "bench" / "floor.py"),
+            "--mode",
+            "paced",
+            "--port",
+            str(gw_port),
+            "--chunks",
+            str(opts.chunks),
+            "--interval",
+            str(opts.interval),
+        ]
+        command += ["--uvloop"] if opts.loop == "uvloop" else []
+        source = ROOT
+    elif arm == "floor":
+        command = [
+            sys.executable,
+            str(ROOT / "bench" / "floor.py"),
+            "--mode",
+            "proxy",
+            "--port",
+            str(gw_port),
+            "--upstream",
+            f"http://127.0.0.1:{up_port}",
+            "--connections",
+            str(max(opts.streams * 2, 1000)),
+        ]
+        command += ["--uvloop"] if opts.loop == "uvloop" else []
+        source = ROOT
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "feather_grpc.cli",
+            "serve",
+            "--config",
+            str(tmp / "config.json"),
+            "--port",
+            str(gw_port),
+        ]
+        source = ROOT if arm == "gateway" else Path(arm).resolve()
+        env["PYTHONPATH"] = str(source)
+    gateway = subprocess.Popen(command, cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     address = f"127.0.0.1:{gw_port}"
     deadline = time.monotonic() + 30
     while True:
@@ -324,6 +372,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     time.sleep(1.0)
     idle = rss_mb(gateway.pid)
     cpu0, t0 = cpu_s(gateway.pid), time.monotonic()
+    loop0 = cpu_s(gateway.pid, gateway.pid)  # the event-loop thread alone: the one that cannot use a second core
     per = -(-opts.streams // opts.holders)
     holders = [
         _spawn(["--role", "holder", "--address", address, "--prefix", f"h{k}", "--count",
@@ -350,13 +399,17 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     for p in [*holders, probe]:
         out, _ = p.communicate(timeout=hold_s + 120)
         results.append(json.loads(out.strip().splitlines()[-1]))
+    cpu_all = cpu_s(gateway.pid) - cpu0  # the whole load: every stream opened, streamed and ended
+    loop_all = cpu_s(gateway.pid, gateway.pid) - loop0
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-        ttft_buckets = [
-            line for line in reply.read().decode().splitlines()
-            if line.startswith("feather_time_to_first_token_seconds_bucket")
-        ]  # fmt: skip
+    ttft_buckets = []
+    if not arm.startswith("floor"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+            ttft_buckets = [
+                line for line in reply.read().decode().splitlines()
+                if line.startswith("feather_time_to_first_token_seconds_bucket")
+            ]  # fmt: skip
     time.sleep(opts.settle)
     after = rss_mb(gateway.pid)
     gateway.terminate()
@@ -370,15 +423,19 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     ttft = next(r["ttft"] for r in results if "ttft" in r)
     direct = next(r["direct"] for r in results if "direct" in r)
     held_ttft = [t for r in results for t in r.get("held_ttft", [])]
-    with sqlite3.connect(db) as conn:
-        rows = dict(conn.execute("SELECT request_id, outcome || '/' || error_reason FROM usage_records").fetchall())
-    lost = sorted(rid for rid in seen if rid not in rows)
+    rows: dict[str, str] = {}
+    if not arm.startswith("floor"):  # the floor keeps no ledger: nothing to count as lost
+        with sqlite3.connect(db) as conn:
+            rows = dict(conn.execute("SELECT request_id, outcome || '/' || error_reason FROM usage_records").fetchall())
+    lost = sorted(rid for rid in seen if rid not in rows) if not arm.startswith("floor") else []
+    messages = sum(r.get("messages", 0) for r in results)
     held = [v for k, v in seen.items() if not k.startswith("probe")]
     statuses: dict[str, int] = {}
     for v in seen.values():
         statuses[v] = statuses.get(v, 0) + 1
     held_ok = held.count("OK")
     return {
+        "arm": arm,
         "streams": opts.streams,
         "interval_s": opts.interval,
         "chunks": opts.chunks,
@@ -404,6 +461,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         "lost_examples": lost[:5],
         "statuses": statuses,
         "gateway_cpu_cores_during_hold": round(cpu_hold / wall_hold, 2),
+        # CPU of the whole load (calls set up, streamed, ended) per message the holders received.
+        "messages": messages,
+        "cpu_us_per_message": round(cpu_all * 1e6 / messages, 1) if messages else None,
+        "loop_thread_us_per_message": round(loop_all * 1e6 / messages, 1) if messages else None,
         # The gateway's own measures, scraped every 0.25 s from the ramp's start to the hold's end.
         "loop_lag_ms_max": round(max(gauges["feather_event_loop_lag_seconds"], default=0) * 1000, 1),
         "new_call_delay_ms_p50": round(_pct(gauges["feather_new_call_delay_seconds"], 0.5) * 1000, 1),
@@ -431,6 +492,14 @@ def main() -> None:
     ap.add_argument("--max-loop-lag-ms", type=int, help="the gateway's server.maxLoopLagMs (default: its own)")
     ap.add_argument("--max-in-flight", type=int, help="the gateway's server.maxInFlight (default: its own)")
     ap.add_argument("--json", help="also write the result to this file")
+    ap.add_argument(
+        "--arms",
+        default="gateway",
+        help="comma-separated servers measured in turn: gateway (this tree), floor-grpc (bench/floor.py's "
+        "paced mode: grpc.aio streaming the same deltas at the same rate, no upstream), floor (its bare "
+        "grpc.aio + aiohttp proxy), or the path of another source tree's gateway",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="times the arms are run, interleaved")
     ap.add_argument("--gateway-env", action="append", default=[], help="NAME=VALUE for the gateway (repeatable)")
     # Internal (child processes):
     ap.add_argument("--port", type=int)
@@ -455,10 +524,25 @@ def main() -> None:
         else:
             runner(probe_main(opts.address, opts.delay, opts.duration, opts.every, opts.port))
         return
-    result = run(opts)
-    print(json.dumps(result, indent=2))
+    arms = opts.arms.split(",")
+    runs = []
+    for _ in range(opts.rounds):
+        for arm in arms:
+            result = run(opts, arm)
+            runs.append(result)
+            print(json.dumps(result, indent=2), flush=True)
+    if len(runs) > 1:  # one line per run, and each arm's CPU per message as a ratio to the first arm's
+        print(f"{'arm':<12} {'held':>5} {'shed':>5} {'lost':>4} {'cores':>5} {'us/msg':>7} {'loop':>6} {'ratio':>6} "
+              f"{'ttft p50':>9} {'ttft p99':>9} {'KB/stream':>9}")  # fmt: skip
+        for i, r in enumerate(runs):
+            base = runs[i - i % len(arms)]["cpu_us_per_message"]
+            ratio = r["cpu_us_per_message"] / base if base and r["cpu_us_per_message"] else float("nan")
+            print(f"{Path(r['arm']).name[:12]:<12} {r['held_ok']:>5} {r['shed']:>5} {r['lost']:>4} "
+                  f"{r['gateway_cpu_cores_during_hold']:>5} {r['cpu_us_per_message']:>7} "
+                  f"{r['loop_thread_us_per_message']:>6} {ratio:>6.2f} "
+                  f"{r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>9} {r['kb_per_stream']!s:>9}")  # fmt: skip
     if opts.json:
-        Path(opts.json).write_text(json.dumps(result, indent=2))
+        Path(opts.json).write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=2))
 
 
 if __name__ == "__main__":

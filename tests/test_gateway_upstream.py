@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -348,6 +349,59 @@ async def test_a_stream_that_stalls_mid_way_ends_after_the_providers_timeout(sim
         assert total.error_count == 1 and total.estimated_count == 1  # billed for what was streamed
 
 
+def _with_idle_timeout(doc: dict[str, Any], idle_ms: int) -> dict[str, Any]:
+    doc["providers"]["openai"]["idleTimeoutMs"] = idle_ms
+    return doc
+
+
+async def test_a_silence_longer_than_idle_timeout_ends_the_stream_as_the_upstreams_failure(
+    sim: UpstreamSimulator,
+) -> None:
+    sim.enqueue(Reply(content="one two three four", hang_after=2), path=OPENAI_PATH)
+    async with running_gateway(_with_idle_timeout(sim_config(sim), 300), ENV) as gw:
+        events = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):  # a bound for the test itself, far above the 0.3 s
+                async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
+                    events.append(event.WhichOneof("event"))
+        assert events[0] == "start" and "delta" in events
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no stream event for 300 ms" in (caught.value.details() or "")
+        models = (await gw.stub.ListModels(pb.ListModelsRequest(provider="openai"))).models
+        assert models[0].last_failure.reason == "UPSTREAM_IDLE_TIMEOUT"  # the provider's failure
+
+
+async def test_a_stream_longer_than_idle_timeout_with_shorter_gaps_is_not_cut(sim: UpstreamSimulator) -> None:
+    """The idle limit is per wait, not per stream: its one timer is pushed back as events come (~0.1 s
+    apart here, 40 of them), so a stream lasting several times idleTimeoutMs ends normally."""
+    words = " ".join(f"w{i}" for i in range(40))
+    sim.enqueue(Reply(content=words, split=120, piece_delay_s=0.05), path=OPENAI_PATH)
+    async with running_gateway(_with_idle_timeout(sim_config(sim), 600), ENV) as gw:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        text = []
+        async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
+            if event.HasField("delta"):
+                text.append(event.delta.content)
+            elif event.HasField("end"):
+                assert event.end.finish_reason == pb.FINISH_REASON_STOP
+        assert "".join(text) == words
+        assert loop.time() - began > 1.2  # the premise: the stream outlasted two idle limits
+
+
+async def test_the_callers_deadline_mid_stream_is_not_the_upstreams_failure(sim: UpstreamSimulator) -> None:
+    sim.enqueue(Reply(content="one two three four", hang_after=2), path=OPENAI_PATH)
+    async with running_gateway(_with_idle_timeout(sim_config(sim), 30_000), ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")]), timeout=0.5):
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await gw.server.engine.settled()
+        models = (await gw.stub.ListModels(pb.ListModelsRequest(provider="openai"))).models
+        assert not models[0].HasField("last_failure")  # nothing counted against the provider's circuit
+        assert models[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
 async def test_retryable_failures_retry_then_fail_over_with_attempt_trail(sim: UpstreamSimulator) -> None:
     sim.enqueue(Reply(status=500), Reply(status=502), Reply(status=503), path=OPENAI_PATH)
     async with running_gateway(sim_config(sim), ENV) as gw:
@@ -552,3 +606,80 @@ async def test_per_request_retry_override(sim: UpstreamSimulator) -> None:
             )
         )
         assert len(reply.attempts) == 5 and reply.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_OK
+
+
+async def test_a_burst_of_events_goes_out_as_fewer_deltas_with_the_same_text_and_order(sim: UpstreamSimulator) -> None:
+    """Events that are already buffered when the gateway reads (a burst, or whatever arrived while the
+    previous message was being written to a slow caller) are joined: consecutive text deltas become one
+    delta, reasoning and tool calls keep their own messages, in order."""
+    words = " ".join(f"w{i}" for i in range(30))
+    call = SimToolCall("lookup", '{"q": "x"}')
+    sim.enqueue(Reply(content=words, thinking=("think ", "hard"), tool_calls=(call,)), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        kinds, text, thought, args = [], [], [], []
+        async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
+            if event.HasField("delta"):
+                d = event.delta
+                kind = "tool" if d.tool_calls else "thinking" if d.thinking else "text"
+                if not kinds or kinds[-1] != kind:
+                    kinds.append(kind)
+                text.append(d.content)
+                thought += [t.text for t in d.thinking]
+                args += [t.arguments for t in d.tool_calls]
+        assert kinds == ["thinking", "text", "tool"]  # the order of the kinds, as the upstream sent them
+        assert "".join(text) == words and "".join(thought) == "think hard" and "".join(args) == '{"q": "x"}'
+        deltas = len(text)
+        assert deltas < 10  # 30 text events, 2 reasoning events, the tool call's: one read, a few messages
+
+
+async def test_an_idle_gateway_sends_each_delta_as_it_comes() -> None:
+    """Nothing waits for more text: this upstream sends its next event only once the caller has the
+    previous one as its own delta, so a gateway that held a delta back would never finish."""
+    from aiohttp import web
+
+    words = [f"w{i} " for i in range(5)]
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    def sse(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        doc = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+        return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in words:
+            await resp.write(sse({"content": word}))
+            assert await asyncio.wait_for(received.get(), 10) == word  # the caller has it, alone
+        await resp.write(sse({}, "stop") + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    doc = {
+        "ledger": {"type": "memory"},
+        "providers": {
+            "up": {
+                "type": "openai-compatible",
+                "baseUrl": f"http://127.0.0.1:{port}/v1",
+                "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 2}],
+            }
+        },
+    }
+    try:
+        async with running_gateway(doc) as gw:
+            deltas = []
+            async with asyncio.timeout(20):  # a bound for the test itself: a held delta would hang here
+                async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="m", messages=[user("hi")])):
+                    if event.HasField("delta"):
+                        deltas.append(event.delta.content)
+                        received.put_nowait(event.delta.content)
+            assert deltas == words
+    finally:
+        await runner.cleanup()

@@ -26,7 +26,12 @@ _PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
 
 
 def estimate_tokens(text: str) -> int:
-    return (len(text) + _CHARS_PER_TOKEN - 1) // _CHARS_PER_TOKEN
+    return tokens_for_chars(len(text))
+
+
+def tokens_for_chars(chars: int) -> int:
+    """The estimate for `chars` characters of text (a stream's output is counted, not kept)."""
+    return (chars + _CHARS_PER_TOKEN - 1) // _CHARS_PER_TOKEN
 
 
 def estimate_part_tokens(part: Part) -> int:

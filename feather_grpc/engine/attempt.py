@@ -285,26 +285,13 @@ class Attempts:
             cause,
         )
 
-    async def next_event(self, call: Call, upstream: AsyncIterator[StreamEvent], idle_ms: int | None) -> StreamEvent:
-        """The next upstream event, within the caller's deadline and the provider's idle timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = call.ctx.deadline
-        caller_bound = deadline is not None  # which limit a timeout means: see _attempt_loop
-        if idle_ms is not None:
-            idle_deadline = loop.time() + idle_ms / 1000
-            caller_bound = deadline is not None and deadline <= idle_deadline
-            deadline = idle_deadline if deadline is None else min(deadline, idle_deadline)
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await anext(upstream)
-        except (StopAsyncIteration, ProviderError) as e:
-            raise await self.midstream_failure(call, stream_failure(e)) from None
-        except TimeoutError:
-            if caller_bound:
-                raise DeadlineExceeded("the call's deadline ran out mid-stream") from None
-            # No *event*: bytes may have kept coming (a line that never ends), so "no data" would mislead.
-            stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream event for {idle_ms} ms", retryable=True)
-            raise await self.midstream_failure(call, stalled) from None
+    async def midstream_timeout(self, call: Call, watch: EventWatch, idle_ms: int | None) -> FeatherError:
+        """The error of a stream whose next event did not come in time (see `EventWatch`)."""
+        if watch.caller_bound:
+            return DeadlineExceeded("the call's deadline ran out mid-stream")
+        # No *event*: bytes may have kept coming (a line that never ends), so "no data" would mislead.
+        stalled = ProviderError("UPSTREAM_IDLE_TIMEOUT", f"no stream event for {idle_ms} ms", retryable=True)
+        return await self.midstream_failure(call, stalled)
 
     async def _acquire_circuit(self, key: str) -> Permit | None:
         try:
@@ -377,6 +364,90 @@ class Attempts:
         call.attempts.append(attempt)
         for observer, token in zip(self._observers, tokens, strict=False):
             observer.attempt_finished(token, attempt)
+
+
+# How early a timer may fire and still count (uvloop's timers have millisecond resolution).
+_EARLY_S = 0.001
+
+
+class EventWatch:
+    """The limit on a stream's wait for its next upstream event: the provider's idle timeout (from the
+    moment the wait began) and the caller's deadline, whichever comes first.
+
+    One timer per stream, pushed back lazily, instead of an `asyncio.timeout` per event (a timer armed and
+    cancelled, a task and loop lookup, two coroutines: a few percent of a held stream's CPU). `next` only
+    notes when its wait began; the timer, when it fires, sets itself again for the wait in progress if that
+    one's limit is still ahead (or not at all between waits), so a stream with an event every 200 ms and a
+    60 s idle timeout re-arms it about once a minute. Past the limit it cancels the waiting task, and `next`
+    turns that into `TimeoutError`, as `asyncio.timeout` does (a cancellation from elsewhere stays one).
+    The stream is read by one task (a gRPC call's handler is), the one that creates the watch.
+    """
+
+    __slots__ = ("_cancelling", "_deadline", "_expired", "_idle_s", "_loop", "_since", "_task", "_timer",
+                 "_waiting", "caller_bound")  # fmt: skip
+
+    def __init__(self, idle_ms: int | None, deadline: float | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._idle_s = None if idle_ms is None else idle_ms / 1000
+        self._deadline = deadline  # loop time
+        self._since = 0.0  # loop time the current (or last) wait began
+        self._waiting = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False  # the timer cancelled the task: the wait raises TimeoutError
+        self._cancelling = 0
+        # Which limit ran out, decided when the timer fires, not by reading the clock later: the caller's
+        # deadline must never count as the provider's failure (see Attempts._attempt_loop).
+        self.caller_bound = False
+
+    def _limit(self) -> tuple[float, bool]:
+        """The current wait's limit, and whether it is the caller's deadline."""
+        if self._idle_s is None:
+            assert self._deadline is not None
+            return self._deadline, True
+        idle = self._since + self._idle_s
+        if self._deadline is not None and self._deadline <= idle:
+            return self._deadline, True
+        return idle, False
+
+    async def next(self, upstream: AsyncIterator[StreamEvent]) -> StreamEvent:
+        """The next event of `upstream`; `TimeoutError` when it did not come within the limit."""
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._limit()[0], self._fire)
+        self._cancelling = self._task.cancelling()
+        self._waiting = True
+        try:
+            return await anext(upstream)
+        except asyncio.CancelledError:
+            if self._expired:
+                self._expired = False
+                if self._task.uncancel() <= self._cancelling:
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._waiting = False
+            if self._expired:  # the timer fired, but the wait ended otherwise (the cancellation was absorbed)
+                self._expired = False
+                self._task.uncancel()
+
+    def _fire(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return  # between two waits (the event is on its way to the caller): the next wait sets it
+        limit, caller_bound = self._limit()
+        if self._loop.time() + _EARLY_S < limit:
+            self._timer = self._loop.call_at(limit, self._fire)
+            return
+        self._expired, self.caller_bound = True, caller_bound
+        self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def stream_failure(e: StopAsyncIteration | ProviderError) -> ProviderError:

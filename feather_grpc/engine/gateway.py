@@ -37,7 +37,7 @@ from feather_grpc.core.types import (
     Usage,
 )
 from feather_grpc.engine.admission import Admission
-from feather_grpc.engine.attempt import Attempts, stream_failure
+from feather_grpc.engine.attempt import Attempts, EventWatch, stream_failure
 from feather_grpc.engine.call import Call, CallContext, Opened, StreamItem, begin, close_stream, ms_since
 from feather_grpc.engine.ledger_guard import LedgerGuard
 from feather_grpc.engine.observe import CallObserver
@@ -213,9 +213,13 @@ class Feather:
         after that an upstream failure ends the stream with an error, billed for what was consumed."""
         call = begin(request, ctx or CallContext(), streamed=True, request_timeout_ms=self._request_timeout_ms)
         upstream: AsyncIterator[StreamEvent] | None = None
-        text: list[str] = []
+        watch: EventWatch | None = None
+        # What the reply said so far: its length always (a cut stream's output is estimated from it), its
+        # text and tool calls only when it will be cached: kept for the stream's life, they grow with it.
+        output_chars = 0
+        text: list[str] | None = None
         calls: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments...]
-        thought: list[str] = []  # thinking text, for the estimate of a cut stream
+        thinking = False  # a reply with thinking is not cached
         try:
             tenant, candidates = self._planner.plan(call)
             hit = await self._cache_lookup(call, candidates)
@@ -223,6 +227,8 @@ class Feather:
                 async for item in self._replay(call, hit):
                     yield item
                 return
+            if call.cache_key is not None:
+                text = []
             req = call.request
 
             async def open_stream(p: Provider, c: RouteCandidate) -> Opened:
@@ -252,37 +258,44 @@ class Feather:
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = ms_since(call.started)
             idle_ms = self._idle_timeouts_ms[candidate.provider]
-            # Without an idle timeout or a deadline the next event is awaited bare: no timer per event.
-            timed = idle_ms is not None or call.ctx.deadline is not None
+            # Without an idle timeout or a deadline the next event is awaited bare: no timer at all.
+            if idle_ms is not None or call.ctx.deadline is not None:
+                watch = EventWatch(idle_ms, call.ctx.deadline)
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
-                    text.append(event.content)
+                    output_chars += len(event.content)
+                    if text is not None:
+                        text.append(event.content)
                     yield event
                 elif isinstance(event, ToolCallDelta):
-                    parts = calls.setdefault(event.index, [event.id, event.name])
-                    parts[0], parts[1] = parts[0] or event.id, parts[1] or event.name
-                    parts.append(event.arguments)
+                    output_chars += len(event.arguments)
+                    if text is not None:
+                        parts = calls.setdefault(event.index, [event.id, event.name])
+                        parts[0], parts[1] = parts[0] or event.id, parts[1] or event.name
+                        parts.append(event.arguments)
                     yield event
                 elif isinstance(event, ThinkingDelta):
-                    thought.append(event.text)
+                    output_chars += len(event.text)
+                    thinking = True
                     yield event
                 else:
                     call.prompt_usage = event.usage
-                if timed:
-                    event = await self._attempts.next_event(call, upstream, idle_ms)
-                else:
-                    try:
-                        event = await anext(upstream)
-                    except (StopAsyncIteration, ProviderError) as e:
-                        raise await self._attempts.midstream_failure(call, stream_failure(e)) from None
+                try:
+                    event = await (anext(upstream) if watch is None else watch.next(upstream))
+                except (StopAsyncIteration, ProviderError) as e:
+                    raise await self._attempts.midstream_failure(call, stream_failure(e)) from None
+                except TimeoutError:
+                    if watch is None:
+                        raise
+                    raise await self._attempts.midstream_timeout(call, watch, idle_ms) from None
             usage, estimated = event.usage, False
             if usage is None:
-                usage, estimated = cancelled_usage(call, _output_text(text + thought, calls)), True
+                usage, estimated = cancelled_usage(call, output_chars), True
             cost, unpriced = price(candidate, usage)
             record = self._settlement.record(call, Outcome.OK, usage, cost=cost, estimated=estimated)
             await self._settlement.settle(call, record)
-            tool_calls = [ToolCall(p[0], p[1], "".join(p[2:])) for _, p in sorted(calls.items())]
-            if not thought:  # a replay without its thinking could not continue a tool-use turn
+            if text is not None and not thinking:  # a replay without its thinking could not continue a tool-use turn
+                tool_calls = [ToolCall(p[0], p[1], "".join(p[2:])) for _, p in sorted(calls.items())]
                 await self._cache_store(call, candidate, "".join(text), tool_calls, event.finish_reason)
             yield StreamCompleted(
                 finish_reason=event.finish_reason,
@@ -296,16 +309,18 @@ class Feather:
                 upstream=event.upstream,
             )
         except FeatherError as e:  # before the stream opened: see call.abandoned
-            usage = cancelled_usage(call, _output_text(text + thought, calls)) if upstream else Usage()
+            usage = cancelled_usage(call, output_chars) if upstream else Usage()
             await self._settlement.settle(
                 call, self._settlement.record(call, Outcome.ERROR, usage, error=e, estimated=upstream is not None)
             )
             raise
         except (asyncio.CancelledError, GeneratorExit):  # before the stream opened: see call.abandoned
-            usage = cancelled_usage(call, _output_text(text + thought, calls)) if upstream else Usage()
+            usage = cancelled_usage(call, output_chars) if upstream else Usage()
             self._settlement.settle_in_background(call, Outcome.CANCELLED, usage, estimated=upstream is not None)
             raise
         finally:
+            if watch is not None:
+                watch.close()
             if upstream is not None:
                 await close_stream(upstream)
 
@@ -393,7 +408,3 @@ class Feather:
         record = self._settlement.record(call, Outcome.CACHE_HIT, Usage())
         await self._settlement.settle(call, record)
         yield StreamCompleted(hit.finish_reason, Usage(), 0, [], record.latency_ms, call.ttft_ms, cached=True)
-
-
-def _output_text(text: list[str], calls: dict[int, list[str]]) -> str:
-    return "".join(text) + "".join(part for parts in calls.values() for part in parts[2:])

@@ -12,7 +12,7 @@ from feather_grpc.config import TenantConfig
 from feather_grpc.core.errors import FeatherError, LedgerUnavailable
 from feather_grpc.core.ledger import LedgerWriteError, Outcome, UsageLedger, UsageRecord
 from feather_grpc.core.limits import StateUnavailable
-from feather_grpc.core.tokens import estimate_prompt_tokens, estimate_tokens
+from feather_grpc.core.tokens import estimate_prompt_tokens, tokens_for_chars
 from feather_grpc.core.types import ProviderResponse, Usage
 from feather_grpc.engine.admission import Admission
 from feather_grpc.engine.call import Call, ms_since
@@ -140,7 +140,7 @@ class Settlement:
             usage, estimated = reply.usage, reply.usage_estimated
         elif isinstance(reply, tuple):  # a stream it opened: (iterator, first event, announced prompt usage)
             leg.prompt_usage = reply[2]
-            usage, estimated = cancelled_usage(leg, ""), True
+            usage, estimated = cancelled_usage(leg, 0), True
         record = self.record(leg, Outcome.CANCELLED, usage, estimated=estimated)
         await self.settle(leg, record)
         # The provider was paid for this leg too: it counts against the budget (admission reserved two legs).
@@ -159,15 +159,16 @@ class Settlement:
         task.add_done_callback(_log_failure_and_forget(self._background))
 
 
-def cancelled_usage(call: Call, output_text: str) -> Usage:
+def cancelled_usage(call: Call, output_chars: int) -> Usage:
     """What a call consumed when the provider never said in full: the prompt's counts the provider
-    announced (Anthropic's message_start), else an estimate, plus the output estimated; billed and
-    marked as estimated."""
+    announced (Anthropic's message_start), else an estimate, plus the output estimated from its length
+    (`output_chars`: text, thinking and tool-call arguments); billed and marked as estimated."""
     if call.candidate is None:
         return Usage()
+    output = tokens_for_chars(output_chars)
     if call.prompt_usage is not None:
-        return replace(call.prompt_usage, output_tokens=estimate_tokens(output_text), reasoning_tokens=0)
-    return Usage(input_tokens=estimate_prompt_tokens(call.request.messages), output_tokens=estimate_tokens(output_text))
+        return replace(call.prompt_usage, output_tokens=output, reasoning_tokens=0)
+    return Usage(input_tokens=estimate_prompt_tokens(call.request.messages), output_tokens=output)
 
 
 def price(candidate: RouteCandidate | None, usage: Usage) -> tuple[int, bool]:

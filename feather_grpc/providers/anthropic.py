@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
 
 from feather_grpc.core.errors import ProviderError
-from feather_grpc.core.http_client import UpstreamClient, UpstreamEndpoint
+from feather_grpc.core.http_client import UpstreamClient, UpstreamEndpoint, UpstreamResponse
 from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
@@ -360,15 +359,19 @@ class AnthropicProvider:
             content, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream
         )
 
-    async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        # The skeleton's generator itself, not one re-yielding it: a layer less for every event to pass.
         payload = orjson.dumps(self.build_body(model, request, stream=True))
         endpoint = self.target(model, stream=True)
-        headers = await self.request_headers()
         reader = _EventReader(self._name, self._api_key)
-        events = stream_sse(
+
+        async def send() -> UpstreamResponse:
+            return await endpoint.request(payload, await self.request_headers())
+
+        return stream_sse(
             self._name,
             self._api_key,
-            lambda: endpoint.request(payload, headers),
+            send,
             lambda event: reader.handle(event.event, event.data),
             lambda: reader.done,
             lambda: [reader.finish()],
@@ -378,9 +381,6 @@ class AnthropicProvider:
             replay=lambda doc: self._parse_message(doc, request),
             max_response_bytes=self.settings.max_response_bytes,
         )
-        async with aclosing(events):
-            async for out in events:
-                yield out
 
     async def aclose(self) -> None:
         return None

@@ -41,6 +41,7 @@ class Response:
         "_drain",
         "_exc",
         "_got_bytes",
+        "_loop",
         "_parts",
         "_waiter",
         "headers",
@@ -50,6 +51,9 @@ class Response:
 
     def __init__(self, conn: Carrier) -> None:
         self._conn: Carrier | None = conn  # set while the connection still carries this exchange
+        # Looked up at the first wait, then kept: on Python 3.11 every get_running_loop() is a getpid()
+        # syscall, and a stream waits for its body once per event.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._parts: list[bytes] = []
         self._buffered = 0
         self._done = False  # the whole body has arrived
@@ -199,7 +203,10 @@ class Response:
     async def _wait(self) -> None:
         if self._conn is None:  # cannot happen: no connection means done, failed or closed
             raise ReadError("response has no connection")
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
         try:
             await waiter
         finally:
