@@ -33,6 +33,7 @@ from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport.client import Endpoint, HttpClient
 from feather_grpc.providers.transport.connection import HIGH_WATER, Connection
 from feather_grpc.providers.transport.response import Response
+from tests.ops_harness import eventually
 from tests.raw_http import (
     OK_BODY,
     RawServer,
@@ -686,22 +687,26 @@ SSE_EVENTS = [
 
 
 async def test_a_stream_whose_last_chunk_comes_late_keeps_its_connection(client: HttpClient) -> None:
+    last_chunk: list[asyncio.Event] = []
+
     async def handler(req: Req) -> None:
         head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
         req.writer.write(head + b"".join(b"%X\r\n%s\r\n" % (len(e), e) for e in SSE_EVENTS))
         await req.writer.drain()
-        await asyncio.sleep(0.03)  # [DONE] is out; the terminating chunk follows in its own packet
+        await last_chunk[-1].wait()  # [DONE] is out; the terminating chunk follows once the test has checked
         req.writer.write(b"0\r\n\r\n")
         await req.writer.drain()
 
     async with RawServer(handler) as server:
         provider = build_provider(ProviderSettings("oa", "openai-compatible", server.url, api_key="k"), client)
         for _ in range(3):
-            events = [e async for e in provider.stream("m", _ask())]
+            last_chunk.append(asyncio.Event())
+            async with asyncio.timeout(5):  # the stream ends at [DONE], without waiting for the body's end
+                events = [e async for e in provider.stream("m", _ask())]
             assert events[0].content == "Hi" and events[-1].usage.output_tokens == 1  # type: ignore[union-attr]
             assert client.idle_connections() == 0, "still waiting for the end of the body"
-            await asyncio.sleep(0.06)
-            assert client.idle_connections() == 1
+            last_chunk[-1].set()
+            await eventually(lambda: client.idle_connections() == 1, what="the connection back in the pool")
         assert server.connections == 1, "each stream's connection was pooled once its body ended"
 
 
