@@ -897,6 +897,178 @@ def odd_deadline(o: Odd) -> float | None:
 # -- odd upstream replies --------------------------------------------------------------------------------------
 
 
+_OPENAI_COMPLETION: dict[str, Any] = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "m",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "hi",
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 1},
+        "completion_tokens_details": {"reasoning_tokens": 1},
+    },
+}
+_OPENAI_CHUNKS: list[dict[str, Any]] = [
+    {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+    },
+    {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+    {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [
+                        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a"'}}
+                    ]
+                },
+            }
+        ],
+    },
+    {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}}],
+    },
+    {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    },
+    {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    },
+]
+_ANTHROPIC_MESSAGE: dict[str, Any] = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "m",
+    "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+        {"type": "text", "text": "hi"},
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
+    ],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 3, "output_tokens": 2, "cache_read_input_tokens": 1, "cache_creation_input_tokens": 1},
+}
+_ANTHROPIC_EVENTS: list[dict[str, Any]] = [
+    {
+        "type": "message_start",
+        "message": {**_ANTHROPIC_MESSAGE, "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}},
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+    },
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"a": 1}'}},
+    {"type": "content_block_stop", "index": 1},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"output_tokens": 5},
+    },
+    {"type": "message_stop"},
+]
+
+
+def _slots(node: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Every (container, key) pair under `node`, depth first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        out.append((node, k))
+        _slots(v, out)
+    return out
+
+
+def mutated(o: Odd, doc: Any) -> Any:
+    """A deep copy of `doc` with one to three leaves or containers replaced by a value of another type, or
+    removed: the reply mapping must refuse it (UPSTREAM_BAD_RESPONSE) or make sense of it, never crash."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(o.r.randint(1, 3)):
+        slots = _slots(doc, [])
+        if not slots:
+            break
+        parent, key = o.r.choice(slots)
+        if isinstance(parent, dict) and o.chance(0.25):
+            del parent[key]
+        else:
+            parent[key] = o.r.choice(
+                [
+                    None,
+                    "",
+                    "x",
+                    0,
+                    -1,
+                    2**63,
+                    1.5,
+                    1e308,
+                    True,
+                    [],
+                    {},
+                    [None],
+                    {"": None},
+                    "\u0000",
+                    "é" * 50,
+                    o.text(),
+                ]
+            )
+    return doc
+
+
+def odd_body(o: Odd, provider: str) -> Reply:
+    """A raw reply body in the provider's format, mutated: a whole JSON reply or an SSE stream."""
+    stream = o.chance(0.5)
+    if provider == "anthropic":
+        if stream:
+            events = [mutated(o, e) if o.chance(0.3) else e for e in _ANTHROPIC_EVENTS]
+            body = b"".join(
+                b"event: "
+                + str(e.get("type") if isinstance(e, dict) else "x").encode()
+                + b"\ndata: "
+                + json.dumps(e).encode()
+                + b"\n\n"
+                for e in events
+            )
+            return Reply(body=body, content_type="text/event-stream")
+        return Reply(body=json.dumps(mutated(o, _ANTHROPIC_MESSAGE)).encode())
+    if stream:
+        chunks = [mutated(o, c) if o.chance(0.3) else c for c in _OPENAI_CHUNKS]
+        body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+        return Reply(body=body, content_type="text/event-stream")
+    return Reply(body=json.dumps(mutated(o, _OPENAI_COMPLETION)).encode())
+
+
 def odd_reply(o: Odd, sims: Sims, provider: str) -> None:
     """Script the simulator behind `provider` to answer its next request oddly."""
     r = o.r
@@ -980,6 +1152,9 @@ def odd_reply(o: Odd, sims: Sims, provider: str) -> None:
                 split=r.choice([1, 3, 7]), line_ending=r.choice(["\n", "\r\n", "\r"]), pings=True, comments=True
             ),
             lambda: Reply(latency_s=r.choice([0.05, 0.3])),
+            lambda: odd_body(o, provider),
+            lambda: odd_body(o, provider),
+            lambda: odd_body(o, provider),
         ]
         # One simulator serves openai, compat and anthropic: the reply goes to the path of the provider's format.
         path = None if provider == "azure" else ANTHROPIC_PATH if provider == "anthropic" else OPENAI_PATH
