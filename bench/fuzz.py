@@ -64,7 +64,7 @@ from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb  # noqa: E402
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc  # noqa: E402
 from feather_grpc.server.app import GatewayServer  # noqa: E402
 from sim.azure import AzureSimulator  # noqa: E402
-from sim.bedrock import BedrockReply, BedrockSimulator  # noqa: E402
+from sim.bedrock import BedrockReply, BedrockSimulator, encode_event  # noqa: E402
 from sim.gemini import GeminiReply, GeminiSimulator  # noqa: E402
 from sim.responses import ResponsesReply, ResponsesSimulator  # noqa: E402
 from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator  # noqa: E402
@@ -1002,6 +1002,158 @@ _ANTHROPIC_EVENTS: list[dict[str, Any]] = [
 ]
 
 
+_GEMINI_CANDIDATES: dict[str, Any] = {
+    "candidates": [
+        {
+            "content": {
+                "role": "model",
+                "parts": [
+                    {"text": "hmm", "thought": True},
+                    {"text": "hi"},
+                    {"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": "sig"},
+                ],
+            },
+            "finishReason": "STOP",
+            "index": 0,
+        }
+    ],
+    "usageMetadata": {
+        "promptTokenCount": 3,
+        "candidatesTokenCount": 2,
+        "totalTokenCount": 6,
+        "cachedContentTokenCount": 1,
+        "thoughtsTokenCount": 1,
+    },
+    "modelVersion": "m",
+    "responseId": "r",
+}
+_RESPONSE: dict[str, Any] = {
+    "id": "resp_1",
+    "object": "response",
+    "status": "completed",
+    "model": "o3",
+    "output": [
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [{"type": "summary_text", "text": "s"}],
+            "encrypted_content": "e",
+        },
+        {
+            "type": "message",
+            "id": "msg_1",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "hi", "annotations": []}],
+        },
+        {
+            "type": "function_call",
+            "id": "fc_1",
+            "call_id": "call_1",
+            "name": "f",
+            "arguments": "{}",
+            "status": "completed",
+        },
+    ],
+    "usage": {
+        "input_tokens": 3,
+        "input_tokens_details": {"cached_tokens": 1},
+        "output_tokens": 2,
+        "output_tokens_details": {"reasoning_tokens": 1},
+        "total_tokens": 5,
+    },
+    "incomplete_details": None,
+}
+_RESPONSE_EVENTS: list[dict[str, Any]] = [
+    {"type": "response.created", "response": {**_RESPONSE, "status": "in_progress", "output": []}},
+    {"type": "response.output_item.added", "output_index": 0, "item": {**_RESPONSE["output"][1], "content": []}},
+    {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "item_id": "msg_1", "delta": "hi"},
+    {"type": "response.output_item.added", "output_index": 1, "item": {**_RESPONSE["output"][2], "arguments": ""}},
+    {"type": "response.function_call_arguments.delta", "output_index": 1, "item_id": "fc_1", "delta": "{}"},
+    {"type": "response.output_item.done", "output_index": 1, "item": _RESPONSE["output"][2]},
+    {"type": "response.completed", "response": _RESPONSE},
+]
+_CONVERSE: dict[str, Any] = {
+    "output": {
+        "message": {
+            "role": "assistant",
+            "content": [
+                {"reasoningContent": {"reasoningText": {"text": "t", "signature": "s"}}},
+                {"text": "hi"},
+                {"toolUse": {"toolUseId": "t1", "name": "f", "input": {"a": 1}}},
+            ],
+        }
+    },
+    "stopReason": "end_turn",
+    "usage": {
+        "inputTokens": 3,
+        "outputTokens": 2,
+        "totalTokens": 5,
+        "cacheReadInputTokens": 1,
+        "cacheWriteInputTokens": 1,
+    },
+    "metrics": {"latencyMs": 1},
+}
+_CONVERSE_EVENTS: list[tuple[str, dict[str, Any]]] = [
+    ("messageStart", {"role": "assistant"}),
+    ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": "t"}}}),
+    ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"signature": "s"}}}),
+    ("contentBlockStop", {"contentBlockIndex": 0}),
+    ("contentBlockDelta", {"contentBlockIndex": 1, "delta": {"text": "hi"}}),
+    ("contentBlockStop", {"contentBlockIndex": 1}),
+    ("contentBlockStart", {"contentBlockIndex": 2, "start": {"toolUse": {"toolUseId": "t1", "name": "f"}}}),
+    ("contentBlockDelta", {"contentBlockIndex": 2, "delta": {"toolUse": {"input": "{}"}}}),
+    ("contentBlockStop", {"contentBlockIndex": 2}),
+    ("messageStop", {"stopReason": "tool_use"}),
+    ("metadata", {"usage": {"inputTokens": 3, "outputTokens": 2, "totalTokens": 5}, "metrics": {"latencyMs": 1}}),
+]
+
+
+def _sse(o: Odd, events: list[dict[str, Any]], named: bool, tail: bytes = b"", sep: bytes = b"\n\n") -> bytes:
+    """An SSE body of `events`, some of them mutated; `named`: each with its `event:` line (its type)."""
+    out = b""
+    for e in events:
+        e = mutated(o, e) if o.chance(0.3) else e
+        name = str(e.get("type")) if isinstance(e, dict) else "x"
+        out += (b"event: " + name.encode() + b"\n" if named else b"") + b"data: " + json.dumps(e).encode() + sep
+    return out + tail
+
+
+def odd_cloud_body(o: Odd, provider: str) -> Any:
+    """A raw reply for the Gemini, Responses or Bedrock simulator, mutated (whole, or streamed)."""
+    stream = o.chance(0.5)
+    if provider in ("gemini", "vertex"):
+        if stream:
+            chunks = [
+                {**_GEMINI_CANDIDATES, "candidates": [{"content": {"role": "model", "parts": [p]}, "index": 0}]}
+                for p in _GEMINI_CANDIDATES["candidates"][0]["content"]["parts"]
+            ]
+            chunks[-1] = _GEMINI_CANDIDATES
+            return GeminiReply(body=_sse(o, chunks, False, sep=b"\r\n\r\n"), content_type="text/event-stream")
+        return GeminiReply(body=json.dumps(mutated(o, _GEMINI_CANDIDATES)).encode())
+    if provider == "responses":
+        if stream:
+            return ResponsesReply(body=_sse(o, _RESPONSE_EVENTS, True), content_type="text/event-stream")
+        return ResponsesReply(body=json.dumps(mutated(o, _RESPONSE)).encode())
+    if stream:
+        frames = b""
+        for kind, payload in _CONVERSE_EVENTS:
+            if o.chance(0.3):
+                payload = mutated(o, payload)
+            if o.chance(0.03):
+                kind = o.r.choice(["", "unknownEvent", "metadata", o.text(huge=0.0)[:50]])
+            headers = {":event-type": kind, ":content-type": "application/json", ":message-type": "event"}
+            frames += encode_event(headers, json.dumps(payload).encode())
+        if o.chance(0.1):
+            frames = frames[: o.r.randrange(len(frames))]  # cut inside a frame
+        elif o.chance(0.1):
+            data = bytearray(frames)
+            data[o.r.randrange(len(data))] ^= 0xFF  # a flipped byte: a CRC no longer matches
+            frames = bytes(data)
+        return BedrockReply(body=frames, content_type="application/vnd.amazon.eventstream")
+    return BedrockReply(body=json.dumps(mutated(o, _CONVERSE)).encode())
+
+
 def _slots(node: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     """Every (container, key) pair under `node`, depth first."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
@@ -1194,6 +1346,8 @@ def odd_reply(o: Odd, sims: Sims, provider: str) -> None:
                 error_type=r.choice(["ThrottlingException", "ModelStreamErrorException", "Weird"]),
             ),
             lambda: BedrockReply(stream_pieces=r.choice([2, 7, 50])),
+            lambda: odd_cloud_body(o, provider),
+            lambda: odd_cloud_body(o, provider),
         ]
         sims.bedrock.enqueue(r.choice(options_b)())
     elif provider in ("gemini", "vertex"):
@@ -1217,6 +1371,8 @@ def odd_reply(o: Odd, sims: Sims, provider: str) -> None:
             ),
             lambda: GeminiReply(block_reason=r.choice(["SAFETY", "OTHER", "WEIRD"])),
             lambda: GeminiReply(error_after=r.randint(0, 4)),
+            lambda: odd_cloud_body(o, provider),
+            lambda: odd_cloud_body(o, provider),
         ]
         sims.gemini.enqueue(r.choice(options_g)())
     elif provider == "responses":
@@ -1237,6 +1393,8 @@ def odd_reply(o: Odd, sims: Sims, provider: str) -> None:
             lambda: ResponsesReply(refusal=o.text() or "no"),
             lambda: ResponsesReply(incomplete=r.choice(["max_output_tokens", "content_filter", "weird"])),
             lambda: ResponsesReply(error_after=r.randint(0, 6), error_code=r.choice(["server_error", "weird"])),
+            lambda: odd_cloud_body(o, provider),
+            lambda: odd_cloud_body(o, provider),
         ]
         sims.responses.enqueue(r.choice(options_r)())
 
