@@ -677,6 +677,33 @@ async def test_a_tool_call_that_is_not_text_is_a_bad_response(
     assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [[{"type": "text", "text": 1.5}], [{"type": "tool_use", "id": 7, "name": "f", "input": {}}]],
+)
+async def test_an_anthropic_message_of_another_shape_is_a_bad_response(
+    upstream: UpstreamSimulator, http_session: HttpClient, content: list[dict[str, Any]]
+) -> None:
+    """Found by bench/fuzz.py: a text block whose text was a number failed the call with INTERNAL."""
+    doc = {"type": "message", "role": "assistant", "content": content, "stop_reason": "end_turn"}
+    upstream.enqueue(Reply(body=json.dumps(doc).encode()))
+    err = await failure(anthropic(upstream, http_session).chat("m", ask()))
+    assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
+
+
+async def test_an_anthropic_text_delta_that_is_not_text_is_a_bad_response(
+    upstream: UpstreamSimulator, http_session: HttpClient
+) -> None:
+    events = [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}},
+    ]
+    body = b"".join(b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    upstream.enqueue(Reply(body=body, content_type="text/event-stream"))
+    err = await failure(anthropic(upstream, http_session).stream("m", ask()))
+    assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
+
+
 async def test_usage_details_of_another_shape_count_nothing(
     upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:

@@ -214,6 +214,17 @@ def parse_sse(parser: SSEParser, chunk: bytes, provider: str) -> list[SSEEvent]:
 SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError)
 
 
+def wire_str(value: object) -> str:
+    """A string an answer is made of (text, a tool call's id, name or arguments), as a reply gives it: ""
+    when absent; anything else raises TypeError, a reply of another shape (UPSTREAM_BAD_RESPONSE through
+    SHAPE_ERRORS): the answer cannot be guessed from a number or a list."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise TypeError("a reply's text is not a string")
+
+
 def read_events(
     provider: str, sse: list[SSEEvent], handle: Callable[[SSEEvent], list[StreamEvent]], done: Callable[[], bool]
 ) -> tuple[list[StreamEvent], ProviderError | None]:

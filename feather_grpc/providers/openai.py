@@ -36,6 +36,7 @@ from feather_grpc.providers.base import (
     estimated_usage,
     merge_fields,
     token_count,
+    wire_str,
 )
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
@@ -156,16 +157,6 @@ def _str(value: object) -> str:
 
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _call_str(value: object) -> str:
-    """A tool call's id, name or arguments: a string or absent. Anything else is not the API's shape (the
-    caller turns the TypeError into UPSTREAM_BAD_RESPONSE): a call cannot be guessed from it."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    raise TypeError("a tool call's id, name or arguments is not a string")
 
 
 def _reasoning_of(message: dict[str, Any]) -> str:
@@ -294,16 +285,16 @@ class OpenAIProvider:
             thought = _reasoning_of(message)
             calls = [
                 ToolCall(
-                    id=_call_str(c.get("id")),
-                    name=_call_str(c["function"]["name"]),
-                    arguments=_call_str(c["function"].get("arguments")),
+                    id=wire_str(c.get("id")),
+                    name=wire_str(c["function"]["name"]),
+                    arguments=wire_str(c["function"].get("arguments")),
                 )
                 for c in message.get("tool_calls") or ()
             ]
             legacy = message.get("function_call")
             if not calls and isinstance(legacy, dict) and legacy.get("name"):
                 # The deprecated `functions` API's one call: the same thing as a tool call, without an id.
-                calls.append(ToolCall(LEGACY_CALL_ID, _call_str(legacy["name"]), _call_str(legacy.get("arguments"))))
+                calls.append(ToolCall(LEGACY_CALL_ID, wire_str(legacy["name"]), wire_str(legacy.get("arguments"))))
             raw_usage = doc.get("usage")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise bad_response(self._name, "not a chat completion") from None
@@ -447,21 +438,19 @@ class _ChunkReader:
             ordinal = self._ordinals.get(key)
             if ordinal is None:
                 ordinal = self._ordinals[key] = len(self._ordinals)
-                name, arguments = _call_str(fn.get("name")), _call_str(fn.get("arguments"))
-                out.append(ToolCallDelta(ordinal, _call_str(call.get("id")), name, arguments))
+                name, arguments = wire_str(fn.get("name")), wire_str(fn.get("arguments"))
+                out.append(ToolCallDelta(ordinal, wire_str(call.get("id")), name, arguments))
             elif fn.get("arguments"):
-                out.append(ToolCallDelta(ordinal, arguments=_call_str(fn["arguments"])))
+                out.append(ToolCallDelta(ordinal, arguments=wire_str(fn["arguments"])))
 
     def _legacy_call(self, fn: dict[str, Any], out: list[StreamEvent]) -> None:
         """A streamed legacy `function_call`: one call, its name first, then argument fragments."""
         ordinal = self._ordinals.get(_LEGACY_KEY)
         if ordinal is None:
             ordinal = self._ordinals[_LEGACY_KEY] = len(self._ordinals)
-            out.append(
-                ToolCallDelta(ordinal, LEGACY_CALL_ID, _call_str(fn.get("name")), _call_str(fn.get("arguments")))
-            )
+            out.append(ToolCallDelta(ordinal, LEGACY_CALL_ID, wire_str(fn.get("name")), wire_str(fn.get("arguments"))))
         elif fn.get("arguments"):
-            out.append(ToolCallDelta(ordinal, arguments=_call_str(fn["arguments"])))
+            out.append(ToolCallDelta(ordinal, arguments=wire_str(fn["arguments"])))
 
     def _stream_error(self, err: object) -> ProviderError:
         if not isinstance(err, dict):
