@@ -739,6 +739,9 @@ def odd_chat(o: Odd, index: int, message_type: type[Any]) -> Any:
         req.request_id = (
             f"fz-{index}" if o.plain() else r.choice([f"fz-{index}-" + o.text(huge=0.0), f"fz-{index}-" + "x" * 300])
         )
+        if o.chance(0.2):
+            # A retry of an earlier call (maybe still in flight, maybe by another method): one ledger record.
+            req.request_id = f"fz-{r.randrange(max(index, 1))}"
     if o.chance(0.1):
         req.parallel_tool_calls = o.chance(0.5)
     if o.chance(0.1):
@@ -1418,6 +1421,7 @@ class Report:
     client_side: Counter[str] = field(default_factory=Counter)  # statuses the client library made itself
     findings: list[Finding] = field(default_factory=list)
     chat_answered: int = 0  # Chat/StreamChat calls the gateway answered (OK or a status with ErrorInfo)
+    repeats: int = 0  # of those, calls that repeated an earlier call's request_id (one record per id)
     recorded: int = -1  # the ledger's request_count at the end (-1: not read)
     violations: Counter[str] = field(default_factory=Counter)  # INVALID_REQUEST field paths
     served: Counter[str] = field(default_factory=Counter)  # Chat/StreamChat answers per provider
@@ -1438,7 +1442,8 @@ class Report:
             "client-side (no ErrorInfo, made by the client library): "
             + (", ".join(f"{c} {n}" for c, n in self.client_side.most_common()) or "none"),
             "served by: " + ", ".join(f"{c} {n}" for c, n in self.served.most_common()),
-            f"Chat/StreamChat answered by the gateway: {self.chat_answered}; recorded in the ledger: {self.recorded}",
+            f"Chat/StreamChat answered by the gateway: {self.chat_answered} ({self.repeats} repeating an earlier"
+            f" request_id); recorded in the ledger: {self.recorded}",
         ]
         kinds = Counter(f.kind + ": " + f.what for f in self.findings)
         lines.append(f"bugs: {len(self.findings)}" + "".join(f"\n  {n} x {k}" for k, n in kinds.most_common()))
@@ -1511,6 +1516,7 @@ class Fuzzer:
         # (query, its next_page_token, the caller's metadata) of Usage replies that had another page
         self.pages: list[tuple[pb.UsageRequest, str, Any]] = []
         self.page_metadata: Any = None
+        self.request_ids: set[str] = set()
         self.raw = {
             m: (
                 stack.channel.unary_stream(SERVICE + m) if m == "StreamChat" else stack.channel.unary_unary(SERVICE + m)
@@ -1582,6 +1588,9 @@ class Fuzzer:
 
     async def call(self, index: int) -> None:
         method, request, metadata, deadline = self.next_call(index)
+        request_id = getattr(request, "request_id", "")
+        repeat = bool(request_id) and request_id in self.request_ids
+        self.request_ids.add(request_id)
         self.report.requests += 1
         self.report.by_method[method + (" (raw)" if isinstance(request, bytes) else "")] += 1
         limit = (deadline if deadline is not None else 8.0) + 10.0
@@ -1591,10 +1600,13 @@ class Fuzzer:
             self.report.codes["OK"] += 1
             if method in ("Chat", "StreamChat"):
                 self.report.chat_answered += 1
+                self.report.repeats += repeat
         except TimeoutError:
             self._found("hang", f"{method} did not end within {limit:.0f} s", method, request, metadata, deadline)
         except grpc.aio.AioRpcError as err:
-            self._status(err, method, request, metadata, deadline)
+            if self._status(err, method, request, metadata, deadline) and method in ("Chat", "StreamChat"):
+                self.report.chat_answered += 1
+                self.report.repeats += repeat
         except (ValueError, TypeError) as e:  # metadata the client library refuses to send
             self.report.client_side[f"refused by the client: {type(e).__name__}"] += 1
 
@@ -1622,7 +1634,8 @@ class Fuzzer:
 
     def _status(
         self, err: grpc.aio.AioRpcError, method: str, request: Any, metadata: Any, deadline: float | None
-    ) -> None:
+    ) -> bool:
+        """Counts one error status; True when the gateway sent it with a reason (the call was answered)."""
         code = err.code()
         reason, fields = _details(err)
         self.report.violations.update(set(fields))
@@ -1630,15 +1643,13 @@ class Fuzzer:
             # The gateway's trailers (the status and its details) are too large for a client to read: a bug.
             # The same call on a channel that reads them says which status it was.
             self.report.oversized.append((method, request, metadata, deadline))
-            return
+            return False
         if reason is None and code in CLIENT_SIDE:
             self.report.client_side[f"{code.name}: {(err.details() or '')[:60]}"] += 1
-            return
+            return False
         self.report.codes[code.name] += 1
         if reason is not None:
             self.report.reasons[f"{code.name} {reason}"] += 1
-            if method in ("Chat", "StreamChat"):
-                self.report.chat_answered += 1
         if code in BAD_CODES and reason not in EXPECTED_INTERNAL:
             self._found(
                 "status", f"{code.name} {reason}: {(err.details() or '')[:160]}", method, request, metadata, deadline
@@ -1647,6 +1658,7 @@ class Fuzzer:
             self._found(
                 "no-errorinfo", f"{code.name}: {(err.details() or '')[:160]}", method, request, metadata, deadline
             )
+        return reason is not None
 
     def _found(self, kind: str, what: str, method: str, request: Any, metadata: Any, deadline: float | None) -> None:
         self.report.findings.append(Finding(kind, what, _describe(method, request, metadata, deadline)))
@@ -1694,7 +1706,7 @@ class Fuzzer:
         last = -1
         for _ in range(100):
             total = (await self.stack.stub.Usage(pb.UsageRequest(), metadata=admin, timeout=30)).total.request_count
-            if total == last and total >= self.report.chat_answered:
+            if total == last and total >= self.report.chat_answered - self.report.repeats:
                 break
             last = total
             await asyncio.sleep(0.1)
