@@ -1517,6 +1517,7 @@ class Fuzzer:
         self.pages: list[tuple[pb.UsageRequest, str, Any]] = []
         self.page_metadata: Any = None
         self.request_ids: set[str] = set()
+        self.cancel_after: int | None = None
         self.raw = {
             m: (
                 stack.channel.unary_stream(SERVICE + m) if m == "StreamChat" else stack.channel.unary_unary(SERVICE + m)
@@ -1588,6 +1589,8 @@ class Fuzzer:
 
     async def call(self, index: int) -> None:
         method, request, metadata, deadline = self.next_call(index)
+        # Some streams the caller walks away from after a few events: the gateway must cancel, bill and record.
+        self.cancel_after = self.odd.r.choice([1, 2, 3]) if self.odd.chance(0.1) else None
         request_id = getattr(request, "request_id", "")
         repeat = bool(request_id) and request_id in self.request_ids
         self.request_ids.add(request_id)
@@ -1620,9 +1623,19 @@ class Fuzzer:
                 await self.raw[method](request, metadata=metadata, timeout=deadline)
             return
         if method == "StreamChat":
-            async for event in stub.StreamChat(request, metadata=metadata, timeout=deadline):
+            call, seen, cancel_after = (
+                stub.StreamChat(request, metadata=metadata, timeout=deadline),
+                0,
+                self.cancel_after,
+            )
+            async for event in call:
                 if event.HasField("start"):
                     self.report.served[event.start.provider] += 1
+                seen += 1
+                if cancel_after is not None and seen >= cancel_after and not event.HasField("end"):
+                    call.cancel()
+                    self.report.client_side["CANCELLED by the fuzzer mid-stream (answered)"] += 1
+                    break
         elif method == "Chat":
             self.report.served[(await stub.Chat(request, metadata=metadata, timeout=deadline)).provider] += 1
         elif method == "Usage":
