@@ -214,6 +214,13 @@ def parse_sse(parser: SSEParser, chunk: bytes, provider: str) -> list[SSEEvent]:
 SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError)
 
 
+def details_of(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """A usage's details object (OpenAI's `prompt_tokens_details`...): one of another shape counts nothing,
+    as token_count does for a count that is not a number."""
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def wire_str(value: object) -> str:
     """A string an answer is made of (text, a tool call's id, name or arguments), as a reply gives it: ""
     when absent; anything else raises TypeError, a reply of another shape (UPSTREAM_BAD_RESPONSE through

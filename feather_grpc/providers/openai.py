@@ -33,6 +33,7 @@ from feather_grpc.providers.base import (
     b64,
     consistent,
     data_url,
+    details_of,
     estimated_usage,
     merge_fields,
     token_count,
@@ -74,10 +75,9 @@ def finish_reason(raw: object, has_tool_calls: bool) -> FinishReason:
 
 
 def normalise_usage(raw: dict[str, Any]) -> Usage:
-    """OpenAI's `prompt_tokens` already includes cached tokens, which is the engine's convention. Details
-    that are not objects count nothing, as token_count does for counts that are not numbers."""
-    prompt_details = _dict(raw.get("prompt_tokens_details"))
-    completion_details = _dict(raw.get("completion_tokens_details"))
+    """OpenAI's `prompt_tokens` already includes cached tokens, which is the engine's convention."""
+    prompt_details = details_of(raw, "prompt_tokens_details")
+    completion_details = details_of(raw, "completion_tokens_details")
     return consistent(
         Usage(
             input_tokens=token_count(raw.get("prompt_tokens")),
@@ -153,10 +153,6 @@ def _upstream(doc: dict[str, Any]) -> UpstreamReply:
 
 def _str(value: object) -> str:
     return value if isinstance(value, str) else ""
-
-
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _reasoning_of(message: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ from feather_grpc.providers.base import (
     ProviderSettings,
     consistent,
     data_url,
+    details_of,
     estimated_usage,
     merge_fields,
     token_count,
@@ -72,16 +73,10 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
         Usage(
             input_tokens=token_count(raw.get("input_tokens")),
             output_tokens=token_count(raw.get("output_tokens")),
-            cached_input_tokens=token_count(_details(raw, "input_tokens_details").get("cached_tokens")),
-            reasoning_tokens=token_count(_details(raw, "output_tokens_details").get("reasoning_tokens")),
+            cached_input_tokens=token_count(details_of(raw, "input_tokens_details").get("cached_tokens")),
+            reasoning_tokens=token_count(details_of(raw, "output_tokens_details").get("reasoning_tokens")),
         )
     )
-
-
-def _details(raw: dict[str, Any], key: str) -> dict[str, Any]:
-    """Usage details that are not an object count nothing, as token_count does for counts not numbers."""
-    value = raw.get(key)
-    return value if isinstance(value, dict) else {}
 
 
 def _status_for(code: str) -> int:
