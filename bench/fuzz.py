@@ -68,6 +68,7 @@ from sim.bedrock import BedrockReply, BedrockSimulator, encode_event  # noqa: E4
 from sim.gemini import GeminiReply, GeminiSimulator  # noqa: E402
 from sim.responses import ResponsesReply, ResponsesSimulator  # noqa: E402
 from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator  # noqa: E402
+from tests.ops_harness import GatewayProcess, free_port  # noqa: E402
 
 MEMBER_KEY, POOR_KEY, ADMIN_KEY = "fk_fuzz_member_key", "fk_fuzz_poor_key", "fk_fuzz_admin_key"
 JWT_SECRET = "fuzz-jwt-secret-" + "s" * 48  # 64 bytes: long enough for HS512 (odd tokens use it)
@@ -273,16 +274,33 @@ GATEWAY_ENV = {
 
 @dataclass
 class Stack:
-    server: GatewayServer
     channel: grpc.aio.Channel
     stub: pb_grpc.FeatherServiceStub
     sims: Sims
     address: str
+    process: GatewayProcess | None  # --serve: the `feather-grpc serve` subprocess
+
+
+async def _in_process(document: dict[str, Any]) -> tuple[int, Callable[[], Any]]:
+    cfg = config.resolve(config.parse_file_config(json.dumps(document), "<fuzz>"), GATEWAY_ENV, "<fuzz>")
+    server = GatewayServer(cfg)
+    return await server.start("127.0.0.1", 0), lambda: server.stop(0)
+
+
+def _subprocess(document: dict[str, Any], directory: Path) -> tuple[int, GatewayProcess]:
+    """`feather-grpc serve` on a free port, its JSON log lines (stderr) collected as they come."""
+    path = directory / "feather.config.json"
+    path.write_text(json.dumps(document))
+    port = free_port()
+    env = {**os.environ, **GATEWAY_ENV, "LOG_LEVEL": "warning"}
+    args = [sys.executable, "-m", "feather_grpc.cli", "serve", "--config", str(path), "--port", str(port)]
+    return port, GatewayProcess.start(args, env, ROOT)
 
 
 @asynccontextmanager
-async def fuzz_stack() -> AsyncIterator[Stack]:
-    """Every simulator, Vertex's token endpoint and one gateway in front of them, in this event loop."""
+async def fuzz_stack(serve: bool = False) -> AsyncIterator[Stack]:
+    """Every simulator, Vertex's token endpoint and one gateway in front of them: in this event loop, or
+    (`serve`) a `feather-grpc serve` subprocess."""
     async with AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="feather-fuzz-")))
         token = await stack.enter_async_context(TokenEndpoint())
@@ -306,16 +324,18 @@ async def fuzz_stack() -> AsyncIterator[Stack]:
             await stack.enter_async_context(ResponsesSimulator(api_key="sk-fuzz-rs")),
         )
         document = gateway_document(sims, str(tmp / "ledger.db"))
-        cfg = config.resolve(config.parse_file_config(json.dumps(document), "<fuzz>"), GATEWAY_ENV, "<fuzz>")
-        server = GatewayServer(cfg)
-        port = await server.start("127.0.0.1", 0)
+        process = None
+        if serve:
+            port, process = _subprocess(document, tmp)
+            stack.callback(process.kill)
+        else:
+            port, stop = await _in_process(document)
+            stack.push_async_callback(stop)
         options = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", -1)]
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
-        try:
-            yield Stack(server, channel, pb_grpc.FeatherServiceStub(channel), sims, f"127.0.0.1:{port}")
-        finally:
-            await channel.close()
-            await server.stop(0)
+        stack.push_async_callback(channel.close)
+        await asyncio.wait_for(channel.channel_ready(), 60)
+        yield Stack(channel, pb_grpc.FeatherServiceStub(channel), sims, f"127.0.0.1:{port}", process)
 
 
 # -- odd values -----------------------------------------------------------------------------------------------
@@ -779,8 +799,8 @@ def odd_usage(o: Odd) -> pb.UsageRequest:
     if o.chance(0.1):
         for _ in range(r.choice([1, 2, 30])):
             req.tags[r.choice(["team", "", o.text(huge=0.0)])] = o.text(huge=0.0)
-    if o.chance(0.3):
-        req.page_size = o.int32()
+    if o.chance(0.4):  # small pages most of the time: their next_page_token feeds odd_page
+        req.page_size = r.choice([1, 2, 3, 10]) if o.plain() else o.int32()
     if o.chance(0.3):
         token_json = json.dumps(o.json_value())
         req.page_token = r.choice(
@@ -1726,23 +1746,37 @@ class Fuzzer:
         return int(last)
 
 
-async def fuzz(seed: int = 1, requests: int = 30_000, concurrency: int = 32, odd_replies: float = 0.25) -> Report:
+async def fuzz(
+    seed: int = 1, requests: int = 30_000, concurrency: int = 32, odd_replies: float = 0.25, serve: bool = False
+) -> Report:
     """Run the fuzzer against a fresh stack; the report's `findings` are the bugs."""
     logs = ErrorLogs()
     root = logging.getLogger()
     root.addHandler(logs)
     try:
-        async with fuzz_stack() as stack:
+        async with fuzz_stack(serve) as stack:
             fuzzer = Fuzzer(stack, seed, odd_replies)
             report = await fuzzer.run(requests, concurrency)
             await fuzzer.explain_oversized()
             report.recorded = await fuzzer.ledger_count()
+            if stack.process is not None:
+                _process_findings(stack.process, report)
     finally:
         root.removeHandler(logs)
     for record in logs.records:
         text = logging.Formatter().format(record)
         report.findings.append(Finding("log", f"{record.name}: {record.getMessage()[:160]}", text[-3000:]))
     return report
+
+
+def _process_findings(process: GatewayProcess, report: Report) -> None:
+    """--serve: the subprocess must still run, and log no ERROR line with a traceback."""
+    if process.proc.poll() is not None:
+        report.findings.append(Finding("crash", f"exited with {process.proc.returncode}", process.output()))
+    for line in list(process.lines):
+        if line.get("level") in ("error", "critical") and line.get("exception"):
+            what = f"{line.get('logger', '')}: {str(line.get('message', ''))[:160]}"
+            report.findings.append(Finding("log", what, str(line.get("exception", ""))[-3000:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1753,10 +1787,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--odd-replies", type=float, default=0.25, help="share of calls whose upstream answers oddly")
     parser.add_argument("--show", type=int, default=2, help="requests shown per distinct bug")
     parser.add_argument("--json", type=Path, help="also write the counts to this file")
+    parser.add_argument("--serve", action="store_true", help="fuzz a `feather-grpc serve` subprocess instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     warnings.simplefilter("ignore")  # PyJWT's key-length warnings about the deliberately odd tokens
-    report = asyncio.run(fuzz(args.seed, args.requests, args.concurrency, args.odd_replies))
+    report = asyncio.run(fuzz(args.seed, args.requests, args.concurrency, args.odd_replies, args.serve))
     print(report.summary(args.show))
     if args.json:
         args.json.write_text(
