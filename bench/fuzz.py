@@ -1459,7 +1459,7 @@ class Report:
             "statuses: " + ", ".join(f"{c} {n}" for c, n in self.codes.most_common()),
             "reasons: " + ", ".join(f"{c} {n}" for c, n in self.reasons.most_common()),
             "invalid fields: " + ", ".join(f"{c} {n}" for c, n in self.violations.most_common(25)),
-            "client-side (no ErrorInfo, made by the client library): "
+            "made by gRPC itself, no ErrorInfo (the client's deadline or cancel, transport limits): "
             + (", ".join(f"{c} {n}" for c, n in self.client_side.most_common()) or "none"),
             "served by: " + ", ".join(f"{c} {n}" for c, n in self.served.most_common()),
             f"Chat/StreamChat answered by the gateway: {self.chat_answered} ({self.repeats} repeating an earlier"
