@@ -63,6 +63,7 @@ from feather_grpc import config  # noqa: E402
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb  # noqa: E402
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc  # noqa: E402
 from feather_grpc.server.app import GatewayServer  # noqa: E402
+from feather_grpc.server.logs import EndedCallFilter  # noqa: E402
 from sim.azure import AzureSimulator  # noqa: E402
 from sim.bedrock import BedrockReply, BedrockSimulator, encode_event  # noqa: E402
 from sim.gemini import GeminiReply, GeminiSimulator  # noqa: E402
@@ -282,6 +283,9 @@ class Stack:
 
 
 async def _in_process(document: dict[str, Any]) -> tuple[int, Callable[[], Any]]:
+    # What `feather-grpc serve` installs with its logging (configure_logging), as this process has its own.
+    if not any(isinstance(f, EndedCallFilter) for f in logging.getLogger("grpc._cython.cygrpc").filters):
+        logging.getLogger("grpc._cython.cygrpc").addFilter(EndedCallFilter())
     cfg = config.resolve(config.parse_file_config(json.dumps(document), "<fuzz>"), GATEWAY_ENV, "<fuzz>")
     server = GatewayServer(cfg)
     return await server.start("127.0.0.1", 0), lambda: server.stop(0)
