@@ -53,6 +53,9 @@ class BedrockReply:
     message: str = "The request failed."
     exception_after: int | None = None  # streams: after N events, an exception event of `error_type`
     stream_pieces: int = 0  # >0: write the stream's bytes in this many pieces (frames split across reads)
+    # A raw reply instead of anything above: these bytes with `content_type` (a fuzzer's mutated replies)
+    body: bytes | None = None
+    content_type: str = "application/json"
 
 
 @dataclass(slots=True)
@@ -179,6 +182,8 @@ class BedrockSimulator:
             await asyncio.sleep(reply.latency_s)  # cancelled when the client goes away
         if reply.status >= 400:
             return _error(reply.status, reply.error_type, reply.message)
+        if reply.body is not None:
+            return web.Response(body=reply.body, content_type=reply.content_type)
         model = request.match_info["model"]
         text, uses, stop, usage = _answer(model, body, reply)
         if not stream:

@@ -46,6 +46,9 @@ class GeminiReply:
     status: int = 200
     message: str = "Request failed."
     error_after: int | None = None  # streams: after N chunks, an error chunk (Google's error object)
+    # A raw reply instead of anything above: these bytes with `content_type` (a fuzzer's mutated replies)
+    body: bytes | None = None
+    content_type: str = "application/json"
 
 
 @dataclass(slots=True)
@@ -195,6 +198,8 @@ class GeminiSimulator:
             await asyncio.sleep(reply.latency_s)  # cancelled when the client goes away
         if reply.status >= 400:
             return _error(reply.status, reply.message)
+        if reply.body is not None:
+            return web.Response(body=reply.body, content_type=reply.content_type)
         chunks = _chunks(model, body, reply, stream)
         if not stream:
             return web.Response(body=orjson.dumps(chunks[0]), content_type="application/json")

@@ -45,6 +45,9 @@ class ResponsesReply:
     error_code: str = "server_error"
     message: str = "The server had an error."
     error_after: int | None = None  # streams: after N events, an `error` event
+    # A raw reply instead of anything above: these bytes with `content_type` (a fuzzer's mutated replies)
+    body: bytes | None = None
+    content_type: str = "application/json"
 
 
 @dataclass(slots=True)
@@ -120,6 +123,8 @@ class ResponsesSimulator:
             await asyncio.sleep(reply.latency_s)  # cancelled when the client goes away
         if reply.status >= 400:
             return _error(reply.status, reply.error_code, reply.message)
+        if reply.body is not None:
+            return web.Response(body=reply.body, content_type=reply.content_type)
         self._calls += 1
         response = self._response(body, reply)
         if not body.get("stream"):

@@ -48,7 +48,7 @@ from feather_grpc.providers import HttpClient, Provider, ProviderSettings, build
 from feather_grpc.providers.bedrock import sign
 from feather_grpc.providers.http import new_session
 from feather_grpc.server.app import ServerOptions
-from sim.bedrock import BedrockReply, BedrockSimulator
+from sim.bedrock import BedrockReply, BedrockSimulator, encode_event
 from tests.gateway_harness import rich_error, user
 from tests.ops_harness import running_server, scrape_text
 
@@ -252,6 +252,31 @@ async def test_stream_exception_event_after_text(aws_env: None, sim: BedrockSimu
             seen.append(e)
     assert [e.content for e in seen if isinstance(e, TextDelta)] == ["one "]
     assert caught.value.reason == "UPSTREAM_RATE_LIMITED" and caught.value.retryable
+
+
+def _frames(*events: tuple[str, Any]) -> bytes:
+    headers = {":content-type": "application/json", ":message-type": "event"}
+    return b"".join(encode_event({":event-type": k, **headers}, json.dumps(p).encode()) for k, p in events)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        # a delta that is a number, not an object
+        [("messageStart", {"role": "assistant"}), ("contentBlockDelta", {"contentBlockIndex": 0, "delta": 5})],
+        # a block start that is text, not an object
+        [("messageStart", {"role": "assistant"}), ("contentBlockStart", {"contentBlockIndex": 0, "start": "x"})],
+    ],
+)
+async def test_a_stream_event_of_another_shape_is_a_bad_response(
+    aws_env: None, sim: BedrockSimulator, session: HttpClient, events: list[tuple[str, Any]]
+) -> None:
+    """Found by bench/fuzz.py: `"text" in 5` failed the call with INTERNAL."""
+    sim.enqueue(BedrockReply(body=_frames(*events), content_type="application/vnd.amazon.eventstream"))
+    with pytest.raises(ProviderError) as caught:
+        async for _ in bedrock(sim, session).stream(MODEL, ask()):
+            pass
+    assert (caught.value.reason, caught.value.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
 
 
 @pytest.mark.parametrize(

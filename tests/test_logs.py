@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.app import GatewayServer, ServerOptions
-from feather_grpc.server.logs import CONTENT_LOGGER, JsonFormatter, SecretRedactor, TextFormatter
+from feather_grpc.server.logs import (
+    CONTENT_LOGGER,
+    JsonFormatter,
+    SecretRedactor,
+    TextFormatter,
+    configure_logging,
+    stop_logging,
+)
 from sim.upstream import Reply, SimUsage, UpstreamSimulator
 from tests.gateway_harness import MOCK_CONFIG, user
 from tests.ops_harness import GatewayProcess, free_port
@@ -190,3 +198,32 @@ def test_text_format_quotes_values_a_caller_could_use_to_forge_fields_or_lines()
     assert "model=mock-fast" in text  # plain values stay plain
     assert 'tag="x tenant=victim"' in text and 'empty=""' in text
     assert 'requested_model="mock-fast\\n2026-11-26' in text
+
+
+def test_grpcs_error_for_an_answer_to_a_call_that_had_ended_is_kept_only_when_debugging() -> None:
+    """Found by bench/fuzz.py --serve: a call whose caller's deadline passed as the gateway answered made
+    gRPC log `ExecuteBatchError raised in core by servicer method [...]` at ERROR with a traceback (its own
+    race, grpc/grpc#32551); the call itself is recorded as usual. Other gRPC errors still show."""
+    root, grpc_log = logging.getLogger(), logging.getLogger("grpc._cython.cygrpc")
+    saved = (list(root.handlers), root.level, list(grpc_log.filters), grpc_log.level)
+    try:
+        raise RuntimeError('Failed "execute_batch"')
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    try:
+        for level, kept in (("info", False), ("debug", True)):
+            out = io.StringIO()
+            configure_logging({"LOG_LEVEL": level, "LOG_FORMAT": "json"}, out)
+            try:
+                grpc_log.error("ExecuteBatchError raised in core by servicer method [%s]", "/x/Chat", exc_info=exc_info)
+                grpc_log.error("Unexpected [%s] raised by servicer method [%s]", "ValueError", "/x/Chat")
+            finally:
+                stop_logging()
+            messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
+            assert ("ExecuteBatchError raised in core by servicer method [/x/Chat]" in messages) is kept
+            assert "Unexpected [ValueError] raised by servicer method [/x/Chat]" in messages
+    finally:  # the test process's own logging, as it was
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        grpc_log.filters[:] = saved[2]
+        grpc_log.setLevel(saved[3])

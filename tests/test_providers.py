@@ -635,6 +635,92 @@ async def test_garbage_stream_chunk_is_a_bad_response(upstream: UpstreamSimulato
     assert err.reason == "UPSTREAM_BAD_RESPONSE"
 
 
+_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": [1.5]},  # a choice that is not an object
+        {"choices": ["x"]},
+        {"choices": [{"delta": {"tool_calls": [{**_CALL, "index": 0, "id": 7}]}}]},  # an id that is not text
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": ["f"]}}]}}]},
+        {"choices": [{"delta": {"refusal": 5}}]},
+    ],
+)
+async def test_a_stream_chunk_of_another_shape_is_a_bad_response(
+    upstream: UpstreamSimulator, http_session: HttpClient, chunk: dict[str, Any]
+) -> None:
+    """Found by bench/fuzz.py: these reached the engine as AttributeError/TypeError (INTERNAL)."""
+    body = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    upstream.enqueue(Reply(body=body, content_type="text/event-stream"))
+    err = await failure(openai(upstream, http_session).stream("m", ask()))
+    assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
+    assert err.message == "openai: 200 bad response: a stream event is not in the API's shape"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": None, "tool_calls": [{**_CALL, "id": 5}]},
+        {"role": "assistant", "content": None, "tool_calls": [{**_CALL, "function": {"name": "f", "arguments": {}}}]},
+    ],
+)
+async def test_a_tool_call_that_is_not_text_is_a_bad_response(
+    upstream: UpstreamSimulator, http_session: HttpClient, message: dict[str, Any]
+) -> None:
+    """Found by bench/fuzz.py: an id or arguments that were not strings failed the call INTERNAL when the
+    reply was turned into protobuf."""
+    doc = {"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": message}]}
+    upstream.enqueue(Reply(body=json.dumps(doc).encode()))
+    err = await failure(openai(upstream, http_session).chat("m", ask()))
+    assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[{"type": "text", "text": 1.5}], [{"type": "tool_use", "id": 7, "name": "f", "input": {}}]],
+)
+async def test_an_anthropic_message_of_another_shape_is_a_bad_response(
+    upstream: UpstreamSimulator, http_session: HttpClient, content: list[dict[str, Any]]
+) -> None:
+    """Found by bench/fuzz.py: a text block whose text was a number failed the call with INTERNAL."""
+    doc = {"type": "message", "role": "assistant", "content": content, "stop_reason": "end_turn"}
+    upstream.enqueue(Reply(body=json.dumps(doc).encode()))
+    err = await failure(anthropic(upstream, http_session).chat("m", ask()))
+    assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
+
+
+async def test_an_anthropic_text_delta_that_is_not_text_is_a_bad_response(
+    upstream: UpstreamSimulator, http_session: HttpClient
+) -> None:
+    events = [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}},
+    ]
+    body = b"".join(b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    upstream.enqueue(Reply(body=body, content_type="text/event-stream"))
+    err = await failure(anthropic(upstream, http_session).stream("m", ask()))
+    assert (err.reason, err.retryable) == ("UPSTREAM_BAD_RESPONSE", True)
+
+
+async def test_usage_details_of_another_shape_count_nothing(
+    upstream: UpstreamSimulator, http_session: HttpClient
+) -> None:
+    """Found by bench/fuzz.py: details that were not objects failed a call the upstream had answered."""
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": "x", "completion_tokens_details": 3}
+    doc = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}], "usage": usage}
+    upstream.enqueue(Reply(body=json.dumps(doc).encode()))
+    out = await openai(upstream, http_session).chat("m", ask())
+    assert (out.content, out.usage.input_tokens, out.usage.output_tokens) == ("hi", 5, 2)
+    assert (out.usage.cached_input_tokens, out.usage.reasoning_tokens) == (0, 0)
+    chunks = [{"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}, {"usage": "many"}]
+    body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    upstream.enqueue(Reply(body=body, content_type="text/event-stream"))
+    events = [e async for e in openai(upstream, http_session).stream("m", ask())]
+    assert isinstance(events[-1], StreamFinish) and events[-1].usage is None  # no usage: the engine estimates
+
+
 @pytest.mark.parametrize("reply", [Reply(drop=True), Reply(truncate_body=True)])
 async def test_read_errors(upstream: UpstreamSimulator, http_session: HttpClient, reply: Reply) -> None:
     upstream.enqueue(reply, reply)

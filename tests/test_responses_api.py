@@ -238,6 +238,16 @@ async def test_errors(sim: ResponsesSimulator, session: HttpClient) -> None:
 # -- config -----------------------------------------------------------------------------------------
 
 
+async def test_usage_details_of_another_shape_count_nothing(sim: ResponsesSimulator, session: HttpClient) -> None:
+    """Found by bench/fuzz.py: usage details that were a number failed an answered call with INTERNAL."""
+    message = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}
+    usage = {"input_tokens": 4, "output_tokens": 2, "input_tokens_details": [], "output_tokens_details": 7}
+    doc = {"id": "resp_1", "status": "completed", "output": [message], "usage": usage}
+    sim.enqueue(ResponsesReply(body=json.dumps(doc).encode()))
+    out = await responses(sim, session).chat("o3", ask())
+    assert (out.content, out.usage.input_tokens, out.usage.output_tokens, out.usage.reasoning_tokens) == ("hi", 4, 2, 0)
+
+
 def _load(spec: dict[str, Any]) -> config.GatewayConfig:
     doc = {"ledger": {"type": "memory"}, "allowUnpriced": True, "providers": {"openai": {"apiKeyEnv": "K", **spec}}}
     return config.resolve(config.parse_file_config(json.dumps(doc), "<test>"), {"K": "k"}, "<test>")

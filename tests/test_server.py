@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.status import bounded
 from feather_grpc.state.memory_ledger import MemoryLedger
 from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
 
@@ -311,3 +312,24 @@ async def test_usage_totals_match_calls_and_group_by_model() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await gw.stub.Usage(pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_TAG]))
         assert [f for f, _ in rich_error(caught.value).violations] == ["tag_key"]
+
+
+async def test_an_error_with_many_violations_fits_a_clients_trailers() -> None:
+    """A client reads at most 8 KiB of trailers (grpc.max_metadata_size); past it the call fails with a
+    bare RESOURCE_EXHAUSTED and the error is lost. Found by bench/fuzz.py: a request with 130 tools of one
+    name (each a violation) made a status longer than that."""
+    tools = [pb.Tool(name="名前", description="é") for _ in range(128)]
+    async with running_gateway(MOCK_CONFIG) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")], tools=tools))
+        err = rich_error(caught.value)  # the default channel read the whole status
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "INVALID_REQUEST"
+        assert err.violations[0][0] == "tools[1].name"
+        assert err.violations[-1][0] == "request" and err.violations[-1][1].endswith("more violations")
+        assert len(err.message.encode()) <= 768 and err.message.endswith("...")
+
+
+def test_a_status_is_bounded_in_utf8_bytes_on_a_character_boundary() -> None:
+    assert bounded("ok", 10) == "ok"
+    cut = bounded("名" * 100, 20)  # 3 bytes each: 5 whole characters fit before the marker
+    assert cut == "名" * 5 + "..." and len(cut.encode()) <= 20

@@ -6,6 +6,7 @@ any other query. Each ledger pages the same way: SQLite, memory and Postgres."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -199,6 +200,33 @@ async def test_usage_over_grpc_pages_with_tokens_and_refuses_another_querys_toke
                 pb.UsageRequest(group_by=[pb.USAGE_GROUP_BY_TAG], tag_key="job", page_size=-1), metadata=ADMIN
             )
         assert rich_error(caught.value).violations[0][0] == "page_size"
+
+
+@pytest.mark.parametrize(
+    ("group_by", "after"),
+    [
+        ([pb.USAGE_GROUP_BY_TAG], ["\ud800"]),  # JSON spells a lone surrogate; UTF-8 cannot encode it
+        ([pb.USAGE_GROUP_BY_HOUR], [10**30]),  # past SQLite's and Postgres's 64-bit integers
+        ([pb.USAGE_GROUP_BY_HOUR], [-(2**63) - 1]),
+    ],
+)
+async def test_a_token_edited_to_hold_what_the_database_cannot_take_is_invalid(
+    tmp_path: Path, group_by: list[int], after: list[Any]
+) -> None:
+    """Found by bench/fuzz.py: a token is unsigned JSON, and these values in it reached SQLite and failed the
+    call with INTERNAL (UnicodeEncodeError, OverflowError)."""
+    async with running_gateway(_tenants_doc(tmp_path)) as gw:
+        await fill(gw.server.engine.ledger, records(40))
+        query = pb.UsageRequest(group_by=group_by, tag_key="job", page_size=1)
+        token = (await gw.stub.Usage(query, metadata=ADMIN)).next_page_token
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        body["after"] = after
+        query.page_token = base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Usage(query, metadata=ADMIN)
+        error = rich_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+        assert [field for field, _ in error.violations] == ["page_token"]
 
 
 async def test_the_python_client_and_the_cli_follow_the_pages(tmp_path: Path) -> None:

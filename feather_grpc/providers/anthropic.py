@@ -29,6 +29,7 @@ from feather_grpc.core.types import (
     Usage,
 )
 from feather_grpc.providers.base import (
+    SHAPE_ERRORS,
     ProviderSettings,
     b64,
     claude_thinking,
@@ -38,6 +39,7 @@ from feather_grpc.providers.base import (
     request_count,
     token_count,
     tool_arguments,
+    wire_str,
 )
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
@@ -337,15 +339,16 @@ class AnthropicProvider:
             for block in doc["content"]:
                 kind = block.get("type")
                 if kind == "text":
-                    texts.append(block.get("text") or "")
+                    texts.append(wire_str(block.get("text")))
                 elif kind == "tool_use":
-                    calls.append(ToolCall(block["id"], block["name"], orjson.dumps(block.get("input") or {}).decode()))
+                    arguments = orjson.dumps(block.get("input") or {}).decode()
+                    calls.append(ToolCall(wire_str(block["id"]), wire_str(block["name"]), arguments))
                 elif kind == "thinking":
                     thinking.append(ThinkingBlock(str(block.get("thinking") or ""), str(block.get("signature") or "")))
                 elif kind == "redacted_thinking":
                     thinking.append(ThinkingBlock(redacted_data=str(block.get("data") or "")))
             raw_usage = doc.get("usage")
-        except (KeyError, TypeError, AttributeError):
+        except SHAPE_ERRORS:
             raise bad_response(self._name, "not a message") from None
         content, finish = "".join(texts), finish_reason(doc.get("stop_reason"))
         upstream = UpstreamReply(id=_str(doc.get("id")), model=_str(doc.get("model")))
@@ -428,20 +431,20 @@ class _EventReader:
             delta = obj.get("delta") or {}
             dtype = delta.get("type")
             if dtype == "text_delta":
-                text = delta.get("text")
+                text = wire_str(delta.get("text"))
                 return [TextDelta(text)] if text else []
             if dtype in ("thinking_delta", "signature_delta"):
                 ordinal = self._thinking_ordinals.get(obj.get("index", -1))
                 if ordinal is None:
                     return []
                 if dtype == "thinking_delta":
-                    text = delta.get("thinking")
+                    text = wire_str(delta.get("thinking"))
                     return [ThinkingDelta(ordinal, text=text)] if text else []
-                signature = delta.get("signature")
+                signature = wire_str(delta.get("signature"))
                 return [ThinkingDelta(ordinal, signature=signature)] if signature else []
             if dtype == "input_json_delta":
                 ordinal = self._tool_ordinals.get(obj.get("index", -1))
-                fragment = delta.get("partial_json")
+                fragment = wire_str(delta.get("partial_json"))
                 if ordinal is None or not fragment:
                     return []
                 self._args_seen.add(ordinal)
@@ -451,19 +454,19 @@ class _EventReader:
             block = obj.get("content_block") or {}
             btype = block.get("type")
             if btype == "text":
-                text = block.get("text")
+                text = wire_str(block.get("text"))
                 return [TextDelta(text)] if text else []
             if btype == "tool_use":
                 ordinal = len(self._tool_ordinals)
                 self._tool_ordinals[obj.get("index", ordinal)] = ordinal
-                return [ToolCallDelta(ordinal, block.get("id") or "", block.get("name") or "")]
+                return [ToolCallDelta(ordinal, wire_str(block.get("id")), wire_str(block.get("name")))]
             if btype in ("thinking", "redacted_thinking"):
                 ordinal = len(self._thinking_ordinals)
                 self._thinking_ordinals[obj.get("index", -1 - ordinal)] = ordinal
                 if btype == "redacted_thinking":
                     return [ThinkingDelta(ordinal, redacted_data=str(block.get("data") or ""))]
                 # The block opens empty as a rule; anything it already holds is passed on.
-                text, signature = block.get("thinking") or "", block.get("signature") or ""
+                text, signature = wire_str(block.get("thinking")), wire_str(block.get("signature"))
                 return [ThinkingDelta(ordinal, text=text, signature=signature)] if text or signature else []
             return []
         if kind == "content_block_stop":

@@ -23,7 +23,7 @@ from feather_grpc.core.types import (
     Usage,
 )
 from feather_grpc.core.upstream import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES
-from feather_grpc.providers.http import too_large
+from feather_grpc.providers.http import bad_response, too_large
 from feather_grpc.providers.sse import SSEEvent, SSELimitExceeded, SSEParser
 
 
@@ -208,12 +208,36 @@ def parse_sse(parser: SSEParser, chunk: bytes, provider: str) -> list[SSEEvent]:
         raise too_large(provider, e.what, e.limit, "maxStreamEventBytes") from None
 
 
+# What reading an upstream's JSON by the shape its API promises raises when the shape is another (a list
+# where an object should be, a number for a string...): the reply is bad, the upstream's fault
+# (UPSTREAM_BAD_RESPONSE, failed over), never the gateway's INTERNAL.
+SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError)
+
+
+def details_of(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """A usage's details object (OpenAI's `prompt_tokens_details`...): one of another shape counts nothing,
+    as token_count does for a count that is not a number."""
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def wire_str(value: object) -> str:
+    """A string an answer is made of (text, a tool call's id, name or arguments), as a reply gives it: ""
+    when absent; anything else raises TypeError, a reply of another shape (UPSTREAM_BAD_RESPONSE through
+    SHAPE_ERRORS): the answer cannot be guessed from a number or a list."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    raise TypeError("a reply's text is not a string")
+
+
 def read_events(
-    sse: list[SSEEvent], handle: Callable[[SSEEvent], list[StreamEvent]], done: Callable[[], bool]
+    provider: str, sse: list[SSEEvent], handle: Callable[[SSEEvent], list[StreamEvent]], done: Callable[[], bool]
 ) -> tuple[list[StreamEvent], ProviderError | None]:
     """The stream events of one network read's SSE events (text runs joined, see `coalesce`), up to the
-    end of the stream, and the error event that cut them short, if any: the caller yields the events
-    first, then raises the error."""
+    end of the stream, and the error event that cut them short, if any (an error event, or an event not
+    in the API's shape): the caller yields the events first, then raises the error."""
     batch: list[StreamEvent] = []
     try:
         for event in sse:
@@ -222,4 +246,6 @@ def read_events(
                 break
     except ProviderError as e:
         return coalesce(batch), e
+    except SHAPE_ERRORS:
+        return coalesce(batch), bad_response(provider, "a stream event is not in the API's shape")
     return coalesce(batch), None

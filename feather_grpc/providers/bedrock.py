@@ -64,6 +64,7 @@ from feather_grpc.core.types import (
 )
 from feather_grpc.providers.anthropic import thinking_budget
 from feather_grpc.providers.base import (
+    SHAPE_ERRORS,
     ProviderSettings,
     b64,
     claude_thinking,
@@ -453,6 +454,10 @@ class BedrockProvider:
                         for out in coalesce(batch):
                             yield out
                         raise e from None
+                    except SHAPE_ERRORS:  # an event whose JSON is not in the API's shape
+                        for out in coalesce(batch):
+                            yield out
+                        raise bad_response(name, "a stream event is not in the API's shape") from None
                     for out in coalesce(batch):
                         yield out
                     if reader.done:
@@ -466,7 +471,11 @@ class BedrockProvider:
                 resp.close()
         except HttpError as exc:
             raise classify_transport_error(name, exc, streaming=started, api_key=self.settings.api_key) from exc
-        yield reader.finish()
+        try:
+            final = reader.finish()
+        except SHAPE_ERRORS:  # what the stream said, read at its end (its usage...), is not in the API's shape
+            raise bad_response(name, "the stream's end is not in the API's shape") from None
+        yield final
 
     async def _error(self, resp: UpstreamResponse) -> ProviderError:
         error_type = resp.headers.get("x-amzn-errortype", "").split(":", 1)[0].strip()

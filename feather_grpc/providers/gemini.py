@@ -59,6 +59,7 @@ from feather_grpc.core.types import (
 from feather_grpc.providers.anthropic import AnthropicProvider
 from feather_grpc.providers.base import (
     GEMINI_SIGNATURE,
+    SHAPE_ERRORS,
     ProviderSettings,
     b64,
     consistent,
@@ -341,7 +342,8 @@ class GeminiProvider:
             if not isinstance(doc, dict):
                 raise TypeError
             events = reader.handle(doc)
-        except (KeyError, TypeError, AttributeError):
+            final = reader.finish()
+        except SHAPE_ERRORS:
             raise bad_response(self._name, "not a GenerateContentResponse") from None
         text = "".join(e.content for e in events if isinstance(e, TextDelta))
         calls = [ToolCall(e.id, e.name, e.arguments) for e in events if isinstance(e, ToolCallDelta)]
@@ -350,7 +352,6 @@ class GeminiProvider:
             ThinkingBlock("".join(e.text for e in thoughts), next((e.signature for e in thoughts if e.signature), ""))
         ]
         thinking = thinking if thoughts else []
-        final = reader.finish()
         if final.usage is None:
             usage = estimated_usage(request, text, calls)
             return ProviderResponse(text, calls, final.finish_reason, usage, True, thinking=thinking)

@@ -32,9 +32,11 @@ from feather_grpc.providers.base import (
     b64,
     consistent,
     data_url,
+    details_of,
     estimated_usage,
     merge_fields,
     token_count,
+    wire_str,
 )
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
@@ -73,8 +75,8 @@ def finish_reason(raw: object, has_tool_calls: bool) -> FinishReason:
 
 def normalise_usage(raw: dict[str, Any]) -> Usage:
     """OpenAI's `prompt_tokens` already includes cached tokens, which is the engine's convention."""
-    prompt_details = raw.get("prompt_tokens_details") or {}
-    completion_details = raw.get("completion_tokens_details") or {}
+    prompt_details = details_of(raw, "prompt_tokens_details")
+    completion_details = details_of(raw, "completion_tokens_details")
     return consistent(
         Usage(
             input_tokens=token_count(raw.get("prompt_tokens")),
@@ -278,16 +280,16 @@ class OpenAIProvider:
             thought = _reasoning_of(message)
             calls = [
                 ToolCall(
-                    id=c.get("id") or "",
-                    name=c["function"]["name"],
-                    arguments=c["function"].get("arguments") or "",
+                    id=wire_str(c.get("id")),
+                    name=wire_str(c["function"]["name"]),
+                    arguments=wire_str(c["function"].get("arguments")),
                 )
                 for c in message.get("tool_calls") or ()
             ]
             legacy = message.get("function_call")
             if not calls and isinstance(legacy, dict) and legacy.get("name"):
                 # The deprecated `functions` API's one call: the same thing as a tool call, without an id.
-                calls.append(ToolCall(LEGACY_CALL_ID, str(legacy["name"]), str(legacy.get("arguments") or "")))
+                calls.append(ToolCall(LEGACY_CALL_ID, wire_str(legacy["name"]), wire_str(legacy.get("arguments"))))
             raw_usage = doc.get("usage")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise bad_response(self._name, "not a chat completion") from None
@@ -388,7 +390,7 @@ class _ChunkReader:
         if err:
             raise self._stream_error(err)
         usage = obj.get("usage")
-        if usage:
+        if usage and isinstance(usage, dict):
             self._usage = usage  # servers that repeat usage on every chunk: the last one wins
         if not self._upstream.id:  # every chunk repeats them: the first says it
             self._upstream = _upstream(obj)
@@ -432,20 +434,19 @@ class _ChunkReader:
             ordinal = self._ordinals.get(key)
             if ordinal is None:
                 ordinal = self._ordinals[key] = len(self._ordinals)
-                out.append(
-                    ToolCallDelta(ordinal, call.get("id") or "", fn.get("name") or "", fn.get("arguments") or "")
-                )
+                name, arguments = wire_str(fn.get("name")), wire_str(fn.get("arguments"))
+                out.append(ToolCallDelta(ordinal, wire_str(call.get("id")), name, arguments))
             elif fn.get("arguments"):
-                out.append(ToolCallDelta(ordinal, arguments=fn["arguments"]))
+                out.append(ToolCallDelta(ordinal, arguments=wire_str(fn["arguments"])))
 
     def _legacy_call(self, fn: dict[str, Any], out: list[StreamEvent]) -> None:
         """A streamed legacy `function_call`: one call, its name first, then argument fragments."""
         ordinal = self._ordinals.get(_LEGACY_KEY)
         if ordinal is None:
             ordinal = self._ordinals[_LEGACY_KEY] = len(self._ordinals)
-            out.append(ToolCallDelta(ordinal, LEGACY_CALL_ID, fn.get("name") or "", fn.get("arguments") or ""))
+            out.append(ToolCallDelta(ordinal, LEGACY_CALL_ID, wire_str(fn.get("name")), wire_str(fn.get("arguments"))))
         elif fn.get("arguments"):
-            out.append(ToolCallDelta(ordinal, arguments=fn["arguments"]))
+            out.append(ToolCallDelta(ordinal, arguments=wire_str(fn["arguments"])))
 
     def _stream_error(self, err: object) -> ProviderError:
         if not isinstance(err, dict):

@@ -43,9 +43,11 @@ from feather_grpc.core.types import (
     Usage,
 )
 from feather_grpc.providers.base import (
+    SHAPE_ERRORS,
     ProviderSettings,
     consistent,
     data_url,
+    details_of,
     estimated_usage,
     merge_fields,
     token_count,
@@ -71,8 +73,8 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
         Usage(
             input_tokens=token_count(raw.get("input_tokens")),
             output_tokens=token_count(raw.get("output_tokens")),
-            cached_input_tokens=token_count((raw.get("input_tokens_details") or {}).get("cached_tokens")),
-            reasoning_tokens=token_count((raw.get("output_tokens_details") or {}).get("reasoning_tokens")),
+            cached_input_tokens=token_count(details_of(raw, "input_tokens_details").get("cached_tokens")),
+            reasoning_tokens=token_count(details_of(raw, "output_tokens_details").get("reasoning_tokens")),
         )
     )
 
@@ -221,13 +223,13 @@ class OpenAIResponsesProvider(OpenAIProvider):
                 raise TypeError
             reader.response(doc)
             events = reader.output(doc.get("output") or [])
-        except (KeyError, TypeError, AttributeError):
+            final = reader.finish()
+        except SHAPE_ERRORS:
             raise bad_response(self._name, "not a Responses API response") from None
         self._keep(reader.reasoning, reader.call_ids)
         text = "".join(e.content for e in events if isinstance(e, TextDelta))
         calls = [ToolCall(e.id, e.name, e.arguments) for e in events if isinstance(e, ToolCallDelta)]
         thinking = [ThinkingBlock(e.text) for e in events if isinstance(e, ThinkingDelta)]
-        final = reader.finish()
         if not text and reader.refusal:
             text = reader.refusal
         if final.usage is None:

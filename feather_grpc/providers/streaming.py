@@ -23,7 +23,7 @@ from feather_grpc.core.types import (
     ThinkingDelta,
     ToolCallDelta,
 )
-from feather_grpc.providers.base import parse_sse, read_events
+from feather_grpc.providers.base import SHAPE_ERRORS, parse_sse, read_events
 from feather_grpc.providers.http import bad_response, classify_transport_error, error_from_response, stream_cut
 from feather_grpc.providers.sse import SSEEvent, SSEParser
 
@@ -71,7 +71,10 @@ async def stream_sse(
                     doc = orjson.loads(await resp.read(max_response_bytes))
                 except ValueError:
                     raise bad_response(name, "body is not JSON") from None
-                full = replay(doc)
+                try:
+                    full = replay(doc)
+                except SHAPE_ERRORS:
+                    raise bad_response(name, "the reply is not in the API's shape") from None
                 for out in _deltas(full):
                     yield out
                 # Without usage the engine estimates, and says so.
@@ -80,7 +83,7 @@ async def stream_sse(
                 parser = SSEParser(max_event_bytes)
                 until: Callable[[], bool] = _never if read_to_end else done
                 async for chunk in resp:
-                    events, error = read_events(parse_sse(parser, chunk, name), handle, until)
+                    events, error = read_events(name, parse_sse(parser, chunk, name), handle, until)
                     for out in events:
                         yield out
                     if error is not None:
@@ -97,7 +100,11 @@ async def stream_sse(
             resp.close()
     except HttpError as exc:
         raise classify_transport_error(name, exc, streaming=started, api_key=api_key) from exc
-    for out in finish() if final is None else final:
+    try:
+        tail = finish() if final is None else final
+    except SHAPE_ERRORS:  # what the stream said, read at its end (its usage...), is not in the API's shape
+        raise bad_response(name, "the stream's end is not in the API's shape") from None
+    for out in tail:
         yield out
 
 

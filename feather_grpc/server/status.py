@@ -39,6 +39,43 @@ def _retry_info(seconds: float) -> any_pb2.Any:
     return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
+# A client reads at most 8 KiB of trailers (gRPC's default grpc.max_metadata_size) and fails the call with
+# RESOURCE_EXHAUSTED, the error lost, past that. The message goes there twice (grpc-message, percent-encoded:
+# up to 3 bytes per UTF-8 byte; and in grpc-status-details-bin, base64), so the message, each ErrorInfo
+# value and the BadRequest violations (which echo the caller's values) are bounded in UTF-8 bytes.
+MAX_MESSAGE_BYTES = 768
+MAX_METADATA_VALUE_BYTES = 200
+MAX_VIOLATIONS_BYTES = 1024
+_VIOLATION_PART_BYTES = 200
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut to at most `limit` UTF-8 bytes (on a character boundary) and marked "..." if cut."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _violations(violations: list[tuple[str, str]]) -> error_details_pb2.BadRequest:
+    """The first violations that fit MAX_VIOLATIONS_BYTES, then one saying how many more there were."""
+    kept: list[error_details_pb2.BadRequest.FieldViolation] = []
+    size = 0
+    for i, (field, description) in enumerate(violations):
+        v = error_details_pb2.BadRequest.FieldViolation(
+            field=bounded(field, _VIOLATION_PART_BYTES), description=bounded(description, _VIOLATION_PART_BYTES)
+        )
+        size += v.ByteSize()
+        if size > MAX_VIOLATIONS_BYTES:
+            more = len(violations) - i
+            kept.append(
+                error_details_pb2.BadRequest.FieldViolation(field="request", description=f"and {more} more violations")
+            )
+            break
+        kept.append(v)
+    return error_details_pb2.BadRequest(field_violations=kept)
+
+
 def build_status(
     code: grpc.StatusCode,
     reason: str,
@@ -46,11 +83,12 @@ def build_status(
     metadata: dict[str, str] | None = None,
     details: list[any_pb2.Any] | None = None,
 ) -> grpc.Status:
-    """A status whose message matches the call's, carrying exactly one ErrorInfo first."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
+    """A status whose message matches the call's, carrying exactly one ErrorInfo first; bounded in size."""
+    values = {k: bounded(v, MAX_METADATA_VALUE_BYTES) for k, v in (metadata or {}).items()}
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=values)
     status = status_pb2.Status(
         code=getattr(code_pb2, code.name),
-        message=message,
+        message=bounded(message, MAX_MESSAGE_BYTES),
         details=[_pack(info), *(details or [])],
     )
     return rpc_status.to_status(status)
@@ -62,16 +100,7 @@ def status_for(error: FeatherError, request_id: str = "") -> grpc.Status:
     metadata: dict[str, str] = {"requestId": request_id} if request_id else {}
     details: list[any_pb2.Any] = []
     if isinstance(error, InvalidRequest):
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in error.violations
-                    ]
-                )
-            )
-        )
+        details.append(_pack(_violations([(v.field, v.description) for v in error.violations])))
     elif isinstance(error, ModelNotFound):
         metadata["model"] = error.model
         if error.provider:

@@ -96,6 +96,13 @@ def check_query(query: UsageQuery) -> None:
         types = [int if g in BUCKET_NS else str for g in query.group_by]
         if len(query.after) != len(types) or any(type(v) is not t for v, t in zip(query.after, types, strict=False)):
             raise ValueError("after must hold one value per group_by dimension: str, or int for hour and day")
+        # A page token is the caller's to send back, so what it says must also be what a database takes: a
+        # 64-bit integer and text that encodes as UTF-8 (JSON may spell a lone surrogate).
+        for v in query.after:
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                raise ValueError("after holds an integer out of the 64-bit range")
+            if isinstance(v, str):
+                v.encode()  # UnicodeEncodeError is a ValueError
 
 
 def row_key(group_by: Iterable[GroupBy], row: UsageTotals) -> GroupKey:
