@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import sqlite3
 import statistics
@@ -264,9 +265,23 @@ def _gauges(port: int) -> dict[str, float]:
     return out
 
 
+def _die_with_us() -> None:
+    """In a child, before it runs: SIGTERM when this bench dies, so a killed run leaves no servers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, bufsize=1
+        [sys.executable, __file__, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        preexec_fn=_die_with_us,
     )
 
 
@@ -358,7 +373,9 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         ]
         source = ROOT if arm == "gateway" else Path(arm).resolve()
         env["PYTHONPATH"] = str(source)
-    gateway = subprocess.Popen(command, cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    gateway = subprocess.Popen(
+        command, cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_us
+    )
     address = f"127.0.0.1:{gw_port}"
     deadline = time.monotonic() + 30
     while True:
