@@ -258,9 +258,10 @@ class Feather:
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = ms_since(call.started)
             idle_ms = self._idle_timeouts_ms[candidate.provider]
-            # Without an idle timeout or a deadline the next event is awaited bare: no timer at all.
-            if idle_ms is not None or call.ctx.deadline is not None:
-                watch = EventWatch(idle_ms, call.ctx.deadline)
+            # Without an idle timeout or a deadline the next event is awaited bare: no timer at all. The watch
+            # is made at the first wait, once the first event has gone out: nothing it does is on the way to
+            # the first token (it only times waits, and the first event is already in hand).
+            watched = idle_ms is not None or call.ctx.deadline is not None
             while not isinstance(event, StreamFinish):
                 if isinstance(event, TextDelta):
                     output_chars += len(event.content)
@@ -280,6 +281,8 @@ class Feather:
                     yield event
                 else:
                     call.prompt_usage = event.usage
+                if watch is None and watched:
+                    watch = EventWatch(idle_ms, call.ctx.deadline)
                 try:
                     event = await (anext(upstream) if watch is None else watch.next(upstream))
                 except (StopAsyncIteration, ProviderError) as e:
