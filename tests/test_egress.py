@@ -17,7 +17,6 @@ import os
 import ssl
 import subprocess
 import sys
-import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from feather_grpc.server.calls import ServerCall
 from sim.proxy import ConnectProxy
 from sim.upstream import UpstreamSimulator
 from tests.gateway_harness import user
-from tests.ops_harness import REPO, eventually, running_server
+from tests.ops_harness import REPO, calls_reachable, eventually, running_server
 
 HOST = "llm.corp.invalid"  # only the proxy knows where this is
 KEY = "sk-egress-key-123"
@@ -494,30 +493,10 @@ async def _no_call_kept(pki: Path) -> None:
             await eventually(lambda: client.idle_connections() == 3, what="3 idle connections")
             assert client.connections() == 3
             gc.collect()
-            assert _calls_reachable(client) == []
+            assert calls_reachable(client) == []
             if isinstance(asyncio.get_running_loop(), uvloop.Loop):
                 # serve's loop: nothing else keeps a call either. (asyncio's own loop keeps a cancelled
                 # timer's context until the timer would have fired, which holds the call's deadline timer
                 # there for up to the deadline; that is asyncio's, not the pool's.)
                 alive = [o for o in gc.get_objects() if isinstance(o, ServerCall)]
                 assert alive == [], [c.request for c in alive]
-
-
-def _calls_reachable(root: object) -> list[ServerCall]:
-    """The ServerCalls reachable from `root` through its own objects (pools, connections, transports, their
-    handles and contexts); the event loop, modules, classes and functions are where the walk stops."""
-    loop = asyncio.get_running_loop()
-    seen = {id(root)}
-    todo = [root]
-    found: list[ServerCall] = []
-    while todo:
-        for ref in gc.get_referents(todo.pop()):
-            if id(ref) in seen or ref is loop or isinstance(ref, (type, types.ModuleType, types.FunctionType)):
-                continue
-            if isinstance(ref, dict) and "__builtins__" in ref:  # a module's globals
-                continue
-            seen.add(id(ref))
-            if isinstance(ref, ServerCall):
-                found.append(ref)
-            todo.append(ref)
-    return found
