@@ -451,20 +451,22 @@ def test_the_readme_example_loads(pki: Path) -> None:
 # -- pooled connections keep no call alive ---------------------------------------------------------
 
 
-async def test_pooled_connections_keep_no_call_alive(pki: Path) -> None:
-    await _no_call_kept(pki)
+@pytest.mark.parametrize("transport", ["builtin", "aiohttp"])
+async def test_pooled_connections_keep_no_call_alive(pki: Path, transport: str) -> None:
+    await _no_call_kept(pki, transport)
 
 
-def test_pooled_connections_keep_no_call_alive_on_uvloop(pki: Path) -> None:
+@pytest.mark.parametrize("transport", ["builtin", "aiohttp"])
+def test_pooled_connections_keep_no_call_alive_on_uvloop(pki: Path, transport: str) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_no_call_kept(pki))
+        runner.run(_no_call_kept(pki, transport))
 
 
-async def _no_call_kept(pki: Path) -> None:
+async def _no_call_kept(pki: Path, transport: str) -> None:
     """A transport runs its protocol's callbacks in the context it was created in. A pooled connection
     opened inside a call must not keep that call's context, and with it the call's ServerCall and request
     (a past caller's prompt), alive while it waits in the pool for other callers: direct (plain http and
-    TLS) and through a CONNECT tunnel, for Chat and StreamChat."""
+    TLS) and through a CONNECT tunnel, for Chat and StreamChat, on either upstream client."""
     async with (
         UpstreamSimulator() as plain,
         UpstreamSimulator(ssl_context=server_context(pki, client_certs=False)) as tls,
@@ -474,9 +476,11 @@ async def _no_call_kept(pki: Path) -> None:
         ca = str(pki / "ca.pem")
         doc = document(
             {
-                "plain": provider(f"http://127.0.0.1:{plain.port}/v1", "gpt-plain"),
-                "tls": provider(f"https://localhost:{tls.port}/v1", "gpt-tls", caFile=ca),
-                "tunnelled": provider(f"https://{HOST}:{hidden.port}/v1", "gpt-tunnelled", proxy=proxy.url, caFile=ca),
+                "plain": provider(f"http://127.0.0.1:{plain.port}/v1", "gpt-plain", transport=transport),
+                "tls": provider(f"https://localhost:{tls.port}/v1", "gpt-tls", caFile=ca, transport=transport),
+                "tunnelled": provider(
+                    f"https://{HOST}:{hidden.port}/v1", "gpt-tunnelled", proxy=proxy.url, caFile=ca, transport=transport
+                ),
             }
         )
         async with running_server(doc, ENV) as gw:
@@ -487,8 +491,7 @@ async def _no_call_kept(pki: Path) -> None:
             assert (len(plain.requests), len(tls.requests), len(hidden.requests)) == (2, 2, 2)
             upstream = gw.server.engine._upstream
             assert upstream is not None
-            client = upstream.get()
-            assert isinstance(client, HttpClient)
+            client = upstream.get(transport)
             # Every connection opened for these calls is back in its pool, idle (each reused once).
             await eventually(lambda: client.idle_connections() == 3, what="3 idle connections")
             assert client.connections() == 3
