@@ -136,9 +136,16 @@ def _origin_form(method: str, target: str, lines: list[str]) -> bytes:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
+    try:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
+    except ConnectionError:
+        # A reset on one side resets the other, as a real proxy does: half-closing it instead (or nothing)
+        # left the client waiting forever on a tunnel whose origin had reset it (an origin that refuses a
+        # TLS client certificate and closes with the client's request unread in its socket sends a RST).
+        writer.transport.abort()
+        return
+    if writer.can_write_eof():
+        with contextlib.suppress(ConnectionError):
             writer.write_eof()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -24,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server.app import GatewayServer, ServerOptions
+from feather_grpc.server.calls import ServerCall
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -150,3 +153,24 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def calls_reachable(root: object) -> list[ServerCall]:
+    """The ServerCalls reachable from `root` through its own objects (an HTTP client's pools, connections,
+    transports, their handles and contexts); the running event loop, modules, classes and functions are
+    where the walk stops."""
+    loop = asyncio.get_running_loop()
+    seen = {id(root)}
+    todo = [root]
+    found: list[ServerCall] = []
+    while todo:
+        for ref in gc.get_referents(todo.pop()):
+            if id(ref) in seen or ref is loop or isinstance(ref, (type, types.ModuleType, types.FunctionType)):
+                continue
+            if isinstance(ref, dict) and "__builtins__" in ref:  # a module's globals
+                continue
+            seen.add(id(ref))
+            if isinstance(ref, ServerCall):
+                found.append(ref)
+            todo.append(ref)
+    return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
@@ -32,10 +33,11 @@ from feather_grpc.core.http_client import ConnectError
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import ProviderSettings, build_provider
 from feather_grpc.providers.transport.client import HttpClient
+from feather_grpc.server.calls import ServerCall
 from sim.proxy import ConnectProxy
 from sim.upstream import UpstreamSimulator
 from tests.gateway_harness import user
-from tests.ops_harness import REPO, running_server
+from tests.ops_harness import REPO, calls_reachable, eventually, running_server
 
 HOST = "llm.corp.invalid"  # only the proxy knows where this is
 KEY = "sk-egress-key-123"
@@ -444,3 +446,60 @@ def test_the_readme_example_loads(pki: Path) -> None:
     vllm = by_name["vllm"]
     assert vllm.egress == Egress(None, str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
     assert not vllm.propagate_trace_context and by_name["openai"].propagate_trace_context
+
+
+# -- pooled connections keep no call alive ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["builtin", "aiohttp"])
+async def test_pooled_connections_keep_no_call_alive(pki: Path, transport: str) -> None:
+    await _no_call_kept(pki, transport)
+
+
+@pytest.mark.parametrize("transport", ["builtin", "aiohttp"])
+def test_pooled_connections_keep_no_call_alive_on_uvloop(pki: Path, transport: str) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_no_call_kept(pki, transport))
+
+
+async def _no_call_kept(pki: Path, transport: str) -> None:
+    """A transport runs its protocol's callbacks in the context it was created in. A pooled connection
+    opened inside a call must not keep that call's context, and with it the call's ServerCall and request
+    (a past caller's prompt), alive while it waits in the pool for other callers: direct (plain http and
+    TLS) and through a CONNECT tunnel, for Chat and StreamChat, on either upstream client."""
+    async with (
+        UpstreamSimulator() as plain,
+        UpstreamSimulator(ssl_context=server_context(pki, client_certs=False)) as tls,
+        UpstreamSimulator(host="127.0.0.2", ssl_context=server_context(pki, client_certs=False)) as hidden,
+        ConnectProxy(hosts={HOST: "127.0.0.2"}) as proxy,
+    ):
+        ca = str(pki / "ca.pem")
+        doc = document(
+            {
+                "plain": provider(f"http://127.0.0.1:{plain.port}/v1", "gpt-plain", transport=transport),
+                "tls": provider(f"https://localhost:{tls.port}/v1", "gpt-tls", caFile=ca, transport=transport),
+                "tunnelled": provider(
+                    f"https://{HOST}:{hidden.port}/v1", "gpt-tunnelled", proxy=proxy.url, caFile=ca, transport=transport
+                ),
+            }
+        )
+        async with running_server(doc, ENV) as gw:
+            for model in ("gpt-plain", "gpt-tls", "gpt-tunnelled"):
+                assert (await ask(gw.stub, model)).provider == model.removeprefix("gpt-")
+                stream = gw.stub.StreamChat(pb.StreamChatRequest(model=model, messages=[user("go")]), timeout=10)
+                assert [e async for e in stream][-1].HasField("end")
+            assert (len(plain.requests), len(tls.requests), len(hidden.requests)) == (2, 2, 2)
+            upstream = gw.server.engine._upstream
+            assert upstream is not None
+            client = upstream.get(transport)
+            # Every connection opened for these calls is back in its pool, idle (each reused once).
+            await eventually(lambda: client.idle_connections() == 3, what="3 idle connections")
+            assert client.connections() == 3
+            gc.collect()
+            assert calls_reachable(client) == []
+            if isinstance(asyncio.get_running_loop(), uvloop.Loop):
+                # serve's loop: nothing else keeps a call either. (asyncio's own loop keeps a cancelled
+                # timer's context until the timer would have fired, which holds the call's deadline timer
+                # there for up to the deadline; that is asyncio's, not the pool's.)
+                alive = [o for o in gc.get_objects() if isinstance(o, ServerCall)]
+                assert alive == [], [c.request for c in alive]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import ssl
 import zlib
@@ -33,6 +34,7 @@ from feather_grpc.providers.http import new_session
 from feather_grpc.providers.transport.client import Endpoint, HttpClient
 from feather_grpc.providers.transport.connection import HIGH_WATER, Connection
 from feather_grpc.providers.transport.response import Response
+from feather_grpc.server.calls import ServerCall, current_call
 from tests.ops_harness import eventually
 from tests.raw_http import (
     OK_BODY,
@@ -828,3 +830,35 @@ async def test_a_body_that_cannot_be_decoded_fails_the_read(
         with pytest.raises(ReadError, match=error) as caught:
             await post(endpoint(client, server))
         assert isinstance(caught.value, UnsupportedEncoding) == (coding == "br")
+
+
+# -- pooled connections keep no call alive --------------------------------------------------------
+
+
+async def test_a_connection_resumed_by_a_slow_reader_keeps_no_call_alive(client: HttpClient) -> None:
+    """Backpressure resumes the socket from the reader's task (a call): asyncio registers the new reader
+    handle in the current context, which must not make that call live as long as the pooled connection."""
+    body = b"x" * (4 * HIGH_WATER)
+
+    async def handler(req: Req) -> None:
+        req.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await req.writer.drain()
+
+    async def call(ep: Endpoint) -> bytes:
+        current_call.set(ServerCall("Chat", 0.0))  # in this task's own copy of the context, as a call has
+        resp = await ep.request(b"{}")
+        try:
+            await eventually(lambda: resp._conn is not None and resp._conn.paused, what="the socket paused")
+            return await resp.read()  # resumes the socket from this task
+        finally:
+            resp.close()
+
+    async with RawServer(handler) as server:
+        task = asyncio.create_task(call(endpoint(client, server)))
+        assert await task == body
+        del task  # the call is over: its task, and with it its context, is gone...
+        await asyncio.sleep(0)  # ...once the loop's handle that woke us with it has run (not a wait for I/O)
+        assert client.idle_connections() == 1
+        gc.collect()
+        # The reader handle lives in the loop's selector, not in the transport: look at every object.
+        assert [o for o in gc.get_objects() if isinstance(o, ServerCall)] == []

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import ssl
 from collections.abc import Coroutine, Sequence
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.tracing import Trace
 from yarl import URL
 
 from feather_grpc.core.egress import DIRECT, Egress, Proxy, TlsContexts
@@ -265,6 +269,35 @@ async def _on_headers_sent(
     mark_sent()  # runs in the caller's task: the attempt's marker is in context
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, opening each connection in an empty context: a transport runs its protocol's
+    callbacks in the context that created it, so a connection opened inside a call (its `current_call`:
+    ServerCall, request, prompt) would keep that call alive as long as it stays pooled. The same rule as
+    the own client's pool (providers/transport/pool.py); the CONNECT exchange and its TLS upgrade
+    (`loop.start_tls`) happen in here too, so the proxy path is covered."""
+
+    async def _create_connection(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> ResponseHandler:
+        opening = asyncio.get_running_loop().create_task(
+            super()._create_connection(req, traces, timeout), context=contextvars.Context()
+        )
+        try:
+            return await opening
+        except BaseException:
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                opening.result().close()  # opened as our caller was cancelled: nobody will use it
+            raise
+
+    def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        # A released connection may (re)start the keep-alive cleanup timer, which would keep the releasing
+        # call's context: in an empty one.
+        contextvars.Context().run(super()._release, key, protocol, should_close=should_close)
+
+
 def _idle(connector: aiohttp.BaseConnector) -> int:
     # aiohttp has no public count; its pool of idle connections is `_conns` (a list per host key)
     return sum(len(c) for c in connector._conns.values())
@@ -312,7 +345,7 @@ class AiohttpClient:
         if session is None:
             if self.closed:
                 raise ConnectError("HTTP client closed")
-            connector = aiohttp.TCPConnector(
+            connector = _Connector(
                 limit=0, limit_per_host=limit, keepalive_timeout=self.keepalive_timeout_s, ttl_dns_cache=60
             )
             session = self._sessions[key] = aiohttp.ClientSession(

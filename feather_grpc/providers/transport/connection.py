@@ -4,6 +4,7 @@ response (head, Content-Length, chunked or until-close bodies) straight into the
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
 from typing import Final, Protocol, cast
 
@@ -82,7 +83,10 @@ class Connection(asyncio.Protocol):
     def resume(self) -> None:
         self.paused = False
         if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+            # asyncio's transports register a new reader handle here, in the current context: the reader of
+            # a slow body (a call) would then be the context every later read of this pooled connection
+            # runs in, keeping that call alive (see Pool._open_socket). So: in an empty context.
+            contextvars.Context().run(self.transport.resume_reading)
 
     # -- asyncio.Protocol --
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import ipaddress
 import socket
 import ssl
@@ -185,9 +186,24 @@ class Pool:
             if self.proxy is not None and ctx is not None:
                 await tunnel(loop, sock, self.proxy, self.host, self.port, self.client.user_agent)
             conn = Connection(self)
-            transport, _ = await loop.create_connection(
-                lambda: conn, sock=sock, ssl=ctx, server_hostname=self.host if ctx is not None else None
+            # A transport runs every callback of its protocol in the context that created it (asyncio's
+            # reader handles and sslproto, uvloop's transports). Created here, that is the context of the
+            # call that opened the connection: its `current_call` (ServerCall, request, prompt) would then
+            # live as long as the pooled connection, serving other callers. So the transport is made in a
+            # task with an empty context of its own; nothing on the connection's side reads a context
+            # variable (the per-attempt headers and the sent-marker are read by the caller, in `request`).
+            opening = loop.create_task(
+                loop.create_connection(
+                    lambda: conn, sock=sock, ssl=ctx, server_hostname=self.host if ctx is not None else None
+                ),
+                context=contextvars.Context(),
             )
+            try:
+                transport, _ = await opening
+            except BaseException:
+                if opening.done() and not opening.cancelled() and opening.exception() is None:
+                    opening.result()[0].abort()  # opened as our caller was cancelled: nobody will use it
+                raise
             if conn.transport is None:  # connection_made is scheduled, not yet run (uvloop)
                 conn.transport = transport
         except BaseException:
@@ -250,7 +266,9 @@ class Pool:
     def _schedule_sweep(self) -> None:
         if self._idle and not self.closed:
             when = self._idle[0].idle_since + self.client.keepalive_timeout_s
-            self._sweep = self.loop.call_at(when, self._sweep_idle)
+            # Its own empty context: the timer would otherwise keep the context (the call) of whoever
+            # released the connection that scheduled it.
+            self._sweep = self.loop.call_at(when, self._sweep_idle, context=contextvars.Context())
 
     def _sweep_idle(self) -> None:
         self._sweep = None
