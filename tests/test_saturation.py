@@ -241,3 +241,24 @@ async def test_calls_that_come_and_go_between_checks_are_not_idle() -> None:
         await eventually(lambda: len(trims) == 1, what="one trim once the traffic stopped")
     finally:
         task.cancel()
+
+
+async def test_the_sqlite_ledger_is_told_when_the_server_is_backlogged(tmp_path: Any) -> None:
+    base = {
+        "providers": {"mock": {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]}},
+        "ledger": {"type": "sqlite", "path": str(tmp_path / "usage.db")},
+    }
+    cfg = config.resolve(config.parse_file_config(json.dumps(base), "<test>"), {}, "<test>")
+    server = GatewayServer(cfg)
+    try:
+        hint = server.engine.ledger.backlogged  # type: ignore[attr-defined]
+        assert hint is not None and not hint()  # idle: no record waits for company
+        server.gate.in_flight = 8  # many calls in flight: records may wait a few ms to share a commit
+        assert hint()
+        server.gate.in_flight = 0
+        server.loop_lag.start_delay_s = 0.01  # new calls wait to start
+        assert hint()
+    finally:
+        await server.engine.aclose()
+        if server.assembly is not None:
+            await server.assembly.aclose()

@@ -36,7 +36,6 @@ from feather_grpc.server.memory import return_memory_when_idle
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.tenancy import TenantGate
 from feather_grpc.state.fail_open import Outage
-from feather_grpc.state.sqlite_ledger import SqliteLedger
 
 if TYPE_CHECKING:
     from feather_grpc.server.metrics import GatewayMetrics
@@ -265,7 +264,8 @@ class GatewayServer:
             observers.append(logs.CallLog(worker=options.worker))
         self.assembly: Gateway | None = None  # what the server built (an engine passed in is the caller's)
         if engine is None:
-            self.assembly = assemble(config, options.worker, observers=observers)
+            # the SQLite ledger's commit delay under load (see sqlite_ledger); read only once calls run
+            self.assembly = assemble(config, options.worker, observers=observers, backlogged=self._backlogged)
             engine = self.assembly.engine
         else:
             engine.observers.extend(observers)
@@ -277,8 +277,6 @@ class GatewayServer:
         self.engine = engine
         self.loop_lag = LoopLag(config.server.max_loop_lag_s, in_flight=lambda: self.gate.in_flight)
         self.gate = TenantGate(config, self.engine.limiter, config.server.max_in_flight, self.loop_lag)
-        if isinstance(self.engine.ledger, SqliteLedger):  # its commit delay under load (see sqlite_ledger)
-            self.engine.ledger.backlogged = self._backlogged
         self.tracker = CallTracker(
             self.gate,
             log_content=options.log_content,

@@ -67,10 +67,12 @@ def assemble(
     providers: dict[str, Provider] | None = None,
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.monotonic,
+    backlogged: Callable[[], bool] | None = None,
 ) -> Gateway:
     """Builds the gateway for `config` (`worker`: this process's index under `serve --workers`). A part
-    passed in is used as given (tests, embeddings), and the rest built around it."""
-    ledger = ledger or open_ledger(config, worker)
+    passed in is used as given (tests, embeddings), and the rest built around it. `backlogged`: whether
+    the owner's calls queue anyway (the SQLite ledger then lets commits wait for company)."""
+    ledger = ledger or open_ledger(config, worker, backlogged)
     local_circuits = MemoryCircuitStore(CircuitBreakers(config.routing.breaker, clock))
     local_limiter, local_budgets = MemoryRateLimiter(), MemoryBudgetStore()
     shared_limiter: RateLimiter | None = None
@@ -151,7 +153,9 @@ def spool_path(config: GatewayConfig, worker: int | None) -> str:
     return base if worker is None else str(Path(base).with_suffix(f".w{worker}.db"))
 
 
-def open_ledger(config: GatewayConfig, worker: int | None = None) -> UsageLedger:
+def open_ledger(
+    config: GatewayConfig, worker: int | None = None, backlogged: Callable[[], bool] | None = None
+) -> UsageLedger:
     if config.ledger.database_url:
         from feather_grpc.state.postgres_ledger import PostgresLedger
 
@@ -171,4 +175,4 @@ def open_ledger(config: GatewayConfig, worker: int | None = None) -> UsageLedger
         return SocketLedger(config.ledger.path, writer_socket, synchronous=config.ledger.synchronous)
     from feather_grpc.state.sqlite_ledger import SqliteLedger
 
-    return SqliteLedger(config.ledger.path, synchronous=config.ledger.synchronous)
+    return SqliteLedger(config.ledger.path, synchronous=config.ledger.synchronous, backlogged=backlogged)
