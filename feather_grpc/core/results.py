@@ -16,6 +16,10 @@ class AttemptRecord:
     duration_ms: int = 0
     http_status: int = 0
     error_detail: str = ""  # what went wrong, safe to show (ProviderError.message: no keys, no bodies)
+    # The id the provider gave its reply (UpstreamReply.id: `chatcmpl-...`, `msg_...`), for correlating a
+    # call with the provider's own logs; set on the attempt that answered, once the reply (a stream: its
+    # finish) is in hand. Nothing else from the upstream body is kept here.
+    upstream_response_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ class Call:
     started_ns: int  # wall clock
     streamed: bool
     attempts: list[AttemptRecord] = field(default_factory=list)
+    answered: AttemptRecord | None = None  # the attempt that answered (of `attempts`; a hedge: the winner's)
     candidate: RouteCandidate | None = None
     ttft_ms: int | None = None  # streams: time to the first event sent to the caller
     ticket: Ticket | None = None  # what admission reserved; settled with the ledger record

@@ -186,6 +186,8 @@ class Feather:
         except asyncio.CancelledError:  # an attempt in flight is in call.abandoned
             self._settlement.settle_in_background(call, Outcome.CANCELLED, Usage(), estimated=False)
             raise
+        if call.answered is not None:
+            call.answered.upstream_response_id = reply.upstream.id
         cost, unpriced = price(candidate, reply.usage)
         record = self._settlement.record(call, Outcome.OK, reply.usage, cost=cost, estimated=reply.usage_estimated)
         await self._settlement.settle(call, record)
@@ -291,6 +293,8 @@ class Feather:
                     if watch is None:
                         raise
                     raise await self._attempts.midstream_timeout(call, watch, idle_ms) from None
+            if call.answered is not None:
+                call.answered.upstream_response_id = event.upstream.id
             usage, estimated = event.usage, False
             if usage is None:
                 usage, estimated = cancelled_usage(call, output_chars), True

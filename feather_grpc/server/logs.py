@@ -310,6 +310,9 @@ class CallLog:
             "duration_ms": record.latency_ms,
             "ttft_ms": ttft_ms,
             "attempts": len(attempts),
+            # The provider's id of its reply (of the attempt that answered; "" when none did or it gave none).
+            # Bounded: it is the upstream's text, and a broken one must not bloat every line.
+            "upstream_response_id": next((a.upstream_response_id[:200] for a in attempts if a.outcome == "ok"), ""),
         }
         failed = [a for a in attempts if a.error_reason]
         if failed:  # why each failed attempt failed (the details are safe to show; keys are redacted anyway)
