@@ -750,11 +750,11 @@ async def test_a_hedged_calls_log_names_the_winners_reply_id(
     assert (line["provider"], line["upstream_response_id"]) == ("anthropic", "msg_winner")
 
 
-async def test_a_stream_cut_after_its_first_token_logs_no_reply_id_and_marks_the_attempt_that_answered(
+async def test_a_stream_cut_after_its_first_token_logs_its_reply_id_on_the_attempt_that_answered(
     sim: UpstreamSimulator, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The stream failed mid-way: no attempt answered, so the line names no reply (the id a stream carries
-    is taken with its finish); the failure is on the attempt that streamed, not a hedge's cancelled loser."""
+    """The stream failed mid-way: the line still names the reply (the id comes with the stream's first
+    chunk), and the failure, with that id, is on the attempt that streamed, not a hedge's cancelled loser."""
     caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
     # The first leg answers after the hedge started (so the loser's record is listed after the winner's).
     sim.enqueue(
@@ -769,5 +769,6 @@ async def test_a_stream_cut_after_its_first_token_logs_no_reply_id_and_marks_the
                 pass
         await gw.server.engine.settled()
     line = _call_lines(caplog)["r-cut"]
-    assert (line["provider"], line["outcome"], line["upstream_response_id"]) == ("openai", "error", "")
-    assert [(e["provider"], e["reason"]) for e in line["attempt_errors"]] == [("openai", "UPSTREAM_STREAM_CUT")]
+    assert (line["provider"], line["outcome"], line["upstream_response_id"]) == ("openai", "error", "chatcmpl-cut")
+    errors = [(e["provider"], e["reason"], e.get("upstream_response_id")) for e in line["attempt_errors"]]
+    assert errors == [("openai", "UPSTREAM_STREAM_CUT", "chatcmpl-cut")]

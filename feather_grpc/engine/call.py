@@ -19,7 +19,8 @@ from feather_grpc.engine.validation import usable_request_id
 
 StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
 # An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
-Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None]
+# A stream an attempt opened: the iterator, its first reply event, the prompt usage and reply id it announced.
+Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None, str]
 
 
 @dataclass(slots=True)
