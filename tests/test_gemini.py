@@ -31,6 +31,7 @@ from feather_grpc.core.types import (
     Message,
     Part,
     PartKind,
+    ReplyId,
     ResponseFormat,
     Role,
     StreamFinish,
@@ -234,7 +235,7 @@ async def test_safety_and_blocked_prompts_are_content_filter(sim: GeminiSimulato
     sim.enqueue(GeminiReply(block_reason="SAFETY"))
     events = [e async for e in provider.stream("g", ask())]
     assert isinstance(events[-1], StreamFinish) and events[-1].finish_reason is FinishReason.CONTENT_FILTER
-    assert events[-1].upstream.id == "sim-response"
+    assert events[-1].upstream.id == "sim-response" and events[0] == ReplyId("sim-response")  # said at once
 
 
 @pytest.mark.parametrize(

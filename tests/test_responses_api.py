@@ -32,6 +32,7 @@ from feather_grpc.core.types import (
     Message,
     Part,
     PartKind,
+    ReplyId,
     ResponseFormat,
     Role,
     StreamFinish,
@@ -205,7 +206,7 @@ async def test_stream_text_usage_and_incomplete(sim: ResponsesSimulator, session
     end = events[-1]
     assert isinstance(end, StreamFinish) and end.finish_reason is FinishReason.STOP and end.usage is not None
     assert (end.usage.input_tokens, end.usage.output_tokens, end.usage.cached_input_tokens) == (9, 3, 2)
-    assert end.upstream.id.startswith("resp_sim_")
+    assert end.upstream.id.startswith("resp_sim_") and events[0] == ReplyId(end.upstream.id)  # said at once
 
     sim.enqueue(ResponsesReply(text="cut", incomplete="max_output_tokens"))
     events = [e async for e in provider.stream("o3", ask())]

@@ -46,6 +46,7 @@ from feather_grpc.core.types import (
     Part,
     PartKind,
     ProviderResponse,
+    ReplyId,
     Role,
     StreamEvent,
     StreamFinish,
@@ -465,8 +466,9 @@ class _Reader:
             status = str(err.get("status") or "")
             body = UpstreamErrorBody(status, str(err.get("code") or ""), str(err.get("message") or ""))
             raise classify_status(self._name, _STATUS.get(status, 500), body, api_key=self._api_key)
-        if not self._id:
-            self._id = str(doc.get("responseId") or "")
+        said_id = not self._id and bool(doc.get("responseId"))
+        if said_id:
+            self._id = str(doc["responseId"])
         usage = doc.get("usageMetadata")
         if isinstance(usage, dict):
             self._usage = usage  # cumulative: the last one wins
@@ -474,7 +476,7 @@ class _Reader:
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self._blocked = True  # the prompt itself was blocked: no candidates follow
             self.finish_raw = feedback["blockReason"]
-        out: list[StreamEvent] = []
+        out: list[StreamEvent] = [ReplyId(self._id)] if said_id else []
         for candidate in (doc.get("candidates") or ())[:1]:
             for part in (candidate.get("content") or {}).get("parts") or ():
                 signature = part.get("thoughtSignature")

@@ -32,6 +32,7 @@ from feather_grpc.core.types import (
     Part,
     PartKind,
     ProviderResponse,
+    ReplyId,
     Role,
     StreamEvent,
     StreamFinish,
@@ -420,7 +421,10 @@ class _Reader:
             return []
         if kind == "error":
             raise self._error(obj)
-        return []  # created, in_progress, content_part.*, *.done, reasoning summaries...
+        if kind == "response.created":  # the reply's id as soon as it is said: a cut stream still names it
+            self._id = str(obj["response"].get("id") or "")
+            return [ReplyId(self._id)] if self._id else []
+        return []  # in_progress, content_part.*, *.done, reasoning summaries...
 
     def _error(self, err: dict[str, Any]) -> ProviderError:
         code = str(err.get("code") or err.get("type") or "")
