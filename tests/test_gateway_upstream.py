@@ -772,3 +772,16 @@ async def test_a_stream_cut_after_its_first_token_logs_its_reply_id_on_the_attem
     assert (line["provider"], line["outcome"], line["upstream_response_id"]) == ("openai", "error", "chatcmpl-cut")
     errors = [(e["provider"], e["reason"], e.get("upstream_response_id")) for e in line["attempt_errors"]]
     assert errors == [("openai", "UPSTREAM_STREAM_CUT", "chatcmpl-cut")]
+
+
+async def test_an_oversized_reply_id_is_bounded_in_the_call_log(
+    sim: UpstreamSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The id is the upstream's text: a broken or hostile one must not bloat every line."""
+    caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
+    sim.enqueue(Reply(response_id="chatcmpl-" + "x" * 100_000), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", provider="openai", messages=[user("x")]))
+        await gw.server.engine.settled()
+    logged = _call_lines(caplog)[reply.request_id]["upstream_response_id"]
+    assert logged == ("chatcmpl-" + "x" * 100_000)[:200]
