@@ -17,8 +17,8 @@ class AttemptRecord:
     http_status: int = 0
     error_detail: str = ""  # what went wrong, safe to show (ProviderError.message: no keys, no bodies)
     # The id the provider gave its reply (UpstreamReply.id: `chatcmpl-...`, `msg_...`), for correlating a
-    # call with the provider's own logs; set on the attempt that answered, once the reply (a stream: its
-    # finish) is in hand. Nothing else from the upstream body is kept here.
+    # call with the provider's own logs; set on the attempt that answered, with its reply (a stream: as soon
+    # as it says it, its first event, so a stream cut mid-way keeps it). Nothing else from the body is kept.
     upstream_response_id: str = ""
 
 

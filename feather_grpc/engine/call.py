@@ -18,7 +18,6 @@ from feather_grpc.engine.routing import RouteCandidate
 from feather_grpc.engine.validation import usable_request_id
 
 StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
-# An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
 # A stream an attempt opened: the iterator, its first reply event, the prompt usage and reply id it announced.
 Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None, str]
 
