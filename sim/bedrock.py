@@ -67,6 +67,10 @@ class RecordedSigned:
     signature_ok: bool
 
 
+# Bedrock names each reply by the request id header (its own logs and CloudTrail go by it).
+_REQUEST_ID = {"x-amzn-RequestId": "sim-bedrock-request"}
+
+
 def encode_event(headers: dict[str, str], payload: bytes) -> bytes:
     """One AWS event-stream message: prelude (total length, headers length, CRC32), string headers,
     payload, CRC32 of everything before it."""
@@ -200,7 +204,7 @@ class BedrockSimulator:
             if usage is not None:
                 doc["usage"] = usage
             doc["metrics"] = {"latencyMs": 12}
-            return web.Response(body=orjson.dumps(doc), content_type="application/json")
+            return web.Response(body=orjson.dumps(doc), content_type="application/json", headers=_REQUEST_ID)
         events = [_event("messageStart", {"role": "assistant"})]
         index = 0
         if reply.reasoning:
@@ -233,7 +237,7 @@ class BedrockSimulator:
         events.append(_event("metadata", metadata))
         if reply.exception_after is not None:
             events = [*events[: reply.exception_after], _exception(reply.error_type, reply.message)]
-        resp = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
+        resp = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream", **_REQUEST_ID})
         await resp.prepare(request)
         data = b"".join(events)
         pieces = max(1, reply.stream_pieces)

@@ -112,6 +112,7 @@ class Reply:
     service_tier: str | None = None
     stop_sequence: str | None = None
     refusal: str | None = None
+    response_id: str | None = None  # the reply's own id; None: chatcmpl-sim (OpenAI) / msg_sim (Anthropic)
 
     # Failures.
     status: int = 200  # >= 400: a provider-formatted error body
@@ -828,7 +829,7 @@ def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) 
     elif reply.tool_calls:
         message["tool_calls"] = _openai_calls(reply)
     doc: dict[str, Any] = {
-        "id": "chatcmpl-sim",
+        "id": reply.response_id or "chatcmpl-sim",
         "object": "chat.completion",
         "created": _CREATED,
         "model": model,
@@ -843,7 +844,8 @@ def _openai_completion(model: str, content: str, reply: Reply, usage: SimUsage) 
 
 
 def _openai_stream(model: str, content: str, reply: Reply, usage: SimUsage, include_usage: bool) -> list[bytes]:
-    head = f'data: {{"id":"chatcmpl-sim","object":"chat.completion.chunk","created":{_CREATED},"model":'
+    head = 'data: {"id":' + json.dumps(reply.response_id or "chatcmpl-sim")
+    head += f',"object":"chat.completion.chunk","created":{_CREATED},"model":'
     head += json.dumps(model)
     if reply.service_tier is not None:
         head += ',"service_tier":' + json.dumps(reply.service_tier)
@@ -935,7 +937,7 @@ def _anthropic_blocks(content: str, reply: Reply) -> list[dict[str, Any]]:
 
 def _anthropic_message(model: str, content: str, reply: Reply, usage: SimUsage) -> bytes:
     doc: dict[str, Any] = {
-        "id": "msg_sim",
+        "id": reply.response_id or "msg_sim",
         "type": "message",
         "role": "assistant",
         "model": model,
@@ -979,7 +981,7 @@ def _thinking_events(index: int, block: dict[str, Any], chunks: int | None) -> l
 def _anthropic_stream(model: str, content: str, reply: Reply, usage: SimUsage) -> list[bytes]:
     start_output = usage.start_output if usage.start_output is not None else min(1, usage.output)
     message: dict[str, Any] = {
-        "id": "msg_sim",
+        "id": reply.response_id or "msg_sim",
         "type": "message",
         "role": "assistant",
         "model": model,

@@ -32,6 +32,7 @@ from feather_grpc.core.types import (
     Message,
     Part,
     PartKind,
+    ReplyId,
     ResponseFormat,
     Role,
     StreamFinish,
@@ -172,6 +173,7 @@ async def test_converse_request_and_reply(aws_env: None, sim: BedrockSimulator, 
     sim.enqueue(BedrockReply(text="It is sunny.", input_tokens=40, output_tokens=5, cache_read=100, cache_write=20))
     out = await provider.chat(MODEL, request)
     assert out.content == "It is sunny." and out.finish_reason is FinishReason.STOP
+    assert out.upstream.id == "sim-bedrock-request"  # the x-amzn-RequestId header, for the call log
     u = out.usage
     assert (u.input_tokens, u.output_tokens, u.cached_input_tokens, u.cache_write_tokens) == (160, 5, 100, 20)
     body = sim.requests[-1].body
@@ -241,6 +243,7 @@ async def test_converse_stream_text_tools_and_usage(
     assert isinstance(end, StreamFinish) and end.finish_reason is FinishReason.TOOL_CALLS
     assert end.usage is not None
     assert (end.usage.input_tokens, end.usage.output_tokens, end.usage.cached_input_tokens) == (37, 12, 7)
+    assert events[0] == ReplyId("sim-bedrock-request") and end.upstream.id == "sim-bedrock-request"
 
 
 async def test_stream_exception_event_after_text(aws_env: None, sim: BedrockSimulator, session: HttpClient) -> None:

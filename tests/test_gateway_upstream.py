@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import uvloop
 
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.logs import CALLS_LOGGER
 from sim.upstream import ANTHROPIC_PATH, OPENAI_PATH, Reply, SimToolCall, SimUsage, UpstreamSimulator
 from tests.gateway_harness import Gateway, rich_error, running_gateway, user
 from tests.redis_server import RedisServer
@@ -683,3 +685,103 @@ async def test_an_idle_gateway_sends_each_delta_as_it_comes() -> None:
             assert deltas == words
     finally:
         await runner.cleanup()
+
+
+def _call_lines(caplog: pytest.LogCaptureFixture) -> dict[str, dict[str, Any]]:
+    """The call log's lines by request id."""
+    return {r.request_id: r.__dict__ for r in caplog.records if r.name == CALLS_LOGGER}
+
+
+@pytest.mark.parametrize(("provider", "path"), [("openai", OPENAI_PATH), ("anthropic", ANTHROPIC_PATH)])
+async def test_the_call_log_names_the_reply_id_the_upstream_gave(
+    sim: UpstreamSimulator, caplog: pytest.LogCaptureFixture, provider: str, path: str
+) -> None:
+    """Support correlates a call with the provider's own logs by the provider's id of its reply: Chat and
+    StreamChat each log the id of the reply that answered them, and nothing else from its body."""
+    caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
+    sim.enqueue(Reply(content="secret-answer-1", response_id=f"{provider}-reply-chat"), path=path)
+    sim.enqueue(Reply(content="secret-answer-2", response_id=f"{provider}-reply-stream"), path=path)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        chat = await gw.stub.Chat(pb.ChatRequest(model="smart", provider=provider, messages=[user("a")]))
+        stream = pb.StreamChatRequest(model="smart", provider=provider, messages=[user("b")], request_id="r-stream")
+        events = [e async for e in gw.stub.StreamChat(stream)]
+        await gw.server.engine.settled()
+    assert chat.message.content == "secret-answer-1" and events[-1].WhichOneof("event") == "end"
+    lines = _call_lines(caplog)
+    assert lines[chat.request_id]["upstream_response_id"] == f"{provider}-reply-chat"
+    assert lines["r-stream"]["upstream_response_id"] == f"{provider}-reply-stream"
+    assert "secret-answer" not in repr(lines)
+
+
+async def test_the_call_log_names_the_reply_id_of_the_fallback_that_answered(
+    sim: UpstreamSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
+    sim.enqueue(Reply(status=401, response_id="chatcmpl-never"), path=OPENAI_PATH)  # the provider's fault: fail over
+    sim.enqueue(Reply(response_id="msg_fallback"), path=ANTHROPIC_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("x")]))
+        await gw.server.engine.settled()
+    assert reply.provider == "anthropic"
+    line = _call_lines(caplog)[reply.request_id]
+    assert line["upstream_response_id"] == "msg_fallback"
+    ((failed),) = line["attempt_errors"]
+    assert failed["provider"] == "openai" and "chatcmpl-never" not in str(failed)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_hedged_calls_log_names_the_winners_reply_id(
+    sim: UpstreamSimulator, caplog: pytest.LogCaptureFixture, streamed: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
+    sim.enqueue(Reply(latency_s=30, response_id="chatcmpl-loser"), path=OPENAI_PATH)
+    sim.enqueue(Reply(response_id="msg_winner"), path=ANTHROPIC_PATH)
+    doc = sim_config(sim, routes={"smart": {"hedgeAfterMs": 50}})
+    async with running_gateway(doc, ENV) as gw:
+        if streamed:
+            request = pb.StreamChatRequest(model="smart", messages=[user("race")], request_id="r-hedged")
+            events = [e async for e in gw.stub.StreamChat(request)]
+            assert events[0].start.provider == "anthropic" and events[-1].WhichOneof("event") == "end"
+        else:
+            reply = await gw.stub.Chat(pb.ChatRequest(model="smart", messages=[user("race")], request_id="r-hedged"))
+            assert reply.provider == "anthropic"
+        await gw.server.engine.settled()
+    line = _call_lines(caplog)["r-hedged"]
+    assert (line["provider"], line["upstream_response_id"]) == ("anthropic", "msg_winner")
+
+
+async def test_a_stream_cut_after_its_first_token_logs_its_reply_id_on_the_attempt_that_answered(
+    sim: UpstreamSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream failed mid-way: the line still names the reply (the id comes with the stream's first
+    chunk), and the failure, with that id, is on the attempt that streamed, not a hedge's cancelled loser."""
+    caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
+    # The first leg answers after the hedge started (so the loser's record is listed after the winner's).
+    sim.enqueue(
+        Reply(content="a b c d e f", latency_s=0.3, reset_after=5, response_id="chatcmpl-cut"), path=OPENAI_PATH
+    )
+    sim.enqueue(Reply(latency_s=30), path=ANTHROPIC_PATH)
+    doc = sim_config(sim, routes={"smart": {"hedgeAfterMs": 50}})
+    async with running_gateway(doc, ENV) as gw:
+        request = pb.StreamChatRequest(model="smart", messages=[user("race")], request_id="r-cut")
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in gw.stub.StreamChat(request):
+                pass
+        await gw.server.engine.settled()
+    line = _call_lines(caplog)["r-cut"]
+    assert (line["provider"], line["outcome"], line["upstream_response_id"]) == ("openai", "error", "chatcmpl-cut")
+    errors = [(e["provider"], e["reason"], e.get("upstream_response_id")) for e in line["attempt_errors"]]
+    assert errors == [("openai", "UPSTREAM_STREAM_CUT", "chatcmpl-cut")]
+
+
+async def test_an_oversized_reply_id_is_bounded_in_the_call_log(
+    sim: UpstreamSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The id is the upstream's text: a broken or hostile one must not bloat every line."""
+    caplog.set_level(logging.INFO, logger=CALLS_LOGGER)
+    sim.enqueue(Reply(response_id="chatcmpl-" + "x" * 100_000), path=OPENAI_PATH)
+    async with running_gateway(sim_config(sim), ENV) as gw:
+        reply = await gw.stub.Chat(pb.ChatRequest(model="fast", provider="openai", messages=[user("x")]))
+        await gw.server.engine.settled()
+    logged = _call_lines(caplog)[reply.request_id]["upstream_response_id"]
+    assert logged == ("chatcmpl-" + "x" * 100_000)[:200]

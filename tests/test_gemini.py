@@ -31,6 +31,7 @@ from feather_grpc.core.types import (
     Message,
     Part,
     PartKind,
+    ReplyId,
     ResponseFormat,
     Role,
     StreamFinish,
@@ -225,13 +226,16 @@ async def test_stream_generate_content(sim: GeminiSimulator, session: HttpClient
 async def test_safety_and_blocked_prompts_are_content_filter(sim: GeminiSimulator, session: HttpClient) -> None:
     provider = gemini(sim, session)
     sim.enqueue(GeminiReply(text="partial", finish_reason="SAFETY"))
-    assert (await provider.chat("g", ask())).finish_reason is FinishReason.CONTENT_FILTER
+    filtered = await provider.chat("g", ask())
+    assert filtered.finish_reason is FinishReason.CONTENT_FILTER
+    assert filtered.upstream.id == "sim-response"  # the reply's responseId, for the call log
     sim.enqueue(GeminiReply(block_reason="PROHIBITED_CONTENT"))
     out = await provider.chat("g", ask())
     assert (out.content, out.finish_reason) == ("", FinishReason.CONTENT_FILTER)
     sim.enqueue(GeminiReply(block_reason="SAFETY"))
     events = [e async for e in provider.stream("g", ask())]
     assert isinstance(events[-1], StreamFinish) and events[-1].finish_reason is FinishReason.CONTENT_FILTER
+    assert events[-1].upstream.id == "sim-response" and events[0] == ReplyId("sim-response")  # said at once
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ CALL_FIELDS = {
     "cost_nanos_usd",
     "duration_ms",
     "attempts",
+    "upstream_response_id",
 }
 
 
@@ -68,7 +69,10 @@ def write_config(tmp_path: Path, sim: UpstreamSimulator) -> Path:
 async def run_one_call(tmp_path: Path, env: dict[str, str]) -> tuple[GatewayProcess, pb.ChatResponse]:
     async with UpstreamSimulator() as sim:
         # The upstream fails once (retried), then answers with the prompt echoed in its completion.
-        sim.enqueue(Reply(status=500), Reply(content=f"echo: {PROMPT}", usage=SimUsage(30, 12)))
+        sim.enqueue(
+            Reply(status=500),
+            Reply(content=f"echo: {PROMPT}", usage=SimUsage(30, 12), response_id="chatcmpl-logs-4711"),
+        )
         port = free_port()
         cfg = write_config(tmp_path, sim)
         gw = GatewayProcess.start(
@@ -104,6 +108,7 @@ async def test_one_json_line_per_call_without_prompt_completion_or_key(tmp_path:
     assert (call["input_tokens"], call["output_tokens"]) == (30, 12)
     assert call["cost_nanos_usd"] == reply.cost_nanos_usd > 0
     assert call["attempts"] == 2 and call["duration_ms"] >= 0
+    assert call["upstream_response_id"] == "chatcmpl-logs-4711"  # the provider's id of the reply that answered
     (failed,) = call["attempt_errors"]  # why the first attempt failed, with the provider's own words
     assert {k: failed[k] for k in ("provider", "model", "outcome", "reason", "http_status")} == {
         "provider": "openai",
@@ -113,6 +118,7 @@ async def test_one_json_line_per_call_without_prompt_completion_or_key(tmp_path:
         "http_status": 500,
     }
     assert failed["detail"].startswith("openai: ") and "500" in failed["detail"]
+    assert "upstream_response_id" not in failed  # a failed attempt had no reply to name
     assert call["level"] == "info" and isinstance(call["pid"], int)
     assert "confidential-prompt-4711" not in everything
     assert API_KEY not in everything and "ThisIsTheUpstreamKey" not in everything

@@ -20,6 +20,7 @@ from feather_grpc.core.types import (
     FinishReason,
     Message,
     PromptUsage,
+    ReplyId,
     ResponseFormat,
     Role,
     StreamEvent,
@@ -428,7 +429,8 @@ async def test_openai_stream_cut(upstream: UpstreamSimulator, http_session: Http
         assert "[DONE]" in info.value.message
         # role chunk + two pieces before the cut (one delta or two: pieces read together are joined)
         assert "".join(e.content for e in seen if isinstance(e, TextDelta)) == "a b "
-        assert all(isinstance(e, TextDelta) for e in seen)
+        assert seen[0] == ReplyId("chatcmpl-sim")  # said by the first chunk: a cut stream still names its reply
+        assert all(isinstance(e, TextDelta) for e in seen[1:])
 
 
 async def test_deltas_of_one_read_are_joined_and_nothing_waits_for_more(
@@ -750,7 +752,7 @@ async def test_closing_a_stream_early_closes_the_upstream_connection(
     upstream.enqueue(Reply(content="first second third", hang_after=4))
     stream = make(upstream, http_session).stream("m", ask())
     first = await anext(stream)
-    if isinstance(first, PromptUsage):  # Anthropic announces the prompt's usage before any text
+    while isinstance(first, ReplyId | PromptUsage):  # the reply's id, Anthropic's prompt usage: before any text
         first = await anext(stream)
     assert isinstance(first, TextDelta) and first.content.startswith("first ")  # later pieces may come with it
     assert upstream.stream_disconnects == 0
@@ -1049,8 +1051,9 @@ async def test_anthropic_mid_stream_error_event(
     err = info.value
     assert (err.reason, err.retryable, err.http_status) == (reason, retryable, status)
     assert err.message.startswith(f"anthropic: {status} {error_type}: ")
-    # message_start (the prompt's usage: 2 words + 3 per message), block start, ping, first delta, then the error
-    assert seen == [PromptUsage(Usage(input_tokens=5)), TextDelta("a ")]
+    # message_start (the reply's id, the prompt's usage: 2 words + 3 per message), block start, ping, first
+    # delta, then the error
+    assert seen == [ReplyId("msg_sim"), PromptUsage(Usage(input_tokens=5)), TextDelta("a ")]
 
 
 async def test_anthropic_stream_cut(upstream: UpstreamSimulator, http_session: HttpClient) -> None:

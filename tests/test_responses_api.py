@@ -32,6 +32,7 @@ from feather_grpc.core.types import (
     Message,
     Part,
     PartKind,
+    ReplyId,
     ResponseFormat,
     Role,
     StreamFinish,
@@ -105,6 +106,7 @@ async def test_request_items_and_reply(sim: ResponsesSimulator, session: HttpCli
     sim.enqueue(ResponsesReply(text="It is sunny.", input_tokens=40, output_tokens=30, cached=10, reasoning_tokens=20))
     out = await responses(sim, session).chat("o3", request)
     assert out.content == "It is sunny." and out.finish_reason is FinishReason.STOP
+    assert out.upstream.id.startswith("resp_sim_")  # the response's own id, for the call log
     u = out.usage
     assert (u.input_tokens, u.output_tokens, u.cached_input_tokens, u.reasoning_tokens) == (40, 30, 10, 20)
     body = sim.requests[-1].body
@@ -204,6 +206,7 @@ async def test_stream_text_usage_and_incomplete(sim: ResponsesSimulator, session
     end = events[-1]
     assert isinstance(end, StreamFinish) and end.finish_reason is FinishReason.STOP and end.usage is not None
     assert (end.usage.input_tokens, end.usage.output_tokens, end.usage.cached_input_tokens) == (9, 3, 2)
+    assert end.upstream.id.startswith("resp_sim_") and events[0] == ReplyId(end.upstream.id)  # said at once
 
     sim.enqueue(ResponsesReply(text="cut", incomplete="max_output_tokens"))
     events = [e async for e in provider.stream("o3", ask())]

@@ -16,6 +16,10 @@ class AttemptRecord:
     duration_ms: int = 0
     http_status: int = 0
     error_detail: str = ""  # what went wrong, safe to show (ProviderError.message: no keys, no bodies)
+    # The id the provider gave its reply (UpstreamReply.id: `chatcmpl-...`, `msg_...`), for correlating a
+    # call with the provider's own logs; set on the attempt that answered, with its reply (a stream: as soon
+    # as it says it, its first event, so a stream cut mid-way keeps it). Nothing else from the body is kept.
+    upstream_response_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

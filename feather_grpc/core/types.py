@@ -218,7 +218,16 @@ class PromptUsage:
     usage: Usage
 
 
-StreamEvent = TextDelta | ToolCallDelta | ThinkingDelta | PromptUsage | StreamFinish
+@dataclass(slots=True, frozen=True)
+class ReplyId:
+    """The provider's own id of the reply, as soon as the stream says it (OpenAI's first chunk, Anthropic's
+    `message_start`): the engine records it on the attempt, so a stream cut mid-way still names its reply.
+    Never sent to callers (the stream's end carries it in `StreamFinish.upstream`)."""
+
+    id: str
+
+
+StreamEvent = TextDelta | ToolCallDelta | ThinkingDelta | PromptUsage | ReplyId | StreamFinish
 
 
 # Upstream body fields the gateway owns: what it routes, streams and reserves budgets on (the output limit,

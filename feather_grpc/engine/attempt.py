@@ -132,11 +132,11 @@ class Attempts:
         """The original's `race`, done carefully: after `delay_s` without an answer a second leg starts on
         the next candidate; the first success wins; the other leg is cancelled (which never counts against
         its circuit) and billed only for what it consumed."""
-        legs = [replace(call, attempts=[], ticket=None, abandoned=[], prompt_usage=None)]
+        legs = [replace(call, attempts=[], answered=None, ticket=None, abandoned=[], prompt_usage=None)]
         tasks = [asyncio.ensure_future(self._attempt_loop(legs[0], candidates, attempt))]
         done, _ = await asyncio.wait(tasks, timeout=delay_s)
         if not done:
-            legs.append(replace(call, attempts=[], ticket=None, abandoned=[], prompt_usage=None))
+            legs.append(replace(call, attempts=[], answered=None, ticket=None, abandoned=[], prompt_usage=None))
             tasks.append(asyncio.ensure_future(self._attempt_loop(legs[1], candidates[1:] + candidates[:1], attempt)))
         winner: int | None = None
         try:
@@ -164,7 +164,7 @@ class Attempts:
             consumed = task.result()[1] if finished else None
             if consumed is not None or leg.abandoned:
                 await settle_loser(leg, consumed)
-        call.candidate = legs[winner].candidate
+        call.candidate, call.answered = legs[winner].candidate, legs[winner].answered
         return tasks[winner].result()
 
     async def _attempt_loop(
@@ -248,7 +248,8 @@ class Attempts:
                 else:
                     if permit is Permit.PROBE:  # a success while closed changes nothing: no round trip
                         await self._circuit_verdict(self.circuits.succeeded, candidate.key, permit)
-                    self._attempt_done(call, tokens, _attempt(candidate, "ok", begun))
+                    call.answered = _attempt(candidate, "ok", begun)
+                    self._attempt_done(call, tokens, call.answered)
                     self.latency.observe(candidate.key, ms_since(begun))
                     return candidate, result
                 finally:
@@ -341,10 +342,12 @@ class Attempts:
         if call.candidate is not None:
             await self._circuit_verdict(self.circuits.failed, call.candidate.key, Permit.CALL)
             cause = self._note_failure(call.candidate.key, e)
-        if call.attempts:
-            call.attempts[-1].outcome = "retryable_error" if e.retryable else "fatal_error"
-            call.attempts[-1].error_reason = e.reason
-            call.attempts[-1].error_detail = e.message
+        # The attempt that answered, not the last one: a hedge's cancelled loser is listed after the winner.
+        failed = call.answered or (call.attempts[-1] if call.attempts else None)
+        if failed is not None:
+            failed.outcome = "retryable_error" if e.retryable else "fatal_error"
+            failed.error_reason = e.reason
+            failed.error_detail = e.message
         message = f"the upstream stream failed after the first token: {e.message}"
         return UpstreamUnavailable(message, e.retry_after_s, e.reason, cause)
 

@@ -18,8 +18,8 @@ from feather_grpc.engine.routing import RouteCandidate
 from feather_grpc.engine.validation import usable_request_id
 
 StreamItem = StreamStarted | TextDelta | ToolCallDelta | ThinkingDelta | StreamCompleted
-# An opened upstream stream: the iterator, its first reply event, and the prompt usage announced before it.
-Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None]
+# A stream an attempt opened: the iterator, its first reply event, the prompt usage and reply id it announced.
+Opened = tuple[AsyncIterator[StreamEvent], StreamEvent, Usage | None, str]
 
 
 @dataclass(slots=True)
@@ -46,6 +46,7 @@ class Call:
     started_ns: int  # wall clock
     streamed: bool
     attempts: list[AttemptRecord] = field(default_factory=list)
+    answered: AttemptRecord | None = None  # the attempt that answered (of `attempts`; a hedge: the winner's)
     candidate: RouteCandidate | None = None
     ttft_ms: int | None = None  # streams: time to the first event sent to the caller
     ticket: Ticket | None = None  # what admission reserved; settled with the ledger record

@@ -28,6 +28,7 @@ from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
     PromptUsage,
+    ReplyId,
     StreamEvent,
     StreamFinish,
     TextDelta,
@@ -186,6 +187,8 @@ class Feather:
         except asyncio.CancelledError:  # an attempt in flight is in call.abandoned
             self._settlement.settle_in_background(call, Outcome.CANCELLED, Usage(), estimated=False)
             raise
+        if call.answered is not None:
+            call.answered.upstream_response_id = reply.upstream.id
         cost, unpriced = price(candidate, reply.usage)
         record = self._settlement.record(call, Outcome.OK, reply.usage, cost=cost, estimated=reply.usage_estimated)
         await self._settlement.settle(call, record)
@@ -234,13 +237,18 @@ class Feather:
             async def open_stream(p: Provider, c: RouteCandidate) -> Opened:
                 it = p.stream(c.model.name, req)
                 prompt: Usage | None = None
+                reply_id = ""
                 call.prompt_usage = None  # an earlier attempt's counts were another candidate's
                 try:
                     event = await anext(it)
-                    while isinstance(event, PromptUsage):  # not a reply event: the stream has not started
-                        prompt = event.usage
+                    # Not reply events: the stream has not started.
+                    while isinstance(event, PromptUsage | ReplyId):
+                        if isinstance(event, PromptUsage):
+                            prompt = event.usage
+                        else:
+                            reply_id = event.id
                         event = await anext(it)
-                    return it, event, prompt
+                    return it, event, prompt, reply_id
                 except BaseException:
                     if prompt is not None:  # the provider took the prompt: an abandoned attempt bills it exactly
                         call.prompt_usage = prompt
@@ -252,9 +260,12 @@ class Feather:
                     await close_stream(opened[0])
                 await self._settlement.settle_hedge_loser(leg, opened)
 
-            candidate, (upstream, event, call.prompt_usage) = await self._attempts.route(
+            candidate, (upstream, event, call.prompt_usage, reply_id) = await self._attempts.route(
                 call, tenant, candidates, open_stream, settle_loser
             )
+            answered = call.answered
+            if answered is not None:
+                answered.upstream_response_id = reply_id
             yield StreamStarted(candidate.provider, candidate.model.name, call.request_id)
             ttft_ms = call.ttft_ms = ms_since(call.started)
             idle_ms = self._idle_timeouts_ms[candidate.provider]
@@ -279,8 +290,10 @@ class Feather:
                     output_chars += len(event.text)
                     thinking = True
                     yield event
-                else:
+                elif isinstance(event, PromptUsage):
                     call.prompt_usage = event.usage
+                elif answered is not None:  # ReplyId: said after the first reply event
+                    answered.upstream_response_id = event.id
                 if watch is None and watched:
                     watch = EventWatch(idle_ms, call.ctx.deadline)
                 try:
@@ -291,6 +304,8 @@ class Feather:
                     if watch is None:
                         raise
                     raise await self._attempts.midstream_timeout(call, watch, idle_ms) from None
+            if answered is not None and event.upstream.id:
+                answered.upstream_response_id = event.upstream.id
             usage, estimated = event.usage, False
             if usage is None:
                 usage, estimated = cancelled_usage(call, output_chars), True

@@ -138,7 +138,7 @@ class Settlement:
         usage, estimated = Usage(), False
         if isinstance(reply, ProviderResponse):
             usage, estimated = reply.usage, reply.usage_estimated
-        elif isinstance(reply, tuple):  # a stream it opened: (iterator, first event, announced prompt usage)
+        elif isinstance(reply, tuple):  # a stream it opened: (iterator, first event, announced prompt usage, reply id)
             leg.prompt_usage = reply[2]
             usage, estimated = cancelled_usage(leg, 0), True
         record = self.record(leg, Outcome.CANCELLED, usage, estimated=estimated)

@@ -17,6 +17,7 @@ from feather_grpc.core.types import (
     PartKind,
     PromptUsage,
     ProviderResponse,
+    ReplyId,
     Role,
     StreamEvent,
     StreamFinish,
@@ -479,6 +480,7 @@ class _EventReader:
         if kind == "message_start":
             message = obj.get("message") or {}
             self._upstream = UpstreamReply(id=_str(message.get("id")), model=_str(message.get("model")))
+            out: list[StreamEvent] = [ReplyId(self._upstream.id)] if self._upstream.id else []
             usage = message.get("usage")
             if isinstance(usage, dict):
                 self._usage = dict(usage)
@@ -486,8 +488,8 @@ class _EventReader:
                 # (its output count is a placeholder, so none is passed on).
                 prompt = normalise_usage(usage)
                 prompt.output_tokens = prompt.reasoning_tokens = 0
-                return [PromptUsage(prompt)]
-            return []
+                out.append(PromptUsage(prompt))
+            return out
         if kind == "message_delta":
             delta = obj.get("delta") or {}
             stop = delta.get("stop_reason")

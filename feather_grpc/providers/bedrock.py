@@ -52,6 +52,7 @@ from feather_grpc.core.types import (
     Part,
     PartKind,
     ProviderResponse,
+    ReplyId,
     Role,
     StreamEvent,
     StreamFinish,
@@ -60,6 +61,7 @@ from feather_grpc.core.types import (
     ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.providers.anthropic import thinking_budget
@@ -382,6 +384,7 @@ class BedrockProvider:
                 if resp.status >= 300:
                     raise await self._error(resp)
                 raw = await resp.read(self.settings.max_response_bytes)
+                upstream = UpstreamReply(id=resp.headers.get("x-amzn-requestid", ""))  # Bedrock's name for the reply
             finally:
                 resp.close()
         except HttpError as exc:
@@ -416,8 +419,8 @@ class BedrockProvider:
             finish = FinishReason.TOOL_CALLS
         if not isinstance(raw_usage, dict):
             usage = estimated_usage(request, text, calls)
-            return ProviderResponse(text, calls, finish, usage, True, thinking=thinking)
-        return ProviderResponse(text, calls, finish, normalise_usage(raw_usage), thinking=thinking)
+            return ProviderResponse(text, calls, finish, usage, True, thinking, upstream)
+        return ProviderResponse(text, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream)
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = orjson.dumps(self.build_body(request, model))
@@ -432,6 +435,9 @@ class BedrockProvider:
                 if resp.status >= 300:
                     raise await self._error(resp)
                 started = True
+                reader.request_id = resp.headers.get("x-amzn-requestid", "")  # Bedrock's name for the reply
+                if reader.request_id:  # said before any event: a cut stream still names its reply
+                    yield ReplyId(reader.request_id)
                 eventstream: Any = load("botocore.eventstream")
                 buffer = eventstream.EventStreamBuffer()
                 limit = self.settings.max_stream_event_bytes
@@ -490,7 +496,7 @@ class _EventReader:
     """ConverseStream events -> stream events. The stream is done once both messageStop (the stop
     reason) and metadata (the usage, which follows it) arrived."""
 
-    __slots__ = ("_name", "_ordinals", "_stop", "_thoughts", "_usage", "done")
+    __slots__ = ("_name", "_ordinals", "_stop", "_thoughts", "_usage", "done", "request_id")
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -499,6 +505,7 @@ class _EventReader:
         self._ordinals: dict[int, int] = {}  # contentBlockIndex of a toolUse block -> tool-call ordinal
         self._thoughts: dict[int, int] = {}  # contentBlockIndex of a reasoning block -> thinking block ordinal
         self.done = False
+        self.request_id = ""  # the response's x-amzn-RequestId
 
     def handle(self, headers: dict[str, Any], payload: bytes) -> list[StreamEvent]:
         kind = headers.get(":message-type")
@@ -562,7 +569,8 @@ class _EventReader:
         finish = finish_reason(self._stop)
         if self._ordinals and finish in (FinishReason.STOP, FinishReason.UNSPECIFIED):
             finish = FinishReason.TOOL_CALLS
-        return StreamFinish(finish, normalise_usage(self._usage) if self._usage is not None else None)
+        usage = normalise_usage(self._usage) if self._usage is not None else None
+        return StreamFinish(finish, usage, UpstreamReply(id=self.request_id))
 
 
 def _aws_fetcher() -> Any:

@@ -46,6 +46,7 @@ from feather_grpc.core.types import (
     Part,
     PartKind,
     ProviderResponse,
+    ReplyId,
     Role,
     StreamEvent,
     StreamFinish,
@@ -54,6 +55,7 @@ from feather_grpc.core.types import (
     ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.providers.anthropic import AnthropicProvider
@@ -354,8 +356,10 @@ class GeminiProvider:
         thinking = thinking if thoughts else []
         if final.usage is None:
             usage = estimated_usage(request, text, calls)
-            return ProviderResponse(text, calls, final.finish_reason, usage, True, thinking=thinking)
-        return ProviderResponse(text, calls, final.finish_reason, final.usage, thinking=thinking)
+            return ProviderResponse(text, calls, final.finish_reason, usage, True, thinking, final.upstream)
+        return ProviderResponse(
+            text, calls, final.finish_reason, final.usage, thinking=thinking, upstream=final.upstream
+        )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         if self._claude is not None and model.startswith("claude"):
@@ -444,7 +448,7 @@ class VertexClaude(AnthropicProvider):
 class _Reader:
     """GenerateContentResponse documents (a whole reply, or one stream chunk) -> stream events."""
 
-    __slots__ = ("_api_key", "_blocked", "_calls", "_name", "_signed", "_usage", "finish_raw")
+    __slots__ = ("_api_key", "_blocked", "_calls", "_id", "_name", "_signed", "_usage", "finish_raw")
 
     def __init__(self, name: str, api_key: str) -> None:
         self._name = name
@@ -453,6 +457,7 @@ class _Reader:
         self._usage: dict[str, Any] | None = None
         self._blocked = False
         self._signed = False
+        self._id = ""  # the reply's responseId (every chunk repeats it: the first says it)
         self.finish_raw: object = None
 
     def handle(self, doc: dict[str, Any]) -> list[StreamEvent]:
@@ -461,6 +466,9 @@ class _Reader:
             status = str(err.get("status") or "")
             body = UpstreamErrorBody(status, str(err.get("code") or ""), str(err.get("message") or ""))
             raise classify_status(self._name, _STATUS.get(status, 500), body, api_key=self._api_key)
+        said_id = not self._id and bool(doc.get("responseId"))
+        if said_id:
+            self._id = str(doc["responseId"])
         usage = doc.get("usageMetadata")
         if isinstance(usage, dict):
             self._usage = usage  # cumulative: the last one wins
@@ -468,7 +476,7 @@ class _Reader:
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self._blocked = True  # the prompt itself was blocked: no candidates follow
             self.finish_raw = feedback["blockReason"]
-        out: list[StreamEvent] = []
+        out: list[StreamEvent] = [ReplyId(self._id)] if said_id else []
         for candidate in (doc.get("candidates") or ())[:1]:
             for part in (candidate.get("content") or {}).get("parts") or ():
                 signature = part.get("thoughtSignature")
@@ -493,7 +501,8 @@ class _Reader:
 
     def finish(self) -> StreamFinish:
         finish = FinishReason.CONTENT_FILTER if self._blocked else _finish(self.finish_raw, self._calls > 0)
-        return StreamFinish(finish, normalise_usage(self._usage) if self._usage is not None else None)
+        usage = normalise_usage(self._usage) if self._usage is not None else None
+        return StreamFinish(finish, usage, UpstreamReply(id=self._id))
 
 
 def _adc_fetcher() -> Any:

@@ -16,6 +16,7 @@ from feather_grpc.core.types import (
     Part,
     PartKind,
     ProviderResponse,
+    ReplyId,
     Role,
     StreamEvent,
     StreamFinish,
@@ -392,15 +393,17 @@ class _ChunkReader:
         usage = obj.get("usage")
         if usage and isinstance(usage, dict):
             self._usage = usage  # servers that repeat usage on every chunk: the last one wins
+        out: list[StreamEvent] = []
         if not self._upstream.id:  # every chunk repeats them: the first says it
             self._upstream = _upstream(obj)
+            if self._upstream.id:
+                out.append(ReplyId(self._upstream.id))
         elif obj.get("service_tier"):
             self._upstream.service_tier = _str(obj["service_tier"])
         choices = obj.get("choices")
         if not choices:
-            return []
+            return out
         choice = choices[0]
-        out: list[StreamEvent] = []
         delta = choice.get("delta") or {}
         thought = _reasoning_of(delta)
         if thought:

@@ -32,6 +32,7 @@ from feather_grpc.core.types import (
     Part,
     PartKind,
     ProviderResponse,
+    ReplyId,
     Role,
     StreamEvent,
     StreamFinish,
@@ -40,6 +41,7 @@ from feather_grpc.core.types import (
     ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    UpstreamReply,
     Usage,
 )
 from feather_grpc.providers.base import (
@@ -234,8 +236,10 @@ class OpenAIResponsesProvider(OpenAIProvider):
             text = reader.refusal
         if final.usage is None:
             usage = estimated_usage(request, text, calls)
-            return ProviderResponse(text, calls, final.finish_reason, usage, True, thinking=thinking)
-        return ProviderResponse(text, calls, final.finish_reason, final.usage, thinking=thinking)
+            return ProviderResponse(text, calls, final.finish_reason, usage, True, thinking, final.upstream)
+        return ProviderResponse(
+            text, calls, final.finish_reason, final.usage, thinking=thinking, upstream=final.upstream
+        )
 
     async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         if model not in self._responses_models:
@@ -300,6 +304,7 @@ class _Reader:
 
     __slots__ = (
         "_api_key",
+        "_id",
         "_incomplete",
         "_name",
         "_ordinals",
@@ -323,6 +328,7 @@ class _Reader:
         self._status = ""
         self._incomplete = ""
         self._usage: dict[str, Any] | None = None
+        self._id = ""  # the response's id (`resp_...`)
         self.call_ids: list[str] = []
         self.reasoning: list[dict[str, Any]] = []
         self.refusal = ""
@@ -330,7 +336,8 @@ class _Reader:
         self.done = False
 
     def response(self, doc: dict[str, Any]) -> None:
-        """The response object's status, incomplete reason, usage and error."""
+        """The response object's id, status, incomplete reason, usage and error."""
+        self._id = str(doc.get("id") or "")
         self._status = str(doc.get("status") or "")
         self._incomplete = str((doc.get("incomplete_details") or {}).get("reason") or "")
         usage = doc.get("usage")
@@ -414,7 +421,10 @@ class _Reader:
             return []
         if kind == "error":
             raise self._error(obj)
-        return []  # created, in_progress, content_part.*, *.done, reasoning summaries...
+        if kind == "response.created":  # the reply's id as soon as it is said: a cut stream still names it
+            self._id = str(obj["response"].get("id") or "")
+            return [ReplyId(self._id)] if self._id else []
+        return []  # in_progress, content_part.*, *.done, reasoning summaries...
 
     def _error(self, err: dict[str, Any]) -> ProviderError:
         code = str(err.get("code") or err.get("type") or "")
@@ -432,7 +442,8 @@ class _Reader:
             finish = FinishReason.STOP
         else:
             finish = FinishReason.UNSPECIFIED
-        return StreamFinish(finish, normalise_usage(self._usage) if self._usage is not None else None)
+        usage = normalise_usage(self._usage) if self._usage is not None else None
+        return StreamFinish(finish, usage, UpstreamReply(id=self._id))
 
 
 def _input_part(p: Part) -> dict[str, Any]:

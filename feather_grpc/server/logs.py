@@ -292,6 +292,12 @@ class CallLog:
         if not self._log.isEnabledFor(logging.INFO):
             return
         writer = _listener
+        # The provider's id of its reply: only the attempt that answered has one (a stream cut mid-way too).
+        # A plain loop: a generator here would cost more than rendering the line.
+        reply_id = ""
+        for a in attempts:
+            if a.upstream_response_id:
+                reply_id = a.upstream_response_id
         fields: dict[str, Any] = {
             "request_id": record.request_id,
             "tenant": record.tenant,
@@ -310,11 +316,14 @@ class CallLog:
             "duration_ms": record.latency_ms,
             "ttft_ms": ttft_ms,
             "attempts": len(attempts),
+            # Bounded: it is the upstream's text, and a broken one must not bloat every line.
+            "upstream_response_id": reply_id[:200],
         }
         failed = [a for a in attempts if a.error_reason]
         if failed:  # why each failed attempt failed (the details are safe to show; keys are redacted anyway)
-            fields["attempt_errors"] = [
-                {
+            errors = fields["attempt_errors"] = []
+            for a in failed:
+                entry = {
                     "provider": a.provider,
                     "model": a.model,
                     "outcome": a.outcome,
@@ -322,8 +331,9 @@ class CallLog:
                     "http_status": a.http_status,
                     "detail": redactor.clean(a.error_detail),
                 }
-                for a in failed
-            ]
+                if a.upstream_response_id:  # a stream cut after its reply began: the reply it cut
+                    entry["upstream_response_id"] = a.upstream_response_id[:200]
+                errors.append(entry)
         if self._worker is not None:
             fields["worker"] = self._worker
         if writer is not None and writer.json and self._log.handlers == [] and self._log.propagate:
