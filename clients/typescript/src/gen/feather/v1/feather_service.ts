@@ -1133,7 +1133,10 @@ export interface ChatResponse {
 
 /** UpstreamReply is what the provider said about its reply, as it said it. */
 export interface UpstreamReply {
-  /** The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`). */
+  /**
+   * The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`, Gemini `responseId`, the Responses
+   * API `resp_...`, Bedrock's `x-amzn-RequestId`).
+   */
   id: string;
   /** The exact model snapshot that answered (for example `gpt-4o-2024-08-06`). */
   model: string;

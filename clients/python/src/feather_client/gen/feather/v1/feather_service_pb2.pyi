@@ -1392,7 +1392,9 @@ class UpstreamReply(_message.Message):
     STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`)."""
+    """The provider's response id (OpenAI `chatcmpl-...`, Anthropic `msg_...`, Gemini `responseId`, the Responses
+    API `resp_...`, Bedrock's `x-amzn-RequestId`).
+    """
     model: _builtins.str
     """The exact model snapshot that answered (for example `gpt-4o-2024-08-06`)."""
     system_fingerprint: _builtins.str
