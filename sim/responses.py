@@ -212,6 +212,7 @@ class ResponsesSimulator:
             "instructions": body.get("instructions"),
             "model": model,
             "output": output,
+            "service_tier": body.get("service_tier") or "default",
             "parallel_tool_calls": True,
             "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools", []),

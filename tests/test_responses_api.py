@@ -107,6 +107,7 @@ async def test_request_items_and_reply(sim: ResponsesSimulator, session: HttpCli
     out = await responses(sim, session).chat("o3", request)
     assert out.content == "It is sunny." and out.finish_reason is FinishReason.STOP
     assert out.upstream.id.startswith("resp_sim_")  # the response's own id, for the call log
+    assert (out.upstream.model, out.upstream.service_tier) == ("o3", "default")  # as the response said
     u = out.usage
     assert (u.input_tokens, u.output_tokens, u.cached_input_tokens, u.reasoning_tokens) == (40, 30, 10, 20)
     body = sim.requests[-1].body
@@ -207,6 +208,7 @@ async def test_stream_text_usage_and_incomplete(sim: ResponsesSimulator, session
     assert isinstance(end, StreamFinish) and end.finish_reason is FinishReason.STOP and end.usage is not None
     assert (end.usage.input_tokens, end.usage.output_tokens, end.usage.cached_input_tokens) == (9, 3, 2)
     assert end.upstream.id.startswith("resp_sim_") and events[0] == ReplyId(end.upstream.id)  # said at once
+    assert (end.upstream.model, end.upstream.service_tier) == ("o3", "default")
 
     sim.enqueue(ResponsesReply(text="cut", incomplete="max_output_tokens"))
     events = [e async for e in provider.stream("o3", ask())]

@@ -232,6 +232,12 @@ def wire_str(value: object) -> str:
     raise TypeError("a reply's text is not a string")
 
 
+def label_str(value: object) -> str:
+    """A string that describes a reply without being part of it (its model snapshot, service tier, stop
+    sequence): "" when absent or of another type, since nothing the caller reads depends on it."""
+    return value if isinstance(value, str) else ""
+
+
 def read_events(
     provider: str, sse: list[SSEEvent], handle: Callable[[SSEEvent], list[StreamEvent]], done: Callable[[], bool]
 ) -> tuple[list[StreamEvent], ProviderError | None]:

@@ -51,6 +51,7 @@ from feather_grpc.providers.base import (
     data_url,
     details_of,
     estimated_usage,
+    label_str,
     merge_fields,
     token_count,
 )
@@ -306,8 +307,10 @@ class _Reader:
         "_api_key",
         "_id",
         "_incomplete",
+        "_model",
         "_name",
         "_ordinals",
+        "_service_tier",
         "_status",
         "_summary_at",
         "_thoughts",
@@ -329,6 +332,8 @@ class _Reader:
         self._incomplete = ""
         self._usage: dict[str, Any] | None = None
         self._id = ""  # the response's id (`resp_...`)
+        self._model = ""  # the snapshot that answered (`o3-2025-04-16`)
+        self._service_tier = ""
         self.call_ids: list[str] = []
         self.reasoning: list[dict[str, Any]] = []
         self.refusal = ""
@@ -336,8 +341,10 @@ class _Reader:
         self.done = False
 
     def response(self, doc: dict[str, Any]) -> None:
-        """The response object's id, status, incomplete reason, usage and error."""
+        """The response object's id, model, service tier, status, incomplete reason, usage and error."""
         self._id = str(doc.get("id") or "")
+        self._model = label_str(doc.get("model"))
+        self._service_tier = label_str(doc.get("service_tier"))
         self._status = str(doc.get("status") or "")
         self._incomplete = str((doc.get("incomplete_details") or {}).get("reason") or "")
         usage = doc.get("usage")
@@ -443,7 +450,8 @@ class _Reader:
         else:
             finish = FinishReason.UNSPECIFIED
         usage = normalise_usage(self._usage) if self._usage is not None else None
-        return StreamFinish(finish, usage, UpstreamReply(id=self._id))
+        upstream = UpstreamReply(id=self._id, model=self._model, service_tier=self._service_tier)
+        return StreamFinish(finish, usage, upstream)
 
 
 def _input_part(p: Part) -> dict[str, Any]:
