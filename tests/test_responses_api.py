@@ -52,6 +52,7 @@ from sim.responses import ResponsesReply, ResponsesSimulator
 from sim.upstream import UpstreamSimulator
 from tests.gateway_harness import rich_error, running_gateway, user
 from tests.ops_harness import running_server, scrape_text
+from tests.raw_http import RawServer, Req, chunked
 from tests.test_sdk_conformance import materialise
 
 KEY = "sk-responses-test-0123456789"
@@ -539,3 +540,28 @@ async def test_openai_sdk_reads_the_simulators_reasoning_summaries(sim: Response
         type(e).model_validate(e.model_dump(exclude_unset=True))
     deltas = [e.delta for e in events if e.type == "response.reasoning_summary_text.delta"]
     assert "".join(deltas) == "Weigh it."
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "response.output_text.delta", "output_index": 0, "delta": 5},
+        {"type": "response.output_item.added", "output_index": 0, "item": {"type": "function_call", "name": 7}},
+    ],
+)
+async def test_stream_text_that_is_not_a_string_is_a_bad_response(session: HttpClient, event: dict[str, Any]) -> None:
+    """A delta or a tool's name the answer is made of must be a string: 5 is refused, never turned into "5"."""
+    created = {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}}
+    sse = [b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in (created, event)]
+
+    async def handler(req: Req) -> None:
+        req.writer.write(chunked(sse))
+        await req.writer.drain()
+
+    async with RawServer(handler) as upstream:
+        settings = ProviderSettings(
+            name="openai", type="openai", base_url=upstream.url, api_key=KEY, responses_models=("o3",)
+        )
+        with pytest.raises(ProviderError) as caught:
+            [e async for e in build_provider(settings, session).stream("o3", ask())]
+    assert caught.value.reason == "UPSTREAM_BAD_RESPONSE"

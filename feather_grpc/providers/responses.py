@@ -54,6 +54,7 @@ from feather_grpc.providers.base import (
     label_str,
     merge_fields,
     token_count,
+    wire_str,
 )
 from feather_grpc.providers.http import (
     UpstreamErrorBody,
@@ -342,11 +343,11 @@ class _Reader:
 
     def response(self, doc: dict[str, Any]) -> None:
         """The response object's id, model, service tier, status, incomplete reason, usage and error."""
-        self._id = str(doc.get("id") or "")
+        self._id = label_str(doc.get("id"))
         self._model = label_str(doc.get("model"))
         self._service_tier = label_str(doc.get("service_tier"))
-        self._status = str(doc.get("status") or "")
-        self._incomplete = str((doc.get("incomplete_details") or {}).get("reason") or "")
+        self._status = label_str(doc.get("status"))
+        self._incomplete = label_str((doc.get("incomplete_details") or {}).get("reason"))
         usage = doc.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
@@ -361,7 +362,7 @@ class _Reader:
             if kind == "reasoning":
                 self.reasoning.append(_reasoning_item(item))
                 # Its summary (when the request asked for one: reasoning.summary) is the reply's thinking.
-                said = "\n\n".join(str(p.get("text") or "") for p in item.get("summary") or () if p.get("text"))
+                said = "\n\n".join(wire_str(p.get("text")) for p in item.get("summary") or () if p.get("text"))
                 if said:
                     ordinal = self._thoughts[index] = len(self._thoughts)
                     out.append(ThinkingDelta(ordinal, said))
@@ -369,37 +370,37 @@ class _Reader:
                 for part in item.get("content") or ():
                     if part.get("type") == "output_text" and part.get("text"):
                         self.text_seen = True
-                        out.append(TextDelta(str(part["text"])))
+                        out.append(TextDelta(wire_str(part["text"])))
                     elif part.get("type") == "refusal":
-                        self.refusal += str(part.get("refusal") or "")
+                        self.refusal += wire_str(part.get("refusal"))
             elif kind == "function_call":
-                call_id = str(item.get("call_id") or "")
+                call_id = wire_str(item.get("call_id"))
                 self.call_ids.append(call_id)
                 ordinal = len(self._ordinals)
                 self._ordinals[call_id] = ordinal
-                out.append(ToolCallDelta(ordinal, call_id, str(item["name"]), str(item.get("arguments") or "")))
+                out.append(ToolCallDelta(ordinal, call_id, wire_str(item["name"]), wire_str(item.get("arguments"))))
         return out
 
     def event(self, obj: dict[str, Any]) -> list[StreamEvent]:
         kind = obj.get("type")
         if kind == "response.output_text.delta":
-            delta = str(obj.get("delta") or "")
+            delta = wire_str(obj.get("delta"))
             if delta:
                 self.text_seen = True
                 return [TextDelta(delta)]
             return []
         if kind == "response.function_call_arguments.delta":
             ordinal = self._ordinals.get(obj.get("output_index"))
-            delta = str(obj.get("delta") or "")
+            delta = wire_str(obj.get("delta"))
             return [ToolCallDelta(ordinal, arguments=delta)] if ordinal is not None and delta else []
         if kind == "response.output_item.added":
             item = obj["item"]
             if item.get("type") == "function_call":
-                call_id = str(item.get("call_id") or "")
+                call_id = wire_str(item.get("call_id"))
                 ordinal = self._ordinals[obj.get("output_index")] = len(self._ordinals)
                 self.call_ids.append(call_id)
-                arguments = str(item.get("arguments") or "")
-                return [ToolCallDelta(ordinal, call_id, str(item.get("name") or ""), arguments)]
+                arguments = wire_str(item.get("arguments"))
+                return [ToolCallDelta(ordinal, call_id, wire_str(item.get("name")), arguments)]
             return []
         if kind == "response.output_item.done":
             item = obj["item"]
@@ -407,7 +408,7 @@ class _Reader:
                 self.reasoning.append(_reasoning_item(item))
             return []
         if kind == "response.reasoning_summary_text.delta":
-            delta = str(obj.get("delta") or "")
+            delta = wire_str(obj.get("delta"))
             index = obj.get("output_index")
             if not delta:
                 return []
@@ -420,7 +421,7 @@ class _Reader:
                 delta = "\n\n" + delta
             return [ThinkingDelta(ordinal, delta)]
         if kind == "response.refusal.delta":
-            self.refusal += str(obj.get("delta") or "")
+            self.refusal += wire_str(obj.get("delta"))
             return []
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             self.response(obj["response"])
@@ -429,7 +430,7 @@ class _Reader:
         if kind == "error":
             raise self._error(obj)
         if kind == "response.created":  # the reply's id as soon as it is said: a cut stream still names it
-            self._id = str(obj["response"].get("id") or "")
+            self._id = label_str(obj["response"].get("id"))
             return [ReplyId(self._id)] if self._id else []
         return []  # in_progress, content_part.*, *.done, reasoning summaries...
 
