@@ -269,6 +269,11 @@ def _frames(*events: tuple[str, Any]) -> bytes:
         [("messageStart", {"role": "assistant"}), ("contentBlockDelta", {"contentBlockIndex": 0, "delta": 5})],
         # a block start that is text, not an object
         [("messageStart", {"role": "assistant"}), ("contentBlockStart", {"contentBlockIndex": 0, "start": "x"})],
+        # text that is a number: refused, never turned into "5"
+        [
+            ("messageStart", {"role": "assistant"}),
+            ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": 5}}),
+        ],
     ],
 )
 async def test_a_stream_event_of_another_shape_is_a_bad_response(

@@ -272,6 +272,23 @@ async def test_error_inside_a_stream_and_a_cut_stream(sim: GeminiSimulator, sess
     assert caught.value.reason == "UPSTREAM_SERVER_ERROR" and caught.value.retryable
 
 
+@pytest.mark.parametrize(
+    "part", [{"text": 5}, {"functionCall": {"name": 7, "args": {}}}, {"text": "x", "thoughtSignature": 9}]
+)
+async def test_answer_fields_that_are_not_strings_are_a_bad_response(
+    sim: GeminiSimulator, session: HttpClient, part: dict[str, Any]
+) -> None:
+    """Text, a function's name and a signature are the answer: a number is refused, never turned into "5"."""
+    chunk = {"candidates": [{"content": {"role": "model", "parts": [part]}}], "responseId": "r1"}
+    sim.enqueue(
+        GeminiReply(body=b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n", content_type="text/event-stream")
+    )
+    with pytest.raises(ProviderError) as caught:
+        async for _ in gemini(sim, session).stream("g", ask()):
+            pass
+    assert caught.value.reason == "UPSTREAM_BAD_RESPONSE"
+
+
 async def test_a_wrong_key_is_never_echoed(sim: GeminiSimulator, session: HttpClient) -> None:
     wrong = "AIzaSy-wrong-key-abcdefghijk"
     settings = ProviderSettings(name="gemini", type="gemini", base_url=sim.url + "/v1beta", api_key=wrong)

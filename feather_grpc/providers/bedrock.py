@@ -76,6 +76,7 @@ from feather_grpc.providers.base import (
     merge_fields,
     token_count,
     tool_arguments,
+    wire_str,
 )
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.http import (
@@ -397,18 +398,18 @@ class BedrockProvider:
             thinking: list[ThinkingBlock] = []
             for block in content:
                 if "text" in block:
-                    texts.append(str(block["text"]))
+                    texts.append(wire_str(block["text"]))
                 elif "toolUse" in block:
                     use = block["toolUse"]
                     arguments = orjson.dumps(use.get("input") or {}).decode()
-                    calls.append(ToolCall(str(use.get("toolUseId") or ""), str(use["name"]), arguments))
+                    calls.append(ToolCall(wire_str(use.get("toolUseId")), wire_str(use["name"]), arguments))
                 elif "reasoningContent" in block:
                     reasoning = block["reasoningContent"]
                     if "redactedContent" in reasoning:
-                        thinking.append(ThinkingBlock(redacted_data=str(reasoning["redactedContent"])))
+                        thinking.append(ThinkingBlock(redacted_data=wire_str(reasoning["redactedContent"])))
                     else:
                         said = reasoning.get("reasoningText") or {}
-                        thinking.append(ThinkingBlock(str(said.get("text") or ""), str(said.get("signature") or "")))
+                        thinking.append(ThinkingBlock(wire_str(said.get("text")), wire_str(said.get("signature"))))
             raw_usage = doc.get("usage")
             stop = doc.get("stopReason")
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -521,20 +522,20 @@ class _EventReader:
         if event == "contentBlockDelta":
             delta = obj.get("delta") or {}
             if "text" in delta:
-                return [TextDelta(str(delta["text"]))] if delta["text"] else []
+                return [TextDelta(wire_str(delta["text"]))] if delta["text"] else []
             use = delta.get("toolUse")
             index = obj.get("contentBlockIndex")
             if isinstance(use, dict) and index in self._ordinals:
-                return [ToolCallDelta(self._ordinals[index], arguments=str(use.get("input") or ""))]
+                return [ToolCallDelta(self._ordinals[index], arguments=wire_str(use.get("input")))]
             reasoning = delta.get("reasoningContent")
             if isinstance(reasoning, dict) and isinstance(index, int):
                 ordinal = self._thoughts.setdefault(index, len(self._thoughts))
                 return [
                     ThinkingDelta(
                         ordinal,
-                        str(reasoning.get("text") or ""),
-                        str(reasoning.get("signature") or ""),
-                        str(reasoning.get("redactedContent") or ""),
+                        wire_str(reasoning.get("text")),
+                        wire_str(reasoning.get("signature")),
+                        wire_str(reasoning.get("redactedContent")),
                     )
                 ]
             return []  # citations and others
@@ -543,7 +544,7 @@ class _EventReader:
             index = obj.get("contentBlockIndex")
             if isinstance(use, dict) and isinstance(index, int):
                 ordinal = self._ordinals[index] = len(self._ordinals)
-                return [ToolCallDelta(ordinal, str(use.get("toolUseId") or ""), str(use.get("name") or ""), "")]
+                return [ToolCallDelta(ordinal, wire_str(use.get("toolUseId")), wire_str(use.get("name")), "")]
             return []
         if event == "messageStop":
             self._stop = obj.get("stopReason")

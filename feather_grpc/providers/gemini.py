@@ -66,9 +66,11 @@ from feather_grpc.providers.base import (
     b64,
     consistent,
     estimated_usage,
+    label_str,
     merge_fields,
     token_count,
     tool_arguments,
+    wire_str,
 )
 from feather_grpc.providers.credentials import CachedCredential, load
 from feather_grpc.providers.http import (
@@ -468,7 +470,7 @@ class _Reader:
             raise classify_status(self._name, _STATUS.get(status, 500), body, api_key=self._api_key)
         said_id = not self._id and bool(doc.get("responseId"))
         if said_id:
-            self._id = str(doc["responseId"])
+            self._id = label_str(doc["responseId"])
         usage = doc.get("usageMetadata")
         if isinstance(usage, dict):
             self._usage = usage  # cumulative: the last one wins
@@ -482,18 +484,18 @@ class _Reader:
                 signature = part.get("thoughtSignature")
                 if signature and not self._signed:  # the turn's signature, kept for the next turn
                     self._signed = True
-                    out.append(ThinkingDelta(0, signature=GEMINI_SIGNATURE + str(signature)))
+                    out.append(ThinkingDelta(0, signature=GEMINI_SIGNATURE + wire_str(signature)))
                 if part.get("thought"):
                     if part.get("text"):  # a thought summary: the reply's thinking, not its text
-                        out.append(ThinkingDelta(0, str(part["text"])))
+                        out.append(ThinkingDelta(0, wire_str(part["text"])))
                     continue
                 if part.get("text"):
-                    out.append(TextDelta(str(part["text"])))
+                    out.append(TextDelta(wire_str(part["text"])))
                 elif "functionCall" in part:
                     fc = part["functionCall"]
-                    call_id = str(fc.get("id") or f"call_{self._calls + 1}")
+                    call_id = wire_str(fc.get("id")) or f"call_{self._calls + 1}"
                     arguments = orjson.dumps(fc.get("args") or {}).decode()
-                    out.append(ToolCallDelta(self._calls, call_id, str(fc["name"]), arguments))
+                    out.append(ToolCallDelta(self._calls, call_id, wire_str(fc["name"]), arguments))
                     self._calls += 1
             if candidate.get("finishReason"):
                 self.finish_raw = candidate["finishReason"]
