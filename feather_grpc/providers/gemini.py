@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime
 import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
@@ -38,7 +37,7 @@ from urllib.parse import quote
 import orjson
 
 from feather_grpc.core.errors import ProviderError
-from feather_grpc.core.http_client import UpstreamClient, UpstreamEndpoint, encode_headers
+from feather_grpc.core.http_client import UpstreamClient, UpstreamEndpoint, UpstreamResponse, encode_headers
 from feather_grpc.core.types import (
     ChatRequest,
     FinishReason,
@@ -363,16 +362,18 @@ class GeminiProvider:
             text, calls, final.finish_reason, final.usage, thinking=thinking, upstream=final.upstream
         )
 
-    async def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, model: str, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        # The skeleton's generator itself (as the openai adapter): a layer less for every event, and the
+        # request body lives only in `send`, which the skeleton drops once the request is sent.
         if self._claude is not None and model.startswith("claude"):
-            async for out in self._claude.stream(model, request):
-                yield out
-            return
+            return self._claude.stream(model, request)
         payload = orjson.dumps(self.build_body(request, model))
         endpoint = self._endpoint(model, stream=True)
-        headers = await self._request_headers()
         name = self._name
         reader = _Reader(name, self._api_key)
+
+        async def send() -> UpstreamResponse:
+            return await endpoint.request(payload, await self._request_headers())
 
         def handle(event: SSEEvent) -> list[StreamEvent]:
             try:
@@ -386,10 +387,10 @@ class GeminiProvider:
             except (KeyError, TypeError, AttributeError):
                 raise bad_response(name, "not a GenerateContentResponse chunk") from None
 
-        events = stream_sse(
+        return stream_sse(
             name,
             self._api_key,
-            lambda: endpoint.request(payload, headers),
+            send,
             handle,
             lambda: reader.finish_raw is not None,
             lambda: [reader.finish()],
@@ -397,9 +398,6 @@ class GeminiProvider:
             max_event_bytes=self.settings.max_stream_event_bytes,
             read_to_end=True,  # the stream ends with the body; its last chunk carries the finish reason
         )
-        async with aclosing(events):
-            async for out in events:
-                yield out
 
     async def aclose(self) -> None:
         if self._token is not None:
