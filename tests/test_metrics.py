@@ -18,6 +18,8 @@ from feather_grpc.server.metrics import rate_limit_scope
 from sim.upstream import Reply, SimUsage, UpstreamSimulator
 from tests.gateway_harness import MOCK_CONFIG, user
 from tests.ops_harness import eventually, running_server, sample, scrape
+from tests.test_contract_accounting import ENV as ACCOUNTING_ENV
+from tests.test_contract_accounting import config as accounting_config
 
 ENV = {"SIM_OPENAI_KEY": "sk-sim-metrics-key"}
 METRICS = ServerOptions(metrics_port=0, metrics_host="127.0.0.1")
@@ -89,6 +91,24 @@ async def test_calls_tokens_cost_latency_and_circuit_state() -> None:
         assert sample(m, "feather_circuit_state", **pm) == 2  # open after one failure (threshold 1)
         assert sample(m, "feather_upstream_attempts_total", **pm, outcome="retryable_error") == 1
         assert sample(m, "feather_request_errors_total", **pm, reason="UPSTREAM_UNAVAILABLE") == 1
+
+
+async def test_web_searches_and_one_hour_cache_writes_are_counted() -> None:
+    async with UpstreamSimulator() as sim:
+        doc = accounting_config(sim)
+        sim.enqueue(Reply(content="found", usage=SimUsage(input=100, output=5, web_search=3)))
+        sim.enqueue(Reply(content="ok", usage=SimUsage(input=10, output=5, cache_write=3000, cache_write_1h=2000)))
+        async with running_server(doc, ACCOUNTING_ENV, METRICS) as gw:
+            port = gw.server.metrics_port
+            assert port
+            for _ in range(2):
+                await gw.stub.Chat(chat(model="claude-sim"))
+            await gw.server.engine.settled()
+            m = scrape(port)
+    pm = {"provider": "anthropic", "model": "claude-sim"}
+    assert sample(m, "feather_web_search_requests_total", **pm) == 3
+    assert sample(m, "feather_tokens_total", **pm, kind="cache_write") == 3000
+    assert sample(m, "feather_tokens_total", **pm, kind="cache_write_1h") == 2000  # of the 3000, not more
 
 
 async def test_inflight_calls_and_load_shedding() -> None:

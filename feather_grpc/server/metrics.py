@@ -55,7 +55,8 @@ _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160,
 # The gateway's own share should be well under a millisecond; a cache hit is all overhead.
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, float("inf"))
 _CIRCUIT_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
-_TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "reasoning")
+# cache_write_1h is the part of cache_write written with a 1-hour TTL (priced apart), not more tokens.
+_TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "reasoning")
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class _ModelSeries:
     duration: Histogram
     ttft: Histogram
     cost: Counter
+    web_searches: Counter
     tokens: tuple[Counter, ...]  # in _TOKEN_KINDS order
     requests: dict[str, Counter] = field(default_factory=dict)
     errors: dict[str, Counter] = field(default_factory=dict)
@@ -113,6 +115,9 @@ class GatewayMetrics:
         self._cost = Counter(
             "feather_cost_nanos_usd", "Cost in nano-dollars (1e-9 USD), exact integers.", pm, registry=r
         )
+        self._web_searches = Counter(
+            "feather_web_search_requests", "Server-side web searches the provider billed per request.", pm, registry=r
+        )
         self._rate_limited = Counter("feather_rate_limited", "Gateway rate-limit refusals.", ["scope"], registry=r)
         self._shed = Counter(
             "feather_load_shed", "Calls refused OVERLOADED (in-flight cap or event-loop lag).", registry=r
@@ -148,6 +153,7 @@ class GatewayMetrics:
                 duration=self._duration.labels(provider, model),
                 ttft=self._ttft.labels(provider, model),
                 cost=self._cost.labels(provider, model),
+                web_searches=self._web_searches.labels(provider, model),
                 tokens=tuple(self._tokens.labels(provider, model, kind) for kind in _TOKEN_KINDS),
             )
         return s
@@ -214,12 +220,15 @@ class GatewayMetrics:
                 record.output_tokens,
                 record.cached_input_tokens,
                 record.cache_write_tokens,
+                record.cache_write_1h_tokens,
                 record.reasoning_tokens,
             ),
             strict=True,
         ):
             if n:
                 counter.inc(n)
+        if record.web_search_requests:
+            s.web_searches.inc(record.web_search_requests)
         if record.cost_nanos_usd:
             s.cost.inc(record.cost_nanos_usd)
 
