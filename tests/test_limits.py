@@ -34,6 +34,7 @@ from feather_grpc.core.limits import (
     BudgetWindow,
     RateLimited,
     RateLimiter,
+    Reservation,
     StateUnavailable,
 )
 from feather_grpc.core.types import ChatRequest, Message, Role
@@ -371,15 +372,27 @@ async def test_200_concurrent_reserves_exactly_50_fit(rig: tuple[Timeline, RateL
     assert sum(results) == 50
 
 
+async def _reserve_when_given_back(budgets: BudgetStore, windows: tuple[BudgetWindow, ...], amount: int) -> Reservation:
+    """Reserves as soon as a dead holder's lease has run out (refused until then)."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                return await budgets.reserve("acme", windows, amount)
+            except BudgetExceeded:
+                await asyncio.sleep(0.02)  # polling Redis's clock: the lease ends there, not here
+
+
 async def test_a_crashed_holders_reservation_is_given_back_after_its_lease(redis_server: RedisServer) -> None:
-    state = RedisState.from_url(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}", budget_lease_s=0.3)
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    dead = RedisState.from_url(redis_server.url, namespace=namespace, budget_lease_s=0.3)
+    state = RedisState.from_url(redis_server.url, namespace=namespace, budget_lease_s=0.3)
     try:
         budgets, windows = state.budgets, (day(1_000), month(10_000))
-        lost = await budgets.reserve("acme", windows, 1_000)  # its replica dies before settling
+        lost = await dead.budgets.reserve("acme", windows, 1_000)
+        await dead.aclose()  # its replica dies before settling: nobody renews the lease
         with pytest.raises(BudgetExceeded):
             await budgets.reserve("acme", windows, 1)
-        await asyncio.sleep(0.35)
-        held = await budgets.reserve("acme", windows, 1_000)  # the lease ran out: given back
+        held = await _reserve_when_given_back(budgets, windows, 1_000)  # the lease ran out: given back
         # The dead holder's late settle records its real cost, and releases nothing a second time.
         await budgets.settle(lost, 100)
         with pytest.raises(BudgetExceeded) as e:
@@ -391,6 +404,47 @@ async def test_a_crashed_holders_reservation_is_given_back_after_its_lease(redis
         leases = budgets._keys("acme", windows)[:2]
         assert await state.client.call("ZCARD", leases[0]) == 1 and await state.client.call("HLEN", leases[1]) == 1
     finally:
+        await state.aclose()
+
+
+async def test_a_live_holders_lease_is_renewed_until_it_settles(redis_server: RedisServer) -> None:
+    """A call longer than the lease keeps its reservation: its replica renews it, so another replica's
+    reserve never gives it back; once settled, nothing is renewed any more."""
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    holder = RedisState.from_url(redis_server.url, namespace=namespace, budget_lease_s=0.4)
+    other = RedisState.from_url(redis_server.url, namespace=namespace, budget_lease_s=0.4)
+    try:
+        windows = (day(1_000),)
+        held = await holder.budgets.reserve("acme", windows, 1_000)
+        start = holder.budgets.renewals
+        async with asyncio.timeout(10):
+            while holder.budgets.renewals < start + 8:  # two whole leases, renewed four times each
+                with pytest.raises(BudgetExceeded):  # the reserve that would give a lapsed lease back
+                    await other.budgets.reserve("acme", windows, 1)
+                await asyncio.sleep(0.05)
+        await holder.budgets.settle(held, 600)
+        assert await other.budgets.spent("acme", windows[0]) == 600
+        await other.budgets.reserve("acme", windows, 400)  # the 1,000 held were released exactly once
+        assert holder.budgets._renewer is not None
+        async with asyncio.timeout(5):
+            await holder.budgets._renewer  # nothing left to renew: the renewer ends
+    finally:
+        await holder.aclose()
+        await other.aclose()
+
+
+async def test_a_reservation_held_past_its_longest_hold_is_no_longer_renewed(redis_server: RedisServer) -> None:
+    """A settle that never comes while the replica lives (a bug) holds the budget for max_hold_s, not forever."""
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    state = RedisState.from_url(redis_server.url, namespace=namespace)
+    budgets = RedisBudgetStore(state.runner, lease_s=0.2, max_hold_s=0.3, namespace=namespace)
+    try:
+        windows = (day(1_000),)
+        await budgets.reserve("acme", windows, 1_000)  # never settled
+        await _reserve_when_given_back(state.budgets, windows, 1_000)
+        assert not budgets._held
+    finally:
+        await budgets.aclose()
         await state.aclose()
 
 

@@ -26,6 +26,8 @@ _MAX_RESTORES = 3
 # Failed budget settlements kept for re-sending, and the longest pause between two re-sends.
 _MAX_UNSETTLED = 100_000
 _MAX_SETTLE_RETRY_S = 2.0
+# Lease ids per renewal script: a tenant with thousands of calls in flight renews in a few bounded commands.
+_RENEW_BATCH = 1_000
 
 # Budget reserve. KEYS[1] leases zset (lease id -> expiry, µs), KEYS[2] leases hash (lease id -> JSON
 # [amount, window keys...], or '0' for a lease given back unsettled), KEYS[3..] one hash per window.
@@ -104,6 +106,28 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# Lease renewal. KEYS[1] leases zset, KEYS[2] leases hash. ARGV[1] lease µs, ARGV[2] lease keys' ttl ms,
+# ARGV[3..] lease ids. Pushes the expiry of each lease still held (not settled, not given back) to now + the
+# lease; a settled one stays gone and a tombstone keeps its day. Returns how many were renewed.
+_BUDGET_RENEW = (
+    PRELUDE
+    + """
+local expiry = fmt(now_us() + tonumber(ARGV[1]))
+local renewed = 0
+for i = 3, #ARGV do
+  local data = redis.call('HGET', KEYS[2], ARGV[i])
+  if data and data ~= '0' then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+    renewed = renewed + 1
+  end
+end
+for k = 1, 2 do
+  if redis.call('PTTL', KEYS[k]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[k], ARGV[2]) end
+end
+return renewed
+"""
+)
+
 # Budget settle. KEYS as for reserve. ARGV[1] lease id ('' for a charge no reservation covers), ARGV[2]
 # -reserved, ARGV[3] actual, ARGV[3+i] ttl_s of window i.
 # A lease settles once: a retry whose first try landed finds it gone and changes nothing (returns 0, as
@@ -141,10 +165,11 @@ class LeasedReservation(Reservation):
 class RedisBudgetStore(RedisStore):
     """Per-tenant spend windows in Redis hashes; reserve and settle are atomic across all windows.
 
-    Each reservation is a lease of `lease_s` seconds (longer than any call should take): if its holder
-    never settles (the replica crashed), the next reserve of that tenant gives the amount back, so a
-    crash cannot shrink a budget for the rest of its window. A settle after the lease ran out still
-    records the real cost, once.
+    Each reservation is a lease of `lease_s` seconds that its holder renews every quarter of that while the
+    call lives (one round trip per tenant with open reservations, never on a call's path), up to
+    `max_hold_s`: if the holder never settles (the replica crashed), the next reserve of that tenant gives
+    the amount back once the lease is over, so a crash holds a budget for about a minute, not for the
+    longest call there could be. A settle after the lease ran out still records the real cost, once.
 
     A window Redis does not know (a new one, or one it lost: restarted without persistence, failed over,
     evicted) is judged only once `restore(tenant, window)` has lifted its spend to what the ledger recorded
@@ -159,7 +184,13 @@ class RedisBudgetStore(RedisStore):
     ledger (their spend may be missing this call's cost)."""
 
     def __init__(
-        self, runner: ScriptRunner, *, lease_s: float = 900.0, namespace: str = "feather", settle_retry_s: float = 0.1
+        self,
+        runner: ScriptRunner,
+        *,
+        lease_s: float = 60.0,
+        max_hold_s: float = 900.0,
+        namespace: str = "feather",
+        settle_retry_s: float = 0.1,
     ) -> None:
         super().__init__(runner, namespace=namespace)
         self.restore: Callable[[str, BudgetWindow], Awaitable[None]] = self._restore_from_redis
@@ -169,7 +200,16 @@ class RedisBudgetStore(RedisStore):
         self._retrier: asyncio.Task[None] | None = None
         self._lease_us = str(max(int(lease_s * 1e6), 1))
         self._lease_ms = int(lease_s * 1000)
+        # Renewed four times a lease, so that a late or lost renewal (a Redis blip, a busy loop) does not let
+        # a live call's reservation run out; a reservation held past max_hold_s (a settle that never came:
+        # a bug) is no longer renewed and runs out like a crashed holder's.
+        self._renew_every_s = lease_s / 4
+        self._max_hold_s = max_hold_s
+        self.renewals = 0  # rounds of renewal sent (tests wait on it)
+        self._held: dict[str, tuple[str, float]] = {}  # open lease id -> (tenant, renew until: loop time)
+        self._renewer: asyncio.Task[None] | None = None
         self._reserve = Script.of(_BUDGET_RESERVE)
+        self._renew = Script.of(_BUDGET_RENEW)
         self._settle = Script.of(_BUDGET_SETTLE)
         self._raise_spent = Script.of(_BUDGET_RAISE_SPENT)
 
@@ -223,7 +263,46 @@ class RedisBudgetStore(RedisStore):
             raise BudgetExceeded(tenant, w.name, w.cap_nanos, int(reply[2]) + int(reply[3]))
         if not amount_nanos:  # nothing held, so no lease: its settle only adds the cost
             return Reservation(tenant, windows, amount_nanos)
+        self._hold(tenant, lease_id)
         return LeasedReservation(tenant, windows, amount_nanos, lease_id)
+
+    def _hold(self, tenant: str, lease_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._held[lease_id] = (tenant, loop.time() + self._max_hold_s)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = loop.create_task(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        """While this replica holds reservations, renews their leases, one round trip per tenant."""
+        loop = asyncio.get_running_loop()
+        while self._held:
+            await asyncio.sleep(self._renew_every_s)
+            now = loop.time()
+            by_tenant: dict[str, list[str]] = {}
+            for lease_id, (tenant, until) in list(self._held.items()):
+                if now > until:
+                    del self._held[lease_id]
+                    log.warning(
+                        "a budget reservation of %r was held past %.0f s; it is no longer renewed",
+                        tenant,
+                        self._max_hold_s,
+                    )
+                else:
+                    by_tenant.setdefault(tenant, []).append(lease_id)
+            keep_ms = str(self._lease_ms + 60_000)
+            sent = [
+                self._runner.start(
+                    self._renew, self._keys(tenant, ())[:2], [self._lease_us, keep_ms, *ids[i : i + _RENEW_BATCH]]
+                )
+                for tenant, ids in by_tenant.items()
+                for i in range(0, len(ids), _RENEW_BATCH)
+            ]
+            for failed in await asyncio.gather(*sent, return_exceptions=True):
+                if isinstance(failed, StateUnavailable):  # the next round tries again, well inside the lease
+                    log.debug("budget lease renewal: %s", failed)
+                elif isinstance(failed, BaseException):
+                    raise failed
+            self.renewals += 1
 
     async def _restore_from_redis(self, tenant: str, window: BudgetWindow) -> None:
         """Without a ledger to ask, a window starts from what Redis itself counts."""
@@ -238,6 +317,7 @@ class RedisBudgetStore(RedisStore):
 
     def _start_settle(self, reservation: Reservation, actual_nanos: int) -> Awaitable[Any]:
         lease_id = reservation.lease_id if isinstance(reservation, LeasedReservation) else ""
+        self._held.pop(lease_id, None)  # settled, or re-sent until it lands: either way no longer renewed
         args = [lease_id, str(-int(reservation.amount_nanos)), str(int(actual_nanos))]
         args += [str(max(int(w.ttl_s), 1)) for w in reservation.windows]
         return self._runner.start(self._settle, self._keys(reservation.tenant, reservation.windows), args)
@@ -279,6 +359,10 @@ class RedisBudgetStore(RedisStore):
             delay = min(delay * 2, _MAX_SETTLE_RETRY_S)
 
     async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         if self._retrier is not None:
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -57,7 +57,7 @@ class RedisState:
         *,
         breaker: BreakerSettings | None = None,
         probe_ttl_s: float = 30.0,
-        budget_lease_s: float = 900.0,
+        budget_lease_s: float = 60.0,
         namespace: str = "feather",
     ) -> None:
         self.client = client
@@ -78,7 +78,7 @@ class RedisState:
         connect_timeout_s: float | None = None,
         breaker: BreakerSettings | None = None,
         probe_ttl_s: float = 30.0,
-        budget_lease_s: float = 900.0,
+        budget_lease_s: float = 60.0,
         namespace: str = "feather",
     ) -> RedisState:
         """`redis://[user:pass@]host:port/db`, `rediss://...` (TLS) or `unix://...` (see resp.RedisAddress);
