@@ -440,13 +440,14 @@ class SqliteLedger:
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         """Moves what the WAL holds into the database file and has the WAL start over, so that it stays
-        bounded. A PASSIVE checkpoint copies the bulk beside the loop's writes. But the WAL only starts over
-        when a write begins with every frame copied, which a loop that writes all the time never lets
-        happen; so a RESTART checkpoint then copies the frames written meanwhile while holding the write lock
-        for that moment (the loop's records come to this thread then, and wait for it), and waits for
-        readers at most `_RESTART_WAIT_MS`. A checkpoint that fails or gives up loses nothing: the frames
-        stay in the WAL for the next one."""
-        with self._write_lock, contextlib.suppress(sqlite3.Error):
+        bounded. The RESTART makes the next write start the WAL over (it waits for readers at most
+        `_RESTART_WAIT_MS`). Records made meanwhile wait for it here, as they waited for SQLite's automatic
+        checkpoints when this thread made every commit. A checkpoint that fails or gives up loses nothing:
+        the frames stay in the WAL for the next one."""
+        # The loop does not write meanwhile (its records come here): a write beside a checkpoint can wait
+        # inside SQLite for the WAL's read locks, and inside the file system for the checkpoint's fsyncs
+        # (measured: stalls of tens of ms), and the loop must never wait.
+        with self._loop_conn_lock, self._write_lock, contextlib.suppress(sqlite3.Error):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             conn.execute(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
             try:
