@@ -1,7 +1,9 @@
 """Micro-benchmark of SqliteLedger.record(): records/s for 1 and 64 concurrent writers.
 
 Each writer awaits record() in a loop, as gateway calls settling usage do. `max_batch=1` is a
-commit per call, i.e. the ledger without group commit, for comparison.
+commit per call, i.e. the ledger without group commit, for comparison. With `synchronous=NORMAL` the
+event loop commits each turn's records itself (see sqlite_ledger): "loop held" is how long each of those
+turns' sends held the loop (the commit included), p50/p99/max, i.e. what the ledger adds to the loop's lag.
 
     .venv/bin/python bench/ledger_bench.py [--seconds 3] [--synchronous NORMAL|FULL] [--dir /tmp]
 """
@@ -22,6 +24,15 @@ from feather_grpc.state.sqlite_ledger import SqliteLedger, Synchronous
 async def run(path: Path, writers: int, seconds: float, synchronous: Synchronous, max_batch: int) -> None:
     ledger = await SqliteLedger.open(path, synchronous=synchronous, max_batch=max_batch)
     latencies: list[float] = []
+    held: list[float] = []  # the loop's time in each send (the on-loop commit)
+    send = ledger._send
+
+    def timed_send(loop: asyncio.AbstractEventLoop) -> None:
+        started = time.perf_counter()
+        send(loop)
+        held.append(time.perf_counter() - started)
+
+    ledger._send = timed_send  # type: ignore[method-assign]
     deadline = time.perf_counter() + seconds
 
     async def writer(n: int) -> None:
@@ -55,10 +66,15 @@ async def run(path: Path, writers: int, seconds: float, synchronous: Synchronous
     latencies.sort()
     p50 = statistics.median(latencies) * 1e3
     p99 = latencies[int(0.99 * (count - 1))] * 1e3
+    held.sort()
+    loop_held = (
+        f"loop held p50 {statistics.median(held) * 1e6:.0f} p99 {held[int(0.99 * (len(held) - 1))] * 1e6:.0f} "
+        f"max {held[-1] * 1e6:.0f} us ({ledger.loop_commit_count:,} of {ledger.commit_count:,} commits on the loop)"
+    )
     print(
         f"writers={writers:<3} synchronous={synchronous:<6} max_batch={max_batch:<4} "
         f"{count / elapsed:>9,.0f} records/s  {count / ledger.commit_count:>6.1f} records/commit  "
-        f"p50 {p50:.2f} ms  p99 {p99:.2f} ms"
+        f"p50 {p50:.2f} ms  p99 {p99:.2f} ms  {loop_held}"
     )
 
 

@@ -100,6 +100,7 @@ async def writer_parked(ledger: SqliteLedger) -> AsyncIterator[asyncio.Task[None
     gate = GateLock()
     gate.lock.acquire()
     ledger._write_lock = gate  # type: ignore[assignment]
+    ledger._commit_on_loop = False  # these tests are about the writer thread's batches
     try:
         (blocker,) = await enqueue(ledger, [rec("blocker", T0 - DAY_NS)])
         assert await asyncio.to_thread(gate.entered.wait, 10)
@@ -576,9 +577,9 @@ async def test_a_new_request_is_one_statement_and_a_retry_takes_the_ranking_path
     sqlite_ledger: SqliteLedger, tmp_path: Path
 ) -> None:
     statements: list[str] = []
-    conn = sqlite_ledger._write_conn
+    conn = sqlite_ledger._loop_conn  # the event loop commits (synchronous=NORMAL)
     assert conn is not None
-    conn.set_trace_callback(statements.append)  # runs on the writer thread, where the statements run
+    conn.set_trace_callback(statements.append)
     await sqlite_ledger.record(rec("new", T0, tenant="a", outcome=Outcome.ERROR, cost_nanos_usd=5))
     assert len(statements) == 1 and statements[0].startswith("INSERT INTO usage_records")
     statements.clear()
@@ -1076,6 +1077,79 @@ async def test_aclose_commits_what_is_pending(tmp_path: Path) -> None:
     await closing
     assert all(t.done() and t.exception() is None for t in [blocker, *tasks])
     assert count_rows(tmp_path / "usage.db") == 101
+
+
+# -- commits on the event loop (synchronous=NORMAL, see the module doc) -------------------------------------
+
+
+async def test_the_loop_commits_each_turns_records_before_record_returns(
+    sqlite_ledger: SqliteLedger, tmp_path: Path
+) -> None:
+    await sqlite_ledger.record(rec("alone"))
+    assert count_rows(tmp_path / "usage.db") == 1  # on disk for another connection when record() returned
+    await asyncio.gather(*(sqlite_ledger.record(rec(f"t{i}")) for i in range(50)))  # made in one turn
+    assert (sqlite_ledger.commit_count, sqlite_ledger.loop_commit_count) == (2, 2)
+    assert count_rows(tmp_path / "usage.db") == 51
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "EXTRA"])
+async def test_a_commit_that_fsyncs_never_runs_on_the_loop(tmp_path: Path, synchronous: Any) -> None:
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", synchronous=synchronous)
+    await asyncio.gather(*(ledger.record(rec(f"f{i}")) for i in range(5)))
+    await ledger.record(rec("after"))
+    assert ledger.commit_count >= 2 and ledger.loop_commit_count == 0
+    await ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 6
+    with pytest.raises(ValueError, match="commit_on_loop"):
+        SqliteLedger(tmp_path / "other.db", synchronous=synchronous, commit_on_loop=True)
+
+
+async def test_a_write_lock_held_elsewhere_sends_records_to_the_thread_in_order(
+    sqlite_ledger: SqliteLedger, tmp_path: Path
+) -> None:
+    path = tmp_path / "usage.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # an operator's shell, another process: it holds the write lock
+        first = asyncio.create_task(sqlite_ledger.record(rec("first")))
+        async with asyncio.timeout(10):
+            while not sqlite_ledger.busy_fallback_count:  # noqa: ASYNC110 (a counter, no event to wait on)
+                await asyncio.sleep(0)  # the loop tries, meets the lock, and does not wait for it
+        second = asyncio.create_task(sqlite_ledger.record(rec("second")))  # follows the first to the thread
+        await asyncio.sleep(0)
+        assert not first.done() and not second.done()
+        other.execute("ROLLBACK")
+        await asyncio.gather(first, second)
+    assert (sqlite_ledger.busy_fallback_count, sqlite_ledger.loop_commit_count) == (1, 0)
+    await sqlite_ledger.record(rec("third"))  # the thread has nothing left: back on the loop
+    assert sqlite_ledger.loop_commit_count == 1
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        order = [r for (r,) in conn.execute("SELECT request_id FROM usage_records ORDER BY id")]
+    assert order == ["first", "second", "third"]
+
+
+async def test_a_failed_commit_on_the_loop_fails_its_turn(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "CREATE TRIGGER fail BEFORE INSERT ON usage_records WHEN NEW.request_id = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+    results = await asyncio.gather(*(sqlite_ledger.record(rec(r)) for r in ("a", "boom", "b")), return_exceptions=True)
+    assert [type(r) for r in results] == [LedgerWriteError] * 3
+    assert all("IntegrityError: disk on fire" in str(r) for r in results)
+    assert count_rows(path) == 0
+    await sqlite_ledger.record(rec("later"))
+    assert count_rows(path) == 1 and sqlite_ledger.loop_commit_count == 1
+
+
+async def test_checkpoints_keep_the_wal_bounded(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
+    # One commit per record: without checkpoints the WAL would grow by a few 4 KiB pages each (~40 MB).
+    for i in range(3_000):
+        await sqlite_ledger.record(rec(f"w{i}"))
+    # A few went to the writer thread while a checkpoint held the write lock to let the WAL start over.
+    assert sqlite_ledger.commit_count == 3_000 and sqlite_ledger.loop_commit_count > 2_000
+    assert (tmp_path / "usage.db-wal").stat().st_size < 8 * 2**20
+    assert count_rows(tmp_path / "usage.db") == 3_000
 
 
 async def test_queries_read_beside_writers(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:

@@ -1,35 +1,48 @@
 """SqliteLedger: the default usage ledger, a SQLite file written by group commit.
 
-One writer thread owns the write connection. `record()` puts the row on a queue and awaits a
-future; the writer takes everything pending (up to `max_batch`), inserts it with one
-`executemany` inside one transaction, commits, then settles every waiting future. A lone call is
-committed at once (no timers); under load the calls that arrive during a commit share the next
-one, so throughput grows with concurrency instead of being capped by one fsync per call.
+Records made in one turn of the event loop are committed together at the end of that turn: one
+transaction for all of them, then every waiting caller is woken. A lone call is committed at once (no
+timers); under load the calls of a turn share one commit, so throughput grows with concurrency instead
+of being capped by one commit per call.
 
-A commit costs about the same for one record as for fifty (the same few WAL pages, the same file
-locks, and the same thread wake-ups and GIL hand-offs between the event loop and this thread, which
-are most of it: 40-60 µs of CPU alone, 150-300 µs of the gateway's CPU under load), and commits are
-short next to the gaps between records, so under load most batches still held one record. Hence a
-commit delay (PostgreSQL's commit_delay with commit_siblings): while the owner says its calls queue
-anyway (`backlogged`, e.g. a gateway whose new calls wait milliseconds to start) and records overlap
-(one was made while another still waited for its commit, within the last `GROUP_HOLD_S`), a turn's
-parcel leaves `group_window_s` later (default 5 ms) instead of at the end of the turn, and the records
-made meanwhile travel with it: one wake-up of the writer and one commit for all of them. The CPU this
-saves serves the queued calls, so the process answers more calls per second although each waits a
-little longer. A lone caller never overlaps its own previous record, and without a backlog nobody
-waits. A batch is inserted with as few statements as the parameter limit allows (each statement is
-one more GIL hand-off).
+Where the commit runs. With `synchronous=NORMAL` (the default) and a WAL journal a commit does not
+fsync: it appends the changed pages to the WAL file, i.e. a few writes into the page cache (tens of
+µs; bench/ledger_bench.py measures it), durable against a crash of the process as soon as it returns.
+So the event loop commits itself, on a connection of its own: handing each commit to a thread and back
+cost two cross-thread wake-ups and GIL hand-offs per commit, several times the commit (150-250 µs of
+latency for a lone caller, most of what the gateway added over a bare forwarder). What may block stays
+off the loop, on the writer thread and its own connection:
+- checkpoints, which fsync the WAL and the database: the loop's connection never checkpoints
+  (`wal_autocheckpoint=0`); every `_CHECKPOINT_COMMITS` loop commits the writer thread runs a PASSIVE
+  checkpoint, which neither waits for nor blocks the loop's writes, and keeps the WAL file bounded;
+- waiting for the write lock: the loop's connection has no busy timeout. When another connection holds
+  the lock (another process on the file, an operator's shell, the health probe), the turn's records go
+  to the writer thread, which waits for the lock up to `busy_timeout_ms`; until the thread has committed
+  them, later records follow them there, so records are committed in the order they were made;
+- a parcel over `max_batch` records, and every commit under `synchronous=FULL/EXTRA` (each fsyncs) or of
+  a `":memory:"` file (one connection only): the writer thread takes them as whole batches.
+
+A commit costs about the same for one record as for fifty (the same few WAL pages and file locks),
+and under load most turns still held one record. Hence a commit delay (PostgreSQL's commit_delay with
+commit_siblings): while the owner says its calls queue anyway (`backlogged`, e.g. a gateway whose new
+calls wait milliseconds to start) and records overlap (one was made while another still waited for its
+commit, within the last `GROUP_HOLD_S`), a turn's parcel leaves `group_window_s` later (default 5 ms)
+instead of at the end of the turn, and the records made meanwhile travel with it: one commit for all of
+them. The CPU this saves serves the queued calls, so the process answers more calls per second although
+each waits a little longer. A lone caller never overlaps its own previous record, and without a backlog
+nobody waits. A batch is inserted with as few statements as the parameter limit allows.
 
 Durability: WAL journal with `synchronous=NORMAL` (the default) survives a crash of the process
 (kill -9), because a committed transaction is in the WAL file before `record()` returns. It may
 lose the last transactions on power loss or an OS crash; pass `synchronous="FULL"` when that
-matters (each commit then fsyncs the WAL, which group commit amortises).
+matters (each commit then fsyncs the WAL on the writer thread, which group commit amortises).
 
 Queries run SQL aggregates on a separate read connection in a worker thread; WAL lets them read
-while the writer commits. The event loop never touches SQLite.
+while records are committed.
 
-Several processes may share one file (`--workers N`): each opens its own connections, and
-`busy_timeout_ms` makes a writer wait for the lock instead of failing with "database is locked".
+Several processes may share one file: each opens its own connections, and `busy_timeout_ms` makes the
+writer thread wait for the lock instead of failing with "database is locked". (`serve --workers N` has
+one ledger writer process instead: state/ledger_writer.)
 
 A retried request is billed once, by the rule every ledger applies (ledger_rows): every record
 is kept, but exactly one record of each (tenant, non-empty request_id) is *billed* (counted by
@@ -93,6 +106,13 @@ _PROBE = "INSERT OR REPLACE INTO ledger_probe (singleton, probed_ns) VALUES (1, 
 
 _Pending = tuple[Row, asyncio.Future[None]]
 _STOP = object()
+_CHECKPOINT = object()  # asks the writer thread for a PASSIVE checkpoint
+# The writer thread checkpoints after this many commits on the loop (a few WAL pages each): about the
+# 1,000 pages at which SQLite's own automatic checkpoint would run.
+_CHECKPOINT_COMMITS = 256
+# How long the RESTART step of a checkpoint waits for a reader (a Usage query) to let go of the WAL: the
+# loop's records wait for this thread meanwhile, so not long; the next checkpoint tries again.
+_RESTART_WAIT_MS = 50
 # Parcels are held (see the module doc) for this long after records last overlapped.
 GROUP_HOLD_S = 0.1
 
@@ -114,6 +134,7 @@ class SqliteLedger:
         max_batch: int = 512,
         group_window_s: float = 0.005,
         backlogged: Callable[[], bool] | None = None,
+        commit_on_loop: bool | None = None,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
@@ -127,6 +148,13 @@ class SqliteLedger:
         if not self.path:
             raise ValueError("path must name a file or be ':memory:'")
         self._in_memory = self.path == ":memory:"
+        loop_capable = synchronous == "NORMAL" and not self._in_memory
+        if commit_on_loop and not loop_capable:
+            raise ValueError(
+                "commit_on_loop needs synchronous='NORMAL' and a file: other commits fsync or share a connection"
+            )
+        # See the module doc. None: wherever it can.
+        self._commit_on_loop = loop_capable if commit_on_loop is None else commit_on_loop
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._max_batch = max_batch
@@ -137,6 +165,12 @@ class SqliteLedger:
         self._unsettled = 0  # records enqueued whose callers have not been woken yet (the loops' side)
         self._commit_count = 0
         self._held_count = 0
+        self._loop_commit_count = 0
+        self._busy_fallback_count = 0
+        self._loop_conn: sqlite3.Connection | None = None  # the loop's own (see the module doc)
+        self._loop_conn_lock = threading.Lock()  # taken without waiting: a second loop, or the closing thread
+        self._with_thread = 0  # records sent to the writer thread and not yet settled (the loops' side)
+        self._loop_commits_since_checkpoint = 0
 
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # parcels (lists of _Pending) and _STOP
         self._parcels: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}  # this turn's records, per loop
@@ -169,6 +203,7 @@ class SqliteLedger:
         max_batch: int = 512,
         group_window_s: float = 0.005,
         backlogged: Callable[[], bool] | None = None,
+        commit_on_loop: bool | None = None,
     ) -> SqliteLedger:
         """Construct and wait until the file is open and its schema current."""
         ledger = cls(
@@ -178,6 +213,7 @@ class SqliteLedger:
             max_batch=max_batch,
             group_window_s=group_window_s,
             backlogged=backlogged,
+            commit_on_loop=commit_on_loop,
         )
         try:
             await ledger.ready()
@@ -199,6 +235,16 @@ class SqliteLedger:
     def held_count(self) -> int:
         """Parcels held for the group window so far (see the module doc)."""
         return self._held_count
+
+    @property
+    def loop_commit_count(self) -> int:
+        """Of `commit_count`, the transactions the event loop committed itself."""
+        return self._loop_commit_count
+
+    @property
+    def busy_fallback_count(self) -> int:
+        """Parcels the loop handed to the writer thread because another connection held the write lock."""
+        return self._busy_fallback_count
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -245,11 +291,48 @@ class SqliteLedger:
         parcel = self._parcels.pop(loop, None)
         if not parcel:
             return
+        if (
+            self._commit_on_loop
+            and not self._with_thread  # earlier records are still with the thread: these follow them
+            and not self._closed
+            and len(parcel) <= self._max_batch
+            and self._commit_here(parcel)
+        ):
+            return
         with self._submit_lock:
             if not self._closed:
+                self._with_thread += len(parcel)
                 self._queue.put(parcel)
                 return
         self._settle(parcel_futures(parcel), RuntimeError("the usage ledger is closed"))
+
+    def _commit_here(self, parcel: list[_Pending]) -> bool:
+        """Commits the parcel on the loop's connection and settles it; False: the writer thread must (the
+        write lock is another connection's, or the connection is not open or is another loop's)."""
+        conn = self._loop_conn
+        if conn is None or not self._loop_conn_lock.acquire(blocking=False):
+            return False
+        try:
+            _write(conn, [row for row, _ in parcel])
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                self._settle(parcel_futures(parcel), _write_error(exc))
+                return True
+            self._busy_fallback_count += 1
+            return False
+        except Exception as exc:  # disk full, I/O error, a constraint: the parcel failed as a whole
+            self._settle(parcel_futures(parcel), _write_error(exc))
+            return True
+        finally:
+            self._loop_conn_lock.release()
+        self._commit_count += 1
+        self._loop_commit_count += 1
+        self._settle(parcel_futures(parcel), None)
+        self._loop_commits_since_checkpoint += 1
+        if self._loop_commits_since_checkpoint >= _CHECKPOINT_COMMITS:
+            self._loop_commits_since_checkpoint = 0
+            self._queue.put(_CHECKPOINT)
+        return True
 
     def _settle(self, futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
         """On the records' loop: wakes their callers."""
@@ -269,12 +352,25 @@ class SqliteLedger:
             by_loop.setdefault(future.get_loop(), []).append(future)
         for loop, waiting in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed; nobody is left to tell
-                loop.call_soon_threadsafe(self._settle, waiting, error)
+                loop.call_soon_threadsafe(self._settle_thread_batch, waiting, error)
+
+    def _settle_thread_batch(self, futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        self._with_thread -= len(futures)
+        self._settle(futures, error)
 
     def _writer_main(self) -> None:
         try:
             conn = self._open_writer()
         except BaseException as exc:
+            self._ready.set_exception(exc)
+            self._fail_until_stop(exc)
+            self._stopped.set_result(None)
+            return
+        try:
+            if self._commit_on_loop:
+                self._loop_conn = self._open_loop_connection()
+        except BaseException as exc:
+            conn.close()
             self._ready.set_exception(exc)
             self._fail_until_stop(exc)
             self._stopped.set_result(None)
@@ -285,12 +381,16 @@ class SqliteLedger:
         try:
             stop = False
             while not stop:
-                batch, stop = self._take_batch()
+                batch, stop = self._take_batch(conn)
                 if batch:
                     self._commit(conn, batch)
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self._fail_until_stop(exc)
         finally:
+            with self._loop_conn_lock:  # waits for a commit a loop is making
+                if self._loop_conn is not None:
+                    self._loop_conn.close()
+                    self._loop_conn = None
             with self._write_lock:
                 conn.close()
                 self._write_conn = None
@@ -299,14 +399,18 @@ class SqliteLedger:
                     self._read_closed = True
             self._stopped.set_result(None)
 
-    def _take_batch(self) -> tuple[list[_Pending], bool]:
+    def _take_batch(self, conn: sqlite3.Connection) -> tuple[list[_Pending], bool]:
         """Block for one parcel, then take whatever else is already waiting, up to max_batch records
-        (a parcel's remainder waits for the next batch). Returns the batch and whether to stop after it."""
+        (a parcel's remainder waits for the next batch). Returns the batch and whether to stop after it.
+        Checkpoints asked for meanwhile are run on the way."""
         batch, self._carry = self._carry, []
-        if not batch and not self._stopping:
+        while not batch and not self._stopping:
             item = self._queue.get()
             if item is _STOP:
                 return [], True
+            if item is _CHECKPOINT:
+                self._checkpoint(conn)
+                continue
             batch = list(_as_parcel(item))
         while len(batch) < self._max_batch and not self._stopping:
             try:
@@ -316,6 +420,9 @@ class SqliteLedger:
             if item is _STOP:
                 self._stopping = True
                 break
+            if item is _CHECKPOINT:
+                self._checkpoint(conn)
+                continue
             batch.extend(_as_parcel(item))
         if len(batch) > self._max_batch:
             batch, self._carry = batch[: self._max_batch], batch[self._max_batch :]
@@ -324,20 +431,29 @@ class SqliteLedger:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         error: BaseException | None = None
         try:
-            rows = [row for row, _ in batch]
             with self._write_lock:
-                if not _insert_new(conn, rows):
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        _insert_billed(conn, rows)
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        rollback_quietly(conn)
-                        raise
+                _write(conn, [row for row, _ in batch])
             self._commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
             error = _write_error(exc)
         self._settle_from_thread([future for _, future in batch], error)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Moves what the WAL holds into the database file and has the WAL start over, so that it stays
+        bounded. The RESTART makes the next write start the WAL over (it waits for readers at most
+        `_RESTART_WAIT_MS`). Records made meanwhile wait for it here, as they waited for SQLite's automatic
+        checkpoints when this thread made every commit. A checkpoint that fails or gives up loses nothing:
+        the frames stay in the WAL for the next one."""
+        # The loop does not write meanwhile (its records come here): a write beside a checkpoint can wait
+        # inside SQLite for the WAL's read locks, and inside the file system for the checkpoint's fsyncs
+        # (measured: stalls of tens of ms), and the loop must never wait.
+        with self._loop_conn_lock, self._write_lock, contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn.execute(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
 
     def _fail_until_stop(self, error: BaseException) -> None:
         if self._carry:
@@ -347,7 +463,19 @@ class SqliteLedger:
             item = self._queue.get()
             if item is _STOP:
                 return
-            self._settle_from_thread(parcel_futures(_as_parcel(item)), error)
+            if item is not _CHECKPOINT:
+                self._settle_from_thread(parcel_futures(_as_parcel(item)), error)
+
+    def _open_loop_connection(self) -> sqlite3.Connection:
+        """The loop's connection (see the module doc): no busy timeout, never a checkpoint."""
+        conn = self._connect(busy_timeout_ms=0)
+        try:
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _open_writer(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
@@ -378,15 +506,11 @@ class SqliteLedger:
                 self._read_conn = conn
         return conn
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
+        timeout_ms = self._busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
         # isolation_level=None: transactions are exactly the BEGIN/COMMIT issued here.
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self._busy_timeout_ms / 1000,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        conn = sqlite3.connect(self.path, timeout=timeout_ms / 1000, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
         return conn
 
     async def probe(self) -> None:
@@ -461,6 +585,18 @@ def _write_error(exc: Exception) -> Exception:
         error.__cause__ = exc
         return error
     return exc
+
+
+def _write(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """Commits the rows (see `_insert_new` and `_insert_billed`), or raises and commits none."""
+    if not _insert_new(conn, rows):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _insert_billed(conn, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback_quietly(conn)
+            raise
 
 
 def _insert_new(conn: sqlite3.Connection, rows: list[Row]) -> bool:
