@@ -44,6 +44,7 @@ class _Context:
 
 
 async def _run(streams: int, chunks: int, interval: float, rounds: int) -> list[float]:
+    from bench.held_streams import _die_with_us  # a killed run leaves no upstream behind
     from feather_grpc import config
     from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
     from feather_grpc.server.app import GatewayServer, ServerOptions
@@ -53,7 +54,7 @@ async def _run(streams: int, chunks: int, interval: float, rounds: int) -> list[
     sock_port = _free_port()
     upstream = await asyncio.create_subprocess_exec(
         sys.executable, HELD, "--role", "upstream", "--port", str(sock_port), "--chunks", str(chunks),
-        "--interval", str(interval), stdout=subprocess.PIPE,
+        "--interval", str(interval), stdout=subprocess.PIPE, preexec_fn=_die_with_us,
     )  # fmt: skip
     assert upstream.stdout is not None
     await upstream.stdout.readline()  # ready
