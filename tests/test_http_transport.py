@@ -275,6 +275,36 @@ def test_every_split_position_parses_the_same(raw: bytes) -> None:
     assert ex.status == 200
 
 
+def test_a_stream_read_one_whole_chunk_at_a_time() -> None:
+    """The usual read of a streamed body is one whole chunk (taken in one step); reads that only look like
+    one (a size that is not the data's, data ending in CRLF, an extension, two chunks) take the long way
+    and give the same bytes."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    reads = [
+        head,
+        b"b\r\ndata: one\n\n\r\n",  # one whole chunk
+        b"4\r\nab\r\n\r\n",  # its data ends in CRLF: still one whole chunk of 4 bytes
+        b"A\r\n0123456789\r\n",  # upper-case hex
+        b"5\r\nab\r\n",  # a size larger than the read: the rest follows
+        b"c\r\n",
+        b"3;ext=1\r\nxyz\r\n",  # an extension
+        b"1\r\nA\r\n1\r\nB\r\n",  # two chunks in one read
+        b"2\r\nC",  # a part of a chunk...
+        b"D\r\n",  # ...then its end
+        b"0\r\n\r\n",
+    ]
+    ex, events = feed_all(reads[:1])
+    delivered = []
+    conn = ex._conn
+    assert isinstance(conn, Connection)
+    for data in reads[1:]:
+        conn.data_received(data)
+        delivered.append(b"".join(ex._parts))
+        ex._parts.clear()
+    assert delivered == [b"data: one\n\n", b"ab\r\n", b"0123456789", b"ab\r\n", b"c", b"xyz", b"AB", b"C", b"D", b""]
+    assert ex._done and ex._exc is None and events == ["released"]
+
+
 @pytest.mark.parametrize(
     ("raw", "what"),
     [

@@ -405,24 +405,30 @@ class _ChunkReader:
             return out
         choice = choices[0]
         delta = choice.get("delta") or {}
-        thought = _reasoning_of(delta)
-        if thought:
-            out.append(ThinkingDelta(0, text=thought))
+        # Most chunks carry text and nothing else: the rarer fields are looked for only when present.
+        if "reasoning_content" in delta or "reasoning" in delta:
+            thought = _reasoning_of(delta)
+            if thought:
+                out.append(ThinkingDelta(0, text=thought))
         text = delta.get("content")
         if text:
             self._text_seen = True
-            out.append(TextDelta(text if isinstance(text, str) else _text_of(text)))
-        refusal = delta.get("refusal")
-        if refusal:
-            self._refusal += refusal
-        calls = delta.get("tool_calls")
-        if calls:
-            self._tool_calls(calls, out)
-        legacy = delta.get("function_call")
-        if isinstance(legacy, dict):
-            self._legacy_call(legacy, out)
-        if choice.get("finish_reason"):
-            self._finish = choice["finish_reason"]
+            out.append(TextDelta(text if type(text) is str else _text_of(text)))
+        if "refusal" in delta:
+            refusal = delta["refusal"]
+            if refusal:
+                self._refusal += refusal
+        if "tool_calls" in delta:
+            calls = delta["tool_calls"]
+            if calls:
+                self._tool_calls(calls, out)
+        if "function_call" in delta:
+            legacy = delta["function_call"]
+            if isinstance(legacy, dict):
+                self._legacy_call(legacy, out)
+        finish = choice.get("finish_reason")
+        if finish:
+            self._finish = finish
         return out
 
     def _tool_calls(self, calls: list[dict[str, Any]], out: list[StreamEvent]) -> None:

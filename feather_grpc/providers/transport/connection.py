@@ -241,6 +241,15 @@ class Connection(asyncio.Protocol):
         return status
 
     def _chunked(self, ex: Response, data: bytes) -> None:
+        if self._state == _CHUNK_SIZE and not self._buf:
+            # The usual read of a streamed body: one whole chunk, `<hex size>\r\n<data>\r\n`, taken in one
+            # step; anything else (several chunks, a part of one, extensions, the last chunk) below.
+            eol = data.find(b"\r\n", 0, 18)
+            if eol > 0 and data[-2:] == b"\r\n" and _HEX.fullmatch(data, 0, eol) is not None:
+                size = int(data[:eol], 16)
+                if size and len(data) == eol + 2 + size + 2:
+                    self._deliver(ex, data[eol + 2 : -2])
+                    return
         buf = self._buf + data if self._buf else data
         self._buf = b""
         pos = 0

@@ -200,17 +200,19 @@ class Response:
         if conn is not None and conn.paused:
             conn.resume()
 
-    async def _wait(self) -> None:
+    def _wait(self) -> asyncio.Future[None]:
+        """What to await for the next news of the body (data, its end, an error): a future `_wake` resolves.
+
+        A plain function returning the future, not a coroutine: a stream waits once per event, and a
+        coroutine would add a frame to each wait. A waiter whose reader was cancelled is done, so `_wake`
+        skips it, and the next wait replaces it."""
         if self._conn is None:  # cannot happen: no connection means done, failed or closed
             raise ReadError("response has no connection")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def _wake(self) -> None:
         waiter = self._waiter
