@@ -264,6 +264,39 @@ def cpu_s(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_ARENA_ALIGN = 64 << 20  # glibc's per-thread malloc heaps are mmapped at multiples of HEAP_MAX_SIZE (64 MB)
+
+
+def rss_by_kind(pid: int) -> dict[str, float]:
+    """RSS in MB by mapping kind, from /proc/PID/smaps: "heap" (glibc's main arena: the brk heap, where
+    the event-loop thread's malloc and Python's small objects outside its arenas go), "thread_arenas"
+    (glibc's per-thread arenas: gRPC's and other threads' malloc), "anon" (other anonymous mappings:
+    CPython's 1 MB obmalloc arenas, large mallocs, thread stacks) and "files" (code and data of the
+    executable and libraries)."""
+    out = {"heap": 0.0, "thread_arenas": 0.0, "anon": 0.0, "files": 0.0}
+    kind = "anon"
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        head, _, rest = line.partition(" ")
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms offset dev inode path"
+            name = rest.split()[4:] if len(rest.split()) > 4 else []
+            start = int(head.split("-")[0], 16)
+            if name and name[0] == "[heap]":
+                kind = "heap"
+            elif name and not name[0].startswith("["):
+                kind = "files"
+            elif not name and start % _ARENA_ALIGN == 0:
+                kind = "thread_arenas"
+            else:
+                kind = "anon"
+        elif head == "Rss:":
+            out[kind] += int(rest.split()[0]) / 1024
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def runqueue_wait_s(pid: int) -> float:
     """Seconds the thread `pid` (a process's main thread: its event loop) was runnable but waiting for a
     CPU, from the scheduler's own count: how much of "its core" something else took (0 where unknown)."""
@@ -271,6 +304,17 @@ def runqueue_wait_s(pid: int) -> float:
         return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def cpus_busy_s(cpus: list[int]) -> float:
+    """Seconds the CPUs `cpus` were busy (any process, interrupts included), from /proc/stat."""
+    total = 0.0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(t) for t in ticks]
+            total += sum(values) - values[3] - values[4]  # all but idle and iowait
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _gauges(port: int) -> dict[str, float]:
@@ -464,7 +508,8 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     peak = idle
     gauges: dict[str, list[float]] = {"feather_event_loop_lag_seconds": [], "feather_new_call_delay_seconds": []}
     rig = [upstream, *holders, probe]
-    rig0: tuple[float, float, float, float] | None = None  # (time, rig CPU, server CPU, wait), all open
+    # (time, rig CPU, server CPU, its loop's run-queue wait, its CPUs busy), once every stream is open
+    rig0: tuple[float, float, float, float, float] | None = None
     while time.monotonic() < t0 + opts.ramp + probe_window:
         if time.monotonic() > t0 + opts.ramp:
             peak = max(peak, rss_mb(gateway.pid))
@@ -474,6 +519,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
                     sum(cpu_s(p.pid) for p in rig),
                     cpu_s(gateway.pid),
                     runqueue_wait_s(gateway.pid),
+                    cpus_busy_s(pins["server"]) if pins is not None else 0.0,
                 )
         for name, value in _gauges(metrics_port).items():
             if name in gauges:
@@ -483,14 +529,18 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     wall_hold = time.monotonic() - t0
     # The rig's CPU (upstream, holders, probe) and the server's over the same part of the hold: every
     # stream open. Pinned, the rig must stay below its CPUs' count, or it is the rig that is measured.
-    # The loop thread's run-queue wait says whether its core was its own: on a shared machine, other
-    # processes pinned or scheduled there take it, and the figures are those of a starved server.
-    rig_cores = server_cores_held = loop_wait = None
+    # Whether the server's core was its own: the share of it that other processes and interrupts took
+    # (on a shared machine, others' processes scheduled there), and how long its loop thread waited to run
+    # (behind those, or behind its own process's other threads: gRPC's, the ledger's).
+    rig_cores = server_cores_held = loop_wait = others = None
     if rig0 is not None:
         wall = time.monotonic() - rig0[0]
         rig_cores = round((sum(cpu_s(p.pid) for p in rig) - rig0[1]) / wall, 2)
-        server_cores_held = round((cpu_s(gateway.pid) - rig0[2]) / wall, 2)
+        server_cpu = cpu_s(gateway.pid) - rig0[2]
+        server_cores_held = round(server_cpu / wall, 2)
         loop_wait = round((runqueue_wait_s(gateway.pid) - rig0[3]) / wall, 2)
+        if pins is not None:
+            others = round(max(0.0, cpus_busy_s(pins["server"]) - rig0[4] - server_cpu) / wall, 2)
     results = []
     for p in [*holders, probe]:
         out, _ = p.communicate(timeout=hold_s + 120)
@@ -506,8 +556,15 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
                 line for line in reply.read().decode().splitlines()
                 if line.startswith("feather_time_to_first_token_seconds_bucket")
             ]  # fmt: skip
-    time.sleep(opts.settle)
+    # RSS each second after the load: the gateway's trimmer acts once nothing has been in flight across a
+    # whole check (5 s), so when memory comes back matters as much as how much.
+    trace = []
+    settle_end = time.monotonic() + opts.settle
+    while (left := settle_end - time.monotonic()) > 0:
+        time.sleep(min(1.0, left))
+        trace.append(round(rss_mb(gateway.pid), 1))
     after = rss_mb(gateway.pid)
+    after_kinds = rss_by_kind(gateway.pid)
     gateway.terminate()
     gateway.wait(timeout=30)
     upstream.terminate()
@@ -543,6 +600,9 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "rss_idle_mb": round(idle, 1),
         "rss_peak_mb": round(peak, 1),
         "rss_after_mb": round(after, 1),
+        "rss_kept_mb": round(after - idle, 1),  # after the load minus idle: what was not returned
+        "rss_after_trace_mb": trace,
+        "rss_after_by_kind_mb": after_kinds,
         "held_ok": held_ok,
         "kb_per_stream": round((peak - idle) * 1024 / held_ok, 1) if held_ok else None,
         "probe_calls": len(ttft),
@@ -561,6 +621,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "server_cores_all_open": server_cores_held,
         "rig_cores_all_open": rig_cores,
         "server_loop_runqueue_wait_share": loop_wait,
+        "server_cpus_taken_by_others": others,  # cores' worth, pinned only
         # CPU of the whole load (calls set up, streamed, ended) per message the holders received.
         "messages": messages,
         "cpu_us_per_message": round(cpu_all * 1e6 / messages, 1) if messages else None,
@@ -642,7 +703,7 @@ def main() -> None:
             print(json.dumps(result, indent=2), flush=True)
     if len(runs) > 1:  # one line per run, and each arm's CPU per message as a ratio to the first arm's
         print(f"{'arm':<12} {'held':>5} {'shed':>5} {'lost':>4} {'cores':>5} {'us/msg':>7} {'loop':>6} {'ratio':>6} "
-              f"{'ttft p50':>9} {'ttft p99':>9} {'KB/stream':>9} {'rig':>5} {'wait':>5}")  # fmt: skip
+              f"{'ttft p50':>9} {'ttft p99':>9} {'KB/stream':>9} {'rig':>5} {'wait':>5} {'other':>5}")  # fmt: skip
         for i, r in enumerate(runs):
             base = runs[i - i % len(arms)]["cpu_us_per_message"]
             ratio = r["cpu_us_per_message"] / base if base and r["cpu_us_per_message"] else float("nan")
@@ -650,7 +711,8 @@ def main() -> None:
                   f"{r['gateway_cpu_cores_during_hold']:>5} {r['cpu_us_per_message']:>7} "
                   f"{r['loop_thread_us_per_message']:>6} {ratio:>6.2f} "
                   f"{r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>9} {r['kb_per_stream']!s:>9} "
-                  f"{r['rig_cores_all_open']!s:>5} {r['server_loop_runqueue_wait_share']!s:>5}")  # fmt: skip
+                  f"{r['rig_cores_all_open']!s:>5} {r['server_loop_runqueue_wait_share']!s:>5} "
+                  f"{r['server_cpus_taken_by_others']!s:>5}")  # fmt: skip
     if opts.json:
         Path(opts.json).write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=2))
 
