@@ -492,6 +492,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
             time.sleep(0.1)
     time.sleep(1.0)
     idle = rss_mb(gateway.pid)
+    idle_kinds = rss_by_kind(gateway.pid)
     cpu0, t0 = cpu_s(gateway.pid), time.monotonic()
     loop0 = cpu_s(gateway.pid, gateway.pid)  # the event-loop thread alone: the one that cannot use a second core
     per = -(-opts.streams // opts.holders)
@@ -602,6 +603,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "rss_after_mb": round(after, 1),
         "rss_kept_mb": round(after - idle, 1),  # after the load minus idle: what was not returned
         "rss_after_trace_mb": trace,
+        "rss_idle_by_kind_mb": idle_kinds,
         "rss_after_by_kind_mb": after_kinds,
         "held_ok": held_ok,
         "kb_per_stream": round((peak - idle) * 1024 / held_ok, 1) if held_ok else None,
