@@ -15,7 +15,10 @@ every --probe-every seconds and times its first token. It reports:
 Processes: the upstream (a small uvloop HTTP/1.1 server, `--role upstream`), the gateway (`feather-grpc
 serve`, SQLite ledger in a temporary directory, response cache off, the provider's maxConnections raised
 above the stream count so that the pool is not what is measured), --holders client processes holding the
-streams, and one probe process. They all share the machine's cores with the gateway.
+streams, and one probe process. With --pin (the default on a machine with 2 CPUs or more) the server under
+test gets the first CPU this bench may use and every other process (the upstream, holders, probe and this
+orchestrator) the others, so "on one core" is measured as one core and the rig does not compete with what
+it measures; the JSON names each role's CPUs and the rig's own CPU use during the hold.
 
     .venv/bin/python bench/held_streams.py --streams 1000 --interval 0.2 --ramp 5 --hold 10
 """
@@ -128,9 +131,20 @@ def _reason(err: Any) -> str:
 
 
 async def holder_main(address: str, prefix: str, count: int, ramp: float, per_channel: int) -> None:
-    """Opens `count` streams evenly over `ramp` seconds, reads each to its end; prints one JSON summary."""
-    grpc, pb, pb_grpc = _client_imports()
+    """Opens `count` streams evenly over `ramp` seconds, reads each to its end; prints one JSON summary.
+    Messages are received as bytes and parsed only until a stream's first delta (its TTFT): the holders
+    receive 10,000 messages/s at 2,000 streams, and a protobuf parse each would make the rig, not the
+    server, what is measured once it has one core of its own."""
+    grpc, pb, _ = _client_imports()
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, -(-count // per_channel)))]
+    calls = [
+        c.unary_stream(
+            "/feather.v1.FeatherService/StreamChat",
+            request_serializer=pb.StreamChatRequest.SerializeToString,
+            response_deserializer=None,  # bytes as received
+        )
+        for c in channels
+    ]
     outcomes: dict[str, str] = {}
     ttft: list[float] = []
     opened = asyncio.Event()
@@ -141,17 +155,19 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
         nonlocal open_now, messages
         rid = f"{prefix}-{i}"
         t0 = time.perf_counter()
-        stub = pb_grpc.FeatherServiceStub(channels[i // per_channel])
         request = pb.StreamChatRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
         request.request_id = rid
         counted = False
+        event = pb.StreamChatResponse()
         try:
-            async for event in stub.StreamChat(request):
+            async for raw in calls[i // per_channel](request):
                 messages += 1
-                if not counted and event.HasField("delta"):
-                    counted = True
-                    open_now += 1
-                    ttft.append(time.perf_counter() - t0)
+                if not counted:
+                    event.ParseFromString(raw)
+                    if event.HasField("delta"):
+                        counted = True
+                        open_now += 1
+                        ttft.append(time.perf_counter() - t0)
             outcomes[rid] = "OK"
         except grpc.aio.AioRpcError as e:
             outcomes[rid] = _reason(e)
@@ -248,6 +264,59 @@ def cpu_s(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_ARENA_ALIGN = 64 << 20  # glibc's per-thread malloc heaps are mmapped at multiples of HEAP_MAX_SIZE (64 MB)
+
+
+def rss_by_kind(pid: int) -> dict[str, float]:
+    """RSS in MB by mapping kind, from /proc/PID/smaps: "heap" (glibc's main arena: the brk heap, where
+    the event-loop thread's malloc and Python's small objects outside its arenas go), "thread_arenas"
+    (glibc's per-thread arenas: gRPC's and other threads' malloc), "anon" (other anonymous mappings:
+    CPython's 1 MB obmalloc arenas, large mallocs, thread stacks) and "files" (code and data of the
+    executable and libraries)."""
+    out = {"heap": 0.0, "thread_arenas": 0.0, "anon": 0.0, "files": 0.0}
+    kind = "anon"
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        head, _, rest = line.partition(" ")
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms offset dev inode path"
+            name = rest.split()[4:] if len(rest.split()) > 4 else []
+            start = int(head.split("-")[0], 16)
+            if name and name[0] == "[heap]":
+                kind = "heap"
+            elif name and not name[0].startswith("["):
+                kind = "files"
+            elif not name and start % _ARENA_ALIGN == 0:
+                kind = "thread_arenas"
+            else:
+                kind = "anon"
+        elif head == "Rss:":
+            out[kind] += int(rest.split()[0]) / 1024
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the thread `pid` (a process's main thread: its event loop) was runnable but waiting for a
+    CPU, from the scheduler's own count: how much of "its core" something else took (0 where unknown)."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def cpus_busy_s(cpus: list[int]) -> float:
+    """Seconds the CPUs `cpus` were busy (any process, interrupts included), from /proc/stat."""
+    total = 0.0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(t) for t in ticks]
+            total += sum(values) - values[3] - values[4]  # all but idle and iowait
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _gauges(port: int) -> dict[str, float]:
     """The gateway's unlabelled gauges, from its metrics endpoint."""
     import urllib.request
@@ -273,6 +342,18 @@ def _die_with_us() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
+def _in_child(cpus: set[int] | None) -> Any:
+    """The child's set-up before it runs: die with this bench, and run on `cpus` (all its threads, since
+    they are made after) when pinned."""
+
+    def setup() -> None:
+        _die_with_us()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, __file__, *args],
@@ -281,8 +362,25 @@ def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
         stdout=subprocess.PIPE,
         text=True,
         bufsize=1,
-        preexec_fn=_die_with_us,
+        preexec_fn=_die_with_us,  # pinned or not, a rig process runs where this orchestrator may
     )
+
+
+def pin_plan(pin: bool | None) -> dict[str, list[int]] | None:
+    """With pinning (None: when this process may use 2 CPUs or more), the server under test gets the first
+    CPU and the rig the rest. Returns {"server": [...], "rig": [...]}, or None when not pinned."""
+    if not hasattr(os, "sched_getaffinity"):
+        if pin:
+            raise SystemExit("--pin needs os.sched_setaffinity (Linux); run with --no-pin")
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin is None:
+        pin = len(cpus) >= 2
+    if not pin:
+        return None
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs 2 CPUs or more, this process may use {cpus}; run with --no-pin")
+    return {"server": cpus[:1], "rig": cpus[1:]}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -299,6 +397,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     sheds), or the path of another source tree whose gateway runs instead (e.g. main exported with
     `git archive`), for A/Bs."""
     tmp = Path(tempfile.mkdtemp(prefix="feather-held-"))
+    pins: dict[str, list[int]] | None = opts.pins  # main() plans it once, before this process is pinned
     up_port, gw_port = _free_port(), _free_port()
     hold_s = opts.interval * opts.chunks
     upstream = _spawn(["--role", "upstream", "--port", str(up_port), "--chunks", str(opts.chunks),
@@ -374,7 +473,12 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         source = ROOT if arm == "gateway" else Path(arm).resolve()
         env["PYTHONPATH"] = str(source)
     gateway = subprocess.Popen(
-        command, cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_us
+        command,
+        cwd=source,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_in_child(set(pins["server"]) if pins is not None else None),
     )
     address = f"127.0.0.1:{gw_port}"
     deadline = time.monotonic() + 30
@@ -388,6 +492,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
             time.sleep(0.1)
     time.sleep(1.0)
     idle = rss_mb(gateway.pid)
+    idle_kinds = rss_by_kind(gateway.pid)
     cpu0, t0 = cpu_s(gateway.pid), time.monotonic()
     loop0 = cpu_s(gateway.pid, gateway.pid)  # the event-loop thread alone: the one that cannot use a second core
     per = -(-opts.streams // opts.holders)
@@ -403,15 +508,40 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     # The peak: after the ramp, while every stream is open (sampled through the hold, highest kept).
     peak = idle
     gauges: dict[str, list[float]] = {"feather_event_loop_lag_seconds": [], "feather_new_call_delay_seconds": []}
+    rig = [upstream, *holders, probe]
+    # (time, rig CPU, server CPU, its loop's run-queue wait, its CPUs busy), once every stream is open
+    rig0: tuple[float, float, float, float, float] | None = None
     while time.monotonic() < t0 + opts.ramp + probe_window:
         if time.monotonic() > t0 + opts.ramp:
             peak = max(peak, rss_mb(gateway.pid))
+            if rig0 is None:
+                rig0 = (
+                    time.monotonic(),
+                    sum(cpu_s(p.pid) for p in rig),
+                    cpu_s(gateway.pid),
+                    runqueue_wait_s(gateway.pid),
+                    cpus_busy_s(pins["server"]) if pins is not None else 0.0,
+                )
         for name, value in _gauges(metrics_port).items():
             if name in gauges:
                 gauges[name].append(value)
         time.sleep(0.25)
     cpu_hold = cpu_s(gateway.pid) - cpu0
     wall_hold = time.monotonic() - t0
+    # The rig's CPU (upstream, holders, probe) and the server's over the same part of the hold: every
+    # stream open. Pinned, the rig must stay below its CPUs' count, or it is the rig that is measured.
+    # Whether the server's core was its own: the share of it that other processes and interrupts took
+    # (on a shared machine, others' processes scheduled there), and how long its loop thread waited to run
+    # (behind those, or behind its own process's other threads: gRPC's, the ledger's).
+    rig_cores = server_cores_held = loop_wait = others = None
+    if rig0 is not None:
+        wall = time.monotonic() - rig0[0]
+        rig_cores = round((sum(cpu_s(p.pid) for p in rig) - rig0[1]) / wall, 2)
+        server_cpu = cpu_s(gateway.pid) - rig0[2]
+        server_cores_held = round(server_cpu / wall, 2)
+        loop_wait = round((runqueue_wait_s(gateway.pid) - rig0[3]) / wall, 2)
+        if pins is not None:
+            others = round(max(0.0, cpus_busy_s(pins["server"]) - rig0[4] - server_cpu) / wall, 2)
     results = []
     for p in [*holders, probe]:
         out, _ = p.communicate(timeout=hold_s + 120)
@@ -427,8 +557,15 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
                 line for line in reply.read().decode().splitlines()
                 if line.startswith("feather_time_to_first_token_seconds_bucket")
             ]  # fmt: skip
-    time.sleep(opts.settle)
+    # RSS each second after the load: the gateway's trimmer acts once nothing has been in flight across a
+    # whole check (5 s), so when memory comes back matters as much as how much.
+    trace = []
+    settle_end = time.monotonic() + opts.settle
+    while (left := settle_end - time.monotonic()) > 0:
+        time.sleep(min(1.0, left))
+        trace.append(round(rss_mb(gateway.pid), 1))
     after = rss_mb(gateway.pid)
+    after_kinds = rss_by_kind(gateway.pid)
     gateway.terminate()
     gateway.wait(timeout=30)
     upstream.terminate()
@@ -460,9 +597,14 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "holders": opts.holders,
         "loop": opts.loop,
         "server": server,
+        "cpus": pins or {"server": "unpinned", "rig": "unpinned"},
         "rss_idle_mb": round(idle, 1),
         "rss_peak_mb": round(peak, 1),
         "rss_after_mb": round(after, 1),
+        "rss_kept_mb": round(after - idle, 1),  # after the load minus idle: what was not returned
+        "rss_after_trace_mb": trace,
+        "rss_idle_by_kind_mb": idle_kinds,
+        "rss_after_by_kind_mb": after_kinds,
         "held_ok": held_ok,
         "kb_per_stream": round((peak - idle) * 1024 / held_ok, 1) if held_ok else None,
         "probe_calls": len(ttft),
@@ -478,6 +620,10 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "lost_examples": lost[:5],
         "statuses": statuses,
         "gateway_cpu_cores_during_hold": round(cpu_hold / wall_hold, 2),
+        "server_cores_all_open": server_cores_held,
+        "rig_cores_all_open": rig_cores,
+        "server_loop_runqueue_wait_share": loop_wait,
+        "server_cpus_taken_by_others": others,  # cores' worth, pinned only
         # CPU of the whole load (calls set up, streamed, ended) per message the holders received.
         "messages": messages,
         "cpu_us_per_message": round(cpu_all * 1e6 / messages, 1) if messages else None,
@@ -510,6 +656,12 @@ def main() -> None:
     ap.add_argument("--max-in-flight", type=int, help="the gateway's server.maxInFlight (default: its own)")
     ap.add_argument("--json", help="also write the result to this file")
     ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the server under test on the first CPU, the rig on the others (default: on with 2 CPUs or more)",
+    )
+    ap.add_argument(
         "--arms",
         default="gateway",
         help="comma-separated servers measured in turn: gateway (this tree), floor-grpc (bench/floor.py's "
@@ -541,6 +693,9 @@ def main() -> None:
         else:
             runner(probe_main(opts.address, opts.delay, opts.duration, opts.every, opts.port))
         return
+    opts.pins = pin_plan(opts.pin)
+    if opts.pins is not None:  # this orchestrator and every rig process it starts (they inherit it)
+        os.sched_setaffinity(0, opts.pins["rig"])
     arms = opts.arms.split(",")
     runs = []
     for _ in range(opts.rounds):
@@ -550,14 +705,16 @@ def main() -> None:
             print(json.dumps(result, indent=2), flush=True)
     if len(runs) > 1:  # one line per run, and each arm's CPU per message as a ratio to the first arm's
         print(f"{'arm':<12} {'held':>5} {'shed':>5} {'lost':>4} {'cores':>5} {'us/msg':>7} {'loop':>6} {'ratio':>6} "
-              f"{'ttft p50':>9} {'ttft p99':>9} {'KB/stream':>9}")  # fmt: skip
+              f"{'ttft p50':>9} {'ttft p99':>9} {'KB/stream':>9} {'rig':>5} {'wait':>5} {'other':>5}")  # fmt: skip
         for i, r in enumerate(runs):
             base = runs[i - i % len(arms)]["cpu_us_per_message"]
             ratio = r["cpu_us_per_message"] / base if base and r["cpu_us_per_message"] else float("nan")
             print(f"{Path(r['arm']).name[:12]:<12} {r['held_ok']:>5} {r['shed']:>5} {r['lost']:>4} "
                   f"{r['gateway_cpu_cores_during_hold']:>5} {r['cpu_us_per_message']:>7} "
                   f"{r['loop_thread_us_per_message']:>6} {ratio:>6.2f} "
-                  f"{r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>9} {r['kb_per_stream']!s:>9}")  # fmt: skip
+                  f"{r['ttft_p50_ms']:>9} {r['ttft_p99_ms']:>9} {r['kb_per_stream']!s:>9} "
+                  f"{r['rig_cores_all_open']!s:>5} {r['server_loop_runqueue_wait_share']!s:>5} "
+                  f"{r['server_cpus_taken_by_others']!s:>5}")  # fmt: skip
     if opts.json:
         Path(opts.json).write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=2))
 

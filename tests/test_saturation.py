@@ -202,7 +202,9 @@ async def test_memory_is_trimmed_once_a_burst_is_over() -> None:
         trims.append(calls["n"])
         return 1
 
-    task = asyncio.create_task(return_memory_when_idle(lambda: calls["n"], interval_s=0.01, trim=trim))
+    task = asyncio.create_task(
+        return_memory_when_idle(lambda: calls["n"], interval_s=0.01, trim=trim, again_after_s=3600)
+    )
     try:
         await eventually(lambda: calls["n"] == 1 and not trims, what="a busy check")
         await asyncio.sleep(0.05)
@@ -211,6 +213,39 @@ async def test_memory_is_trimmed_once_a_burst_is_over() -> None:
         await eventually(lambda: trims == [0], what="one trim after the burst")
         await asyncio.sleep(0.05)
         assert trims == [0], "once per burst, not on every idle check"
+    finally:
+        task.cancel()
+
+
+async def test_memory_is_trimmed_again_once_the_bursts_connections_have_closed() -> None:
+    """The pools close a burst's idle connections a keep-alive later, and only then is what they held
+    free: a second trim follows the first, once, unless a new burst came (which gets its own two)."""
+    state = {"n": 1, "checks": 0}
+    trims: list[int] = []
+
+    def in_flight() -> int:
+        state["checks"] += 1
+        return state["n"]
+
+    def trim(pad: int) -> int:
+        trims.append(state["n"])
+        return 1
+
+    async def a_busy_check() -> None:
+        state["n"], seen = 1, state["checks"]
+        await eventually(lambda: state["checks"] > seen + 1, what="a check seeing the burst")
+
+    task = asyncio.create_task(return_memory_when_idle(in_flight, interval_s=0.01, trim=trim, again_after_s=0.1))
+    try:
+        await a_busy_check()
+        state["n"] = 0
+        await eventually(lambda: len(trims) == 2, what="the second trim, a keep-alive after the first")
+        seen = state["checks"]
+        await eventually(lambda: state["checks"] > seen + 20, what="twenty idle checks more")
+        assert trims == [0, 0], "twice per burst, not on every idle check"
+        await a_busy_check()
+        state["n"] = 0  # the new burst ends: it gets two trims of its own
+        await eventually(lambda: len(trims) == 4, what="the new burst's two trims")
     finally:
         task.cancel()
 
