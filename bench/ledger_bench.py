@@ -3,7 +3,8 @@
 Each writer awaits record() in a loop, as gateway calls settling usage do. `max_batch=1` is a
 commit per call, i.e. the ledger without group commit, for comparison. With `synchronous=NORMAL` the
 event loop commits each turn's records itself (see sqlite_ledger): "loop held" is how long each of those
-turns' sends held the loop (the commit included), p50/p99/max, i.e. what the ledger adds to the loop's lag.
+turns' sends held the loop (the commit included), p50/p99/max, i.e. what the ledger adds to the loop's lag,
+and of it the time the loop's thread was blocked rather than running or preempted.
 
     .venv/bin/python bench/ledger_bench.py [--seconds 3] [--synchronous NORMAL|FULL] [--dir /tmp]
 """
@@ -21,16 +22,30 @@ from feather_grpc.core.ledger import Outcome, UsageRecord
 from feather_grpc.state.sqlite_ledger import SqliteLedger, Synchronous
 
 
+def _on_cpu_and_waiting() -> tuple[int, int]:
+    """This thread's time on a CPU (precise) and waiting for one (the scheduler's count), in ns."""
+    with open("/proc/thread-self/schedstat") as f:
+        waiting = int(f.read().split()[1])
+    return time.thread_time_ns(), waiting
+
+
 async def run(path: Path, writers: int, seconds: float, synchronous: Synchronous, max_batch: int) -> None:
     ledger = await SqliteLedger.open(path, synchronous=synchronous, max_batch=max_batch)
     latencies: list[float] = []
     held: list[float] = []  # the loop's time in each send (the on-loop commit)
+    # Of that, the time the loop's thread was blocked (in a write(), on a lock): neither running nor
+    # preempted. On a shared machine the wall time includes preemption; this is what the loop must not do.
+    blocked: list[float] = []
     send = ledger._send
 
     def timed_send(loop: asyncio.AbstractEventLoop) -> None:
+        cpu, waiting = _on_cpu_and_waiting()
         started = time.perf_counter()
         send(loop)
-        held.append(time.perf_counter() - started)
+        wall = time.perf_counter() - started
+        cpu_after, waiting_after = _on_cpu_and_waiting()
+        held.append(wall)
+        blocked.append(max(0.0, wall - (cpu_after - cpu + waiting_after - waiting) / 1e9))
 
     ledger._send = timed_send  # type: ignore[method-assign]
     deadline = time.perf_counter() + seconds
@@ -67,9 +82,11 @@ async def run(path: Path, writers: int, seconds: float, synchronous: Synchronous
     p50 = statistics.median(latencies) * 1e3
     p99 = latencies[int(0.99 * (count - 1))] * 1e3
     held.sort()
+    blocked.sort()
     loop_held = (
         f"loop held p50 {statistics.median(held) * 1e6:.0f} p99 {held[int(0.99 * (len(held) - 1))] * 1e6:.0f} "
-        f"max {held[-1] * 1e6:.0f} us ({ledger.loop_commit_count:,} of {ledger.commit_count:,} commits on the loop)"
+        f"max {held[-1] * 1e6:.0f} us, of it blocked p99 {blocked[int(0.99 * (len(blocked) - 1))] * 1e6:.0f} "
+        f"max {blocked[-1] * 1e6:.0f} us ({ledger.loop_commit_count:,} of {ledger.commit_count:,} commits on the loop)"
     )
     print(
         f"writers={writers:<3} synchronous={synchronous:<6} max_batch={max_batch:<4} "

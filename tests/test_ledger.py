@@ -1142,6 +1142,30 @@ async def test_a_failed_commit_on_the_loop_fails_its_turn(sqlite_ledger: SqliteL
     assert count_rows(path) == 1 and sqlite_ledger.loop_commit_count == 1
 
 
+async def test_a_big_batch_of_new_requests_is_one_transaction_and_a_retry_in_it_takes_the_ranking_path(
+    sqlite_ledger: SqliteLedger, tmp_path: Path
+) -> None:
+    statements: list[str] = []
+    conn = sqlite_ledger._loop_conn
+    assert conn is not None
+    conn.set_trace_callback(lambda statement: statements.append(statement.split(" (")[0]))
+    await asyncio.gather(*(sqlite_ledger.record(rec(f"n{i}")) for i in range(100)))  # one turn, 3 INSERTs
+    assert statements == ["BEGIN IMMEDIATE", *["INSERT INTO usage_records"] * 3, "COMMIT"]
+    statements.clear()
+    # The third INSERT meets n5's billed row: the two before it are rolled back with it, and the batch is
+    # ranked instead (the retry, a failure, loses to the stored success).
+    batch = [rec(f"m{i}") for i in range(99)]
+    batch.insert(90, rec("n5", T0 + 1, outcome=Outcome.ERROR))
+    await asyncio.gather(*(sqlite_ledger.record(r) for r in batch))
+    assert statements.count("ROLLBACK") == 1 and statements[-1] == "COMMIT"
+    conn.set_trace_callback(None)
+    assert sqlite_ledger.loop_commit_count == 2
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as other:
+        assert other.execute("SELECT COUNT(*), SUM(billed) FROM usage_records").fetchone() == (200, 199)
+        billed = other.execute("SELECT billed FROM usage_records WHERE request_id = 'n5' ORDER BY id").fetchall()
+    assert billed == [(1,), (0,)]
+
+
 async def test_checkpoints_keep_the_wal_bounded(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
     # One commit per record: without checkpoints the WAL would grow by a few 4 KiB pages each (~40 MB).
     for i in range(3_000):
