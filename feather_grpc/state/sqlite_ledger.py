@@ -163,7 +163,7 @@ class SqliteLedger:
         self.backlogged = backlogged
         self._grouping_until = 0.0  # monotonic: hold parcels until then (records overlapped lately)
         self._unsettled = 0  # records enqueued whose callers have not been woken yet (the loops' side)
-        self._commit_count = 0
+        self._thread_commit_count = 0  # counted on the writer thread only (two threads never add to one int)
         self._held_count = 0
         self._loop_commit_count = 0
         self._busy_fallback_count = 0
@@ -229,7 +229,7 @@ class SqliteLedger:
     @property
     def commit_count(self) -> int:
         """Transactions committed so far (each holds one or more records)."""
-        return self._commit_count
+        return self._thread_commit_count + self._loop_commit_count
 
     @property
     def held_count(self) -> int:
@@ -314,18 +314,15 @@ class SqliteLedger:
             return False
         try:
             _write(conn, [row for row, _ in parcel])
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
-                self._settle(parcel_futures(parcel), _write_error(exc))
-                return True
-            self._busy_fallback_count += 1
-            return False
-        except Exception as exc:  # disk full, I/O error, a constraint: the parcel failed as a whole
+        except Exception as exc:
+            if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
+                self._busy_fallback_count += 1
+                return False
+            # Disk full, I/O error, a constraint: the parcel failed as a whole.
             self._settle(parcel_futures(parcel), _write_error(exc))
             return True
         finally:
             self._loop_conn_lock.release()
-        self._commit_count += 1
         self._loop_commit_count += 1
         self._settle(parcel_futures(parcel), None)
         self._loop_commits_since_checkpoint += 1
@@ -433,7 +430,7 @@ class SqliteLedger:
         try:
             with self._write_lock:
                 _write(conn, [row for row, _ in batch])
-            self._commit_count += 1
+            self._thread_commit_count += 1
         except Exception as exc:  # disk full, I/O error, lock timeout: the whole batch failed
             error = _write_error(exc)
         self._settle_from_thread([future for _, future in batch], error)
