@@ -44,6 +44,7 @@ from feather_grpc.core.http_client import (
     media_type,
     split_url,
 )
+from feather_grpc.core.upstream import KEEPALIVE_TIMEOUT_S
 from feather_grpc.providers.content_coding import Decoder, decoder_for, unsupported
 
 __all__ = ["END_GRACE_S", "AiohttpClient", "AiohttpEndpoint", "AiohttpResponse"]
@@ -311,7 +312,7 @@ class AiohttpClient:
         self,
         *,
         max_per_host: int = 1000,
-        keepalive_timeout_s: float = 30.0,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         user_agent: str = "feather-grpc",
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:

@@ -24,6 +24,7 @@ from feather_grpc.core.http_client import (
     UpstreamEndpoint,
     UpstreamResponse,
 )
+from feather_grpc.core.upstream import KEEPALIVE_TIMEOUT_S
 from feather_grpc.providers.transport.client import HttpClient
 
 __all__ = [
@@ -51,7 +52,7 @@ _MESSAGE_LIMIT = 300
 def new_session(
     *,
     limit_per_host: int = 1000,
-    keepalive_timeout_s: float = 30.0,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
     user_agent: str = "feather-grpc",
     ssl_context: ssl.SSLContext | None = None,
 ) -> HttpClient:

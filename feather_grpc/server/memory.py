@@ -26,6 +26,8 @@ import gc
 import logging
 from collections.abc import Callable
 
+from feather_grpc.core.upstream import KEEPALIVE_TIMEOUT_S
+
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +44,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-# The upstream pools' keep-alive (30 s, providers/http.py) and one check more.
-AGAIN_AFTER_S = 35.0
+# The upstream pools' keep-alive and a few seconds more.
+AGAIN_AFTER_S = KEEPALIVE_TIMEOUT_S + 5.0
 
 
 async def return_memory_when_idle(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from feather_grpc.core.egress import DIRECT, Egress, Proxy, TlsContexts
 from feather_grpc.core.http_client import InvalidURL, attempt_headers, check_header, mark_sent, split_url
+from feather_grpc.core.upstream import KEEPALIVE_TIMEOUT_S
 from feather_grpc.providers.transport.connection import StaleConnection
 from feather_grpc.providers.transport.pool import Pool
 from feather_grpc.providers.transport.response import Response
@@ -114,7 +115,7 @@ class HttpClient:
         self,
         *,
         max_per_host: int = 1000,
-        keepalive_timeout_s: float = 30.0,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         user_agent: str = "feather-grpc",
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
