@@ -36,6 +36,7 @@ from feather_grpc.providers.base import (
     claude_thinking,
     consistent,
     estimated_usage,
+    label_str,
     merge_fields,
     request_count,
     token_count,
@@ -213,10 +214,6 @@ def build_messages(provider: str, request: ChatRequest) -> tuple[str | list[dict
     return "\n\n".join(b["text"] for b in system), turns
 
 
-def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
-
-
 def _thinking_block(t: ThinkingBlock) -> dict[str, Any]:
     if t.redacted_data:
         return {"type": "redacted_thinking", "data": t.redacted_data}
@@ -352,13 +349,13 @@ class AnthropicProvider:
         except SHAPE_ERRORS:
             raise bad_response(self._name, "not a message") from None
         content, finish = "".join(texts), finish_reason(doc.get("stop_reason"))
-        upstream = UpstreamReply(id=_str(doc.get("id")), model=_str(doc.get("model")))
-        upstream.stop_sequence = _str(doc.get("stop_sequence"))
+        upstream = UpstreamReply(id=label_str(doc.get("id")), model=label_str(doc.get("model")))
+        upstream.stop_sequence = label_str(doc.get("stop_sequence"))
         if not isinstance(raw_usage, dict):  # answered but unmetered: bill an estimate (a retry pays twice)
             thought = "".join(t.text for t in thinking)
             usage = estimated_usage(request, content + thought, calls)
             return ProviderResponse(content, calls, finish, usage, True, thinking, upstream)
-        upstream.service_tier = _str(raw_usage.get("service_tier"))
+        upstream.service_tier = label_str(raw_usage.get("service_tier"))
         return ProviderResponse(
             content, calls, finish, normalise_usage(raw_usage), thinking=thinking, upstream=upstream
         )
@@ -479,7 +476,7 @@ class _EventReader:
             return []
         if kind == "message_start":
             message = obj.get("message") or {}
-            self._upstream = UpstreamReply(id=_str(message.get("id")), model=_str(message.get("model")))
+            self._upstream = UpstreamReply(id=label_str(message.get("id")), model=label_str(message.get("model")))
             out: list[StreamEvent] = [ReplyId(self._upstream.id)] if self._upstream.id else []
             usage = message.get("usage")
             if isinstance(usage, dict):
@@ -496,7 +493,7 @@ class _EventReader:
             if stop:
                 self._stop_reason = stop
             if delta.get("stop_sequence"):
-                self._upstream.stop_sequence = _str(delta["stop_sequence"])
+                self._upstream.stop_sequence = label_str(delta["stop_sequence"])
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 # Counts here are cumulative: the latest value replaces, never adds.
@@ -523,5 +520,5 @@ class _EventReader:
         # message_start's output count is a placeholder; without a final one the engine estimates (and says so).
         usage = normalise_usage(self._usage) if self._usage is not None and self._final_output else None
         if self._usage is not None:
-            self._upstream.service_tier = _str(self._usage.get("service_tier"))
+            self._upstream.service_tier = label_str(self._usage.get("service_tier"))
         return StreamFinish(finish_reason(self._stop_reason), usage, self._upstream)

@@ -35,6 +35,7 @@ from feather_grpc.providers.base import (
     data_url,
     details_of,
     estimated_usage,
+    label_str,
     merge_fields,
     token_count,
     wire_str,
@@ -144,15 +145,11 @@ def _text_of(content: object) -> str:
 def _upstream(doc: dict[str, Any]) -> UpstreamReply:
     """The reply's own id, model snapshot, fingerprint and service tier (a completion or a chunk)."""
     return UpstreamReply(
-        id=_str(doc.get("id")),
-        model=_str(doc.get("model")),
-        system_fingerprint=_str(doc.get("system_fingerprint")),
-        service_tier=_str(doc.get("service_tier")),
+        id=label_str(doc.get("id")),
+        model=label_str(doc.get("model")),
+        system_fingerprint=label_str(doc.get("system_fingerprint")),
+        service_tier=label_str(doc.get("service_tier")),
     )
-
-
-def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
 
 
 def _reasoning_of(message: dict[str, Any]) -> str:
@@ -399,7 +396,7 @@ class _ChunkReader:
             if self._upstream.id:
                 out.append(ReplyId(self._upstream.id))
         elif obj.get("service_tier"):
-            self._upstream.service_tier = _str(obj["service_tier"])
+            self._upstream.service_tier = label_str(obj["service_tier"])
         choices = obj.get("choices")
         if not choices:
             return out
