@@ -551,12 +551,16 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     import urllib.request
 
     ttft_buckets = []
+    gc_pauses: dict[str, dict[str, float]] = {}  # generation -> {le: collections that took at most le seconds}
     if not arm.startswith("floor"):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-            ttft_buckets = [
-                line for line in reply.read().decode().splitlines()
-                if line.startswith("feather_time_to_first_token_seconds_bucket")
-            ]  # fmt: skip
+            scraped = reply.read().decode().splitlines()
+        ttft_buckets = [line for line in scraped if line.startswith("feather_time_to_first_token_seconds_bucket")]
+        for line in scraped:
+            if line.startswith("feather_gc_pause_seconds_bucket"):
+                labels, _, value = line.rpartition(" ")
+                generation = labels.split('generation="')[1].split('"')[0]
+                gc_pauses.setdefault(generation, {})[labels.split('le="')[1].split('"')[0]] = float(value)
     # RSS each second after the load: the gateway's trimmer acts once nothing has been in flight across a
     # whole check (5 s), so when memory comes back matters as much as how much.
     trace = []
@@ -633,10 +637,16 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "new_call_delay_ms_p50": round(_pct(gauges["feather_new_call_delay_seconds"], 0.5) * 1000, 1),
         "new_call_delay_ms_max": round(max(gauges["feather_new_call_delay_seconds"], default=0) * 1000, 1),
         "ledger_rows": len(rows),
+        # The gateway's garbage collections over the whole load (the hold and the streams' ends).
+        "gc_collections": {g: int(b["+Inf"]) for g, b in sorted(gc_pauses.items())},
+        "gc_full_collections": int(gc_pauses.get("2", {}).get("+Inf", 0)),
+        "gc_pauses_over_50ms": int(sum(b["+Inf"] - b["0.05"] for b in gc_pauses.values())),
         "gateway_ttft_histogram": [line.rpartition("le=")[2] for line in ttft_buckets],
         "machine_load_1m": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "mean_ttft_ms": round(statistics.fmean(ttft) * 1000, 2) if ttft else None,
+        # The probes' TTFTs in the order they came: a stall shows as a run of falling values.
+        "ttft_series_ms": [round(t * 1000) for t in ttft],
     }
 
 

@@ -4,6 +4,7 @@ rate-limit and load-shedding refusals, scraped over HTTP from a live gateway."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import socket
 from typing import Any
@@ -179,3 +180,17 @@ async def test_a_busy_metrics_port_says_so_and_a_malformed_one_is_a_configuratio
                 pass
     with pytest.raises(ConfigError, match="METRICS_PORT"):
         ServerOptions.from_env({"METRICS_PORT": "ninety"})
+
+
+async def test_garbage_collections_are_timed_by_generation_until_the_server_stops() -> None:
+    async with running_server(MOCK_CONFIG, options=METRICS) as gw:
+        port = gw.server.metrics_port
+        assert port
+        before = sample(scrape(port), "feather_gc_pause_seconds_count", generation="2")
+        gc.collect()  # a full collection
+        after = scrape(port)
+        assert sample(after, "feather_gc_pause_seconds_count", generation="2") == before + 1
+        assert sample(after, "feather_gc_pause_seconds_sum", generation="2") > 0
+        timer = gw.server.metrics._gc_pauses if gw.server.metrics else None
+        assert timer is not None and timer in gc.callbacks
+    assert timer not in gc.callbacks, "a stopped server's metrics no longer time this process's collections"

@@ -32,7 +32,7 @@ from feather_grpc.server import logs
 from feather_grpc.server.assembly import Gateway, assemble, spool_path
 from feather_grpc.server.calls import CallTracker
 from feather_grpc.server.loop_lag import LoopLag, StartProbes
-from feather_grpc.server.memory import return_memory_when_idle
+from feather_grpc.server.memory import return_memory_when_idle, tune_garbage_collector
 from feather_grpc.server.servicer import FeatherServicer
 from feather_grpc.server.tenancy import TenantGate
 from feather_grpc.state.fail_open import Outage
@@ -508,6 +508,7 @@ async def serve(
     logs.redactor.add(p.api_key for p in config.providers if p.api_key)
     server = GatewayServer(config, options=options or ServerOptions.from_env(environ()))
     bound = await server.start(host, port)
+    tune_garbage_collector()  # this process serves until it exits: start-up's objects stay, unscanned
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before "serving on": a signal right after it drains too

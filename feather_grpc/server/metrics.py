@@ -21,6 +21,8 @@ Series (all names prefixed `feather_`):
   new_call_delay_seconds                         how long a new call waits to start: the round trip of a
                                                  Chat/StreamChat probe to this process, or its wait so far
   inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
+  gc_pause_seconds{generation}                   how long each garbage collection held the process (0, 1, 2;
+                                                 2 is a full one). Any thread's, the event loop's included.
   circuit_state{provider,model}                  0 closed, 1 half-open, 2 open (read at scrape time)
 Provider and model are the configured names that served (empty when no route was found), so request
 data never creates label values. The observer keeps each label set's children, so a call costs a few
@@ -29,6 +31,7 @@ dictionary lookups and histogram observations.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -54,6 +57,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, float("inf"))
 # The gateway's own share should be well under a millisecond; a cache hit is all overhead.
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, float("inf"))
+# A young collection takes well under a millisecond; a full one at thousands of held streams, 100 ms or more.
+_GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, float("inf"))
 _CIRCUIT_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 # cache_write_1h is the part of cache_write written with a 1-hour TTL (priced apart), not more tokens.
 _TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "reasoning")
@@ -122,16 +127,27 @@ class GatewayMetrics:
         self._shed = Counter(
             "feather_load_shed", "Calls refused OVERLOADED (in-flight cap or event-loop lag).", registry=r
         )
+        self._gc_pauses: _GcPauses | None = None
         self._series: dict[tuple[str, str], _ModelSeries] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
     def watch(self, engine: Feather, tracker: CallTracker | None, loop_lag: LoopLag | None = None) -> None:
-        """Adds the scrape-time series (circuit state, in-flight calls, loop lag) and process metrics."""
+        """Adds the scrape-time series (circuit state, in-flight calls, loop lag), process metrics and the
+        garbage collector's pauses (until close())."""
         self.registry.register(_LiveState(engine, tracker, loop_lag))
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
+        pauses = Histogram(
+            "feather_gc_pause_seconds",
+            "How long each garbage collection held the process, by generation (2: a full collection).",
+            ["generation"],
+            buckets=_GC_BUCKETS,
+            registry=self.registry,
+        )
+        self._gc_pauses = _GcPauses(pauses)
+        gc.callbacks.append(self._gc_pauses)
 
     # ---- hooks ----
 
@@ -241,6 +257,9 @@ class GatewayMetrics:
         return self.port
 
     def close(self) -> None:
+        if self._gc_pauses is not None:
+            gc.callbacks.remove(self._gc_pauses)
+            self._gc_pauses = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -248,6 +267,21 @@ class GatewayMetrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class _GcPauses:
+    """A gc callback: times each collection. Collections never overlap (they hold the GIL and CPython runs
+    one at a time), so one start time is enough."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._by_generation = [histogram.labels(str(g)) for g in range(3)]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
 
 
 def rate_limit_scope(subject: str) -> str:
