@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -21,3 +22,18 @@ class CallObserver(Protocol):
     def call_settled(self, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None) -> None:
         """A call ended (ok, error or cancelled) and its ledger record was written."""
         ...
+
+
+class AfterReply:
+    """Wraps an observer whose `call_settled` can wait for the loop's next turn, after the call's reply has
+    gone out (metrics, the call-log line): it then takes nothing from the call's latency, and if it raises,
+    the loop logs it and the call is unaffected. It runs in the call's context (contextvars), as before.
+    Tracing is not wrapped: it annotates the RPC's span, which ends with the reply."""
+
+    def __init__(self, observer: CallObserver) -> None:
+        self.observer = observer
+        self.attempt_started = observer.attempt_started
+        self.attempt_finished = observer.attempt_finished
+
+    def call_settled(self, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None) -> None:
+        asyncio.get_running_loop().call_soon(self.observer.call_settled, record, attempts, ttft_ms)

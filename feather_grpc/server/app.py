@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from feather_grpc.config import ConfigError, GatewayConfig, TlsConfig
 from feather_grpc.core.settings import Settings, environ
 from feather_grpc.engine.gateway import Feather
-from feather_grpc.engine.observe import CallObserver
+from feather_grpc.engine.observe import AfterReply, CallObserver
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 from feather_grpc.server import logs
@@ -259,9 +259,9 @@ class GatewayServer:
             from feather_grpc.server.metrics import GatewayMetrics
 
             self.metrics = GatewayMetrics()
-            observers.append(self.metrics)
+            observers.append(AfterReply(self.metrics))
         if options.call_log:
-            observers.append(logs.CallLog(worker=options.worker))
+            observers.append(AfterReply(logs.CallLog(worker=options.worker)))
         self.assembly: Gateway | None = None  # what the server built (an engine passed in is the caller's)
         if engine is None:
             # the SQLite ledger's commit delay under load (see sqlite_ledger); read only once calls run

@@ -281,6 +281,7 @@ class CallLog:
     def __init__(self, worker: int | None = None, logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger(CALLS_LOGGER)
         self._worker = worker
+        self._pid = os.getpid()  # a system call per line otherwise; serving processes are started, not forked
 
     def attempt_started(self, request_id: str, provider: str, model: str, streamed: bool) -> object:
         return None
@@ -345,7 +346,7 @@ class CallLog:
                 "level": "info",
                 "logger": self._log.name,
                 "message": "call",
-                "pid": os.getpid(),
+                "pid": self._pid,
             }
             for key in ("request_id", "requested_model"):  # caller-chosen text: redact like any field
                 fields[key] = redactor.clean(fields[key])
