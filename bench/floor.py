@@ -11,7 +11,8 @@ logging (only an in-memory count of completed calls per model, which `Usage` rep
 can check every call succeeded): `echo` is the floor of any grpc.aio server on this machine, `proxy` the
 floor of a grpc.aio + aiohttp gateway (the architecture Feather uses). bench/run.py --floor measures
 them next to the gateway under the same load, so the gateway's own cost per call can be read off the
-difference.
+difference. Both benchmarks pass `--tune-gc`: the garbage collector set as `feather-grpc serve` sets it
+(start-up frozen, rare full collections), so the servers differ only in their code.
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ class Proxy(Counting):
         yield pb.StreamChatResponse(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
 
 
-async def serve(mode: str, port: int, upstream_url: str, connections: int, chunks: int, interval: float) -> None:
+async def serve(
+    mode: str, port: int, upstream_url: str, connections: int, chunks: int, interval: float, tune_gc: bool
+) -> None:
     server = grpc.aio.server()
     servicer: Counting
     if mode == "echo":
@@ -157,6 +160,10 @@ async def serve(mode: str, port: int, upstream_url: str, connections: int, chunk
     pb_grpc.add_FeatherServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    if tune_gc:  # the collector as `feather-grpc serve` sets it, so the two differ only in their code
+        from feather_grpc.server.memory import tune_garbage_collector
+
+        tune_garbage_collector()
     print(f"floor {mode} serving on 127.0.0.1:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -175,12 +182,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1000, help="upstream connection limit (proxy mode)")
     parser.add_argument("--chunks", type=int, default=75, help="deltas per stream (paced mode)")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between two deltas (paced mode)")
+    parser.add_argument("--tune-gc", action="store_true", help="tune the garbage collector as `serve` does")
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
 
         uvloop.install()
-    asyncio.run(serve(args.mode, args.port, args.upstream, args.connections, args.chunks, args.interval))
+    asyncio.run(serve(args.mode, args.port, args.upstream, args.connections, args.chunks, args.interval, args.tune_gc))
 
 
 if __name__ == "__main__":

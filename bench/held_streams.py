@@ -442,7 +442,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
             "--interval",
             str(opts.interval),
         ]
-        command += ["--uvloop"] if opts.loop == "uvloop" else []
+        command += (["--uvloop"] if opts.loop == "uvloop" else []) + ["--tune-gc"]
         source = ROOT
     elif arm == "floor":
         command = [
@@ -457,7 +457,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
             "--connections",
             str(max(opts.streams * 2, 1000)),
         ]
-        command += ["--uvloop"] if opts.loop == "uvloop" else []
+        command += (["--uvloop"] if opts.loop == "uvloop" else []) + ["--tune-gc"]
         source = ROOT
     else:
         command = [

@@ -224,7 +224,7 @@ class Server:
     @classmethod
     def floor(cls, mode: str, port: int, upstream_url: str, log_path: Path, loop: str) -> Server:
         cmd = [sys.executable, str(ROOT / "bench" / "floor.py"), "--mode", mode, "--port", str(port)]
-        cmd += ["--upstream", upstream_url] + (["--uvloop"] if loop == "uvloop" else [])
+        cmd += ["--upstream", upstream_url, "--tune-gc"] + (["--uvloop"] if loop == "uvloop" else [])
         env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"))
         return cls(f"grpc.aio {mode}", cmd, port, log_path, env)
 
