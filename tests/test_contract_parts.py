@@ -275,7 +275,8 @@ async def test_inline_bytes_count_against_max_message_bytes(sim: UpstreamSimulat
         assert small.message.content
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[msg(pb.ROLE_USER, image_data(bytes(70_000)))]))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "server.maxMessageBytes" in info.value.details()
     assert len(sim.requests) == 1
 
 

@@ -273,6 +273,33 @@ async def test_a_chat_that_does_not_convert_is_refused_once_and_gives_its_slot_b
         assert (records[0].tenant, records[0].streamed, records[0].error_code) == ("acme", False, "INVALID_ARGUMENT")
 
 
+async def test_a_request_over_the_size_limit_is_refused_with_the_limit_named_and_recorded() -> None:
+    """Up to twice server.maxMessageBytes the gateway refuses it itself (INVALID_ARGUMENT naming the limit,
+    one record, the slot given back); past that gRPC refuses it before reading it, RESOURCE_EXHAUSTED."""
+    doc = tenants_doc(limits={"concurrency": 1})
+    doc["server"] = {"maxMessageBytes": 4096}
+    async with running_gateway(doc) as gw:
+        over = pb.ChatRequest(model="fast", messages=[user("x" * 6000)], request_id="too-big")
+        err = rich_error(await refused(gw.stub.Chat(over, metadata=bearer(ACME_KEY))))
+        assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+        limit = "this server takes at most 4096 (server.maxMessageBytes)"
+        assert err.violations == [("request", f"is {over.ByteSize()} bytes; {limit}")]
+        stream = pb.StreamChatRequest(model="fast", messages=[user("x" * 6000)])
+        assert rich_error(await refused_stream(gw.stub.StreamChat(stream, metadata=bearer(ACME_KEY)))).violations
+        far_over = pb.ChatRequest(model="fast", messages=[user("x" * 9000)])
+        assert (await refused(gw.stub.Chat(far_over, metadata=bearer(ACME_KEY)))).code() == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        ok = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]), metadata=bearer(ACME_KEY))
+        records = ledger_of(gw.server).records
+        assert len(records) == 3 and records[-1].request_id == ok.request_id, "the slot came back each time"
+        assert [(r.tenant, r.streamed, r.error_code, r.requested_model) for r in records[:2]] == [
+            ("acme", False, "INVALID_ARGUMENT", ""),  # not parsed: no model, and a fresh request id
+            ("acme", True, "INVALID_ARGUMENT", ""),
+        ]
+        assert records[0].request_id != "too-big"
+
+
 async def test_a_refused_callers_oversized_fields_are_not_kept() -> None:
     async with running_gateway(tenants_doc()) as gw:
         await refused(gw.stub.Chat(pb.ChatRequest(model="m" * 10_000, messages=[user("hi")], request_id="x" * 500)))

@@ -283,6 +283,7 @@ class GatewayServer:
             on_refused=self.metrics.refused if self.metrics else None,
             record_refusal=self.engine.record_refused,
             on_status=self.tracing.rpc_ended if self.tracing else None,
+            max_request_bytes=config.server.max_message_bytes,
         )
         if self.metrics is not None:
             self.metrics.watch(self.engine, self.tracker, self.loop_lag)
@@ -291,7 +292,10 @@ class GatewayServer:
         server_options = [
             *_SERVER_OPTIONS,
             *queue_limits(),
-            ("grpc.max_receive_message_length", config.server.max_message_bytes),
+            # Twice the limit: gRPC refuses past it on its own, before reading the message, with no ErrorInfo
+            # and no record; up to it the gateway refuses an over-limit request itself (calls._tolerant), with
+            # the limit named and a record, like any other request it refuses.
+            ("grpc.max_receive_message_length", 2 * config.server.max_message_bytes),
             # Off unless several workers share the port: a second server on a busy port must fail loudly.
             ("grpc.so_reuseport", int(options.reuse_port)),
         ]

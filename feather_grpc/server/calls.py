@@ -95,8 +95,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         on_refused: RefusalHook | None = None,
         record_refusal: RefusalRecorder | None = None,
         on_status: StatusHook | None = None,
+        max_request_bytes: int | None = None,
     ) -> None:
         self.gate = gate
+        self.max_request_bytes = max_request_bytes
         self.on_status = on_status
         self.record_refusal = record_refusal
         self.inflight: dict[str, int] = {}
@@ -145,7 +147,7 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         self.inflight.setdefault(method, 0)
-        deserializer = _tolerant(handler.request_deserializer)
+        deserializer = _tolerant(handler.request_deserializer, self.max_request_bytes)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),
@@ -339,24 +341,28 @@ def _log_content(log: logging.Logger, method: str, request_id: str, request: Any
 
 
 class Undecodable:
-    """What a request that is not a valid message deserializes to (bad UTF-8, truncated or corrupt bytes):
-    the call is refused with INVALID_ARGUMENT, and Chat/StreamChat recorded, rather than gRPC answering
-    UNKNOWN with a Python exception's name."""
+    """What a request that is not a valid message deserializes to (bad UTF-8, truncated or corrupt bytes,
+    or more bytes than the server takes): the call is refused with INVALID_ARGUMENT, and Chat/StreamChat
+    recorded, rather than gRPC answering UNKNOWN with a Python exception's name."""
 
     __slots__ = ("error",)
 
     def __init__(self, problem: str) -> None:
-        self.error = InvalidRequest([FieldViolation("request", f"is not a valid message: {problem[:200]}")])
+        self.error = InvalidRequest([FieldViolation("request", problem[:250])])
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int | None) -> Callable[[bytes], Any] | None:
+    """`deserialize`, with bytes that do not parse, or more than `limit` of them (not parsed at all), turned
+    into an Undecodable request."""
     if deserialize is None:
         return None
 
     def parse(raw: bytes) -> Any:
+        if limit is not None and len(raw) > limit:
+            return Undecodable(f"is {len(raw)} bytes; this server takes at most {limit} (server.maxMessageBytes)")
         try:
             return deserialize(raw)
         except Exception as e:  # protobuf's DecodeError (and whatever a parser of bytes may raise)
-            return Undecodable(str(e) or type(e).__name__)
+            return Undecodable(f"is not a valid message: {(str(e) or type(e).__name__)[:200]}")
 
     return parse
