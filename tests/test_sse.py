@@ -173,6 +173,13 @@ def test_an_event_of_many_short_lines_fails_at_the_limit_and_events_under_it_pas
         parser.feed(b"data: 0123456789\n")
 
 
+def test_the_event_limit_counts_utf8_bytes_not_characters() -> None:
+    parser = SSEParser(max_event_bytes=1000)
+    assert parser.feed(("data: " + "€" * 333 + "\n\n").encode()) == [SSEEvent("€" * 333)]  # 999 bytes
+    with pytest.raises(SSELimitExceeded, match="a stream event over the 1000-byte limit"):
+        parser.feed(("data: " + "€" * 334 + "\n\n").encode())  # 334 characters, 1,002 bytes
+
+
 def test_an_unfinished_line_kept_in_pieces_joins_to_the_same_events() -> None:
     parser = SSEParser()
     data = encoded("\r\n")

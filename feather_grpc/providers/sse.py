@@ -66,7 +66,7 @@ class SSEParser:
         self._started = False  # the byte-order mark is only stripped at the very start
         self._data: list[str] = []
         self._event = ""
-        self._event_size = 0  # characters of the current event's fields, for the limit
+        self._event_size = 0  # UTF-8 bytes of the current event's fields, for the limit
         self._last_id = ""
 
     @property
@@ -155,8 +155,8 @@ class SSEParser:
                     self._last_id = value
                 else:
                     continue  # `retry` and unknown fields are ignored: reconnection is the engine's decision.
-            # Characters, not bytes: at most 4 bytes each, and a line's length in bytes was bounded above.
-            size += len(value)
+            # In UTF-8 bytes, as the limit is stated; `isascii()` reads a flag, so ASCII text costs no encode.
+            size += len(value) if value.isascii() else len(value.encode())
             if size > limit:
                 self._data, self._event, self._event_size = data, event, size
                 raise SSELimitExceeded("a stream event", limit)
