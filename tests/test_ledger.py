@@ -1331,3 +1331,26 @@ def test_the_postgres_spool_sits_next_to_the_ledger_file_or_in_the_working_direc
     assert spool_path(in_memory, None) == "feather-usage.spool.db"  # was ":memory:.spool.db"
     monkeypatch.setenv("FEATHER_SPOOL_PATH", "/data/spool.db")
     assert spool_path(in_memory, 0) == "/data/spool.w0.db"
+
+
+async def test_a_workers_ledger_opens_no_connection_for_commits_it_never_makes(tmp_path: Path) -> None:
+    """Under `serve --workers`, a worker's SocketLedger sends its rows to the writer process: it holds the
+    file open once (its thread's connection), not also for commits on its loop, as a SqliteLedger does."""
+    from feather_grpc.state.ledger_writer import SocketLedger
+
+    db, sock = tmp_path / "ledger.db", str(tmp_path / "writer.sock")
+    writer = await asyncio.start_unix_server(lambda reader, stream: None, sock)  # accepts, never answers
+
+    def connections() -> int:  # this process's open descriptors of the ledger file
+        return sum(1 for fd in Path("/proc/self/fd").iterdir() if fd.resolve() == db)
+
+    own = SqliteLedger(str(db))
+    await own.ready()
+    assert connections() == 2  # its writer thread's, and its loop's
+    await own.aclose()
+    worker = SocketLedger(str(db), sock)
+    await worker.ready()
+    assert connections() == 1
+    await worker.aclose()
+    writer.close()
+    await writer.wait_closed()

@@ -50,7 +50,8 @@ class SocketLedger(SqliteLedger):
     """A worker's ledger: its records are committed by the writer process, its queries read the file."""
 
     def __init__(self, path: str, socket_path: str, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> None:
-        super().__init__(path, synchronous=synchronous)  # its writer thread only opens the file (and waits)
+        # Its writer thread only opens the file (and waits); it commits nothing, on the loop or off it.
+        super().__init__(path, synchronous=synchronous, commit_on_loop=False)
         self.socket_path = socket_path
         self._stream: asyncio.StreamWriter | None = None
         self._replies: asyncio.Task[None] | None = None
