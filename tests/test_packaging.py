@@ -34,6 +34,8 @@ from tests.ops_harness import BIN, REPO, GatewayProcess, free_port, sample, scra
 
 K8S = REPO / "deploy" / "k8s"
 K8S_VERSION = "1.37.0"
+# The oldest Kubernetes the manifests are for: native gRPC probes are GA (on by default since 1.24).
+K8S_OLDEST = "1.27.0"
 
 
 @dataclass
@@ -224,7 +226,8 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
     }
     for path in paths:
         for doc in yaml.safe_load_all(path.read_text()):
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            for version in (K8S_OLDEST, K8S_VERSION):
+                kubernetes_validate.validate(doc, version, strict=True)
     # The validator is live: a misspelt field is rejected.
     bad = copy.deepcopy(k8s_docs()["Deployment"])
     bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["servise"] = "x"
@@ -275,9 +278,12 @@ def test_manifests_agree_with_the_image_and_the_gateway() -> None:
             # guessable signing key); a required one must be there.
             assert ref["key"] in secret_keys or ref.get("optional") is True, name
 
-    # Kubernetes waits longer than the preStop pause plus the gateway's own drain before SIGKILL.
-    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + resolved.server.grace_period_s
+    # Kubernetes waits longer than the gateway's drain delay plus its drain before SIGKILL.
+    drained = config.resolve(
+        config.parse_file_config(text, "configmap"), {**keys, "DRAIN_DELAY_MS": env["DRAIN_DELAY_MS"]["value"]}, "x"
+    ).server
+    assert drained.drain_delay_s == 5
+    assert pod["terminationGracePeriodSeconds"] > drained.drain_delay_s + drained.grace_period_s
 
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
