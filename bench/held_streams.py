@@ -317,6 +317,22 @@ def cpus_busy_s(cpus: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_stalls_ms() -> dict[str, float]:
+    """The machine's pressure stall totals (Linux PSI, /proc/pressure): for memory and io, how long some
+    task, and all tasks, waited for it, in ms; empty where PSI is not available. A difference over the hold
+    says whether a stall there was the machine's (reclaim, I/O) rather than the server's."""
+    out: dict[str, float] = {}
+    for resource in ("memory", "io"):
+        try:
+            lines = Path(f"/proc/pressure/{resource}").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            kind, *fields = line.split()
+            out[f"{resource}_{kind}"] = int(dict(f.split("=") for f in fields)["total"]) / 1000
+    return out
+
+
 def _gauges(port: int) -> dict[str, float]:
     """The gateway's unlabelled gauges, from its metrics endpoint."""
     import urllib.request
@@ -509,6 +525,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     peak = idle
     gauges: dict[str, list[float]] = {"feather_event_loop_lag_seconds": [], "feather_new_call_delay_seconds": []}
     rig = [upstream, *holders, probe]
+    stalls0 = machine_stalls_ms()
     # (time, rig CPU, server CPU, its loop's run-queue wait, its CPUs busy), once every stream is open
     rig0: tuple[float, float, float, float, float] | None = None
     while time.monotonic() < t0 + opts.ramp + probe_window:
@@ -526,6 +543,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
             if name in gauges:
                 gauges[name].append(value)
         time.sleep(0.25)
+    stalls = {k: round(v - stalls0.get(k, 0.0), 1) for k, v in machine_stalls_ms().items()}
     cpu_hold = cpu_s(gateway.pid) - cpu0
     wall_hold = time.monotonic() - t0
     # The rig's CPU (upstream, holders, probe) and the server's over the same part of the hold: every
@@ -628,6 +646,8 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "rig_cores_all_open": rig_cores,
         "server_loop_runqueue_wait_share": loop_wait,
         "server_cpus_taken_by_others": others,  # cores' worth, pinned only
+        # ms the machine stalled on memory or I/O during the ramp and the hold ("some" task / "full": all).
+        "machine_stalls_ms": stalls,
         # CPU of the whole load (calls set up, streamed, ended) per message the holders received.
         "messages": messages,
         "cpu_us_per_message": round(cpu_all * 1e6 / messages, 1) if messages else None,
