@@ -602,11 +602,14 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
 
     ttft_buckets = []
     gc_pauses: dict[str, dict[str, float]] = {}  # generation -> {le: collections that took at most le seconds}
+    lateness: dict[str, float] = {}  # le -> loop-lag samples at most le seconds late
     if not arm.startswith("floor"):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
             scraped = reply.read().decode().splitlines()
         ttft_buckets = [line for line in scraped if line.startswith("feather_time_to_first_token_seconds_bucket")]
         for line in scraped:
+            if line.startswith("feather_event_loop_lateness_seconds_bucket"):
+                lateness[line.split('le="')[1].split('"')[0]] = float(line.rpartition(" ")[2])
             if line.startswith("feather_gc_pause_seconds_bucket"):
                 labels, _, value = line.rpartition(" ")
                 generation = labels.split('generation="')[1].split('"')[0]
@@ -693,6 +696,10 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "gc_collections": {g: int(b["+Inf"]) for g, b in sorted(gc_pauses.items())},
         "gc_full_collections": int(gc_pauses.get("2", {}).get("+Inf", 0)),
         "gc_pauses_over_50ms": int(sum(b["+Inf"] - b["0.05"] for b in gc_pauses.values())),
+        # Every loop-lag sample (each 50 ms) over the whole load: a stall of the loop itself shows here,
+        # whether or not a scrape of the gauge caught it.
+        "loop_lag_samples_over_100ms": int(lateness["+Inf"] - lateness["0.1"]) if lateness else None,
+        "loop_lag_samples_over_25ms": int(lateness["+Inf"] - lateness["0.025"]) if lateness else None,
         "gateway_ttft_histogram": [line.rpartition("le=")[2] for line in ttft_buckets],
         "machine_load_1m": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

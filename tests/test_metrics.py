@@ -7,6 +7,7 @@ import asyncio
 import gc
 import hashlib
 import socket
+import time
 from typing import Any
 
 import grpc
@@ -194,3 +195,22 @@ async def test_garbage_collections_are_timed_by_generation_until_the_server_stop
         timer = gw.server.metrics._gc_pauses if gw.server.metrics else None
         assert timer is not None and timer in gc.callbacks
     assert timer not in gc.callbacks, "a stopped server's metrics no longer time this process's collections"
+
+
+async def test_a_stall_between_two_scrapes_shows_in_the_loop_lateness_histogram() -> None:
+    """The lag gauge is only the last sample; the histogram keeps every one, so a stall that ended before
+    the scrape is still seen."""
+    async with running_server(MOCK_CONFIG, options=METRICS) as gw:
+        port = gw.server.metrics_port
+        assert port
+
+        def late(m: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:  # samples over 100 ms
+            all_ = sample(m, "feather_event_loop_lateness_seconds_bucket", le="+Inf")
+            return all_ - sample(m, "feather_event_loop_lateness_seconds_bucket", le="0.1")
+
+        await eventually(lambda: sample(scrape(port), "feather_event_loop_lateness_seconds_count") >= 2)
+        before = late(scrape(port))
+        time.sleep(0.3)  # noqa: ASYNC251 (blocking on purpose: the stall under test)
+        await eventually(lambda: late(scrape(port)) == before + 1, what="the stalled sample")
+        await eventually(lambda: sample(scrape(port), "feather_event_loop_lag_seconds") < 0.1, what="a later sample")
+        assert late(scrape(port)) == before + 1, "the gauge has moved on; the histogram kept the stall"

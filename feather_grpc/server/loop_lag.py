@@ -67,6 +67,9 @@ class LoopLag:
         self._probe_since: float | None = None  # when the probe in flight was sent
         self._quiet_wait: asyncio.Event | None = None  # set to end a quiet wait for the next probe early
         self._tasks: list[asyncio.Task[None]] = []
+        # Told every sample (metrics keep them all: `lag_s` is only the last, and a stall between two reads
+        # of it would go unseen).
+        self.on_sample: Callable[[float], None] | None = None
 
     @property
     def waiting_s(self) -> float:
@@ -129,6 +132,8 @@ class LoopLag:
             due = clock() + interval
             await asyncio.sleep(interval)
             self._previous_s, self.lag_s = self.lag_s, max(clock() - due, 0.0)
+            if self.on_sample is not None:
+                self.on_sample(self.lag_s)
             quiet_wait = self._quiet_wait
             if quiet_wait is not None and not self.quiet:  # no longer quiet: probe at once
                 quiet_wait.set()

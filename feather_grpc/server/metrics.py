@@ -18,6 +18,8 @@ Series (all names prefixed `feather_`):
   upstream_connections{provider}                 connections open to the provider's upstreams (read at scrape time)
   upstream_connections_limit{provider}           the provider's limit per upstream host (maxConnections)
   event_loop_lag_seconds                         how late the event loop last ran a timer (read at scrape time)
+  event_loop_lateness_seconds                    every one of those samples (every 50 ms): a stall between two
+                                                 scrapes shows here, not in the gauge
   new_call_delay_seconds                         how long a new call waits to start: the round trip of a
                                                  Chat/StreamChat probe to this process, or its wait so far
   inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
@@ -59,6 +61,8 @@ _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160,
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, float("inf"))
 # A young collection takes well under a millisecond; a full one at thousands of held streams, 100 ms or more.
 _GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, float("inf"))
+# A loop on time is late by well under a millisecond; new calls are shed past server.maxLoopLagMs (500).
+_LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
 _CIRCUIT_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 # cache_write_1h is the part of cache_write written with a 1-hour TTL (priced apart), not more tokens.
 _TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "reasoning")
@@ -134,8 +138,8 @@ class GatewayMetrics:
         self.port: int | None = None
 
     def watch(self, engine: Feather, tracker: CallTracker | None, loop_lag: LoopLag | None = None) -> None:
-        """Adds the scrape-time series (circuit state, in-flight calls, loop lag), process metrics and the
-        garbage collector's pauses (until close())."""
+        """Adds the scrape-time series (circuit state, in-flight calls, loop lag), every loop-lag sample,
+        process metrics and the garbage collector's pauses (until close())."""
         self.registry.register(_LiveState(engine, tracker, loop_lag))
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -148,6 +152,14 @@ class GatewayMetrics:
         )
         self._gc_pauses = _GcPauses(pauses)
         gc.callbacks.append(self._gc_pauses)
+        if loop_lag is not None:
+            lateness = Histogram(
+                "feather_event_loop_lateness_seconds",
+                "How late each of the event loop's lag samples (every 50 ms) woke.",
+                buckets=_LATENESS_BUCKETS,
+                registry=self.registry,
+            )
+            loop_lag.on_sample = lateness.observe
 
     # ---- hooks ----
 
