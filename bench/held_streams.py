@@ -162,7 +162,7 @@ def _reason(err: Any) -> str:
     return str(err.code().name)
 
 
-async def holder_main(address: str, prefix: str, count: int, ramp: float, per_channel: int) -> None:
+async def holder_main(address: str, prefix: str, count: int, ramp: float, per_channel: int, interval: float) -> None:
     """Opens `count` streams evenly over `ramp` seconds, reads each to its end; prints one JSON summary.
     Messages are received as bytes and parsed only until a stream's first delta (its TTFT): the holders
     receive 10,000 messages/s at 2,000 streams, and a protobuf parse each would make the rig, not the
@@ -179,21 +179,30 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
     ]
     outcomes: dict[str, str] = {}
     ttft: list[float] = []
+    gaps: list[float] = []  # each stream's longest wait between two of its messages once it had one
+    late = 0  # gaps over twice the upstream's interval, all streams
     opened = asyncio.Event()
     open_now = 0
     messages = 0
 
     async def one(i: int) -> None:
-        nonlocal open_now, messages
+        nonlocal open_now, messages, late
         rid = f"{prefix}-{i}"
         t0 = time.perf_counter()
         request = pb.StreamChatRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
         request.request_id = rid
         counted = False
         event = pb.StreamChatResponse()
+        last = longest = 0.0
         try:
             async for raw in calls[i // per_channel](request):
                 messages += 1
+                now = time.perf_counter()
+                if counted:
+                    gap = now - last
+                    longest = max(longest, gap)
+                    late += gap > 2 * interval
+                last = now
                 if not counted:
                     event.ParseFromString(raw)
                     if event.HasField("delta"):
@@ -203,6 +212,8 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
             outcomes[rid] = "OK"
         except grpc.aio.AioRpcError as e:
             outcomes[rid] = _reason(e)
+        if counted:
+            gaps.append(longest)
 
     tasks = []
     start = time.perf_counter()
@@ -215,7 +226,7 @@ async def holder_main(address: str, prefix: str, count: int, ramp: float, per_ch
     await asyncio.gather(*tasks)
     for c in channels:
         await c.close()
-    print(json.dumps({"outcomes": outcomes, "held_ttft": ttft, "messages": messages}), flush=True)
+    print(json.dumps({"outcomes": outcomes, "held_ttft": ttft, "messages": messages, "gaps": gaps, "late": late}))
 
 
 async def direct_first_token(upstream_port: int) -> float:
@@ -547,7 +558,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     holders = [
         _spawn(["--role", "holder", "--address", address, "--prefix", f"h{k}", "--count",
                 str(min(per, opts.streams - k * per)), "--ramp", str(opts.ramp), "--per-channel",
-                str(opts.per_channel)])
+                str(opts.per_channel), "--interval", str(opts.interval)])
         for k in range(opts.holders) if opts.streams - k * per > 0
     ]  # fmt: skip
     probe_window = max(hold_s - opts.ramp - 2 * opts.interval - 1, 1.0)
@@ -634,6 +645,7 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     ttft = next(r["ttft"] for r in results if "ttft" in r)
     direct = next(r["direct"] for r in results if "direct" in r)
     held_ttft = [t for r in results for t in r.get("held_ttft", [])]
+    gaps = [g for r in results for g in r.get("gaps", [])]
     rows: dict[str, str] = {}
     if not arm.startswith("floor"):  # the floor keeps no ledger: nothing to count as lost
         with sqlite3.connect(db) as conn:
@@ -670,6 +682,12 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "ttft_max_ms": round(max(ttft) * 1000, 2) if ttft else None,
         "held_ttft_p50_ms": round(_pct(held_ttft, 0.5) * 1000, 2),
         "held_ttft_p99_ms": round(_pct(held_ttft, 0.99) * 1000, 2),
+        # The held streams' own messages: each stream's longest wait between two of them (the upstream sends
+        # one every interval), p99 and max over the streams, and how many waits, all streams, passed twice
+        # the interval. A stall of the whole server shows here as well as in new calls' TTFT.
+        "held_gap_ms_p99": round(_pct(gaps, 0.99) * 1000, 1),
+        "held_gap_ms_max": round(max(gaps, default=0) * 1000, 1),
+        "held_gaps_over_2x_interval": sum(r.get("late", 0) for r in results),
         "direct_ttft_p50_ms": round(_pct(direct, 0.5) * 1000, 2),
         "direct_ttft_p99_ms": round(_pct(direct, 0.99) * 1000, 2),
         "shed": sum(1 for v in seen.values() if v.endswith("/OVERLOADED")),
@@ -758,7 +776,7 @@ def main() -> None:
         if opts.role == "upstream":
             runner(upstream_main(opts.port, opts.chunks, opts.interval))
         elif opts.role == "holder":
-            runner(holder_main(opts.address, opts.prefix, opts.count, opts.ramp, opts.per_channel))
+            runner(holder_main(opts.address, opts.prefix, opts.count, opts.ramp, opts.per_channel, opts.interval))
         else:
             runner(probe_main(opts.address, opts.delay, opts.duration, opts.every, opts.port))
         return
