@@ -18,7 +18,6 @@ import gc
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -26,14 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 HELD = str(ROOT / "bench" / "held_streams.py")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _holder(address: str, prefix: str, count: int, ramp: float) -> asyncio.subprocess.Process:
@@ -55,30 +46,12 @@ def _top(snap: tracemalloc.Snapshot, base: tracemalloc.Snapshot, streams: int, t
 
 
 async def main(streams: int, depth: int, top: int, chunks: int, ramp: float) -> None:
+    from bench.held_streams import in_process_config, start_upstream
     from feather_grpc import config
     from feather_grpc.server.app import GatewayServer
 
-    up_port = _free_port()
-    upstream = await asyncio.create_subprocess_exec(
-        sys.executable, HELD, "--role", "upstream", "--port", str(up_port), "--chunks", str(chunks), "--interval",
-        "0.2", stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert upstream.stdout is not None
-    await upstream.stdout.readline()  # ready
-    doc = {
-        "providers": {
-            "up": {
-                "type": "openai-compatible",
-                "baseUrl": f"http://127.0.0.1:{up_port}/v1",
-                "maxConnections": max(2 * streams, 1000),
-                "timeoutMs": 600_000,
-                "models": [{"name": "held", "inputPer1M": 0.15, "outputPer1M": 0.6}],
-            }
-        },
-        "cache": {"enabled": False},
-        "ledger": {"type": "sqlite", "path": str(Path(tempfile.mkdtemp()) / "usage.db")},
-        "server": {"host": "127.0.0.1", "maxLoopLagMs": 0, "maxInFlight": 0},
-    }
+    upstream, port = await start_upstream(chunks, 0.2)
+    doc = in_process_config(port, streams, timeoutMs=600_000)
     server = GatewayServer(config.resolve(config.parse_file_config(json.dumps(doc), "<held>"), {}, "<held>"))
     address = f"127.0.0.1:{await server.start('127.0.0.1', 0)}"
     warm = await _holder(address, "warm", 20, 0.5)  # the first calls' one-time costs (imports, caches, pool)

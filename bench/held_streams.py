@@ -135,6 +135,38 @@ async def upstream_main(port: int, chunks: int, interval: float) -> None:
     ticker.cancel()
 
 
+async def start_upstream(chunks: int, interval: float) -> tuple[asyncio.subprocess.Process, int]:
+    """For the in-process benches (stream_path.py, held_memory.py): this bench's upstream as a child process
+    that dies with the caller, once it is ready, and its port."""
+    port = _free_port()
+    upstream = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--role", "upstream", "--port", str(port), "--chunks", str(chunks),
+        "--interval", str(interval), stdout=subprocess.PIPE, preexec_fn=_die_with_us,
+    )  # fmt: skip
+    assert upstream.stdout is not None
+    await upstream.stdout.readline()  # ready
+    return upstream, port
+
+
+def in_process_config(upstream_port: int, streams: int, **provider: Any) -> dict[str, Any]:
+    """A gateway config for that upstream: pool above the stream count, no cache, shedding off, a SQLite
+    ledger in a temporary directory; `provider` adds to the provider's settings."""
+    return {
+        "providers": {
+            "up": {
+                "type": "openai-compatible",
+                "baseUrl": f"http://127.0.0.1:{upstream_port}/v1",
+                "maxConnections": max(2 * streams, 1000),
+                "models": [{"name": MODEL, "inputPer1M": 0.15, "outputPer1M": 0.6}],
+                **provider,
+            }
+        },
+        "cache": {"enabled": False},
+        "ledger": {"type": "sqlite", "path": str(Path(tempfile.mkdtemp()) / "usage.db")},
+        "server": {"host": "127.0.0.1", "maxLoopLagMs": 0, "maxInFlight": 0},
+    }
+
+
 # ---- the clients --------------------------------------------------------------------------------------
 
 

@@ -21,16 +21,13 @@ import asyncio
 import json
 import logging
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-HELD = str(ROOT / "bench" / "held_streams.py")
 
 
 class _Context:
@@ -44,33 +41,15 @@ class _Context:
 
 
 async def _run(streams: int, chunks: int, interval: float, rounds: int) -> list[float]:
-    from bench.held_streams import _die_with_us  # a killed run leaves no upstream behind
+    from bench.held_streams import in_process_config, start_upstream
     from feather_grpc import config
     from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
     from feather_grpc.server.app import GatewayServer, ServerOptions
     from feather_grpc.server.servicer import FeatherServicer
 
     logging.basicConfig(level=logging.WARNING)  # the call log's INFO lines are not written, as with LOG_LEVEL=warning
-    sock_port = _free_port()
-    upstream = await asyncio.create_subprocess_exec(
-        sys.executable, HELD, "--role", "upstream", "--port", str(sock_port), "--chunks", str(chunks),
-        "--interval", str(interval), stdout=subprocess.PIPE, preexec_fn=_die_with_us,
-    )  # fmt: skip
-    assert upstream.stdout is not None
-    await upstream.stdout.readline()  # ready
-    doc = {
-        "providers": {
-            "up": {
-                "type": "openai-compatible",
-                "baseUrl": f"http://127.0.0.1:{sock_port}/v1",
-                "maxConnections": max(2 * streams, 1000),
-                "models": [{"name": "held", "inputPer1M": 0.15, "outputPer1M": 0.6}],
-            }
-        },
-        "cache": {"enabled": False},
-        "ledger": {"type": "sqlite", "path": str(Path(tempfile.mkdtemp()) / "usage.db")},
-        "server": {"host": "127.0.0.1", "maxLoopLagMs": 0, "maxInFlight": 0},
-    }
+    upstream, port = await start_upstream(chunks, interval)
+    doc = in_process_config(port, streams)
     cfg = config.resolve(config.parse_file_config(json.dumps(doc), "<stream_path>"), {}, "<stream_path>")
     server = GatewayServer(cfg, options=ServerOptions(metrics_port=0, call_log=True))
     await server.engine.start()
@@ -102,14 +81,6 @@ async def _run(streams: int, chunks: int, interval: float, rounds: int) -> list[
         if server.assembly is not None:
             await server.assembly.aclose()
     return results
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
