@@ -47,6 +47,15 @@ def rec(request_id: str, time_ns: int = T0, **fields: Any) -> UsageRecord:
     return UsageRecord(request_id=request_id, time_ns=time_ns, **fields)
 
 
+def fail_inserts_of(path: Path, request_id: str) -> None:
+    """From now on, inserting a record of `request_id` into the file fails (an IntegrityError)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            f"CREATE TRIGGER fail BEFORE INSERT ON usage_records WHEN NEW.request_id = '{request_id}' "
+            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+
+
 def count_rows(path: Path) -> int:
     """Read the file through a brand-new connection, as another process would."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -1036,11 +1045,7 @@ async def test_sqlite_memory_ledger_groups_too() -> None:
 
 async def test_a_failed_commit_fails_every_caller_in_the_batch(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
     path = tmp_path / "usage.db"
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute(
-            "CREATE TRIGGER fail BEFORE INSERT ON usage_records WHEN NEW.request_id = 'boom' "
-            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        )
+    fail_inserts_of(path, "boom")
     async with writer_parked(sqlite_ledger) as blocker:
         tasks = await enqueue(sqlite_ledger, [rec("a"), rec("boom"), rec("b")])
     await blocker
@@ -1129,11 +1134,7 @@ async def test_a_write_lock_held_elsewhere_sends_records_to_the_thread_in_order(
 
 async def test_a_failed_commit_on_the_loop_fails_its_turn(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
     path = tmp_path / "usage.db"
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute(
-            "CREATE TRIGGER fail BEFORE INSERT ON usage_records WHEN NEW.request_id = 'boom' "
-            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        )
+    fail_inserts_of(path, "boom")
     results = await asyncio.gather(*(sqlite_ledger.record(rec(r)) for r in ("a", "boom", "b")), return_exceptions=True)
     assert [type(r) for r in results] == [LedgerWriteError] * 3
     assert all("IntegrityError: disk on fire" in str(r) for r in results)
