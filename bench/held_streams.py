@@ -286,6 +286,9 @@ async def probe_main(address: str, delay: float, duration: float, every: float, 
     outcomes: dict[str, str] = {}
     ttft: list[float] = []
     direct: list[float] = []
+    # Each probe's wall-clock start and first token (s since the epoch), to split its wait at the moment the
+    # gateway started the call (its ledger row's time_ns): before it, gRPC's queue; after it, the gateway.
+    walls: dict[str, tuple[float, float]] = {}
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.FeatherServiceStub(channel)
 
@@ -293,12 +296,13 @@ async def probe_main(address: str, delay: float, duration: float, every: float, 
             rid = f"probe-{i}"
             request = pb.StreamChatRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
             request.request_id = rid
-            t0 = time.perf_counter()
+            wall, t0 = time.time(), time.perf_counter()
             call = stub.StreamChat(request, timeout=60)
             try:
                 async for event in call:
                     if event.HasField("delta") and event.delta.content:
                         ttft.append(time.perf_counter() - t0)
+                        walls[rid] = (wall, wall + ttft[-1])
                         call.cancel()  # a probe needs only its first token
                         break
                 outcomes[rid] = "OK(first token)"
@@ -319,7 +323,7 @@ async def probe_main(address: str, delay: float, duration: float, every: float, 
             i += 1
             await asyncio.sleep(every)
         await asyncio.gather(*tasks)
-    print(json.dumps({"outcomes": outcomes, "ttft": ttft, "direct": direct}), flush=True)
+    print(json.dumps({"outcomes": outcomes, "ttft": ttft, "direct": direct, "walls": walls}), flush=True)
 
 
 # ---- the orchestration --------------------------------------------------------------------------------
@@ -679,9 +683,18 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     held_ttft = [t for r in results for t in r.get("held_ttft", [])]
     gaps = [g for r in results for g in r.get("gaps", [])]
     rows: dict[str, str] = {}
+    to_start: list[float] = []  # probes: from the client's call to the gateway's start of it
+    from_start: list[float] = []  # ... and from there to the client's first token
     if not arm.startswith("floor"):  # the floor keeps no ledger: nothing to count as lost
         with sqlite3.connect(db) as conn:
             rows = dict(conn.execute("SELECT request_id, outcome || '/' || error_reason FROM usage_records").fetchall())
+            probes = "SELECT request_id, time_ns FROM usage_records WHERE request_id LIKE 'probe-%'"
+            started = dict(conn.execute(probes).fetchall())
+        walls = next(r["walls"] for r in results if "walls" in r)
+        for rid, (sent, token) in walls.items():
+            if rid in started:
+                to_start.append(started[rid] / 1e9 - sent)
+                from_start.append(token - started[rid] / 1e9)
     lost = sorted(rid for rid in seen if rid not in rows) if not arm.startswith("floor") else []
     messages = sum(r.get("messages", 0) for r in results)
     held = [v for k, v in seen.items() if not k.startswith("probe")]
@@ -712,6 +725,14 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "ttft_p50_ms": round(_pct(ttft, 0.5) * 1000, 2),
         "ttft_p99_ms": round(_pct(ttft, 0.99) * 1000, 2),
         "ttft_max_ms": round(max(ttft) * 1000, 2) if ttft else None,
+        # The probes' TTFT split where the gateway's engine started the call (its ledger row's time; one
+        # clock): before it, gRPC's side (the call taken from core, its request read, each step a completion
+        # through grpc.aio's poller and a loop turn or more) and the interceptor; after it, the gateway's part
+        # (the upstream's first chunk, the messages out) and the way back to the client.
+        "probe_wait_to_start_ms_p50": round(_pct(to_start, 0.5) * 1000, 2) if to_start else None,
+        "probe_wait_to_start_ms_p99": round(_pct(to_start, 0.99) * 1000, 2) if to_start else None,
+        "probe_start_to_token_ms_p50": round(_pct(from_start, 0.5) * 1000, 2) if from_start else None,
+        "probe_start_to_token_ms_p99": round(_pct(from_start, 0.99) * 1000, 2) if from_start else None,
         "held_ttft_p50_ms": round(_pct(held_ttft, 0.5) * 1000, 2),
         "held_ttft_p99_ms": round(_pct(held_ttft, 0.99) * 1000, 2),
         # The held streams' own messages: each stream's longest wait between two of them (the upstream sends

@@ -64,3 +64,8 @@ def test_a_small_run_holds_every_stream_and_loses_nothing(tmp_path: Path) -> Non
         assert result["rig_cores_all_open"] is not None and result["server_cpus_taken_by_others"] is not None
     assert abs(result["rss_kept_mb"] - (result["rss_after_mb"] - result["rss_idle_mb"])) <= 0.11
     assert len(result["rss_after_trace_mb"]) == 1
+    # Every probe's TTFT is split where the gateway started the call (its ledger row): both parts are
+    # there, neither is negative (one clock), and neither is longer than the longest whole.
+    wait, rest = result["probe_wait_to_start_ms_p50"], result["probe_start_to_token_ms_p50"]
+    assert wait is not None and rest is not None and wait >= 0 and rest >= 0
+    assert wait <= result["ttft_max_ms"] and rest <= result["ttft_max_ms"]
