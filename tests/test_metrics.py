@@ -14,9 +14,12 @@ import grpc
 import pytest
 
 from feather_grpc.config import ConfigError
+from feather_grpc.core.ledger import UsageRecord
+from feather_grpc.engine.observe import AfterReply
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.app import ListenError, ServerOptions
-from feather_grpc.server.metrics import rate_limit_scope
+from feather_grpc.server.calls import ServerCall, current_call
+from feather_grpc.server.metrics import GatewayMetrics, rate_limit_scope
 from sim.upstream import Reply, SimUsage, UpstreamSimulator
 from tests.gateway_harness import MOCK_CONFIG, user
 from tests.ops_harness import eventually, running_server, sample, scrape
@@ -214,3 +217,22 @@ async def test_a_stall_between_two_scrapes_shows_in_the_loop_lateness_histogram(
         await eventually(lambda: late(scrape(port)) == before + 1, what="the stalled sample")
         await eventually(lambda: sample(scrape(port), "feather_event_loop_lag_seconds") < 0.1, what="a later sample")
         assert late(scrape(port)) == before + 1, "the gauge has moved on; the histogram kept the stall"
+
+
+async def test_a_busy_loop_before_the_metrics_hear_of_a_call_is_not_in_its_duration() -> None:
+    """Metrics hear of a call on the loop's next turn, after its reply (AfterReply). Under load that turn can
+    come tens of milliseconds later: the call's duration and the gateway's overhead still end when it
+    settled."""
+    metrics = GatewayMetrics()
+    call = ServerCall("Chat", time.perf_counter())
+    record = UsageRecord(request_id="r-1", time_ns=1, provider="openai", model="gpt-sim")
+    current_call.set(call)  # this test's own task: what the deferred observer's copied context carries
+    AfterReply(metrics).call_settled(record, [], None)
+    time.sleep(0.3)  # noqa: ASYNC251 (blocking on purpose: the rest of a long loop turn)
+    await asyncio.sleep(0)  # the metrics' turn runs before this task's next one
+    pm = {"provider": "openai", "model": "gpt-sim"}
+    get = metrics.registry.get_sample_value
+    assert get("feather_request_duration_seconds_count", pm) == 1
+    assert (get("feather_request_duration_seconds_sum", pm) or 0) < 0.3
+    assert get("feather_gateway_overhead_seconds_count", {"call": "unary"}) == 1
+    assert (get("feather_gateway_overhead_seconds_sum", {"call": "unary"}) or 0) < 0.3

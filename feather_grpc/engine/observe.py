@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,16 +25,32 @@ class CallObserver(Protocol):
         ...
 
 
+class TimedObserver(CallObserver, Protocol):
+    """An observer that measures up to the moment a call settled (metrics' durations): told that moment
+    (time.perf_counter) when it hears of the call later."""
+
+    def call_settled_at(
+        self, settled_at: float, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None
+    ) -> None: ...
+
+
 class AfterReply:
     """Wraps an observer whose `call_settled` can wait for the loop's next turn, after the call's reply has
     gone out (metrics, the call-log line): it then takes nothing from the call's latency, and if it raises,
     the loop logs it and the call is unaffected. It runs in the call's context (contextvars), as before.
-    Tracing is not wrapped: it annotates the RPC's span, which ends with the reply."""
+    A `TimedObserver` is told when the call settled: under load the next turn can come tens of milliseconds
+    later, which a duration read then would count. Tracing is not wrapped: it annotates the RPC's span,
+    which ends with the reply."""
 
     def __init__(self, observer: CallObserver) -> None:
         self.observer = observer
         self.attempt_started = observer.attempt_started
         self.attempt_finished = observer.attempt_finished
+        self._timed = getattr(observer, "call_settled_at", None)
 
     def call_settled(self, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None) -> None:
-        asyncio.get_running_loop().call_soon(self.observer.call_settled, record, attempts, ttft_ms)
+        loop = asyncio.get_running_loop()
+        if self._timed is not None:
+            loop.call_soon(self._timed, time.perf_counter(), record, attempts, ttft_ms)
+        else:
+            loop.call_soon(self.observer.call_settled, record, attempts, ttft_ms)

@@ -206,6 +206,12 @@ class GatewayMetrics:
                 scope.first_ok_at = now
 
     def call_settled(self, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None) -> None:
+        self.call_settled_at(time.perf_counter(), record, attempts, ttft_ms)
+
+    def call_settled_at(
+        self, settled_at: float, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None
+    ) -> None:
+        """`call_settled`, heard later (engine.observe.AfterReply): durations end at `settled_at`."""
         if record.request_id.endswith(":hedge"):
             # A cancelled hedge leg: billed in the ledger, but not a call of its own.
             self._count_usage(self._model(record.provider, record.model), record)
@@ -224,7 +230,7 @@ class GatewayMetrics:
             err.inc()
         self._count_usage(s, record)
         scope = current_call.get()
-        now = time.perf_counter()
+        now = settled_at
         if scope is None:  # the engine used in-process: millisecond figures from the record
             s.duration.observe(record.latency_ms / 1000)
             if ttft_ms is not None:
