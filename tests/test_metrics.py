@@ -236,3 +236,16 @@ async def test_a_busy_loop_before_the_metrics_hear_of_a_call_is_not_in_its_durat
     assert (get("feather_request_duration_seconds_sum", pm) or 0) < 0.3
     assert get("feather_gateway_overhead_seconds_count", {"call": "unary"}) == 1
     assert (get("feather_gateway_overhead_seconds_sum", {"call": "unary"}) or 0) < 0.3
+
+
+async def test_every_start_probe_is_kept_in_the_new_call_wait_histogram() -> None:
+    """The new-call delay gauge is only the last probe's round trip; the histogram keeps every one."""
+    async with running_server(MOCK_CONFIG, options=METRICS) as gw:
+        port = gw.server.metrics_port
+        assert port
+        count = "feather_new_call_wait_seconds_count"
+        await eventually(lambda: sample(scrape(port), count) >= 2, timeout_s=10, what="two probes")
+        m = scrape(port)
+        assert sample(m, "feather_new_call_wait_seconds_sum") > 0
+        # An idle process answers its probes at once: every wait in the histogram is under a second.
+        assert sample(m, "feather_new_call_wait_seconds_bucket", le="1.0") == sample(m, count)

@@ -67,9 +67,10 @@ class LoopLag:
         self._probe_since: float | None = None  # when the probe in flight was sent
         self._quiet_wait: asyncio.Event | None = None  # set to end a quiet wait for the next probe early
         self._tasks: list[asyncio.Task[None]] = []
-        # Told every sample (metrics keep them all: `lag_s` is only the last, and a stall between two reads
-        # of it would go unseen).
+        # Told every sample, and every probe's round trip (metrics keep them all: `lag_s` and
+        # `start_delay_s` are only the last, and a stall between two reads of them would go unseen).
         self.on_sample: Callable[[float], None] | None = None
+        self.on_probe: Callable[[float], None] | None = None
 
     @property
     def waiting_s(self) -> float:
@@ -147,6 +148,8 @@ class LoopLag:
                 await probe()
             self._previous_start_s, self.start_delay_s = self.start_delay_s, clock() - sent
             self._probe_since = None
+            if self.on_probe is not None:
+                self.on_probe(self.start_delay_s)
             await asyncio.sleep(self.probe_every_s)
             if self.quiet:  # the lag sampler ends the wait as soon as the process is not quiet
                 self._quiet_wait = asyncio.Event()

@@ -22,6 +22,8 @@ Series (all names prefixed `feather_`):
                                                  scrapes shows here, not in the gauge
   new_call_delay_seconds                         how long a new call waits to start: the round trip of a
                                                  Chat/StreamChat probe to this process, or its wait so far
+  new_call_wait_seconds                          every one of those probes' round trips: a wait between two
+                                                 scrapes shows here, not in the gauge
   inflight_calls{method}                         FeatherService calls in progress (read at scrape time)
   gc_pause_seconds{generation}                   how long each garbage collection held the process (0, 1, 2;
                                                  2 is a full one). Any thread's, the event loop's included.
@@ -160,6 +162,13 @@ class GatewayMetrics:
                 registry=self.registry,
             )
             loop_lag.on_sample = lateness.observe
+            waits = Histogram(
+                "feather_new_call_wait_seconds",
+                "How long each of the process's probes to itself took to start and answer (its round trip).",
+                buckets=_LATENESS_BUCKETS,
+                registry=self.registry,
+            )
+            loop_lag.on_probe = waits.observe
 
     # ---- hooks ----
 
