@@ -412,23 +412,6 @@ def machine_stalls_ms() -> dict[str, float]:
     return out
 
 
-def _gauges(port: int) -> dict[str, float]:
-    """The gateway's unlabelled gauges, from its metrics endpoint."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            out[name] = float(value)
-    return out
-
-
 def _die_with_us() -> None:
     """In a child, before it runs: SIGTERM when this bench dies, so a killed run leaves no servers behind."""
     if sys.platform.startswith("linux"):
@@ -602,7 +585,6 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
                     str(probe_window), "--every", str(opts.probe_every), "--port", str(up_port)])  # fmt: skip
     # The peak: after the ramp, while every stream is open (sampled through the hold, highest kept).
     peak = idle
-    gauges: dict[str, list[float]] = {"feather_event_loop_lag_seconds": [], "feather_new_call_delay_seconds": []}
     rig = [upstream, *holders, probe]
     stalls0 = machine_stalls_ms()
     # (time, rig CPU, server CPU, its loop's run-queue wait, its CPUs busy), once every stream is open
@@ -618,9 +600,6 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
                     runqueue_wait_s(gateway.pid),
                     cpus_busy_s(pins["server"]) if pins is not None else 0.0,
                 )
-        for name, value in _gauges(metrics_port).items():
-            if name in gauges:
-                gauges[name].append(value)
         time.sleep(0.25)
     stalls = {k: round(v - stalls0.get(k, 0.0), 1) for k, v in machine_stalls_ms().items()}
     cpu_hold = cpu_s(gateway.pid) - cpu0
@@ -650,6 +629,9 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
     ttft_buckets = []
     gc_pauses: dict[str, dict[str, float]] = {}  # generation -> {le: collections that took at most le seconds}
     lateness: dict[str, float] = {}  # le -> loop-lag samples at most le seconds late
+    waits: dict[str, float] = {}  # le -> the gateway's probes to itself that took at most le seconds
+    # One scrape, once the load is over: the gateway's histograms keep every sample, so it is not scraped
+    # during the load, which the floors (no metrics) would be spared.
     if not arm.startswith("floor"):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
             scraped = reply.read().decode().splitlines()
@@ -657,6 +639,8 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         for line in scraped:
             if line.startswith("feather_event_loop_lateness_seconds_bucket"):
                 lateness[line.split('le="')[1].split('"')[0]] = float(line.rpartition(" ")[2])
+            if line.startswith("feather_new_call_wait_seconds_bucket"):
+                waits[line.split('le="')[1].split('"')[0]] = float(line.rpartition(" ")[2])
             if line.startswith("feather_gc_pause_seconds_bucket"):
                 labels, _, value = line.rpartition(" ")
                 generation = labels.split('generation="')[1].split('"')[0]
@@ -758,10 +742,11 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
         "messages": messages,
         "cpu_us_per_message": round(cpu_all * 1e6 / messages, 1) if messages else None,
         "loop_thread_us_per_message": round(loop_all * 1e6 / messages, 1) if messages else None,
-        # The gateway's own measures, scraped every 0.25 s from the ramp's start to the hold's end.
-        "loop_lag_ms_max": round(max(gauges["feather_event_loop_lag_seconds"], default=0) * 1000, 1),
-        "new_call_delay_ms_p50": round(_pct(gauges["feather_new_call_delay_seconds"], 0.5) * 1000, 1),
-        "new_call_delay_ms_max": round(max(gauges["feather_new_call_delay_seconds"], default=0) * 1000, 1),
+        # The gateway's own probes to itself (every 0.1 s under load) over the whole run: how many, and how
+        # many waited past 100 ms and past the default shedding limit (500 ms).
+        "self_probes": int(waits["+Inf"]) if waits else None,
+        "self_probes_over_100ms": int(waits["+Inf"] - waits["0.1"]) if waits else None,
+        "self_probes_over_500ms": int(waits["+Inf"] - waits["0.5"]) if waits else None,
         "ledger_rows": len(rows),
         # The gateway's garbage collections over the whole load (the hold and the streams' ends).
         "gc_collections": {g: int(b["+Inf"]) for g, b in sorted(gc_pauses.items())},

@@ -69,3 +69,5 @@ def test_a_small_run_holds_every_stream_and_loses_nothing(tmp_path: Path) -> Non
     wait, rest = result["probe_wait_to_start_ms_p50"], result["probe_start_to_token_ms_p50"]
     assert wait is not None and rest is not None and wait >= 0 and rest >= 0
     assert wait <= result["ttft_max_ms"] and rest <= result["ttft_max_ms"]
+    # The gateway is scraped once, after the load: its own probes come from its histogram of every one.
+    assert result["self_probes"] >= 1 and 0 <= result["self_probes_over_100ms"] <= result["self_probes"]
