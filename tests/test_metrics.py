@@ -226,10 +226,11 @@ async def test_a_busy_loop_before_the_metrics_hear_of_a_call_is_not_in_its_durat
     metrics = GatewayMetrics()
     call = ServerCall("Chat", time.perf_counter())
     record = UsageRecord(request_id="r-1", time_ns=1, provider="openai", model="gpt-sim")
-    current_call.set(call)  # this test's own task: what the deferred observer's copied context carries
+    token = current_call.set(call)  # what the deferred observer's copy of the context carries
     AfterReply(metrics).call_settled(record, [], None)
     time.sleep(0.3)  # noqa: ASYNC251 (blocking on purpose: the rest of a long loop turn)
     await asyncio.sleep(0)  # the metrics' turn runs before this task's next one
+    current_call.reset(token)
     pm = {"provider": "openai", "model": "gpt-sim"}
     get = metrics.registry.get_sample_value
     assert get("feather_request_duration_seconds_count", pm) == 1

@@ -25,21 +25,13 @@ class CallObserver(Protocol):
         ...
 
 
-class TimedObserver(CallObserver, Protocol):
-    """An observer that measures up to the moment a call settled (metrics' durations): told that moment
-    (time.perf_counter) when it hears of the call later."""
-
-    def call_settled_at(
-        self, settled_at: float, record: UsageRecord, attempts: Sequence[AttemptRecord], ttft_ms: int | None
-    ) -> None: ...
-
-
 class AfterReply:
     """Wraps an observer whose `call_settled` can wait for the loop's next turn, after the call's reply has
     gone out (metrics, the call-log line): it then takes nothing from the call's latency, and if it raises,
     the loop logs it and the call is unaffected. It runs in the call's context (contextvars), as before.
-    A `TimedObserver` is told when the call settled: under load the next turn can come tens of milliseconds
-    later, which a duration read then would count. Tracing is not wrapped: it annotates the RPC's span,
+    An observer with `call_settled_at(settled_at, record, attempts, ttft_ms)` (metrics) gets that instead,
+    with the moment the call settled (time.perf_counter): under load the next turn can come tens of
+    milliseconds later, which a duration read then would count. Tracing is not wrapped: it annotates the RPC's span,
     which ends with the reply."""
 
     def __init__(self, observer: CallObserver) -> None:
