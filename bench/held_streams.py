@@ -637,14 +637,15 @@ def run(opts: argparse.Namespace, arm: str = "gateway") -> dict[str, Any]:
             scraped = reply.read().decode().splitlines()
         ttft_buckets = [line for line in scraped if line.startswith("feather_time_to_first_token_seconds_bucket")]
         for line in scraped:
+            labels, _, value = line.rpartition(" ")
+            le = labels.split('le="')[1].split('"')[0] if 'le="' in labels else ""
             if line.startswith("feather_event_loop_lateness_seconds_bucket"):
-                lateness[line.split('le="')[1].split('"')[0]] = float(line.rpartition(" ")[2])
-            if line.startswith("feather_new_call_wait_seconds_bucket"):
-                waits[line.split('le="')[1].split('"')[0]] = float(line.rpartition(" ")[2])
-            if line.startswith("feather_gc_pause_seconds_bucket"):
-                labels, _, value = line.rpartition(" ")
+                lateness[le] = float(value)
+            elif line.startswith("feather_new_call_wait_seconds_bucket"):
+                waits[le] = float(value)
+            elif line.startswith("feather_gc_pause_seconds_bucket"):
                 generation = labels.split('generation="')[1].split('"')[0]
-                gc_pauses.setdefault(generation, {})[labels.split('le="')[1].split('"')[0]] = float(value)
+                gc_pauses.setdefault(generation, {})[le] = float(value)
     # RSS each second after the load: the gateway's trimmer acts once nothing has been in flight across a
     # whole check (5 s), so when memory comes back matters as much as how much.
     trace = []
