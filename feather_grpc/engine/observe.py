@@ -31,8 +31,8 @@ class AfterReply:
     the loop logs it and the call is unaffected. It runs in the call's context (contextvars), as before.
     An observer with `call_settled_at(settled_at, record, attempts, ttft_ms)` (metrics) gets that instead,
     with the moment the call settled (time.perf_counter): under load the next turn can come tens of
-    milliseconds later, which a duration read then would count. Tracing is not wrapped: it annotates the RPC's span,
-    which ends with the reply."""
+    milliseconds later, which a duration read then would count. Tracing is not wrapped: it annotates the
+    RPC's span, which ends with the reply."""
 
     def __init__(self, observer: CallObserver) -> None:
         self.observer = observer

@@ -38,7 +38,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -154,21 +154,19 @@ class GatewayMetrics:
         )
         self._gc_pauses = _GcPauses(pauses)
         gc.callbacks.append(self._gc_pauses)
-        if loop_lag is not None:
-            lateness = Histogram(
+        if loop_lag is not None:  # every sample and every probe, where the gauges keep only the last
+            loop_lag.on_sample = self._every(
                 "feather_event_loop_lateness_seconds",
                 "How late each of the event loop's lag samples (every 50 ms) woke.",
-                buckets=_LATENESS_BUCKETS,
-                registry=self.registry,
             )
-            loop_lag.on_sample = lateness.observe
-            waits = Histogram(
+            loop_lag.on_probe = self._every(
                 "feather_new_call_wait_seconds",
                 "How long each of the process's probes to itself took to start and answer (its round trip).",
-                buckets=_LATENESS_BUCKETS,
-                registry=self.registry,
             )
-            loop_lag.on_probe = waits.observe
+
+    def _every(self, name: str, documentation: str) -> Callable[[float], None]:
+        """A histogram of every value of a loop-lag measure, in seconds: what to tell it each one."""
+        return Histogram(name, documentation, buckets=_LATENESS_BUCKETS, registry=self.registry).observe
 
     # ---- hooks ----
 
