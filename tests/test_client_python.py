@@ -11,6 +11,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -65,6 +67,9 @@ async def test_chat_generates_one_request_id_per_call() -> None:
         first = await client.chat("a", model="fast")
         second = await client.chat("b", model="fast")
     assert len(first.request_id) == 32 and first.request_id != second.request_id
+    # UUIDv7s, as the gateway makes them: the time first, so the ledger's index takes them at its end
+    assert [uuid.UUID(hex=i).version for i in (first.request_id, second.request_id)] == [7, 7]
+    assert int(first.request_id[:12], 16) <= int(second.request_id[:12], 16) <= time.time_ns() // 1_000_000
 
 
 async def test_stream_chat_yields_deltas_then_exposes_the_summary() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,25 @@ async def test_chat_resolves_alias_and_prices_exactly() -> None:
         assert [(a.provider, a.model, a.outcome) for a in reply.attempts] == [
             ("mock", "mock-fast", pb.ATTEMPT_OUTCOME_OK)
         ]
+
+
+async def test_a_call_without_a_request_id_gets_a_uuid7_in_time_order() -> None:
+    """The ids the gateway makes start with the time (the ledgers' unique index takes them at its end)."""
+    async with running_gateway(MOCK_CONFIG) as gw:
+        before_ms = time.time_ns() // 1_000_000
+        ids = []
+        for _ in range(3):
+            ids.append((await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")]))).request_id)
+        streamed = [e async for e in gw.stub.StreamChat(pb.StreamChatRequest(model="smart", messages=[user("hi")]))]
+        ids.append(streamed[0].start.request_id)
+        after_ms = time.time_ns() // 1_000_000
+    for made in ids:
+        as_uuid = uuid.UUID(hex=made)
+        assert len(made) == 32 and as_uuid.hex == made
+        assert (as_uuid.version, as_uuid.variant) == (7, uuid.RFC_4122)
+    made_ms = [int(i[:12], 16) for i in ids]  # within one millisecond the order is random
+    assert before_ms <= made_ms[0] and made_ms == sorted(made_ms) and made_ms[-1] <= after_ms
+    assert len(set(ids)) == 4
 
 
 async def test_stream_chat_starts_deltas_and_ends_with_usage() -> None:

@@ -64,17 +64,33 @@ class Call:
 def begin(request: ChatRequest, ctx: CallContext, *, streamed: bool, request_timeout_ms: int) -> Call:
     limit = asyncio.get_running_loop().time() + request_timeout_ms / 1000
     gateway_bound = ctx.deadline is None or limit < ctx.deadline
+    now_ns = time.time_ns()
     return Call(
         request=request,
         ctx=ctx,
-        # 128 random bits (as uuid4, but cheaper) unless the caller gave a usable id
-        request_id=usable_request_id(request.request_id) or os.urandom(16).hex(),
+        request_id=usable_request_id(request.request_id) or new_request_id(now_ns),
         started=time.monotonic(),
-        started_ns=time.time_ns(),
+        started_ns=now_ns,
         streamed=streamed,
         answer_by=limit if gateway_bound else ctx.deadline,
         gateway_bound=gateway_bound,
     )
+
+
+# RFC 9562's version (7) and variant (0b10) bits, in a UUID read as one 128-bit integer
+_UUID7_BITS = 0x7 << 76 | 0x2 << 62
+_UUID7_RANDOM = (1 << 80) - 1 & ~(0xF << 76 | 0x3 << 62)
+
+
+def new_request_id(now_ns: int) -> str:
+    """A request id the gateway makes: a UUIDv7 (RFC 9562) as 32 hex digits, 48 bits of Unix time in
+    milliseconds and then 74 random bits.
+
+    Time first, not 128 random bits: the ledgers keep each request's billed row unique with an index on
+    (tenant, request_id), and a random id lands on a random leaf of it, so a commit of 64 records rewrote
+    up to 64 leaf pages (SQLite: 23 µs per record against 8.5 µs with these ids, bench/README "Request
+    ids in time order"). An id made later sorts later; within a millisecond the order is random."""
+    return f"{(now_ns // 1_000_000) << 80 | int.from_bytes(os.urandom(10)) & _UUID7_RANDOM | _UUID7_BITS:032x}"
 
 
 def ms_since(begun: float) -> int:

@@ -1,5 +1,5 @@
 // FeatherClient: the promise/async-iterator facade over the generated grpc-js FeatherService client.
-import { randomUUID } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { Metadata, status } from "@grpc/grpc-js";
 import type { CallOptions, ChannelOptions, ClientReadableStream, ServiceError } from "@grpc/grpc-js";
 import { channelCredentials, channelOptions, DEFAULT_RETRY, target } from "./channel";
@@ -125,8 +125,20 @@ function chatFields(messages: string | MessageLike[], o: ChatOptions) {
     policy: o.policy ? RoutingPolicy[`ROUTING_POLICY_${o.policy.toUpperCase()}` as keyof typeof RoutingPolicy] : 0,
     cache: o.bypassCache ? CacheMode.CACHE_MODE_BYPASS : CacheMode.CACHE_MODE_UNSPECIFIED,
     tags: o.tags ?? {},
-    requestId: o.requestId || randomUUID().replaceAll("-", ""),
+    requestId: o.requestId || newRequestId(),
   };
+}
+
+/**
+ * A UUIDv7 (RFC 9562) as 32 hex digits, the form of the ids the gateway makes: Unix time in ms first,
+ * then 74 random bits, so the gateway's ledger index takes a new id at its end, not at a random page.
+ */
+export function newRequestId(): string {
+  const id = randomBytes(16);
+  id.writeUIntBE(Date.now(), 0, 6);
+  id[6] = (id[6] & 0x0f) | 0x70; // version 7
+  id[8] = (id[8] & 0x3f) | 0x80; // variant 0b10
+  return id.toString("hex");
 }
 
 /**

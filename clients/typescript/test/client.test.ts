@@ -80,6 +80,9 @@ describe("against a live gateway", () => {
     assert.ok(stream.done && stream.usage.outputTokens > 0);
     assertPriced(stream.costNanosUsd, stream.usage, await price(client, "mock-smart"));
     assert.equal(stream.requestId.length, 32);
+    // a UUIDv7, as the gateway makes them: the time first, so the ledger's index takes it at its end
+    assert.match(stream.requestId, /^[0-9a-f]{12}7[0-9a-f]{3}[89ab][0-9a-f]{15}$/);
+    assert.ok(Math.abs(parseInt(stream.requestId.slice(0, 12), 16) - Date.now()) < 60_000);
   });
 
   test("usage groups the ledger; listModels describes the routes", async () => {

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import uuid
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,14 @@ from .results import GROUP_BY, POLICIES, MessageLike, ToolChoiceLike, ToolLike, 
 __all__ = ["ChatOptions", "Messages", "UsageOptions", "chat_options", "usage_options"]
 
 Messages = str | Sequence[MessageLike]  # pb.Message, or as OpenAI writes it: {"role": "user", "content": ...}
+
+
+def new_request_id() -> str:
+    """A UUIDv7 (RFC 9562) as 32 hex digits, the form of the ids the gateway makes: Unix time in ms first,
+    then 74 random bits. Time first so the gateway's ledger index takes a new id at its end, not at a
+    random page (Python 3.11 has no uuid.uuid7)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    return f"{value & ~(0xF << 76 | 0x3 << 62) | 0x7 << 76 | 0x2 << 62:032x}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,7 +79,7 @@ class ChatOptions:
             "stop": list(self.stop),
             "tools": [tool(t, f"tools[{i}]") for i, t in enumerate(self.tools)],
             "tags": dict(self.tags or {}),
-            "request_id": self.request_id or uuid.uuid4().hex,
+            "request_id": self.request_id or new_request_id(),
             "policy": pb.RoutingPolicy.Value(f"ROUTING_POLICY_{self.policy.upper()}") if self.policy else 0,
             "cache": pb.CACHE_MODE_BYPASS if self.bypass_cache else pb.CACHE_MODE_UNSPECIFIED,
             "prompt_cache_key": self.prompt_cache_key,

@@ -949,7 +949,10 @@ export interface ChatRequest {
    * 128 characters, values at most 512.
    */
   tags: { [key: string]: string };
-  /** Caller-chosen id for correlation and idempotent billing; generated when empty. At most 128 characters. */
+  /**
+   * Caller-chosen id for correlation and idempotent billing; generated when empty (a UUIDv7, 32 hex digits).
+   * At most 128 characters.
+   */
   requestId: string;
   /**
    * With tools: whether the model may call several tools in one turn (OpenAI `parallel_tool_calls`,
@@ -1033,7 +1036,7 @@ export interface StreamChatRequest {
   cache: CacheMode;
   /** Attribution labels recorded in the usage ledger. */
   tags: { [key: string]: string };
-  /** Caller-chosen id for correlation and idempotent billing; generated when empty. */
+  /** Caller-chosen id for correlation and idempotent billing; generated when empty (a UUIDv7, 32 hex digits). */
   requestId: string;
   /** With tools: whether the model may call several tools in one turn. */
   parallelToolCalls?:

@@ -945,7 +945,9 @@ class ChatRequest(_message.Message):
     cache: Global___CacheMode.ValueType
     """Response cache control."""
     request_id: _builtins.str
-    """Caller-chosen id for correlation and idempotent billing; generated when empty. At most 128 characters."""
+    """Caller-chosen id for correlation and idempotent billing; generated when empty (a UUIDv7, 32 hex digits).
+    At most 128 characters.
+    """
     parallel_tool_calls: _builtins.bool
     """With tools: whether the model may call several tools in one turn (OpenAI `parallel_tool_calls`,
     Anthropic `tool_choice.disable_parallel_tool_use` when false); provider default when unset.
@@ -1115,7 +1117,7 @@ class StreamChatRequest(_message.Message):
     cache: Global___CacheMode.ValueType
     """Response cache control."""
     request_id: _builtins.str
-    """Caller-chosen id for correlation and idempotent billing; generated when empty."""
+    """Caller-chosen id for correlation and idempotent billing; generated when empty (a UUIDv7, 32 hex digits)."""
     parallel_tool_calls: _builtins.bool
     """With tools: whether the model may call several tools in one turn."""
     prompt_cache_key: _builtins.str
