@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -806,6 +807,7 @@ def main() -> None:
     ap.add_argument("--every", type=float)
     opts = ap.parse_args()
     if opts.role != "main":
+        runner: Callable[[Coroutine[Any, Any, None]], None]
         try:
             import uvloop
 

@@ -82,7 +82,7 @@ async def _run(args: argparse.Namespace) -> dict[str, list[float]]:
         tmp = Path(t)
         nginx = upstream.Nginx(upstream.free_port(), tmp / "nginx").start()
         server: GatewayServer | None = None
-        proxy = floor.Proxy(nginx.url)
+        proxy = floor.Proxy(nginx.url)  # type: ignore[abstract]  # ListModels: the stub's default
         try:
             doc = gateway_config(nginx.url, "sqlite", tmp / "ledger.db")
             cfg = config.resolve(config.parse_file_config(json.dumps(doc), "<unary_path>"), {}, "<unary_path>")
