@@ -8,7 +8,11 @@ the local spool has committed. Reported per run:
 
 Starts a throwaway PostgreSQL 16 (the pgserver wheel, fsync on) unless --dsn names a database.
 
+Request ids are made as the gateway makes them (UUIDv7: the time first) unless `--ids random` (128 random
+bits, as before 2026-12-07).
+
     .venv/bin/python bench/pg_ledger_bench.py [--seconds 3] [--synchronous NORMAL|FULL] [--dsn URL]
+        [--ids gateway|random]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -26,14 +31,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from feather_grpc.core.ledger import Outcome, UsageRecord
+from feather_grpc.engine.call import new_request_id
 from feather_grpc.state.ledger_spool import LedgerSpool
 from feather_grpc.state.postgres_ledger import PostgresLedger
 from feather_grpc.state.sqlite_ledger import Synchronous
 
+RANDOM_IDS = False  # --ids random
+
 
 def make_record(writer: int, i: int) -> UsageRecord:
     return UsageRecord(
-        request_id=f"w{writer}-{i}-{time.monotonic_ns()}",
+        request_id=os.urandom(16).hex() if RANDOM_IDS else new_request_id(time.time_ns()),
         time_ns=time.time_ns(),
         tenant="bench",
         provider="openai",
@@ -112,7 +120,11 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL")
     parser.add_argument("--dsn", help="an existing database to use (default: a throwaway server)")
+    parser.add_argument("--ids", choices=["gateway", "random"], default="gateway", help="request ids (see above)")
     args = parser.parse_args()
+    global RANDOM_IDS
+    RANDOM_IDS = args.ids == "random"
+    print(f"ids {args.ids}")
     with database(args.dsn) as dsn, tempfile.TemporaryDirectory() as tmp:
         for n, writers in enumerate([1, 64]):
             await run(dsn, Path(tmp) / f"spool-{n}.db", writers, args.seconds, args.synchronous)
