@@ -133,7 +133,7 @@ function chatFields(messages: string | MessageLike[], o: ChatOptions) {
  * A UUIDv7 (RFC 9562) as 32 hex digits, the form of the ids the gateway makes: Unix time in ms first,
  * then 74 random bits, so the gateway's ledger index takes a new id at its end, not at a random page.
  */
-export function newRequestId(): string {
+function newRequestId(): string {
   const id = randomBytes(16);
   id.writeUIntBE(Date.now(), 0, 6);
   id[6] = (id[6] & 0x0f) | 0x70; // version 7
