@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-class _Context:
-    """What the handler asks of grpc.aio's ServicerContext on the happy path."""
+class HappyContext:
+    """What the handlers ask of grpc.aio's ServicerContext on the happy path (unary_path uses it too)."""
 
     def time_remaining(self) -> float | None:
         return None
@@ -60,7 +60,7 @@ async def _run(streams: int, chunks: int, interval: float, rounds: int) -> list[
 
     async def one() -> int:
         n = 0
-        async for out in handler(request, _Context()):
+        async for out in handler(request, HappyContext()):
             serialize(out)
             n += 1
         return n

@@ -42,18 +42,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import floor  # noqa: E402
 import upstream  # noqa: E402
 from run import gateway_config, resilience_off_config  # noqa: E402
+from stream_path import HappyContext  # noqa: E402
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
-
-
-class _Context:
-    """What the handlers ask of grpc.aio's ServicerContext on the happy path."""
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
 
 
 async def _drive(handler: Handler, concurrency: int, calls: int) -> tuple[float, int]:
@@ -67,7 +58,7 @@ async def _drive(handler: Handler, concurrency: int, calls: int) -> tuple[float,
 
     async def worker(n: int) -> None:
         for _ in range(n):
-            reply = await handler(pb.ChatRequest.FromString(raw), _Context())
+            reply = await handler(pb.ChatRequest.FromString(raw), HappyContext())
             reply.SerializeToString()
 
     young = gc.get_stats()[0]["collections"]

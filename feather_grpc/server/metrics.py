@@ -237,21 +237,20 @@ class GatewayMetrics:
             err.inc()
         self._count_usage(s, record)
         scope = current_call.get()
-        now = settled_at
         if scope is None:  # the engine used in-process: millisecond figures from the record
             s.duration.observe(record.latency_ms / 1000)
             if ttft_ms is not None:
                 s.ttft.observe(ttft_ms / 1000)
             return
-        s.duration.observe(now - scope.started)
+        s.duration.observe(settled_at - scope.started)
         if record.streamed and scope.first_ok_at is not None:
             s.ttft.observe(scope.first_ok_at - scope.started)
         if record.outcome is Outcome.OK or record.outcome is Outcome.CACHE_HIT:
             if record.streamed:
-                end = scope.first_ok_at if scope.first_ok_at is not None else now
+                end = scope.first_ok_at if scope.first_ok_at is not None else settled_at
                 self._overhead_stream.observe(max(0.0, end - scope.started - scope.upstream_s))
             else:
-                self._overhead_unary.observe(max(0.0, now - scope.started - scope.upstream_s))
+                self._overhead_unary.observe(max(0.0, settled_at - scope.started - scope.upstream_s))
 
     def _count_usage(self, s: _ModelSeries, record: UsageRecord) -> None:
         for counter, n in zip(
