@@ -96,6 +96,10 @@ async def test_rpc_and_attempt_spans_reach_an_otlp_collector(
             reply = await gw.stub.Chat(pb.ChatRequest(model="fast", messages=[user("hi")], request_id="trace-me-1"))
             events = [e async for e in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("go")]))]
             assert reply.usage.input_tokens == 21
+            # The process's start probes, a StreamChat and a Chat, answered OK (else these raise) and untraced.
+            probe = gw.server.start_probes.probe(gw.channel, 5.0)
+            await probe()
+            await probe()
         # Leaving the block stopped the server, which flushed every span to the collector.
     spans = receiver.spans()
     assert spans, "no spans exported"

@@ -240,9 +240,8 @@ class GatewayServer:
         self.config = config
         self.options = options = options or ServerOptions()
         observers: list[CallObserver] = []
-        # First: the process's own start probes are answered before tracing or anything else sees them.
         self.start_probes = StartProbes()
-        interceptors: list[Any] = [self.start_probes]
+        interceptors: list[Any] = []  # none without tracing: each costs every call a coroutine or more
         self.tracing: Tracing | None = None
         if options.tracing:  # imports opentelemetry only when asked for
             from feather_grpc.server.tracing import Tracing
@@ -252,7 +251,7 @@ class GatewayServer:
                 {p.name: p.type for p in config.providers},
                 untraced_providers=[p.name for p in config.providers if not p.propagate_trace_context],
             )
-            interceptors.append(self.tracing.server_interceptor())
+            interceptors.append(self.tracing.server_interceptor(self.start_probes))
             observers.append(self.tracing.observer)
         self.metrics: GatewayMetrics | None = None
         if options.metrics_port is not None:
@@ -284,11 +283,11 @@ class GatewayServer:
             record_refusal=self.engine.record_refused,
             on_status=self.tracing.rpc_ended if self.tracing else None,
             max_request_bytes=config.server.max_message_bytes,
+            probes=self.start_probes,
         )
         if self.metrics is not None:
             self.metrics.watch(self.engine, self.tracker, self.loop_lag)
         self.health = DrainingHealthServicer()
-        interceptors.append(self.tracker)
         server_options = [
             *_SERVER_OPTIONS,
             *queue_limits(),
@@ -327,7 +326,7 @@ class GatewayServer:
             where = spool_path(cfg, self.options.worker) if cfg.ledger.database_url else cfg.ledger.path
             raise ConfigError("ledger", where, f"cannot open the usage ledger ({e})", "check the path and disk") from e
         await self.engine.start()
-        pb_grpc.add_FeatherServiceServicer_to_server(FeatherServicer(self.engine), self._server)
+        self.tracker.register(self._server, pb_grpc.add_FeatherServiceServicer_to_server, FeatherServicer(self.engine))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

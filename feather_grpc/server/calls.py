@@ -1,6 +1,6 @@
-"""The one interceptor around FeatherService calls: bookkeeping and tenancy in a single wrapper layer.
+"""The one layer around FeatherService calls: bookkeeping and tenancy in a single wrapper.
 
-`CallTracker` wraps each FeatherService method once (the wrapped handler is cached). For each call it
+`CallTracker` registers FeatherService with each method wrapped (`register`). For each call it
 builds the call's one context object, a `ServerCall`, and puts it in `current_call` (the servicer reads
 it there; the engine's observer hooks run in the call's task, or in tasks copied from it, so they see it
 too), and counts the call as in flight until the handler returns or the stream ends. With a `TenantGate`
@@ -19,8 +19,11 @@ the calls it fails. Its tenant is the authenticated one, or `UNAUTHENTICATED` ("
 failed: that caller is nobody's tenant, and "" is no tenant's name (a key or JWT always names one).
 Refused Usage/ListModels calls are not LLM calls and are not in the ledger.
 
-One layer, not two interceptors: on a stream every layer is an async generator that each message passes
-through, and each interceptor costs a coroutine per call before the handler even starts.
+It answers this process's start probes (loop_lag.StartProbes) before anything else, with an empty reply.
+
+A wrapper registered with the service, not a gRPC interceptor: grpc.aio runs its interceptors for every
+call, each a coroutine and a continuation before the handler even starts, and on a stream every layer
+is an async generator that each message passes through. Without tracing the server has no interceptor.
 """
 
 from __future__ import annotations
@@ -42,17 +45,17 @@ from feather_grpc.engine.call import CallContext
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server import convert
 from feather_grpc.server.logs import CONTENT_LOGGER
+from feather_grpc.server.loop_lag import StartProbes
 from feather_grpc.server.status import status_for
 from feather_grpc.server.tenancy import RequestToken, TenantGate, authorization, remaining_s
 
-SERVICE_PREFIX = "/feather.v1.FeatherService/"
 # The methods that call upstreams: they hold a tenant slot (rate, concurrency, load shedding).
 LIMITED_METHODS = frozenset({"Chat", "StreamChat"})
 
 
 @dataclass(slots=True)
 class ServerCall:
-    """One RPC as the server knows it, built by the interceptor: who is calling, what they asked the
+    """One RPC as the server knows it, built by the call wrapper: who is calling, what they asked the
     engine for, and what observers learn as it runs (perf_counter seconds)."""
 
     method: str
@@ -83,7 +86,7 @@ UNAUTHENTICATED = ""
 log = logging.getLogger(__name__)
 
 
-class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CallTracker:
     """Counts in-flight FeatherService calls per method, builds a ServerCall for each, and applies the
     tenant gate when given one."""
 
@@ -96,8 +99,10 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         record_refusal: RefusalRecorder | None = None,
         on_status: StatusHook | None = None,
         max_request_bytes: int | None = None,
+        probes: StartProbes | None = None,
     ) -> None:
         self.gate = gate
+        self.probes = probes
         self.max_request_bytes = max_request_bytes
         self.on_status = on_status
         self.record_refusal = record_refusal
@@ -105,7 +110,6 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._active = 0  # all methods: the sum of `inflight`
         self.started = 0  # calls that have entered a handler so far
         self._idle: asyncio.Event | None = None  # set when _active drops to 0, while someone waits for it
-        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
         self.on_refused = on_refused
         self._content = logging.getLogger(CONTENT_LOGGER) if log_content else None
 
@@ -132,18 +136,17 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not self._active and self._idle is not None:
             self._idle.set()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
-            return handler
-        wrapped = self._wrapped.get(handler)  # wrap each method once, not per call
-        if wrapped is None:
-            wrapped = self._wrapped[handler] = self._wrap(details.method[len(SERVICE_PREFIX) :], handler)
-        return wrapped
+    def register(self, server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        """Registers `servicer` on `server` as `add_to_server` (a generated `add_*Servicer_to_server`) does,
+        with each of its methods wrapped."""
+        captured = _Registration()
+        add_to_server(servicer, captured)
+        if not captured.services:
+            raise RuntimeError(f"{add_to_server.__name__} registered no method handlers: regenerate the stubs")
+        for service, handlers in captured.services.items():
+            wrapped = {name: self._wrap(name, handler) for name, handler in handlers.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+            server.add_registered_method_handlers(service, wrapped)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         self.inflight.setdefault(method, 0)
@@ -236,8 +239,11 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _unary(self, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
         gate = self.gate
+        probes = self.probes if method == "Chat" else None
 
         async def unary(request: Any, context: Any) -> Any:
+            if probes is not None and _may_be_probe(request) and probes.is_probe(context.invocation_metadata()):
+                return _PROBE_REPLY
             call = self._begin(method)
             self._enter(method)
             try:
@@ -266,8 +272,11 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _stream(self, method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
         gate = self.gate
+        probes = self.probes if method == "StreamChat" else None
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            if probes is not None and _may_be_probe(request) and probes.is_probe(context.invocation_metadata()):
+                return  # no message, status OK
             call = self._begin(method)
             self._enter(method)
             text: list[str] | None = [] if self._content is not None else None
@@ -324,6 +333,29 @@ class CallTracker(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return
         # What the caller's ErrorInfo says too (status.status_for): the reason, and the limit's subject.
         self.on_refused(error.reason, error.subject if isinstance(error, RateLimitExceeded) else "")
+
+
+# What a Chat probe is answered with: an empty message, no bytes on the wire.
+_PROBE_REPLY = pb.ChatResponse()
+
+
+def _may_be_probe(request: Any) -> bool:
+    """A probe's request is empty; a real call names a model. Only then are the call's headers read."""
+    return type(request) is not Undecodable and not request.model
+
+
+class _Registration:
+    """Stands in for the server while a generated `add_*Servicer_to_server` registers a servicer, to keep
+    each service's method handlers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same methods as the registered ones below, rebuilt from the wrapped handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.services[service] = handlers
 
 
 async def _discard(token: RequestToken | None) -> None:

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
@@ -161,36 +161,18 @@ class LoopLag:
 PROBE_HEADER = "x-feather-start-probe"
 
 
-class StartProbes(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Answers this process's own probe calls at once, before any other interceptor: grpc.aio queues each
-    method's new calls separately (one taken per event-loop turn), so the probe must be a real Chat or
-    StreamChat to wait in their queue; past the queue it costs nothing, is in no ledger, log, metric or
-    trace. A probe carries `PROBE_HEADER` with a random token only this process knows."""
+class StartProbes:
+    """This process's own probe calls, which `CallTracker` answers at once, before anything else sees them:
+    grpc.aio queues each method's new calls separately (one taken per event-loop turn), so the probe must
+    be a real Chat or StreamChat to wait in their queue; past the queue it costs nothing, is in no ledger,
+    log, metric or trace. A probe carries `PROBE_HEADER` with a random token only this process knows, and
+    an empty request."""
 
     def __init__(self) -> None:
         self.token = secrets.token_hex(16)
-        empty_stream = grpc.unary_stream_rpc_method_handler(
-            _no_events, request_deserializer=None, response_serializer=_empty_bytes
-        )
-        empty_reply = grpc.unary_unary_rpc_method_handler(
-            _no_reply, request_deserializer=None, response_serializer=_empty_bytes
-        )
-        self._handlers = {
-            "/feather.v1.FeatherService/StreamChat": empty_stream,
-            "/feather.v1.FeatherService/Chat": empty_reply,
-        }
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        for key, value in details.invocation_metadata or ():
-            if key == PROBE_HEADER and value == self.token:
-                handler = self._handlers.get(details.method)
-                if handler is not None:
-                    return handler
-        return await continuation(details)
+    def is_probe(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+        return any(key == PROBE_HEADER and value == self.token for key, value in metadata or ())
 
     def probe(self, channel: grpc.aio.Channel, timeout_s: float) -> Probe:
         """Alternately a StreamChat and a Chat to this process over `channel`."""
@@ -209,16 +191,3 @@ class StartProbes(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await unary(b"", metadata=metadata, timeout=timeout_s)
 
         return once
-
-
-async def _no_events(request: object, context: object) -> AsyncIterator[bytes]:
-    return
-    yield b""  # an async generator that sends no message
-
-
-async def _no_reply(request: object, context: object) -> bytes:
-    return b""
-
-
-def _empty_bytes(message: object) -> bytes:
-    return b""

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def _call() -> ServerCall:
-    """The call's context, built by the interceptor (server.calls.CallTracker) that every server has."""
+    """The call's context, built by the call wrapper (server.calls.CallTracker) every server registers it with."""
     call = current_call.get()
     assert call is not None, "FeatherService is served behind CallTracker"
     return call
@@ -47,7 +47,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id
     if isinstance(error, grpc.aio.AbortError):
         raise error
     if isinstance(error, FeatherError):
-        _call().error = error  # the interceptor counts refusals by it
+        _call().error = error  # the call wrapper counts refusals by it
         await context.abort_with_status(status_for(error, request_id))
     # The status says the request id finds the error in the logs: so there is always one to give.
     request_id = usable_request_id(request_id) or os.urandom(8).hex()
@@ -62,7 +62,7 @@ class FeatherServicer(pb_grpc.FeatherServiceServicer):
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         try:
-            call = _call()  # its request converted, and its context, by the interceptor
+            call = _call()  # its request converted, and its context, by the call wrapper
             assert call.request is not None and call.ctx is not None
             return convert.chat_response(await self._engine.chat(call.request, call.ctx))
         except Exception as e:

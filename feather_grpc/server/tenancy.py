@@ -1,7 +1,7 @@
 """Per-call tenancy: who is calling (API key or JWT), and may they call now (tenant request rate, tenant
 concurrency, gateway-wide load shedding).
 
-`TenantGate` holds the rules and the counts; the call interceptor (`server.calls.CallTracker`) applies it
+`TenantGate` holds the rules and the counts; the call wrapper (`server.calls.CallTracker`) applies it
 to every FeatherService call and keeps the tenant on the call's `ServerCall`, so it is scoped to exactly
 one call. Health and reflection are never gated.
 """
@@ -143,10 +143,10 @@ class TenantGate:
 
 
 class RequestToken:
-    """A call's tenant request-rate token, asked for by the interceptor (with Redis: already on its way)
+    """A call's tenant request-rate token, asked for by the call wrapper (with Redis: already on its way)
     and judged by the engine before it serves anything, alongside its own admission decisions, so that
     they share one round trip. Calling it awaits the verdict once: it raises RateLimitExceeded or
-    StateStoreUnavailable, or waits the token's queue time. The interceptor `discard`s a token the call
+    StateStoreUnavailable, or waits the token's queue time. The call wrapper `discard`s a token the call
     never judged (a request refused before admission), so the token is still taken.
 
     `max_wait_s` is how long the caller may wait now, as the engine knows it (room left for the route's

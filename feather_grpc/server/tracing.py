@@ -4,14 +4,15 @@ Off unless asked for: tracing starts only when `OTEL_TRACES_EXPORTER` names an e
 or `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (and `OTEL_SDK_DISABLED`
 is not true). When off, nothing from opentelemetry is imported and no interceptor or observer is added.
 
-When on: `opentelemetry-instrumentation-grpc`'s aio server interceptor makes the RPC spans (health and
-reflection excluded); `AttemptSpans` makes a CLIENT span per upstream attempt, a child of the RPC span,
-with GenAI semantic-convention attributes (gen_ai.operation.name, gen_ai.system, gen_ai.request.model,
-gen_ai.response.model, gen_ai.usage.input_tokens / output_tokens on the successful attempt, error.type on
-a failed one). Exporters: `otlp` (protocol from OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL: `grpc`, the default,
-or `http/protobuf`) and `console`; endpoint, headers, timeouts, sampler (OTEL_TRACES_SAMPLER), batching
-(OTEL_BSP_*), service name (OTEL_SERVICE_NAME, default feather-grpc) and resource attributes come from
-the standard variables. Needs the `otel` extra: `pip install 'feather-grpc[otel]'`.
+When on: `opentelemetry-instrumentation-grpc`'s aio server interceptor makes the RPC spans (health,
+reflection and this process's start probes excluded); `AttemptSpans` makes a CLIENT span per upstream
+attempt, a child of the RPC span, with GenAI semantic-convention attributes (gen_ai.operation.name,
+gen_ai.system, gen_ai.request.model, gen_ai.response.model, gen_ai.usage.input_tokens / output_tokens on
+the successful attempt, error.type on a failed one). Exporters: `otlp` (protocol from
+OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL: `grpc`, the default, or `http/protobuf`) and `console`; endpoint,
+headers, timeouts, sampler (OTEL_TRACES_SAMPLER), batching (OTEL_BSP_*), service name (OTEL_SERVICE_NAME,
+default feather-grpc) and resource attributes come from the standard variables. Needs the `otel` extra:
+`pip install 'feather-grpc[otel]'`.
 
 Trace context goes on to the upstream: every attempt's HTTP request carries `traceparent` (and `tracestate`
 when the trace has one) naming the attempt's own CLIENT span, so an egress proxy or an upstream that reads
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
+
+    from feather_grpc.server.loop_lag import StartProbes
 
 _PENDING = "tracing.attempt"
 # The codes that are the server's failure (OpenTelemetry's gRPC conventions): only these make a SERVER span ERROR.
@@ -127,10 +130,14 @@ class Tracing:
         self._status = trace.Status
         self._error = trace.StatusCode.ERROR
 
-    def server_interceptor(self) -> Any:
+    def server_interceptor(self, probes: StartProbes) -> Any:
+        """The RPC spans: not for health checks, reflection or this process's start probes."""
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-        quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+        def probe(details: grpc.HandlerCallDetails) -> bool:
+            return probes.is_probe(details.invocation_metadata)
+
+        quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"), probe)
         return aio_server_interceptor(tracer_provider=self.provider, filter_=filters.negate(quiet))  # type: ignore[no-untyped-call]
 
     def rpc_ended(self, code: grpc.StatusCode) -> None:
