@@ -1132,6 +1132,52 @@ async def test_a_write_lock_held_elsewhere_sends_records_to_the_thread_in_order(
     assert order == ["first", "second", "third"]
 
 
+async def test_a_lone_call_commits_its_record_in_its_own_turn(tmp_path: Path) -> None:
+    """With the owner's word that its call is alone, `record()` commits before it returns, without giving
+    the loop a turn; when the owner says otherwise, or says nothing, the record waits for the end of the
+    turn as before."""
+    alone = {"now": True}
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", alone=lambda: alone["now"])
+    turns = 0
+
+    def turn() -> None:
+        nonlocal turns
+        turns += 1
+
+    asyncio.get_running_loop().call_soon(turn)
+    await ledger.record(rec("lone"))
+    assert turns == 0, "the loop ran a turn: the record went by the end-of-turn parcel"
+    assert ledger.loop_commit_count == 1 and count_rows(tmp_path / "usage.db") == 1
+    await asyncio.sleep(0)
+    alone["now"] = False
+    asyncio.get_running_loop().call_soon(turn)
+    await ledger.record(rec("not alone"))
+    assert turns == 2
+    await ledger.aclose()
+    assert count_rows(tmp_path / "usage.db") == 2
+
+
+async def test_a_lone_record_never_overtakes_one_that_waits(tmp_path: Path) -> None:
+    """A record made while another waits for its commit goes with it, in order, even when the owner says
+    its call is alone (the owner counts calls, and a call's record may come after it left the count)."""
+    alone = {"now": False}
+    ledger = await SqliteLedger.open(tmp_path / "usage.db", alone=lambda: alone["now"])
+
+    async def record_alone(request_id: str) -> None:
+        alone["now"] = True
+        await ledger.record(rec(request_id))
+
+    # Both run in this turn: the first one's parcel leaves at its end, with the second in it.
+    first = asyncio.create_task(ledger.record(rec("first")))
+    second = asyncio.create_task(record_alone("second"))
+    await asyncio.gather(first, second)
+    assert ledger.loop_commit_count == 1
+    await ledger.aclose()
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as conn:
+        order = [r for (r,) in conn.execute("SELECT request_id FROM usage_records ORDER BY id")]
+    assert order == ["first", "second"]
+
+
 async def test_a_failed_commit_on_the_loop_fails_its_turn(sqlite_ledger: SqliteLedger, tmp_path: Path) -> None:
     path = tmp_path / "usage.db"
     fail_inserts_of(path, "boom")

@@ -306,7 +306,7 @@ def test_a_serving_process_freezes_start_up_and_a_growing_heap_costs_no_full_col
     assert full == 0
 
 
-async def test_the_sqlite_ledger_is_told_when_the_server_is_backlogged(tmp_path: Any) -> None:
+async def test_the_sqlite_ledger_is_told_when_the_server_is_backlogged_or_has_one_call(tmp_path: Any) -> None:
     base = {
         "providers": {"mock": {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]}},
         "ledger": {"type": "sqlite", "path": str(tmp_path / "usage.db")},
@@ -321,6 +321,11 @@ async def test_the_sqlite_ledger_is_told_when_the_server_is_backlogged(tmp_path:
         server.gate.in_flight = 0
         server.loop_lag.start_delay_s = 0.01  # new calls wait to start
         assert hint()
+        alone = server.engine.ledger.alone  # type: ignore[attr-defined]
+        server.gate.in_flight = 1  # the recording call only: its record is committed at once
+        assert alone is not None and alone()
+        server.gate.in_flight = 2
+        assert not alone()
     finally:
         await server.engine.aclose()
         if server.assembly is not None:

@@ -264,7 +264,9 @@ class GatewayServer:
         self.assembly: Gateway | None = None  # what the server built (an engine passed in is the caller's)
         if engine is None:
             # the SQLite ledger's commit delay under load (see sqlite_ledger); read only once calls run
-            self.assembly = assemble(config, options.worker, observers=observers, backlogged=self._backlogged)
+            self.assembly = assemble(
+                config, options.worker, observers=observers, backlogged=self._backlogged, alone=self._alone
+            )
             engine = self.assembly.engine
         else:
             engine.observers.extend(observers)
@@ -307,6 +309,10 @@ class GatewayServer:
     def _backlogged(self) -> bool:
         """Whether calls queue anyway: many in flight, or new calls waiting to start (the probe's measure)."""
         return self.gate.in_flight >= _BACKLOG_IN_FLIGHT or self.loop_lag.delay_s >= _BACKLOG_START_S
+
+    def _alone(self) -> bool:
+        """Whether at most one Chat/StreamChat is in flight: the one recording, or a refused one."""
+        return self.gate.in_flight <= 1
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()

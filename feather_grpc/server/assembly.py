@@ -68,11 +68,13 @@ def assemble(
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.monotonic,
     backlogged: Callable[[], bool] | None = None,
+    alone: Callable[[], bool] | None = None,
 ) -> Gateway:
     """Builds the gateway for `config` (`worker`: this process's index under `serve --workers`). A part
     passed in is used as given (tests, embeddings), and the rest built around it. `backlogged`: whether
-    the owner's calls queue anyway (the SQLite ledger then lets commits wait for company)."""
-    ledger = ledger or open_ledger(config, worker, backlogged)
+    the owner's calls queue anyway (the SQLite ledger then lets commits wait for company); `alone`:
+    whether the owner has one call in flight (the SQLite ledger then commits its record at once)."""
+    ledger = ledger or open_ledger(config, worker, backlogged, alone)
     local_circuits = MemoryCircuitStore(CircuitBreakers(config.routing.breaker, clock))
     local_limiter, local_budgets = MemoryRateLimiter(), MemoryBudgetStore()
     shared_limiter: RateLimiter | None = None
@@ -154,7 +156,10 @@ def spool_path(config: GatewayConfig, worker: int | None) -> str:
 
 
 def open_ledger(
-    config: GatewayConfig, worker: int | None = None, backlogged: Callable[[], bool] | None = None
+    config: GatewayConfig,
+    worker: int | None = None,
+    backlogged: Callable[[], bool] | None = None,
+    alone: Callable[[], bool] | None = None,
 ) -> UsageLedger:
     if config.ledger.database_url:
         from feather_grpc.state.postgres_ledger import PostgresLedger
@@ -175,4 +180,4 @@ def open_ledger(
         return SocketLedger(config.ledger.path, writer_socket, synchronous=config.ledger.synchronous)
     from feather_grpc.state.sqlite_ledger import SqliteLedger
 
-    return SqliteLedger(config.ledger.path, synchronous=config.ledger.synchronous, backlogged=backlogged)
+    return SqliteLedger(config.ledger.path, synchronous=config.ledger.synchronous, backlogged=backlogged, alone=alone)
