@@ -53,6 +53,12 @@ class Counting(pb_grpc.FeatherServiceServicer):
         total = sum(self.ok.values())
         return pb.UsageResponse(rows=rows, total=pb.UsageRow(request_count=total, ok_count=total))
 
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor serves Chat, StreamChat and Usage")
+        raise AssertionError("abort always raises")
+
 
 class Echo(Counting):
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
@@ -77,6 +83,10 @@ class Paced(Counting):
         super().__init__()
         self._chunks = chunks
         self._interval = interval
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the paced floor serves StreamChat only")
+        raise AssertionError("abort always raises")
 
     async def StreamChat(
         self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext

@@ -290,8 +290,10 @@ def measure_side_by_side(
                     c[k].append(int(t_slow[k] * 1e6))
     finally:
         direct.close()
-        for client in (*raws, *slows):
-            client.close()
+        for raw in raws:
+            raw.close()
+        for slow in slows:
+            slow.close()
     d.sort()
 
     def p(acc: list[int], q: float) -> float:

@@ -84,7 +84,7 @@ async def _run(args: argparse.Namespace) -> dict[str, list[float]]:
         tmp = Path(t)
         nginx = upstream.Nginx(upstream.free_port(), tmp / "nginx").start()
         servers: list[GatewayServer] = []
-        proxy = floor.Proxy(nginx.url)  # type: ignore[abstract]  # ListModels: the stub's default
+        proxy = floor.Proxy(nginx.url)
         try:
 
             async def gateway(name: str, doc: dict[str, Any], observers: bool = True) -> Handler:
