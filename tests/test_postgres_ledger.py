@@ -197,6 +197,26 @@ async def test_a_spool_belongs_to_one_ledger(dsn: str, tmp_path: Path) -> None:
     await again.aclose()
 
 
+async def test_a_lone_call_is_spooled_in_its_own_turn(dsn: str, tmp_path: Path) -> None:
+    """The spool is a SqliteLedger: told that the call is alone, `record()` spools it durably before it
+    returns, without giving the loop a turn (SqliteLedger's `alone`); it still reaches Postgres."""
+    ledger = await PostgresLedger.open(dsn, tmp_path / "spool.db", alone=lambda: True)
+    turns = 0
+
+    def turn() -> None:
+        nonlocal turns
+        turns += 1
+
+    try:
+        asyncio.get_running_loop().call_soon(turn)
+        await ledger.record(rec("lone"))
+        assert turns == 0, "the loop ran a turn: the record went by the end-of-turn parcel"
+        assert await ledger.flushed(FLUSH_S)
+        assert (await ledger.query(UsageQuery())).total.request_count == 1
+    finally:
+        await ledger.aclose()
+
+
 async def test_a_sqlite_ledger_file_is_not_taken_for_a_spool(dsn: str, tmp_path: Path) -> None:
     usage = await SqliteLedger.open(tmp_path / "usage.db")
     await usage.record(rec("local"))

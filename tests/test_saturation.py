@@ -330,3 +330,15 @@ async def test_the_sqlite_ledger_is_told_when_the_server_is_backlogged_or_has_on
         await server.engine.aclose()
         if server.assembly is not None:
             await server.assembly.aclose()
+    # With Postgres as the ledger of record, the local spool it writes first is told the same.
+    env = {"DATABASE_URL": "postgresql://feather@127.0.0.1:1/unused"}  # never connected to here
+    cfg = config.resolve(config.parse_file_config(json.dumps(base), "<test>"), env, "<test>")
+    server = GatewayServer(cfg)
+    try:
+        spool_alone = server.engine.ledger.spool.alone  # type: ignore[attr-defined]
+        server.gate.in_flight = 1
+        assert spool_alone is not None and spool_alone()
+    finally:
+        await server.engine.aclose()
+        if server.assembly is not None:
+            await server.assembly.aclose()

@@ -165,7 +165,10 @@ def open_ledger(
         from feather_grpc.state.postgres_ledger import PostgresLedger
 
         return PostgresLedger(
-            config.ledger.database_url, spool_path(config, worker), synchronous=config.ledger.synchronous
+            config.ledger.database_url,
+            spool_path(config, worker),
+            synchronous=config.ledger.synchronous,
+            alone=alone,
         )
     if config.ledger.type == "memory":
         from feather_grpc.state.memory_ledger import MemoryLedger

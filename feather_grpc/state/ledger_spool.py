@@ -67,6 +67,7 @@ class LedgerSpool:
         synchronous: Synchronous = "NORMAL",
         busy_timeout_ms: int = 10_000,
         max_batch: int = 512,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:":
@@ -74,6 +75,7 @@ class LedgerSpool:
         self._synchronous: Synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._max_batch = max_batch
+        self.alone = alone  # the owner's word that a record's call is its only one (SqliteLedger's `alone`)
         self._writer: SqliteLedger | None = None  # created once the lock is held
         self._conn: sqlite3.Connection | None = None  # the shipper's side: peek, ack, count
         self._conn_lock = threading.Lock()
@@ -94,6 +96,7 @@ class LedgerSpool:
                 synchronous=self._synchronous,
                 busy_timeout_ms=self._busy_timeout_ms,
                 max_batch=self._max_batch,
+                alone=self.alone,
             )
             await self._writer.ready()
             await asyncio.to_thread(self._open_conn)

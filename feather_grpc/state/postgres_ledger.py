@@ -42,6 +42,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -122,6 +123,7 @@ class PostgresLedger:
         retry_max_s: float = 10.0,
         close_timeout_s: float = 5.0,
         rng: random.Random | None = None,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         if not dsn:
             raise ValueError("PostgresLedger needs a database URL (DATABASE_URL)")
@@ -134,7 +136,8 @@ class PostgresLedger:
         if connect_timeout_s <= 0 or command_timeout_s <= 0 or close_timeout_s < 0:
             raise ValueError("timeouts must be positive")
         self.dsn = dsn
-        self.spool = LedgerSpool(spool_path, synchronous=synchronous)
+        # `alone`: the owner's word that a record's call is its only one (the spool commits it at once).
+        self.spool = LedgerSpool(spool_path, synchronous=synchronous, alone=alone)
         self._batch_size = batch_size
         self._pool_max_size = pool_max_size
         self._connect_timeout_s = connect_timeout_s
