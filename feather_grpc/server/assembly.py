@@ -73,7 +73,8 @@ def assemble(
     """Builds the gateway for `config` (`worker`: this process's index under `serve --workers`). A part
     passed in is used as given (tests, embeddings), and the rest built around it. `backlogged`: whether
     the owner's calls queue anyway (the SQLite ledger then lets commits wait for company); `alone`:
-    whether the owner has one call in flight (the SQLite ledger then commits its record at once)."""
+    whether the owner has one call in flight (the SQLite ledger, or the Postgres ledger's local spool, then
+    commits its record at once)."""
     ledger = ledger or open_ledger(config, worker, backlogged, alone)
     local_circuits = MemoryCircuitStore(CircuitBreakers(config.routing.breaker, clock))
     local_limiter, local_budgets = MemoryRateLimiter(), MemoryBudgetStore()
