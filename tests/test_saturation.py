@@ -322,8 +322,10 @@ async def test_the_sqlite_ledger_is_told_when_the_server_is_backlogged_or_has_on
         server.loop_lag.start_delay_s = 0.01  # new calls wait to start
         assert hint()
         alone = server.engine.ledger.alone  # type: ignore[attr-defined]
+        assert alone is not None and not alone()  # new calls wait to start: company is coming
+        server.loop_lag.start_delay_s = 0.0
         server.gate.in_flight = 1  # the recording call only: its record is committed at once
-        assert alone is not None and alone()
+        assert alone()
         server.gate.in_flight = 2
         assert not alone()
     finally:

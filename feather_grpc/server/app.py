@@ -311,8 +311,10 @@ class GatewayServer:
         return self.gate.in_flight >= _BACKLOG_IN_FLIGHT or self.loop_lag.delay_s >= _BACKLOG_START_S
 
     def _alone(self) -> bool:
-        """Whether at most one Chat/StreamChat is in flight: the one recording, or a refused one."""
-        return self.gate.in_flight <= 1
+        """Whether the call recording is the only one: at most one Chat/StreamChat in flight (itself, or a
+        refused one) and no new call waiting to start (under load grpc.aio hands calls over one at a time,
+        so one in flight can still have company coming)."""
+        return self.gate.in_flight <= 1 and self.loop_lag.delay_s < _BACKLOG_START_S
 
     async def _close_engine(self) -> None:
         await self.engine.aclose()
