@@ -269,6 +269,12 @@ def refused_request(msg: pb.ChatRequest | pb.StreamChatRequest, *, authenticated
     return ChatRequest(model=msg.model, messages=[], tags=tags, request_id=usable_request_id(msg.request_id))
 
 
+def thinking_delta(d: ThinkingDelta) -> pb.ChatDelta:
+    return pb.ChatDelta(
+        thinking=[pb.ThinkingDelta(index=d.index, text=d.text, signature=d.signature, redacted_data=d.redacted_data)]
+    )
+
+
 # The reply's sub-messages are filled in place, in the message gRPC serializes: building each one apart
 # and passing it to a constructor copies it (the whole reply: 6.3 µs against 3.1 µs here).
 
@@ -293,12 +299,6 @@ def _add_attempts(out: RepeatedCompositeFieldContainer[pb.Attempt], attempts: li
             duration_ms=a.duration_ms,
             http_status=a.http_status,
         )
-
-
-def thinking_delta(d: ThinkingDelta) -> pb.ChatDelta:
-    return pb.ChatDelta(
-        thinking=[pb.ThinkingDelta(index=d.index, text=d.text, signature=d.signature, redacted_data=d.redacted_data)]
-    )
 
 
 def _set_upstream(out: pb.UpstreamReply, u: UpstreamReply) -> None:
