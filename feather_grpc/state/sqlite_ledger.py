@@ -248,7 +248,8 @@ class SqliteLedger:
 
     @property
     def busy_fallback_count(self) -> int:
-        """Parcels the loop handed to the writer thread because another connection held the write lock."""
+        """Commits the loop gave up because another connection held the write lock (the records then went by
+        the end-of-turn parcel, and on to the writer thread if the lock was still taken)."""
         return self._busy_fallback_count
 
     # -- writing ---------------------------------------------------------------------------
@@ -269,19 +270,7 @@ class SqliteLedger:
         alone = self.alone
         if self._unsettled or self._closed or not self._commit_on_loop or alone is None or not alone():
             return False
-        conn = self._loop_conn
-        if conn is None or not self._loop_conn_lock.acquire(blocking=False):
-            return False
-        try:
-            _write(conn, [row])
-        except Exception as exc:
-            if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
-                return False  # the parcel's way, which goes to the writer thread when the lock stays taken
-            raise _write_error(exc) from exc
-        finally:
-            self._loop_conn_lock.release()
-        self._loop_committed()
-        return True
+        return self._write_on_loop([row])
 
     def enqueue_row(self, row: Row) -> asyncio.Future[None]:
         """Queues a row made by `to_row` from a checked record; the future is done once it is committed
@@ -337,32 +326,37 @@ class SqliteLedger:
         self._settle(parcel_futures(parcel), RuntimeError("the usage ledger is closed"))
 
     def _commit_here(self, parcel: list[_Pending]) -> bool:
-        """Commits the parcel on the loop's connection and settles it; False: the writer thread must (the
-        write lock is another connection's, or the connection is not open or is another loop's)."""
+        """Commits the parcel on the loop's connection and settles it; False: the writer thread must."""
+        try:
+            committed = self._write_on_loop([row for row, _ in parcel])
+        except Exception as exc:  # disk full, I/O error, a constraint: the parcel failed as a whole
+            self._settle(parcel_futures(parcel), exc)
+            return True
+        if committed:
+            self._settle(parcel_futures(parcel), None)
+        return committed
+
+    def _write_on_loop(self, rows: list[Row]) -> bool:
+        """Commits the rows on the loop's connection. False when it cannot: the connection is not open or is
+        another loop's, or another connection holds the write lock. A failed write raises (`_write_error`)."""
         conn = self._loop_conn
         if conn is None or not self._loop_conn_lock.acquire(blocking=False):
             return False
         try:
-            _write(conn, [row for row, _ in parcel])
+            _write(conn, rows)
         except Exception as exc:
             if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
                 self._busy_fallback_count += 1
                 return False
-            # Disk full, I/O error, a constraint: the parcel failed as a whole.
-            self._settle(parcel_futures(parcel), _write_error(exc))
-            return True
+            raise _write_error(exc) from exc
         finally:
             self._loop_conn_lock.release()
-        self._settle(parcel_futures(parcel), None)
-        self._loop_committed()
-        return True
-
-    def _loop_committed(self) -> None:
         self._loop_commit_count += 1
         self._loop_commits_since_checkpoint += 1
         if self._loop_commits_since_checkpoint >= _CHECKPOINT_COMMITS:
             self._loop_commits_since_checkpoint = 0
             self._queue.put(_CHECKPOINT)
+        return True
 
     def _settle(self, futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
         """On the records' loop: wakes their callers."""
