@@ -84,7 +84,9 @@ class AzureSimulator(UpstreamSimulator):
             "The response was filtered due to the prompt triggering Azure OpenAI's content management policy."
         )
         inner = {"code": "ResponsibleAIPolicyViolation", "content_filter_result": _filters(True)}
-        body = {"error": {"message": text, "type": None, "param": "prompt", "code": code, "status": status}}
+        body: dict[str, dict[str, Any]] = {
+            "error": {"message": text, "type": None, "param": "prompt", "code": code, "status": status}
+        }
         body["error"]["innererror"] = inner
         return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
 

@@ -279,7 +279,7 @@ def _answer(
     words = sum(len(t.split()) for t in _texts(body))
     inputs = reply.input_tokens if reply.input_tokens is not None else words + 3 * len(body["messages"])
     outputs = reply.output_tokens if reply.output_tokens is not None else len(text.split()) + len(reply.tool_uses)
-    usage = {
+    usage: dict[str, Any] = {
         "inputTokens": inputs,
         "outputTokens": outputs,
         "totalTokens": inputs + outputs + reply.cache_read + reply.cache_write,

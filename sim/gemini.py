@@ -138,7 +138,11 @@ class GeminiSimulator:
         last = body["messages"][-1]["content"]
         text = f"Hello from {model}: {last if isinstance(last, str) else last[0].get('text', '')}"
         prompt = sum(len(str(m["content"]).split()) for m in body["messages"]) + 3 * len(body["messages"])
-        usage = {"input_tokens": prompt, "output_tokens": len(text.split()), "cache_read_input_tokens": 0}
+        usage: dict[str, Any] = {
+            "input_tokens": prompt,
+            "output_tokens": len(text.split()),
+            "cache_read_input_tokens": 0,
+        }
         if action == "rawPredict":
             message = {
                 "id": "msg_vrtx_sim",
@@ -153,7 +157,13 @@ class GeminiSimulator:
             return web.Response(body=orjson.dumps(message), content_type="application/json")
         if action != "streamRawPredict":
             return _error(404, f"Method {action!r} not found.")
-        start = {"id": "msg_vrtx_sim", "type": "message", "role": "assistant", "model": model, "content": []}
+        start: dict[str, Any] = {
+            "id": "msg_vrtx_sim",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+        }
         start |= {"stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}
         events: list[tuple[str, dict[str, Any]]] = [
             ("message_start", {"type": "message_start", "message": start}),
@@ -222,12 +232,12 @@ def _texts(body: dict[str, Any]) -> list[str]:
 
 
 def _chunks(model: str, body: dict[str, Any], reply: GeminiReply, stream: bool) -> list[dict[str, Any]]:
-    version = {"modelVersion": model, "responseId": "sim-response"}
+    version: dict[str, Any] = {"modelVersion": model, "responseId": "sim-response"}
     words = sum(len(t.split()) for t in _texts(body))
     prompt = reply.prompt_tokens if reply.prompt_tokens is not None else words + 3 * len(body["contents"])
     if reply.block_reason:
-        usage = {"promptTokenCount": prompt, "totalTokenCount": prompt}
-        return [{"promptFeedback": {"blockReason": reply.block_reason}, "usageMetadata": usage, **version}]
+        blocked = {"promptTokenCount": prompt, "totalTokenCount": prompt}
+        return [{"promptFeedback": {"blockReason": reply.block_reason}, "usageMetadata": blocked, **version}]
     last_user = next(
         (p["text"] for c in reversed(body["contents"]) if c["role"] == "user" for p in c["parts"] if "text" in p), ""
     )
@@ -255,14 +265,14 @@ def _chunks(model: str, body: dict[str, Any], reply: GeminiReply, stream: bool) 
     if pieces and stream:
         pieces[-1] = pieces[-1][:-1]
     parts += [{"text": p} for p in pieces if p]
-    calls = [{"functionCall": {"name": n, "args": a}} for n, a in reply.function_calls]
+    calls: list[dict[str, Any]] = [{"functionCall": {"name": n, "args": a}} for n, a in reply.function_calls]
     parts += calls
     if reply.signature and parts:
         (calls or parts)[0 if calls else -1]["thoughtSignature"] = reply.signature
     finish = reply.finish_reason or "STOP"
     if not stream:
-        candidate = {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}
-        return [{"candidates": [candidate], "usageMetadata": usage, **version}]
+        whole = {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}
+        return [{"candidates": [whole], "usageMetadata": usage, **version}]
     out: list[dict[str, Any]] = []
     for i, part in enumerate(parts):
         candidate: dict[str, Any] = {"content": {"role": "model", "parts": [part]}, "index": 0}
