@@ -24,12 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
-def _measure(name: str, base: str, chat_path: str, stream_path: str, pids: list[int], tmp: Path) -> dict[str, object]:
+# per body kind ("chat", "stream"): the figures of each run
+Figures = dict[str, dict[str, float]]
+
+
+def _measure(name: str, base: str, chat_path: str, stream_path: str, pids: list[int], tmp: Path) -> Figures:
     chat_body = tmp / "chat.json"
     stream_body = tmp / "stream.json"
     chat_body.write_bytes(loadgen.openai_body(upstream.MODEL_CHAT, stream=False))
     stream_body.write_bytes(loadgen.openai_body(upstream.MODEL_STREAM, stream=True))
-    out: dict[str, object] = {}
+    out: Figures = {}
     for kind, path, body in (("chat", chat_path, chat_body), ("stream", stream_path, stream_body)):
         url = base + path
         loadgen.run_h2load(
@@ -64,7 +68,7 @@ def main() -> int:
     if not loadgen.have_h2load() or upstream.missing_tools():
         print("bench: h2load / nginx missing; run bench/setup.sh first", file=sys.stderr)
         return 2
-    results: dict[str, object] = {}
+    results: dict[str, Figures] = {}
     with tempfile.TemporaryDirectory(prefix="feather-bench-up-") as t:
         tmp = Path(t)
         with upstream.Nginx(upstream.free_port(), tmp / "nginx") as nginx:
@@ -94,7 +98,7 @@ def main() -> int:
         f"{'upstream':<14}{'body':<8}{'c64 req/s':>11}{'CPU us/req':>12}{'cores':>7}{'c1 req/s':>10}{'c1 p50 us':>11}"
     )
     for name, kinds in results.items():
-        for kind, r in kinds.items():  # type: ignore[union-attr]
+        for kind, r in kinds.items():
             print(
                 f"{name:<14}{kind:<8}{r['c64_rps']:>11}{r['c64_cpu_us_per_request']:>12}"
                 f"{r['c64_cpu_cores_busy']:>7}{r['c1_rps']:>10}{r['c1_p50_us']:>11.0f}"

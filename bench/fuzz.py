@@ -573,7 +573,7 @@ class Odd:
 
 
 def _breakpoint(o: Odd) -> pb.CacheBreakpoint | None:
-    return pb.CacheBreakpoint(ttl=o.enum([0, 1, 2])) if o.chance(0.2) else None
+    return pb.CacheBreakpoint(ttl=pb.CacheTtl.ValueType(o.enum([0, 1, 2]))) if o.chance(0.2) else None
 
 
 def odd_part(o: Odd) -> pb.Part:
@@ -597,7 +597,7 @@ def odd_part(o: Odd) -> pb.Part:
         else:
             part.image.data = o.blob()
         part.image.media_type = o.media_type()
-        part.image.detail = o.enum([0, 1, 2, 3])
+        part.image.detail = pb.ImageDetail.ValueType(o.enum([0, 1, 2, 3]))
     elif kind == "document":
         if o.chance(0.5):
             part.document.url = o.url()
@@ -663,7 +663,7 @@ def plain_conversation(o: Odd, req: Any) -> None:
 
 def odd_message(o: Odd) -> pb.Message:
     r = o.r
-    m = pb.Message(role=o.enum([1, 2, 2, 2, 3, 3, 4]))
+    m = pb.Message(role=pb.Role.ValueType(o.enum([1, 2, 2, 2, 3, 3, 4])))
     if r.random() < 0.8:
         m.content = o.text()
     if o.chance(0.2):
@@ -796,7 +796,9 @@ def odd_usage(o: Odd) -> pb.UsageRequest:
     if o.chance(0.4):
         _timestamp(o, req.end_time)
     if o.chance(0.6):
-        req.group_by.extend(o.enum([1, 2, 3, 4, 5, 6]) for _ in range(r.choice([1, 1, 2, 3, 7])))
+        req.group_by.extend(
+            pb.UsageGroupBy.ValueType(o.enum([1, 2, 3, 4, 5, 6])) for _ in range(r.choice([1, 1, 2, 3, 7]))
+        )
     for fname in ("tenant", "provider", "model", "tag_key"):
         if o.chance(0.15):
             setattr(req, fname, r.choice(["", "member", "mock", "any", "team", "%", "_", "'", o.text()]))
@@ -1501,7 +1503,7 @@ def _error_info(err: grpc.aio.AioRpcError) -> str | None:
 def _details(err: grpc.aio.AioRpcError) -> tuple[str | None, list[str]]:
     """(the ErrorInfo reason or None, the BadRequest field paths with indexes as [i])."""
     try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
     except ValueError:
         return None, []
     if status is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 HELD = str(ROOT / "bench" / "held_streams.py")
 
 
@@ -46,7 +47,8 @@ def _top(snap: tracemalloc.Snapshot, base: tracemalloc.Snapshot, streams: int, t
 
 
 async def main(streams: int, depth: int, top: int, chunks: int, ramp: float) -> None:
-    from bench.held_streams import in_process_config, start_upstream
+    from held_streams import in_process_config, start_upstream
+
     from feather_grpc import config
     from feather_grpc.server.app import GatewayServer
 

@@ -28,6 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 class HappyContext:
@@ -41,7 +42,8 @@ class HappyContext:
 
 
 async def _run(streams: int, chunks: int, interval: float, rounds: int) -> list[float]:
-    from bench.held_streams import in_process_config, start_upstream
+    from held_streams import in_process_config, start_upstream
+
     from feather_grpc import config
     from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
     from feather_grpc.server.app import GatewayServer, ServerOptions

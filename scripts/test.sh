@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PWD/node_modules/.bin:$PATH"
 
 echo "== ruff";   ruff check . && ruff format --check .
-echo "== mypy";   mypy feather_grpc sim   # the package, and the provider simulators its tests rely on
+echo "== mypy";   MYPYPATH=bench mypy feather_grpc sim bench   # the package, the provider simulators, the benchmarks
 echo "== floors"; lint-imports --no-logo   # the import-linter contracts in pyproject.toml
 echo "== buf";    buf lint
 echo "== stubs up to date"

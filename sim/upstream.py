@@ -37,7 +37,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import orjson
 from aiohttp import web
@@ -329,7 +329,7 @@ class UpstreamSimulator:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> UpstreamSimulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

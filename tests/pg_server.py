@@ -190,9 +190,7 @@ class PgServer:
         return self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args], check=check)
 
     def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        extra: dict[str, object] = {}
-        if self._as_nobody:
-            extra = {"user": NOBODY_UID, "group": NOBODY_UID, "extra_groups": []}
+        nobody = NOBODY_UID if self._as_nobody else None
         result = subprocess.run(
             argv,
             capture_output=True,
@@ -200,7 +198,9 @@ class PgServer:
             check=False,
             cwd=self.root,
             env={**os.environ, "LC_ALL": "C", "TZ": "UTC"},
-            **extra,  # type: ignore[arg-type]
+            user=nobody,
+            group=nobody,
+            extra_groups=[] if self._as_nobody else None,
         )
         if check and result.returncode != 0:
             raise RuntimeError(
