@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PWD/node_modules/.bin:$PATH"
 
 echo "== ruff";   ruff check . && ruff format --check .
-echo "== mypy";   MYPYPATH=bench mypy feather_grpc sim bench   # the package, the provider simulators, the benchmarks
+echo "== mypy";   mypy feather_grpc sim tests   # the package, the provider simulators, the tests
+# bench/'s scripts import each other as top-level modules (tests import them as bench.*): checked apart
+MYPYPATH=bench mypy bench
 echo "== floors"; lint-imports --no-logo   # the import-linter contracts in pyproject.toml
 echo "== buf";    buf lint
 echo "== stubs up to date"

@@ -74,7 +74,7 @@ class RichError:
 
 def rich_error(err: grpc.aio.AioRpcError) -> RichError:
     """Decodes the google.rpc.Status a gateway error carries."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     assert status is not None, f"no rich status on {err.code()}: {err.details()}"
     assert status.code == err.code().value[0]
     assert status.message == err.details()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from types import TracebackType
-from typing import Any
 
 import redis
 
@@ -37,10 +37,16 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def execute(client: redis.Redis, *args: str | int) -> object:
+    """One raw command on one node: redis-py's `execute_command` is untyped, so it is called only here."""
+    reply: object = client.execute_command(*args)  # type: ignore[no-untyped-call]
+    return reply
+
+
 class RedisCluster:
     def __init__(self, masters: int = 3, replicas_of: tuple[int, ...] = (), node_timeout_ms: int = 5000) -> None:
         """`replicas_of`: one replica per entry, of that master (servers[masters:] are the replicas)."""
-        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        args: tuple[str, ...] = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
         args += ("--cluster-node-timeout", str(node_timeout_ms))
         count = masters + len(replicas_of)
         self.servers = [RedisServer(port=_cluster_port(), extra_args=args) for _ in range(count)]
@@ -61,17 +67,23 @@ class RedisCluster:
         for server in self.servers:
             server.start()
         self.clients = [redis.Redis(port=s.port, decode_responses=True) for s in self.servers]
-        self.ids = [c.execute_command("CLUSTER", "MYID") for c in self.clients]
+        self.ids = [self._myid(c) for c in self.clients]
         share = SLOTS // self.masters
         for i, client in enumerate(self.clients[: self.masters]):
             end = SLOTS if i == self.masters - 1 else (i + 1) * share
-            client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, end))
+            execute(client, "CLUSTER", "ADDSLOTS", *range(i * share, end))
         for server in self.servers[1:]:
-            self.clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
+            execute(self.clients[0], "CLUSTER", "MEET", "127.0.0.1", server.port)
         self._until(lambda: all(self._agrees(c) for c in self.clients), timeout_s, "the cluster to form")
         for i, master in enumerate(self.replicas_of, start=self.masters):
-            self.clients[i].execute_command("CLUSTER", "REPLICATE", self.ids[master])
+            execute(self.clients[i], "CLUSTER", "REPLICATE", self.ids[master])
             self._until(partial(self._synced, i), timeout_s, "a replica to sync")
+
+    @staticmethod
+    def _myid(client: redis.Redis) -> str:
+        node_id = execute(client, "CLUSTER", "MYID")
+        assert isinstance(node_id, str)
+        return node_id
 
     def _synced(self, replica: int) -> bool:
         return bool(self.clients[replica].info("replication").get("master_link_status") == "up")
@@ -84,41 +96,52 @@ class RedisCluster:
         return owner
 
     def keyslot(self, key: str) -> int:
-        return int(self.clients[0].execute_command("CLUSTER", "KEYSLOT", key))
+        slot = execute(self.clients[0], "CLUSTER", "KEYSLOT", key)
+        assert isinstance(slot, int)
+        return slot
 
     def begin_migration(self, slot: int, to: int) -> int:
         """Marks the slot IMPORTING on `to` and MIGRATING on its owner (whose index is returned)."""
         source = self.owner_of(slot)
-        self.clients[to].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[source])
-        self.clients[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[to])
+        execute(self.clients[to], "CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[source])
+        execute(self.clients[source], "CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[to])
         return source
 
     def end_migration(self, slot: int, source: int, to: int, timeout_s: float = 10.0) -> None:
         """Moves the slot's remaining keys, then gives the slot to `to` on every node."""
         src, port = self.clients[source], self.servers[to].port
-        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-            src.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+        while keys := self._keys_in_slot(src, slot):
+            execute(src, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
         for index in (to, source, *(i for i in range(len(self.clients)) if i not in (to, source))):
-            self.clients[index].execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[to])
+            execute(self.clients[index], "CLUSTER", "SETSLOT", slot, "NODE", self.ids[to])
         self._until(lambda: all(self._owner_seen(c, slot) == to for c in self.clients), timeout_s, "the slot move")
+
+    @staticmethod
+    def _keys_in_slot(client: redis.Redis, slot: int) -> list[str]:
+        keys = execute(client, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+        assert isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+        return keys
 
     def move_slot(self, slot: int, to: int) -> None:
         self.end_migration(slot, self.begin_migration(slot, to), to)
 
     def _owner_seen(self, client: redis.Redis, slot: int) -> int | None:
-        for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+        slots = execute(client, "CLUSTER", "SLOTS")
+        assert isinstance(slots, list)
+        for start, end, master, *_ in slots:
             if int(start) <= slot <= int(end):
                 return [s.port for s in self.servers].index(int(master[1]))
         return None
 
     def _agrees(self, client: redis.Redis) -> bool:
-        info: Any = client.execute_command("CLUSTER", "INFO")
+        info = execute(client, "CLUSTER", "INFO")
+        assert isinstance(info, (str, bytes))
         text = info if isinstance(info, str) else info.decode()
         fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
         return fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(len(self.servers))
 
     @staticmethod
-    def _until(condition: Any, timeout_s: float, what: str) -> None:
+    def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if time.monotonic() > deadline:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 
 from feather_grpc.providers.http import new_session
+from feather_grpc.providers.transport.client import HttpClient
 from sim.upstream import UpstreamSimulator
 
 
@@ -19,7 +19,7 @@ async def upstream() -> AsyncIterator[UpstreamSimulator]:
 
 
 @pytest.fixture
-async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+async def http_session() -> AsyncIterator[HttpClient]:
     """The gateway's pooled session, as the engine creates it."""
     session = new_session()
     try:

@@ -388,6 +388,7 @@ async def test_gateway_serves_bills_retries_and_does_not_fail_over_a_content_fil
         sim.enqueue(*(Reply(status=503) for _ in range(3)))
         reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-4o", messages=[user("hi")]))
         assert reply.provider == "mock"
+        assert gw.server.metrics_port is not None
         assert KEY not in scrape_text(gw.server.metrics_port)
 
 
@@ -406,6 +407,7 @@ async def test_gateway_never_shows_the_key(sim: AzureSimulator, caplog: pytest.L
         sim.azure_key = "the-only-accepted-key"
         reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-4o", messages=[user("hi")]))
         assert reply.provider == "mock"
+        assert gw.server.metrics_port is not None
         metrics = scrape_text(gw.server.metrics_port)
     assert 'outcome="fatal_error",provider="azure"' in metrics  # the failures are counted...
     logged = " ".join(str(r.__dict__) for r in caplog.records)  # messages and their structured fields

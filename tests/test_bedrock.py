@@ -389,7 +389,7 @@ def test_config_errors(provider: dict[str, Any], path: str) -> None:
 
 def test_a_bedrock_api_key_needs_no_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "botocore", None)
-    spec = {"type": "bedrock", "region": "us-east-1", "apiKeyEnv": "BEDROCK_KEY"}
+    spec: dict[str, Any] = {"type": "bedrock", "region": "us-east-1", "apiKeyEnv": "BEDROCK_KEY"}
     spec["models"] = [{"name": MODEL, "allowUnpriced": True}]
     doc = {"ledger": {"type": "memory"}, "providers": {"aws": spec}}
     cfg = config.resolve(config.parse_file_config(json.dumps(doc), "<test>"), {"BEDROCK_KEY": "bk"}, "<test>")
@@ -487,6 +487,7 @@ async def test_gateway_bills_exactly_retries_throttling_and_keeps_secrets_out(
             response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT),
         )
         assert (await gw.stub.Chat(json_call)).provider == "mock" and len(sim.requests) == before
+        assert gw.server.metrics_port is not None
         metrics = scrape_text(gw.server.metrics_port)
     logged = " ".join(str(r.__dict__) for r in caplog.records)
     for secret in (SECRET, TOKEN):

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -366,11 +367,27 @@ def breaking_gateway() -> Iterator[str]:
     from feather_client import pb
     from feather_client.gen.feather.v1 import feather_service_pb2_grpc as pb_grpc
 
+    def unimplemented(context: grpc.ServicerContext) -> NoReturn:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        raise AssertionError("abort always raises")
+
     class Breaking(pb_grpc.FeatherServiceServicer):
-        def StreamChat(self, request: object, context: grpc.ServicerContext) -> Iterator[object]:
+        def StreamChat(
+            self, request: pb.StreamChatRequest, context: grpc.ServicerContext
+        ) -> Iterator[pb.StreamChatResponse]:
             yield pb.StreamChatResponse(start=pb.StreamStart(provider="p", model="m"))
             yield pb.StreamChatResponse(delta=pb.ChatDelta(content="half an ans"))
             context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
+
+        # Not served here: answered as the generated base class answers them (its stub marks them abstract).
+        def Chat(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> pb.ChatResponse:
+            unimplemented(context)
+
+        def Usage(self, request: pb.UsageRequest, context: grpc.ServicerContext) -> pb.UsageResponse:
+            unimplemented(context)
+
+        def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+            unimplemented(context)
 
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_FeatherServiceServicer_to_server(Breaking(), server)

@@ -171,7 +171,9 @@ class ScriptedService(client_pb_grpc.FeatherServiceServicer):
             request_id=request.request_id,
         )
 
-    async def StreamChat(self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def StreamChat(
+        self, request: pb.StreamChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamChatResponse]:
         try:
             for event in self.stream_events:
                 yield event
@@ -180,6 +182,17 @@ class ScriptedService(client_pb_grpc.FeatherServiceServicer):
         except asyncio.CancelledError:
             self.stream_cancelled = True
             raise
+
+    # Not scripted: answered as the generated base class answers them (its stub marks them abstract).
+    async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        raise AssertionError("abort always raises")
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        raise AssertionError("abort always raises")
 
 
 def fail(code: grpc.StatusCode, reason: str, *details: Any) -> Callable[[grpc.aio.ServicerContext], Any]:
@@ -297,14 +310,20 @@ def test_chat_stream_chat_and_usage_of_both_clients_take_one_options_object_as_k
     help() shows), an unknown keyword or a missing model is a TypeError, and async methods stay coroutine functions."""
     fields = [f.name for f in dataclasses.fields(ChatOptions)]
     assert fields[0] == "model" and {"temperature", "tags", "request_id", "timeout", "metadata"} <= set(fields)
-    methods = [FeatherClient.chat, FeatherClient.stream_chat, SyncFeatherClient.chat, SyncFeatherClient.stream_chat]
+    methods: list[Callable[..., object]] = [
+        FeatherClient.chat,
+        FeatherClient.stream_chat,
+        SyncFeatherClient.chat,
+        SyncFeatherClient.stream_chat,
+    ]
     for method in methods:
         params = list(inspect.signature(method).parameters.values())
         assert [p.name for p in params[:2]] == ["self", "messages"]
         assert [p.name for p in params[2:]] == fields
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
     usage_fields = [f.name for f in dataclasses.fields(UsageOptions)]
-    for method in [FeatherClient.usage, SyncFeatherClient.usage]:
+    usage_methods: list[Callable[..., object]] = [FeatherClient.usage, SyncFeatherClient.usage]
+    for method in usage_methods:
         params = list(inspect.signature(method).parameters.values())
         assert [p.name for p in params] == ["self", *usage_fields]
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])

@@ -45,6 +45,7 @@ class Cloud:
 @asynccontextmanager
 async def cloud(kind: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cloud]:
     async with AsyncExitStack() as stack:
+        spec: dict[str, Any]  # Cloud.spec, built in each branch
         if kind == "azure":
             az = await stack.enter_async_context(AzureSimulator(api_key="az-key"))
             spec = {"type": "azure-openai", "baseUrl": az.url, "apiKeyEnv": "AZ", "apiVersion": "2024-10-21"}

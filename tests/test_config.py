@@ -294,7 +294,7 @@ def test_an_empty_api_key_file_counts_as_a_missing_key(tmp_path: Path, content: 
     doc = {"providers": {"mock": _mock(_model("m")), "openai": _mock(_model("gpt"), apiKeyFile=str(key_file))}}
     cfg = _load(json.dumps(doc))
     assert [p.name for p in cfg.providers] == ["mock"] and cfg.skipped_providers == ("openai",)
-    doc["providers"]["openai"]["required"] = True  # type: ignore[index]
+    doc["providers"]["openai"]["required"] = True
     with pytest.raises(config.ConfigError) as caught:
         _load(json.dumps(doc))
     assert caught.value.path == "providers.openai" and "is not set or is empty" in str(caught.value)

@@ -56,7 +56,8 @@ async def sim() -> AsyncIterator[UpstreamSimulator]:
 
 async def total(gw: Gateway) -> pb.UsageRow:
     await gw.server.engine.settled()
-    return (await gw.stub.Usage(pb.UsageRequest())).total
+    response: pb.UsageResponse = await gw.stub.Usage(pb.UsageRequest())
+    return response.total
 
 
 async def stream_end(gw: Gateway, model: str, text: str = "hello") -> tuple[str, pb.StreamEnd]:

@@ -53,7 +53,7 @@ def text(t: str) -> pb.Part:
     return pb.Part(text=t)
 
 
-def image_url(url: str, detail: int = pb.IMAGE_DETAIL_UNSPECIFIED) -> pb.Part:
+def image_url(url: str, detail: pb.ImageDetail.ValueType = pb.IMAGE_DETAIL_UNSPECIFIED) -> pb.Part:
     return pb.Part(image=pb.ImagePart(url=url, detail=detail))
 
 
@@ -73,7 +73,7 @@ def audio(data: bytes = WAV, fmt: str = "wav") -> pb.Part:
     return pb.Part(audio=pb.AudioPart(data=data, format=fmt))
 
 
-def msg(role: int, *parts: pb.Part, **kw: Any) -> pb.Message:
+def msg(role: pb.Role.ValueType, *parts: pb.Part, **kw: Any) -> pb.Message:
     return pb.Message(role=role, parts=parts, **kw)
 
 
@@ -350,7 +350,7 @@ async def test_python_client_part_helpers(sim: UpstreamSimulator) -> None:
         messages = [
             fc.system("Be brief."),
             fc.user("Compare", fc.image(PNG, "image/png"), fc.image_url("https://x/c.jpg", detail="low"), fc.pdf(PDF)),
-            pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="t1", name="shot", arguments="{}")]),
+            fc.pb.Message(role=fc.pb.ROLE_ASSISTANT, tool_calls=[fc.pb.ToolCall(id="t1", name="shot", arguments="{}")]),
             fc.tool_result("t1", "failed", is_error=True),
         ]
         await client.chat(messages, model="claude-sim")

@@ -4,7 +4,7 @@ reply field and stream event with signatures and redacted blocks kept, so a tool
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypedDict
 
 import feather_client as fc
 import grpc
@@ -36,7 +36,19 @@ def compatible(sim: UpstreamSimulator) -> dict[str, Any]:
     return doc
 
 
-def effort(level: int, budget: int | None = None) -> pb.ReasoningOptions:
+class MaxTokens(TypedDict, total=False):
+    """ChatRequest.max_tokens set or left unset (a typed `**kw`)."""
+
+    max_tokens: int
+
+
+class ChatOptions(MaxTokens, total=False):
+    """The optional ChatRequest fields a test sets or leaves unset (a typed `**kw`)."""
+
+    reasoning: pb.ReasoningOptions
+
+
+def effort(level: pb.ReasoningEffort.ValueType, budget: int | None = None) -> pb.ReasoningOptions:
     options = pb.ReasoningOptions(effort=level)
     if budget is not None:
         options.thinking_budget_tokens = budget
@@ -81,7 +93,7 @@ async def test_anthropic_gets_extended_thinking_with_a_budget(
     doc = config(sim)
     if configured:
         doc["providers"]["anthropic"]["models"][0]["maxOutputTokens"] = configured
-    kw = {} if max_tokens is None else {"max_tokens": max_tokens}
+    kw: MaxTokens = {} if max_tokens is None else {"max_tokens": max_tokens}
     async with running_gateway(doc, ENV) as gw:
         await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("think")], reasoning=options, **kw))
     body = sim.requests[0].body
@@ -108,7 +120,9 @@ EXPECTED_BLOCKS = [
 
 async def test_anthropic_thinking_is_its_own_field_and_goes_back_unchanged(sim: UpstreamSimulator) -> None:
     sim.enqueue(thinking_reply())
-    request = pb.ChatRequest(model="claude-sim", messages=[user("weather?")], reasoning=effort(0, 2000))
+    request = pb.ChatRequest(
+        model="claude-sim", messages=[user("weather?")], reasoning=effort(pb.REASONING_EFFORT_UNSPECIFIED, 2000)
+    )
     async with running_gateway(config(sim), ENV) as gw:
         reply = await gw.stub.Chat(request)
         assert list(reply.message.thinking) == EXPECTED_BLOCKS
@@ -129,7 +143,8 @@ async def test_anthropic_thinking_is_its_own_field_and_goes_back_unchanged(sim: 
 
 
 def assemble(events: list[pb.StreamChatResponse]) -> tuple[str, list[pb.ThinkingBlock]]:
-    text, blocks = "", {}
+    text = ""
+    blocks: dict[int, pb.ThinkingBlock] = {}
     for e in events:
         if not e.HasField("delta"):
             continue
@@ -148,7 +163,11 @@ async def test_anthropic_streamed_thinking_is_its_own_event(sim: UpstreamSimulat
         events = [
             e
             async for e in gw.stub.StreamChat(
-                pb.StreamChatRequest(model="claude-sim", messages=[user("weather?")], reasoning=effort(0, 2000))
+                pb.StreamChatRequest(
+                    model="claude-sim",
+                    messages=[user("weather?")],
+                    reasoning=effort(pb.REASONING_EFFORT_UNSPECIFIED, 2000),
+                )
             )
         ]
     text, blocks = assemble(events)
@@ -192,9 +211,12 @@ async def test_a_reply_with_thinking_is_never_served_from_the_response_cache(sim
 async def test_bad_reasoning_options_are_invalid_argument(sim: UpstreamSimulator) -> None:
     async with running_gateway(config(sim), ENV) as gw:
         for kw, field in [
-            ({"reasoning": effort(0, 500)}, "reasoning.thinking_budget_tokens"),
-            ({"reasoning": effort(0, 2000), "max_tokens": 2000}, "reasoning.thinking_budget_tokens"),
-            ({"reasoning": pb.ReasoningOptions(effort=99)}, "reasoning.effort"),
+            (ChatOptions(reasoning=effort(pb.REASONING_EFFORT_UNSPECIFIED, 500)), "reasoning.thinking_budget_tokens"),
+            (
+                ChatOptions(reasoning=effort(pb.REASONING_EFFORT_UNSPECIFIED, 2000), max_tokens=2000),
+                "reasoning.thinking_budget_tokens",
+            ),
+            (ChatOptions(reasoning=pb.ReasoningOptions(effort=pb.ReasoningEffort.ValueType(99))), "reasoning.effort"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("x")], **kw))
@@ -214,7 +236,7 @@ async def test_python_client_reasoning_options(sim: UpstreamSimulator) -> None:
             "think",
             model="gpt-sim",
             reasoning=fc.reasoning("low"),
-            tools=[pb.Tool(name="t")],
+            tools=[fc.pb.Tool(name="t")],
             parallel_tool_calls=False,
             prompt_cache_key="k1",
         )

@@ -15,7 +15,7 @@ from tests.gateway_harness import rich_error, running_gateway, user
 from tests.test_contract_accounting import ENV, config
 from tests.test_contract_parts import shared_alias
 
-SCHEMA = {
+SCHEMA: dict[str, str | bool | dict[str, dict[str, str]] | list[str]] = {
     "type": "object",
     "properties": {"city": {"type": "string"}},
     "required": ["city"],

@@ -6,7 +6,7 @@ A real gateway in front of the upstream simulator; the bodies it sends upstream 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import pytest
@@ -17,7 +17,17 @@ from sim.upstream import Reply, SimToolCall, SimUsage, UpstreamSimulator
 from tests.gateway_harness import rich_error, running_gateway, user
 from tests.test_contract_accounting import ENV, config
 
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+SCHEMA: dict[str, str | dict[str, dict[str, str]] | list[str]] = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+}
+
+
+class ParallelToolCalls(TypedDict, total=False):
+    """ChatRequest.parallel_tool_calls set or left unset (a typed `**kw`)."""
+
+    parallel_tool_calls: bool
 
 
 @pytest.fixture
@@ -126,7 +136,7 @@ async def test_anthropic_body_carries_strict_disable_parallel_tool_use_and_is_er
 async def test_parallel_tool_calls_on_off_and_unset(
     sim: UpstreamSimulator, parallel: bool | None, openai_field: bool | None, anthropic_choice: Any
 ) -> None:
-    kw = {} if parallel is None else {"parallel_tool_calls": parallel}
+    kw: ParallelToolCalls = {} if parallel is None else {"parallel_tool_calls": parallel}
     async with running_gateway(config(sim), ENV) as gw:
         for model in ("gpt-sim", "claude-sim"):
             await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user("hi")], tools=[weather_tool(False)], **kw))

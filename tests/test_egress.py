@@ -32,6 +32,7 @@ from feather_grpc.core.errors import ProviderError
 from feather_grpc.core.http_client import ConnectError
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.providers import ProviderSettings, build_provider
+from feather_grpc.providers.http import UpstreamClients
 from feather_grpc.providers.transport.client import HttpClient
 from feather_grpc.server.calls import ServerCall
 from sim.proxy import ConnectProxy
@@ -97,7 +98,9 @@ def document(providers: dict[str, Any]) -> dict[str, Any]:
 
 
 async def ask(stub: Any, model: str) -> pb.ChatResponse:
-    return await stub.Chat(pb.ChatRequest(model=model, messages=[user("hello")]), timeout=10)
+    reply = await stub.Chat(pb.ChatRequest(model=model, messages=[user("hello")]), timeout=10)
+    assert isinstance(reply, pb.ChatResponse)
+    return reply
 
 
 # -- NO_PROXY, the environment, proxy URLs ---------------------------------------------------------
@@ -490,7 +493,7 @@ async def _no_call_kept(pki: Path, transport: str) -> None:
                 assert [e async for e in stream][-1].HasField("end")
             assert (len(plain.requests), len(tls.requests), len(hidden.requests)) == (2, 2, 2)
             upstream = gw.server.engine._upstream
-            assert upstream is not None
+            assert isinstance(upstream, UpstreamClients)
             client = upstream.get(transport)
             # Every connection opened for these calls is back in its pool, idle (each reused once).
             await eventually(lambda: client.idle_connections() == 3, what="3 idle connections")

@@ -71,7 +71,9 @@ async def sim() -> AsyncIterator[UpstreamSimulator]:
 
 async def _usage_total(gw: Gateway) -> pb.UsageRow:
     await gw.server.engine.settled()
-    return (await gw.stub.Usage(pb.UsageRequest())).total
+    reply = await gw.stub.Usage(pb.UsageRequest())
+    assert isinstance(reply, pb.UsageResponse)
+    return reply.total
 
 
 async def test_openai_chat_cost_is_tokens_times_price_to_the_nano(sim: UpstreamSimulator) -> None:
@@ -618,7 +620,10 @@ async def test_a_burst_of_events_goes_out_as_fewer_deltas_with_the_same_text_and
     call = SimToolCall("lookup", '{"q": "x"}')
     sim.enqueue(Reply(content=words, thinking=("think ", "hard"), tool_calls=(call,)), path=OPENAI_PATH)
     async with running_gateway(sim_config(sim), ENV) as gw:
-        kinds, text, thought, args = [], [], [], []
+        kinds: list[str] = []
+        text: list[str] = []
+        thought: list[str] = []
+        args: list[str] = []
         async for event in gw.stub.StreamChat(pb.StreamChatRequest(model="fast", messages=[user("hi")])):
             if event.HasField("delta"):
                 d = event.delta
@@ -689,7 +694,7 @@ async def test_an_idle_gateway_sends_each_delta_as_it_comes() -> None:
 
 def _call_lines(caplog: pytest.LogCaptureFixture) -> dict[str, dict[str, Any]]:
     """The call log's lines by request id."""
-    return {r.request_id: r.__dict__ for r in caplog.records if r.name == CALLS_LOGGER}
+    return {r.__dict__["request_id"]: r.__dict__ for r in caplog.records if r.name == CALLS_LOGGER}
 
 
 @pytest.mark.parametrize(("provider", "path"), [("openai", OPENAI_PATH), ("anthropic", ANTHROPIC_PATH)])

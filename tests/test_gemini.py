@@ -8,7 +8,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -577,6 +577,7 @@ async def test_gateway_serves_gemini_bills_thoughts_and_retries(
         sim.api_key = "another-key"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await gw.stub.Chat(pb.ChatRequest(model="flash", messages=[user("hi")]))
+        assert gw.server.metrics_port is not None
         metrics = scrape_text(gw.server.metrics_port)
     logged = " ".join(str(r.__dict__) for r in caplog.records)
     assert KEY not in logged and KEY not in metrics and KEY not in (caught.value.details() or "")
@@ -645,7 +646,7 @@ async def test_google_genai_sdk_against_the_simulator(sim: GeminiSimulator) -> N
         vertexai=True,
         project=PROJECT,
         location="us-central1",
-        credentials=UserCredentials(token="ya29.sim-token-1"),
+        credentials=UserCredentials(token="ya29.sim-token-1"),  # type: ignore[no-untyped-call]
         http_options=gt.HttpOptions(base_url=sim.url),
     )
     out = await vertex_client.aio.models.generate_content(model="gemini-2.5-flash", contents="hello")
@@ -901,7 +902,7 @@ def test_tool_arguments_that_are_no_json_object_are_refused_alike_by_every_forma
     anthropic = AnthropicProvider(ProviderSettings(name="a", type="anthropic", base_url="https://x"), session)
     bedrock = BedrockProvider(ProviderSettings(name="b", type="bedrock", base_url="https://x", region="r"), session)
     gemini = GeminiProvider(ProviderSettings(name="g", type="gemini", base_url="https://x", api_key=KEY), session)
-    builds = [
+    builds: list[tuple[str, Callable[[], object]]] = [
         ("a", lambda: anthropic.build_body("m", request, stream=False)),
         ("b", lambda: bedrock.build_body(request, "m")),
         ("g", lambda: gemini.build_body(request, "m")),

@@ -23,7 +23,9 @@ from tests.test_gateway_upstream import ENV, sim_config
 
 async def _usage_total(gw: Gateway) -> pb.UsageRow:
     await gw.server.engine.settled()
-    return (await gw.stub.Usage(pb.UsageRequest())).total
+    reply = await gw.stub.Usage(pb.UsageRequest())
+    assert isinstance(reply, pb.UsageResponse)
+    return reply.total
 
 
 @pytest.fixture

@@ -244,7 +244,7 @@ def feed_all(data_splits: list[bytes]) -> tuple[Response, list[str]]:
         def resume_reading(self) -> None:
             pass
 
-    conn = Connection(Pool())  # type: ignore[arg-type]
+    conn = Connection(Pool())
     conn.connection_made(Transport())  # type: ignore[arg-type]
     ex = Response(conn)
     conn.send(b"", ex)

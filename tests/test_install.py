@@ -215,7 +215,15 @@ def test_the_typescript_package_installs_from_its_tarball_into_another_project(
     project = tmp_path / "consumer"
     project.mkdir()
     (project / "package.json").write_text(json.dumps({"name": "consumer", "private": True}))
-    npm_install = ["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefer-offline", tarball]
+    npm_install: list[str | Path] = [
+        "npm",
+        "install",
+        "--silent",
+        "--no-audit",
+        "--no-fund",
+        "--prefer-offline",
+        tarball,
+    ]
     installed = run(npm_install, project, env, timeout=300)
     assert installed.returncode == 0, installed.stderr
     (project / "main.ts").write_text(
@@ -226,7 +234,14 @@ def test_the_typescript_package_installs_from_its_tarball_into_another_project(
         "  client.close();\n"
         "});\n"
     )
-    tsc = [package / "node_modules" / ".bin" / "tsc", "--strict", "--module", "commonjs", "--target", "es2022"]
+    tsc: list[str | Path] = [
+        package / "node_modules" / ".bin" / "tsc",
+        "--strict",
+        "--module",
+        "commonjs",
+        "--target",
+        "es2022",
+    ]
     compiled = run([*tsc, "main.ts"], project, env, timeout=120)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     typed = run(["node", "main.js"], project, env)

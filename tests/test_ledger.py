@@ -1053,7 +1053,7 @@ async def test_a_failed_commit_fails_every_caller_in_the_batch(sqlite_ledger: Sq
     # A LedgerWriteError carrying the database's words and its own error: callers can refuse calls on it.
     assert [type(r) for r in results] == [LedgerWriteError] * 3
     assert all("IntegrityError: disk on fire" in str(r) for r in results)
-    assert all(isinstance(r.__cause__, sqlite3.IntegrityError) for r in results)
+    assert all(isinstance(r, LedgerWriteError) and isinstance(r.__cause__, sqlite3.IntegrityError) for r in results)
     assert count_rows(path) == 1  # only the blocker: the failed batch was rolled back
     await sqlite_ledger.record(rec("later"))  # the writer carries on
     assert count_rows(path) == 2

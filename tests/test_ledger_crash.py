@@ -134,6 +134,7 @@ async def retry(address: str, request_ids: list[str]) -> dict[str, int]:
 async def usage_total(address: str) -> pb.UsageRow:
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await pb_grpc.FeatherServiceStub(channel).Usage(pb.UsageRequest(), timeout=DEADLINE_S)
+    assert isinstance(reply, pb.UsageResponse)
     return reply.total
 
 

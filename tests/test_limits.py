@@ -854,12 +854,13 @@ async def test_admission_is_one_round_trip_and_the_first_attempt_uses_its_provid
     decisions started together, so Redis sees them in ONE write; the attempt then takes no other token."""
     config = _engine_config()
     state = RedisState.from_url(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}", breaker=config.routing.breaker)
-    stores = {"limiter": state.limiter, "budgets": state.budgets, "circuits": state.circuits}
     tenant = config.tenancy.tenants["acme"]
     request = ChatRequest(model="fast", messages=[Message(Role.USER, "hi")], max_tokens=20)
     bucket = "mock:mock-fast"  # rps 0.01, burst 3: no token comes back during the test
     try:
-        async with assemble(config, ledger=MemoryLedger(), **stores).engine as engine:
+        async with assemble(
+            config, ledger=MemoryLedger(), limiter=state.limiter, budgets=state.budgets, circuits=state.circuits
+        ).engine as engine:
             admission, candidates = engine.admission, engine.router.plan("fast")
             warm = await admission.admit(tenant, request, candidates, None, first_slot=bucket)
             await admission.settle(warm, 0, 0)  # loads the scripts (NOSCRIPT, EVAL); the unused token comes back

@@ -547,7 +547,9 @@ async def test_kill_9_mid_load_then_restart_reconciles_exactly_once(dsn: str, tm
     acked: list[str] = []
 
     async def shipped_rows() -> bool:
-        return (await db_rows(dsn, "SELECT COUNT(*) AS n FROM feather_usage"))[0]["n"] >= 500
+        n = (await db_rows(dsn, "SELECT COUNT(*) AS n FROM feather_usage"))[0]["n"]
+        assert isinstance(n, int)
+        return n >= 500
 
     try:
         async with asyncio.timeout(FLUSH_S):

@@ -696,7 +696,7 @@ async def test_an_anthropic_message_of_another_shape_is_a_bad_response(
 async def test_an_anthropic_text_delta_that_is_not_text_is_a_bad_response(
     upstream: UpstreamSimulator, http_session: HttpClient
 ) -> None:
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}},
     ]

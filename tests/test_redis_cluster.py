@@ -17,7 +17,7 @@ from feather_grpc.state.redis_connect import connect
 from feather_grpc.state.resp import RedisUnavailable, ReplyError
 from feather_grpc.state.resp_cluster import RedisClusterClient, key_slot
 from tests.gateway_harness import MOCK_CONFIG
-from tests.redis_cluster import RedisCluster
+from tests.redis_cluster import RedisCluster, execute
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ async def test_a_migrating_slot_is_asked_of_its_target_without_changing_the_map(
         # A key the source still has is served there; a new one is sent on with ASK, after ASKING.
         assert await client.call("GET", stays) == b"here"
         assert await client.call("SET", arrives, "there") == "OK"
-        assert cluster.node(target).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 1
+        assert execute(cluster.node(target), "CLUSTER", "COUNTKEYSINSLOT", slot) == 1
         assert await client.call("GET", arrives) == b"there"
         assert client.map_loads == 1  # ASK is for one command: the slot still belongs to the source
     finally:

@@ -55,7 +55,7 @@ def ledger_of(server: GatewayServer) -> MemoryLedger:
 
 def call_lines(caplog: pytest.LogCaptureFixture) -> dict[str, dict[str, Any]]:
     """The call log's lines by request id."""
-    return {r.request_id: r.__dict__ for r in caplog.records if r.name == CALLS_LOGGER}
+    return {r.__dict__["request_id"]: r.__dict__ for r in caplog.records if r.name == CALLS_LOGGER}
 
 
 async def refused(call: Any) -> grpc.aio.AioRpcError:
@@ -244,7 +244,9 @@ async def test_state_store_down_before_admission_is_recorded(caplog: pytest.LogC
 
 async def test_a_request_that_does_not_convert_is_recorded() -> None:
     async with running_gateway(tenants_doc()) as gw:
-        bad = pb.StreamChatRequest(model="fast", messages=[pb.Message(role=99, content="hi")], request_id="bad-role")
+        bad = pb.StreamChatRequest(
+            model="fast", messages=[pb.Message(role=pb.Role.ValueType(99), content="hi")], request_id="bad-role"
+        )
         err = await refused_stream(gw.stub.StreamChat(bad, metadata=bearer(ACME_KEY)))
         assert rich_error(err).reason == "INVALID_REQUEST"
         r = only(ledger_of(gw.server).records, "bad-role")
@@ -260,7 +262,9 @@ async def test_a_chat_that_does_not_convert_is_refused_once_and_gives_its_slot_b
     """Refused by the interceptor (the one place refusals are recorded): its status names its request id,
     it has exactly one record, and the tenant's only concurrency slot is free again for the next call."""
     async with running_gateway(tenants_doc(limits={"concurrency": 1})) as gw:
-        bad = pb.ChatRequest(model="fast", messages=[pb.Message(role=99, content="hi")], request_id="bad-unary")
+        bad = pb.ChatRequest(
+            model="fast", messages=[pb.Message(role=pb.Role.ValueType(99), content="hi")], request_id="bad-unary"
+        )
         err = rich_error(await refused(gw.stub.Chat(bad, metadata=bearer(ACME_KEY))))
         assert (err.code, err.reason, err.metadata.get("requestId")) == (
             grpc.StatusCode.INVALID_ARGUMENT,

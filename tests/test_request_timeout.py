@@ -14,6 +14,7 @@ import pytest
 
 from feather_grpc import config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.state.memory_ledger import MemoryLedger
 from tests.gateway_harness import rich_error, running_gateway, user
 
 
@@ -72,7 +73,9 @@ async def test_a_call_without_a_deadline_ends_at_the_request_timeout_not_after_e
         assert error.metadata["requestTimeoutMs"] == "700"
         # At most ceil(700 / 300) = 3 attempts started, never the 5 the retry policy allows.
         assert 2 <= len(connections) <= 3, len(connections)
-        (record,) = gw.server.engine.ledger.records  # billed once, as a deadline error
+        ledger = gw.server.engine.ledger
+        assert isinstance(ledger, MemoryLedger)
+        (record,) = ledger.records  # billed once, as a deadline error
         assert (record.error_code, record.error_reason) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
 
 

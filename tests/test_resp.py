@@ -181,7 +181,7 @@ def test_the_same_under_uvloop(server: RedisServer) -> None:
     async def scenario() -> None:
         client = RedisClient.from_url(server.url, timeout_s=0.25)
         try:
-            assert await asyncio.gather(client.call("SET", "u", "1"), client.call("INCR", "u")) == ["OK", 2]
+            assert list(await asyncio.gather(client.call("SET", "u", "1"), client.call("INCR", "u"))) == ["OK", 2]
             server.stop()
             with pytest.raises(RedisUnavailable):
                 await client.call("PING")

@@ -9,12 +9,15 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import openai
 import pytest
 from openai.types.responses import (
+    FunctionToolParam,
+    ResponseCompletedEvent,
+    ResponseInputItemParam,
     ResponseReasoningSummaryPartAddedEvent,
     ResponseReasoningSummaryPartDoneEvent,
     ResponseReasoningSummaryTextDeltaEvent,
@@ -317,6 +320,7 @@ async def test_gateway_serves_a_responses_model(sim: ResponsesSimulator, caplog:
         sim.api_key = "another"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await gw.stub.Chat(pb.ChatRequest(model="o3-pro", messages=[user("hi")]))
+        assert gw.server.metrics_port is not None
         metrics = scrape_text(gw.server.metrics_port)
     logged = " ".join(str(r.__dict__) for r in caplog.records)
     assert KEY not in logged and KEY not in metrics and KEY not in (caught.value.details() or "")
@@ -337,21 +341,29 @@ async def test_openai_sdk_responses_against_the_simulator(sim: ResponsesSimulato
         # The SDK's own items go back as input as they are (reasoning included).
         follow = await client.responses.create(
             model="o3",
-            input=[*[i.model_dump(exclude_none=True) for i in out.output], {"role": "user", "content": "and?"}],
+            # model_dump() is declared as dict[str, Any]; an output item's dump is the matching input item
+            input=[
+                *[cast(ResponseInputItemParam, i.model_dump(exclude_none=True)) for i in out.output],
+                {"role": "user", "content": "and?"},
+            ],
             store=False,
         )
         assert follow.output_text == "Hello from o3: and?"
 
         sim.enqueue(ResponsesReply(text="one two", function_calls=(("get_weather", '{"city":"Oslo"}'),)))
-        tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER.parameters, "strict": False}]
-        stream = await client.responses.create(model="o3", input="weather?", tools=tools, stream=True)  # type: ignore[arg-type]
+        tools: list[FunctionToolParam] = [
+            {"type": "function", "name": "get_weather", "parameters": WEATHER.parameters, "strict": False}
+        ]
+        stream = await client.responses.create(model="o3", input="weather?", tools=tools, stream=True)
         events = [e async for e in stream]
         kinds = [e.type for e in events]
         assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
         assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "one two"
         args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
         assert args == '{"city":"Oslo"}'
-        final = events[-1].response  # type: ignore[union-attr]
+        completed = events[-1]
+        assert isinstance(completed, ResponseCompletedEvent)
+        final = completed.response
         assert final.usage is not None and final.output[-1].type == "function_call"
 
         sim.enqueue(ResponsesReply(status=429, error_code="rate_limit_exceeded", message="slow down"))
@@ -551,7 +563,10 @@ async def test_openai_sdk_reads_the_simulators_reasoning_summaries(sim: Response
 )
 async def test_stream_text_that_is_not_a_string_is_a_bad_response(session: HttpClient, event: dict[str, Any]) -> None:
     """A delta or a tool's name the answer is made of must be a string: 5 is refused, never turned into "5"."""
-    created = {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}}
+    created: dict[str, Any] = {
+        "type": "response.created",
+        "response": {"id": "resp_1", "status": "in_progress", "output": []},
+    }
     sse = [b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in (created, event)]
 
     async def handler(req: Req) -> None:

@@ -15,6 +15,9 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from feather_grpc.core.results import ChatResult
+from feather_grpc.core.types import ChatRequest
+from feather_grpc.engine.call import CallContext
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from feather_grpc.server.status import bounded
 from feather_grpc.state.memory_ledger import MemoryLedger
@@ -226,7 +229,7 @@ async def test_json_schemas_must_be_json() -> None:
 async def test_an_internal_error_gives_the_id_its_log_line_has(caplog: pytest.LogCaptureFixture) -> None:
     async with running_gateway(MOCK_CONFIG) as gw:
 
-        async def broken(*_: Any) -> None:
+        async def broken(request: ChatRequest, ctx: CallContext | None = None) -> ChatResult:
             raise RuntimeError("a bug")
 
         gw.server.engine.chat = broken  # type: ignore[method-assign]

@@ -75,7 +75,9 @@ async def test_a_provider_holds_its_own_connection_limit_and_shows_it() -> None:
 
 
 def test_max_connections_is_checked_and_defaults_to_1000() -> None:
-    base = {"providers": {"p": {"type": "openai", "apiKeyEnv": "K", "models": [{"name": "m", "inputPer1M": 1}]}}}
+    base: dict[str, Any] = {
+        "providers": {"p": {"type": "openai", "apiKeyEnv": "K", "models": [{"name": "m", "inputPer1M": 1}]}}
+    }
     base["providers"]["p"]["models"][0]["outputPer1M"] = 1
     cfg = config.resolve(config.parse_file_config(json.dumps(base), "<test>"), {"K": "sk"}, "<test>")
     assert cfg.providers[0].max_connections == 1000

@@ -211,7 +211,7 @@ async def test_usage_over_grpc_pages_with_tokens_and_refuses_another_querys_toke
     ],
 )
 async def test_a_token_edited_to_hold_what_the_database_cannot_take_is_invalid(
-    tmp_path: Path, group_by: list[int], after: list[Any]
+    tmp_path: Path, group_by: list[pb.UsageGroupBy.ValueType], after: list[Any]
 ) -> None:
     """Found by bench/fuzz.py: a token is unsigned JSON, and these values in it reached SQLite and failed the
     call with INTERNAL (UnicodeEncodeError, OverflowError)."""
