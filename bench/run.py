@@ -13,13 +13,14 @@ token through the gateway vs. direct (bench/ttft.py). Prints a table and the tar
 bench/results/latest.json. Exit status: 0 done, 1 a call failed or a check did not hold, 2 missing
 tools (run bench/setup.sh); with --strict also 3 when a target is missed.
 
-Opt-in same-run comparisons (`--compare redis,workers,resilience,floor` or `all`, ~75 s each;
+Opt-in same-run comparisons (`--compare redis,workers,resilience,floor,postgres` or `all`, ~75 s each;
 `--compare-only` skips the rest): two servers side by side, Chat at concurrency 64 and 1, interleaved A/B rounds, ratios
 B/A per round with their spread. redis: Redis state (a real redis-server) vs in-memory state under a
 config where every call touches the shared state, with Redis's own count of commands and round trips
 per call (the >= 70% target); workers: `serve --workers 2` vs 1 process; resilience: circuit breakers,
 retries, fallbacks and hedging off vs the default config; floor: the gateway vs bench/floor.py's bare
-grpc.aio + aiohttp forwarder (issue 14 item 5: gateway/floor >= 0.9 at c64, added p50 at c1 within 1.1x).
+grpc.aio + aiohttp forwarder (issue 14 item 5: gateway/floor >= 0.9 at c64, added p50 at c1 within 1.1x);
+postgres: the Postgres ledger of record (a throwaway PostgreSQL, fsync on) vs the embedded SQLite ledger.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ TARGET_TTFT_OVERHEAD_MS = 1.0
 # Environment variables that change what the gateway does; the benchmark runs it without them
 # (its documented defaults), plus whatever --gateway-env sets explicitly.
 _GATEWAY_ENV_PREFIXES = ("FEATHER_", "OTEL_", "METRICS_", "LOG_", "RATE_LIMIT_", "CACHE_", "CIRCUIT_BREAKER_")
-_GATEWAY_ENV_NAMES = ("PORT", "REDIS_URL", "JWT_SECRET")
+_GATEWAY_ENV_NAMES = ("PORT", "REDIS_URL", "DATABASE_URL", "JWT_SECRET")
 
 
 class BenchFailure(RuntimeError):
@@ -753,7 +754,7 @@ def _idle(frame: str) -> bool:
 # ---- same-run comparisons (--compare) ----
 
 TARGET_REDIS_RATIO = 0.70  # issue 6: throughput with Redis state >= 70% of the in-memory figure
-COMPARISONS = ("redis", "workers", "resilience", "floor")
+COMPARISONS = ("redis", "workers", "resilience", "floor", "postgres")
 
 
 def _copy(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -882,6 +883,23 @@ class RedisProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class PgProc:
+    """A throwaway PostgreSQL 16 on loopback (tests/pg_server.py's, from the `pgserver` wheel), fsync on as in
+    production: the Postgres ledger's commits are real."""
+
+    def __init__(self) -> None:
+        try:
+            self.server = _load_tests_helper("pg_server").PgServer(fsync=True)
+            self.server.start()
+        except (RuntimeError, OSError) as e:
+            raise BenchFailure(f"--compare postgres: {e}") from None
+        self.dsn: str = self.server.dsn()
+        self.version: str = self.server.psql("SHOW server_version").strip()
+
+    def stop(self) -> None:
+        self.server.cleanup()
 
 
 @dataclass
@@ -1078,7 +1096,7 @@ def run_comparisons(
     args: argparse.Namespace,
     extra_env: dict[str, str],
     servers: list[Server],
-    redis_procs: list[RedisProc],
+    stores: list[RedisProc | PgProc],
     out: dict[str, Any],
 ) -> None:
     """Starts each comparison's two gateways side by side (the one not under load idles), runs Chat at
@@ -1104,7 +1122,7 @@ def run_comparisons(
     for name in which:
         if name == "redis":
             redis = RedisProc(tmp)
-            redis_procs.append(redis)
+            stores.append(redis)
             cfg = tenancy_config(base_cfg)
             arms = [
                 Arm("memory", "in-memory state (no REDIS_URL)", start("memory", cfg, {})),
@@ -1147,6 +1165,18 @@ def run_comparisons(
                 Arm("gateway", "the gateway, default config", start("gateway", base_cfg, {})),
             ]
             title = "the gateway vs bench/floor.py's proxy (issue 14 item 5: Chat c64 ratio >= 0.9)"
+        elif name == "postgres":
+            pg = PgProc()
+            stores.append(pg)
+            arms = [
+                Arm("sqlite", "SQLite ledger (the embedded default)", start("sqlite", base_cfg, {})),
+                Arm(
+                    "postgres",
+                    f"Postgres ledger (DATABASE_URL, PostgreSQL {pg.version}, fsync on; spooled in SQLite first)",
+                    start("postgres", base_cfg, {"DATABASE_URL": pg.dsn}),
+                ),
+            ]
+            title = "the Postgres ledger of record (replicas) vs the embedded SQLite ledger, same config"
         else:
             raise ValueError(name)
         log(f"compare {name}: {title}")
@@ -1158,7 +1188,10 @@ def run_comparisons(
             servers.remove(arm.server)
         if name == "redis":
             redis.stop()
-            redis_procs.remove(redis)
+            stores.remove(redis)
+        if name == "postgres":
+            pg.stop()
+            stores.remove(pg)
 
 
 # ---- report ----
@@ -1551,7 +1584,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(t)
         nginx = upstream.Nginx(upstream.free_port(), tmp / "nginx").start()
         servers: list[Server] = []
-        redis_procs: list[RedisProc] = []
+        stores: list[RedisProc | PgProc] = []  # what comparisons started beside the gateways
         try:
             base_cfg = gateway_config(nginx.url, args.ledger, tmp / "bench.db")
             bodies: dict[str, tuple[str, Path, Path]] = {}
@@ -1578,7 +1611,7 @@ def main(argv: list[str] | None = None) -> int:
                     args,
                     extra_env,
                     servers,
-                    redis_procs,
+                    stores,
                     results["comparisons"],
                 )
         except (BenchFailure, loadgen.LoadgenError) as e:
@@ -1588,8 +1621,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers:
                 server.stop()
-            for redis in redis_procs:
-                redis.stop()
+            for store in stores:
+                store.stop()
             nginx.stop()
             if failure:  # keep the evidence
                 args.out.parent.mkdir(parents=True, exist_ok=True)

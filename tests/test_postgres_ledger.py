@@ -499,6 +499,22 @@ async def test_starts_and_spools_while_postgres_is_down_and_ships_at_the_next_st
     await up.aclose()
 
 
+async def test_records_that_follow_each_other_ship_together_and_flushed_does_not_wait(dsn: str, tmp_path: Path) -> None:
+    """Unless the spool is backed up, the shipper waits `ship_delay_s` for the records that follow, and
+    ships them in one transaction; flushed() cuts that wait short."""
+    ledger = await PostgresLedger.open(dsn, tmp_path / "spool.db", ship_delay_s=10)
+    try:
+        await shipped(ledger, [rec("warm-up")])
+        before = ledger.batch_count
+        for i in range(10):  # one after another, each acknowledged: the first one wakes the shipper
+            await ledger.record(rec(f"next{i}"))
+        assert await ledger.flushed(5)  # well before the 10 s the shipper would otherwise wait
+        assert ledger.batch_count == before + 1
+        assert len(await request_id_counts(dsn)) == 11
+    finally:
+        await ledger.aclose()
+
+
 async def test_a_slow_postgres_does_not_slow_record(ledger: PostgresLedger, dsn: str) -> None:
     await shipped(ledger, [rec("warm-up")])
     blocker = await asyncpg.connect(dsn)

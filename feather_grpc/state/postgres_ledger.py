@@ -7,6 +7,11 @@ Durability: local spool first, Postgres exactly once.
   2. A background shipper reads the oldest spooled records (up to `batch_size`) and inserts
      them into Postgres in one transaction, `ON CONFLICT (spool_id, spool_seq) DO NOTHING`;
      each record's `(spool epoch UUID, spool rowid)` identity is unique (see ledger_spool).
+     Unless the spool is backed up (the last shipment was a full batch), it first waits
+     `ship_delay_s` (50 ms) for more records: a shipment costs two spool round trips on a thread and
+     four Postgres round trips whatever it carries, and shipping each record as it came cost a
+     gateway a large share of its calls per second (bench/README, the Postgres ledger). Postgres, and
+     so `Usage`, sees a record up to that much later; `flushed()` and `aclose()` do not wait for it.
   3. Only after that transaction commits are the records deleted from the spool. A crash in
      between re-ships the same identities on the next start: the conflict makes it a no-op.
   4. When Postgres is down or slow (connect and statement timeouts), the shipper backs off
@@ -122,6 +127,7 @@ class PostgresLedger:
         retry_base_s: float = 0.2,
         retry_max_s: float = 10.0,
         close_timeout_s: float = 5.0,
+        ship_delay_s: float = 0.05,
         rng: random.Random | None = None,
         alone: Callable[[], bool] | None = None,
     ) -> None:
@@ -135,6 +141,8 @@ class PostgresLedger:
             raise ValueError("need 0 < retry_base_s <= retry_max_s")
         if connect_timeout_s <= 0 or command_timeout_s <= 0 or close_timeout_s < 0:
             raise ValueError("timeouts must be positive")
+        if not 0 <= ship_delay_s <= 10:
+            raise ValueError("ship_delay_s must be between 0 and 10 (seconds)")
         self.dsn = dsn
         # `alone`: the owner's word that a record's call is its only one (the spool commits it at once).
         self.spool = LedgerSpool(spool_path, synchronous=synchronous, alone=alone)
@@ -145,6 +153,7 @@ class PostgresLedger:
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
         self._close_timeout_s = close_timeout_s
+        self._ship_delay_s = ship_delay_s
         self._rng = rng or random.Random()
 
         self._pool: asyncpg.Pool | None = None
@@ -153,6 +162,8 @@ class PostgresLedger:
         self._start_task: asyncio.Task[None] | None = None
         self._shipper: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None  # ends the shipper's delay (see `_delay`)
+        self._flushing = 0  # flushed() calls waiting: the shipper does not delay meanwhile
         self._stop: asyncio.Event | None = None
         self._progress: asyncio.Condition | None = None
         self._closed = False
@@ -197,6 +208,7 @@ class PostgresLedger:
     async def _start(self) -> None:
         self._schema_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._stop = asyncio.Event()
         self._progress = asyncio.Condition()
         await self.spool.open()
@@ -246,10 +258,15 @@ class PostgresLedger:
         shipper has stopped with records left. For tests, and for a graceful shutdown."""
         await self.ready()
         target = self._acked
-        assert self._progress is not None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s), self._progress:
-                await self._progress.wait_for(lambda: self._drained_through >= target or self._shipper_done())
+        assert self._progress is not None and self._hurry is not None
+        self._flushing += 1
+        self._hurry.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s), self._progress:
+                    await self._progress.wait_for(lambda: self._drained_through >= target or self._shipper_done())
+        finally:
+            self._flushing -= 1
         return self._drained_through >= target
 
     async def pending(self) -> int:
@@ -264,7 +281,11 @@ class PostgresLedger:
         assert self._wake is not None and self._stop is not None
         failures = 0
         outage_started = 0.0
+        delay = False  # the spool is not backed up: let records gather before the next shipment
         while True:
+            if delay:
+                await self._delay()
+                delay = False
             self._wake.clear()
             acked = self._acked
             try:
@@ -291,6 +312,7 @@ class PostgresLedger:
                 )
                 failures = 0
             if shipped:
+                delay = shipped < self._batch_size
                 continue  # there may be more: go on until the spool is empty
             await self._set_drained(acked)
             if self._stop.is_set():
@@ -301,7 +323,18 @@ class PostgresLedger:
             finally:
                 for waiter in waiters:
                     waiter.cancel()
+            delay = True
         await self._notify()
+
+    async def _delay(self) -> None:
+        """Lets more records come along in the next shipment (see the module doc), unless somebody waits in
+        flushed() or the ledger is closing."""
+        assert self._hurry is not None and self._stop is not None
+        if self._flushing or self._stop.is_set() or not self._ship_delay_s:
+            return
+        self._hurry.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), self._ship_delay_s)
 
     async def _set_drained(self, acked: int) -> None:
         assert self._progress is not None
