@@ -217,6 +217,21 @@ async def test_a_lone_call_is_spooled_in_its_own_turn(dsn: str, tmp_path: Path) 
         await ledger.aclose()
 
 
+async def test_a_backlogged_owner_has_the_spool_hold_commits_for_company(dsn: str, tmp_path: Path) -> None:
+    """Told that its calls queue anyway, the spool holds a commit open a few ms for the records that follow
+    (SqliteLedger's `backlogged`), as the SQLite ledger does under load; nothing is lost on the way."""
+    for backlogged, held in ((False, False), (True, True)):
+        ledger = await PostgresLedger.open(dsn, tmp_path / f"spool-{backlogged}.db", backlogged=lambda b=backlogged: b)
+        try:
+            for burst in range(3):  # records that overlap: made while others wait for their commit
+                await record_all(ledger, [rec(f"{backlogged}-{burst}-{i}") for i in range(20)])
+            assert (ledger.spool.held_count > 0) is held
+            assert await ledger.flushed(FLUSH_S)
+        finally:
+            await ledger.aclose()
+    assert len(await request_id_counts(dsn)) == 2 * 3 * 20
+
+
 async def test_a_sqlite_ledger_file_is_not_taken_for_a_spool(dsn: str, tmp_path: Path) -> None:
     usage = await SqliteLedger.open(tmp_path / "usage.db")
     await usage.record(rec("local"))

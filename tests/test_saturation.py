@@ -338,8 +338,12 @@ async def test_the_sqlite_ledger_is_told_when_the_server_is_backlogged_or_has_on
     server = GatewayServer(cfg)
     try:
         spool_alone = server.engine.ledger.spool.alone  # type: ignore[attr-defined]
+        spool_backlogged = server.engine.ledger.spool.backlogged  # type: ignore[attr-defined]
         server.gate.in_flight = 1
         assert spool_alone is not None and spool_alone()
+        assert spool_backlogged is not None and not spool_backlogged()
+        server.gate.in_flight = 8
+        assert spool_backlogged()
     finally:
         await server.engine.aclose()
         if server.assembly is not None:

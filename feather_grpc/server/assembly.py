@@ -169,6 +169,7 @@ def open_ledger(
             config.ledger.database_url,
             spool_path(config, worker),
             synchronous=config.ledger.synchronous,
+            backlogged=backlogged,
             alone=alone,
         )
     if config.ledger.type == "memory":

@@ -67,6 +67,7 @@ class LedgerSpool:
         synchronous: Synchronous = "NORMAL",
         busy_timeout_ms: int = 10_000,
         max_batch: int = 512,
+        backlogged: Callable[[], bool] | None = None,
         alone: Callable[[], bool] | None = None,
     ) -> None:
         self.path = os.fspath(path)
@@ -75,7 +76,10 @@ class LedgerSpool:
         self._synchronous: Synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._max_batch = max_batch
-        self.alone = alone  # the owner's word that a record's call is its only one (SqliteLedger's `alone`)
+        # The owner's words that its calls queue anyway, and that a record's call is its only one: the
+        # spool's SqliteLedger holds a commit open for company, or commits a lone record at once.
+        self.backlogged = backlogged
+        self.alone = alone
         self._writer: SqliteLedger | None = None  # created once the lock is held
         self._conn: sqlite3.Connection | None = None  # the shipper's side: peek, ack, count
         self._conn_lock = threading.Lock()
@@ -96,6 +100,7 @@ class LedgerSpool:
                 synchronous=self._synchronous,
                 busy_timeout_ms=self._busy_timeout_ms,
                 max_batch=self._max_batch,
+                backlogged=self.backlogged,
                 alone=self.alone,
             )
             await self._writer.ready()
@@ -109,6 +114,11 @@ class LedgerSpool:
     def commit_count(self) -> int:
         """Group commits of appended records so far."""
         return 0 if self._writer is None else self._writer.commit_count
+
+    @property
+    def held_count(self) -> int:
+        """Commits held open for company so far (see SqliteLedger's `backlogged`)."""
+        return 0 if self._writer is None else self._writer.held_count
 
     async def append(self, record: UsageRecord) -> None:
         """Spool one record; returns once it is committed to the local file."""

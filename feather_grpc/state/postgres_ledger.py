@@ -3,7 +3,8 @@
 Durability: local spool first, Postgres exactly once.
   1. `record()` appends to a local LedgerSpool (a SQLite file in WAL mode, group commit) and
      returns as soon as that local commit is done: a crash after the response, or a slow or
-     dead Postgres, cannot lose the record, and never slows the call down.
+     dead Postgres, cannot lose the record, and never slows the call down. The owner's `alone`
+     and `backlogged` reach the spool's SqliteLedger, which commits as the SQLite ledger does.
   2. A background shipper reads the oldest spooled records (up to `batch_size`) and inserts
      them into Postgres in one transaction, `ON CONFLICT (spool_id, spool_seq) DO NOTHING`;
      each record's `(spool epoch UUID, spool rowid)` identity is unique (see ledger_spool).
@@ -129,6 +130,7 @@ class PostgresLedger:
         close_timeout_s: float = 5.0,
         ship_delay_s: float = 0.05,
         rng: random.Random | None = None,
+        backlogged: Callable[[], bool] | None = None,
         alone: Callable[[], bool] | None = None,
     ) -> None:
         if not dsn:
@@ -144,8 +146,8 @@ class PostgresLedger:
         if not 0 <= ship_delay_s <= 10:
             raise ValueError("ship_delay_s must be between 0 and 10 (seconds)")
         self.dsn = dsn
-        # `alone`: the owner's word that a record's call is its only one (the spool commits it at once).
-        self.spool = LedgerSpool(spool_path, synchronous=synchronous, alone=alone)
+        # `backlogged` and `alone`: the owner's words for the spool's group commit (see SqliteLedger).
+        self.spool = LedgerSpool(spool_path, synchronous=synchronous, backlogged=backlogged, alone=alone)
         self._batch_size = batch_size
         self._pool_max_size = pool_max_size
         self._connect_timeout_s = connect_timeout_s
