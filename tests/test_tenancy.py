@@ -15,7 +15,11 @@ import grpc
 import jwt
 import pytest
 
+from feather_grpc import config
+from feather_grpc.core.errors import Unauthenticated
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.tenancy import TenantGate
+from feather_grpc.state.memory_limits import MemoryRateLimiter
 from sim.upstream import Reply, SimUsage, UpstreamSimulator
 from tests.gateway_harness import MOCK_CONFIG, rich_error, running_gateway, user
 from tests.test_gateway_upstream import ENV, sim_config
@@ -86,6 +90,36 @@ JWT_SECRET = "s3cret-for-tests-only-32-bytes-long!!"
 
 def _jwt(tenant: str) -> str:
     return jwt.encode({"tenant": tenant, "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+
+
+def test_a_verified_jwt_is_not_verified_again_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller sends the same token with every call: it is verified once, then only its expiry is checked
+    (on the gate's clock, as PyJWT reads `exp`); a forged token is never kept."""
+    cfg = config.resolve(
+        config.parse_file_config(json.dumps(tenant_config()), "<test>"), {"JWT_SECRET": JWT_SECRET}, "<test>"
+    )
+    now = time.time()
+    gate = TenantGate(cfg, MemoryRateLimiter(), clock=lambda: now)
+    verified: list[str] = []
+    decode = jwt.decode
+
+    def counted(token: str, *args: Any, **kwargs: Any) -> Any:
+        verified.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counted)
+    token = jwt.encode({"tenant": "globex", "exp": int(now) + 60}, JWT_SECRET, algorithm="HS256")
+    forged = jwt.encode(
+        {"tenant": "globex", "exp": int(now) + 60}, "another-secret-32-bytes-long!!!!", algorithm="HS256"
+    )
+    for _ in range(3):
+        assert gate.authenticate(f"Bearer {token}").name == "globex"
+        with pytest.raises(Unauthenticated):
+            gate.authenticate(f"Bearer {forged}")
+    assert verified == [token, forged, forged, forged]
+    now = int(now) + 60  # the token's `exp`: expired from that second on
+    with pytest.raises(Unauthenticated):
+        gate.authenticate(f"Bearer {token}")
 
 
 async def test_a_jwt_tenant_missing_from_the_config_may_call_nothing_without_a_default_policy() -> None:
