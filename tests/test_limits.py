@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
+from feather_grpc import config
 from feather_grpc.config import GatewayConfig, parse_file_config, resolve
 from feather_grpc.core.breaker import BreakerSettings, CircuitBreakers, CircuitState, Permit
 from feather_grpc.core.circuits import CircuitStore
 from feather_grpc.core.errors import RateLimitExceeded
+from feather_grpc.core.ledger import UsageRecord
 from feather_grpc.core.limits import (
     BucketSpec,
     BudgetExceeded,
@@ -40,6 +42,7 @@ from feather_grpc.core.limits import (
 from feather_grpc.core.types import ChatRequest, Message, Role
 from feather_grpc.engine.call import CallContext
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
+from feather_grpc.server.app import GatewayServer
 from feather_grpc.server.assembly import assemble
 from feather_grpc.state.memory_circuits import MemoryCircuitStore
 from feather_grpc.state.memory_ledger import MemoryLedger
@@ -892,6 +895,69 @@ async def test_admission_is_one_round_trip_and_the_first_attempt_uses_its_provid
             assert await state.limiter.reserve(f"provider:{bucket}", BucketSpec(0.01, 3), 1, 0) == 0
     finally:
         await state.aclose()
+
+
+async def test_the_settlement_is_written_before_the_ledger_record(redis_server: RedisServer) -> None:
+    """A call's budget settlement leaves for Redis as soon as it is started, not at the end of the turn:
+    its round trip overlaps the ledger write (a lone call's record is committed within the turn) instead of
+    following it. Seen from the ledger: when the record is made, Redis has had every write of the call."""
+    config = _engine_config()
+    state = RedisState.from_url(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}", breaker=config.routing.breaker)
+    tenant = config.tenancy.tenants["acme"]
+    request = ChatRequest(model="fast", messages=[Message(Role.USER, "hi")], max_tokens=20)
+    writes_at_record: list[int] = []
+
+    class Watching(MemoryLedger):
+        async def record(self, record: UsageRecord) -> None:
+            writes_at_record.append(state.runner.round_trips)
+            await super().record(record)
+
+    try:
+        gateway = assemble(
+            config,
+            ledger=Watching(),
+            limiter=state.limiter,
+            budgets=state.budgets,
+            circuits=state.circuits,
+            send_now=state.client.send_now,
+        )
+        async with gateway.engine as engine:
+            await engine.chat(request, CallContext(tenant="acme", tenant_config=tenant))  # loads the scripts
+            await engine.chat(request, CallContext(tenant="acme", tenant_config=tenant))
+            assert writes_at_record[-1] == state.runner.round_trips  # the settlement's too
+    finally:
+        await state.aclose()
+
+
+async def test_the_server_writes_a_settlement_at_once_only_for_a_lone_call(redis_server: RedisServer) -> None:
+    """The server's wiring: with REDIS_URL the settlement is written at once when the call is the only one in
+    flight (its record is committed within the turn); under load the end of the turn batches settlements."""
+    doc = {
+        "providers": {"mock": {"type": "mock", "models": [{"name": "m", "inputPer1M": 1, "outputPer1M": 1}]}},
+        "ledger": {"type": "memory"},
+    }
+    cfg = config.resolve(config.parse_file_config(json.dumps(doc), "<test>"), {"REDIS_URL": redis_server.url}, "<t>")
+    server = GatewayServer(cfg)
+    try:
+        send_now = server.engine._settlement._send_now
+        budgets = server.engine.budgets
+        assert send_now is not None and isinstance(budgets, RedisBudgetStore)
+        client = budgets._runner.client
+        assert await client.call("PING") == "PONG"  # connected
+        trips = client.round_trips
+        pending = client.call("PING")
+        server.gate.in_flight = 2
+        send_now()
+        assert client.round_trips == trips  # left for the end of the turn
+        server.gate.in_flight = 1
+        send_now()
+        assert client.round_trips == trips + 1
+        assert await pending == "PONG"
+    finally:
+        server.gate.in_flight = 0
+        await server.engine.aclose()
+        if server.assembly is not None:
+            await server.assembly.aclose()
 
 
 async def _redis_counters(client: RedisClient) -> tuple[int, dict[str, int]]:

@@ -115,6 +115,17 @@ async def test_scripts_are_routed_by_their_first_key(cluster: RedisCluster, clie
     assert isinstance(crossing, ReplyError) and "CROSSSLOT" in str(crossing)
 
 
+async def test_send_now_writes_to_every_node_at_once(cluster: RedisCluster, client: RedisClusterClient) -> None:
+    keys = [f"now:{{n{i}}}" for i in range(30)]  # spread over the masters
+    assert await asyncio.gather(*(client.call("SET", k, "1") for k in keys)) == ["OK"] * len(keys)  # mapped
+    nodes = {cluster.owner_of(cluster.keyslot(k)) for k in keys}
+    trips = client.round_trips
+    pending = [client.call("INCR", k) for k in keys]
+    client.send_now()
+    assert client.round_trips - trips == len(nodes) > 1  # one write per node, within this turn
+    assert await asyncio.gather(*pending) == [2] * len(keys)
+
+
 async def test_a_dead_master_fails_only_its_slots_and_ping_says_so(cluster: RedisCluster) -> None:
     client = connect(cluster.url, timeout_s=0.5)
     assert isinstance(client, RedisClusterClient)

@@ -81,6 +81,26 @@ async def test_one_loop_turn_is_one_write_and_an_error_reply_disturbs_nothing(se
         await client.aclose()
 
 
+async def test_send_now_writes_what_the_turn_queued_at_once(server: RedisServer) -> None:
+    """`send_now` writes the commands queued so far before the turn ends; what is queued after still goes
+    at the end of the turn, and every reply reaches its own caller."""
+    client = RedisClient.from_url(server.url)
+    try:
+        assert await client.call("PING") == "PONG"  # connected
+        trips = client.round_trips
+        first = client.call("SET", "s", "1")
+        client.send_now()
+        assert client.round_trips - trips == 1  # written within this turn
+        second = client.call("INCR", "s")
+        assert client.round_trips - trips == 1  # queued for the end of the turn
+        assert (await first, await second) == ("OK", 2)
+        assert client.round_trips - trips == 2
+        client.send_now()  # nothing queued: nothing written
+        assert client.round_trips - trips == 2
+    finally:
+        await client.aclose()
+
+
 async def test_a_caller_that_gives_up_does_not_shift_the_replies(server: RedisServer) -> None:
     client = RedisClient.from_url(server.url)
     try:

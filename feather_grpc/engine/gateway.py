@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,7 +85,9 @@ class Feather:
         upstream: UpstreamPool | None = None,
         rng: random.Random | None = None,
         observers: Sequence[CallObserver] = (),
+        send_now: Callable[[], None] | None = None,
     ) -> None:
+        """`send_now`: the shared state store's client's (RedisClient.send_now), when the stores share one."""
         self.config = config
         self._cache_settings = config.routing.cache
         self._request_timeout_ms = config.routing.request_timeout_ms
@@ -108,7 +110,9 @@ class Feather:
         )
         self.ledger_guard = LedgerGuard(ledger)  # refuses calls while the ledger cannot write
         self._planner = Planner(config, self.router, self.ledger_guard)
-        self._settlement = Settlement(ledger, self.ledger_guard, self.admission, self.observers, self._planner.tenant)
+        self._settlement = Settlement(
+            ledger, self.ledger_guard, self.admission, self.observers, self._planner.tenant, send_now
+        )
         self._attempts = Attempts(
             config,
             router=self.router,

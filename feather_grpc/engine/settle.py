@@ -34,12 +34,14 @@ class Settlement:
         admission: Admission,
         observers: list[CallObserver],
         tenant_of: Callable[[Call], TenantConfig],
+        send_now: Callable[[], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.ledger_guard = ledger_guard
         self._admission = admission
         self._observers = observers
         self._tenant_of = tenant_of
+        self._send_now = send_now  # the shared store's: writes the decisions started so far at once
         self._background: set[asyncio.Task[None]] = set()
 
     async def settled(self) -> None:
@@ -97,6 +99,10 @@ class Settlement:
         if call.ticket is not None:  # sent to a shared store now: it lands while the ledger commits
             ticket, call.ticket = call.ticket, None
             settling = self._admission.settle(ticket, record.input_tokens + record.output_tokens, record.cost_nanos_usd)
+            if self._send_now is not None:
+                # Written now, not at the end of this turn: a lone call's record is committed within the
+                # turn (SqliteLedger's `alone`), and the round trip should overlap that commit, not follow it.
+                self._send_now()
         guard = self.ledger_guard
         consumed = record.attempt_count > 0 or record.cost_nanos_usd > 0
         # Not written: a refusal while the ledger cannot write, and a call that failed because it could not

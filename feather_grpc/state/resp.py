@@ -38,6 +38,8 @@ class RedisCommands(Protocol):
 
     def call(self, *args: str | bytes | int) -> asyncio.Future[Any]: ...
 
+    def send_now(self) -> None: ...
+
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -185,6 +187,12 @@ class RedisClient:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return future
+
+    def send_now(self) -> None:
+        """Writes the commands this loop turn has queued so far now, not at the end of the turn: for a caller
+        about to keep the loop busy (a lone call's ledger commit) while the replies travel."""
+        if self._pending:
+            self._flush()  # the end-of-turn flush still scheduled then finds nothing, or what came after
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -122,6 +122,11 @@ class RedisClusterClient:
             self._send(future, args, self._owner(args), 0, asking=False)
         return future
 
+    def send_now(self) -> None:
+        """Writes what this loop turn has queued for each node now (RedisClient.send_now)."""
+        for node in self._nodes.values():
+            node.send_now()
+
     async def ping(self) -> None:
         """Raises RedisUnavailable unless every master answers. A failed ping reloads the map: health
         checks alone (no traffic while health says NOT_SERVING) must find a promoted replica."""
