@@ -101,7 +101,7 @@ def assemble(
         shared_cache = RedisResponseCache(shared.client, config.routing.cache)
         ping, raise_spent_to = shared.ping, shared.budgets.raise_spent_to
         if send_now is None and alone is not None:
-            send_now = _when(alone, shared.client.send_now)
+            send_now = _if_alone(alone, shared.client.send_now)
         closers += [restorer.aclose, shared.aclose]
         if config.shared_state.failure_mode == "open":
             outage = Outage()
@@ -130,7 +130,7 @@ def assemble(
     return Gateway(engine, ping, raise_spent_to, outage, closers)
 
 
-def _when(alone: Callable[[], bool], send_now: Callable[[], None]) -> Callable[[], None]:
+def _if_alone(alone: Callable[[], bool], send_now: Callable[[], None]) -> Callable[[], None]:
     """The settlement's write sent at once only for a lone call: its ledger record is committed within the
     turn, which the round trip should overlap. Under load the end of the turn still batches settlements
     (sent at once there, each its own write: measured worse at concurrency 64)."""
