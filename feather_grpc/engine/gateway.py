@@ -87,7 +87,8 @@ class Feather:
         observers: Sequence[CallObserver] = (),
         send_now: Callable[[], None] | None = None,
     ) -> None:
-        """`send_now`: the shared state store's client's (RedisClient.send_now), when the stores share one."""
+        """`send_now`: called once a call's settlement is started, to write it to the shared state store at
+        once rather than at the end of the loop turn (assembly gives one for a lone call only)."""
         self.config = config
         self._cache_settings = config.routing.cache
         self._request_timeout_ms = config.routing.request_timeout_ms

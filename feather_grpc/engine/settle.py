@@ -100,8 +100,8 @@ class Settlement:
             ticket, call.ticket = call.ticket, None
             settling = self._admission.settle(ticket, record.input_tokens + record.output_tokens, record.cost_nanos_usd)
             if self._send_now is not None:
-                # Written now, not at the end of this turn: a lone call's record is committed within the
-                # turn (SqliteLedger's `alone`), and the round trip should overlap that commit, not follow it.
+                # Written now, not at the end of this turn, when the owner says so (assembly: for a lone
+                # call, whose record is committed within the turn): the round trip overlaps the commit.
                 self._send_now()
         guard = self.ledger_guard
         consumed = record.attempt_count > 0 or record.cost_nanos_usd > 0
