@@ -738,6 +738,27 @@ def multimodal_request(**kw: Any) -> ChatRequest:
     )
 
 
+async def test_provider_fields_meet_the_gateways_objects_key_by_key(sim: GeminiSimulator, session: HttpClient) -> None:
+    """generationConfig holds both the output limit the gateway sets (its own) and options the contract does
+    not model: a default or an extra field adds to it rather than replacing it (and the limit with it)."""
+    defaults = {"generationConfig": {"temperature": 0.3, "topK": 40}, "labels": {"team": "a"}}
+    provider = gemini(sim, session, default_fields=defaults)
+    extra = {"generationConfig": {"topK": 5, "responseModalities": ["TEXT"]}, "labels": {"app": "b"}}
+    await provider.chat("gemini-3-pro", ask(max_tokens=100, extra_fields=extra))
+    body = sim.requests[-1].body
+    assert body["generationConfig"] == {
+        "maxOutputTokens": 100,  # the gateway's
+        "temperature": 0.3,  # the provider's default, under the request
+        "topK": 5,  # the request's extra field, over the default
+        "responseModalities": ["TEXT"],
+    }
+    assert body["labels"] == {"team": "a", "app": "b"}
+    assert defaults == {"generationConfig": {"temperature": 0.3, "topK": 40}, "labels": {"team": "a"}}  # unchanged
+
+    await provider.chat("gemini-3-pro", ask(temperature=0.9))  # the request's own field over the default
+    assert sim.requests[-1].body["generationConfig"] == {"temperature": 0.9, "topK": 40}
+
+
 async def test_parts_thinking_and_extra_fields_in_the_request_body(sim: GeminiSimulator, session: HttpClient) -> None:
     request = multimodal_request(reasoning_effort="high", extra_fields={"labels": {"team": "a"}})
     await gemini(sim, session).chat("gemini-3-pro", request)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from feather_grpc.core.errors import ConfigError
 from feather_grpc.core.pricing import NANOS_PER_USD, Price, usd_to_nanos_per_million
-from feather_grpc.core.types import GATEWAY_OWNED_FIELDS
+from feather_grpc.core.types import owned_fields
 from feather_grpc.core.upstream import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_RESPONSE_BYTES
 
 ProviderType = Literal[
@@ -159,7 +159,7 @@ class ProviderSpec(_Strict):
     @field_validator("default_fields")
     @classmethod
     def _fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
-        owned = sorted(GATEWAY_OWNED_FIELDS.intersection(fields))
+        owned = owned_fields(fields)
         if owned:
             raise ValueError(f"{', '.join(owned)} are set by the gateway for each request")
         plain: dict[str, Any] = json.loads(json.dumps(fields, default=float))  # the parse's Decimals as numbers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -230,8 +231,28 @@ class ReplyId:
 StreamEvent = TextDelta | ToolCallDelta | ThinkingDelta | PromptUsage | ReplyId | StreamFinish
 
 
-# Upstream body fields the gateway owns: what it routes, streams and reserves budgets on (the output limit,
-# and `n`, which multiplies the output). Neither extra_fields nor a provider's defaultFields may set them.
+# Upstream body fields the gateway owns, in each API it speaks (a dot is a field inside an object): the model
+# and the streaming it routes, the conversation it validates and counts, and the output limit budgets reserve
+# on, with the count of candidates that multiplies it. Neither extra_fields nor a provider's defaultFields may
+# set them. The same body goes to whichever provider a call is routed to, so every API's are owned for all.
 GATEWAY_OWNED_FIELDS = frozenset(
-    {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"}
+    {
+        # OpenAI Chat Completions (and Azure, OpenAI-compatible servers)
+        *("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"),
+        "system",  # Anthropic (and Claude on Vertex), and Bedrock Converse
+        *("input", "instructions", "max_output_tokens"),  # OpenAI Responses
+        *("contents", "systemInstruction", "generationConfig.maxOutputTokens", "generationConfig.candidateCount"),
+        "inferenceConfig.maxTokens",  # Bedrock Converse
+    }
 )
+
+
+def owned_fields(fields: Mapping[str, Any]) -> list[str]:
+    """The fields of `fields` (a request's extra_fields, a provider's defaultFields) the gateway owns, sorted,
+    named by their dotted paths."""
+    found = []
+    for path in GATEWAY_OWNED_FIELDS:
+        outer, _, inner = path.partition(".")
+        if outer in fields and (not inner or (isinstance(fields[outer], Mapping) and inner in fields[outer])):
+            found.append(path)
+    return sorted(found)

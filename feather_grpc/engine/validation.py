@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from feather_grpc.config import InputLimits
 from feather_grpc.core.errors import FieldViolation, InvalidRequest
-from feather_grpc.core.types import GATEWAY_OWNED_FIELDS, ChatRequest, Message, PartKind, Role
+from feather_grpc.core.types import ChatRequest, Message, PartKind, Role, owned_fields
 from feather_grpc.engine.routing import POLICIES
 
 MAX_STOP_SEQUENCES = 4
@@ -122,7 +122,7 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad("reasoning.thinking_budget_tokens", f"must be at least {MIN_THINKING_BUDGET}")
         elif req.max_tokens is not None and req.max_tokens <= req.thinking_budget:
             bad("reasoning.thinking_budget_tokens", "must be less than max_tokens (which includes the thinking)")
-    for key in sorted(GATEWAY_OWNED_FIELDS.intersection(req.extra_fields or ())):
+    for key in owned_fields(req.extra_fields or {}):
         bad(f"extra_fields.{key}", "is set by the gateway and cannot be overridden")
     breakpoints = sum(m.cache_ttl is not None for m in req.messages)
     breakpoints += sum(p.cache_ttl is not None for m in req.messages for p in m.parts)

@@ -103,12 +103,24 @@ def request_count(raw: object) -> int:
 
 def merge_fields(body: dict[str, Any], settings: ProviderSettings, request: ChatRequest) -> dict[str, Any]:
     """The body with the provider's configured defaults under it and the request's extra fields over it
-    (validation and config keep both off the fields the gateway owns)."""
-    for key, value in settings.default_fields.items():
-        body.setdefault(key, value)
+    (validation and config keep both off the fields the gateway owns). An object meets an object key by key,
+    so `{"generationConfig": {"topK": 5}}` adds to the output limit the gateway put there instead of
+    replacing it."""
+    if settings.default_fields:
+        _merge(body, settings.default_fields, over=False)
     if request.extra_fields:
-        body.update(request.extra_fields)
+        _merge(body, request.extra_fields, over=True)
     return body
+
+
+def _merge(body: dict[str, Any], fields: dict[str, Any], *, over: bool) -> None:
+    for key, value in fields.items():
+        mine = body.get(key)
+        if isinstance(mine, dict) and isinstance(value, dict):
+            body[key] = mine = dict(mine)  # a copy: the gateway's object may be shared (a cached schema)
+            _merge(mine, value, over=over)
+        elif over or key not in body:
+            body[key] = value
 
 
 # Gemini's thought signatures are marked so, as the reply's thinking: Gemini checks only its own, and Claude

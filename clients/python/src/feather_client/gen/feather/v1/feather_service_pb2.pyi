@@ -995,11 +995,15 @@ class ChatRequest(_message.Message):
 
     @_builtins.property
     def extra_fields(self) -> _struct_pb2.Struct:
-        """Fields the contract does not model yet, merged into the upstream request body as given (for example
-        `{"service_tier": "priority"}`, `{"metadata": {"user_id": "u1"}}`). They override the provider's
-        configured `defaultFields` and fields the gateway maps from this request, but never what the gateway
-        owns: `model`, `messages`, `stream`, `stream_options`, `max_tokens`, `max_completion_tokens` (the output
-        limit budgets reserve on) and `n` are INVALID_ARGUMENT here. The same body goes to any provider the call
+        """Fields the contract does not model yet, merged into the upstream request body (for example
+        `{"service_tier": "priority"}`, `{"metadata": {"user_id": "u1"}}`, Gemini's
+        `{"generationConfig": {"topK": 5}}`). They override the provider's configured `defaultFields` and fields
+        the gateway maps from this request; an object meets an object key by key. Never what the gateway owns,
+        in any provider's API: the model, streaming, the conversation, the output limit budgets reserve on and
+        the count of candidates (`model`, `stream`, `stream_options`, `messages`, `system`, `input`,
+        `instructions`, `contents`, `systemInstruction`, `max_tokens`, `max_completion_tokens`,
+        `max_output_tokens`, `generationConfig.maxOutputTokens`, `inferenceConfig.maxTokens`, `n`,
+        `generationConfig.candidateCount`) are INVALID_ARGUMENT here. The same body goes to any provider the call
         is routed to: pin `provider` when a field is one provider's.
         """
 
