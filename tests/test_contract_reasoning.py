@@ -216,6 +216,11 @@ async def test_bad_reasoning_options_are_invalid_argument(sim: UpstreamSimulator
                 ChatOptions(reasoning=effort(pb.REASONING_EFFORT_UNSPECIFIED, 2000), max_tokens=2000),
                 "reasoning.thinking_budget_tokens",
             ),
+            # without max_tokens, past the output limit (safety.maxOutputTokens, 65,536 by default)
+            (
+                ChatOptions(reasoning=effort(pb.REASONING_EFFORT_UNSPECIFIED, 65_536)),
+                "reasoning.thinking_budget_tokens",
+            ),
             (ChatOptions(reasoning=pb.ReasoningOptions(effort=pb.ReasoningEffort.ValueType(99))), "reasoning.effort"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as info:

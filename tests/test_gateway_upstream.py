@@ -488,6 +488,22 @@ async def test_the_budget_reservation_covers_the_context_window_fallbacks(sim: U
         assert reply.provider == "anthropic"
 
 
+async def test_the_budget_reservation_covers_a_thinking_budget_without_max_tokens(sim: UpstreamSimulator) -> None:
+    """Without max_tokens, Anthropic is sent 4,096 plus the thinking budget (thinking is output): the worst case
+    reserved must be the same, or a large budget would let the call spend far past what was reserved."""
+    doc = sim_config(sim, tenants={"default": {"budget": {"dailyUsd": 0.5}}})
+    thinking = pb.ReasoningOptions(thinking_budget_tokens=60_000)  # ~64k output at $15/1M: ~$0.96
+    async with running_gateway(doc, ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user("think")], reasoning=thinking))
+        assert rich_error(caught.value).reason == "BUDGET_EXCEEDED"
+        assert len(sim.requests) == 0
+        small = pb.ReasoningOptions(thinking_budget_tokens=2_000)  # ~6k output: ~$0.09, fits
+        reply = await gw.stub.Chat(pb.ChatRequest(model="big", messages=[user("think")], reasoning=small))
+        assert reply.provider == "anthropic"
+    assert sim.requests[-1].body["max_tokens"] == 4096 + 2_000
+
+
 async def test_a_hedged_calls_losing_leg_counts_against_the_budget(sim: UpstreamSimulator) -> None:
     sim.enqueue(Reply(latency_s=30), path=OPENAI_PATH)
     doc = sim_config(sim, routes={"smart": {"hedgeAfterMs": 50}}, tenants={"default": {"budget": {"dailyUsd": 10}}})

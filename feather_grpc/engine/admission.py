@@ -36,6 +36,7 @@ from feather_grpc.core.limits import (
 from feather_grpc.core.tokens import estimate_prompt_tokens
 from feather_grpc.core.types import ChatRequest
 from feather_grpc.engine.routing import RouteCandidate
+from feather_grpc.providers.anthropic import thinking_budget
 
 T = TypeVar("T")
 
@@ -298,8 +299,10 @@ async def _landed(pending: list[Awaitable[None]]) -> None:
 
 def _output(request: ChatRequest, candidate: RouteCandidate) -> int:
     """The most output a call to `candidate` may bill: the caller's max_tokens, else the model's configured
-    longest reply (what Anthropic is sent), else the default reservation."""
-    return request.max_tokens or candidate.model.max_output_tokens or DEFAULT_OUTPUT_RESERVATION
+    longest reply, else the default reservation with the thinking budget on top: what Anthropic and Bedrock
+    are sent as their required max_tokens (thinking is output, and a budget may be far above the default)."""
+    fallback = DEFAULT_OUTPUT_RESERVATION + (thinking_budget(request) or 0)
+    return request.max_tokens or candidate.model.max_output_tokens or fallback
 
 
 def _cost(candidate: RouteCandidate, prompt: int, output: int) -> int:

@@ -122,6 +122,9 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
             bad("reasoning.thinking_budget_tokens", f"must be at least {MIN_THINKING_BUDGET}")
         elif req.max_tokens is not None and req.max_tokens <= req.thinking_budget:
             bad("reasoning.thinking_budget_tokens", "must be less than max_tokens (which includes the thinking)")
+        elif req.thinking_budget >= limits.max_output_tokens:
+            limit = limits.max_output_tokens  # the output includes the thinking
+            bad("reasoning.thinking_budget_tokens", f"must be less than {limit}, the output limit")
     for key in owned_fields(req.extra_fields or {}):
         bad(f"extra_fields.{key}", "is set by the gateway and cannot be overridden")
     breakpoints = sum(m.cache_ttl is not None for m in req.messages)

@@ -514,8 +514,9 @@ class ReasoningOptions(_message.Message):
     """
     thinking_budget_tokens: _builtins.int
     """Anthropic extended thinking (`thinking: {type: enabled, budget_tokens}`): at least 1,024, and below
-    `max_tokens` when that is set (without it, Anthropic gets the model's maxOutputTokens, else the budget
-    plus 4,096). OpenAI does not take a budget: use `effort` there.
+    `max_tokens` when that is set, else below the gateway's output limit (`safety.maxOutputTokens`). Without
+    `max_tokens`, Anthropic gets the model's maxOutputTokens, else the budget plus 4,096, and a budget
+    reserves that much output. OpenAI does not take a budget: use `effort` there.
     """
     def __init__(
         self,
