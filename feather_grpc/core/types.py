@@ -240,7 +240,8 @@ GATEWAY_OWNED_FIELDS = frozenset(
         # OpenAI Chat Completions (and Azure, OpenAI-compatible servers)
         *("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"),
         "system",  # Anthropic (and Claude on Vertex), and Bedrock Converse
-        *("input", "instructions", "max_output_tokens"),  # OpenAI Responses
+        # OpenAI Responses; `background` would leave the gateway a queued reply to bill while the upstream works
+        *("input", "instructions", "max_output_tokens", "background"),
         *("contents", "systemInstruction", "generationConfig.maxOutputTokens", "generationConfig.candidateCount"),
         "inferenceConfig.maxTokens",  # Bedrock Converse
     }

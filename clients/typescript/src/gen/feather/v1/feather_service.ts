@@ -981,8 +981,8 @@ export interface ChatRequest {
    * `{"generationConfig": {"topK": 5}}`). They override the provider's configured `defaultFields` and fields
    * the gateway maps from this request; an object meets an object key by key. Never what the gateway owns,
    * in any provider's API: the model, streaming, the conversation, the output limit budgets reserve on and
-   * the count of candidates (`model`, `stream`, `stream_options`, `messages`, `system`, `input`,
-   * `instructions`, `contents`, `systemInstruction`, `max_tokens`, `max_completion_tokens`,
+   * the count of candidates (`model`, `stream`, `stream_options`, `background`, `messages`, `system`,
+   * `input`, `instructions`, `contents`, `systemInstruction`, `max_tokens`, `max_completion_tokens`,
    * `max_output_tokens`, `generationConfig.maxOutputTokens`, `inferenceConfig.maxTokens`, `n`,
    * `generationConfig.candidateCount`) are INVALID_ARGUMENT here. The same body goes to any provider the call
    * is routed to: pin `provider` when a field is one provider's.
