@@ -5,12 +5,14 @@ A real gateway in front of the upstream simulator; every expected usage and nano
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 
+from feather_grpc import config as feather_config
 from feather_grpc.gen.feather.v1 import feather_service_pb2 as pb
 from sim.upstream import Reply, SimToolCall, SimUsage, UpstreamSimulator
 from tests.gateway_harness import Gateway, running_gateway, user
@@ -140,6 +142,85 @@ async def test_anthropic_web_search_requests_are_counted_and_priced(sim: Upstrea
         models = {m.name: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
         assert models["claude-sim"].price.web_search_nanos_usd_per_million == 10_000_000_000_000
         assert models["gpt-sim"].price.web_search_nanos_usd_per_million == 0  # not configured: not billed
+
+
+def with_tiers(sim: UpstreamSimulator) -> dict[str, Any]:
+    doc = config(sim)
+    doc["providers"]["openai"]["models"][0]["serviceTiers"] = {
+        "priority": {"inputPer1M": 4, "outputPer1M": 16, "cachedInputPer1M": 1},  # 2x
+        "flex": {"inputPer1M": 1, "outputPer1M": 4},
+    }
+    doc["providers"]["anthropic"]["models"][0]["serviceTiers"] = {"priority": {"inputPer1M": 6, "outputPer1M": 30}}
+    return doc
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize(
+    ("model", "tier", "cost"),
+    [
+        ("gpt-sim", "priority", 800 * 4000 + 200 * 1000 + 100 * 16000),  # the tier's cached price too
+        ("gpt-sim", "flex", 800 * 1000 + 200 * 1000 + 100 * 4000),  # unset: the tier's input price
+        ("gpt-sim", "default", 800 * 2000 + 200 * 500 + 100 * 8000),  # no price of its own: the model's
+        ("gpt-sim", None, 800 * 2000 + 200 * 500 + 100 * 8000),  # no tier said
+        # Anthropic says it in its usage, where input_tokens leaves the cache reads out
+        ("claude-sim", "priority", 1000 * 6000 + 200 * 6000 + 100 * 30000),
+        ("claude-sim", "standard", 1000 * 3000 + 200 * 300 + 100 * 15000),
+    ],
+)
+async def test_a_reply_is_priced_on_the_service_tier_it_was_served_on(
+    sim: UpstreamSimulator, streamed: bool, model: str, tier: str | None, cost: int
+) -> None:
+    """OpenAI's priority processing costs about twice the standard price, flex half: a caller may ask for a
+    tier (extra_fields.service_tier), and the reply says which one served it."""
+    sim.enqueue(Reply(content="ok", usage=SimUsage(input=1000, output=100, cached=200), service_tier=tier))
+    async with running_gateway(with_tiers(sim), ENV) as gw:
+        if streamed:
+            _, end = await stream_end(gw, model)
+            billed, said = end.cost_nanos_usd, end.upstream.service_tier
+        else:
+            reply = await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user("hello")]))
+            billed, said = reply.cost_nanos_usd, reply.upstream.service_tier
+        assert said == (tier or "")
+        assert billed == cost
+        assert (await total(gw)).cost_nanos_usd == cost  # the ledger's too
+        if (model, tier, streamed) == ("gpt-sim", "priority", True):  # once: what ListModels shows
+            models = {m.name: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+            gpt = models["gpt-sim"]
+            assert sorted(gpt.service_tier_prices) == ["flex", "priority"]
+            priority = gpt.service_tier_prices["priority"]
+            assert priority.input_nanos_usd_per_million == 4_000_000_000
+            assert priority.output_nanos_usd_per_million == 16_000_000_000
+            assert priority.cached_input_nanos_usd_per_million == 1_000_000_000
+            assert gpt.price.output_nanos_usd_per_million == 8_000_000_000  # the model's own, unchanged
+
+
+async def test_a_budget_reserves_the_dearest_service_tier(sim: UpstreamSimulator) -> None:
+    """Which tier serves a call is known only from its reply, so admission reserves the worst of them."""
+    doc = with_tiers(sim)
+    doc["tenants"] = {"default": {"budget": {"dailyUsd": 0.0001}}}  # 100,000 nano-dollars
+    ask = pb.ChatRequest(model="gpt-sim", messages=[user("hi")], max_tokens=10)  # ~10 x 16,000 at priority
+    async with running_gateway(doc, ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gw.stub.Chat(ask)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not sim.requests
+    del doc["providers"]["openai"]["models"][0]["serviceTiers"]
+    async with running_gateway(doc, ENV) as gw:  # at the standard price (~10 x 8,000) the same call fits
+        assert (await gw.stub.Chat(ask)).message.content
+
+
+@pytest.mark.parametrize(
+    ("tiers", "path"),
+    [
+        ({"priority": {"inputPer1M": 4}}, "providers.openai.models[0].serviceTiers.priority"),
+        ({"priority": {"inputPer1M": -1, "outputPer1M": 1}}, "providers.openai.models[0].serviceTiers.priority"),
+    ],
+)
+def test_a_service_tier_needs_a_whole_price(tiers: dict[str, Any], path: str) -> None:
+    doc = {"providers": {"openai": {"models": [{"name": "m", **OPENAI_PRICE, "serviceTiers": tiers}]}}}
+    with pytest.raises(feather_config.ConfigError) as info:
+        feather_config.resolve(feather_config.parse_file_config(json.dumps(doc), "<test>"), {}, "<test>")
+    assert f"<test>: {path}" in str(info.value)
 
 
 async def test_anthropic_stream_cut_after_message_start_bills_the_announced_prompt(sim: UpstreamSimulator) -> None:

@@ -24,6 +24,15 @@ class ModelConfig:
     capabilities: tuple[str, ...]
     weight: int = 1
     max_output_tokens: int | None = None  # the model's longest reply, when configured
+    tier_prices: tuple[tuple[str, Price], ...] = ()  # (service tier, its price): see price_on
+
+    def price_on(self, tier: str) -> Price | None:
+        """The price of a reply the upstream says it served on `tier` (OpenAI's and Anthropic's
+        `service_tier`): the tier's when configured, else the model's."""
+        for name, price in self.tier_prices:
+            if name == tier:
+                return price
+        return self.price
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,18 @@ import ssl
 from pathlib import Path
 
 from feather_grpc.config.model import ModelConfig, ProviderConfig
-from feather_grpc.config.schema import DEFAULT_BASE_URLS, KNOWN_TYPES, MAX_USD_PER_1M, FileConfig, ProviderSpec
+from feather_grpc.config.schema import (
+    DEFAULT_BASE_URLS,
+    KNOWN_TYPES,
+    MAX_USD_PER_1M,
+    FileConfig,
+    ModelSpec,
+    ProviderSpec,
+)
 from feather_grpc.core.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
 from feather_grpc.core.errors import ConfigError
 from feather_grpc.core.extras import missing_extra
+from feather_grpc.core.pricing import Price
 
 
 def resolve_providers(
@@ -61,8 +69,11 @@ def resolve_providers(
                     'add "inputPer1K" and "outputPer1K" (or per-1M prices), '
                     'or set "allowUnpriced": true to serve it as unpriced',
                 )
+            tiers = _tier_prices(source, where, m, price)
             models.append(
-                ModelConfig(name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight, m.max_output_tokens)
+                ModelConfig(
+                    name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight, m.max_output_tokens, tiers
+                )
             )
         providers.append(
             ProviderConfig(
@@ -332,3 +343,21 @@ def _egress(name: str, spec: ProviderSpec, ptype: str, env: dict[str, str], sour
             problem = f"unusable certificate or key ({e.reason})"
             raise ConfigError(source, f"{where}.clientCertFile", problem, fix) from None
     return Egress(proxy, spec.ca_file, spec.client_cert_file, spec.client_key_file)
+
+
+def _tier_prices(source: str, where: str, m: ModelSpec, price: Price | None) -> tuple[tuple[str, Price], ...]:
+    """A model's service-tier prices, each whole, on a priced model."""
+    tiers = []
+    for tier, spec in m.service_tiers.items():
+        at = f"{where}.serviceTiers.{tier}"
+        if price is None:
+            raise ConfigError(source, at, "is a tier of a model with no price", "give the model its own price first")
+        try:
+            tier_price = spec.price()
+        except ValueError as e:
+            fix = f"use a plain USD amount such as 0.0015 (at most {MAX_USD_PER_1M:,} per 1M tokens)"
+            raise ConfigError(source, at, f"price {e}", fix) from None
+        if tier_price is None:
+            raise ConfigError(source, at, "has no input or output price", 'give both "inputPer1M" and "outputPer1M"')
+        tiers.append((tier, tier_price))
+    return tuple(tiers)

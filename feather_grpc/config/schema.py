@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,9 +44,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ModelSpec(_Strict):
-    name: str = Field(min_length=1)
-    aliases: list[str] = Field(default_factory=list)
+class PriceSpec(_Strict):
+    """A price, per 1K or per 1M tokens: a model's, or one of its service tiers'."""
+
     input_per_1k: Decimal | None = Field(default=None, alias="inputPer1K")
     output_per_1k: Decimal | None = Field(default=None, alias="outputPer1K")
     cached_input_per_1k: Decimal | None = Field(default=None, alias="cachedInputPer1K")
@@ -61,18 +61,9 @@ class ModelSpec(_Strict):
     # Per 1K (or 1M) server-side web search requests (Anthropic: 10.00 per 1K); unset: not billed.
     web_search_per_1k: Decimal | None = Field(default=None, alias="webSearchPer1K")
     web_search_per_1m: Decimal | None = Field(default=None, alias="webSearchPer1M")
-    capabilities: list[str] = Field(default_factory=list)
-    allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
-    weight: int = Field(default=1, ge=0)  # for the `weighted` policy
-    deployment: str | None = Field(default=None, min_length=1)  # azure-openai: the deployment (default: name)
-    api: Literal["chat", "responses"] | None = None  # openai: the API that serves it (default: the provider's)
-    # gemini/vertex: thinking tokens the model may spend (-1: the model decides, 0: none, where it allows)
-    thinking_budget: int | None = Field(default=None, alias="thinkingBudget", ge=-1, le=1_000_000)
-    # The model's longest reply: Anthropic's required max_tokens when the caller sets none
-    max_output_tokens: int | None = Field(default=None, alias="maxOutputTokens", ge=1, le=10_000_000)
 
     @model_validator(mode="after")
-    def _one_unit_per_price(self) -> ModelSpec:
+    def _one_unit_per_price(self) -> Self:
         for kind in ("input", "output", "cached_input", "cache_write", "cache_write_1h", "web_search"):
             if getattr(self, f"{kind}_per_1k") is not None and getattr(self, f"{kind}_per_1m") is not None:
                 raise ValueError(f"give {kind} price per 1K or per 1M tokens, not both")
@@ -85,7 +76,7 @@ class ModelSpec(_Strict):
                 if usd is not None:
                     nanos = usd_to_nanos_per_million(usd, per_tokens)
                     if nanos > MAX_USD_PER_1M * NANOS_PER_USD:
-                        alias = ModelSpec.model_fields[f"{kind}_per_{unit}"].alias
+                        alias = PriceSpec.model_fields[f"{kind}_per_{unit}"].alias
                         raise ValueError(f"{alias} is above the maximum of {MAX_USD_PER_1M:,} USD per 1M tokens")
                     return nanos
             return None
@@ -102,6 +93,23 @@ class ModelSpec(_Strict):
             web_search=one("web_search") or 0,
             cache_write_1h=one("cache_write_1h"),
         )
+
+
+class ModelSpec(PriceSpec):
+    name: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    # Prices of the service tiers the upstream reports a reply was served on (OpenAI `priority`, `flex`;
+    # Anthropic `priority`), each a whole price; a reply on another tier, or saying none, costs the model's.
+    service_tiers: dict[str, PriceSpec] = Field(default_factory=dict, alias="serviceTiers")
+    capabilities: list[str] = Field(default_factory=list)
+    allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
+    weight: int = Field(default=1, ge=0)  # for the `weighted` policy
+    deployment: str | None = Field(default=None, min_length=1)  # azure-openai: the deployment (default: name)
+    api: Literal["chat", "responses"] | None = None  # openai: the API that serves it (default: the provider's)
+    # gemini/vertex: thinking tokens the model may spend (-1: the model decides, 0: none, where it allows)
+    thinking_budget: int | None = Field(default=None, alias="thinkingBudget", ge=-1, le=1_000_000)
+    # The model's longest reply: Anthropic's required max_tokens when the caller sets none
+    max_output_tokens: int | None = Field(default=None, alias="maxOutputTokens", ge=1, le=10_000_000)
 
 
 DEFAULT_MAX_CONNECTIONS = 1000

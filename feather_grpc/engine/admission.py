@@ -306,7 +306,13 @@ def _output(request: ChatRequest, candidate: RouteCandidate) -> int:
 
 
 def _cost(candidate: RouteCandidate, prompt: int, output: int) -> int:
-    price = candidate.model.price
-    if price is None:
+    """The worst case on any of the model's prices: which service tier serves a call is known only from its
+    reply (a request may ask for one in extra_fields, a project may default to one)."""
+    model = candidate.model
+    if model.price is None:
         return 0
+    price = model.price
+    for _, tier in model.tier_prices:
+        if tier.input * prompt + tier.output * output > price.input * prompt + price.output * output:
+            price = tier
     return -(-(prompt * price.input + output * price.output) // 1_000_000)  # round up: a worst case

@@ -194,7 +194,7 @@ class Feather:
             raise
         if call.answered is not None:
             call.answered.upstream_response_id = reply.upstream.id
-        cost, unpriced = price(candidate, reply.usage)
+        cost, unpriced = price(candidate, reply.usage, reply.upstream.service_tier)
         record = self._settlement.record(call, Outcome.OK, reply.usage, cost=cost, estimated=reply.usage_estimated)
         await self._settlement.settle(call, record)
         if not reply.thinking:  # a replay without its thinking could not continue a tool-use turn
@@ -314,7 +314,7 @@ class Feather:
             usage, estimated = event.usage, False
             if usage is None:
                 usage, estimated = cancelled_usage(call, output_chars), True
-            cost, unpriced = price(candidate, usage)
+            cost, unpriced = price(candidate, usage, event.upstream.service_tier)
             record = self._settlement.record(call, Outcome.OK, usage, cost=cost, estimated=estimated)
             await self._settlement.settle(call, record)
             if text is not None and not thinking:  # a replay without its thinking could not continue a tool-use turn

@@ -177,9 +177,10 @@ def cancelled_usage(call: Call, output_chars: int) -> Usage:
     return Usage(input_tokens=estimate_prompt_tokens(call.request.messages), output_tokens=output)
 
 
-def price(candidate: RouteCandidate | None, usage: Usage) -> tuple[int, bool]:
-    """The cost of `usage` on `candidate`, and whether it is unpriced (a model without a price)."""
-    model_price = candidate.model.price if candidate else None
+def price(candidate: RouteCandidate | None, usage: Usage, tier: str = "") -> tuple[int, bool]:
+    """The cost of `usage` on `candidate`, on the service tier the upstream said it served (its price when
+    configured), and whether it is unpriced (a model without a price)."""
+    model_price = candidate.model.price_on(tier) if candidate else None
     if model_price is None:
         return 0, candidate is not None
     return model_price.cost_nanos(usage), False

@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from feather_grpc.core.errors import FieldViolation, InvalidRequest
 from feather_grpc.core.ledger import GroupBy, UsageQuery, UsageReport, UsageTotals
+from feather_grpc.core.pricing import Price
 from feather_grpc.core.results import AttemptRecord, ChatResult, StreamCompleted
 from feather_grpc.core.types import (
     ChatRequest,
@@ -465,18 +466,21 @@ def model_info(v: ModelView) -> pb.ModelInfo:
         info.last_failure.message = failure.message
         info.last_failure.http_status = failure.http_status
         info.last_failure.failure_time.FromNanoseconds(int(failure.time_s * 1e9))
-    price = v.model.price
-    if price is not None:
-        info.price.CopyFrom(
-            pb.ModelPrice(
-                input_nanos_usd_per_million=price.input,
-                output_nanos_usd_per_million=price.output,
-                cached_input_nanos_usd_per_million=price.cached_input,
-                cache_write_nanos_usd_per_million=price.cache_write,
-                web_search_nanos_usd_per_million=price.web_search,
-                cache_write_1h_nanos_usd_per_million=price.cache_write
-                if price.cache_write_1h is None
-                else price.cache_write_1h,
-            )
-        )
+    if v.model.price is not None:
+        info.price.CopyFrom(_model_price(v.model.price))
+    for tier, price in v.model.tier_prices:
+        info.service_tier_prices[tier].CopyFrom(_model_price(price))
     return info
+
+
+def _model_price(price: Price) -> pb.ModelPrice:
+    return pb.ModelPrice(
+        input_nanos_usd_per_million=price.input,
+        output_nanos_usd_per_million=price.output,
+        cached_input_nanos_usd_per_million=price.cached_input,
+        cache_write_nanos_usd_per_million=price.cache_write,
+        web_search_nanos_usd_per_million=price.web_search,
+        cache_write_1h_nanos_usd_per_million=price.cache_write
+        if price.cache_write_1h is None
+        else price.cache_write_1h,
+    )

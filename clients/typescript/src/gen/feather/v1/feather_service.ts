@@ -1405,7 +1405,20 @@ export interface ModelInfo {
    * gateway process saw it (for an open circuit: what opened it); unset when there was none since it
    * started.
    */
-  lastFailure: ModelFailure | undefined;
+  lastFailure:
+    | ModelFailure
+    | undefined;
+  /**
+   * The configured prices of service tiers (`models[].serviceTiers`), by the tier's name as the provider
+   * reports it (OpenAI `priority`, `flex`): a reply served on one costs its price, any other reply `price`.
+   * Budgets reserve the dearest.
+   */
+  serviceTierPrices: { [key: string]: ModelPrice };
+}
+
+export interface ModelInfo_ServiceTierPricesEntry {
+  key: string;
+  value: ModelPrice | undefined;
 }
 
 /** ModelFailure is one upstream failure of a model. */
@@ -7108,6 +7121,7 @@ function createBaseModelInfo(): ModelInfo {
     latencyMs: 0n,
     maxConnections: 0,
     lastFailure: undefined,
+    serviceTierPrices: {},
   };
 }
 
@@ -7146,6 +7160,9 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     if (message.lastFailure !== undefined) {
       ModelFailure.encode(message.lastFailure, writer.uint32(82).fork()).join();
     }
+    globalThis.Object.entries(message.serviceTierPrices).forEach(([key, value]: [string, ModelPrice]) => {
+      ModelInfo_ServiceTierPricesEntry.encode({ key: key as any, value }, writer.uint32(90).fork()).join();
+    });
     return writer;
   },
 
@@ -7242,6 +7259,17 @@ export const ModelInfo: MessageFns<ModelInfo> = {
             message.lastFailure = ModelFailure.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            const entry11 = ModelInfo_ServiceTierPricesEntry.decode(reader, reader.uint32());
+            if (entry11.value !== undefined) {
+              message.serviceTierPrices[entry11.key] = entry11.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7288,6 +7316,33 @@ export const ModelInfo: MessageFns<ModelInfo> = {
         : isSet(object.last_failure)
         ? ModelFailure.fromJSON(object.last_failure)
         : undefined,
+      serviceTierPrices: isObject(object.serviceTierPrices)
+        ? (globalThis.Object.entries(object.serviceTierPrices) as [string, any][]).reduce(
+          (acc: { [key: string]: ModelPrice }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: ModelPrice.fromJSON(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.service_tier_prices)
+        ? (globalThis.Object.entries(object.service_tier_prices) as [string, any][]).reduce(
+          (acc: { [key: string]: ModelPrice }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: ModelPrice.fromJSON(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -7323,6 +7378,15 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     if (message.lastFailure !== undefined) {
       obj.lastFailure = ModelFailure.toJSON(message.lastFailure);
     }
+    if (message.serviceTierPrices) {
+      const entries = globalThis.Object.entries(message.serviceTierPrices) as [string, ModelPrice][];
+      if (entries.length > 0) {
+        obj.serviceTierPrices = {};
+        entries.forEach(([k, v]) => {
+          obj.serviceTierPrices[k] = ModelPrice.toJSON(v);
+        });
+      }
+    }
     return obj;
   },
 
@@ -7344,6 +7408,100 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     message.maxConnections = object.maxConnections ?? 0;
     message.lastFailure = (object.lastFailure !== undefined && object.lastFailure !== null)
       ? ModelFailure.fromPartial(object.lastFailure)
+      : undefined;
+    message.serviceTierPrices = (globalThis.Object.entries(object.serviceTierPrices ?? {}) as [string, ModelPrice][])
+      .reduce((acc: { [key: string]: ModelPrice }, [key, value]: [string, ModelPrice]) => {
+        if (value !== undefined) {
+          acc[key] = ModelPrice.fromPartial(value);
+        }
+        return acc;
+      }, {});
+    return message;
+  },
+};
+
+function createBaseModelInfo_ServiceTierPricesEntry(): ModelInfo_ServiceTierPricesEntry {
+  return { key: "", value: undefined };
+}
+
+export const ModelInfo_ServiceTierPricesEntry: MessageFns<ModelInfo_ServiceTierPricesEntry> = {
+  encode(message: ModelInfo_ServiceTierPricesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== undefined) {
+      ModelPrice.encode(message.value, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ModelInfo_ServiceTierPricesEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseModelInfo_ServiceTierPricesEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = ModelPrice.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ModelInfo_ServiceTierPricesEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? ModelPrice.fromJSON(object.value) : undefined,
+    };
+  },
+
+  toJSON(message: ModelInfo_ServiceTierPricesEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== undefined) {
+      obj.value = ModelPrice.toJSON(message.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ModelInfo_ServiceTierPricesEntry>): ModelInfo_ServiceTierPricesEntry {
+    return ModelInfo_ServiceTierPricesEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ModelInfo_ServiceTierPricesEntry>): ModelInfo_ServiceTierPricesEntry {
+    const message = createBaseModelInfo_ServiceTierPricesEntry();
+    message.key = object.key ?? "";
+    message.value = (object.value !== undefined && object.value !== null)
+      ? ModelPrice.fromPartial(object.value)
       : undefined;
     return message;
   },

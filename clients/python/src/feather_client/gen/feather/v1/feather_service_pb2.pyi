@@ -1963,6 +1963,27 @@ class ModelInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ServiceTierPricesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelPrice: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelPrice | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROVIDER_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
@@ -1973,6 +1994,7 @@ class ModelInfo(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
     LAST_FAILURE_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_PRICES_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """The configured provider name."""
     name: _builtins.str
@@ -2007,6 +2029,13 @@ class ModelInfo(_message.Message):
         started.
         """
 
+    @_builtins.property
+    def service_tier_prices(self) -> _containers.MessageMap[_builtins.str, Global___ModelPrice]:
+        """The configured prices of service tiers (`models[].serviceTiers`), by the tier's name as the provider
+        reports it (OpenAI `priority`, `flex`): a reply served on one costs its price, any other reply `price`.
+        Budgets reserve the dearest.
+        """
+
     def __init__(
         self,
         *,
@@ -2020,10 +2049,11 @@ class ModelInfo(_message.Message):
         latency_ms: _builtins.int = ...,
         max_connections: _builtins.int = ...,
         last_failure: Global___ModelFailure | None = ...,
+        service_tier_prices: _abc.Mapping[_builtins.str, Global___ModelPrice] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "last_failure", b"last_failure", "latency_ms", b"latency_ms", "max_connections", b"max_connections", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "last_failure", b"last_failure", "latency_ms", b"latency_ms", "max_connections", b"max_connections", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type", "service_tier_prices", b"service_tier_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
