@@ -242,7 +242,13 @@ GATEWAY_OWNED_FIELDS = frozenset(
         "system",  # Anthropic (and Claude on Vertex), and Bedrock Converse
         # OpenAI Responses; `background` would leave the gateway a queued reply to bill while the upstream works
         *("input", "instructions", "max_output_tokens", "background"),
-        *("contents", "systemInstruction", "generationConfig.maxOutputTokens", "generationConfig.candidateCount"),
+        # Gemini and Vertex, whose JSON takes a field's proto name (snake_case) as well as its camelCase one
+        *("contents", "systemInstruction", "system_instruction"),
+        *(
+            f"{config}.{field}"
+            for config in ("generationConfig", "generation_config")
+            for field in ("maxOutputTokens", "max_output_tokens", "candidateCount", "candidate_count")
+        ),
         "inferenceConfig.maxTokens",  # Bedrock Converse
     }
 )

@@ -1004,8 +1004,8 @@ class ChatRequest(_message.Message):
         the count of candidates (`model`, `stream`, `stream_options`, `background`, `messages`, `system`,
         `input`, `instructions`, `contents`, `systemInstruction`, `max_tokens`, `max_completion_tokens`,
         `max_output_tokens`, `generationConfig.maxOutputTokens`, `inferenceConfig.maxTokens`, `n`,
-        `generationConfig.candidateCount`) are INVALID_ARGUMENT here. The same body goes to any provider the call
-        is routed to: pin `provider` when a field is one provider's.
+        `generationConfig.candidateCount`, and Gemini's in snake_case too) are INVALID_ARGUMENT here. The same
+        body goes to any provider the call is routed to: pin `provider` when a field is one provider's.
         """
 
     def __init__(
