@@ -125,8 +125,9 @@ def validate_chat(req: ChatRequest, limits: InputLimits = _DEFAULT_LIMITS) -> No
         elif req.thinking_budget >= limits.max_output_tokens:
             limit = limits.max_output_tokens  # the output includes the thinking
             bad("reasoning.thinking_budget_tokens", f"must be less than {limit}, the output limit")
-    for key in owned_fields(req.extra_fields or {}):
-        bad(f"extra_fields.{key}", "is set by the gateway and cannot be overridden")
+    if req.extra_fields:  # most calls have none, and the check costs ~2 µs
+        for key in owned_fields(req.extra_fields):
+            bad(f"extra_fields.{key}", "is set by the gateway and cannot be overridden")
     breakpoints = sum(m.cache_ttl is not None for m in req.messages)
     breakpoints += sum(p.cache_ttl is not None for m in req.messages for p in m.parts)
     breakpoints += sum(t.cache_ttl is not None for t in req.tools)
