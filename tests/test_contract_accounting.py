@@ -214,6 +214,7 @@ async def test_a_budget_reserves_the_dearest_service_tier(sim: UpstreamSimulator
     [
         ({"priority": {"inputPer1M": 4}}, "providers.openai.models[0].serviceTiers.priority"),
         ({"priority": {"inputPer1M": -1, "outputPer1M": 1}}, "providers.openai.models[0].serviceTiers.priority"),
+        ({"": {"inputPer1M": 1, "outputPer1M": 1}}, "providers.openai.models[0].serviceTiers."),  # every reply's
     ],
 )
 def test_a_service_tier_needs_a_whole_price(tiers: dict[str, Any], path: str) -> None:

@@ -350,6 +350,8 @@ def _tier_prices(source: str, where: str, m: ModelSpec, price: Price | None) -> 
     tiers = []
     for tier, spec in m.service_tiers.items():
         at = f"{where}.serviceTiers.{tier}"
+        if not tier.strip():
+            raise ConfigError(source, at, "has no tier name", 'name it as the provider reports it, e.g. "priority"')
         if price is None:
             raise ConfigError(source, at, "is a tier of a model with no price", "give the model its own price first")
         try:
