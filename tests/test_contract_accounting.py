@@ -209,16 +209,80 @@ async def test_a_budget_reserves_the_dearest_service_tier(sim: UpstreamSimulator
         assert (await gw.stub.Chat(ask)).message.content
 
 
+LONG_CONTEXT = {"aboveInputTokens": 200_000, "inputPer1M": 6, "outputPer1M": 22.5, "cachedInputPer1M": 0.6}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize(
-    ("tiers", "path"),
+    ("uncached", "cached", "cost"),
     [
-        ({"priority": {"inputPer1M": 4}}, "providers.openai.models[0].serviceTiers.priority"),
-        ({"priority": {"inputPer1M": -1, "outputPer1M": 1}}, "providers.openai.models[0].serviceTiers.priority"),
-        ({"": {"inputPer1M": 1, "outputPer1M": 1}}, "providers.openai.models[0].serviceTiers."),  # every reply's
+        # 210,000 prompt tokens with the cache reads: all the call's tokens at the long-context price
+        (150_000, 60_000, 150_000 * 6000 + 60_000 * 600 + 100 * 22_500),
+        (150_000, 40_000, 150_000 * 3000 + 40_000 * 300 + 100 * 15_000),  # 190,000: the model's price
+        (200_000, 0, 200_000 * 3000 + 100 * 15_000),  # the threshold itself is not over it
     ],
 )
-def test_a_service_tier_needs_a_whole_price(tiers: dict[str, Any], path: str) -> None:
-    doc = {"providers": {"openai": {"models": [{"name": "m", **OPENAI_PRICE, "serviceTiers": tiers}]}}}
+async def test_a_long_prompt_is_priced_at_the_long_context_price(
+    sim: UpstreamSimulator, streamed: bool, uncached: int, cached: int, cost: int
+) -> None:
+    """Claude's 1M-token context and Gemini 2.5 Pro bill a call whose prompt is over 200,000 tokens (cache reads
+    and writes included) at a higher price, for all its tokens."""
+    doc = config(sim)
+    doc["providers"]["anthropic"]["models"][0]["longContext"] = LONG_CONTEXT
+    sim.enqueue(Reply(content="ok", usage=SimUsage(input=uncached, output=100, cached=cached)))
+    async with running_gateway(doc, ENV) as gw:
+        if streamed:
+            _, end = await stream_end(gw, "claude-sim")
+            billed = end.cost_nanos_usd
+        else:
+            billed = (await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("hello")]))).cost_nanos_usd
+        assert billed == cost
+        assert (await total(gw)).cost_nanos_usd == cost
+        if streamed and cached == 60_000:  # once: what ListModels shows
+            models = {m.name: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+            claude, gpt = models["claude-sim"], models["gpt-sim"]
+            assert claude.long_context_above_input_tokens == 200_000
+            assert claude.long_context_price.output_nanos_usd_per_million == 22_500_000_000
+            assert claude.long_context_price.cache_write_nanos_usd_per_million == 6_000_000_000  # its input's
+            assert not gpt.HasField("long_context_price") and gpt.long_context_above_input_tokens == 0
+
+
+async def test_a_budget_reserves_the_long_context_price_for_a_long_prompt(sim: UpstreamSimulator) -> None:
+    doc = config(sim)
+    prompt = "word " * 800  # ~1,000 tokens
+    doc["providers"]["anthropic"]["models"][0]["longContext"] = {
+        **LONG_CONTEXT,
+        "aboveInputTokens": 500,
+        "inputPer1M": 300,  # 100x: ~1,000 x 300,000 nano-dollars
+    }
+    doc["tenants"] = {"default": {"budget": {"dailyUsd": 0.1}}}
+    async with running_gateway(doc, ENV) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user(prompt)], max_tokens=10))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not sim.requests
+        # a short prompt stays under the threshold: reserved, and billed, at the model's price
+        assert (await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("hi")], max_tokens=10))).message
+
+
+TIER = "providers.openai.models[0].serviceTiers"
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"serviceTiers": {"priority": {"inputPer1M": 4}}}, f"{TIER}.priority"),
+        ({"serviceTiers": {"priority": {"inputPer1M": -1, "outputPer1M": 1}}}, f"{TIER}.priority"),
+        ({"serviceTiers": {"": {"inputPer1M": 1, "outputPer1M": 1}}}, f"{TIER}."),  # it would price every reply
+        ({"longContext": {"aboveInputTokens": 9, "inputPer1M": 4}}, "providers.openai.models[0].longContext"),
+        (  # which would win is not settled: refused until a provider needs both
+            {"longContext": LONG_CONTEXT, "serviceTiers": {"priority": {"inputPer1M": 4, "outputPer1M": 16}}},
+            "providers.openai.models[0].longContext",
+        ),
+    ],
+)
+def test_a_second_price_needs_to_be_whole(fields: dict[str, Any], path: str) -> None:
+    doc = {"providers": {"openai": {"models": [{"name": "m", **OPENAI_PRICE, **fields}]}}}
     with pytest.raises(feather_config.ConfigError) as info:
         feather_config.resolve(feather_config.parse_file_config(json.dumps(doc), "<test>"), {}, "<test>")
     assert f"<test>: {path}" in str(info.value)

@@ -25,10 +25,14 @@ class ModelConfig:
     weight: int = 1
     max_output_tokens: int | None = None  # the model's longest reply, when configured
     tier_prices: tuple[tuple[str, Price], ...] = ()  # (service tier, its price): see price_on
+    long_context: tuple[int, Price] | None = None  # (above this many input tokens, the price): see price_on
 
-    def price_on(self, tier: str) -> Price | None:
-        """The price of a reply the upstream says it served on `tier` (OpenAI's and Anthropic's
-        `service_tier`): the tier's when configured, else the model's."""
+    def price_on(self, tier: str, input_tokens: int) -> Price | None:
+        """The price of a call with `input_tokens` of prompt that the upstream says it served on `tier`
+        (OpenAI's and Anthropic's `service_tier`): the long-context price past its threshold, else the tier's
+        when configured, else the model's. (Config keeps a model from having both.)"""
+        if self.long_context is not None and input_tokens > self.long_context[0]:
+            return self.long_context[1]
         for name, price in self.tier_prices:
             if name == tier:
                 return price

@@ -14,6 +14,7 @@ from feather_grpc.config.schema import (
     MAX_USD_PER_1M,
     FileConfig,
     ModelSpec,
+    PriceSpec,
     ProviderSpec,
 )
 from feather_grpc.core.egress import DIRECT, Egress, env_proxy, parse_proxy, tls_context
@@ -72,7 +73,15 @@ def resolve_providers(
             tiers = _tier_prices(source, where, m, price)
             models.append(
                 ModelConfig(
-                    name, m.name, tuple(m.aliases), price, tuple(m.capabilities), m.weight, m.max_output_tokens, tiers
+                    name,
+                    m.name,
+                    tuple(m.aliases),
+                    price,
+                    tuple(m.capabilities),
+                    m.weight,
+                    m.max_output_tokens,
+                    tiers,
+                    _long_context(source, where, m, price),
                 )
             )
         providers.append(
@@ -352,14 +361,29 @@ def _tier_prices(source: str, where: str, m: ModelSpec, price: Price | None) -> 
         at = f"{where}.serviceTiers.{tier}"
         if not tier.strip():
             raise ConfigError(source, at, "has no tier name", 'name it as the provider reports it, e.g. "priority"')
-        if price is None:
-            raise ConfigError(source, at, "is a tier of a model with no price", "give the model its own price first")
-        try:
-            tier_price = spec.price()
-        except ValueError as e:
-            fix = f"use a plain USD amount such as 0.0015 (at most {MAX_USD_PER_1M:,} per 1M tokens)"
-            raise ConfigError(source, at, f"price {e}", fix) from None
-        if tier_price is None:
-            raise ConfigError(source, at, "has no input or output price", 'give both "inputPer1M" and "outputPer1M"')
-        tiers.append((tier, tier_price))
+        tiers.append((tier, _whole_price(source, at, spec, price)))
     return tuple(tiers)
+
+
+def _long_context(source: str, where: str, m: ModelSpec, price: Price | None) -> tuple[int, Price] | None:
+    """A model's long-context price and its threshold."""
+    if m.long_context is None:
+        return None
+    at = f"{where}.longContext"
+    if m.service_tiers:
+        raise ConfigError(source, at, "is not combined with serviceTiers yet", "keep one of the two on this model")
+    return m.long_context.above_input_tokens, _whole_price(source, at, m.long_context, price)
+
+
+def _whole_price(source: str, at: str, spec: PriceSpec, model_price: Price | None) -> Price:
+    """A model's second price (a service tier's, long context's): complete, on a priced model."""
+    if model_price is None:
+        raise ConfigError(source, at, "is a second price of a model with no price", "give the model its price first")
+    try:
+        price = spec.price()
+    except ValueError as e:
+        fix = f"use a plain USD amount such as 0.0015 (at most {MAX_USD_PER_1M:,} per 1M tokens)"
+        raise ConfigError(source, at, f"price {e}", fix) from None
+    if price is None:
+        raise ConfigError(source, at, "has no input or output price", 'give both "inputPer1M" and "outputPer1M"')
+    return price

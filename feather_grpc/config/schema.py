@@ -95,12 +95,20 @@ class PriceSpec(_Strict):
         )
 
 
+class LongContextSpec(PriceSpec):
+    """The price of a call whose prompt is over `aboveInputTokens` (cache reads and writes included): all its
+    tokens, as Gemini 2.5 Pro and Claude's 1M-token context are billed past 200,000."""
+
+    above_input_tokens: int = Field(alias="aboveInputTokens", ge=1)
+
+
 class ModelSpec(PriceSpec):
     name: str = Field(min_length=1)
     aliases: list[str] = Field(default_factory=list)
     # Prices of the service tiers the upstream reports a reply was served on (OpenAI `priority`, `flex`;
     # Anthropic `priority`), each a whole price; a reply on another tier, or saying none, costs the model's.
     service_tiers: dict[str, PriceSpec] = Field(default_factory=dict, alias="serviceTiers")
+    long_context: LongContextSpec | None = Field(default=None, alias="longContext")
     capabilities: list[str] = Field(default_factory=list)
     allow_unpriced: bool = Field(default=False, alias="allowUnpriced")
     weight: int = Field(default=1, ge=0)  # for the `weighted` policy

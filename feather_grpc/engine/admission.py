@@ -307,11 +307,14 @@ def _output(request: ChatRequest, candidate: RouteCandidate) -> int:
 
 def _cost(candidate: RouteCandidate, prompt: int, output: int) -> int:
     """The worst case on any of the model's prices: which service tier serves a call is known only from its
-    reply (a request may ask for one in extra_fields, a project may default to one)."""
+    reply (a request may ask for one in extra_fields, a project may default to one). Past a long-context
+    threshold, that price (for an estimate near it, settlement corrects either way)."""
     model = candidate.model
     if model.price is None:
         return 0
     price = model.price
+    if model.long_context is not None and prompt > model.long_context[0]:
+        price = model.long_context[1]
     for _, tier in model.tier_prices:
         if tier.input * prompt + tier.output * output > price.input * prompt + price.output * output:
             price = tier

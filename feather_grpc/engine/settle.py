@@ -178,9 +178,9 @@ def cancelled_usage(call: Call, output_chars: int) -> Usage:
 
 
 def price(candidate: RouteCandidate | None, usage: Usage, tier: str = "") -> tuple[int, bool]:
-    """The cost of `usage` on `candidate`, on the service tier the upstream said it served (its price when
-    configured), and whether it is unpriced (a model without a price)."""
-    model_price = candidate.model.price_on(tier) if candidate else None
+    """The cost of `usage` on `candidate`, at the price of its prompt's length and of the service tier the
+    upstream said it served (see ModelConfig.price_on), and whether it is unpriced (a model without a price)."""
+    model_price = candidate.model.price_on(tier, usage.input_tokens) if candidate else None
     if model_price is None:
         return 0, candidate is not None
     return model_price.cost_nanos(usage), False

@@ -470,6 +470,9 @@ def model_info(v: ModelView) -> pb.ModelInfo:
         info.price.CopyFrom(_model_price(v.model.price))
     for tier, price in v.model.tier_prices:
         info.service_tier_prices[tier].CopyFrom(_model_price(price))
+    if v.model.long_context is not None:
+        info.long_context_above_input_tokens, long_price = v.model.long_context
+        info.long_context_price.CopyFrom(_model_price(long_price))
     return info
 
 

@@ -1995,6 +1995,8 @@ class ModelInfo(_message.Message):
     MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
     LAST_FAILURE_FIELD_NUMBER: _builtins.int
     SERVICE_TIER_PRICES_FIELD_NUMBER: _builtins.int
+    LONG_CONTEXT_PRICE_FIELD_NUMBER: _builtins.int
+    LONG_CONTEXT_ABOVE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """The configured provider name."""
     name: _builtins.str
@@ -2010,6 +2012,8 @@ class ModelInfo(_message.Message):
     (`providers.<name>.maxConnections`, default 1000); calls beyond it wait for a connection.
     0 for a provider without an upstream (`mock`).
     """
+    long_context_above_input_tokens: _builtins.int
+    """The threshold of `long_context_price`, 0 when it is unset."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases that resolve to this model."""
@@ -2036,6 +2040,13 @@ class ModelInfo(_message.Message):
         Budgets reserve the dearest.
         """
 
+    @_builtins.property
+    def long_context_price(self) -> Global___ModelPrice:
+        """The price of a call whose prompt (cache reads and writes included) is over
+        `long_context_above_input_tokens`, for all its tokens (`models[].longContext`: Gemini 2.5 Pro and
+        Claude's 1M-token context past 200,000); unset when not configured.
+        """
+
     def __init__(
         self,
         *,
@@ -2050,10 +2061,12 @@ class ModelInfo(_message.Message):
         max_connections: _builtins.int = ...,
         last_failure: Global___ModelFailure | None = ...,
         service_tier_prices: _abc.Mapping[_builtins.str, Global___ModelPrice] | None = ...,
+        long_context_price: Global___ModelPrice | None = ...,
+        long_context_above_input_tokens: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "price", b"price"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_failure", b"last_failure", "long_context_price", b"long_context_price", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "last_failure", b"last_failure", "latency_ms", b"latency_ms", "max_connections", b"max_connections", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type", "service_tier_prices", b"service_tier_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "circuit_state", b"circuit_state", "last_failure", b"last_failure", "latency_ms", b"latency_ms", "long_context_above_input_tokens", b"long_context_above_input_tokens", "long_context_price", b"long_context_price", "max_connections", b"max_connections", "name", b"name", "price", b"price", "provider", b"provider", "provider_type", b"provider_type", "service_tier_prices", b"service_tier_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

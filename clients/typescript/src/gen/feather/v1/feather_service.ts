@@ -1414,6 +1414,16 @@ export interface ModelInfo {
    * Budgets reserve the dearest.
    */
   serviceTierPrices: { [key: string]: ModelPrice };
+  /**
+   * The price of a call whose prompt (cache reads and writes included) is over
+   * `long_context_above_input_tokens`, for all its tokens (`models[].longContext`: Gemini 2.5 Pro and
+   * Claude's 1M-token context past 200,000); unset when not configured.
+   */
+  longContextPrice:
+    | ModelPrice
+    | undefined;
+  /** The threshold of `long_context_price`, 0 when it is unset. */
+  longContextAboveInputTokens: bigint;
 }
 
 export interface ModelInfo_ServiceTierPricesEntry {
@@ -7122,6 +7132,8 @@ function createBaseModelInfo(): ModelInfo {
     maxConnections: 0,
     lastFailure: undefined,
     serviceTierPrices: {},
+    longContextPrice: undefined,
+    longContextAboveInputTokens: 0n,
   };
 }
 
@@ -7163,6 +7175,17 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     globalThis.Object.entries(message.serviceTierPrices).forEach(([key, value]: [string, ModelPrice]) => {
       ModelInfo_ServiceTierPricesEntry.encode({ key: key as any, value }, writer.uint32(90).fork()).join();
     });
+    if (message.longContextPrice !== undefined) {
+      ModelPrice.encode(message.longContextPrice, writer.uint32(98).fork()).join();
+    }
+    if (message.longContextAboveInputTokens !== 0n) {
+      if (BigInt.asIntN(64, message.longContextAboveInputTokens) !== message.longContextAboveInputTokens) {
+        throw new globalThis.Error(
+          "value provided for field message.longContextAboveInputTokens of type int64 too large",
+        );
+      }
+      writer.uint32(104).int64(message.longContextAboveInputTokens);
+    }
     return writer;
   },
 
@@ -7270,6 +7293,22 @@ export const ModelInfo: MessageFns<ModelInfo> = {
             }
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.longContextPrice = ModelPrice.decode(reader, reader.uint32());
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.longContextAboveInputTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7343,6 +7382,16 @@ export const ModelInfo: MessageFns<ModelInfo> = {
           {},
         )
         : {},
+      longContextPrice: isSet(object.longContextPrice)
+        ? ModelPrice.fromJSON(object.longContextPrice)
+        : isSet(object.long_context_price)
+        ? ModelPrice.fromJSON(object.long_context_price)
+        : undefined,
+      longContextAboveInputTokens: isSet(object.longContextAboveInputTokens)
+        ? BigInt(object.longContextAboveInputTokens)
+        : isSet(object.long_context_above_input_tokens)
+        ? BigInt(object.long_context_above_input_tokens)
+        : 0n,
     };
   },
 
@@ -7387,6 +7436,12 @@ export const ModelInfo: MessageFns<ModelInfo> = {
         });
       }
     }
+    if (message.longContextPrice !== undefined) {
+      obj.longContextPrice = ModelPrice.toJSON(message.longContextPrice);
+    }
+    if (message.longContextAboveInputTokens !== 0n) {
+      obj.longContextAboveInputTokens = message.longContextAboveInputTokens.toString();
+    }
     return obj;
   },
 
@@ -7416,6 +7471,13 @@ export const ModelInfo: MessageFns<ModelInfo> = {
         }
         return acc;
       }, {});
+    message.longContextPrice = (object.longContextPrice !== undefined && object.longContextPrice !== null)
+      ? ModelPrice.fromPartial(object.longContextPrice)
+      : undefined;
+    message.longContextAboveInputTokens =
+      (object.longContextAboveInputTokens !== undefined && object.longContextAboveInputTokens !== null)
+        ? BigInt(object.longContextAboveInputTokens)
+        : 0n;
     return message;
   },
 };
