@@ -41,6 +41,11 @@ class GeminiReply:
     candidates_tokens: int | None = None
     cached_tokens: int = 0
     thoughts_tokens: int = 0
+    # Of the prompt (cache included), of the cached part and of the candidates, the AUDIO modality's tokens
+    # (the rest are TEXT): usageMetadata's promptTokensDetails, cacheTokensDetails, candidatesTokensDetails
+    audio_prompt_tokens: int = 0
+    audio_cached_tokens: int = 0
+    audio_candidates_tokens: int = 0
     block_reason: str = ""  # the prompt was blocked: promptFeedback.blockReason, no candidates
     latency_s: float = 0.0  # wait before answering
     status: int = 200
@@ -254,8 +259,11 @@ def _chunks(model: str, body: dict[str, Any], reply: GeminiReply, stream: bool) 
         "candidatesTokenCount": output,
         "totalTokenCount": prompt + output + reply.thoughts_tokens,
     }
+    usage["promptTokensDetails"] = _modalities(prompt, reply.audio_prompt_tokens)
+    usage["candidatesTokensDetails"] = _modalities(output, reply.audio_candidates_tokens)
     if reply.cached_tokens:
         usage["cachedContentTokenCount"] = reply.cached_tokens
+        usage["cacheTokensDetails"] = _modalities(reply.cached_tokens, reply.audio_cached_tokens)
     if reply.thoughts_tokens:
         usage["thoughtsTokenCount"] = reply.thoughts_tokens
     parts: list[dict[str, Any]] = []
@@ -327,3 +335,11 @@ def _problem(body: Any) -> str:
 def _error(status: int, message: str) -> web.Response:
     body = {"error": {"code": status, "message": message, "status": _STATUS_NAMES.get(status, "UNKNOWN")}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _modalities(total: int, audio: int) -> list[dict[str, Any]]:
+    """A ModalityTokenCount list: `audio` of `total` tokens AUDIO, the rest TEXT."""
+    counts = [{"modality": "TEXT", "tokenCount": total - audio}]
+    if audio:
+        counts.append({"modality": "AUDIO", "tokenCount": audio})
+    return counts

@@ -78,6 +78,10 @@ class SimUsage:
     cache_write_1h: int = 0
     # Anthropic streams: `output_tokens` in message_start (None: 1, or 0 when `output` is 0)
     start_output: int | None = None
+    # OpenAI `prompt_tokens_details.audio_tokens` / `completion_tokens_details.audio_tokens`: part of
+    # `input` / `output`
+    audio_input: int = 0
+    audio_output: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,7 +791,7 @@ def _finish(reply: Reply, openai: bool) -> str:
 
 
 def _openai_usage(u: SimUsage) -> dict[str, Any]:
-    prompt_details: dict[str, int] = {"cached_tokens": u.cached, "audio_tokens": 0}
+    prompt_details: dict[str, int] = {"cached_tokens": u.cached, "audio_tokens": u.audio_input}
     if u.cache_write:
         prompt_details["cache_write_tokens"] = u.cache_write
     return {
@@ -797,7 +801,7 @@ def _openai_usage(u: SimUsage) -> dict[str, Any]:
         "prompt_tokens_details": prompt_details,
         "completion_tokens_details": {
             "reasoning_tokens": u.reasoning,
-            "audio_tokens": 0,
+            "audio_tokens": u.audio_output,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
         },

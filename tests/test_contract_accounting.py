@@ -209,6 +209,33 @@ async def test_a_budget_reserves_the_dearest_service_tier(sim: UpstreamSimulator
         assert (await gw.stub.Chat(ask)).message.content
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_audio_tokens_are_priced_at_the_audio_price(sim: UpstreamSimulator, streamed: bool) -> None:
+    """gpt-4o-audio's audio input costs 16x its text input: without its own price an audio prompt would be
+    billed as text."""
+    doc = config(sim)
+    doc["providers"]["openai"]["models"][0].update(audioInputPer1M=40, audioOutputPer1M=80)
+    # 1,000 prompt tokens: 100 read from the cache, 700 of audio, 200 of text; 300 output: 250 of audio
+    sim.enqueue(Reply(content="heard", usage=SimUsage(1000, 300, cached=100, audio_input=700, audio_output=250)))
+    cost = 200 * 2000 + 700 * 40_000 + 100 * 500 + 50 * 8000 + 250 * 80_000
+    async with running_gateway(doc, ENV) as gw:
+        if streamed:
+            _, end = await stream_end(gw, "gpt-sim")
+            usage, billed = end.usage, end.cost_nanos_usd
+        else:
+            reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[user("hello")]))
+            usage, billed = reply.usage, reply.cost_nanos_usd
+        assert (usage.audio_input_tokens, usage.audio_output_tokens) == (700, 250)
+        assert billed == cost
+        row = await total(gw)
+        assert (row.audio_input_tokens, row.audio_output_tokens, row.cost_nanos_usd) == (700, 250, cost)
+        models = {m.name: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+        gpt, claude = models["gpt-sim"].price, models["claude-sim"].price
+        assert gpt.audio_input_nanos_usd_per_million == 40_000_000_000
+        assert gpt.audio_output_nanos_usd_per_million == 80_000_000_000
+        assert claude.audio_input_nanos_usd_per_million == claude.input_nanos_usd_per_million  # unset: the text's
+
+
 LONG_CONTEXT = {"aboveInputTokens": 200_000, "inputPer1M": 6, "outputPer1M": 22.5, "cachedInputPer1M": 0.6}
 
 

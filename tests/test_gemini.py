@@ -586,6 +586,33 @@ async def test_gateway_serves_gemini_bills_thoughts_and_retries(
 # -- google-genai against the simulator -------------------------------------------------------------
 
 
+async def test_audio_tokens_are_read_by_modality(sim: GeminiSimulator, session: HttpClient) -> None:
+    """Gemini prices audio input apart (2.5 Flash: 3.3x text) and tells it apart only by modality: the audio of
+    the prompt not read from the cache, and of the candidates."""
+    reply = GeminiReply(
+        text="heard",
+        prompt_tokens=1000,
+        candidates_tokens=40,
+        cached_tokens=300,
+        audio_prompt_tokens=700,
+        audio_cached_tokens=200,
+        audio_candidates_tokens=10,
+    )
+    sim.enqueue(reply, reply)
+    usage = (await gemini(sim, session).chat("gemini-2.5-flash", ask())).usage
+    assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) == (1000, 300, 40)
+    assert (usage.audio_input_tokens, usage.audio_output_tokens) == (500, 10)
+
+    client = genai.Client(api_key=KEY, http_options=gt.HttpOptions(base_url=sim.url))  # the SDK reads the same
+    meta = (await client.aio.models.generate_content(model="gemini-2.5-flash", contents="hi")).usage_metadata
+    assert meta is not None and meta.prompt_tokens_details and meta.cache_tokens_details
+    assert [(d.modality, d.token_count) for d in meta.prompt_tokens_details] == [
+        (gt.MediaModality.TEXT, 300),
+        (gt.MediaModality.AUDIO, 700),
+    ]
+    assert [(d.modality, d.token_count) for d in meta.cache_tokens_details][-1] == (gt.MediaModality.AUDIO, 200)
+
+
 async def test_google_genai_sdk_against_the_simulator(sim: GeminiSimulator) -> None:
     client = genai.Client(api_key=KEY, http_options=gt.HttpOptions(base_url=sim.url))
     sim.enqueue(
@@ -606,6 +633,8 @@ async def test_google_genai_sdk_against_the_simulator(sim: GeminiSimulator) -> N
     assert out.text == "hi there"
     assert out.usage_metadata is not None
     assert (out.usage_metadata.cached_content_token_count, out.usage_metadata.thoughts_token_count) == (3, 5)
+    details = out.usage_metadata.prompt_tokens_details
+    assert details is not None and [(d.modality, d.token_count) for d in details] == [(gt.MediaModality.TEXT, 8)]
     sent = sim.requests[-1]
     assert sent.path == "/v1/models/gemini-2.5-flash:generateContent"
     thinking = sent.body["generationConfig"]["thinkingConfig"]  # the SDK's field spelling varies by version

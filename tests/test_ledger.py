@@ -415,6 +415,8 @@ def scenario(seed: int, count: int) -> list[UsageRecord]:
                 reasoning_tokens=rng.randrange(0, 10**5),
                 web_search_requests=rng.randrange(0, 10),
                 cache_write_1h_tokens=rng.randrange(0, 10**4),
+                audio_input_tokens=rng.randrange(0, 10**4),
+                audio_output_tokens=rng.randrange(0, 10**3),
                 cost_nanos_usd=rng.randrange(0, 10**12),
                 tags=tags,
             )
@@ -454,6 +456,8 @@ async def test_sqlite_and_memory_ledgers_agree_on_a_scenario(tmp_path: Path) -> 
     assert everything.total.reasoning_tokens == sum(r.reasoning_tokens for r in records)
     assert everything.total.web_search_requests == sum(r.web_search_requests for r in records)
     assert everything.total.cache_write_1h_tokens == sum(r.cache_write_1h_tokens for r in records)
+    assert everything.total.audio_input_tokens == sum(r.audio_input_tokens for r in records)
+    assert everything.total.audio_output_tokens == sum(r.audio_output_tokens for r in records)
     checked = 0
     for query in scenario_queries():
         expected = await memory.query(query)
@@ -707,7 +711,8 @@ PRAGMA user_version=1;
 
 
 # The columns of a v1 file (v3 added the last two of the summed fields).
-_V1_COLUMNS = tuple(c for c in COLUMNS if c not in ("web_search_requests", "cache_write_1h_tokens"))
+_LATER_COLUMNS = ("web_search_requests", "cache_write_1h_tokens", "audio_input_tokens", "audio_output_tokens")
+_V1_COLUMNS = tuple(c for c in COLUMNS if c not in _LATER_COLUMNS)
 
 
 def _v1_row(record: UsageRecord) -> tuple[Any, ...]:
@@ -719,9 +724,11 @@ def _v1_row(record: UsageRecord) -> tuple[Any, ...]:
 
 async def test_a_v1_file_is_migrated_in_place_and_billed_by_the_rule(tmp_path: Path) -> None:
     path = tmp_path / "usage.db"
-    # A v1 file has no place for web searches or 1-hour writes: migrated, its records have 0 of them.
+    # A v1 file has no place for web searches, 1-hour writes or audio: migrated, its records have 0 of them.
     old = [
-        dataclasses.replace(r, web_search_requests=0, cache_write_1h_tokens=0)
+        dataclasses.replace(
+            r, web_search_requests=0, cache_write_1h_tokens=0, audio_input_tokens=0, audio_output_tokens=0
+        )
         for r in scenario_with_retries(seed=3, count=300)
     ]
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
@@ -746,7 +753,7 @@ async def test_a_v1_file_is_migrated_in_place_and_billed_by_the_rule(tmp_path: P
     finally:
         await ledger.aclose()
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0] == len(old) + len(later)
         indexes = {row[1]: row[2] for row in conn.execute("PRAGMA index_list(usage_records)")}
     assert indexes["usage_records_billed_request"] == 1  # unique

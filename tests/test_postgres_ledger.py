@@ -162,22 +162,33 @@ async def test_schema_is_migrated_once_when_replicas_start_together(dsn: str, tm
         await ledger.aclose()
 
 
-async def test_a_v1_table_gets_the_web_search_and_one_hour_write_columns(dsn: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("version", "dropped"),
+    [
+        (1, ("web_search_requests", "cache_write_1h_tokens", "audio_input_tokens", "audio_output_tokens")),
+        (2, ("audio_input_tokens", "audio_output_tokens")),
+    ],
+)
+async def test_an_older_table_gets_the_columns_added_since(
+    dsn: str, tmp_path: Path, version: int, dropped: tuple[str, ...]
+) -> None:
     first = await PostgresLedger.open(dsn, tmp_path / "a.db")
     await shipped(first, [rec("before")])
     await first.aclose()
-    # Back to what a v1 gateway left: no such columns, version 1.
-    await db_rows(dsn, "ALTER TABLE feather_usage DROP COLUMN web_search_requests, DROP COLUMN cache_write_1h_tokens")
-    await db_rows(dsn, "UPDATE feather_schema_version SET version = 1")
+    # Back to what an older gateway left: without the columns added since, at its version.
+    await db_rows(dsn, "ALTER TABLE feather_usage " + ", ".join(f"DROP COLUMN {c}" for c in dropped))
+    await db_rows(dsn, f"UPDATE feather_schema_version SET version = {version}")
     again = await PostgresLedger.open(dsn, tmp_path / "b.db")
+    counts = {"web_search_requests": 3, "cache_write_1h_tokens": 40, "audio_input_tokens": 7, "audio_output_tokens": 5}
     try:
-        await shipped(again, [rec("after", web_search_requests=3, cache_write_1h_tokens=40)])
+        await shipped(again, [rec("after", **counts)])
         total = (await again.query(UsageQuery())).total
     finally:
         await again.aclose()
-    assert (total.request_count, total.web_search_requests, total.cache_write_1h_tokens) == (2, 3, 40)
+    assert total.request_count == 2
+    assert {name: getattr(total, name) for name in counts} == counts
     rows = await db_rows(dsn, "SELECT version FROM feather_schema_version")
-    assert [r["version"] for r in rows] == [SCHEMA_VERSION] == [2]
+    assert [r["version"] for r in rows] == [SCHEMA_VERSION] == [3]
 
 
 async def test_a_newer_schema_is_refused(dsn: str, tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ OPENAI_REPLIES = {
     "snapshot, fingerprint, tier": Reply(
         content="ok", model="gpt-4o-2024-08-06", system_fingerprint="fp_1", service_tier="default"
     ),
+    "audio tokens": Reply(content="heard", usage=SimUsage(900, 300, audio_input=800, audio_output=250)),
     "length": Reply(content="cut", finish_reason="length"),
     "no usage": Reply(content="unmetered", omit_usage=True),
     "usage on every chunk": Reply(content="a b c d", usage_every_chunk=True),

@@ -246,6 +246,8 @@ def _usage(args: argparse.Namespace) -> int:
             "reasoning_tokens": row.reasoning_tokens,
             "web_search_requests": row.web_search_requests,
             "cache_write_1h_tokens": row.cache_write_1h_tokens,
+            "audio_input_tokens": row.audio_input_tokens,
+            "audio_output_tokens": row.audio_output_tokens,
             "cost_nanos_usd": row.cost_nanos_usd,
             "cost_usd": format_usd(row.cost_nanos_usd).lstrip("$"),
         }

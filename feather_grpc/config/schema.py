@@ -44,6 +44,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+_PRICE_KINDS = (
+    *("input", "output", "cached_input", "cache_write", "cache_write_1h"),
+    *("web_search", "audio_input", "audio_output"),
+)
+
+
 class PriceSpec(_Strict):
     """A price, per 1K or per 1M tokens: a model's, or one of its service tiers'."""
 
@@ -61,10 +67,15 @@ class PriceSpec(_Strict):
     # Per 1K (or 1M) server-side web search requests (Anthropic: 10.00 per 1K); unset: not billed.
     web_search_per_1k: Decimal | None = Field(default=None, alias="webSearchPer1K")
     web_search_per_1m: Decimal | None = Field(default=None, alias="webSearchPer1M")
+    # Audio tokens (OpenAI's audio models: ~16x text input; Gemini 2.5 Flash: 3.3x); unset: the text price.
+    audio_input_per_1k: Decimal | None = Field(default=None, alias="audioInputPer1K")
+    audio_input_per_1m: Decimal | None = Field(default=None, alias="audioInputPer1M")
+    audio_output_per_1k: Decimal | None = Field(default=None, alias="audioOutputPer1K")
+    audio_output_per_1m: Decimal | None = Field(default=None, alias="audioOutputPer1M")
 
     @model_validator(mode="after")
     def _one_unit_per_price(self) -> Self:
-        for kind in ("input", "output", "cached_input", "cache_write", "cache_write_1h", "web_search"):
+        for kind in _PRICE_KINDS:
             if getattr(self, f"{kind}_per_1k") is not None and getattr(self, f"{kind}_per_1m") is not None:
                 raise ValueError(f"give {kind} price per 1K or per 1M tokens, not both")
         return self
@@ -92,6 +103,8 @@ class PriceSpec(_Strict):
             cache_write=input_price if write is None else write,
             web_search=one("web_search") or 0,
             cache_write_1h=one("cache_write_1h"),
+            audio_input=one("audio_input"),
+            audio_output=one("audio_output"),
         )
 
 

@@ -39,6 +39,8 @@ class UsageRecord:
     reasoning_tokens: int = 0
     web_search_requests: int = 0  # server-side web searches the provider billed per request
     cache_write_1h_tokens: int = 0  # of cache_write_tokens, those written with a 1-hour TTL
+    audio_input_tokens: int = 0  # of input_tokens not read from a cache, those of audio
+    audio_output_tokens: int = 0  # of output_tokens, those of audio
     cost_nanos_usd: int = 0
     estimated: bool = False  # usage estimated because the provider never reported it
     unpriced: bool = False
@@ -95,6 +97,8 @@ class UsageTotals:
     reasoning_tokens: int = 0
     web_search_requests: int = 0
     cache_write_1h_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
     cost_nanos_usd: int = 0
 
 

@@ -19,7 +19,7 @@ _PER_MILLION = 1_000_000
 @dataclass(frozen=True, slots=True)
 class Price:
     """Nano-USD per million tokens (per million requests for `web_search`). Cached reads and cache writes
-    default to the input price; web searches cost nothing unless configured."""
+    default to the input price, audio to the text price; web searches cost nothing unless configured."""
 
     input: int
     output: int
@@ -27,16 +27,22 @@ class Price:
     cache_write: int
     web_search: int = 0
     cache_write_1h: int | None = None  # writes with a 1-hour TTL; None: the cache-write price
+    audio_input: int | None = None  # uncached audio input tokens; None: the input price
+    audio_output: int | None = None  # audio output tokens; None: the output price
 
     def cost_nanos(self, usage: Usage) -> int:
         uncached = max(usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens, 0)
         long_writes = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+        audio_in = min(usage.audio_input_tokens, uncached)  # audio read from a cache is a cache read
+        audio_out = min(usage.audio_output_tokens, usage.output_tokens)
         scaled = (
-            uncached * self.input
+            (uncached - audio_in) * self.input
+            + audio_in * (self.input if self.audio_input is None else self.audio_input)
             + usage.cached_input_tokens * self.cached_input
             + (usage.cache_write_tokens - long_writes) * self.cache_write
             + long_writes * (self.cache_write if self.cache_write_1h is None else self.cache_write_1h)
-            + usage.output_tokens * self.output
+            + (usage.output_tokens - audio_out) * self.output
+            + audio_out * (self.output if self.audio_output is None else self.audio_output)
             + usage.web_search_requests * self.web_search
         )
         return (scaled + _PER_MILLION // 2) // _PER_MILLION

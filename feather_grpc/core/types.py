@@ -152,6 +152,8 @@ class Usage:
     reasoning_tokens: int = 0
     web_search_requests: int = 0  # server-side tool use the provider bills per request (Anthropic web search)
     cache_write_1h_tokens: int = 0  # of cache_write_tokens, those written with a 1-hour TTL
+    audio_input_tokens: int = 0  # of input_tokens not read from a cache, those of audio (priced apart)
+    audio_output_tokens: int = 0  # of output_tokens, those of audio
 
 
 @dataclass(slots=True)

@@ -83,6 +83,8 @@ class Settlement:
             reasoning_tokens=usage.reasoning_tokens,
             web_search_requests=usage.web_search_requests,
             cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            audio_input_tokens=usage.audio_input_tokens,
+            audio_output_tokens=usage.audio_output_tokens,
             cost_nanos_usd=cost,
             estimated=estimated,
             unpriced=c is not None and c.model.price is None,
@@ -195,6 +197,8 @@ def plus(a: Usage, b: Usage) -> Usage:
         a.reasoning_tokens + b.reasoning_tokens,
         a.web_search_requests + b.web_search_requests,
         a.cache_write_1h_tokens + b.cache_write_1h_tokens,
+        a.audio_input_tokens + b.audio_input_tokens,
+        a.audio_output_tokens + b.audio_output_tokens,
     )
 
 

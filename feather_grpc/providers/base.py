@@ -167,11 +167,14 @@ def estimated_usage(request: ChatRequest, content: str, calls: list[ToolCall]) -
 
 
 def consistent(usage: Usage) -> Usage:
-    """Cache reads and writes within the prompt, reasoning within the output (as every provider means)."""
+    """Cache reads and writes, and audio, within the prompt; reasoning and audio within the output (as every
+    provider means)."""
     usage.cached_input_tokens = min(usage.cached_input_tokens, usage.input_tokens)
     usage.cache_write_tokens = min(usage.cache_write_tokens, usage.input_tokens - usage.cached_input_tokens)
     usage.cache_write_1h_tokens = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
     usage.reasoning_tokens = min(usage.reasoning_tokens, usage.output_tokens)
+    usage.audio_input_tokens = min(usage.audio_input_tokens, usage.input_tokens)
+    usage.audio_output_tokens = min(usage.audio_output_tokens, usage.output_tokens)
     return usage
 
 

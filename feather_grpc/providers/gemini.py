@@ -125,8 +125,19 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
             output_tokens=token_count(raw.get("candidatesTokenCount")) + thoughts,
             cached_input_tokens=token_count(raw.get("cachedContentTokenCount")),
             reasoning_tokens=thoughts,
+            # Audio is priced apart (Gemini 2.5 Flash: 3.3x text input), and told apart only by modality.
+            audio_input_tokens=max(_audio(raw.get("promptTokensDetails")) - _audio(raw.get("cacheTokensDetails")), 0),
+            audio_output_tokens=_audio(raw.get("candidatesTokensDetails")),
         )
     )
+
+
+def _audio(details: object) -> int:
+    """The AUDIO tokens of a list of ModalityTokenCount."""
+    if not isinstance(details, list):
+        return 0
+    audio = (d for d in details if isinstance(d, dict) and d.get("modality") == "AUDIO")
+    return sum(token_count(d.get("tokenCount")) for d in audio)
 
 
 def _finish(raw: object, has_calls: bool) -> FinishReason:

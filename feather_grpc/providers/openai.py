@@ -87,6 +87,8 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
             # Written to the cache on this call (part of `prompt_tokens`), billed at the cache-write price.
             cache_write_tokens=token_count(prompt_details.get("cache_write_tokens")),
             reasoning_tokens=token_count(completion_details.get("reasoning_tokens")),
+            audio_input_tokens=token_count(prompt_details.get("audio_tokens")),
+            audio_output_tokens=token_count(completion_details.get("audio_tokens")),
         )
     )
 

@@ -288,6 +288,8 @@ def _set_usage(out: pb.TokenUsage, u: Usage) -> None:
     out.reasoning_tokens = u.reasoning_tokens
     out.web_search_requests = u.web_search_requests
     out.cache_write_1h_tokens = u.cache_write_1h_tokens
+    out.audio_input_tokens = u.audio_input_tokens
+    out.audio_output_tokens = u.audio_output_tokens
 
 
 def _add_attempts(out: RepeatedCompositeFieldContainer[pb.Attempt], attempts: list[AttemptRecord]) -> None:
@@ -433,6 +435,8 @@ def _row(t: UsageTotals) -> pb.UsageRow:
         reasoning_tokens=t.reasoning_tokens,
         web_search_requests=t.web_search_requests,
         cache_write_1h_tokens=t.cache_write_1h_tokens,
+        audio_input_tokens=t.audio_input_tokens,
+        audio_output_tokens=t.audio_output_tokens,
     )
     if t.bucket_start_ns is not None:
         row.bucket_start_time.FromNanoseconds(t.bucket_start_ns)
@@ -483,7 +487,11 @@ def _model_price(price: Price) -> pb.ModelPrice:
         cached_input_nanos_usd_per_million=price.cached_input,
         cache_write_nanos_usd_per_million=price.cache_write,
         web_search_nanos_usd_per_million=price.web_search,
-        cache_write_1h_nanos_usd_per_million=price.cache_write
-        if price.cache_write_1h is None
-        else price.cache_write_1h,
+        cache_write_1h_nanos_usd_per_million=_or(price.cache_write_1h, price.cache_write),
+        audio_input_nanos_usd_per_million=_or(price.audio_input, price.input),
+        audio_output_nanos_usd_per_million=_or(price.audio_output, price.output),
     )
+
+
+def _or(price: int | None, default: int) -> int:
+    return default if price is None else price

@@ -66,8 +66,12 @@ _GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 # A loop on time is late by well under a millisecond; new calls are shed past server.maxLoopLagMs (500).
 _LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
 _CIRCUIT_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
-# cache_write_1h is the part of cache_write written with a 1-hour TTL (priced apart), not more tokens.
-_TOKEN_KINDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "reasoning")
+# cache_write_1h is the part of cache_write written with a 1-hour TTL (priced apart), not more tokens; so are
+# the audio kinds, of input and output.
+_TOKEN_KINDS = (
+    *("input", "output", "cached_input", "cache_write", "cache_write_1h", "reasoning"),
+    *("audio_input", "audio_output"),
+)
 
 
 @dataclass(slots=True)
@@ -262,6 +266,8 @@ class GatewayMetrics:
                 record.cache_write_tokens,
                 record.cache_write_1h_tokens,
                 record.reasoning_tokens,
+                record.audio_input_tokens,
+                record.audio_output_tokens,
             ),
             strict=True,
         ):

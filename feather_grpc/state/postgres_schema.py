@@ -17,7 +17,7 @@ from feather_grpc.state.ledger_rows import COLUMNS
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_COMPONENT = "usage_ledger"
 TABLE = "feather_usage"
 # pg_advisory_xact_lock(int, int) keys: its key space is separate from the bigint one used per request.
@@ -39,6 +39,7 @@ def pg_type(column: str) -> str:
 
 
 _V2_COLUMNS = ("web_search_requests", "cache_write_1h_tokens")
+_V3_COLUMNS = ("audio_input_tokens", "audio_output_tokens")
 
 
 def _column_ddl(column: str) -> str:
@@ -49,7 +50,7 @@ def _column_ddl(column: str) -> str:
     collate = ' COLLATE "C"' if column in _KEY_COLUMNS else ""
     # Columns added after v1 default to 0, as their migration gives them: a replica of the release before
     # them still writes to a table a newer one created.
-    default = " DEFAULT 0" if column in _V2_COLUMNS else ""
+    default = " DEFAULT 0" if column in _V2_COLUMNS or column in _V3_COLUMNS else ""
     return f"{column} {pg_type(column)}{collate} NOT NULL{default}"
 
 
@@ -71,7 +72,11 @@ _SCHEMA_V1 = [
 _SCHEMA_V2 = [
     f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} bigint NOT NULL DEFAULT 0" for column in _V2_COLUMNS
 ]
-_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# v3: audio tokens.
+_SCHEMA_V3 = [
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} bigint NOT NULL DEFAULT 0" for column in _V3_COLUMNS
+]
+_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 async def migrate(conn: Connection) -> int:

@@ -3,7 +3,7 @@
 The version is `PRAGMA user_version`. A file is brought to SCHEMA_VERSION when a writer opens it,
 inside one BEGIN IMMEDIATE transaction, so several processes opening one file together are safe.
 v2 added the `billed` flag (a v1 file's rows are ranked by the billing rule, ledger_rows, in one
-UPDATE), v3 the web search and 1-hour cache write counts.
+UPDATE), v3 the web search and 1-hour cache write counts, v4 the audio token counts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlite3
 
 from feather_grpc.state.ledger_rows import SUCCESS_SQL
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a migration step in _MIGRATIONS
+SCHEMA_VERSION = 4  # PRAGMA user_version; bump with a migration step in _MIGRATIONS
 MIN_SQLITE_VERSION = (3, 37, 0)  # STRICT tables
 
 _SCHEMA_V1 = """
@@ -66,7 +66,12 @@ _SCHEMA_V3 = """
 ALTER TABLE usage_records ADD COLUMN web_search_requests INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE usage_records ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
 """
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+# v4: audio tokens (0 for the records written before).
+_SCHEMA_V4 = """
+ALTER TABLE usage_records ADD COLUMN audio_input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_records ADD COLUMN audio_output_tokens INTEGER NOT NULL DEFAULT 0;
+"""
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 
 def migrate(conn: sqlite3.Connection) -> None:

@@ -29,6 +29,8 @@ SUMMED_FIELDS = (
     "reasoning_tokens",
     "web_search_requests",
     "cache_write_1h_tokens",
+    "audio_input_tokens",
+    "audio_output_tokens",
     "cost_nanos_usd",
 )
 

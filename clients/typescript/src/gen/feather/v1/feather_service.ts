@@ -1087,6 +1087,16 @@ export interface TokenUsage {
    * `cache_creation.ephemeral_1h_input_tokens`), priced at the 1-hour write price.
    */
   cacheWrite1hTokens: bigint;
+  /**
+   * Of `input_tokens` not read from a cache, those of audio (OpenAI `prompt_tokens_details.audio_tokens`,
+   * Gemini's AUDIO modality), priced at the audio input price when the model has one.
+   */
+  audioInputTokens: bigint;
+  /**
+   * Of `output_tokens`, those of audio (OpenAI `completion_tokens_details.audio_tokens`, Gemini's AUDIO
+   * modality), priced at the audio output price when the model has one.
+   */
+  audioOutputTokens: bigint;
 }
 
 /** Attempt is one try at one provider. */
@@ -1335,6 +1345,10 @@ export interface UsageRow {
   webSearchRequests: bigint;
   /** Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`). */
   cacheWrite1hTokens: bigint;
+  /** Of `input_tokens`, audio ones not read from a cache (see TokenUsage). */
+  audioInputTokens: bigint;
+  /** Of `output_tokens`, audio ones. */
+  audioOutputTokens: bigint;
 }
 
 /** UsageResponse holds the grouped rows and their total. */
@@ -1372,6 +1386,10 @@ export interface ModelPrice {
   webSearchNanosUsdPerMillion: bigint;
   /** Per million input tokens written to the provider's cache with a 1-hour TTL (default: the cache-write price). */
   cacheWrite1hNanosUsdPerMillion: bigint;
+  /** Per million audio input tokens not read from a cache (default: the input price). */
+  audioInputNanosUsdPerMillion: bigint;
+  /** Per million audio output tokens (default: the output price). */
+  audioOutputNanosUsdPerMillion: bigint;
 }
 
 /** ModelInfo describes one routable model. */
@@ -4143,6 +4161,8 @@ function createBaseTokenUsage(): TokenUsage {
     reasoningTokens: 0n,
     webSearchRequests: 0n,
     cacheWrite1hTokens: 0n,
+    audioInputTokens: 0n,
+    audioOutputTokens: 0n,
   };
 }
 
@@ -4189,6 +4209,18 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         throw new globalThis.Error("value provided for field message.cacheWrite1hTokens of type int64 too large");
       }
       writer.uint32(56).int64(message.cacheWrite1hTokens);
+    }
+    if (message.audioInputTokens !== 0n) {
+      if (BigInt.asIntN(64, message.audioInputTokens) !== message.audioInputTokens) {
+        throw new globalThis.Error("value provided for field message.audioInputTokens of type int64 too large");
+      }
+      writer.uint32(64).int64(message.audioInputTokens);
+    }
+    if (message.audioOutputTokens !== 0n) {
+      if (BigInt.asIntN(64, message.audioOutputTokens) !== message.audioOutputTokens) {
+        throw new globalThis.Error("value provided for field message.audioOutputTokens of type int64 too large");
+      }
+      writer.uint32(72).int64(message.audioOutputTokens);
     }
     return writer;
   },
@@ -4262,6 +4294,22 @@ export const TokenUsage: MessageFns<TokenUsage> = {
             message.cacheWrite1hTokens = reader.int64() as bigint;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.audioInputTokens = reader.int64() as bigint;
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.audioOutputTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4311,6 +4359,16 @@ export const TokenUsage: MessageFns<TokenUsage> = {
         : isSet(object.cache_write_1h_tokens)
         ? BigInt(object.cache_write_1h_tokens)
         : 0n,
+      audioInputTokens: isSet(object.audioInputTokens)
+        ? BigInt(object.audioInputTokens)
+        : isSet(object.audio_input_tokens)
+        ? BigInt(object.audio_input_tokens)
+        : 0n,
+      audioOutputTokens: isSet(object.audioOutputTokens)
+        ? BigInt(object.audioOutputTokens)
+        : isSet(object.audio_output_tokens)
+        ? BigInt(object.audio_output_tokens)
+        : 0n,
     };
   },
 
@@ -4336,6 +4394,12 @@ export const TokenUsage: MessageFns<TokenUsage> = {
     }
     if (message.cacheWrite1hTokens !== 0n) {
       obj.cacheWrite1hTokens = message.cacheWrite1hTokens.toString();
+    }
+    if (message.audioInputTokens !== 0n) {
+      obj.audioInputTokens = message.audioInputTokens.toString();
+    }
+    if (message.audioOutputTokens !== 0n) {
+      obj.audioOutputTokens = message.audioOutputTokens.toString();
     }
     return obj;
   },
@@ -4365,6 +4429,12 @@ export const TokenUsage: MessageFns<TokenUsage> = {
       : 0n;
     message.cacheWrite1hTokens = (object.cacheWrite1hTokens !== undefined && object.cacheWrite1hTokens !== null)
       ? BigInt(object.cacheWrite1hTokens)
+      : 0n;
+    message.audioInputTokens = (object.audioInputTokens !== undefined && object.audioInputTokens !== null)
+      ? BigInt(object.audioInputTokens)
+      : 0n;
+    message.audioOutputTokens = (object.audioOutputTokens !== undefined && object.audioOutputTokens !== null)
+      ? BigInt(object.audioOutputTokens)
       : 0n;
     return message;
   },
@@ -6237,6 +6307,8 @@ function createBaseUsageRow(): UsageRow {
     reasoningTokens: 0n,
     webSearchRequests: 0n,
     cacheWrite1hTokens: 0n,
+    audioInputTokens: 0n,
+    audioOutputTokens: 0n,
   };
 }
 
@@ -6340,6 +6412,18 @@ export const UsageRow: MessageFns<UsageRow> = {
         throw new globalThis.Error("value provided for field message.cacheWrite1hTokens of type int64 too large");
       }
       writer.uint32(152).int64(message.cacheWrite1hTokens);
+    }
+    if (message.audioInputTokens !== 0n) {
+      if (BigInt.asIntN(64, message.audioInputTokens) !== message.audioInputTokens) {
+        throw new globalThis.Error("value provided for field message.audioInputTokens of type int64 too large");
+      }
+      writer.uint32(160).int64(message.audioInputTokens);
+    }
+    if (message.audioOutputTokens !== 0n) {
+      if (BigInt.asIntN(64, message.audioOutputTokens) !== message.audioOutputTokens) {
+        throw new globalThis.Error("value provided for field message.audioOutputTokens of type int64 too large");
+      }
+      writer.uint32(168).int64(message.audioOutputTokens);
     }
     return writer;
   },
@@ -6509,6 +6593,22 @@ export const UsageRow: MessageFns<UsageRow> = {
             message.cacheWrite1hTokens = reader.int64() as bigint;
             continue;
           }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.audioInputTokens = reader.int64() as bigint;
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.audioOutputTokens = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6602,6 +6702,16 @@ export const UsageRow: MessageFns<UsageRow> = {
         : isSet(object.cache_write_1h_tokens)
         ? BigInt(object.cache_write_1h_tokens)
         : 0n,
+      audioInputTokens: isSet(object.audioInputTokens)
+        ? BigInt(object.audioInputTokens)
+        : isSet(object.audio_input_tokens)
+        ? BigInt(object.audio_input_tokens)
+        : 0n,
+      audioOutputTokens: isSet(object.audioOutputTokens)
+        ? BigInt(object.audioOutputTokens)
+        : isSet(object.audio_output_tokens)
+        ? BigInt(object.audio_output_tokens)
+        : 0n,
     };
   },
 
@@ -6664,6 +6774,12 @@ export const UsageRow: MessageFns<UsageRow> = {
     if (message.cacheWrite1hTokens !== 0n) {
       obj.cacheWrite1hTokens = message.cacheWrite1hTokens.toString();
     }
+    if (message.audioInputTokens !== 0n) {
+      obj.audioInputTokens = message.audioInputTokens.toString();
+    }
+    if (message.audioOutputTokens !== 0n) {
+      obj.audioOutputTokens = message.audioOutputTokens.toString();
+    }
     return obj;
   },
 
@@ -6716,6 +6832,12 @@ export const UsageRow: MessageFns<UsageRow> = {
       : 0n;
     message.cacheWrite1hTokens = (object.cacheWrite1hTokens !== undefined && object.cacheWrite1hTokens !== null)
       ? BigInt(object.cacheWrite1hTokens)
+      : 0n;
+    message.audioInputTokens = (object.audioInputTokens !== undefined && object.audioInputTokens !== null)
+      ? BigInt(object.audioInputTokens)
+      : 0n;
+    message.audioOutputTokens = (object.audioOutputTokens !== undefined && object.audioOutputTokens !== null)
+      ? BigInt(object.audioOutputTokens)
       : 0n;
     return message;
   },
@@ -6903,6 +7025,8 @@ function createBaseModelPrice(): ModelPrice {
     cacheWriteNanosUsdPerMillion: 0n,
     webSearchNanosUsdPerMillion: 0n,
     cacheWrite1hNanosUsdPerMillion: 0n,
+    audioInputNanosUsdPerMillion: 0n,
+    audioOutputNanosUsdPerMillion: 0n,
   };
 }
 
@@ -6951,6 +7075,22 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         );
       }
       writer.uint32(48).int64(message.cacheWrite1hNanosUsdPerMillion);
+    }
+    if (message.audioInputNanosUsdPerMillion !== 0n) {
+      if (BigInt.asIntN(64, message.audioInputNanosUsdPerMillion) !== message.audioInputNanosUsdPerMillion) {
+        throw new globalThis.Error(
+          "value provided for field message.audioInputNanosUsdPerMillion of type int64 too large",
+        );
+      }
+      writer.uint32(56).int64(message.audioInputNanosUsdPerMillion);
+    }
+    if (message.audioOutputNanosUsdPerMillion !== 0n) {
+      if (BigInt.asIntN(64, message.audioOutputNanosUsdPerMillion) !== message.audioOutputNanosUsdPerMillion) {
+        throw new globalThis.Error(
+          "value provided for field message.audioOutputNanosUsdPerMillion of type int64 too large",
+        );
+      }
+      writer.uint32(64).int64(message.audioOutputNanosUsdPerMillion);
     }
     return writer;
   },
@@ -7016,6 +7156,22 @@ export const ModelPrice: MessageFns<ModelPrice> = {
             message.cacheWrite1hNanosUsdPerMillion = reader.int64() as bigint;
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.audioInputNanosUsdPerMillion = reader.int64() as bigint;
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.audioOutputNanosUsdPerMillion = reader.int64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -7060,6 +7216,16 @@ export const ModelPrice: MessageFns<ModelPrice> = {
         : isSet(object.cache_write_1h_nanos_usd_per_million)
         ? BigInt(object.cache_write_1h_nanos_usd_per_million)
         : 0n,
+      audioInputNanosUsdPerMillion: isSet(object.audioInputNanosUsdPerMillion)
+        ? BigInt(object.audioInputNanosUsdPerMillion)
+        : isSet(object.audio_input_nanos_usd_per_million)
+        ? BigInt(object.audio_input_nanos_usd_per_million)
+        : 0n,
+      audioOutputNanosUsdPerMillion: isSet(object.audioOutputNanosUsdPerMillion)
+        ? BigInt(object.audioOutputNanosUsdPerMillion)
+        : isSet(object.audio_output_nanos_usd_per_million)
+        ? BigInt(object.audio_output_nanos_usd_per_million)
+        : 0n,
     };
   },
 
@@ -7082,6 +7248,12 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     }
     if (message.cacheWrite1hNanosUsdPerMillion !== 0n) {
       obj.cacheWrite1hNanosUsdPerMillion = message.cacheWrite1hNanosUsdPerMillion.toString();
+    }
+    if (message.audioInputNanosUsdPerMillion !== 0n) {
+      obj.audioInputNanosUsdPerMillion = message.audioInputNanosUsdPerMillion.toString();
+    }
+    if (message.audioOutputNanosUsdPerMillion !== 0n) {
+      obj.audioOutputNanosUsdPerMillion = message.audioOutputNanosUsdPerMillion.toString();
     }
     return obj;
   },
@@ -7114,6 +7286,14 @@ export const ModelPrice: MessageFns<ModelPrice> = {
     message.cacheWrite1hNanosUsdPerMillion =
       (object.cacheWrite1hNanosUsdPerMillion !== undefined && object.cacheWrite1hNanosUsdPerMillion !== null)
         ? BigInt(object.cacheWrite1hNanosUsdPerMillion)
+        : 0n;
+    message.audioInputNanosUsdPerMillion =
+      (object.audioInputNanosUsdPerMillion !== undefined && object.audioInputNanosUsdPerMillion !== null)
+        ? BigInt(object.audioInputNanosUsdPerMillion)
+        : 0n;
+    message.audioOutputNanosUsdPerMillion =
+      (object.audioOutputNanosUsdPerMillion !== undefined && object.audioOutputNanosUsdPerMillion !== null)
+        ? BigInt(object.audioOutputNanosUsdPerMillion)
         : 0n;
     return message;
   },

@@ -1227,6 +1227,8 @@ class TokenUsage(_message.Message):
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
+    AUDIO_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    AUDIO_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """All prompt tokens, including those read from or written to the provider's prompt cache."""
     output_tokens: _builtins.int
@@ -1247,6 +1249,14 @@ class TokenUsage(_message.Message):
     """Of `cache_write_tokens`, those written with a 1-hour TTL (Anthropic
     `cache_creation.ephemeral_1h_input_tokens`), priced at the 1-hour write price.
     """
+    audio_input_tokens: _builtins.int
+    """Of `input_tokens` not read from a cache, those of audio (OpenAI `prompt_tokens_details.audio_tokens`,
+    Gemini's AUDIO modality), priced at the audio input price when the model has one.
+    """
+    audio_output_tokens: _builtins.int
+    """Of `output_tokens`, those of audio (OpenAI `completion_tokens_details.audio_tokens`, Gemini's AUDIO
+    modality), priced at the audio output price when the model has one.
+    """
     def __init__(
         self,
         *,
@@ -1257,10 +1267,12 @@ class TokenUsage(_message.Message):
         reasoning_tokens: _builtins.int = ...,
         web_search_requests: _builtins.int = ...,
         cache_write_1h_tokens: _builtins.int = ...,
+        audio_input_tokens: _builtins.int = ...,
+        audio_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "web_search_requests", b"web_search_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_input_tokens", b"audio_input_tokens", "audio_output_tokens", b"audio_output_tokens", "cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "web_search_requests", b"web_search_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1782,6 +1794,8 @@ class UsageRow(_message.Message):
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_1H_TOKENS_FIELD_NUMBER: _builtins.int
+    AUDIO_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    AUDIO_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant, when grouped by tenant."""
     provider: _builtins.str
@@ -1822,6 +1836,10 @@ class UsageRow(_message.Message):
     """Server-side web search requests (Anthropic `server_tool_use.web_search_requests`)."""
     cache_write_1h_tokens: _builtins.int
     """Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`)."""
+    audio_input_tokens: _builtins.int
+    """Of `input_tokens`, audio ones not read from a cache (see TokenUsage)."""
+    audio_output_tokens: _builtins.int
+    """Of `output_tokens`, audio ones."""
     @_builtins.property
     def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the hour or day, when grouped by time."""
@@ -1848,10 +1866,12 @@ class UsageRow(_message.Message):
         reasoning_tokens: _builtins.int = ...,
         web_search_requests: _builtins.int = ...,
         cache_write_1h_tokens: _builtins.int = ...,
+        audio_input_tokens: _builtins.int = ...,
+        audio_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant", "web_search_requests", b"web_search_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_input_tokens", b"audio_input_tokens", "audio_output_tokens", b"audio_output_tokens", "bucket_start_time", b"bucket_start_time", "cache_write_1h_tokens", b"cache_write_1h_tokens", "cache_write_tokens", b"cache_write_tokens", "cached_count", b"cached_count", "cached_input_tokens", b"cached_input_tokens", "cancelled_count", b"cancelled_count", "cost_nanos_usd", b"cost_nanos_usd", "error_count", b"error_count", "estimated_count", b"estimated_count", "input_tokens", b"input_tokens", "model", b"model", "ok_count", b"ok_count", "output_tokens", b"output_tokens", "provider", b"provider", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "tag_value", b"tag_value", "tenant", b"tenant", "web_search_requests", b"web_search_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1927,6 +1947,8 @@ class ModelPrice(_message.Message):
     CACHE_WRITE_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     WEB_SEARCH_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_1H_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
+    AUDIO_INPUT_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
+    AUDIO_OUTPUT_NANOS_USD_PER_MILLION_FIELD_NUMBER: _builtins.int
     input_nanos_usd_per_million: _builtins.int
     """Per million uncached input tokens."""
     output_nanos_usd_per_million: _builtins.int
@@ -1939,6 +1961,10 @@ class ModelPrice(_message.Message):
     """Per million server-side web search requests (0 when not configured: searches are not billed)."""
     cache_write_1h_nanos_usd_per_million: _builtins.int
     """Per million input tokens written to the provider's cache with a 1-hour TTL (default: the cache-write price)."""
+    audio_input_nanos_usd_per_million: _builtins.int
+    """Per million audio input tokens not read from a cache (default: the input price)."""
+    audio_output_nanos_usd_per_million: _builtins.int
+    """Per million audio output tokens (default: the output price)."""
     def __init__(
         self,
         *,
@@ -1948,10 +1974,12 @@ class ModelPrice(_message.Message):
         cache_write_nanos_usd_per_million: _builtins.int = ...,
         web_search_nanos_usd_per_million: _builtins.int = ...,
         cache_write_1h_nanos_usd_per_million: _builtins.int = ...,
+        audio_input_nanos_usd_per_million: _builtins.int = ...,
+        audio_output_nanos_usd_per_million: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_nanos_usd_per_million", b"cache_write_1h_nanos_usd_per_million", "cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million", "web_search_nanos_usd_per_million", b"web_search_nanos_usd_per_million"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_input_nanos_usd_per_million", b"audio_input_nanos_usd_per_million", "audio_output_nanos_usd_per_million", b"audio_output_nanos_usd_per_million", "cache_write_1h_nanos_usd_per_million", b"cache_write_1h_nanos_usd_per_million", "cache_write_nanos_usd_per_million", b"cache_write_nanos_usd_per_million", "cached_input_nanos_usd_per_million", b"cached_input_nanos_usd_per_million", "input_nanos_usd_per_million", b"input_nanos_usd_per_million", "output_nanos_usd_per_million", b"output_nanos_usd_per_million", "web_search_nanos_usd_per_million", b"web_search_nanos_usd_per_million"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
