@@ -40,6 +40,7 @@ class ResponsesReply:
     output_tokens: int | None = None
     cached: int = 0
     reasoning_tokens: int = 0
+    web_searches: int = 0  # web_search_call items (completed) before the message
     latency_s: float = 0.0  # wait before answering
     status: int = 200
     error_code: str = "server_error"
@@ -170,6 +171,9 @@ class ResponsesSimulator:
                     "status": None,
                 }
             )
+        for i in range(reply.web_searches):
+            action = {"type": "search", "query": f"{last_user} {i}", "sources": None}
+            output.append({"type": "web_search_call", "id": f"ws_sim_{n}_{i}", "status": "completed", "action": action})
         if text or reply.refusal:
             part = (
                 {"type": "refusal", "refusal": reply.refusal}
@@ -324,6 +328,15 @@ def _events(response: dict[str, Any], reply: ResponsesReply) -> list[dict[str, A
                     "part": part,
                 }
             )
+            events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        elif kind == "web_search_call":
+            events.append(
+                {"type": "response.output_item.added", "output_index": index, "item": {**item, "status": "in_progress"}}
+            )
+            for step in ("in_progress", "searching", "completed"):
+                events.append(
+                    {"type": f"response.web_search_call.{step}", "item_id": item["id"], "output_index": index}
+                )
             events.append({"type": "response.output_item.done", "output_index": index, "item": item})
         elif kind == "function_call":
             events.append(

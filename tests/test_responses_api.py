@@ -14,9 +14,11 @@ from typing import Any, cast
 import grpc
 import openai
 import pytest
+from google.protobuf import struct_pb2
 from openai.types.responses import (
     FunctionToolParam,
     ResponseCompletedEvent,
+    ResponseFunctionWebSearch,
     ResponseInputItemParam,
     ResponseReasoningSummaryPartAddedEvent,
     ResponseReasoningSummaryPartDoneEvent,
@@ -326,6 +328,37 @@ async def test_gateway_serves_a_responses_model(sim: ResponsesSimulator, caplog:
     assert KEY not in logged and KEY not in metrics and KEY not in (caught.value.details() or "")
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_web_search_calls_are_counted_and_priced(sim: ResponsesSimulator, streamed: bool) -> None:
+    """The Responses API's web search tool (asked for through extra_fields.tools) is billed per call, as
+    Anthropic's web searches are: each completed web_search_call item is one."""
+    price = {"inputPer1M": 2, "outputPer1M": 8, "webSearchPer1K": 10}  # 10,000,000 nano-dollars a search
+    doc = {
+        "ledger": {"type": "memory"},
+        "providers": {
+            "openai": {
+                "apiKeyEnv": "OPENAI_API_KEY",
+                "baseUrl": sim.url + "/v1",
+                "models": [{"name": "gpt-5", "api": "responses", **price}],
+            }
+        },
+    }
+    tools = struct_pb2.Struct()
+    tools.update({"tools": [{"type": "web_search"}]})
+    sim.enqueue(ResponsesReply(text="found", input_tokens=100, output_tokens=20, web_searches=2))
+    async with running_server(doc, {"OPENAI_API_KEY": KEY}) as gw:
+        if streamed:
+            ask = pb.StreamChatRequest(model="gpt-5", messages=[user("news?")], extra_fields=tools)
+            events = [e async for e in gw.stub.StreamChat(ask)]
+            usage, cost = events[-1].end.usage, events[-1].end.cost_nanos_usd
+        else:
+            reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-5", messages=[user("news?")], extra_fields=tools))
+            usage, cost = reply.usage, reply.cost_nanos_usd
+        assert usage.web_search_requests == 2
+        assert cost == 100 * 2000 + 20 * 8000 + 2 * 10_000_000
+    assert sim.requests[-1].body["tools"] == [{"type": "web_search"}]
+
+
 # -- the openai SDK against the simulator -------------------------------------------------------------
 
 
@@ -369,6 +402,16 @@ async def test_openai_sdk_responses_against_the_simulator(sim: ResponsesSimulato
         sim.enqueue(ResponsesReply(status=429, error_code="rate_limit_exceeded", message="slow down"))
         with pytest.raises(openai.RateLimitError):
             await client.responses.create(model="o3", input="x")
+
+        sim.enqueue(ResponsesReply(text="found", web_searches=1), ResponsesReply(text="found", web_searches=1))
+        out = await client.responses.create(model="gpt-5", input="news?", tools=[{"type": "web_search"}])
+        search = out.output[0]
+        assert isinstance(search, ResponseFunctionWebSearch) and search.status == "completed"
+        stream = await client.responses.create(
+            model="gpt-5", input="news?", tools=[{"type": "web_search"}], stream=True
+        )
+        kinds = [e.type async for e in stream]
+        assert "response.web_search_call.completed" in kinds and kinds[-1] == "response.completed"
 
 
 # -- the contract's parts, reasoning, caching and tool options (issue 13 item 5) ----------------------

@@ -11,7 +11,8 @@
 - Streaming events: output_text, refusal and function-call argument deltas; the usage of
   response.completed (or response.incomplete); response.failed and error events are classified errors.
 - Usage: `input_tokens` (with `input_tokens_details.cached_tokens`), `output_tokens` (with
-  `output_tokens_details.reasoning_tokens`), the engine's own conventions.
+  `output_tokens_details.reasoning_tokens`), the engine's own conventions; and the completed
+  `web_search_call` items, which are billed per call.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from feather_grpc.core.types import (
     Usage,
 )
 from feather_grpc.providers.base import (
+    MAX_REQUESTS_PER_CALL,
     SHAPE_ERRORS,
     ProviderSettings,
     consistent,
@@ -306,6 +308,7 @@ class _Reader:
         "_model",
         "_name",
         "_ordinals",
+        "_searches",
         "_service_tier",
         "_status",
         "_summary_at",
@@ -330,6 +333,7 @@ class _Reader:
         self._id = ""  # the response's id (`resp_...`)
         self._model = ""  # the snapshot that answered (`o3-2025-04-16`)
         self._service_tier = ""
+        self._searches = 0  # web_search_call items completed: billed per call, like Anthropic's web searches
         self.call_ids: list[str] = []
         self.reasoning: list[dict[str, Any]] = []
         self.refusal = ""
@@ -368,6 +372,8 @@ class _Reader:
                         out.append(TextDelta(wire_str(part["text"])))
                     elif part.get("type") == "refusal":
                         self.refusal += wire_str(part.get("refusal"))
+            elif kind == "web_search_call":
+                self._searched(item)
             elif kind == "function_call":
                 call_id = wire_str(item.get("call_id"))
                 self.call_ids.append(call_id)
@@ -401,6 +407,8 @@ class _Reader:
             item = obj["item"]
             if item.get("type") == "reasoning":
                 self.reasoning.append(_reasoning_item(item))
+            elif item.get("type") == "web_search_call":
+                self._searched(item)
             return []
         if kind == "response.reasoning_summary_text.delta":
             delta = wire_str(obj.get("delta"))
@@ -429,6 +437,10 @@ class _Reader:
             return [ReplyId(self._id)] if self._id else []
         return []  # in_progress, content_part.*, *.done, reasoning summaries...
 
+    def _searched(self, item: dict[str, Any]) -> None:
+        if item.get("status") == "completed" and self._searches < MAX_REQUESTS_PER_CALL:
+            self._searches += 1
+
     def _error(self, err: dict[str, Any]) -> ProviderError:
         code = str(err.get("code") or err.get("type") or "")
         body = UpstreamErrorBody(str(err.get("type") or ""), code, str(err.get("message") or ""))
@@ -446,6 +458,8 @@ class _Reader:
         else:
             finish = FinishReason.UNSPECIFIED
         usage = normalise_usage(self._usage) if self._usage is not None else None
+        if usage is not None:
+            usage.web_search_requests = self._searches
         upstream = UpstreamReply(id=self._id, model=self._model, service_tier=self._service_tier)
         return StreamFinish(finish, usage, upstream)
 

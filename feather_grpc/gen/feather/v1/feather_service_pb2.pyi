@@ -1243,7 +1243,8 @@ class TokenUsage(_message.Message):
     """
     web_search_requests: _builtins.int
     """Server-side web search requests the provider ran and bills per request (Anthropic
-    `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
+    `server_tool_use.web_search_requests`, the OpenAI Responses API's completed `web_search_call` items);
+    priced when the model has `webSearchPer1K` configured.
     """
     cache_write_1h_tokens: _builtins.int
     """Of `cache_write_tokens`, those written with a 1-hour TTL (Anthropic
@@ -1833,7 +1834,9 @@ class UsageRow(_message.Message):
     Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
     """
     web_search_requests: _builtins.int
-    """Server-side web search requests (Anthropic `server_tool_use.web_search_requests`)."""
+    """Server-side web search requests (Anthropic `server_tool_use.web_search_requests`, OpenAI Responses
+    `web_search_call` items).
+    """
     cache_write_1h_tokens: _builtins.int
     """Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`)."""
     audio_input_tokens: _builtins.int

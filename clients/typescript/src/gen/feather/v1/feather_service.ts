@@ -1079,7 +1079,8 @@ export interface TokenUsage {
   reasoningTokens: bigint;
   /**
    * Server-side web search requests the provider ran and bills per request (Anthropic
-   * `server_tool_use.web_search_requests`); priced when the model has `webSearchPer1K` configured.
+   * `server_tool_use.web_search_requests`, the OpenAI Responses API's completed `web_search_call` items);
+   * priced when the model has `webSearchPer1K` configured.
    */
   webSearchRequests: bigint;
   /**
@@ -1341,7 +1342,10 @@ export interface UsageRow {
    * Anthropic `output_tokens_details.thinking_tokens`; 0 where the provider does not report them, and in estimates.
    */
   reasoningTokens: bigint;
-  /** Server-side web search requests (Anthropic `server_tool_use.web_search_requests`). */
+  /**
+   * Server-side web search requests (Anthropic `server_tool_use.web_search_requests`, OpenAI Responses
+   * `web_search_call` items).
+   */
   webSearchRequests: bigint;
   /** Prompt tokens written to provider caches with a 1-hour TTL (part of `cache_write_tokens`). */
   cacheWrite1hTokens: bigint;
