@@ -73,6 +73,14 @@ async def stream_end(gw: Gateway, model: str, text: str = "hello") -> tuple[str,
     return "".join(parts), end
 
 
+async def answer(gw: Gateway, model: str, streamed: bool) -> pb.ChatResponse | pb.StreamEnd:
+    """The accounting of one reply to "hello", by Chat or by StreamChat: both carry usage, cost and upstream."""
+    if streamed:
+        return (await stream_end(gw, model))[1]
+    reply: pb.ChatResponse = await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user("hello")]))
+    return reply
+
+
 def usage_of(u: pb.TokenUsage) -> tuple[int, int, int, int, int, int]:
     return (
         u.input_tokens,
@@ -93,12 +101,8 @@ async def test_openai_cache_write_tokens_are_billed_at_the_cache_write_price(
     # 500 x 2000 + 200 x 500 + 300 x 2500 + 100 x 8000 (the write at the input price would be 2,500,000)
     cost = 2_650_000
     async with running_gateway(config(sim), ENV) as gw:
-        if streamed:
-            _, end = await stream_end(gw, "gpt-sim")
-            usage, billed = end.usage, end.cost_nanos_usd
-        else:
-            reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[user("hello")]))
-            usage, billed = reply.usage, reply.cost_nanos_usd
+        reply = await answer(gw, "gpt-sim", streamed)
+        usage, billed = reply.usage, reply.cost_nanos_usd
         assert usage_of(usage) == (1000, 100, 200, 300, 0, 0)
         assert billed == cost
         row = await total(gw)
@@ -110,12 +114,8 @@ async def test_anthropic_thinking_tokens_are_reasoning_tokens(sim: UpstreamSimul
     sim.enqueue(Reply(content="42", usage=SimUsage(input=50, output=400, reasoning=300)))
     cost = 50 * 3000 + 400 * 15000  # reasoning is output, priced as output
     async with running_gateway(config(sim), ENV) as gw:
-        if streamed:
-            _, end = await stream_end(gw, "claude-sim")
-            usage, billed = end.usage, end.cost_nanos_usd
-        else:
-            reply = await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("hello")]))
-            usage, billed = reply.usage, reply.cost_nanos_usd
+        reply = await answer(gw, "claude-sim", streamed)
+        usage, billed = reply.usage, reply.cost_nanos_usd
         assert usage_of(usage) == (50, 400, 0, 0, 300, 0)
         assert billed == cost
         row = await total(gw)
@@ -129,12 +129,8 @@ async def test_anthropic_web_search_requests_are_counted_and_priced(sim: Upstrea
     sim.enqueue(Reply(content="found it", usage=SimUsage(input=100, output=50, web_search=3)))
     cost = 100 * 3000 + 50 * 15000 + 3 * 10_000_000
     async with running_gateway(config(sim), ENV) as gw:
-        if streamed:
-            _, end = await stream_end(gw, "claude-sim")
-            usage, billed = end.usage, end.cost_nanos_usd
-        else:
-            reply = await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("hello")]))
-            usage, billed = reply.usage, reply.cost_nanos_usd
+        reply = await answer(gw, "claude-sim", streamed)
+        usage, billed = reply.usage, reply.cost_nanos_usd
         assert usage_of(usage) == (100, 50, 0, 0, 0, 3)
         assert billed == cost == 31_050_000
         row = await total(gw)
@@ -174,12 +170,8 @@ async def test_a_reply_is_priced_on_the_service_tier_it_was_served_on(
     tier (extra_fields.service_tier), and the reply says which one served it."""
     sim.enqueue(Reply(content="ok", usage=SimUsage(input=1000, output=100, cached=200), service_tier=tier))
     async with running_gateway(with_tiers(sim), ENV) as gw:
-        if streamed:
-            _, end = await stream_end(gw, model)
-            billed, said = end.cost_nanos_usd, end.upstream.service_tier
-        else:
-            reply = await gw.stub.Chat(pb.ChatRequest(model=model, messages=[user("hello")]))
-            billed, said = reply.cost_nanos_usd, reply.upstream.service_tier
+        reply = await answer(gw, model, streamed)
+        billed, said = reply.cost_nanos_usd, reply.upstream.service_tier
         assert said == (tier or "")
         assert billed == cost
         assert (await total(gw)).cost_nanos_usd == cost  # the ledger's too
@@ -219,12 +211,8 @@ async def test_audio_tokens_are_priced_at_the_audio_price(sim: UpstreamSimulator
     sim.enqueue(Reply(content="heard", usage=SimUsage(1000, 300, cached=100, audio_input=700, audio_output=250)))
     cost = 200 * 2000 + 700 * 40_000 + 100 * 500 + 50 * 8000 + 250 * 80_000
     async with running_gateway(doc, ENV) as gw:
-        if streamed:
-            _, end = await stream_end(gw, "gpt-sim")
-            usage, billed = end.usage, end.cost_nanos_usd
-        else:
-            reply = await gw.stub.Chat(pb.ChatRequest(model="gpt-sim", messages=[user("hello")]))
-            usage, billed = reply.usage, reply.cost_nanos_usd
+        reply = await answer(gw, "gpt-sim", streamed)
+        usage, billed = reply.usage, reply.cost_nanos_usd
         assert (usage.audio_input_tokens, usage.audio_output_tokens) == (700, 250)
         assert billed == cost
         row = await total(gw)
@@ -258,11 +246,7 @@ async def test_a_long_prompt_is_priced_at_the_long_context_price(
     doc["providers"]["anthropic"]["models"][0]["longContext"] = LONG_CONTEXT
     sim.enqueue(Reply(content="ok", usage=SimUsage(input=uncached, output=100, cached=cached)))
     async with running_gateway(doc, ENV) as gw:
-        if streamed:
-            _, end = await stream_end(gw, "claude-sim")
-            billed = end.cost_nanos_usd
-        else:
-            billed = (await gw.stub.Chat(pb.ChatRequest(model="claude-sim", messages=[user("hello")]))).cost_nanos_usd
+        billed = (await answer(gw, "claude-sim", streamed)).cost_nanos_usd
         assert billed == cost
         assert (await total(gw)).cost_nanos_usd == cost
         if streamed and cached == 60_000:  # once: what ListModels shows
