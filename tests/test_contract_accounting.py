@@ -299,6 +299,14 @@ def test_a_second_price_needs_to_be_whole(fields: dict[str, Any], path: str) -> 
     assert f"<test>: {path}" in str(info.value)
 
 
+def test_a_second_price_needs_a_priced_model() -> None:
+    tier = {"priority": {"inputPer1M": 4, "outputPer1M": 16}}
+    doc = {"providers": {"openai": {"models": [{"name": "m", "allowUnpriced": True, "serviceTiers": tier}]}}}
+    with pytest.raises(feather_config.ConfigError) as info:
+        feather_config.resolve(feather_config.parse_file_config(json.dumps(doc), "<test>"), {}, "<test>")
+    assert f"<test>: {TIER}.priority: is a second price of a model with no price" in str(info.value)
+
+
 async def test_anthropic_stream_cut_after_message_start_bills_the_announced_prompt(sim: UpstreamSimulator) -> None:
     # Events: message_start, then the stream ends. Anthropic's input_tokens excludes cache reads and writes.
     sim.enqueue(
