@@ -23,11 +23,23 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
 NOBODY_UID = 65534
+_AS_USER = (
+    "import os, sys; uid = int(sys.argv[1]); os.setgroups([]); os.setgid(uid); os.setuid(uid); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def as_user(uid: int, argv: list[str]) -> list[str]:
+    """`argv` run as `uid` (its group too, no others), by a Python child that drops to it and execs.
+    subprocess's own `user=` forks (not vforks) this test process, and its gRPC threads' fork handlers can
+    crash the child before the exec (pg_ctl "failed (-7)", SIGBUS, seen once in CI)."""
+    return [sys.executable, "-c", _AS_USER, str(uid), *argv]
 
 
 def find_bin_dir() -> Path:
@@ -50,8 +62,8 @@ def runnable_bin_dir(bin_dir: Path, uid: int) -> Path:
     (a checkout under a private home directory, say). The pgserver wheel's binaries find their
     libraries at `$ORIGIN/../../../pgserver.libs`, so the copy keeps that layout."""
     with contextlib.suppress(OSError):
-        argv = [str(bin_dir / "pg_ctl"), "--version"]
-        if subprocess.run(argv, capture_output=True, check=False, user=uid, group=uid, extra_groups=[]).returncode == 0:
+        argv = as_user(uid, [str(bin_dir / "pg_ctl"), "--version"])
+        if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
             return bin_dir
     install = bin_dir.parent  # .../pgserver/pginstall
     package = install.parent
@@ -190,7 +202,8 @@ class PgServer:
         return self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args], check=check)
 
     def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        nobody = NOBODY_UID if self._as_nobody else None
+        if self._as_nobody:
+            argv = as_user(NOBODY_UID, argv)
         result = subprocess.run(
             argv,
             capture_output=True,
@@ -198,9 +211,6 @@ class PgServer:
             check=False,
             cwd=self.root,
             env={**os.environ, "LC_ALL": "C", "TZ": "UTC"},
-            user=nobody,
-            group=nobody,
-            extra_groups=[] if self._as_nobody else None,
         )
         if check and result.returncode != 0:
             raise RuntimeError(
