@@ -38,8 +38,13 @@ def pg_type(column: str) -> str:
     return "bigint"
 
 
-_V2_COLUMNS = ("web_search_requests", "cache_write_1h_tokens")
-_V3_COLUMNS = ("audio_input_tokens", "audio_output_tokens")
+# Columns added after v1, by the version that added them: v2 server-side web searches and 1-hour cache
+# writes, v3 audio tokens.
+_ADDED_COLUMNS = {
+    2: ("web_search_requests", "cache_write_1h_tokens"),
+    3: ("audio_input_tokens", "audio_output_tokens"),
+}
+_LATER_COLUMNS = frozenset(c for columns in _ADDED_COLUMNS.values() for c in columns)
 
 
 def _column_ddl(column: str) -> str:
@@ -50,7 +55,7 @@ def _column_ddl(column: str) -> str:
     collate = ' COLLATE "C"' if column in _KEY_COLUMNS else ""
     # Columns added after v1 default to 0, as their migration gives them: a replica of the release before
     # them still writes to a table a newer one created.
-    default = " DEFAULT 0" if column in _V2_COLUMNS or column in _V3_COLUMNS else ""
+    default = " DEFAULT 0" if column in _LATER_COLUMNS else ""
     return f"{column} {pg_type(column)}{collate} NOT NULL{default}"
 
 
@@ -68,15 +73,14 @@ _SCHEMA_V1 = [
     f"CREATE INDEX {TABLE}_time ON {TABLE} (time_ns) WHERE billed",
     f"CREATE INDEX {TABLE}_tenant_time ON {TABLE} (tenant, time_ns) WHERE billed",
 ]
-# v2: server-side web searches and 1-hour cache writes. IF NOT EXISTS: v1 above makes today's COLUMNS.
-_SCHEMA_V2 = [
-    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} bigint NOT NULL DEFAULT 0" for column in _V2_COLUMNS
-]
-# v3: audio tokens.
-_SCHEMA_V3 = [
-    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} bigint NOT NULL DEFAULT 0" for column in _V3_COLUMNS
-]
-_MIGRATIONS: dict[int, list[str]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+# Later versions add their columns. IF NOT EXISTS: v1 above makes today's COLUMNS.
+_MIGRATIONS: dict[int, list[str]] = {
+    1: _SCHEMA_V1,
+    **{
+        version: [f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {c} bigint NOT NULL DEFAULT 0" for c in columns]
+        for version, columns in _ADDED_COLUMNS.items()
+    },
+}
 
 
 async def migrate(conn: Connection) -> int:
