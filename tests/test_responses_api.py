@@ -294,21 +294,24 @@ def test_the_readme_example_loads() -> None:
 # -- the gateway around it ---------------------------------------------------------------------------
 
 
-async def test_gateway_serves_a_responses_model(sim: ResponsesSimulator, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
-    doc = {
+def gateway_config(sim: ResponsesSimulator, model: dict[str, Any]) -> dict[str, Any]:
+    """A gateway with one OpenAI provider serving `model` through the Responses API of `sim`."""
+    return {
         "ledger": {"type": "memory"},
-        "retry": {"maxAttempts": 3, "baseMs": 1, "maxMs": 5},
         "providers": {
             "openai": {
                 "apiKeyEnv": "OPENAI_API_KEY",
                 "baseUrl": sim.url + "/v1",
-                "models": [
-                    {"name": "o3-pro", "api": "responses", "inputPer1M": 20, "outputPer1M": 80, "cachedInputPer1M": 5}
-                ],
+                "models": [{**model, "api": "responses"}],
             }
         },
     }
+
+
+async def test_gateway_serves_a_responses_model(sim: ResponsesSimulator, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    doc = gateway_config(sim, {"name": "o3-pro", "inputPer1M": 20, "outputPer1M": 80, "cachedInputPer1M": 5})
+    doc["retry"] = {"maxAttempts": 3, "baseMs": 1, "maxMs": 5}
     options = ServerOptions(metrics_port=0, metrics_host="127.0.0.1")
     async with running_server(doc, {"OPENAI_API_KEY": KEY}, options) as gw:
         sim.enqueue(ResponsesReply(input_tokens=1000, cached=400, output_tokens=200, reasoning_tokens=150))
@@ -332,17 +335,8 @@ async def test_gateway_serves_a_responses_model(sim: ResponsesSimulator, caplog:
 async def test_web_search_calls_are_counted_and_priced(sim: ResponsesSimulator, streamed: bool) -> None:
     """The Responses API's web search tool (asked for through extra_fields.tools) is billed per call, as
     Anthropic's web searches are: each completed web_search_call item is one."""
-    price = {"inputPer1M": 2, "outputPer1M": 8, "webSearchPer1K": 10}  # 10,000,000 nano-dollars a search
-    doc = {
-        "ledger": {"type": "memory"},
-        "providers": {
-            "openai": {
-                "apiKeyEnv": "OPENAI_API_KEY",
-                "baseUrl": sim.url + "/v1",
-                "models": [{"name": "gpt-5", "api": "responses", **price}],
-            }
-        },
-    }
+    # webSearchPer1K 10: 10,000,000 nano-dollars a search
+    doc = gateway_config(sim, {"name": "gpt-5", "inputPer1M": 2, "outputPer1M": 8, "webSearchPer1K": 10})
     tools = struct_pb2.Struct()
     tools.update({"tools": [{"type": "web_search"}]})
     sim.enqueue(ResponsesReply(text="found", input_tokens=100, output_tokens=20, web_searches=2))
@@ -526,16 +520,7 @@ async def test_audio_is_refused_by_the_adapter(sim: ResponsesSimulator, session:
 
 
 async def test_routing_keeps_audio_from_a_responses_model(sim: ResponsesSimulator) -> None:
-    doc = {
-        "ledger": {"type": "memory"},
-        "providers": {
-            "openai": {
-                "apiKeyEnv": "OPENAI_API_KEY",
-                "baseUrl": sim.url + "/v1",
-                "models": [{"name": "o3-pro", "api": "responses", "inputPer1M": 20, "outputPer1M": 80}],
-            }
-        },
-    }
+    doc = gateway_config(sim, {"name": "o3-pro", "inputPer1M": 20, "outputPer1M": 80})
     audio = pb.Message(role=pb.ROLE_USER, parts=[pb.Part(audio=pb.AudioPart(data=b"RIFF", format="wav"))])
     image = pb.Message(role=pb.ROLE_USER, parts=[pb.Part(image=pb.ImagePart(url="https://example.com/a.jpg"))])
     async with running_gateway(doc, {"OPENAI_API_KEY": KEY}) as gw:
